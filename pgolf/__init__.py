@@ -1,0 +1,3 @@
+"""pgolf: a staged, cached, checked pipeline for the Parameter Golf challenge."""
+
+__version__ = "0.1.0"

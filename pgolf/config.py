@@ -1,0 +1,424 @@
+"""Typed, strict configuration: one frozen dataclass per pipeline stage.
+
+A run is described by one YAML file (``config.yaml`` for the record, ``recipes/*.yaml`` for others). Every
+section maps onto a frozen dataclass below; an unknown key, a wrong type or an out-of-range value is an error
+that names the offending key (``config.yaml: data.val_docs: expected int, got str``). Nothing else in pgolf
+reads YAML: stages receive their section as JSON on the command line (Snakemake passes it through
+``params:``, so a changed knob reruns exactly the stages that own it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generic strict conversion from plain mappings to dataclasses
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {len(value)} items")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error in a dataclass definition
+        raise TypeError(f"unsupported config type {tp!r} at {where}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def from_mapping(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def to_dict(obj: Any) -> dict:
+    """Plain-JSON view of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the documents or shards come from and how they are split and cut.
+
+    ``source``:
+      - ``docs``: download raw ``docs_selected.jsonl`` (+ its source manifest) from the Hub and tokenize here;
+      - ``export``: download an already-tokenized export (shards + tokenizer + manifest) from the Hub;
+      - ``local``: tokenize a local JSONL file of documents (``docs_path``), e.g. the bundled sample corpus.
+    """
+
+    name: str = "fineweb_sp8192_caseops"  # folder under results/data/
+    source: Literal["docs", "export", "local"] = "docs"
+    hub_repo: str = "willdepueoai/parameter-golf"
+    revision: str = "main"  # branch, tag or commit sha; the resolved commit sha is recorded in the manifest
+    docs_file: str = "datasets/docs_selected.jsonl"
+    docs_manifest_file: str = "datasets/docs_selected.source_manifest.json"
+    export_variant: str = "sp8192_lossless_caps_caseops_v1_reserved"  # datasets/datasets/fineweb10B_<variant>/
+    docs_path: Optional[str] = None  # for source=local
+    max_docs: int = 0  # 0: every document of the source; otherwise only the first max_docs (tests, sweeps)
+    train_shards: int = 80  # export: how many train shards to download; docs/local: cap on train shards written
+    val_docs: int = 50_000
+    shard_tokens: int = 100_000_000
+    workers: int = 0  # tokenization processes; 0 = all cores
+
+    def __post_init__(self) -> None:
+        _check(self.val_docs > 0, f"val_docs: expected > 0, got {self.val_docs}")
+        _check(self.shard_tokens > 0, f"shard_tokens: expected > 0, got {self.shard_tokens}")
+        _check(self.train_shards >= 0, f"train_shards: expected >= 0, got {self.train_shards}")
+        _check(self.max_docs >= 0, f"max_docs: expected >= 0, got {self.max_docs}")
+        _check(self.workers >= 0, f"workers: expected >= 0, got {self.workers}")
+        _check(
+            self.source != "local" or bool(self.docs_path),
+            "docs_path: required when source is 'local'",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """The SentencePiece model: fetched from the Hub, read from a path, or trained on the documents.
+
+    With ``caseops`` on, ids 4-7 must be the four CaseOps operators (checked on load).
+    """
+
+    source: Literal["hub", "path", "train", "export"] = "hub"
+    hub_repo: str = "romeerp/parameter-golf-caseops-v1"
+    revision: str = "main"
+    filename: str = "datasets/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    path: Optional[str] = None  # for source=path
+    vocab_size: int = 8192
+    caseops: bool = True
+    train_docs: int = 0  # source=train: documents (from the training split) to train on; 0 = all of them
+    train_max_sentence_chars: int = 16384
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 264, f"vocab_size: expected >= 264 (4 special + 4 operators + 256 bytes), got {self.vocab_size}")
+        _check(self.vocab_size <= 65536, f"vocab_size: expected <= 65536 (uint16 shards), got {self.vocab_size}")
+        _check(self.source != "path" or bool(self.path), "path: required when source is 'path'")
+        _check(self.train_docs >= 0, f"train_docs: expected >= 0, got {self.train_docs}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Travels with the checkpoint and the packed artifact; later stages never re-read YAML.
+
+    Defaults are the record (PR #1855): 35,945,671 parameters.
+    """
+
+    vocab_size: int = 8192
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 4.0  # hidden = mlp_mult * model_dim
+    mlp_activation: Literal["leaky_relu_sq", "relu_sq"] = "leaky_relu_sq"
+    leaky_relu_slope: float = 0.5
+    tie_embeddings: bool = True
+    logit_softcap: float = 30.0  # 0 disables
+    qk_norm: bool = True
+    rope_dims: int = 16  # partial RoPE: first rope_dims of each head
+    rope_base: float = 10000.0
+    q_gain_init: float = 5.0  # learned per-head q gain; 0 disables
+    xsa_last_n: int = 11  # XSA on the last n physical layers (num_layers = all, 0 = off)
+    attn_gate: Literal["none", "sparse", "dense"] = "sparse"
+    attn_gate_window: int = 12
+    attn_gate_scale: float = 0.5
+    smear_gate: bool = True
+    smear_gate_window: int = 12
+    smear_bos_mask: bool = True  # the cross-document fix; False reproduces the leaky pre-#1851 gate
+    unet_skips: bool = True
+    skip_gates: bool = True
+    loop_start: int = 3  # first physical layer of the recurrent range (inclusive)
+    loop_end: int = 5  # last physical layer of the recurrent range (inclusive)
+    loop_count: int = 3  # passes over [loop_start, loop_end] once looping is on; 1 disables recurrence
+    parallel_residual_start: int = 8  # first layer with two residual lanes; -1 disables
+    embed_init_std: float = 0.005
+
+    def __post_init__(self) -> None:
+        _check(self.num_layers >= 1, f"num_layers: expected >= 1, got {self.num_layers}")
+        _check(self.model_dim % self.num_heads == 0, f"model_dim: {self.model_dim} not divisible by num_heads {self.num_heads}")
+        _check(
+            self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
+            f"num_kv_heads: expected a divisor of num_heads {self.num_heads}, got {self.num_kv_heads}",
+        )
+        head_dim = self.model_dim // self.num_heads
+        _check(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, f"rope_dims: expected an even number in [0, {head_dim}], got {self.rope_dims}")
+        _check(0 <= self.xsa_last_n <= self.num_layers, f"xsa_last_n: expected 0..{self.num_layers}, got {self.xsa_last_n}")
+        _check(self.loop_count >= 1, f"loop_count: expected >= 1, got {self.loop_count}")
+        if self.loop_count > 1:
+            _check(
+                0 <= self.loop_start <= self.loop_end < self.num_layers,
+                f"loop_start/loop_end: expected 0 <= loop_start <= loop_end < num_layers={self.num_layers}, "
+                f"got {self.loop_start}..{self.loop_end}",
+            )
+        _check(
+            self.parallel_residual_start == -1 or 0 <= self.parallel_residual_start < self.num_layers,
+            f"parallel_residual_start: expected -1 or 0..{self.num_layers - 1}, got {self.parallel_residual_start}",
+        )
+        _check(1 <= self.attn_gate_window <= self.model_dim, f"attn_gate_window: expected 1..{self.model_dim}, got {self.attn_gate_window}")
+        _check(1 <= self.smear_gate_window <= self.model_dim, f"smear_gate_window: expected 1..{self.model_dim}, got {self.smear_gate_window}")
+        _check(self.vocab_size >= 2, f"vocab_size: expected >= 2, got {self.vocab_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Muon for matrices, AdamW for the embedding and for scalars/gates (explicit parameter groups)."""
+
+    matrix_lr: float = 0.026
+    muon_momentum: float = 0.97
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_nesterov: bool = True
+    muon_row_normalize: bool = True  # "MuonEq-R"
+    ns_steps: int = 5
+    ns_coefficients: Literal["polar_express", "fixed"] = "polar_express"
+    muon_weight_decay: float = 0.095
+    embed_lr: float = 0.03
+    embed_weight_decay: float = 0.085
+    scalar_lr: float = 0.02
+    scalar_weight_decay: float = 0.02
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(self.ns_steps >= 1, f"ns_steps: expected >= 1, got {self.ns_steps}")
+        _check(
+            self.ns_coefficients != "polar_express" or self.ns_steps <= 5,
+            f"ns_steps: polar_express has 5 coefficient tuples, got ns_steps={self.ns_steps}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Batch, schedule and budget of the training stage (the model and optimizer are their own sections)."""
+
+    train_batch_tokens: int = 786_432  # global tokens per optimizer step, identical on 1 or N GPUs
+    micro_batch_tokens: int = 98_304  # tokens per rank per forward (one packed varlen row)
+    train_seq_len: int = 2048  # documents are cut into pieces of at most this many tokens
+    max_wallclock_seconds: float = 600.0  # 0: step-based schedule over `iterations`
+    hessian_reserve_seconds: float = 8.0  # taken off the cap so Hessians fit the training budget
+    iterations: int = 20_000  # step cap (and schedule length when max_wallclock_seconds == 0)
+    warmdown_fraction: float = 0.85  # LR multiplier 1 until 1 - warmdown_fraction, then linear decay
+    min_lr_fraction: float = 0.10  # LR floor as a fraction of the peak
+    compile_warmup_steps: int = 20  # steps whose state is thrown away (compile and autotune)
+    grad_clip_norm: float = 0.3  # 0 disables
+    ema_decay: float = 0.9965  # 0 disables
+    loop_enable_fraction: float = 0.35  # training fraction after which depth recurrence turns on
+    compile: bool = True
+    log_every_steps: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.train_seq_len >= 2, f"train_seq_len: expected >= 2, got {self.train_seq_len}")
+        _check(self.micro_batch_tokens >= self.train_seq_len, "micro_batch_tokens: expected >= train_seq_len")
+        _check(
+            self.train_batch_tokens % self.micro_batch_tokens == 0,
+            f"train_batch_tokens: expected a multiple of micro_batch_tokens={self.micro_batch_tokens}, got {self.train_batch_tokens}",
+        )
+        _check(self.max_wallclock_seconds >= 0, "max_wallclock_seconds: expected >= 0")
+        _check(self.iterations >= 1, f"iterations: expected >= 1, got {self.iterations}")
+        _check(0.0 <= self.warmdown_fraction <= 1.0, f"warmdown_fraction: expected 0..1, got {self.warmdown_fraction}")
+        _check(0.0 <= self.min_lr_fraction <= 1.0, f"min_lr_fraction: expected 0..1, got {self.min_lr_fraction}")
+        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay: expected 0 <= d < 1, got {self.ema_decay}")
+        _check(0.0 <= self.loop_enable_fraction <= 1.0, f"loop_enable_fraction: expected 0..1, got {self.loop_enable_fraction}")
+        _check(self.compile_warmup_steps >= 0, "compile_warmup_steps: expected >= 0")
+        _check(self.log_every_steps >= 1, "log_every_steps: expected >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole recipe: the run name, its seeds and one section per stage."""
+
+    run: str
+    mode: Literal["record", "sweep"] = "record"
+    seeds: tuple[int, ...] = (42,)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run) and "/" not in self.run, f"run: expected a non-empty name without '/', got {self.run!r}")
+        _check(len(self.seeds) >= 1, "seeds: expected at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), f"seeds: duplicates in {list(self.seeds)}")
+        if self.mode == "record":
+            _check(
+                self.data.val_docs == 50_000,
+                f"data.val_docs: a record run must score the official 50,000 validation documents, got {self.data.val_docs}",
+            )
+        _check(
+            self.model.vocab_size == self.tokenizer.vocab_size,
+            f"model.vocab_size ({self.model.vocab_size}) must equal tokenizer.vocab_size ({self.tokenizer.vocab_size})",
+        )
+
+
+def parse_run_config(data: Any, source: str = "config") -> RunConfig:
+    """Validate a plain mapping (e.g. Snakemake's ``config``) into a RunConfig; errors start with ``source``."""
+    try:
+        return from_mapping(RunConfig, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_run_config(data, str(path))
+
+
+def section_from_json(cls: type, text: str, where: str) -> Any:
+    """Parse one stage section passed as JSON on a stage's command line."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON: {exc}") from None
+    return from_mapping(cls, data, where)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JSON schema, generated from the dataclasses so the two can never drift apart
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _schema_for(tp: Any) -> dict:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [_schema_for(a) for a in typing.get_args(tp)]}
+    if tp is type(None):
+        return {"type": "null"}
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"type": "array", "items": _schema_for(args[0])}
+        return {"type": "array", "prefixItems": [_schema_for(a) for a in args], "minItems": len(args), "maxItems": len(args)}
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        props = {}
+        required = []
+        for f in dataclasses.fields(tp):
+            props[f.name] = _schema_for(hints[f.name])
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                required.append(f.name)
+        out = {"type": "object", "additionalProperties": False, "properties": props}
+        if required:
+            out["required"] = required
+        return out
+    return {bool: {"type": "boolean"}, int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"}}[tp]
+
+
+def json_schema() -> dict:
+    """The JSON schema of a recipe file (written to workflow/schemas/config.schema.yaml)."""
+    schema = _schema_for(RunConfig)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "pgolf recipe", **schema}

@@ -1,0 +1,1 @@
+"""The data stage: Hub download, CaseOps, tokenizer, shards, preparation and verification."""
