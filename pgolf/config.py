@@ -329,6 +329,67 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HessianConfig:
+    """Calibration for GPTQ: batches of TRAINING tokens (their read time counts toward the training budget)."""
+
+    batches: int = 16
+    batch_rows: int = 48  # sequences per batch
+    seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        _check(self.batches >= 1, f"batches: expected >= 1, got {self.batches}")
+        _check(self.batch_rows >= 1, f"batch_rows: expected >= 1, got {self.batch_rows}")
+        _check(self.seq_len >= 2, f"seq_len: expected >= 2, got {self.seq_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """GPTQ bit widths and SDClip sigmas per parameter role, and the LQER low-rank correction."""
+
+    attn_bits: int = 6
+    attn_clip_sigmas: float = 13.0
+    mlp_bits: int = 6
+    mlp_clip_sigmas: float = 11.5
+    embed_bits: int = 7
+    embed_clip_sigmas: float = 14.0
+    gate_bits: int = 8  # attention gate, per-row int8
+    passthrough_max_elements: int = 65_536  # smaller tensors stay fp16
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01  # times mean(diag H)
+    act_order: bool = True
+    lqer_mode: Literal["off", "asym", "sym"] = "asym"
+    lqer_top_k: int = 3
+    lqer_rank: int = 4
+    lqer_group_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("attn_bits", "mlp_bits", "embed_bits", "gate_bits"):
+            bits = getattr(self, name)
+            _check(2 <= bits <= 8, f"{name}: expected 2..8, got {bits}")
+        for name in ("attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
+            _check(getattr(self, name) > 0, f"{name}: expected > 0")
+        _check(self.gptq_block_size >= 1, "gptq_block_size: expected >= 1")
+        _check(self.gptq_damp >= 0, "gptq_damp: expected >= 0")
+        _check(self.lqer_top_k >= 0 and self.lqer_rank >= 1, "lqer_top_k/lqer_rank: expected top_k >= 0, rank >= 1")
+        _check(self.lqer_group_size >= 1, "lqer_group_size: expected >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackConfig:
+    """Compression of the quantized model and the counted-code convention of the size gate."""
+
+    compressor: Literal["brotli", "lzma", "lrzip"] = "brotli"
+    brotli_quality: int = 11
+    byte_shuffle: bool = False
+    code_bytes_convention: Literal["wrapper", "file"] = "wrapper"
+    size_cap_bytes: int = 16_000_000
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.brotli_quality <= 11, f"brotli_quality: expected 0..11, got {self.brotli_quality}")
+        _check(self.size_cap_bytes > 0, "size_cap_bytes: expected > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole recipe: the run name, its seeds and one section per stage."""
 
@@ -340,6 +401,9 @@ class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    hessians: HessianConfig = dataclasses.field(default_factory=HessianConfig)
+    quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
+    pack: PackConfig = dataclasses.field(default_factory=PackConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run) and "/" not in self.run, f"run: expected a non-empty name without '/', got {self.run!r}")
