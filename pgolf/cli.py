@@ -10,6 +10,7 @@ from pgolf.config import ConfigError
 
 # module -> that module's `register(subparsers)` adds its command group
 COMMAND_MODULES = [
+    "pgolf.config_cli",
     "pgolf.data.cli",
 ]
 

@@ -1,0 +1,83 @@
+"""The recipe files and the strict config loader."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgolf.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, load_run_config, parse_run_config
+from pgolf.config_cli import schema_text
+
+from conftest import REPO_ROOT
+
+RECIPES = [REPO_ROOT / "config.yaml", *sorted((REPO_ROOT / "recipes").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(path: Path) -> None:
+    cfg = load_run_config(path)
+    assert cfg.run
+
+
+def test_record_recipe_is_the_dataclass_defaults() -> None:
+    cfg = load_run_config(REPO_ROOT / "config.yaml")
+    assert cfg.model == ModelConfig()
+    assert cfg.optim == OptimConfig()
+    assert cfg.train == TrainConfig()
+    assert cfg.mode == "record" and cfg.data.val_docs == 50_000 and cfg.seeds == (42, 0, 1234)
+
+
+def test_schema_file_is_current() -> None:
+    committed = (REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8")
+    assert committed == schema_text(), "run: pgolf config schema > workflow/schemas/config.schema.yaml"
+
+
+def test_schema_rejects_what_the_dataclasses_reject() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = yaml.safe_load(schema_text())
+    good = yaml.safe_load((REPO_ROOT / "recipes" / "smoke.yaml").read_text())
+    jsonschema.validate(good, schema)
+    bad = dict(good, data=dict(good["data"], val_dcs=3))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"data": {"val_dcs": 1}}, "data: unknown key(s) val_dcs"),
+        ({"data": {"val_docs": "10"}}, "data.val_docs: expected int, got str"),
+        ({"data": {"val_docs": True}}, "data.val_docs: expected int, got bool"),
+        ({"data": {"source": "ftp"}}, "data.source: expected one of"),
+        ({"train": {"micro_batch_tokens": 100_000}}, "train_batch_tokens: expected a multiple"),
+        ({"model": {"loop_end": 11}}, "loop_start/loop_end"),
+        ({"seeds": [1, 1]}, "seeds: duplicates"),
+        ({"mode": "record", "data": {"val_docs": 10}}, "official 50,000 validation documents"),
+        ({"extra": 1}, "unknown key(s) extra"),
+    ],
+)
+def test_bad_values_name_the_key(override: dict, message: str) -> None:
+    base = {"run": "t", "mode": "sweep"}
+    base.update(override)
+    with pytest.raises(ConfigError) as excinfo:
+        parse_run_config(base, "recipe.yaml")
+    assert message in str(excinfo.value)
+    assert str(excinfo.value).startswith("recipe.yaml:")
+
+
+def test_floats_accept_ints_and_lists_become_tuples() -> None:
+    cfg = parse_run_config({"run": "t", "mode": "sweep", "seeds": [3, 4], "train": {"max_wallclock_seconds": 10}})
+    assert cfg.train.max_wallclock_seconds == 10.0 and isinstance(cfg.train.max_wallclock_seconds, float)
+    assert cfg.seeds == (3, 4)
+
+
+def test_cli_reports_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: x\nmode: sweep\ndata:\n  val_docs: many\n")
+    proc = subprocess.run([sys.executable, "-m", "pgolf", "config", "show", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "data.val_docs: expected int, got str 'many'" in proc.stderr

@@ -1,0 +1,16 @@
+# Shared by every stage: the typed config and the paths of the results tree.
+import json
+
+from pgolf.config import parse_run_config, to_dict
+
+CFG = parse_run_config(config, "config")
+RUN = CFG.run
+DATA_DIR = f"results/data/{CFG.data.name}"
+RUN_DIR = f"results/{RUN}"
+
+
+def section_json(section, **overrides):
+    """One config section as JSON for a rule's params (Snakemake reruns a rule when its params change)."""
+    data = to_dict(getattr(CFG, section))
+    data.update(overrides)
+    return json.dumps(data, sort_keys=True)
