@@ -19,8 +19,10 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
     input:
         DATA_VERIFIED,
+        expand(f"{RUN_DIR}/seed{{seed}}/train/checkpoint/checkpoint.json", seed=CFG.seeds),

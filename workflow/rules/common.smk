@@ -14,3 +14,13 @@ def section_json(section, **overrides):
     data = to_dict(getattr(CFG, section))
     data.update(overrides)
     return json.dumps(data, sort_keys=True)
+
+
+def _visible_gpus():
+    """GPUs this machine shows (CUDA_VISIBLE_DEVICES is honoured by torch itself); 0 on CPU."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+VISIBLE_GPUS = _visible_gpus()

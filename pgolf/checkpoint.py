@@ -1,0 +1,90 @@
+"""The training checkpoint: weights + a self-describing metadata file, written atomically.
+
+Layout of a checkpoint directory:
+  model.pt         {parameter name: tensor} saved with torch.save; loaded with ``weights_only=True`` only,
+                   so loading never executes pickled code.
+  checkpoint.json  format, version, the model config (the architecture travels with the weights), training
+                   and optimizer configs, steps, train time, tokens seen, data manifest hash, code hash,
+                   environment, and the sha256 of model.pt. Written last: its presence marks a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgolf.config import ModelConfig, from_mapping
+from pgolf.io import atomic_path, atomic_write_json, read_json, sha256_file
+
+CHECKPOINT_FORMAT = "pgolf-checkpoint"
+CHECKPOINT_VERSION = 1
+WEIGHTS_NAME = "model.pt"
+META_NAME = "checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, corrupted, of another format or does not match its model config."""
+
+
+def save_checkpoint(out_dir: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write weights then metadata (both atomically); returns the metadata path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / META_NAME
+    if meta_path.exists():
+        meta_path.unlink()  # an old metadata file must never describe new weights
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        torch.save(tensors, tmp)
+    full_meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        **meta,
+        "weights_file": WEIGHTS_NAME,
+        "weights_sha256": sha256_file(out_dir / WEIGHTS_NAME),
+        "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in tensors.items()},
+    }
+    atomic_write_json(meta_path, full_meta)
+    return meta_path
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / META_NAME
+    if not meta_path.exists():
+        raise CheckpointError(f"{ckpt_dir}: no {META_NAME} (incomplete or not a pgolf checkpoint)")
+    meta = read_json(meta_path, "checkpoint metadata")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{meta_path}: version {version!r} is newer than this pgolf supports ({CHECKPOINT_VERSION})")
+    return meta
+
+
+def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load (state_dict, metadata) without executing pickled code; checks hash and tensor table."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_checkpoint_meta(ckpt_dir)
+    weights = ckpt_dir / meta["weights_file"]
+    if not weights.exists():
+        raise CheckpointError(f"{weights}: weights file missing")
+    if verify_hash:
+        actual = sha256_file(weights)
+        if actual != meta["weights_sha256"]:
+            raise CheckpointError(f"{weights}: sha256 {actual[:16]}... does not match checkpoint.json ({meta['weights_sha256'][:16]}...)")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    expected = meta["tensors"]
+    if set(state) != set(expected):
+        raise CheckpointError(f"{weights}: tensor names differ from checkpoint.json: {sorted(set(state) ^ set(expected))[:5]}")
+    for name, t in state.items():
+        if list(t.shape) != expected[name]["shape"]:
+            raise CheckpointError(f"{weights}: {name} has shape {list(t.shape)}, checkpoint.json says {expected[name]['shape']}")
+    return state, meta
+
+
+def model_config_of(meta: dict[str, Any], where: str = "checkpoint.json") -> ModelConfig:
+    """The architecture recorded with the weights (later stages never re-read it from YAML)."""
+    return from_mapping(ModelConfig, meta["model_config"], f"{where}: model_config")
