@@ -34,6 +34,11 @@ TOKEN_DTYPE = np.dtype("<u2")  # little-endian uint16 on every platform
 MAX_TOKEN_ID = 65535
 BOS_ID = 1
 DEFAULT_SHARD_TOKENS = 100_000_000  # the canonical exporter's shard size
+CASEOPS_OPERATOR_IDS = (4, 5, 6, 7)  # TITLE, ALLCAPS, CAPNEXT, ESC: reserved ids of CaseOps tokenizers
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "pgolf-shards"  # the `format` field of a manifest written by `pgolf data prepare`
+MANIFEST_VERSION = 1
 
 # kind -> file name prefix; the index is appended as six digits
 SHARD_PREFIXES = {

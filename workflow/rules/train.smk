@@ -21,7 +21,6 @@ rule train:
         optim=section_json("optim"),
         train=section_json("train"),
         out_dir=lambda wc: train_dir(wc.seed),
-        nproc=max(VISIBLE_GPUS, 1),
     threads: workflow.cores
     resources:
         gpus=VISIBLE_GPUS,
@@ -29,6 +28,6 @@ rule train:
     log:
         f"{RUN_DIR}/seed{{seed}}/logs/train.log",
     shell:
-        "torchrun --standalone --nproc_per_node {params.nproc} -m pgolf.train"
+        "torchrun --standalone --nproc_per_node $(( {resources.gpus} > 0 ? {resources.gpus} : 1 )) -m pgolf.train"
         " --model-json '{params.model}' --optim-json '{params.optim}' --train-json '{params.train}'"
         " --seed {wildcards.seed} --data-dir {input.shards} --out-dir {params.out_dir} > {log} 2>&1"
