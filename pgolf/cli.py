@@ -12,6 +12,7 @@ from pgolf.config import ConfigError
 COMMAND_MODULES = [
     "pgolf.config_cli",
     "pgolf.data.cli",
+    "pgolf.model_cli",
 ]
 
 
