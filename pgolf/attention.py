@@ -271,8 +271,8 @@ def attention(
     """Within-segment attention over packed tokens; softmax scale 1/sqrt(D).
 
     q [T, H, D], k/v [T, Hkv, D], cu_seqlens int32 [n_segments + 1] -> [T, H, D].
-    ``backend`` None picks ``select_backend(q.device)``; segment values are validated on CPU only (free there;
-    on GPU it would cost a host sync per layer).
+    ``backend`` None picks ``select_backend(q.device)``. Segment values are validated on CPU in eager mode only
+    (free there; on GPU it would cost a host sync per layer, and inside torch.compile a graph break).
     """
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError(
@@ -286,6 +286,6 @@ def attention(
         backend = select_backend(q.device)
     if backend not in _BACKEND_FNS:
         raise ValueError(f"attention: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
         check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     return _BACKEND_FNS[backend](q, k, v, cu_seqlens, max_seqlen, causal)
