@@ -14,6 +14,7 @@ from pgolf.data.shards import BOS_ID, ShardStreamWriter
 CONFORMANCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 PUBLISHED_MODEL = CONFORMANCE_DIR / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 GOLDEN_VECTORS = CONFORMANCE_DIR / "caseops_vectors.jsonl"
+SAMPLE_DOCS = Path(__file__).resolve().parents[1] / "data" / "sample" / "docs.jsonl"
 
 
 def published_model() -> Path:

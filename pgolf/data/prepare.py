@@ -1,0 +1,534 @@
+"""Documents (JSONL) -> BOS-correct train/val shards, the CaseOps byte sidecar and a manifest, in parallel.
+
+Split rule (challenge rules): the first ``val_docs`` documents in file order are validation, every later one is
+training. Every document becomes ``[BOS] + tokens(doc)``; the sidecar holds, per validation token, the number
+of original UTF-8 bytes it stands for (0 for BOS and CaseOps operators).
+
+Why it is built this way:
+
+- Streaming and bounded memory: the JSONL file is read lazily in chunks (a few hundred documents or ~1 MB) and
+  at most ``2 * workers + 2`` chunks are in flight; ``Pool.imap`` would read the whole input ahead of the
+  workers, so the window is kept explicitly with ``apply_async``. Shard buffers are fixed-size.
+- Deterministic: chunk boundaries depend only on the input, and results are consumed in chunk order, so the
+  output is byte-identical for any number of workers.
+- All or nothing: everything is written into a temporary directory beside ``out_dir`` that replaces it only
+  after the manifest is written. Bad input, a train/val leak or an interruption leaves no ``out_dir`` (or the
+  previous complete one untouched).
+- Leak check: each document is identified by a 64-bit hash of its token ids; a validation document that also
+  occurs in the training split is an error (there is no override).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterator, TextIO
+
+import numpy as np
+
+from pgolf.data.shards import (
+    BOS_ID,
+    CASEOPS_OPERATOR_IDS,
+    DEFAULT_SHARD_TOKENS,
+    HEADER_INTS,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    ShardStreamWriter,
+    doc_hash,
+    hashes_fingerprint,
+)
+from pgolf.io import atomic_dir, atomic_write_json
+
+MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
+CHUNK_DOCS = 256  # documents per work unit ...
+CHUNK_BYTES = 1 << 20  # ... or about this many bytes of JSONL, whichever comes first
+PROGRESS_INTERVAL_SECONDS = 2.0
+
+
+class PrepareError(ValueError):
+    """The inputs cannot produce a valid shard directory (bad documents, bad arguments, a train/val leak)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading documents in chunks (main process)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """A work unit: consecutive raw JSONL lines, all of one split."""
+
+    index: int
+    split: str  # "val" | "train"
+    first_doc: int  # corpus-wide index of the first document
+    first_line: int  # 1-based line number of the first document in the JSONL file
+    lines: list[bytes]
+    path: str  # the JSONL file, for error messages
+
+
+def _is_blank(line: bytes) -> bool:
+    return not line.strip()
+
+
+class _DocsReader:
+    """Reads the JSONL file once, front to back, hashing every byte on the way (the manifest's docs_sha256).
+
+    A line is one document; a trailing newline at the end of the file does not make an extra document.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size_bytes = path.stat().st_size
+        self.bytes_read = 0
+        self._digest = hashlib.sha256()
+        self._handle = open(path, "rb")
+
+    def lines(self) -> Iterator[bytes]:
+        for line in self._handle:
+            self._digest.update(line)
+            self.bytes_read += len(line)
+            yield line
+
+    def chunks(self, val_docs: int, max_docs: int, chunk_docs: int, chunk_bytes: int) -> Iterator[_Chunk]:
+        """Chunks of at most ``chunk_docs`` documents / ~``chunk_bytes`` bytes; none straddles the val/train split."""
+        lines: list[bytes] = []
+        size_bytes = 0
+        doc = 0
+        first_line = 1
+        index = 0
+        for line_no, line in enumerate(self.lines(), start=1):
+            if max_docs and doc >= max_docs:
+                break
+            if not lines:
+                first_line = line_no
+            lines.append(line)
+            size_bytes += len(line)
+            doc += 1
+            if len(lines) >= chunk_docs or size_bytes >= chunk_bytes or doc == val_docs:
+                first_doc = doc - len(lines)
+                yield _Chunk(index, "val" if first_doc < val_docs else "train", first_doc, first_line, lines, str(self.path))
+                index += 1
+                lines, size_bytes = [], 0
+        if lines:
+            first_doc = doc - len(lines)
+            yield _Chunk(index, "val" if first_doc < val_docs else "train", first_doc, first_line, lines, str(self.path))
+
+    def finish_sha256(self) -> str:
+        """Hash the rest of the file (when reading stopped early) and return the hex sha256 of the whole file."""
+        while block := self._handle.read(1 << 22):
+            self._digest.update(block)
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _count_documents(path: Path, limit: int) -> int:
+    """Number of documents (lines) in ``path``, counting no further than ``limit``."""
+    count = 0
+    with open(path, "rb") as handle:
+        for _ in handle:
+            count += 1
+            if count >= limit:
+                break
+    return count
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizing chunks (worker processes)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Encoded:
+    """A tokenized chunk: documents as ``[BOS] + ids`` concatenated."""
+
+    index: int
+    split: str
+    tokens: np.ndarray  # [n] uint16
+    byte_counts: np.ndarray | None  # [n] uint16, original bytes per token (val chunks of CaseOps data only)
+    doc_lengths: np.ndarray  # [docs] int64, BOS included
+    doc_hashes: np.ndarray  # [docs] uint64, see shards.doc_hash
+    text_bytes: int  # UTF-8 bytes of the documents' text
+    jsonl_bytes: int  # bytes of the JSONL lines
+    first_line: int
+
+
+_WORKER: dict = {}  # per-process state set by _init_worker: the tokenizer and whether to emit byte counts
+
+
+def _init_worker(tokenizer_path: str, caseops: bool) -> None:
+    """Load the tokenizer once per process (a Pool initializer; also called in-process for workers=1)."""
+    from pgolf.data.tokenizer import load_tokenizer
+
+    _WORKER["tokenizer"] = load_tokenizer(Path(tokenizer_path), caseops=caseops)
+    _WORKER["caseops"] = caseops
+
+
+def _parse_text(line: bytes, path: str, line_no: int) -> str:
+    """The ``text`` field of one JSONL line; errors name FILE:LINE."""
+    if _is_blank(line):
+        raise PrepareError(f'{path}:{line_no}: empty line, expected a JSON object with a "text" field')
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PrepareError(f"{path}:{line_no}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict) or "text" not in obj:
+        raise PrepareError(f'{path}:{line_no}: expected a JSON object with a "text" field, got {type(obj).__name__}'
+                           + (f" with keys {sorted(obj)[:5]}" if isinstance(obj, dict) else ""))
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise PrepareError(f'{path}:{line_no}: "text" must be a string, got {type(text).__name__}')
+    return text
+
+
+def _encode_chunk(chunk: _Chunk) -> _Encoded:
+    tokenizer = _WORKER["tokenizer"]
+    want_bytes = chunk.split == "val" and _WORKER["caseops"]
+    n_docs = len(chunk.lines)
+    pieces: list[np.ndarray] = []
+    byte_pieces: list[np.ndarray] = []
+    lengths = np.empty(n_docs, dtype=np.int64)
+    hashes = np.empty(n_docs, dtype=np.uint64)
+    bos = np.array([BOS_ID], dtype=np.uint16)
+    zero = np.zeros(1, dtype=np.uint16)
+    text_bytes = 0
+    for k, line in enumerate(chunk.lines):
+        text = _parse_text(line, chunk.path, chunk.first_line + k)
+        text_bytes += len(text.encode("utf-8"))
+        ids, byte_counts = tokenizer.encode_document(text)
+        ids = np.asarray(ids, dtype=np.uint16)
+        if (ids == BOS_ID).any():  # documents are counted by BOS: a BOS inside a document would split it
+            raise PrepareError(f"{chunk.path}:{chunk.first_line + k}: the tokenizer emitted BOS ({BOS_ID}) inside the text")
+        pieces += [bos, ids]
+        if want_bytes:
+            byte_pieces += [zero, np.asarray(byte_counts, dtype=np.uint16)]
+        lengths[k] = len(ids) + 1
+        hashes[k] = doc_hash(ids)
+    return _Encoded(
+        index=chunk.index,
+        split=chunk.split,
+        tokens=np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16),
+        byte_counts=np.concatenate(byte_pieces) if want_bytes and byte_pieces else None,
+        doc_lengths=lengths,
+        doc_hashes=hashes,
+        text_bytes=text_bytes,
+        jsonl_bytes=sum(len(line) for line in chunk.lines),
+        first_line=chunk.first_line,
+    )
+
+
+class _Runner:
+    """Ordered map of ``_encode_chunk`` over chunks, with at most ``2 * workers + 2`` chunks in flight.
+
+    workers == 1 runs in this process (no pickling); otherwise a ``spawn`` Pool (no inherited state, same
+    behaviour on every platform and Python version).
+    """
+
+    def __init__(self, workers: int, tokenizer_path: Path, caseops: bool):
+        self.workers = workers
+        self.pool = None
+        if workers == 1:
+            _init_worker(str(tokenizer_path), caseops)
+        else:
+            context = multiprocessing.get_context("spawn")
+            self.pool = context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), caseops))
+
+    def map(self, chunks: Iterator[_Chunk]) -> Iterator[_Encoded]:
+        if self.pool is None:
+            for chunk in chunks:
+                yield _encode_chunk(chunk)
+            return
+        window: deque = deque()
+        for chunk in chunks:
+            window.append(self.pool.apply_async(_encode_chunk, (chunk,)))
+            if len(window) >= 2 * self.workers + 2:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+        _WORKER.clear()
+
+    def __enter__(self) -> "_Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Progress lines on stderr, at most one every PROGRESS_INTERVAL_SECONDS."""
+
+    def __init__(self, total_bytes: int | None, stream: TextIO):
+        self.total_bytes = total_bytes
+        self.stream = stream
+        self.start = time.monotonic()
+        self.last = self.start
+        self.docs = {"val": 0, "train": 0}
+        self.text_bytes = 0
+        self.jsonl_bytes = 0
+
+    def update(self, result: _Encoded, docs: int) -> None:
+        self.docs[result.split] += docs
+        self.text_bytes += result.text_bytes
+        self.jsonl_bytes += result.jsonl_bytes
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_INTERVAL_SECONDS:
+            self.last = now
+            self.print(now)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def mb_per_second(self) -> float:
+        return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
+
+    def print(self, now: float) -> None:
+        elapsed = now - self.start
+        line = (
+            f"prepare: {self.docs['val']:,} val + {self.docs['train']:,} train docs, "
+            f"{self.text_bytes / 1e6:,.1f} MB text, {self.mb_per_second():.1f} MB/s"
+        )
+        if self.total_bytes and self.jsonl_bytes:
+            remaining = elapsed * (self.total_bytes - self.jsonl_bytes) / self.jsonl_bytes
+            line += f", ETA {int(remaining) // 60}m{int(remaining) % 60:02d}s"
+        print(line, file=self.stream, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_workers(workers: int) -> int:
+    if workers < 0:
+        raise PrepareError(f"--workers: expected >= 0 (0 = all cores), got {workers}")
+    if workers:
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_arguments(docs_path: Path, tokenizer_path: Path, val_docs: int, shard_tokens: int, max_docs: int,
+                     max_train_shards: int) -> None:
+    if val_docs <= 0:
+        raise PrepareError(f"--val-docs: expected > 0, got {val_docs}")
+    if shard_tokens <= 0:
+        raise PrepareError(f"--shard-tokens: expected > 0, got {shard_tokens}")
+    if max_docs < 0 or max_train_shards < 0:
+        raise PrepareError(f"--max-docs/--max-train-shards: expected >= 0 (0 = no cap), got {max_docs}/{max_train_shards}")
+    if max_docs and max_docs <= val_docs:
+        raise PrepareError(f"--max-docs {max_docs} leaves no training documents after --val-docs {val_docs}")
+    for path, what in ((docs_path, "documents file"), (tokenizer_path, "tokenizer model")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: {what} not found")
+
+
+def prepare_shards(
+    docs_path: Path,
+    tokenizer_path: Path,
+    out_dir: Path,
+    val_docs: int,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int = 0,
+    caseops: bool = True,
+    max_docs: int = 0,
+    max_train_shards: int = 0,
+    progress: TextIO | None = None,
+    *,
+    chunk_docs: int = CHUNK_DOCS,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict:
+    """Tokenize ``docs_path`` into ``out_dir`` (replaced whole on success); return the manifest.
+
+    ``max_docs`` > 0 reads at most that many documents (validation included); ``max_train_shards`` > 0 stops
+    after that many full train shards. ``progress`` defaults to stderr. ``chunk_docs``/``chunk_bytes`` size the
+    work units (they change speed and memory, never the output).
+    """
+    docs_path, tokenizer_path, out_dir = Path(docs_path), Path(tokenizer_path), Path(out_dir)
+    progress_stream = progress if progress is not None else sys.stderr
+    _check_arguments(docs_path, tokenizer_path, val_docs, shard_tokens, max_docs, max_train_shards)
+    if chunk_docs < 1 or chunk_bytes < 1:
+        raise PrepareError(f"chunk_docs and chunk_bytes: expected >= 1, got {chunk_docs} and {chunk_bytes}")
+    workers = _resolve_workers(workers)
+
+    # Refuse before writing anything: tokenizer problems, too few documents.
+    from pgolf.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path, caseops=caseops)  # raises when CaseOps ids are not reserved
+    if tokenizer.vocab_size > MAX_VOCAB_SIZE:
+        raise PrepareError(f"{tokenizer_path}: vocab size {tokenizer.vocab_size} exceeds {MAX_VOCAB_SIZE} (uint16 shards)")
+    if tokenizer.bos_id != BOS_ID:
+        raise PrepareError(f"{tokenizer_path}: bos id {tokenizer.bos_id}, shards require {BOS_ID}")
+    available = _count_documents(docs_path, val_docs + 1)
+    if available < val_docs:
+        raise PrepareError(f"--val-docs {val_docs} but {docs_path} has {available} documents")
+    if available == val_docs:
+        raise PrepareError(f"--val-docs {val_docs} leaves no training documents: {docs_path} has {available}")
+
+    reader = _DocsReader(docs_path)
+    ticker = _Progress(None if max_docs or max_train_shards else reader.size_bytes, progress_stream)
+    try:
+        with atomic_dir(out_dir) as tmp, _Runner(workers, tokenizer_path, caseops) as runner:
+            writers = {
+                "val": ShardStreamWriter(tmp, "val", shard_tokens),
+                "train": ShardStreamWriter(tmp, "train", shard_tokens, max_shards=max_train_shards),
+            }
+            if caseops:
+                writers["val_bytes"] = ShardStreamWriter(tmp, "val_bytes", shard_tokens)
+            split = _SplitStats()
+            for result in runner.map(reader.chunks(val_docs, max_docs, chunk_docs, chunk_bytes)):
+                docs = split.add(result, writers)
+                ticker.update(result, docs)
+                if writers["train"].full:
+                    split.train_complete = False
+                    break
+            for writer in writers.values():
+                writer.close()
+            split.finish(docs_path)
+            manifest = _manifest(
+                docs_path=docs_path,
+                docs_sha256=reader.finish_sha256(),
+                docs_bytes=reader.size_bytes,
+                tokenizer=tokenizer,
+                caseops=caseops,
+                settings={
+                    "val_docs": val_docs,
+                    "shard_tokens": shard_tokens,
+                    "max_docs": max_docs,
+                    "max_train_shards": max_train_shards,
+                },
+                split=split,
+                writers=writers,
+                run={"workers": workers, "seconds": round(ticker.seconds, 3),
+                     "text_mb_per_second": round(ticker.mb_per_second(), 3)},
+            )
+            atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    finally:
+        reader.close()
+    ticker.print(time.monotonic())
+    summary = {
+        "event": "prepare_done",
+        "out_dir": str(out_dir),
+        "val_docs": manifest["docs"]["val"],
+        "train_docs": manifest["docs"]["train"],
+        "val_tokens": manifest["tokens"]["val"],
+        "train_tokens": manifest["tokens"]["train"],
+        **manifest["run"],
+    }
+    print(json.dumps(summary), file=progress_stream, flush=True)
+    return manifest
+
+
+@dataclasses.dataclass
+class _SplitStats:
+    """Running totals of the main process, and the validation hashes for the leak check."""
+
+    val_docs: int = 0
+    train_docs: int = 0
+    val_hash_parts: list = dataclasses.field(default_factory=list)
+    val_hash_set: np.ndarray | None = None  # sorted unique, built when the first train chunk arrives
+    overlap_hashes: set = dataclasses.field(default_factory=set)
+    first_leak: str = ""  # a format string with {path}
+    train_complete: bool = True
+    val_bytes: int = 0
+    text_bytes: dict = dataclasses.field(default_factory=lambda: {"val": 0, "train": 0})
+
+    def add(self, result: _Encoded, writers: dict[str, ShardStreamWriter]) -> int:
+        """Write one chunk; return the number of its documents that made it into the shards."""
+        self.text_bytes[result.split] += result.text_bytes
+        if result.split == "val":
+            writers["val"].append(result.tokens)
+            if "val_bytes" in writers:
+                writers["val_bytes"].append(result.byte_counts)
+                self.val_bytes += int(result.byte_counts.sum(dtype=np.int64))
+            self.val_hash_parts.append(result.doc_hashes)
+            self.val_docs += len(result.doc_lengths)
+            return len(result.doc_lengths)
+        if self.val_hash_set is None:
+            self.val_hash_set = np.unique(np.concatenate(self.val_hash_parts))
+        writer = writers["train"]
+        before = writer.tokens_accepted
+        writer.append(result.tokens)
+        accepted = writer.tokens_accepted - before
+        doc_starts = np.cumsum(result.doc_lengths) - result.doc_lengths
+        docs = int(np.count_nonzero(doc_starts < accepted))  # all of them unless the shard cap cut the chunk
+        hits = np.flatnonzero(np.isin(result.doc_hashes[:docs], self.val_hash_set))
+        if len(hits):
+            if not self.first_leak:
+                line = result.first_line + int(hits[0])
+                self.first_leak = f"first at train doc {self.train_docs + int(hits[0])} ({{path}}:{line})"
+            self.overlap_hashes.update(result.doc_hashes[hits].tolist())
+        self.train_docs += docs
+        return docs
+
+    @property
+    def val_hashes(self) -> np.ndarray:
+        return np.concatenate(self.val_hash_parts) if self.val_hash_parts else np.zeros(0, dtype=np.uint64)
+
+    def finish(self, docs_path: Path) -> None:
+        if self.overlap_hashes:
+            raise PrepareError(
+                f"leak: {len(self.overlap_hashes)} validation documents also occur in the training split, "
+                f"{self.first_leak.format(path=docs_path)}"
+            )
+        if self.train_docs == 0:
+            raise PrepareError(f"{docs_path}: no training documents were written")
+
+
+def _manifest(*, docs_path, docs_sha256, docs_bytes, tokenizer, caseops, settings, split: _SplitStats,
+              writers: dict[str, ShardStreamWriter], run: dict) -> dict:
+    files = [info.to_dict() for kind in ("val", "val_bytes", "train") if kind in writers for info in writers[kind].shards]
+    val_hashes = split.val_hashes
+    tokens = {kind: sum(info.tokens for info in writers[kind].shards) for kind in ("val", "train")}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_ints": HEADER_INTS,
+                         "dtype": "uint16 little-endian", "bos_id": BOS_ID},
+        "source": {"docs_path": str(docs_path), "docs_sha256": docs_sha256, "docs_bytes": docs_bytes},
+        "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
+        "caseops": caseops,
+        "caseops_operator_ids": list(CASEOPS_OPERATOR_IDS) if caseops else [],
+        "settings": settings,
+        "docs": {"val": split.val_docs, "train": split.train_docs},
+        "tokens": tokens,
+        "bos": {"val": split.val_docs, "train": split.train_docs},  # one BOS per document, by construction
+        "text_bytes": dict(split.text_bytes),
+        "train_complete": split.train_complete,  # False when max_train_shards stopped reading
+        "files": files,
+        "fingerprints": {
+            "doc_hash": "blake2b, 8-byte digest, over the document's uint16 little-endian token ids (BOS excluded)",
+            "val_doc_hash_count": int(len(val_hashes)),
+            "val_doc_hashes_sha256": hashes_fingerprint(val_hashes),
+            "val_duplicate_docs": int(len(val_hashes) - len(np.unique(val_hashes))),
+            "train_val_overlap_docs": len(split.overlap_hashes),
+        },
+        "run": run,  # timing and worker count: the only fields that differ between equivalent runs
+    }
+    if "val_bytes" in writers:
+        manifest["val_bytes"] = split.val_bytes  # original UTF-8 bytes of the validation set (bpb denominator)
+    return manifest
