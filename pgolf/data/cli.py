@@ -25,17 +25,31 @@ def _section(args: argparse.Namespace, cls: type, name: str):
 # ------------------------------------------------------------------------------------------------------ caseops
 
 
+def _read_stdin_utf8() -> str:
+    """All of stdin as UTF-8, whatever the locale says (bytes in, so CRLF and U+E00x pass through untouched)."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"stdin: not valid UTF-8 ({exc})") from None
+
+
+def _write_stdout_utf8(text: str) -> None:
+    sys.stdout.buffer.write(text.encode("utf-8"))
+    sys.stdout.buffer.flush()
+
+
 def _caseops_encode(args: argparse.Namespace) -> int:
     from pgolf.data import caseops
 
-    sys.stdout.write(caseops.encode(sys.stdin.read()))
+    _write_stdout_utf8(caseops.encode(_read_stdin_utf8()))
     return 0
 
 
 def _caseops_decode(args: argparse.Namespace) -> int:
     from pgolf.data import caseops
 
-    sys.stdout.write(caseops.decode(sys.stdin.read()))
+    _write_stdout_utf8(caseops.decode(_read_stdin_utf8()))
     return 0
 
 
