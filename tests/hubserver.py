@@ -4,12 +4,14 @@ It speaks the part of the Hub's protocol that ``pgolf.data.hub`` makes the clien
 source, huggingface_hub 1.33 and 2.4):
 
 - ``GET  /api/datasets/{ns}/{name}/revision/{rev}``            repo info; ``sha`` is the commit the revision is at
-- ``GET  /api/datasets/{ns}/{name}/tree/{rev}[/{folder}]``     folder listing, paginated with ``Link: <...>; rel="next"``
+- ``GET  /api/datasets/{ns}/{name}/tree/{rev}[/{folder}]``     folder listing, paginated (``Link: <...>; rel="next"``)
 - ``POST /api/datasets/{ns}/{name}/paths-info/{rev}``          metadata of named paths (form field ``paths``, repeated)
 - ``HEAD|GET /datasets/{ns}/{name}/resolve/{rev}/{path}``      a file: plain git files are served here (``ETag`` =
   git blob sha1); LFS files answer ``302`` to a "CDN" URL on another host name (``localhost`` instead of
   ``127.0.0.1``) with ``X-Linked-Etag`` (sha256) and ``X-Linked-Size``, as the Hub does
 - ``HEAD|GET /cdn/{sha256}``                                   the LFS bodies; honours ``Range: bytes=N-`` with ``206``
+
+A repo may have several commits; branches can be moved while a test runs (``move_branch``, ``after_revision_lookup``).
 
 Every response of the file API carries ``X-Repo-Commit``; errors carry ``X-Error-Code`` (``RepoNotFound``,
 ``RevisionNotFound``, ``EntryNotFound``) as the client expects. Every request is logged (``requests``), so tests can
@@ -25,7 +27,7 @@ import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 
@@ -55,7 +57,10 @@ class FakeFile:
 
 
 class FakeRepo:
-    """A dataset repo with one commit; ``branches`` all point at it."""
+    """One commit of a dataset repo; ``branches`` point at it when the server starts.
+
+    Give the server several FakeRepo with the same ``repo_id`` to have several commits (``HubServer.move_branch``).
+    """
 
     def __init__(self, repo_id: str, files: dict[str, FakeFile], branches: tuple[str, ...] = ("main",)):
         self.repo_id = repo_id
@@ -65,9 +70,6 @@ class FakeRepo:
         for path in sorted(self.files):
             digest.update(path.encode() + b"\0" + self.files[path].sha256.encode())
         self.commit = digest.hexdigest()
-
-    def resolve(self, revision: str) -> Optional[str]:
-        return self.commit if revision in self.branches or revision == self.commit else None
 
     def folders(self) -> set[str]:
         out = set()
@@ -111,7 +113,13 @@ class HubServer:
     """Threaded HTTP server on 127.0.0.1 (free port) serving ``repos``; use as a context manager."""
 
     def __init__(self, repos: list[FakeRepo], *, page_size: int = 1000):
-        self.repos = {repo.repo_id: repo for repo in repos}
+        self.commits: dict[str, dict[str, FakeRepo]] = {}  # repo id -> commit sha -> content
+        self.branches: dict[tuple[str, str], str] = {}  # (repo id, branch) -> commit sha
+        for repo in repos:
+            self.commits.setdefault(repo.repo_id, {})[repo.commit] = repo
+            for branch in repo.branches:
+                self.branches[(repo.repo_id, branch)] = repo.commit
+        self.after_revision_lookup: Optional[Callable[[], None]] = None  # called after each repo-info answer
         self.page_size = page_size
         self.corrupt: set[str] = set()  # repo paths whose body bytes are served altered
         self.drop_after: dict[str, int] = {}  # repo path -> body bytes sent before the connection is cut (once)
@@ -155,6 +163,20 @@ class HubServer:
         """Another host name for the same server: the client treats it as a foreign (CDN) host."""
         return f"http://localhost:{self.port}"
 
+    # --- repo state
+    def move_branch(self, repo_id: str, branch: str, commit: str) -> None:
+        if commit not in self.commits.get(repo_id, {}):
+            raise KeyError(f"{repo_id} has no commit {commit}")
+        with self._lock:
+            self.branches[(repo_id, branch)] = commit
+
+    def resolve(self, repo_id: str, revision: str) -> Optional[FakeRepo]:
+        """The content of ``revision`` (branch or full commit sha) of ``repo_id``, or None."""
+        commits = self.commits.get(repo_id, {})
+        with self._lock:
+            commit = self.branches.get((repo_id, revision), revision)
+        return commits.get(commit)
+
     # --- inspection
     def log(self, request: Request) -> None:
         with self._lock:
@@ -175,7 +197,7 @@ class HubServer:
         return request.path.split("/resolve/", 1)[1].split("/", 1)[1] if "/resolve/" in request.path else ""
 
     def find_sha256(self, sha256: str) -> Optional[tuple[FakeRepo, str]]:
-        for repo in self.repos.values():
+        for repo in (r for commits in self.commits.values() for r in commits.values()):
             for path, f in repo.files.items():
                 if f.lfs and f.sha256 == sha256:
                     return repo, path
@@ -272,15 +294,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "NotFound", "other")
 
     def _repo(self, namespace: str, name: str, revision: str, kind: str) -> Optional[tuple[FakeRepo, str]]:
-        repo = self.hub.repos.get(f"{unquote(namespace)}/{unquote(name)}")
-        if repo is None:
+        repo_id = f"{unquote(namespace)}/{unquote(name)}"
+        if repo_id not in self.hub.commits:
             self._error(404, "RepoNotFound", kind)
             return None
-        commit = repo.resolve(unquote(revision))
-        if commit is None:
+        repo = self.hub.resolve(repo_id, unquote(revision))
+        if repo is None:
             self._error(404, "RevisionNotFound", kind)
             return None
-        return repo, commit
+        return repo, repo.commit
 
     def _api(self, parts: list[str], query: dict, body: bytes) -> None:
         found = self._repo(parts[3], parts[4], parts[6], "api")
@@ -294,6 +316,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "lastModified": "2026-01-01T00:00:00.000Z", "private": False, "gated": False, "disabled": False,
                 "downloads": 0, "likes": 0, "tags": [], "siblings": [{"rfilename": p} for p in sorted(repo.files)],
             })
+            if self.hub.after_revision_lookup is not None:
+                self.hub.after_revision_lookup()
         elif action == "tree":
             self._tree(repo, commit, unquote("/".join(parts[7:])).strip("/"), query)
         elif action == "paths-info" and self.command == "POST":

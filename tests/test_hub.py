@@ -36,8 +36,10 @@ def shard_bytes(tokens: np.ndarray) -> bytes:
     return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
 
 
-def docs_files(docs_sha256: str | None = None) -> dict[str, FakeFile]:
-    texts = ["First validation document.", "Second one, with UTF-8: é ß Ω.", "A training doc.", "Another."]
+DOC_TEXTS = ("First validation document.", "Second one, with UTF-8: é ß Ω.", "A training doc.", "Another.")
+
+
+def docs_files(docs_sha256: str | None = None, texts: tuple[str, ...] = DOC_TEXTS) -> dict[str, FakeFile]:
     docs = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
     manifest = {
         "num_docs": len(texts),
@@ -58,7 +60,8 @@ def export_files(
         tokens = rng.integers(2, 64, size=300 + i)
         tokens[0] = 1  # BOS
         files[f"{folder}/fineweb_val_{i:06d}.bin"] = FakeFile(shard_bytes(tokens), lfs=True)
-        files[f"{folder}/fineweb_val_bytes_{i:06d}.bin"] = FakeFile(shard_bytes(rng.integers(0, 5, size=300 + i)), lfs=True)
+        sidecar = rng.integers(0, 5, size=300 + i)
+        files[f"{folder}/fineweb_val_bytes_{i:06d}.bin"] = FakeFile(shard_bytes(sidecar), lfs=True)
     for i in range(n_train):
         tokens = rng.integers(2, 64, size=500 + i)
         tokens[0] = 1
@@ -119,7 +122,9 @@ def docs_cfg(**kw) -> DataConfig:
 
 
 def export_cfg(train_shards: int, variant: str = VARIANT) -> DataConfig:
-    return DataConfig(source="export", hub_repo=REPO, revision="main", export_variant=variant, train_shards=train_shards)
+    return DataConfig(
+        source="export", hub_repo=REPO, revision="main", export_variant=variant, train_shards=train_shards
+    )
 
 
 def sha256(data: bytes) -> str:
@@ -169,12 +174,14 @@ def test_download_docs_is_verified_and_recorded(serve, tmp_path, cache_dir):
 def test_second_call_at_the_same_commit_transfers_no_file_body(serve, tmp_path, cache_dir):
     server = serve(FakeRepo(REPO, docs_files()))
     first = hub.download_docs(docs_cfg(), tmp_path / "a", endpoint=server.endpoint, cache_dir=cache_dir)
-    bodies = len(server.body_gets())
-    assert bodies == 2
+    assert len(server.body_gets()) == 2
+    seen = len(server.requests)
     second = hub.download_docs(docs_cfg(), tmp_path / "b", endpoint=server.endpoint, cache_dir=cache_dir)
-    assert len(server.body_gets()) == bodies
+    # at a pinned commit the client finds cached files without even asking for their metadata: API calls only
+    assert {r.kind for r in server.requests[seen:]} == {"api"}
     assert second == first
-    assert (tmp_path / "b" / "docs_selected.jsonl").read_bytes() == (tmp_path / "a" / "docs_selected.jsonl").read_bytes()
+    docs_a, docs_b = (tmp_path / d / "docs_selected.jsonl" for d in ("a", "b"))
+    assert docs_b.read_bytes() == docs_a.read_bytes()
 
 
 @pytest.mark.parametrize("bad_path, check", [(DOCS, "LFS sha256"), (DOCS_MANIFEST, "git blob sha1")])
@@ -188,9 +195,7 @@ def test_corrupted_body_is_rejected_and_evicted_from_the_cache(serve, tmp_path, 
     message = str(err.value)
     for needle in (REPO, "'main'", repo.commit, bad_path, check):
         assert needle in message
-    assert not (out / "download.json").exists()
-    assert not (out / "docs_selected.jsonl").exists()
-    assert not (out / "docs_selected.source_manifest.json").exists()
+    assert not out.exists() or list(out.iterdir()) == []  # nothing placed, no record, no temporary left behind
 
     server.corrupt.clear()  # the bad copy must not have stayed in the cache: a rerun fetches it again and succeeds
     record = hub.download_docs(docs_cfg(), out, endpoint=server.endpoint, cache_dir=cache_dir)
@@ -205,6 +210,18 @@ def test_docs_that_disagree_with_their_source_manifest_are_rejected(serve, tmp_p
     with pytest.raises(hub.ChecksumMismatchError, match=r"docs_sha256 abab"):
         hub.download_docs(docs_cfg(), out, endpoint=server.endpoint, cache_dir=cache_dir)
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_branch_that_moves_during_the_download_does_not_mix_commits(serve, tmp_path, cache_dir):
+    old = FakeRepo(REPO, docs_files())
+    new = FakeRepo(REPO, docs_files(texts=("Rewritten history.",)), branches=())
+    server = serve(old, new)
+    server.after_revision_lookup = lambda: server.move_branch(REPO, "main", new.commit)
+    out = tmp_path / "docs"
+    record = hub.download_docs(docs_cfg(), out, endpoint=server.endpoint, cache_dir=cache_dir)
+    assert hub.resolve_revision(REPO, "main", endpoint=server.endpoint) == new.commit  # the branch did move
+    assert record["commit"] == old.commit
+    assert (out / "docs_selected.jsonl").read_bytes() == old.files[DOCS].data
 
 
 def test_missing_docs_file_names_repo_revision_and_file(serve, tmp_path, cache_dir):
@@ -296,12 +313,53 @@ def test_export_without_manifest_picks_the_tokenizer_by_name(serve, tmp_path, ca
     assert not (out / "source_manifest.json").exists()
 
 
+def test_export_whose_manifest_states_another_val_count_is_refused(serve, tmp_path, cache_dir):
+    files = export_files(n_val=2)
+    manifest = json.loads(files["datasets/manifest.json"].data)
+    manifest["datasets"][0]["stats"]["files_val"] = 3
+    files["datasets/manifest.json"] = FakeFile(json.dumps(manifest).encode())
+    server = serve(FakeRepo(REPO, files))
+    with pytest.raises(hub.HubDownloadError, match=r"datasets/manifest.json.*files_val=3.*holds 2 val shards"):
+        hub.download_export(export_cfg(train_shards=1), tmp_path / "x", endpoint=server.endpoint, cache_dir=cache_dir)
+    assert server.body_gets("fineweb_val_000000.bin") == []
+
+
+def remote(path: str) -> hub.RemoteFile:
+    return hub.RemoteFile(repo_path=path, size_bytes=1, lfs_sha256=None, git_oid=None)
+
+
+def test_select_export_shards_sorts_by_index_and_checks_sidecars():
+    names = ["fineweb_train_000002.bin", "fineweb_val_000001.bin", "fineweb_train_000000.bin",
+             "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin", "fineweb_val_bytes_000001.bin",
+             "fineweb_train_000001.bin", "README.md"]
+    shards = hub.select_export_shards([remote(f"{EXPORT}/{n}") for n in names], 2, "here")
+    assert list(shards.val) == [0, 1] and list(shards.val_bytes) == [0, 1] and list(shards.train) == [0, 1, 2]
+    assert shards.val[1].name == "fineweb_val_000001.bin"  # a sidecar is never taken for a val shard
+    unpaired = [n for n in names if n != "fineweb_val_bytes_000001.bin"]
+    with pytest.raises(hub.HubDownloadError, match=r"here: val byte sidecars \[0\] do not pair up"):
+        hub.select_export_shards([remote(n) for n in unpaired], 2, "here")
+
+
+def test_pick_export_tokenizer_follows_the_manifest_then_the_official_naming():
+    caseops = "sp8192_lossless_caps_caseops_v1_reserved"
+    files = [remote(f"datasets/tokenizers/{n}") for n in (
+        "fineweb_8192_bpe.model", f"fineweb_8192_bpe{caseops[6:]}.model", "fineweb_1024_bpe.model",
+        "fineweb_1024_bpe.vocab", "fineweb_pure_byte_260.json")]
+    assert hub.pick_export_tokenizer(caseops, files).name == "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    assert hub.pick_export_tokenizer("sp8192", files).name == "fineweb_8192_bpe.model"
+    assert hub.pick_export_tokenizer("sp1024", files, ["datasets/tokenizers/fineweb_8192_bpe.model"]).name == (
+        "fineweb_8192_bpe.model")
+    assert hub.pick_export_tokenizer("byte260", files) is None
+    assert hub.pick_export_tokenizer("sp4096", files) is None
+
+
 def test_interrupted_transfer_resumes_with_a_range_request(serve, tmp_path, cache_dir):
     # the client keeps what it received in chunks of DOWNLOAD_CHUNK_SIZE: cut the body after more than one chunk
     chunk_bytes = huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE
     files = export_files(n_train=0, manifest=False)
     big = f"{EXPORT}/fineweb_train_000000.bin"
-    files[big] = FakeFile(shard_bytes(np.arange(chunk_bytes, dtype=np.int64) % 60000), lfs=True)  # 2 bytes/token
+    tokens = np.arange(chunk_bytes // 2 + 8192, dtype=np.int64) % 60000  # 2 bytes per token: just over one chunk
+    files[big] = FakeFile(shard_bytes(tokens), lfs=True)
     repo = FakeRepo(REPO, files)
     server = serve(repo)
     server.drop_after[big] = chunk_bytes + 4096

@@ -40,6 +40,7 @@ from typing import Any, Optional, Sequence
 
 import huggingface_hub
 from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
@@ -115,7 +116,7 @@ class _Source:
     def where(self, repo_path: Optional[str] = None) -> str:
         """Error-message prefix naming the repo, the revision and (optionally) the file."""
         text = f"dataset {self.repo_id!r} revision {self.revision!r} (commit {self.commit})"
-        return f"{text}, file {repo_path!r}" if repo_path else text
+        return f"{text}, path {repo_path!r}" if repo_path else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,16 +130,19 @@ class _Fetched:
 
 
 def _endpoint_name(endpoint: Optional[str]) -> str:
-    return endpoint or huggingface_hub.constants.ENDPOINT
+    return endpoint or hf_constants.ENDPOINT
 
 
 def _api(endpoint: Optional[str]) -> HfApi:
     return HfApi(endpoint=endpoint, library_name="pgolf", library_version=pgolf.__version__)
 
 
-def _describe(exc: BaseException) -> str:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+def _describe(exc: BaseException, max_chars: int = 400) -> str:
+    """The library's error on one line (its messages span several), for wrapping into ours."""
+    text = " ".join(str(exc).split())
+    if len(text) > max_chars:
+        text = text[: max_chars - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -239,22 +243,30 @@ def _verify(path: Path, remote: RemoteFile, where: str) -> tuple[str, tuple[str,
     sha256, git_sha1 = _hash_file(path, git_blob=use_git_oid)
     if remote.lfs_sha256 is not None:
         if sha256 != remote.lfs_sha256:
-            raise ChecksumMismatchError(f"{where}: sha256 {sha256} differs from the Hub's LFS sha256 {remote.lfs_sha256}")
+            raise ChecksumMismatchError(
+                f"{where}: sha256 {sha256} differs from the Hub's LFS sha256 {remote.lfs_sha256}"
+            )
         return sha256, ("size", "lfs-sha256")
     if use_git_oid:
         if git_sha1 != remote.git_oid:
-            raise ChecksumMismatchError(f"{where}: git blob sha1 {git_sha1} differs from the Hub's oid {remote.git_oid}")
+            raise ChecksumMismatchError(
+                f"{where}: git blob sha1 {git_sha1} differs from the Hub's oid {remote.git_oid}"
+            )
         return sha256, ("size", "git-blob-sha1")
     return sha256, ("size",)
 
 
-def _evict(pointer: Path, blob: Path) -> None:
-    """Drop a bad cache entry so that the next call fetches the file again instead of trusting it."""
-    for path in (pointer, blob):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+def _evict(pointer: Path) -> None:
+    """Drop a bad cache entry so that the next call fetches the file again instead of trusting it.
+
+    Removes the snapshot pointer and every link it goes through down to the bytes (the cache's ``blobs/`` entry,
+    and huggingface_hub 2.x's shared blob store when the blob is a link into it).
+    """
+    chain = [pointer]
+    while chain[-1].is_symlink() and len(chain) < 8:
+        chain.append(chain[-1].parent / os.readlink(chain[-1]))
+    for path in chain:
+        _remove(path)
 
 
 def _is_cached(src: _Source, repo_path: str) -> bool:
@@ -262,6 +274,10 @@ def _is_cached(src: _Source, repo_path: str) -> bool:
         src.repo_id, repo_path, cache_dir=src.cache_dir, revision=src.commit, repo_type=REPO_TYPE
     )
     return isinstance(found, str) and os.path.exists(found)
+
+
+def _size_text(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:,.1f} MB" if size_bytes >= 100_000 else f"{size_bytes:,} bytes"
 
 
 def _fetch(src: _Source, remote: RemoteFile) -> _Fetched:
@@ -291,11 +307,10 @@ def _fetch(src: _Source, remote: RemoteFile) -> _Fetched:
     try:
         sha256, verified = _verify(blob, remote, where)
     except ChecksumMismatchError as exc:
-        _evict(pointer, blob)
+        _evict(pointer)
         raise ChecksumMismatchError(f"{exc}; the bad copy was removed from the cache") from None
-    megabytes = remote.size_bytes / 1e6
-    speed = "from cache" if was_cached else f"{megabytes / max(seconds, 1e-6):.1f} MB/s"
-    print(f"hub: {remote.name}  {megabytes:.1f} MB  {speed}  [{', '.join(verified)} ok]", flush=True)
+    speed = "from cache" if was_cached else f"{seconds:.1f} s, {remote.size_bytes / 1e6 / max(seconds, 1e-6):.1f} MB/s"
+    print(f"hub: {remote.name}  {_size_text(remote.size_bytes)}  {speed}  [{', '.join(verified)} ok]", flush=True)
     return _Fetched(remote=remote, blob=blob, sha256=sha256, verified=verified)
 
 
@@ -379,8 +394,8 @@ def download_docs(
     _remove(out_dir / RECORD_NAME)  # from here on the folder is incomplete until the new record is written
 
     manifest = _fetch(src, remotes[cfg.docs_manifest_file])
-    docs_sha256 = _docs_sha256_from(_read_json_blob(manifest.blob, src.where(cfg.docs_manifest_file)),
-                                    src.where(cfg.docs_manifest_file))
+    manifest_where = src.where(cfg.docs_manifest_file)
+    docs_sha256 = _docs_sha256_from(_read_json_blob(manifest.blob, manifest_where), manifest_where)
     docs = _fetch(src, remotes[cfg.docs_file])
     if docs.sha256 != docs_sha256:
         raise ChecksumMismatchError(
@@ -404,13 +419,46 @@ def download_docs(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _by_index(files: list[RemoteFile], pattern: re.Pattern) -> dict[int, RemoteFile]:
-    out = {}
+@dataclasses.dataclass(frozen=True)
+class ExportShards:
+    """The shard files of one export folder, by index."""
+
+    val: dict[int, RemoteFile]
+    val_bytes: dict[int, RemoteFile]
+    train: dict[int, RemoteFile]
+
+
+def _by_index(files: Sequence[RemoteFile], pattern: re.Pattern) -> dict[int, RemoteFile]:
+    found = {}
     for remote in files:
         match = pattern.fullmatch(remote.name)
         if match:
-            out[int(match.group(1))] = remote
-    return dict(sorted(out.items()))
+            found[int(match.group(1))] = remote
+    return dict(sorted(found.items()))
+
+
+def select_export_shards(listing: Sequence[RemoteFile], train_shards: int, where: str) -> ExportShards:
+    """Sort an export folder's files into shards and check they can serve the request (no I/O).
+
+    Refuses a folder without val shards, with fewer train shards than ``train_shards``, or with val byte sidecars
+    that do not pair up one to one with the val shards.
+    """
+    shards = ExportShards(
+        val=_by_index(listing, _VAL_SHARD),
+        val_bytes=_by_index(listing, _VAL_BYTES),
+        train=_by_index(listing, _TRAIN_SHARD),
+    )
+    if not shards.val:
+        raise HubDownloadError(f"{where}: no validation shard (fineweb_val_NNNNNN.bin) in this export")
+    if len(shards.train) < train_shards:
+        raise HubDownloadError(
+            f"{where}: {train_shards} train shards requested (data.train_shards), only {len(shards.train)} exist"
+        )
+    if shards.val_bytes and list(shards.val_bytes) != list(shards.val):
+        raise HubDownloadError(
+            f"{where}: val byte sidecars {list(shards.val_bytes)} do not pair up with val shards {list(shards.val)}"
+        )
+    return shards
 
 
 def _manifest_dataset_entry(manifest: Any, dataset_name: str) -> Optional[dict]:
@@ -420,8 +468,18 @@ def _manifest_dataset_entry(manifest: Any, dataset_name: str) -> Optional[dict]:
     return next((d for d in datasets if isinstance(d, dict) and d.get("name") == dataset_name), None)
 
 
+def _manifest_val_shards(dataset_entry: Optional[dict]) -> Optional[int]:
+    stats = dataset_entry.get("stats") if dataset_entry is not None else None
+    stated = stats.get("files_val") if isinstance(stats, dict) else None
+    return stated if isinstance(stated, int) else None
+
+
 def _manifest_tokenizer_paths(manifest: Any, dataset_entry: Optional[dict], manifest_dir: str) -> list[str]:
-    """Repo paths the manifest names for the export's tokenizer model (most specific first)."""
+    """Repo paths the manifest names for the export's tokenizer model (most specific first).
+
+    The official manifest lists ``tokenizers: [{name, model_path}]`` with paths relative to the manifest's folder and
+    ties each dataset to one through ``tokenizer_name``.
+    """
     if dataset_entry is None or not isinstance(manifest.get("tokenizers"), list):
         return []
     name = dataset_entry.get("tokenizer_name")
@@ -429,15 +487,16 @@ def _manifest_tokenizer_paths(manifest: Any, dataset_entry: Optional[dict], mani
     model_path = entry.get("model_path") if entry else None
     if not isinstance(model_path, str) or not model_path.endswith(".model"):
         return []
-    base = posixpath.basename(model_path)
-    candidates = [f"{TOKENIZERS_FOLDER}/{base}"]
+    candidates = [f"{TOKENIZERS_FOLDER}/{posixpath.basename(model_path)}"]
     if not posixpath.isabs(model_path):
         candidates.insert(0, posixpath.normpath(posixpath.join(manifest_dir, model_path)))
     return candidates
 
 
-def pick_export_tokenizer(variant: str, tokenizers: list[RemoteFile], manifest_paths: Sequence[str] = ()) -> Optional[RemoteFile]:
-    """The tokenizer model of export ``variant`` among the files of ``datasets/tokenizers/``, or None.
+def pick_export_tokenizer(
+    variant: str, tokenizers: Sequence[RemoteFile], manifest_paths: Sequence[str] = ()
+) -> Optional[RemoteFile]:
+    """The tokenizer model of export ``variant`` among the files of ``datasets/tokenizers/``, or None (no I/O).
 
     The export's manifest names it when it can (``manifest_paths``); otherwise the official naming applies:
     variant ``sp<V><suffix>`` uses ``fineweb_<V>_bpe<suffix>.model`` (``sp8192_lossless_caps_caseops_v1_reserved`` ->
@@ -453,23 +512,52 @@ def pick_export_tokenizer(variant: str, tokenizers: list[RemoteFile], manifest_p
     return None
 
 
+def _list_subfolder_names(src: _Source, folder: str) -> list[str]:
+    """Names of the sub-folders of ``folder`` (for error messages only; empty when they cannot be listed)."""
+    try:
+        entries = _api(src.endpoint).list_repo_tree(
+            src.repo_id, path_in_repo=folder, revision=src.commit, repo_type=REPO_TYPE
+        )
+        return sorted(posixpath.basename(e.path) for e in entries if not isinstance(e, RepoFile))
+    except Exception:
+        return []
+
+
 def _export_listing(src: _Source, folder: str, variant: str) -> list[RemoteFile]:
     listing = _list_folder(src, folder, missing_ok=True)
     if listing is None:
-        parent = _list_folder_names(src, EXPORTS_FOLDER)
-        known = ", ".join(n.removeprefix("fineweb10B_") for n in parent) or "none"
+        known = ", ".join(n.removeprefix("fineweb10B_") for n in _list_subfolder_names(src, EXPORTS_FOLDER)) or "none"
         raise HubDownloadError(f"{src.where(folder + '/')}: no export variant {variant!r}; variants here: {known}")
     return listing
 
 
-def _list_folder_names(src: _Source, folder: str) -> list[str]:
-    """Names of the sub-folders of ``folder`` (for error messages only)."""
-    try:
-        entries = _api(src.endpoint).list_repo_tree(src.repo_id, path_in_repo=folder, revision=src.commit,
-                                                    repo_type=REPO_TYPE)
-        return sorted(posixpath.basename(e.path) for e in entries if not isinstance(e, RepoFile))
-    except Exception:
-        return []
+def _fetch_export_manifest(src: _Source, dataset_name: str, val_shards: int) -> tuple[Optional[_Fetched], list[str]]:
+    """Fetch the export's manifest if the repo has one; check its val shard count; return its tokenizer hints."""
+    found = _paths_info(src, EXPORT_MANIFEST_CANDIDATES)
+    remote = next((found[path] for path in EXPORT_MANIFEST_CANDIDATES if path in found), None)
+    if remote is None:
+        return None, []
+    fetched = _fetch(src, remote)
+    manifest = _read_json_blob(fetched.blob, src.where(remote.repo_path))
+    entry = _manifest_dataset_entry(manifest, dataset_name)
+    stated = _manifest_val_shards(entry)
+    if stated is not None and stated != val_shards:
+        raise HubDownloadError(
+            f"{src.where(remote.repo_path)}: states files_val={stated} for {dataset_name}, "
+            f"but the export folder holds {val_shards} val shards"
+        )
+    return fetched, _manifest_tokenizer_paths(manifest, entry, posixpath.dirname(remote.repo_path))
+
+
+def _prune_stale(out_dir: Path, keep: set[str]) -> None:
+    """Remove shard / tokenizer / manifest files an earlier call left that are not part of this download."""
+    if not out_dir.is_dir():
+        return
+    for path in sorted(out_dir.iterdir()):
+        ours = _SHARD_FILE.fullmatch(path.name) or path.name in (EXPORT_TOKENIZER_NAME, EXPORT_MANIFEST_NAME)
+        if ours and path.name not in keep:
+            print(f"hub: removing {path} (not part of this download)", flush=True)
+            path.unlink()
 
 
 def download_export(
@@ -479,85 +567,49 @@ def download_export(
 
     Takes every val shard and val byte sidecar, the first ``cfg.train_shards`` train shards by name, the variant's
     tokenizer (as ``tokenizer.model``) and the export manifest (as ``source_manifest.json``) when the repo has them.
-    Everything is checked before the first byte moves: enough train shards, at least one val shard, one sidecar per
-    val shard, and the val shard count the manifest states. Shard files in ``out_dir`` that are not part of this
+    The request is checked before any shard moves: enough train shards, at least one val shard, one sidecar per val
+    shard, and as many val shards as the manifest states. Shard files in ``out_dir`` that are not part of this
     download (from an earlier call with more shards) are removed, so a glob over ``out_dir`` sees exactly this set.
     """
     out_dir = Path(out_dir)
-    variant = cfg.export_variant
-    dataset_name = f"fineweb10B_{variant}"
+    dataset_name = f"fineweb10B_{cfg.export_variant}"
     folder = f"{EXPORTS_FOLDER}/{dataset_name}"
     src = _pin(cfg.hub_repo, cfg.revision, endpoint, cache_dir)
-    where = src.where(folder + "/")
+    shards = select_export_shards(_export_listing(src, folder, cfg.export_variant), cfg.train_shards,
+                                  src.where(folder + "/"))
+    manifest, tokenizer_hints = _fetch_export_manifest(src, dataset_name, len(shards.val))
+    tokenizer = pick_export_tokenizer(
+        cfg.export_variant, _list_folder(src, TOKENIZERS_FOLDER, missing_ok=True) or [], tokenizer_hints
+    )
+    if tokenizer is None:
+        print(f"hub: note: no tokenizer model for {cfg.export_variant!r} under {TOKENIZERS_FOLDER}/", flush=True)
 
-    listing = _export_listing(src, folder, variant)
-    val = _by_index(listing, _VAL_SHARD)
-    val_bytes = _by_index(listing, _VAL_BYTES)
-    train = _by_index(listing, _TRAIN_SHARD)
-    if not val:
-        raise HubDownloadError(f"{where}: no validation shard (fineweb_val_NNNNNN.bin) in this export")
-    if len(train) < cfg.train_shards:
-        raise HubDownloadError(
-            f"{where}: {cfg.train_shards} train shards requested (data.train_shards), only {len(train)} exist"
-        )
-    if val_bytes and sorted(val_bytes) != sorted(val):
-        raise HubDownloadError(
-            f"{where}: val byte sidecars {sorted(val_bytes)} do not pair up with val shards {sorted(val)}"
-        )
+    plan: list[tuple[str, str, RemoteFile]] = []  # (role, name in out_dir, remote file)
+    if tokenizer is not None:
+        plan.append(("tokenizer", EXPORT_TOKENIZER_NAME, tokenizer))
+    plan += [("val", r.name, r) for r in shards.val.values()]
+    plan += [("val_bytes", r.name, r) for r in shards.val_bytes.values()]
+    plan += [("train", r.name, r) for r in list(shards.train.values())[: cfg.train_shards]]
 
-    manifest_candidates = _paths_info(src, EXPORT_MANIFEST_CANDIDATES)
-    manifest_remote = next((manifest_candidates[p] for p in EXPORT_MANIFEST_CANDIDATES if p in manifest_candidates), None)
-    manifest_fetched = None
-    tokenizer_hints: list[str] = []
-    if manifest_remote is not None:
-        manifest_fetched = _fetch(src, manifest_remote)
-        manifest = _read_json_blob(manifest_fetched.blob, src.where(manifest_remote.repo_path))
-        entry = _manifest_dataset_entry(manifest, dataset_name)
-        stats = entry.get("stats") if entry is not None else None
-        stated_val = stats.get("files_val") if isinstance(stats, dict) else None
-        if isinstance(stated_val, int) and stated_val != len(val):
-            raise HubDownloadError(
-                f"{where}: {len(val)} val shards listed, but {manifest_remote.repo_path} states files_val={stated_val}"
-            )
-        tokenizer_hints = _manifest_tokenizer_paths(manifest, entry, posixpath.dirname(manifest_remote.repo_path))
-    tokenizer_remote = pick_export_tokenizer(variant, _list_folder(src, TOKENIZERS_FOLDER, missing_ok=True) or [],
-                                             tokenizer_hints)
-    if tokenizer_remote is None:
-        print(f"hub: note: no tokenizer model for variant {variant!r} under {TOKENIZERS_FOLDER}/", flush=True)
-
-    plan: list[tuple[str, str, RemoteFile]] = []  # (role, name in out_dir, remote)
-    if tokenizer_remote is not None:
-        plan.append(("tokenizer", EXPORT_TOKENIZER_NAME, tokenizer_remote))
-    plan += [("val", r.name, r) for r in val.values()]
-    plan += [("val_bytes", r.name, r) for r in val_bytes.values()]
-    plan += [("train", r.name, r) for r in list(train.values())[: cfg.train_shards]]
-
-    _remove(out_dir / RECORD_NAME)
+    _remove(out_dir / RECORD_NAME)  # from here on the folder is incomplete until the new record is written
     fetched = [(role, name, _fetch(src, remote)) for role, name, remote in plan]
-    if manifest_fetched is not None:
-        fetched.insert(0, ("source_manifest", EXPORT_MANIFEST_NAME, manifest_fetched))
-
-    keep = {name for _, name, _ in fetched}
-    if out_dir.is_dir():
-        for stale in sorted(out_dir.iterdir()):
-            if stale.name not in keep and (_SHARD_FILE.fullmatch(stale.name) or stale.name in
-                                           (EXPORT_TOKENIZER_NAME, EXPORT_MANIFEST_NAME)):
-                print(f"hub: removing {stale} (not part of this download)", flush=True)
-                stale.unlink()
+    if manifest is not None:
+        fetched.insert(0, ("source_manifest", EXPORT_MANIFEST_NAME, manifest))
+    _prune_stale(out_dir, {name for _, name, _ in fetched})
     files = []
     for role, name, item in fetched:
         _place(item, out_dir / name)
         files.append(_file_record(item, name, role))
     record = {
         **_record_header(src, "export"),
-        "export_variant": variant,
+        "export_variant": cfg.export_variant,
         "folder": folder,
         "train_shards_requested": cfg.train_shards,
-        "train_shards_available": len(train),
-        "val_shards": len(val),
-        "val_byte_sidecars": len(val_bytes),
-        "tokenizer": None if tokenizer_remote is None else tokenizer_remote.repo_path,
-        "source_manifest": None if manifest_remote is None else manifest_remote.repo_path,
+        "train_shards_available": len(shards.train),
+        "val_shards": len(shards.val),
+        "val_byte_sidecars": len(shards.val_bytes),
+        "tokenizer": None if tokenizer is None else tokenizer.repo_path,
+        "source_manifest": None if manifest is None else manifest.remote.repo_path,
         "files": files,
     }
     atomic_write_json(out_dir / RECORD_NAME, record)
