@@ -256,7 +256,7 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(layer + 1)
         self.attn = Attention(cfg, use_xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
         self.mlp = MLP(cfg)
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))  # [2, d]
+        self.resid_mix = nn.Parameter(torch.ones(2, d))  # [2, d]: rows weigh x and x0; reset_parameters sets [1, 0]
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
 
@@ -306,7 +306,9 @@ class GPT(nn.Module):
         self.bos_id = bos_id
         self.attn_backend: Optional[str] = None
 
-        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
+        # device normal_ would import torch._dynamo (seconds) for nothing
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d, _weight=torch.empty(cfg.vocab_size, d))
         self.smear = SmearGate(d, cfg.smear_gate_window, cfg.smear_bos_mask) if cfg.smear_gate else None
         self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(L)])
 
@@ -321,7 +323,8 @@ class GPT(nn.Module):
         self.lm_head: nn.Module = TiedHead(self.tok_emb) if cfg.tie_embeddings else _linear(d, cfg.vocab_size)
 
         if cfg.rope_dims > 0:
-            inv_freq = cfg.rope_base ** (-torch.arange(0, cfg.rope_dims, 2, dtype=torch.float32) / cfg.rope_dims)
+            # computed in Python doubles (also keeps meta-device builds free of torch's slow decompositions)
+            inv_freq = torch.tensor([cfg.rope_base ** (-i / cfg.rope_dims) for i in range(0, cfg.rope_dims, 2)], dtype=torch.float32)
             self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # [rope_dims / 2]
         else:
             self.rope_inv_freq = None
@@ -347,6 +350,8 @@ class GPT(nn.Module):
     def reset_parameters(self) -> None:
         """Record init: embedding N(0, embed_init_std); q, k, v, up orthogonal; o, down, gates, untied head zero."""
         cfg = self.cfg
+        if self.tok_emb.weight.is_meta:
+            return  # shapes only, no values to set
         with torch.no_grad():
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.embed_init_std)
             for block in self.blocks:
@@ -358,7 +363,8 @@ class GPT(nn.Module):
                     nn.init.zeros_(block.attn.gate.weight)
                 if block.attn.q_gain is not None:
                     block.attn.q_gain.fill_(cfg.q_gain_init)
-                block.resid_mix.copy_(torch.stack([torch.ones_like(block.resid_mix[0]), torch.zeros_like(block.resid_mix[1])]))
+                block.resid_mix[0].fill_(1.0)
+                block.resid_mix[1].zero_()
                 block.attn_scale.fill_(1.0)
                 block.mlp_scale.fill_(1.0)
             if self.smear is not None:
