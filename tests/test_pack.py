@@ -1,0 +1,408 @@
+"""The packed artifact (round trips, every refusal), the size gate, the minifier and the code wrapper."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import struct
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+
+from pgolf.config import PackConfig, QuantizeConfig
+from pgolf.gptq import QuantizedModel, dequantize_state, quantize_state
+from pgolf.pack import (
+    FORMAT_VERSION,
+    MAGIC,
+    PREFIX_BYTES,
+    ArtifactError,
+    check_against_model_config,
+    check_compressor_available,
+    count_code_bytes,
+    make_wrapper,
+    minify_source,
+    pack,
+    read_container,
+    size_gate,
+    unpack,
+    write_container,
+)
+
+MODEL_CONFIG = {"vocab_size": 64, "model_dim": 32, "num_layers": 1}
+INPUT_HASHES = {"checkpoint": "ab" * 32, "config": "cd" * 32}
+
+
+def _hessian(cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, cols, generator=g) @ torch.randn(cols, cols, generator=g)  # [n, cols]
+    return X.T @ X / X.shape[0]
+
+
+@pytest.fixture(scope="module")
+def quantized() -> QuantizedModel:
+    """A small quantized model with every method: GPTQ (+ asym LQER), RTN gate, fp16 passthrough."""
+    g = torch.Generator().manual_seed(0)
+    shapes_roles = {
+        "emb.weight": ((64, 32), "embedding"),
+        "blocks.0.attn.q.weight": ((32, 32), "attn"),
+        "blocks.0.mlp.up.weight": ((70, 32), "mlp"),  # 70 rows: odd packed lengths
+        "blocks.0.attn.gate.weight": ((4, 12), "attn_gate"),
+        "blocks.0.scale": ((32,), "scalar"),
+    }
+    state = {n: torch.randn(*s, generator=g) * 0.05 for n, (s, _) in shapes_roles.items()}
+    roles = {n: r for n, (_, r) in shapes_roles.items()}
+    hessians = {n: _hessian(s[1], i) for i, (n, (s, r)) in enumerate(shapes_roles.items()) if len(s) == 2 and r != "attn_gate"}
+    cfg = QuantizeConfig(attn_bits=3, mlp_bits=3, embed_bits=3, attn_clip_sigmas=2.5, mlp_clip_sigmas=2.5,
+                         embed_clip_sigmas=2.5, lqer_top_k=2, lqer_rank=8, lqer_group_size=16)
+    qm = quantize_state(state, roles, hessians, cfg)
+    assert any(qt.lqer is not None for qt in qm.tensors.values()), "fixture must exercise LQER entries"
+    return qm
+
+
+def assert_same_model(a: QuantizedModel, b: QuantizedModel) -> None:
+    assert sorted(a.tensors) == sorted(b.tensors)
+    assert a.quantize_config == b.quantize_config
+    for name, qa in a.tensors.items():
+        qb = b.tensors[name]
+        assert (qa.role, qa.method, qa.shape, qa.bits, qa.clip_sigmas) == (qb.role, qb.method, qb.shape, qb.bits, qb.clip_sigmas)
+        for field in ("q", "scale", "data"):
+            ta, tb = getattr(qa, field), getattr(qb, field)
+            assert (ta is None) == (tb is None), (name, field)
+            if ta is not None:
+                assert ta.dtype == tb.dtype and torch.equal(ta, tb), (name, field)
+        assert (qa.lqer is None) == (qb.lqer is None)
+        if qa.lqer is not None:
+            for field in dataclasses.fields(qa.lqer):
+                va, vb = getattr(qa.lqer, field.name), getattr(qb.lqer, field.name)
+                assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, (name, field.name)
+
+
+CONFIGS = [
+    PackConfig(compressor="brotli", brotli_quality=5),
+    PackConfig(compressor="brotli", brotli_quality=5, byte_shuffle=True),
+    PackConfig(compressor="lzma"),
+    PackConfig(compressor="lzma", byte_shuffle=True),
+]
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.compressor}-shuffle{int(c.byte_shuffle)}")
+def test_pack_round_trip_is_bit_exact(quantized, cfg):
+    data = pack(quantized, MODEL_CONFIG, INPUT_HASHES, cfg)
+    assert data[:8] == MAGIC and struct.unpack_from("<I", data, 8)[0] == FORMAT_VERSION
+    loaded, header = unpack(data)
+    assert_same_model(quantized, loaded)
+    assert header["model_config"] == MODEL_CONFIG and header["input_hashes"] == INPUT_HASHES
+    assert header["pack"]["compressor"] == cfg.compressor and header["pack"]["byte_shuffle"] == cfg.byte_shuffle
+    assert pack(loaded, header["model_config"], header["input_hashes"], cfg) == data
+    original, restored = dequantize_state(quantized), dequantize_state(loaded)
+    assert all(torch.equal(original[n], restored[n]) for n in original)
+
+
+def test_byte_shuffle_marks_multibyte_entries_only(quantized):
+    _, header = unpack(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[1]))
+    for entry in header["entries"]:
+        assert entry["encoding"] == ("shuffle" if entry["dtype"] == "float16" else "raw"), entry["name"]
+
+
+def test_tensor_table_tiles_the_payload(quantized):
+    header, payload = read_container(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[2]))
+    offset = 0
+    for entry in header["entries"]:
+        assert entry["offset"] == offset
+        offset += entry["nbytes"]
+    assert offset == len(payload)
+    names = {e["name"] for e in header["entries"]}
+    assert "emb.weight:q" in names and "blocks.0.scale:data" in names
+    assert any(n.endswith(":lqer.a_codes") for n in names)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def artifact(quantized) -> bytes:
+    return pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[0])
+
+
+def test_refuses_wrong_magic(artifact):
+    with pytest.raises(ArtifactError, match="not a pgolf artifact"):
+        unpack(b"NOTPGOLF" + artifact[8:])
+
+
+def test_refuses_future_version(artifact):
+    future = artifact[:8] + struct.pack("<I", 7) + artifact[12:]
+    with pytest.raises(ArtifactError, match=r"artifact format version 7 is newer than this pgolf \(supports <= 1\)"):
+        unpack(future)
+
+
+@pytest.mark.parametrize("keep", [5, 30, PREFIX_BYTES + 10, -1])
+def test_refuses_truncated(artifact, keep):
+    with pytest.raises(ArtifactError, match="truncated"):
+        unpack(artifact[:keep])
+
+
+def test_refuses_corrupted_byte(artifact):
+    damaged = bytearray(artifact)
+    damaged[len(damaged) // 2] ^= 0x40
+    with pytest.raises(ArtifactError, match="corrupted"):
+        unpack(bytes(damaged))
+
+
+def test_refuses_undecompressable_body(artifact):
+    garbage = b"\xff" * 100
+    data = artifact[:13] + hashlib.sha256(garbage).digest() + garbage  # valid prefix hash over garbage
+    with pytest.raises(ArtifactError, match="does not decompress"):
+        unpack(data)
+
+
+def _reassemble(artifact: bytes, edit) -> bytes:
+    """Decode a valid artifact, let ``edit(header, payload)`` damage it, re-encode a well-formed container."""
+    header, payload = read_container(artifact)
+    header, payload = edit(header, bytearray(payload))
+    return write_container(header, bytes(payload), CONFIGS[0])
+
+
+def test_refuses_entry_sha_mismatch(artifact):
+    def flip(header, payload):
+        payload[3] ^= 1
+        return header, payload
+
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        unpack(_reassemble(artifact, flip))
+
+
+def test_refuses_table_that_does_not_tile_payload(artifact):
+    def extra_tail(header, payload):
+        return header, payload + b"\x00"
+
+    def wrong_offset(header, payload):
+        header["entries"][1]["offset"] += 1
+        return header, payload
+
+    def wrong_nbytes(header, payload):
+        header["entries"][0]["nbytes"] -= 1
+        return header, payload
+
+    def past_end(header, payload):
+        return header, payload[:-5]
+
+    with pytest.raises(ArtifactError, match="entries cover"):
+        unpack(_reassemble(artifact, extra_tail))
+    with pytest.raises(ArtifactError, match="starts at"):
+        unpack(_reassemble(artifact, wrong_offset))
+    with pytest.raises(ArtifactError, match="records .* bytes but"):
+        unpack(_reassemble(artifact, wrong_nbytes))
+    with pytest.raises(ArtifactError, match="payload has"):
+        unpack(_reassemble(artifact, past_end))
+
+
+def test_refuses_table_that_disagrees_with_metadata(artifact):
+    def drop_tensor_meta(header, payload):
+        del header["quantization"]["tensors"]["blocks.0.scale"]
+        return header, payload
+
+    def wrong_meta_shape(header, payload):
+        header["quantization"]["tensors"]["blocks.0.scale"]["shape"] = [31]
+        return header, payload
+
+    with pytest.raises(ArtifactError, match="unexpected entries blocks.0.scale:data"):
+        unpack(_reassemble(artifact, drop_tensor_meta))
+    with pytest.raises(ArtifactError, match=r"blocks.0.scale:data: stored as float16 \[32\], metadata implies float16 \[31\]"):
+        unpack(_reassemble(artifact, wrong_meta_shape))
+
+
+def test_check_against_model_config(artifact, quantized):
+    _, header = unpack(artifact)
+    expected = {name: qt.shape for name, qt in quantized.tensors.items()}
+    check_against_model_config(header, expected)
+    with pytest.raises(ArtifactError, match=r"emb.weight has shape \[64, 32\], the model config implies \[128, 32\]"):
+        check_against_model_config(header, dict(expected, **{"emb.weight": (128, 32)}))
+    with pytest.raises(ArtifactError, match="missing blocks.1.mlp.up.weight"):
+        check_against_model_config(header, dict(expected, **{"blocks.1.mlp.up.weight": (70, 32)}))
+    reduced = dict(expected)
+    del reduced["blocks.0.scale"]
+    with pytest.raises(ArtifactError, match="not in the model blocks.0.scale"):
+        check_against_model_config(header, reduced)
+
+
+def test_lrzip_without_binary_is_refused_up_front(quantized, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no lrzip to find
+    cfg = PackConfig(compressor="lrzip")
+    with pytest.raises(ArtifactError, match="no `lrzip` binary is on PATH"):
+        check_compressor_available(cfg)
+    with pytest.raises(ArtifactError, match="lrzip"):
+        pack(quantized, MODEL_CONFIG, INPUT_HASHES, cfg)
+
+
+@pytest.mark.skipif(shutil.which("lrzip") is None, reason="lrzip binary not installed")
+def test_lrzip_round_trip(quantized):
+    data = pack(quantized, MODEL_CONFIG, INPUT_HASHES, PackConfig(compressor="lrzip"))
+    loaded, _ = unpack(data)
+    assert_same_model(quantized, loaded)
+
+
+def test_short_entry_digests(quantized):
+    cfg = CONFIGS[2]
+    full = pack(quantized, MODEL_CONFIG, INPUT_HASHES, cfg)
+    short = pack(quantized, MODEL_CONFIG, INPUT_HASHES, cfg, sha256_hex_chars=16)
+    loaded, header = unpack(short)
+    assert_same_model(quantized, loaded)
+    assert all(len(e["sha256"]) == 16 for e in header["entries"])
+    assert len(short) < len(full)
+    with pytest.raises(ArtifactError, match="sha256_hex_chars"):
+        pack(quantized, MODEL_CONFIG, INPUT_HASHES, cfg, sha256_hex_chars=8)
+
+    def flip(header, payload):
+        payload[-1] ^= 1
+        return header, payload
+
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        unpack(_reassemble(short, flip))
+
+
+def test_pack_refuses_non_json_metadata(quantized):
+    with pytest.raises(ArtifactError, match="not plain JSON"):
+        pack(quantized, {"bad": object()}, INPUT_HASHES, CONFIGS[2])
+
+
+# ---------------------------------------------------------------------------------------------- size gate
+
+
+def test_size_gate_one_byte_over():
+    result = size_gate(15_968_002, 31_999)
+    assert result.total_bytes == 16_000_001 and not result.ok
+    assert result.overage_bytes == 1 and result.headroom_bytes == 0
+    assert "over the 16,000,000-byte cap by 1 bytes" in result.message
+    with pytest.raises(ArtifactError, match="over the 16,000,000-byte cap by 1 bytes"):
+        result.raise_if_over()
+
+
+def test_size_gate_exactly_at_and_under_cap():
+    at_cap = size_gate(15_968_001, 31_999)
+    assert at_cap.ok and at_cap.headroom_bytes == 0
+    under = size_gate(15_875_551, 31_999)
+    assert under.ok and under.headroom_bytes == 92_450 and "headroom 92,450 bytes" in under.message
+    under.raise_if_over()
+    assert not size_gate(60, 50, cap=100).ok
+
+
+# ---------------------------------------------------------------------------------------- code bytes
+
+
+SAMPLE = textwrap.dedent(
+    '''
+    """A sample module: docstrings, comments, asserts, nesting, strings with significant whitespace."""
+    from __future__ import annotations
+
+    import math  # a comment
+
+    POEM = """first line
+        indented second line
+      third"""
+
+
+    class Accumulator:
+        """Sums squares."""
+
+        def __init__(self, start: float = 0.0) -> None:
+            "docstring in a single-quoted string"
+            assert start >= 0, "start must be >= 0"
+            self.total = start
+
+        def add(self, values):
+            for v in values:
+                if v < 0:
+                    continue
+                else:
+                    ...
+                self.total += v ** 2  # trailing comment
+            return self
+
+
+    def only_docstring():
+        """Nothing else here."""
+
+
+    def safe_mean(values):
+        try:
+            return sum(values) / len(values)
+        except ZeroDivisionError:
+            "a literal statement"
+        finally:
+            """another literal"""
+        return math.nan
+
+
+    def describe(x):
+        table = {
+            "a": [1, 2,
+                  3],
+            "tab\\there": x,
+        }
+        return f"{x!r:>6}|{POEM.splitlines()[1]}|{sorted(table)}"
+
+
+    def run():
+        acc = Accumulator(1.0).add([1, -2, 3])
+        return (acc.total, only_docstring(), safe_mean([]), safe_mean([1, 2]), describe(3.5), POEM)
+    '''
+)
+
+
+def _run_sample(code: str):
+    namespace: dict = {"__name__": "sample"}
+    exec(compile(code, "<sample>", "exec"), namespace)
+    return repr(namespace["run"]())
+
+
+def test_minified_source_compiles_and_behaves_the_same():
+    minified = minify_source(SAMPLE)
+    compile(minified, "<minified>", "exec")
+    assert _run_sample(minified) == _run_sample(SAMPLE)
+    assert "#" not in minified.replace("'#'", "")
+    assert "Sums squares" not in minified and "assert" not in minified and "\n\n" not in minified
+    assert all(len(line) - len(line.lstrip(" ")) <= 4 for line in minified.splitlines() if not line.startswith("    indented"))
+    assert len(minified) < len(SAMPLE)
+    assert minify_source(minified) == minified  # a fixed point
+
+
+def test_minifier_drops_asserts():
+    code = "def f(x):\n    assert x > 0\n    return x\n"
+    namespace: dict = {}
+    exec(minify_source(code), namespace)
+    assert namespace["f"](-1) == -1
+
+
+def test_wrapper_runs_and_is_counted():
+    wrapper = make_wrapper(SAMPLE)
+    assert wrapper.startswith('import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("')
+    assert wrapper.endswith('")))\n')
+    assert _run_sample(wrapper) == _run_sample(SAMPLE)
+    assert count_code_bytes(SAMPLE, "wrapper") == len(wrapper.encode("utf-8"))
+    assert count_code_bytes(SAMPLE, "file") == len(SAMPLE.encode("utf-8"))
+    assert count_code_bytes("x = 'é'\n", "file") == 9  # UTF-8 bytes, not characters
+    with pytest.raises(ValueError, match="code_bytes_convention"):
+        count_code_bytes(SAMPLE, "gzip")
+
+
+def test_wrapper_shrinks_real_pgolf_source(monkeypatch):
+    """On a real module of this repository the wrapper counts far fewer bytes than the file."""
+    import pgolf.gptq
+
+    source = open(pgolf.gptq.__file__, encoding="utf-8").read()
+    assert count_code_bytes(source, "wrapper") < 0.5 * count_code_bytes(source, "file")
+    # dataclasses look their module up in sys.modules, as they would for a shipped script run as __main__
+    module = types.ModuleType("pgolf_gptq_minified")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(make_wrapper(source), module.__dict__)
+    assert module.max_level(6) == 31
+    W = torch.randn(8, 16)
+    scale = module.sdclip_scales(W, 6, 13.0)
+    assert torch.equal(module.rtn_quantize(W, scale, 6), pgolf.gptq.rtn_quantize(W, scale, 6))
