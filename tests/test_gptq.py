@@ -333,3 +333,19 @@ def test_quantize_state_refusals():
         quantize_state(dict(state, extra=torch.zeros(2)), roles, hessians, cfg)
     with pytest.raises(QuantizeError, match="no quantization route"):
         quantize_state(state, roles, hessians, dataclasses.replace(cfg, passthrough_max_elements=16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantize_state_on_cuda_matches_cpu():
+    state, roles, hessians = tiny_model(2)
+    cfg = QuantizeConfig(lqer_top_k=2, lqer_rank=4, lqer_group_size=16)
+    cpu = quantize_state(state, roles, hessians, cfg)
+    gpu = quantize_state({n: t.cuda() for n, t in state.items()}, roles, {n: h.cuda() for n, h in hessians.items()}, cfg)
+    for name, qt in cpu.tensors.items():
+        other = gpu.tensors[name]
+        assert other.method == qt.method and (other.q is None or other.q.device.type == "cpu")
+    deq_cpu, deq_gpu = dequantize_state(cpu), dequantize_state(gpu)
+    for name in deq_cpu:
+        rel = float(((deq_cpu[name] - deq_gpu[name]) ** 2).sum()) / max(float((deq_cpu[name] ** 2).sum()), 1e-30)
+        assert rel < 1e-3, name  # float32 GPTQ may round a few ties differently
