@@ -18,8 +18,8 @@ punctuation, whitespace, non-ASCII letters such as "É" or "ß") passes through 
 
 Byte accounting: a piece of CaseOps text stands for the original bytes it encodes: operators count 0, an
 escaped operator character counts its own UTF-8 length (3), everything else its UTF-8 length (an ASCII letter 1,
-whatever its case was). :func:`utf8_byte_weights` gives that count per UTF-8 byte of a whole document, so a
-tokenizer can sum it over piece byte spans with one cumulative sum instead of a Python loop per piece.
+whatever its case was). :func:`original_bytes_of_spans` counts all pieces of a whole document at once from
+their byte offsets (no Python loop per piece); :func:`utf8_byte_weights` is the same count per byte.
 """
 
 from __future__ import annotations
