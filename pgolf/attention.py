@@ -10,7 +10,7 @@ Static-shape contract (for ``torch.compile``): ``cu_seqlens`` may be padded at t
 values (zero-length segments, see ``pad_cu_seqlens``) so that a handful of bucketed lengths cover every
 batch; all backends and ``segment_positions`` treat zero-length segments as absent.
 
-Backends (``select_backend`` picks one per device type; pass ``backend=`` to override):
+Backends (``select_backend`` picks one per device type from a probe done at import; ``backend=`` overrides):
   - ``fa3``: FlashAttention-3 ``flash_attn_interface.flash_attn_varlen_func`` (CUDA; native GQA);
   - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA; its keyword set differs between
     torch versions, so it is inspected at run time);
@@ -21,7 +21,6 @@ Backends (``select_backend`` picks one per device type; pass ``backend=`` to ove
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import Callable, Optional
@@ -137,27 +136,29 @@ def _import_torch_varlen() -> Optional[Callable]:
     return varlen_attn
 
 
+# Probed once at import, never inside a forward: torch.compile must not trace imports or inspect.signature.
+_FA3_FN = _import_fa3()
+_TORCH_VARLEN_FN = _import_torch_varlen()
+_TORCH_VARLEN_KEYWORDS = (
+    frozenset(inspect.signature(_TORCH_VARLEN_FN).parameters) if _TORCH_VARLEN_FN is not None else frozenset()
+)
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends usable on ``device``, best first."""
-    device = torch.device(device)
     found = []
-    if device.type == "cuda":
-        if _import_fa3() is not None:
+    if torch.device(device).type == "cuda":
+        if _FA3_FN is not None:
             found.append("fa3")
-        if _import_torch_varlen() is not None:
+        if _TORCH_VARLEN_FN is not None:
             found.append("torch_varlen")
     found.append("sdpa")
     return found
 
 
-@functools.lru_cache(maxsize=None)
-def _select_for_type(device_type: str) -> str:
-    return available_backends(torch.device(device_type))[0]
-
-
 def select_backend(device: torch.device | str) -> str:
-    """The best backend for this device type, chosen once per process (cached)."""
-    return _select_for_type(torch.device(device).type)
+    """The best backend for this device type (the probe ran once, at import)."""
+    return available_backends(device)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -173,24 +174,16 @@ def _repeat_kv(x: Tensor, num_heads: int) -> Tensor:
 
 
 def _fa3(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
-    fn = _import_fa3()
-    if fn is None:
+    if _FA3_FN is None:
         raise RuntimeError("attention backend 'fa3' requested but flash_attn_interface does not import")
-    out = fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+    out = _FA3_FN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
     return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the log-sum-exp
 
 
-@functools.lru_cache(maxsize=None)
-def _torch_varlen_keywords() -> frozenset[str]:
-    fn = _import_torch_varlen()
-    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
-
-
 def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
-    fn = _import_torch_varlen()
-    if fn is None:
+    if _TORCH_VARLEN_FN is None:
         raise RuntimeError("attention backend 'torch_varlen' requested but torch.nn.attention.varlen is missing")
-    keywords = _torch_varlen_keywords()
+    keywords = _TORCH_VARLEN_KEYWORDS
     kwargs: dict = {}
     if "is_causal" in keywords:
         kwargs["is_causal"] = causal
@@ -200,7 +193,7 @@ def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqle
         kwargs["enable_gqa"] = k.shape[1] != q.shape[1]
     else:  # torch 2.11 has no GQA: materialize the repeated KV heads
         k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return _TORCH_VARLEN_FN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:

@@ -247,3 +247,35 @@ def test_gpu_backends_agree_in_bf16(backend):
     torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
     for got, want in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad.float(), want.grad, atol=6e-2, rtol=6e-2)
+
+
+# ------------------------------------------------------------- torch varlen keyword adaptation (no GPU needed)
+
+
+def _fake_varlen_211(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's keyword set: no is_causal, no enable_gqa (so K/V must arrive with every query head)."""
+    assert k.shape[1] == q.shape[1], "GQA heads must be repeated before calling torch 2.11 varlen_attn"
+    assert window_size in ((-1, -1), (-1, 0))
+    return reference_attention(q, k, v, cu_seq_q, causal=window_size == (-1, 0)).to(q.dtype)
+
+
+def _fake_varlen_213(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch 2.13's keyword set: enable_gqa exists, so K/V keep their own head count."""
+    assert enable_gqa == (k.shape[1] != q.shape[1])
+    return reference_attention(q, k, v, cu_seq_q, causal=window_size == (-1, 0)).to(q.dtype)
+
+
+@pytest.mark.parametrize("fake", [_fake_varlen_211, _fake_varlen_213])
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_varlen_keywords_follow_the_signature(monkeypatch, fake, causal):
+    import inspect
+
+    import pgolf.attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "_TORCH_VARLEN_FN", fake)
+    monkeypatch.setattr(attn_mod, "_TORCH_VARLEN_KEYWORDS", frozenset(inspect.signature(fake).parameters))
+    cu = torch.tensor([0, 6, 6, 13, 20, 20], dtype=torch.int32)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(20, 4, 8, generator=g), torch.randn(20, 2, 8, generator=g), torch.randn(20, 2, 8, generator=g)
+    y = attention(q, k, v, cu, 8, causal=causal, backend="torch_varlen")
+    torch.testing.assert_close(y, attention(q, k, v, cu, 8, causal=causal, backend="sdpa"), atol=1e-5, rtol=1e-5)
