@@ -7,8 +7,8 @@ of original UTF-8 bytes it stands for (0 for BOS and CaseOps operators).
 Why it is built this way:
 
 - Streaming and bounded memory: the JSONL file is read lazily in chunks (a few hundred documents or ~1 MB) and
-  at most ``2 * workers + 2`` chunks are in flight; ``Pool.imap`` would read the whole input ahead of the
-  workers, so the window is kept explicitly with ``apply_async``. Shard buffers are fixed-size.
+  at most ``2 * workers + 2`` chunks are in flight (``Pool.imap`` would read the whole input ahead of the
+  workers, so the window is kept explicitly). Shard buffers are fixed-size.
 - Deterministic: chunk boundaries depend only on the input, and results are consumed in chunk order, so the
   output is byte-identical for any number of workers.
 - All or nothing: everything is written into a temporary directory beside ``out_dir`` that replaces it only
@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator, TextIO
 
@@ -231,37 +232,42 @@ def _encode_chunk(chunk: _Chunk) -> _Encoded:
 class _Runner:
     """Ordered map of ``_encode_chunk`` over chunks, with at most ``2 * workers + 2`` chunks in flight.
 
-    workers == 1 runs in this process (no pickling); otherwise a ``spawn`` Pool (no inherited state, same
-    behaviour on every platform and Python version).
+    workers == 1 runs in this process (no pickling). Otherwise a ProcessPoolExecutor with the ``spawn`` start
+    method (no inherited state or threads, the same on every platform and Python version). Not
+    ``multiprocessing.Pool``: when one of its workers dies (killed for memory, say) the pending result never
+    arrives and the caller waits forever; the executor raises BrokenProcessPool instead.
     """
 
     def __init__(self, workers: int, tokenizer_path: Path, caseops: bool):
         self.workers = workers
-        self.pool = None
+        self.executor: ProcessPoolExecutor | None = None
         if workers == 1:
             _init_worker(str(tokenizer_path), caseops)
         else:
-            context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), caseops))
+            self.executor = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(str(tokenizer_path), caseops),
+            )
 
     def map(self, chunks: Iterator[_Chunk]) -> Iterator[_Encoded]:
-        if self.pool is None:
+        if self.executor is None:
             for chunk in chunks:
                 yield _encode_chunk(chunk)
             return
-        window: deque = deque()
+        window: deque[Future] = deque()
         for chunk in chunks:
-            window.append(self.pool.apply_async(_encode_chunk, (chunk,)))
+            window.append(self.executor.submit(_encode_chunk, chunk))
             if len(window) >= 2 * self.workers + 2:
-                yield window.popleft().get()
+                yield window.popleft().result()
         while window:
-            yield window.popleft().get()
+            yield window.popleft().result()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)  # in-flight chunks are small: quick
+            self.executor = None
         _WORKER.clear()
 
     def __enter__(self) -> "_Runner":
