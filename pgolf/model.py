@@ -27,6 +27,7 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
     Index [layer, s, lane]: sublayer s (0 = attention, 1 = MLP) writes ``post[s, lane] * out_s`` into each lane
     after every lane was scaled by ``resid[s]``. Attention reads lane 0 (mixed with x0 by resid_mix, like the
     single-lane block), the MLP reads lane 1 (after the attention write). The final hidden state is the mean.
+    U-Net skips push and pop lane 0 (the lane the next attention reads).
   * SmearGate masks x_{t-1} only at BOS (the record's fix): a document cut into several attention segments
     keeps smearing across the cut (same document, causal). The row's first token has no predecessor (zero).
   * Single-lane block: ``x_in = resid_mix[0] * x + resid_mix[1] * x0`` REPLACES the residual (as in the record
@@ -458,12 +459,13 @@ class GPT(nn.Module):
             x = self.smear(x, input_ids, self.bos_id)
         x0 = x
         order = self.virtual_layers()
-        num_encoder = len(order) // 2 if self.skip_weights is not None else len(order)
+        use_skips = self.skip_weights is not None
+        num_encoder = len(order) // 2  # U-Net halves over the block APPLICATIONS
         skips: list[Tensor] = []
         lane1: Optional[Tensor] = None  # None until the two lanes split
         split_at = self.cfg.parallel_residual_start
         for position, layer in enumerate(order):
-            if position >= num_encoder and skips:
+            if use_skips and position >= num_encoder and skips:
                 x = self._skip(x, skips.pop(), position - num_encoder)
             block = self.blocks[layer]
             if lane1 is None and split_at >= 0 and layer >= split_at:
@@ -474,7 +476,7 @@ class GPT(nn.Module):
                 x, lane1 = block.forward_lanes(
                     x, lane1, x0, ctx, self.lane_post_lambdas[layer], self.lane_resid_lambdas[layer]
                 )
-            if position < num_encoder:
+            if use_skips and position < num_encoder:
                 skips.append(x)
         if lane1 is not None:
             x = 0.5 * (x + lane1)
