@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_input(source: Path, target: Path, min_text_mb: float) -> tuple[int, int]:
-    """Write ``target`` from copies of ``source`` until it holds ``min_text_mb`` MB of text; return (docs, text bytes)."""
+    """Write copies of ``source`` to ``target`` until it holds ``min_text_mb`` MB of text -> (docs, text bytes)."""
     texts = [json.loads(line)["text"] for line in source.read_text(encoding="utf-8").splitlines()]
     if not texts:
         raise ValueError(f"{source}: no documents")
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=Path, default=REPO_ROOT / "data" / "sample" / "docs.jsonl")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (CaseOps unless --no-caseops)")
+    parser.add_argument(
+        "--tokenizer", type=Path, required=True, help="SentencePiece .model (CaseOps unless --no-caseops)"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--min-mb", type=float, default=8.0, help="repeat the input up to this many MB of text")
     parser.add_argument("--val-docs", type=int, default=1000)

@@ -23,6 +23,7 @@ def published_model() -> Path:
         pytest.skip(f"published CaseOps tokenizer not found at {PUBLISHED_MODEL}")
     return PUBLISHED_MODEL
 
+
 _WORDS = (
     "the quick Brown fox JUMPS over a lazy dog while NASA and OpenAI watch the iPhone of McDonald's "
     "café naïve Zürich straße ÉCOLE I am A cat of 2024 numbers 123ABC and snake_case_Name in CamelCase"

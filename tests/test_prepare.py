@@ -89,7 +89,9 @@ def test_streams_equal_reference_loop(tmp_path, docs, texts):
     fingerprints = manifest["fingerprints"]
     assert fingerprints["train_val_overlap_docs"] == 0 and fingerprints["val_duplicate_docs"] == 0
     val_docs = list(S.iter_documents(val))
-    assert fingerprints["val_doc_hashes_sha256"] == S.hashes_fingerprint(np.array([S.doc_hash(d[1:]) for d in val_docs], dtype=np.uint64))
+    assert fingerprints["val_doc_hashes_sha256"] == S.hashes_fingerprint(
+        np.array([S.doc_hash(d[1:]) for d in val_docs], dtype=np.uint64)
+    )
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert verify_dir(out, expected_val_docs=N_VAL).ok
 
@@ -220,14 +222,13 @@ def test_too_few_documents(tmp_path, docs):
 
 
 def test_leak_is_refused(tmp_path, texts):
-    leaked = texts[:N_VAL + 5] + [texts[3]] + texts[N_VAL + 5 :]  # val doc 3 again as train doc 5 (line 18)
+    leaked = texts[: N_VAL + 5] + [texts[3]] + texts[N_VAL + 5 :]  # val doc 3 again as train doc 5 (line 18)
     leaked += [texts[7]]
     docs = write_jsonl(tmp_path / "docs.jsonl", leaked)
     with pytest.raises(PrepareError) as err:
         _prepare(docs, tmp_path / "shards", chunk_docs=4)
     assert str(err.value) == (
-        "leak: 2 validation documents also occur in the training split, "
-        f"first at train doc 5 ({docs}:{N_VAL + 6})"
+        "leak: 2 validation documents also occur in the training split, " f"first at train doc 5 ({docs}:{N_VAL + 6})"
     )
     _assert_nothing_left(tmp_path)
 
@@ -247,10 +248,22 @@ def test_failure_keeps_previous_output(tmp_path, docs):
 
 
 def test_cli_prepare(tmp_path, docs):
-    base = [sys.executable, "-m", "pgolf", "data", "prepare", "--docs", str(docs), "--tokenizer", str(published_model())]
+    base = [
+        sys.executable,
+        "-m",
+        "pgolf",
+        "data",
+        "prepare",
+        "--docs",
+        str(docs),
+        "--tokenizer",
+        str(published_model()),
+    ]
     ok = subprocess.run(
         base + ["--out", str(tmp_path / "shards"), "--val-docs", str(N_VAL), "--shard-tokens", "200", "--workers", "1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
     assert '"event": "prepare_done"' in ok.stderr

@@ -80,7 +80,10 @@ def test_val_doc_in_train_is_a_leak(tmp_path):
     last = S.list_shards(tmp_path, "train")[-1]
     _rewrite(last, np.concatenate([S.read_shard(last), val[5], train[0]]))
     detail = _failed(verify_dir(tmp_path))["train/val disjoint"]
-    assert f"leak: 1 validation documents also occur in the training split (1 train docs), first at train doc {len(train)}" in detail
+    assert (
+        f"leak: 1 validation documents also occur in the training split (1 train docs), first at train doc {len(train)}"
+        in detail
+    )
     assert last.name in detail
 
 
@@ -88,9 +91,10 @@ def test_sidecar_length_and_count_mismatch(tmp_path):
     build_dir(tmp_path)
     side = S.list_shards(tmp_path, "val_bytes")[0]
     _rewrite(side, S.read_shard(side)[:-1])
-    assert "fineweb_val_bytes_000000.bin: 96 entries, fineweb_val_000000.bin has 97 tokens" in _failed(
-        verify_dir(tmp_path)
-    )["byte sidecar"]
+    assert (
+        "fineweb_val_bytes_000000.bin: 96 entries, fineweb_val_000000.bin has 97 tokens"
+        in _failed(verify_dir(tmp_path))["byte sidecar"]
+    )
     S.list_shards(tmp_path, "val_bytes")[-1].unlink()
     assert "val shards" in _failed(verify_dir(tmp_path))["byte sidecar"]
 
@@ -118,7 +122,9 @@ def test_operator_bytes_zero_unless_escaped(tmp_path):
         path.unlink()
     write_stream(tmp_path, "val_bytes", [b.astype(np.uint16) for b in bad], S_TOK)
     detail = _failed(verify_dir(tmp_path))["byte sidecar"]
-    assert "fineweb_val_bytes_000000.bin: 1 nonzero byte counts at unescaped operator tokens, first at token 2" in detail
+    assert (
+        "fineweb_val_bytes_000000.bin: 1 nonzero byte counts at unescaped operator tokens, first at token 2" in detail
+    )
 
 
 def test_val_count_expectations(tmp_path):

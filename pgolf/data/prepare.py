@@ -117,12 +117,16 @@ class _DocsReader:
             doc += 1
             if len(lines) >= chunk_docs or size_bytes >= chunk_bytes or doc == val_docs:
                 first_doc = doc - len(lines)
-                yield _Chunk(index, "val" if first_doc < val_docs else "train", first_doc, first_line, lines, str(self.path))
+                yield _Chunk(
+                    index, "val" if first_doc < val_docs else "train", first_doc, first_line, lines, str(self.path)
+                )
                 index += 1
                 lines, size_bytes = [], 0
         if lines:
             first_doc = doc - len(lines)
-            yield _Chunk(index, "val" if first_doc < val_docs else "train", first_doc, first_line, lines, str(self.path))
+            yield _Chunk(
+                index, "val" if first_doc < val_docs else "train", first_doc, first_line, lines, str(self.path)
+            )
 
     def finish_sha256(self) -> str:
         """Hash the rest of the file (when reading stopped early) and return the hex sha256 of the whole file."""
@@ -169,7 +173,7 @@ _WORKER: dict = {}  # per-process state set by _init_worker: the tokenizer and w
 
 
 def _init_worker(tokenizer_path: str, caseops: bool) -> None:
-    """Load the tokenizer once per process (a Pool initializer; also called in-process for workers=1)."""
+    """Load the tokenizer once per process (the executor's initializer; called in-process for workers=1)."""
     from pgolf.data.tokenizer import load_tokenizer
 
     _WORKER["tokenizer"] = load_tokenizer(Path(tokenizer_path), caseops=caseops)
@@ -185,8 +189,10 @@ def _parse_text(line: bytes, path: str, line_no: int) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PrepareError(f"{path}:{line_no}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict) or "text" not in obj:
-        raise PrepareError(f'{path}:{line_no}: expected a JSON object with a "text" field, got {type(obj).__name__}'
-                           + (f" with keys {sorted(obj)[:5]}" if isinstance(obj, dict) else ""))
+        raise PrepareError(
+            f'{path}:{line_no}: expected a JSON object with a "text" field, got {type(obj).__name__}'
+            + (f" with keys {sorted(obj)[:5]}" if isinstance(obj, dict) else "")
+        )
     text = obj["text"]
     if not isinstance(text, str):
         raise PrepareError(f'{path}:{line_no}: "text" must be a string, got {type(text).__name__}')
@@ -210,7 +216,9 @@ def _encode_chunk(chunk: _Chunk) -> _Encoded:
         ids, byte_counts = tokenizer.encode_document(text)
         ids = np.asarray(ids, dtype=np.uint16)
         if (ids == BOS_ID).any():  # documents are counted by BOS: a BOS inside a document would split it
-            raise PrepareError(f"{chunk.path}:{chunk.first_line + k}: the tokenizer emitted BOS ({BOS_ID}) inside the text")
+            raise PrepareError(
+                f"{chunk.path}:{chunk.first_line + k}: the tokenizer emitted BOS ({BOS_ID}) inside the text"
+            )
         pieces += [bos, ids]
         if want_bytes:
             byte_pieces += [zero, np.asarray(byte_counts, dtype=np.uint16)]
@@ -338,14 +346,17 @@ def _resolve_workers(workers: int) -> int:
         return os.cpu_count() or 1
 
 
-def _check_arguments(docs_path: Path, tokenizer_path: Path, val_docs: int, shard_tokens: int, max_docs: int,
-                     max_train_shards: int) -> None:
+def _check_arguments(
+    docs_path: Path, tokenizer_path: Path, val_docs: int, shard_tokens: int, max_docs: int, max_train_shards: int
+) -> None:
     if val_docs <= 0:
         raise PrepareError(f"--val-docs: expected > 0, got {val_docs}")
     if shard_tokens <= 0:
         raise PrepareError(f"--shard-tokens: expected > 0, got {shard_tokens}")
     if max_docs < 0 or max_train_shards < 0:
-        raise PrepareError(f"--max-docs/--max-train-shards: expected >= 0 (0 = no cap), got {max_docs}/{max_train_shards}")
+        raise PrepareError(
+            f"--max-docs/--max-train-shards: expected >= 0 (0 = no cap), got {max_docs}/{max_train_shards}"
+        )
     if max_docs and max_docs <= val_docs:
         raise PrepareError(f"--max-docs {max_docs} leaves no training documents after --val-docs {val_docs}")
     for path, what in ((docs_path, "documents file"), (tokenizer_path, "tokenizer model")):
@@ -386,7 +397,9 @@ def prepare_shards(
 
     tokenizer = load_tokenizer(tokenizer_path, caseops=caseops)  # raises when CaseOps ids are not reserved
     if tokenizer.vocab_size > MAX_VOCAB_SIZE:
-        raise PrepareError(f"{tokenizer_path}: vocab size {tokenizer.vocab_size} exceeds {MAX_VOCAB_SIZE} (uint16 shards)")
+        raise PrepareError(
+            f"{tokenizer_path}: vocab size {tokenizer.vocab_size} exceeds {MAX_VOCAB_SIZE} (uint16 shards)"
+        )
     if tokenizer.bos_id != BOS_ID:
         raise PrepareError(f"{tokenizer_path}: bos id {tokenizer.bos_id}, shards require {BOS_ID}")
     available = _count_documents(docs_path, val_docs + 1)
@@ -429,8 +442,11 @@ def prepare_shards(
                 },
                 split=split,
                 writers=writers,
-                run={"workers": workers, "seconds": round(ticker.seconds, 3),
-                     "text_mb_per_second": round(ticker.mb_per_second(), 3)},
+                run={
+                    "workers": workers,
+                    "seconds": round(ticker.seconds, 3),
+                    "text_mb_per_second": round(ticker.mb_per_second(), 3),
+                },
             )
             atomic_write_json(tmp / MANIFEST_NAME, manifest)
     finally:
@@ -505,16 +521,33 @@ class _SplitStats:
             raise PrepareError(f"{docs_path}: no training documents were written")
 
 
-def _manifest(*, docs_path, docs_sha256, docs_bytes, tokenizer, caseops, settings, split: _SplitStats,
-              writers: dict[str, ShardStreamWriter], run: dict) -> dict:
-    files = [info.to_dict() for kind in ("val", "val_bytes", "train") if kind in writers for info in writers[kind].shards]
+def _manifest(
+    *,
+    docs_path,
+    docs_sha256,
+    docs_bytes,
+    tokenizer,
+    caseops,
+    settings,
+    split: _SplitStats,
+    writers: dict[str, ShardStreamWriter],
+    run: dict,
+) -> dict:
+    files = [
+        info.to_dict() for kind in ("val", "val_bytes", "train") if kind in writers for info in writers[kind].shards
+    ]
     val_hashes = split.val_hashes
     tokens = {kind: sum(info.tokens for info in writers[kind].shards) for kind in ("val", "train")}
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
-        "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_ints": HEADER_INTS,
-                         "dtype": "uint16 little-endian", "bos_id": BOS_ID},
+        "shard_format": {
+            "magic": SHARD_MAGIC,
+            "version": SHARD_VERSION,
+            "header_ints": HEADER_INTS,
+            "dtype": "uint16 little-endian",
+            "bos_id": BOS_ID,
+        },
         "source": {"docs_path": str(docs_path), "docs_sha256": docs_sha256, "docs_bytes": docs_bytes},
         "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
         "caseops": caseops,
@@ -524,7 +557,8 @@ def _manifest(*, docs_path, docs_sha256, docs_bytes, tokenizer, caseops, setting
         "tokens": tokens,
         "bos": {"val": split.val_docs, "train": split.train_docs},  # one BOS per document, by construction
         "text_bytes": dict(split.text_bytes),
-        "train_complete": split.train_complete,  # False when max_train_shards stopped reading
+        # False when the max_train_shards cap stopped reading (documents may have been left unread)
+        "train_complete": split.train_complete,
         "files": files,
         "fingerprints": {
             "doc_hash": "blake2b, 8-byte digest, over the document's uint16 little-endian token ids (BOS excluded)",

@@ -119,7 +119,14 @@ def _load_manifest(directory: Path, report: Report) -> dict | None:
             f"{path.name} is not a pgolf shard manifest (format {found!r}): file hashes and totals not checked",
         )
         return None
-    expected_types = {"files": list, "settings": dict, "caseops": bool, "docs": dict, "tokens": dict, "fingerprints": dict}
+    expected_types = {
+        "files": list,
+        "settings": dict,
+        "caseops": bool,
+        "docs": dict,
+        "tokens": dict,
+        "fingerprints": dict,
+    }
     wrong = [
         f"{key} (expected {kind.__name__})"
         for key, kind in expected_types.items()
@@ -162,7 +169,9 @@ def _check_presence(shards: dict[str, list[Path]], report: Report) -> None:
         indices = [shard_index(kind, path.name) for path in paths]
         if indices != list(range(len(indices))):
             gaps = sorted(set(range(max(indices) + 1)) - set(indices)) if indices else []
-            problems.append(f"{SHARD_PREFIXES[kind]}*.bin indices not 0..{len(indices) - 1}: missing {gaps[:_MAX_LISTED]}")
+            problems.append(
+                f"{SHARD_PREFIXES[kind]}*.bin indices not 0..{len(indices) - 1}: missing {gaps[:_MAX_LISTED]}"
+            )
     counts = ", ".join(f"{len(paths)} {kind}" for kind, paths in shards.items())
     report.add("shard files", not problems, _listing(problems) if problems else counts)
 
@@ -192,7 +201,9 @@ def _check_manifest_files(directory: Path, manifest: dict, shards: dict[str, lis
     if extra:
         problems.append(f"not in {MANIFEST_NAME}: {', '.join(extra[:_MAX_LISTED])}")
     ok = not problems
-    report.add("manifest files", ok, _listing(problems) if problems else f"{len(listed)} files: sha256 and token counts match")
+    report.add(
+        "manifest files", ok, _listing(problems) if problems else f"{len(listed)} files: sha256 and token counts match"
+    )
 
 
 def _sketches(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -266,9 +277,7 @@ def _scan_train(paths: list[Path], val_hashes: np.ndarray, val_sketches: np.ndar
     return stats, overlap
 
 
-def _unescaped_operator_bytes(
-    tokens: np.ndarray, counts: np.ndarray, prev_token: int, prev_count: int
-) -> np.ndarray:
+def _unescaped_operator_bytes(tokens: np.ndarray, counts: np.ndarray, prev_token: int, prev_count: int) -> np.ndarray:
     """Positions of CaseOps operator tokens [n] that count bytes although they are not an escaped literal.
 
     A literal operator character in the text is encoded as ESC + that character, and the second token then
@@ -283,9 +292,7 @@ def _unescaped_operator_bytes(
     return np.flatnonzero(np.isin(tokens, ops) & (counts != 0) & ~escaped)
 
 
-def _check_sidecar(
-    val_paths: list[Path], byte_paths: list[Path], caseops: bool, report: Report
-) -> int | None:
+def _check_sidecar(val_paths: list[Path], byte_paths: list[Path], caseops: bool, report: Report) -> int | None:
     """Sidecar shard i has the length of val shard i and counts 0 bytes at BOS (and operators under CaseOps).
 
     Returns the total original bytes of the validation set, or None when there is no usable sidecar.
@@ -324,14 +331,16 @@ def _check_sidecar(
     report.add(
         "byte sidecar",
         not problems,
-        _listing(problems) if problems else f"{len(byte_paths)} files, lengths match, 0 at {what}; {total_bytes:,} bytes",
+        (
+            _listing(problems)
+            if problems
+            else f"{len(byte_paths)} files, lengths match, 0 at {what}; {total_bytes:,} bytes"
+        ),
     )
     return None if problems else total_bytes
 
 
-def _check_val_count(
-    found: int, expected_arg: int | None, manifest: dict | None, record: bool, report: Report
-) -> None:
+def _check_val_count(found: int, expected_arg: int | None, manifest: dict | None, record: bool, report: Report) -> None:
     manifest_expected = manifest["settings"].get("val_docs") if manifest else None
     problems = []
     if record:
@@ -370,8 +379,14 @@ def _check_manifest_totals(manifest: dict, summary: dict, report: Report) -> Non
         if claimed != found:
             problems.append(f"{key}: {MANIFEST_NAME} says {claimed}, shards give {found}")
     if manifest["fingerprints"].get("train_val_overlap_docs") != 0:
-        problems.append(f"fingerprints.train_val_overlap_docs is {manifest['fingerprints'].get('train_val_overlap_docs')}")
-    report.add("manifest totals", not problems, _listing(problems) if problems else "doc/token counts and val fingerprint match")
+        problems.append(
+            f"fingerprints.train_val_overlap_docs is {manifest['fingerprints'].get('train_val_overlap_docs')}"
+        )
+    report.add(
+        "manifest totals",
+        not problems,
+        _listing(problems) if problems else "doc/token counts and val fingerprint match",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -405,7 +420,11 @@ def verify_dir(directory: str | Path, expected_val_docs: int | None = None, reco
     report.add(
         "BOS per document",
         not problems,
-        _listing(problems) if problems else f"val and train streams start with BOS; {val.docs:,} val + {train.docs:,} train docs",
+        (
+            _listing(problems)
+            if problems
+            else f"val and train streams start with BOS; {val.docs:,} val + {train.docs:,} train docs"
+        ),
     )
     summary.update(
         val_docs=val.docs,
