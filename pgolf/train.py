@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pgolf.attention import build_cu_seqlens
+from pgolf.attention import build_cu_seqlens, pad_cu_seqlens
 from pgolf.checkpoint import save_checkpoint
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, section_from_json, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
@@ -90,6 +90,11 @@ def check_data(data_dir: Path, vocab_size: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
+
+
+def cu_seqlens_bucket(num_entries: int, minimum: int = 16) -> int:
+    """Pad cu_seqlens to the next power of two: a compiled step then sees a handful of shapes, not one per batch."""
+    return max(minimum, 1 << (num_entries - 1).bit_length())
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
@@ -171,7 +176,7 @@ def train(
     np.random.seed(seed % 2**32)
     model = GPT(model_cfg).to(device)
     groups = param_groups(model)
-    optimizers = build_optimizers(groups, optim_cfg)
+    optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=False)  # grads averaged below, before clipping
     params = [p for p in model.parameters()]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     step_model = torch.compile(model, fullgraph=True, dynamic=False) if train_cfg.compile else model
@@ -182,13 +187,18 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").write_text("")
 
+    seen_cu_shapes: set[int] = set()
+
     def run_step(step: int) -> torch.Tensor:
         loss_sum = torch.zeros((), device=device)
         for accum_index in range(plan.grad_accum_steps):
-            inputs, targets = loader.micro_batch(step, accum_index)
+            inputs, targets = loader.micro_batch(step, accum_index)  # [n] each, on CPU
+            cu_seqlens, max_seqlen = build_cu_seqlens(inputs, bos_id=BOS_ID, max_seqlen=train_cfg.train_seq_len)
+            cu_seqlens = pad_cu_seqlens(cu_seqlens, cu_seqlens_bucket(cu_seqlens.numel()))
+            seen_cu_shapes.add(cu_seqlens.numel())
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            cu_seqlens, max_seqlen = build_cu_seqlens(inputs, bos_id=BOS_ID, max_seqlen=train_cfg.train_seq_len)
+            cu_seqlens = cu_seqlens.to(device, non_blocking=True)
             with autocast:
                 loss = step_model(inputs, targets, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             (loss / plan.grad_accum_steps).backward()
@@ -302,6 +312,7 @@ def train(
         "ms_per_step_after_loop": _mean(step_times_ms["after_loop"]),
         "tokens_per_s": step * plan.train_batch_tokens / max(train_seconds, 1e-9),
         "peak_memory_gib": _memory_gib(device),
+        "cu_seqlens_shapes": sorted(seen_cu_shapes),
         **data_info,
     }
     if info.is_main:
