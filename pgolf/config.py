@@ -389,6 +389,117 @@ class PackConfig:
         _check(self.size_cap_bytes > 0, "size_cap_bytes: expected > 0")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTConfig:
+    """Score-first test-time training at evaluation (rules C1-C4: every token is scored before it feeds a gradient).
+
+    ``mode``:
+      - ``none``: plain scoring with within-document windows;
+      - ``lora``: document-batched LoRA TTT (PR #1530 / record): documents longest first, ``docs_per_batch`` per
+        batch, fresh per-document adapters, each document in chunks of ``chunk_tokens``: score the chunk, then one
+        optimizer step on it (none after a document's last chunk). With ``phase_boundaries_docs``, a global SGD pass
+        on the BASE weights over already-scored documents runs once that many documents are scored (phased TTT);
+      - ``chunked``: the validation stream in chunks of ``stream_chunk_tokens`` (PR #549 / #1572 style): score a
+        chunk, then ``chunk_epochs`` SGD steps on the whole model over it; the last chunk gets no update.
+
+    ``optimizer`` ``sgd`` uses ``beta1`` as its momentum. ``debug_update_before_score`` is an ILLEGAL ordering
+    (update, then score): it exists only so tests and compliance checks can show the ledger refuses it.
+    """
+
+    mode: Literal["none", "lora", "chunked"] = "lora"
+    lora_rank: int = 80
+    lora_alpha: float = 144.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    chunk_tokens: int = 48
+    docs_per_batch: int = 64
+    context_tokens: int = 2048
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.99
+    weight_decay: float = 0.5
+    warm_start_a: bool = True  # keep each slot's trained A from the previous batch (B is always reset to zero)
+    phase_boundaries_docs: tuple[int, ...] = (833, 1666, 2500)  # empty: no phases
+    phase_scope: Literal["scored_prefix", "new_docs"] = "scored_prefix"  # what a phase trains on
+    phase_lr: float = 0.001
+    phase_momentum: float = 0.9
+    phase_chunk_tokens: int = 32768
+    stream_chunk_tokens: int = 32768
+    chunk_epochs: int = 1
+    chunk_lr: float = 0.002
+    chunk_momentum: float = 0.9
+    debug_update_before_score: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.lora_rank >= 1, f"lora_rank: expected >= 1, got {self.lora_rank}")
+        _check(self.lora_alpha > 0, f"lora_alpha: expected > 0, got {self.lora_alpha}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        _check(not unknown, f"lora_targets: unknown target(s) {unknown}; allowed: {', '.join(LORA_TARGETS)}")
+        _check(len(set(self.lora_targets)) == len(self.lora_targets), f"lora_targets: duplicates in {list(self.lora_targets)}")
+        _check(self.mode != "lora" or len(self.lora_targets) >= 1, "lora_targets: expected at least one target in mode 'lora'")
+        _check(self.chunk_tokens >= 1, f"chunk_tokens: expected >= 1, got {self.chunk_tokens}")
+        _check(self.docs_per_batch >= 1, f"docs_per_batch: expected >= 1, got {self.docs_per_batch}")
+        _check(
+            self.context_tokens >= self.chunk_tokens,
+            f"context_tokens: expected >= chunk_tokens ({self.chunk_tokens}), got {self.context_tokens}",
+        )
+        _check(self.lr > 0, f"lr: expected > 0, got {self.lr}")
+        _check(0.0 <= self.beta1 < 1.0, f"beta1: expected 0 <= beta1 < 1, got {self.beta1}")
+        _check(0.0 <= self.beta2 < 1.0, f"beta2: expected 0 <= beta2 < 1, got {self.beta2}")
+        _check(self.weight_decay >= 0, f"weight_decay: expected >= 0, got {self.weight_decay}")
+        bounds = self.phase_boundaries_docs
+        _check(
+            all(b >= 1 for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:])),
+            f"phase_boundaries_docs: expected strictly increasing document counts >= 1, got {list(bounds)}",
+        )
+        _check(self.phase_lr >= 0, f"phase_lr: expected >= 0, got {self.phase_lr}")
+        _check(0.0 <= self.phase_momentum < 1.0, f"phase_momentum: expected 0 <= m < 1, got {self.phase_momentum}")
+        _check(self.phase_chunk_tokens >= 2, f"phase_chunk_tokens: expected >= 2, got {self.phase_chunk_tokens}")
+        _check(self.stream_chunk_tokens >= 1, f"stream_chunk_tokens: expected >= 1, got {self.stream_chunk_tokens}")
+        _check(self.chunk_epochs >= 0, f"chunk_epochs: expected >= 0, got {self.chunk_epochs}")
+        _check(self.chunk_lr >= 0, f"chunk_lr: expected >= 0, got {self.chunk_lr}")
+        _check(0.0 <= self.chunk_momentum < 1.0, f"chunk_momentum: expected 0 <= m < 1, got {self.chunk_momentum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluation stage: exact bpb over the validation documents, diagnostics and test-time training.
+
+    ``eval_seq_len``: attention windows inside a document (no window crosses a document). ``eval_batch_tokens``:
+    tokens per packed row of the diagnostic (no-TTT) evaluations. Time budget: ``max_eval_seconds`` covers
+    deserialization + compile warm-up (random tokens only) + scoring; a margin under ``warn_margin_seconds``
+    warns. ``byte_accounting``: ``sidecar`` (CaseOps byte files), ``lut`` (tokenizer lookup table) or ``auto``
+    (sidecar when present). ``max_docs`` > 0 scores only the first documents (sweeps; never a record).
+    """
+
+    eval_seq_len: int = 2048
+    eval_batch_tokens: int = 65_536
+    diagnostics: bool = True
+    max_eval_seconds: float = 600.0
+    warn_margin_seconds: float = 5.0
+    compile: bool = True
+    compile_warmup_steps: int = 2  # random-token calls per compiled shape
+    byte_accounting: Literal["auto", "sidecar", "lut"] = "auto"
+    max_docs: int = 0
+    progress_every_seconds: float = 15.0
+    ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.eval_seq_len >= 1, f"eval_seq_len: expected >= 1, got {self.eval_seq_len}")
+        _check(
+            self.eval_batch_tokens >= self.eval_seq_len,
+            f"eval_batch_tokens: expected >= eval_seq_len ({self.eval_seq_len}), got {self.eval_batch_tokens}",
+        )
+        _check(self.max_eval_seconds > 0, f"max_eval_seconds: expected > 0, got {self.max_eval_seconds}")
+        _check(self.warn_margin_seconds >= 0, f"warn_margin_seconds: expected >= 0, got {self.warn_margin_seconds}")
+        _check(self.compile_warmup_steps >= 0, f"compile_warmup_steps: expected >= 0, got {self.compile_warmup_steps}")
+        _check(self.max_docs >= 0, f"max_docs: expected >= 0 (0 = all), got {self.max_docs}")
+        _check(self.progress_every_seconds > 0, f"progress_every_seconds: expected > 0, got {self.progress_every_seconds}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole recipe: the run name, its seeds and one section per stage."""
@@ -404,6 +515,7 @@ class RunConfig:
     hessians: HessianConfig = dataclasses.field(default_factory=HessianConfig)
     quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
     pack: PackConfig = dataclasses.field(default_factory=PackConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run) and "/" not in self.run, f"run: expected a non-empty name without '/', got {self.run!r}")
