@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "pgolf.config_cli",
     "pgolf.data.cli",
     "pgolf.model_cli",
+    "pgolf.evaluate_cli",
 ]
 
 

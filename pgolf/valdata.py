@@ -1,0 +1,232 @@
+"""The validation stream as the evaluator sees it: tokens, documents and the original bytes of every target.
+
+The stream is the concatenation of ``fineweb_val_*.bin`` in index order. Documents are the BOS-delimited spans
+(every document starts with BOS, id 1); shard files are not document boundaries. A TARGET is every token after a
+document's BOS, so the BOS of the next document is never predicted and the first BOS is never scored:
+``token_count = num_positions - num_docs``.
+
+Bytes (the bpb denominator) are attached to target positions:
+  - ``sidecar``: ``fineweb_val_bytes_*.bin`` gives, per token, the ORIGINAL (pre-CaseOps) UTF-8 bytes it stands
+    for. CaseOps data must use it: the transformed text is not the text being compressed.
+  - ``lut``: the records' lookup table over the tokenizer's pieces (``pgolf.data.tokenizer.build_byte_lut``);
+    the leading-space byte of a piece depends on the previous token, so it is computed over the stream.
+The two agree on the full validation set to about 0.002 % (data spec), but a run reports which one it used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from pgolf.data.shards import BOS_ID, CASEOPS_OPERATOR_IDS, list_shards, read_header, read_shard
+
+ByteAccounting = Literal["auto", "sidecar", "lut"]
+
+
+class ValidationDataError(ValueError):
+    """The validation shards, their byte sidecar or the tokenizer cannot give exact bpb; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSet:
+    """The whole validation stream in memory (the record's is 48 M tokens: ~96 MB ids + ~190 MB byte counts)."""
+
+    tokens: np.ndarray  # [N] uint16 token ids
+    target_bytes: np.ndarray  # [N] int32: original bytes of the token at p when it is a target; 0 at every BOS
+    doc_starts: np.ndarray  # [D] int64: position of each document's BOS
+    doc_ends: np.ndarray  # [D] int64: one past each document's last token
+    byte_accounting: str  # "sidecar" or "lut"
+    source: dict  # where it came from: directory, files, token/byte fingerprints
+
+    @property
+    def num_positions(self) -> int:
+        return int(len(self.tokens))
+
+    @property
+    def num_docs(self) -> int:
+        return int(len(self.doc_starts))
+
+    @property
+    def target_count(self) -> int:
+        return self.num_positions - self.num_docs
+
+    @property
+    def byte_sum(self) -> int:
+        return int(self.target_bytes.sum(dtype=np.int64))
+
+    def target_mask(self) -> np.ndarray:
+        """bool [N]: True at every position that is scored exactly once (all but the documents' BOS)."""
+        mask = np.ones(self.num_positions, dtype=bool)
+        mask[self.doc_starts] = False
+        return mask
+
+    def doc_lengths(self) -> np.ndarray:
+        """Tokens per document, BOS included: int64 [D]."""
+        return self.doc_ends - self.doc_starts
+
+
+def from_tokens(
+    tokens: np.ndarray,
+    target_bytes: np.ndarray,
+    byte_accounting: str = "sidecar",
+    source: Optional[dict] = None,
+) -> ValidationSet:
+    """Build a :class:`ValidationSet` from in-memory arrays (tests, and the loader below).
+
+    ``target_bytes`` [N] gives each token's byte count; entries at BOS positions must be 0 (a BOS is never a
+    target and stands for no text).
+    """
+    tokens = np.ascontiguousarray(np.asarray(tokens), dtype=np.uint16)
+    target_bytes = np.ascontiguousarray(np.asarray(target_bytes), dtype=np.int32)
+    if tokens.ndim != 1 or target_bytes.shape != tokens.shape:
+        raise ValidationDataError(f"tokens {tokens.shape} and target_bytes {target_bytes.shape} must be equal 1-D shapes")
+    if len(tokens) == 0:
+        raise ValidationDataError("the validation stream is empty")
+    if tokens[0] != BOS_ID:
+        raise ValidationDataError(f"the validation stream starts with id {int(tokens[0])}, expected BOS ({BOS_ID})")
+    doc_starts = np.flatnonzero(tokens == BOS_ID).astype(np.int64)
+    if int(target_bytes[doc_starts].max(initial=0)) != 0:
+        bad = int(doc_starts[np.flatnonzero(target_bytes[doc_starts])[0]])
+        raise ValidationDataError(
+            f"byte counts are misaligned with the tokens: the BOS at position {bad} counts "
+            f"{int(target_bytes[bad])} bytes (a BOS must count 0)"
+        )
+    if int(target_bytes.min(initial=0)) < 0:
+        raise ValidationDataError("byte counts must be >= 0")
+    doc_ends = np.append(doc_starts[1:], len(tokens)).astype(np.int64)
+    return ValidationSet(tokens, target_bytes, doc_starts, doc_ends, byte_accounting, dict(source or {}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Byte accounting
+# --------------------------------------------------------------------------------------------------------------
+
+
+def lut_target_bytes(tokens: np.ndarray, tokenizer_path: str | Path) -> np.ndarray:
+    """Bytes of every token as a target under the lookup-table accounting: int32 [N], 0 at BOS positions.
+
+    Refuses a CaseOps tokenizer (ids 4-7 are the operators): its pieces spell the TRANSFORMED text, so only the
+    sidecar gives original bytes.
+    """
+    from pgolf.data.caseops import OPERATORS
+    from pgolf.data.tokenizer import PIECE_USER_DEFINED, build_byte_lut, load_tokenizer, lut_byte_counts
+
+    tokenizer = load_tokenizer(tokenizer_path, caseops=False)
+    operators = [(op, PIECE_USER_DEFINED) for op in OPERATORS]
+    first = CASEOPS_OPERATOR_IDS[0]
+    if tokenizer.pieces[first : first + len(operators)] == operators:
+        raise ValidationDataError(
+            f"{tokenizer_path}: this is a CaseOps tokenizer (ids 4-7 are the operators); its bytes must come from "
+            "the fineweb_val_bytes_*.bin sidecar, not from a lookup table"
+        )
+    tokens = np.asarray(tokens)
+    if len(tokens) and int(tokens.max()) >= tokenizer.vocab_size:
+        raise ValidationDataError(
+            f"{tokenizer_path}: the validation stream holds id {int(tokens.max())}, outside the tokenizer's "
+            f"{tokenizer.vocab_size} pieces (wrong tokenizer for this data?)"
+        )
+    lut = build_byte_lut(tokenizer)
+    out = np.zeros(len(tokens), dtype=np.int32)
+    if len(tokens) > 1:
+        out[1:] = lut_byte_counts(tokens[1:], tokens[:-1], lut)
+    out[tokens == BOS_ID] = 0
+    return out
+
+
+def _concat(paths: list[Path]) -> np.ndarray:
+    return np.concatenate([np.asarray(read_shard(p)) for p in paths]) if paths else np.zeros(0, dtype=np.uint16)
+
+
+def _manifest_caseops(data_dir: Path) -> Optional[bool]:
+    path = data_dir / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValidationDataError(f"{path}: not valid JSON ({exc})") from None
+    value = manifest.get("caseops") if isinstance(manifest, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def resolve_accounting(requested: str, has_sidecar: bool, caseops: Optional[bool], tokenizer_path) -> str:
+    """Which byte accounting a run uses; refuses the combinations that cannot give exact bpb."""
+    if requested not in ("auto", "sidecar", "lut"):
+        raise ValidationDataError(f"byte_accounting: expected auto, sidecar or lut, got {requested!r}")
+    if caseops and not has_sidecar:
+        raise ValidationDataError(
+            "the data manifest says CaseOps but there is no fineweb_val_bytes_*.bin sidecar: CaseOps bytes can only "
+            "come from the sidecar (re-run the data stage or download the export's byte files)"
+        )
+    if requested == "sidecar" and not has_sidecar:
+        raise ValidationDataError("byte_accounting 'sidecar' requested but there are no fineweb_val_bytes_*.bin files")
+    if requested == "lut" and caseops:
+        raise ValidationDataError("byte_accounting 'lut' requested for CaseOps data: its bytes must come from the sidecar")
+    chosen = requested if requested != "auto" else ("sidecar" if has_sidecar else "lut")
+    if chosen == "lut" and tokenizer_path is None:
+        raise ValidationDataError("lookup-table byte accounting (no byte sidecar) needs the tokenizer: pass --tokenizer")
+    return chosen
+
+
+def load_validation(
+    data_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    byte_accounting: ByteAccounting = "auto",
+    max_docs: int = 0,
+    vocab_size: Optional[int] = None,
+) -> ValidationSet:
+    """Read the validation shards (and byte sidecar) of ``data_dir``; ``max_docs`` > 0 keeps the first documents."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: data directory not found")
+    val_paths = list_shards(data_dir, "val")
+    if not val_paths:
+        raise FileNotFoundError(f"{data_dir}: no fineweb_val_*.bin shards")
+    byte_paths = list_shards(data_dir, "val_bytes")
+    accounting = resolve_accounting(byte_accounting, bool(byte_paths), _manifest_caseops(data_dir), tokenizer_path)
+
+    tokens = _concat(val_paths)
+    if len(tokens) == 0 or tokens[0] != BOS_ID:
+        first = int(tokens[0]) if len(tokens) else None
+        raise ValidationDataError(f"{val_paths[0]}: the validation stream starts with id {first}, expected BOS ({BOS_ID})")
+    if vocab_size is not None and int(tokens.max()) >= vocab_size:
+        raise ValidationDataError(f"{data_dir}: validation token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
+
+    if accounting == "sidecar":
+        if len(byte_paths) != len(val_paths):
+            raise ValidationDataError(
+                f"{data_dir}: {len(val_paths)} val shards but {len(byte_paths)} byte sidecar shards (expected one per shard)"
+            )
+        for vp, bp in zip(val_paths, byte_paths):
+            if read_header(vp).num_tokens != read_header(bp).num_tokens:
+                raise ValidationDataError(
+                    f"{bp}: {read_header(bp).num_tokens} byte counts for {read_header(vp).num_tokens} tokens in {vp.name}"
+                )
+        target_bytes = _concat(byte_paths).astype(np.int32)
+    else:
+        target_bytes = lut_target_bytes(tokens, tokenizer_path)
+
+    if max_docs > 0:
+        starts = np.flatnonzero(tokens == BOS_ID)
+        if max_docs < len(starts):
+            cut = int(starts[max_docs])
+            tokens, target_bytes = tokens[:cut], target_bytes[:cut]
+    source = {
+        "data_dir": str(data_dir),
+        "val_shards": [p.name for p in val_paths],
+        "byte_shards": [p.name for p in byte_paths] if accounting == "sidecar" else [],
+        "tokenizer": str(tokenizer_path) if accounting == "lut" else None,
+        "max_docs": max_docs,
+        "tokens_sha256": hashlib.sha256(np.ascontiguousarray(tokens, dtype="<u2").tobytes()).hexdigest(),
+        "bytes_sha256": hashlib.sha256(np.ascontiguousarray(target_bytes, dtype="<i4").tobytes()).hexdigest(),
+    }
+    try:
+        return from_tokens(tokens, target_bytes, accounting, source)
+    except ValidationDataError as exc:
+        raise ValidationDataError(f"{data_dir}: {exc}") from None
