@@ -182,10 +182,10 @@ def train(
     step_model = torch.compile(model, fullgraph=True, dynamic=False) if train_cfg.compile else model
     can_loop = model_cfg.loop_count > 1
 
-    metrics = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").write_text("")
+        (out_dir / "metrics.jsonl").write_text("")  # a rerun starts a fresh log
+    metrics = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None)
 
     seen_cu_shapes: set[int] = set()
 

@@ -1,0 +1,195 @@
+"""The training stage: schedule, data checks, N-process equivalence, checkpoint, loss going down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.checkpoint import CheckpointError, load_checkpoint, model_config_of
+from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
+from pgolf.data.loader import BatchPlan, PackedBatchLoader
+from pgolf.data.shards import BOS_ID, write_shard
+from pgolf.train import check_data, cu_seqlens_bucket, lr_multiplier, training_fraction
+
+VOCAB = 64
+TINY_MODEL = ModelConfig(
+    vocab_size=VOCAB, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, xsa_last_n=3,
+    attn_gate_window=8, smear_gate_window=8, loop_start=1, loop_end=1, loop_count=2, parallel_residual_start=2,
+)
+TINY_TRAIN = TrainConfig(
+    train_batch_tokens=512, micro_batch_tokens=128, train_seq_len=48, max_wallclock_seconds=0.0,
+    hessian_reserve_seconds=0.0, iterations=4, compile_warmup_steps=1, compile=False, ema_decay=0.5,
+    loop_enable_fraction=0.5, log_every_steps=1,
+)
+
+
+def write_data(directory: Path, n_docs: int = 400, seed: int = 0, top_id: int = VOCAB - 1) -> Path:
+    """A val shard and two train shards of BOS-prefixed random documents with a learnable pattern."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        start = int(rng.integers(8, top_id))
+        length = int(rng.integers(5, 60))
+        body = (start + np.arange(length)) % (top_id - 7) + 8  # a counting pattern: easy to learn
+        docs.append(np.concatenate([[BOS_ID], body]))
+    val = np.concatenate(docs[:40]).astype(np.uint16)
+    train = np.concatenate(docs[40:]).astype(np.uint16)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_shard(directory / "fineweb_val_000000.bin", val)
+    half = len(train) // 2
+    write_shard(directory / "fineweb_train_000000.bin", train[:half])
+    write_shard(directory / "fineweb_train_000001.bin", train[half:])
+    return directory
+
+
+def run_train(data_dir: Path, out_dir: Path, nproc: int, model: ModelConfig = TINY_MODEL, train: TrainConfig = TINY_TRAIN, seed: int = 7):
+    args = [
+        "-m", "pgolf.train",
+        "--model-json", json.dumps(to_dict(model)), "--optim-json", json.dumps(to_dict(OptimConfig())),
+        "--train-json", json.dumps(to_dict(train)), "--seed", str(seed),
+        "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--device", "cpu",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+# ------------------------------------------------------------------------------------------------- pure parts
+
+
+def test_lr_multiplier_matches_the_record_formula() -> None:
+    assert lr_multiplier(0.0, 0.85, 0.10) == 1.0
+    assert lr_multiplier(0.149, 0.85, 0.10) == 1.0
+    assert lr_multiplier(0.5, 0.85, 0.10) == pytest.approx(0.5 / 0.85)
+    assert lr_multiplier(0.95, 0.85, 0.10) == pytest.approx(0.10)  # floored
+    assert lr_multiplier(0.95, 0.85, 0.0) == pytest.approx(0.05 / 0.85)
+    assert lr_multiplier(0.7, 0.0, 0.1) == 1.0  # no warmdown
+
+
+def test_training_fraction_time_and_step_based() -> None:
+    timed = TrainConfig(max_wallclock_seconds=600.0, hessian_reserve_seconds=8.0)
+    assert training_fraction(0, 296.0, timed) == pytest.approx(0.5)
+    assert training_fraction(0, 1000.0, timed) == 1.0
+    stepped = TrainConfig(max_wallclock_seconds=0.0, iterations=200)
+    assert training_fraction(50, 1e9, stepped) == pytest.approx(0.25)
+
+
+def test_cu_seqlens_buckets_are_powers_of_two() -> None:
+    assert [cu_seqlens_bucket(n) for n in (2, 16, 17, 100, 129)] == [16, 16, 32, 128, 256]
+
+
+def test_loader_union_is_identical_for_any_world_size(tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data")
+    one = PackedBatchLoader(data, BatchPlan(512, 128, 1), rank=0)
+    rows_one = [one.micro_batch(3, m)[0] for m in range(4)]
+    rows_two = [PackedBatchLoader(data, BatchPlan(512, 128, 2), rank=r).micro_batch(3, m)[0] for r in range(2) for m in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(rows_one, rows_two))
+    inputs, targets = one.micro_batch(0, 0)
+    assert torch.equal(inputs[1:], targets[:-1])  # targets are the next tokens
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+def test_missing_shards_refused_before_any_step(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no fineweb_train_"):
+        check_data(tmp_path / "empty", VOCAB)
+    proc = run_train(tmp_path / "empty", tmp_path / "out", 1)
+    assert proc.returncode != 0 and "no fineweb_train_" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_vocab_smaller_than_token_ids_refused(tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data", top_id=200)
+    with pytest.raises(ValueError, match=r"token id \d+ >= model.vocab_size 64"):
+        check_data(data, VOCAB)
+
+
+def test_bad_section_json_names_the_key(tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data")
+    bad = dict(to_dict(TINY_TRAIN), warmup_stepz=3)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgolf.train", "--model-json", json.dumps(to_dict(TINY_MODEL)), "--optim-json", "{}",
+         "--train-json", json.dumps(bad), "--seed", "1", "--data-dir", str(data), "--out-dir", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode != 0 and "unknown key(s) warmup_stepz" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = write_data(root / "data")
+    one = run_train(data, root / "one", 1)
+    two = run_train(data, root / "two", 2)
+    return root, one, two
+
+
+def test_two_processes_equal_one_process_with_accumulation(two_runs) -> None:
+    root, one, two = two_runs
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    state_one, meta_one = load_checkpoint(root / "one" / "checkpoint")
+    state_two, meta_two = load_checkpoint(root / "two" / "checkpoint")
+    assert meta_one["grad_accum_steps"] == 4 and meta_two["grad_accum_steps"] == 2
+    assert meta_one["world_size"] == 1 and meta_two["world_size"] == 2
+    assert meta_one["steps"] == meta_two["steps"] == 4
+    for name, tensor in state_one.items():
+        torch.testing.assert_close(state_two[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+    # the runs really trained: o starts at zero and moved
+    assert float(state_one["blocks.0.attn.o.weight"].abs().sum()) > 0
+
+
+def test_checkpoint_describes_itself(two_runs) -> None:
+    root, one, _ = two_runs
+    state, meta = load_checkpoint(root / "one" / "checkpoint")
+    assert model_config_of(meta) == TINY_MODEL
+    assert meta["train_config"] == to_dict(TINY_TRAIN)
+    assert meta["weights"] == "ema" and meta["tokens_seen"] == 4 * 512
+    assert len(meta["code_hash"]) == 64 and meta["environment"]["torch"] == torch.__version__
+    assert meta["loop_enabled_step"] == 2  # loop_enable_fraction 0.5 of 4 steps
+    lines = [json.loads(line) for line in (root / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["event"] == "train_step"] == [1, 2, 3, 4]
+    assert lines[-1]["event"] == "train_done"
+
+
+def test_corrupted_checkpoint_refused(two_runs, tmp_path: Path) -> None:
+    root, _, _ = two_runs
+    copy = tmp_path / "ckpt"
+    copy.mkdir()
+    for f in (root / "one" / "checkpoint").iterdir():
+        copy.joinpath(f.name).write_bytes(f.read_bytes())
+    data = bytearray((copy / "model.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(copy)
+
+
+def test_loss_goes_down(tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data")
+    train = TrainConfig(
+        train_batch_tokens=512, micro_batch_tokens=256, train_seq_len=64, max_wallclock_seconds=0.0,
+        hessian_reserve_seconds=0.0, iterations=30, compile_warmup_steps=0, compile=False, ema_decay=0.0,
+        log_every_steps=1, warmdown_fraction=0.3,
+    )
+    proc = run_train(data, tmp_path / "out", 1, train=train)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if '"train_step"' in l]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
