@@ -164,9 +164,26 @@ def train(
     out_dir: str | Path,
     device_kind: str = "auto",
 ) -> dict[str, Any]:
-    """Train one seed; rank 0 writes ``out_dir/checkpoint/`` and ``out_dir/train_summary.json``."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    """Train one seed in its own process group: join it, train, leave it (the ``python -m pgolf.train`` stage)."""
     info = init_distributed(device_kind)
+    summary = train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info)
+    shutdown(info)
+    return summary
+
+
+def train_in_group(
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    info: DistInfo,
+) -> dict[str, Any]:
+    """Train one seed inside an existing process group and leave it open, so that later stages can reuse it (the
+    in-process record run, pgolf.record_run). Rank 0 writes ``out_dir/checkpoint/`` and ``out_dir/train_summary.json``.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = info.device
     plan = BatchPlan(train_cfg.train_batch_tokens, train_cfg.micro_batch_tokens, info.world_size)
     data_info = check_data(data_dir, model_cfg.vocab_size)
@@ -329,7 +346,6 @@ def train(
         metrics.write({"event": "train_done", **summary})
         atomic_write_json(out_dir / "train_summary.json", summary)
     metrics.close()
-    shutdown(info)
     return summary
 
 
