@@ -7,8 +7,9 @@ Rows. The model consumes packed 1-D rows. A scoring row holds INPUT tokens; the 
 position i is the token at i + 1. A document [BOS, t1, ..., tn] contributes inputs [BOS, t1, ..., t(n-1)] and
 targets [t1, ..., tn], so no input ever predicts the next document's BOS. Inside a document attention windows are
 cut every ``seq_len`` tokens from its BOS (the segments of ``cu_seqlens``); a document never shares a window with
-another, a document longer than a row continues at the start of the next row (split at a window boundary), and
-every target is scored exactly once. Rows are padded to a fixed length (padding is its own segment, never a target) so a compiled
+another, a document longer than a row continues at the start of the next row (split at a window boundary, behind
+its predecessor token so SmearGate sees what it would see in one long row), and every target is scored exactly
+once. Rows are padded to a fixed length (padding is its own segment, never a target) so a compiled
 model sees few shapes.
 """
 
@@ -158,9 +159,20 @@ def _window_cuts(offset_in_doc: int, length: int, seq_len: int) -> list[int]:
     return sorted(set(cuts))
 
 
-def _finish_row(pieces: list[tuple[int, int, int]], val: ValidationSet, row_tokens: int, seq_len: int, pad: bool) -> PackedRow:
-    """pieces: (doc start, input start, input end) stream positions; inputs [a, b) predict targets [a+1, b+1)."""
-    total = sum(b - a for _, a, b in pieces)
+def _needs_predecessor(doc_start: int, a: int, enabled: bool) -> int:
+    """1 when a piece starting mid-document carries its predecessor token (see :func:`_finish_row`), else 0."""
+    return int(enabled and a > doc_start)
+
+
+def _finish_row(pieces: list[tuple[int, int, int]], val: ValidationSet, row_tokens: int, seq_len: int, pad: bool,
+                predecessors: bool) -> PackedRow:
+    """pieces: (doc start, input start, input end) stream positions; inputs [a, b) predict targets [a+1, b+1).
+
+    With ``predecessors``, a piece that starts mid-document is preceded by the token before it, alone in a
+    one-token segment and never scored: SmearGate then mixes in the true previous token, exactly as when the whole
+    document sits in one row, so a score does not depend on where rows (or stream chunks, or processes) cut.
+    """
+    total = sum(b - a + _needs_predecessor(d, a, predecessors) for d, a, b in pieces)
     length = row_tokens if pad else total
     input_ids = np.full(length, PAD_ID, dtype=np.int64)
     target_ids = np.full(length, IGNORE, dtype=np.int64)
@@ -169,12 +181,19 @@ def _finish_row(pieces: list[tuple[int, int, int]], val: ValidationSet, row_toke
     used: list[np.ndarray] = []
     cursor = 0
     for doc_start, a, b in pieces:
+        if _needs_predecessor(doc_start, a, predecessors):
+            input_ids[cursor] = val.tokens[a - 1]
+            cu.append(cursor)
+            cursor += 1
+            a_used = a - 1 if a - 1 > doc_start else a  # it feeds the gradient through the gate; a BOS never counts
+        else:
+            a_used = max(a, doc_start + 1)
         n = b - a
         input_ids[cursor : cursor + n] = val.tokens[a:b]
         target_ids[cursor : cursor + n] = val.tokens[a + 1 : b + 1]
         target_positions[cursor : cursor + n] = np.arange(a + 1, b + 1)
         cu.extend(cursor + c for c in _window_cuts(a - doc_start, n, seq_len))
-        used.append(np.arange(max(a, doc_start + 1), b + 1))
+        used.append(np.arange(a_used, b + 1))
         cursor += n
     cu.extend(range(cursor, length, seq_len))  # padding: segments of its own, none longer than a window
     cu.append(length)
@@ -192,62 +211,65 @@ def pack_documents(
 ) -> Iterator[PackedRow]:
     """Pack the given documents, in order, into rows of at most ``row_tokens`` inputs (see the module docstring).
 
-    A document that does not fit the space left in a row starts the next row, so it is scored exactly as if it
-    were alone. Only a document longer than a whole row is split, at a window boundary: it fills the rest of the
-    current row with whole windows and continues at the start of the next one (there its first token has no
-    SmearGate predecessor - the one place where packing changes a score). ``pad`` pads every row to
-    ``row_tokens`` (static shapes for torch.compile).
+    A document that does not fit the space left in a row starts the next row. Only a document longer than a whole
+    row is split, at a window boundary: it fills the rest of the current row with whole windows and continues at
+    the start of the next one, behind its predecessor token (see :func:`_finish_row`), so every score is the same
+    as if the document were alone in one long row. ``pad`` pads every row to ``row_tokens`` (static shapes for
+    torch.compile).
     """
     if row_tokens < seq_len:
         raise ValueError(f"pack_documents: row_tokens ({row_tokens}) must be >= seq_len ({seq_len})")
+    predecessors = row_tokens > seq_len  # room for a predecessor token next to a whole window
     pieces: list[tuple[int, int, int]] = []
     used = 0
     for d in np.asarray(doc_indices, dtype=np.int64).tolist():
         doc_start, doc_end = int(val.doc_starts[d]), int(val.doc_ends[d])
         a, b = doc_start, doc_end - 1  # inputs [a, b): every token but the last
         while a < b:
-            space = row_tokens - used
+            extra = _needs_predecessor(doc_start, a, predecessors)
+            space = row_tokens - used - extra
             n = b - a
             if n > space:
                 # a document that fits a row starts a new one; a longer one is split at a window boundary
-                n = 0 if n <= row_tokens else (space // seq_len) * seq_len
+                n = 0 if n + extra <= row_tokens else (max(space, 0) // seq_len) * seq_len
             if n == 0:
-                yield _finish_row(pieces, val, row_tokens, seq_len, pad)
+                yield _finish_row(pieces, val, row_tokens, seq_len, pad, predecessors)
                 pieces, used = [], 0
                 continue
             pieces.append((doc_start, a, a + n))
-            used += n
+            used += n + extra
             a += n
             if used == row_tokens:
-                yield _finish_row(pieces, val, row_tokens, seq_len, pad)
+                yield _finish_row(pieces, val, row_tokens, seq_len, pad, predecessors)
                 pieces, used = [], 0
     if pieces:
-        yield _finish_row(pieces, val, row_tokens, seq_len, pad)
+        yield _finish_row(pieces, val, row_tokens, seq_len, pad, predecessors)
 
 
 def stream_window_row(val: ValidationSet, lo: int, hi: int, seq_len: int, row_tokens: Optional[int] = None) -> PackedRow:
     """A row scoring the targets at stream positions [lo, hi) with their within-document window context.
 
-    The row starts at the window boundary that holds target ``lo``'s input, so the windows are the same as in
-    :func:`pack_documents`; targets before ``lo`` appear only as context (not scored). ``row_tokens`` pads.
+    The row starts at the window boundary that holds target ``lo``'s input (behind its predecessor token when that
+    is mid-document), so windows and scores are the same as in :func:`pack_documents`; targets before ``lo`` are
+    context only (not scored). Needs at most ``hi - lo + seq_len`` tokens; ``row_tokens`` pads to a fixed length.
     """
     if not 1 <= lo < hi <= val.num_positions:
         raise ValueError(f"stream_window_row: need 1 <= lo < hi <= {val.num_positions}, got [{lo}, {hi})")
-    d0 = int(np.searchsorted(val.doc_starts, lo - 1, side="right")) - 1  # document holding input lo - 1
-    d1 = int(np.searchsorted(val.doc_starts, hi - 1, side="right")) - 1  # ... holding input hi - 1
+    d0 = int(np.searchsorted(val.doc_starts, lo, side="right")) - 1  # document holding target lo (or starting at lo)
+    d1 = int(np.searchsorted(val.doc_starts, hi - 1, side="right")) - 1  # ... holding the last target
     pieces = []
     for d in range(d0, d1 + 1):
         doc_start, doc_end = int(val.doc_starts[d]), int(val.doc_ends[d])
         a = doc_start
         if d == d0:
-            a = doc_start + ((lo - 1 - doc_start) // seq_len) * seq_len
+            a = doc_start + (max(lo - 1 - doc_start, 0) // seq_len) * seq_len
         b = min(doc_end - 1, hi - 1)
         if a < b:
             pieces.append((doc_start, a, b))
-    total = sum(b - a for _, a, b in pieces)
+    total = sum(b - a + _needs_predecessor(d, a, True) for d, a, b in pieces)
     if row_tokens is not None and total > row_tokens:
         raise ValueError(f"stream_window_row: {total} inputs do not fit row_tokens={row_tokens}")
-    row = _finish_row(pieces, val, row_tokens if row_tokens is not None else total, seq_len, row_tokens is not None)
+    row = _finish_row(pieces, val, row_tokens if row_tokens is not None else total, seq_len, row_tokens is not None, True)
     outside = (row.target_positions < lo) | (row.target_positions >= hi)
     row.target_ids[outside] = IGNORE
     row.target_positions[outside] = -1

@@ -664,7 +664,7 @@ def chunked_ttt(
     world = dist_info.world_size if dist_info is not None else 1
     L = eval_cfg.eval_seq_len
     chunks = stream_chunks(val.num_positions, cfg.stream_chunk_tokens)
-    row_tokens = -(-cfg.stream_chunk_tokens // world) + L if eval_cfg.compile else None
+    row_tokens = -(-cfg.stream_chunk_tokens // world) + L + 1 if eval_cfg.compile else None  # + predecessor
     acc = ScoreAccumulator(val, keep_tokens)
     ledger = Ledger(val.num_positions)
     progress = Progress("ttt-chunked", val.target_count, val.num_docs, eval_cfg.progress_every_seconds, rank == 0, write, world)

@@ -98,12 +98,18 @@ def test_packed_documents_score_as_if_alone(docs, bos_mask):
         assert np.abs(packed[mask] - alone[mask]).max() > 1e-3
 
 
-def test_a_document_longer_than_a_row_is_split_and_scored_once(model):
-    docs = random_docs([250, 7, 130], seed=4)  # rows of 96 inputs, windows of 24
+def test_a_document_longer_than_a_row_is_split_and_scores_as_in_one_row(model):
+    """Rows of 96 inputs, windows of 24: the 250-token document spans 3 rows. Each continuation starts behind its
+    predecessor token, so its scores equal those of one row holding the whole document."""
+    docs = random_docs([250, 7, 130], seed=4)
     val = val_from_docs(docs)
-    result, acc, ledger = score_documents(model, val, eval_config("none"), keep_tokens=True)
-    assert result.token_count == 250 + 7 + 130 and np.isfinite(acc.token_nll[val.target_mask()]).all()
-    assert ledger.summary()["complete_checked"] and ledger.summary()["updates"] == 0
+    cfg = eval_config("none")
+    result, acc, ledger = score_documents(model, val, cfg, keep_tokens=True)
+    assert result.token_count == 250 + 7 + 130 and ledger.summary()["complete_checked"]
+    wide = cfg.__class__(**{**to_dict(cfg), "eval_batch_tokens": 512, "ttt": cfg.ttt})
+    whole = score_documents(model, val, wide, keep_tokens=True)[1]
+    mask = val.target_mask()
+    np.testing.assert_allclose(acc.token_nll[mask], whole.token_nll[mask], rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
