@@ -146,6 +146,13 @@ class MetricsLog:
             self.handle.close()
 
 
+def _compiled_graph_count() -> int:
+    """Distinct graphs torch.compile produced in this process (recompiles show up here)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
 def _memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -216,6 +223,9 @@ def train_in_group(
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+            if train_cfg.compile:
+                # one graph for every segment count (buckets alone still recompiled ~50 s per new bucket on H100)
+                torch._dynamo.mark_dynamic(cu_seqlens, 0)
             with autocast:
                 loss = step_model(inputs, targets, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             (loss / plan.grad_accum_steps).backward()
@@ -330,6 +340,7 @@ def train_in_group(
         "tokens_per_s": step * plan.train_batch_tokens / max(train_seconds, 1e-9),
         "peak_memory_gib": _memory_gib(device),
         "cu_seqlens_shapes": sorted(seen_cu_shapes),
+        "compiled_graphs": _compiled_graph_count(),
         **data_info,
     }
     if info.is_main:
