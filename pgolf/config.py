@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -500,6 +501,84 @@ class EvaluateConfig:
         _check(self.progress_every_seconds > 0, f"progress_every_seconds: expected > 0, got {self.progress_every_seconds}")
 
 
+_DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregateConfig:
+    """Multi-seed aggregation: the baseline to beat, the significance rules and the submission's metadata.
+
+    The baseline is given either as its per-seed values (``baseline_seed_values``: a Welch t-test) or as a
+    summary: ``baseline_mean`` and ``baseline_n``, plus ``baseline_std`` (sample std, ddof=1) when it is known.
+    Leaderboard rows often publish only a mean; with ``baseline_std`` null the test is a one-sample t-test of the
+    candidate seeds against that mean, i.e. the baseline is treated as exact (stated as such in the report).
+    ``baseline_unit`` is the unit of those numbers, ``unit`` the unit the report states its test in. bpb and nats
+    per token differ by one factor (the run's own validation bytes per token), so the t statistic and p-value do
+    not depend on ``unit``; the README threshold is always ``readme_threshold_nats`` NATS PER TOKEN, converted to
+    bpb with that same factor when ``unit`` is bpb. No baseline at all (sweeps) means no test and no record.
+    """
+
+    unit: Literal["nats_per_token", "bpb"] = "nats_per_token"
+    baseline_name: str = ""  # e.g. the leaderboard row's PR, shown in the report
+    baseline_seed_values: tuple[float, ...] = ()
+    baseline_mean: Optional[float] = None
+    baseline_std: Optional[float] = None  # sample std (ddof=1) of the baseline's seeds; null = unknown
+    baseline_n: int = 0  # number of baseline seeds behind baseline_mean
+    baseline_unit: Literal["bpb", "nats_per_token"] = "bpb"
+    readme_threshold_nats: float = 0.005  # README: beat the record by at least this many nats per token ...
+    readme_p: float = 0.01  # ... with p below this
+    progression_p: float = 0.25  # the maintainers' cutoff in practice (#1902): one-sided Welch p below this
+    allow_mixed_provenance: bool = False  # pool seeds whose code / data / config differ (listed in the report)
+    author: str = ""
+    github_id: str = ""
+    submission_name: str = ""  # folder records/track_10min_16mb/<date>_<submission_name>; empty = the run name
+    blurb: str = ""
+    technique_summary: str = ""
+    date: str = ""  # YYYY-MM-DD; empty = the day the report is written
+
+    def __post_init__(self) -> None:
+        has_values = len(self.baseline_seed_values) > 0
+        has_summary = self.baseline_mean is not None
+        _check(
+            not (has_values and has_summary),
+            "baseline_seed_values and baseline_mean: give one of them (per-seed values, or mean/std/n), not both",
+        )
+        if has_values:
+            _check(
+                len(self.baseline_seed_values) >= 2,
+                f"baseline_seed_values: expected at least 2 values for a Welch test, got {len(self.baseline_seed_values)}",
+            )
+            _check(
+                self.baseline_std is None and self.baseline_n == 0,
+                "baseline_std/baseline_n: derived from baseline_seed_values; leave them unset",
+            )
+        else:
+            _check(self.baseline_std is None or has_summary, "baseline_std: needs baseline_mean")
+            if has_summary:
+                _check(self.baseline_n >= 1, f"baseline_n: expected >= 1 with baseline_mean, got {self.baseline_n}")
+            if self.baseline_std is not None:
+                _check(self.baseline_std >= 0, f"baseline_std: expected >= 0, got {self.baseline_std}")
+                _check(self.baseline_n >= 2, f"baseline_n: a known baseline_std needs >= 2 seeds, got {self.baseline_n}")
+        _check(self.baseline_n >= 0, f"baseline_n: expected >= 0, got {self.baseline_n}")
+        _check(self.readme_threshold_nats >= 0, f"readme_threshold_nats: expected >= 0, got {self.readme_threshold_nats}")
+        for name in ("readme_p", "progression_p"):
+            value = getattr(self, name)
+            _check(0.0 < value < 1.0, f"{name}: expected 0 < p < 1, got {value}")
+        _check(
+            self.date == "" or bool(_DATE_PATTERN.match(self.date)),
+            f"date: expected YYYY-MM-DD or empty (today), got {self.date!r}",
+        )
+        _check(
+            self.submission_name == "" or bool(_NAME_PATTERN.match(self.submission_name)),
+            f"submission_name: expected letters, digits, '_', '.', '-' (a folder name), got {self.submission_name!r}",
+        )
+
+    @property
+    def has_baseline(self) -> bool:
+        return len(self.baseline_seed_values) > 0 or self.baseline_mean is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole recipe: the run name, its seeds and one section per stage."""
@@ -516,6 +595,7 @@ class RunConfig:
     quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
     pack: PackConfig = dataclasses.field(default_factory=PackConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    aggregate: AggregateConfig = dataclasses.field(default_factory=AggregateConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run) and "/" not in self.run, f"run: expected a non-empty name without '/', got {self.run!r}")
