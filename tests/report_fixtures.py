@@ -1,0 +1,173 @@
+"""Fake per-seed result files (plain JSON, the stage contracts) for the report/submission tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+TOKEN_COUNT = 47_851_520  # the record's validation target tokens
+BYTE_SUM = 151_070_000  # about the implied validation bytes
+CODE_HASH = "c" * 64
+DATA_SHA = "d" * 64
+RECORD_BPB = {42: 1.05989, 0: 1.06125, 1234: 1.06209}  # the current record's seeds
+H100_ENV = {
+    "torch": "2.11.0+cu130",
+    "cuda": "13.0",
+    "numpy": "2.5.2",
+    "triton": "3.6.0",
+    "flash_attn": None,
+    "gpu": "NVIDIA H100 80GB HBM3",
+    "gpu_count": 8,
+    "python": "3.12.3",
+}
+
+TRAIN_GPT_SOURCE = """import math
+import numpy as np
+import torch
+from brotli import compress
+
+
+def main() -> None:
+    print(math.pi, np.zeros(1), torch.zeros(1), compress(b"x"))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def nats_from_bpb(bpb: float, token_count: int = TOKEN_COUNT, byte_sum: int = BYTE_SUM) -> float:
+    return bpb * math.log(2.0) * byte_sum / token_count
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def make_seed(
+    run_dir: Path,
+    seed: int,
+    val_bpb: float,
+    *,
+    code_hash: str = CODE_HASH,
+    data_sha: str = DATA_SHA,
+    model_config: dict | None = None,
+    total_bytes: int = 15_900_000,
+    code_bytes: int = 32_000,
+    env: dict | None = None,
+    world_size: int = 8,
+    eval_mode: str = "record",
+    steps: int = 4931,
+    token_count: int = TOKEN_COUNT,
+    byte_sum: int = BYTE_SUM,
+    code_sha256: str | None = None,
+) -> Path:
+    """Write the four required files (+ metrics, hessian report, logs) of one seed; returns the seed dir."""
+    base = run_dir / f"seed{seed}"
+    artifact_sha = hashlib.sha256(f"artifact-{seed}".encode()).hexdigest()
+    val_loss = nats_from_bpb(val_bpb, token_count, byte_sum)
+    _write(
+        base / "train" / "train_summary.json",
+        {
+            "seed": seed,
+            "world_size": world_size,
+            "steps": steps,
+            "train_seconds": 591.5,
+            "ms_per_step": 119.96,
+            "tokens_per_s": 6.5e6,
+            "peak_memory_gib": 41.7,
+            "compile_warmup_seconds": 95.0,
+            "ms_per_step_before_loop": 97.0,
+            "ms_per_step_after_loop": 131.0,
+            "data_manifest_sha256": data_sha,
+        },
+    )
+    _write(
+        base / "train" / "checkpoint" / "checkpoint.json",
+        {
+            "format": "pgolf-checkpoint",
+            "code_hash": code_hash,
+            "data_manifest_sha256": data_sha,
+            "environment": env if env is not None else H100_ENV,
+            "model_config": model_config if model_config is not None else {"num_layers": 11, "model_dim": 512},
+            "optim_config": {"matrix_lr": 0.026},
+            "train_config": {"max_wallclock_seconds": 600.0},
+        },
+    )
+    _write(base / "hessians" / "hessian_report.json", {"hessian_seconds": 7.5, "hessian_config": {"batches": 16}})
+    _write(
+        base / "pack" / "pack_report.json",
+        {
+            "artifact_sha256": artifact_sha,
+            "model_bytes": total_bytes - code_bytes,
+            "code_bytes": code_bytes,
+            "code_bytes_convention": "wrapper",
+            "total_bytes": total_bytes,
+            "cap": 16_000_000,
+            "headroom_bytes": 16_000_000 - total_bytes,
+            "code_sha256": code_sha256,
+            "pack_config": {"compressor": "brotli"},
+            "input_hashes": {"quantize_config_sha256": "q" * 64},
+        },
+    )
+    _write(
+        base / "eval" / "eval.json",
+        {
+            "val_loss": val_loss,
+            "val_bpb": val_bpb,
+            "loss_sum": val_loss * token_count,
+            "token_count": token_count,
+            "byte_sum": byte_sum,
+            "seed": seed,
+            "mode": eval_mode,
+            "artifact_sha256": artifact_sha,
+            "code_hash": code_hash,
+            "timings": {"load_s": 6.0, "warmup_s": 40.0, "score_s": 480.0, "total_s": 526.0},
+            "budget": {"budget_applies": True, "exceeded": False},
+            "evaluate_config": {"eval_seq_len": 2048},
+        },
+    )
+    metrics = base / "train" / "metrics.jsonl"
+    lines = [
+        json.dumps({"event": "train_step", "step": s, "loss": 7.0 * math.exp(-s / 800) + 2.2 + 0.01 * (seed % 7)})
+        for s in range(10, steps + 1, 250)
+    ]
+    metrics.write_text("\n".join([*lines, json.dumps({"event": "train_done", "steps": steps})]) + "\n")
+    (base / "logs").mkdir(parents=True, exist_ok=True)
+    (base / "logs" / "train.log").write_text(f"step 10 loss 6.9\nstep {steps} loss 2.3\n")
+    (base / "logs" / "eval.log").write_text(f"val_bpb {val_bpb:.8f}\n")
+    return base
+
+
+def make_code_bundle(
+    run_dir: Path, code_hash: str = CODE_HASH, source: str = TRAIN_GPT_SOURCE, bytes_wrapper: int = 32_000
+) -> str:
+    """results/<run>/code/train_gpt.py + train_gpt.py.json (the keys pgolf.bundle writes); returns its sha256."""
+    code = run_dir / "code"
+    code.mkdir(parents=True, exist_ok=True)
+    (code / "train_gpt.py").write_text(source)
+    data = source.encode()
+    sha = hashlib.sha256(data).hexdigest()
+    _write(
+        code / "train_gpt.py.json",
+        {
+            "sha256": sha,
+            "bytes_file": len(data),
+            "bytes_wrapper": bytes_wrapper,
+            "code_hash": code_hash,
+            "third_party": {"required": ["brotli", "numpy", "torch"], "optional": []},
+        },
+    )
+    return sha
+
+
+def make_run(tmp_path: Path, values: dict[int, float] | None = None) -> Path:
+    """A complete 3-seed record-mode run (the current record's per-seed bpb) under tmp_path/results/record."""
+    run_dir = tmp_path / "results" / "record"
+    sha = make_code_bundle(run_dir)
+    for seed, bpb in (values or RECORD_BPB).items():
+        make_seed(run_dir, seed, bpb, code_sha256=sha)
+    return run_dir

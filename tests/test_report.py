@@ -1,0 +1,227 @@
+"""The aggregate stage on fake per-seed result files: statistics, units, verdicts, provenance, missing seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from pgolf.config import AggregateConfig, ConfigError, from_mapping
+from pgolf.report import MixedProvenanceError, aggregate, main, run_report
+from pgolf.results import MissingSeed, ResultsError, load_seed, load_seeds
+from report_fixtures import (
+    BYTE_SUM,
+    RECORD_BPB,
+    TOKEN_COUNT,
+    make_code_bundle,
+    make_run,
+    make_seed,
+    nats_from_bpb,
+)
+
+PR1787 = {
+    "baseline_name": "pr1787",
+    "baseline_mean": 1.06335,
+    "baseline_n": 3,
+    "date": "2026-11-24",
+    "submission_name": "Test_Run",
+}
+SEEDS = list(RECORD_BPB)
+
+
+def agg_config(**overrides) -> AggregateConfig:
+    return from_mapping(AggregateConfig, {**PR1787, **overrides}, "aggregate")
+
+
+def test_statistics_units_and_labels(tmp_path):
+    run_dir = make_run(tmp_path)
+    agg = run_report(run_dir, agg_config(), SEEDS)
+    bpb = np.array(list(RECORD_BPB.values()))
+    nats = np.array([nats_from_bpb(v) for v in bpb])
+    assert agg["std_kind"] == "sample (ddof=1)"
+    assert agg["val_bpb"]["mean"] == pytest.approx(bpb.mean(), rel=1e-12)
+    assert agg["val_bpb"]["std_sample_ddof1"] == pytest.approx(bpb.std(ddof=1), rel=1e-9)
+    assert agg["val_bpb"]["std_population_ddof0"] == pytest.approx(bpb.std(ddof=0), rel=1e-9)
+    assert agg["val_loss_nats_per_token"]["std_sample_ddof1"] == pytest.approx(nats.std(ddof=1), rel=1e-9)
+    # nats per token = bpb * ln 2 * bytes / tokens, with the run's own counts
+    assert agg["nats_per_bpb"] == pytest.approx(math.log(2) * BYTE_SUM / TOKEN_COUNT, rel=1e-12)
+    sig = agg["significance"]
+    assert sig["unit"] == "nats_per_token" and sig["test"] == "one_sample"  # pr1787's std is not published
+    improvement_bpb = 1.06335 - bpb.mean()
+    assert sig["improvement_bpb"] == pytest.approx(improvement_bpb, rel=1e-9)
+    assert sig["improvement_nats_per_token"] == pytest.approx(improvement_bpb * agg["nats_per_bpb"], rel=1e-9)
+    assert sig["delta_bpb"] == pytest.approx(-improvement_bpb, rel=1e-9)
+    # by hand: t = improvement / (s / sqrt(n)), df = 2; P(T > t) for 2 df in closed form
+    t = improvement_bpb / (bpb.std(ddof=1) / math.sqrt(3))
+    assert sig["t"] == pytest.approx(t, rel=1e-9) and sig["df"] == pytest.approx(2.0)
+    assert sig["p_value"] == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), rel=1e-9)
+    # the record beat pr1787 by 0.00497 nats per token: just under the README's 0.005, p ~ 0.036
+    assert not sig["readme_pass"] and sig["progression_pass"]
+    assert agg["verdict"]["status"] == "progression"
+    for name in ("aggregate.json", "seeds.csv", "report.html", "submission.json"):
+        assert (run_dir / name).exists()
+    table = (run_dir / "seeds.csv").read_text().splitlines()
+    assert table[0].startswith("seed,val_loss_nats_per_token,val_bpb,steps,ms_per_step,artifact_bytes")
+    assert len(table) == 4
+
+
+def test_unit_bpb_gives_the_same_p_and_a_converted_threshold(tmp_path):
+    run_dir = make_run(tmp_path)
+    seeds, missing = load_seeds(run_dir, SEEDS)
+    nats = aggregate(seeds, missing, agg_config(), "record", "r")["significance"]
+    bpb = aggregate(seeds, missing, agg_config(unit="bpb"), "record", "r")["significance"]
+    assert bpb["p_value"] == pytest.approx(nats["p_value"], rel=1e-10)
+    assert bpb["improvement_in_unit"] == pytest.approx(nats["improvement_bpb"], rel=1e-10)
+    ratio = math.log(2) * BYTE_SUM / TOKEN_COUNT
+    assert bpb["readme_threshold_in_unit"] == pytest.approx(0.005 / ratio, rel=1e-12)  # ~0.0023 bpb
+    assert 0.0022 < bpb["readme_threshold_in_unit"] < 0.0024
+
+
+def test_baseline_seed_values_run_a_welch_test_in_nats(tmp_path):
+    """Per-seed baseline values given in bpb are converted to nats per token before the Welch test."""
+    run_dir = make_run(tmp_path)
+    seeds, missing = load_seeds(run_dir, SEEDS)
+    base = [1.0632, 1.0634, 1.06365]
+    cfg = agg_config(baseline_mean=None, baseline_n=0, baseline_seed_values=base)
+    sig = aggregate(seeds, missing, cfg, "record", "r")["significance"]
+    ratio = math.log(2) * BYTE_SUM / TOKEN_COUNT
+    a = np.array([v * ratio for v in RECORD_BPB.values()])
+    b = np.array(base) * ratio
+    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 3
+    assert sig["test"] == "welch"
+    assert sig["t"] == pytest.approx((b.mean() - a.mean()) / math.sqrt(va + vb), rel=1e-9)
+    assert sig["df"] == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 2), rel=1e-9)
+
+
+def test_verdicts_record_and_not_significant(tmp_path):
+    good = make_run(tmp_path / "good", {42: 1.0500, 0: 1.0510, 1234: 1.0505})
+    agg = run_report(good, agg_config(), SEEDS)
+    assert agg["significance"]["readme_pass"] and agg["verdict"]["status"] == "record"
+    flat = make_run(tmp_path / "flat", {42: 1.0620, 0: 1.0650, 1234: 1.0640})
+    agg = run_report(flat, agg_config(), SEEDS)
+    assert agg["verdict"] == {"status": "non-record", "reasons": ["no significant improvement over the baseline"]}
+    sweep = run_report(good, agg_config(), SEEDS, mode="sweep")
+    assert sweep["verdict"]["status"] == "non-record" and "mode is 'sweep'" in sweep["verdict"]["reasons"][0]
+
+
+def test_compliance_blockers(tmp_path):
+    """Significant, but over the byte cap, on one H200, evaluated in sweep mode: not a record, each reason listed."""
+    run_dir = tmp_path / "results" / "r"
+    sha = make_code_bundle(run_dir)
+    make_seed(run_dir, 42, 1.050, code_sha256=sha, total_bytes=16_000_001)
+    make_seed(run_dir, 0, 1.051, code_sha256=sha)
+    env = {"torch": "2.11.0", "gpu": "NVIDIA H200", "gpu_count": 1}
+    make_seed(run_dir, 1234, 1.0505, code_sha256=sha, env=env, world_size=1, eval_mode="sweep")
+    agg = run_report(run_dir, agg_config(allow_mixed_provenance=True), SEEDS)
+    reasons = " | ".join(agg["verdict"]["reasons"])
+    assert agg["verdict"]["status"] == "non-record"
+    assert "seed 42: artifact 16,000,001 bytes is over the 16,000,000-byte cap" in reasons
+    assert "seed 1234: evaluated in mode 'sweep'" in reasons
+    assert "seed 1234: trained on 1 process(es), GPU NVIDIA H200: not the record-track 8xH100" in reasons
+
+
+@pytest.mark.parametrize(
+    "fields,kwargs,label",
+    [
+        (["code_hash", "eval_code_hash"], {"code_hash": "e" * 64}, "pgolf code hash at training"),
+        (["data_manifest_sha256"], {"data_sha": "f" * 64}, "data manifest sha256"),
+        (["config_sha256"], {"model_config": {"num_layers": 12, "model_dim": 512}}, "stage configs sha256"),
+        (["validation_counts"], {"token_count": TOKEN_COUNT - 1}, "validation target tokens / bytes"),
+    ],
+)
+def test_mixing_is_refused_unless_allowed(tmp_path, fields, kwargs, label):
+    run_dir = make_run(tmp_path)
+    make_seed(run_dir, 1234, RECORD_BPB[1234], **kwargs)
+    seeds, missing = load_seeds(run_dir, SEEDS)
+    with pytest.raises(MixedProvenanceError, match=rf"{label} differs .*seeds \[42, 0\].*seeds \[1234\]"):
+        aggregate(seeds, missing, agg_config(), "record", "r")
+    agg = aggregate(seeds, missing, agg_config(allow_mixed_provenance=True), "record", "r")
+    mixed = agg["provenance"]["mixed"]
+    assert [d["field"] for d in mixed] == fields
+    assert sorted(mixed[0]["values"].values()) == [[42, 0], [1234]]
+    assert agg["verdict"]["status"] == "non-record" and any("mixed provenance" in r for r in agg["verdict"]["reasons"])
+
+
+def test_cli_refuses_mixing_with_a_clear_error(tmp_path, capsys):
+    run_dir = make_run(tmp_path)
+    make_seed(run_dir, 0, RECORD_BPB[0], code_hash="e" * 64)
+    code = main(["--run-dir", str(run_dir), "--aggregate-json", json.dumps(PR1787), "--seeds", "42", "0", "1234"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "refusing to pool seeds of different provenance" in err and "allow_mixed_provenance" in err
+    assert not (run_dir / "aggregate.json").exists()
+
+
+def test_missing_seed_is_listed_and_the_rest_aggregated(tmp_path, capsys):
+    run_dir = make_run(tmp_path)
+    (run_dir / "seed1234" / "eval" / "eval.json").unlink()  # seed 1234 failed under --keep-going
+    code = main(["--run-dir", str(run_dir), "--aggregate-json", json.dumps(PR1787), "--seeds", "42", "0", "1234"])
+    assert code == 0
+    assert "MISSING seeds: 1234" in capsys.readouterr().out
+    agg = json.loads((run_dir / "aggregate.json").read_text())
+    assert agg["seeds"] == [42, 0]
+    assert agg["missing_seeds"][0]["seed"] == 1234
+    assert agg["missing_seeds"][0]["missing_files"][0].endswith("seed1234/eval/eval.json")
+    assert agg["val_bpb"]["mean"] == pytest.approx((RECORD_BPB[42] + RECORD_BPB[0]) / 2)
+    assert agg["verdict"]["status"] == "non-record" and "missing seeds: 1234" in agg["verdict"]["reasons"]
+    assert "id='missing-seeds'" in (run_dir / "report.html").read_text()
+    sub = json.loads((run_dir / "submission.json").read_text())
+    assert sub["missing_seeds"] == [1234] and sorted(sub["seed_results"]) == ["0", "42"]
+
+
+def test_all_seeds_missing_is_an_error(tmp_path):
+    run_dir = tmp_path / "results" / "empty"
+    run_dir.mkdir(parents=True)
+    with pytest.raises(ResultsError, match="no seed has complete results"):
+        run_report(run_dir, agg_config(), [1, 2])
+
+
+def test_malformed_files_name_the_file_and_key(tmp_path):
+    run_dir = make_run(tmp_path)
+    path = run_dir / "seed42" / "eval" / "eval.json"
+    data = json.loads(path.read_text())
+    del data["val_bpb"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"seed42/eval/eval.json: missing key 'val_bpb'"):
+        load_seed(run_dir, 42)
+    data["val_bpb"] = "1.06"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"key 'val_bpb' expected a finite number, got str"):
+        load_seed(run_dir, 42)
+    data["val_bpb"] = RECORD_BPB[42]
+    data["artifact_sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match="evaluation scored a different artifact"):
+        load_seed(run_dir, 42)
+    data["artifact_sha256"] = json.loads((run_dir / "seed42/pack/pack_report.json").read_text())["artifact_sha256"]
+    data["val_bpb"] = RECORD_BPB[42] + 0.01  # inconsistent with val_loss and the counts
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match="val_bpb .* disagrees with val_loss"):
+        load_seed(run_dir, 42)
+    shutil.rmtree(run_dir / "seed0" / "pack")
+    outcome = load_seed(run_dir, 0)
+    assert isinstance(outcome, MissingSeed) and "pack_report.json" in outcome.reason
+
+
+def test_aggregate_config_validation():
+    with pytest.raises(ConfigError, match="give one of them"):
+        agg_config(baseline_seed_values=[1.0, 1.1])
+    with pytest.raises(ConfigError, match="baseline_n: a known baseline_std needs >= 2 seeds"):
+        agg_config(baseline_std=0.001, baseline_n=1)
+    with pytest.raises(ConfigError, match="submission_name: expected letters"):
+        agg_config(submission_name="a/b")
+    with pytest.raises(ConfigError, match="readme_p: expected 0 < p < 1"):
+        agg_config(readme_p=1.5)
+    assert not from_mapping(AggregateConfig, {}, "aggregate").has_baseline
+
+
+def test_no_baseline_means_no_test(tmp_path):
+    run_dir = make_run(tmp_path)
+    agg = run_report(run_dir, from_mapping(AggregateConfig, {"date": "2026-11-24"}, "aggregate"), SEEDS, mode="sweep")
+    assert agg["significance"]["tested"] is False and agg["baseline"] is None
+    sub = json.loads((run_dir / "submission.json").read_text())
+    assert sub["comparison_baseline_bpb"] is None and sub["delta_vs_leaderboard_bpb"] is None
+    assert sub["name"] == "record"  # empty submission_name: the run's name

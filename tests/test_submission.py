@@ -1,0 +1,242 @@
+"""submission.json (schema, record fields), the submission folder and `pgolf check-folder`."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from pgolf.cli import main as pgolf_main
+from pgolf.config import AggregateConfig, from_mapping
+from pgolf.minify import make_wrapper
+from pgolf.report import run_report
+from pgolf.submission import check_folder, parse_seed_log, third_party_imports
+from pgolf.submission_schema import SUBMISSION_SCHEMA, schema_text, validate
+from report_fixtures import RECORD_BPB, TRAIN_GPT_SOURCE, make_code_bundle, make_run, make_seed
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA_FILE = REPO / "workflow" / "schemas" / "submission.schema.json"
+CFG = {
+    "baseline_name": "pr1787",
+    "baseline_mean": 1.06335,
+    "baseline_n": 3,
+    "date": "2026-11-24",
+    "submission_name": "Test_Run",
+    "author": "A. Golfer",
+    "github_id": "agolfer",
+    "blurb": "test blurb",
+    "technique_summary": "tests",
+}
+SEEDS = list(RECORD_BPB)
+# The fields of the current record's submission.json (rules.md, PR #1855)
+RECORD_FIELDS = [
+    "author",
+    "github_id",
+    "name",
+    "blurb",
+    "date",
+    "track",
+    "val_loss",
+    "val_bpb",
+    "val_loss_std",
+    "val_bpb_std",
+    "seeds",
+    "seed_results",
+    "comparison_baseline_bpb",
+    "delta_vs_leaderboard_bpb",
+    "delta_vs_leaderboard_nats",
+    "artifact_bytes_mean",
+    "artifact_bytes_max",
+    "bytes_total",
+    "train_steps_mean",
+    "step_avg_ms_mean",
+    "hardware",
+    "pytorch_version",
+    "cuda_version",
+    "flash_attn_version",
+    "technique_summary",
+]
+SEED_FIELDS = ["val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms", "eval_time_s"]
+
+
+def cfg(**overrides) -> AggregateConfig:
+    return from_mapping(AggregateConfig, {**CFG, **overrides}, "aggregate")
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    run_dir = make_run(tmp_path)
+    agg = run_report(run_dir, cfg(), SEEDS, recipe="config.yaml")
+    return Path(agg["submission_folder"])
+
+
+def test_schema_file_is_current():
+    assert SCHEMA_FILE.read_text() == schema_text(), "regenerate: python -m pgolf submission-schema > " + str(
+        SCHEMA_FILE
+    )
+
+
+def test_submission_json_validates_and_has_every_record_field(folder):
+    jsonschema = pytest.importorskip("jsonschema")
+    sub = json.loads((folder / "submission.json").read_text())
+    jsonschema.Draft202012Validator(SUBMISSION_SCHEMA).validate(sub)
+    assert validate(sub, SUBMISSION_SCHEMA) == []
+    missing = [f for f in RECORD_FIELDS if f not in sub]
+    assert not missing
+    assert sub["track"] == "10min_16mb" and sub["std_kind"] == "sample (ddof=1)"
+    assert sub["seeds"] == SEEDS and sorted(sub["seed_results"]) == sorted(str(s) for s in SEEDS)
+    for seed, result in sub["seed_results"].items():
+        assert all(f in result for f in SEED_FIELDS)
+        assert result["val_bpb"] == RECORD_BPB[int(seed)]
+    assert sub["comparison_baseline_bpb"] == pytest.approx(1.06335)
+    assert sub["delta_vs_leaderboard_bpb"] == pytest.approx(sum(RECORD_BPB.values()) / 3 - 1.06335)
+    assert sub["hardware"] == "8xNVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.11.0+cu130"
+    for key in (
+        "code_hash",
+        "data_manifest_sha256",
+        "config_sha256",
+        "environment",
+        "hardware",
+        "code_bytes_convention",
+    ):
+        assert key in sub["provenance"]
+    assert sub["provenance"]["train_gpt_sha256"] == parse_seed_log(folder / "train_seed42.log")["train_gpt_sha256"]
+    assert sub["significance"]["tested"] and "p_value" in sub["significance"]
+    assert sub["author"] == "A. Golfer" and sub["date"] == "2026-11-24"
+    assert folder.name == "2026-11-24_Test_Run" and folder.parent.name == "track_10min_16mb"
+    assert json.loads((folder.parents[2] / "submission.json").read_text()) == sub
+
+
+def test_own_validator_agrees_with_jsonschema(folder):
+    jsonschema = pytest.importorskip("jsonschema")
+    good = json.loads((folder / "submission.json").read_text())
+    broken = []
+    for mutate in (
+        lambda d: d.pop("val_bpb"),
+        lambda d: d.update(val_bpb="1.06"),
+        lambda d: d.update(date="24/11/2026"),
+        lambda d: d.update(track="16mb"),
+        lambda d: d.update(surprise=1),
+        lambda d: d["seed_results"]["42"].pop("steps"),
+        lambda d: d["seed_results"].update(abc={}),
+        lambda d: d["provenance"].update(code_hash="xyz"),
+        lambda d: d["significance"].update(tested="yes"),
+        lambda d: d.update(artifact_bytes_max=-1),
+    ):
+        doc = copy.deepcopy(good)
+        mutate(doc)
+        broken.append(doc)
+    validator = jsonschema.Draft202012Validator(SUBMISSION_SCHEMA)
+    for doc in broken:
+        ours = validate(doc, SUBMISSION_SCHEMA)
+        theirs = list(validator.iter_errors(doc))
+        assert ours and theirs, doc
+
+
+def test_folder_contents(folder):
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "README.md",
+        "requirements.txt",
+        "submission.json",
+        "train_gpt.py",
+        "train_seed0.log",
+        "train_seed1234.log",
+        "train_seed42.log",
+    ]
+    readme = (folder / "README.md").read_text()
+    assert "torchrun --standalone --nproc_per_node 8 train_gpt.py --seed 1234 --data-dir ./data/" in readme
+    assert "snakemake --cores all --configfile config.yaml" in readme
+    assert "| 42 | " in readme and "sample std (ddof=1)" in readme and "population std (ddof=0)" in readme
+    log = (folder / "train_seed42.log").read_text()
+    assert "===== logs/train.log =====" in log and "===== logs/eval.log =====" in log
+    assert parse_seed_log(folder / "train_seed42.log")["val_bpb"] == RECORD_BPB[42]
+    requirements = (folder / "requirements.txt").read_text()
+    assert "torch==2.11.0  # import torch" in requirements  # the run's torch, without the local +cu130 tag
+    assert "numpy==2.5.2  # import numpy" in requirements
+
+
+def test_check_folder_passes_on_a_good_folder(folder, capsys):
+    assert check_folder(folder) == []
+    assert pgolf_main(["check-folder", str(folder)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_check_folder_catches_a_changed_train_gpt(folder, capsys):
+    code = folder / "train_gpt.py"
+    code.write_text(code.read_text() + "\n# tuned after the runs\n")
+    problems = check_folder(folder)
+    assert len([p for p in problems if "records train_gpt.py sha256" in p]) == 3  # one per seed log
+    out = folder.parent / "check.json"
+    assert pgolf_main(["check-folder", str(folder), "--json-out", str(out)]) == 1
+    assert "records train_gpt.py sha256" in capsys.readouterr().err
+    assert json.loads(out.read_text())["ok"] is False
+
+
+def test_check_folder_catches_json_that_disagrees_with_the_logs(folder):
+    path = folder / "submission.json"
+    sub = json.loads(path.read_text())
+    sub["seed_results"]["0"]["val_bpb"] = 1.05
+    sub["val_bpb"] = sub["val_bpb"] - 0.001
+    sub["artifact_bytes_max"] = 15_000_000
+    path.write_text(json.dumps(sub))
+    problems = "\n".join(check_folder(folder))
+    assert "seed_results.0.val_bpb = 1.05, but train_seed0.log says 1.06125" in problems
+    assert "val_bpb = " in problems and "but the seed logs give" in problems
+    assert "artifact_bytes_max = 15000000, but the seed logs give 15900000" in problems
+
+
+def test_check_folder_size_gate_compile_and_missing_files(tmp_path):
+    run_dir = tmp_path / "results" / "r"
+    sha = make_code_bundle(run_dir)
+    for seed, bpb in RECORD_BPB.items():
+        make_seed(run_dir, seed, bpb, code_sha256=sha, total_bytes=16_000_001 if seed == 0 else 15_900_000)
+    folder = Path(run_report(run_dir, cfg(), SEEDS)["submission_folder"])
+    problems = "\n".join(check_folder(folder))
+    assert "train_seed0.log: artifact 16000001 bytes is over the 16,000,000-byte cap" in problems
+    assert "seed 0 artifact 16,000,001 bytes is over the 16,000,000-byte cap" in problems
+    (folder / "train_gpt.py").write_text("def broken(:\n")
+    (folder / "requirements.txt").unlink()
+    problems = "\n".join(check_folder(folder))
+    assert "train_gpt.py: does not compile" in problems
+    assert "requirements.txt: required file missing" in problems
+
+
+def test_check_folder_wants_every_import_in_requirements(folder):
+    (folder / "requirements.txt").write_text("torch==2.11.0  # import torch\n")
+    problems = "\n".join(check_folder(folder))
+    assert "imports 'numpy', which requirements.txt does not list" in problems
+    assert "imports 'brotli'" in problems
+
+
+def test_imports_found_inside_a_self_extracting_wrapper():
+    wrapped = make_wrapper(TRAIN_GPT_SOURCE)
+    assert third_party_imports(wrapped) == ["brotli", "numpy", "torch"]
+    bundle_like = 'MODULES = {"pgolf.x": (False, ' + repr("import triton\nimport pgolf.y\n" + "x = 1\n" * 20) + ")}\n"
+    assert third_party_imports(bundle_like) == ["triton"]
+
+
+def test_code_bundle_cross_checks(tmp_path):
+    """The size gate counting another file blocks a record; a staged (not bundled) run is only noted."""
+    run_dir = make_run(tmp_path)
+    make_seed(run_dir, 0, RECORD_BPB[0], code_sha256="9" * 64)
+    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
+    assert agg["verdict"]["status"] == "non-record"
+    assert any("size gate counted a code file with sha256 999999999999" in r for r in agg["verdict"]["reasons"])
+    run_dir = make_run(tmp_path / "staged")
+    make_code_bundle(run_dir, code_hash="b" * 64)  # bundled sources hash != the staged pipeline's code hash
+    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
+    assert agg["verdict"]["status"] == "record"
+    assert "ran the staged pipeline" in agg["provenance"]["notes"][0]
+    assert "Provenance notes" in (Path(agg["submission_folder"]) / "README.md").read_text()
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path):
+    run_dir = make_run(tmp_path)
+    (run_dir / "code" / "train_gpt.py").unlink()
+    with pytest.raises(FileNotFoundError, match="bundled train_gpt.py not found .*--no-folder"):
+        run_report(run_dir, cfg(), SEEDS)
+    agg = run_report(run_dir, cfg(), SEEDS, make_folder=False)
+    assert "submission_folder" not in agg and (run_dir / "submission.json").exists()
