@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "pgolf.model_cli",
     "pgolf.evaluate_cli",
     "pgolf.submission",
+    "pgolf.preflight",
 ]
 
 
