@@ -57,7 +57,9 @@ def test_t_closed_forms():
         student_t_sf(1.0, 0.0)
 
 
-@pytest.mark.parametrize("a,b,x", [(1.0, 1.0, 0.3), (2.5, 1.5, 0.6), (3.0, 7.0, 0.2), (1.0, 4.0, 0.9), (6.0, 2.0, 0.75)])
+@pytest.mark.parametrize(
+    "a,b,x", [(1.0, 1.0, 0.3), (2.5, 1.5, 0.6), (3.0, 7.0, 0.2), (1.0, 4.0, 0.9), (6.0, 2.0, 0.75)]
+)
 def test_incomplete_beta_matches_integration(a, b, x):
     """I_x(a, b) = int_0^x t^(a-1) (1-t)^(b-1) dt / B(a, b); integrands are smooth for a, b >= 1."""
     beta = math.exp(math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
