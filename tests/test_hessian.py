@@ -1,0 +1,283 @@
+"""The Hessian stage: H = X^T X / n at the right hook positions, looping, training-only calibration, budget gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from stage_fixtures import TINY_MODEL, TINY_TRAIN, VOCAB, train_checkpoint, write_shards
+
+from pgolf.config import HessianConfig, to_dict
+from pgolf.data.loader import TokenStream
+from pgolf.data.shards import BOS_ID, list_shards
+from pgolf.hessian import (
+    HessianError,
+    budget_check,
+    calibration_batches,
+    calibration_offsets,
+    collect_hessians,
+    load_hessians,
+    main,
+    packed_rows_cu_seqlens,
+)
+from pgolf.model import GPT, rms_norm
+
+CAL = HessianConfig(batches=2, batch_rows=3, seq_len=40)
+
+
+def _perturbed_model(cfg=TINY_MODEL, seed: int = 0) -> GPT:
+    """Init zeroes o/down/gates; random values make every activation (and so every H) non-trivial."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("hess") / "shards", val_top_id=60_000)
+
+
+@pytest.fixture(scope="module")
+def batches(data_dir):
+    return calibration_batches(data_dir, CAL, seed=5)
+
+
+# ------------------------------------------------------------------------------------------- X^T X at the hooks
+
+
+def _capture_inputs(model: GPT, module_names: list[str], batches) -> dict[str, list[torch.Tensor]]:
+    """Every input each module sees, through ordinary forward hooks (independent of the stage's pre-hooks)."""
+    seen: dict[str, list[torch.Tensor]] = {m: [] for m in module_names}
+    handles = [
+        model.get_submodule(m).register_forward_hook(
+            lambda mod, args, out, m=m: seen[m].append(args[0].detach().double())
+        )
+        for m in module_names
+    ]
+    model.looping = True
+    with torch.no_grad():
+        for ids, cu in batches:
+            model.lm_head(model.forward_hidden(ids, cu, CAL.seq_len))
+    model.looping = False
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_hessians_equal_xtx_over_n_with_looping(batches) -> None:
+    model = _perturbed_model()
+    rows: dict[str, int] = {}
+    H = collect_hessians(model, batches, "cpu", rows_out=rows)
+    assert model.looping is False  # runtime flag restored
+    tokens = sum(ids.numel() for ids, _ in batches)
+    inputs = model.hessian_inputs()
+    modules = sorted(set(inputs.values()))
+    captured = _capture_inputs(model, modules, batches)
+    applications = {0: 1, 1: 2, 2: 1}  # TINY_MODEL loops layer 1 twice
+    for weight, module in inputs.items():
+        X = torch.cat(captured[module])  # [tokens x applications, cols]
+        layer = int(module.split(".")[1]) if module.startswith("blocks.") else None
+        expected_rows = tokens * (applications[layer] if layer is not None else 1)
+        assert X.shape[0] == expected_rows == rows[module], weight
+        direct = (X.T @ X) / X.shape[0]
+        torch.testing.assert_close(H[weight].double(), direct, rtol=1e-5, atol=1e-6, msg=weight)
+    # q, k and v share one tensor; the tied embedding has exactly the head input's statistics
+    assert H["blocks.1.attn.q.weight"] is H["blocks.1.attn.k.weight"] is H["blocks.1.attn.v.weight"]
+    assert inputs["tok_emb.weight"] == "lm_head"
+
+
+def test_hook_positions_by_their_normalization(batches) -> None:
+    """q's input is rmsnorm(x) / sqrt(layer + 1), the head's input is the final rmsnorm: known diagonals."""
+    H = collect_hessians(_perturbed_model(seed=1), batches, "cpu")
+    for layer in range(TINY_MODEL.num_layers):
+        mean_square = float(H[f"blocks.{layer}.attn.q.weight"].diagonal().mean())
+        assert mean_square == pytest.approx(1.0 / (layer + 1), rel=1e-4)
+    assert float(H["tok_emb.weight"].diagonal().mean()) == pytest.approx(1.0, rel=1e-4)
+    # and the head input is the final-norm output itself (not the pre-norm residual)
+    model = _perturbed_model(seed=1)
+    model.looping = True
+    with torch.no_grad():
+        h = torch.cat([model.forward_hidden(ids, cu, CAL.seq_len).double() for ids, cu in batches])
+    torch.testing.assert_close(H["tok_emb.weight"].double(), h.T @ h / h.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_first_layer_q_input_by_hand(batches) -> None:
+    """Layer 0's attention input rebuilt from the embedding by hand: rmsnorm(mix(smear(rmsnorm(emb))))."""
+    model = _perturbed_model(seed=2)
+    H = collect_hessians(model, batches, "cpu")
+    block = model.blocks[0]
+    total, n = torch.zeros(32, 32, dtype=torch.float64), 0
+    with torch.no_grad():
+        for ids, _ in batches:
+            x = model.smear(rms_norm(model.tok_emb(ids)), ids, BOS_ID)
+            x_in = block.resid_mix[0] * x + block.resid_mix[1] * x  # x0 == x before the first block
+            q_in = (rms_norm(x_in) * block.ln_scale).double()
+            total += q_in.T @ q_in
+            n += q_in.shape[0]
+    torch.testing.assert_close(H["blocks.0.attn.q.weight"].double(), total / n, rtol=1e-5, atol=1e-6)
+
+
+def test_untied_head_from_final_norm_and_identity_for_input_embedding(batches) -> None:
+    cfg = dataclasses.replace(TINY_MODEL, tie_embeddings=False)
+    model = _perturbed_model(cfg, seed=3)
+    H = collect_hessians(model, batches, "cpu")
+    assert torch.equal(H["tok_emb.weight"], torch.eye(cfg.model_dim))
+    assert float(H["lm_head.weight"].diagonal().mean()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_no_batches_is_an_error() -> None:
+    with pytest.raises(HessianError, match="never ran"):
+        collect_hessians(_perturbed_model(), [], "cpu")
+
+
+# ------------------------------------------------------------------------------------------- calibration data
+
+
+def test_calibration_reads_train_rows_at_seeded_offsets(data_dir, batches) -> None:
+    """Val holds id 60,000 (no model could embed it): calibration never sees it, and every row is a train row."""
+    stream = TokenStream(list_shards(data_dir, "train"))
+    offsets = calibration_offsets(stream.total_tokens, CAL, seed=5)
+    assert offsets.shape == (CAL.batches, CAL.batch_rows)
+    for (ids, cu), batch_offsets in zip(batches, offsets, strict=True):
+        assert ids.shape == (CAL.batch_rows * CAL.seq_len,) and ids.dtype == torch.int64
+        assert int(ids.max()) < VOCAB
+        rows = ids.view(CAL.batch_rows, CAL.seq_len)
+        for row, offset in zip(rows, batch_offsets, strict=True):
+            assert np.array_equal(row.numpy(), stream.read(int(offset), CAL.seq_len).astype(np.int64))
+        # segments: every row start and every BOS, nothing else
+        starts = {r * CAL.seq_len for r in range(CAL.batch_rows)} | set(torch.nonzero(ids == BOS_ID).flatten().tolist())
+        assert cu.tolist() == sorted(starts) + [ids.numel()]
+    again = calibration_batches(data_dir, CAL, seed=5)
+    other = calibration_batches(data_dir, CAL, seed=6)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, other, strict=True))
+
+
+def test_packed_rows_cu_seqlens_cuts_at_row_starts() -> None:
+    rows = torch.tensor([[5, 6, BOS_ID, 7], [8, 9, 10, 11], [BOS_ID, 3, BOS_ID, 4]])
+    assert packed_rows_cu_seqlens(rows).tolist() == [0, 2, 4, 8, 10, 12]
+
+
+def test_calibration_refusals(tmp_path: Path) -> None:
+    only_val = tmp_path / "val_only"
+    write_shards(only_val)
+    for p in list_shards(only_val, "train"):
+        p.unlink()
+    with pytest.raises(FileNotFoundError, match="fineweb_train"):
+        calibration_batches(only_val, CAL, seed=0)
+    with pytest.raises(HessianError, match="fewer than one calibration row"):
+        calibration_offsets(10, CAL, seed=0)
+    with pytest.raises(HessianError, match="seed"):
+        calibration_offsets(1000, CAL, seed=-1)
+
+
+# ----------------------------------------------------------------------------------------------- stage entry
+
+
+@pytest.fixture(scope="module")
+def clean_data_dir(tmp_path_factory) -> Path:
+    """The same train shards as ``data_dir`` but a clean val shard (training itself refuses unembeddable ids)."""
+    return write_shards(tmp_path_factory.mktemp("clean") / "shards")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(clean_data_dir, tmp_path_factory) -> Path:
+    return train_checkpoint(clean_data_dir, tmp_path_factory.mktemp("train"))
+
+
+def _run(checkpoint: Path, data_dir: Path, out_dir: Path, mode: str, cfg: HessianConfig = CAL) -> int:
+    return main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data-dir",
+            str(data_dir),
+            "--hessian-json",
+            json.dumps(to_dict(cfg)),
+            "--seed",
+            "4",
+            "--mode",
+            mode,
+            "--out",
+            str(out_dir / "hessians.pt"),
+            "--report",
+            str(out_dir / "report.json"),
+            "--device",
+            "cpu",
+        ]
+    )
+
+
+def test_stage_writes_hessians_and_report(checkpoint, data_dir, tmp_path: Path) -> None:
+    """``data_dir``'s val shard holds an unembeddable id: the stage never reads it."""
+    assert _run(checkpoint, data_dir, tmp_path, "record") == 0  # step-based training: no cap to exceed
+    H = load_hessians(tmp_path / "hessians.pt")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(H) == set(report["matrices"]) == set(GPT(TINY_MODEL).hessian_inputs())
+    assert report["looping"] is True and report["block_applications"] == 4
+    assert report["calibration_tokens"] == CAL.batches * CAL.batch_rows * CAL.seq_len
+    assert report["matrices"]["blocks.1.mlp.up.weight"]["rows_seen"] == 2 * report["calibration_tokens"]
+    assert report["train_plus_hessian_seconds"] == pytest.approx(report["train_seconds"] + report["hessian_seconds"])
+    assert report["budget_applies"] is False and report["refused"] is False
+    # a second run is byte-identical (the file's sha256 is an input hash of the artifact)
+    first = (tmp_path / "hessians.pt").read_bytes()
+    assert _run(checkpoint, data_dir, tmp_path, "sweep") == 0
+    assert (tmp_path / "hessians.pt").read_bytes() == first
+
+
+def test_budget_gate_refuses_record_runs_over_the_cap(clean_data_dir, data_dir, tmp_path: Path) -> None:
+    """A time-based run with a 0.05 s cap: its first step alone exceeds it, so train + Hessians is over."""
+    timed = dataclasses.replace(TINY_TRAIN, max_wallclock_seconds=0.05, iterations=50)
+    ckpt = train_checkpoint(clean_data_dir, tmp_path / "train", train_cfg=timed)
+    record, sweep = tmp_path / "record", tmp_path / "sweep"
+    assert _run(ckpt, data_dir, record, "record") == 3
+    assert not (record / "hessians.pt").exists()
+    report = json.loads((record / "report.json").read_text())
+    assert report["refused"] is True and report["within_budget"] is False
+    assert report["train_plus_hessian_seconds"] > report["max_wallclock_seconds"] == 0.05
+    assert "OVER by" in report["message"]
+    assert _run(ckpt, data_dir, sweep, "sweep") == 0  # sweeps report it but go on
+    assert (sweep / "hessians.pt").exists()
+    assert json.loads((sweep / "report.json").read_text())["within_budget"] is False
+
+
+def test_budget_check_arithmetic() -> None:
+    inside = budget_check(590.0, 8.0, 600.0)
+    assert inside["within_budget"] is True and inside["train_plus_hessian_seconds"] == 598.0
+    over = budget_check(595.0, 8.0, 600.0)
+    assert over["within_budget"] is False and "OVER by 3.00 s" in over["message"]
+    assert budget_check(None, 1.0, 600.0)["within_budget"] is False
+    assert budget_check(1e9, 1.0, 0.0)["budget_applies"] is False
+
+
+def test_bad_section_and_unreadable_hessians(checkpoint, data_dir, tmp_path: Path, capsys) -> None:
+    bad = main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data-dir",
+            str(data_dir),
+            "--hessian-json",
+            '{"batches": 0}',
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "h.pt"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert bad == 2 and "batches: expected >= 1" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(HessianError, match="junk.pt"):
+        load_hessians(tmp_path / "junk.pt")
+    torch.save({"w": torch.zeros(3, 4)}, tmp_path / "rect.pt")
+    with pytest.raises(HessianError, match="square float32"):
+        load_hessians(tmp_path / "rect.pt")
