@@ -384,10 +384,14 @@ class PackConfig:
     byte_shuffle: bool = False
     code_bytes_convention: Literal["wrapper", "file"] = "wrapper"
     size_cap_bytes: int = 16_000_000
+    # hex characters kept of each tensor entry's sha256 in the artifact: 64 cost ~32 incompressible bytes per
+    # entry (~6 KB for the record); 16 still catch any accidental corruption (the body sha256 is always full)
+    sha256_hex_chars: int = 16
 
     def __post_init__(self) -> None:
         _check(0 <= self.brotli_quality <= 11, f"brotli_quality: expected 0..11, got {self.brotli_quality}")
         _check(self.size_cap_bytes > 0, "size_cap_bytes: expected > 0")
+        _check(16 <= self.sha256_hex_chars <= 64, f"sha256_hex_chars: expected 16..64, got {self.sha256_hex_chars}")
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
