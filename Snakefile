@@ -20,9 +20,12 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/bundle.smk"
+include: "workflow/rules/quantize.smk"
 
 
 rule all:
     input:
         DATA_VERIFIED,
         expand(f"{RUN_DIR}/seed{{seed}}/train/checkpoint/checkpoint.json", seed=CFG.seeds),
+        expand(f"{RUN_DIR}/seed{{seed}}/pack/artifact.pgolf", seed=CFG.seeds),

@@ -24,3 +24,8 @@ def _visible_gpus():
 
 
 VISIBLE_GPUS = _visible_gpus()
+
+
+def code_file():
+    """The counted code file of this run (train_gpt.py, written by the bundle rule); the pack stage counts it."""
+    return f"{RUN_DIR}/code/train_gpt.py"

@@ -1,0 +1,154 @@
+"""Snakemake wiring of the hessians / quantize / pack rules: a changed knob reruns exactly its stage and those after.
+
+A copy of the repository's Snakefile and workflow/ runs in a temporary directory. The data and training outputs
+(and the counted code file) are made beforehand by the real stage code, outside Snakemake, with increasing
+modification times, so Snakemake takes them as up to date; the three post-training rules then run for real, and
+dry runs with edited recipes list the jobs a change would rerun.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from stage_fixtures import TINY_MODEL, TINY_TRAIN, train_checkpoint, write_shards
+
+from pgolf.config import ModelConfig, to_dict
+
+pytest.importorskip("snakemake")
+pytestmark = pytest.mark.slow  # ~45 s of CPU: one real run (3 stage processes) and 3 dry runs, each starting torch
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 320  # a recipe's tokenizer needs >= 264 ids
+MODEL = ModelConfig(**{**to_dict(TINY_MODEL), "vocab_size": VOCAB})
+RECIPE = {
+    "run": "wf",
+    "mode": "sweep",
+    "seeds": [1],
+    "data": {"name": "syn", "source": "local", "docs_path": "docs.jsonl", "val_docs": 20, "shard_tokens": 100_000},
+    "tokenizer": {"source": "train", "vocab_size": VOCAB, "caseops": False},
+    "model": to_dict(MODEL),
+    "train": to_dict(TINY_TRAIN),
+    "hessians": {"batches": 2, "batch_rows": 2, "seq_len": 48},
+    "quantize": {"passthrough_max_elements": 1024, "lqer_top_k": 1, "lqer_rank": 2, "lqer_group_size": 16},
+    "pack": {"compressor": "brotli", "brotli_quality": 5},
+}
+ARTIFACT = "results/wf/seed1/pack/artifact.pgolf"
+
+
+def _set_mtime(path: Path, when: float) -> None:
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(p, (when, when))
+
+
+def _snakemake(workdir: Path, recipe: dict, name: str, *extra: str) -> subprocess.Popen:
+    recipe_path = workdir / f"recipe_{name}.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(workdir / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(recipe_path),
+        "--cores",
+        "2",
+        "--nolock",
+        *extra,
+        ARTIFACT,
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=240)
+    return proc.returncode, out
+
+
+def _jobs(text: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints (jobs that would run / ran); empty when nothing is to be done."""
+    if "Nothing to be done" in text:
+        return {}
+    match = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal\s+\d+", text, re.S)
+    assert match, text[-3000:]
+    return {name: int(count) for name, count in (line.split() for line in match.group(1).strip().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("wf")
+    shutil.copy(REPO / "Snakefile", work / "Snakefile")
+    shutil.copytree(REPO / "workflow", work / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    data = work / "results" / "data" / "syn"
+    (work / "docs.jsonl").write_text('{"text": "stand-in: the shards below are made directly"}\n')
+    data.mkdir(parents=True)
+    (data / "tokenizer.model").write_bytes(b"stand-in")
+    write_shards(data / "shards", vocab=VOCAB)
+    (data / "verified.json").write_text("{}\n")
+    train_checkpoint(data / "shards", work / "results" / "wf" / "seed1" / "train", model=MODEL)
+    code = work / "results" / "wf" / "code" / "train_gpt.py"
+    code.parent.mkdir(parents=True)
+    code.write_text("print('stand-in for the bundled train_gpt.py')\n")
+    t0 = 1_700_000_000.0
+    for i, path in enumerate(
+        [
+            work / "docs.jsonl",
+            data / "tokenizer.model",
+            data / "shards",
+            data / "verified.json",
+            work / "results" / "wf" / "seed1" / "train",
+            code,
+        ]
+    ):
+        _set_mtime(path, t0 + 10 * i)
+    status, out = _finish(_snakemake(work, RECIPE, "base"))
+    assert status == 0, out[-4000:]
+    assert _jobs(out) == {"hessians": 1, "quantize": 1, "pack": 1}  # nothing upstream was rerun
+    assert (work / ARTIFACT).exists()
+    return work
+
+
+def _changed(section: str, **knobs) -> dict:
+    recipe = copy.deepcopy(RECIPE)
+    recipe[section].update(knobs)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
+    """Jobs each edited recipe would run, from concurrent dry runs (each pays Snakemake's and torch's start-up)."""
+    recipes = {
+        "unchanged": RECIPE,
+        "clip_sigma": _changed("quantize", mlp_clip_sigmas=9.0),
+        "compressor": _changed("pack", compressor="lzma"),
+    }
+    procs = {name: _snakemake(workdir, recipe, name, "-n") for name, recipe in recipes.items()}
+    results = {}
+    for name, proc in procs.items():
+        status, out = _finish(proc)
+        assert status == 0, out[-4000:]
+        results[name] = _jobs(out)
+    return results
+
+
+def test_nothing_to_do_without_changes(dry_runs) -> None:
+    assert dry_runs["unchanged"] == {}
+
+
+def test_clip_sigma_reruns_quantize_and_pack_only(dry_runs) -> None:
+    assert dry_runs["clip_sigma"] == {"quantize": 1, "pack": 1}
+
+
+def test_compressor_reruns_pack_only(dry_runs) -> None:
+    assert dry_runs["compressor"] == {"pack": 1}
