@@ -20,7 +20,14 @@ def code_files() -> list[Path]:
 
 
 def code_hash() -> str:
-    """sha256 over (relative path, contents) of every pgolf source file."""
+    """sha256 over (relative path, contents) of every pgolf source file.
+
+    Inside a bundled train_gpt.py (pgolf.bundle) there are no source files: the hash of the bundled sources,
+    which the bundle's importer sets as ``pgolf.__bundle__["code_hash"]``, is returned instead.
+    """
+    bundle = getattr(pgolf, "__bundle__", None)
+    if isinstance(bundle, dict) and isinstance(bundle.get("code_hash"), str):
+        return bundle["code_hash"]
     digest = hashlib.sha256()
     for path in code_files():
         digest.update(str(path.relative_to(PACKAGE_DIR)).encode("utf-8") + b"\0")

@@ -1,0 +1,378 @@
+"""The bundled train_gpt.py and the in-process record run.
+
+The end-to-end fixture bundles a tiny recipe, then runs the bundled file under torchrun with 2 CPU processes
+from a folder outside the repository, with pgolf made unimportable (:data:`pgolf.bundle.LAUNCHER`). The staged
+stage functions are then run in this process on the record run's own checkpoint: Hessians, quantized tensors,
+artifact and score must be the record run's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.bundle import (
+    LAUNCHER,
+    BundleError,
+    build_bundle,
+    bundle_report,
+    imported_modules,
+    isolated_env,
+    reachable_modules,
+    render_bundle,
+    string_literal,
+    verify_help,
+    write_bundle,
+)
+from pgolf.config import (
+    DataConfig,
+    EvaluateConfig,
+    HessianConfig,
+    ModelConfig,
+    PackConfig,
+    QuantizeConfig,
+    RunConfig,
+    TokenizerConfig,
+    TrainConfig,
+    TTTConfig,
+    to_dict,
+)
+from pgolf.data.shards import BOS_ID, write_shard
+from pgolf.minify import count_code_bytes, make_wrapper
+
+VOCAB = 300
+SEED = 5
+
+
+def tiny_config(**evaluate) -> RunConfig:
+    """Every stage at toy size: 2 layers of width 32 with looping and two lanes, 4 steps, LoRA TTT."""
+    ttt = TTTConfig(mode="lora", lora_rank=4, lora_alpha=8.0, chunk_tokens=8, docs_per_batch=3, context_tokens=24,
+                    lr=0.05, phase_boundaries_docs=(), phase_chunk_tokens=48, phase_lr=0.05)
+    return RunConfig(
+        run="tiny",
+        mode="sweep",
+        seeds=(SEED,),
+        data=DataConfig(name="tiny", source="local", docs_path="unused.jsonl", val_docs=40),
+        tokenizer=TokenizerConfig(source="path", path="unused.model", vocab_size=VOCAB),
+        model=ModelConfig(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4,
+                          xsa_last_n=2, attn_gate_window=8, smear_gate_window=8, loop_start=0, loop_end=0,
+                          loop_count=2, parallel_residual_start=1),
+        train=TrainConfig(train_batch_tokens=512, micro_batch_tokens=128, train_seq_len=48, max_wallclock_seconds=0.0,
+                          hessian_reserve_seconds=0.0, iterations=4, compile_warmup_steps=1, compile=False,
+                          ema_decay=0.5, log_every_steps=1),
+        hessians=HessianConfig(batches=2, batch_rows=3, seq_len=32),
+        quantize=QuantizeConfig(passthrough_max_elements=1024, lqer_top_k=2, lqer_rank=2, lqer_group_size=16),
+        pack=PackConfig(brotli_quality=5, code_bytes_convention="file"),
+        evaluate=EvaluateConfig(eval_seq_len=24, eval_batch_tokens=96, compile=False, progress_every_seconds=1e9,
+                                ttt=ttt, **evaluate),
+    )
+
+
+def write_data(directory: Path, n_docs: int = 160) -> Path:
+    """Val shard + byte sidecar + two train shards of BOS-prefixed documents with ids below VOCAB."""
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[BOS_ID], rng.integers(8, VOCAB, size=int(rng.integers(4, 40)))]) for _ in range(n_docs)]
+    val = np.concatenate(docs[:20]).astype(np.uint16)
+    train = np.concatenate(docs[20:]).astype(np.uint16)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_shard(directory / "fineweb_val_000000.bin", val)
+    write_shard(directory / "fineweb_val_bytes_000000.bin", np.where(val == BOS_ID, 0, 1 + val % 4).astype(np.uint16))
+    write_shard(directory / "fineweb_train_000000.bin", train[: len(train) // 2])
+    write_shard(directory / "fineweb_train_000001.bin", train[len(train) // 2 :])
+    return directory
+
+
+def run_hidden(script: Path, args: list[str], cwd: Path, nproc: int = 1, timeout: float = 300):
+    """Run ``script`` with pgolf unimportable (the launcher removes it), optionally under torchrun."""
+    launcher = cwd / "launch_without_pgolf.py"
+    launcher.write_text(LAUNCHER, encoding="utf-8")
+    env = isolated_env()
+    env["OMP_NUM_THREADS"] = "1"
+    if nproc == 1:
+        cmd = [sys.executable, "-I", str(launcher), str(script), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(launcher), str(script), *args]
+    return subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------- module choice
+
+
+def test_walk_follows_every_import_form_and_nothing_else(tmp_path: Path) -> None:
+    pkg = tmp_path / "pgolf"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "record_run.py": "import os\nfrom pgolf import a\n\ndef f():\n    from .sub import b\n    import pgolf.c as c\n",
+        "a.py": "from pgolf.sub.b import thing\n",
+        "c.py": "try:\n    import pgolf.d\nexcept ImportError:\n    pass\n",
+        "d.py": "",
+        "unused.py": "import pgolf.a\n",
+        "sub/__init__.py": "from . import e\n",
+        "sub/b.py": "thing = 1\nfrom .. import io_like\n",
+        "sub/e.py": "",
+        "io_like.py": "",
+    }
+    for rel, text in files.items():
+        (pkg / rel).write_text(text)
+    found = reachable_modules("pgolf.record_run", pkg)
+    assert found == ["pgolf", "pgolf.a", "pgolf.c", "pgolf.d", "pgolf.io_like", "pgolf.record_run", "pgolf.sub",
+                     "pgolf.sub.b", "pgolf.sub.e"]
+    with pytest.raises(BundleError, match="pgolf.missing"):
+        reachable_modules("pgolf.missing", pkg)
+
+
+def test_relative_imports_resolve_against_the_package() -> None:
+    assert imported_modules("from . import x\nfrom ..y import z\n", "pgolf.data.loader") >= {
+        "pgolf.data", "pgolf.data.x", "pgolf.y", "pgolf.y.z"}
+    assert "pgolf.data.w" in imported_modules("from .w import v\n", "pgolf.data", is_package=True)
+
+
+def test_real_selection_has_the_record_path_and_no_cli_or_hub_code() -> None:
+    modules = reachable_modules()
+    for needed in ("pgolf", "pgolf.record_run", "pgolf.train", "pgolf.hessian", "pgolf.quantize", "pgolf.pack_stage",
+                   "pgolf.evaluate", "pgolf.model", "pgolf.data", "pgolf.data.loader", "pgolf.provenance"):
+        assert needed in modules
+    for excluded in ("pgolf.data.hub", "pgolf.data.prepare", "pgolf.data.cli", "pgolf.cli", "pgolf.bundle",
+                     "pgolf.config_cli", "pgolf.evaluate_cli", "pgolf.__main__"):
+        assert excluded not in modules
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+@pytest.mark.parametrize("text", ["plain\n", "has ''' inside", "ends with \\", "cr\r\nlf", "snow \u2603 é", "",
+                                  'r"""x"""', "\\'''"])
+def test_string_literal_gives_back_the_text(text: str) -> None:
+    literal = string_literal(text)
+    assert ast.literal_eval(literal) == text
+    assert ast.literal_eval(ast.parse(f"x = {literal}\n").body[0].value) == text
+
+
+def test_bundle_is_deterministic_and_self_describing() -> None:
+    cfg = tiny_config()
+    first, second = build_bundle(cfg), build_bundle(cfg)
+    assert first.text == second.text and first.code_hash == second.code_hash
+    report = bundle_report(first, minify=False)
+    assert report == bundle_report(second, minify=False)
+    assert report["modules"] == reachable_modules()
+    assert report["bytes_file"] == len(first.text.encode("utf-8"))
+    assert report["bytes_wrapper"] == len(make_wrapper(first.text).encode("utf-8"))
+    assert {"torch", "numpy", "brotli"} <= set(report["third_party"]["required"])
+    assert "pgolf" not in report["third_party"]["required"]
+    compile(first.text, "train_gpt.py", "exec")
+    assert f"CODE_HASH = {first.code_hash!r}" in first.text
+    other = build_bundle(RunConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "run": "other"}))
+    assert other.text != first.text and other.code_hash == first.code_hash  # config changes the file, not the code
+
+
+def test_minified_modules_count_fewer_bytes_and_still_compile() -> None:
+    cfg = tiny_config()
+    plain, small = build_bundle(cfg), build_bundle(cfg, minify=True)
+    assert small.code_hash != plain.code_hash
+    assert count_code_bytes(small.text, "wrapper") < count_code_bytes(plain.text, "wrapper")
+    for m in small.modules:
+        compile(m.source, m.name, "exec")
+
+
+def test_render_refuses_a_bundle_without_the_entry() -> None:
+    cfg = tiny_config()
+    modules = [m for m in build_bundle(cfg).modules if m.name != "pgolf.record_run"]
+    with pytest.raises(BundleError, match="pgolf.record_run"):
+        render_bundle(cfg, modules)
+
+
+def test_cli_writes_the_bundle_and_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "records" / "train_gpt.py"
+    cfg_json = json.dumps(to_dict(tiny_config()))
+    proc = subprocess.run([sys.executable, "-m", "pgolf", "bundle", "--config-json", cfg_json, "--out", str(out),
+                           "--no-verify"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.with_name("train_gpt.py.json").read_text())
+    assert report["bytes_file"] == out.stat().st_size and f"{report['bytes_file']:,}" in proc.stdout
+    assert f"wrapper {report['bytes_wrapper']:,}" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "pgolf", "bundle", "--config-json", '{"run": "x", "modle": {}}',
+                          "--out", str(tmp_path / "bad.py"), "--no-verify"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown key(s) modle" in bad.stderr
+    assert not (tmp_path / "bad.py").exists()
+
+
+# ----------------------------------------------------------------------------------- running without pgolf
+
+
+def test_help_runs_without_pgolf_in_file_and_wrapper_form(tmp_path: Path) -> None:
+    text = build_bundle(tiny_config()).text
+    help_text = verify_help(text)  # file form and wrapper form, both isolated, same output
+    assert "--data-dir" in help_text and "(default: ./data/)" in help_text and f"default: {SEED}" in help_text
+    script = tmp_path / "train_gpt.py"
+    script.write_text(text)
+    proc = run_hidden(script, ["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == help_text
+    (tmp_path / "probe.py").write_text("import pgolf\n")
+    probe = run_hidden(tmp_path / "probe.py", [], tmp_path)
+    assert probe.returncode != 0 and "No module named 'pgolf'" in probe.stderr  # the launcher really hides pgolf
+
+
+@pytest.fixture(scope="module")
+def record_run(tmp_path_factory):
+    """The bundled file run from a records folder under torchrun (2 CPU processes) with pgolf hidden."""
+    root = tmp_path_factory.mktemp("record")
+    data = write_data(root / "data")
+    folder = root / "records" / "2026-01-01_Tiny"
+    folder.mkdir(parents=True)
+    cfg = tiny_config()
+    report = write_bundle(cfg, folder / "train_gpt.py", verify=False)
+    proc = run_hidden(folder / "train_gpt.py", ["--device", "cpu", "--data-dir", str(data), "--out-dir", "out"],
+                      folder, nproc=2)
+    return cfg, data, folder, report, proc
+
+
+def test_record_run_writes_every_stage_output(record_run) -> None:
+    cfg, data, folder, report, proc = record_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = folder / "out"
+    for rel in ("train/checkpoint/checkpoint.json", "train/train_summary.json", "train/metrics.jsonl",
+                "hessians/hessians.pt", "hessians/hessian_report.json", "quantize/quantized.pt",
+                "quantize/quantize_report.json", "pack/artifact.pgolf", "pack/pack_report.json", "eval/eval.json"):
+        assert (out / rel).is_file(), rel
+    summary = json.loads((out / "record_run.json").read_text())
+    assert summary["exit_status"] == 0 and summary["world_size"] == 2 and summary["seed"] == SEED
+    assert set(summary["stages"]) == {"train", "hessians", "quantize", "pack", "evaluate"}
+    assert all(stage["status"] == 0 for stage in summary["stages"].values())
+    assert summary["code_hash"] == report["code_hash"]
+    meta = json.loads((out / "train/checkpoint/checkpoint.json").read_text())
+    assert meta["code_hash"] == report["code_hash"]  # provenance knows it ran from the bundle
+    assert meta["world_size"] == 2 and meta["steps"] == cfg.train.iterations
+    pack_report = json.loads((out / "pack/pack_report.json").read_text())
+    assert pack_report["code_bytes"] == report["bytes_file"]  # the bundle counted itself ("file" convention)
+    log = (out / "logs/record_run.log").read_text()
+    for stage in ("train", "hessians", "quantize", "pack", "evaluate"):
+        assert f"{stage}: done" in log
+    assert "val_bpb" in log  # the stages' own output is in the log too
+
+
+def test_staged_functions_on_the_same_checkpoint_give_identical_results(record_run, tmp_path: Path) -> None:
+    from pgolf.evaluate import run_evaluation
+    from pgolf.hessian import load_hessians, run_hessian_stage
+    from pgolf.pack import unpack
+    from pgolf.pack_stage import run_pack_stage
+    from pgolf.quantize import load_quantized, run_quantize_stage
+
+    cfg, data, folder, _, proc = record_run
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = folder / "out"
+    ckpt = out / "train/checkpoint"
+    torch.set_num_threads(1)
+
+    _, status = run_hessian_stage(ckpt, data, cfg.hessians, SEED, tmp_path / "h.pt", tmp_path / "h.json", cfg.mode, "cpu")
+    assert status == 0
+    staged_h, record_h = load_hessians(tmp_path / "h.pt"), load_hessians(out / "hessians/hessians.pt")
+    assert staged_h.keys() == record_h.keys()
+    assert all(torch.equal(staged_h[k], record_h[k]) for k in staged_h)
+
+    run_quantize_stage(ckpt, tmp_path / "h.pt", cfg.quantize, tmp_path / "q.pt", tmp_path / "q.json", "cpu")
+    staged_q, _ = load_quantized(tmp_path / "q.pt")
+    record_q, _ = load_quantized(out / "quantize/quantized.pt")
+    assert staged_q.tensors.keys() == record_q.tensors.keys()
+    compared = 0
+    for name, sq in staged_q.tensors.items():
+        rq = record_q.tensors[name]
+        assert (sq.method, sq.bits, sq.shape) == (rq.method, rq.bits, rq.shape), name
+        for part in ("q", "scale", "data"):
+            a, b = getattr(sq, part), getattr(rq, part)
+            assert (a is None) == (b is None), f"{name}.{part}"
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(a, b), f"{name}.{part}"
+                compared += 1
+        assert (sq.lqer is None) == (rq.lqer is None), name
+        if sq.lqer is not None:
+            for part in ("a_codes", "a_scales", "b_codes", "b_scales"):
+                assert torch.equal(getattr(sq.lqer, part), getattr(rq.lqer, part)), f"{name}.lqer.{part}"
+    assert compared > 10
+    assert any(qt.lqer is not None for qt in record_q.tensors.values())  # LQER ran, and matched
+
+    _, status = run_pack_stage(tmp_path / "q.pt", ckpt, cfg.pack, folder / "train_gpt.py", tmp_path / "a.bin",
+                               tmp_path / "pack_report.json")
+    assert status == 0
+    staged_art, record_art = (tmp_path / "a.bin").read_bytes(), (out / "pack/artifact.pgolf").read_bytes()
+    staged_model, staged_header = unpack(staged_art)
+    record_model, record_header = unpack(record_art)
+    assert staged_header["entries"] == record_header["entries"]  # per-entry sha256 of every stored array
+    assert staged_header["quantization"] == record_header["quantization"]
+
+    result, code = run_evaluation(out / "pack/artifact.pgolf", cfg.evaluate, SEED, data, tmp_path / "eval.json",
+                                  mode=cfg.mode, device_kind="cpu", pack_report=out / "pack/pack_report.json")
+    recorded = json.loads((out / "eval/eval.json").read_text())
+    assert code == 0 and result["token_count"] == recorded["token_count"] and result["byte_sum"] == recorded["byte_sum"]
+    # Without TTT the score cannot depend on the process count; LoRA TTT's warm-started adapters see a different
+    # sequence of document batches per rank, so its figure is compared only loosely.
+    staged_plain, record_plain = result["diagnostics"]["post_quant"], recorded["diagnostics"]["post_quant"]
+    assert staged_plain["token_count"] == record_plain["token_count"]
+    assert staged_plain["val_bpb"] == pytest.approx(record_plain["val_bpb"], rel=1e-9)
+    assert result["val_bpb"] == pytest.approx(recorded["val_bpb"], rel=0.01)
+
+
+def test_record_run_refuses_missing_code_file_and_data(tmp_path: Path) -> None:
+    from pgolf.config import ConfigError
+    from pgolf.record_run import run_record
+
+    data = write_data(tmp_path / "data")
+    with pytest.raises(ConfigError, match="code_file"):
+        run_record(tiny_config(), SEED, data, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="data directory"):
+        run_record(tiny_config(), SEED, tmp_path / "nowhere", tmp_path / "out", stop_after="train")
+    assert not (tmp_path / "out").exists()
+
+
+def test_in_process_record_run_trains_like_the_train_stage_and_stops_at_a_refusal(tmp_path: Path) -> None:
+    """One process, unbundled: the record run's checkpoint is the staged train() checkpoint bit for bit, and an
+    artifact over the size cap stops the run with the pack stage's status before evaluation."""
+    import dataclasses
+
+    from pgolf.checkpoint import load_checkpoint
+    from pgolf.record_run import run_record
+    from pgolf.train import train
+
+    torch.set_num_threads(1)
+    data = write_data(tmp_path / "data")
+    code = tmp_path / "train_gpt.py"
+    code.write_text("print('counted code')\n")
+    base = tiny_config()
+    cfg = dataclasses.replace(base, pack=dataclasses.replace(base.pack, size_cap_bytes=1000))
+    summary = run_record(cfg, SEED, data, tmp_path / "rec", code_file=code, device_kind="cpu")
+    assert summary["exit_status"] == 3
+    assert [summary["stages"][s]["status"] for s in ("train", "hessians", "quantize", "pack")] == [0, 0, 0, 3]
+    assert "evaluate" not in summary["stages"] and not (tmp_path / "rec/eval").exists()
+    assert not (tmp_path / "rec/pack/artifact.pgolf").exists()
+    assert "over the 1,000-byte cap" in json.loads((tmp_path / "rec/pack/pack_report.json").read_text())["message"]
+    assert "pack: REFUSED (exit status 3)" in (tmp_path / "rec/logs/record_run.log").read_text()
+
+    train(cfg.model, cfg.optim, cfg.train, SEED, data, tmp_path / "staged", device_kind="cpu")
+    record_state, record_meta = load_checkpoint(tmp_path / "rec/train/checkpoint")
+    staged_state, staged_meta = load_checkpoint(tmp_path / "staged/checkpoint")
+    assert record_state.keys() == staged_state.keys()
+    assert all(torch.equal(record_state[k], staged_state[k]) for k in record_state)
+    assert record_meta["steps"] == staged_meta["steps"] == cfg.train.iterations
+
+
+def test_main_reports_bad_arguments_without_a_traceback(tmp_path: Path, capsys) -> None:
+    from pgolf.record_run import main
+
+    assert main(["--config", str(tmp_path / "nope.yaml"), "--code-file", "x.py"]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    bundled = to_dict(tiny_config())
+    assert main(["--data-dir", str(tmp_path / "nowhere")], run_config=bundled, code_file=__file__) == 2
+    assert "data directory not found" in capsys.readouterr().err
+    bundled["model"]["num_layerz"] = 3
+    with pytest.raises(ValueError, match="num_layerz"):
+        main([], run_config=bundled, code_file=__file__)
