@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "pgolf.data.cli",
     "pgolf.model_cli",
     "pgolf.evaluate_cli",
+    "pgolf.bundle",
     "pgolf.pack_cli",
     "pgolf.submission",
     "pgolf.preflight",
