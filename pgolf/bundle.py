@@ -98,23 +98,50 @@ def _resolve_relative(module: str, is_package: bool, level: int, target: Optiona
     return ".".join(parts + ([target] if target else []))
 
 
-def imported_modules(source: str, module: str, is_package: bool = False) -> set[str]:
-    """Every module name imported anywhere in ``source`` (top level, functions, try blocks), absolute.
+_IMPORT_ERRORS = ("ImportError", "ModuleNotFoundError", "Exception", "BaseException")
+
+
+def import_edges(source: str, module: str, is_package: bool = False) -> list[tuple[str, bool]]:
+    """``(module name, guarded)`` for every import anywhere in ``source`` (top level, functions, try blocks), with
+    absolute names; ``guarded``: inside the body of a ``try`` with a handler that catches ImportError.
 
     ``from a import b`` yields ``a`` and the candidate ``a.b`` (the caller keeps it only if it is a module).
     """
-    tree = ast.parse(source, filename=module)
-    names: set[str] = set()
-    for node in ast.walk(tree):
+    edges: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, guarded: bool) -> None:
+        if isinstance(node, ast.Try):
+            catches = any(
+                h.type is None or any(isinstance(n, ast.Name) and n.id in _IMPORT_ERRORS for n in ast.walk(h.type))
+                for h in node.handlers
+            )
+            for child in node.body:
+                visit(child, guarded or catches)
+            for child in [*node.handlers, *node.orelse, *node.finalbody]:
+                visit(child, guarded)
+            return
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            edges.extend((alias.name, guarded) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 base = _resolve_relative(module, is_package, node.level, node.module)
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-    return names
+            edges.append((base, guarded))
+            edges.extend((f"{base}.{alias.name}", guarded) for alias in node.names if alias.name != "*")
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded)
+
+    visit(ast.parse(source, filename=module), False)
+    return edges
+
+
+def imported_modules(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every module name imported anywhere in ``source`` (see :func:`import_edges`)."""
+    return {name for name, _ in import_edges(source, module, is_package)}
+
+
+def _is_pgolf(name: str) -> bool:
+    return name == PACKAGE or name.startswith(PACKAGE + ".")
 
 
 def _parents(name: str) -> list[str]:
@@ -139,7 +166,7 @@ def reachable_modules(entry: str = ENTRY_MODULE, package_dir: Path = PACKAGE_DIR
         path, is_package = module_file(name, package_dir)
         found = imported_modules(path.read_text(encoding="utf-8"), name, is_package)
         for candidate in sorted(found):
-            if candidate == PACKAGE or candidate.startswith(PACKAGE + "."):
+            if _is_pgolf(candidate):
                 for mod in (*_parents(candidate), candidate):
                     if mod not in seen and _is_module(mod, package_dir):
                         todo.append(mod)
@@ -147,37 +174,31 @@ def reachable_modules(entry: str = ENTRY_MODULE, package_dir: Path = PACKAGE_DIR
     return sorted(seen)
 
 
-def third_party_imports(sources: dict[str, str]) -> dict[str, list[str]]:
-    """Top-level names of non-stdlib, non-pgolf imports: ``required`` and ``optional`` (only ever imported inside a
-    ``try`` whose handlers catch ImportError), for the records folder's ``requirements.txt``."""
+def third_party_imports(sources: dict[str, tuple[bool, str]], entry: str = ENTRY_MODULE) -> dict[str, list[str]]:
+    """Top-level names of the non-stdlib packages the bundled modules import, for ``requirements.txt``.
+
+    ``sources``: ``{module name: (is_package, source)}``. ``required``: imported without an ImportError guard by a
+    module that itself is always loaded (reached from ``entry`` through unguarded imports); ``optional``: the rest
+    (e.g. FlashAttention-3 behind a try, or Triton, whose only importer is itself imported behind a try).
+    """
+    edges = {name: import_edges(src, name, is_pkg) for name, (is_pkg, src) in sources.items()}
+    always: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in always or name not in sources:
+            continue
+        always.add(name)
+        todo.extend(_parents(name))
+        todo.extend(target for target, guarded in edges[name] if _is_pgolf(target) and not guarded)
     required: set[str] = set()
     optional: set[str] = set()
-
-    def visit(node: ast.AST, guarded: bool) -> None:
-        if isinstance(node, ast.Try):
-            catches = any(
-                h.type is None or any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError", "Exception")
-                                      for n in ast.walk(h.type))
-                for h in node.handlers
-            )
-            for child in node.body:
-                visit(child, guarded or catches)
-            for child in [*node.handlers, *node.orelse, *node.finalbody]:
-                visit(child, guarded)
-            return
-        tops: list[str] = []
-        if isinstance(node, ast.Import):
-            tops = [alias.name.split(".")[0] for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            tops = [node.module.split(".")[0]]
-        for top in tops:
-            if top != PACKAGE and top not in sys.stdlib_module_names and top != "__future__":
-                (optional if guarded else required).add(top)
-        for child in ast.iter_child_nodes(node):
-            visit(child, guarded)
-
-    for name in sorted(sources):
-        visit(ast.parse(sources[name], filename=name), False)
+    for name in sorted(edges):
+        for target, guarded in edges[name]:
+            top = target.split(".")[0]
+            if not top or _is_pgolf(top) or top in sys.stdlib_module_names or top == "__future__":
+                continue
+            (required if name in always and not guarded else optional).add(top)
     return {"required": sorted(required), "optional": sorted(optional - required)}
 
 
@@ -346,7 +367,7 @@ def build_bundle(cfg: RunConfig, *, minify: bool = False, package_dir: Path = PA
     modules = collect_modules(ENTRY_MODULE, package_dir, minify)
     text = render_bundle(cfg, modules)
     check_bundle(text, cfg, modules)
-    originals = {m.name: module_file(m.name, package_dir)[0].read_text(encoding="utf-8") for m in modules}
+    originals = {m.name: (m.is_package, module_file(m.name, package_dir)[0].read_text(encoding="utf-8")) for m in modules}
     return Bundle(text, modules, bundle_code_hash(modules), third_party_imports(originals))
 
 

@@ -29,6 +29,7 @@ from pgolf.bundle import (
     reachable_modules,
     render_bundle,
     string_literal,
+    third_party_imports,
     verify_help,
     write_bundle,
 )
@@ -129,6 +130,18 @@ def test_walk_follows_every_import_form_and_nothing_else(tmp_path: Path) -> None
                      "pgolf.sub.b", "pgolf.sub.e"]
     with pytest.raises(BundleError, match="pgolf.missing"):
         reachable_modules("pgolf.missing", pkg)
+
+
+def test_third_party_split_follows_import_guards() -> None:
+    sources = {
+        "pgolf": (True, ""),
+        "pgolf.record_run": (False, "import numpy\ntry:\n    import pgolf.fast\nexcept ImportError:\n    pass\n"
+                                    "def f():\n    import brotli\n"),
+        "pgolf.fast": (False, "import triton.language as tl\nimport numpy\n"),
+        "pgolf.other": (False, "try:\n    import fa3\nexcept Exception:\n    fa3 = None\nimport os, json\n"),
+    }
+    sources["pgolf.record_run"] = (False, sources["pgolf.record_run"][1] + "import pgolf.other\n")
+    assert third_party_imports(sources) == {"required": ["brotli", "numpy"], "optional": ["fa3", "triton"]}
 
 
 def test_relative_imports_resolve_against_the_package() -> None:
