@@ -9,8 +9,9 @@ artifact and score must be the record run's, bit for bit.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,14 +134,18 @@ def test_walk_follows_every_import_form_and_nothing_else(tmp_path: Path) -> None
 
 
 def test_third_party_split_follows_import_guards() -> None:
+    record_run = (
+        "import numpy\n"
+        "import pgolf.other\n"
+        "try:\n    import pgolf.fast\nexcept ImportError:\n    pass\n"
+        "def f():\n    import brotli\n"
+    )
     sources = {
         "pgolf": (True, ""),
-        "pgolf.record_run": (False, "import numpy\ntry:\n    import pgolf.fast\nexcept ImportError:\n    pass\n"
-                                    "def f():\n    import brotli\n"),
+        "pgolf.record_run": (False, record_run),
         "pgolf.fast": (False, "import triton.language as tl\nimport numpy\n"),
         "pgolf.other": (False, "try:\n    import fa3\nexcept Exception:\n    fa3 = None\nimport os, json\n"),
     }
-    sources["pgolf.record_run"] = (False, sources["pgolf.record_run"][1] + "import pgolf.other\n")
     assert third_party_imports(sources) == {"required": ["brotli", "numpy"], "optional": ["fa3", "triton"]}
 
 
@@ -171,37 +176,39 @@ def test_string_literal_gives_back_the_text(text: str) -> None:
     assert ast.literal_eval(ast.parse(f"x = {literal}\n").body[0].value) == text
 
 
-def test_bundle_is_deterministic_and_self_describing() -> None:
+@pytest.fixture(scope="module")
+def plain_bundle():
+    return build_bundle(tiny_config())
+
+
+def test_bundle_is_deterministic_and_self_describing(plain_bundle) -> None:
     cfg = tiny_config()
-    first, second = build_bundle(cfg), build_bundle(cfg)
+    first, second = plain_bundle, build_bundle(cfg)
     assert first.text == second.text and first.code_hash == second.code_hash
     report = bundle_report(first, minify=False)
-    assert report == bundle_report(second, minify=False)
     assert report["modules"] == reachable_modules()
+    assert report["sha256"] == hashlib.sha256(first.text.encode("utf-8")).hexdigest()
     assert report["bytes_file"] == len(first.text.encode("utf-8"))
     assert report["bytes_wrapper"] == len(make_wrapper(first.text).encode("utf-8"))
     assert {"torch", "numpy", "brotli"} <= set(report["third_party"]["required"])
-    assert "pgolf" not in report["third_party"]["required"]
     compile(first.text, "train_gpt.py", "exec")
     assert f"CODE_HASH = {first.code_hash!r}" in first.text
-    other = build_bundle(RunConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "run": "other"}))
-    assert other.text != first.text and other.code_hash == first.code_hash  # config changes the file, not the code
+    other = render_bundle(dataclasses.replace(cfg, run="other"), first.modules)
+    assert other != first.text and "'other'" in other  # the config changes the file, not the code hash
 
 
-def test_minified_modules_count_fewer_bytes_and_still_compile() -> None:
-    cfg = tiny_config()
-    plain, small = build_bundle(cfg), build_bundle(cfg, minify=True)
-    assert small.code_hash != plain.code_hash
-    assert count_code_bytes(small.text, "wrapper") < count_code_bytes(plain.text, "wrapper")
+def test_minified_modules_count_fewer_bytes_and_still_compile(plain_bundle) -> None:
+    small = build_bundle(tiny_config(), minify=True)
+    assert small.code_hash != plain_bundle.code_hash
+    assert count_code_bytes(small.text, "wrapper") < count_code_bytes(plain_bundle.text, "wrapper")
     for m in small.modules:
         compile(m.source, m.name, "exec")
 
 
-def test_render_refuses_a_bundle_without_the_entry() -> None:
-    cfg = tiny_config()
-    modules = [m for m in build_bundle(cfg).modules if m.name != "pgolf.record_run"]
+def test_render_refuses_a_bundle_without_the_entry(plain_bundle) -> None:
+    modules = [m for m in plain_bundle.modules if m.name != "pgolf.record_run"]
     with pytest.raises(BundleError, match="pgolf.record_run"):
-        render_bundle(cfg, modules)
+        render_bundle(tiny_config(), modules)
 
 
 def test_cli_writes_the_bundle_and_its_report(tmp_path: Path) -> None:
@@ -222,8 +229,8 @@ def test_cli_writes_the_bundle_and_its_report(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- running without pgolf
 
 
-def test_help_runs_without_pgolf_in_file_and_wrapper_form(tmp_path: Path) -> None:
-    text = build_bundle(tiny_config()).text
+def test_help_runs_without_pgolf_in_file_and_wrapper_form(plain_bundle, tmp_path: Path) -> None:
+    text = plain_bundle.text
     help_text = verify_help(text)  # file form and wrapper form, both isolated, same output
     assert "--data-dir" in help_text and "(default: ./data/)" in help_text and f"default: {SEED}" in help_text
     script = tmp_path / "train_gpt.py"
@@ -251,7 +258,7 @@ def record_run(tmp_path_factory):
 
 
 def test_record_run_writes_every_stage_output(record_run) -> None:
-    cfg, data, folder, report, proc = record_run
+    cfg, _, folder, report, proc = record_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = folder / "out"
     for rel in ("train/checkpoint/checkpoint.json", "train/train_summary.json", "train/metrics.jsonl",
@@ -318,8 +325,8 @@ def test_staged_functions_on_the_same_checkpoint_give_identical_results(record_r
                                tmp_path / "pack_report.json")
     assert status == 0
     staged_art, record_art = (tmp_path / "a.bin").read_bytes(), (out / "pack/artifact.pgolf").read_bytes()
-    staged_model, staged_header = unpack(staged_art)
-    record_model, record_header = unpack(record_art)
+    _, staged_header = unpack(staged_art)
+    _, record_header = unpack(record_art)
     assert staged_header["entries"] == record_header["entries"]  # per-entry sha256 of every stored array
     assert staged_header["quantization"] == record_header["quantization"]
 
@@ -350,8 +357,6 @@ def test_record_run_refuses_missing_code_file_and_data(tmp_path: Path) -> None:
 def test_in_process_record_run_trains_like_the_train_stage_and_stops_at_a_refusal(tmp_path: Path) -> None:
     """One process, unbundled: the record run's checkpoint is the staged train() checkpoint bit for bit, and an
     artifact over the size cap stops the run with the pack stage's status before evaluation."""
-    import dataclasses
-
     from pgolf.checkpoint import load_checkpoint
     from pgolf.record_run import run_record
     from pgolf.train import train
