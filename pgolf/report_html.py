@@ -211,7 +211,8 @@ def bpb_figure(agg: dict, seeds: Sequence[Any]) -> str:
             f"{_e(name)} {baseline:.5f}</text>"
         )
     ci = "" if not stats["ci95"] else f"; 95 % t interval of the mean [{stats['ci95'][0]:.5f}, {stats['ci95'][1]:.5f}]"
-    caption = f"Mean {stats['mean']:.5f}{ci} (n = {stats['n']}); dashed: the baseline."
+    dashed = "; dashed: the baseline" if baseline is not None else ""
+    caption = f"Mean {stats['mean']:.5f}{ci} (n = {stats['n']}){dashed}."
     return _figure("fig-bpb", "val_bpb per seed.", _svg(height, body, "val_bpb per seed"), caption)
 
 
@@ -226,7 +227,7 @@ def _stacked_bars(
 ) -> str:
     """Horizontal stacked bars (one per row) against a budget line. rows: (row label, data-row, [(phase, value)])."""
     totals = [sum(v for _, v in segs) for _, _, segs in rows]
-    top = max([budget, *totals]) * 1.04
+    top = max([budget, *totals]) * 1.16  # room right of the longest bar for its total
     height = MARGIN_TOP + MARGIN_BOTTOM + 30 * len(rows) + 30
     ax = _Axes((0, top), (0, len(rows)), height)
     body = ax.frame(unit_label, "", nice_ticks(0, top), [], fmt, str)
