@@ -37,7 +37,9 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
 Runtime state (plain attributes, never tensors, so torch.compile guards on them and they are not saved):
   ``looping`` (depth recurrence on/off; False after construction - training switches it on, Hessians and
   evaluation must set it explicitly), ``train_seq_len`` (cut length used when cu_seqlens is not given),
-  ``bos_id``, ``attn_backend`` (None = best for the device).
+  ``bos_id``, ``attn_backend`` (None = best for the device), ``use_fused_kernels`` (the Triton kernels of
+  ``pgolf.kernels`` for the MLP up-projection + activation and the loss; default on when CUDA and triton are
+  present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pgolf import kernels
 from pgolf.attention import attention, build_cu_seqlens, segment_positions
 from pgolf.config import ModelConfig
 
@@ -236,7 +239,11 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    """``down(act(up(x)))``; ``up``/``down`` are separate modules for hooks. A fused up+act kernel replaces forward."""
+    """``down(act(up(x)))``; ``up``/``down`` are separate modules for hooks.
+
+    ``use_fused_kernels`` (set by GPT) computes ``act(up(x))`` in one Triton kernel, but only while ``up`` is a
+    plain hook-free nn.Linear: a Hessian hook or a LoRA wrapper on ``up`` must see the call, so it disables fusion.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -244,8 +251,16 @@ class MLP(nn.Module):
         self.down = _linear(cfg.mlp_hidden, cfg.model_dim)
         self.activation = cfg.mlp_activation
         self.slope = cfg.leaky_relu_slope
+        self.use_fused_kernels = False
+
+    def _fusable(self) -> bool:
+        up = self.up
+        return self.use_fused_kernels and type(up) is nn.Linear and not (up._forward_hooks or up._forward_pre_hooks)
 
     def forward(self, x: Tensor) -> Tensor:  # [T, d] -> [T, d]
+        if self._fusable():  # relu^2 is the slope-0 case of the fused kernel
+            slope = self.slope if self.activation == "leaky_relu_sq" else 0.0
+            return self.down(kernels.mlp_up_activation(x, self.up.weight, slope))  # [T, 4d] -> [T, d]
         return self.down(mlp_activation(self.up(x), self.activation, self.slope))
 
 
@@ -306,6 +321,7 @@ class GPT(nn.Module):
         self.train_seq_len = train_seq_len
         self.bos_id = bos_id
         self.attn_backend: Optional[str] = None
+        self._use_fused_kernels = False  # set through the property below, once the blocks exist
 
         # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
         # device normal_ would import torch._dynamo (seconds) for nothing
@@ -329,7 +345,19 @@ class GPT(nn.Module):
             self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # [rope_dims / 2]
         else:
             self.rope_inv_freq = None
+        self.use_fused_kernels = kernels.fused_kernels_default()
         self.reset_parameters()
+
+    @property
+    def use_fused_kernels(self) -> bool:
+        """Triton MLP and loss kernels on/off (runtime state, like ``looping``); the setter reaches every MLP."""
+        return self._use_fused_kernels
+
+    @use_fused_kernels.setter
+    def use_fused_kernels(self, value: bool) -> None:
+        self._use_fused_kernels = bool(value)
+        for block in self.blocks:
+            block.mlp.use_fused_kernels = bool(value)
 
     # ---------------------------------------------------------------------------------------------- structure
 
@@ -498,6 +526,8 @@ class GPT(nn.Module):
         if target_ids.shape != input_ids.shape:
             raise ValueError(f"GPT: target_ids shape {tuple(target_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         h = self.forward_hidden(input_ids, cu_seqlens, max_seqlen)
+        if self.use_fused_kernels:  # streams the [T, V] logits once; never materializes fp32 copies
+            return kernels.softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
         return softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
 
 
