@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "pgolf.pack_cli",
     "pgolf.submission",
     "pgolf.preflight",
+    "pgolf.bench",
 ]
 
 
