@@ -1,0 +1,292 @@
+"""Runs the Triton kernels of pgolf.kernels under Triton's CPU interpreter and checks them against the references.
+
+Started by tests/test_kernels.py in a subprocess with ``TRITON_INTERPRET=1`` (it must be set before triton is
+imported, hence the separate process). Prints one JSON line: ``{case: "ok" | error text}``; the test reports
+each case separately. Shapes are small and deliberately not multiples of the interpreter tiles, so the masked
+edges of every kernel are exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from pgolf import kernels
+from pgolf import triton_kernels as tk
+from pgolf.config import ModelConfig
+from pgolf.model import GPT
+
+FP32 = dict(rtol=1e-5, atol=1e-5)  # interpreter fp32 vs torch fp32: only summation order differs
+
+
+def _close(actual, expected, what: str, **tol) -> None:
+    torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}", **(tol or FP32))
+
+
+def _no_worse(actual, lowp_reference, truth, what: str, slack: float = 2.5) -> None:
+    """Low precision: the kernel's max error vs the fp64 truth stays within ``slack`` x the torch reference's.
+
+    The slack is 2.5, not ~1, because the interpreter rounds fp32 -> bf16 toward zero (one ulp of error where
+    torch's round-to-nearest has half an ulp); compiled kernels on a GPU round to nearest.
+    """
+    err = (actual.double() - truth).abs().max().item()
+    ref_err = (lowp_reference.double() - truth).abs().max().item()
+    scale = truth.abs().max().item()
+    if not err <= slack * ref_err + 1e-6 * scale:
+        raise AssertionError(f"{what}: max error {err:.3g} vs the torch reference's {ref_err:.3g} (scale {scale:.3g})")
+
+
+def _mlp_case(dtype: torch.dtype, slope: float, tol: dict | None) -> None:
+    gen = torch.Generator().manual_seed(1)
+    M, K, N = 70, 48, 96  # tiles are 64 x 64 x 32: partial tiles on every axis
+    x = (torch.randn(M, K, generator=gen) / math.sqrt(K)).to(dtype).requires_grad_(True)
+    w = torch.randn(N, K, generator=gen).to(dtype).requires_grad_(True)
+    grad = torch.randn(M, N, generator=gen).to(dtype)
+
+    y = kernels.fused_mlp_up_activation(x, w, slope)
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    # ground truth in float64 from the same (rounded) inputs
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    y64 = kernels.mlp_up_activation_reference(x64, w64, slope)
+    rx, rw = torch.autograd.grad(y64, (x64, w64), grad.double())
+    if y.dtype != dtype or gx.dtype != dtype or gw.dtype != dtype:
+        raise AssertionError(f"dtypes: y {y.dtype}, dx {gx.dtype}, dw {gw.dtype}; expected {dtype}")
+    _, pre = torch.ops.pgolf.mlp_up_act(x.detach(), w.detach(), slope)  # the op's second output
+    pre64 = x64.detach() @ w64.detach().t()
+    if tol is not None:
+        _close(y.double(), y64.detach(), "forward", **tol)
+        _close(gx.double(), rx, "dx", **tol)
+        _close(gw.double(), rw, "dw", **tol)
+        _close(pre.double(), pre64, "pre-activation", **tol)
+        return
+    # low precision: compare errors with the pure-PyTorch path run in the same dtype
+    xl, wl = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    yl = kernels.mlp_up_activation_reference(xl, wl, slope)
+    lx, lw = torch.autograd.grad(yl, (xl, wl), grad)
+    _no_worse(y, yl, y64.detach(), "forward")
+    _no_worse(gx, lx, rx, "dx")
+    _no_worse(gw, lw, rw, "dw")
+    _no_worse(pre, xl.detach() @ wl.detach().t(), pre64, "pre-activation")
+
+
+def case_mlp_fp32_leaky() -> None:
+    _mlp_case(torch.float32, 0.5, FP32)
+
+
+def case_mlp_fp32_relu() -> None:
+    _mlp_case(torch.float32, 0.0, FP32)
+
+
+def case_mlp_bf16() -> None:
+    # bf16 storage and matmuls: judged against the fp64 truth relative to torch's own bf16 error
+    _mlp_case(torch.bfloat16, 0.5, None)
+
+
+def case_mlp_3d_input() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 16, generator=gen)
+    w = torch.randn(40, 16, generator=gen)
+    _close(
+        kernels.fused_mlp_up_activation(x, w, 0.5),
+        kernels.mlp_up_activation_reference(x, w, 0.5),
+        "3-D input",
+        rtol=1e-5,
+        atol=1e-4,
+    )
+
+
+def _ce_inputs(T: int, V: int, scale: float, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    z = (scale * torch.randn(T, V, generator=gen)).to(dtype)
+    targets = torch.randint(0, V, (T,), generator=gen)
+    targets[1] = -100
+    targets[T - 2] = -100
+    targets[0] = V - 1  # last column (in the partial block)
+    return z, targets
+
+
+def _ce_case(cap: float, dtype: torch.dtype, scale: float, tol: dict, seed: int = 3) -> None:
+    T, V = 12, 300  # BLOCK_V is 256 in the interpreter: one full and one partial block per row
+    z, targets = _ce_inputs(T, V, scale, dtype, seed)
+    za = z.clone().requires_grad_(True)
+    zr = z.double().requires_grad_(True)  # float64 truth from the same inputs
+    nll = kernels.fused_softcapped_token_nll(za, targets, cap)
+    ref = kernels.softcapped_token_nll_reference(zr, targets, cap)
+    if nll.dtype != torch.float32:
+        raise AssertionError(f"per-token NLL dtype {nll.dtype}, expected float32")
+    _close(nll.double(), ref.detach(), "per-token NLL", **tol)
+    if float(nll[1].detach()) != 0.0 or float(nll[T - 2].detach()) != 0.0:
+        raise AssertionError("ignored targets must have NLL exactly 0")
+    # a non-uniform upstream gradient checks the per-row scaling in the backward kernel
+    weights = torch.linspace(0.5, 2.0, T)
+    (gz,) = torch.autograd.grad((nll * weights).sum(), za)
+    (rz,) = torch.autograd.grad((ref * weights.double()).sum(), zr)
+    if gz.dtype != dtype:
+        raise AssertionError(f"dz dtype {gz.dtype}, expected {dtype}")
+    _close(gz.double(), rz, "dz", **tol)
+    if bool(gz[1].abs().sum() != 0):
+        raise AssertionError("ignored rows must get zero gradient")
+    # mean reduction through the public entry point
+    za.grad = None
+    mean = kernels.softcapped_cross_entropy(za, targets, cap)
+    _close(mean.double(), kernels.softcapped_cross_entropy_reference(zr, targets, cap).detach(), "mean CE", **tol)
+
+
+def case_ce_fp32_capped() -> None:
+    _ce_case(30.0, torch.float32, 20.0, FP32)
+
+
+def case_ce_fp32_uncapped() -> None:
+    _ce_case(0.0, torch.float32, 3.0, FP32)
+
+
+def case_ce_bf16() -> None:
+    _ce_case(30.0, torch.bfloat16, 20.0, dict(rtol=1e-2, atol=1e-2))
+
+
+def case_ce_online_max_across_blocks() -> None:
+    """Uncapped logits whose row maximum sits in the SECOND block: the running sum must be rescaled."""
+    T, V = 6, 300
+    z, targets = _ce_inputs(T, V, 1.0, torch.float32, 4)
+    z[:, 280] = 80.0  # exp(80) overflows fp32 without the max subtraction
+    z[:, 10] = 60.0
+    za = z.clone().requires_grad_(True)
+    nll = kernels.fused_softcapped_token_nll(za, targets, 0.0)
+    ref = kernels.softcapped_token_nll_reference(z.double(), targets, 0.0)
+    if not bool(torch.isfinite(nll).all()):
+        raise AssertionError(f"non-finite NLL {nll}")
+    _close(nll.double(), ref, "NLL with a late maximum")
+
+
+def case_ce_all_ignored() -> None:
+    z = torch.randn(5, 40, requires_grad=True)
+    targets = torch.full((5,), -100)
+    mean = kernels.softcapped_cross_entropy(z, targets, 30.0)
+    ref = kernels.softcapped_cross_entropy_reference(z.detach(), targets, 30.0)
+    if not (math.isnan(float(mean.detach())) and math.isnan(float(ref))):
+        raise AssertionError(f"all-ignored mean: fused {float(mean)}, reference {float(ref)} (both should be NaN)")
+    (g,) = torch.autograd.grad(kernels.fused_softcapped_token_nll(z, targets, 30.0).sum(), z)
+    if bool(g.abs().sum() != 0):
+        raise AssertionError("all-ignored rows must get zero gradient")
+
+
+def case_ce_invalid_target_is_nan() -> None:
+    z = torch.randn(4, 40)
+    targets = torch.tensor([3, 40, -7, -100])  # valid, == V, negative (not -100), ignored
+    nll = kernels.fused_softcapped_token_nll(z, targets, 30.0)
+    if not (
+        math.isfinite(float(nll[0]))
+        and math.isnan(float(nll[1]))
+        and math.isnan(float(nll[2]))
+        and float(nll[3]) == 0.0
+    ):
+        raise AssertionError(f"expected [finite, nan, nan, 0], got {nll.tolist()}")
+
+
+def _tiny_model() -> GPT:
+    cfg = ModelConfig(
+        vocab_size=300,
+        num_layers=3,
+        model_dim=32,
+        num_heads=2,
+        num_kv_heads=1,
+        rope_dims=8,
+        xsa_last_n=3,
+        loop_start=1,
+        loop_end=1,
+        loop_count=2,
+        parallel_residual_start=2,
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg, train_seq_len=16)
+    with torch.no_grad():  # zero-initialized projections would hide the MLP from the loss
+        for block in model.blocks:
+            block.mlp.down.weight.normal_(0.0, 0.05)
+            block.attn.o.weight.normal_(0.0, 0.05)
+    return model
+
+
+def case_model_fused_matches_reference() -> None:
+    model = _tiny_model()
+    model.looping = True
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, 300, (24,), generator=gen)
+    ids[0] = ids[13] = 1
+    targets = torch.randint(2, 300, (24,), generator=gen)
+    targets[7] = -100
+    results = {}
+    for fused in (False, True):
+        model.use_fused_kernels = fused
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets)
+        loss.backward()
+        results[fused] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    _close(results[True][0], results[False][0], "loss", rtol=1e-5, atol=1e-6)
+    if results[True][1].keys() != results[False][1].keys():
+        raise AssertionError("fused and reference paths give gradients to different parameters")
+    for name, g in results[False][1].items():
+        _close(results[True][1][name], g, f"grad {name}", rtol=1e-4, atol=1e-6)
+
+
+def case_compile_fullgraph() -> None:
+    """The custom ops inside torch.compile(fullgraph=True): no graph break, same values and grads as eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(20, 16, generator=gen)
+    w1 = torch.randn(40, 16, generator=gen) / 4
+    head = torch.randn(50, 40, generator=gen) / 6
+    targets = torch.randint(0, 50, (20,), generator=gen)
+    targets[3] = -100
+
+    def loss_fn(x, w1, head, targets):
+        h = kernels.mlp_up_activation(x, w1, 0.5)  # [20, 40]
+        return kernels.softcapped_cross_entropy(h @ head.t(), targets, 30.0)
+
+    def run(fn):
+        params = [t.clone().requires_grad_(True) for t in (x, w1, head)]
+        loss = fn(*params, targets)
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    from torch._dynamo.utils import counters
+
+    breaks_before = sum(counters["graph_break"].values())
+    eager_loss, eager_grads = run(loss_fn)
+    compiled_loss, compiled_grads = run(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
+    if sum(counters["graph_break"].values()) != breaks_before:
+        raise AssertionError(f"graph breaks: {dict(counters['graph_break'])}")
+    _close(compiled_loss, eager_loss, "compiled loss")
+    for name, c, e in zip(("x", "w1", "head"), compiled_grads, eager_grads):
+        _close(c, e, f"compiled grad {name}")
+
+
+CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+
+
+def main() -> int:
+    torch.set_num_threads(1)  # tiny tensors; the test process beside this one uses the other core
+    if not tk.is_interpreted():
+        print(json.dumps({"__setup__": "TRITON_INTERPRET=1 was not in effect when triton was imported"}))
+        return 1
+    results = {}
+    for name, fn in CASES.items():
+        start = time.perf_counter()
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc(limit=4)
+        print(f"{name}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

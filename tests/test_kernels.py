@@ -1,0 +1,685 @@
+"""Fused kernels (pgolf.kernels, pgolf.triton_kernels) and the speed benchmark (pgolf.bench).
+
+Three tiers:
+  * always (CPU): the references and CPU fallbacks, the model switch, the FLOPs arithmetic, ``pgolf bench``;
+  * with triton installed: the Triton kernels run under Triton's CPU interpreter (subprocess, see
+    kernels_interpret_worker.py) against fp64 ground truth, and compile for sm_90 (H100) without a GPU;
+  * ``@pytest.mark.gpu``: the compiled kernels on CUDA in bf16 and inside torch.compile with inductor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf import bench, kernels
+from pgolf.config import ModelConfig, load_run_config
+from pgolf.model import GPT, mlp_activation, softcapped_cross_entropy
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "recipes" / "smoke.yaml"
+RECORD = REPO / "config.yaml"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Tiny CPU tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_cfg(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=300,
+        num_layers=3,
+        model_dim=32,
+        num_heads=2,
+        num_kv_heads=1,
+        rope_dims=8,
+        xsa_last_n=3,
+        loop_start=1,
+        loop_end=1,
+        loop_count=2,
+        parallel_residual_start=2,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def _batch(vocab: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (tokens,), generator=gen)
+    ids[0] = 1
+    ids[tokens // 2] = 1
+    targets = torch.randint(2, vocab, (tokens,), generator=gen)
+    targets[3] = -100
+    return ids, targets
+
+
+# --------------------------------------------------------------------------------------------------------------
+# References and CPU fallbacks
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slope", [0.5, 0.0, 0.1])
+def test_activation_grad_matches_autograd(slope):
+    pre = torch.randn(64, 40, dtype=torch.float64) * 3
+    pre[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30], dtype=torch.float64)
+    grad = torch.randn_like(pre)
+    p = pre.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.leaky_relu(p, slope).square(), p, grad)
+    torch.testing.assert_close(kernels.mlp_activation_grad(pre, grad, slope), expected, rtol=1e-12, atol=1e-300)
+
+
+def test_references_agree_with_the_model_functions():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 16, generator=gen), torch.randn(24, 16, generator=gen)
+    torch.testing.assert_close(
+        kernels.mlp_up_activation_reference(x, w, 0.5), mlp_activation(x @ w.t(), "leaky_relu_sq", 0.5)
+    )
+    torch.testing.assert_close(
+        kernels.mlp_up_activation_reference(x, w, 0.0), mlp_activation(x @ w.t(), "relu_sq", 0.5)
+    )
+    z = (torch.randn(12, 50, generator=gen) * 40).bfloat16()
+    targets = torch.randint(0, 50, (12,), generator=gen)
+    targets[2] = -100
+    for cap in (30.0, 0.0):
+        mean = kernels.softcapped_cross_entropy_reference(z, targets, cap)
+        torch.testing.assert_close(mean, softcapped_cross_entropy(z, targets, cap))
+        nll = kernels.softcapped_token_nll_reference(z, targets, cap)
+        assert nll.dtype == torch.float32 and float(nll[2]) == 0.0
+        torch.testing.assert_close(nll.sum() / (targets != -100).sum(), mean)
+
+
+def test_cpu_tensors_take_the_reference_path():
+    if kernels.interpreter_active():
+        pytest.skip("this process runs triton's interpreter: CPU tensors go to the kernels")
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(7, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    assert torch.equal(kernels.mlp_up_activation(x, w, 0.5), kernels.mlp_up_activation_reference(x, w, 0.5))
+    z, targets = torch.randn(5, 30, generator=gen), torch.randint(0, 30, (5,), generator=gen)
+    assert torch.equal(
+        kernels.softcapped_token_nll(z, targets, 30.0), kernels.softcapped_token_nll_reference(z, targets, 30.0)
+    )
+    assert torch.equal(
+        kernels.softcapped_cross_entropy(z, targets, 30.0), kernels.softcapped_cross_entropy_reference(z, targets, 30.0)
+    )
+
+
+def test_fused_entry_points_check_shapes():
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("triton is not installed")
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.fused_mlp_up_activation(torch.randn(4, 8), torch.randn(16, 9), 0.5)
+    with pytest.raises(ValueError, match=r"z \[T, V\]"):
+        kernels.fused_softcapped_token_nll(torch.randn(4, 8), torch.zeros(5, dtype=torch.long), 30.0)
+
+
+def test_custom_ops_refuse_cpu_tensors_without_the_interpreter():
+    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
+        pytest.skip("needs triton without the interpreter")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        torch.ops.pgolf.mlp_up_act(torch.randn(4, 8), torch.randn(16, 8), 0.5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model switch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_use_fused_kernels_default_and_propagation():
+    model = GPT(_tiny_cfg())
+    assert model.use_fused_kernels == (kernels.TRITON_AVAILABLE and torch.cuda.is_available())
+    model.use_fused_kernels = True
+    assert all(block.mlp.use_fused_kernels for block in model.blocks)
+    model.use_fused_kernels = False
+    assert not any(block.mlp.use_fused_kernels for block in model.blocks)
+    assert "use_fused_kernels" not in model.state_dict() and "_use_fused_kernels" not in model.state_dict()
+
+
+def test_model_switch_on_cpu_changes_nothing():
+    """On CPU tensors the fused switch takes the reference path: loss and gradients are bit-identical."""
+    if kernels.interpreter_active():
+        pytest.skip("this process runs triton's interpreter")
+    torch.manual_seed(0)
+    model = GPT(_tiny_cfg(), train_seq_len=16)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.down.weight.normal_(0.0, 0.05)
+    ids, targets = _batch(300, 48, seed=2)
+    results = []
+    for fused in (False, True):
+        model.use_fused_kernels = fused
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_hooks_and_wrappers_on_up_disable_fusion():
+    """Hessian hooks and LoRA wrappers must see ``up``'s input: the fused path steps aside for them."""
+    model = GPT(_tiny_cfg())
+    model.use_fused_kernels = True
+    mlp = model.blocks[0].mlp
+    assert mlp._fusable()
+    seen = []
+    handle = mlp.up.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    assert not mlp._fusable()
+    model(*_batch(300, 32, seed=3))
+    assert seen and seen[0] == (32, 32)
+    handle.remove()
+    assert mlp._fusable()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x)
+
+    mlp.up = Wrapped(mlp.up)
+    assert not mlp._fusable()
+    model(*_batch(300, 32, seed=3))  # still runs, through the wrapper
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels compiled for sm_90 (H100) on this machine, without a GPU
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _compile_sm90(fn, signature: dict, constexprs: dict, aligned: list[str], **options):
+    """Compile a @triton.jit kernel for an H100 (sm_90) on this machine; pointer/stride args marked 16-aligned,
+    as triton's launcher specializes them at run time (without that hint nothing is pipelined)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    constants = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+H100_MAX_SHARED_BYTES = 227 * 1024
+
+
+def test_kernels_compile_for_h100():
+    """Every autotune config of the matmul compiles for sm_90 with wgmma, a pipelined K loop and shared memory
+    inside the H100's 227 KiB; both CE kernels compile with and without the cap."""
+    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
+        pytest.skip("needs triton without the interpreter")
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from pgolf import triton_kernels as tk
+
+    mlp_sig = {
+        "x_ptr": "*bf16",
+        "w_ptr": "*bf16",
+        "pre_ptr": "*bf16",
+        "post_ptr": "*bf16",
+        "M": "i32",
+        "N": "i32",
+        "K": "constexpr",
+        "stride_xm": "i32",
+        "stride_xk": "constexpr",
+        "stride_wn": "i32",
+        "stride_wk": "constexpr",
+        "stride_om": "i32",
+        "stride_on": "constexpr",
+        "slope": "fp32",
+        "IEEE_FP32": "constexpr",
+        "UPCAST": "constexpr",
+        "BLOCK_M": "constexpr",
+        "BLOCK_N": "constexpr",
+        "BLOCK_K": "constexpr",
+        "GROUP_M": "constexpr",
+    }
+    aligned = ["x_ptr", "w_ptr", "pre_ptr", "post_ptr", "M", "N", "stride_xm", "stride_wn", "stride_om"]
+    for config in tk._mlp_configs():
+        constexprs = {
+            "K": 512,
+            "stride_xk": 1,
+            "stride_wk": 1,
+            "stride_on": 1,
+            "IEEE_FP32": False,
+            "UPCAST": False,
+            **config.kwargs,
+        }
+        compiled = _compile_sm90(
+            tk._mlp_up_act_kernel,
+            mlp_sig,
+            constexprs,
+            aligned,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+        ttgir = compiled.asm["ttgir"]
+        assert "warp_group_dot" in ttgir, f"{config}: no wgmma"
+        assert "async_copy_global_to_local" in ttgir, f"{config}: K loop not software-pipelined"
+        assert (
+            compiled.metadata.shared <= H100_MAX_SHARED_BYTES
+        ), f"{config}: {compiled.metadata.shared} bytes of shared memory"
+
+    fwd_sig = {
+        "z_ptr": "*bf16",
+        "target_ptr": "*i64",
+        "nll_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        "V": "constexpr",
+        "stride_zt": "i32",
+        "cap": "fp32",
+        "HAS_CAP": "constexpr",
+        "BLOCK_V": "constexpr",
+    }
+    bwd_sig = {
+        "grad_nll_ptr": "*fp32",
+        "z_ptr": "*bf16",
+        "target_ptr": "*i64",
+        "lse_ptr": "*fp32",
+        "dz_ptr": "*bf16",
+        "V": "constexpr",
+        "stride_zt": "i32",
+        "stride_dzt": "i32",
+        "cap": "fp32",
+        "HAS_CAP": "constexpr",
+        "BLOCK_V": "constexpr",
+    }
+    block_v, warps = tk._ce_launch_params(8192, torch.device("cuda"))
+    for fn, sig in ((tk._softcap_ce_fwd_kernel, fwd_sig), (tk._softcap_ce_bwd_kernel, bwd_sig)):
+        aligned = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")]
+        for has_cap in (True, False):
+            compiled = _compile_sm90(
+                fn, sig, {"V": 8192, "HAS_CAP": has_cap, "BLOCK_V": block_v}, aligned, num_warps=warps
+            )
+            assert "ld.global" in compiled.asm["ptx"] and compiled.metadata.shared <= H100_MAX_SHARED_BYTES
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs arithmetic and synthetic data of the benchmark
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_flops_follow_gpu_md_for_the_record():
+    cfg = load_run_config(RECORD).model
+    assert bench.block_matrix_params(cfg) == 2_883_584  # gpu.md: q 512x512, k/v 512x256, o 512x512, MLP 2 x 512x2048
+    head = 2 * 512 * 8192
+    for applications in (11, 17):
+        context = 700.0
+        attention = applications * 4 * 8 * 64 * context
+        expected = 2 * applications * 2_883_584 + head + attention
+        assert bench.forward_flops_per_token(cfg, applications, context) == pytest.approx(expected, rel=1e-12)
+    # the application counts gpu.md names are the model's own
+    from pgolf.model import build_meta
+
+    model = build_meta(cfg)
+    assert (len(model.virtual_layers(False)), len(model.virtual_layers(True))) == (11, 17)
+
+
+def test_mean_causal_context_and_mfu():
+    # segments of 3 and 2 tokens (plus a zero-length pad): (1+2+3 + 1+2) / 5
+    assert bench.mean_causal_context([0, 3, 5, 5]) == pytest.approx(9 / 5)
+    assert bench.mean_causal_context([0]) == 0.0
+    assert bench.mfu(1e9, 1e5, 1000.0) == pytest.approx(1e14 / 1e15)
+    assert bench.mfu(1e9, 1e5, None) is None
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("cpu (x86_64)", None)],
+)
+def test_peak_table(name, peak):
+    assert bench.peak_tflops_for(name) == peak
+
+
+def test_synthetic_stream_has_realistic_documents():
+    stream = bench.synthetic_stream(50_000, 8192, seed=3)
+    bos = (stream == bench.BOS_ID).nonzero()[0]
+    gaps = bos[1:] - bos[:-1]
+    assert bos[0] == 0 and len(bos) >= 50_000 // bench.MAX_DOC_TOKENS
+    assert gaps.min() >= bench.MIN_DOC_TOKENS and gaps.max() <= bench.MAX_DOC_TOKENS
+    assert stream.min() >= 1 and stream.max() < 8192
+    assert (bench.synthetic_stream(50_000, 8192, seed=3) == stream).all()
+    assert not (bench.synthetic_stream(50_000, 8192, seed=4) == stream).all()
+
+
+def test_packed_rows_are_bucketed_like_training():
+    rows = bench.packed_rows(4096, 1024, 256, seed=0, rows=2)
+    for inputs, targets, cu in zip(rows.inputs, rows.targets, rows.cu_seqlens):
+        assert inputs.shape == targets.shape == (4096,)
+        assert torch.equal(inputs[1:], targets[:-1])  # targets are the next tokens
+        assert cu.numel() & (cu.numel() - 1) == 0 and cu[-1] == 4096  # a power-of-two bucket ending at T
+        assert int((cu[1:] - cu[:-1]).max()) <= 256
+    assert 0 < rows.mean_context <= (256 + 1) / 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pgolf bench (CPU, smoke recipe)
+# --------------------------------------------------------------------------------------------------------------
+
+TRAIN_FIELDS = {
+    "bench",
+    "run",
+    "device",
+    "device_type",
+    "torch",
+    "triton",
+    "cuda",
+    "fused_kernels",
+    "fused_kernels_active",
+    "compile",
+    "compile_backend",
+    "params",
+    "micro_batch_tokens",
+    "grad_accum_steps",
+    "tokens_per_step",
+    "train_seq_len",
+    "cu_seqlens_shapes",
+    "peak_tflops",
+    "seed",
+    "phases",
+}
+PHASE_FIELDS = {
+    "looping",
+    "block_applications",
+    "warmup_steps",
+    "warmup_seconds",
+    "first_step_seconds",
+    "steps",
+    "ms_per_step",
+    "tokens_per_s",
+    "forward_flops_per_token",
+    "train_flops_per_token",
+    "mean_attention_context",
+    "achieved_tflops",
+    "mfu",
+    "peak_memory_allocated_gib",
+    "peak_memory_reserved_gib",
+    "graphs_compiled_in_warmup",
+    "graph_breaks_in_warmup",
+    "recompiles_in_timed_steps",
+    "loss",
+    "loss_finite",
+}
+
+
+def _run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    from pgolf.cli import main
+
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_bench_train_cli_on_cpu(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    rc, stdout, stderr = _run_cli(
+        capsys,
+        # 2 timed steps per phase as the recipe runs them, on 512-token rows (this CPU is slow)
+        [
+            "bench",
+            "train",
+            "--config",
+            str(SMOKE),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--grad-accum",
+            "1",
+            "--micro-batch-tokens",
+            "512",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
+    assert rc == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert set(result) == TRAIN_FIELDS
+    assert json.loads(out.read_text()) == result
+    cfg = load_run_config(SMOKE)
+    assert result["device_type"] == "cpu" and result["fused_kernels_active"] is False
+    assert result["compile"] is False  # the smoke recipe does not compile
+    assert result["tokens_per_step"] == result["micro_batch_tokens"] == 512 and result["grad_accum_steps"] == 1
+    assert [p["looping"] for p in result["phases"]] == [False, True]
+    applications = [len(GPT(cfg.model).virtual_layers(looping)) for looping in (False, True)]
+    assert [p["block_applications"] for p in result["phases"]] == applications
+    for phase in result["phases"]:
+        assert set(phase) == PHASE_FIELDS
+        assert phase["steps"] == 2 and phase["ms_per_step"] > 0 and phase["loss_finite"]
+        assert phase["tokens_per_s"] == pytest.approx(2 * result["tokens_per_step"] / (2 * phase["ms_per_step"] / 1000))
+        assert phase["train_flops_per_token"] == pytest.approx(3 * phase["forward_flops_per_token"])
+        assert phase["mfu"] is None and phase["peak_memory_allocated_gib"] is None  # CPU: no peak, no CUDA memory
+        assert phase["recompiles_in_timed_steps"] == 0
+    # looping adds block applications, hence FLOPs per token
+    assert result["phases"][1]["forward_flops_per_token"] > result["phases"][0]["forward_flops_per_token"]
+    assert "bench train smoke" in stderr and "loop off" in stderr and "loop on" in stderr
+
+
+def test_bench_eval_cli_on_cpu(capsys):
+    rc, stdout, stderr = _run_cli(
+        capsys,
+        [
+            "bench",
+            "eval",
+            "--config",
+            str(SMOKE),
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch-tokens",
+            "512",
+            "--device",
+            "cpu",
+            "--no-compile",
+        ],
+    )
+    assert rc == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["bench"] == "eval" and result["looping"] is True and result["row_tokens"] == 512
+    for part in ("score", "ttt_step"):
+        assert result[part]["tokens_per_s"] > 0 and result[part]["ms_per_row"] > 0
+    expected = result["val_tokens"] / result["score"]["tokens_per_s"]
+    assert result["projected_scoring_seconds"] == pytest.approx(expected)
+    assert result["projected_ttt_seconds"] > result["projected_scoring_seconds"]
+    assert "bench eval smoke" in stderr
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    rc, _, stderr = _run_cli(capsys, ["bench", "train", "--config", str(SMOKE), "--steps", "0", "--device", "cpu"])
+    assert rc == 2 and "steps" in stderr
+    rc, _, stderr = _run_cli(capsys, ["bench", "train", "--config", str(REPO / "no_such.yaml"), "--steps", "1"])
+    assert rc == 2 and "no_such.yaml" in stderr
+    assert bench.main(["eval", "--config", str(REPO / "no_such.yaml")]) == 2  # python -m pgolf.bench
+    assert "no_such.yaml" in capsys.readouterr().err
+    rc, _, stderr = _run_cli(
+        capsys,
+        ["bench", "train", "--config", str(SMOKE), "--steps", "1", "--micro-batch-tokens", "100", "--device", "cpu"],
+    )
+    assert rc == 2 and "train_seq_len" in stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernels under Triton's CPU interpreter (a subprocess started with the module, so it overlaps the tests above)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter_worker(request):
+    """Start kernels_interpret_worker.py (TRITON_INTERPRET=1 must precede the triton import: own process)."""
+    wanted = any("interpreter" in item.name for item in request.session.items)
+    if not kernels.TRITON_AVAILABLE or not wanted:
+        yield None
+        return
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("kernels_interpret_worker.py"))],
+        cwd=REPO,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def interpreted_results(interpreter_worker) -> dict[str, str]:
+    if interpreter_worker is None:
+        pytest.skip("triton is not installed")  # (the worker also stays off when no interpreter test is selected)
+    stdout, stderr = interpreter_worker.communicate(timeout=600)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert (
+        interpreter_worker.returncode == 0 and lines
+    ), f"interpreter worker failed (rc {interpreter_worker.returncode}):\n{stdout}\n{stderr}"
+    return json.loads(lines[-1])
+
+
+INTERPRET_CASES = [
+    "mlp_fp32_leaky",
+    "mlp_fp32_relu",
+    "mlp_bf16",
+    "mlp_3d_input",
+    "ce_fp32_capped",
+    "ce_fp32_uncapped",
+    "ce_bf16",
+    "ce_online_max_across_blocks",
+    "ce_all_ignored",
+    "ce_invalid_target_is_nan",
+    "model_fused_matches_reference",
+    "compile_fullgraph",
+]
+
+
+def test_interpreter_worker_runs_every_case(interpreted_results):
+    assert sorted(interpreted_results) == sorted(INTERPRET_CASES)
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES)
+def test_kernel_under_interpreter(interpreted_results, case):
+    assert interpreted_results.get(case) == "ok", interpreted_results.get(case, "case did not run")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: the compiled kernels in bf16, inside torch.compile with inductor
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _no_worse(actual, lowp_reference, truth, what: str, slack: float = 1.5) -> None:
+    """The kernel's max error vs the fp64 truth is at most ``slack`` x the pure-PyTorch path's (same dtype)."""
+    err = (actual.double() - truth).abs().max().item()
+    ref_err = (lowp_reference.double() - truth).abs().max().item()
+    scale = truth.abs().max().item()
+    assert (
+        err <= slack * ref_err + 1e-6 * scale
+    ), f"{what}: max error {err:.3g} vs torch's {ref_err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fused_mlp_bf16_autocast():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    M, K, N = 4099, 512, 2048  # M not a multiple of any tile
+    x = (torch.randn(M, K, device="cuda", generator=gen)).bfloat16().requires_grad_(True)
+    w = (torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)).requires_grad_(True)  # fp32 master weight
+    grad = torch.randn(M, N, device="cuda", generator=gen).bfloat16()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = kernels.mlp_up_activation(x, w, 0.5)
+        y_ref = kernels.mlp_up_activation_reference(x, w, 0.5)
+    assert y.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    rx, rw = torch.autograd.grad(y_ref, (x, w), grad)
+    assert gw.dtype == torch.float32 and gx.dtype == torch.bfloat16
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().bfloat16().double().requires_grad_(True)
+    y64 = kernels.mlp_up_activation_reference(x64, w64, 0.5)
+    tx, tw = torch.autograd.grad(y64, (x64, w64), grad.double())
+    _no_worse(y, y_ref, y64.detach(), "forward")
+    _no_worse(gx, rx, tx, "dx", slack=2.0)
+    _no_worse(gw, rw, tw, "dw", slack=2.0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cap", [30.0, 0.0])
+def test_gpu_fused_ce_bf16(cap):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    T, V = 4099, 8192
+    z = (torch.randn(T, V, device="cuda", generator=gen) * 8).bfloat16()
+    targets = torch.randint(0, V, (T,), device="cuda", generator=gen)
+    targets[::97] = -100
+    za, zr = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    z64 = z.double().requires_grad_(True)
+    loss = kernels.softcapped_cross_entropy(za, targets, cap)
+    loss_ref = kernels.softcapped_cross_entropy_reference(zr, targets, cap)
+    loss64 = kernels.softcapped_cross_entropy_reference(z64, targets, cap)
+    (g,) = torch.autograd.grad(loss, za)
+    (g_ref,) = torch.autograd.grad(loss_ref, zr)
+    (g64,) = torch.autograd.grad(loss64, z64)
+    assert abs(loss.item() - loss64.item()) < 1e-5 * max(1.0, abs(loss64.item()))
+    _no_worse(g, g_ref, g64, "dz")
+    nll = kernels.softcapped_token_nll(z, targets, cap)
+    torch.testing.assert_close(
+        nll.double(), kernels.softcapped_token_nll_reference(z.double(), targets, cap), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_model_fused_compiled_matches_reference():
+    """A record-width model: fused + torch.compile(fullgraph, inductor) vs the pure-PyTorch eager path."""
+    from torch._dynamo.utils import counters
+
+    from pgolf.attention import build_cu_seqlens, pad_cu_seqlens
+    from pgolf.train import cu_seqlens_bucket
+
+    cfg = _tiny_cfg(vocab_size=8192, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16)
+    torch.manual_seed(0)
+    model = GPT(cfg, train_seq_len=2048).cuda()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.down.weight.normal_(0.0, 0.02)
+            block.attn.o.weight.normal_(0.0, 0.02)
+    model.looping = True
+    ids, targets = _batch(8192, 8192, seed=4)
+    cu, max_seqlen = build_cu_seqlens(ids, 1, 2048)
+    cu = pad_cu_seqlens(cu, cu_seqlens_bucket(cu.numel())).cuda()
+    ids, targets = ids.cuda(), targets.cuda()
+
+    def run(fused: bool, compiled: bool):
+        model.use_fused_kernels = fused
+        model.zero_grad(set_to_none=True)
+        fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(ids, targets, cu_seqlens=cu, max_seqlen=max_seqlen)
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    breaks = sum(counters["graph_break"].values())
+    ref_loss, ref_grads = run(fused=False, compiled=False)
+    loss, grads = run(fused=True, compiled=True)
+    assert sum(counters["graph_break"].values()) == breaks
+    assert abs(loss - ref_loss) < 2e-3 * abs(ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    flat = torch.cat([grads[n].flatten() for n in ref_grads])
+    flat_ref = torch.cat([g.flatten() for g in ref_grads.values()])
+    assert (flat - flat_ref).norm() <= 3e-2 * flat_ref.norm()  # bf16 rounding differs between the paths
+    for name, g in ref_grads.items():  # no parameter may be grossly off
+        rel = (grads[name] - g).norm().item() / max(g.norm().item(), 1e-12)
+        assert rel < 0.2, f"{name}: relative grad difference {rel:.3g}"
