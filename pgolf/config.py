@@ -427,6 +427,8 @@ class TTTConfig:
     beta2: float = 0.99
     weight_decay: float = 0.5
     warm_start_a: bool = True  # keep each slot's trained A from the previous batch (B is always reset to zero)
+    checkpoint_activations: bool = True  # recompute block activations in LoRA backward (64 x 2048 tokens: > 70 GB)
+    slot_lengths: tuple[int, ...] = ()  # LoRA slot lengths (one compiled graph each); () = 128, 256, ... context
     phase_boundaries_docs: tuple[int, ...] = (833, 1666, 2500)  # empty: no phases
     phase_scope: Literal["scored_prefix", "new_docs"] = "scored_prefix"  # what a phase trains on
     phase_lr: float = 0.001
@@ -450,6 +452,12 @@ class TTTConfig:
         _check(
             self.context_tokens >= self.chunk_tokens,
             f"context_tokens: expected >= chunk_tokens ({self.chunk_tokens}), got {self.context_tokens}",
+        )
+        lengths = self.slot_lengths
+        _check(
+            not lengths or (all(n >= 1 for n in lengths) and all(a < b for a, b in zip(lengths, lengths[1:]))
+                            and lengths[-1] >= self.context_tokens),
+            f"slot_lengths: expected increasing lengths, the last >= context_tokens ({self.context_tokens}), got {list(lengths)}",
         )
         _check(self.lr > 0, f"lr: expected > 0, got {self.lr}")
         _check(0.0 <= self.beta1 < 1.0, f"beta1: expected 0 <= beta1 < 1, got {self.beta1}")

@@ -302,16 +302,17 @@ class NllRunner:
     data was flagged on PR #1530) and leaves no trace: gradients are cleared, nothing is stepped.
     """
 
-    def __init__(self, model, device: torch.device, compile: bool = False):
+    def __init__(self, model, device: torch.device, compile: bool = False, dynamic: bool = False):
         self.model = model
         self.device = torch.device(device)
         self.compiled = compile
+        self.dynamic = dynamic
         fn: Callable = lambda i, t, c, m: token_nll(self.model, i, t, c, m)  # noqa: E731
         if compile:
             import torch._dynamo as dynamo
 
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-            fn = torch.compile(fn, dynamic=False)
+            fn = torch.compile(fn, dynamic=dynamic)
         self._fn = fn
         self.shapes: set[tuple] = set()
 

@@ -251,6 +251,29 @@ class SlotSmear(nn.Module):
         return torch.where(first[:, None], x, out)
 
 
+class CheckpointedBlock(nn.Module):
+    """Recompute a block's activations in backward instead of storing them (``torch.utils.checkpoint``).
+
+    A LoRA step backpropagates through every block application for slots x context tokens (64 x 2048 in the
+    record): stored activations alone would pass 70 GB. Checkpointing keeps only each application's inputs and
+    costs one extra forward per block in backward. Without grad it is a plain call.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor, x0: Tensor, ctx: tuple) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self.block(x, x0, ctx)
+        return torch.utils.checkpoint.checkpoint(self.block, x, x0, ctx, use_reentrant=False)
+
+    def forward_lanes(self, *args):
+        if not torch.is_grad_enabled():
+            return self.block.forward_lanes(*args)
+        return torch.utils.checkpoint.checkpoint(self.block.forward_lanes, *args, use_reentrant=False)
+
+
 class LoraAdapters:
     """The adapters attached to a model (see :func:`attach_lora`)."""
 
@@ -277,8 +300,9 @@ class LoraAdapters:
 
 @contextlib.contextmanager
 def attach_lora(model: nn.Module, cfg: TTTConfig, slots: int) -> Iterator[LoraAdapters]:
-    """Wrap the target modules of ``model`` with :class:`BatchedLoRA` (and its smear with :class:`SlotSmear`),
-    freeze the base weights; on exit put the original modules and ``requires_grad`` flags back."""
+    """Wrap the target modules of ``model`` with :class:`BatchedLoRA` (its smear with :class:`SlotSmear`, and its
+    blocks with :class:`CheckpointedBlock` when ``cfg.checkpoint_activations``), freeze the base weights; on exit put
+    the original modules and ``requires_grad`` flags back."""
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     wrappers: dict[str, BatchedLoRA] = {}
@@ -309,6 +333,10 @@ def attach_lora(model: nn.Module, cfg: TTTConfig, slots: int) -> Iterator[LoraAd
             smear = SlotSmear(original, slots)
             model.smear = smear
             replaced.append((model, "smear", original))
+        if cfg.checkpoint_activations:
+            for i, block in enumerate(model.blocks):
+                model.blocks[i] = CheckpointedBlock(block)
+                replaced.append((model.blocks, str(i), block))
         yield LoraAdapters(wrappers, smear)
     finally:
         for parent, attr, original in reversed(replaced):
@@ -390,9 +418,21 @@ class _SlotChunk:
     last_chunk: bool
 
 
-def _slot_length(max_window: int, context_tokens: int, minimum: int = 128) -> int:
-    """Slot length L for a step: the next power of two holding the longest window, at most context_tokens."""
-    return min(context_tokens, max(minimum, 1 << max(max_window - 1, 0).bit_length()))
+def slot_lengths(cfg: TTTConfig) -> tuple[int, ...]:
+    """The slot lengths a LoRA step may use (each one a compiled graph): ``cfg.slot_lengths``, or by default the
+    powers of two from 128 below ``context_tokens`` followed by ``context_tokens`` itself."""
+    if cfg.slot_lengths:
+        return tuple(cfg.slot_lengths)
+    powers = [1 << k for k in range(7, 32) if (1 << k) < cfg.context_tokens]
+    return (*powers, cfg.context_tokens)
+
+
+def _slot_length(max_window: int, cfg: TTTConfig) -> int:
+    """Slot length L of a step: the smallest allowed length that holds the step's longest window."""
+    for length in slot_lengths(cfg):
+        if length >= max_window:
+            return length
+    raise ValueError(f"a LoRA window of {max_window} tokens exceeds every slot length {slot_lengths(cfg)}")
 
 
 def _lora_step_plan(val: ValidationSet, docs: np.ndarray, cfg: TTTConfig, chunk: int) -> list[_SlotChunk]:
@@ -510,13 +550,11 @@ def lora_ttt(
         # ---- compile warm-up on random tokens: every slot length, with and without backward; phase rows
         warmup_s = 0.0
         if eval_cfg.compile and eval_cfg.compile_warmup_steps > 0:
-            lengths = {_slot_length(min(cfg.context_tokens, k * cfg.chunk_tokens), cfg.context_tokens)
+            lengths = {_slot_length(min(cfg.context_tokens, k * cfg.chunk_tokens), cfg)
                        for k in range(1, -(-cfg.context_tokens // cfg.chunk_tokens) + 1)}
             shapes = [(S * L, cu_seqlens_bucket(2 * S + 1), L) for L in sorted(lengths)]
             gen_seed = seed + 7_919
             warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=True, seed=gen_seed)
-            with torch.no_grad():
-                warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=False, seed=gen_seed)
             if phases:
                 adapters.set_active(False)
                 for p in base_params:
@@ -565,7 +603,7 @@ def _lora_batch(val, docs, batch_index, keep_a, cfg: TTTConfig, seed, runner, ad
         plan = _lora_step_plan(val, docs, cfg, c)
         if not plan:
             continue
-        L = _slot_length(max(p.input_end - p.window_start for p in plan), cfg.context_tokens)
+        L = _slot_length(max(p.input_end - p.window_start for p in plan), cfg)
         row = _lora_row(val, plan, S, L)
         updates = any(not p.last_chunk for p in plan)
 
@@ -585,8 +623,7 @@ def _lora_batch(val, docs, batch_index, keep_a, cfg: TTTConfig, seed, runner, ad
             ledger.record_scored(positions)
             acc.add(positions, values)
             continue
-        with torch.set_grad_enabled(updates):
-            nll = runner(row)
+        nll = runner(row)  # with grad even when nothing updates: one compiled graph per slot length, not two
         positions, values = _scored_nll(nll, row)
         ledger.record_scored(positions)
         acc.add(positions, values)
@@ -676,26 +713,22 @@ def chunked_ttt(
     doc_starts = val.doc_starts
 
     warmup_s = 0.0
-    if eval_cfg.compile and eval_cfg.compile_warmup_steps > 0:
+    if eval_cfg.compile and eval_cfg.compile_warmup_steps > 0:  # one graph per row shape, always with grad
         shapes = sorted({runner.shape_of(stream_window_row(val, *_split(lo, hi, world, rank), L, row_tokens))
                          for lo, hi in chunks if _split(lo, hi, world, rank)[0] < _split(lo, hi, world, rank)[1]})
         warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=True, seed=seed + 7_919)
-        with torch.no_grad():
-            warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=False, seed=seed + 7_919)
 
     def targets_in(lo: int, hi: int) -> int:
         return (hi - lo) - int(np.searchsorted(doc_starts, hi) - np.searchsorted(doc_starts, lo))
 
-    def train_on(row: Optional[PackedRow], k: int, chunk_targets: int) -> None:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg.chunk_lr, k, len(chunks) - 1)
-        for _ in range(cfg.chunk_epochs):
-            if row is not None:
-                ledger.record_update(row.used_positions)  # C3: raises if any position is not yet scored
-                (runner(row).sum() / max(chunk_targets, 1)).backward()
-            _all_reduce_sum_grads(params, dist_info)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def step(row: Optional[PackedRow], nll: Optional[Tensor], chunk_targets: int) -> None:
+        """One SGD step on the chunk: this process's part of the mean NLL, gradients summed over processes."""
+        if row is not None:
+            ledger.record_update(row.used_positions)  # C3: raises if any position is not yet scored
+            (nll.sum() / max(chunk_targets, 1)).backward()
+        _all_reduce_sum_grads(params, dist_info)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     score_start = time.perf_counter()
     steps = 0
@@ -703,20 +736,27 @@ def chunked_ttt(
         rlo, rhi = _split(lo, hi, world, rank)
         row = stream_window_row(val, rlo, rhi, L, row_tokens) if rlo < rhi else None
         trains = k < len(chunks) - 1 and cfg.chunk_epochs > 0
+        chunk_targets = targets_in(lo, hi)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(cfg.chunk_lr, k, len(chunks) - 1)
+        epochs_left = cfg.chunk_epochs if trains else 0
         if cfg.debug_update_before_score and trains:  # ILLEGAL ordering, for tests and compliance checks only
-            train_on(row, k, targets_in(lo, hi))
+            step(row, runner(row) if row is not None else None, chunk_targets)
+            epochs_left -= 1
+            steps += 1
+        # Score (with grad on, so the first epoch reuses this very forward: one compiled graph, one pass saved)
+        nll = runner(row) if row is not None else None
         if row is not None:
-            with torch.no_grad():
-                nll = runner(row)
             positions, values = _scored_nll(nll, row)
             ledger.record_scored(positions)
             acc.add(positions, values)
             progress.update(len(positions), docs=int(np.searchsorted(doc_starts, rhi) - np.searchsorted(doc_starts, rlo)))
         if world > 1:  # every process has scored its part before any gradient is exchanged
             ledger.note_scored_elsewhere(np.concatenate([np.arange(lo, rlo), np.arange(rhi, hi)]))
-        if trains and not cfg.debug_update_before_score:
-            train_on(row, k, targets_in(lo, hi))
-            steps += cfg.chunk_epochs
+        for epoch in range(epochs_left):
+            step(row, nll if epoch == 0 else (runner(row) if row is not None else None), chunk_targets)
+            steps += 1
+        del nll
     _sync(device)
     score_s = time.perf_counter() - score_start
     for p in params:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from eval_fixtures import copy_model, eval_config, random_docs, replace_ttt, tiny_model, val_from_docs
+from pgolf.config import ConfigError
 from pgolf.evaluate import score_documents
 from pgolf.scoring import PackedRow, token_nll
 from pgolf.ttt import BatchedLoRA, Ledger, LegalityError, attach_lora, cosine_lr, lora_doc_order, run_ttt
@@ -299,3 +300,13 @@ def test_two_ranks_score_like_one_process(tmp_path):
         np.testing.assert_array_equal(np.isfinite(merged), scored)
         np.testing.assert_allclose(merged[scored], single[scored], rtol=0, atol=tolerance, err_msg=name)
         assert ranks[0][f"{name}_sums"][1:].tolist() == sums[1:].tolist()
+
+
+def test_lora_scores_do_not_depend_on_the_slot_length(model, docs):
+    """Slots of 8, 16 or 24 tokens (padding is its own segment, never scored): the same scores as 24 everywhere."""
+    val = val_from_docs(docs)
+    fixed = run(model, val, eval_config("lora"))
+    bucketed = run(model, val, eval_config("lora", slot_lengths=(8, 16, 24)))
+    np.testing.assert_allclose(bucketed.accumulator.token_nll, fixed.accumulator.token_nll, rtol=0, atol=2e-5)
+    with pytest.raises(ConfigError, match="slot_lengths"):
+        eval_config("lora", slot_lengths=(8, 16))  # shorter than context_tokens (24)
