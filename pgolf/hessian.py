@@ -155,11 +155,13 @@ def collect_hessians(
     def make_hook(module_name: str):
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            x2 = x.reshape(-1, x.shape[-1]).float()  # [rows, cols]
-            if module_name in sums:
-                sums[module_name].addmm_(x2.T, x2)
-            else:
-                sums[module_name] = x2.T @ x2  # [cols, cols] float32
+            # autocast would run these products in bf16 (and return bf16): the sums must stay float32
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x2 = x.reshape(-1, x.shape[-1]).float()  # [rows, cols]
+                if module_name in sums:
+                    sums[module_name].addmm_(x2.T, x2)
+                else:
+                    sums[module_name] = x2.T @ x2  # [cols, cols] float32
             rows_seen[module_name] += x2.shape[0]  # a static shape: no device sync
 
         return hook

@@ -132,6 +132,30 @@ def test_untied_head_from_final_norm_and_identity_for_input_embedding(batches) -
     assert float(H["lm_head.weight"].diagonal().mean()) == pytest.approx(1.0, rel=1e-4)
 
 
+def test_sums_stay_float32_under_bf16_autocast(batches) -> None:
+    """The CUDA path runs forwards under bf16 autocast; autocast must not reach the hooks' X^T X products."""
+    model = _perturbed_model(seed=5)
+    reference = collect_hessians(model, batches, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        H = collect_hessians(model, batches, "cpu")
+    for name, ref in reference.items():
+        assert H[name].dtype == torch.float32, name
+        assert float((H[name] - ref).norm() / ref.norm()) < 3e-2, name
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_hessians_match_cpu_fp32(batches) -> None:
+    """On CUDA the forwards run under bf16 autocast; the statistics still agree with the fp32 CPU pass."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _perturbed_model(seed=4)
+    cpu = collect_hessians(model, batches, "cpu")
+    gpu = collect_hessians(model.cuda(), batches, "cuda")
+    for name, H in cpu.items():
+        assert gpu[name].device.type == "cpu" and gpu[name].dtype == torch.float32
+        assert float((gpu[name] - H).norm() / H.norm()) < 3e-2, name
+
+
 def test_no_batches_is_an_error() -> None:
     with pytest.raises(HessianError, match="never ran"):
         collect_hessians(_perturbed_model(), [], "cpu")
