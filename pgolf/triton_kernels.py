@@ -108,6 +108,8 @@ def _mlp_configs() -> list:
         (128, 128, 64, 4, 4),
         (256, 128, 64, 8, 3),
         (64, 256, 64, 4, 4),
+        (128, 256, 128, 8, 2),  # K = 512 is only 4 steps of 128: fewer, fatter pipeline stages
+        (128, 128, 128, 8, 3),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
