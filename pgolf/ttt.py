@@ -559,8 +559,8 @@ def lora_ttt(
                 adapters.set_active(False)
                 for p in base_params:
                     p.requires_grad_(True)
-                rows = pack_documents(val, order[: max(b for _, b in phases.values())], cfg.phase_chunk_tokens,
-                                      eval_cfg.eval_seq_len)
+                rows = pack_documents(val, order[: max(b for _, b in phases.values())],
+                                      phase_row_tokens(eval_cfg, world), eval_cfg.eval_seq_len)
                 phase_shapes = sorted({runner.shape_of(r) for r in rows})
                 warmup_s += runner.warmup(phase_shapes, eval_cfg.compile_warmup_steps, backward=True, seed=gen_seed)
                 for p in base_params:
@@ -633,15 +633,25 @@ def _lora_batch(val, docs, batch_index, keep_a, cfg: TTTConfig, seed, runner, ad
     progress.update(0, docs=int((n_targets == 0).sum()))
 
 
+def phase_row_tokens(eval_cfg: EvaluateConfig, world_size: int) -> int:
+    """Tokens per process per phase step: one SGD step covers ``phase_chunk_tokens`` over all processes."""
+    return max(-(-eval_cfg.ttt.phase_chunk_tokens // world_size), eval_cfg.eval_seq_len + 1)
+
+
 def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, base_params, ledger, dist_info,
                 after_docs: int) -> dict:
-    """One global SGD pass (momentum, cosine LR) over already-scored documents, on the base weights."""
+    """One global SGD pass (momentum, cosine LR) over already-scored documents, on the base weights.
+
+    The documents are packed (queue order, within-document windows) into rows of :func:`phase_row_tokens`; a step
+    takes one row per process and sums their gradients, so it sees about ``phase_chunk_tokens`` tokens whatever
+    the process count. The loss of a step is the mean over its rows of each row's mean NLL.
+    """
     cfg = eval_cfg.ttt
     start = time.perf_counter()
     rank = dist_info.rank if dist_info is not None else 0
     world = dist_info.world_size if dist_info is not None else 1
     ledger.sync(dist_info)  # documents scored on other processes are trained on here
-    rows = list(pack_documents(val, docs, cfg.phase_chunk_tokens, eval_cfg.eval_seq_len, pad=eval_cfg.compile))
+    rows = list(pack_documents(val, docs, phase_row_tokens(eval_cfg, world), eval_cfg.eval_seq_len, pad=eval_cfg.compile))
     steps = -(-len(rows) // world)
     adapters.set_active(False)
     for p in base_params:
