@@ -51,6 +51,10 @@ from pgolf.data.loader import TokenStream
 from pgolf.data.shards import BOS_ID, list_shards
 from pgolf.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
+# float32 X^T X on CUDA through TF32 tensor cores (inputs rounded to 11 significant bits, float32 accumulation):
+# exact for the bf16 activations autocast produces, a 2^-11 rounding of the few fp32 ones (norm outputs, which the
+# Linear itself rounds to bf16 anyway); several times faster than full fp32, and this pass is inside the budget
+CUDA_MATMUL_PRECISION = "high"
 EXIT_OVER_BUDGET = 3  # same status as the evaluation stage's budget refusal
 _OFFSET_STREAM_TAG = 0x4E55  # mixed into the seed so calibration offsets never reuse another stage's random stream
 
@@ -141,7 +145,8 @@ def collect_hessians(
 
     ``batches``: ``(input_ids [T], cu_seqlens int32)`` packed rows (see :func:`calibration_batches`). The model
     must already be on ``device``; its ``looping`` flag is switched on for the pass when it has recurrence and
-    restored afterwards. Sums are float32 on ``device``; forwards run under bf16 autocast on CUDA. Weights whose
+    restored afterwards. Sums are float32 on ``device``; on CUDA forwards run under bf16 autocast and the products
+    use TF32 (:data:`CUDA_MATMUL_PRECISION`, restored afterwards). Weights whose
     input module is shared (q, k, v) map to the SAME tensor object. ``rows_out``, when given, receives ``n`` per
     input module (rows seen = tokens x applications, see the module docstring).
     """
@@ -171,6 +176,9 @@ def collect_hessians(
     model.looping = model.cfg.loop_count > 1
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    previous_precision = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision(CUDA_MATMUL_PRECISION)
     try:
         with torch.inference_mode(), autocast:
             for input_ids, cu_seqlens in batches:
@@ -180,6 +188,7 @@ def collect_hessians(
                 hidden = model.forward_hidden(ids, cu, max_seqlen)  # [T, d]
                 model.lm_head(hidden)  # only its pre-hook matters: the tied embedding's H is the head input
     finally:
+        torch.set_float32_matmul_precision(previous_precision)
         for handle in handles:
             handle.remove()
         model.looping = was_looping
@@ -306,6 +315,7 @@ def run_hessian_stage(
         "seed": seed,
         "hessian_config": to_dict(cfg),
         "device": str(device),
+        "xtx_matmul": "tf32" if device.type == "cuda" else "fp32",
         "checkpoint": str(checkpoint),
         "checkpoint_weights_sha256": meta.get("weights_sha256"),
         "data_dir": str(data_dir),
