@@ -7,7 +7,8 @@
   the quantized model must come from that same checkpoint (its recorded weights sha256 is compared).
 - ``input_hashes`` in the artifact header: checkpoint weights, hessians file, quantize config, the counted
   code file, and (when the checkpoint records them) the pgolf code hash and the data manifest hash.
-- Counted code bytes: ``--code`` under ``pack.code_bytes_convention`` (see pgolf/minify.py).
+- Counted code bytes: ``--code`` under ``pack.code_bytes_convention`` (see pgolf/minify.py). Without
+  ``--code`` (the Snakemake DAG) the model bytes alone are gated here and ``pgolf.gate`` adds the code.
 - The artifact bytes are unpacked again and checked against the model config before anything is written.
 - Size gate: counted code + compressed model <= ``pack.size_cap_bytes``. Over it, the report says by how many
   bytes, no artifact is written and the stage exits with status 3. Under it, the report gives the headroom.
@@ -83,11 +84,16 @@ def run_pack_stage(
     quantized: str | Path,
     checkpoint: str | Path,
     cfg: PackConfig,
-    code: str | Path,
+    code: Optional[str | Path],
     out: str | Path,
     report_path: str | Path,
 ) -> tuple[dict[str, Any], int]:
-    """Pack, verify, gate; returns ``(report, exit status)``. The artifact is written only when it fits."""
+    """Pack, verify, gate; returns ``(report, exit status)``. The artifact is written only when it fits.
+
+    With ``code=None`` (the staged pipeline) the gate here holds the model bytes alone against the cap and the
+    separate gate stage (pgolf.gate) adds the counted code: the shipped file embeds the whole recipe, so its
+    bytes change with any knob, and re-compressing the model for a TTT knob would waste minutes.
+    """
     from pgolf.checkpoint import model_config_of, read_checkpoint_meta
     from pgolf.quantize import load_quantized
 
@@ -101,7 +107,10 @@ def run_pack_stage(
             f"{quantized} was quantized from weights {str(provenance.get('checkpoint_weights_sha256'))[:16]}..., but "
             f"{checkpoint} holds {str(meta.get('weights_sha256'))[:16]}...: rerun the quantize stage"
         )
-    code_bytes, code_file_bytes, code_sha256 = counted_code_bytes(code, cfg.code_bytes_convention)
+    if code is None:
+        code_bytes, code_file_bytes, code_sha256 = 0, None, None
+    else:
+        code_bytes, code_file_bytes, code_sha256 = counted_code_bytes(code, cfg.code_bytes_convention)
     input_hashes = {
         "checkpoint_weights_sha256": meta["weights_sha256"],
         "hessians_sha256": provenance.get("hessians_sha256"),
@@ -131,7 +140,7 @@ def run_pack_stage(
         "model_bytes": gate.model_bytes,
         "code_bytes": gate.code_bytes,
         "code_bytes_convention": cfg.code_bytes_convention,
-        "code_file": str(code),
+        "code_file": None if code is None else str(code),
         "code_file_bytes": code_file_bytes,
         "total_bytes": gate.total_bytes,
         "cap": gate.cap_bytes,
@@ -165,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="training checkpoint directory (its model config is stored)"
     )
     parser.add_argument("--pack-json", required=True, help="the pack section as JSON")
-    parser.add_argument("--code", required=True, help="the counted code file (train_gpt.py)")
+    parser.add_argument(
+        "--code", default=None, help="the counted code file (train_gpt.py); without it the gate stage counts it"
+    )
     parser.add_argument("--out", required=True, help="artifact file, written only if it fits the cap")
     parser.add_argument("--report", required=True, help="pack report JSON")
     return parser

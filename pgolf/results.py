@@ -31,6 +31,8 @@ REQUIRED_FILES = {
 OPTIONAL_FILES = {
     "metrics": "train/metrics.jsonl",
     "hessian_report": "hessians/hessian_report.json",
+    # the staged DAG gates model + code in a stage of its own; a record run's pack report carries both itself
+    "gate_report": "gate/gate_report.json",
 }
 LOGS_DIR = "logs"
 # Stage logs in pipeline order; any other *.log in logs/ follows alphabetically.
@@ -240,18 +242,22 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
             f"{p_ev}: artifact_sha256 {eval_sha[:16]}... differs from {p_pack} ({pack_sha[:16]}...): "
             "the evaluation scored a different artifact than the one whose size is reported"
         )
-    model_bytes = _get(pack, "model_bytes", p_pack, int)
-    code_bytes = _get(pack, "code_bytes", p_pack, int)
-    total_bytes = _get(pack, "total_bytes", p_pack, int)
+    gate_path = base / OPTIONAL_FILES["gate_report"]
+    size, p_size = (_read_object(gate_path, "gate report"), gate_path) if gate_path.exists() else (pack, p_pack)
+    if _get(size, "artifact_sha256", p_size, str) != pack_sha:
+        raise ResultsError(f"{p_size}: artifact_sha256 differs from {p_pack}: the gate checked another artifact")
+    model_bytes = _get(size, "model_bytes", p_size, int)
+    code_bytes = _get(size, "code_bytes", p_size, int)
+    total_bytes = _get(size, "total_bytes", p_size, int)
     if total_bytes != model_bytes + code_bytes:
         raise ResultsError(
-            f"{p_pack}: total_bytes {total_bytes} != model_bytes {model_bytes} + code_bytes {code_bytes}"
+            f"{p_size}: total_bytes {total_bytes} != model_bytes {model_bytes} + code_bytes {code_bytes}"
         )
-    cap = pack.get("cap", pack.get("cap_bytes", 16_000_000))
+    cap = size.get("cap", size.get("cap_bytes", 16_000_000))
     if isinstance(cap, float) and cap.is_integer():
         cap = int(cap)
     if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-        raise ResultsError(f"{p_pack}: key 'cap' expected a positive integer byte count, got {cap!r}")
+        raise ResultsError(f"{p_size}: key 'cap' expected a positive integer byte count, got {cap!r}")
 
     hessian_seconds = None
     hessian_report: dict = {}
@@ -295,8 +301,8 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
         code_bytes=code_bytes,
         total_bytes=total_bytes,
         cap_bytes=cap,
-        code_bytes_convention=_get(pack, "code_bytes_convention", p_pack, str, required=False),
-        code_sha256=_get(pack, "code_sha256", p_pack, str, required=False),
+        code_bytes_convention=_get(size, "code_bytes_convention", p_size, str, required=False),
+        code_sha256=_get(size, "code_sha256", p_size, str, required=False),
         code_hash=_get(ckpt, "code_hash", p_ckpt, str),
         eval_code_hash=_get(ev, "code_hash", p_ev, str, required=False),
         data_manifest_sha256=_get(ckpt, "data_manifest_sha256", p_ckpt, str, required=False),
