@@ -19,13 +19,16 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/preflight.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/bundle.smk"
 include: "workflow/rules/quantize.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/aggregate.smk"
 
 
 rule all:
     input:
-        DATA_VERIFIED,
-        expand(f"{RUN_DIR}/seed{{seed}}/train/checkpoint/checkpoint.json", seed=CFG.seeds),
-        expand(f"{RUN_DIR}/seed{{seed}}/pack/artifact.pgolf", seed=CFG.seeds),
+        f"{RUN_DIR}/submission.json",
+        f"{RUN_DIR}/report.html",
+        f"{RUN_DIR}/records",

@@ -310,6 +310,7 @@ class TrainConfig:
     ema_decay: float = 0.9965  # 0 disables
     loop_enable_fraction: float = 0.35  # training fraction after which depth recurrence turns on
     compile: bool = True
+    fused_kernels: bool = False  # Triton MLP + softcapped CE (pgolf/kernels.py); opt-in until verified on a GPU
     log_every_steps: int = 10
 
     def __post_init__(self) -> None:

@@ -45,8 +45,10 @@ TRITON_AVAILABLE = _tk is not None
 
 
 def fused_kernels_default() -> bool:
-    """Default of ``GPT.use_fused_kernels``: on where the Triton kernels can run on CUDA, off elsewhere."""
-    return TRITON_AVAILABLE and torch.cuda.is_available()
+    """Default of ``GPT.use_fused_kernels``: off. The training stage turns the kernels on with
+    ``train.fused_kernels``; they pass their references under Triton's CPU interpreter but have not yet been run
+    on a GPU here, so the verified pure-PyTorch path stays the default until ``pytest -m gpu`` has passed."""
+    return False
 
 
 def interpreter_active() -> bool:

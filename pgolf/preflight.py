@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pgolf.config import ConfigError, RunConfig, load_run_config
+from pgolf.config import ConfigError, RunConfig, load_run_config, parse_run_config
 from pgolf.io import atomic_write_json, read_json
 
 RECORD_GPU_COUNT = 8
@@ -196,11 +197,14 @@ def gpu_names() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
-def run_preflight(config: str | Path, data_dir: Optional[str | Path] = None, verify_now: bool = True) -> list[Check]:
+def run_preflight(config: str | Path | RunConfig, data_dir: Optional[str | Path] = None, verify_now: bool = True) -> list[Check]:
+    """``config``: a recipe file, or an already-validated RunConfig (what the Snakemake rule passes as JSON)."""
     try:
-        cfg = load_run_config(config)
+        cfg = config if isinstance(config, RunConfig) else load_run_config(config)
     except ConfigError as exc:
         return [Check("config", False, str(exc))]
+    if isinstance(config, RunConfig):
+        config = "recipe"
     checks = [Check("config", True, f"{config}: run '{cfg.run}', mode {cfg.mode}, seeds {list(cfg.seeds)}")]
 
     for module, why in (
@@ -261,7 +265,10 @@ def print_checks(checks: Sequence[Check], file=None) -> None:
 
 
 def _preflight_cmd(args: argparse.Namespace) -> int:
-    checks = run_preflight(args.config, args.data_dir, verify_now=not args.no_verify)
+    if bool(args.config) == bool(args.config_json):
+        raise ValueError("give exactly one of --config FILE and --config-json JSON")
+    config = args.config or parse_run_config(json.loads(args.config_json), "--config-json")
+    checks = run_preflight(config, args.data_dir, verify_now=not args.no_verify)
     print_checks(checks)
     failed = [c for c in checks if not c.ok and c.required]
     if args.json_out:
@@ -269,7 +276,7 @@ def _preflight_cmd(args: argparse.Namespace) -> int:
             args.json_out,
             {
                 "ok": not failed,
-                "config": str(args.config),
+                "config": str(args.config or "--config-json"),
                 "checks": [dataclasses.asdict(c) | {"status": c.status} for c in checks],
             },
         )
@@ -278,7 +285,8 @@ def _preflight_cmd(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preflight", help="check this machine can run a recipe (packages, GPUs, binaries, disk, data)")
-    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("--config", help="recipe YAML")
+    p.add_argument("--config-json", help="the whole resolved recipe as JSON (what the Snakemake rule passes)")
     p.add_argument(
         "--data-dir",
         help="data root (holds verified.json and shards/) or the shards directory "

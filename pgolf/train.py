@@ -199,6 +199,7 @@ def train_in_group(
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     model = GPT(model_cfg).to(device)
+    model.use_fused_kernels = train_cfg.fused_kernels and device.type == "cuda"
     groups = param_groups(model)
     optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=False)  # grads averaged below, before clipping
     params = [p for p in model.parameters()]

@@ -11,6 +11,7 @@ rule train:
     input:
         verified=DATA_VERIFIED,
         shards=SHARDS_DIR,
+        preflight=ancient(f"{RUN_DIR}/preflight.json"),
     output:
         checkpoint=f"{RUN_DIR}/seed{{seed}}/train/checkpoint/checkpoint.json",
         weights=f"{RUN_DIR}/seed{{seed}}/train/checkpoint/model.pt",

@@ -1,0 +1,36 @@
+# Evaluation, one job per seed: the packed artifact (as a real submission) scored with the configured TTT.
+#
+#   results/<run>/seed<seed>/eval/eval.json (+ eval_metrics.jsonl)
+#
+# Every TTT and scoring knob arrives through the `evaluate` params, so changing one reruns this rule and the
+# aggregation (and the cheap bundle/gate pair, because the shipped train_gpt.py embeds the recipe), never
+# training, Hessians, quantization or packing.
+
+
+rule evaluate:
+    input:
+        artifact=f"{RUN_DIR}/seed{{seed}}/pack/artifact.pgolf",
+        pack_report=f"{RUN_DIR}/seed{{seed}}/pack/pack_report.json",
+        gate=f"{RUN_DIR}/seed{{seed}}/gate/gate_report.json",
+        checkpoint=f"{RUN_DIR}/seed{{seed}}/train/checkpoint/checkpoint.json",
+        verified=DATA_VERIFIED,
+        shards=SHARDS_DIR,
+    output:
+        result=f"{RUN_DIR}/seed{{seed}}/eval/eval.json",
+        metrics=f"{RUN_DIR}/seed{{seed}}/eval/eval_metrics.jsonl",
+    params:
+        evaluate=section_json("evaluate"),
+        mode=CFG.mode,
+        checkpoint=checkpoint_dir,
+        tokenizer="" if CFG.tokenizer.caseops else f"--tokenizer {TOKENIZER_PATH}",
+    threads: workflow.cores
+    resources:
+        gpus=VISIBLE_GPUS,
+        gpu_jobs=1,
+    log:
+        f"{RUN_DIR}/seed{{seed}}/logs/evaluate.log",
+    shell:
+        "torchrun --standalone --nproc_per_node $(( {resources.gpus} > 0 ? {resources.gpus} : 1 )) -m pgolf.evaluate"
+        " --artifact {input.artifact} --pack-report {input.pack_report} --eval-json {params.evaluate:q}"
+        " --seed {wildcards.seed} --data-dir {input.shards} --checkpoint {params.checkpoint} {params.tokenizer}"
+        " --mode {params.mode} --out {output.result} --metrics {output.metrics} > {log} 2>&1"
