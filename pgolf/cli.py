@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "pgolf.submission",
     "pgolf.preflight",
     "pgolf.bench",
+    "pgolf.comply",
 ]
 
 

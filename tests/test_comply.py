@@ -1,0 +1,248 @@
+"""pgolf comply: the rules of rules.md on a run's own records.
+
+The data evidence (verified.json) is produced by the real verifier (pgolf.data.verify.verify_dir) over real shard
+files written with the shard writer; the per-seed files follow the stage contracts (tests/report_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgolf import comply
+from pgolf.cli import main as cli_main
+from pgolf.config import parse_run_config, to_dict
+from pgolf.data.shards import BOS_ID, ShardStreamWriter
+from pgolf.data.verify import verify_dir
+from report_fixtures import RECORD_BPB, make_run
+
+DATA_NAME = "fx_data"
+N_VAL = 50_000
+
+
+def _docs(n_docs: int, offset: int) -> list[np.ndarray]:
+    """``n_docs`` distinct 3-token documents [BOS, a, b] (pairs numbered from ``offset``; ids >= 8)."""
+    index = np.arange(offset, offset + n_docs)
+    docs = np.stack([np.full(n_docs, BOS_ID), 8 + index // 4000, 8 + index % 4000], axis=1).astype(np.uint16)
+    return list(docs)
+
+
+def _write_stream(directory: Path, kind: str, docs: list[np.ndarray]) -> None:
+    with ShardStreamWriter(directory, kind, 60_000) as writer:
+        for doc in docs:
+            writer.append(doc)
+
+
+def make_data(results: Path, leak: bool = False) -> Path:
+    """results/data/<name>/{shards/, verified.json}: 50,000 val docs, 2,000 train docs; ``leak`` puts val doc 17
+    into the training split (the #2127 failure)."""
+    data_dir = results / "data" / DATA_NAME
+    shards = data_dir / "shards"
+    shards.mkdir(parents=True)
+    val = _docs(N_VAL, 0)
+    train = _docs(2_000, N_VAL)
+    if leak:
+        train.insert(500, val[17].copy())
+    _write_stream(shards, "val", val)
+    _write_stream(shards, "train", train)
+    report = verify_dir(shards, expected_val_docs=N_VAL, record=True)
+    (data_dir / "verified.json").write_text(json.dumps(report.to_dict()))
+    return data_dir
+
+
+def _edit(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def make_compliant_run(tmp_path: Path) -> Path:
+    """A 3-seed record run on 8xH100 with gate reports, eval ledgers and the data it trained on."""
+    run_dir = make_run(tmp_path)
+    for seed in RECORD_BPB:
+        base = run_dir / f"seed{seed}"
+        pack = json.loads((base / "pack" / "pack_report.json").read_text())
+        gate = {k: pack[k] for k in ("artifact_sha256", "model_bytes", "code_bytes", "code_bytes_convention",
+                                     "total_bytes", "cap", "code_sha256")}
+        (base / "gate").mkdir()
+        (base / "gate" / "gate_report.json").write_text(json.dumps({"stage": "gate", **gate, "ok": True}))
+
+        def add_ledger(ev: dict) -> None:
+            ev["ledger"] = {"positions": ev["token_count"] + 50_000, "scored_here": ev["token_count"] // 8,
+                            "score_calls": 900, "updates": 12_000, "update_positions_total": 40_000_000,
+                            "positions_used_by_updates": 40_000_000, "max_update_last_position": 1,
+                            "complete_checked": True, "targets_expected": ev["token_count"], "complete": True}
+            ev["evaluate_config"] = {"max_docs": 0, "ttt": {"mode": "lora", "debug_update_before_score": False}}
+            ev["world_size"] = 8
+            ev["environment"] = {"gpu": "NVIDIA H100 80GB HBM3"}
+
+        _edit(base / "eval" / "eval.json", add_ledger)
+        # a Hub export has no pgolf manifest, so training recorded none
+        _edit(base / "train" / "checkpoint" / "checkpoint.json", lambda c: c.update(data_manifest_sha256=None))
+    make_data(run_dir.parent)
+    return run_dir
+
+
+def record_config(**overrides):
+    data = {"run": "record", "seeds": list(RECORD_BPB), "data": {"name": DATA_NAME}, **overrides}
+    return parse_run_config(data, "test")
+
+
+def verdicts_by_rule(run_dir: Path, cfg) -> dict[str, comply.Verdict]:
+    return {v.rule: v for v in comply.check_run(run_dir, cfg)}
+
+
+@pytest.fixture(scope="module")
+def compliant(tmp_path_factory) -> Path:
+    return make_compliant_run(tmp_path_factory.mktemp("compliant"))
+
+
+def test_compliant_run_passes_every_rule(compliant, tmp_path, capsys):
+    cfg = record_config()
+    verdicts = verdicts_by_rule(compliant, cfg)
+    assert set(verdicts) == {c.__name__.removeprefix("check_") for c in comply.CHECKS}
+    assert {rule: v.status for rule, v in verdicts.items() if v.status != comply.PASS} == {}
+    assert "50,000" in verdicts["val_docs"].evidence
+    assert "'wrapper'" in verdicts["size"].evidence
+
+    out = tmp_path / "comply.json"
+    code = cli_main(["comply", str(compliant), "--config-json", json.dumps(to_dict(cfg)), "--json-out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert printed.count("PASS") == len(comply.CHECKS) and "record: COMPLIANT" in printed
+    report = json.loads(out.read_text())
+    assert report["compliant"] is True and report["failed_rules"] == []
+    assert report["counts"] == {"PASS": len(comply.CHECKS), "FAIL": 0, "NOT-APPLICABLE": 0}
+
+
+def test_leaky_data_is_rejected_naming_the_rule(tmp_path, capsys):
+    run_dir = make_compliant_run(tmp_path)
+    data_dir = run_dir.parent / "data" / DATA_NAME
+    # rebuild the data with validation document 17 inside the training split, verified by the real verifier
+    import shutil
+
+    shutil.rmtree(data_dir)
+    make_data(run_dir.parent, leak=True)
+    verdicts = verdicts_by_rule(run_dir, record_config())
+    assert verdicts["disjoint"].status == comply.FAIL
+    assert "leak: 1 validation documents" in verdicts["disjoint"].evidence
+    assert [r for r, v in verdicts.items() if v.status == comply.FAIL] == ["disjoint"]
+
+    cfg_json = json.dumps(to_dict(record_config()))
+    assert cli_main(["comply", str(run_dir), "--config-json", cfg_json]) == 1
+    assert "NOT COMPLIANT: disjoint" in capsys.readouterr().out
+
+
+def test_manifest_overlap_and_foreign_manifest_are_rejected(compliant, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "results" / "record"
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    manifest = run_dir.parent / "data" / DATA_NAME / "shards" / "manifest.json"
+    manifest.write_text(json.dumps({"fingerprints": {"train_val_overlap_docs": 3},
+                                    "bos": {"train": 2000, "val": N_VAL}, "docs": {"train": 2000, "val": N_VAL}}))
+    _edit(run_dir / "seed0" / "train" / "checkpoint" / "checkpoint.json",
+          lambda c: c.update(data_manifest_sha256="e" * 64))
+    evidence = verdicts_by_rule(run_dir, record_config())["disjoint"]
+    assert evidence.status == comply.FAIL
+    assert "train_val_overlap_docs = 3" in evidence.evidence and "seed0: trained on data" in evidence.evidence
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda ev: ev["ledger"].update(complete=False), "ledger complete=False"),
+        (lambda ev: ev["evaluate_config"]["ttt"].update(debug_update_before_score=True), "update before score"),
+        (lambda ev: ev["ledger"].update(targets_expected=ev["token_count"] + 1), "ledger expected"),
+        (lambda ev: ev.pop("ledger"), "no ledger summary"),
+    ],
+)
+def test_ledger_violation_is_rejected(compliant, tmp_path, change, expected):
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    _edit(run_dir / "seed1234" / "eval" / "eval.json", change)
+    verdicts = verdicts_by_rule(run_dir, record_config())
+    assert verdicts["ttt_ledger"].status == comply.FAIL
+    assert expected in verdicts["ttt_ledger"].evidence and "seed1234" in verdicts["ttt_ledger"].evidence
+    assert comply.is_compliant(list(verdicts.values())) is False
+
+
+def test_sweep_mode_is_flagged_and_report_only_exits_zero(compliant, tmp_path, capsys):
+    cfg = record_config(mode="sweep")
+    verdicts = verdicts_by_rule(compliant, cfg)
+    assert verdicts["mode"].status == comply.FAIL and "'sweep'" in verdicts["mode"].evidence
+    cfg_json = json.dumps(to_dict(cfg))
+    assert cli_main(["comply", str(compliant), "--config-json", cfg_json]) == 1
+    out = tmp_path / "c.json"
+    assert cli_main(["comply", str(compliant), "--config-json", cfg_json, "--report-only", "--json-out", str(out)]) == 0
+    assert json.loads(out.read_text())["failed_rules"] == ["mode"]
+    capsys.readouterr()
+
+
+def test_prequant_ttt_on_validation_tokens_is_rejected(compliant, tmp_path):
+    """pr1487: the checkpoint says AdamW epochs ran on validation tokens before GPTQ."""
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    _edit(run_dir / "seed42" / "train" / "checkpoint" / "checkpoint.json",
+          lambda c: c.update(prequant_ttt_val_tokens=47_851_520))
+    verdict = verdicts_by_rule(run_dir, record_config())["no_prequant_ttt"]
+    assert verdict.status == comply.FAIL
+    assert "seed42" in verdict.evidence and "prequant_ttt_val_tokens = 47851520" in verdict.evidence
+
+
+def test_undeclared_and_missing_seeds_are_rejected(compliant, tmp_path):
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    shutil.copytree(run_dir / "seed0", run_dir / "seed7")  # a fourth seed nobody declared
+    verdict = verdicts_by_rule(run_dir, record_config())["seeds"]
+    assert verdict.status == comply.FAIL and "undeclared seeds [7]" in verdict.evidence
+    verdict = verdicts_by_rule(run_dir, record_config(seeds=[42, 0, 1234, 7, 9]))["seeds"]
+    assert verdict.status == comply.FAIL and "declared but absent: [9]" in verdict.evidence
+
+
+def test_budgets_and_size(compliant, tmp_path):
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    _edit(run_dir / "seed0" / "hessians" / "hessian_report.json", lambda h: h.update(hessian_seconds=9.0))
+    _edit(run_dir / "seed0" / "eval" / "eval.json",
+          lambda e: e["timings"].update(score_s=560.0, total_s=606.0))
+    _edit(run_dir / "seed42" / "gate" / "gate_report.json",
+          lambda g: g.update(model_bytes=15_970_000, total_bytes=16_002_000, ok=False))
+    v = verdicts_by_rule(run_dir, record_config())
+    assert v["train_time"].status == comply.FAIL and "seed0 591.5+9.0=600.5 s (over by 0.5 s)" in v["train_time"].evidence
+    assert v["eval_time"].status == comply.FAIL and "over by 6.0 s" in v["eval_time"].evidence
+    assert v["size"].status == comply.FAIL and "seed42: 16,002,000 bytes, over by 2,000" in v["size"].evidence
+
+
+def test_budgets_off_record_hardware_are_not_applicable(compliant, tmp_path):
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    for seed in RECORD_BPB:
+        _edit(run_dir / f"seed{seed}" / "train" / "train_summary.json", lambda s: s.update(world_size=1))
+        _edit(run_dir / f"seed{seed}" / "eval" / "eval.json", lambda e: e.update(environment={"gpu": None}))
+    v = verdicts_by_rule(run_dir, record_config())
+    assert v["train_time"].status == comply.NOT_APPLICABLE and "1 x NVIDIA H100" in v["train_time"].evidence
+    assert v["eval_time"].status == comply.NOT_APPLICABLE and "on 8 x CPU" in v["eval_time"].evidence
+    assert comply.is_compliant(list(v.values()))
+
+
+def test_missing_evidence_fails_naming_the_file(tmp_path):
+    run_dir = tmp_path / "results" / "record"
+    run_dir.mkdir(parents=True)
+    v = verdicts_by_rule(run_dir, record_config())
+    assert v["val_docs"].status == comply.FAIL and "verified.json: missing" in v["val_docs"].evidence
+    assert v["ttt_ledger"].status == comply.FAIL and "eval/eval.json: missing" in v["ttt_ledger"].evidence
+    assert v["seeds"].status == comply.FAIL
