@@ -24,6 +24,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/bundle.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/comply.smk"
 include: "workflow/rules/aggregate.smk"
 
 
@@ -32,3 +33,4 @@ rule all:
         f"{RUN_DIR}/submission.json",
         f"{RUN_DIR}/report.html",
         f"{RUN_DIR}/records",
+        COMPLY_JSON,

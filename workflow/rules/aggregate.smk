@@ -33,6 +33,7 @@ AGGREGATE_OUTPUTS = ("submission.json", "report.html", "aggregate.json", "seeds.
 rule aggregate:
     input:
         seed_files(CFG.seeds),
+        [COMPLY_JSON] if CFG.mode == "record" else [],  # record: only a compliant run is packaged (comply.smk)
         code=code_file(),
     output:
         *[f"{RUN_DIR}/{name}" for name in AGGREGATE_OUTPUTS],

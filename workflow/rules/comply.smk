@@ -1,0 +1,33 @@
+# The compliance check of a whole run: the rules of rules.md on the run's own records (pgolf/comply.py).
+#
+#   results/<run>/comply.json   one verdict per rule (PASS / FAIL / NOT-APPLICABLE) with its evidence
+#
+# Record mode: a FAIL stops the job (exit 1), and `aggregate` takes comply.json as input, so no submission
+# folder is written for a non-compliant run (the verdicts stay in logs/comply.log). Sweep mode: the check runs
+# and reports (`--report-only`, so `mode` itself fails without stopping the DAG) but gates nothing.
+
+COMPLY_JSON = f"{RUN_DIR}/comply.json"
+COMPLY_SEED_FILES = (
+    "train/train_summary.json",
+    "train/checkpoint/checkpoint.json",
+    "hessians/hessian_report.json",
+    "gate/gate_report.json",
+    "eval/eval.json",
+)
+
+
+rule comply:
+    input:
+        [f"{RUN_DIR}/seed{seed}/{name}" for seed in CFG.seeds for name in COMPLY_SEED_FILES],
+        verified=DATA_VERIFIED,
+    output:
+        COMPLY_JSON,
+    params:
+        config=json.dumps(to_dict(CFG), sort_keys=True),
+        data_dir=DATA_DIR,
+        report_only="" if CFG.mode == "record" else "--report-only",
+    log:
+        f"{RUN_DIR}/logs/comply.log",
+    shell:
+        "pgolf comply {RUN_DIR} --config-json {params.config:q} --data-dir {params.data_dir}"
+        " --json-out {output} {params.report_only} > {log} 2>&1"
