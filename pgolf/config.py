@@ -312,8 +312,13 @@ class TrainConfig:
     compile: bool = True
     fused_kernels: bool = False  # Triton MLP + softcapped CE (pgolf/kernels.py); opt-in until verified on a GPU
     log_every_steps: int = 10
+    # ILLEGAL (rules C3/C4, "pre-quant TTT" of PRs #1376/#1485/#1487): AdamW epochs on the VALIDATION tokens after
+    # training, before GPTQ. It exists only so such a submission can be reproduced as a labelled sweep: a record
+    # recipe refuses it, and the checkpoint records ``prequant_ttt_val_tokens`` so `pgolf comply` rejects the run.
+    prequant_ttt_epochs: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.prequant_ttt_epochs >= 0, f"prequant_ttt_epochs: expected >= 0, got {self.prequant_ttt_epochs}")
         _check(self.train_seq_len >= 2, f"train_seq_len: expected >= 2, got {self.train_seq_len}")
         _check(self.micro_batch_tokens >= self.train_seq_len, "micro_batch_tokens: expected >= train_seq_len")
         _check(
@@ -618,6 +623,11 @@ class RunConfig:
             _check(
                 self.data.val_docs == 50_000,
                 f"data.val_docs: a record run must score the official 50,000 validation documents, got {self.data.val_docs}",
+            )
+            _check(
+                self.train.prequant_ttt_epochs == 0,
+                "train.prequant_ttt_epochs: training on validation tokens before scoring is illegal (C3/C4); a record "
+                f"run must leave it 0, got {self.train.prequant_ttt_epochs} (run it as mode: sweep)",
             )
         _check(
             self.model.vocab_size == self.tokenizer.vocab_size,
