@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "pgolf.preflight",
     "pgolf.bench",
     "pgolf.comply",
+    "pgolf.recipe_cli",
 ]
 
 

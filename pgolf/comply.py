@@ -25,8 +25,9 @@ import dataclasses
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 from pgolf.config import RunConfig, load_run_config, parse_run_config
 from pgolf.io import atomic_write_json, sha256_file
@@ -119,7 +120,7 @@ def collect_evidence(run_dir: str | Path, cfg: RunConfig, data_dir: str | Path |
     return Evidence(run_dir, cfg, seed_dirs, seeds, manifest, manifest_path, _read_object(data / "verified.json"))
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -271,7 +272,7 @@ def check_size(ev: Evidence) -> Verdict:
     return Verdict("size", title, PASS, f"{'; '.join(figures)}; convention {named}")
 
 
-def _verified_check(verified: Any, name: str) -> Optional[dict]:
+def _verified_check(verified: Any, name: str) -> dict | None:
     if not isinstance(verified, dict):
         return None
     for check in verified.get("checks") or []:

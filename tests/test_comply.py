@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from report_fixtures import RECORD_BPB, make_run
 
 from pgolf import comply
 from pgolf.cli import main as cli_main
 from pgolf.config import parse_run_config, to_dict
 from pgolf.data.shards import BOS_ID, ShardStreamWriter
 from pgolf.data.verify import verify_dir
-from report_fixtures import RECORD_BPB, make_run
 
 DATA_NAME = "fx_data"
 N_VAL = 50_000
