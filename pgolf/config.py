@@ -316,9 +316,11 @@ class TrainConfig:
     # training, before GPTQ. It exists only so such a submission can be reproduced as a labelled sweep: a record
     # recipe refuses it, and the checkpoint records ``prequant_ttt_val_tokens`` so `pgolf comply` rejects the run.
     prequant_ttt_epochs: int = 0
+    prequant_ttt_lr: float = 5e-4  # AdamW lr of that pass (PR #1487's value is not known; pgolf's choice)
 
     def __post_init__(self) -> None:
         _check(self.prequant_ttt_epochs >= 0, f"prequant_ttt_epochs: expected >= 0, got {self.prequant_ttt_epochs}")
+        _check(self.prequant_ttt_lr > 0, f"prequant_ttt_lr: expected > 0, got {self.prequant_ttt_lr}")
         _check(self.train_seq_len >= 2, f"train_seq_len: expected >= 2, got {self.train_seq_len}")
         _check(self.micro_batch_tokens >= self.train_seq_len, "micro_batch_tokens: expected >= train_seq_len")
         _check(

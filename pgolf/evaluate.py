@@ -39,6 +39,7 @@ from pgolf.scoring import (  # noqa: F401  (bits_per_byte and ScoreResult are pa
     bits_per_byte,
     pack_documents,
 )
+from pgolf.prequant_ttt import refuse_in_record_mode
 from pgolf.ttt import Ledger, LegalityError, run_ttt
 from pgolf.valdata import ValidationSet, load_validation
 
@@ -270,6 +271,8 @@ def run_evaluation(
         raise LegalityError("evaluate.ttt.debug_update_before_score is an illegal ordering (C3): refused in record mode")
     if mode == "record" and cfg.max_docs:
         raise ValueError(f"evaluate.max_docs: a record run scores every validation document, got {cfg.max_docs}")
+    if mode == "record" and checkpoint:
+        refuse_in_record_mode(checkpoint)  # pre-quant TTT on validation tokens (C3/C4)
     hash_info = check_artifact_hash(artifact, pack_report, allow_hash_mismatch)  # before any work
     info = init_distributed(device_kind)
     device = info.device

@@ -32,6 +32,7 @@ from pgolf.distributed import DistInfo, broadcast_float, init_distributed, shutd
 from pgolf.io import atomic_write_json, sha256_file
 from pgolf.model import GPT, param_groups
 from pgolf.optim import build_optimizers, set_lr_multiplier
+from pgolf.prequant_ttt import prequant_ttt
 from pgolf.provenance import code_hash, environment
 
 BOS_ID = 1
@@ -321,6 +322,16 @@ def train_in_group(
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - train_start
 
+    weights = ema.state_dict(model)
+    prequant: dict[str, Any] = {}
+    if train_cfg.prequant_ttt_epochs > 0:  # ILLEGAL (C3/C4), sweeps only: recorded so `pgolf comply` rejects it
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name])
+        prequant = prequant_ttt(model, data_dir, train_cfg.prequant_ttt_epochs, train_cfg.train_seq_len,
+                                train_cfg.prequant_ttt_lr, device)
+        weights = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
     def _mean(xs: list[float]) -> float | None:
         # skip each phase's first step (it includes a recompile when the loop state changes)
         xs = xs[1:] if len(xs) > 1 else xs
@@ -343,6 +354,7 @@ def train_in_group(
         "cu_seqlens_shapes": sorted(seen_cu_shapes),
         "compiled_graphs": _compiled_graph_count(),
         **data_info,
+        **prequant,
     }
     if info.is_main:
         meta = {
@@ -354,7 +366,7 @@ def train_in_group(
             "environment": environment(),
             **summary,
         }
-        save_checkpoint(out_dir / "checkpoint", ema.state_dict(model), meta)
+        save_checkpoint(out_dir / "checkpoint", weights, meta)
         metrics.write({"event": "train_done", **summary})
         atomic_write_json(out_dir / "train_summary.json", summary)
     metrics.close()

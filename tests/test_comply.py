@@ -246,3 +246,25 @@ def test_missing_evidence_fails_naming_the_file(tmp_path):
     assert v["val_docs"].status == comply.FAIL and "verified.json: missing" in v["val_docs"].evidence
     assert v["ttt_ledger"].status == comply.FAIL and "eval/eval.json: missing" in v["ttt_ledger"].evidence
     assert v["seeds"].status == comply.FAIL
+
+
+def test_pr1487_recipe_comes_out_non_compliant(compliant, tmp_path):
+    """The pr1487 recipe (sweep, pre-quant TTT) on a run whose checkpoints say validation tokens were trained on."""
+    import shutil
+
+    from pgolf.config import load_run_config
+    from pgolf.recipe_cli import recipe_path
+
+    recipe = load_run_config(recipe_path("pr1487"))
+    cfg = parse_run_config({**to_dict(recipe), "seeds": list(RECORD_BPB), "data": {"name": DATA_NAME}}, "pr1487")
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    for seed in RECORD_BPB:
+        _edit(run_dir / f"seed{seed}" / "train" / "checkpoint" / "checkpoint.json",
+              lambda c: c.update(prequant_ttt_val_tokens=10 * 47_851_520,
+                                 train_config={**c["train_config"], "prequant_ttt_epochs": 10}))
+        _edit(run_dir / f"seed{seed}" / "eval" / "eval.json", lambda e: e.update(mode="sweep"))
+    verdicts = verdicts_by_rule(run_dir, cfg)
+    assert sorted(r for r, v in verdicts.items() if v.status == comply.FAIL) == ["mode", "no_prequant_ttt"]
+    evidence = verdicts["no_prequant_ttt"].evidence
+    assert "recipe: train.prequant_ttt_epochs = 10" in evidence and "seed1234" in evidence
