@@ -446,6 +446,11 @@ class TTTConfig:
     chunk_epochs: int = 1
     chunk_lr: float = 0.002
     chunk_momentum: float = 0.9
+    # eval-time bigram hash embedding (PR #1523, pgolf/bigram_hash.py), chunked mode only: a table of this many
+    # buckets x bigram_hash_dim (0 = model_dim) added to the token embedding, zero contribution at creation, trained
+    # only by the score-first loop; not part of the artifact. 0 buckets = off.
+    bigram_hash_buckets: int = 0
+    bigram_hash_dim: int = 0
     debug_update_before_score: bool = False
 
     def __post_init__(self) -> None:
@@ -483,6 +488,12 @@ class TTTConfig:
         _check(self.chunk_epochs >= 0, f"chunk_epochs: expected >= 0, got {self.chunk_epochs}")
         _check(self.chunk_lr >= 0, f"chunk_lr: expected >= 0, got {self.chunk_lr}")
         _check(0.0 <= self.chunk_momentum < 1.0, f"chunk_momentum: expected 0 <= m < 1, got {self.chunk_momentum}")
+        _check(self.bigram_hash_buckets >= 0, f"bigram_hash_buckets: expected >= 0 (0 = off), got {self.bigram_hash_buckets}")
+        _check(self.bigram_hash_dim >= 0, f"bigram_hash_dim: expected >= 0 (0 = model_dim), got {self.bigram_hash_dim}")
+        _check(
+            self.bigram_hash_buckets == 0 or self.mode == "chunked",
+            f"bigram_hash_buckets: the eval-time bigram hash is trained by chunked TTT; mode is {self.mode!r}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

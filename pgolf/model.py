@@ -332,6 +332,8 @@ class GPT(nn.Module):
         self.num_skip_slots = self._num_skips(len(self.virtual_layers(looping=True))) if cfg.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(self.num_skip_slots, d)) if cfg.unet_skips else None
         self.skip_gates = nn.Parameter(torch.zeros(self.num_skip_slots, d)) if cfg.unet_skips and cfg.skip_gates else None
+        # eval-time only (pgolf/bigram_hash.py, evaluate.ttt.bigram_hash_buckets): attached by the TTT loop, never saved
+        self.bigram_hash: Optional[nn.Module] = None
 
         lanes = cfg.parallel_residual_start >= 0
         self.lane_post_lambdas = nn.Parameter(torch.ones(L, 2, 2)) if lanes else None
@@ -483,6 +485,8 @@ class GPT(nn.Module):
         ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
         x = rms_norm(self.tok_emb(input_ids))  # [T, d]
+        if self.bigram_hash is not None:
+            x = x + self.bigram_hash(input_ids).to(x.dtype)  # [T, d]
         if self.smear is not None:
             x = self.smear(x, input_ids, self.bos_id)
         x0 = x

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from pgolf.bigram_hash import BigramHash
 from pgolf.config import EvaluateConfig, TTTConfig
 from pgolf.scoring import (
     IGNORE,
@@ -715,6 +716,11 @@ def chunked_ttt(
     acc = ScoreAccumulator(val, keep_tokens)
     ledger = Ledger(val.num_positions)
     progress = Progress("ttt-chunked", val.target_count, val.num_docs, eval_cfg.progress_every_seconds, rank == 0, write, world)
+    if cfg.bigram_hash_buckets:  # eval-time table, zero contribution now, trained below with the whole model
+        model.bigram_hash = BigramHash(
+            cfg.bigram_hash_buckets, cfg.bigram_hash_dim or model.cfg.model_dim, model.cfg.model_dim,
+            model.cfg.vocab_size, model.bos_id, generator=torch.Generator().manual_seed(seed + 104_729),
+        ).to(device)
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -773,7 +779,7 @@ def chunked_ttt(
         p.requires_grad_(False)
     progress.update(0, force=True)
     summary = {"mode": "chunked", "chunks": len(chunks), "steps": steps, "chunk_epochs": cfg.chunk_epochs,
-               "compiled_shapes": len(runner.shapes)}
+               "compiled_shapes": len(runner.shapes), "bigram_hash_buckets": cfg.bigram_hash_buckets}
     return TTTOutcome(acc, ledger, summary, warmup_s, score_s)
 
 

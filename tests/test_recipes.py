@@ -49,6 +49,7 @@ def test_pr1523_triple_recurrence_momentum_ttt_lr():
     assert m.num_layers + (m.loop_count - 1) * (m.loop_end - m.loop_start + 1) == 17  # virtual layers
     assert cfg.optim.muon_momentum == 0.97
     assert (cfg.evaluate.ttt.mode, cfg.evaluate.ttt.chunk_lr) == ("chunked", 0.01)
+    assert (cfg.evaluate.ttt.bigram_hash_buckets, cfg.evaluate.ttt.bigram_hash_dim) == (16384, 512)
 
 
 def test_pr1487_is_a_sweep_with_prequant_ttt_and_cannot_be_a_record():
