@@ -51,6 +51,7 @@ SEED_FILES = {
     "checkpoint": "train/checkpoint/checkpoint.json",
     "hessians": "hessians/hessian_report.json",
     "gate": "gate/gate_report.json",
+    "pack": "pack/pack_report.json",  # a one-process record run (pgolf.record_run) gates inside the pack report
     "eval": "eval/eval.json",
 }
 
@@ -246,14 +247,14 @@ def check_size(ev: Evidence) -> Verdict:
     title = f"artifact (compressed model + counted code) <= {SIZE_CAP_BYTES:,} bytes"
     figures, problems = [], []
     for seed, files in ev.seeds.items():
-        gate = files["gate"]
+        gate = files["gate"] if isinstance(files["gate"], dict) or not isinstance(files["pack"], dict) else files["pack"]
         if not isinstance(gate, dict):
             problems.append(gate)
             continue
         model_b, code_b, total_b = gate.get("model_bytes"), gate.get("code_bytes"), gate.get("total_bytes")
         cap, convention = gate.get("cap"), gate.get("code_bytes_convention")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (model_b, code_b, total_b, cap)):
-            problems.append(f"seed{seed}/gate/gate_report.json: model/code/total bytes and cap must be integers")
+            problems.append(f"seed{seed}: the size gate's model/code/total bytes and cap must be integers")
             continue
         if convention not in CODE_BYTES_CONVENTIONS:
             problems.append(f"seed{seed}: code-bytes convention {convention!r} is not one of {sorted(CODE_BYTES_CONVENTIONS)}")
@@ -267,7 +268,8 @@ def check_size(ev: Evidence) -> Verdict:
         figures.append(f"seed{seed} {total_b:,} (code {code_b:,}, '{convention}')")
     if problems:
         return Verdict("size", title, FAIL, "; ".join(str(p) for p in problems))
-    conventions = sorted({ev.seeds[s]["gate"]["code_bytes_convention"] for s in ev.seeds})
+    conventions = sorted({(f["gate"] if isinstance(f["gate"], dict) else f["pack"])["code_bytes_convention"]
+                          for f in ev.seeds.values()})
     named = "; ".join(f"'{c}' = {CODE_BYTES_CONVENTIONS[c]}" for c in conventions)
     return Verdict("size", title, PASS, f"{'; '.join(figures)}; convention {named}")
 

@@ -268,3 +268,17 @@ def test_pr1487_recipe_comes_out_non_compliant(compliant, tmp_path):
     assert sorted(r for r, v in verdicts.items() if v.status == comply.FAIL) == ["mode", "no_prequant_ttt"]
     evidence = verdicts["no_prequant_ttt"].evidence
     assert "recipe: train.prequant_ttt_epochs = 10" in evidence and "seed1234" in evidence
+
+
+def test_size_falls_back_to_the_pack_report_of_a_one_process_record_run(compliant, tmp_path):
+    """pgolf.record_run writes no gate/ folder: its pack report carries the gate's fields."""
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    for seed in RECORD_BPB:
+        shutil.rmtree(run_dir / f"seed{seed}" / "gate")
+    assert verdicts_by_rule(run_dir, record_config())["size"].status == comply.PASS
+    _edit(run_dir / "seed0" / "pack" / "pack_report.json", lambda p: p.update(cap=17_000_000))
+    verdict = verdicts_by_rule(run_dir, record_config())["size"]
+    assert verdict.status == comply.FAIL and "seed0: gate cap 17,000,000 is not the rules' 16,000,000" in verdict.evidence
