@@ -294,6 +294,14 @@ def _verified_check(verified: Any, name: str) -> dict | None:
     return None
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    """Same directory; relative paths (Snakemake's, relative to the repository) compare by their last two parts
+    (results/data/<name>/shards), since comply may run from another working directory."""
+    if a.is_absolute() and b.is_absolute():
+        return a.resolve() == b.resolve()
+    return a.parts[-2:] == b.parts[-2:]
+
+
 def check_val_docs(ev: Evidence) -> Verdict:
     title = f"validation = the first {OFFICIAL_VAL_DOCS:,} documents, all scored"
     if not isinstance(ev.verified, dict):
@@ -311,6 +319,9 @@ def check_val_docs(ev: Evidence) -> Verdict:
         max_docs = _dig(result, "evaluate_config.max_docs") or _dig(result, "data.max_docs")
         if max_docs:
             problems.append(f"seed{seed}: evaluation scored only the first {max_docs} documents (max_docs)")
+        evaluated = _dig(result, "data.data_dir")
+        if isinstance(evaluated, str) and not _same_dir(Path(evaluated), ev.manifest_path.parent):
+            problems.append(f"seed{seed}: evaluated {evaluated}, not the verified {ev.manifest_path.parent}")
     if problems:
         return Verdict("val_docs", title, FAIL, "; ".join(str(p) for p in problems))
     return Verdict("val_docs", title, PASS, f"verified.json: {verified_docs:,} validation docs; every seed scored all")

@@ -286,3 +286,17 @@ def test_size_falls_back_to_the_pack_report_of_a_one_process_record_run(complian
     _edit(run_dir / "seed0" / "pack" / "pack_report.json", lambda p: p.update(cap=17_000_000))
     verdict = verdicts_by_rule(run_dir, record_config())["size"]
     assert verdict.status == comply.FAIL and "seed0: gate cap 17,000,000 is not the rules' 16,000,000" in verdict.evidence
+
+
+def test_evaluation_on_other_data_than_the_verified_is_rejected(compliant, tmp_path):
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    _edit(run_dir / "seed0" / "eval" / "eval.json",
+          lambda e: e.update(data={"data_dir": f"results/data/{DATA_NAME}/shards", "max_docs": 0}))
+    assert verdicts_by_rule(run_dir, record_config())["val_docs"].status == comply.PASS
+    _edit(run_dir / "seed0" / "eval" / "eval.json",
+          lambda e: e.update(data={"data_dir": "results/data/other/shards", "max_docs": 0}))
+    verdict = verdicts_by_rule(run_dir, record_config())["val_docs"]
+    assert verdict.status == comply.FAIL and "seed0: evaluated results/data/other/shards, not the verified" in verdict.evidence
