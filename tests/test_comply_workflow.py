@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("snakemake")
 
-from conftest import REPO_ROOT  # noqa: E402
+from conftest import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def dry_run(workdir: Path, *args: str) -> str:
 
 
 def rule_block(text: str, rule: str) -> str:
-    match = re.search(rf"\nrule {rule}:\n(.*?)(?:\n\n|\Z)", text, re.S)
+    match = re.search(rf"\nrule {rule}:\n(.*?)(?:\n\n|\Z)", text, re.DOTALL)
     assert match, f"rule {rule} not planned:\n{text[-3000:]}"
     return match.group(1)
 
