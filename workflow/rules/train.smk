@@ -1,6 +1,14 @@
-# The training stage, one job per seed: torchrun with one process per GPU (one process on CPU).
+# The training stage, one job per seed: preflight first (packages, binaries, GPUs, disk, verified data; it fails
+# in seconds with the list of what is missing), then torchrun with one process per GPU (one process on CPU).
 #
 #   results/<run>/seed<seed>/train/checkpoint/{model.pt,checkpoint.json}, metrics.jsonl, train_summary.json
+
+
+def preflight_recipe():
+    """What preflight checks, from the sections training owns anyway (plus data and mode): a knob of a later
+    stage must not change the training job's params, or it would retrain every seed."""
+    recipe = {key: getattr(CFG, key) for key in ("run", "mode", "data", "tokenizer", "model", "optim", "train")}
+    return json.dumps({k: v if isinstance(v, str) else to_dict(v) for k, v in recipe.items()}, sort_keys=True)
 
 
 def train_dir(seed):
@@ -11,13 +19,15 @@ rule train:
     input:
         verified=DATA_VERIFIED,
         shards=SHARDS_DIR,
-        preflight=ancient(f"{RUN_DIR}/preflight.json"),
     output:
         checkpoint=f"{RUN_DIR}/seed{{seed}}/train/checkpoint/checkpoint.json",
         weights=f"{RUN_DIR}/seed{{seed}}/train/checkpoint/model.pt",
         summary=f"{RUN_DIR}/seed{{seed}}/train/train_summary.json",
         metrics=f"{RUN_DIR}/seed{{seed}}/train/metrics.jsonl",
+        preflight=f"{RUN_DIR}/seed{{seed}}/train/preflight.json",
     params:
+        preflight=preflight_recipe(),
+        data_root=DATA_DIR,
         model=section_json("model"),
         optim=section_json("optim"),
         train=section_json("train"),
@@ -29,6 +39,8 @@ rule train:
     log:
         f"{RUN_DIR}/seed{{seed}}/logs/train.log",
     shell:
+        "pgolf preflight --config-json {params.preflight:q} --data-dir {params.data_root} --json-out {output.preflight}"
+        " > {log} 2>&1 && "
         "torchrun --standalone --nproc_per_node $(( {resources.gpus} > 0 ? {resources.gpus} : 1 )) -m pgolf.train"
         " --model-json '{params.model}' --optim-json '{params.optim}' --train-json '{params.train}'"
-        " --seed {wildcards.seed} --data-dir {input.shards} --out-dir {params.out_dir} > {log} 2>&1"
+        " --seed {wildcards.seed} --data-dir {input.shards} --out-dir {params.out_dir} >> {log} 2>&1"

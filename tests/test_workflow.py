@@ -1,4 +1,4 @@
-"""Snakemake wiring of the hessians / quantize / pack rules: a changed knob reruns exactly its stage and those after.
+"""Snakemake wiring of the post-training DAG: a changed knob reruns exactly its stage and those after it.
 
 A copy of the repository's Snakefile and workflow/ runs in a temporary directory. The data and training outputs
 (and the counted code file) are made beforehand by the real stage code, outside Snakemake, with increasing
@@ -21,6 +21,7 @@ import yaml
 from stage_fixtures import TINY_MODEL, TINY_TRAIN, train_checkpoint, write_shards
 
 from pgolf.config import ModelConfig, to_dict
+from pgolf.data.tokenizer import train_tokenizer
 
 pytest.importorskip("snakemake")
 pytestmark = pytest.mark.slow  # ~45 s of CPU: one real run (3 stage processes) and 3 dry runs, each starting torch
@@ -39,8 +40,19 @@ RECIPE = {
     "hessians": {"batches": 2, "batch_rows": 2, "seq_len": 48},
     "quantize": {"passthrough_max_elements": 1024, "lqer_top_k": 1, "lqer_rank": 2, "lqer_group_size": 16},
     "pack": {"compressor": "brotli", "brotli_quality": 5},
+    "evaluate": {
+        "eval_seq_len": 48,
+        "eval_batch_tokens": 256,
+        "diagnostics": False,
+        "compile": False,
+        "max_docs": 6,
+        "ttt": {"mode": "lora", "lora_rank": 2, "lora_alpha": 4.0, "chunk_tokens": 16, "docs_per_batch": 4,
+                "context_tokens": 48, "phase_boundaries_docs": [], "phase_chunk_tokens": 256},
+    },
+    "aggregate": {"submission_name": "wf"},
 }
 ARTIFACT = "results/wf/seed1/pack/artifact.pgolf"
+TARGET = "results/wf/submission.json"
 
 
 def _set_mtime(path: Path, when: float) -> None:
@@ -66,7 +78,7 @@ def _snakemake(workdir: Path, recipe: dict, name: str, *extra: str) -> subproces
         "2",
         "--nolock",
         *extra,
-        ARTIFACT,
+        TARGET,
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -93,13 +105,13 @@ def workdir(tmp_path_factory) -> Path:
     data = work / "results" / "data" / "syn"
     (work / "docs.jsonl").write_text('{"text": "stand-in: the shards below are made directly"}\n')
     data.mkdir(parents=True)
-    (data / "tokenizer.model").write_bytes(b"stand-in")
+    # a real (non-CaseOps) tokenizer: evaluation's byte lookup table reads it
+    train_tokenizer([f"Document {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(200)],
+                    data / "tokenizer.model", vocab_size=VOCAB, caseops=False)
     write_shards(data / "shards", vocab=VOCAB)
     (data / "verified.json").write_text("{}\n")
-    train_checkpoint(data / "shards", work / "results" / "wf" / "seed1" / "train", model=MODEL)
-    code = work / "results" / "wf" / "code" / "train_gpt.py"
-    code.parent.mkdir(parents=True)
-    code.write_text("print('stand-in for the bundled train_gpt.py')\n")
+    train_checkpoint(data / "shards", work / "results" / "wf" / "seed1" / "train", model=MODEL, seed=1)
+    (work / "results" / "wf" / "seed1" / "train" / "preflight.json").write_text("{}\n")  # as the train job leaves it
     t0 = 1_700_000_000.0
     for i, path in enumerate(
         [
@@ -108,14 +120,16 @@ def workdir(tmp_path_factory) -> Path:
             data / "shards",
             data / "verified.json",
             work / "results" / "wf" / "seed1" / "train",
-            code,
         ]
     ):
         _set_mtime(path, t0 + 10 * i)
     status, out = _finish(_snakemake(work, RECIPE, "base"))
     assert status == 0, out[-4000:]
-    assert _jobs(out) == {"hessians": 1, "quantize": 1, "pack": 1}  # nothing upstream was rerun
-    assert (work / ARTIFACT).exists()
+    # nothing upstream was rerun (the preflight report is missing, but training takes it as `ancient`)
+    assert _jobs(out) == {
+        "hessians": 1, "quantize": 1, "pack": 1, "bundle": 1, "gate": 1, "evaluate": 1, "aggregate": 1, "all": 0
+    } or _jobs(out) == {"hessians": 1, "quantize": 1, "pack": 1, "bundle": 1, "gate": 1, "evaluate": 1, "aggregate": 1}
+    assert (work / ARTIFACT).exists() and (work / TARGET).exists()
     return work
 
 
@@ -132,6 +146,8 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
         "unchanged": RECIPE,
         "clip_sigma": _changed("quantize", mlp_clip_sigmas=9.0),
         "compressor": _changed("pack", compressor="lzma"),
+        "ttt": _changed("evaluate", ttt={**RECIPE["evaluate"]["ttt"], "lr": 0.003}),
+        "seed_added": {**copy.deepcopy(RECIPE), "seeds": [1, 2]},
     }
     procs = {name: _snakemake(workdir, recipe, name, "-n") for name, recipe in recipes.items()}
     results = {}
@@ -146,9 +162,27 @@ def test_nothing_to_do_without_changes(dry_runs) -> None:
     assert dry_runs["unchanged"] == {}
 
 
+# A stage knob also rebuilds the shipped train_gpt.py (it embeds the recipe) and re-runs the gate that counts its
+# bytes; evaluation and aggregation follow whatever changes the artifact or the gate.
+AFTER_ARTIFACT = {"bundle": 1, "gate": 1, "evaluate": 1, "aggregate": 1}
+
+
 def test_clip_sigma_reruns_quantize_and_pack_only(dry_runs) -> None:
-    assert dry_runs["clip_sigma"] == {"quantize": 1, "pack": 1}
+    assert dry_runs["clip_sigma"] == {"quantize": 1, "pack": 1, **AFTER_ARTIFACT}
 
 
 def test_compressor_reruns_pack_only(dry_runs) -> None:
-    assert dry_runs["compressor"] == {"pack": 1}
+    assert dry_runs["compressor"] == {"pack": 1, **AFTER_ARTIFACT}
+
+
+def test_ttt_knob_reruns_evaluation_only(dry_runs) -> None:
+    """No training, Hessians, quantization or packing: only evaluate and aggregate, plus the shipped file (it
+    embeds the recipe) and the millisecond gate that counts its bytes."""
+    assert dry_runs["ttt"] == {"bundle": 1, "gate": 1, "evaluate": 1, "aggregate": 1}
+
+
+def test_added_seed_runs_only_that_seed(dry_runs) -> None:
+    jobs = dry_runs["seed_added"]
+    per_seed = {name: jobs.get(name) for name in ("train", "hessians", "quantize", "pack", "gate", "evaluate")}
+    assert per_seed == {name: 1 for name in per_seed}  # seed 2 only: seed 1's outputs stay
+    assert "bundle" not in jobs and jobs["aggregate"] == 1
