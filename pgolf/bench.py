@@ -177,14 +177,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device):
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 def _device_name(device) -> str:
     import torch
 
@@ -265,29 +257,24 @@ class TrainBench:
     grad_accum_steps: int
     grad_clip_norm: float
     rows: PackedRows
+    compiled: bool  # step_model is torch.compile'd: cu_seqlens lengths are marked dynamic
 
 
 def train_step(bench: TrainBench, step: int):
-    """One optimizer step; mirrors ``run_step`` in ``pgolf.train.train`` (one process, no all-reduce)."""
+    """One optimizer step through the training stage's own functions (one process, so no all-reduce)."""
     import torch
 
-    device = bench.device
-    loss_sum = torch.zeros((), device=device)
+    from pgolf.train import forward_backward, optimizer_step
+
+    loss_sum = torch.zeros((), device=bench.device)
     for accum_index in range(bench.grad_accum_steps):
         r = (step * bench.grad_accum_steps + accum_index) % len(bench.rows.inputs)
-        inputs = bench.rows.inputs[r].to(device, non_blocking=True)
-        targets = bench.rows.targets[r].to(device, non_blocking=True)
-        cu_seqlens = bench.rows.cu_seqlens[r].to(device, non_blocking=True)
-        with _autocast(device):
-            loss = bench.step_model(inputs, targets, cu_seqlens=cu_seqlens, max_seqlen=bench.rows.max_seqlen)
-        (loss / bench.grad_accum_steps).backward()
-        loss_sum += loss.detach()
-    if bench.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(bench.params, bench.grad_clip_norm)
-    for opt in bench.optimizers:
-        opt.step()
-    for opt in bench.optimizers:
-        opt.zero_grad(set_to_none=True)
+        rows = bench.rows
+        loss_sum += forward_backward(
+            bench.step_model, rows.inputs[r], rows.targets[r], rows.cu_seqlens[r], rows.max_seqlen,
+            bench.grad_accum_steps, bench.device, bench.compiled,
+        )
+    optimizer_step(bench.params, bench.optimizers, bench.grad_clip_norm, None)
     return loss_sum / bench.grad_accum_steps
 
 
@@ -357,6 +344,7 @@ def bench_train(
         grad_accum_steps=accum,
         grad_clip_norm=train_cfg.grad_clip_norm,
         rows=rows,
+        compiled=bool(compile),
     )
     tokens_per_step = accum * rows.tokens
     peak = peak_tflops if peak_tflops is not None else peak_tflops_for(_device_name(device))
@@ -461,6 +449,7 @@ def bench_eval(
 
     from pgolf import kernels
     from pgolf.model import GPT
+    from pgolf.train import autocast_for
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench eval: expected steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -479,7 +468,7 @@ def bench_eval(
     def call(i: int, backward: bool):
         r = i % len(rows.inputs)
         args = [x[r].to(device, non_blocking=True) for x in (rows.inputs, rows.targets, rows.cu_seqlens)]
-        with _autocast(device):
+        with autocast_for(device):
             nll = fn(*args, rows.max_seqlen)
         if backward:
             nll.sum().backward()

@@ -113,6 +113,53 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += n
 
 
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 on CPU (tests compare processes and need no bf16 rounding)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def forward_backward(
+    step_model: torch.nn.Module,
+    inputs: torch.Tensor,  # [n] token ids
+    targets: torch.Tensor,  # [n] next tokens
+    cu_seqlens: torch.Tensor,  # [segments + 1], bucketed
+    max_seqlen: int,
+    grad_accum_steps: int,
+    device: torch.device,
+    compiled: bool,
+) -> torch.Tensor:
+    """One micro-batch of a step: move it to the device, forward under autocast, backward of loss / accumulation.
+
+    Returns the detached loss. Under compile the cu_seqlens length is marked dynamic: one graph serves every
+    segment count (bucketing alone still recompiled ~50 s per new bucket on an H100).
+    """
+    inputs = inputs.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+    if compiled:
+        torch._dynamo.mark_dynamic(cu_seqlens, 0)
+    with autocast_for(device):
+        loss = step_model(inputs, targets, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    (loss / grad_accum_steps).backward()
+    return loss.detach()
+
+
+def optimizer_step(
+    params: list[torch.nn.Parameter], optimizers: list, grad_clip_norm: float, info: DistInfo | None
+) -> None:
+    """After a step's micro-batches: average gradients over ranks, clip by the global norm, step, zero."""
+    if info is not None:
+        _all_reduce_grads(params, info)
+    if grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
 class EMA:
     """Exponential moving average of every parameter in float32; ``decay`` 0 keeps the live weights."""
 
@@ -204,7 +251,6 @@ def train_in_group(
     groups = param_groups(model)
     optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=False)  # grads averaged below, before clipping
     params = [p for p in model.parameters()]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     step_model = torch.compile(model, fullgraph=True, dynamic=False) if train_cfg.compile else model
     can_loop = model_cfg.loop_count > 1
 
@@ -222,23 +268,10 @@ def train_in_group(
             cu_seqlens, max_seqlen = build_cu_seqlens(inputs, bos_id=BOS_ID, max_seqlen=train_cfg.train_seq_len)
             cu_seqlens = pad_cu_seqlens(cu_seqlens, cu_seqlens_bucket(cu_seqlens.numel()))
             seen_cu_shapes.add(cu_seqlens.numel())
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            cu_seqlens = cu_seqlens.to(device, non_blocking=True)
-            if train_cfg.compile:
-                # one graph for every segment count (buckets alone still recompiled ~50 s per new bucket on H100)
-                torch._dynamo.mark_dynamic(cu_seqlens, 0)
-            with autocast:
-                loss = step_model(inputs, targets, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-            (loss / plan.grad_accum_steps).backward()
-            loss_sum += loss.detach()
-        _all_reduce_grads(params, info)
-        if train_cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+            loss_sum += forward_backward(
+                step_model, inputs, targets, cu_seqlens, max_seqlen, plan.grad_accum_steps, device, train_cfg.compile
+            )
+        optimizer_step(params, optimizers, train_cfg.grad_clip_norm, info)
         return loss_sum / plan.grad_accum_steps
 
     # Compile warm-up: run real steps (both loop states when looping is configured), then restore everything.
