@@ -38,7 +38,7 @@ SEED = 3
 VOCAB = 320  # above the 264 reserved pieces of a CaseOps tokenizer (special + operators + bytes)
 TRAIN_DOCS, VAL_DOCS, MAX_EVAL_DOCS = 120, 14, 12
 SHARD_TOKENS = 6000  # several train shards
-VAL_DOC_CHARS = 240
+VAL_DOC_CHARS = 120
 
 # The stand-in for train_gpt.py that the size gate counts (minified under the "wrapper" convention).
 CODE_FILE_TEXT = '''"""Stand-in training script counted by the size gate."""
@@ -67,7 +67,7 @@ def _scale_layer(index: int, old_layers: int, new_layers: int) -> int:
 def shrink_model(model: dict) -> dict:
     old_layers, new_layers = model["num_layers"], 5
     small = dict(model, vocab_size=VOCAB, num_layers=new_layers, model_dim=32)
-    # heads: a quarter of the count keeps GQA's query/kv ratio (8/4 -> 2/1 would lose it, so 4/2 at width 32)
+    # 4 heads of width 8; the kv heads keep the recipe's query/kv ratio (GQA stays GQA)
     ratio = model["num_heads"] // model["num_kv_heads"]
     small["num_heads"] = 4
     small["num_kv_heads"] = max(1, 4 // ratio)
@@ -75,7 +75,10 @@ def shrink_model(model: dict) -> dict:
     if model["rope_dims"]:
         small["rope_dims"] = min(head_dim, 4)  # partial RoPE stays partial (4 of 8)
     xsa = model["xsa_last_n"]
-    small["xsa_last_n"] = new_layers if xsa >= old_layers else min(new_layers, max(1 if xsa else 0, round(xsa * new_layers / old_layers)))
+    if xsa >= old_layers:  # XSA on every layer stays on every layer
+        small["xsa_last_n"] = new_layers
+    else:  # a few last layers stay a few (at least one when on)
+        small["xsa_last_n"] = min(new_layers, max(1 if xsa else 0, round(xsa * new_layers / old_layers)))
     # the recurrent range keeps its position and stays at least 2 layers wide, inside the small stack
     start = _scale_layer(model["loop_start"], old_layers, new_layers)
     end = max(start + 1, _scale_layer(model["loop_end"], old_layers, new_layers))
@@ -115,8 +118,8 @@ def shrink(cfg: RunConfig) -> RunConfig:
     if d["train"]["prequant_ttt_epochs"] > 0:
         d["train"]["prequant_ttt_epochs"] = 1
     d["hessians"].update(batches=2, batch_rows=2, seq_len=32)
-    d["quantize"].update(passthrough_max_elements=256, gptq_block_size=16, lqer_top_k=min(d["quantize"]["lqer_top_k"], 2),
-                         lqer_rank=2, lqer_group_size=16)
+    d["quantize"].update(passthrough_max_elements=256, gptq_block_size=16, lqer_rank=2, lqer_group_size=16,
+                         lqer_top_k=min(d["quantize"]["lqer_top_k"], 2))
     d["pack"]["brotli_quality"] = 1
     ev = d["evaluate"]
     ev.update(eval_seq_len=32, eval_batch_tokens=128, diagnostics=False, compile=False, compile_warmup_steps=0,
@@ -133,7 +136,8 @@ def feature_switches(cfg: RunConfig) -> dict:
                   m.smear_gate, m.smear_bos_mask, m.unet_skips, m.skip_gates, m.loop_count,
                   m.parallel_residual_start >= 0, m.mlp_activation, m.q_gain_init, m.num_heads > m.num_kv_heads),
         "optim": to_dict(cfg.optim),
-        "train": (t.min_lr_fraction, t.ema_decay, t.loop_enable_fraction, t.warmdown_fraction, t.prequant_ttt_epochs > 0),
+        "train": (t.min_lr_fraction, t.ema_decay, t.loop_enable_fraction, t.warmdown_fraction, t.grad_clip_norm,
+                  t.prequant_ttt_epochs > 0),
         "quantize": (q.attn_bits, q.mlp_bits, q.embed_bits, q.gate_bits, q.lqer_mode, q.act_order),
         "pack": (cfg.pack.compressor, cfg.pack.code_bytes_convention, cfg.pack.byte_shuffle),
         "evaluate": (cfg.evaluate.byte_accounting, ttt.mode, ttt.optimizer, ttt.warm_start_a, tuple(ttt.lora_targets),
@@ -229,8 +233,22 @@ def test_recipe_runs_end_to_end(recipe: str, corpora, code_file: Path, tmp_path:
     ledger = result["ledger"]
     assert ledger["complete"] is True and ledger["complete_checked"] is True
     assert result["token_count"] == ledger["targets_expected"] > 0  # every target scored exactly once
-    if cfg.evaluate.ttt.mode != "none":
-        assert ledger.get("updates", 0) > 0  # TTT really trained (after scoring)
+    assert result["doc_count"] == MAX_EVAL_DOCS
+    assert result["byte_accounting"] == ("sidecar" if cfg.tokenizer.caseops else "lut")
+    assert result["model_config"] == to_dict(cfg.model)  # the artifact's model is the recipe's, shrunk
+    ttt = cfg.evaluate.ttt
+    assert result["ttt"]["mode"] == ttt.mode
+    if ttt.mode != "none":
+        assert ledger["updates"] > 0  # TTT really trained (after scoring)
+    if ttt.mode == "lora":
+        assert bool(result["ttt"]["phases"]) == bool(ttt.phase_boundaries_docs)  # phased global passes ran
+    if ttt.mode == "chunked":
+        assert result["ttt"]["bigram_hash_buckets"] == ttt.bigram_hash_buckets
+
+    quantized = json.loads((out / "quantize" / "quantize_report.json").read_text())
+    assert bool(quantized["totals"]["lqer_applied"]) == (cfg.quantize.lqer_mode != "off")
+    packed = json.loads((out / "pack" / "pack_report.json").read_text())
+    assert packed["ok"] and packed["compressor"] == cfg.pack.compressor
 
     meta = json.loads((out / "train" / "checkpoint" / "checkpoint.json").read_text())
     assert meta["steps"] == cfg.train.iterations
