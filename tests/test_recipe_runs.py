@@ -16,6 +16,7 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,7 @@ def write_corpus(directory: Path, caseops: bool) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> dict:
+def corpora(tmp_path_factory) -> Callable[[bool], tuple[Path, Path]]:
     """One corpus per tokenizer kind, built on first use and shared by every recipe of that kind."""
     root = tmp_path_factory.mktemp("corpora")
     built: dict[bool, tuple[Path, Path]] = {}
