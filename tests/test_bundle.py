@@ -394,3 +394,19 @@ def test_main_reports_bad_arguments_without_a_traceback(tmp_path: Path, capsys) 
     bundled["model"]["num_layerz"] = 3
     with pytest.raises(ValueError, match="num_layerz"):
         main([], run_config=bundled, code_file=__file__)
+
+
+def test_minified_bundle_runs_every_stage(tmp_path: Path) -> None:
+    """`--minify-modules` strips docstrings, comments and asserts from every embedded module: the record run must
+    still go through train -> hessians -> quantize -> pack -> evaluate with pgolf hidden."""
+    data = write_data(tmp_path / "data")
+    folder = tmp_path / "records" / "2026-01-01_TinyMin"
+    folder.mkdir(parents=True)
+    report = write_bundle(tiny_config(), folder / "train_gpt.py", minify=True, verify=False)
+    assert report["minify_modules"] is True
+    proc = run_hidden(folder / "train_gpt.py", ["--device", "cpu", "--data-dir", str(data), "--out-dir", "out"], folder)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((folder / "out" / "record_run.json").read_text())
+    assert all(stage["status"] == 0 for stage in summary["stages"].values())
+    result = json.loads((folder / "out" / "eval" / "eval.json").read_text())
+    assert result["val_bpb"] > 0 and result["token_count"] > 0
