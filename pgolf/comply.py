@@ -204,11 +204,19 @@ def check_train_time(ev: Evidence) -> Verdict:
                 failures.append(f"{figure} (over by {total - TRAIN_BUDGET_SECONDS:.1f} s)")
         else:
             elsewhere.append(f"{figure} on {_hardware_words(summary.get('world_size'), env)}")
+    return _budget_verdict("train_time", title, figures, failures, missing, elsewhere)
+
+
+def _budget_verdict(
+    rule: str, title: str, figures: list, failures: list, missing: list, elsewhere: list
+) -> Verdict:
+    """A time-budget rule's verdict: FAIL on missing evidence or an overrun, NOT-APPLICABLE when no seed ran on the
+    record hardware (the figures are still given), else PASS with every figure."""
     if missing or failures:
-        return Verdict("train_time", title, FAIL, "; ".join(missing + failures))
+        return Verdict(rule, title, FAIL, "; ".join(missing + failures))
     if elsewhere and not figures:
-        return Verdict("train_time", title, NOT_APPLICABLE, "not on record hardware: " + "; ".join(elsewhere))
-    return Verdict("train_time", title, PASS, "; ".join(figures + [f"(elsewhere: {e})" for e in elsewhere]))
+        return Verdict(rule, title, NOT_APPLICABLE, "not on record hardware: " + "; ".join(elsewhere))
+    return Verdict(rule, title, PASS, "; ".join(figures + [f"(elsewhere: {e})" for e in elsewhere]))
 
 
 def check_eval_time(ev: Evidence) -> Verdict:
@@ -236,11 +244,7 @@ def check_eval_time(ev: Evidence) -> Verdict:
                 failures.append(f"{figure} (over by {total - EVAL_BUDGET_SECONDS:.1f} s)")
         else:
             elsewhere.append(f"{figure} on {_hardware_words(result.get('world_size'), env)}")
-    if missing or failures:
-        return Verdict("eval_time", title, FAIL, "; ".join(missing + failures))
-    if elsewhere and not figures:
-        return Verdict("eval_time", title, NOT_APPLICABLE, "not on record hardware: " + "; ".join(elsewhere))
-    return Verdict("eval_time", title, PASS, "; ".join(figures + [f"(elsewhere: {e})" for e in elsewhere]))
+    return _budget_verdict("eval_time", title, figures, failures, missing, elsewhere)
 
 
 def _size_gate(files: dict[str, Any]) -> Any:

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pgolf.config import ConfigError, PackConfig, section_from_json
+from pgolf.config import PackConfig, section_from_json
 from pgolf.io import atomic_write_json, read_json, sha256_file
 from pgolf.pack import size_gate
-from pgolf.pack_stage import EXIT_OVER_CAP, counted_code_bytes
+from pgolf.pack_stage import EXIT_OVER_CAP, counted_code_bytes, run_gated_stage
 
 
 def run_gate(pack_report_path: str | Path, code: str | Path, artifact: str | Path, cfg: PackConfig, out: str | Path) -> tuple[dict[str, Any], int]:
@@ -63,15 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack-json", required=True, help="the pack section as JSON (convention and cap)")
     parser.add_argument("--out", required=True, help="gate report JSON (written also when over the cap)")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> tuple[dict[str, Any], int]:
         cfg = section_from_json(PackConfig, args.pack_json, "--pack-json")
-        report, status = run_gate(args.pack_report, args.code, args.artifact, cfg, args.out)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"pgolf gate: error: {exc}", file=sys.stderr)
-        return 2
-    if status:
-        print(f"pgolf gate: refused: {report['message']}", file=sys.stderr)
-    return status
+        return run_gate(args.pack_report, args.code, args.artifact, cfg, args.out)
+
+    return run_gated_stage("pgolf gate", work)
 
 
 if __name__ == "__main__":

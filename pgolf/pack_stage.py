@@ -25,7 +25,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pgolf.config import ConfigError, ModelConfig, PackConfig, section_from_json, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes
@@ -167,6 +167,19 @@ def run_pack_stage(
     return report, 0 if gate.ok else EXIT_OVER_CAP
 
 
+def run_gated_stage(name: str, work: Callable[[], tuple[dict[str, Any], int]]) -> int:
+    """Exit status of a stage behind a gate: 2 on bad input (message on stderr), else the stage's own status,
+    with the gate's message when it refused (EXIT_OVER_CAP)."""
+    try:
+        report, status = work()
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    if status:
+        print(f"{name}: refused: {report['message']}", file=sys.stderr)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pgolf.pack_stage", description=__doc__.splitlines()[0])
     parser.add_argument("--quantized", required=True, help="quantized model of the quantize stage")
@@ -184,15 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> tuple[dict[str, Any], int]:
         cfg = section_from_json(PackConfig, args.pack_json, "--pack-json")
-        report, status = run_pack_stage(args.quantized, args.checkpoint, cfg, args.code, args.out, args.report)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"pgolf pack: error: {exc}", file=sys.stderr)
-        return 2
-    if status:
-        print(f"pgolf pack: refused: {report['message']}", file=sys.stderr)
-    return status
+        return run_pack_stage(args.quantized, args.checkpoint, cfg, args.code, args.out, args.report)
+
+    return run_gated_stage("pgolf pack", work)
 
 
 if __name__ == "__main__":

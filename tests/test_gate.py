@@ -1,0 +1,58 @@
+"""The size gate stage: compressed model bytes (pack report) + counted code bytes against the cap."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pgolf.io import sha256_bytes
+from pgolf.minify import count_code_bytes
+
+
+def _inputs(tmp_path: Path, model_bytes: int = 1000) -> tuple[Path, Path, Path]:
+    artifact = tmp_path / "artifact.pgolf"
+    artifact.write_bytes(b"\x01" * model_bytes)
+    report = tmp_path / "pack_report.json"
+    report.write_text(json.dumps({"model_bytes": model_bytes, "artifact_sha256": sha256_bytes(artifact.read_bytes())}))
+    code = tmp_path / "train_gpt.py"
+    code.write_text("import sys\n\n\ndef main():\n    '''entry'''\n    print(sys.argv)\n\n\nmain()\n")
+    return report, artifact, code
+
+
+def _gate(report: Path, artifact: Path, code: Path, pack: dict, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pgolf.gate", "--pack-report", str(report), "--artifact", str(artifact),
+         "--code", str(code), "--pack-json", json.dumps(pack), "--out", str(out)],
+        capture_output=True, text=True,
+    )
+
+
+def test_within_the_cap_reports_headroom(tmp_path: Path) -> None:
+    report, artifact, code = _inputs(tmp_path)
+    code_bytes = count_code_bytes(code.read_text(), "file")
+    proc = _gate(report, artifact, code, {"code_bytes_convention": "file", "size_cap_bytes": 1000 + code_bytes}, tmp_path / "g.json")
+    assert proc.returncode == 0, proc.stderr
+    gate = json.loads((tmp_path / "g.json").read_text())
+    assert gate["ok"] and gate["total_bytes"] == 1000 + code_bytes and gate["headroom_bytes"] == 0
+    assert gate["code_bytes_convention"] == "file" and gate["code_sha256"] == sha256_bytes(code.read_bytes())
+
+
+def test_over_the_cap_is_refused_with_the_overage(tmp_path: Path) -> None:
+    report, artifact, code = _inputs(tmp_path)
+    code_bytes = count_code_bytes(code.read_text(), "wrapper")
+    cap = 1000 + code_bytes - 7
+    proc = _gate(report, artifact, code, {"code_bytes_convention": "wrapper", "size_cap_bytes": cap}, tmp_path / "g.json")
+    assert proc.returncode == 3
+    assert "over the" in proc.stderr and "by 7 bytes" in proc.stderr
+    gate = json.loads((tmp_path / "g.json").read_text())
+    assert not gate["ok"] and gate["overage_bytes"] == 7
+
+
+def test_an_artifact_other_than_the_packed_one_is_refused(tmp_path: Path) -> None:
+    report, artifact, code = _inputs(tmp_path)
+    artifact.write_bytes(b"\x02" * 1000)
+    proc = _gate(report, artifact, code, {}, tmp_path / "g.json")
+    assert proc.returncode == 2 and "sha256 differs" in proc.stderr
+    assert not (tmp_path / "g.json").exists()
