@@ -305,8 +305,12 @@ def bench_train(
     device_kind: str = "auto",
     peak_tflops: Optional[float] = None,
     seed: int = 0,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
-    """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring)."""
+    """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
+
+    ``profile_steps`` > 0 adds, per phase, a torch.profiler breakdown of that many more steps
+    (:func:`profile_breakdown`)."""
     import torch
 
     from pgolf import kernels
@@ -315,6 +319,8 @@ def bench_train(
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench train: expected steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if profile_steps < 0:
+        raise ValueError(f"bench train: --profile-steps expects >= 0, got {profile_steps}")
     if looping not in ("on", "off", "both"):
         raise ValueError(f"bench train: --looping expects on, off or both, got {looping!r}")
     model_cfg, train_cfg = run_cfg.model, run_cfg.train
@@ -369,6 +375,10 @@ def bench_train(
         fwd = forward_flops_per_token(model_cfg, applications, rows.mean_context)
         tokens_per_s = steps * tokens_per_step / total_s
         loss = float(losses[-1].item())
+        profiled = (
+            profile_breakdown(lambda i: train_step(bench, warmup + steps + i), profile_steps, device)
+            if profile_steps > 0 else None
+        )
         phases.append(
             {
                 "looping": loop_on,
@@ -391,6 +401,7 @@ def bench_train(
                 "recompiles_in_timed_steps": timed_counts["graphs_compiled"],
                 "loss": loss,
                 "loss_finite": math.isfinite(loss),
+                "profile": profiled,
             }
         )
     return {
@@ -412,6 +423,64 @@ def bench_train(
         "peak_tflops": peak,
         "seed": seed,
         "phases": phases,
+    }
+
+
+# Kernel-name patterns of each time category in a profile, checked in order (the first match wins).
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "_mm_", "cublas")),
+    ("fused_triton_kernels", ("_mlp_up_act", "_softcap_ce")),  # pgolf/triton_kernels.py
+    ("communication", ("nccl",)),
+    ("memory_copy", ("memcpy", "memset")),
+    ("inductor_triton", ("triton",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The time category of a GPU kernel, from its name (``other`` when no pattern matches)."""
+    lowered = name.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(p in lowered for p in patterns):
+            return category
+    return "other"
+
+
+def profile_breakdown(fn, steps: int, device, top: int = 25) -> dict[str, Any]:
+    """Run ``fn(i)`` ``steps`` times under torch.profiler; where the GPU time goes, per step.
+
+    Returns wall ms/step, GPU-busy ms/step (sum of kernel times; the rest is the GPU waiting for the host), ms per
+    category (:data:`KERNEL_CATEGORIES`) and the ``top`` kernels by time. Why: a step slower than the target is
+    either kernels (which ones) or launch/host overhead (busy << wall); the two need different fixes.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            fn(i)
+        _sync(device)
+        wall_s = time.perf_counter() - start
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1000.0  # us -> ms
+    by_category: dict[str, float] = {}
+    for name, ms in kernels.items():
+        category = kernel_category(name)
+        by_category[category] = by_category.get(category, 0.0) + ms / steps
+    busy_ms = sum(by_category.values())
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "profiled_steps": steps,
+        "wall_ms_per_step": 1000.0 * wall_s / steps,
+        "gpu_busy_ms_per_step": busy_ms,
+        "gpu_idle_fraction": max(0.0, 1.0 - busy_ms / (1000.0 * wall_s / steps)) if busy_ms else None,
+        "ms_per_step_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": n[:160], "ms_per_step": ms / steps} for n, ms in ranked],
     }
 
 
@@ -590,6 +659,7 @@ def _train_cmd(args: argparse.Namespace) -> int:
         device_kind=args.device,
         peak_tflops=args.peak_tflops,
         seed=args.seed,
+        profile_steps=args.profile_steps,
     )
     _emit(result, train_summary_line(result), args.out)
     return 0
@@ -649,6 +719,10 @@ def _add_subcommands(bench_sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by device name)"
+    )
+    train.add_argument(
+        "--profile-steps", type=int, default=0,
+        help="after timing, profile this many more steps per phase: GPU time by kernel category, top kernels",
     )
     train.set_defaults(func=_train_cmd)
 

@@ -392,6 +392,7 @@ TRAIN_FIELDS = {
     "phases",
 }
 PHASE_FIELDS = {
+    "profile",
     "looping",
     "block_applications",
     "warmup_steps",
@@ -465,9 +466,36 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
         assert phase["train_flops_per_token"] == pytest.approx(3 * phase["forward_flops_per_token"])
         assert phase["mfu"] is None and phase["peak_memory_allocated_gib"] is None  # CPU: no peak, no CUDA memory
         assert phase["recompiles_in_timed_steps"] == 0
+        assert phase["profile"] is None  # only with --profile-steps
     # looping adds block applications, hence FLOPs per token
     assert result["phases"][1]["forward_flops_per_token"] > result["phases"][0]["forward_flops_per_token"]
     assert "bench train smoke" in stderr and "loop off" in stderr and "loop on" in stderr
+
+
+def test_kernel_categories_of_profile_names():
+    assert bench.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert bench.kernel_category("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert bench.kernel_category("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert bench.kernel_category("_mlp_up_act_kernel") == "fused_triton_kernels"
+    assert bench.kernel_category("_softcap_ce_bwd_kernel") == "fused_triton_kernels"
+    assert bench.kernel_category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor_triton"
+    assert bench.kernel_category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    assert bench.kernel_category("Memcpy DtoD (Device -> Device)") == "memory_copy"
+    assert bench.kernel_category("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+def test_bench_train_profile_on_cpu():
+    """The profile pass runs the real step under torch.profiler (CPU: no kernels, so no GPU time to split)."""
+    result = bench.bench_train(
+        load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512, looping="off",
+        device_kind="cpu", profile_steps=1,
+    )
+    profile = result["phases"][0]["profile"]
+    assert profile["profiled_steps"] == 1 and profile["wall_ms_per_step"] > 0
+    assert profile["gpu_busy_ms_per_step"] == 0 and profile["gpu_idle_fraction"] is None
+    assert profile["ms_per_step_by_category"] == {} and profile["top_kernels"] == []
+    with pytest.raises(ValueError, match="--profile-steps"):
+        bench.bench_train(load_run_config(SMOKE), steps=1, profile_steps=-1, device_kind="cpu")
 
 
 def test_bench_eval_cli_on_cpu(capsys):
