@@ -390,6 +390,9 @@ class PackConfig:
     compressor: Literal["brotli", "lzma", "lrzip"] = "brotli"
     brotli_quality: int = 11
     byte_shuffle: bool = False
+    # store each 2-D integer code matrix column by column: a column's codes share one scale of the input feature,
+    # so brotli's context model sees runs of similar magnitude (record-size model: 16.007 -> 15.867 MB of codes)
+    column_major_codes: bool = True
     code_bytes_convention: Literal["wrapper", "file"] = "wrapper"
     size_cap_bytes: int = 16_000_000
     # hex characters kept of each tensor entry's sha256 in the artifact: 64 cost ~32 incompressible bytes per

@@ -1,10 +1,10 @@
 """The packed artifact: a versioned, self-describing container for a quantized model, and the size gate.
 
-Byte layout of format version 1 (all integers little-endian; also in docs/artifact-format.md)::
+Byte layout of format version 2 (all integers little-endian; also in docs/artifact-format.md)::
 
     offset  size  field
     0       8     magic b"PGOLFART"
-    8       4     uint32 format version (1)
+    8       4     uint32 format version (2; version 1 lacks the ``transpose`` encoding and is still read)
     12      1     uint8 compressor id: 1 = brotli, 2 = lzma (raw LZMA2 stream), 3 = lrzip
     13      32    sha256 of the compressed body (bytes 45..end)
     45      ...   compressed body
@@ -20,9 +20,12 @@ settings), ``quantization`` (``config``: the quantize section; ``tensors``: per 
 shape, bits, clip sigmas and LQER parameters) and ``entries``, the tensor table: one record per stored array
 ``{name, dtype, shape, encoding, offset, nbytes, sha256}``. ``offset`` counts from the start of the payload;
 ``nbytes = prod(shape) * itemsize``; ``sha256`` is the hex sha256 (or a prefix of it, 16..64 characters) of the
-array's raw C-order little-endian bytes (before any encoding). ``encoding`` is ``"raw"`` or ``"shuffle"`` (byte planes: all first bytes of the elements, then all
-second bytes, ...; used for multi-byte dtypes when ``byte_shuffle`` is on, it lets the compressor see the
-slowly-varying high bytes of float16 together). Entry names are ``<tensor>:<part>`` with parts ``q`` (int8
+array's raw C-order little-endian bytes (before any encoding). ``encoding`` is ``"raw"``, ``"shuffle"`` (byte
+planes: all first bytes of the elements, then all second bytes, ...; used for multi-byte dtypes when
+``byte_shuffle`` is on, it lets the compressor see the slowly-varying high bytes of float16 together) or
+``"transpose"`` (a 2-D array stored column by column, i.e. the C-order bytes of its transpose; used for the int8
+codes when ``column_major_codes`` is on: the codes of one input feature are alike in magnitude, and brotli
+compresses such runs ~1 % better than rows). Entry names are ``<tensor>:<part>`` with parts ``q`` (int8
 codes), ``scale`` (float16 per row), ``data`` (float16 passthrough) and ``lqer.a_codes``, ``lqer.a_scales``,
 ``lqer.b_codes``, ``lqer.b_scales``.
 
@@ -57,7 +60,7 @@ from pgolf.gptq import LqerFactors, QuantizedModel, QuantizedTensor, lqer_factor
 from pgolf.minify import count_code_bytes, make_wrapper, minify_source  # noqa: F401  (part of this module's API)
 
 MAGIC = b"PGOLFART"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<8sIB32s")  # magic, version, compressor id, sha256 of the compressed body
 PREFIX_BYTES = _PREFIX.size  # 45
 COMPRESSOR_IDS = {"brotli": 1, "lzma": 2, "lrzip": 3}
@@ -218,6 +221,41 @@ def _unshuffle(stored: bytes, itemsize: int) -> bytes:
     return np.frombuffer(stored, dtype=np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
+def _transpose(raw: bytes, shape: list[int], itemsize: int) -> bytes:
+    """C-order bytes of a 2-D array ``shape`` -> the C-order bytes of its transpose (column by column)."""
+    rows, cols = shape
+    return np.frombuffer(raw, dtype=np.dtype(f"V{itemsize}")).reshape(rows, cols).T.tobytes()
+
+
+def _untranspose(stored: bytes, shape: list[int], itemsize: int) -> bytes:
+    rows, cols = shape
+    return np.frombuffer(stored, dtype=np.dtype(f"V{itemsize}")).reshape(cols, rows).T.tobytes()
+
+
+def _encoding_for(part: str, t: torch.Tensor, cfg: PackConfig) -> str:
+    if cfg.column_major_codes and part == "q" and t.ndim == 2:
+        return "transpose"
+    if cfg.byte_shuffle and t.element_size() > 1:
+        return "shuffle"
+    return "raw"
+
+
+def _encode(raw: bytes, encoding: str, shape: list[int], itemsize: int) -> bytes:
+    if encoding == "shuffle":
+        return _shuffle(raw, itemsize)
+    if encoding == "transpose":
+        return _transpose(raw, shape, itemsize)
+    return raw
+
+
+def _decode(stored: bytes, encoding: str, shape: list[int], itemsize: int) -> bytes:
+    if encoding == "shuffle":
+        return _unshuffle(stored, itemsize)
+    if encoding == "transpose":
+        return _untranspose(stored, shape, itemsize)
+    return stored
+
+
 def _tensor_parts(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     parts: dict[str, Optional[torch.Tensor]] = {"q": qt.q, "scale": qt.scale, "data": qt.data}
     if qt.lqer is not None:
@@ -289,11 +327,10 @@ def pack(
             entries_by_part.append((_PART_ORDER.index(part), f"{name}:{part}", t))
 
     entries, chunks, offset = [], [], 0
-    for _, entry_name, t in sorted(entries_by_part, key=lambda e: (e[0], e[1])):
+    for part_index, entry_name, t in sorted(entries_by_part, key=lambda e: (e[0], e[1])):
         raw = _raw_bytes(t)
-        itemsize = t.element_size()
-        encoding = "shuffle" if cfg.byte_shuffle and itemsize > 1 else "raw"
-        stored = _shuffle(raw, itemsize) if encoding == "shuffle" else raw
+        encoding = _encoding_for(_PART_ORDER[part_index], t, cfg)
+        stored = _encode(raw, encoding, list(t.shape), t.element_size())
         entries.append({
             "name": entry_name, "dtype": _dtype_name(t), "shape": list(t.shape), "encoding": encoding,
             "offset": offset, "nbytes": len(stored), "sha256": hashlib.sha256(raw).hexdigest()[:sha256_hex_chars],
@@ -301,7 +338,9 @@ def pack(
         chunks.append(stored)
         offset += len(stored)
 
-    pack_meta: dict[str, Any] = {"compressor": cfg.compressor, "byte_shuffle": cfg.byte_shuffle}
+    pack_meta: dict[str, Any] = {
+        "compressor": cfg.compressor, "byte_shuffle": cfg.byte_shuffle, "column_major_codes": cfg.column_major_codes,
+    }
     if cfg.compressor == "brotli":
         pack_meta["brotli_quality"] = cfg.brotli_quality
     header = {
@@ -335,8 +374,10 @@ def _read_entries(header: dict, payload: bytes) -> dict[str, torch.Tensor]:
             raise ArtifactError(f"tensor table: duplicate entry {name}")
         if dtype not in _DTYPES:
             raise ArtifactError(f"tensor table: {name} has unknown dtype {dtype!r} (known: {', '.join(_DTYPES)})")
-        if encoding not in ("raw", "shuffle"):
+        if encoding not in ("raw", "shuffle", "transpose"):
             raise ArtifactError(f"tensor table: {name} has unknown encoding {encoding!r}")
+        if encoding == "transpose" and len(shape) != 2:
+            raise ArtifactError(f"tensor table: {name} has encoding 'transpose' but its shape {shape} is not 2-D")
         itemsize = _DTYPES[dtype].itemsize
         if any(d < 0 for d in shape) or nbytes != math.prod(shape) * itemsize:
             raise ArtifactError(f"tensor table: {name} records {nbytes} bytes but {dtype} {shape} needs {math.prod(shape) * itemsize}")
@@ -345,7 +386,7 @@ def _read_entries(header: dict, payload: bytes) -> dict[str, torch.Tensor]:
         if offset + nbytes > len(payload):
             raise ArtifactError(f"tensor table does not match the payload: {name} ends at {offset + nbytes}, payload has {len(payload)} bytes")
         stored = payload[offset : offset + nbytes]
-        raw = _unshuffle(stored, itemsize) if encoding == "shuffle" else stored
+        raw = _decode(stored, encoding, shape, itemsize)
         if not (isinstance(sha, str) and MIN_SHA256_HEX_CHARS <= len(sha) <= 64):
             raise ArtifactError(f"tensor table: {name} has a malformed sha256 {sha!r}")
         if hashlib.sha256(raw).hexdigest()[: len(sha)] != sha:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pgolf.config import PackConfig, QuantizeConfig
-from pgolf.gptq import QuantizedModel, dequantize_state, quantize_state
+from pgolf.gptq import QuantizedModel, QuantizedTensor, dequantize_state, quantize_state
 from pgolf.pack import (
     FORMAT_VERSION,
     MAGIC,
@@ -86,13 +86,16 @@ CONFIGS = [
     PackConfig(compressor="brotli", brotli_quality=5, byte_shuffle=True),
     PackConfig(compressor="lzma"),
     PackConfig(compressor="lzma", byte_shuffle=True),
+    PackConfig(compressor="brotli", brotli_quality=5, column_major_codes=False),
 ]
 
 
 # ---------------------------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.compressor}-shuffle{int(c.byte_shuffle)}")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c.compressor}-shuffle{int(c.byte_shuffle)}-colmajor{int(c.column_major_codes)}"
+)
 def test_pack_round_trip_is_bit_exact(quantized, cfg):
     data = pack(quantized, MODEL_CONFIG, INPUT_HASHES, cfg)
     assert data[:8] == MAGIC and struct.unpack_from("<I", data, 8)[0] == FORMAT_VERSION
@@ -100,6 +103,7 @@ def test_pack_round_trip_is_bit_exact(quantized, cfg):
     assert_same_model(quantized, loaded)
     assert header["model_config"] == MODEL_CONFIG and header["input_hashes"] == INPUT_HASHES
     assert header["pack"]["compressor"] == cfg.compressor and header["pack"]["byte_shuffle"] == cfg.byte_shuffle
+    assert header["pack"]["column_major_codes"] == cfg.column_major_codes
     assert pack(loaded, header["model_config"], header["input_hashes"], cfg) == data
     original, restored = dequantize_state(quantized), dequantize_state(loaded)
     assert all(torch.equal(original[n], restored[n]) for n in original)
@@ -108,7 +112,46 @@ def test_pack_round_trip_is_bit_exact(quantized, cfg):
 def test_byte_shuffle_marks_multibyte_entries_only(quantized):
     _, header = unpack(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[1]))
     for entry in header["entries"]:
-        assert entry["encoding"] == ("shuffle" if entry["dtype"] == "float16" else "raw"), entry["name"]
+        expected = "transpose" if entry["name"].endswith(":q") else "shuffle" if entry["dtype"] == "float16" else "raw"
+        assert entry["encoding"] == expected, entry["name"]
+
+
+def test_column_major_codes_store_each_matrix_transposed(quantized):
+    """The stored bytes of a ``q`` entry are its transpose's; everything else is stored as is."""
+    header, payload = read_container(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[0]))
+    for entry in header["entries"]:
+        name, part = entry["name"].split(":", 1)
+        stored = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
+        if part == "q":
+            assert entry["encoding"] == "transpose"
+            assert stored == quantized.tensors[name].q.T.contiguous().numpy().tobytes()
+        else:
+            assert entry["encoding"] == "raw", entry["name"]
+    _, row_major = read_container(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[4]))
+    assert sorted(row_major) == sorted(payload) and row_major != payload  # same bytes, another order
+
+
+def test_column_major_codes_compress_better_when_columns_differ():
+    """Codes whose spread depends on the input feature (column), as GPTQ codes of trained weights do."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 512, 256
+    column_spread = torch.exp(torch.randn(cols, generator=g))  # [cols]: one magnitude per input feature
+    codes = (torch.randn(rows, cols, generator=g) * column_spread).round().clamp(-31, 31).to(torch.int8)
+    qm = QuantizedModel(
+        {"w": QuantizedTensor(role="mlp", method="rtn", shape=(rows, cols), bits=6, q=codes,
+                              scale=torch.ones(rows, dtype=torch.float16))}, {}, [],
+    )
+    by_column = pack(qm, MODEL_CONFIG, INPUT_HASHES, PackConfig(brotli_quality=9))
+    by_row = pack(qm, MODEL_CONFIG, INPUT_HASHES, PackConfig(brotli_quality=9, column_major_codes=False))
+    assert len(by_column) < 0.97 * len(by_row)
+    assert torch.equal(unpack(by_column)[0].tensors["w"].q, codes)
+
+
+def test_version_1_artifacts_are_still_read(quantized):
+    """Version 1 (before the ``transpose`` encoding) differs only in the version field."""
+    v2 = pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[4])
+    v1 = v2[:8] + struct.pack("<I", 1) + v2[12:]  # the body hash does not cover the version field
+    assert_same_model(quantized, unpack(v1)[0])
 
 
 def test_tensor_table_tiles_the_payload(quantized):
@@ -138,7 +181,7 @@ def test_refuses_wrong_magic(artifact):
 
 def test_refuses_future_version(artifact):
     future = artifact[:8] + struct.pack("<I", 7) + artifact[12:]
-    with pytest.raises(ArtifactError, match=r"artifact format version 7 is newer than this pgolf \(supports <= 1\)"):
+    with pytest.raises(ArtifactError, match=r"artifact format version 7 is newer than this pgolf \(supports <= 2\)"):
         unpack(future)
 
 
@@ -201,6 +244,22 @@ def test_refuses_table_that_does_not_tile_payload(artifact):
         unpack(_reassemble(artifact, wrong_nbytes))
     with pytest.raises(ArtifactError, match="payload has"):
         unpack(_reassemble(artifact, past_end))
+
+
+def test_refuses_unknown_or_misapplied_encoding(artifact):
+    def unknown(header, payload):
+        header["entries"][0]["encoding"] = "zigzag"
+        return header, payload
+
+    def transpose_1d(header, payload):
+        entry = next(e for e in header["entries"] if len(e["shape"]) == 1)
+        entry["encoding"] = "transpose"
+        return header, payload
+
+    with pytest.raises(ArtifactError, match="unknown encoding 'zigzag'"):
+        unpack(_reassemble(artifact, unknown))
+    with pytest.raises(ArtifactError, match="encoding 'transpose' but its shape .* is not 2-D"):
+        unpack(_reassemble(artifact, transpose_1d))
 
 
 def test_refuses_table_that_disagrees_with_metadata(artifact):
