@@ -46,10 +46,9 @@ PY
 
 t "evaluate: phased LoRA TTT, first $MAX_DOCS documents, phases at $PHASES, slot lengths $SLOT_LENGTHS"
 timeout 540 python -m pgolf.evaluate --artifact .gpu/artifact.pgolf --pack-report .gpu/pack_report.json \
-  --eval-json "$(cat "$W/evaluate.json")" --seed 42 --data-dir "$W/shards" --mode sweep --out "$W/eval.json" \
-  2>&1 | tee "$W/eval.log" | grep -v "^\[" | tail -15
-grep "^\[" "$W/eval.log" | tail -4
-cp "$W/eval.json" "$W/eval.log" "$W/evaluate.json" "$OUT/" 2>/dev/null
-cp "$W"/*metrics*.jsonl "$OUT/" 2>/dev/null
+  --eval-json "$(cat "$W/evaluate.json")" --seed 42 --data-dir "$W/shards" --mode sweep --out "$OUT/eval.json" \
+  2>&1 | tee "$OUT/eval.log" | grep -v "^\[" | tail -15
+grep "^\[" "$OUT/eval.log" | tail -4
+cp "$W/evaluate.json" "$OUT/" 2>/dev/null
 ls "$OUT"
 t "done"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -295,11 +296,49 @@ def token_nll(model, input_ids: Tensor, target_ids: Tensor, cu_seqlens: Tensor, 
     return F.cross_entropy(logits, target_ids, ignore_index=IGNORE, reduction="none")  # [T]
 
 
+def _compiler_errors() -> tuple[type, ...]:
+    """The exception types torch.compile raises when a backend fails on a graph (not errors of the model)."""
+    errors: list[type] = []
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        errors.append(BackendCompilerFailed)
+    except ImportError:
+        pass
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+COMPILER_ERRORS = _compiler_errors()
+
+
+def disable_mix_order_reduction() -> None:
+    """Switch off inductor's mix-order reduction fusion where the installed torch has it.
+
+    Why: with torch 2.11 on an H100, compiling the backward of the phased-TTT rows (32,768-token rows through the
+    whole model) fails inside that fusion pass (``AssertionError`` in ``FusedMixOrderReductions``); the LoRA
+    and scoring graphs compile either way. Off, the graph compiles like any other reduction.
+    """
+    try:
+        import torch._inductor.config as inductor_config
+    except ImportError:
+        return
+    if hasattr(inductor_config, "triton") and hasattr(inductor_config.triton, "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
+
+
 class NllRunner:
     """Calls :func:`token_nll` on a device under bf16 autocast (CUDA), optionally through ``torch.compile``.
 
     ``warmup`` compiles on RANDOM tokens only (never validation tokens: compile warm-up that touches validation
-    data was flagged on PR #1530) and leaves no trace: gradients are cleared, nothing is stepped.
+    data was flagged on PR #1530) and leaves no trace: gradients are cleared, nothing is stepped. A shape whose
+    graph the compiler fails on during warm-up runs eagerly from then on (``eager_shapes``, with the error in
+    ``compile_failures``): a slower evaluation beats none, and the summary says which shapes fell back.
     """
 
     def __init__(self, model, device: torch.device, compile: bool = False, dynamic: bool = False):
@@ -307,14 +346,18 @@ class NllRunner:
         self.device = torch.device(device)
         self.compiled = compile
         self.dynamic = dynamic
-        fn: Callable = lambda i, t, c, m: token_nll(self.model, i, t, c, m)  # noqa: E731
+        self._eager_fn: Callable = lambda i, t, c, m: token_nll(self.model, i, t, c, m)  # noqa: E731
+        fn = self._eager_fn
         if compile:
             import torch._dynamo as dynamo
 
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            disable_mix_order_reduction()
             fn = torch.compile(fn, dynamic=dynamic)
         self._fn = fn
         self.shapes: set[tuple] = set()
+        self.eager_shapes: set[tuple] = set()  # (tokens, cu entries as called, max_seqlen) that run uncompiled
+        self.compile_failures: list[str] = []
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -331,9 +374,11 @@ class NllRunner:
     def __call__(self, row: PackedRow) -> Tensor:
         """float32 [T] NLL on the device (differentiable when grad mode is on)."""
         ids, targets, cu, max_seqlen = self.tensors(row)
-        self.shapes.add((len(ids), len(cu), max_seqlen))
+        shape = (len(ids), len(cu), max_seqlen)
+        self.shapes.add(shape)
+        fn = self._eager_fn if shape in self.eager_shapes else self._fn
         with self.autocast():
-            return self._fn(ids, targets, cu, max_seqlen)
+            return fn(ids, targets, cu, max_seqlen)
 
     def shape_of(self, row: PackedRow) -> tuple[int, int, int]:
         """(tokens, cu_seqlens entries as called, max_seqlen): what a compiled graph is specialized on."""
@@ -360,10 +405,20 @@ class NllRunner:
                 ids = torch.randint(2, vocab, (tokens,), generator=gen).numpy()
                 targets = torch.randint(2, vocab, (tokens,), generator=gen).numpy()
                 row = PackedRow(ids, targets, np.full(tokens, -1, dtype=np.int64), cu, max_seqlen)
-                with torch.set_grad_enabled(backward):
-                    nll = self(row)
-                    if backward:
-                        nll.mean().backward()
+                try:
+                    with torch.set_grad_enabled(backward):
+                        nll = self(row)
+                        if backward:
+                            nll.mean().backward()
+                except COMPILER_ERRORS as exc:
+                    if not self.compiled:
+                        raise
+                    shape = (tokens, entries, max_seqlen)
+                    self.eager_shapes.add(shape)
+                    message = f"shape {shape}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+                    self.compile_failures.append(message)
+                    print(f"warning: the compiler failed on {message}; this shape runs eagerly", file=sys.stderr)
+                    break
         for p in self.model.parameters():
             p.grad = None
         if self.device.type == "cuda":

@@ -584,6 +584,7 @@ def lora_ttt(
         score_s = time.perf_counter() - score_start
     progress.update(0, force=True)
     summary["compiled_shapes"] = len(runner.shapes)
+    summary["compile_failures"] = list(runner.compile_failures)  # shapes that ran eagerly instead
     return TTTOutcome(acc, ledger, summary, warmup_s, score_s)
 
 
@@ -779,7 +780,8 @@ def chunked_ttt(
         p.requires_grad_(False)
     progress.update(0, force=True)
     summary = {"mode": "chunked", "chunks": len(chunks), "steps": steps, "chunk_epochs": cfg.chunk_epochs,
-               "compiled_shapes": len(runner.shapes), "bigram_hash_buckets": cfg.bigram_hash_buckets}
+               "compiled_shapes": len(runner.shapes), "compile_failures": list(runner.compile_failures),
+               "bigram_hash_buckets": cfg.bigram_hash_buckets}
     return TTTOutcome(acc, ledger, summary, warmup_s, score_s)
 
 

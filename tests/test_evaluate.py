@@ -285,3 +285,44 @@ def test_record_mode_refuses_the_illegal_debug_ordering(tmp_path, model, docs, c
     args[args.index("--mode") + 1] = "record"
     assert evaluate.main(args) == 2
     assert "C3" in capsys.readouterr().err
+
+
+def test_a_shape_the_compiler_fails_on_runs_eagerly(capsys):
+    """Warm-up catches a backend failure (as inductor's on the phase rows, torch 2.11 / H100) for that shape only."""
+    import torch._inductor.exc as inductor_exc
+
+    from pgolf.scoring import COMPILER_ERRORS, NllRunner, PackedRow, disable_mix_order_reduction
+
+    model = tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(True)  # the warm-up runs backward
+
+    assert inductor_exc.InductorError in COMPILER_ERRORS
+    runner = NllRunner(model, torch.device("cpu"), compile=False)
+    runner.compiled = True  # as if compiled: the failing "compiled" function stands in for inductor
+    failing_tokens = 64
+
+    def compiled(ids, targets, cu, max_seqlen):
+        if len(ids) == failing_tokens:
+            raise inductor_exc.InductorError(AssertionError("FusedMixOrderReductions"), None)
+        return runner._eager_fn(ids, targets, cu, max_seqlen)
+
+    runner._fn = compiled
+    ids = np.arange(2, 2 + failing_tokens, dtype=np.int64) % model.cfg.vocab_size
+    row = PackedRow(ids, np.roll(ids, -1), np.zeros(failing_tokens, dtype=np.int64), [0, failing_tokens], failing_tokens)
+    failing_shape = runner.shape_of(row)  # (tokens, bucketed cu entries, max_seqlen), as the TTT loop warms up
+    runner.warmup([(32, failing_shape[1], 32), failing_shape], steps=2, backward=True, seed=0)
+    assert runner.eager_shapes == {failing_shape} and len(runner.compile_failures) == 1
+    assert "InductorError" in runner.compile_failures[0] and "runs eagerly" in capsys.readouterr().err
+    assert all(p.grad is None for p in model.parameters())  # warm-up leaves no trace, also after a failure
+    with torch.no_grad():
+        assert torch.equal(runner(row), runner._eager_fn(*runner.tensors(row)))
+    # a runner that does not compile re-raises: the error is the model's, not the compiler's
+    plain = NllRunner(model, torch.device("cpu"), compile=False)
+    plain._fn = compiled
+    with pytest.raises(inductor_exc.InductorError):
+        plain.warmup([(failing_tokens, 2, failing_tokens)], steps=1, backward=False, seed=0)
+    disable_mix_order_reduction()
+    import torch._inductor.config as inductor_config
+
+    assert inductor_config.triton.mix_order_reduction is False
