@@ -445,6 +445,10 @@ class TTTConfig:
     phase_lr: float = 0.001
     phase_momentum: float = 0.9
     phase_chunk_tokens: int = 32768
+    # compile the phase passes too: off, because every phase row shape is its own whole-model forward+backward
+    # graph (minutes of compile each on an H100; torch 2.11 inductor even failed on one) for passes that train
+    # on a few million tokens in all, which eager mode does in seconds
+    phase_compile: bool = False
     stream_chunk_tokens: int = 32768
     chunk_epochs: int = 1
     chunk_lr: float = 0.002

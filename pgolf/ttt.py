@@ -546,7 +546,11 @@ def lora_ttt(
     base_params = list(model.parameters())  # before the adapters exist
     with attach_lora(model, cfg, S) as adapters:
         runner = NllRunner(model, device, compile=eval_cfg.compile)
+        # phase passes: eager unless asked (each phase row shape is a whole-model forward+backward graph costing
+        # minutes of compile, for passes that train on a few million tokens in all)
+        phase_runner = NllRunner(model, device, compile=eval_cfg.compile and cfg.phase_compile)
         summary["adapter_parameters"] = adapters.num_parameters()
+        summary["phase_compiled"] = phase_runner.compiled
 
         # ---- compile warm-up on random tokens: every slot length, with and without backward; phase rows
         warmup_s = 0.0
@@ -556,14 +560,15 @@ def lora_ttt(
             shapes = [(S * L, cu_seqlens_bucket(2 * S + 1), L) for L in sorted(lengths)]
             gen_seed = seed + 7_919
             warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=True, seed=gen_seed)
-            if phases:
+            if phases and phase_runner.compiled:
                 adapters.set_active(False)
                 for p in base_params:
                     p.requires_grad_(True)
                 rows = pack_documents(val, order[: max(b for _, b in phases.values())],
                                       phase_row_tokens(eval_cfg, world), eval_cfg.eval_seq_len)
-                phase_shapes = sorted({runner.shape_of(r) for r in rows})
-                warmup_s += runner.warmup(phase_shapes, eval_cfg.compile_warmup_steps, backward=True, seed=gen_seed)
+                phase_shapes = sorted({phase_runner.shape_of(r) for r in rows})
+                warmup_s += phase_runner.warmup(phase_shapes, eval_cfg.compile_warmup_steps, backward=True,
+                                                seed=gen_seed)
                 for p in base_params:
                     p.requires_grad_(False)
                 adapters.set_active(True)
@@ -577,14 +582,14 @@ def lora_ttt(
             if r in phases:
                 first, last = phases[r]
                 summary["phases"].append(
-                    _phase_pass(model, val, order[first:last], eval_cfg, runner, adapters, base_params, ledger,
+                    _phase_pass(model, val, order[first:last], eval_cfg, phase_runner, adapters, base_params, ledger,
                                 dist_info, after_docs=last)
                 )
         _sync(device)
         score_s = time.perf_counter() - score_start
     progress.update(0, force=True)
     summary["compiled_shapes"] = len(runner.shapes)
-    summary["compile_failures"] = list(runner.compile_failures)  # shapes that ran eagerly instead
+    summary["compile_failures"] = runner.compile_failures + phase_runner.compile_failures  # shapes run eagerly
     return TTTOutcome(acc, ledger, summary, warmup_s, score_s)
 
 

@@ -242,6 +242,32 @@ def test_lora_queue_is_longest_first_and_phases_train_scored_documents(model, do
     assert [p["docs"] for p in new_only.summary["phases"]] == [3, 3]
 
 
+def test_phase_passes_run_eagerly_unless_phase_compile(model, docs, monkeypatch):
+    """A compiled evaluation compiles the LoRA steps; the phase passes get their own runner, compiled only on ask."""
+    import dataclasses
+
+    from pgolf import ttt as ttt_module
+    from pgolf.scoring import NllRunner
+
+    asked: list[bool] = []
+
+    class Recording(NllRunner):  # records what was asked, runs eagerly (no inductor on this CPU test)
+        def __init__(self, model, device, compile=False, dynamic=False):
+            asked.append(compile)
+            super().__init__(model, device, compile=False)
+            self.compiled = compile
+
+    monkeypatch.setattr(ttt_module, "NllRunner", Recording)
+    val = val_from_docs(docs)
+    for phase_compile in (False, True):
+        asked.clear()
+        cfg = eval_config("lora", phase_boundaries_docs=(2,), phase_compile=phase_compile)
+        cfg = dataclasses.replace(cfg, compile=True, compile_warmup_steps=0)
+        out = run(model, val, cfg)
+        assert asked == [True, phase_compile] and out.summary["phase_compiled"] is phase_compile
+        assert len(out.summary["phases"]) == 1 and out.summary["compile_failures"] == []
+
+
 def test_chunked_first_chunk_equals_plain_scoring_and_last_chunk_is_not_trained(model, docs):
     val = val_from_docs(docs)
     cfg = eval_config("chunked")
