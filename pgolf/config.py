@@ -393,6 +393,10 @@ class PackConfig:
     # store each 2-D integer code matrix column by column: a column's codes share one scale of the input feature,
     # so brotli's context model sees runs of similar magnitude (record-size model: 16.007 -> 15.867 MB of codes)
     column_major_codes: bool = True
+    # how the int8 code matrices are coded: "rans" (pgolf/entropy.py: per-(matrix, column class) frequency tables
+    # and rANS; record-size model ~67 KB below column-major brotli) or "compressor" (left to the compressor)
+    codes_coder: Literal["rans", "compressor"] = "rans"
+    rans_column_groups: int = 4  # column classes per matrix (2..6 measured within 2 KB of each other at record size)
     code_bytes_convention: Literal["wrapper", "file"] = "wrapper"
     size_cap_bytes: int = 16_000_000
     # hex characters kept of each tensor entry's sha256 in the artifact: 64 cost ~32 incompressible bytes per
@@ -403,6 +407,7 @@ class PackConfig:
         _check(0 <= self.brotli_quality <= 11, f"brotli_quality: expected 0..11, got {self.brotli_quality}")
         _check(self.size_cap_bytes > 0, "size_cap_bytes: expected > 0")
         _check(16 <= self.sha256_hex_chars <= 64, f"sha256_hex_chars: expected 16..64, got {self.sha256_hex_chars}")
+        _check(1 <= self.rans_column_groups <= 255, f"rans_column_groups: expected 1..255, got {self.rans_column_groups}")
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")

@@ -1,10 +1,11 @@
 """The packed artifact: a versioned, self-describing container for a quantized model, and the size gate.
 
-Byte layout of format version 2 (all integers little-endian; also in docs/artifact-format.md)::
+Byte layout of format version 3 (all integers little-endian; also in docs/artifact-format.md)::
 
     offset  size  field
     0       8     magic b"PGOLFART"
-    8       4     uint32 format version (2; version 1 lacks the ``transpose`` encoding and is still read)
+    8       4     uint32 format version (3; versions 1 and 2, which lack the ``rans`` (1, 2) and ``transpose`` (1)
+                  encodings, are still read)
     12      1     uint8 compressor id: 1 = brotli, 2 = lzma (raw LZMA2 stream), 3 = lrzip
     13      32    sha256 of the compressed body (bytes 45..end)
     45      ...   compressed body
@@ -25,7 +26,10 @@ planes: all first bytes of the elements, then all second bytes, ...; used for mu
 ``byte_shuffle`` is on, it lets the compressor see the slowly-varying high bytes of float16 together) or
 ``"transpose"`` (a 2-D array stored column by column, i.e. the C-order bytes of its transpose; used for the int8
 codes when ``column_major_codes`` is on: the codes of one input feature are alike in magnitude, and brotli
-compresses such runs ~1 % better than rows). Entry names are ``<tensor>:<part>`` with parts ``q`` (int8
+compresses such runs ~1 % better than rows) or ``"rans"`` (``codes_coder: rans``, the default: the entry has no
+bytes of its own, ``nbytes`` 0; all such matrices, in table order, are coded together by :mod:`pgolf.entropy`
+into the entries ``rans:groups``, ``rans:freqs``, ``rans:states`` and ``rans:words``, described by the header's
+``rans`` object ``{num_groups, lanes, precision_bits, matrices}``). Entry names are ``<tensor>:<part>`` with parts ``q`` (int8
 codes), ``scale`` (float16 per row), ``data`` (float16 passthrough) and ``lqer.a_codes``, ``lqer.a_scales``,
 ``lqer.b_codes``, ``lqer.b_scales``.
 
@@ -56,11 +60,12 @@ import numpy as np
 import torch
 
 from pgolf.config import PackConfig
+from pgolf.entropy import PRECISION_BITS, CodedMatrices, EntropyCodingError, decode_matrices, encode_matrices
 from pgolf.gptq import LqerFactors, QuantizedModel, QuantizedTensor, lqer_factor_shapes
 from pgolf.minify import count_code_bytes, make_wrapper, minify_source  # noqa: F401  (part of this module's API)
 
 MAGIC = b"PGOLFART"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _PREFIX = struct.Struct("<8sIB32s")  # magic, version, compressor id, sha256 of the compressed body
 PREFIX_BYTES = _PREFIX.size  # 45
 COMPRESSOR_IDS = {"brotli": 1, "lzma": 2, "lrzip": 3}
@@ -69,7 +74,9 @@ BROTLI_LGWIN = 24  # largest standard window (16 MiB): the whole model fits in o
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 # numpy little-endian dtype per stored dtype name
-_DTYPES = {"int8": np.dtype("i1"), "uint8": np.dtype("u1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+_DTYPES = {"int8": np.dtype("i1"), "uint8": np.dtype("u1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4"),
+           "uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # the last two: the rANS arrays only
+RANS_PARTS = {"groups": "uint8", "freqs": "uint16", "states": "uint32", "words": "uint16"}  # entries "rans:<part>"
 _TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 _PART_ORDER = ("q", "data", "scale", "lqer.a_codes", "lqer.a_scales", "lqer.b_codes", "lqer.b_scales")
 
@@ -233,6 +240,8 @@ def _untranspose(stored: bytes, shape: list[int], itemsize: int) -> bytes:
 
 
 def _encoding_for(part: str, t: torch.Tensor, cfg: PackConfig) -> str:
+    if cfg.codes_coder == "rans" and part == "q" and t.ndim == 2:
+        return "rans"
     if cfg.column_major_codes and part == "q" and t.ndim == 2:
         return "transpose"
     if cfg.byte_shuffle and t.element_size() > 1:
@@ -327,19 +336,38 @@ def pack(
             entries_by_part.append((_PART_ORDER.index(part), f"{name}:{part}", t))
 
     entries, chunks, offset = [], [], 0
-    for part_index, entry_name, t in sorted(entries_by_part, key=lambda e: (e[0], e[1])):
-        raw = _raw_bytes(t)
-        encoding = _encoding_for(_PART_ORDER[part_index], t, cfg)
-        stored = _encode(raw, encoding, list(t.shape), t.element_size())
+
+    def add(name: str, dtype: str, shape: list[int], encoding: str, raw: bytes, stored: bytes) -> None:
+        nonlocal offset
         entries.append({
-            "name": entry_name, "dtype": _dtype_name(t), "shape": list(t.shape), "encoding": encoding,
-            "offset": offset, "nbytes": len(stored), "sha256": hashlib.sha256(raw).hexdigest()[:sha256_hex_chars],
+            "name": name, "dtype": dtype, "shape": shape, "encoding": encoding, "offset": offset,
+            "nbytes": len(stored), "sha256": hashlib.sha256(raw).hexdigest()[:sha256_hex_chars],
         })
         chunks.append(stored)
         offset += len(stored)
 
+    rans_names, rans_matrices = [], []
+    for part_index, entry_name, t in sorted(entries_by_part, key=lambda e: (e[0], e[1])):
+        raw = _raw_bytes(t)
+        encoding = _encoding_for(_PART_ORDER[part_index], t, cfg)
+        if encoding == "rans":  # coded below, with every other code matrix; no bytes of its own
+            rans_names.append(entry_name)
+            rans_matrices.append(t.detach().cpu().contiguous().numpy())
+            add(entry_name, _dtype_name(t), list(t.shape), encoding, raw, b"")
+            continue
+        add(entry_name, _dtype_name(t), list(t.shape), encoding, raw, _encode(raw, encoding, list(t.shape), t.element_size()))
+    rans_meta = None
+    if rans_names:
+        coded = encode_matrices(rans_matrices, cfg.rans_column_groups)
+        for part, dtype in RANS_PARTS.items():
+            array = np.ascontiguousarray(getattr(coded, part), dtype=_DTYPES[dtype])
+            add(f"rans:{part}", dtype, list(array.shape), "raw", array.tobytes(), array.tobytes())
+        rans_meta = {"num_groups": coded.num_groups, "lanes": len(coded.states), "precision_bits": PRECISION_BITS,
+                     "matrices": rans_names}
+
     pack_meta: dict[str, Any] = {
         "compressor": cfg.compressor, "byte_shuffle": cfg.byte_shuffle, "column_major_codes": cfg.column_major_codes,
+        "codes_coder": cfg.codes_coder,
     }
     if cfg.compressor == "brotli":
         pack_meta["brotli_quality"] = cfg.brotli_quality
@@ -350,6 +378,8 @@ def pack(
         "quantization": {"config": quantized.quantize_config, "tensors": tensors_meta},
         "entries": entries,
     }
+    if rans_meta is not None:
+        header["rans"] = rans_meta
     try:
         json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -358,11 +388,12 @@ def pack(
 
 
 def _read_entries(header: dict, payload: bytes) -> dict[str, torch.Tensor]:
-    """Validate the tensor table against the payload and decode every entry."""
+    """Validate the tensor table against the payload and decode every entry (``rans`` ones via the rANS entries)."""
     entries = header.get("entries")
     if not isinstance(entries, list):
         raise ArtifactError("artifact header: 'entries' (the tensor table) is missing or not a list")
-    out: dict[str, torch.Tensor] = {}
+    arrays: dict[str, Optional[np.ndarray]] = {}  # None: a "rans" entry, decoded after the loop
+    digests: dict[str, tuple[str, str, list[int]]] = {}  # rans entry -> (sha256 prefix, dtype, shape)
     expected_offset = 0
     for i, e in enumerate(entries):
         try:
@@ -370,33 +401,81 @@ def _read_entries(header: dict, payload: bytes) -> dict[str, torch.Tensor]:
             encoding, offset, nbytes, sha = e["encoding"], int(e["offset"]), int(e["nbytes"]), e["sha256"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"tensor table entry {i} is malformed ({exc!r})") from None
-        if name in out:
+        if name in arrays:
             raise ArtifactError(f"tensor table: duplicate entry {name}")
         if dtype not in _DTYPES:
             raise ArtifactError(f"tensor table: {name} has unknown dtype {dtype!r} (known: {', '.join(_DTYPES)})")
-        if encoding not in ("raw", "shuffle", "transpose"):
+        if encoding not in ("raw", "shuffle", "transpose", "rans"):
             raise ArtifactError(f"tensor table: {name} has unknown encoding {encoding!r}")
-        if encoding == "transpose" and len(shape) != 2:
-            raise ArtifactError(f"tensor table: {name} has encoding 'transpose' but its shape {shape} is not 2-D")
+        if encoding in ("transpose", "rans") and len(shape) != 2:
+            raise ArtifactError(f"tensor table: {name} has encoding {encoding!r} but its shape {shape} is not 2-D")
+        if encoding == "rans" and dtype != "int8":
+            raise ArtifactError(f"tensor table: {name} has encoding 'rans' but dtype {dtype} (only int8 codes are)")
         itemsize = _DTYPES[dtype].itemsize
-        if any(d < 0 for d in shape) or nbytes != math.prod(shape) * itemsize:
-            raise ArtifactError(f"tensor table: {name} records {nbytes} bytes but {dtype} {shape} needs {math.prod(shape) * itemsize}")
+        needed = 0 if encoding == "rans" else math.prod(shape) * itemsize  # a rans entry's bytes live elsewhere
+        if any(d < 0 for d in shape) or nbytes != needed:
+            raise ArtifactError(f"tensor table: {name} records {nbytes} bytes but {dtype} {shape} needs {needed}")
         if offset != expected_offset:
             raise ArtifactError(f"tensor table does not match the payload: {name} starts at {offset}, expected {expected_offset}")
         if offset + nbytes > len(payload):
             raise ArtifactError(f"tensor table does not match the payload: {name} ends at {offset + nbytes}, payload has {len(payload)} bytes")
-        stored = payload[offset : offset + nbytes]
-        raw = _decode(stored, encoding, shape, itemsize)
         if not (isinstance(sha, str) and MIN_SHA256_HEX_CHARS <= len(sha) <= 64):
             raise ArtifactError(f"tensor table: {name} has a malformed sha256 {sha!r}")
+        expected_offset = offset + nbytes
+        if encoding == "rans":
+            arrays[name] = None
+            digests[name] = (sha, dtype, shape)
+            continue
+        raw = _decode(payload[offset : offset + nbytes], encoding, shape, itemsize)
         if hashlib.sha256(raw).hexdigest()[: len(sha)] != sha:
             raise ArtifactError(f"tensor {name}: sha256 mismatch (corrupted payload or tensor table)")
-        array = np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape)
-        out[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
-        expected_offset = offset + nbytes
+        arrays[name] = np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape)
     if expected_offset != len(payload):
         raise ArtifactError(f"tensor table does not match the payload: entries cover {expected_offset} of {len(payload)} bytes")
+    if digests:
+        _decode_rans_entries(header, arrays, digests)
+    elif "rans" in header:
+        raise ArtifactError("artifact header: a 'rans' section but no entry with encoding 'rans'")
+    out = {}
+    for name, array in arrays.items():
+        if name.startswith("rans:"):
+            continue  # consumed by the decoder
+        out[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
     return out
+
+
+def _decode_rans_entries(header: dict, arrays: dict, digests: dict) -> None:
+    """Fill the ``rans`` entries of ``arrays`` from the rANS entries; checks names, order and every sha256."""
+    meta = header.get("rans")
+    if not isinstance(meta, dict):
+        raise ArtifactError("artifact header: entries with encoding 'rans' but no 'rans' section")
+    try:
+        num_groups, lanes, precision = int(meta["num_groups"]), int(meta["lanes"]), int(meta["precision_bits"])
+        names = [str(n) for n in meta["matrices"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"artifact header: 'rans' section is malformed ({exc!r})") from None
+    if names != list(digests):
+        raise ArtifactError("artifact header: 'rans.matrices' does not list the 'rans' entries in table order")
+    if precision != PRECISION_BITS:
+        raise ArtifactError(f"artifact header: rANS precision {precision} bits, this pgolf decodes {PRECISION_BITS}")
+    parts = {}
+    for part, dtype in RANS_PARTS.items():
+        array = arrays.get(f"rans:{part}")
+        if array is None or array.dtype != _DTYPES[dtype] or array.ndim != (2 if part == "freqs" else 1):
+            raise ArtifactError(f"tensor table: entry rans:{part} ({dtype}) is missing or malformed")
+        parts[part] = array
+    if len(parts["states"]) != lanes:
+        raise ArtifactError(f"rans:states holds {len(parts['states'])} lanes, the header says {lanes}")
+    shapes = [tuple(digests[n][2]) for n in names]
+    try:
+        matrices = decode_matrices(CodedMatrices(num_groups, **parts), shapes)
+    except EntropyCodingError as exc:
+        raise ArtifactError(f"rANS-coded matrices do not decode (corrupted artifact): {exc}") from None
+    for name, matrix in zip(names, matrices):
+        sha = digests[name][0]
+        if hashlib.sha256(matrix.tobytes()).hexdigest()[: len(sha)] != sha:
+            raise ArtifactError(f"tensor {name}: sha256 mismatch after rANS decoding (corrupted artifact)")
+        arrays[name] = matrix
 
 
 def unpack(data: bytes) -> tuple[QuantizedModel, dict]:
@@ -437,7 +516,7 @@ def unpack(data: bytes) -> tuple[QuantizedModel, dict]:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"artifact header: quantization metadata of {name} is malformed ({exc!r})") from None
-    orphans = sorted(set(arrays) - used)
+    orphans = sorted(set(arrays) - used)  # the rANS entries were consumed by _read_entries
     if orphans:
         raise ArtifactError(f"tensor table does not match the quantization metadata: unexpected entries {', '.join(orphans)}")
     return QuantizedModel(tensors, quant.get("config", {}), []), header

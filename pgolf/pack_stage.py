@@ -13,7 +13,7 @@
 - Size gate: counted code + compressed model <= ``pack.size_cap_bytes``. Over it, the report says by how many
   bytes, no artifact is written and the stage exits with status 3. Under it, the report gives the headroom.
 - For comparison the report gives the size of the same model under plain brotli (quality 11, no shuffle, codes
-  row by row: "brotli alone"):
+  row by row and left to brotli: "brotli alone"):
   ``gain_vs_plain_brotli_bytes`` > 0 means the configured compressor wins.
 
 ``pack_report.json`` is what the evaluation stage checks the artifact's sha256 against.
@@ -33,7 +33,9 @@ from pgolf.io import atomic_write_bytes, atomic_write_json, canonical_json, sha2
 from pgolf.pack import ArtifactError, check_against_model_config, check_compressor_available, pack, size_gate, unpack
 
 EXIT_OVER_CAP = 3  # a refusal by a gate (as the budget checks of the Hessian and evaluation stages)
-PLAIN_BROTLI = PackConfig(compressor="brotli", brotli_quality=11, byte_shuffle=False, column_major_codes=False)
+PLAIN_BROTLI = PackConfig(
+    compressor="brotli", brotli_quality=11, byte_shuffle=False, column_major_codes=False, codes_coder="compressor"
+)
 
 
 def counted_code_bytes(code_path: str | Path, convention: str) -> tuple[int, int, str]:
@@ -66,13 +68,14 @@ def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def plain_brotli_bytes(qm, model_config: dict, input_hashes: dict, cfg: PackConfig, packed_len: int) -> Optional[int]:
-    """Artifact size under plain brotli (quality 11, no shuffle, row-major codes); None without brotli."""
+    """Artifact size under plain brotli (quality 11, no shuffle, row-major codes, no rANS); None without brotli."""
     baseline = dataclasses.replace(
         cfg,
         compressor=PLAIN_BROTLI.compressor,
         brotli_quality=PLAIN_BROTLI.brotli_quality,
         byte_shuffle=PLAIN_BROTLI.byte_shuffle,
         column_major_codes=PLAIN_BROTLI.column_major_codes,
+        codes_coder=PLAIN_BROTLI.codes_coder,
     )
     if baseline == cfg:
         return packed_len  # the configured compressor IS plain brotli

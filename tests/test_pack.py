@@ -86,7 +86,8 @@ CONFIGS = [
     PackConfig(compressor="brotli", brotli_quality=5, byte_shuffle=True),
     PackConfig(compressor="lzma"),
     PackConfig(compressor="lzma", byte_shuffle=True),
-    PackConfig(compressor="brotli", brotli_quality=5, column_major_codes=False),
+    PackConfig(compressor="brotli", brotli_quality=5, column_major_codes=False, codes_coder="compressor"),
+    PackConfig(compressor="brotli", brotli_quality=5, codes_coder="compressor"),
 ]
 
 
@@ -94,7 +95,8 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize(
-    "cfg", CONFIGS, ids=lambda c: f"{c.compressor}-shuffle{int(c.byte_shuffle)}-colmajor{int(c.column_major_codes)}"
+    "cfg", CONFIGS,
+    ids=lambda c: f"{c.compressor}-shuffle{int(c.byte_shuffle)}-colmajor{int(c.column_major_codes)}-{c.codes_coder}",
 )
 def test_pack_round_trip_is_bit_exact(quantized, cfg):
     data = pack(quantized, MODEL_CONFIG, INPUT_HASHES, cfg)
@@ -104,6 +106,7 @@ def test_pack_round_trip_is_bit_exact(quantized, cfg):
     assert header["model_config"] == MODEL_CONFIG and header["input_hashes"] == INPUT_HASHES
     assert header["pack"]["compressor"] == cfg.compressor and header["pack"]["byte_shuffle"] == cfg.byte_shuffle
     assert header["pack"]["column_major_codes"] == cfg.column_major_codes
+    assert header["pack"]["codes_coder"] == cfg.codes_coder and ("rans" in header) == (cfg.codes_coder == "rans")
     assert pack(loaded, header["model_config"], header["input_hashes"], cfg) == data
     original, restored = dequantize_state(quantized), dequantize_state(loaded)
     assert all(torch.equal(original[n], restored[n]) for n in original)
@@ -112,13 +115,15 @@ def test_pack_round_trip_is_bit_exact(quantized, cfg):
 def test_byte_shuffle_marks_multibyte_entries_only(quantized):
     _, header = unpack(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[1]))
     for entry in header["entries"]:
-        expected = "transpose" if entry["name"].endswith(":q") else "shuffle" if entry["dtype"] == "float16" else "raw"
+        name = entry["name"]
+        expected = "rans" if name.endswith(":q") else "raw" if name.startswith("rans:") else (
+            "shuffle" if entry["dtype"] == "float16" else "raw")
         assert entry["encoding"] == expected, entry["name"]
 
 
 def test_column_major_codes_store_each_matrix_transposed(quantized):
     """The stored bytes of a ``q`` entry are its transpose's; everything else is stored as is."""
-    header, payload = read_container(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[0]))
+    header, payload = read_container(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[5]))
     for entry in header["entries"]:
         name, part = entry["name"].split(":", 1)
         stored = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
@@ -141,14 +146,18 @@ def test_column_major_codes_compress_better_when_columns_differ():
         {"w": QuantizedTensor(role="mlp", method="rtn", shape=(rows, cols), bits=6, q=codes,
                               scale=torch.ones(rows, dtype=torch.float16))}, {}, [],
     )
-    by_column = pack(qm, MODEL_CONFIG, INPUT_HASHES, PackConfig(brotli_quality=9))
-    by_row = pack(qm, MODEL_CONFIG, INPUT_HASHES, PackConfig(brotli_quality=9, column_major_codes=False))
+    by_column = pack(qm, MODEL_CONFIG, INPUT_HASHES, PackConfig(brotli_quality=9, codes_coder="compressor"))
+    by_row = pack(qm, MODEL_CONFIG, INPUT_HASHES,
+                  PackConfig(brotli_quality=9, column_major_codes=False, codes_coder="compressor"))
     assert len(by_column) < 0.97 * len(by_row)
     assert torch.equal(unpack(by_column)[0].tensors["w"].q, codes)
+    # rANS with per-column-class tables beats both (what the default ships)
+    coded = pack(qm, MODEL_CONFIG, INPUT_HASHES, PackConfig(brotli_quality=9))
+    assert len(coded) < len(by_column) and torch.equal(unpack(coded)[0].tensors["w"].q, codes)
 
 
 def test_version_1_artifacts_are_still_read(quantized):
-    """Version 1 (before the ``transpose`` encoding) differs only in the version field."""
+    """Version 1 (before the ``transpose`` and ``rans`` encodings) differs only in the version field."""
     v2 = pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[4])
     v1 = v2[:8] + struct.pack("<I", 1) + v2[12:]  # the body hash does not cover the version field
     assert_same_model(quantized, unpack(v1)[0])
@@ -181,7 +190,7 @@ def test_refuses_wrong_magic(artifact):
 
 def test_refuses_future_version(artifact):
     future = artifact[:8] + struct.pack("<I", 7) + artifact[12:]
-    with pytest.raises(ArtifactError, match=r"artifact format version 7 is newer than this pgolf \(supports <= 2\)"):
+    with pytest.raises(ArtifactError, match=r"artifact format version 7 is newer than this pgolf \(supports <= 3\)"):
         unpack(future)
 
 
@@ -260,6 +269,38 @@ def test_refuses_unknown_or_misapplied_encoding(artifact):
         unpack(_reassemble(artifact, unknown))
     with pytest.raises(ArtifactError, match="encoding 'transpose' but its shape .* is not 2-D"):
         unpack(_reassemble(artifact, transpose_1d))
+
+
+def test_refuses_inconsistent_rans_entries(artifact):
+    def reorder(header, payload):
+        header["rans"]["matrices"] = header["rans"]["matrices"][::-1]
+        return header, payload
+
+    def drop_section(header, payload):
+        del header["rans"]
+        return header, payload
+
+    def wrong_code_sha(header, payload):
+        entry = next(e for e in header["entries"] if e["encoding"] == "rans")
+        entry["sha256"] = "0" * len(entry["sha256"])
+        return header, payload
+
+    def damaged_words(header, payload):  # a changed word with a matching entry digest: the decoder must notice
+        entry = next(e for e in header["entries"] if e["name"] == "rans:words")
+        start = entry["offset"] + entry["nbytes"] // 2
+        payload[start] ^= 0x5A
+        raw = bytes(payload[entry["offset"] : entry["offset"] + entry["nbytes"]])
+        entry["sha256"] = hashlib.sha256(raw).hexdigest()[: len(entry["sha256"])]
+        return header, payload
+
+    with pytest.raises(ArtifactError, match="does not list the 'rans' entries in table order"):
+        unpack(_reassemble(artifact, reorder))
+    with pytest.raises(ArtifactError, match="no 'rans' section"):
+        unpack(_reassemble(artifact, drop_section))
+    with pytest.raises(ArtifactError, match="sha256 mismatch after rANS decoding"):
+        unpack(_reassemble(artifact, wrong_code_sha))
+    with pytest.raises(ArtifactError, match="do not decode|sha256 mismatch after rANS decoding"):
+        unpack(_reassemble(artifact, damaged_words))
 
 
 def test_refuses_table_that_disagrees_with_metadata(artifact):

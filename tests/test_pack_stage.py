@@ -156,10 +156,12 @@ def test_other_compressor_is_compared_with_plain_brotli(chain, tmp_path: Path) -
     assert _pack(chain, tmp_path, cfg) == 0
     report = json.loads((tmp_path / "pack_report.json").read_text())
     _, header = unpack((tmp_path / "artifact.pgolf").read_bytes())
-    assert header["pack"] == {"compressor": "lzma", "byte_shuffle": True, "column_major_codes": True}
+    assert header["pack"] == {
+        "compressor": "lzma", "byte_shuffle": True, "column_major_codes": True, "codes_coder": "rans",
+    }
     qm, _ = load_quantized(chain["quantized"])
     plain = pack(
-        qm, header["model_config"], header["input_hashes"], PackConfig(column_major_codes=False),
+        qm, header["model_config"], header["input_hashes"], PackConfig(column_major_codes=False, codes_coder="compressor"),
         sha256_hex_chars=cfg.sha256_hex_chars,
     )
     assert report["plain_brotli_model_bytes"] == len(plain)
