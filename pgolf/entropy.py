@@ -86,15 +86,15 @@ def column_groups(codes: np.ndarray, num_groups: int) -> np.ndarray:
 
 
 def _symbols_and_tables(matrices: list[np.ndarray], groups: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """All symbols (column-major per matrix, matrices in order) and the table index of each."""
+    """All symbols (column-major per matrix, matrices in order) and the table index (int32) of each."""
     symbols, tables, start = [], [], 0
     for m, codes in enumerate(matrices):
         rows, cols = codes.shape
         symbols.append((codes.T.astype(np.int16) + 128).astype(np.uint8).ravel())
-        tables.append(np.repeat(m * num_groups + groups[start : start + cols].astype(np.int64), rows))
+        tables.append(np.repeat(m * num_groups + groups[start : start + cols].astype(np.int32), rows))
         start += cols
     if not matrices:
-        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int32)
     return np.concatenate(symbols), np.concatenate(tables)
 
 
@@ -115,8 +115,9 @@ def encode_matrices(matrices: list[np.ndarray], num_groups: int = 4, lanes: int 
             raise ValueError(f"matrix {i}: expected a 2-D int8 array, got {codes.dtype} {list(codes.shape)}")
     groups = np.concatenate([column_groups(c, num_groups) for c in matrices]) if matrices else np.zeros(0, np.uint8)
     symbols, tables = _symbols_and_tables(matrices, groups, num_groups)
-    counts = np.zeros((len(matrices) * num_groups, ALPHABET), dtype=np.int64)
-    np.add.at(counts, (tables, symbols), 1)
+    num_tables = len(matrices) * num_groups
+    counts = np.bincount(tables.astype(np.int64) * ALPHABET + symbols, minlength=num_tables * ALPHABET)
+    counts = counts.reshape(num_tables, ALPHABET)
     freqs = np.stack([normalize_counts(row) for row in counts]) if len(counts) else counts
     cum = _cumulative(freqs)
 
