@@ -7,7 +7,8 @@ not installed. The bundle is that file. It holds, in this order:
 2. ``MODULES``: ``{module name: (is_package, source)}`` for EVERY pgolf module the record run can execute and no
    other. The set is found statically: walk the ``import`` statements (function-local ones included) of
    :mod:`pgolf.record_run`, then of each pgolf module found, plus the packages that contain them. CLI-only,
-   Snakemake-only and Hub-download code is left out unless the record run can reach it;
+   Snakemake-only and Hub-download code is left out unless the record run can reach it, and so are the modules
+   of features the recipe switches off (:func:`left_out_modules`);
 3. a small importer (a ``sys.meta_path`` finder/loader) that serves ``pgolf.*`` from ``MODULES`` only, with a
    ``get_source`` so tracebacks, ``inspect`` and Triton's ``@jit`` see the real lines;
 4. ``CONFIG_JSON``: the resolved recipe (every knob, so the file alone says what it runs) and ``CODE_HASH``, the
@@ -149,18 +150,20 @@ def _parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def reachable_modules(entry: str = ENTRY_MODULE, package_dir: Path = PACKAGE_DIR) -> list[str]:
+def reachable_modules(
+    entry: str = ENTRY_MODULE, package_dir: Path = PACKAGE_DIR, left_out: frozenset[str] = frozenset()
+) -> list[str]:
     """Sorted names of every pgolf module that importing ``entry`` and running it can import, ``entry`` included.
 
     Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first, so containing packages are included
-    (and walked) too.
+    (and walked) too. ``left_out`` modules (see :func:`left_out_modules`) are neither included nor walked.
     """
     module_file(entry, package_dir)  # a clear error for a wrong entry
     seen: set[str] = set()
     todo = [entry]
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or name in left_out:
             continue
         seen.add(name)
         path, is_package = module_file(name, package_dir)
@@ -202,12 +205,32 @@ def third_party_imports(sources: dict[str, tuple[bool, str]], entry: str = ENTRY
     return {"required": sorted(required), "optional": sorted(optional - required)}
 
 
+def left_out_modules(cfg: RunConfig) -> dict[str, str]:
+    """Modules the recipe can never run, each with the setting that says so: left out of its bundle.
+
+    Why: every embedded byte is counted against the 16,000,000-byte cap. Only modules that the record path
+    imports lazily, inside the feature that needs them, can be left out; importing one from such a bundle fails
+    with ModuleNotFoundError naming the module (the bundle report lists them with these reasons).
+    """
+    out: dict[str, str] = {}
+    accounting = cfg.evaluate.byte_accounting
+    if accounting == "sidecar" or (accounting == "auto" and cfg.tokenizer.caseops):
+        reason = (f"evaluate.byte_accounting is {accounting!r} with tokenizer.caseops {cfg.tokenizer.caseops}: bytes "
+                  "come from the sidecar, never from the tokenizer's lookup table")
+        out["pgolf.data.tokenizer"] = reason
+        out["pgolf.data.caseops"] = reason
+    if cfg.evaluate.ttt.bigram_hash_buckets == 0:
+        out["pgolf.bigram_hash"] = "evaluate.ttt.bigram_hash_buckets is 0"
+    return out
+
+
 def collect_modules(
-    entry: str = ENTRY_MODULE, package_dir: Path = PACKAGE_DIR, minify: bool = False
+    entry: str = ENTRY_MODULE, package_dir: Path = PACKAGE_DIR, minify: bool = False,
+    left_out: frozenset[str] = frozenset(),
 ) -> list[BundledModule]:
     """The modules to embed, sorted by name, with their (optionally minified) sources."""
     out = []
-    for name in reachable_modules(entry, package_dir):
+    for name in reachable_modules(entry, package_dir, left_out):
         path, is_package = module_file(name, package_dir)
         source = path.read_text(encoding="utf-8")
         out.append(BundledModule(name, is_package, minify_source(source) if minify else source))
@@ -251,7 +274,7 @@ class _BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader)
         if fullname != "pgolf" and not fullname.startswith("pgolf."):
             return None
         if fullname not in MODULES:
-            raise ModuleNotFoundError(f"{fullname} is not part of this bundle ({__file__})", name=fullname)
+            raise ModuleNotFoundError(f"{fullname} is not part of this bundle ({__file__}): its recipe does not use it", name=fullname)
         spec = importlib.machinery.ModuleSpec(fullname, self, origin=self._filename(fullname), is_package=MODULES[fullname][0])
         spec.has_location = True  # sets __file__ (a name, not a file on disk)
         return spec
@@ -360,15 +383,19 @@ class Bundle:
     modules: list[BundledModule]
     code_hash: str
     third_party: dict[str, list[str]]
+    left_out: dict[str, str]  # module -> why the recipe never runs it
 
 
 def build_bundle(cfg: RunConfig, *, minify: bool = False, package_dir: Path = PACKAGE_DIR) -> Bundle:
     """Collect, render and self-check the bundle for ``cfg`` (nothing is written)."""
-    modules = collect_modules(ENTRY_MODULE, package_dir, minify)
+    left_out = left_out_modules(cfg)
+    modules = collect_modules(ENTRY_MODULE, package_dir, minify, frozenset(left_out))
     text = render_bundle(cfg, modules)
     check_bundle(text, cfg, modules)
     originals = {m.name: (m.is_package, module_file(m.name, package_dir)[0].read_text(encoding="utf-8")) for m in modules}
-    return Bundle(text, modules, bundle_code_hash(modules), third_party_imports(originals))
+    embedded = {m.name for m in modules}
+    return Bundle(text, modules, bundle_code_hash(modules), third_party_imports(originals),
+                  {name: why for name, why in left_out.items() if _is_module(name, package_dir) and name not in embedded})
 
 
 def bundle_report(bundle: Bundle, minify: bool) -> dict[str, Any]:
@@ -383,6 +410,7 @@ def bundle_report(bundle: Bundle, minify: bool) -> dict[str, Any]:
         "entry": ENTRY_MODULE,
         "minify_modules": minify,
         "modules": [m.name for m in bundle.modules],
+        "left_out": bundle.left_out,
         "third_party": bundle.third_party,
         "pgolf_version": pgolf.__version__,
     }

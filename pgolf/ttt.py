@@ -39,7 +39,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from pgolf.bigram_hash import BigramHash
 from pgolf.config import EvaluateConfig, TTTConfig
 from pgolf.scoring import (
     IGNORE,
@@ -723,6 +722,8 @@ def chunked_ttt(
     ledger = Ledger(val.num_positions)
     progress = Progress("ttt-chunked", val.target_count, val.num_docs, eval_cfg.progress_every_seconds, rank == 0, write, world)
     if cfg.bigram_hash_buckets:  # eval-time table, zero contribution now, trained below with the whole model
+        from pgolf.bigram_hash import BigramHash  # here: a bundle of a recipe without it leaves the module out
+
         model.bigram_hash = BigramHash(
             cfg.bigram_hash_buckets, cfg.bigram_hash_dim or model.cfg.model_dim, model.cfg.model_dim,
             model.cfg.vocab_size, model.bos_id, generator=torch.Generator().manual_seed(seed + 104_729),

@@ -27,6 +27,7 @@ from pgolf.bundle import (
     bundle_report,
     imported_modules,
     isolated_env,
+    left_out_modules,
     reachable_modules,
     render_bundle,
     string_literal,
@@ -45,6 +46,7 @@ from pgolf.config import (
     TokenizerConfig,
     TrainConfig,
     TTTConfig,
+    load_run_config,
     to_dict,
 )
 from pgolf.data.shards import BOS_ID, write_shard
@@ -52,6 +54,7 @@ from pgolf.minify import count_code_bytes, make_wrapper
 
 VOCAB = 300
 SEED = 5
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(**evaluate) -> RunConfig:
@@ -155,6 +158,24 @@ def test_relative_imports_resolve_against_the_package() -> None:
     assert "pgolf.data.w" in imported_modules("from .w import v\n", "pgolf.data", is_package=True)
 
 
+def test_recipe_switches_decide_what_is_left_out() -> None:
+    record = load_run_config(REPO_ROOT / "config.yaml")
+    assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.bigram_hash"}
+    lut = dataclasses.replace(record, evaluate=dataclasses.replace(record.evaluate, byte_accounting="lut"),
+                              tokenizer=dataclasses.replace(record.tokenizer, caseops=False))
+    bigram = dataclasses.replace(record, evaluate=dataclasses.replace(
+        record.evaluate, ttt=dataclasses.replace(record.evaluate.ttt, mode="chunked", bigram_hash_buckets=64)))
+    assert set(left_out_modules(lut)) == {"pgolf.bigram_hash"}
+    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops"}
+    full = reachable_modules()
+    pruned = reachable_modules(left_out=frozenset(left_out_modules(record)))
+    assert set(full) - set(pruned) == set(left_out_modules(record))  # nothing else hung on them
+    bundle = build_bundle(record, minify=True)
+    assert {m.name for m in bundle.modules} == set(pruned)
+    assert "its recipe does not use it" in bundle.text
+    assert count_code_bytes(bundle.text, "wrapper") < count_code_bytes(build_bundle(lut, minify=True).text, "wrapper")
+
+
 def test_real_selection_has_the_record_path_and_no_cli_or_hub_code() -> None:
     modules = reachable_modules()
     for needed in ("pgolf", "pgolf.record_run", "pgolf.train", "pgolf.hessian", "pgolf.quantize", "pgolf.pack_stage",
@@ -186,7 +207,8 @@ def test_bundle_is_deterministic_and_self_describing(plain_bundle) -> None:
     first, second = plain_bundle, build_bundle(cfg)
     assert first.text == second.text and first.code_hash == second.code_hash
     report = bundle_report(first, minify=False)
-    assert report["modules"] == reachable_modules()
+    assert report["modules"] == reachable_modules(left_out=frozenset(left_out_modules(cfg)))
+    assert report["left_out"] == left_out_modules(cfg)  # the tiny recipe: CaseOps, sidecar bytes, no bigram hash
     assert report["sha256"] == hashlib.sha256(first.text.encode("utf-8")).hexdigest()
     assert report["bytes_file"] == len(first.text.encode("utf-8"))
     assert report["bytes_wrapper"] == len(make_wrapper(first.text).encode("utf-8"))
