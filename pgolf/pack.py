@@ -20,23 +20,23 @@ The header JSON holds ``model_config`` (the model section, so the evaluator buil
 settings), ``quantization`` (``config``: the quantize section; ``tensors``: per model tensor its role, method,
 shape, bits, clip sigmas and LQER parameters) and ``entries``, the tensor table: one record per stored array
 ``{name, dtype, shape, encoding, offset, nbytes, sha256}``. ``offset`` counts from the start of the payload;
-``nbytes = prod(shape) * itemsize``; ``sha256`` is the hex sha256 (or a prefix of it, 16..64 characters) of the
-array's raw C-order little-endian bytes (before any encoding). ``encoding`` is ``"raw"``, ``"shuffle"`` (byte
-planes: all first bytes of the elements, then all second bytes, ...; used for multi-byte dtypes when
-``byte_shuffle`` is on, it lets the compressor see the slowly-varying high bytes of float16 together) or
+``nbytes = prod(shape) * itemsize`` (0 for ``rans`` entries); ``sha256`` is the hex sha256 (or a prefix of it,
+16..64 characters) of the array's raw C-order little-endian bytes (before any encoding). ``encoding`` is ``"raw"``,
+``"shuffle"`` (byte planes: all first bytes of the elements, then all second bytes, ...; used for multi-byte dtypes
+when ``byte_shuffle`` is on, it lets the compressor see the slowly-varying high bytes of float16 together) or
 ``"transpose"`` (a 2-D array stored column by column, i.e. the C-order bytes of its transpose; used for the int8
 codes when ``column_major_codes`` is on: the codes of one input feature are alike in magnitude, and brotli
 compresses such runs ~1 % better than rows) or ``"rans"`` (``codes_coder: rans``, the default: the entry has no
-bytes of its own, ``nbytes`` 0; all such matrices, in table order, are coded together by :mod:`pgolf.entropy`
-into the entries ``rans:groups``, ``rans:freqs``, ``rans:states`` and ``rans:words``, described by the header's
-``rans`` object ``{num_groups, lanes, precision_bits, matrices}``). Entry names are ``<tensor>:<part>`` with parts ``q`` (int8
-codes), ``scale`` (float16 per row), ``data`` (float16 passthrough) and ``lqer.a_codes``, ``lqer.a_scales``,
+bytes of its own, ``nbytes`` 0; all such matrices, in table order, are coded together by :mod:`pgolf.entropy` into
+the entries ``rans:groups``, ``rans:freqs``, ``rans:states`` and ``rans:words``, described by the header's ``rans``
+object ``{num_groups, lanes, precision_bits, matrices}``). Entry names are ``<tensor>:<part>`` with parts ``q``
+(int8 codes), ``scale`` (float16 per row), ``data`` (float16 passthrough) and ``lqer.a_codes``, ``lqer.a_scales``,
 ``lqer.b_codes``, ``lqer.b_scales``.
 
 Reading never unpickles anything: arrays are rebuilt with ``numpy.frombuffer`` from the table. Every
 inconsistency is refused with a clear :class:`ArtifactError`: wrong magic, a format version from the future,
-truncation or corruption (body sha256, decompression failure, per-entry sha256), a tensor table that does not
-tile the payload or does not match the quantization metadata, and (``check_against_model_config``) tensor
+truncation or corruption (body sha256, decompression failure, per-entry sha256, a rANS stream that does not
+decode back to its initial lane states), a tensor table that does not tile the payload or does not match the quantization metadata, and (``check_against_model_config``) tensor
 shapes that differ from what the model config implies.
 
 The per-tensor quantization report is not stored (it would cost bytes); the caller writes it beside the artifact.
