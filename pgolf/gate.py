@@ -43,12 +43,7 @@ def run_gate(pack_report_path: str | Path, code: str | Path, artifact: str | Pat
         "code_file": str(code),
         "code_file_bytes": code_file_bytes,
         "code_sha256": code_sha256,
-        "total_bytes": gate.total_bytes,
-        "cap": gate.cap_bytes,
-        "ok": gate.ok,
-        "headroom_bytes": gate.headroom_bytes,
-        "overage_bytes": gate.overage_bytes,
-        "message": gate.message,
+        **gate.report_fields(),
     }
     atomic_write_json(out, report)
     print(f"gate: {gate.message}", file=sys.stderr)

@@ -565,6 +565,11 @@ class GateResult:
         if not self.ok:
             raise ArtifactError(self.message)
 
+    def report_fields(self) -> dict[str, Any]:
+        """The verdict as the pack and gate reports write it (one spelling of the keys for both)."""
+        return {"total_bytes": self.total_bytes, "cap": self.cap_bytes, "ok": self.ok,
+                "headroom_bytes": self.headroom_bytes, "overage_bytes": self.overage_bytes, "message": self.message}
+
 
 def size_gate(model_bytes: int, code_bytes: int, cap: int = 16_000_000) -> GateResult:
     """Compare ``model_bytes + code_bytes`` with ``cap`` (decimal bytes; equal to the cap passes)."""

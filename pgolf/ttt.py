@@ -657,7 +657,8 @@ def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, ba
     rank = dist_info.rank if dist_info is not None else 0
     world = dist_info.world_size if dist_info is not None else 1
     ledger.sync(dist_info)  # documents scored on other processes are trained on here
-    rows = list(pack_documents(val, docs, phase_row_tokens(eval_cfg, world), eval_cfg.eval_seq_len, pad=eval_cfg.compile))
+    # padded to static shapes only for a compiled runner (phase passes run eagerly by default)
+    rows = list(pack_documents(val, docs, phase_row_tokens(eval_cfg, world), eval_cfg.eval_seq_len, pad=runner.compiled))
     steps = -(-len(rows) // world)
     adapters.set_active(False)
     for p in base_params:
