@@ -309,6 +309,10 @@ def run_evaluation(
         result = acc.result(info)
         ttt_summary = outcome.summary
     total_s = load_s + warmup_s + score_s
+    timings = {"load_s": load_s, "warmup_s": warmup_s, "score_s": score_s, "total_s": total_s, "data_s": data_s,
+               "load_detail": load_timings}
+    # the score and its timings are on record before the (untimed) diagnostics, which may fail or be cut off
+    log.write({"event": "eval_scored", **result.to_dict(), "timings": timings, "ttt": ttt_summary})
     budget = budget_report(total_s, cfg, mode, on_record_hardware(info.world_size))
     if budget["warning"] and info.is_main:
         print(f"pgolf evaluate: WARNING: {budget['warning']}", file=sys.stderr, flush=True)
@@ -338,8 +342,7 @@ def run_evaluation(
         "mode": mode,
         "ttt_mode": cfg.ttt.mode,
         "byte_accounting": val.byte_accounting,
-        "timings": {"load_s": load_s, "warmup_s": warmup_s, "score_s": score_s, "total_s": total_s,
-                    "data_s": data_s, "load_detail": load_timings},
+        "timings": timings,
         "budget": budget,
         "budget_applies": budget["budget_applies"],
         "ttt": ttt_summary,

@@ -396,7 +396,9 @@ class NllRunner:
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(seed)
         vocab = self.model.cfg.vocab_size
+        is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         for tokens, entries, max_seqlen in sorted(set(shapes)):
+            shape_start = time.perf_counter()
             cu = list(range(0, tokens, max_seqlen)) + [tokens]
             if len(cu) > entries:
                 continue  # cannot build a random row of this shape; the real call compiles it
@@ -419,6 +421,9 @@ class NllRunner:
                     self.compile_failures.append(message)
                     print(f"warning: the compiler failed on {message}; this shape runs eagerly", file=sys.stderr)
                     break
+            if is_main:  # a compile can take minutes: say which shape took how long
+                print(f"[warm-up] shape {(tokens, entries, max_seqlen)} {'fwd+bwd' if backward else 'fwd'}: "
+                      f"{time.perf_counter() - shape_start:.1f} s", file=sys.stderr, flush=True)
         for p in self.model.parameters():
             p.grad = None
         if self.device.type == "cuda":

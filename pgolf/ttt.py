@@ -612,6 +612,7 @@ def _lora_batch(val, docs, batch_index, keep_a, cfg: TTTConfig, seed, runner, ad
         L = _slot_length(max(p.input_end - p.window_start for p in plan), cfg)
         row = _lora_row(val, plan, S, L)
         updates = any(not p.last_chunk for p in plan)
+        step_start = time.perf_counter()
 
         def step(nll: Tensor) -> None:
             loss, used = _lora_update_loss(nll, row, plan, L)
@@ -635,8 +636,19 @@ def _lora_batch(val, docs, batch_index, keep_a, cfg: TTTConfig, seed, runner, ad
         acc.add(positions, values)
         if updates:
             step(nll)
+        _sync(runner.device)  # nll already came to the host; this only closes the step for its timing
+        _add_slot_timing(summary, L, time.perf_counter() - step_start, len(positions))
         progress.update(len(positions), docs=sum(p.last_chunk for p in plan))
     progress.update(0, docs=int((n_targets == 0).sum()))
+
+
+def _add_slot_timing(summary: dict, slot_length: int, seconds: float, scored_tokens: int) -> None:
+    """Accumulate steps, seconds and scored tokens per slot length: the figures a time projection needs."""
+    entry = summary.setdefault("slot_timing", {}).setdefault(str(slot_length), {"steps": 0, "seconds": 0.0,
+                                                                                 "scored_tokens": 0})
+    entry["steps"] += 1
+    entry["seconds"] += seconds
+    entry["scored_tokens"] += int(scored_tokens)
 
 
 def phase_row_tokens(eval_cfg: EvaluateConfig, world_size: int) -> int:
@@ -660,6 +672,7 @@ def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, ba
     # padded to static shapes only for a compiled runner (phase passes run eagerly by default)
     rows = list(pack_documents(val, docs, phase_row_tokens(eval_cfg, world), eval_cfg.eval_seq_len, pad=runner.compiled))
     steps = -(-len(rows) // world)
+    tokens = 0  # targets this process trained on
     adapters.set_active(False)
     for p in base_params:
         p.requires_grad_(True)
@@ -673,6 +686,7 @@ def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, ba
             row = rows[i]
             ledger.record_update(row.used_positions)
             nll = runner(row)
+            tokens += int(row.scored.sum())
             (nll.sum() / max(int(row.scored.sum()), 1) / rows_in_step).backward()
         _all_reduce_sum_grads(base_params, dist_info)
         opt.step()
@@ -681,8 +695,9 @@ def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, ba
         p.requires_grad_(False)
     adapters.set_active(True)
     _sync(runner.device)
+    seconds = time.perf_counter() - start
     return {"after_docs": after_docs, "docs": int(len(docs)), "rows": len(rows), "steps": steps,
-            "seconds": time.perf_counter() - start}
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -223,6 +223,11 @@ def test_stage_writes_a_complete_report(tmp_path, model, docs):
     assert report["ttt"]["steps"] > 0 and report["val_bpb"] != report["diagnostics"]["post_quant"]["val_bpb"]
     lines = [json.loads(line) for line in (tmp_path / "eval_metrics.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "eval_start" and lines[-1]["event"] == "eval_done"
+    scored = [line for line in lines if line["event"] == "eval_scored"]  # on record before the diagnostics
+    assert len(scored) == 1 and scored[0]["loss_sum"] == report["loss_sum"] and scored[0]["timings"] == t
+    slots = report["ttt"]["slot_timing"]  # every LoRA step is timed under its slot length
+    assert sum(e["steps"] for e in slots.values()) == report["ttt"]["steps"] + report["ttt"]["batches"]
+    assert sum(e["scored_tokens"] for e in slots.values()) == report["token_count"]
 
 
 def test_stage_refuses_a_hash_mismatched_artifact_unless_allowed(tmp_path, model, docs, capsys):

@@ -236,6 +236,8 @@ def test_lora_queue_is_longest_first_and_phases_train_scored_documents(model, do
     out = run(model, val, eval_config("lora", phase_boundaries_docs=(2, 3, 5)))
     # batches of 3 documents: boundaries 2 and 3 are crossed by batch 0 (one shared phase), 5 by batch 1
     assert [(p["after_docs"], p["docs"]) for p in out.summary["phases"]] == [(3, 3), (6, 6)]  # the scored prefix
+    targets = [int((val.doc_lengths()[order[:n]] - 1).sum()) for n in (3, 6)]
+    assert [p["tokens"] for p in out.summary["phases"]] == targets  # every target of the documents, once
     last = run(model, val, eval_config("lora", phase_boundaries_docs=(7,)))
     assert last.summary["phases"] == []  # crossed only by the last batch: nothing is left to score
     new_only = run(model, val, eval_config("lora", phase_boundaries_docs=(2, 6), phase_scope="new_docs"))
