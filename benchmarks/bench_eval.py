@@ -12,6 +12,9 @@ Measured on one H100 (torch 2.11, torch_varlen attention, record model, 2026-11-
   compiled 0.063 s (L=128) .. 0.39 s (L=2048), peak 19.7 GiB, but ~107 s to compile each slot length (grad graph).
   Without checkpointing an eager L=2048 step runs out of 80 GB. torch.compile(dynamic=True) fails with
   checkpointing and did not finish compiling in 280 s without it.
+Measured on one H200 (same software, 2026-12-01), compiled, no activation recompute: 0.061-0.080 s (L=128..512),
+  0.139 s (L=1024), 0.276 s (L=2048, 59.5 GiB peak; 0.336 s with recompute), 81-97 s to compile each slot length.
+  These prices feed ``pgolf eval-plan`` (benchmarks/eval_costs_*.json; docs/benchmarks.md).
 """
 
 from __future__ import annotations

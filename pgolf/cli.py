@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "pgolf.data.cli",
     "pgolf.model_cli",
     "pgolf.evaluate_cli",
+    "pgolf.eval_plan",
     "pgolf.bundle",
     "pgolf.pack_cli",
     "pgolf.submission",

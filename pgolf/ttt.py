@@ -398,7 +398,12 @@ def _sync(device: torch.device) -> None:
 
 def lora_doc_order(val: ValidationSet) -> np.ndarray:
     """Document indices longest first (ties: stream order) - the queue of document-batched TTT."""
-    return np.argsort(-(val.doc_lengths() - 1), kind="stable")
+    return longest_first(val.doc_lengths())
+
+
+def longest_first(doc_lengths: np.ndarray) -> np.ndarray:
+    """Indices of ``doc_lengths`` (int [D]) longest first, ties in stream order (a stable sort)."""
+    return np.argsort(-np.asarray(doc_lengths), kind="stable")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -427,12 +432,18 @@ def slot_lengths(cfg: TTTConfig) -> tuple[int, ...]:
     return (*powers, cfg.context_tokens)
 
 
-def _slot_length(max_window: int, cfg: TTTConfig) -> int:
+def slot_length_for_window(max_window: int, cfg: TTTConfig) -> int:
     """Slot length L of a step: the smallest allowed length that holds the step's longest window."""
     for length in slot_lengths(cfg):
         if length >= max_window:
             return length
     raise ValueError(f"a LoRA window of {max_window} tokens exceeds every slot length {slot_lengths(cfg)}")
+
+
+def compiled_slot_lengths(cfg: TTTConfig) -> tuple[int, ...]:
+    """The slot lengths some step can use (a window of k chunks, k = 1 .. context): one compiled graph each."""
+    windows = range(1, -(-cfg.context_tokens // cfg.chunk_tokens) + 1)
+    return tuple(sorted({slot_length_for_window(min(cfg.context_tokens, k * cfg.chunk_tokens), cfg) for k in windows}))
 
 
 def _lora_step_plan(val: ValidationSet, docs: np.ndarray, cfg: TTTConfig, chunk: int) -> list[_SlotChunk]:
@@ -491,7 +502,7 @@ def _lora_update_loss(nll: Tensor, row: PackedRow, plan: list[_SlotChunk], L: in
     return (nll * w).sum(), np.concatenate(used)
 
 
-def _phase_plan(cfg: TTTConfig, order: np.ndarray, num_batches: int, world_size: int) -> dict[int, tuple[int, int]]:
+def phase_plan(cfg: TTTConfig, order: np.ndarray, num_batches: int, world_size: int) -> dict[int, tuple[int, int]]:
     """round index -> (first, last) queue indices of the documents its phase trains on, for rounds that end one.
 
     A phase runs at the end of the first round after which at least ``boundary`` documents are scored; boundaries
@@ -535,7 +546,7 @@ def lora_ttt(
     order = lora_doc_order(val)
     batches = [order[i : i + S] for i in range(0, len(order), S)]
     num_rounds = -(-len(batches) // world)
-    phases = _phase_plan(cfg, order, len(batches), world)
+    phases = phase_plan(cfg, order, len(batches), world)
     acc = ScoreAccumulator(val, keep_tokens)
     ledger = Ledger(val.num_positions)
     progress = Progress("ttt-lora", val.target_count, val.num_docs, eval_cfg.progress_every_seconds, is_main, write, world)
@@ -554,9 +565,7 @@ def lora_ttt(
         # ---- compile warm-up on random tokens: every slot length, with and without backward; phase rows
         warmup_s = 0.0
         if eval_cfg.compile and eval_cfg.compile_warmup_steps > 0:
-            lengths = {_slot_length(min(cfg.context_tokens, k * cfg.chunk_tokens), cfg)
-                       for k in range(1, -(-cfg.context_tokens // cfg.chunk_tokens) + 1)}
-            shapes = [(S * L, cu_seqlens_bucket(2 * S + 1), L) for L in sorted(lengths)]
+            shapes = [(S * L, cu_seqlens_bucket(2 * S + 1), L) for L in compiled_slot_lengths(cfg)]
             gen_seed = seed + 7_919
             warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=True, seed=gen_seed)
             if phases and phase_runner.compiled:
@@ -609,7 +618,7 @@ def _lora_batch(val, docs, batch_index, keep_a, cfg: TTTConfig, seed, runner, ad
         plan = _lora_step_plan(val, docs, cfg, c)
         if not plan:
             continue
-        L = _slot_length(max(p.input_end - p.window_start for p in plan), cfg)
+        L = slot_length_for_window(max(p.input_end - p.window_start for p in plan), cfg)
         row = _lora_row(val, plan, S, L)
         updates = any(not p.last_chunk for p in plan)
         step_start = time.perf_counter()

@@ -14,6 +14,7 @@ import torch
 
 from eval_fixtures import copy_model, eval_config, random_docs, replace_ttt, tiny_model, val_from_docs
 from pgolf.config import ConfigError
+from pgolf.eval_plan import lora_schedule
 from pgolf.evaluate import score_documents
 from pgolf.scoring import PackedRow, token_nll
 from pgolf.ttt import BatchedLoRA, Ledger, LegalityError, attach_lora, cosine_lr, lora_doc_order, run_ttt
@@ -322,8 +323,14 @@ def test_two_ranks_score_like_one_process(tmp_path):
         assert ranks[0][f"{name}_sums"][0] == pytest.approx(np.nansum(merged), rel=1e-9)
         if tolerance is None:
             assert np.isfinite(ranks[0][f"{name}_sums"][0])
+            # pgolf eval-plan's schedule predicts each rank's steps per slot length of the real 2-rank run
+            mode, changes = worker.CASES[name]
+            val = val_from_docs(random_docs(worker.DOC_LENGTHS, seed=5))
+            planned = lora_schedule(val.doc_lengths(), eval_config(mode, **changes).ttt, 2).steps_per_rank()
+            for r in range(2):
+                assert {int(L): int(n) for L, n in ranks[r][f"{name}_slot_steps"]} == dict(planned[r]), f"rank {r}"
             continue
-        single, sums, _ = worker.run_case(name)
+        single, sums, _, _ = worker.run_case(name)
         scored = np.isfinite(single)
         np.testing.assert_array_equal(np.isfinite(merged), scored)
         np.testing.assert_allclose(merged[scored], single[scored], rtol=0, atol=tolerance, err_msg=name)

@@ -1,0 +1,134 @@
+"""pgolf eval-plan: the LoRA-TTT step schedule equals the real run's, and the projection adds up as documented."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval_fixtures import copy_model, eval_config, random_docs, tiny_model, val_from_docs
+from pgolf.cli import main as pgolf_main
+from pgolf.config import ConfigError
+from pgolf.eval_plan import (EvalCosts, Segment, batch_slot_steps, lora_schedule, project,
+                             synthetic_doc_lengths)
+from pgolf.ttt import run_ttt
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOTS = dict(slot_lengths=(8, 16, 24))  # chunk 8 targets, context 24 (eval_config)
+
+
+def costs(**changes) -> EvalCosts:
+    base = dict(step_seconds={8: 1.0, 16: 2.0, 24: 3.0}, compile_seconds={8: 10.0, 16: 20.0, 24: 30.0},
+                phase_tokens_per_s=10.0, load_seconds=5.0, measured_with={}, source="test costs",
+                warm_compile_seconds=2.0)
+    base.update(changes)
+    return EvalCosts(**base)
+
+
+def test_batch_steps_follow_the_longest_document_by_hand():
+    cfg = eval_config("lora", **SLOTS).ttt
+    # 20 targets: chunks end at 8, 16, 20 -> windows 8, 16, 20 -> slots 8, 16, 24
+    assert batch_slot_steps(np.array([20, 5, 0]), cfg) == Counter({8: 1, 16: 1, 24: 1})
+    # 40 targets: windows 8, 16, 24, 24 (context), 24
+    assert batch_slot_steps(np.array([3, 40]), cfg) == Counter({8: 1, 16: 1, 24: 3})
+    assert batch_slot_steps(np.array([0, 0]), cfg) == Counter()
+
+
+def test_two_process_schedule_and_projection_by_hand():
+    cfg = eval_config("lora", docs_per_batch=1, phase_boundaries_docs=(2,), **SLOTS).ttt
+    lengths = np.array([11, 31, 6, 21])  # targets 10, 30, 5, 20 -> queue 30, 20, 10, 5
+    schedule = lora_schedule(lengths, cfg, world_size=2)
+    assert schedule.segments == (
+        Segment((Counter({8: 1, 16: 1, 24: 2}), Counter({8: 1, 16: 1, 24: 1})), 50),  # phase on 30 + 20 targets
+        Segment((Counter({8: 1, 16: 1}), Counter({8: 1})), 0),
+    )
+    assert schedule.slot_lengths_compiled == (8, 16, 24)
+    cold = project(schedule, costs())
+    # segment 1: ranks 1+2+6 = 9 and 1+2+3 = 6 s; phase 50 / 2 / 10 = 2.5 s; segment 2: 3 and 1 s
+    assert cold["lora_score_s"] == 12.0 and cold["phase_s"] == 2.5 and cold["warmup_s"] == 60.0
+    assert cold["total_s"] == 5.0 + 60.0 + 12.0 + 2.5
+    assert cold["lora_idle_s_mean"] == 12.0 - (12.0 + 7.0) / 2
+    assert cold["steps_by_slot_length_busiest_rank"] == {"8": 2, "16": 2, "24": 2}
+    assert schedule.longest_batch_steps == Counter({8: 1, 16: 1, 24: 2}) and cold["longest_batch_s"] == 9.0
+    assert project(schedule, costs(), "warm")["warmup_s"] == 2.0 * 3
+
+
+def test_schedule_equals_a_real_run(tmp_path):
+    """One process, phases, three slot lengths: the plan's steps per slot length and phase tokens are the run's."""
+    docs = random_docs([5, 33, 18, 70, 0, 41, 9, 26, 12, 3, 50], seed=5)
+    val = val_from_docs(docs)
+    cfg = eval_config("lora", phase_boundaries_docs=(3, 6), **SLOTS)
+    out = run_ttt(copy_model(tiny_model(seed=3)), val, cfg, 0, device=torch.device("cpu"))
+    schedule = lora_schedule(val.doc_lengths(), cfg.ttt, world_size=1)
+    ran = {int(L): v["steps"] for L, v in out.summary["slot_timing"].items()}
+    assert ran == dict(schedule.steps_per_rank()[0]) and len(ran) == 3
+    assert [p["tokens"] for p in out.summary["phases"]] == [s.phase_tokens for s in schedule.segments[:-1]]
+
+    # the same run's eval.json prices a projection
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps({"ttt": out.summary, "timings": {"load_s": 1.5, "warmup_s": 6.0}}))
+    priced = EvalCosts.from_eval_result(eval_json)
+    for L, v in out.summary["slot_timing"].items():
+        assert priced.step_seconds[int(L)] == pytest.approx(v["seconds"] / v["steps"])
+    phases = out.summary["phases"]
+    assert priced.phase_tokens_per_s == pytest.approx(sum(p["tokens"] for p in phases) / sum(p["seconds"] for p in phases))
+    assert priced.load_seconds == 1.5 and priced.measured_with == {"docs_per_batch": 3}
+    assert project(schedule, priced)["lora_score_s"] == pytest.approx(
+        sum(v["seconds"] for v in out.summary["slot_timing"].values()), abs=0.2)
+
+
+def test_missing_prices_and_bad_inputs_are_named(tmp_path):
+    cfg = eval_config("lora", **SLOTS).ttt
+    schedule = lora_schedule(np.array([40, 3]), cfg, 1)
+    with pytest.raises(ConfigError, match=r"test costs: no step_seconds for slot length 24"):
+        project(schedule, costs(step_seconds={8: 1.0, 16: 2.0}))
+    with pytest.raises(ConfigError, match="no warm_compile_seconds"):
+        project(schedule, costs(warm_compile_seconds=None), "warm")
+    with pytest.raises(ValueError, match="world_size"):
+        lora_schedule(np.array([4]), cfg, 0)
+    bad = tmp_path / "costs.json"
+    bad.write_text(json.dumps({"step_seconds": {"8": 1}, "compile_seconds": {}, "load_seconds": 1}))
+    with pytest.raises(ConfigError, match=r"costs.json: missing field 'phase_tokens_per_s'"):
+        EvalCosts.from_json(bad)
+    no_lora = tmp_path / "eval.json"
+    no_lora.write_text(json.dumps({"ttt": {"mode": "none"}, "timings": {}}))
+    with pytest.raises(ConfigError, match="no ttt.slot_timing"):
+        EvalCosts.from_eval_result(no_lora)
+
+
+def test_synthetic_lengths_have_the_asked_mean():
+    lengths = synthetic_doc_lengths(50_000, 957.0, seed=1)
+    assert lengths.min() >= 2 and abs((lengths - 1).mean() / 957.0 - 1) < 0.02
+
+
+def test_cli_projects_the_record_recipe_with_the_measured_costs(capsys):
+    costs_file = ROOT / "benchmarks" / "eval_costs_h200_2026-12-01.json"
+    code = pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(costs_file),
+                       "--docs", "3000", "--gpus", "8", "--slot-lengths", "512,2048"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["slot_lengths_compiled"] == [512, 2048] and result["world_size"] == 8
+    parts = result["load_s"] + result["warmup_s"] + result["lora_score_s"] + result["phase_s"]
+    assert result["total_s"] == pytest.approx(parts, abs=0.11)
+    assert result["warmup_s"] == pytest.approx(84.8 + 96.8, abs=0.1)
+    assert result["margin_s"] == pytest.approx(600.0 - result["total_s"], abs=0.11) and result["notes"] == []
+    assert result["phases"] == 3  # 512 documents a round (8 x 64): 833, 1666, 2500 end rounds 2, 4, 5 of 6
+
+    # prices measured with activation recompute do not hold for the record (no recompute): the output says so
+    h100 = ROOT / "benchmarks" / "eval_costs_h100_2026-11-23.json"
+    assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(h100), "--docs", "500"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert len(notes) == 1 and "checkpoint_activations=True" in notes[0]
+
+
+def test_cli_refuses_a_recipe_without_lora(tmp_path, capsys):
+    recipe = (ROOT / "recipes" / "smoke.yaml").read_text().replace("    mode: lora\n", "    mode: none\n", 1)
+    path = tmp_path / "none.yaml"
+    path.write_text(recipe)
+    costs_file = ROOT / "benchmarks" / "eval_costs_h100_2026-11-23.json"
+    assert pgolf_main(["eval-plan", "--config", str(path), "--costs", str(costs_file)]) == 2
+    assert "projects LoRA TTT only" in capsys.readouterr().err
