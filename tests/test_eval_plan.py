@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_fixtures import copy_model, eval_config, random_docs, tiny_model, val_from_docs
+from eval_fixtures import copy_model, eval_config, random_docs, tiny_model, val_from_docs, write_val_dir
 from pgolf.cli import main as pgolf_main
 from pgolf.config import ConfigError
 from pgolf.eval_plan import (EvalCosts, Segment, batch_slot_steps, lora_schedule, project,
@@ -132,3 +132,21 @@ def test_cli_refuses_a_recipe_without_lora(tmp_path, capsys):
     costs_file = ROOT / "benchmarks" / "eval_costs_h100_2026-11-23.json"
     assert pgolf_main(["eval-plan", "--config", str(path), "--costs", str(costs_file)]) == 2
     assert "projects LoRA TTT only" in capsys.readouterr().err
+
+
+def test_cli_plans_on_real_validation_shards(tmp_path, capsys):
+    """--data-dir: the documents of the shards (cut across shard files) are the ones planned."""
+    lengths = [300, 40, 0, 129, 75]
+    docs = random_docs(lengths, seed=2)
+    data_dir = write_val_dir(tmp_path / "shards", docs)
+    costs_file = tmp_path / "costs.json"
+    costs_file.write_text(json.dumps({"step_seconds": {"128": 0.5}, "compile_seconds": {"128": 7.0},
+                                      "phase_tokens_per_s": 100.0, "load_seconds": 1.0}))
+    assert pgolf_main(["eval-plan", "--config", str(ROOT / "recipes" / "smoke.yaml"), "--costs", str(costs_file),
+                       "--data-dir", str(data_dir), "--gpus", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["targets"] == sum(lengths) and "5 documents" in result["documents"]
+    # smoke TTT: chunks of 48, one batch of 8 slots, context 128 -> one slot length; the 300-target document
+    # takes ceil(300 / 48) = 7 steps; no phase (boundaries 16, 32 documents are never reached before the end)
+    assert result["slot_lengths_compiled"] == [128] and result["steps_per_rank_max"] == 7
+    assert result["total_s"] == pytest.approx(1.0 + 7.0 + 7 * 0.5)
