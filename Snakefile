@@ -20,11 +20,11 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
-include: "workflow/rules/bundle.smk"
 include: "workflow/rules/quantize.smk"
+include: "workflow/rules/artifact.smk"
 include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/comply.smk"
-include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/compliance.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from pgolf.config import EvaluateConfig, ModelConfig, TTTConfig, from_mapping
-from pgolf.evaluate import score_documents, warmup_scoring
-from pgolf.model import GPT
-from pgolf.scoring import NllRunner
-from pgolf.ttt import run_ttt
-from pgolf.valdata import from_tokens
+from pgolf.evaluate.stage import score_documents, warmup_scoring
+from pgolf.model.gpt import GPT
+from pgolf.evaluate.scoring import NllRunner
+from pgolf.evaluate.ttt import run_ttt
+from pgolf.evaluate.valdata import from_tokens
 
 RECORD_TARGETS = 47_851_520
 

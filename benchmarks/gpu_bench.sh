@@ -12,7 +12,7 @@
 #   5. eval_fused         scoring and forward+backward throughput on 65,536-token rows, looping on (if time is left)
 # Every stage prints its human line (stderr) and JSON (stdout); the JSON also lands in $OUT/<stage>.json and the
 # full output in $OUT/<stage>.log. A summary (speedup, MFU, memory) closes the run. Needs no network and none of
-# brotli / snakemake / flash-attn (python -m pgolf.bench imports only what it uses).
+# brotli / snakemake / flash-attn (python -m pgolf.train.bench imports only what it uses).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_bench_out}
@@ -39,11 +39,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,
 python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 
 stage gpu_tests 90 python -m pytest tests/test_kernels.py -m gpu -q -rs -p no:cacheprovider
-TRAIN="python -m pgolf.bench train --config config.yaml --steps 5 --warmup 2"
+TRAIN="python -m pgolf.train.bench train --config config.yaml --steps 5 --warmup 2"
 stage train_fused_off 110 $TRAIN --looping off --out "$OUT/train_fused_off.json"
 stage train_unfused_off 100 $TRAIN --looping off --no-fused --out "$OUT/train_unfused_off.json"
 stage train_fused_on 150 $TRAIN --looping on --out "$OUT/train_fused_on.json"
-stage eval_fused 100 python -m pgolf.bench eval --config config.yaml --steps 3 --warmup 1 --out "$OUT/eval_fused.json"
+stage eval_fused 100 python -m pgolf.train.bench eval --config config.yaml --steps 3 --warmup 1 --out "$OUT/eval_fused.json"
 
 python - "$OUT" <<'PY'
 import json, sys

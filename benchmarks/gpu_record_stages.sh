@@ -68,18 +68,18 @@ timeout $((TRAIN_SECONDS + 330)) python -m pgolf.train --model-json "$(j model)"
 [ -f "$W/train/checkpoint/checkpoint.json" ] || { t "training failed"; tail -30 "$W/logs/train.log"; exit 1; }
 
 t "hessians"
-python -m pgolf.hessian --checkpoint "$W/train/checkpoint" --data-dir "$W/shards" --hessian-json "$(j hessians)" \
+python -m pgolf hessians --checkpoint "$W/train/checkpoint" --data-dir "$W/shards" --hessian-json "$(j hessians)" \
   --seed 42 --mode sweep --out "$W/hessians.pt" --report "$W/hessian_report.json" 2>&1 | tail -2
 t "quantize (GPTQ + LQER on the GPU)"
-python -m pgolf.quantize --checkpoint "$W/train/checkpoint" --hessians "$W/hessians.pt" --quantize-json "$(j quantize)" \
+python -m pgolf quantize --checkpoint "$W/train/checkpoint" --hessians "$W/hessians.pt" --quantize-json "$(j quantize)" \
   --device "$QUANT_DEVICE" --out "$W/quantized.pt" --report "$W/quantize_report.json" 2>&1 | tail -2
 
 t "pack: brotli 11 (the recipe's, in the background) and brotli 5 (for the diagnostics now)"
 mkdir -p "$W/pack11" "$W/pack5"
-(python -m pgolf.pack_stage --quantized "$W/quantized.pt" --checkpoint "$W/train/checkpoint" --pack-json "$(j pack)" \
+(python -m pgolf pack build --quantized "$W/quantized.pt" --checkpoint "$W/train/checkpoint" --pack-json "$(j pack)" \
   --out "$W/pack11/artifact.pgolf" --report "$W/pack11/pack_report.json" > "$W/logs/pack11.log" 2>&1) &
 PACK11=$!
-python -m pgolf.pack_stage --quantized "$W/quantized.pt" --checkpoint "$W/train/checkpoint" --pack-json "$(j pack_fast)" \
+python -m pgolf pack build --quantized "$W/quantized.pt" --checkpoint "$W/train/checkpoint" --pack-json "$(j pack_fast)" \
   --out "$W/pack5/artifact.pgolf" --report "$W/pack5/pack_report.json" 2>&1 | tail -1
 
 t "diagnostics: pre-quant (checkpoint) and post-quant (artifact) bpb, no TTT, first $VAL_DOCS validation docs"

@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_shards import synthetic_stream  # noqa: E402
 
-from pgolf.checkpoint import save_checkpoint  # noqa: E402
+from pgolf.train.checkpoint import save_checkpoint  # noqa: E402
 from pgolf.config import HessianConfig, ModelConfig, PackConfig, QuantizeConfig, TrainConfig, to_dict  # noqa: E402
 from pgolf.data.shards import shard_name, write_shard  # noqa: E402
-from pgolf.model import GPT  # noqa: E402
+from pgolf.model.gpt import GPT  # noqa: E402
 
 
 def make_inputs(work: Path, train_tokens: int) -> tuple[Path, Path]:
@@ -73,7 +73,7 @@ def main() -> None:
     figures = {}
     figures["hessian_process_s"] = run(
         [
-            "pgolf.hessian",
+            "pgolf.quantize.hessians",
             "--checkpoint",
             str(ckpt),
             "--data-dir",
@@ -94,7 +94,7 @@ def main() -> None:
     )
     figures["quantize_process_s"] = run(
         [
-            "pgolf.quantize",
+            "pgolf.quantize.stage",
             "--checkpoint",
             str(ckpt),
             "--hessians",
@@ -111,7 +111,7 @@ def main() -> None:
     )
     figures["pack_process_s"] = run(
         [
-            "pgolf.pack_stage",
+            "pgolf.artifact.pack",
             "--quantized",
             str(work / "quantized.pt"),
             "--checkpoint",

@@ -1,4 +1,8 @@
-"""The ``pgolf`` command line. Each command group lives beside the code it drives and registers itself here."""
+"""The ``pgolf`` command line: it only collects the commands each stage's ``cli`` module registers.
+
+Every stage subpackage has one ``cli.py`` with ``register(commands)``; it adds its commands and imports its
+implementation only when a command runs, so ``pgolf --help`` and the cheap commands stay fast (no torch).
+"""
 
 from __future__ import annotations
 
@@ -6,36 +10,50 @@ import argparse
 import importlib
 import sys
 
-from pgolf.config import ConfigError
-
-# module -> that module's `register(subparsers)` adds its command group
-COMMAND_MODULES = [
-    "pgolf.config_cli",
+# the stage subpackages, in the order of the DAG; each module's `register(commands)` adds its commands
+COMMAND_MODULES = (
+    "pgolf.config.cli",
     "pgolf.data.cli",
-    "pgolf.model_cli",
-    "pgolf.evaluate_cli",
-    "pgolf.eval_plan",
-    "pgolf.bundle",
-    "pgolf.pack_cli",
-    "pgolf.submission",
-    "pgolf.preflight",
-    "pgolf.bench",
-    "pgolf.comply",
-    "pgolf.recipe_cli",
-]
+    "pgolf.model.cli",
+    "pgolf.train.cli",
+    "pgolf.quantize.cli",
+    "pgolf.artifact.cli",
+    "pgolf.evaluate.cli",
+    "pgolf.report.cli",
+    "pgolf.compliance.cli",
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class Commands:
+    """The top-level subcommands, plus named groups (``pgolf bench ...``) that several stages add to."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction):
+        self._subparsers = subparsers
+        self._groups: dict[str, argparse._SubParsersAction] = {}
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._subparsers.add_parser(name, **kwargs)
+
+    def group(self, name: str, help: str) -> argparse._SubParsersAction:
+        """The subcommands of group ``name`` (created by the first stage that asks for it)."""
+        if name not in self._groups:
+            parser = self._subparsers.add_parser(name, help=help)
+            self._groups[name] = parser.add_subparsers(dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
+        return self._groups[name]
+
+
+def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf pipeline")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    commands = Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    for name in modules:
+        importlib.import_module(name).register(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODULES) -> int:
+    args = build_parser(modules).parse_args(argv)
+    from pgolf.config import ConfigError
+
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_fixtures import copy_model, eval_config, random_docs, tiny_model, val_from_docs  # noqa: E402
-from pgolf.distributed import init_distributed, shutdown  # noqa: E402
-from pgolf.evaluate import score_documents  # noqa: E402
+from pgolf.train.distributed import init_distributed, shutdown  # noqa: E402
+from pgolf.evaluate.stage import score_documents  # noqa: E402
 from pgolf.io import atomic_path  # noqa: E402
-from pgolf.ttt import run_ttt  # noqa: E402
+from pgolf.evaluate.ttt import run_ttt  # noqa: E402
 
 DOC_LENGTHS = [5, 33, 18, 70, 0, 41, 9, 26, 12, 3, 50]
 CASES = {

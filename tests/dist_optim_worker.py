@@ -1,4 +1,4 @@
-"""Worker for tests/test_optim.py: train a tiny model with pgolf.optim, alone or as one rank under torchrun.
+"""Worker for tests/test_optim.py: train a tiny model with pgolf.train.optim, alone or as one rank under torchrun.
 
 Under ``python -m torch.distributed.run --nproc_per_node=N tests/dist_optim_worker.py --out DIR`` every rank
 builds the same model (same seed), takes its contiguous 1/N of each batch, trains, and writes
@@ -23,7 +23,7 @@ from torch import nn
 
 from pgolf.config import OptimConfig
 from pgolf.io import atomic_path
-from pgolf.optim import allreduce_grads, build_optimizers, set_lr_multiplier
+from pgolf.train.optim import allreduce_grads, build_optimizers, set_lr_multiplier
 
 VOCAB = 16
 DIM = 8

@@ -13,8 +13,8 @@ import torch
 from pgolf.config import EvaluateConfig, ModelConfig, PackConfig, QuantizeConfig, TTTConfig, to_dict
 from pgolf.data.shards import BOS_ID, ShardStreamWriter
 from pgolf.io import atomic_write_json, sha256_file
-from pgolf.model import GPT
-from pgolf.valdata import ValidationSet, from_tokens
+from pgolf.model.gpt import GPT
+from pgolf.evaluate.valdata import ValidationSet, from_tokens
 
 torch.set_num_threads(1)  # tiny matmuls: thread hand-off costs more than it saves on a shared 2-core machine
 
@@ -98,8 +98,8 @@ def write_val_dir(directory: Path, docs: list[np.ndarray], shard_tokens: int = 9
 
 def write_artifact(directory: Path, model: GPT, report_sha: str | None = "auto") -> Path:
     """Quantize (identity Hessians), pack with brotli, and write ``pack_report.json`` beside the artifact."""
-    from pgolf.gptq import quantize_state
-    from pgolf.pack import pack
+    from pgolf.quantize.weights import quantize_state
+    from pgolf.artifact.format import pack
 
     directory.mkdir(parents=True, exist_ok=True)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,4 +1,4 @@
-"""Runs the Triton kernels of pgolf.kernels under Triton's CPU interpreter and checks them against the references.
+"""Runs the Triton kernels of pgolf.model.kernels under Triton's CPU interpreter and checks them against the references.
 
 Started by tests/test_kernels.py in a subprocess with ``TRITON_INTERPRET=1`` (it must be set before triton is
 imported, hence the separate process). Prints one JSON line: ``{case: "ok" | error text}``; the test reports
@@ -17,10 +17,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from pgolf import kernels
-from pgolf import triton_kernels as tk
+from pgolf.model import kernels
+from pgolf.model import triton_kernels as tk
 from pgolf.config import ModelConfig
-from pgolf.model import GPT
+from pgolf.model.gpt import GPT
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # interpreter fp32 vs torch fp32: only summation order differs
 

@@ -145,7 +145,7 @@ def make_seed(
 def make_code_bundle(
     run_dir: Path, code_hash: str = CODE_HASH, source: str = TRAIN_GPT_SOURCE, bytes_wrapper: int = 32_000
 ) -> str:
-    """results/<run>/code/train_gpt.py + train_gpt.py.json (the keys pgolf.bundle writes); returns its sha256."""
+    """results/<run>/code/train_gpt.py + train_gpt.py.json (the keys pgolf.artifact.bundle writes); returns its sha256."""
     code = run_dir / "code"
     code.mkdir(parents=True, exist_ok=True)
     (code / "train_gpt.py").write_text(source)

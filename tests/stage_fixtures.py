@@ -8,7 +8,7 @@ import numpy as np
 
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig
 from pgolf.data.shards import BOS_ID, write_shard
-from pgolf.train import train
+from pgolf.train.loop import train
 
 VOCAB = 64
 # every record feature at toy size: looping (layer 1 twice), two lanes from layer 2, gates, skips, tied embedding

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pgolf.attention import (
+from pgolf.model.attention import (
     attention,
     available_backends,
     build_cu_seqlens,
@@ -270,7 +270,7 @@ def _fake_varlen_213(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, w
 def test_torch_varlen_keywords_follow_the_signature(monkeypatch, fake, causal):
     import inspect
 
-    import pgolf.attention as attn_mod
+    import pgolf.model.attention as attn_mod
 
     monkeypatch.setattr(attn_mod, "_TORCH_VARLEN_FN", fake)
     monkeypatch.setattr(attn_mod, "_TORCH_VARLEN_KEYWORDS", frozenset(inspect.signature(fake).parameters))

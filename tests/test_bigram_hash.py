@@ -15,10 +15,10 @@ from eval_fixtures import (
     val_from_docs,
 )
 
-from pgolf.bigram_hash import BigramHash, bigram_buckets
+from pgolf.evaluate.bigram_hash import BigramHash, bigram_buckets
 from pgolf.config import ConfigError, TTTConfig
-from pgolf.evaluate import score_documents
-from pgolf.ttt import run_ttt
+from pgolf.evaluate.stage import score_documents
+from pgolf.evaluate.ttt import run_ttt
 
 CPU = torch.device("cpu")
 BOS = 1

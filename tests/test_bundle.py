@@ -1,7 +1,7 @@
 """The bundled train_gpt.py and the in-process record run.
 
 The end-to-end fixture bundles a tiny recipe, then runs the bundled file under torchrun with 2 CPU processes
-from a folder outside the repository, with pgolf made unimportable (:data:`pgolf.bundle.LAUNCHER`). The staged
+from a folder outside the repository, with pgolf made unimportable (:data:`pgolf.artifact.bundle.LAUNCHER`). The staged
 stage functions are then run in this process on the record run's own checkpoint: Hessians, quantized tensors,
 artifact and score must be the record run's, bit for bit.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.bundle import (
+from pgolf.artifact.bundle import (
     LAUNCHER,
     BundleError,
     build_bundle,
@@ -50,7 +50,7 @@ from pgolf.config import (
     to_dict,
 )
 from pgolf.data.shards import BOS_ID, write_shard
-from pgolf.minify import count_code_bytes, make_wrapper
+from pgolf.artifact.minify import count_code_bytes, make_wrapper
 
 VOCAB = 300
 SEED = 5
@@ -145,7 +145,7 @@ def test_third_party_split_follows_import_guards() -> None:
     )
     sources = {
         "pgolf": (True, ""),
-        "pgolf.record_run": (False, record_run),
+        "pgolf.artifact.record_run": (False, record_run),
         "pgolf.fast": (False, "import triton.language as tl\nimport numpy\n"),
         "pgolf.other": (False, "try:\n    import fa3\nexcept Exception:\n    fa3 = None\nimport os, json\n"),
     }
@@ -160,12 +160,12 @@ def test_relative_imports_resolve_against_the_package() -> None:
 
 def test_recipe_switches_decide_what_is_left_out() -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
-    assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.bigram_hash"}
+    assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash"}
     lut = dataclasses.replace(record, evaluate=dataclasses.replace(record.evaluate, byte_accounting="lut"),
                               tokenizer=dataclasses.replace(record.tokenizer, caseops=False))
     bigram = dataclasses.replace(record, evaluate=dataclasses.replace(
         record.evaluate, ttt=dataclasses.replace(record.evaluate.ttt, mode="chunked", bigram_hash_buckets=64)))
-    assert set(left_out_modules(lut)) == {"pgolf.bigram_hash"}
+    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"}
     assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops"}
     full = reachable_modules()
     pruned = reachable_modules(left_out=frozenset(left_out_modules(record)))
@@ -178,11 +178,11 @@ def test_recipe_switches_decide_what_is_left_out() -> None:
 
 def test_real_selection_has_the_record_path_and_no_cli_or_hub_code() -> None:
     modules = reachable_modules()
-    for needed in ("pgolf", "pgolf.record_run", "pgolf.train", "pgolf.hessian", "pgolf.quantize", "pgolf.pack_stage",
-                   "pgolf.evaluate", "pgolf.model", "pgolf.data", "pgolf.data.loader", "pgolf.provenance"):
+    for needed in ("pgolf", "pgolf.artifact.record_run", "pgolf.train.loop", "pgolf.quantize.hessians", "pgolf.quantize.stage", "pgolf.artifact.pack",
+                   "pgolf.evaluate.stage", "pgolf.model.gpt", "pgolf.data", "pgolf.data.loader", "pgolf.compliance.provenance"):
         assert needed in modules
-    for excluded in ("pgolf.data.hub", "pgolf.data.prepare", "pgolf.data.cli", "pgolf.cli", "pgolf.bundle",
-                     "pgolf.config_cli", "pgolf.evaluate_cli", "pgolf.__main__"):
+    for excluded in ("pgolf.data.hub", "pgolf.data.prepare", "pgolf.data.cli", "pgolf.cli", "pgolf.artifact.bundle",
+                     "pgolf.config.cli", "pgolf.evaluate.cli", "pgolf.__main__"):
         assert excluded not in modules
 
 
@@ -228,8 +228,8 @@ def test_minified_modules_count_fewer_bytes_and_still_compile(plain_bundle) -> N
 
 
 def test_render_refuses_a_bundle_without_the_entry(plain_bundle) -> None:
-    modules = [m for m in plain_bundle.modules if m.name != "pgolf.record_run"]
-    with pytest.raises(BundleError, match="pgolf.record_run"):
+    modules = [m for m in plain_bundle.modules if m.name != "pgolf.artifact.record_run"]
+    with pytest.raises(BundleError, match="pgolf.artifact.record_run"):
         render_bundle(tiny_config(), modules)
 
 
@@ -304,11 +304,11 @@ def test_record_run_writes_every_stage_output(record_run) -> None:
 
 
 def test_staged_functions_on_the_same_checkpoint_give_identical_results(record_run, tmp_path: Path) -> None:
-    from pgolf.evaluate import run_evaluation
-    from pgolf.hessian import load_hessians, run_hessian_stage
-    from pgolf.pack import unpack
-    from pgolf.pack_stage import run_pack_stage
-    from pgolf.quantize import load_quantized, run_quantize_stage
+    from pgolf.evaluate.stage import run_evaluation
+    from pgolf.quantize.hessians import load_hessians, run_hessian_stage
+    from pgolf.artifact.format import unpack
+    from pgolf.artifact.pack import run_pack_stage
+    from pgolf.quantize.stage import load_quantized, run_quantize_stage
 
     cfg, data, folder, _, proc = record_run
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -366,7 +366,7 @@ def test_staged_functions_on_the_same_checkpoint_give_identical_results(record_r
 
 def test_record_run_refuses_missing_code_file_and_data(tmp_path: Path) -> None:
     from pgolf.config import ConfigError
-    from pgolf.record_run import run_record
+    from pgolf.artifact.record_run import run_record
 
     data = write_data(tmp_path / "data")
     with pytest.raises(ConfigError, match="code_file"):
@@ -379,9 +379,9 @@ def test_record_run_refuses_missing_code_file_and_data(tmp_path: Path) -> None:
 def test_in_process_record_run_trains_like_the_train_stage_and_stops_at_a_refusal(tmp_path: Path) -> None:
     """One process, unbundled: the record run's checkpoint is the staged train() checkpoint bit for bit, and an
     artifact over the size cap stops the run with the pack stage's status before evaluation."""
-    from pgolf.checkpoint import load_checkpoint
-    from pgolf.record_run import run_record
-    from pgolf.train import train
+    from pgolf.train.checkpoint import load_checkpoint
+    from pgolf.artifact.record_run import run_record
+    from pgolf.train.loop import train
 
     torch.set_num_threads(1)
     data = write_data(tmp_path / "data")
@@ -406,7 +406,7 @@ def test_in_process_record_run_trains_like_the_train_stage_and_stops_at_a_refusa
 
 
 def test_main_reports_bad_arguments_without_a_traceback(tmp_path: Path, capsys) -> None:
-    from pgolf.record_run import main
+    from pgolf.artifact.record_run import main
 
     assert main(["--config", str(tmp_path / "nope.yaml"), "--code-file", "x.py"]) == 2
     assert "no such config file" in capsys.readouterr().err

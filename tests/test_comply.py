@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from report_fixtures import RECORD_BPB, make_run
 
-from pgolf import comply
+from pgolf.compliance import comply
 from pgolf.cli import main as cli_main
 from pgolf.config import parse_run_config, to_dict
 from pgolf.data.shards import BOS_ID, ShardStreamWriter
@@ -184,6 +184,19 @@ def test_sweep_mode_is_flagged_and_report_only_exits_zero(compliant, tmp_path, c
     capsys.readouterr()
 
 
+def test_the_comply_rule_gates_a_record_run_and_reports_a_sweep(compliant, tmp_path, capsys):
+    """What the Snakemake rule runs (workflow/scripts/comply.py -> run_comply): a failing record writes no
+    comply.json (so aggregate cannot run), a failing sweep writes its verdicts and goes on."""
+    record_out, sweep_out = tmp_path / "record.json", tmp_path / "sweep.json"
+    assert comply.run_comply(compliant, record_config(), json_out=record_out) == 0 and record_out.exists()
+    failing_record = record_config(seeds=(42, 0, 1234, 7))  # seed 7 has no records
+    assert comply.run_comply(compliant, failing_record, json_out=tmp_path / "no.json") == 1
+    assert not (tmp_path / "no.json").exists()
+    assert comply.run_comply(compliant, record_config(mode="sweep"), json_out=sweep_out) == 0
+    assert json.loads(sweep_out.read_text())["failed_rules"] == ["mode"]
+    capsys.readouterr()
+
+
 def test_prequant_ttt_on_validation_tokens_is_rejected(compliant, tmp_path):
     """pr1487: the checkpoint says AdamW epochs ran on validation tokens before GPTQ."""
     import shutil
@@ -253,7 +266,7 @@ def test_pr1487_recipe_comes_out_non_compliant(compliant, tmp_path):
     import shutil
 
     from pgolf.config import load_run_config
-    from pgolf.recipe_cli import recipe_path
+    from pgolf.config.recipes import recipe_path
 
     recipe = load_run_config(recipe_path("pr1487"))
     cfg = parse_run_config({**to_dict(recipe), "seeds": list(RECORD_BPB), "data": {"name": DATA_NAME}}, "pr1487")
@@ -271,7 +284,7 @@ def test_pr1487_recipe_comes_out_non_compliant(compliant, tmp_path):
 
 
 def test_size_falls_back_to_the_pack_report_of_a_one_process_record_run(compliant, tmp_path):
-    """pgolf.record_run writes no gate/ folder: its pack report carries the gate's fields."""
+    """pgolf.artifact.record_run writes no gate/ folder: its pack report carries the gate's fields."""
     import shutil
 
     shutil.copytree(compliant.parent, tmp_path / "results")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pgolf.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, load_run_config, parse_run_config
-from pgolf.config_cli import schema_text
+from pgolf.config.cli import schema_text
 
 from conftest import REPO_ROOT
 

@@ -1,11 +1,11 @@
-"""rANS coding of the int8 code matrices (pgolf.entropy): exact round trips, near-entropy size, damage detection."""
+"""rANS coding of the int8 code matrices (pgolf.artifact.entropy): exact round trips, near-entropy size, damage detection."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pgolf.entropy import (
+from pgolf.artifact.entropy import (
     ALPHABET,
     PRECISION_BITS,
     CodedMatrices,

@@ -13,9 +13,9 @@ import torch
 from eval_fixtures import copy_model, eval_config, random_docs, tiny_model, val_from_docs, write_val_dir
 from pgolf.cli import main as pgolf_main
 from pgolf.config import ConfigError
-from pgolf.eval_plan import (EvalCosts, Segment, batch_slot_steps, lora_schedule, project,
+from pgolf.evaluate.plan import (EvalCosts, Segment, batch_slot_steps, lora_schedule, project,
                              synthetic_doc_lengths)
-from pgolf.ttt import run_ttt
+from pgolf.evaluate.ttt import run_ttt
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS = dict(slot_lengths=(8, 16, 24))  # chunk 8 targets, context 24 (eval_config)

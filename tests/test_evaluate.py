@@ -23,11 +23,12 @@ from eval_fixtures import (
     write_artifact,
     write_val_dir,
 )
-from pgolf import evaluate
-from pgolf.attention import build_cu_seqlens
+from pgolf.cli import main as cli_main
+from pgolf.evaluate import stage as evaluate
+from pgolf.model.attention import build_cu_seqlens
 from pgolf.config import to_dict
-from pgolf.evaluate import bits_per_byte, budget_report, load_model_from_artifact, score_documents, score_model
-from pgolf.valdata import ValidationDataError, from_tokens, load_validation
+from pgolf.evaluate.stage import bits_per_byte, budget_report, load_model_from_artifact, score_documents, score_model
+from pgolf.evaluate.valdata import ValidationDataError, from_tokens, load_validation
 
 DOC_LENGTHS = [12, 0, 57, 30, 5, 1, 40, 23]  # one longer than a window (24), a BOS-only and a one-target document
 
@@ -198,13 +199,13 @@ def _stage_args(tmp_path: Path, artifact: Path, data: Path, cfg, *extra: str) ->
 
 
 def test_stage_writes_a_complete_report(tmp_path, model, docs):
-    from pgolf.checkpoint import save_checkpoint
+    from pgolf.train.checkpoint import save_checkpoint
 
     artifact = write_artifact(tmp_path / "pack", model)
     data = write_val_dir(tmp_path / "shards", docs)
     save_checkpoint(tmp_path / "ckpt", model.state_dict(), {"model_config": to_dict(TINY)})
     cfg = eval_config("lora")
-    assert evaluate.main(_stage_args(tmp_path, artifact, data, cfg, "--checkpoint", str(tmp_path / "ckpt"))) == 0
+    assert cli_main(["evaluate"] + _stage_args(tmp_path, artifact, data, cfg, "--checkpoint", str(tmp_path / "ckpt"))) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     for key in ("val_loss", "val_bpb", "loss_sum", "token_count", "byte_sum", "doc_count", "ttt", "ledger",
                 "diagnostics", "artifact_sha256", "seed", "environment", "budget_applies"):
@@ -234,10 +235,10 @@ def test_stage_refuses_a_hash_mismatched_artifact_unless_allowed(tmp_path, model
     artifact = write_artifact(tmp_path / "pack", model, report_sha="0" * 64)
     data = write_val_dir(tmp_path / "shards", docs)
     cfg = eval_config("none")
-    assert evaluate.main(_stage_args(tmp_path, artifact, data, cfg)) == 2
+    assert cli_main(["evaluate"] + _stage_args(tmp_path, artifact, data, cfg)) == 2
     err = capsys.readouterr().err
     assert "sha256" in err and "--allow-hash-mismatch" in err and not (tmp_path / "eval.json").exists()
-    assert evaluate.main(_stage_args(tmp_path, artifact, data, cfg, "--allow-hash-mismatch")) == 0
+    assert cli_main(["evaluate"] + _stage_args(tmp_path, artifact, data, cfg, "--allow-hash-mismatch")) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["artifact"]["hash_check"]["hash_ok"] is False
 
@@ -278,7 +279,7 @@ def test_over_budget_on_record_hardware_exits_non_zero(tmp_path, model, docs, mo
     monkeypatch.setattr(evaluate, "on_record_hardware", lambda world_size: True)
     args = _stage_args(tmp_path, artifact, data, cfg)
     args[args.index("--mode") + 1] = "record"
-    assert evaluate.main(args) == evaluate.EXIT_OVER_BUDGET
+    assert cli_main(["evaluate"] + args) == evaluate.EXIT_OVER_BUDGET
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["budget"]["exceeded"] and report["budget_applies"]
 
@@ -288,7 +289,7 @@ def test_record_mode_refuses_the_illegal_debug_ordering(tmp_path, model, docs, c
     data = write_val_dir(tmp_path / "shards", docs)
     args = _stage_args(tmp_path, artifact, data, eval_config("lora", debug_update_before_score=True))
     args[args.index("--mode") + 1] = "record"
-    assert evaluate.main(args) == 2
+    assert cli_main(["evaluate"] + args) == 2
     assert "C3" in capsys.readouterr().err
 
 
@@ -296,7 +297,7 @@ def test_a_shape_the_compiler_fails_on_runs_eagerly(capsys):
     """Warm-up catches a backend failure (as inductor's on the phase rows, torch 2.11 / H100) for that shape only."""
     import torch._inductor.exc as inductor_exc
 
-    from pgolf.scoring import COMPILER_ERRORS, NllRunner, PackedRow, disable_mix_order_reduction
+    from pgolf.evaluate.scoring import COMPILER_ERRORS, NllRunner, PackedRow, disable_mix_order_reduction
 
     model = tiny_model()
     for p in model.parameters():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pgolf.io import sha256_bytes
-from pgolf.minify import count_code_bytes
+from pgolf.artifact.minify import count_code_bytes
 
 
 def _inputs(tmp_path: Path, model_bytes: int = 1000) -> tuple[Path, Path, Path]:
@@ -23,7 +23,7 @@ def _inputs(tmp_path: Path, model_bytes: int = 1000) -> tuple[Path, Path, Path]:
 
 def _gate(report: Path, artifact: Path, code: Path, pack: dict, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pgolf.gate", "--pack-report", str(report), "--artifact", str(artifact),
+        [sys.executable, "-m", "pgolf", "gate", "--pack-report", str(report), "--artifact", str(artifact),
          "--code", str(code), "--pack-json", json.dumps(pack), "--out", str(out)],
         capture_output=True, text=True,
     )

@@ -8,23 +8,9 @@ import pytest
 import torch
 
 from pgolf.config import QuantizeConfig
-from pgolf.gptq import (
-    QuantizeError,
-    dequantize,
-    dequantize_state,
-    gptq_quantize_weight,
-    layer_output_error,
-    lqer_correction,
-    lqer_reconstruct,
-    max_level,
-    pack_int2,
-    pack_int4,
-    quantize_state,
-    rtn_quantize,
-    sdclip_scales,
-    unpack_int2,
-    unpack_int4,
-)
+from pgolf.quantize.gptq import QuantizeError, dequantize, gptq_quantize_weight, layer_output_error, max_level, rtn_quantize, sdclip_scales
+from pgolf.quantize.lqer import lqer_correction, lqer_reconstruct, pack_int2, pack_int4, unpack_int2, unpack_int4
+from pgolf.quantize.weights import dequantize_state, quantize_state
 
 
 def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:

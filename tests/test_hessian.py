@@ -14,17 +14,17 @@ from stage_fixtures import TINY_MODEL, TINY_TRAIN, VOCAB, train_checkpoint, writ
 from pgolf.config import HessianConfig, to_dict
 from pgolf.data.loader import TokenStream
 from pgolf.data.shards import BOS_ID, list_shards
-from pgolf.hessian import (
+from pgolf.cli import main as cli_main
+from pgolf.quantize.hessians import (
     HessianError,
     budget_check,
     calibration_batches,
     calibration_offsets,
     collect_hessians,
     load_hessians,
-    main,
     packed_rows_cu_seqlens,
 )
-from pgolf.model import GPT, rms_norm
+from pgolf.model.gpt import GPT, rms_norm
 
 CAL = HessianConfig(batches=2, batch_rows=3, seq_len=40)
 
@@ -217,8 +217,9 @@ def checkpoint(clean_data_dir, tmp_path_factory) -> Path:
 
 
 def _run(checkpoint: Path, data_dir: Path, out_dir: Path, mode: str, cfg: HessianConfig = CAL) -> int:
-    return main(
+    return cli_main(
         [
+            "hessians",
             "--checkpoint",
             str(checkpoint),
             "--data-dir",
@@ -282,8 +283,9 @@ def test_budget_check_arithmetic() -> None:
 
 
 def test_bad_section_and_unreadable_hessians(checkpoint, data_dir, tmp_path: Path, capsys) -> None:
-    bad = main(
+    bad = cli_main(
         [
+            "hessians",
             "--checkpoint",
             str(checkpoint),
             "--data-dir",

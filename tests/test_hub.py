@@ -16,7 +16,7 @@ import pytest
 
 from hubserver import FakeFile, FakeRepo, HubServer
 from pgolf.config import DataConfig, TokenizerConfig
-from pgolf.data import hub
+from pgolf.data import hub, hub_client
 
 REPO = "pgolf-test/parameter-golf"
 VARIANT = "sp64_test"
@@ -137,13 +137,13 @@ def sha256(data: bytes) -> str:
 def test_resolve_revision_pins_to_the_commit_sha(serve):
     repo = FakeRepo(REPO, docs_files(), branches=("main", "v1"))
     server = serve(repo)
-    assert hub.resolve_revision(REPO, "main", endpoint=server.endpoint) == repo.commit
-    assert hub.resolve_revision(REPO, "v1", endpoint=server.endpoint) == repo.commit
-    assert hub.resolve_revision(REPO, repo.commit, endpoint=server.endpoint) == repo.commit
+    assert hub_client.resolve_revision(REPO, "main", endpoint=server.endpoint) == repo.commit
+    assert hub_client.resolve_revision(REPO, "v1", endpoint=server.endpoint) == repo.commit
+    assert hub_client.resolve_revision(REPO, repo.commit, endpoint=server.endpoint) == repo.commit
     with pytest.raises(hub.HubDownloadError, match=rf"{REPO}.*'no-such-branch'"):
-        hub.resolve_revision(REPO, "no-such-branch", endpoint=server.endpoint)
+        hub_client.resolve_revision(REPO, "no-such-branch", endpoint=server.endpoint)
     with pytest.raises(hub.HubDownloadError, match=r"pgolf-test/missing.*cannot resolve"):
-        hub.resolve_revision("pgolf-test/missing", "main", endpoint=server.endpoint)
+        hub_client.resolve_revision("pgolf-test/missing", "main", endpoint=server.endpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------- docs
@@ -219,7 +219,7 @@ def test_a_branch_that_moves_during_the_download_does_not_mix_commits(serve, tmp
     server.after_revision_lookup = lambda: server.move_branch(REPO, "main", new.commit)
     out = tmp_path / "docs"
     record = hub.download_docs(docs_cfg(), out, endpoint=server.endpoint, cache_dir=cache_dir)
-    assert hub.resolve_revision(REPO, "main", endpoint=server.endpoint) == new.commit  # the branch did move
+    assert hub_client.resolve_revision(REPO, "main", endpoint=server.endpoint) == new.commit  # the branch did move
     assert record["commit"] == old.commit
     assert (out / "docs_selected.jsonl").read_bytes() == old.files[DOCS].data
 

@@ -1,4 +1,4 @@
-"""Fused kernels (pgolf.kernels, pgolf.triton_kernels) and the speed benchmark (pgolf.bench).
+"""Fused kernels (pgolf.model.kernels, pgolf.model.triton_kernels) and the speed benchmark (pgolf.train.bench).
 
 Three tiers:
   * always (CPU): the references and CPU fallbacks, the model switch, the FLOPs arithmetic, ``pgolf bench``;
@@ -20,9 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgolf import bench, kernels
+from pgolf.model import kernels
+from pgolf.model import device as bench_device
+from pgolf.train import bench
 from pgolf.config import ModelConfig, load_run_config
-from pgolf.model import GPT, mlp_activation, softcapped_cross_entropy
+from pgolf.model.gpt import GPT, mlp_activation, softcapped_cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.yaml"
@@ -223,7 +225,7 @@ def test_kernels_compile_for_h100():
     if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
         pytest.skip("needs triton without the interpreter")
     pytest.importorskip("triton.backends.nvidia.compiler")
-    from pgolf import triton_kernels as tk
+    from pgolf.model import triton_kernels as tk
 
     mlp_sig = {
         "x_ptr": "*bf16",
@@ -322,7 +324,7 @@ def test_flops_follow_gpu_md_for_the_record():
         expected = 2 * applications * 2_883_584 + head + attention
         assert bench.forward_flops_per_token(cfg, applications, context) == pytest.approx(expected, rel=1e-12)
     # the application counts gpu.md names are the model's own
-    from pgolf.model import build_meta
+    from pgolf.model.gpt import build_meta
 
     model = build_meta(cfg)
     assert (len(model.virtual_layers(False)), len(model.virtual_layers(True))) == (11, 17)
@@ -341,7 +343,7 @@ def test_mean_causal_context_and_mfu():
     [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("cpu (x86_64)", None)],
 )
 def test_peak_table(name, peak):
-    assert bench.peak_tflops_for(name) == peak
+    assert bench_device.peak_tflops_for(name) == peak
 
 
 def test_synthetic_stream_has_realistic_documents():
@@ -473,15 +475,15 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
 
 
 def test_kernel_categories_of_profile_names():
-    assert bench.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
-    assert bench.kernel_category("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
-    assert bench.kernel_category("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
-    assert bench.kernel_category("_mlp_up_act_kernel") == "fused_triton_kernels"
-    assert bench.kernel_category("_softcap_ce_bwd_kernel") == "fused_triton_kernels"
-    assert bench.kernel_category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor_triton"
-    assert bench.kernel_category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
-    assert bench.kernel_category("Memcpy DtoD (Device -> Device)") == "memory_copy"
-    assert bench.kernel_category("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    assert bench_device.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert bench_device.kernel_category("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert bench_device.kernel_category("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert bench_device.kernel_category("_mlp_up_act_kernel") == "fused_triton_kernels"
+    assert bench_device.kernel_category("_softcap_ce_bwd_kernel") == "fused_triton_kernels"
+    assert bench_device.kernel_category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor_triton"
+    assert bench_device.kernel_category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    assert bench_device.kernel_category("Memcpy DtoD (Device -> Device)") == "memory_copy"
+    assert bench_device.kernel_category("void at::native::vectorized_elementwise_kernel<4>") == "other"
 
 
 def test_bench_train_profile_on_cpu():
@@ -533,8 +535,9 @@ def test_bench_rejects_bad_arguments(capsys):
     assert rc == 2 and "steps" in stderr
     rc, _, stderr = _run_cli(capsys, ["bench", "train", "--config", str(REPO / "no_such.yaml"), "--steps", "1"])
     assert rc == 2 and "no_such.yaml" in stderr
-    assert bench.main(["eval", "--config", str(REPO / "no_such.yaml")]) == 2  # python -m pgolf.bench
-    assert "no_such.yaml" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "pgolf.bench", "eval", "--config", str(REPO / "no_such.yaml")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "no_such.yaml" in proc.stderr  # python -m pgolf.bench (side_by_side.sh)
     rc, _, stderr = _run_cli(
         capsys,
         ["bench", "train", "--config", str(SMOKE), "--steps", "1", "--micro-batch-tokens", "100", "--device", "cpu"],
@@ -674,8 +677,8 @@ def test_gpu_model_fused_compiled_matches_reference():
     """A record-width model: fused + torch.compile(fullgraph, inductor) vs the pure-PyTorch eager path."""
     from torch._dynamo.utils import counters
 
-    from pgolf.attention import build_cu_seqlens, pad_cu_seqlens
-    from pgolf.train import cu_seqlens_bucket
+    from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
+    from pgolf.train.loop import cu_seqlens_bucket
 
     cfg = _tiny_cfg(vocab_size=8192, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16)
     torch.manual_seed(0)

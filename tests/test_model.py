@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgolf import cli
-from pgolf.attention import build_cu_seqlens, pad_cu_seqlens
+from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
 from pgolf.config import ModelConfig
-from pgolf.model import (
+from pgolf.model.gpt import (
     GPT,
     GROUPS,
     ROLES,
@@ -388,7 +388,7 @@ def test_causality(looping):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_backends_give_the_same_loss_under_bf16():
-    from pgolf.attention import available_backends
+    from pgolf.model.attention import available_backends
 
     device = torch.device("cuda")
     model = randomized(TINY, seed=8).to(device)

@@ -1,4 +1,4 @@
-"""Tests of pgolf.optim against plain float64 references written here from record.md's formulas."""
+"""Tests of pgolf.train.optim against plain float64 references written here from record.md's formulas."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pgolf.config import OptimConfig
-from pgolf import optim
-from pgolf.optim import (
+from pgolf.train import optim
+from pgolf.train.optim import (
     FIXED_NS_COEFFS,
     POLAR_EXPRESS_COEFFS,
     Muon,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pgolf.config import PackConfig, QuantizeConfig
-from pgolf.gptq import QuantizedModel, QuantizedTensor, dequantize_state, quantize_state
-from pgolf.pack import (
+from pgolf.quantize.weights import QuantizedModel, QuantizedTensor, dequantize_state, quantize_state
+from pgolf.artifact.format import (
     FORMAT_VERSION,
     MAGIC,
     PREFIX_BYTES,
@@ -494,9 +494,9 @@ def test_wrapper_runs_and_is_counted():
 
 def test_wrapper_shrinks_real_pgolf_source(monkeypatch):
     """On a real module of this repository the wrapper counts far fewer bytes than the file."""
-    import pgolf.gptq
+    import pgolf.quantize.gptq
 
-    source = open(pgolf.gptq.__file__, encoding="utf-8").read()
+    source = open(pgolf.quantize.gptq.__file__, encoding="utf-8").read()
     assert count_code_bytes(source, "wrapper") < 0.5 * count_code_bytes(source, "file")
     # dataclasses look their module up in sys.modules, as they would for a shipped script run as __main__
     module = types.ModuleType("pgolf_gptq_minified")
@@ -505,4 +505,4 @@ def test_wrapper_shrinks_real_pgolf_source(monkeypatch):
     assert module.max_level(6) == 31
     W = torch.randn(8, 16)
     scale = module.sdclip_scales(W, 6, 13.0)
-    assert torch.equal(module.rtn_quantize(W, scale, 6), pgolf.gptq.rtn_quantize(W, scale, 6))
+    assert torch.equal(module.rtn_quantize(W, scale, 6), pgolf.quantize.gptq.rtn_quantize(W, scale, 6))

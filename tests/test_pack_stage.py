@@ -9,16 +9,25 @@ import pytest
 import torch
 from stage_fixtures import TINY_MODEL, train_checkpoint, write_shards
 
-from pgolf.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from pgolf.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from pgolf.cli import main as cli_main
 from pgolf.config import HessianConfig, PackConfig, QuantizeConfig, to_dict
-from pgolf.gptq import dequantize_state
-from pgolf.hessian import main as hessian_main
+from pgolf.quantize.weights import dequantize_state
 from pgolf.io import sha256_file
-from pgolf.pack import count_code_bytes, pack, unpack
-from pgolf.pack_stage import main
-from pgolf.quantize import load_quantized
-from pgolf.quantize import main as quantize_main
+from pgolf.artifact.format import count_code_bytes, pack, unpack
+from pgolf.quantize.stage import load_quantized
+
+
+def hessian_main(argv):
+    return cli_main(["hessians", *argv])
+
+
+def quantize_main(argv):
+    return cli_main(["quantize", *argv])
+
+
+def pack_main(argv):
+    return cli_main(["pack", "build", *argv])
 
 CODE = '''"""A stand-in for the bundled train_gpt.py."""
 import sys
@@ -90,7 +99,7 @@ def chain(tmp_path_factory) -> dict[str, Path]:
 
 
 def _pack(chain, out_dir: Path, cfg: PackConfig | None = None, code: Path | None = None) -> int:
-    return main(
+    return pack_main(
         [
             "--quantized",
             str(chain["quantized"]),
@@ -191,7 +200,7 @@ def test_quantized_from_another_checkpoint_refused(chain, tmp_path: Path, capsys
         {n: t + 1.0 for n, t in state.items()},
         {k: v for k, v in meta.items() if k not in ("format", "version", "weights_file", "weights_sha256", "tensors")},
     )
-    status = main(
+    status = pack_main(
         [
             "--quantized",
             str(chain["quantized"]),

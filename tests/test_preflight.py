@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pgolf.cli import main as pgolf_main
-from pgolf.preflight import batch_split_check, hardware_check, run_preflight, torch_version_check
+from pgolf.compliance.preflight import batch_split_check, hardware_check, run_preflight, torch_version_check
 from shard_fixtures import build_dir
 
 REPO = Path(__file__).resolve().parents[1]

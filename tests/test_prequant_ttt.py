@@ -12,18 +12,18 @@ import pytest
 import torch
 from test_train import TINY_MODEL, TINY_TRAIN, run_train, write_data
 
-from pgolf import comply
-from pgolf.checkpoint import read_checkpoint_meta
+from pgolf.compliance import comply
+from pgolf.train.checkpoint import read_checkpoint_meta
 from pgolf.config import parse_run_config
 from pgolf.data.shards import BOS_ID
-from pgolf.model import GPT
-from pgolf.prequant_ttt import (
+from pgolf.model.gpt import GPT
+from pgolf.train.prequant_ttt import (
     prequant_ttt,
-    refuse_in_record_mode,
     row_slices,
     validation_stream,
 )
-from pgolf.ttt import LegalityError
+from pgolf.evaluate.stage import refuse_in_record_mode
+from pgolf.evaluate.ledger import LegalityError
 
 
 def test_row_slices_cover_every_target_once():

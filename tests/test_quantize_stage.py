@@ -9,13 +9,13 @@ import pytest
 import torch
 from stage_fixtures import TINY_MODEL, train_checkpoint, write_shards
 
-from pgolf.checkpoint import load_checkpoint
+from pgolf.train.checkpoint import load_checkpoint
 from pgolf.config import HessianConfig, QuantizeConfig, to_dict
-from pgolf.gptq import dequantize_state, quantize_state
-from pgolf.hessian import load_hessians
-from pgolf.hessian import main as hessian_main
-from pgolf.model import build_meta
-from pgolf.quantize import QuantizedFileError, load_quantized, main, payload_bytes, quantize_totals, save_quantized
+from pgolf.quantize.weights import dequantize_state, quantize_state
+from pgolf.quantize.hessians import load_hessians
+from pgolf.model.gpt import build_meta
+from pgolf.cli import main as cli_main
+from pgolf.quantize.stage import QuantizedFileError, load_quantized, payload_bytes, quantize_totals, save_quantized
 
 QCFG = QuantizeConfig(passthrough_max_elements=1024, lqer_top_k=2, lqer_rank=2, lqer_group_size=16)
 
@@ -26,8 +26,9 @@ def chain(tmp_path_factory) -> dict[str, Path]:
     data = write_shards(root / "shards")
     ckpt = train_checkpoint(data, root / "train")
     hessians = root / "hessians.pt"
-    status = hessian_main(
+    status = cli_main(
         [
+            "hessians",
             "--checkpoint",
             str(ckpt),
             "--data-dir",
@@ -51,8 +52,9 @@ def chain(tmp_path_factory) -> dict[str, Path]:
 
 
 def _quantize(chain, out_dir: Path, cfg: QuantizeConfig = QCFG, hessians: Path | None = None) -> int:
-    return main(
+    return cli_main(
         [
+            "quantize",
             "--checkpoint",
             str(chain["checkpoint"]),
             "--hessians",

@@ -6,7 +6,7 @@ documents) and keeps every feature switch: tied embeddings, softcap, QK norm, pa
 gate kind, SmearGate, U-Net skips, loop count and range (moved inside the smaller stack), parallel residuals,
 Newton-Schulz coefficients, LR floor, EMA, LQER mode, bit widths, compressor, byte accounting, TTT mode (LoRA /
 phased / chunked, bigram hash) and pre-quant TTT. The whole pipeline then runs in this process through
-:func:`pgolf.record_run.run_record` on real text from data/sample/docs.jsonl, tokenized by a tiny tokenizer
+:func:`pgolf.artifact.record_run.run_record` on real text from data/sample/docs.jsonl, tokenized by a tiny tokenizer
 trained here (CaseOps with its byte sidecar, or plain with lookup-table byte accounting).
 """
 
@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.comply import FAIL, check_run
+from pgolf.compliance.comply import FAIL, check_run
 from pgolf.config import RunConfig, load_run_config, parse_run_config, to_dict
 from pgolf.data.shards import BOS_ID, ShardStreamWriter
 from pgolf.data.tokenizer import iter_jsonl_texts, load_tokenizer, train_tokenizer
-from pgolf.record_run import run_record
+from pgolf.artifact.record_run import run_record
 
 torch.set_num_threads(1)  # tiny matmuls: thread hand-off costs more than it saves on a shared 2-core machine
 

@@ -8,7 +8,7 @@ from conftest import REPO_ROOT
 
 from pgolf.cli import main as cli_main
 from pgolf.config import ConfigError, load_run_config, parse_run_config, to_dict
-from pgolf.recipe_cli import config_diff, flatten, recipe_names, recipe_path
+from pgolf.config.recipes import config_diff, flatten, recipe_names, recipe_path
 
 PUBLIC = ("pr1487", "pr1523", "pr1530", "pr1572", "pr1787")
 
@@ -117,7 +117,7 @@ def test_recipe_show_unknown_name_is_an_error(capsys):
 def test_reported_parameter_counts(recipe: str, reported: int) -> None:
     """The parameter counts the submissions reported (built on the meta device: shapes only)."""
     from pgolf.config import load_run_config
-    from pgolf.model import count_parameters
+    from pgolf.model.gpt import count_parameters
 
     cfg = load_run_config(REPO_ROOT / recipe)
     assert sum(count_parameters(cfg.model).values()) == reported

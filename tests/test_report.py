@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from pgolf.config import AggregateConfig, ConfigError, from_mapping
-from pgolf.report import MixedProvenanceError, aggregate, main, run_report
-from pgolf.results import MissingSeed, ResultsError, load_seed, load_seeds
+from pgolf.cli import main as pgolf_main
+from pgolf.report.aggregate import MixedProvenanceError, aggregate, run_report
+from pgolf.report.results import MissingSeed, ResultsError, load_seed, load_seeds
 from report_fixtures import (
     BYTE_SUM,
     RECORD_BPB,
@@ -148,7 +149,7 @@ def test_mixing_is_refused_unless_allowed(tmp_path, fields, kwargs, label):
 def test_cli_refuses_mixing_with_a_clear_error(tmp_path, capsys):
     run_dir = make_run(tmp_path)
     make_seed(run_dir, 0, RECORD_BPB[0], code_hash="e" * 64)
-    code = main(["--run-dir", str(run_dir), "--aggregate-json", json.dumps(PR1787), "--seeds", "42", "0", "1234"])
+    code = pgolf_main(["report", "--run-dir", str(run_dir), "--aggregate-json", json.dumps(PR1787), "--seeds", "42", "0", "1234"])
     assert code == 2
     err = capsys.readouterr().err
     assert "refusing to pool seeds of different provenance" in err and "allow_mixed_provenance" in err
@@ -158,7 +159,7 @@ def test_cli_refuses_mixing_with_a_clear_error(tmp_path, capsys):
 def test_missing_seed_is_listed_and_the_rest_aggregated(tmp_path, capsys):
     run_dir = make_run(tmp_path)
     (run_dir / "seed1234" / "eval" / "eval.json").unlink()  # seed 1234 failed under --keep-going
-    code = main(["--run-dir", str(run_dir), "--aggregate-json", json.dumps(PR1787), "--seeds", "42", "0", "1234"])
+    code = pgolf_main(["report", "--run-dir", str(run_dir), "--aggregate-json", json.dumps(PR1787), "--seeds", "42", "0", "1234"])
     assert code == 0
     assert "MISSING seeds: 1234" in capsys.readouterr().out
     agg = json.loads((run_dir / "aggregate.json").read_text())

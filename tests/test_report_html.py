@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pgolf.config import AggregateConfig, from_mapping
-from pgolf.report import run_report
-from pgolf.report_html import nice_ticks
+from pgolf.report.aggregate import run_report
+from pgolf.report.html import nice_ticks
 from report_fixtures import RECORD_BPB, make_run
 
 CFG = {"baseline_name": "pr1787", "baseline_mean": 1.06335, "baseline_n": 3, "date": "2026-11-24"}

@@ -1,4 +1,4 @@
-"""pgolf.stats against independent computations: numerical integration of the densities, closed forms."""
+"""pgolf.report.stats against independent computations: numerical integration of the densities, closed forms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pgolf.stats import (
+from pgolf.report.stats import (
     mean_confidence_interval,
     regularized_incomplete_beta,
     std,

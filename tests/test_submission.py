@@ -10,10 +10,11 @@ import pytest
 
 from pgolf.cli import main as pgolf_main
 from pgolf.config import AggregateConfig, from_mapping
-from pgolf.minify import make_wrapper
-from pgolf.report import run_report
-from pgolf.submission import check_folder, parse_seed_log, third_party_imports
-from pgolf.submission_schema import SUBMISSION_SCHEMA, schema_text, validate
+from pgolf.artifact.minify import make_wrapper
+from pgolf.report.aggregate import run_report
+from pgolf.report.folder import check_folder, parse_seed_log
+from pgolf.report.submission import third_party_imports
+from pgolf.report.schema import SUBMISSION_SCHEMA, schema_text, validate
 from report_fixtures import RECORD_BPB, TRAIN_GPT_SOURCE, make_code_bundle, make_run, make_seed
 
 REPO = Path(__file__).resolve().parents[1]

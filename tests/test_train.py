@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.checkpoint import CheckpointError, load_checkpoint, model_config_of
+from pgolf.train.checkpoint import CheckpointError, load_checkpoint, model_config_of
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.shards import BOS_ID, write_shard
-from pgolf.train import check_data, cu_seqlens_bucket, lr_multiplier, training_fraction
+from pgolf.train.loop import check_data, cu_seqlens_bucket, lr_multiplier, training_fraction
 
 VOCAB = 64
 TINY_MODEL = ModelConfig(

@@ -14,11 +14,13 @@ import torch
 
 from eval_fixtures import copy_model, eval_config, random_docs, replace_ttt, tiny_model, val_from_docs
 from pgolf.config import ConfigError
-from pgolf.eval_plan import lora_schedule
-from pgolf.evaluate import score_documents
-from pgolf.scoring import PackedRow, token_nll
-from pgolf.ttt import BatchedLoRA, Ledger, LegalityError, attach_lora, cosine_lr, lora_doc_order, run_ttt
-from pgolf.valdata import from_tokens
+from pgolf.evaluate.plan import lora_schedule
+from pgolf.evaluate.stage import score_documents
+from pgolf.evaluate.scoring import PackedRow, token_nll
+from pgolf.evaluate.ledger import Ledger, LegalityError
+from pgolf.evaluate.lora import BatchedLoRA, attach_lora
+from pgolf.evaluate.ttt import cosine_lr, lora_doc_order, run_ttt
+from pgolf.evaluate.valdata import from_tokens
 
 CPU = torch.device("cpu")
 # 8 documents: longer than a chunk, than the LoRA context (24) and than a window, plus a BOS-only document
@@ -249,8 +251,8 @@ def test_phase_passes_run_eagerly_unless_phase_compile(model, docs, monkeypatch)
     """A compiled evaluation compiles the LoRA steps; the phase passes get their own runner, compiled only on ask."""
     import dataclasses
 
-    from pgolf import ttt as ttt_module
-    from pgolf.scoring import NllRunner
+    from pgolf.evaluate import ttt as ttt_module
+    from pgolf.evaluate.scoring import NllRunner
 
     asked: list[bool] = []
 

@@ -6,7 +6,7 @@ starts with BOS). Optimizer step ``s`` consumes the next ``train_batch_tokens`` 
 to rank ``j // accum`` as its accumulation step ``j % accum``. The union over ranks is therefore identical on 1 or
 N processes, and the data order never depends on the seed (as in the record). Each micro-batch is one packed row:
 ``inputs = stream[a : a + n]``, ``targets = stream[a + 1 : a + n + 1]``; attention is confined to documents by
-``cu_seqlens`` built from BOS positions (see pgolf.attention).
+``cu_seqlens`` built from BOS positions (see pgolf.model.attention).
 """
 
 from __future__ import annotations

@@ -29,3 +29,8 @@ VISIBLE_GPUS = _visible_gpus()
 def code_file():
     """The counted code file of this run (train_gpt.py, written by the bundle rule); the pack stage counts it."""
     return f"{RUN_DIR}/code/train_gpt.py"
+
+
+def checkpoint_dir(wildcards):
+    """A seed's training checkpoint folder (Hessians, quantize, pack and evaluation read its model config)."""
+    return f"{RUN_DIR}/seed{wildcards.seed}/train/checkpoint"

@@ -33,12 +33,13 @@ if D.source == "docs":
         output:
             docs=f"{DATA_DIR}/raw/docs_selected.jsonl",
         params:
-            data=section_json("data", workers=0, name=""),
-            raw_dir=f"{DATA_DIR}/raw",
+            what="docs",
+            section=section_json("data", workers=0, name=""),
+            out_dir=f"{DATA_DIR}/raw",
         log:
             f"{DATA_DIR}/logs/download_docs.log",
-        shell:
-            "pgolf data download docs --out {params.raw_dir} --data-json '{params.data}' > {log} 2>&1"
+        script:
+            "../scripts/download.py"
 
 
 if D.source == "export":
@@ -47,11 +48,12 @@ if D.source == "export":
         output:
             directory(SHARDS_DIR),
         params:
-            data=section_json("data", workers=0, name=""),
+            what="export",
+            section=section_json("data", workers=0, name=""),
         log:
             f"{DATA_DIR}/logs/download_export.log",
-        shell:
-            "pgolf data download export --out {output} --data-json '{params.data}' > {log} 2>&1"
+        script:
+            "../scripts/download.py"
 
 else:
 
@@ -61,11 +63,12 @@ else:
             output:
                 TOKENIZER_PATH,
             params:
-                tokenizer=section_json("tokenizer"),
+                what="tokenizer",
+                section=section_json("tokenizer"),
             log:
                 f"{DATA_DIR}/logs/download_tokenizer.log",
-            shell:
-                "pgolf data download tokenizer --out {output} --tokenizer-json '{params.tokenizer}' > {log} 2>&1"
+            script:
+                "../scripts/download.py"
 
     elif T.source == "train":
 
@@ -77,14 +80,13 @@ else:
                 TOKENIZER_PATH,
             params:
                 vocab_size=T.vocab_size,
-                caseops="" if T.caseops else "--no-caseops",
+                caseops=T.caseops,
                 skip_docs=D.val_docs,
                 max_docs=T.train_docs,
             log:
                 f"{DATA_DIR}/logs/train_tokenizer.log",
-            shell:
-                "pgolf tokenizer train --docs {input.docs} --out {output} --vocab-size {params.vocab_size}"
-                " {params.caseops} --skip-docs {params.skip_docs} --max-docs {params.max_docs} > {log} 2>&1"
+            script:
+                "../scripts/train_tokenizer.py"
 
     rule prepare_shards:
         """Tokenize in parallel; `workers` is not a param because it never changes the output."""
@@ -98,14 +100,12 @@ else:
             shard_tokens=D.shard_tokens,
             max_docs=D.max_docs,
             max_train_shards=D.train_shards,
-            caseops="" if T.caseops else "--no-caseops",
+            caseops=T.caseops,
         threads: D.workers if D.workers > 0 else workflow.cores
         log:
             f"{DATA_DIR}/logs/prepare_shards.log",
-        shell:
-            "pgolf data prepare --docs {input.docs} --tokenizer {input.tokenizer} --out {output}"
-            " --val-docs {params.val_docs} --shard-tokens {params.shard_tokens} --workers {threads}"
-            " --max-docs {params.max_docs} --max-train-shards {params.max_train_shards} {params.caseops} > {log} 2>&1"
+        script:
+            "../scripts/prepare_shards.py"
 
 
 rule verify_data:
@@ -116,8 +116,8 @@ rule verify_data:
         DATA_VERIFIED,
     params:
         val_docs=D.val_docs,
-        record="--record" if CFG.mode == "record" else "",
+        record=CFG.mode == "record",
     log:
         f"{DATA_DIR}/logs/verify_data.log",
-    shell:
-        "pgolf data verify {input} --val-docs {params.val_docs} {params.record} --json-out {output} > {log} 2>&1"
+    script:
+        "../scripts/verify_data.py"

@@ -1,0 +1,378 @@
+"""The record run: one seed's whole pipeline in ONE torchrun process group, in process.
+
+    torchrun --standalone --nproc_per_node 8 train_gpt.py --seed 42 --data-dir ./data/     (bundled, see pgolf.artifact.bundle)
+    torchrun --standalone --nproc_per_node 8 -m pgolf.artifact.record_run --config config.yaml --code-file train_gpt.py ...
+
+A records folder ships one ``train_gpt.py`` that must train AND produce the scored artifact, so the staged
+pipeline's five stages run here back to back, by calling the very functions the stage commands call (nothing is
+re-implemented, so the outputs cannot drift apart):
+
+  train     :func:`pgolf.train.loop.train_in_group`        every rank (the process group stays open)
+  hessians  :func:`pgolf.quantize.hessians.run_hessian_stage`   rank 0; the record-mode training-budget check included
+  quantize  :func:`pgolf.quantize.stage.run_quantize_stage` rank 0, on ``quantize_device`` (CPU by default, as staged)
+  pack      :func:`pgolf.artifact.pack.run_pack_stage`   rank 0; size gate over ``code_file`` + compressed model
+  evaluate  :func:`pgolf.evaluate.stage.run_evaluation`     every rank; it closes the process group when done
+
+Each stage reads what the previous one wrote, under the same names as the staged pipeline's per-seed folder
+(``train/``, ``hessians/``, ``quantize/``, ``pack/``, ``eval/``; see :class:`StagePaths`), so for the same
+checkpoint the quantized tensors and the artifact are exactly the staged ones, and pgolf.report.results reads a record
+run's folder like a staged one. Rank 0 also writes ``logs/record_run.log`` (everything printed on rank 0, with a
+line per stage) and ``record_run.json`` (stage timings and statuses, the headline numbers).
+
+A stage that refuses (training + Hessians over the wallclock cap in record mode, artifact over the size cap)
+stops the run with that stage's status (3); a stage that raises on rank 0 stops every rank, with rank 0's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, TextIO
+
+from pgolf.config import ConfigError, RunConfig, load_run_config, parse_run_config, to_dict
+from pgolf.io import atomic_write_json, sha256_json
+
+STAGES = ("train", "hessians", "quantize", "pack", "evaluate")
+DEFAULT_DATA_DIR = "./data/"
+DESCRIPTION = (
+    "pgolf record run: train, collect Hessians, quantize, pack and evaluate one seed in one torchrun process group "
+    "(run one process per GPU with torchrun)."
+)
+EXIT_FAILED = 1
+
+
+class StageFailed(RuntimeError):
+    """A stage raised on rank 0; the other ranks raise this instead of waiting forever."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePaths:
+    """Where each stage writes, relative to one seed's folder (the layout of the staged pipeline)."""
+
+    root: Path
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.train_dir / "checkpoint"
+
+    @property
+    def hessians(self) -> Path:
+        return self.root / "hessians" / "hessians.pt"
+
+    @property
+    def hessian_report(self) -> Path:
+        return self.root / "hessians" / "hessian_report.json"
+
+    @property
+    def quantized(self) -> Path:
+        return self.root / "quantize" / "quantized.pt"
+
+    @property
+    def quantize_report(self) -> Path:
+        return self.root / "quantize" / "quantize_report.json"
+
+    @property
+    def artifact(self) -> Path:
+        return self.root / "pack" / "artifact.pgolf"
+
+    @property
+    def pack_report(self) -> Path:
+        return self.root / "pack" / "pack_report.json"
+
+    @property
+    def eval_result(self) -> Path:
+        return self.root / "eval" / "eval.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "logs" / "record_run.log"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "record_run.json"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logging: everything rank 0 prints also goes to the log file
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Tee:
+    """A text stream that writes to the original stream and to the log file."""
+
+    def __init__(self, stream: TextIO, log: TextIO):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ... of the real stream
+        return getattr(self.stream, name)
+
+
+class RunLog:
+    """Rank 0: tee stdout/stderr into ``path`` (appending) and write one ``[record_run]`` line per event.
+
+    Other ranks pass ``path=None`` and log nothing (their output still reaches torchrun's console).
+    """
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        self.handle: Optional[TextIO] = None
+        self.saved: Optional[tuple[TextIO, TextIO]] = None
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> "RunLog":
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a", encoding="utf-8", buffering=1)
+            self.saved = (sys.stdout, sys.stderr)
+            sys.stdout, sys.stderr = _Tee(sys.stdout, self.handle), _Tee(sys.stderr, self.handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.saved is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = self.saved
+        if self.handle is not None:
+            self.handle.close()
+
+    def event(self, message: str) -> None:
+        if self.path is not None:
+            print(f"[record_run {time.perf_counter() - self.start:8.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running a step on rank 0 without leaving the other ranks hanging
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _broadcast_status(status: int, info) -> int:
+    from pgolf.train.distributed import broadcast_float
+
+    return int(broadcast_float(float(status), info))
+
+
+def on_rank0(info, stage: str, work: Callable[[], int]) -> int:
+    """Run ``work`` (returning an exit status) on rank 0 only and give its status to every rank.
+
+    If it raises on rank 0, the other ranks learn it through the broadcast status and raise :class:`StageFailed`
+    rather than waiting at the next collective until the group times out.
+    """
+    status = 0
+    error: Optional[BaseException] = None
+    if info.is_main:
+        try:
+            status = int(work())
+        except BaseException as exc:  # re-raised below, after the other ranks were told
+            error, status = exc, EXIT_FAILED
+    status = _broadcast_status(status, info)
+    if error is not None:
+        raise error
+    if status == EXIT_FAILED and not info.is_main:
+        raise StageFailed(f"stage {stage} failed on rank 0 (see its log)")
+    return status
+
+
+def _barrier(info) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def default_tokenizer(data_dir: Path) -> Optional[Path]:
+    """A tokenizer beside the shards (needed only for lookup-table byte accounting), as ``pgolf eval`` looks."""
+    return next((p for p in (data_dir / "tokenizer.model", data_dir.parent / "tokenizer.model") if p.exists()), None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_record(
+    cfg: RunConfig,
+    seed: int,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+    *,
+    code_file: str | Path | None = None,
+    device_kind: str = "auto",
+    quantize_device: str = "cpu",
+    stop_after: str = "evaluate",
+) -> dict[str, Any]:
+    """Run the stages of one seed up to ``stop_after`` in this process group; returns the summary (rank 0's is
+    complete) with ``exit_status`` 0, or the status of the stage that refused.
+
+    ``code_file``: the counted code of the size gate (a bundled train_gpt.py passes itself); required when the
+    run reaches the pack stage. ``tokenizer_path``: only for lookup-table byte accounting (default: a
+    ``tokenizer.model`` beside the shards).
+    """
+    from pgolf.train.distributed import init_distributed, shutdown
+    from pgolf.compliance.provenance import code_hash
+
+    if stop_after not in STAGES:
+        raise ConfigError(f"stop_after: expected one of {', '.join(STAGES)}, got {stop_after!r}")
+    if seed < 0:
+        raise ConfigError(f"seed: expected >= 0, got {seed}")
+    last = STAGES.index(stop_after)
+    data_dir, paths = Path(data_dir), StagePaths(Path(out_dir))
+    if last >= STAGES.index("pack"):
+        if code_file is None:
+            raise ConfigError("code_file: the pack stage counts a code file (train_gpt.py) against the size cap; none given")
+        if not Path(code_file).is_file():
+            raise FileNotFoundError(f"{code_file}: code file not found")
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: data directory not found (pass --data-dir, the folder of the .bin shards)")
+    tokenizer = Path(tokenizer_path) if tokenizer_path else default_tokenizer(data_dir)
+
+    info = init_distributed(device_kind)
+    summary: dict[str, Any] = {
+        "run": cfg.run, "mode": cfg.mode, "seed": seed, "world_size": info.world_size, "data_dir": str(data_dir),
+        "out_dir": str(paths.root), "code_file": None if code_file is None else str(code_file),
+        "code_hash": code_hash(), "config_sha256": sha256_json(to_dict(cfg)), "stop_after": stop_after,
+        "stages": {}, "exit_status": 0,
+    }
+    with RunLog(paths.log if info.is_main else None) as log:
+        log.event(f"run {cfg.run!r} ({cfg.mode}) seed {seed}: {info.world_size} process(es) on {info.device}, "
+                  f"data {data_dir}, output {paths.root}, code hash {summary['code_hash'][:16]}")
+
+        def stage(name: str, work: Callable[[], int], everywhere: bool = False) -> bool:
+            """Run one stage; record its time and status; False stops the run."""
+            log.event(f"{name}: start")
+            t0 = time.perf_counter()
+            if everywhere:
+                status = int(work())
+            else:
+                status = on_rank0(info, name, work)
+            seconds = time.perf_counter() - t0
+            summary["stages"][name] = {"status": status, "seconds": seconds}
+            log.event(f"{name}: {'done' if status == 0 else f'REFUSED (exit status {status})'} in {seconds:.1f} s")
+            if status:
+                summary["exit_status"] = status
+            return status == 0 and STAGES.index(name) < last
+
+        def train() -> int:
+            from pgolf.train.loop import train_in_group
+
+            result = train_in_group(cfg.model, cfg.optim, cfg.train, seed, data_dir, paths.train_dir, info)
+            _barrier(info)  # rank 0's checkpoint is complete before anyone reads it
+            summary["train"] = {k: result.get(k) for k in ("steps", "train_seconds", "ms_per_step", "tokens_per_s")}
+            return 0
+
+        def hessians() -> int:
+            from pgolf.quantize.hessians import run_hessian_stage
+
+            report, status = run_hessian_stage(paths.checkpoint, data_dir, cfg.hessians, seed, paths.hessians,
+                                               paths.hessian_report, cfg.mode, device_kind)
+            summary["hessians"] = {k: report.get(k) for k in ("hessian_seconds", "train_plus_hessian_seconds", "message")}
+            return status
+
+        def quantize() -> int:
+            from pgolf.quantize.stage import run_quantize_stage
+
+            report = run_quantize_stage(paths.checkpoint, paths.hessians, cfg.quantize, paths.quantized,
+                                        paths.quantize_report, quantize_device)
+            summary["quantize"] = {"quantized_sha256": report.get("quantized_sha256"),
+                                   "seconds": report.get("quantize_seconds")}
+            return 0
+
+        def pack() -> int:
+            from pgolf.artifact.pack import run_pack_stage
+
+            report, status = run_pack_stage(paths.quantized, paths.checkpoint, cfg.pack, code_file, paths.artifact,
+                                            paths.pack_report)
+            summary["pack"] = {k: report.get(k) for k in ("artifact_sha256", "model_bytes", "code_bytes",
+                                                          "total_bytes", "cap", "message")}
+            return status
+
+        def evaluate() -> int:
+            from pgolf.evaluate.stage import run_evaluation
+
+            # run_evaluation joins the open group (init_distributed sees it) and closes it when done
+            report, status = run_evaluation(paths.artifact, cfg.evaluate, seed, data_dir, paths.eval_result,
+                                            checkpoint=paths.checkpoint, tokenizer=tokenizer, mode=cfg.mode,
+                                            device_kind=device_kind)
+            summary["evaluate"] = {k: report.get(k) for k in ("val_bpb", "val_loss", "token_count", "byte_sum")}
+            summary["evaluate"]["total_s"] = report.get("timings", {}).get("total_s")
+            return status
+
+        steps = {"train": train, "hessians": hessians, "quantize": quantize, "pack": pack, "evaluate": evaluate}
+        for name in STAGES:
+            if not stage(name, steps[name], everywhere=name in ("train", "evaluate")):
+                break
+        if info.is_main:
+            atomic_write_json(paths.summary, summary)
+            log.event(f"finished with exit status {summary['exit_status']}; summary {paths.summary}")
+    shutdown(info)  # a no-op when evaluation already closed the group
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line (the bundled train_gpt.py calls main with its embedded config and its own path)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser(bundled: bool, default_seed: Optional[int] = None) -> argparse.ArgumentParser:
+    """The options of ``train_gpt.py`` (``bundled``) or of ``python -m pgolf.artifact.record_run``.
+
+    No path or environment-dependent text appears in ``--help``, so a bundle and its wrapper form print the same.
+    """
+    prog = "train_gpt.py" if bundled else "python -m pgolf.artifact.record_run"
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    if not bundled:
+        parser.add_argument("--config", required=True, help="recipe YAML")
+        parser.add_argument("--code-file", required=True, help="the counted code of the size gate (train_gpt.py)")
+    seed_help = "training seed" + (f" (default: {default_seed}, the recipe's first)" if default_seed is not None else
+                                   " (default: the recipe's first)")
+    parser.add_argument("--seed", type=int, help=seed_help)
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                        help=f"folder of the fineweb_{{train,val}}_*.bin shards (default: {DEFAULT_DATA_DIR})")
+    parser.add_argument("--out-dir", help="output folder (default: ./results/seed<seed>)")
+    parser.add_argument("--tokenizer", help="SentencePiece model, for lookup-table byte accounting only "
+                                            "(default: tokenizer.model beside the shards, if any)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--quantize-device", choices=["cpu", "cuda", "auto"], default="cpu",
+                        help="where GPTQ runs (default cpu: the staged pipeline's default, so results match it)")
+    parser.add_argument("--stop-after", choices=STAGES, default="evaluate", help="last stage to run (default: evaluate)")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, run_config: Optional[dict] = None, code_file: str | Path | None = None) -> int:
+    """Entry point. ``run_config`` (the embedded recipe, as plain JSON data) and ``code_file`` (the bundle's own
+    path) come from a bundled train_gpt.py; without them ``--config`` and ``--code-file`` are required."""
+    bundled = run_config is not None
+    cfg = parse_run_config(run_config, "train_gpt.py: CONFIG_JSON") if bundled else None
+    parser = build_parser(bundled, cfg.seeds[0] if cfg is not None else None)
+    args = parser.parse_args(argv)
+    try:
+        if cfg is None:
+            cfg = load_run_config(args.config)
+            code_file = args.code_file
+        seed = cfg.seeds[0] if args.seed is None else args.seed
+        out_dir = Path(args.out_dir) if args.out_dir else Path("results") / f"seed{seed}"
+        summary = run_record(cfg, seed, args.data_dir, out_dir, args.tokenizer, code_file=code_file,
+                             device_kind=args.device, quantize_device=args.quantize_device, stop_after=args.stop_after)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(summary["exit_status"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

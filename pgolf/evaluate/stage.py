@@ -1,0 +1,381 @@
+"""The evaluation stage: exact bits per byte of a packed artifact on the validation set, with legal TTT.
+
+``python -m pgolf.evaluate --artifact A --eval-json JSON --seed N --data-dir D --out OUT.json ...`` (run under
+torchrun for N processes) and ``pgolf eval --artifact A --config C`` (people).
+
+What is timed, against ``max_eval_seconds`` (600 s on 8xH100 in the rules):
+  load_s    read + unpack + dequantize the artifact, build the model from the header's model config
+  warmup_s  torch.compile warm-up on RANDOM tokens (never validation tokens; nothing is stepped)
+  score_s   scoring, including every TTT update
+  total_s   their sum
+Reading the validation shards (``data_s``) and the diagnostic evaluations (pre-quant from the checkpoint,
+post-quant from the artifact, both without TTT, after the timed part) are reported but not counted. The budget is
+enforced (non-zero exit when exceeded) only in record mode on the record hardware (8 GPUs named H100); elsewhere
+the figure is reported with ``"budget_applies": false``. A margin under ``warn_margin_seconds`` warns.
+
+Every scored target is recorded in a :class:`pgolf.evaluate.ttt.Ledger`; the run fails unless every target was scored
+exactly once, and TTT updates raise at once if they would use an unscored token (rule C3).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from pgolf.config import EvaluateConfig, ModelConfig, from_mapping, to_dict
+from pgolf.io import Progress, atomic_write_json, read_json, sha256_file
+from pgolf.evaluate.scoring import (  # noqa: F401  (bits_per_byte and ScoreResult are part of this module's API)
+    NllRunner,
+    ScoreAccumulator,
+    ScoreResult,
+    bits_per_byte,
+    pack_documents,
+)
+from pgolf.evaluate.ledger import Ledger, LegalityError
+from pgolf.evaluate.ttt import run_ttt
+from pgolf.evaluate.valdata import ValidationSet, load_validation
+
+PACK_REPORT_NAME = "pack_report.json"
+RECORD_GPU_COUNT = 8
+RECORD_GPU_NAME = "H100"
+EXIT_OVER_BUDGET = 3
+
+
+class ArtifactHashError(ValueError):
+    """The artifact's sha256 is not the one the pack stage recorded."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+
+def refuse_in_record_mode(checkpoint_dir: str | Path) -> None:
+    """Raise LegalityError when the checkpoint's metadata says it was trained on validation tokens (C3/C4).
+
+    The evaluation calls this in record mode: a sweep's checkpoint must never be scored as a record."""
+    from pgolf.train.checkpoint import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(Path(checkpoint_dir))
+    tokens = meta.get("prequant_ttt_val_tokens") or 0
+    if tokens:
+        raise LegalityError(
+            f"{checkpoint_dir}: the checkpoint was trained on {tokens:,} validation tokens before scoring "
+            f"(pre-quant TTT, rules C3/C4): refused in record mode"
+        )
+
+
+def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where: str):
+    from pgolf.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to_empty(device=device)
+    if cfg.rope_dims > 0:  # a non-persistent buffer: recompute it (to_empty left it uninitialized)
+        inv_freq = cfg.rope_base ** (-torch.arange(0, cfg.rope_dims, 2, dtype=torch.float32, device=device) / cfg.rope_dims)
+        model.rope_inv_freq.copy_(inv_freq)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in state.items()}
+    if expected != got:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        shapes = [n for n in set(expected) & set(got) if expected[n] != got[n]]
+        raise ValueError(f"{where}: weights do not match the model config (missing {missing[:5]}, unexpected {extra[:5]}, "
+                         f"shape differs {sorted(shapes)[:5]})")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+    model.looping = cfg.loop_count > 1  # depth recurrence is always on at evaluation
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_model_from_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict, dict]:
+    """Unpack, dequantize and build the model from the artifact header's model config (never from YAML).
+
+    Returns ``(model, header, timings)`` with timings ``read_s, unpack_s, dequantize_s, build_s, load_s``.
+    """
+    from pgolf.quantize.weights import dequantize_state
+    from pgolf.artifact.format import check_against_model_config, unpack
+
+    path = Path(path)
+    t0 = time.perf_counter()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: artifact not found") from None
+    t1 = time.perf_counter()
+    qm, header = unpack(data)
+    t2 = time.perf_counter()
+    state = dequantize_state(qm)
+    t3 = time.perf_counter()
+    if "model_config" not in header:
+        raise ValueError(f"{path}: artifact header has no model_config")
+    cfg = from_mapping(ModelConfig, header["model_config"], f"{path}: header.model_config")
+    from pgolf.model.gpt import build_meta
+
+    check_against_model_config(header, {n: tuple(p.shape) for n, p in build_meta(cfg).named_parameters()})
+    model = _build_model(cfg, state, device, str(path))
+    _sync(torch.device(device))
+    t4 = time.perf_counter()
+    timings = {"read_s": t1 - t0, "unpack_s": t2 - t1, "dequantize_s": t3 - t2, "build_s": t4 - t3, "load_s": t4 - t0}
+    return model, header, timings
+
+
+def load_model_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict]:
+    """The trained (pre-quantization) model of a training checkpoint, for the pre-quant diagnostic."""
+    from pgolf.train.checkpoint import load_checkpoint, model_config_of
+
+    state, meta = load_checkpoint(ckpt_dir)
+    cfg = model_config_of(meta, f"{ckpt_dir}/checkpoint.json")
+    return _build_model(cfg, state, device, str(ckpt_dir)), meta
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring without TTT (diagnostics, and mode "none")
+# --------------------------------------------------------------------------------------------------------------
+
+
+def diagnostic_rows(val: ValidationSet, cfg: EvaluateConfig):
+    """Every document in stream order, packed into rows of ``eval_batch_tokens`` with ``eval_seq_len`` windows."""
+    return pack_documents(val, np.arange(val.num_docs), cfg.eval_batch_tokens, cfg.eval_seq_len, pad=cfg.compile)
+
+
+def warmup_scoring(runner: NllRunner, val: ValidationSet, cfg: EvaluateConfig, seed: int) -> float:
+    """Compile warm-up for :func:`score_documents`: the row shapes it will see, filled with random tokens."""
+    if not (cfg.compile and cfg.compile_warmup_steps > 0):
+        return 0.0
+    shapes = sorted({runner.shape_of(row) for row in diagnostic_rows(val, cfg)})
+    with torch.no_grad():
+        return runner.warmup(shapes, cfg.compile_warmup_steps, backward=False, seed=seed + 7_919)
+
+
+def score_documents(
+    model,
+    val: ValidationSet,
+    cfg: EvaluateConfig,
+    *,
+    runner: Optional[NllRunner] = None,
+    dist_info=None,
+    keep_tokens: bool = False,
+    write: Optional[Callable[[dict], None]] = None,
+    what: str = "score",
+) -> tuple[ScoreResult, ScoreAccumulator, Ledger]:
+    """Score every target once under no_grad (no TTT); rows go round-robin to processes. Checks completeness."""
+    device = next(model.parameters()).device
+    runner = runner or NllRunner(model, device, compile=cfg.compile)
+    if model.cfg.loop_count > 1:
+        model.looping = True
+    rank = dist_info.rank if dist_info is not None else 0
+    world = dist_info.world_size if dist_info is not None else 1
+    acc = ScoreAccumulator(val, keep_tokens)
+    ledger = Ledger(val.num_positions)
+    progress = Progress(what, val.target_count, val.num_docs, cfg.progress_every_seconds, rank == 0, write, world)
+    with torch.no_grad():
+        for i, row in enumerate(diagnostic_rows(val, cfg)):
+            if i % world != rank:
+                continue
+            nll = runner(row)
+            mask = row.scored
+            positions = row.target_positions[mask]
+            values = nll.float().cpu().numpy()[mask].astype(np.float64)
+            ledger.record_scored(positions)
+            acc.add(positions, values)
+            starts = np.count_nonzero(row.input_ids[mask] == 1)
+            progress.update(len(positions), docs=int(starts))
+    _sync(device)
+    ledger.check_complete(val.target_mask(), ledger.scored_counts(dist_info))
+    return acc.result(dist_info), acc, ledger
+
+
+def score_model(model, val: ValidationSet, cfg: EvaluateConfig, **kwargs) -> ScoreResult:
+    """Exact bpb of ``model`` on ``val`` without TTT (within-document windows, each target scored once)."""
+    return score_documents(model, val, cfg, **kwargs)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks: artifact hash, time budget
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_artifact_hash(artifact: str | Path, pack_report: str | Path | None = None, allow_mismatch: bool = False) -> dict:
+    """Compare the artifact's sha256 with ``artifact_sha256`` of the pack report (``pack_report.json`` beside it).
+
+    Raises :class:`ArtifactHashError` on a mismatch or a missing report unless ``allow_mismatch``.
+    """
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise FileNotFoundError(f"{artifact}: artifact not found")
+    actual = sha256_file(artifact)
+    report_path = Path(pack_report) if pack_report else artifact.parent / PACK_REPORT_NAME
+    recorded = None
+    problem = None
+    if not report_path.exists():
+        problem = f"{report_path}: pack report not found, so the artifact's sha256 cannot be checked"
+    else:
+        recorded = read_json(report_path, "pack report").get("artifact_sha256")
+        if not isinstance(recorded, str):
+            problem = f"{report_path}: no 'artifact_sha256' string"
+        elif recorded != actual:
+            problem = (f"{artifact}: sha256 {actual} differs from the one the pack stage recorded in {report_path} "
+                       f"({recorded}); the artifact was changed after packing")
+    if problem and not allow_mismatch:
+        raise ArtifactHashError(problem + " (pass --allow-hash-mismatch to evaluate it anyway)")
+    return {"artifact_sha256": actual, "recorded_sha256": recorded, "pack_report": str(report_path),
+            "hash_ok": problem is None, "hash_problem": problem}
+
+
+def on_record_hardware(world_size: int) -> bool:
+    """8 processes, each on a GPU whose name contains "H100" (the hardware the 600 s rule is stated for)."""
+    return (world_size == RECORD_GPU_COUNT and torch.cuda.is_available()
+            and RECORD_GPU_NAME in torch.cuda.get_device_name(torch.cuda.current_device()))
+
+
+def budget_report(total_s: float, cfg: EvaluateConfig, mode: str, record_hardware: bool) -> dict:
+    """The evaluation-time verdict; ``applies`` only in record mode on the record hardware."""
+    margin = cfg.max_eval_seconds - total_s
+    applies = mode == "record" and record_hardware
+    warning = None
+    if margin < 0:
+        warning = f"evaluation took {total_s:.1f} s, over the {cfg.max_eval_seconds:.0f} s budget by {-margin:.1f} s"
+    elif margin < cfg.warn_margin_seconds:
+        warning = f"evaluation took {total_s:.1f} s: only {margin:.1f} s under the {cfg.max_eval_seconds:.0f} s budget"
+    return {"max_eval_seconds": cfg.max_eval_seconds, "total_s": total_s, "margin_s": margin, "budget_applies": applies,
+            "exceeded": margin < 0, "warning": warning}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(
+    artifact: str | Path,
+    cfg: EvaluateConfig,
+    seed: int,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    pack_report: str | Path | None = None,
+    mode: str = "record",
+    allow_hash_mismatch: bool = False,
+    metrics: str | Path | None = None,
+    device_kind: str = "auto",
+) -> tuple[dict, int]:
+    """Evaluate one artifact; rank 0 writes ``out`` atomically. Returns (result dict, exit code)."""
+    from pgolf.train.distributed import init_distributed, shutdown
+    from pgolf.compliance.provenance import code_hash, environment
+    from pgolf.io import MetricsLog
+
+    if mode not in ("record", "sweep"):
+        raise ValueError(f"--mode: expected record or sweep, got {mode!r}")
+    if mode == "record" and cfg.ttt.debug_update_before_score:
+        raise LegalityError("evaluate.ttt.debug_update_before_score is an illegal ordering (C3): refused in record mode")
+    if mode == "record" and cfg.max_docs:
+        raise ValueError(f"evaluate.max_docs: a record run scores every validation document, got {cfg.max_docs}")
+    if mode == "record" and checkpoint:
+        refuse_in_record_mode(checkpoint)  # pre-quant TTT on validation tokens (C3/C4)
+    hash_info = check_artifact_hash(artifact, pack_report, allow_hash_mismatch)  # before any work
+    info = init_distributed(device_kind)
+    device = info.device
+    out = Path(out)
+    metrics_path = Path(metrics) if metrics else out.with_name(out.stem + "_metrics.jsonl")
+    if info.is_main:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
+    log = MetricsLog(metrics_path if info.is_main else None)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+    t = time.perf_counter()
+    model, header, load_timings = load_model_from_artifact(artifact, device)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    val = load_validation(data_dir, tokenizer_path=tokenizer, byte_accounting=cfg.byte_accounting,
+                          max_docs=cfg.max_docs, vocab_size=model.cfg.vocab_size)
+    data_s = time.perf_counter() - t
+    log.write({"event": "eval_start", "docs": val.num_docs, "targets": val.target_count, "mode": cfg.ttt.mode,
+               "world_size": info.world_size, "load_s": load_s, "data_s": data_s})
+
+    ttt_summary: dict = {"mode": cfg.ttt.mode}
+    if cfg.ttt.mode == "none":
+        runner = NllRunner(model, device, compile=cfg.compile)
+        warmup_s = warmup_scoring(runner, val, cfg, seed)
+        t = time.perf_counter()
+        result, acc, ledger = score_documents(model, val, cfg, runner=runner, dist_info=info, write=log.write)
+        score_s = time.perf_counter() - t
+    else:
+        outcome = run_ttt(model, val, cfg, seed, device=device, dist_info=info, write=log.write)
+        warmup_s, score_s, ledger, acc = outcome.warmup_s, outcome.score_s, outcome.ledger, outcome.accumulator
+        ledger.check_complete(val.target_mask(), ledger.scored_counts(info))
+        result = acc.result(info)
+        ttt_summary = outcome.summary
+    total_s = load_s + warmup_s + score_s
+    timings = {"load_s": load_s, "warmup_s": warmup_s, "score_s": score_s, "total_s": total_s, "data_s": data_s,
+               "load_detail": load_timings}
+    # the score and its timings are on record before the (untimed) diagnostics, which may fail or be cut off
+    log.write({"event": "eval_scored", **result.to_dict(), "timings": timings, "ttt": ttt_summary})
+    budget = budget_report(total_s, cfg, mode, on_record_hardware(info.world_size))
+    if budget["warning"] and info.is_main:
+        print(f"pgolf evaluate: WARNING: {budget['warning']}", file=sys.stderr, flush=True)
+
+    diagnostics: dict[str, Any] = {}
+    diag_start = time.perf_counter()
+    if cfg.diagnostics:
+        if cfg.ttt.mode == "none":
+            diagnostics["post_quant"] = result.to_dict()
+        else:
+            del model
+            fresh, _, _ = load_model_from_artifact(artifact, device)
+            diagnostics["post_quant"] = score_model(fresh, val, cfg, dist_info=info, write=log.write, what="post-quant")
+            diagnostics["post_quant"] = diagnostics["post_quant"].to_dict()
+            del fresh
+        if checkpoint:
+            trained, _ = load_model_from_checkpoint(checkpoint, device)
+            diagnostics["pre_quant"] = score_model(trained, val, cfg, dist_info=info, write=log.write, what="pre-quant").to_dict()
+            del trained
+        else:
+            diagnostics["pre_quant"] = None
+        diagnostics["seconds"] = time.perf_counter() - diag_start
+
+    report = {
+        **result.to_dict(),
+        "seed": seed,
+        "mode": mode,
+        "ttt_mode": cfg.ttt.mode,
+        "byte_accounting": val.byte_accounting,
+        "timings": timings,
+        "budget": budget,
+        "budget_applies": budget["budget_applies"],
+        "ttt": ttt_summary,
+        "ledger": {**ledger.summary(), "targets_expected": val.target_count, "complete": True},
+        "diagnostics": diagnostics,
+        "artifact": {"path": str(artifact), "sha256": hash_info["artifact_sha256"], "hash_check": hash_info,
+                     "input_hashes": header.get("input_hashes", {})},
+        "artifact_sha256": hash_info["artifact_sha256"],
+        "model_config": header.get("model_config"),
+        "evaluate_config": to_dict(cfg),
+        "data": val.source,
+        "world_size": info.world_size,
+        "code_hash": code_hash(),
+        "environment": environment(),
+    }
+    log.write({"event": "eval_done", **result.to_dict(), "timings": report["timings"]})
+    log.close()
+    if info.is_main:
+        atomic_write_json(out, report)
+        print(f"val_bpb {result.val_bpb:.8f} val_loss {result.val_loss:.8f} ({result.token_count:,} targets, "
+              f"{result.byte_sum:,} bytes) in {total_s:.1f} s", file=sys.stderr, flush=True)
+    shutdown(info)
+    code = EXIT_OVER_BUDGET if (budget["budget_applies"] and budget["exceeded"]) else 0
+    return report, code

@@ -1,0 +1,603 @@
+"""The GPT of the record (PR #1855) with every architectural feature behind a ``ModelConfig`` switch.
+
+Inputs are PACKED rows: one 1-D tensor of T token ids holding many BOS-started documents. Attention is
+restricted to segments (documents, cut every ``train_seq_len`` tokens; see ``pgolf.model.attention``) and RoPE
+positions restart at each segment, so a document's outputs do not depend on what was packed before it.
+
+Forward, per packed row (shapes: T tokens, d = model_dim):
+  x = rmsnorm(embed(ids))                                  [T, d]
+  x = SmearGate(x)  (x_t += lam * sigmoid(W . x_t[:w]) * x_{t-1} * not_bos_t)
+  x0 = x
+  for each block application in the virtual order (depth recurrence repeats loop_start..loop_end):
+      decoder half: x = lerp(w_i * skip.pop(), x, sigmoid(g_i))   (U-Net)
+      x = block(x, x0)                                     (or the two-lane form, see below)
+      encoder half: skip.push(x)
+  logits = softcap(head(rmsnorm(x)))                       [T, V]
+
+Design decisions (the parameter count 35,945,671 of the record follows from them):
+  * U-Net skips span the VIRTUAL block applications: with looping on the record has 17 applications, the first
+    17 // 2 = 8 form the encoder, so there are 8 skip slots (weights [8, d] init 1, gates [8, d] init 0).
+    Decoder application i uses slot i. With looping off (11 applications, 5 + 6) slots 0..4 are used and
+    5..7 wait (they still receive zero gradients, never None).
+  * Two residual lanes ("parallel residual") start at the first block application whose physical layer is
+    >= parallel_residual_start and stay split to the end. Their lambdas are allocated for EVERY physical
+    layer, ``lane_post_lambdas [L, 2, 2]`` (init 1) and ``lane_resid_lambdas [L, 2]`` (init 1.1) = 6 x 11 = 66
+    values in the record, so the layout does not depend on where the lanes start and a looped layer that
+    runs in two-lane mode has its own row; rows of layers that never run two-lane stay unused (zero grads).
+    Index [layer, s, lane]: sublayer s (0 = attention, 1 = MLP) writes ``post[s, lane] * out_s`` into each lane
+    after every lane was scaled by ``resid[s]``. Attention reads lane 0 (mixed with x0 by resid_mix, like the
+    single-lane block), the MLP reads lane 1 (after the attention write). The final hidden state is the mean.
+    U-Net skips push and pop lane 0 (the lane the next attention reads).
+  * SmearGate masks x_{t-1} only at BOS (the record's fix): a document cut into several attention segments
+    keeps smearing across the cut (same document, causal). The row's first token has no predecessor (zero).
+  * Single-lane block: ``x_in = resid_mix[0] * x + resid_mix[1] * x0`` REPLACES the residual (as in the record
+    scripts), then ``x = x_in + attn_scale * Attn(rmsnorm(x_in) * s)``, ``x = x + mlp_scale * MLP(rmsnorm(x) * s)``
+    with s = 1/sqrt(layer + 1).
+
+Runtime state (plain attributes, never tensors, so torch.compile guards on them and they are not saved):
+  ``looping`` (depth recurrence on/off; False after construction - training switches it on, Hessians and
+  evaluation must set it explicitly), ``train_seq_len`` (cut length used when cu_seqlens is not given),
+  ``bos_id``, ``attn_backend`` (None = best for the device), ``use_fused_kernels`` (the Triton kernels of
+  ``pgolf.model.kernels`` for the MLP up-projection + activation and the loss; default on when CUDA and triton are
+  present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from pgolf.model import kernels
+from pgolf.model.attention import attention, build_cu_seqlens, segment_positions
+from pgolf.config import ModelConfig
+
+ROLES = ("attn", "mlp", "embedding", "head", "attn_gate", "gate", "scalar")
+# optimizer group of each role: Muon for matrices, AdamW (embedding lr) for embedding/head, AdamW (scalar lr) else
+ROLE_TO_GROUP = {
+    "attn": "matrix",
+    "mlp": "matrix",
+    "embedding": "embedding",
+    "head": "embedding",
+    "attn_gate": "scalar",
+    "gate": "scalar",
+    "scalar": "scalar",
+}
+GROUPS = ("matrix", "embedding", "scalar")
+LANE_RESID_INIT = 1.1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small pure functions (swappable for fused kernels later)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """RMSNorm over the last dim, no weight."""
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+def mlp_activation(x: Tensor, kind: str, slope: float) -> Tensor:
+    """``leaky_relu(x, slope)^2`` or ``relu(x)^2``: squared activations train better than GELU at this size."""
+    if kind == "leaky_relu_sq":
+        return F.leaky_relu(x, slope).square()
+    if kind == "relu_sq":
+        return F.relu(x).square()
+    raise ValueError(f"mlp_activation: unknown kind {kind!r}")
+
+
+def softcap(logits: Tensor, cap: float) -> Tensor:
+    """``cap * tanh(z / cap)``: bounds logits smoothly; cap <= 0 disables."""
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Tensor:
+    """Mean cross-entropy in fp32 over targets != -100. logits [T, V] (any float dtype), targets [T]."""
+    return F.cross_entropy(softcap(logits.float(), cap), targets, ignore_index=-100, reduction="mean")
+
+
+def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [T, 1, rope_dims // 2] (fp32) for per-token positions [T]."""
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, r/2]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``2 * cos.shape[-1]`` dims of each head (half-split pairing); the rest pass through.
+
+    x [T, h, D]; cos/sin [T, 1, r/2]. Returns fp32 or x's dtype, whichever is wider (the caller casts).
+    """
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest.to(torch.promote_types(x.dtype, cos.dtype))], -1)
+
+
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TiedHead(nn.Module):
+    """LM head that reuses the token embedding matrix, as a module so hooks (Hessians, LoRA) can find it by name.
+
+    The embedding module is stored OUTSIDE ``_modules`` on purpose: the weight then has one name
+    (``tok_emb.weight``) in ``named_parameters`` and in ``state_dict``. It is looked up at call time, so
+    ``.to()``, ``to_empty`` and ``deepcopy`` (which copies the reference through its memo) stay consistent.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)
+
+    @property
+    def weight(self) -> Tensor:
+        return self._embedding.weight  # [V, d]
+
+    def forward(self, h: Tensor) -> Tensor:  # [T, d] -> [T, V]
+        return F.linear(h, self._embedding.weight)
+
+
+class SmearGate(nn.Module):
+    """``x_t += lam * sigmoid(W . x_t[:window]) * x_{t-1} * not_bos_t``: a cheap bigram-like look-back.
+
+    W [1, window] and lam start at zero, so the gate is the identity at init. Without the BOS mask the last
+    token of one document leaks into the BOS of the next (the bug fixed in PR #1851).
+    """
+
+    def __init__(self, model_dim: int, window: int, bos_mask: bool):
+        super().__init__()
+        self.window = window
+        self.bos_mask = bos_mask
+        self.gate = _linear(window, 1)
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, input_ids: Tensor, bos_id: int) -> Tensor:  # x [T, d], ids [T]
+        prev = F.pad(x[:-1], (0, 0, 1, 0))  # [T, d]; the row's first token has no predecessor
+        g = torch.sigmoid(self.gate(x[:, : self.window]))  # [T, 1]
+        if self.bos_mask:
+            g = g * (input_ids != bos_id).to(g.dtype)[:, None]
+        return x + self.lam * g * prev
+
+
+class Attention(nn.Module):
+    """GQA self-attention with q/k RMSNorm, partial RoPE, per-head q gain, XSA and an output gate.
+
+    Separate bias-free ``q``, ``k``, ``v``, ``o`` Linear modules so later stages can hook them by name.
+    """
+
+    def __init__(self, cfg: ModelConfig, use_xsa: bool):
+        super().__init__()
+        d, h, hkv, hd = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
+        self.qk_norm = cfg.qk_norm
+        self.use_xsa = use_xsa
+        self.q = _linear(d, h * hd)
+        self.k = _linear(d, hkv * hd)
+        self.v = _linear(d, hkv * hd)
+        self.o = _linear(h * hd, d)
+        self.q_gain = nn.Parameter(torch.full((h,), cfg.q_gain_init)) if cfg.q_gain_init > 0 else None
+        self.gate_kind = cfg.attn_gate
+        self.gate_scale = cfg.attn_gate_scale
+        self.gate_window = cfg.attn_gate_window if cfg.attn_gate == "sparse" else d
+        self.gate = _linear(self.gate_window, h) if cfg.attn_gate != "none" else None  # W [H, window]
+
+    def param_roles(self) -> dict[str, str]:
+        roles = {f"{name}.weight": "attn" for name in ("q", "k", "v", "o")}
+        if self.q_gain is not None:
+            roles["q_gain"] = "scalar"
+        if self.gate is not None:
+            roles["gate.weight"] = "attn_gate"
+        return roles
+
+    def forward(
+        self,
+        x: Tensor,  # [T, d], already normalized
+        rope: Optional[tuple[Tensor, Tensor]],
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        backend: Optional[str],
+    ) -> Tensor:
+        T = x.shape[0]
+        q = self.q(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if rope is not None:
+            q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
+        if self.q_gain is not None:
+            q = q * self.q_gain.to(q.dtype)[None, :, None]
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend)  # [T, H, D]
+        if self.use_xsa:
+            y = exclusive_self_attention(y, v)
+        if self.gate is not None:
+            g = torch.sigmoid(self.gate_scale * self.gate(x[:, : self.gate_window]))  # [T, H]
+            y = y * g.to(y.dtype)[:, :, None]
+        return self.o(y.reshape(T, self.num_heads * self.head_dim))
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along the token's OWN normalized value vector.
+
+    y [T, H, D], v [T, Hkv, D]; query heads are grouped per KV head (head h -> KV head h // (H // Hkv)).
+    """
+    T, H, D = y.shape
+    hkv = v.shape[1]
+    y_g = y.view(T, hkv, H // hkv, D)  # [T, Hkv, G, D]
+    v_hat = F.normalize(v.float(), dim=-1).to(y.dtype)[:, :, None, :]  # [T, Hkv, 1, D]
+    proj = (y_g * v_hat).sum(dim=-1, keepdim=True)  # [T, Hkv, G, 1]
+    return (y_g - proj * v_hat).view(T, H, D)
+
+
+class MLP(nn.Module):
+    """``down(act(up(x)))``; ``up``/``down`` are separate modules for hooks.
+
+    ``use_fused_kernels`` (set by GPT) computes ``act(up(x))`` in one Triton kernel, but only while ``up`` is a
+    plain hook-free nn.Linear: a Hessian hook or a LoRA wrapper on ``up`` must see the call, so it disables fusion.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = _linear(cfg.model_dim, cfg.mlp_hidden)
+        self.down = _linear(cfg.mlp_hidden, cfg.model_dim)
+        self.activation = cfg.mlp_activation
+        self.slope = cfg.leaky_relu_slope
+        self.use_fused_kernels = False
+
+    def _fusable(self) -> bool:
+        up = self.up
+        return self.use_fused_kernels and type(up) is nn.Linear and not (up._forward_hooks or up._forward_pre_hooks)
+
+    def forward(self, x: Tensor) -> Tensor:  # [T, d] -> [T, d]
+        if self._fusable():  # relu^2 is the slope-0 case of the fused kernel
+            slope = self.slope if self.activation == "leaky_relu_sq" else 0.0
+            return self.down(kernels.mlp_up_activation(x, self.up.weight, slope))  # [T, 4d] -> [T, d]
+        return self.down(mlp_activation(self.up(x), self.activation, self.slope))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d = cfg.model_dim
+        self.layer = layer
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)
+        self.attn = Attention(cfg, use_xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
+        self.mlp = MLP(cfg)
+        self.resid_mix = nn.Parameter(torch.ones(2, d))  # [2, d]: rows weigh x and x0; reset_parameters sets [1, 0]
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+
+    def param_roles(self) -> dict[str, str]:
+        roles = {f"attn.{k}": r for k, r in self.attn.param_roles().items()}
+        roles.update({"mlp.up.weight": "mlp", "mlp.down.weight": "mlp"})
+        roles.update({"resid_mix": "scalar", "attn_scale": "scalar", "mlp_scale": "scalar"})
+        return roles
+
+    def _attn(self, x_in: Tensor, ctx: tuple) -> Tensor:
+        return self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, *ctx)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale)
+
+    def forward(self, x: Tensor, x0: Tensor, ctx: tuple) -> Tensor:  # [T, d] -> [T, d]
+        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x_in + self._attn(x_in, ctx)
+        return x + self._mlp(x)
+
+    def forward_lanes(
+        self, lane0: Tensor, lane1: Tensor, x0: Tensor, ctx: tuple, post: Tensor, resid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Two-lane form. post [2 sublayers, 2 lanes], resid [2 sublayers]; see the module docstring."""
+        lane0 = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
+        attn_out = self._attn(lane0, ctx)
+        lane0 = resid[0] * lane0 + post[0, 0] * attn_out
+        lane1 = resid[0] * lane1 + post[0, 1] * attn_out
+        mlp_out = self._mlp(lane1)
+        lane0 = resid[1] * lane0 + post[1, 0] * mlp_out
+        lane1 = resid[1] * lane1 + post[1, 1] * mlp_out
+        return lane0, lane1
+
+
+class GPT(nn.Module):
+    """The language model. ``forward`` returns the mean loss, ``forward_logits`` the softcapped fp32 logits."""
+
+    def __init__(self, cfg: ModelConfig, *, train_seq_len: int = 2048, bos_id: int = 1):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"GPT: expected a ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        d, L = cfg.model_dim, cfg.num_layers
+        # runtime state (see module docstring)
+        self.looping = False
+        self.train_seq_len = train_seq_len
+        self.bos_id = bos_id
+        self.attn_backend: Optional[str] = None
+        self._use_fused_kernels = False  # set through the property below, once the blocks exist
+
+        # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
+        # device normal_ would import torch._dynamo (seconds) for nothing
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d, _weight=torch.empty(cfg.vocab_size, d))
+        self.smear = SmearGate(d, cfg.smear_gate_window, cfg.smear_bos_mask) if cfg.smear_gate else None
+        self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(L)])
+
+        self.num_skip_slots = self._num_skips(len(self.virtual_layers(looping=True))) if cfg.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skip_slots, d)) if cfg.unet_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skip_slots, d)) if cfg.unet_skips and cfg.skip_gates else None
+        # eval-time only (pgolf/evaluate/bigram_hash.py, evaluate.ttt.bigram_hash_buckets): attached by the TTT loop, never saved
+        self.bigram_hash: Optional[nn.Module] = None
+
+        lanes = cfg.parallel_residual_start >= 0
+        self.lane_post_lambdas = nn.Parameter(torch.ones(L, 2, 2)) if lanes else None
+        self.lane_resid_lambdas = nn.Parameter(torch.full((L, 2), LANE_RESID_INIT)) if lanes else None
+
+        self.lm_head: nn.Module = TiedHead(self.tok_emb) if cfg.tie_embeddings else _linear(d, cfg.vocab_size)
+
+        if cfg.rope_dims > 0:
+            # computed in Python doubles (also keeps meta-device builds free of torch's slow decompositions)
+            inv_freq = torch.tensor([cfg.rope_base ** (-i / cfg.rope_dims) for i in range(0, cfg.rope_dims, 2)], dtype=torch.float32)
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # [rope_dims / 2]
+        else:
+            self.rope_inv_freq = None
+        self.use_fused_kernels = kernels.fused_kernels_default()
+        self.reset_parameters()
+
+    @property
+    def use_fused_kernels(self) -> bool:
+        """Triton MLP and loss kernels on/off (runtime state, like ``looping``); the setter reaches every MLP."""
+        return self._use_fused_kernels
+
+    @use_fused_kernels.setter
+    def use_fused_kernels(self, value: bool) -> None:
+        self._use_fused_kernels = bool(value)
+        for block in self.blocks:
+            block.mlp.use_fused_kernels = bool(value)
+
+    # ---------------------------------------------------------------------------------------------- structure
+
+    def virtual_layers(self, looping: Optional[bool] = None) -> tuple[int, ...]:
+        """Physical layer of each block application, e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10 for the record."""
+        cfg = self.cfg
+        if looping is None:
+            looping = self.looping
+        if not looping or cfg.loop_count <= 1:
+            return tuple(range(cfg.num_layers))
+        loop = tuple(range(cfg.loop_start, cfg.loop_end + 1))
+        return tuple(range(cfg.loop_start)) + loop * cfg.loop_count + tuple(range(cfg.loop_end + 1, cfg.num_layers))
+
+    @staticmethod
+    def _num_skips(num_applications: int) -> int:
+        encoder = num_applications // 2
+        return min(encoder, num_applications - encoder)
+
+    def reset_parameters(self) -> None:
+        """Record init: embedding N(0, embed_init_std); q, k, v, up orthogonal; o, down, gates, untied head zero."""
+        cfg = self.cfg
+        if self.tok_emb.weight.is_meta:
+            return  # shapes only, no values to set
+        with torch.no_grad():
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.embed_init_std)
+            for block in self.blocks:
+                for lin in (block.attn.q, block.attn.k, block.attn.v, block.mlp.up):
+                    nn.init.orthogonal_(lin.weight)
+                for lin in (block.attn.o, block.mlp.down):
+                    nn.init.zeros_(lin.weight)
+                if block.attn.gate is not None:
+                    nn.init.zeros_(block.attn.gate.weight)
+                if block.attn.q_gain is not None:
+                    block.attn.q_gain.fill_(cfg.q_gain_init)
+                block.resid_mix[0].fill_(1.0)
+                block.resid_mix[1].zero_()
+                block.attn_scale.fill_(1.0)
+                block.mlp_scale.fill_(1.0)
+            if self.smear is not None:
+                nn.init.zeros_(self.smear.gate.weight)
+                self.smear.lam.zero_()
+            if self.skip_weights is not None:
+                self.skip_weights.fill_(1.0)
+            if self.skip_gates is not None:
+                self.skip_gates.zero_()
+            if self.lane_post_lambdas is not None:
+                self.lane_post_lambdas.fill_(1.0)
+                self.lane_resid_lambdas.fill_(LANE_RESID_INIT)
+            if not cfg.tie_embeddings:
+                nn.init.zeros_(self.lm_head.weight)
+
+    # ----------------------------------------------------------------------------------------------- roles
+
+    def param_roles(self) -> dict[str, str]:
+        """Every parameter name -> its role (one of ROLES). Declared per module; checked to be complete."""
+        roles = {"tok_emb.weight": "embedding"}
+        for i, block in enumerate(self.blocks):
+            roles.update({f"blocks.{i}.{k}": r for k, r in block.param_roles().items()})
+        if self.smear is not None:
+            roles.update({"smear.gate.weight": "gate", "smear.lam": "gate"})
+        if self.skip_weights is not None:
+            roles["skip_weights"] = "scalar"
+        if self.skip_gates is not None:
+            roles["skip_gates"] = "gate"
+        if self.lane_post_lambdas is not None:
+            roles.update({"lane_post_lambdas": "scalar", "lane_resid_lambdas": "scalar"})
+        if not self.cfg.tie_embeddings:
+            roles["lm_head.weight"] = "head"
+        names = [name for name, _ in self.named_parameters()]
+        missing = sorted(set(names) - set(roles))
+        stale = sorted(set(roles) - set(names))
+        if missing or stale:
+            raise RuntimeError(f"GPT.param_roles: parameters without a role {missing}; roles without a parameter {stale}")
+        return {name: roles[name] for name in names}
+
+    def hessian_inputs(self) -> dict[str, Optional[str]]:
+        """For each GPTQ-quantized matrix (role attn/mlp/embedding/head): the module whose forward INPUT feeds it.
+
+        Register one forward pre-hook per distinct module name and accumulate ``x^T x`` (looped layers fire
+        once per application). q, k and v share ``blocks.i.attn.q``'s input (the normalized attention input);
+        o is fed by the gated attention output; down by the activation; the tied embedding and an untied head
+        by the final-norm output (module ``lm_head``). An untied input embedding has no input activation: None.
+        """
+        out: dict[str, Optional[str]] = {}
+        for i in range(len(self.blocks)):
+            p = f"blocks.{i}"
+            for name in ("q", "k", "v"):
+                out[f"{p}.attn.{name}.weight"] = f"{p}.attn.q"
+            out[f"{p}.attn.o.weight"] = f"{p}.attn.o"
+            out[f"{p}.mlp.up.weight"] = f"{p}.mlp.up"
+            out[f"{p}.mlp.down.weight"] = f"{p}.mlp.down"
+        if self.cfg.tie_embeddings:
+            out["tok_emb.weight"] = "lm_head"
+        else:
+            out["lm_head.weight"] = "lm_head"
+            out["tok_emb.weight"] = None
+        return out
+
+    # --------------------------------------------------------------------------------------------- forward
+
+    def _segments(self, input_ids: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: Optional[int]) -> tuple[Tensor, int]:
+        if input_ids.ndim != 1:
+            raise ValueError(f"GPT: input_ids must be a packed 1-D row [T], got shape {tuple(input_ids.shape)}")
+        if cu_seqlens is None:
+            return build_cu_seqlens(input_ids, self.bos_id, self.train_seq_len if max_seqlen is None else max_seqlen)
+        if max_seqlen is None:
+            raise ValueError("GPT: max_seqlen is required when cu_seqlens is given")
+        return cu_seqlens, max_seqlen
+
+    def _skip(self, x: Tensor, skip: Tensor, slot: int) -> Tensor:
+        w = self.skip_weights[slot] * skip
+        if self.skip_gates is None:
+            return x + w
+        return torch.lerp(w, x, torch.sigmoid(self.skip_gates[slot]).to(x.dtype))
+
+    def forward_hidden(self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+        """Final-normed hidden states [T, d] (the LM head's input)."""
+        cu_seqlens, max_seqlen = self._segments(input_ids, cu_seqlens, max_seqlen)
+        T = input_ids.shape[0]
+        rope = None
+        if self.rope_inv_freq is not None:
+            rope = rope_tables(segment_positions(cu_seqlens, T), self.rope_inv_freq)
+        ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
+
+        x = rms_norm(self.tok_emb(input_ids))  # [T, d]
+        if self.bigram_hash is not None:
+            x = x + self.bigram_hash(input_ids).to(x.dtype)  # [T, d]
+        if self.smear is not None:
+            x = self.smear(x, input_ids, self.bos_id)
+        x0 = x
+        order = self.virtual_layers()
+        use_skips = self.skip_weights is not None
+        num_encoder = len(order) // 2  # U-Net halves over the block APPLICATIONS
+        skips: list[Tensor] = []
+        lane1: Optional[Tensor] = None  # None until the two lanes split
+        split_at = self.cfg.parallel_residual_start
+        for position, layer in enumerate(order):
+            if use_skips and position >= num_encoder and skips:
+                x = self._skip(x, skips.pop(), position - num_encoder)
+            block = self.blocks[layer]
+            if lane1 is None and split_at >= 0 and layer >= split_at:
+                lane1 = x
+            if lane1 is None:
+                x = block(x, x0, ctx)
+            else:
+                x, lane1 = block.forward_lanes(
+                    x, lane1, x0, ctx, self.lane_post_lambdas[layer], self.lane_resid_lambdas[layer]
+                )
+            if use_skips and position < num_encoder:
+                skips.append(x)
+        if lane1 is not None:
+            x = 0.5 * (x + lane1)
+        return rms_norm(x)
+
+    def forward_logits(self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+        """Softcapped logits in fp32: [T, V]."""
+        h = self.forward_hidden(input_ids, cu_seqlens, max_seqlen)
+        return softcap(self.lm_head(h).float(), self.cfg.logit_softcap)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        target_ids: Tensor,
+        cu_seqlens: Optional[Tensor] = None,
+        max_seqlen: Optional[int] = None,
+    ) -> Tensor:
+        """Mean cross-entropy (nats/token) over targets != -100. input_ids, target_ids [T]."""
+        if target_ids.shape != input_ids.shape:
+            raise ValueError(f"GPT: target_ids shape {tuple(target_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        h = self.forward_hidden(input_ids, cu_seqlens, max_seqlen)
+        if self.use_fused_kernels:  # streams the [T, V] logits once; never materializes fp32 copies
+            return kernels.softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
+        return softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parameter groups and counts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Optimizer groups by role: "matrix" (Muon), "embedding" (AdamW embed lr), "scalar" (AdamW scalar lr).
+
+    Raises RuntimeError unless every parameter lands in exactly one group.
+    """
+    roles = model.param_roles()
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}
+    for name, param in model.named_parameters():
+        role = roles[name]
+        if role not in ROLE_TO_GROUP:
+            raise RuntimeError(f"param_groups: {name} has unknown role {role!r}")
+        groups[ROLE_TO_GROUP[role]].append((name, param))
+    seen = [id(p) for group in groups.values() for _, p in group]
+    every = [id(p) for p in model.parameters()]
+    if len(seen) != len(set(seen)) or set(seen) != set(every):
+        raise RuntimeError("param_groups: groups do not cover every parameter exactly once")
+    return groups
+
+
+def build_meta(cfg: ModelConfig) -> GPT:
+    """The model on the meta device: shapes only, no memory (for counts and summaries)."""
+    with torch.device("meta"):
+        return GPT(cfg)
+
+
+def _group_counts(model: GPT) -> dict[str, int]:
+    return {group: sum(p.numel() for _, p in params) for group, params in param_groups(model).items()}
+
+
+def _role_counts(model: GPT) -> dict[str, int]:
+    roles = model.param_roles()
+    out: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        out[roles[name]] = out.get(roles[name], 0) + param.numel()
+    return out
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per optimizer group ("matrix", "embedding", "scalar"); the total is their sum."""
+    return _group_counts(build_meta(cfg))
+
+
+def count_parameters_by_role(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per role (only roles that occur)."""
+    return _role_counts(build_meta(cfg))
+
+
+def summary_lines(cfg: ModelConfig) -> list[str]:
+    """Human-readable parameter summary; the LAST line is ``total_params: N``."""
+    model = build_meta(cfg)
+    groups, roles = _group_counts(model), _role_counts(model)
+    lines = [
+        f"model: {cfg.num_layers} layers x {cfg.model_dim} dim, {cfg.num_heads} heads / {cfg.num_kv_heads} KV, "
+        f"MLP {cfg.mlp_hidden}, vocab {cfg.vocab_size}, tied {cfg.tie_embeddings}",
+        f"block applications: {len(model.virtual_layers(False))} (looping off), {len(model.virtual_layers(True))} (looping on); "
+        f"U-Net skip slots: {model.num_skip_slots}",
+    ]
+    lines += [f"group {g}: {n}" for g, n in groups.items()]
+    lines += [f"role {r}: {roles[r]}" for r in ROLES if r in roles]
+    lines.append(f"total_params: {sum(groups.values())}")
+    return lines

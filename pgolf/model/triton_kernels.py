@@ -1,0 +1,296 @@
+"""The Triton kernels behind ``pgolf.model.kernels`` (imported only when triton imports; no torch.library code here).
+
+Each ``launch_*`` function fills preallocated outputs. Launch parameters are chosen here, in Python, from the
+shapes and the device: on CUDA the matmul is autotuned over a few Hopper-sized tiles (keyed on N and K only, so
+a new token count does not re-tune), on CPU (Triton's interpreter, ``TRITON_INTERPRET=1``, used by the tests)
+small fixed tiles keep the numpy emulation fast. ``pgolf.model.kernels`` wraps the launchers in opaque custom ops, so
+``torch.compile`` never traces into them (it calls them as they are, with their own autotuning cache).
+
+Numerics: every kernel accumulates and evaluates transcendentals in fp32 and rounds only when storing.
+``tanh(u)`` is computed as ``2 * sigmoid(2u) - 1`` (Triton has no portable tanh): its absolute error is about
+1e-7, i.e. about 3e-6 on a logit after the softcap of 30, far below bf16 resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+IGNORE_INDEX = -100
+
+try:  # the interpreter's function class (absent from some triton builds)
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except Exception:  # pragma: no cover - depends on the triton build
+    _InterpretedFunction = ()
+
+
+def is_interpreted() -> bool:
+    """True when triton was imported with the interpreter on (kernels then run on CPU tensors, via numpy)."""
+    return isinstance(_mlp_up_act_kernel, _InterpretedFunction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (1) MLP up-projection with the squared leaky-ReLU in the epilogue
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mlp_up_act_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]  (nn.Linear layout: the kernel computes x @ w^T)
+    pre_ptr,  # [M, N] out: x @ w^T (kept for backward)
+    post_ptr,  # [M, N] out: leaky_relu(pre, slope)^2
+    M,
+    N,
+    K: tl.constexpr,  # constexpr: loop bounds must be Python ints in triton <= 3.6's interpreter with numpy >= 2.4
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    slope,
+    IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
+    UPCAST: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16 operands (triton 3.6), so feed it fp32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share each column-tile while it is hot in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    group = pid // tiles_per_group
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    ks = tl.arange(0, BLOCK_K)  # [BK]
+    rows_ok = rows < M
+    cols_ok = cols < N
+    x_tile = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk  # [BM, BK]
+    w_tile = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk  # [BK, BN] = w^T tile
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(x_tile, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_tile, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
+        if UPCAST:  # bf16 x bf16 products are exact in fp32: same math as the tensor cores' fp32 accumulation
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE_FP32 or UPCAST:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        x_tile += BLOCK_K * stride_xk
+        w_tile += BLOCK_K * stride_wk
+
+    # epilogue: both outputs from the fp32 accumulator
+    act = tl.where(acc > 0, acc, acc * slope)
+    out_offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
+    out_mask = rows_ok[:, None] & cols_ok[None, :]
+    tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(post_ptr + out_offsets, (act * act).to(post_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _mlp_configs() -> list:
+    """Hopper tiles for M in the tens of thousands, N = 4d, K = d (d = 512 in the record)."""
+    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (256, 128, 64, 8, 3),
+        (64, 256, 64, 4, 4),
+        (128, 256, 128, 8, 2),  # K = 512 is only 4 steps of 128: fewer, fatter pipeline stages
+        (128, 128, 128, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in tiles
+    ]
+
+
+_mlp_up_act_autotuned = triton.autotune(configs=_mlp_configs(), key=["N", "K"])(_mlp_up_act_kernel)
+
+# interpreter tiles: small, and not multiples of the test shapes so the masks are exercised
+INTERPRET_MLP_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, slope: float) -> None:
+    """pre = x @ w^T, post = leaky_relu(pre, slope)^2. x [M, K], w [N, K], pre/post [M, N] preallocated."""
+    M, K = x.shape
+    N = w.shape[0]
+    args = dict(
+        x_ptr=x,
+        w_ptr=w,
+        pre_ptr=pre,
+        post_ptr=post,
+        M=M,
+        N=N,
+        K=K,
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_wn=w.stride(0),
+        stride_wk=w.stride(1),
+        stride_om=pre.stride(0),
+        stride_on=pre.stride(1),
+        slope=float(slope),
+        IEEE_FP32=x.dtype == torch.float32,
+    )
+    if x.device.type == "cuda":
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _mlp_up_act_autotuned[grid](**args, UPCAST=False)
+    else:
+        tile = INTERPRET_MLP_TILE
+        grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]),)
+        _mlp_up_act_kernel[grid](**args, **tile, UPCAST=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (2) Softcapped cross-entropy, streaming the vocabulary
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softcap(z, cap, HAS_CAP: tl.constexpr):
+    """(cap * tanh(z / cap), tanh(z / cap)); the identity and 0 when the cap is off."""
+    if HAS_CAP:
+        t = 2.0 * tl.sigmoid(2.0 * z / cap) - 1.0
+        return cap * t, t
+    else:
+        return z, tl.zeros_like(z)
+
+
+@triton.jit
+def _softcap_ce_fwd_kernel(
+    z_ptr,  # [T, V] logits before the cap (bf16/fp16/fp32)
+    target_ptr,  # [T] int64
+    nll_ptr,  # [T] fp32 out: -log softmax(c)[target], 0 where ignored
+    lse_ptr,  # [T] fp32 out: logsumexp(c), kept for backward
+    V: tl.constexpr,  # constexpr: see K in _mlp_up_act_kernel
+    stride_zt,
+    cap,
+    HAS_CAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # One program per token row: one pass over V in blocks with an online max / rescaled sum of exponentials.
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_zt
+    offs = tl.arange(0, BLOCK_V)
+    running_max = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)  # scalar -inf
+    running_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)  # scalar 0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
+        c, _ = _softcap(z, cap, HAS_CAP)
+        c = tl.where(ok, c, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(c, axis=0))  # finite: every block has a valid column
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(c - new_max), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+
+    # ignore_index -100 scores 0; any other id outside [0, V) scores NaN (visible in the loss, no stray read)
+    target = tl.load(target_ptr + row)
+    in_range = (target >= 0) & (target < V)
+    safe_target = tl.where(in_range, target, 0)
+    z_target = tl.load(z_row + safe_target).to(tl.float32)
+    c_target, _ = _softcap(z_target, cap, HAS_CAP)
+    nll = tl.where(in_range, lse - c_target, float("nan"))
+    tl.store(nll_ptr + row, tl.where(target == -100, 0.0, nll))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _softcap_ce_bwd_kernel(
+    grad_nll_ptr,  # [T] fp32: dLoss/dnll
+    z_ptr,  # [T, V]
+    target_ptr,  # [T] int64
+    lse_ptr,  # [T] fp32
+    dz_ptr,  # [T, V] out, z's dtype
+    V: tl.constexpr,
+    stride_zt,
+    stride_dzt,
+    cap,
+    HAS_CAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # dz = g * (softmax(c) - onehot(target)) * dc/dz with dc/dz = 1 - tanh^2(z / cap); recomputed from z.
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(target_ptr + row)
+    g = tl.load(grad_nll_ptr + row).to(tl.float32)
+    g = tl.where(target != -100, g, 0.0)
+    lse = tl.load(lse_ptr + row)
+    z_row = z_ptr + row * stride_zt
+    dz_row = dz_ptr + row * stride_dzt
+    offs = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
+        c, t = _softcap(z, cap, HAS_CAP)
+        d = tl.exp(c - lse) - tl.where(cols == target, 1.0, 0.0)
+        if HAS_CAP:
+            d = d * (1.0 - t * t)
+        tl.store(dz_row + cols, (g * d).to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+def _ce_launch_params(V: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): 4096-wide blocks (2 passes for V = 8192) on CUDA; small blocks in the interpreter."""
+    if device.type == "cuda":
+        return min(4096, triton.next_power_of_2(V)), 8
+    return min(256, triton.next_power_of_2(V)), 1
+
+
+def launch_softcap_ce_fwd(
+    z: torch.Tensor, targets: torch.Tensor, nll: torch.Tensor, lse: torch.Tensor, cap: float
+) -> None:
+    T, V = z.shape
+    if T == 0:
+        return
+    block_v, warps = _ce_launch_params(V, z.device)
+    _softcap_ce_fwd_kernel[(T,)](
+        z,
+        targets,
+        nll,
+        lse,
+        V=V,
+        stride_zt=z.stride(0),
+        cap=float(cap),
+        HAS_CAP=cap > 0,
+        BLOCK_V=block_v,
+        num_warps=warps,
+    )
+
+
+def launch_softcap_ce_bwd(
+    grad_nll: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dz: torch.Tensor, cap: float
+) -> None:
+    T, V = z.shape
+    if T == 0:
+        return
+    block_v, warps = _ce_launch_params(V, z.device)
+    _softcap_ce_bwd_kernel[(T,)](
+        grad_nll,
+        z,
+        targets,
+        lse,
+        dz,
+        V=V,
+        stride_zt=z.stride(0),
+        stride_dzt=dz.stride(0),
+        cap=float(cap),
+        HAS_CAP=cap > 0,
+        BLOCK_V=block_v,
+        num_warps=warps,
+    )

@@ -1,0 +1,375 @@
+"""The Hessian stage: GPTQ's input second moments ``H = X^T X / n`` per quantized matrix, from TRAINING data.
+
+    python -m pgolf.quantize.hessians --checkpoint DIR --data-dir D --hessian-json JSON --seed N --mode record|sweep \
+        --out hessians.pt --report hessian_report.json
+
+GPTQ minimizes each matrix's output error ``||X (W - W_hat)^T||^2``, which depends on the inputs only through
+``X^T X``. One forward pre-hook per input module (``GPT.hessian_inputs()``) accumulates that product in float32
+while calibration batches run through the model:
+
+- q, k and v read the same normalized attention input, so they share ONE tensor (hooked on ``attn.q``);
+- the tied embedding is quantized as the LM head, so its H comes from the head's input (the final-norm output);
+  an untied input embedding has no input activation (a one-hot lookup quantizes row by row), so it gets the
+  identity, for which GPTQ reduces exactly to round-to-nearest;
+- depth recurrence is ON when the model has it (set explicitly: ``looping`` is runtime state, and evaluation
+  runs looped), so a looped layer's hook fires once per APPLICATION of the layer.
+
+How ``n`` counts: ``n`` is the number of input rows the hook saw, i.e. tokens x applications of that layer
+(a layer applied 3 times per forward sees 3 rows per token). ``H`` is therefore the mean outer product per
+application, on the same scale for looped and unlooped layers. GPTQ itself does not depend on the scale of H
+(damping is relative to ``mean(diag H)``), only the error figures in the quantize report do.
+
+Calibration reads only ``fineweb_train_*.bin`` (never validation): ``batches`` packed rows of ``batch_rows x
+seq_len`` tokens taken at seeded random offsets of the training stream; attention stays inside documents (BOS
+starts a segment, and so does every row start), exactly as in training.
+
+Time budget: the rules count every read of training data, so this pass belongs to the 600 s training budget.
+``hessian_seconds`` is the wall time of what a single-process record script would also do after its loop: read
+the calibration tokens and run the hooked forwards (CUDA synchronized). Loading the checkpoint and building the
+model exist only because the pipeline is staged, so they are reported separately and not counted. The report
+gives ``train_seconds`` (from the checkpoint), ``hessian_seconds`` and their sum against the train config's
+``max_wallclock_seconds``; over it, a record-mode run exits with status 3 and writes no hessians.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pgolf.model.attention import build_cu_seqlens
+from pgolf.config import HessianConfig, to_dict
+from pgolf.data.loader import TokenStream
+from pgolf.data.shards import BOS_ID, list_shards
+from pgolf.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+
+# float32 X^T X on CUDA through TF32 tensor cores (inputs rounded to 11 significant bits, float32 accumulation):
+# exact for the bf16 activations autocast produces, a 2^-11 rounding of the few fp32 ones (norm outputs, which the
+# Linear itself rounds to bf16 anyway); several times faster than full fp32, and this pass is inside the budget
+CUDA_MATMUL_PRECISION = "high"
+EXIT_OVER_BUDGET = 3  # same status as the evaluation stage's budget refusal
+_OFFSET_STREAM_TAG = 0x4E55  # mixed into the seed so calibration offsets never reuse another stage's random stream
+
+
+class HessianError(ValueError):
+    """Calibration data or model does not allow a Hessian pass (no train shards, bad ids, hooks that never ran)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration batches (training shards only)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def calibration_offsets(total_tokens: int, cfg: HessianConfig, seed: int) -> np.ndarray:
+    """Start offsets into the training stream, int64 ``[batches, batch_rows]``; a pure function of its inputs.
+
+    Every row fits inside the stream (no wrap-around), so each offset names ``seq_len`` real training tokens.
+    """
+    if seed < 0:
+        raise HessianError(f"seed: expected >= 0, got {seed}")
+    if total_tokens < cfg.seq_len:
+        raise HessianError(
+            f"training stream has {total_tokens:,} tokens, fewer than one calibration row (hessians.seq_len={cfg.seq_len})"
+        )
+    rng = np.random.default_rng([seed, _OFFSET_STREAM_TAG])
+    return rng.integers(0, total_tokens - cfg.seq_len + 1, size=(cfg.batches, cfg.batch_rows), dtype=np.int64)
+
+
+def packed_rows_cu_seqlens(rows: Tensor, bos_id: int = BOS_ID) -> Tensor:
+    """cu_seqlens (int32 ``[n_segments + 1]``) of independent rows ``[R, S]`` packed into one ``[R * S]`` row.
+
+    Segments start at every BOS and at every row start (a row usually begins mid-document); no segment spans
+    two rows and none is longer than S.
+    """
+    num_rows, row_tokens = rows.shape
+    parts = []
+    for r in range(num_rows):
+        cu, _ = build_cu_seqlens(rows[r], bos_id=bos_id, max_seqlen=row_tokens)  # [n_r + 1], last = S
+        parts.append(cu[:-1] + r * row_tokens)
+    parts.append(torch.tensor([num_rows * row_tokens], dtype=torch.int32))
+    return torch.cat(parts).to(torch.int32)
+
+
+def _train_stream(data_dir: str | Path) -> TokenStream:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: shards directory not found")
+    paths = list_shards(data_dir, "train")
+    if not paths:
+        raise FileNotFoundError(f"{data_dir}: no fineweb_train_*.bin shards (calibration uses training data only)")
+    return TokenStream(paths)
+
+
+def _calibration(
+    data_dir: str | Path, cfg: HessianConfig, seed: int
+) -> tuple[TokenStream, np.ndarray, list[tuple[Tensor, Tensor]]]:
+    stream = _train_stream(data_dir)
+    offsets = calibration_offsets(stream.total_tokens, cfg, seed)  # [batches, batch_rows]
+    batches = []
+    for batch_offsets in offsets:
+        rows = np.stack([stream.read(int(o), cfg.seq_len) for o in batch_offsets])  # [batch_rows, seq_len] uint16
+        rows_t = torch.from_numpy(rows.astype(np.int64))
+        batches.append((rows_t.reshape(-1), packed_rows_cu_seqlens(rows_t)))
+    return stream, offsets, batches
+
+
+def calibration_batches(data_dir: str | Path, cfg: HessianConfig, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """``cfg.batches`` packed calibration batches ``(input_ids int64 [batch_rows * seq_len], cu_seqlens int32)``.
+
+    Rows are ``seq_len`` consecutive tokens of the TRAINING stream (``fineweb_train_*.bin`` in name order) at
+    :func:`calibration_offsets`; validation shards are never opened.
+    """
+    return _calibration(data_dir, cfg, seed)[2]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hooked accumulation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def collect_hessians(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: str | torch.device,
+    rows_out: Optional[dict[str, int]] = None,
+) -> dict[str, Tensor]:
+    """``{weight name: H [cols, cols] float32 (CPU)}`` for every matrix in ``model.hessian_inputs()``.
+
+    ``batches``: ``(input_ids [T], cu_seqlens int32)`` packed rows (see :func:`calibration_batches`). The model
+    must already be on ``device``; its ``looping`` flag is switched on for the pass when it has recurrence and
+    restored afterwards. Sums are float32 on ``device``; on CUDA forwards run under bf16 autocast and the products
+    use TF32 (:data:`CUDA_MATMUL_PRECISION`, restored afterwards). Weights whose
+    input module is shared (q, k, v) map to the SAME tensor object. ``rows_out``, when given, receives ``n`` per
+    input module (rows seen = tokens x applications, see the module docstring).
+    """
+    device = torch.device(device)
+    inputs = model.hessian_inputs()  # weight name -> input module name (or None)
+    params = dict(model.named_parameters())
+    module_names = sorted({m for m in inputs.values() if m is not None})
+    sums: dict[str, Tensor] = {}
+    rows_seen: dict[str, int] = {m: 0 for m in module_names}
+
+    def make_hook(module_name: str):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            # autocast would run these products in bf16 (and return bf16): the sums must stay float32
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x2 = x.reshape(-1, x.shape[-1]).float()  # [rows, cols]
+                if module_name in sums:
+                    sums[module_name].addmm_(x2.T, x2)
+                else:
+                    sums[module_name] = x2.T @ x2  # [cols, cols] float32
+            rows_seen[module_name] += x2.shape[0]  # a static shape: no device sync
+
+        return hook
+
+    handles = [model.get_submodule(m).register_forward_pre_hook(make_hook(m)) for m in module_names]
+    was_looping, was_training = model.looping, model.training
+    model.looping = model.cfg.loop_count > 1
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    previous_precision = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision(CUDA_MATMUL_PRECISION)
+    try:
+        with torch.inference_mode(), autocast:
+            for input_ids, cu_seqlens in batches:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+                ids = input_ids.to(device, non_blocking=True)
+                cu = cu_seqlens.to(device, non_blocking=True)
+                hidden = model.forward_hidden(ids, cu, max_seqlen)  # [T, d]
+                model.lm_head(hidden)  # only its pre-hook matters: the tied embedding's H is the head input
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+        for handle in handles:
+            handle.remove()
+        model.looping = was_looping
+        model.train(was_training)
+
+    never = [m for m in module_names if rows_seen[m] == 0]
+    if never:
+        raise HessianError(f"Hessian hooks never ran for {', '.join(never)} (no batches, or modules bypassed)")
+    per_module = {m: (sums[m] / rows_seen[m]).cpu() for m in module_names}
+    out: dict[str, Tensor] = {}
+    for weight_name, module_name in sorted(inputs.items()):
+        cols = params[weight_name].shape[1]
+        H = per_module[module_name] if module_name is not None else torch.eye(cols, dtype=torch.float32)
+        if H.shape != (cols, cols):
+            raise HessianError(
+                f"{weight_name}: input of {module_name} has {H.shape[0]} features, the weight has {cols} columns"
+            )
+        out[weight_name] = H
+    if rows_out is not None:
+        rows_out.update(rows_seen)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Budget check
+# --------------------------------------------------------------------------------------------------------------
+
+
+def budget_check(
+    train_seconds: Optional[float], hessian_seconds: float, max_wallclock_seconds: float
+) -> dict[str, Any]:
+    """Training + Hessians against the training cap (a cap of 0 means a step-based run: nothing to check)."""
+    total = None if train_seconds is None else train_seconds + hessian_seconds
+    result: dict[str, Any] = {
+        "train_seconds": train_seconds,
+        "hessian_seconds": hessian_seconds,
+        "train_plus_hessian_seconds": total,
+        "max_wallclock_seconds": max_wallclock_seconds,
+        "budget_applies": max_wallclock_seconds > 0,
+        "within_budget": None,
+        "message": "",
+    }
+    if max_wallclock_seconds <= 0:
+        result["message"] = "no wallclock cap (step-based training): the budget does not apply"
+    elif total is None:
+        result["within_budget"] = False
+        result["message"] = "the checkpoint records no train_seconds, so train + Hessians cannot be checked"
+    else:
+        ok = total <= max_wallclock_seconds
+        result["within_budget"] = ok
+        relation = "within" if ok else f"OVER by {total - max_wallclock_seconds:.2f} s"
+        result["message"] = (
+            f"train {train_seconds:.2f} s + Hessians {hessian_seconds:.2f} s = {total:.2f} s: {relation} "
+            f"the {max_wallclock_seconds:g} s training budget"
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage entry
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pick_device(kind: str) -> torch.device:
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(kind)
+
+
+def run_hessian_stage(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    cfg: HessianConfig,
+    seed: int,
+    out: str | Path,
+    report_path: str | Path,
+    mode: str = "record",
+    device_kind: str = "auto",
+) -> tuple[dict[str, Any], int]:
+    """Run the stage; returns ``(report, exit status)``. Writes ``out`` unless a record-mode budget check fails."""
+    from pgolf.train.checkpoint import load_checkpoint, model_config_of
+    from pgolf.model.gpt import GPT
+
+    device = _pick_device(device_kind)
+    t_load = time.perf_counter()
+    state, meta = load_checkpoint(checkpoint)
+    model_cfg = model_config_of(meta, f"{checkpoint}/checkpoint.json")
+    model = GPT(model_cfg, train_seq_len=cfg.seq_len, bos_id=BOS_ID)
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    _sync(device)
+    load_seconds = time.perf_counter() - t_load
+
+    # ---- counted: calibration read + hooked forwards (what a single-process record script does after its loop)
+    t0 = time.perf_counter()
+    stream, offsets, batches = _calibration(data_dir, cfg, seed)
+    t1 = time.perf_counter()
+    top_id = max(int(ids.max()) for ids, _ in batches)
+    if top_id >= model_cfg.vocab_size:
+        raise HessianError(f"{data_dir}: training token id {top_id} >= model vocab_size {model_cfg.vocab_size}")
+    rows_seen: dict[str, int] = {}
+    hessians = collect_hessians(model, batches, device, rows_out=rows_seen)
+    _sync(device)
+    t2 = time.perf_counter()
+    hessian_seconds = t2 - t0
+
+    train_cfg = meta.get("train_config") or {}
+    budget = budget_check(
+        meta.get("train_seconds"), hessian_seconds, float(train_cfg.get("max_wallclock_seconds", 0.0))
+    )
+    refused = mode == "record" and budget["budget_applies"] and not budget["within_budget"]
+
+    inputs = model.hessian_inputs()
+    report: dict[str, Any] = {
+        "stage": "hessians",
+        "mode": mode,
+        "seed": seed,
+        "hessian_config": to_dict(cfg),
+        "device": str(device),
+        "xtx_matmul": "tf32" if device.type == "cuda" else "fp32",
+        "checkpoint": str(checkpoint),
+        "checkpoint_weights_sha256": meta.get("weights_sha256"),
+        "data_dir": str(data_dir),
+        "train_shards": [p.name for p in stream.paths],
+        "train_stream_tokens": stream.total_tokens,
+        "calibration_tokens": int(offsets.size) * cfg.seq_len,
+        "calibration_offsets_sha256": sha256_bytes(offsets.astype("<i8").tobytes()),
+        "looping": model_cfg.loop_count > 1,
+        "block_applications": len(model.virtual_layers(looping=model_cfg.loop_count > 1)),
+        "matrices": {
+            name: {
+                "input_module": inputs[name],
+                "rows_seen": rows_seen.get(inputs[name]) if inputs[name] else None,
+                "cols": int(H.shape[0]),
+                "mean_diag": float(H.diagonal().mean()),
+            }
+            for name, H in sorted(hessians.items())
+        },
+        "data_read_seconds": t1 - t0,
+        "forward_seconds": t2 - t1,
+        "not_counted": {"load_checkpoint_and_build_seconds": load_seconds},
+        "hessian_reserve_seconds": train_cfg.get("hessian_reserve_seconds"),
+        **budget,
+        "refused": refused,
+        "hessians_sha256": None,
+    }
+    if not refused:
+        buffer = io.BytesIO()  # through memory: torch.save would name its zip records after the temp file
+        torch.save(dict(sorted(hessians.items())), buffer)
+        atomic_write_bytes(out, buffer.getvalue())
+        report["hessians_sha256"] = sha256_file(out)
+    atomic_write_json(report_path, report)
+    print(
+        f"hessians: {len(hessians)} matrices from {report['calibration_tokens']:,} training tokens; {budget['message']}",
+        file=sys.stderr,
+    )
+    return report, EXIT_OVER_BUDGET if refused else 0
+
+
+def load_hessians(path: str | Path) -> dict[str, Tensor]:
+    """Read a hessians file (``torch.load(weights_only=True)``: no pickled code runs) and check its shape."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: hessians file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: unpickling errors vary by torch version
+        raise HessianError(f"{path}: not a readable hessians file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise HessianError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+    for name, H in data.items():
+        if not isinstance(name, str) or not isinstance(H, Tensor):
+            raise HessianError(f"{path}: expected {{weight name: tensor}}, got an entry {name!r}: {type(H).__name__}")
+        if H.ndim != 2 or H.shape[0] != H.shape[1] or H.dtype != torch.float32:
+            raise HessianError(f"{path}: {name}: expected a square float32 matrix, got {H.dtype} {list(H.shape)}")
+        if not bool(torch.isfinite(H).all()):
+            raise HessianError(f"{path}: {name}: contains NaN or Inf (calibration forward overflowed?)")
+    return data

@@ -1,0 +1,84 @@
+"""Commands of the report stage: ``pgolf report`` (multi-seed aggregation: statistics, submission.json, the
+submission folder, the HTML report), ``pgolf check-folder`` and ``pgolf submission-schema``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pgolf.config import AggregateConfig, ConfigError, section_from_json
+    from pgolf.report.aggregate import run_report
+    from pgolf.report.summary import summary_text
+
+    try:
+        cfg = section_from_json(AggregateConfig, args.aggregate_json, "--aggregate-json")
+        agg = run_report(
+            args.run_dir,
+            cfg,
+            args.seeds,
+            mode=args.mode,
+            out_dir=args.out_dir,
+            code_dir=args.code_dir,
+            recipe=args.recipe,
+            reproduce_command=args.reproduce_command,
+            make_folder=not args.no_folder,
+        )
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"pgolf report: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(summary_text(agg))
+    return 0
+
+
+def _register_report(commands) -> None:
+    parser = commands.add_parser("report", help="aggregate the seeds of a run: submission.json, report.html, the records folder")
+    parser.add_argument("--run-dir", required=True, help="results/<run> (holds seed<s>/ and code/)")
+    parser.add_argument("--aggregate-json", required=True, help="the aggregate section as JSON")
+    parser.add_argument("--seeds", required=True, type=int, nargs="+", help="the run's seeds, in order")
+    parser.add_argument("--mode", choices=["record", "sweep"], default="record", help="the recipe's mode")
+    parser.add_argument("--out-dir", help="where the reports go (default: --run-dir)")
+    parser.add_argument("--code-dir", help="bundled train_gpt.py + train_gpt.py.json (default: <run-dir>/code)")
+    parser.add_argument("--recipe", help="recipe file named in the README's reproduction command")
+    parser.add_argument("--reproduce-command", help="command line to run the bundled train_gpt.py (README)")
+    parser.add_argument("--no-folder", action="store_true", help="do not write the submission folder")
+    parser.set_defaults(func=_report)
+
+
+def _check_folder_cmd(args: argparse.Namespace) -> int:
+    from pgolf.io import atomic_write_json
+    from pgolf.report.folder import check_folder
+
+    problems = check_folder(args.dir, args.cap_bytes)
+    if args.json_out:
+        atomic_write_json(args.json_out, {"folder": str(args.dir), "ok": not problems, "problems": problems})
+    if problems:
+        print(f"check-folder: {args.dir}: FAIL ({len(problems)} problem(s))", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"check-folder: {args.dir}: OK")
+    return 0
+
+
+def _schema_cmd(args: argparse.Namespace) -> int:
+    from pgolf.report.schema import schema_text
+
+    sys.stdout.write(schema_text())
+    return 0
+
+
+def _register_folder(commands) -> None:
+    p = commands.add_parser("check-folder", help="check a submission folder (hashes, figures vs logs, size gate, files)")
+    p.add_argument("dir", help="records/track_10min_16mb/<date>_<name>/")
+    p.add_argument("--cap-bytes", type=int, default=16_000_000, help="size cap (decimal bytes)")
+    p.add_argument("--json-out", help="write {ok, problems} here")
+    p.set_defaults(func=_check_folder_cmd)
+    s = commands.add_parser("submission-schema", help="print the JSON schema of submission.json")
+    s.set_defaults(func=_schema_cmd)
+
+
+def register(commands) -> None:
+    _register_report(commands)
+    _register_folder(commands)

@@ -1,0 +1,350 @@
+"""The submission folder ``records/track_10min_16mb/YYYY-MM-DD_<Name>/`` and ``pgolf check-folder``.
+
+It holds README.md (results table and the exact reproduction command), submission.json, the bundled train_gpt.py,
+one log per seed (``train_seed<s>.log``: the stage logs plus a machine-readable summary line) and requirements.txt.
+Each seed log ends with one line ``pgolf_seed_summary {json}`` carrying the seed's figures and the sha256 of
+train_gpt.py; :func:`check_folder` recomputes every figure of submission.json from those lines, recompiles and
+rehashes train_gpt.py, and applies the size gate, so a hand-edited json or a swapped script is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pgolf.io import atomic_dir, atomic_write_json, read_json, sha256_bytes
+from pgolf.report.submission import (
+    DEFAULT_REPRODUCE_COMMAND,
+    FIGURE_ABS_TOLERANCE,
+    REQUIRED_FOLDER_FILES,
+    SIZE_CAP_BYTES,
+    SUMMARY_PREFIX,
+    TRACK_DIR,
+    CodeBundle,
+    SubmissionError,
+    requirements_text,
+    third_party_imports,
+)
+from pgolf.report.schema import SUBMISSION_SCHEMA, validate
+from pgolf.report.summary import summary_text
+
+
+def seed_log_name(seed: int) -> str:
+    return f"train_seed{seed}.log"
+
+
+def seed_summary(s: Any, train_gpt_sha256: str) -> dict:
+    return {
+        "seed": s.seed,
+        "val_loss": s.val_loss,
+        "val_bpb": s.val_bpb,
+        "artifact_bytes": s.total_bytes,
+        "model_bytes": s.model_bytes,
+        "code_bytes": s.code_bytes,
+        "steps": s.steps,
+        "step_avg_ms": s.ms_per_step,
+        "eval_time_s": s.eval_total_s,
+        "artifact_sha256": s.artifact_sha256,
+        "code_hash": s.code_hash,
+        "train_gpt_sha256": train_gpt_sha256,
+    }
+
+
+def render_seed_log(s: Any, run: str, train_gpt_sha256: str) -> str:
+    """One seed's log: header, every stage log of the seed, the evaluation summary, the summary line."""
+    parts = [
+        f"pgolf seed log: run {run}, seed {s.seed}",
+        f"train_gpt.py sha256: {train_gpt_sha256}",
+        f"pgolf code hash (training): {s.code_hash}",
+        f"data manifest sha256: {s.data_manifest_sha256}",
+        "",
+    ]
+    for log in s.log_files:
+        parts += [
+            f"===== {log.parent.name}/{log.name} =====",
+            log.read_text(encoding="utf-8", errors="replace").rstrip(),
+            "",
+        ]
+    if not s.log_files:
+        parts += ["(no stage logs were found under logs/)", ""]
+    parts += [
+        "===== evaluation summary (eval/eval.json) =====",
+        f"val_loss {s.val_loss:.8f} nats/token  val_bpb {s.val_bpb:.8f}  ({s.token_count:,} target tokens, "
+        f"{s.byte_sum:,} bytes)",
+        f"eval time {s.eval_total_s:.1f} s (load {s.eval_load_s:.1f} + warm-up {s.eval_warmup_s:.1f} + "
+        f"score {s.eval_score_s:.1f})",
+        f"train: {s.steps} steps, {s.train_seconds:.1f} s, {s.ms_per_step:.2f} ms/step",
+        f"artifact {s.total_bytes:,} bytes (model {s.model_bytes:,} + code {s.code_bytes:,}), "
+        f"sha256 {s.artifact_sha256}",
+        SUMMARY_PREFIX + json.dumps(seed_summary(s, train_gpt_sha256), sort_keys=True),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def parse_seed_log(path: Path) -> dict:
+    """The summary of a seed log (its last ``pgolf_seed_summary`` line)."""
+    lines = [
+        ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.startswith(SUMMARY_PREFIX)
+    ]
+    if not lines:
+        raise SubmissionError(f"{path}: no '{SUMMARY_PREFIX.strip()}' line")
+    try:
+        summary = json.loads(lines[-1][len(SUMMARY_PREFIX) :])
+    except json.JSONDecodeError as exc:
+        raise SubmissionError(f"{path}: summary line is not valid JSON ({exc})") from None
+    if not isinstance(summary, dict):
+        raise SubmissionError(f"{path}: summary line must hold a JSON object")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The folder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def folder_name(date: str, name: str) -> str:
+    return f"{date}_{name}"
+
+
+def _f8(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.8f}"
+
+
+def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: str, recipe: Optional[str]) -> str:
+    loss, bpb, sig = agg["val_loss_nats_per_token"], agg["val_bpb"], agg["significance"]
+    lines = [
+        f"# {sub['name']}",
+        "",
+        f"**val_bpb {bpb['mean']:.8f}** (mean of {bpb['n']} seed(s); "
+        f"sample std, ddof=1: {_f8(bpb['std_sample_ddof1'])}), "
+        f"val_loss {loss['mean']:.8f} nats per token. Verdict: **{agg['verdict']['status']}**.",
+        "",
+    ]
+    if sub["blurb"]:
+        lines += [sub["blurb"], ""]
+    if sub["technique_summary"]:
+        lines += [f"Techniques: {sub['technique_summary']}", ""]
+    lines += [
+        "## Results",
+        "",
+        "| seed | val_loss (nats/token) | val_bpb | steps | ms/step | artifact bytes | train s | eval s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in seeds:
+        lines.append(
+            f"| {s.seed} | {s.val_loss:.8f} | {s.val_bpb:.8f} | {s.steps} | {s.ms_per_step:.2f} | "
+            f"{s.total_bytes:,} | {s.train_seconds:.1f} | {s.eval_total_s:.1f} |"
+        )
+    lines += [
+        "",
+        f"Mean val_bpb {bpb['mean']:.8f}; sample std (ddof=1) {_f8(bpb['std_sample_ddof1'])}; "
+        f"population std (ddof=0) {_f8(bpb['std_population_ddof0'])}. "
+        f"Artifact bytes = compressed model + counted code ({agg['provenance']['code_bytes_convention']} "
+        f"convention), cap {SIZE_CAP_BYTES:,}.",
+        "",
+    ]
+    if agg["missing_seeds"]:
+        lines += ["## Missing seeds", ""]
+        lines += [f"- seed {m['seed']}: missing {', '.join(m['missing_files'])}" for m in agg["missing_seeds"]]
+        lines.append("")
+    lines += ["## Significance", "", "```", summary_text(agg).rstrip(), "```", ""]
+    if sig.get("note"):
+        lines += [f"Note: {sig['note']}.", ""]
+    if agg["provenance"]["notes"] or agg["provenance"]["mixed"]:
+        lines += ["## Provenance notes", ""]
+        lines += [f"- {note}" for note in agg["provenance"]["notes"]]
+        lines += [
+            f"- mixed provenance, pooled because allowed: {d['label']}: "
+            + "; ".join(f"{value[:16]} (seeds {seeds_})" for value, seeds_ in d["values"].items())
+            for d in agg["provenance"]["mixed"]
+        ]
+        lines.append("")
+    seed_list = " ".join(str(s.seed) for s in seeds)
+    lines += [
+        "## Reproduce",
+        "",
+        f"From inside this folder, on {sub['hardware'] if 'H100' in sub['hardware'] else '8xH100 SXM'}, for each "
+        f"seed in {seed_list},",
+        f"with the verified validation and training shards (data manifest sha256 "
+        f"{str(agg['provenance']['data_manifest_sha256'])[:16]}...) under `./data/`:",
+        "",
+        "```bash",
+        "pip install -r requirements.txt",
+        *[reproduce_command.format(seed=s.seed) for s in seeds],
+        "```",
+        "",
+    ]
+    if recipe:
+        lines += [
+            f"With the pgolf pipeline (code hash {agg['provenance']['code_hash'][:16]}...):",
+            "",
+            "```bash",
+            f"snakemake --cores all --configfile {recipe}",
+            "```",
+            "",
+        ]
+    lines += [
+        "## Files",
+        "",
+        "- `submission.json`: figures, provenance (code hash, data manifest sha256, config sha256, environment) "
+        "and the significance test",
+        "- `train_gpt.py`: the bundled training + evaluation script",
+        *[f"- `{seed_log_name(s.seed)}`: stage logs and the evaluation summary of seed {s.seed}" for s in seeds],
+        "- `requirements.txt`: third-party packages `train_gpt.py` imports",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_folder(
+    out_dir: Path,
+    agg: dict,
+    sub: dict,
+    seeds: Sequence[Any],
+    bundle: CodeBundle,
+    reproduce_command: Optional[str] = None,
+    recipe: Optional[str] = None,
+) -> Path:
+    """Write records/track_10min_16mb/<date>_<name>/ atomically (complete or absent); returns its path."""
+    folder = Path(out_dir) / "records" / TRACK_DIR / folder_name(sub["date"], sub["name"])
+    command = reproduce_command or bundle.meta.get("run_command") or DEFAULT_REPRODUCE_COMMAND
+    source = bundle.path.read_bytes()
+    env = agg["provenance"]["environment"]
+    with atomic_dir(folder) as tmp:
+        (tmp / "train_gpt.py").write_bytes(source)
+        atomic_write_json(tmp / "submission.json", sub)
+        for s in seeds:
+            (tmp / seed_log_name(s.seed)).write_text(render_seed_log(s, agg["run"], bundle.sha256), encoding="utf-8")
+        third_party = bundle.meta.get("third_party") if isinstance(bundle.meta.get("third_party"), dict) else None
+        (tmp / "requirements.txt").write_text(
+            requirements_text(source.decode("utf-8"), env, third_party), encoding="utf-8"
+        )
+        (tmp / "README.md").write_text(readme_text(agg, sub, seeds, command, recipe), encoding="utf-8")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pgolf check-folder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=FIGURE_ABS_TOLERANCE)
+    return a == b
+
+
+def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[str]:
+    """Every reason the folder is not a valid submission (empty list: it passes)."""
+    from pgolf.report.stats import mean, std
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: not a directory"]
+    problems = [
+        f"{folder / name}: required file missing" for name in REQUIRED_FOLDER_FILES if not (folder / name).exists()
+    ]
+    log_paths = {
+        int(m.group(1)): p
+        for p in folder.glob("train_seed*.log")
+        if (m := re.fullmatch(r"train_seed(-?\d+)\.log", p.name))
+    }
+    if not log_paths:
+        problems.append(f"{folder}: no seed logs (train_seed<seed>.log)")
+
+    code = folder / "train_gpt.py"
+    code_sha = None
+    if code.exists():
+        source = code.read_bytes()
+        code_sha = sha256_bytes(source)
+        try:
+            compile(source, str(code), "exec")
+        except (SyntaxError, ValueError) as exc:
+            problems.append(f"{code}: does not compile: {exc}")
+        req = folder / "requirements.txt"
+        if req.exists():
+            listed = req.read_text(encoding="utf-8")
+            for module in third_party_imports(source.decode("utf-8", errors="replace")):
+                if f"import {module}" not in listed:
+                    problems.append(f"{req}: train_gpt.py imports '{module}', which requirements.txt does not list")
+
+    logs: dict[int, dict] = {}
+    for seed, path in sorted(log_paths.items()):
+        try:
+            logs[seed] = parse_seed_log(path)
+        except SubmissionError as exc:
+            problems.append(str(exc))
+            continue
+        recorded = logs[seed].get("train_gpt_sha256")
+        if code_sha is not None and recorded != code_sha:
+            problems.append(
+                f"{path}: records train_gpt.py sha256 {str(recorded)[:16]}..., but the folder's "
+                f"train_gpt.py has {code_sha[:16]}..."
+            )
+        artifact = logs[seed].get("artifact_bytes")
+        if not isinstance(artifact, int) or artifact > cap_bytes:
+            problems.append(f"{path}: artifact {artifact!r} bytes is over the {cap_bytes:,}-byte cap")
+
+    sub_path = folder / "submission.json"
+    if not sub_path.exists():
+        return problems
+    try:
+        sub = read_json(sub_path, "submission.json")
+    except ValueError as exc:
+        return problems + [str(exc)]
+    schema_errors = validate(sub, SUBMISSION_SCHEMA)
+    problems += [f"{sub_path}: {e}" for e in schema_errors]
+    if schema_errors:
+        return problems
+    prov_sha = sub["provenance"].get("train_gpt_sha256")
+    if code_sha is not None and prov_sha is not None and prov_sha != code_sha:
+        problems.append(
+            f"{sub_path}: provenance.train_gpt_sha256 {prov_sha[:16]}... differs from train_gpt.py ({code_sha[:16]}...)"
+        )
+    if sorted(sub["seeds"]) != sorted(log_paths):
+        problems.append(f"{sub_path}: seeds {sorted(sub['seeds'])} but the folder has logs for {sorted(log_paths)}")
+    if sorted(int(k) for k in sub["seed_results"]) != sorted(sub["seeds"]):
+        problems.append(f"{sub_path}: seed_results keys {sorted(sub['seed_results'])} differ from seeds {sub['seeds']}")
+    for seed, log in logs.items():
+        result = sub["seed_results"].get(str(seed))
+        if result is None:
+            continue
+        for key in ("val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms", "eval_time_s"):
+            if not _close(result.get(key), log.get(key)):
+                problems.append(
+                    f"{sub_path}: seed_results.{seed}.{key} = {result.get(key)!r}, but "
+                    f"{seed_log_name(seed)} says {log.get(key)!r}"
+                )
+        if result["artifact_bytes"] > cap_bytes:
+            problems.append(
+                f"{sub_path}: seed {seed} artifact {result['artifact_bytes']:,} bytes "
+                f"is over the {cap_bytes:,}-byte cap"
+            )
+    complete = [logs[s] for s in sub["seeds"] if s in logs]
+    if complete and len(complete) == len(sub["seeds"]):
+        try:
+            bpb = [float(x["val_bpb"]) for x in complete]
+            loss = [float(x["val_loss"]) for x in complete]
+            sizes = [int(x["artifact_bytes"]) for x in complete]
+        except (KeyError, TypeError, ValueError) as exc:
+            return problems + [f"{folder}: a seed log summary lacks a figure ({exc})"]
+        expected = {
+            "val_bpb": mean(bpb),
+            "val_loss": mean(loss),
+            "val_bpb_std": std(bpb, ddof=1),
+            "val_loss_std": std(loss, ddof=1),
+            "artifact_bytes_max": max(sizes),
+            "artifact_bytes_mean": mean(sizes),
+            "bytes_total": max(sizes),
+        }
+        for key, value in expected.items():
+            if not _close(sub[key], value):
+                problems.append(f"{sub_path}: {key} = {sub[key]!r}, but the seed logs give {value!r}")
+    if sub["artifact_bytes_max"] > cap_bytes or sub["bytes_total"] > cap_bytes:
+        problems.append(
+            f"{sub_path}: artifact_bytes_max {sub['artifact_bytes_max']:,} is over the {cap_bytes:,}-byte cap"
+        )
+    return problems

@@ -1,0 +1,335 @@
+"""``pgolf bench train``: how fast a recipe's model trains on this device.
+
+Why a separate benchmark: the training stage is time-capped (600 s), so every millisecond per step is steps
+lost. This measures the step in isolation, at full size, on synthetic packed tokens, and reports the figures
+gpu.md compares against (ms/step, tokens/s, MFU, peak memory, compile time), for depth recurrence off and on.
+
+``bench train`` runs the training step of ``pgolf.train.loop`` built from the same pieces (bf16 autocast on CUDA,
+``torch.compile(fullgraph=True, dynamic=False)``, cu_seqlens padded to power-of-two buckets, gradient
+accumulation, global-norm clipping, Muon + AdamW). It cannot call ``pgolf.train.loop``'s step directly (that one
+is a closure inside ``train``), so :func:`train_step` mirrors it line for line; keep the two in step.
+
+Synthetic data: random token ids with a BOS (id 1) starting a document every 1,000-3,000 tokens (uniform),
+cut into micro-batch rows exactly as the loader does (``targets`` = inputs shifted by one). A few distinct rows
+are generated once and cycled, so host work does not pollute the timing.
+
+FLOPs convention (gpu.md), per token, forward:
+  2 x (q, k, v, o, up, down parameters) x block applications + 2 x d x V (LM head)
+  + attention: 4 x heads x head_dim x mean causal context per block application (QK^T and AV, each 2 FLOPs per
+    multiply-add; the mean context of a causal segment of L tokens is (L + 1) / 2, measured on the batch).
+Training = 3 x forward. MFU = training FLOPs/s over the device's dense bf16 peak (table below, ``--peak-tflops``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+from pgolf.model.device import (
+    CompileCounter,
+    compile_model,
+    device_name,
+    memory_gib,
+    peak_tflops_for,
+    profile_breakdown,
+    reset_memory,
+    resolve_device,
+    time_steps,
+    versions,
+)
+
+BOS_ID = 1
+MIN_DOC_TOKENS = 1000
+MAX_DOC_TOKENS = 3000
+DISTINCT_ROWS = 4
+RECORD_VAL_TOKENS = 47_851_520  # target tokens the record scores over 50,000 validation documents (data.md)
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs (pure functions)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def block_matrix_params(cfg) -> int:
+    """Parameters of one block's q, k, v, o, up and down matrices (2,883,584 for the record)."""
+    d, h, hkv, hd, hidden = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_hidden
+    return d * h * hd + 2 * d * hkv * hd + h * hd * d + 2 * d * hidden
+
+
+def mean_causal_context(cu_seqlens: np.ndarray) -> float:
+    """Mean number of keys a query attends to in causal segments: sum L(L+1)/2 over segments / tokens."""
+    lengths = np.diff(np.asarray(cu_seqlens, dtype=np.int64))
+    tokens = int(lengths.sum())
+    if tokens == 0:
+        return 0.0
+    return float((lengths * (lengths + 1) // 2).sum() / tokens)
+
+
+def forward_flops_per_token(cfg, block_applications: int, mean_context: float) -> float:
+    """Forward FLOPs per token under gpu.md's convention (see the module docstring)."""
+    matrices = 2.0 * block_applications * block_matrix_params(cfg)
+    head = 2.0 * cfg.model_dim * cfg.vocab_size
+    attention = block_applications * 4.0 * cfg.num_heads * cfg.head_dim * mean_context
+    return matrices + head + attention
+
+
+def mfu(train_flops_per_token: float, tokens_per_s: float, peak_tflops: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilization in [0, 1], or None without a known peak."""
+    if not peak_tflops:
+        return None
+    return train_flops_per_token * tokens_per_s / (peak_tflops * 1e12)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic packed rows
+# --------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_stream(num_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
+    """int64 [num_tokens]: random ids in [2, vocab) with BOS opening a document every 1,000-3,000 tokens."""
+    if vocab_size < 3:
+        raise ValueError(f"synthetic_stream: vocab_size must be >= 3, got {vocab_size}")
+    rng = np.random.default_rng(seed)
+    stream = rng.integers(2, vocab_size, size=num_tokens, dtype=np.int64)
+    position = 0
+    while position < num_tokens:
+        stream[position] = BOS_ID
+        position += int(rng.integers(MIN_DOC_TOKENS, MAX_DOC_TOKENS + 1))
+    return stream
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+    """CPU tensors of a few micro-batch rows, with cu_seqlens already padded to their bucket (as in training)."""
+
+    inputs: list  # [rows] of int64 [T]
+    targets: list  # [rows] of int64 [T]
+    cu_seqlens: list  # [rows] of int32 [bucket]
+    max_seqlen: int
+    mean_context: float  # over all rows, for the FLOPs count
+
+    @property
+    def tokens(self) -> int:
+        return int(self.inputs[0].numel())
+
+    @property
+    def cu_shapes(self) -> list[int]:
+        return sorted({int(c.numel()) for c in self.cu_seqlens})
+
+
+def packed_rows(
+    row_tokens: int, vocab_size: int, max_seqlen: int, seed: int, rows: int = DISTINCT_ROWS, bucketed: bool = True
+) -> PackedRows:
+    """``rows`` consecutive rows of one synthetic stream, segmented like the training loader's micro-batches."""
+    import torch
+
+    from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
+    from pgolf.train.loop import cu_seqlens_bucket
+
+    stream = torch.from_numpy(synthetic_stream(rows * row_tokens + 1, vocab_size, seed))
+    inputs, targets, cus, contexts = [], [], [], []
+    for r in range(rows):
+        row = stream[r * row_tokens : (r + 1) * row_tokens + 1]
+        cu, _ = build_cu_seqlens(row[:-1], bos_id=BOS_ID, max_seqlen=max_seqlen)
+        contexts.append(mean_causal_context(cu.numpy()))
+        if bucketed:
+            cu = pad_cu_seqlens(cu, cu_seqlens_bucket(cu.numel()))
+        inputs.append(row[:-1].clone())
+        targets.append(row[1:].clone())
+        cus.append(cu)
+    return PackedRows(inputs, targets, cus, max_seqlen, float(np.mean(contexts)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bench train
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainBench:
+    """Everything one training step touches."""
+
+    model: Any
+    step_model: Any
+    optimizers: list
+    params: list
+    device: Any
+    grad_accum_steps: int
+    grad_clip_norm: float
+    rows: PackedRows
+    compiled: bool  # step_model is torch.compile'd: cu_seqlens lengths are marked dynamic
+
+
+def train_step(bench: TrainBench, step: int):
+    """One optimizer step through the training stage's own functions (one process, so no all-reduce)."""
+    import torch
+
+    from pgolf.train.loop import forward_backward, optimizer_step
+
+    loss_sum = torch.zeros((), device=bench.device)
+    for accum_index in range(bench.grad_accum_steps):
+        r = (step * bench.grad_accum_steps + accum_index) % len(bench.rows.inputs)
+        rows = bench.rows
+        loss_sum += forward_backward(
+            bench.step_model, rows.inputs[r], rows.targets[r], rows.cu_seqlens[r], rows.max_seqlen,
+            bench.grad_accum_steps, bench.device, bench.compiled,
+        )
+    optimizer_step(bench.params, bench.optimizers, bench.grad_clip_norm, None)
+    return loss_sum / bench.grad_accum_steps
+
+
+def bench_train(
+    run_cfg,
+    *,
+    steps: int,
+    warmup: int = 3,
+    grad_accum: Optional[int] = None,
+    micro_batch_tokens: Optional[int] = None,
+    fused: bool = True,
+    compile: Optional[bool] = None,
+    compile_backend: Optional[str] = None,
+    looping: str = "both",
+    device_kind: str = "auto",
+    peak_tflops: Optional[float] = None,
+    seed: int = 0,
+    profile_steps: int = 0,
+) -> dict[str, Any]:
+    """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
+
+    ``profile_steps`` > 0 adds, per phase, a torch.profiler breakdown of that many more steps
+    (:func:`profile_breakdown`)."""
+    import torch
+
+    from pgolf.model import kernels
+    from pgolf.model.gpt import GPT, param_groups
+    from pgolf.train.optim import build_optimizers
+
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"bench train: expected steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if profile_steps < 0:
+        raise ValueError(f"bench train: --profile-steps expects >= 0, got {profile_steps}")
+    if looping not in ("on", "off", "both"):
+        raise ValueError(f"bench train: --looping expects on, off or both, got {looping!r}")
+    model_cfg, train_cfg = run_cfg.model, run_cfg.train
+    device = resolve_device(device_kind)
+    compile = train_cfg.compile if compile is None else compile
+    compile_backend = compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
+    micro = micro_batch_tokens if micro_batch_tokens is not None else train_cfg.micro_batch_tokens
+    if micro < train_cfg.train_seq_len:
+        raise ValueError(
+            f"bench train: --micro-batch-tokens must be >= train_seq_len ({train_cfg.train_seq_len}), got {micro}"
+        )
+    accum = grad_accum if grad_accum is not None else max(train_cfg.train_batch_tokens // micro, 1)
+    if accum < 1:
+        raise ValueError(f"bench train: --grad-accum must be >= 1, got {accum}")
+
+    torch.manual_seed(seed)
+    model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len, bos_id=BOS_ID).to(device)
+    model.use_fused_kernels = fused
+    optimizers = build_optimizers(param_groups(model), run_cfg.optim, muon_average_grads=False)
+    rows = packed_rows(micro, model_cfg.vocab_size, train_cfg.train_seq_len, seed)
+    bench = TrainBench(
+        model=model,
+        step_model=compile_model(model, compile, compile_backend),
+        optimizers=optimizers,
+        params=list(model.parameters()),
+        device=device,
+        grad_accum_steps=accum,
+        grad_clip_norm=train_cfg.grad_clip_norm,
+        rows=rows,
+        compiled=bool(compile),
+    )
+    tokens_per_step = accum * rows.tokens
+    peak = peak_tflops if peak_tflops is not None else peak_tflops_for(device_name(device))
+    can_loop = model_cfg.loop_count > 1
+    states = {"off": [False], "on": [True], "both": [False, True]}[looping]
+    if not can_loop:
+        states = [False]  # nothing to switch on: one phase
+
+    phases = []
+    for loop_on in states:
+        model.looping = loop_on
+        counter = CompileCounter()
+        warm_s, warm_calls = time_steps(lambda i: train_step(bench, i), warmup, device)
+        warm_counts = counter.delta()
+        reset_memory(device)
+        timed = CompileCounter()
+        losses = []
+        total_s, _ = time_steps(lambda i: losses.append(train_step(bench, warmup + i)), steps, device)
+        timed_counts = timed.delta()
+        alloc, reserved = memory_gib(device)
+        applications = len(model.virtual_layers())
+        fwd = forward_flops_per_token(model_cfg, applications, rows.mean_context)
+        tokens_per_s = steps * tokens_per_step / total_s
+        loss = float(losses[-1].item())
+        profiled = (
+            profile_breakdown(lambda i: train_step(bench, warmup + steps + i), profile_steps, device)
+            if profile_steps > 0 else None
+        )
+        phases.append(
+            {
+                "looping": loop_on,
+                "block_applications": applications,
+                "warmup_steps": warmup,
+                "warmup_seconds": warm_s,
+                "first_step_seconds": warm_calls[0] if warm_calls else None,
+                "steps": steps,
+                "ms_per_step": 1000.0 * total_s / steps,
+                "tokens_per_s": tokens_per_s,
+                "forward_flops_per_token": fwd,
+                "train_flops_per_token": 3.0 * fwd,
+                "mean_attention_context": rows.mean_context,
+                "achieved_tflops": 3.0 * fwd * tokens_per_s / 1e12,
+                "mfu": mfu(3.0 * fwd, tokens_per_s, peak),
+                "peak_memory_allocated_gib": alloc,
+                "peak_memory_reserved_gib": reserved,
+                "graphs_compiled_in_warmup": warm_counts["graphs_compiled"],
+                "graph_breaks_in_warmup": warm_counts["graph_breaks"],
+                "recompiles_in_timed_steps": timed_counts["graphs_compiled"],
+                "loss": loss,
+                "loss_finite": math.isfinite(loss),
+                "profile": profiled,
+            }
+        )
+    return {
+        "bench": "train",
+        "run": run_cfg.run,
+        "device": device_name(device),
+        "device_type": device.type,
+        **versions(),
+        "fused_kernels": bool(model.use_fused_kernels),
+        "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
+        "compile": bool(compile),
+        "compile_backend": compile_backend if compile else None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "micro_batch_tokens": rows.tokens,
+        "grad_accum_steps": accum,
+        "tokens_per_step": tokens_per_step,
+        "train_seq_len": train_cfg.train_seq_len,
+        "cu_seqlens_shapes": rows.cu_shapes,
+        "peak_tflops": peak,
+        "seed": seed,
+        "phases": phases,
+    }
+
+
+def _fmt(value: Optional[float], spec: str, none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def train_summary_line(result: dict[str, Any]) -> str:
+    head = (
+        f"bench train {result['run']} on {result['device']}: fused {'on' if result['fused_kernels_active'] else 'off'}, "
+        f"compile {result['compile_backend'] or 'off'}, {result['tokens_per_step']:,} tokens/step (accum {result['grad_accum_steps']})"
+    )
+    parts = []
+    for p in result["phases"]:
+        mfu_pct = None if p["mfu"] is None else 100 * p["mfu"]
+        parts.append(
+            f"loop {'on' if p['looping'] else 'off'}: {p['ms_per_step']:.1f} ms/step, {p['tokens_per_s'] / 1e3:,.0f}K tok/s, "
+            f"MFU {_fmt(mfu_pct, '.1f')}%, peak {_fmt(p['peak_memory_allocated_gib'], '.1f')} GiB, "
+            f"warm-up {p['warmup_seconds']:.1f}s, recompiles {p['recompiles_in_timed_steps']}"
+        )
+    return " | ".join([head, *parts])

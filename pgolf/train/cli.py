@@ -1,0 +1,125 @@
+"""Commands of the training stage: ``pgolf train`` (the stage, run under torchrun; also ``python -m pgolf.train``)
+and ``pgolf bench train`` (the training step timed on synthetic tokens).
+
+Only argument parsing lives here; the work is in :mod:`pgolf.train.loop` and :mod:`pgolf.train.bench`, imported
+when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pgolf.config import ModelConfig, OptimConfig, TrainConfig, section_from_json
+    from pgolf.train.loop import train
+
+    model_cfg = section_from_json(ModelConfig, args.model_json, "--model-json")
+    optim_cfg = section_from_json(OptimConfig, args.optim_json, "--optim-json")
+    train_cfg = section_from_json(TrainConfig, args.train_json, "--train-json")
+    train(model_cfg, optim_cfg, train_cfg, args.seed, args.data_dir, args.out_dir, args.device)
+    return 0
+
+
+def _register_train(commands) -> None:
+    p = commands.add_parser("train", help="train one seed (the training stage; run it under torchrun)")
+    p.add_argument("--model-json", required=True, help="the model section as JSON")
+    p.add_argument("--optim-json", required=True, help="the optim section as JSON")
+    p.add_argument("--train-json", required=True, help="the train section as JSON")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--data-dir", required=True, help="shards directory (verified by the data stage)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.set_defaults(func=_train)
+
+
+# ---------------------------------------------------------------------------------------------- pgolf bench ...
+# `pgolf bench eval` (pgolf.evaluate.cli) shares these argument and output helpers.
+
+
+def emit_bench_result(result: dict[str, Any], line: str, out: Optional[str]) -> None:
+    """The summary line on stderr, the JSON on stdout, and the JSON to ``out`` when given."""
+    print(line, file=sys.stderr, flush=True)
+    print(json.dumps(result), flush=True)
+    if out:
+        from pgolf.io import atomic_write_json
+
+        atomic_write_json(Path(out), result)
+
+
+def compile_flag(args: argparse.Namespace) -> Optional[bool]:
+    """False for --no-compile, True for --compile, None: the recipe decides."""
+    if args.no_compile:
+        return False
+    return True if args.compile else None
+
+
+def add_bench_arguments(p: argparse.ArgumentParser, steps: int, warmup: int) -> None:
+    p.add_argument("--config", required=True, help="recipe YAML (its model/optim/train/evaluate sections are used)")
+    p.add_argument("--steps", type=int, default=steps, help=f"timed steps per phase (default {steps})")
+    p.add_argument(
+        "--warmup", type=int, default=warmup, help=f"untimed steps first: compile and autotune (default {warmup})"
+    )
+    p.add_argument("--no-fused", action="store_true", help="pure PyTorch MLP activation and loss (no Triton kernels)")
+    compile_group = p.add_mutually_exclusive_group()
+    compile_group.add_argument("--no-compile", action="store_true", help="eager mode")
+    compile_group.add_argument("--compile", action="store_true", help="compile even if the recipe says not to")
+    p.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend (default inductor on CUDA, aot_eager on CPU)"
+    )
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from pgolf.config import load_run_config
+    from pgolf.train.bench import bench_train, train_summary_line
+
+    result = bench_train(
+        load_run_config(args.config),
+        steps=args.steps,
+        warmup=args.warmup,
+        grad_accum=args.grad_accum,
+        micro_batch_tokens=args.micro_batch_tokens,
+        fused=not args.no_fused,
+        compile=compile_flag(args),
+        compile_backend=args.compile_backend,
+        looping=args.looping,
+        device_kind=args.device,
+        peak_tflops=args.peak_tflops,
+        seed=args.seed,
+        profile_steps=args.profile_steps,
+    )
+    emit_bench_result(result, train_summary_line(result), args.out)
+    return 0
+
+
+def _register_bench_train(commands) -> None:
+    bench = commands.group("bench", help="training and evaluation throughput on this device (synthetic tokens)")
+    p = bench.add_parser("train", help="ms/step, tokens/s, MFU, memory, compile time; looping off and on")
+    add_bench_arguments(p, steps=10, warmup=3)
+    p.add_argument(
+        "--grad-accum", type=int, default=None,
+        help="micro-batches per step (default: train_batch_tokens / micro-batch tokens)",
+    )
+    p.add_argument(
+        "--micro-batch-tokens", type=int, default=None, help="tokens per forward (default: train.micro_batch_tokens)"
+    )
+    p.add_argument("--looping", choices=["on", "off", "both"], default="both", help="depth recurrence phases to time")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by device name)")
+    p.add_argument(
+        "--profile-steps", type=int, default=0,
+        help="after timing, profile this many more steps per phase: GPU time by kernel category, top kernels",
+    )
+    p.set_defaults(func=_bench_train)
+
+
+def register(commands) -> None:
+    _register_train(commands)
+    _register_bench_train(commands)

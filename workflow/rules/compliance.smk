@@ -1,0 +1,32 @@
+# The compliance check of a whole run: the rules of rules.md on the run's own records (pgolf/compliance/comply.py).
+#
+#   results/<run>/comply.json   one verdict per rule (PASS / FAIL / NOT-APPLICABLE) with its evidence
+#
+# Record mode: a FAIL stops the job (exit 1), and `aggregate` takes comply.json as input, so no submission
+# folder is written for a non-compliant run (the verdicts stay in logs/comply.log). Sweep mode: the check runs
+# and writes comply.json (a failing `mode` rule does not stop the DAG) but gates nothing.
+
+COMPLY_JSON = f"{RUN_DIR}/comply.json"
+COMPLY_SEED_FILES = (
+    "train/train_summary.json",
+    "train/checkpoint/checkpoint.json",
+    "hessians/hessian_report.json",
+    "gate/gate_report.json",
+    "eval/eval.json",
+)
+
+
+rule comply:
+    input:
+        [f"{RUN_DIR}/seed{seed}/{name}" for seed in CFG.seeds for name in COMPLY_SEED_FILES],
+        verified=DATA_VERIFIED,
+    output:
+        COMPLY_JSON,
+    params:
+        config=json.dumps(to_dict(CFG), sort_keys=True),
+        data_dir=DATA_DIR,
+        run_dir=RUN_DIR,
+    log:
+        f"{RUN_DIR}/logs/comply.log",
+    script:
+        "../scripts/comply.py"

@@ -1,0 +1,19 @@
+"""Rule verify_data: the gate in front of training (BOS per document, sidecar, disjoint splits, doc counts)."""
+from pathlib import Path
+
+from pgolf.io import atomic_write_json, run_logged
+
+
+def work():
+    from pgolf.data import verify
+
+    report = verify.verify_dir(Path(snakemake.input[0]), expected_val_docs=snakemake.params.val_docs,
+                               record=snakemake.params.record)
+    verify.print_report(report)
+    if not report.ok:
+        return 1
+    atomic_write_json(snakemake.output[0], report.to_dict())
+
+
+if __name__ == "__main__":  # not in the worker processes that multiprocessing spawns from this file
+    run_logged(snakemake.log[0], work, "verify_data")
