@@ -109,14 +109,15 @@ def test_hook_positions_by_their_normalization(batches) -> None:
 
 
 def test_first_layer_q_input_by_hand(batches) -> None:
-    """Layer 0's attention input rebuilt from the embedding by hand: rmsnorm(mix(smear(rmsnorm(emb))))."""
+    """Layer 0's attention input rebuilt from the embedding by hand: rmsnorm(mix(rmsnorm(smear(emb)))) (the record
+    smears the raw embedding, then normalizes)."""
     model = _perturbed_model(seed=2)
     H = collect_hessians(model, batches, "cpu")
     block = model.blocks[0]
     total, n = torch.zeros(32, 32, dtype=torch.float64), 0
     with torch.no_grad():
         for ids, _ in batches:
-            x = model.smear(rms_norm(model.tok_emb(ids)), ids, BOS_ID)
+            x = rms_norm(model.smear(model.tok_emb(ids), ids, BOS_ID))
             x_in = block.resid_mix[0] * x + block.resid_mix[1] * x  # x0 == x before the first block
             q_in = (rms_norm(x_in) * block.ln_scale).double()
             total += q_in.T @ q_in

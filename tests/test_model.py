@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pgolf import cli
 from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
-from pgolf.config import ModelConfig
+from pgolf.config import ConfigError, ModelConfig
 from pgolf.model.gpt import (
     GPT,
     GROUPS,
@@ -243,7 +243,7 @@ SWITCHES = {
     "no_unet": {"unet_skips": False},
     "ungated_skips": {"skip_gates": False},
     "no_recurrence": {"loop_count": 1},
-    "triple_recurrence": {"loop_count": 3},
+    "triple_recurrence": {"loop_count": 3, "parallel_residual_start": 3},
     "single_lane": {"parallel_residual_start": -1},
     "lanes_from_0": {"parallel_residual_start": 0},
     "lanes_inside_loop": {"parallel_residual_start": 1},
@@ -253,6 +253,13 @@ SWITCHES = {
     "odd_layers": {"num_layers": 3, "loop_end": 1, "parallel_residual_start": 2, "xsa_last_n": 3},
     "mlp_x3": {"mlp_mult": 3.0},
 }
+
+
+def test_a_single_lane_decoder_application_after_the_lanes_is_refused():
+    """Loop 1-2 x3 with lanes from 2: the decoder runs layers 2, 1, 2, 3; the record would run layer 1 on the stale
+    single-lane state and discard it, so the config is refused."""
+    with pytest.raises(ConfigError, match="decoder application 5 single-lane after the two lanes started"):
+        tiny(loop_count=3)
 
 
 @pytest.mark.parametrize("looping", [False, True])

@@ -125,9 +125,33 @@ class ModelConfig:
             self.parallel_residual_start == -1 or 0 <= self.parallel_residual_start < self.num_layers,
             f"parallel_residual_start: expected -1 or 0..{self.num_layers - 1}, got {self.parallel_residual_start}",
         )
+        for looping in (False, True):
+            stale = self._single_lane_after_lanes(looping)
+            check(
+                stale is None,
+                f"parallel_residual_start: {self.parallel_residual_start} makes decoder application {stale} single-lane "
+                f"after the two lanes started (looping {'on' if looping else 'off'}); its output would be discarded",
+            )
         check(1 <= self.attn_gate_window <= self.model_dim, f"attn_gate_window: expected 1..{self.model_dim}, got {self.attn_gate_window}")
         check(1 <= self.smear_gate_window <= self.model_dim, f"smear_gate_window: expected 1..{self.model_dim}, got {self.smear_gate_window}")
         check(self.vocab_size >= 2, f"vocab_size: expected >= 2, got {self.vocab_size}")
+
+    def _single_lane_after_lanes(self, looping: bool) -> Optional[int]:
+        """Position of a decoder application of a layer below ``parallel_residual_start`` that follows a two-lane
+        one (the record runs it on the stale single-lane state and discards it), or None."""
+        if self.parallel_residual_start < 0:
+            return None
+        order = list(range(self.num_layers))
+        if looping and self.loop_count > 1:
+            loop = list(range(self.loop_start, self.loop_end + 1))
+            order = list(range(self.loop_start)) + loop * self.loop_count + list(range(self.loop_end + 1, self.num_layers))
+        split = False
+        for position in range(len(order) // 2, len(order)):
+            if order[position] >= self.parallel_residual_start:
+                split = True
+            elif split:
+                return position
+        return None
 
     @property
     def head_dim(self) -> int:

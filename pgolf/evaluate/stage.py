@@ -71,14 +71,13 @@ def refuse_in_record_mode(checkpoint_dir: str | Path) -> None:
 
 
 def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where: str):
-    from pgolf.model.gpt import GPT
+    from pgolf.model.gpt import GPT, rope_inv_freq
 
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to_empty(device=device)
     if cfg.rope_dims > 0:  # a non-persistent buffer: recompute it (to_empty left it uninitialized)
-        inv_freq = cfg.rope_base ** (-torch.arange(0, cfg.rope_dims, 2, dtype=torch.float32, device=device) / cfg.rope_dims)
-        model.rope_inv_freq.copy_(inv_freq)
+        model.rope_inv_freq.copy_(rope_inv_freq(cfg.rope_dims, cfg.rope_base))
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state.items()}
     if expected != got:

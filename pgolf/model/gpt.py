@@ -4,14 +4,15 @@ Inputs are PACKED rows: one 1-D tensor of T token ids holding many BOS-started d
 restricted to segments (documents, cut every ``train_seq_len`` tokens; see ``pgolf.model.attention``) and RoPE
 positions restart at each segment, so a document's outputs do not depend on what was packed before it.
 
-Forward, per packed row (shapes: T tokens, d = model_dim):
-  x = rmsnorm(embed(ids))                                  [T, d]
-  x = SmearGate(x)  (x_t += lam * sigmoid(W . x_t[:w]) * x_{t-1} * not_bos_t)
-  x0 = x
+Forward, per packed row (shapes: T tokens, d = model_dim), exactly the record's (checked against its script by
+tests/test_record_oracle.py):
+  x = embed(ids)                                           [T, d]
+  x = SmearGate(x)  (x_t += lam * sigmoid(W . x_t[:w]) * x_{t-1} * not_bos_t, on the RAW embedding)
+  x = x0 = rmsnorm(x)
   for each block application in the virtual order (depth recurrence repeats loop_start..loop_end):
-      decoder half: x = lerp(w_i * skip.pop(), x, sigmoid(g_i))   (U-Net)
-      x = block(x, x0)                                     (or the two-lane form, see below)
-      encoder half: skip.push(x)
+      encoder half (the first len(order) // 2 applications): x = block(x, x0); skip.push(x)
+      decoder half: x = lerp(w_i * skip.pop(), x, sigmoid(g_i)) (U-Net), then x = block(x, x0),
+                    or the two-lane form (below) once the physical layer is >= parallel_residual_start
   logits = softcap(head(rmsnorm(x)))                       [T, V]
 
 Design decisions (the parameter count 35,945,671 of the record follows from them):
@@ -19,15 +20,18 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
     17 // 2 = 8 form the encoder, so there are 8 skip slots (weights [8, d] init 1, gates [8, d] init 0).
     Decoder application i uses slot i. With looping off (11 applications, 5 + 6) slots 0..4 are used and
     5..7 wait (they still receive zero gradients, never None).
-  * Two residual lanes ("parallel residual") start at the first block application whose physical layer is
-    >= parallel_residual_start and stay split to the end. Their lambdas are allocated for EVERY physical
-    layer, ``lane_post_lambdas [L, 2, 2]`` (init 1) and ``lane_resid_lambdas [L, 2]`` (init 1.1) = 6 x 11 = 66
-    values in the record, so the layout does not depend on where the lanes start and a looped layer that
-    runs in two-lane mode has its own row; rows of layers that never run two-lane stay unused (zero grads).
-    Index [layer, s, lane]: sublayer s (0 = attention, 1 = MLP) writes ``post[s, lane] * out_s`` into each lane
-    after every lane was scaled by ``resid[s]``. Attention reads lane 0 (mixed with x0 by resid_mix, like the
-    single-lane block), the MLP reads lane 1 (after the attention write). The final hidden state is the mean.
-    U-Net skips push and pop lane 0 (the lane the next attention reads).
+  * Two residual lanes ("parallel residual") run in the DECODER applications whose physical layer is
+    >= parallel_residual_start (encoder applications are always single-lane). At the first one both lanes start
+    as x, then the U-Net skip merges into lane 0 only. Their lambdas are allocated for EVERY physical layer,
+    ``lane_post_lambdas [L, 2, 2]`` (init 1) and ``lane_resid_lambdas [L, 2]`` (init 1.1) = 6 x 11 = 66 values in
+    the record; rows of layers that never run two-lane stay unused (zero grads). One two-lane block reads both
+    lanes as they ENTER it: ``a = Attn(mix(lane0, x0))`` (the residual keeps the unmixed lane 0), ``m =
+    MLP(lane1)``, then ``lane_j = resid[j] * lane_j + post[0, j] * a + post[1, j] * m`` (post indexed [sublayer,
+    lane], resid by lane). The final hidden state is the mean of the lanes.
+  * RoPE turns each (x1, x2) pair by MINUS the angle, with the record's frequencies rounded to bf16 (its models
+    are cast to bf16 and its inv_freq buffer is never restored to fp32): ``rope_inv_freq``.
+  * Every scalar parameter is cast to the residual stream's dtype where it is used, as the record does, so a bf16
+    embedding (``train.param_storage: record``) keeps the whole stream in bf16 under autocast.
   * SmearGate masks x_{t-1} only at BOS (the record's fix): a document cut into several attention segments
     keeps smearing across the cut (same document, causal). The row's first token has no predecessor (zero).
   * Single-lane block: ``x_in = resid_mix[0] * x + resid_mix[1] * x0`` REPLACES the residual (as in the record
@@ -107,13 +111,23 @@ def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``2 * cos.shape[-1]`` dims of each head (half-split pairing); the rest pass through.
+    """Rotate the first ``2 * cos.shape[-1]`` dims of each head (half-split pairing) by MINUS the angle, as the
+    record does (``x1 cos + x2 sin, x2 cos - x1 sin``); the rest pass through.
 
     x [T, h, D]; cos/sin [T, 1, r/2]. Returns fp32 or x's dtype, whichever is wider (the caller casts).
     """
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest.to(torch.promote_types(x.dtype, cos.dtype))], -1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest.to(torch.promote_types(x.dtype, cos.dtype))], -1)
+
+
+def rope_inv_freq(rope_dims: int, base: float) -> Tensor:
+    """RoPE frequencies [rope_dims / 2] fp32, rounded to bf16 as the record's are (its ``.bfloat16()`` model cast
+    reaches the non-persistent ``inv_freq`` buffer, and only parameters are restored to fp32). Computed in Python
+    doubles (keeps meta-device builds free of torch's slow decompositions); the result equals the record's
+    float32-then-bf16 values."""
+    exact = [base ** (-i / rope_dims) for i in range(0, rope_dims, 2)]
+    return torch.tensor(exact, dtype=torch.float32).to(torch.bfloat16).to(torch.float32)
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -164,7 +178,7 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate(x[:, : self.window]))  # [T, 1]
         if self.bos_mask:
             g = g * (input_ids != bos_id).to(g.dtype)[:, None]
-        return x + self.lam * g * prev
+        return x + (self.lam.to(x.dtype) * g.to(x.dtype)) * prev
 
 
 class Attention(nn.Module):
@@ -283,28 +297,32 @@ class Block(nn.Module):
         return roles
 
     def _attn(self, x_in: Tensor, ctx: tuple) -> Tensor:
-        return self.attn_scale * self.attn(rms_norm(x_in) * self.ln_scale, *ctx)
+        out = self.attn(rms_norm(x_in) * self.ln_scale, *ctx)
+        return self.attn_scale.to(out.dtype) * out
 
     def _mlp(self, x: Tensor) -> Tensor:
-        return self.mlp_scale * self.mlp(rms_norm(x) * self.ln_scale)
+        out = self.mlp(rms_norm(x) * self.ln_scale)
+        return self.mlp_scale.to(out.dtype) * out
+
+    def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)  # [2, d]
+        return mix[0] * x + mix[1] * x0
 
     def forward(self, x: Tensor, x0: Tensor, ctx: tuple) -> Tensor:  # [T, d] -> [T, d]
-        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x_in = self._mix(x, x0)
         x = x_in + self._attn(x_in, ctx)
         return x + self._mlp(x)
 
     def forward_lanes(
         self, lane0: Tensor, lane1: Tensor, x0: Tensor, ctx: tuple, post: Tensor, resid: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Two-lane form. post [2 sublayers, 2 lanes], resid [2 sublayers]; see the module docstring."""
-        lane0 = self.resid_mix[0] * lane0 + self.resid_mix[1] * x0
-        attn_out = self._attn(lane0, ctx)
-        lane0 = resid[0] * lane0 + post[0, 0] * attn_out
-        lane1 = resid[0] * lane1 + post[0, 1] * attn_out
+        """Two-lane form; both sublayers read the lanes as they enter. post [2 sublayers, 2 lanes], resid [2 lanes]."""
+        attn_out = self._attn(self._mix(lane0, x0), ctx)  # the residual keeps the unmixed lane 0
         mlp_out = self._mlp(lane1)
-        lane0 = resid[1] * lane0 + post[1, 0] * mlp_out
-        lane1 = resid[1] * lane1 + post[1, 1] * mlp_out
-        return lane0, lane1
+        post, resid = post.to(lane0.dtype), resid.to(lane0.dtype)
+        new0 = resid[0] * lane0 + post[0, 0] * attn_out + post[1, 0] * mlp_out
+        new1 = resid[1] * lane1 + post[0, 1] * attn_out + post[1, 1] * mlp_out
+        return new0, new1
 
 
 class GPT(nn.Module):
@@ -342,9 +360,7 @@ class GPT(nn.Module):
         self.lm_head: nn.Module = TiedHead(self.tok_emb) if cfg.tie_embeddings else _linear(d, cfg.vocab_size)
 
         if cfg.rope_dims > 0:
-            # computed in Python doubles (also keeps meta-device builds free of torch's slow decompositions)
-            inv_freq = torch.tensor([cfg.rope_base ** (-i / cfg.rope_dims) for i in range(0, cfg.rope_dims, 2)], dtype=torch.float32)
-            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # [rope_dims / 2]
+            self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.rope_dims, cfg.rope_base), persistent=False)
         else:
             self.rope_inv_freq = None
         self.use_fused_kernels = kernels.fused_kernels_default()
@@ -470,10 +486,10 @@ class GPT(nn.Module):
         return cu_seqlens, max_seqlen
 
     def _skip(self, x: Tensor, skip: Tensor, slot: int) -> Tensor:
-        w = self.skip_weights[slot] * skip
+        w = self.skip_weights[slot].to(skip.dtype) * skip
         if self.skip_gates is None:
             return x + w
-        return torch.lerp(w, x, torch.sigmoid(self.skip_gates[slot]).to(x.dtype))
+        return torch.lerp(w, x, torch.sigmoid(self.skip_gates[slot].to(x.dtype)))
 
     def forward_hidden(self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
         """Final-normed hidden states [T, d] (the LM head's input)."""
@@ -484,34 +500,46 @@ class GPT(nn.Module):
             rope = rope_tables(segment_positions(cu_seqlens, T), self.rope_inv_freq)
         ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
-        x = rms_norm(self.tok_emb(input_ids))  # [T, d]
+        x = self.tok_emb(input_ids)  # [T, d]
+        if self.smear is not None:
+            x = self.smear(x, input_ids, self.bos_id)  # on the raw embedding, then the norm (the record's order)
+        x = rms_norm(x)
         if self.bigram_hash is not None:
             x = x + self.bigram_hash(input_ids).to(x.dtype)  # [T, d]
-        if self.smear is not None:
-            x = self.smear(x, input_ids, self.bos_id)
-        x0 = x
+        return self._blocks(x, x0=x, ctx=ctx)
+
+    def _blocks(self, x: Tensor, x0: Tensor, ctx: tuple) -> Tensor:
+        """The block applications: single-lane encoder, then the decoder (U-Net skips; two lanes from
+        ``parallel_residual_start``); returns the final-normed hidden state [T, d]."""
         order = self.virtual_layers()
         use_skips = self.skip_weights is not None
         num_encoder = len(order) // 2  # U-Net halves over the block APPLICATIONS
-        skips: list[Tensor] = []
-        lane1: Optional[Tensor] = None  # None until the two lanes split
         split_at = self.cfg.parallel_residual_start
+        skips: list[Tensor] = []
+        lane0: Optional[Tensor] = None  # None until the lanes start
+        lane1: Optional[Tensor] = None
         for position, layer in enumerate(order):
-            if use_skips and position >= num_encoder and skips:
-                x = self._skip(x, skips.pop(), position - num_encoder)
             block = self.blocks[layer]
-            if lane1 is None and split_at >= 0 and layer >= split_at:
-                lane1 = x
-            if lane1 is None:
+            if position < num_encoder:
                 x = block(x, x0, ctx)
-            else:
-                x, lane1 = block.forward_lanes(
-                    x, lane1, x0, ctx, self.lane_post_lambdas[layer], self.lane_resid_lambdas[layer]
+                if use_skips:
+                    skips.append(x)
+                continue
+            slot = position - num_encoder
+            if 0 <= split_at <= layer:
+                if lane0 is None:
+                    lane0 = lane1 = x
+                if use_skips and skips:
+                    lane0 = self._skip(lane0, skips.pop(), slot)
+                lane0, lane1 = block.forward_lanes(
+                    lane0, lane1, x0, ctx, self.lane_post_lambdas[layer], self.lane_resid_lambdas[layer]
                 )
-            if use_skips and position < num_encoder:
-                skips.append(x)
-        if lane1 is not None:
-            x = 0.5 * (x + lane1)
+            else:
+                if use_skips and skips:
+                    x = self._skip(x, skips.pop(), slot)
+                x = block(x, x0, ctx)
+        if lane0 is not None:
+            x = 0.5 * (lane0 + lane1)
         return rms_norm(x)
 
     def forward_logits(self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
