@@ -15,11 +15,11 @@ from typing import Sequence
 
 import torch
 
+from pgolf.data.shards import BOS_ID
 from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
 from pgolf.train.distributed import DistInfo
 from pgolf.train.optim import Muon, allreduce_grads
 
-BOS_ID = 1
 CU_SEQLENS_PADS = ("pow2", "multiple_of_64")
 RECORD_CU_BUCKET = 64  # PR #1855 pads cu_seqlens to a multiple of 64 (one compiled graph per multiple)
 
