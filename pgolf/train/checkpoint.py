@@ -11,13 +11,14 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pgolf.config import ModelConfig, from_mapping
-from pgolf.io import atomic_path, atomic_write_json, read_json, sha256_file
+from pgolf.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 CHECKPOINT_FORMAT = "pgolf-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -37,8 +38,10 @@ def save_checkpoint(out_dir: str | Path, state_dict: dict[str, torch.Tensor], me
     if meta_path.exists():
         meta_path.unlink()  # an old metadata file must never describe new weights
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
-    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        torch.save(tensors, tmp)
+    # through memory: torch.save to a path names the zip's records after that (temporary, random) file name
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    atomic_write_bytes(out_dir / WEIGHTS_NAME, buffer.getvalue())
     full_meta = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
