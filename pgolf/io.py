@@ -205,3 +205,20 @@ def run_logged(log_path: str | Path, work: Callable[[], Optional[int]], name: st
     if status:
         print(f"{name}: failed with status {status}; see {log_path}", file=sys.stderr)
         raise SystemExit(status)
+
+
+def set_cpu_threads(n: int) -> int:
+    """Set torch's intra-op CPU thread count to ``n`` for this process and return the previous count; ``n == 0``
+    leaves it as it is.
+
+    Why a stage calls this itself: a CPU float sum (a matmul, ``x.T @ x`` of the Hessians, GPTQ's updates) splits
+    its work by thread, so its last bits depend on the thread count. Snakemake exports ``OMP_NUM_THREADS`` = the
+    rule's ``threads``, torchrun 1 per process with several processes, a plain run the core count: the stages set
+    their recipe's ``cpu_threads`` so that the staged pipeline and train_gpt.py compute the same numbers.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if n > 0 and n != previous:
+        torch.set_num_threads(n)
+    return previous

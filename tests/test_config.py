@@ -30,6 +30,7 @@ RECORD_TRAIN_OPTIONS = dict(
     budget_reading="record", reserve_seconds=0.5, warmup_steps=20, warmup_cu_passes=3, warmup_restore="record",
     data_stream="record", micro_batch_order="interleaved", cu_seqlens_pad="multiple_of_64", clip_scope="per_rank",
     param_storage="record",
+    cpu_threads=1,  # not a loop choice: a fixed CPU thread count, so both entry points compute alike (issue 21)
 )
 
 

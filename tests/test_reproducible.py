@@ -23,3 +23,51 @@ def test_checkpoint_bytes_depend_on_the_weights_only(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
     assert read_checkpoint_meta(a.parent)["weights_sha256"] == read_checkpoint_meta(b.parent)["weights_sha256"] == sha256_file(a)
     assert {name.split("/")[0] for name in zipfile.ZipFile(a).namelist()} == {"archive"}
+
+
+def test_cpu_stages_set_their_recipe_thread_count(tmp_path: Path) -> None:
+    """Hessians at a size where x.T @ x differs between 1 and 2 CPU threads: with hessians.cpu_threads the file is
+    the same whatever thread count the entry point left (Snakemake: the rule's threads; train_gpt.py: the cores)."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from stage_fixtures import TINY_MODEL, write_shards
+
+    from pgolf.config import HessianConfig, TrainConfig, to_dict
+    from pgolf.model.gpt import GPT
+    from pgolf.quantize.hessians import run_hessian_stage
+
+    data = write_shards(tmp_path / "shards")
+    model_cfg = dataclasses.replace(TINY_MODEL, model_dim=64)
+    torch.manual_seed(0)
+    meta = {"model_config": to_dict(model_cfg), "train_config": to_dict(TrainConfig(max_wallclock_seconds=0.0))}
+    save_checkpoint(tmp_path / "ckpt", GPT(model_cfg).state_dict(), meta)
+    before = torch.get_num_threads()
+    try:
+        files = {}
+        for knob, threads in ((0, 1), (0, 2), (2, 1)):
+            cfg = HessianConfig(batches=2, batch_rows=4, seq_len=256, cpu_threads=knob)
+            torch.set_num_threads(threads)
+            out = tmp_path / f"h{knob}_{threads}.pt"
+            run_hessian_stage(tmp_path / "ckpt", data, cfg, 1, out, tmp_path / "r.json", "sweep", "cpu")
+            files[knob, threads] = sha256_file(out)
+    finally:
+        torch.set_num_threads(before)
+    assert files[0, 1] != files[0, 2]  # the sums do depend on the thread count at this size ...
+    assert files[2, 1] == files[0, 2]  # ... and the knob fixes it: 2 threads, though 1 was set
+
+
+def test_every_cpu_stage_sets_its_threads_itself() -> None:
+    """Each stage function (called by its Snakemake job AND by train_gpt.py's record run) sets the thread count
+    from its own section, so no entry point can forget to."""
+    import inspect
+
+    from pgolf.evaluate.stage import run_evaluation
+    from pgolf.quantize.hessians import run_hessian_stage
+    from pgolf.quantize.stage import run_quantize_stage
+    from pgolf.train.loop import train_in_group
+
+    for stage, section in ((train_in_group, "train_cfg"), (run_hessian_stage, "cfg"), (run_quantize_stage, "cfg"),
+                           (run_evaluation, "cfg")):
+        assert f"set_cpu_threads({section}.cpu_threads)" in inspect.getsource(stage), stage.__name__

@@ -17,8 +17,14 @@ class HessianConfig:
     batches: int = 16
     batch_rows: int = 48  # sequences per batch
     seq_len: int = 2048
+    # torch's intra-op CPU threads for this stage (on the CPU) (the stage sets it itself, on every entry point): CPU float sums
+    # depend on the thread count, so a stage whose CPU numbers must be the same from the staged pipeline and from
+    # train_gpt.py sets a number here. 0 (pgolf's default): leave torch's default (OMP_NUM_THREADS or the core
+    # count), which differs between Snakemake jobs, torchrun and a plain run.
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
+        check(self.cpu_threads >= 0, f"cpu_threads: expected >= 0 (0 = torch's default), got {self.cpu_threads}")
         check(self.batches >= 1, f"batches: expected >= 1, got {self.batches}")
         check(self.batch_rows >= 1, f"batch_rows: expected >= 1, got {self.batch_rows}")
         check(self.seq_len >= 2, f"seq_len: expected >= 2, got {self.seq_len}")
@@ -43,8 +49,14 @@ class QuantizeConfig:
     lqer_top_k: int = 3
     lqer_rank: int = 4
     lqer_group_size: int = 64
+    # torch's intra-op CPU threads for GPTQ (on the CPU by default) (the stage sets it itself, on every entry point): CPU float sums
+    # depend on the thread count, so a stage whose CPU numbers must be the same from the staged pipeline and from
+    # train_gpt.py sets a number here. 0 (pgolf's default): leave torch's default (OMP_NUM_THREADS or the core
+    # count), which differs between Snakemake jobs, torchrun and a plain run.
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
+        check(self.cpu_threads >= 0, f"cpu_threads: expected >= 0 (0 = torch's default), got {self.cpu_threads}")
         for name in ("attn_bits", "mlp_bits", "embed_bits", "gate_bits"):
             bits = getattr(self, name)
             check(2 <= bits <= 8, f"{name}: expected 2..8, got {bits}")
@@ -205,8 +217,14 @@ class EvaluateConfig:
     max_docs: int = 0
     progress_every_seconds: float = 15.0
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
+    # torch's intra-op CPU threads for this stage (CPU evaluation) (the stage sets it itself, on every entry point): CPU float sums
+    # depend on the thread count, so a stage whose CPU numbers must be the same from the staged pipeline and from
+    # train_gpt.py sets a number here. 0 (pgolf's default): leave torch's default (OMP_NUM_THREADS or the core
+    # count), which differs between Snakemake jobs, torchrun and a plain run.
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
+        check(self.cpu_threads >= 0, f"cpu_threads: expected >= 0 (0 = torch's default), got {self.cpu_threads}")
         check(self.eval_seq_len >= 1, f"eval_seq_len: expected >= 1, got {self.eval_seq_len}")
         check(
             self.eval_batch_tokens >= self.eval_seq_len,

@@ -262,6 +262,11 @@ class TrainConfig:
     # recipe refuses it, and the checkpoint records ``prequant_ttt_val_tokens`` so `pgolf comply` rejects the run.
     prequant_ttt_epochs: int = 0
     prequant_ttt_lr: float = 5e-4  # AdamW lr of that pass (PR #1487's value is not known; pgolf's choice)
+    # torch's intra-op CPU threads for this stage (CPU training) (the stage sets it itself, on every entry point): CPU float sums
+    # depend on the thread count, so a stage whose CPU numbers must be the same from the staged pipeline and from
+    # train_gpt.py sets a number here. 0 (pgolf's default): leave torch's default (OMP_NUM_THREADS or the core
+    # count), which differs between Snakemake jobs, torchrun and a plain run.
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         check(self.prequant_ttt_epochs >= 0, f"prequant_ttt_epochs: expected >= 0, got {self.prequant_ttt_epochs}")
@@ -290,3 +295,4 @@ class TrainConfig:
             f"(slot = a * world_size + r); expected 'interleaved' with data_stream 'record', got {self.micro_batch_order!r}",
         )
         check(self.log_every_steps >= 1, "log_every_steps: expected >= 1")
+        check(self.cpu_threads >= 0, f"cpu_threads: expected >= 0 (0 = torch's default), got {self.cpu_threads}")

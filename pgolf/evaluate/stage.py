@@ -274,8 +274,9 @@ def run_evaluation(
     """Evaluate one artifact; rank 0 writes ``out`` atomically. Returns (result dict, exit code)."""
     from pgolf.train.distributed import init_distributed, shutdown
     from pgolf.compliance.provenance import code_hash, environment
-    from pgolf.io import MetricsLog
+    from pgolf.io import MetricsLog, set_cpu_threads
 
+    set_cpu_threads(cfg.cpu_threads)  # CPU evaluation: the same scores from the pipeline and train_gpt.py
     if mode not in ("record", "sweep"):
         raise ValueError(f"--mode: expected record or sweep, got {mode!r}")
     if mode == "record" and cfg.ttt.debug_update_before_score:

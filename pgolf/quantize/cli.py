@@ -75,7 +75,7 @@ def _register_quantize(commands) -> None:
         default="cpu",
         help="cpu (default): results independent of the GPU the stage lands on",
     )
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch when the quantize section's cpu_threads is 0 (0: torch's default)")
     parser.set_defaults(func=_quantize)
 
 

@@ -300,7 +300,9 @@ def run_hessian_stage(
     """Run the stage; returns ``(report, exit status)``. Writes ``out`` unless a record-mode budget check fails."""
     from pgolf.train.checkpoint import load_checkpoint, model_config_of
     from pgolf.model.gpt import GPT
+    from pgolf.io import set_cpu_threads
 
+    set_cpu_threads(cfg.cpu_threads)  # x.T @ x on the CPU: the same sums from the pipeline and train_gpt.py
     device = _pick_device(device_kind)
     t_load = time.perf_counter()
     state, meta = load_checkpoint(checkpoint)

@@ -247,7 +247,9 @@ def run_quantize_stage(
     from pgolf.train.checkpoint import load_checkpoint, model_config_of
     from pgolf.quantize.hessians import load_hessians
     from pgolf.model.gpt import build_meta
+    from pgolf.io import set_cpu_threads
 
+    set_cpu_threads(cfg.cpu_threads)  # GPTQ on the CPU: the same codes from the pipeline and train_gpt.py
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
     device = torch.device(

@@ -161,6 +161,9 @@ def train_in_group(
     in-process record run, pgolf.artifact.record_run). Rank 0 writes ``out_dir/checkpoint/`` and
     ``out_dir/train_summary.json``.
     """
+    from pgolf.io import set_cpu_threads
+
+    set_cpu_threads(train_cfg.cpu_threads)  # CPU training: the same sums from the pipeline and train_gpt.py
     data_info = check_data(Path(data_dir), model_cfg.vocab_size)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

@@ -22,6 +22,7 @@ rule hessians:
         hessians=section_json("hessians"),
         mode=CFG.mode,
         checkpoint=checkpoint_dir,
+    threads: CFG.hessians.cpu_threads or 1  # scheduling only: the stage sets torch's threads from the recipe itself
     resources:
         gpus=min(VISIBLE_GPUS, 1),
         gpu_jobs=1,
@@ -43,7 +44,7 @@ rule quantize:
     params:
         quantize=section_json("quantize"),
         checkpoint=checkpoint_dir,
-    threads: min(workflow.cores, 8)
+    threads: CFG.quantize.cpu_threads or min(workflow.cores, 8)  # the stage sets quantize.cpu_threads itself
     log:
         f"{RUN_DIR}/seed{{seed}}/logs/quantize.log",
     script:
