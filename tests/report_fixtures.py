@@ -23,7 +23,7 @@ H100_ENV = {
     "python": "3.12.3",
 }
 
-TRAIN_GPT_SOURCE = """import math
+_SCRIPT = """import math
 import numpy as np
 import torch
 from brotli import compress
@@ -36,6 +36,32 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 """
+CODE_BYTES = 32_000  # what the fixtures' train_gpt.py counts under the wrapper convention (the record's size)
+
+
+def _padded_script(target: int = CODE_BYTES, chars: int = 33_950) -> str:
+    """_SCRIPT plus an incompressible string literal of the length that makes the ONE code counter
+    (pgolf.artifact.minify) count exactly ``target`` wrapper bytes: the submission check recounts the file, so a
+    fixture cannot just claim a size. ``chars`` is the length found with Python 3.11 and brotli 1.1; other versions
+    search around it."""
+    import random
+    import string
+
+    from pgolf.artifact.minify import count_code_bytes
+
+    def source(n: int) -> str:
+        rng = random.Random(21)
+        pad = "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(n))
+        return _SCRIPT + f'\n\nPADDING = "{pad}"  # stands in for the rest of a record script\n'
+
+    for n in sorted(range(chars - 400, chars + 400), key=lambda n: abs(n - chars)):
+        text = source(n)
+        if count_code_bytes(text, "wrapper") == target:
+            return text
+    raise RuntimeError(f"no padding near {chars} characters counts {target} wrapper bytes")
+
+
+TRAIN_GPT_SOURCE = _padded_script()
 
 
 def nats_from_bpb(bpb: float, token_count: int = TOKEN_COUNT, byte_sum: int = BYTE_SUM) -> float:
@@ -56,7 +82,7 @@ def make_seed(
     data_sha: str = DATA_SHA,
     model_config: dict | None = None,
     total_bytes: int = 15_900_000,
-    code_bytes: int = 32_000,
+    code_bytes: int = CODE_BYTES,
     env: dict | None = None,
     world_size: int = 8,
     eval_mode: str = "record",
@@ -64,6 +90,7 @@ def make_seed(
     token_count: int = TOKEN_COUNT,
     byte_sum: int = BYTE_SUM,
     code_sha256: str | None = None,
+    artifact_code_id: str = CODE_HASH,  # the code identity the artifact header records (the bundle's CODE_HASH)
 ) -> Path:
     """Write the four required files (+ metrics, hessian report, logs) of one seed; returns the seed dir."""
     base = run_dir / f"seed{seed}"
@@ -110,7 +137,7 @@ def make_seed(
             "headroom_bytes": 16_000_000 - total_bytes,
             "code_sha256": code_sha256,
             "pack_config": {"compressor": "brotli"},
-            "input_hashes": {"quantize_config_sha256": "q" * 64},
+            "input_hashes": {"quantize_config_sha256": "q" * 64, "pgolf_code_hash": artifact_code_id},
         },
     )
     _write(
@@ -143,7 +170,7 @@ def make_seed(
 
 
 def make_code_bundle(
-    run_dir: Path, code_hash: str = CODE_HASH, source: str = TRAIN_GPT_SOURCE, bytes_wrapper: int = 32_000
+    run_dir: Path, code_hash: str = CODE_HASH, source: str = TRAIN_GPT_SOURCE, bytes_wrapper: int = CODE_BYTES
 ) -> str:
     """results/<run>/code/train_gpt.py + train_gpt.py.json (the keys pgolf.artifact.bundle writes); returns its sha256."""
     code = run_dir / "code"

@@ -227,6 +227,15 @@ def test_minified_modules_count_fewer_bytes_and_still_compile(plain_bundle) -> N
         compile(m.source, m.name, "exec")
 
 
+def test_code_identity_is_the_bundles_code_hash() -> None:
+    """What the staged pipeline's pack rule records is the CODE_HASH of the recipe's train_gpt.py."""
+    from pgolf.artifact.bundle import code_identity
+
+    record = load_run_config(REPO_ROOT / "config.yaml")
+    assert code_identity(record) == build_bundle(record, minify=True).code_hash
+    assert code_identity(tiny_config(), minify=False) == build_bundle(tiny_config()).code_hash
+
+
 def test_render_refuses_a_bundle_without_the_entry(plain_bundle) -> None:
     modules = [m for m in plain_bundle.modules if m.name != "pgolf.artifact.record_run"]
     with pytest.raises(BundleError, match="pgolf.artifact.record_run"):
@@ -310,7 +319,7 @@ def test_staged_functions_on_the_same_checkpoint_give_identical_results(record_r
     from pgolf.artifact.pack import run_pack_stage
     from pgolf.quantize.stage import load_quantized, run_quantize_stage
 
-    cfg, data, folder, _, proc = record_run
+    cfg, data, folder, report, proc = record_run
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = folder / "out"
     ckpt = out / "train/checkpoint"
@@ -343,14 +352,15 @@ def test_staged_functions_on_the_same_checkpoint_give_identical_results(record_r
     assert compared > 10
     assert any(qt.lqer is not None for qt in record_q.tensors.values())  # LQER ran, and matched
 
-    _, status = run_pack_stage(tmp_path / "q.pt", ckpt, cfg.pack, folder / "train_gpt.py", tmp_path / "a.bin",
-                               tmp_path / "pack_report.json")
+    _, status = run_pack_stage(tmp_path / "q.pt", ckpt, cfg.pack, None, tmp_path / "a.bin",
+                               tmp_path / "pack_report.json", code_id=report["code_hash"])
     assert status == 0
     staged_art, record_art = (tmp_path / "a.bin").read_bytes(), (out / "pack/artifact.pgolf").read_bytes()
     _, staged_header = unpack(staged_art)
     _, record_header = unpack(record_art)
     assert staged_header["entries"] == record_header["entries"]  # per-entry sha256 of every stored array
     assert staged_header["quantization"] == record_header["quantization"]
+    assert staged_art == record_art  # header included: no path, time or entry point in it (issue 21)
 
     result, code = run_evaluation(out / "pack/artifact.pgolf", cfg.evaluate, SEED, data, tmp_path / "eval.json",
                                   mode=cfg.mode, device_kind="cpu", pack_report=out / "pack/pack_report.json")

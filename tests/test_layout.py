@@ -29,7 +29,7 @@ ALLOWED = {
     "quantize": {"data", "model", "train"},
     "artifact": {"model", "train", "quantize", "compliance.provenance"},
     "evaluate": {"data", "model", "train", "quantize", "artifact", "compliance.provenance"},
-    "report": set(),
+    "report": {"artifact.minify"},  # the one code counter (stdlib + brotli): the submission recounts train_gpt.py
     "compliance": {"data"},
 }
 EXEMPT = {"pgolf.artifact.record_run"}

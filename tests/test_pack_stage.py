@@ -29,6 +29,7 @@ def quantize_main(argv):
 def pack_main(argv):
     return cli_main(["pack", "build", *argv])
 
+CODE_ID = "7" * 64  # the code identity the artifact records (a bundle's CODE_HASH)
 CODE = '''"""A stand-in for the bundled train_gpt.py."""
 import sys
 
@@ -109,6 +110,8 @@ def _pack(chain, out_dir: Path, cfg: PackConfig | None = None, code: Path | None
             json.dumps(to_dict(cfg or PackConfig())),
             "--code",
             str(code or chain["code"]),
+            "--code-id",
+            CODE_ID,
             "--out",
             str(out_dir / "artifact.pgolf"),
             "--report",
@@ -133,9 +136,12 @@ def test_artifact_carries_checkpoint_config_and_input_hashes(chain, packed) -> N
     hashes = header["input_hashes"]
     assert hashes["checkpoint_weights_sha256"] == meta["weights_sha256"]
     assert hashes["hessians_sha256"] == sha256_file(chain["hessians"])
-    assert hashes["code_sha256"] == sha256_file(chain["code"])
-    assert hashes["pgolf_code_hash"] == meta["code_hash"]
+    assert hashes["pgolf_code_hash"] == CODE_ID  # the code identity given, not the training code hash
+    assert set(hashes) == {"checkpoint_weights_sha256", "hessians_sha256", "quantize_config_sha256", "pgolf_code_hash"}
     assert report["input_hashes"] == hashes
+    # what depends on a path, a time or the entry point is reported, never packed (it would move the model bytes)
+    assert report["code_sha256"] == sha256_file(chain["code"]) and report["training_code_hash"] == meta["code_hash"]
+    assert "data_manifest_sha256" in report
     # the dequantized artifact is the quantized model
     original, _ = load_quantized(chain["quantized"])
     a, b = dequantize_state(qm), dequantize_state(original)

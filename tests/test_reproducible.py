@@ -71,3 +71,46 @@ def test_every_cpu_stage_sets_its_threads_itself() -> None:
     for stage, section in ((train_in_group, "train_cfg"), (run_hessian_stage, "cfg"), (run_quantize_stage, "cfg"),
                            (run_evaluation, "cfg")):
         assert f"set_cpu_threads({section}.cpu_threads)" in inspect.getsource(stage), stage.__name__
+
+
+def test_artifact_bytes_do_not_depend_on_the_code_file_or_the_manifest(tmp_path: Path) -> None:
+    """The pack stage with the counted file (the bundle's record run) and without it (the staged pipeline, whose
+    gate counts it), from checkpoints whose metadata differ in the data manifest hash and the training code hash:
+    the same quantized model and code identity give the same artifact bytes. Only the reports differ."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from stage_fixtures import TINY_MODEL
+
+    from pgolf.artifact.pack import run_pack_stage
+    from pgolf.config import PackConfig, QuantizeConfig, to_dict
+    from pgolf.model.gpt import GPT, build_meta
+    from pgolf.quantize.stage import save_quantized
+    from pgolf.quantize.weights import quantize_state
+
+    torch.manual_seed(0)
+    state = GPT(TINY_MODEL).state_dict()
+    code = tmp_path / "train_gpt.py"
+    code.write_text("print('counted')\n")
+    hessians = {name: torch.eye(t.shape[1]) for name, t in state.items() if t.ndim == 2}
+    qm = quantize_state(state, build_meta(TINY_MODEL).param_roles(), hessians,
+                        QuantizeConfig(passthrough_max_elements=1024, lqer_mode="off"))
+    artifacts, reports = [], []
+    for i, (manifest, trained_by, code_file) in enumerate((("a" * 64, "b" * 64, code), ("c" * 64, "d" * 64, None))):
+        ckpt = tmp_path / f"ckpt{i}"
+        save_checkpoint(ckpt, state, {"model_config": to_dict(TINY_MODEL), "data_manifest_sha256": manifest,
+                                      "code_hash": trained_by})
+        weights_sha = read_checkpoint_meta(ckpt)["weights_sha256"]
+        save_quantized(tmp_path / f"q{i}.pt", qm, {"checkpoint_weights_sha256": weights_sha})
+        report, status = run_pack_stage(tmp_path / f"q{i}.pt", ckpt, PackConfig(code_bytes_convention="file"),
+                                        code_file, tmp_path / f"a{i}.pgolf", tmp_path / f"r{i}.json", code_id="e" * 64)
+        assert status == 0
+        artifacts.append((tmp_path / f"a{i}.pgolf").read_bytes())
+        reports.append(json.loads((tmp_path / f"r{i}.json").read_text()))
+    assert artifacts[0] == artifacts[1]
+    assert reports[0]["code_sha256"] == sha256_file(code) and reports[1]["code_sha256"] is None
+    assert [r["data_manifest_sha256"] for r in reports] == ["a" * 64, "c" * 64]
+    assert [r["training_code_hash"] for r in reports] == ["b" * 64, "d" * 64]
+    assert reports[0]["input_hashes"] == reports[1]["input_hashes"]
+    assert reports[0]["input_hashes"]["pgolf_code_hash"] == "e" * 64

@@ -220,18 +220,36 @@ def test_imports_found_inside_a_self_extracting_wrapper():
 
 
 def test_code_bundle_cross_checks(tmp_path):
-    """The size gate counting another file blocks a record; a staged (not bundled) run is only noted."""
-    run_dir = make_run(tmp_path)
+    """The folder's train_gpt.py must reproduce the claims: an artifact naming other code, a size gate that counted
+    another file or another count each block a record; when all agree the README says the script reproduces them."""
+    run_dir = make_run(tmp_path / "good")
+    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
+    assert agg["verdict"]["status"] == "record"
+    readme = (Path(agg["submission_folder"]) / "README.md").read_text()
+    assert "the folder's train_gpt.py reproduces these claims" in readme and "32,000 (wrapper)" in readme
+    assert check_folder(Path(agg["submission_folder"])) == []
+
+    run_dir = make_run(tmp_path / "other_file")
     make_seed(run_dir, 0, RECORD_BPB[0], code_sha256="9" * 64)
     agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
     assert agg["verdict"]["status"] == "non-record"
     assert any("size gate counted a code file with sha256 999999999999" in r for r in agg["verdict"]["reasons"])
-    run_dir = make_run(tmp_path / "staged")
-    make_code_bundle(run_dir, code_hash="b" * 64)  # bundled sources hash != the staged pipeline's code hash
+    assert not any("reproduces these claims" in n for n in agg["provenance"]["notes"])
+
+    run_dir = make_run(tmp_path / "other_code")
+    make_code_bundle(run_dir, code_hash="b" * 64)  # the artifacts name code c..., the folder's script is b...
     agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
-    assert agg["verdict"]["status"] == "record"
-    assert "ran the staged pipeline" in agg["provenance"]["notes"][0]
-    assert "Provenance notes" in (Path(agg["submission_folder"]) / "README.md").read_text()
+    assert agg["verdict"]["status"] == "non-record"
+    assert any("seed 42: its artifact records code cccccccccccc..., not this train_gpt.py's CODE_HASH bbbbbbbbbbbb"
+               in r for r in agg["verdict"]["reasons"])
+
+    run_dir = make_run(tmp_path / "other_count")
+    make_seed(run_dir, 0, RECORD_BPB[0], code_sha256=make_code_bundle(run_dir), code_bytes=31_000)
+    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
+    assert any("seed 0: pack report counts 31,000 code bytes (wrapper), train_gpt.py counts 32,000" in r
+               for r in agg["verdict"]["reasons"])
+    problems = "\n".join(check_folder(Path(agg["submission_folder"])))
+    assert "seed_results.0.code_bytes = 31000, but train_gpt.py counts 32,000 bytes (wrapper)" in problems
 
 
 def test_missing_bundle_is_a_clear_error(tmp_path):

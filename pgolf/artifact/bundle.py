@@ -40,12 +40,15 @@ from typing import Any, Optional
 
 import pgolf
 from pgolf.config import RunConfig, parse_run_config, to_dict
-from pgolf.io import atomic_write_bytes, atomic_write_json, sha256_bytes
-from pgolf.artifact.minify import count_code_bytes, make_wrapper, minify_source
+from pgolf.io import atomic_write_bytes, atomic_write_json
+from pgolf.artifact.minify import counted_code, counter_versions, make_wrapper, minify_source
 
 PACKAGE = "pgolf"
 PACKAGE_DIR = Path(pgolf.__file__).resolve().parent
 ENTRY_MODULE = "pgolf.artifact.record_run"
+# Never embedded, whatever imports them: the bundler itself (the record run imports it only outside a bundle, to
+# compute the code identity a bundle carries as CODE_HASH).
+NEVER_BUNDLED = {"pgolf.artifact.bundle": "the bundler: a bundle knows its own CODE_HASH"}
 BUNDLE_FORMAT_VERSION = 1
 CODE_BYTES_CONVENTIONS = ("file", "wrapper")
 
@@ -158,6 +161,7 @@ def reachable_modules(
     (and walked) too. ``left_out`` modules (see :func:`left_out_modules`) are neither included nor walked.
     """
     module_file(entry, package_dir)  # a clear error for a wrong entry
+    left_out = left_out | frozenset(NEVER_BUNDLED)
     seen: set[str] = set()
     todo = [entry]
     while todo:
@@ -234,6 +238,25 @@ def collect_modules(
         source = path.read_text(encoding="utf-8")
         out.append(BundledModule(name, is_package, minify_source(source) if minify else source))
     return out
+
+
+def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) -> tuple[list[BundledModule], dict[str, str]]:
+    """``(modules, left_out)``: exactly what the bundle of ``cfg`` embeds, and the modules its recipe leaves out
+    (with the reason). :func:`build_bundle` and :func:`code_identity` both call this, so they cannot drift."""
+    left_out = left_out_modules(cfg)
+    return collect_modules(ENTRY_MODULE, package_dir, minify, frozenset(left_out)), left_out
+
+
+def code_identity(cfg: RunConfig, minify: bool = True, package_dir: Path = PACKAGE_DIR) -> str:
+    """The code identity of a recipe: the ``CODE_HASH`` of its bundled train_gpt.py (minified, as the Snakemake
+    bundle rule writes it), computed from the installed sources without writing the bundle.
+
+    Both entry points record it in the artifact header (``input_hashes.pgolf_code_hash``): the staged pipeline's
+    pack rule gets it through its params, the bundled record run has it as its own CODE_HASH. So an artifact names
+    the file that reproduces it, whichever path made it.
+    """
+    modules, _ = module_table(cfg, minify, package_dir)
+    return bundle_code_hash(modules)
 
 
 def bundle_code_hash(modules: list[BundledModule]) -> str:
@@ -387,8 +410,7 @@ class Bundle:
 
 def build_bundle(cfg: RunConfig, *, minify: bool = False, package_dir: Path = PACKAGE_DIR) -> Bundle:
     """Collect, render and self-check the bundle for ``cfg`` (nothing is written)."""
-    left_out = left_out_modules(cfg)
-    modules = collect_modules(ENTRY_MODULE, package_dir, minify, frozenset(left_out))
+    modules, left_out = module_table(cfg, minify, package_dir)
     text = render_bundle(cfg, modules)
     check_bundle(text, cfg, modules)
     originals = {m.name: (m.is_package, module_file(m.name, package_dir)[0].read_text(encoding="utf-8")) for m in modules}
@@ -398,13 +420,17 @@ def build_bundle(cfg: RunConfig, *, minify: bool = False, package_dir: Path = PA
 
 
 def bundle_report(bundle: Bundle, minify: bool) -> dict[str, Any]:
-    """What ``<out>.json`` holds: identity, counted bytes under both conventions, contents, requirements."""
+    """What ``<out>.json`` holds: identity, counted bytes under both conventions (counted by
+    :func:`pgolf.artifact.minify.counted_code` on the very bytes written, with their sha256 and the versions the
+    count depends on), contents, requirements."""
     data = bundle.text.encode("utf-8")
+    (file_bytes, _, sha256), (wrapper_bytes, _, _) = (counted_code(data, c, "train_gpt.py") for c in ("file", "wrapper"))
     return {
         "format_version": BUNDLE_FORMAT_VERSION,
-        "sha256": sha256_bytes(data),
-        "bytes_file": count_code_bytes(bundle.text, "file"),
-        "bytes_wrapper": count_code_bytes(bundle.text, "wrapper"),
+        "sha256": sha256,
+        "bytes_file": file_bytes,
+        "bytes_wrapper": wrapper_bytes,
+        "counted_with": counter_versions(),
         "code_hash": bundle.code_hash,
         "entry": ENTRY_MODULE,
         "minify_modules": minify,

@@ -23,7 +23,8 @@ def _pack_build(args: argparse.Namespace) -> int:
 
     def work() -> tuple[dict[str, Any], int]:
         cfg = section_from_json(PackConfig, args.pack_json, "--pack-json")
-        return run_pack_stage(args.quantized, args.checkpoint, cfg, args.code, args.out, args.report)
+        return run_pack_stage(args.quantized, args.checkpoint, cfg, args.code, args.out, args.report,
+                              code_id=args.code_id)
 
     return run_gated_stage("pgolf pack build", work)
 
@@ -64,7 +65,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from pgolf.artifact.format import check_against_model_config, size_gate, unpack
     from pgolf.artifact.inspect import read_artifact
-    from pgolf.artifact.pack import EXIT_OVER_CAP, counted_code_bytes, expected_shapes
+    from pgolf.artifact.minify import counted_code_bytes
+    from pgolf.artifact.pack import EXIT_OVER_CAP, expected_shapes
     from pgolf.config import ModelConfig, from_mapping
 
     data = read_artifact(args.artifact)
@@ -87,6 +89,9 @@ def _register_pack(commands) -> None:
     build.add_argument("--checkpoint", required=True, help="training checkpoint directory (its model config is stored)")
     build.add_argument("--pack-json", required=True, help="the pack section as JSON")
     build.add_argument("--code", default=None, help="the counted code file (train_gpt.py); without it the gate stage counts it")
+    build.add_argument("--code-id", default=None,
+                       help="the code identity the artifact records: the CODE_HASH of the recipe's train_gpt.py "
+                            "(pgolf.artifact.bundle.code_identity); without it the artifact cannot back a record")
     build.add_argument("--out", required=True, help="artifact file, written only if it fits the cap")
     build.add_argument("--report", required=True, help="pack report JSON")
     build.set_defaults(func=_pack_build)

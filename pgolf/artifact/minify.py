@@ -9,6 +9,12 @@ script::
 :func:`make_wrapper` returns that text for real (so the counted bytes are bytes that run) and
 :func:`count_code_bytes` names the convention it counts under (``"wrapper"`` or ``"file"``).
 
+Code bytes are counted in ONE place: :func:`counted_code` over a file's bytes (:func:`counted_code_bytes` reads the
+file). The bundle's report, the pack stage, the gate, the record run and the submission check all call it, and
+each stores the counted file's sha256 beside the count, so two counts of different files cannot pass for one.
+The count is a function of the file's bytes, the running Python's ``ast.unparse`` and the brotli version
+(:func:`counter_versions`, recorded beside the bundle's counts).
+
 The minifier keeps every name. It removes comments, docstrings and every other statement that is a bare
 literal, and ``assert`` statements; it drops blank lines and indents with one space per level. That is what
 ``pyminify --no-rename-locals --remove-literal-statements --remove-asserts`` does, minus its riskier rewrites.
@@ -98,6 +104,47 @@ def make_wrapper(source: str, brotli_quality: int = 11) -> str:
 
     packed = brotli.compress(minify_source(source).encode("utf-8"), quality=brotli_quality)
     return WRAPPER_HEAD + base64.b85encode(packed).decode("ascii") + WRAPPER_TAIL
+
+
+def counter_versions() -> dict[str, str]:
+    """What the ``wrapper`` count depends on besides the file: Python (``ast.unparse``) and brotli."""
+    import platform
+
+    try:
+        import brotli
+
+        brotli_version = str(getattr(brotli, "__version__", "unknown"))
+    except ImportError:
+        brotli_version = "absent"
+    return {"python": platform.python_version(), "brotli": brotli_version}
+
+
+def counted_code(data: bytes, convention: str, where: str = "code file") -> tuple[int, int, str]:
+    """``(counted bytes, raw file bytes, sha256 of the bytes)`` of a code file's bytes under ``convention``: the
+    one function that counts code (see the module docstring)."""
+    import hashlib
+
+    try:
+        source = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: code file is not UTF-8 ({exc})") from None
+    try:
+        counted = count_code_bytes(source, convention)
+    except SyntaxError as exc:
+        raise ValueError(f"{where}: not valid Python, cannot minify it for the '{convention}' convention: {exc}") from None
+    return counted, len(data), hashlib.sha256(data).hexdigest()
+
+
+def counted_code_bytes(code_path, convention: str) -> tuple[int, int, str]:
+    """:func:`counted_code` of the file at ``code_path``."""
+    from pathlib import Path
+
+    code_path = Path(code_path)
+    try:
+        data = code_path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{code_path}: code file not found") from None
+    return counted_code(data, convention, str(code_path))
 
 
 def count_code_bytes(source: str, convention: str) -> int:

@@ -5,8 +5,12 @@
 
 - The model config stored in the artifact is the CHECKPOINT's (validated by ``ModelConfig``), never YAML's;
   the quantized model must come from that same checkpoint (its recorded weights sha256 is compared).
-- ``input_hashes`` in the artifact header: checkpoint weights, hessians file, quantize config, the counted
-  code file, and (when the checkpoint records them) the pgolf code hash and the data manifest hash.
+- ``input_hashes`` in the artifact header: checkpoint weights, hessians file, quantize config and the code
+  identity (``pgolf_code_hash``: the ``CODE_HASH`` of the recipe's bundled train_gpt.py, given by the caller, the
+  same on the staged pipeline and in the bundle; :func:`pgolf.artifact.bundle.code_identity`). Nothing that
+  depends on the entry point, a path or a time enters the header, because header and payload are one brotli
+  stream and any header byte moves the model bytes: the counted file's sha256, the data manifest's sha256 (it
+  holds timings and a path) and the code hash recorded at training time go to the report only.
 - Counted code bytes: ``--code`` under ``pack.code_bytes_convention`` (see pgolf/artifact/minify.py). Without
   ``--code`` (the Snakemake DAG) the model bytes alone are gated here and ``pgolf.artifact.gate`` adds the code.
 - The artifact bytes are unpacked again and checked against the model config before anything is written.
@@ -30,33 +34,12 @@ from typing import Any, Callable, Optional
 from pgolf.config import ConfigError, ModelConfig, PackConfig, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes
 from pgolf.artifact.format import ArtifactError, check_against_model_config, check_compressor_available, pack, size_gate, unpack
+from pgolf.artifact.minify import counted_code_bytes  # the one code counter
 
 EXIT_OVER_CAP = 3  # a refusal by a gate (as the budget checks of the Hessian and evaluation stages)
 PLAIN_BROTLI = PackConfig(
     compressor="brotli", brotli_quality=11, byte_shuffle=False, column_major_codes=False, codes_coder="compressor"
 )
-
-
-def counted_code_bytes(code_path: str | Path, convention: str) -> tuple[int, int, str]:
-    """``(counted bytes, raw file bytes, sha256 of the file)`` of a Python file under ``convention``."""
-    from pgolf.artifact.minify import count_code_bytes
-
-    code_path = Path(code_path)
-    try:
-        raw = code_path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{code_path}: code file not found") from None
-    try:
-        source = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{code_path}: code file is not UTF-8 ({exc})") from None
-    try:
-        counted = count_code_bytes(source, convention)
-    except SyntaxError as exc:
-        raise ValueError(
-            f"{code_path}: not valid Python, cannot minify it for the '{convention}' convention: {exc}"
-        ) from None
-    return counted, len(raw), sha256_bytes(raw)
 
 
 def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -91,8 +74,14 @@ def run_pack_stage(
     code: Optional[str | Path],
     out: str | Path,
     report_path: str | Path,
+    *,
+    code_id: Optional[str],
 ) -> tuple[dict[str, Any], int]:
     """Pack, verify, gate; returns ``(report, exit status)``. The artifact is written only when it fits.
+
+    ``code_id``: the code identity the artifact records (the recipe's bundle CODE_HASH; the Snakemake pack rule
+    passes it through its params, the bundled record run its own CODE_HASH). None records none: such an artifact
+    cannot back a record (pgolf.report.submission refuses it).
 
     With ``code=None`` (the staged pipeline) the gate here holds the model bytes alone against the cap and the
     separate gate stage (pgolf.artifact.gate) adds the counted code: the shipped file embeds the whole recipe, so its
@@ -115,13 +104,11 @@ def run_pack_stage(
         code_bytes, code_file_bytes, code_sha256 = 0, None, None
     else:
         code_bytes, code_file_bytes, code_sha256 = counted_code_bytes(code, cfg.code_bytes_convention)
-    input_hashes = {
+    input_hashes = {  # a function of the inputs only: the same on every entry point (see the module docstring)
         "checkpoint_weights_sha256": meta["weights_sha256"],
         "hessians_sha256": provenance.get("hessians_sha256"),
         "quantize_config_sha256": provenance.get("quantize_config_sha256"),
-        "code_sha256": code_sha256,
-        "pgolf_code_hash": meta.get("code_hash"),
-        "data_manifest_sha256": meta.get("data_manifest_sha256"),
+        "pgolf_code_hash": code_id,
     }
     input_hashes = {k: v for k, v in input_hashes.items() if v is not None}
 
@@ -146,6 +133,9 @@ def run_pack_stage(
         "code_bytes_convention": cfg.code_bytes_convention,
         "code_file": None if code is None else str(code),
         "code_file_bytes": code_file_bytes,
+        "code_sha256": code_sha256,  # the file the code bytes were counted on (None: the gate stage counts it)
+        "data_manifest_sha256": meta.get("data_manifest_sha256"),
+        "training_code_hash": meta.get("code_hash"),  # the code that trained (checkpoint.json), for provenance
         **gate.report_fields(),
         "compressor": cfg.compressor,
         "byte_shuffle": cfg.byte_shuffle,

@@ -194,6 +194,20 @@ def _barrier(info) -> None:
         dist.barrier()
 
 
+def code_identity(cfg: RunConfig) -> str:
+    """The code identity this run's artifact records: inside a bundled train_gpt.py its CODE_HASH; from the
+    installed package, the CODE_HASH the recipe's bundle has (the same value the staged pipeline's pack rule
+    passes). So both entry points write the same artifact header."""
+    import pgolf
+
+    bundle = getattr(pgolf, "__bundle__", None)
+    if isinstance(bundle, dict) and isinstance(bundle.get("code_hash"), str):
+        return bundle["code_hash"]
+    from pgolf.artifact.bundle import code_identity as recipe_code_identity  # never bundled (NEVER_BUNDLED)
+
+    return recipe_code_identity(cfg)
+
+
 def default_tokenizer(data_dir: Path) -> Optional[Path]:
     """A tokenizer beside the shards (needed only for lookup-table byte accounting), as ``pgolf eval`` looks."""
     return next((p for p in (data_dir / "tokenizer.model", data_dir.parent / "tokenizer.model") if p.exists()), None)
@@ -224,7 +238,6 @@ def run_record(
     ``tokenizer.model`` beside the shards).
     """
     from pgolf.train.distributed import init_distributed, shutdown
-    from pgolf.compliance.provenance import code_hash
 
     if stop_after not in STAGES:
         raise ConfigError(f"stop_after: expected one of {', '.join(STAGES)}, got {stop_after!r}")
@@ -245,7 +258,7 @@ def run_record(
     summary: dict[str, Any] = {
         "run": cfg.run, "mode": cfg.mode, "seed": seed, "world_size": info.world_size, "data_dir": str(data_dir),
         "out_dir": str(paths.root), "code_file": None if code_file is None else str(code_file),
-        "code_hash": code_hash(), "config_sha256": sha256_json(to_dict(cfg)), "stop_after": stop_after,
+        "code_hash": code_identity(cfg), "config_sha256": sha256_json(to_dict(cfg)), "stop_after": stop_after,
         "stages": {}, "exit_status": 0,
     }
     with RunLog(paths.log if info.is_main else None) as log:
@@ -296,9 +309,10 @@ def run_record(
             from pgolf.artifact.pack import run_pack_stage
 
             report, status = run_pack_stage(paths.quantized, paths.checkpoint, cfg.pack, code_file, paths.artifact,
-                                            paths.pack_report)
+                                            paths.pack_report, code_id=summary["code_hash"])
             summary["pack"] = {k: report.get(k) for k in ("artifact_sha256", "model_bytes", "code_bytes",
-                                                          "total_bytes", "cap", "message")}
+                                                          "code_bytes_convention", "code_sha256", "total_bytes", "cap",
+                                                          "message")}
             return status
 
         def evaluate() -> int:

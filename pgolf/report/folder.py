@@ -304,6 +304,17 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
         problems.append(
             f"{sub_path}: provenance.train_gpt_sha256 {prov_sha[:16]}... differs from train_gpt.py ({code_sha[:16]}...)"
         )
+    convention = sub["provenance"].get("code_bytes_convention")
+    if code_sha is not None and convention in ("wrapper", "file") and not any("does not compile" in p for p in problems):
+        from pgolf.artifact.minify import counted_code_bytes
+
+        counted, _, _ = counted_code_bytes(code, convention)  # the one counter, on the folder's own file
+        for seed, result in sorted(sub["seed_results"].items()):
+            if result.get("code_bytes") != counted:
+                problems.append(
+                    f"{sub_path}: seed_results.{seed}.code_bytes = {result.get('code_bytes')!r}, but train_gpt.py "
+                    f"counts {counted:,} bytes ({convention})"
+                )
     if sorted(sub["seeds"]) != sorted(log_paths):
         problems.append(f"{sub_path}: seeds {sorted(sub['seeds'])} but the folder has logs for {sorted(log_paths)}")
     if sorted(int(k) for k in sub["seed_results"]) != sorted(sub["seeds"]):

@@ -97,6 +97,9 @@ class SeedResult:
     # curves and logs
     loss_curve: tuple[tuple[int, float], ...]  # (step, training loss) from metrics.jsonl
     log_files: tuple[Path, ...]
+    # the code identity the artifact header records (pack report input_hashes.pgolf_code_hash): the CODE_HASH of
+    # the train_gpt.py that reproduces this artifact, the same from the staged pipeline and from that file alone
+    artifact_code_id: Optional[str] = None
 
     @property
     def nats_per_bpb(self) -> float:
@@ -311,6 +314,7 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
         environment=_get(ckpt, "environment", p_ckpt, dict, required=False) or {},
         loss_curve=read_loss_curve(base / OPTIONAL_FILES["metrics"]),
         log_files=_log_files(base),
+        artifact_code_id=(pack.get("input_hashes") or {}).get("pgolf_code_hash"),
     )
 
 

@@ -56,19 +56,23 @@ class CodeBundle:
     path: Path
     sha256: str
     meta: dict  # sha256, bytes_file, bytes_wrapper, code_hash, third_party {required, optional}, ...
-    blockers: tuple[str, ...]  # the seeds' size gate counted another file: no record
-    notes: tuple[str, ...]  # facts the README states (e.g. the seeds ran the staged pipeline, not this file)
+    blockers: tuple[str, ...]  # a seed's artifact names other code, or its size gate counted another file: no record
+    notes: tuple[str, ...]  # facts the README states (the folder's script reproduces the claims)
 
 
 def read_code_bundle(code_dir: Path, seeds: Sequence[Any]) -> CodeBundle:
-    """Read the bundle and cross-check it with every seed.
+    """Read the bundle and cross-check it with every seed: the folder's train_gpt.py must reproduce the claims.
 
-    The link that matters is the size gate: each seed's pack report records the sha256 of the code file it
-    counted (``code_sha256``) and its counted bytes; both must match the bundled file, or the reported artifact
-    size is not the size of what ships (a record blocker). The pgolf code hash differs by design when the seeds
-    ran the staged pipeline (the hash of the installed sources) rather than the bundled file itself (the hash of
-    the bundled sources): that is stated, not refused.
+    - Code identity: each seed's artifact header records the code that makes it (``pgolf_code_hash``, the same
+      from the staged pipeline and from train_gpt.py alone); it must be this file's ``CODE_HASH``, or the folder's
+      script would not reproduce that artifact (a record blocker).
+    - Code bytes: counted once more here, on this file, by the one counting function
+      (:func:`pgolf.artifact.minify.counted_code`); the bundle's own report, every seed's size gate (count and
+      the sha256 of the file it counted) must agree with it (blockers otherwise).
+    When everything agrees, a note says that the folder's train_gpt.py reproduces the claims (the README states it).
     """
+    from pgolf.artifact.minify import counted_code_bytes
+
     path = code_dir / "train_gpt.py"
     meta_path = code_dir / "train_gpt.py.json"
     if not path.exists():
@@ -85,28 +89,43 @@ def read_code_bundle(code_dir: Path, seeds: Sequence[Any]) -> CodeBundle:
             f"{meta_path}: sha256 {str(meta.get('sha256'))[:16]}... does not match {path} ({actual[:16]}...)"
         )
     blockers, notes = [], []
-    bundle_code_hash = meta.get("code_hash")
-    staged = [s.seed for s in seeds if bundle_code_hash is not None and s.code_hash != bundle_code_hash]
-    if staged:
-        notes.append(
-            f"seed(s) {staged} were not produced by this train_gpt.py itself (their pgolf code hash "
-            f"{seeds[0].code_hash[:12]}... differs from the bundle's {str(bundle_code_hash)[:12]}...): "
-            "they ran the staged pipeline; train_gpt.py bundles the same stage functions"
-        )
+    code_id = meta.get("code_hash")
+    for s in seeds:
+        if s.artifact_code_id != code_id:
+            blockers.append(
+                f"seed {s.seed}: its artifact records code {str(s.artifact_code_id)[:12]}..., not this "
+                f"train_gpt.py's CODE_HASH {str(code_id)[:12]}...: the folder's script does not reproduce it "
+                "(pack it again with the code identity of this recipe and sources)"
+            )
+    counts: dict[str, int] = {}
+    for convention in sorted({s.code_bytes_convention for s in seeds if s.code_bytes_convention in ("wrapper", "file")}):
+        counts[convention], _, _ = counted_code_bytes(path, convention)
+        recorded = meta.get(f"bytes_{convention}")
+        if recorded is not None and recorded != counts[convention]:
+            blockers.append(
+                f"{meta_path}: says {recorded:,} code bytes ({convention}), counted here: {counts[convention]:,} "
+                f"(the count depends on Python and brotli: {meta.get('counted_with')} there)"
+            )
     for s in seeds:
         if s.code_sha256 is not None and s.code_sha256 != actual:
             blockers.append(
                 f"seed {s.seed}: its size gate counted a code file with sha256 {s.code_sha256[:12]}..., "
                 f"not the bundled train_gpt.py ({actual[:12]}...)"
             )
-        counted = {"wrapper": meta.get("bytes_wrapper"), "file": meta.get("bytes_file")}.get(
-            s.code_bytes_convention or ""
-        )
+        counted = counts.get(s.code_bytes_convention or "")
         if counted is not None and counted != s.code_bytes:
             blockers.append(
                 f"seed {s.seed}: pack report counts {s.code_bytes:,} code bytes "
-                f"({s.code_bytes_convention}), train_gpt.py.json says {counted:,}"
+                f"({s.code_bytes_convention}), train_gpt.py counts {counted:,}"
             )
+    if seeds and not blockers:
+        conventions = ", ".join(f"{n:,} ({c})" for c, n in counts.items()) or "not recorded"
+        notes.append(
+            f"the folder's train_gpt.py reproduces these claims: every seed's artifact records its CODE_HASH "
+            f"{str(code_id)[:12]}..., and the code bytes are this file's (sha256 {actual[:12]}...): {conventions}. "
+            "Rerun as below, its artifact and val_bpb are the seed's own (checked byte for byte on CPU by "
+            "tests/test_reproduce.py; GPU training is not bit-reproducible)"
+        )
     return CodeBundle(path=path, sha256=actual, meta=meta, blockers=tuple(blockers), notes=tuple(notes))
 
 

@@ -21,6 +21,13 @@
 
 from pgolf.config import AggregateConfig
 from pgolf.compliance.provenance import code_hash
+from pgolf.artifact.bundle import code_identity
+
+# The code identity every artifact of this run records (input_hashes.pgolf_code_hash): the CODE_HASH of the recipe's
+# train_gpt.py, so that the staged pipeline and the bundled file alone write the same artifact (issue 21). It changes
+# only when the bundled module sources change (a source edit, or a recipe switch that leaves a module out), and then
+# reruns pack, gate and evaluation, never training.
+CODE_ID = code_identity(CFG)
 
 
 def bundle_recipe():
@@ -53,6 +60,7 @@ rule pack:
     params:
         pack=section_json("pack"),
         checkpoint=checkpoint_dir,
+        code_id=CODE_ID,
     log:
         f"{RUN_DIR}/seed{{seed}}/logs/pack.log",
     script:

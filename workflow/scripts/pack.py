@@ -8,7 +8,8 @@ def work():
 
     cfg = section_from_json(PackConfig, snakemake.params.pack, "pack")
     report, status = run_pack_stage(snakemake.input.quantized, snakemake.params.checkpoint, cfg, None,
-                                    snakemake.output.artifact, snakemake.output.report)
+                                    snakemake.output.artifact, snakemake.output.report,
+                                    code_id=snakemake.params.code_id)
     if status:
         print(f"pack: refused: {report['message']}")
     return status
