@@ -190,8 +190,10 @@ def test_real_selection_has_the_record_path_and_no_cli_or_hub_code() -> None:
 
 
 @pytest.mark.parametrize("text", ["plain\n", "has ''' inside", "ends with \\", "cr\r\nlf", "snow \u2603 é", "",
-                                  'r"""x"""', "\\'''"])
+                                  'r"""x"""', "\\'''", "__version__='0.1.0'", "ends with one '", "two ''", 'dq"'])
 def test_string_literal_gives_back_the_text(text: str) -> None:
+    """Including a source ending in a quote (a minified ``__version__='0.1.0'`` without its newline), which a raw
+    triple-quoted literal would close early: ``r'''...''''`` does not compile."""
     literal = string_literal(text)
     assert ast.literal_eval(literal) == text
     assert ast.literal_eval(ast.parse(f"x = {literal}\n").body[0].value) == text

@@ -275,9 +275,11 @@ def bundle_code_hash(modules: list[BundledModule]) -> str:
 
 def string_literal(text: str) -> str:
     """A Python literal that evaluates to ``text``: a readable raw triple-quoted string when that is exact,
-    ``repr`` otherwise (quotes or a trailing backslash that would end it early, carriage returns that reading
-    the file would turn into newlines, characters a source file cannot hold)."""
-    risky = "'''" in text or text.endswith("\\") or "\r" in text or "\0" in text or "\ufeff" in text
+    ``repr`` otherwise (quotes or a trailing backslash that would end it early, a trailing quote that would
+    merge with the closing ones, carriage returns that reading the file would turn into newlines, characters a
+    source file cannot hold)."""
+    risky = ("'''" in text or text.endswith(("\\", "'")) or "\r" in text or "\0" in text
+             or "\ufeff" in text)
     if not risky:
         try:
             text.encode("utf-8")
