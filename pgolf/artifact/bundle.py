@@ -21,8 +21,11 @@ counted code bytes under both conventions (``file``: the bytes shipped; ``wrappe
 self-extracting wrapper around the minified file, see :mod:`pgolf.artifact.minify`), the module list, the code hash and
 the third-party packages imported (for the folder's ``requirements.txt``).
 
-``--minify-modules`` embeds each module minified (no docstrings, comments or asserts): fewer counted bytes, less
-readable shipped code. Tracebacks still point at the embedded (minified) lines.
+``--minify-modules`` embeds the shipped form of the modules (:mod:`pgolf.artifact.shrink`: error messages as
+tags, unused code dropped, docstrings, comments, asserts and annotations out, locals renamed, spaces compacted):
+fewer counted bytes, the same computation. Tracebacks point at the embedded (shrunk) lines; the report's
+``messages`` maps each error tag back to pgolf's source. The Snakemake bundle rule writes this form, and
+:func:`code_identity` is its CODE_HASH.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any, Optional
 import pgolf
 from pgolf.config import RunConfig, parse_run_config, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json
-from pgolf.artifact.minify import counted_code, counter_versions, make_wrapper, minify_source
+from pgolf.artifact.minify import counted_code, counter_versions, make_wrapper
 
 PACKAGE = "pgolf"
 PACKAGE_DIR = Path(pgolf.__file__).resolve().parent
@@ -228,23 +231,54 @@ def left_out_modules(cfg: RunConfig) -> dict[str, str]:
 
 
 def collect_modules(
-    entry: str = ENTRY_MODULE, package_dir: Path = PACKAGE_DIR, minify: bool = False,
-    left_out: frozenset[str] = frozenset(),
+    entry: str = ENTRY_MODULE, package_dir: Path = PACKAGE_DIR, left_out: frozenset[str] = frozenset(),
 ) -> list[BundledModule]:
-    """The modules to embed, sorted by name, with their (optionally minified) sources."""
+    """The modules to embed, sorted by name, with their sources as written (see :func:`module_table`)."""
     out = []
     for name in reachable_modules(entry, package_dir, left_out):
         path, is_package = module_file(name, package_dir)
         source = path.read_text(encoding="utf-8")
-        out.append(BundledModule(name, is_package, minify_source(source) if minify else source))
+        out.append(BundledModule(name, is_package, source))
     return out
 
 
-def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) -> tuple[list[BundledModule], dict[str, str]]:
-    """``(modules, left_out)``: exactly what the bundle of ``cfg`` embeds, and the modules its recipe leaves out
-    (with the reason). :func:`build_bundle` and :func:`code_identity` both call this, so they cannot drift."""
+def reachable_in(sources: dict[str, tuple[bool, str]], entry: str = ENTRY_MODULE) -> list[str]:
+    """Sorted names of the modules of ``sources`` ({name: (is_package, source)}) that ``entry`` can import."""
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in sources:
+            continue
+        seen.add(name)
+        todo.extend(_parents(name))
+        todo.extend(target for target in imported_modules(sources[name][1], name, sources[name][0]) if _is_pgolf(target))
+    return sorted(seen)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleTable:
+    modules: list[BundledModule]
+    left_out: dict[str, str]  # module -> why the bundle does not embed it
+    messages: dict[str, str]  # error-message tag -> the message in pgolf's sources (shrunk form only)
+
+
+def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) -> ModuleTable:
+    """Exactly what the bundle of ``cfg`` embeds, the modules it leaves out (with the reason) and, in the shipped
+    (``minify``) form, the message tags (:mod:`pgolf.artifact.shrink`). :func:`build_bundle` and
+    :func:`code_identity` both call this, so they cannot drift."""
     left_out = left_out_modules(cfg)
-    return collect_modules(ENTRY_MODULE, package_dir, minify, frozenset(left_out)), left_out
+    modules = collect_modules(ENTRY_MODULE, package_dir, frozenset(left_out))
+    if not minify:
+        return ModuleTable(modules, left_out, {})
+    from pgolf.artifact.shrink import shrink_modules
+
+    shrunk, messages = shrink_modules([(m.name, m.is_package, m.source) for m in modules], ENTRY_MODULE, reachable_in)
+    kept = {m.name for m in shrunk}
+    shaken = {m.name: "no shipped code imports it once unused code is dropped (pgolf.artifact.shrink)"
+              for m in modules if m.name not in kept}
+    return ModuleTable([BundledModule(m.name, m.is_package, m.source) for m in shrunk], {**left_out, **shaken},
+                       messages)
 
 
 def code_identity(cfg: RunConfig, minify: bool = True, package_dir: Path = PACKAGE_DIR) -> str:
@@ -255,8 +289,7 @@ def code_identity(cfg: RunConfig, minify: bool = True, package_dir: Path = PACKA
     pack rule gets it through its params, the bundled record run has it as its own CODE_HASH. So an artifact names
     the file that reproduces it, whichever path made it.
     """
-    modules, _ = module_table(cfg, minify, package_dir)
-    return bundle_code_hash(modules)
+    return bundle_code_hash(module_table(cfg, minify, package_dir).modules)
 
 
 def bundle_code_hash(modules: list[BundledModule]) -> str:
@@ -408,17 +441,20 @@ class Bundle:
     code_hash: str
     third_party: dict[str, list[str]]
     left_out: dict[str, str]  # module -> why the recipe never runs it
+    messages: dict[str, str] = dataclasses.field(default_factory=dict)  # error tag -> message (shrunk form)
 
 
 def build_bundle(cfg: RunConfig, *, minify: bool = False, package_dir: Path = PACKAGE_DIR) -> Bundle:
     """Collect, render and self-check the bundle for ``cfg`` (nothing is written)."""
-    modules, left_out = module_table(cfg, minify, package_dir)
+    table = module_table(cfg, minify, package_dir)
+    modules, left_out = table.modules, table.left_out
     text = render_bundle(cfg, modules)
     check_bundle(text, cfg, modules)
     originals = {m.name: (m.is_package, module_file(m.name, package_dir)[0].read_text(encoding="utf-8")) for m in modules}
     embedded = {m.name for m in modules}
     return Bundle(text, modules, bundle_code_hash(modules), third_party_imports(originals),
-                  {name: why for name, why in left_out.items() if _is_module(name, package_dir) and name not in embedded})
+                  {name: why for name, why in left_out.items() if _is_module(name, package_dir) and name not in embedded},
+                  table.messages)
 
 
 def bundle_report(bundle: Bundle, minify: bool) -> dict[str, Any]:
@@ -439,6 +475,7 @@ def bundle_report(bundle: Bundle, minify: bool) -> dict[str, Any]:
         "modules": [m.name for m in bundle.modules],
         "left_out": bundle.left_out,
         "third_party": bundle.third_party,
+        "messages": bundle.messages,  # the shipped form's error tags ('<module>:<line>' of pgolf's sources)
         "pgolf_version": pgolf.__version__,
     }
 

@@ -137,7 +137,7 @@ def _register_bundle(commands) -> None:
     source.add_argument("--config", help="recipe YAML")
     source.add_argument("--config-json", help="the whole recipe as JSON")
     p.add_argument("--out", required=True, help="output file, e.g. records/.../train_gpt.py (report: <out>.json)")
-    p.add_argument("--minify-modules", action="store_true", help="embed minified sources (fewer counted bytes)")
+    p.add_argument("--minify-modules", action="store_true", help="embed the shipped, shrunk form of the modules (fewer counted bytes; pgolf.artifact.shrink)")
     p.add_argument("--no-verify", action="store_true", help="skip running --help of the file and its wrapper form")
     p.set_defaults(func=_bundle)
 

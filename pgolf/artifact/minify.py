@@ -158,3 +158,267 @@ def count_code_bytes(source: str, convention: str) -> int:
     if convention == "wrapper":
         return len(make_wrapper(source).encode("utf-8"))
     raise ValueError(f"code_bytes_convention: expected 'wrapper' or 'file', got {convention!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shrinking the modules a bundle embeds (bundle time only; the count above never renames)
+# --------------------------------------------------------------------------------------------------------------
+#
+# The counting minifier cannot see inside the bundle's embedded module strings, so the bundle embeds them already
+# minified, and may go further than the counting convention: annotations of functions and variables removed (class
+# attributes keep theirs: dataclass fields are typed), local variables renamed to short names, spaces dropped
+# between tokens. Parameter names stay (keyword calls), except a method's ``self``/``cls``; names of modules,
+# classes, functions and attributes stay. Every rewrite keeps behaviour; tests/test_reproduce.py checks that a
+# shrunk bundle computes the staged pipeline's artifact and score bit for bit.
+
+_NO_RENAME_CALLS = {"locals", "vars", "eval", "exec", "globals", "dir"}  # they see local names as strings
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+class _StripAnnotations(ast.NodeTransformer):
+    """Drop function annotations and the annotations of variables outside class bodies."""
+
+    def visit_FunctionDef(self, node: ast.AST) -> ast.AST:
+        args = node.args
+        for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+            if arg is not None:
+                arg.annotation = None
+        node.returns = None
+        return self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
+        for stmt in node.body:  # class-level annotations are kept; methods and nested code are still visited
+            if not isinstance(stmt, ast.AnnAssign):
+                self.visit(stmt)
+        return node
+
+    @staticmethod
+    def _statement(stmt: ast.stmt):
+        if not isinstance(stmt, ast.AnnAssign):
+            return stmt
+        if stmt.value is None:
+            return None  # a bare declaration outside a class
+        return ast.copy_location(ast.Assign(targets=[stmt.target], value=stmt.value), stmt)
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.stmt) and not isinstance(node, ast.ClassDef):
+                kept = [s for s in (self._statement(s) for s in body) if s is not None]
+                setattr(node, field, kept or ([] if field == "orelse" else [ast.Pass()]))
+        return super().generic_visit(node)
+
+
+class _Scope:
+    def __init__(self, parent: "_Scope | None"):
+        self.parent, self.bound = parent, set()
+
+
+class _FunctionNames:
+    """Every occurrence of a name in one function (nested functions, lambdas and comprehensions included), with
+    the scope it belongs to, and the names that must keep their spelling."""
+
+    def __init__(self, function: ast.AST):
+        self.uses: list[tuple[ast.AST, str, _Scope]] = []  # (node, field holding the name, scope)
+        self.fixed: set[str] = set()  # parameters, globals, nonlocals, imports
+        self.spelled: set[str] = set()  # every name spelled in the function
+        self.ok = True
+        top = _Scope(None)
+        self.top = top
+        self._arguments(function.args, top, own=True)
+        for stmt in function.body:
+            self._visit(stmt, top)
+
+    def _name(self, node: ast.AST, field: str, scope: _Scope, binds: bool) -> None:
+        name = getattr(node, field)
+        self.spelled.add(name)
+        if binds:
+            scope.bound.add(name)
+        self.uses.append((node, field, scope))
+
+    def _arguments(self, args: ast.arguments, scope: _Scope, own: bool = False) -> None:
+        for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+            if arg is not None:
+                self.spelled.add(arg.arg)
+                scope.bound.add(arg.arg)
+                if not own:
+                    self.fixed.add(arg.arg)
+                self.uses.append((arg, "arg", scope))
+
+    def _function_scope(self, scope: _Scope) -> _Scope:
+        while getattr(scope, "comprehension", False):
+            scope = scope.parent
+        return scope
+
+    def _visit(self, node: ast.AST, scope: _Scope) -> None:
+        if isinstance(node, (ast.ClassDef, ast.Match)) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                                                            and node.func.id in _NO_RENAME_CALLS):
+            self.ok = False
+            return
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for expr in [*node.args.defaults, *[d for d in node.args.kw_defaults if d is not None],
+                         *getattr(node, "decorator_list", [])]:
+                self._visit(expr, scope)
+            if not isinstance(node, ast.Lambda):
+                self._name(node, "name", scope, binds=True)
+            inner = _Scope(scope)
+            self._arguments(node.args, inner)
+            for stmt in node.body if isinstance(node.body, list) else [node.body]:
+                self._visit(stmt, inner)
+            return
+        if isinstance(node, _COMPREHENSIONS):
+            inner = _Scope(scope)
+            inner.comprehension = True
+            for i, gen in enumerate(node.generators):
+                self._visit(gen.iter, scope if i == 0 else inner)
+                self._visit(gen.target, inner)
+                for cond in gen.ifs:
+                    self._visit(cond, inner)
+            for part in ("elt", "key", "value"):
+                if getattr(node, part, None) is not None:
+                    self._visit(getattr(node, part), inner)
+            return
+        if isinstance(node, ast.NamedExpr):
+            self._name(node.target, "id", self._function_scope(scope), binds=True)
+            self._visit(node.value, scope)
+            return
+        if isinstance(node, ast.Name):
+            self._name(node, "id", scope, binds=not isinstance(node.ctx, ast.Load))
+            return
+        if isinstance(node, ast.ExceptHandler) and node.name:
+            self._name(node, "name", scope, binds=True)
+        if isinstance(node, (ast.Global, ast.Nonlocal)):
+            self.fixed.update(node.names)
+            self.spelled.update(node.names)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                bound = alias.asname or alias.name.split(".")[0]
+                self.fixed.add(bound)
+                self.spelled.add(bound)
+        for child in ast.iter_child_nodes(node):
+            self._visit(child, scope)
+
+
+def _short_names(taken: set[str]):
+    import builtins
+    import itertools
+    import keyword
+    import string
+
+    first = string.ascii_letters
+    reserved = taken | set(dir(builtins)) | set(keyword.kwlist) | set(keyword.softkwlist)
+    for length in itertools.count(1):
+        for head in first:
+            for tail in itertools.product(first + string.digits + "_", repeat=length - 1):
+                name = head + "".join(tail)
+                if name not in reserved:
+                    yield name
+
+
+def _rename_function(function: ast.AST, is_method: bool) -> None:
+    names = _FunctionNames(function)
+    if not names.ok:
+        return
+    args = function.args
+    own = [a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg] if a is not None]
+    renamable_self = (is_method and (args.posonlyargs or args.args) and own[0] in ("self", "cls")
+                      and not any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in function.decorator_list))
+    fixed = names.fixed | set(own[1:] if renamable_self else own)
+
+    def resolves_inside(name: str, scope: _Scope) -> bool:
+        while scope is not None:
+            if name in scope.bound:
+                return True
+            scope = scope.parent
+        return False
+
+    counts: dict[str, int] = {}
+    outside: set[str] = set()
+    for node, field, scope in names.uses:
+        name = getattr(node, field)
+        counts[name] = counts.get(name, 0) + 1
+        if not resolves_inside(name, scope):
+            outside.add(name)
+    candidates = [n for n in counts if n not in fixed and n not in outside]
+    candidates.sort(key=lambda n: (-counts[n], n))
+    new_names = _short_names(names.spelled - set(candidates))
+    mapping = {name: next(new_names) for name in candidates}
+    for node, field, _ in names.uses:
+        name = getattr(node, field)
+        if name in mapping:
+            setattr(node, field, mapping[name])
+
+
+def rename_locals(tree: ast.Module) -> ast.Module:
+    """Rename, in every function, the local variables whose every use resolves inside it (a uniform rename to a
+    name spelled nowhere in the function cannot capture anything); parameters keep their names (keyword calls),
+    except a method's ``self``/``cls``. Functions holding a class, a ``match`` or a call of locals/vars/eval/exec/
+    globals/dir are left alone."""
+
+    def walk(node: ast.AST, in_class: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                _rename_function(child, in_class)
+            elif isinstance(child, ast.ClassDef):
+                walk(child, True)
+            elif not isinstance(child, ast.Lambda):
+                walk(child, False)
+
+    walk(tree, False)
+    return tree
+
+
+def _needs_space(before: tokenize.TokenInfo, after: tokenize.TokenInfo) -> bool:
+    word = lambda ch: ch.isalnum() or ch == "_" or ord(ch) > 127  # noqa: E731
+    a, b = before.string, after.string
+    return (word(a[-1]) and (word(b[0]) or after.type == tokenize.STRING)) or (
+        before.type == tokenize.NUMBER and b[0] == ".")
+
+
+def compact_source(source: str) -> str:
+    """The same program with one space per indentation level and no space between tokens that do not need one
+    (``a=b+c``, ``f(x,y)``). A statement holding a token that spans lines keeps its text (re-indented). The
+    caller checks the result parses to the same tree (:func:`shrink_source`)."""
+    lines = source.splitlines(keepends=True)
+    out: list[str] = []
+    depth = 0
+    current: list[tokenize.TokenInfo] = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.INDENT:
+            depth += 1
+        elif tok.type == tokenize.DEDENT:
+            depth -= 1
+        elif tok.type == tokenize.NEWLINE:
+            if current and any(t.start[0] != current[0].start[0] or t.end[0] != t.start[0] for t in current):
+                first, last = current[0].start[0], tok.end[0]
+                out.append(" " * depth + lines[first - 1].lstrip(" \t"))
+                out.extend(lines[first:last])
+            elif current:
+                text = [current[0].string]
+                for prev, nxt in zip(current, current[1:]):
+                    text.append((" " if _needs_space(prev, nxt) else "") + nxt.string)
+                out.append(" " * depth + "".join(text) + "\n")
+            current = []
+        elif tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.ENDMARKER):
+            current.append(tok)
+    return "".join(out)
+
+
+def shrink_source(source: str, keep_annotations: bool = False) -> str:
+    """:func:`minify_source`, then annotations removed (unless ``keep_annotations``: torch.library.custom_op
+    reads them, Triton's ``tl.constexpr`` too), locals renamed (:func:`rename_locals`) and spaces compacted
+    (:func:`compact_source`). The result is compiled before it is returned."""
+    tree = _StripLiteralsAndAsserts().visit(ast.parse(source))
+    if not keep_annotations:
+        tree = _StripAnnotations().visit(tree)
+    if not keep_annotations:  # (a module that needs its annotations may need its names too: left as written)
+        tree = rename_locals(tree)
+    ast.fix_missing_locations(tree)
+    text = ast.unparse(tree) + "\n"
+    compact = compact_source(text)
+    if ast.dump(ast.parse(compact)) != ast.dump(ast.parse(text)):  # e.g. a tokenizer that splits f-strings
+        compact = _one_space_indent(text)
+    compile(compact, "<shrunk>", "exec")  # a bug here must never ship silently
+    return compact

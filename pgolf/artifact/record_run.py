@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
 from pgolf.config import ConfigError, RunConfig, load_run_config, parse_run_config, to_dict
-from pgolf.io import atomic_write_json, sha256_json
+from pgolf.io import atomic_write_json, set_cpu_threads, sha256_json
 
 STAGES = ("train", "hessians", "quantize", "pack", "evaluate")
 DEFAULT_DATA_DIR = "./data/"
@@ -255,6 +255,7 @@ def run_record(
     tokenizer = Path(tokenizer_path) if tokenizer_path else default_tokenizer(data_dir)
 
     info = init_distributed(device_kind)
+    process_threads = set_cpu_threads(0)  # torch's CPU threads of this process, before any stage sets its own
     summary: dict[str, Any] = {
         "run": cfg.run, "mode": cfg.mode, "seed": seed, "world_size": info.world_size, "data_dir": str(data_dir),
         "out_dir": str(paths.root), "code_file": None if code_file is None else str(code_file),
@@ -268,6 +269,7 @@ def run_record(
         def stage(name: str, work: Callable[[], int], everywhere: bool = False) -> bool:
             """Run one stage; record its time and status; False stops the run."""
             log.event(f"{name}: start")
+            set_cpu_threads(process_threads)  # each stage starts as its own process would (it sets its own)
             t0 = time.perf_counter()
             if everywhere:
                 status = int(work())

@@ -15,9 +15,10 @@
 # the seed list (each run of the file passes --seed; the first seed stays its default) and the `aggregate`
 # section (reporting metadata the record run never reads).
 #
-# Modules are embedded minified (no docstrings, comments or asserts; names kept): the outer
-# `wrapper` minifier cannot see inside the embedded source strings, and this takes ~50 KB off the counted code
-# (tests/test_bundle.py runs a minified bundle through every stage).
+# Modules are embedded in their shipped form (pgolf/artifact/shrink.py: error messages as tags, unused code dropped,
+# docstrings, comments, asserts and annotations out, locals renamed, spaces compacted): the outer `wrapper`
+# minifier cannot see inside the embedded source strings. tests/test_reproduce.py runs this form against the staged
+# pipeline (same weights, artifact and score).
 
 from pgolf.config import AggregateConfig
 from pgolf.compliance.provenance import code_hash

@@ -1,0 +1,256 @@
+"""The shipped form of a bundle's modules: fewer counted bytes, the same computation.
+
+Every byte the bundle embeds is counted against the 16,000,000-byte cap, and the counting minifier cannot see
+inside the embedded module strings, so the bundle embeds its modules already shrunk. Bundle-time transforms, in
+this order, over the module table of :mod:`pgolf.artifact.bundle`:
+
+1. **Error messages become tags.** ``raise E(<string or f-string>)`` becomes ``raise E('<module>:<line>', <the
+   f-string's values>...)`` (an ``OSError`` subclass gets the tag alone: two arguments mean errno and text to it),
+   and ``check(<condition>, <text>)`` of the config validators ``check(<condition>, '<module>:<line>')``. The
+   exception types stay, so every refusal still refuses; the text of each tag (``<module>:<line>`` of pgolf's own
+   source) goes to the bundle's report (``train_gpt.py.json``, ``messages``). Progress and log lines keep their
+   text: the run's log must stay readable.
+2. **Tree shaking.** ``if __name__ == "__main__":`` blocks go (an embedded module is imported, never run). A module-level function, class or constant that no bundled module names anywhere (by name:
+   a name, an attribute, an imported name or a string constant of any module counts, which is conservative),
+   a ``from pgolf... import`` name or a standard-library import its module no longer uses, are dropped, to a
+   fixpoint. Then the modules nothing imports any more are dropped from the table.
+3. **Each module minified** by :func:`pgolf.artifact.minify.shrink_source` (docstrings, comments, asserts and
+   annotations out, locals renamed, spaces compacted); modules whose annotations or names matter at run time
+   (``torch.library.custom_op`` schemas, Triton's ``tl.constexpr``) keep both.
+
+What no transform does: change a parameter's, function's, class's or attribute's name, fold a recipe switch or
+touch module-level code with side effects. tests/test_reproduce.py runs a shrunk bundle against the staged
+pipeline (pgolf's own sources) and asserts the same weights, artifact and score, bit for bit.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import sys
+from typing import Iterable
+
+from pgolf.artifact.minify import shrink_source
+
+OS_ERRORS = {"OSError", "IOError", "EnvironmentError", "FileNotFoundError", "FileExistsError", "PermissionError",
+             "IsADirectoryError", "NotADirectoryError", "TimeoutError", "ConnectionError", "InterruptedError"}
+KEEP_ANNOTATIONS_MARKERS = ("custom_op", "torch.library", "triton.jit", "tl.constexpr")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShrunkModule:
+    name: str
+    is_package: bool
+    source: str
+
+
+def needs_annotations(source: str) -> bool:
+    """A module whose annotations are read at run time (custom op schemas, Triton constexpr arguments)."""
+    return any(marker in source for marker in KEEP_ANNOTATIONS_MARKERS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Error messages -> tags
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_text(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or isinstance(node, ast.JoinedStr)
+
+
+def _values(text: ast.AST) -> list[ast.expr]:
+    return [part.value for part in text.values if isinstance(part, ast.FormattedValue)] if isinstance(
+        text, ast.JoinedStr) else []
+
+
+def _callee(call: ast.Call) -> str:
+    func = call.func
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+
+
+class _TagMessages(ast.NodeTransformer):
+    def __init__(self, module: str, has_check: bool):
+        self.prefix = module.removeprefix("pgolf.") + ":"
+        self.has_check = has_check
+        self.messages: dict[str, str] = {}
+
+    def _tag(self, text: ast.AST) -> ast.Constant:
+        tag = f"{self.prefix}{text.lineno}"
+        while tag in self.messages:  # two messages on one line
+            tag += "'"
+        self.messages[tag] = ast.unparse(text)
+        return ast.Constant(tag)
+
+    def visit_Raise(self, node: ast.Raise) -> ast.AST:
+        call = node.exc
+        if isinstance(call, ast.Call) and len(call.args) == 1 and not call.keywords and _is_text(call.args[0]):
+            text = call.args[0]
+            values = [] if _callee(call) in OS_ERRORS else _values(text)
+            call.args = [self._tag(text), *values]
+        return self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if (self.has_check and isinstance(node.func, ast.Name) and node.func.id == "check" and len(node.args) == 2
+                and not node.keywords and _is_text(node.args[1])):
+            node.args[1] = self._tag(node.args[1])
+        return self.generic_visit(node)
+
+
+def tag_messages(tree: ast.Module, module: str) -> dict[str, str]:
+    """Rewrite ``tree``'s error messages to tags (see the module docstring); returns ``{tag: message source}``."""
+    has_check = any(
+        (isinstance(n, ast.ImportFrom) and any(a.name == "check" for a in n.names))
+        or (isinstance(n, ast.FunctionDef) and n.name == "check")
+        for n in tree.body
+    )
+    tagger = _TagMessages(module, has_check)
+    tagger.visit(tree)
+    return tagger.messages
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Tree shaking
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _pure(node: ast.AST) -> bool:
+    """An expression without side effects worth keeping (constants, containers of them, names, lambdas)."""
+    if isinstance(node, (ast.Constant, ast.Name, ast.Lambda)):
+        return True
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return all(_pure(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return all(k is None or _pure(k) for k in node.keys) and all(_pure(v) for v in node.values)
+    if isinstance(node, ast.Attribute):
+        return _pure(node.value)
+    if isinstance(node, (ast.BinOp,)):
+        return _pure(node.left) and _pure(node.right)
+    if isinstance(node, ast.UnaryOp):
+        return _pure(node.operand)
+    return False
+
+
+def _defined(stmt: ast.stmt) -> list[str]:
+    """Names a module-level statement defines that shaking may drop it for (empty: never dropped)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [stmt.name]
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+    value = getattr(stmt, "value", None)
+    if targets and all(isinstance(t, ast.Name) for t in targets) and value is not None and _pure(value):
+        return [t.id for t in targets]
+    return []
+
+
+def _references(node: ast.AST, counts: dict[str, int]) -> None:
+    for sub in ast.walk(node):
+        name = None
+        if isinstance(sub, ast.Name) and not isinstance(sub.ctx, ast.Store):
+            name = sub.id
+        elif isinstance(sub, ast.Attribute):
+            name = sub.attr
+        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub.value.isidentifier():
+            name = sub.value
+        elif isinstance(sub, ast.alias) and sub.name != "*":
+            name = sub.name.split(".")[-1]
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+
+
+def _bound_by_import(alias: ast.alias) -> str:
+    return alias.asname or alias.name.split(".")[0]
+
+
+def _is_stdlib(module: str) -> bool:
+    top = module.split(".")[0]
+    return top in sys.stdlib_module_names and top != "__future__"
+
+
+def _prune_imports(tree: ast.Module) -> bool:
+    """Drop ``from pgolf...`` names and standard-library imports the module no longer uses; True if any went."""
+    used: dict[str, int] = {}
+    for stmt in tree.body:
+        if not isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            _references(stmt, used)
+    changed = False
+    body = []
+    for stmt in tree.body:
+        prunable = (isinstance(stmt, ast.ImportFrom) and stmt.level == 0 and stmt.module
+                    and (stmt.module == "pgolf" or stmt.module.startswith("pgolf.") or _is_stdlib(stmt.module))) or (
+            isinstance(stmt, ast.Import) and all(_is_stdlib(a.name) for a in stmt.names))
+        if prunable:
+            kept = [a for a in stmt.names if a.name == "*" or _bound_by_import(a) in used]
+            if len(kept) != len(stmt.names):
+                changed = True
+                if not kept:
+                    continue
+                stmt.names = kept
+        body.append(stmt)
+    tree.body = body
+    return changed
+
+
+def _is_main_guard(stmt: ast.stmt) -> bool:
+    test = stmt.test if isinstance(stmt, ast.If) else None
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+            and len(test.comparators) == 1 and isinstance(test.comparators[0], ast.Constant)
+            and test.comparators[0].value == "__main__" and not stmt.orelse)
+
+
+def shake(trees: dict[str, ast.Module], keep: Iterable[str] = ()) -> None:
+    """Drop unreferenced module-level definitions and unused imports from ``trees`` in place, to a fixpoint."""
+    keep = set(keep)
+    for tree in trees.values():  # an embedded module is imported, never run as __main__
+        tree.body = [stmt for stmt in tree.body if not _is_main_guard(stmt)]
+    while True:
+        changed = any([_prune_imports(tree) for tree in trees.values()])
+        total: dict[str, int] = {}
+        per_stmt: dict[int, dict[str, int]] = {}
+        for tree in trees.values():
+            for stmt in tree.body:
+                counts: dict[str, int] = {}
+                _references(stmt, counts)
+                per_stmt[id(stmt)] = counts
+                for name, n in counts.items():
+                    total[name] = total.get(name, 0) + n
+        for tree in trees.values():
+            body = []
+            for stmt in tree.body:
+                names = _defined(stmt)
+                own = per_stmt[id(stmt)]
+                unused = names and all(
+                    not (n.startswith("__") and n.endswith("__")) and n not in keep
+                    and total.get(n, 0) - own.get(n, 0) == 0 for n in names
+                )
+                if unused:
+                    changed = True
+                    continue
+                body.append(stmt)
+            tree.body = body
+        if not changed:
+            return
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------------------
+
+
+def shrink_modules(modules: list, entry: str, reachable) -> tuple[list[ShrunkModule], dict[str, str]]:
+    """``modules``: ``[(name, is_package, source)]`` of a bundle. Returns the shrunk table (only the modules still
+    reachable from ``entry``; ``reachable(sources)`` computes them from ``{name: (is_package, source)}``) and the
+    message table ``{tag: message}``."""
+    trees: dict[str, ast.Module] = {}
+    messages: dict[str, str] = {}
+    kinds: dict[str, bool] = {}
+    keep_annotations: dict[str, bool] = {}
+    for name, is_package, source in modules:
+        tree = ast.parse(source, filename=name)
+        messages.update(tag_messages(tree, name))
+        trees[name], kinds[name], keep_annotations[name] = tree, is_package, needs_annotations(source)
+    shake(trees, keep=("main",))  # the bundle's own __main__ calls record_run.main
+    sources = {name: (kinds[name], ast.unparse(tree) + "\n") for name, tree in trees.items()}
+    alive = set(reachable(sources))
+    out = [ShrunkModule(name, kinds[name], shrink_source(sources[name][1], keep_annotations[name]))
+           for name in sorted(alive)]
+    used_tags = {tag for tag in messages if any(repr(tag) in m.source or f'"{tag}"' in m.source for m in out)}
+    return out, {tag: text for tag, text in sorted(messages.items()) if tag in used_tags}

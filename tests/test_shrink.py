@@ -1,0 +1,191 @@
+"""The shipped form of the bundle's modules (pgolf.artifact.shrink, pgolf.artifact.minify.shrink_source): each
+transform keeps behaviour. (tests/test_reproduce.py runs a whole shrunk bundle against the staged pipeline.)"""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pgolf.artifact.minify import compact_source, rename_locals, shrink_source
+from pgolf.artifact.shrink import shake, tag_messages
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROGRAM = '''
+import math
+from typing import Optional
+
+LIMIT: int = 3
+_seen: Optional[list] = None
+
+
+def scale(values: list[float], factor: float = 2.0, *, shift: float = 0.0) -> list[float]:
+    """A docstring."""
+    total: float = 0.0
+    out = []
+    for index, value in enumerate(values):
+        scaled = value * factor + shift
+        total += scaled
+        out.append(round(scaled, 3))
+    squares = [value * value for value in out if value > 0]   # `value` also a loop variable above
+    pairs = {key: [key * n for n in range(2)] for key in range(LIMIT)}
+    if (count := len(out)) > 1:
+        total /= count
+    try:
+        math.log(-1.0)
+    except ValueError as error:
+        message = str(error)
+    return out, total, squares, pairs, message, index
+
+
+def counter(start):
+    count = start
+
+    def bump(step=1):
+        nonlocal count
+        count += step
+        return count
+
+    twice = lambda step: bump(step) + bump(step)  # noqa: E731
+    return bump, twice
+
+
+def uses_global():
+    global _seen
+    _seen = [LIMIT]
+    first = _seen[0]
+    return [first for first in range(first)], first   # comprehension target shadows the local
+
+
+class Box:
+    size: int = 2
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def grow(self, by: int = 1) -> "Box":
+        new = Box(self.size + by)
+        return new
+
+    @staticmethod
+    def make(self=5):
+        return Box(self)
+
+
+def run():
+    bump, twice = counter(10)
+    return (scale([1.0, -2.0, 3.5], 3.0, shift=0.5), bump(), twice(2), uses_global(), Box(1).grow(by=2).size,
+            Box.make(self=7).size, Box.__annotations__)
+'''
+
+
+def _run(source: str):
+    namespace: dict = {}
+    exec(compile(source, "<test>", "exec"), namespace)
+    return namespace["run"]()
+
+
+def test_shrunk_program_computes_the_same() -> None:
+    shrunk = shrink_source(textwrap.dedent(PROGRAM))
+    assert _run(shrunk) == _run(PROGRAM)
+    assert "total" not in shrunk and "scaled" not in shrunk and "self" not in shrunk.split("def make")[0]
+    assert "def scale(values,factor=2.0,*,shift=0.0):" in shrunk  # parameters keep their names (keyword calls)
+    assert "size: int = 2" in ast.unparse(ast.parse(shrunk))  # class attributes keep their annotations
+    assert "LIMIT=3" in shrunk and "Optional" not in shrunk.split("from typing")[1].split("\n", 1)[1]
+
+
+def test_renaming_leaves_names_that_resolve_outside_alone() -> None:
+    source = textwrap.dedent('''
+        def f(x):
+            y = x + 1
+            return [y for y in range(y)] + [len(z) for z in [[y]]], math_const
+        ''')
+    tree = rename_locals(ast.parse(source))
+    text = ast.unparse(tree)
+    assert "math_const" in text and "len(" in text and "def f(x):" in text
+    namespace = {"math_const": 7}
+    exec(text, namespace)
+    assert namespace["f"](2) == ([0, 1, 2, 1], 7)
+
+
+def test_functions_with_dynamic_name_lookup_are_not_renamed() -> None:
+    source = "def f(a):\n    value = a * 2\n    return locals()['value']\n"
+    assert "value" in ast.unparse(rename_locals(ast.parse(source)))
+
+
+@pytest.mark.parametrize("source", [
+    "x = 1 .real\ny = x if x else-1\nz = 'a'if y else r'b'\nw = f'{x!r:>4}' 'tail'\n",
+    "a = [i for i in range(3) if i not in(1,)]\nb = a[::-1]\nc = not a\nd = -a[0]**-2 if a else ~1\n",
+    "def g(*args, **kwargs):\n    return lambda: (yield_ := 2)\nclass C(dict, metaclass=type):\n    pass\n",
+    "s = '''line one\nline two'''\nif s:\n    t = (1,\n         2)\n",
+])
+def test_compaction_keeps_the_tree(source: str) -> None:
+    compact = compact_source(source)
+    assert ast.dump(ast.parse(compact)) == ast.dump(ast.parse(source))
+    assert len(compact) <= len(source)
+
+
+def test_error_messages_become_tags_with_their_values() -> None:
+    tree = ast.parse(textwrap.dedent('''
+        from pgolf.config.strict import check
+
+        def f(n):
+            check(n > 0, f"n: expected > 0, got {n}")
+            if n > 5:
+                raise ValueError(f"n: {n} is over {5 + 0}")
+            if n == 4:
+                raise FileNotFoundError(f"{n}: not found")
+            print(f"progress {n}")  # log text stays
+            return n
+        '''))
+    messages = tag_messages(tree, "pgolf.x.y")
+    text = ast.unparse(tree)
+    assert messages == {"x.y:5": "f'n: expected > 0, got {n}'", "x.y:7": "f'n: {n} is over {5 + 0}'",
+                        "x.y:9": "f'{n}: not found'"}
+    assert "check(n > 0, 'x.y:5')" in text and "ValueError('x.y:7', n, 5 + 0)" in text
+    assert "FileNotFoundError('x.y:9')" in text and "progress" in text
+    namespace: dict = {}
+    with pytest.raises(ValueError) as info:
+        exec(text.replace("from pgolf.config.strict import check", "def check(c, m):\n    assert c, m"), namespace)
+        namespace["f"](6)
+    assert info.value.args == ("x.y:7", 6, 5)
+
+
+def test_shaking_drops_what_no_module_names() -> None:
+    trees = {
+        "pgolf.a": ast.parse(textwrap.dedent('''
+            import os
+            import json
+            from pgolf.b import used, unused_here
+            CONSTANT = (1, 2)
+            REGISTERED = register()
+            def helper():
+                return helper_of_helper()
+            def helper_of_helper():
+                return 1
+            def entry():
+                return used() + json.dumps(CONSTANT) + str(TABLE)
+            def by_string():
+                return 0
+            TABLE = {"name": "by_string"}
+            if __name__ == "__main__":
+                entry()
+            ''')),
+        "pgolf.b": ast.parse("def used():\n    return 1\ndef unused_here():\n    return 2\n"),
+    }
+    shake(trees, keep=("entry",))
+    a = ast.unparse(trees["pgolf.a"])
+    assert "def helper" not in a and "os" not in a and "unused_here" not in a and "__main__" not in a
+    assert "REGISTERED = register()" in a  # a call may have effects: kept
+    assert "def entry" in a and "CONSTANT" in a and "import json" in a and "def by_string" in a
+    assert "def unused_here" not in ast.unparse(trees["pgolf.b"]) and "def used" in ast.unparse(trees["pgolf.b"])
+
+
+def test_every_pgolf_module_shrinks_to_valid_python() -> None:
+    """The shrinking works on every source file of the package (the bundle embeds a subset, per recipe)."""
+    for path in sorted((REPO / "pgolf").rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        compile(shrink_source(source), str(path), "exec")
