@@ -189,3 +189,53 @@ def test_every_pgolf_module_shrinks_to_valid_python() -> None:
     for path in sorted((REPO / "pgolf").rglob("*.py")):
         source = path.read_text(encoding="utf-8")
         compile(shrink_source(source), str(path), "exec")
+
+
+def test_recipe_switches_fold_only_what_the_recipe_decides() -> None:
+    from pgolf.artifact.shrink import fold_switches
+    from pgolf.config import load_run_config
+
+    cfg = load_run_config(REPO / "config.yaml")  # ttt.mode lora, train.compile true, prequant_ttt_epochs 0
+    tree = ast.parse(textwrap.dedent('''
+        def f(eval_cfg: EvaluateConfig, train_cfg: TrainConfig, other, flag):
+            mode = eval_cfg.ttt.mode
+            if mode == "lora":
+                a = 1
+            elif mode == "chunked":
+                a = 2
+            b = 3 if train_cfg.prequant_ttt_epochs > 0 else 4
+            if flag and train_cfg.compile:
+                a += 1
+            if other.compile:
+                a += 2
+            if log() or not train_cfg.compile:  # log() must still run
+                a += 3
+            return a, b
+
+        def g(train_cfg: TrainConfig):
+            train_cfg = replace(train_cfg)   # rebound: not the recipe's any more
+            return 1 if train_cfg.compile else 2
+        '''))
+    assert fold_switches(tree, cfg) == 3
+    text = ast.unparse(tree)
+    assert "chunked" not in text and "a = 1" in text and "b = 4" in text and "if flag:" in text
+    assert "if other.compile:" in text and "if log() or False:" not in text and "log()" in text
+    assert "1 if train_cfg.compile else 2" in text
+
+
+def test_no_bundled_module_builds_or_replaces_a_folded_section() -> None:
+    """Folding assumes a parameter annotated with a section class holds the recipe's section: no bundled module
+    outside pgolf.config may build one or dataclasses.replace one."""
+    from pgolf.artifact.bundle import collect_modules
+    from pgolf.artifact.shrink import SECTIONS
+
+    for module in collect_modules():
+        if module.name.startswith("pgolf.config"):
+            continue
+        for node in ast.walk(ast.parse(module.source)):
+            if isinstance(node, ast.Call):
+                name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                assert name not in SECTIONS, f"{module.name}: builds a {name}"
+                if name == "replace" and module.name != "pgolf.artifact.pack":  # pack replaces a PackConfig only
+                    target = ast.unparse(node.args[0]) if node.args else ""
+                    assert "cfg" not in target and "config" not in target, f"{module.name}: replaces {target}"

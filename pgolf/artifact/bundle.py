@@ -273,7 +273,8 @@ def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) 
         return ModuleTable(modules, left_out, {})
     from pgolf.artifact.shrink import shrink_modules
 
-    shrunk, messages = shrink_modules([(m.name, m.is_package, m.source) for m in modules], ENTRY_MODULE, reachable_in)
+    shrunk, messages = shrink_modules([(m.name, m.is_package, m.source) for m in modules], ENTRY_MODULE, reachable_in,
+                                      cfg)
     kept = {m.name for m in shrunk}
     shaken = {m.name: "no shipped code imports it once unused code is dropped (pgolf.artifact.shrink)"
               for m in modules if m.name not in kept}
