@@ -239,3 +239,39 @@ def test_no_bundled_module_builds_or_replaces_a_folded_section() -> None:
                 if name == "replace" and module.name != "pgolf.artifact.pack":  # pack replaces a PackConfig only
                     target = ast.unparse(node.args[0]) if node.args else ""
                     assert "cfg" not in target and "config" not in target, f"{module.name}: replaces {target}"
+
+
+def test_only_pure_validators_of_dataclasses_go() -> None:
+    from pgolf.artifact.shrink import drop_validators
+
+    tree = ast.parse(textwrap.dedent('''
+        @dataclasses.dataclass(frozen=True)
+        class A:
+            n: int = 1
+            def __post_init__(self):
+                check(self.n > 0, "n")
+                for name in ("n",):
+                    value = getattr(self, name)
+                    if value > 9:
+                        check(False, "big")
+
+        @dataclasses.dataclass
+        class B:
+            n: int = 1
+            def __post_init__(self):
+                object.__setattr__(self, "n", 2)   # does work: kept
+
+        @dataclasses.dataclass(frozen=True)
+        class RunConfig:
+            mode: str = "record"
+            def __post_init__(self):
+                check(self.mode == "record", "the record-mode refusals stay")
+
+        class C:
+            def __post_init__(self):
+                check(True, "not a dataclass: kept")
+        '''))
+    drop_validators(tree)
+    text = ast.unparse(tree)
+    assert text.count("__post_init__") == 3 and "big" not in text
+    assert "__post_init__" not in text.split("class B")[0]

@@ -198,6 +198,47 @@ def _prune_block(tree: ast.AST) -> bool:
     return changed
 
 
+KEEP_VALIDATORS = {"RunConfig"}  # its checks are the record-mode refusals (50,000 documents, no pre-quant TTT)
+
+
+def _is_dataclass(node: ast.ClassDef) -> bool:
+    for dec in node.decorator_list:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        if (isinstance(target, ast.Name) and target.id == "dataclass") or (
+                isinstance(target, ast.Attribute) and target.attr == "dataclass"):
+            return True
+    return False
+
+
+def _only_checks(stmts: list) -> bool:
+    """Statements that can only raise: ``check(...)`` calls, and ifs, loops and local assignments around them."""
+    for stmt in stmts:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Name) \
+                and stmt.value.func.id == "check":
+            continue
+        if isinstance(stmt, ast.If) and _only_checks(stmt.body) and _only_checks(stmt.orelse):
+            continue
+        if isinstance(stmt, ast.For) and isinstance(stmt.target, (ast.Name, ast.Tuple)) and not stmt.orelse \
+                and _only_checks(stmt.body):
+            continue
+        if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets):
+            continue
+        if isinstance(stmt, ast.Pass):
+            continue
+        return False
+    return True
+
+
+def drop_validators(tree: ast.Module) -> None:
+    """Config dataclasses lose ``__post_init__`` methods that only validate (``check`` calls): the bundle's recipe
+    was validated when the bundle was built, and every other section a record run builds is read back from its
+    own checkpoint or artifact. Private methods of dataclasses that nothing names any more go with shaking."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and _is_dataclass(node) and node.name not in KEEP_VALIDATORS:
+            node.body = [s for s in node.body if not (isinstance(s, ast.FunctionDef) and s.name == "__post_init__"
+                                                      and _only_checks(s.body))] or [ast.Pass()]
+
+
 def _is_main_guard(stmt: ast.stmt) -> bool:
     test = stmt.test if isinstance(stmt, ast.If) else None
     return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
@@ -208,6 +249,12 @@ def _is_main_guard(stmt: ast.stmt) -> bool:
 def shake(trees: dict[str, ast.Module], keep: Iterable[str] = ()) -> None:
     """Drop unreferenced module-level definitions and unused imports from ``trees`` in place, to a fixpoint."""
     keep = set(keep)
+
+    def per_method(stmt: ast.stmt) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        _references(stmt, counts)
+        return counts
+
     for tree in trees.values():  # an embedded module is imported, never run as __main__
         tree.body = [stmt for stmt in tree.body if not _is_main_guard(stmt)]
     while True:
@@ -222,6 +269,16 @@ def shake(trees: dict[str, ast.Module], keep: Iterable[str] = ()) -> None:
                 for name, n in counts.items():
                     total[name] = total.get(name, 0) + n
         for tree in trees.values():
+            for cls in [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and _is_dataclass(n)]:
+                kept = []
+                for stmt in cls.body:
+                    name = stmt.name if isinstance(stmt, ast.FunctionDef) else ""
+                    private = name.startswith("_") and not name.startswith("__")
+                    if private and total.get(name, 0) - per_method(stmt).get(name, 0) == 0:
+                        changed = True
+                        continue
+                    kept.append(stmt)
+                cls.body = kept or [ast.Pass()]
             body = []
             for stmt in tree.body:
                 names = _defined(stmt)
@@ -257,6 +314,7 @@ def shrink_modules(modules: list, entry: str, reachable, cfg=None) -> tuple[list
         messages.update(tag_messages(tree, name))
         if cfg is not None:
             fold_switches(tree, cfg)
+        drop_validators(tree)
         trees[name], kinds[name], keep_annotations[name] = tree, is_package, needs_annotations(source)
     shake(trees, keep=("main",))  # the bundle's own __main__ calls record_run.main
     sources = {name: (kinds[name], ast.unparse(tree) + "\n") for name, tree in trees.items()}
