@@ -171,6 +171,7 @@ def test_shaking_drops_what_no_module_names() -> None:
             def by_string():
                 return 0
             TABLE = {"name": "by_string"}
+            __all__ = ["helper"]   # steers `import *` only, which no module does: it keeps nothing
             if __name__ == "__main__":
                 entry()
             ''')),
@@ -179,6 +180,7 @@ def test_shaking_drops_what_no_module_names() -> None:
     shake(trees, keep=("entry",))
     a = ast.unparse(trees["pgolf.a"])
     assert "def helper" not in a and "os" not in a and "unused_here" not in a and "__main__" not in a
+    assert "__all__" not in a
     assert "REGISTERED = register()" in a  # a call may have effects: kept
     assert "def entry" in a and "CONSTANT" in a and "import json" in a and "def by_string" in a
     assert "def unused_here" not in ast.unparse(trees["pgolf.b"]) and "def used" in ast.unparse(trees["pgolf.b"])
@@ -275,3 +277,31 @@ def test_only_pure_validators_of_dataclasses_go() -> None:
     text = ast.unparse(tree)
     assert text.count("__post_init__") == 3 and "big" not in text
     assert "__post_init__" not in text.split("class B")[0]
+
+
+def test_names_private_to_a_module_are_shortened() -> None:
+    from pgolf.artifact.shrink import shorten_module_names
+
+    trees = {
+        "pgolf.a": ast.parse(textwrap.dedent('''
+            from pgolf.io import atomic_write_json
+            from pgolf.config import to_dict as as_dict
+            class ShapeError(ValueError):
+                pass
+            def helper_function(x):
+                return as_dict(x)
+            def shared(x):
+                return helper_function(x)
+            def by_attribute(x):
+                return x
+            def main():
+                atomic_write_json("p", shared(1))
+                return getattr(main, "by_attribute")
+            ''')),
+        "pgolf.b": ast.parse("from pgolf.a import shared\nresult = shared(2)\n"),
+    }
+    shorten_module_names(trees, keep=("main",))
+    a = ast.unparse(trees["pgolf.a"])
+    assert "helper_function" not in a and "atomic_write_json(" not in a and "as_dict" not in a
+    assert "def shared" in a and "class ShapeError" in a and "def main" in a and "def by_attribute" in a
+    assert "from pgolf.io import atomic_write_json as " in a and "from pgolf.config import to_dict as " in a

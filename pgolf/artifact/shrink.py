@@ -10,7 +10,8 @@ this order, over the module table of :mod:`pgolf.artifact.bundle`:
    exception types stay, so every refusal still refuses; the text of each tag (``<module>:<line>`` of pgolf's own
    source) goes to the bundle's report (``train_gpt.py.json``, ``messages``). Progress and log lines keep their
    text: the run's log must stay readable.
-2. **Tree shaking.** ``if __name__ == "__main__":`` blocks go (an embedded module is imported, never run). A module-level function, class or constant that no bundled module names anywhere (by name:
+2. **Tree shaking.** ``if __name__ == "__main__":`` blocks go (an embedded module is imported, never run), and
+   ``__all__`` lists when no bundled module star-imports. A module-level function, class or constant that no bundled module names anywhere (by name:
    a name, an attribute, an imported name or a string constant of any module counts, which is conservative),
    a ``from pgolf... import`` name or a standard-library import its module no longer uses, are dropped, to a
    fixpoint. Then the modules nothing imports any more are dropped from the table.
@@ -165,18 +166,31 @@ def _is_stdlib(module: str) -> bool:
     return top in sys.stdlib_module_names and top != "__future__"
 
 
-def _prune_imports(tree: ast.AST) -> bool:
+def _prune_imports(tree: ast.AST, exported: set[str]) -> bool:
     """Drop ``from pgolf...`` names and standard-library imports that a module, or a function (its imports at the
-    top of its body), no longer uses; True if any went."""
+    top of its body), no longer uses; True if any went. ``exported``: names other modules take from this one
+    (re-exports stay)."""
     changed = False
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            changed |= _prune_block(node)
-    return _prune_block(tree) or changed
+            changed |= _prune_block(node, set())
+    return _prune_block(tree, exported) or changed
 
 
-def _prune_block(tree: ast.AST) -> bool:
-    used: dict[str, int] = {}
+def _exports(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """Per module, the names other modules may take from it: ``from <module> import <name>`` anywhere, and every
+    attribute name spelled anywhere (``pgolf.config.to_dict``)."""
+    attributes = {n.attr for tree in trees.values() for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    out = {name: set(attributes) for name in trees}
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in out and node.level == 0:
+                out[node.module].update(a.name for a in node.names)
+    return out
+
+
+def _prune_block(tree: ast.AST, exported: set[str]) -> bool:
+    used: dict[str, int] = dict.fromkeys(exported, 1)
     for stmt in tree.body:
         if not isinstance(stmt, (ast.Import, ast.ImportFrom)):
             _references(stmt, used)
@@ -239,6 +253,11 @@ def drop_validators(tree: ast.Module) -> None:
                                                       and _only_checks(s.body))] or [ast.Pass()]
 
 
+def _is_all(stmt: ast.stmt) -> bool:
+    """``__all__ = [...]``: it only steers ``from m import *``."""
+    return isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in stmt.targets)
+
+
 def _is_main_guard(stmt: ast.stmt) -> bool:
     test = stmt.test if isinstance(stmt, ast.If) else None
     return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
@@ -255,10 +274,13 @@ def shake(trees: dict[str, ast.Module], keep: Iterable[str] = ()) -> None:
         _references(stmt, counts)
         return counts
 
-    for tree in trees.values():  # an embedded module is imported, never run as __main__
-        tree.body = [stmt for stmt in tree.body if not _is_main_guard(stmt)]
+    star = any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names)
+               for tree in trees.values() for n in ast.walk(tree))
+    for tree in trees.values():  # an embedded module is imported, never run as __main__; without a star import
+        tree.body = [stmt for stmt in tree.body if not _is_main_guard(stmt) and (star or not _is_all(stmt))]
     while True:
-        changed = any([_prune_imports(tree) for tree in trees.values()])
+        exports = _exports(trees)
+        changed = any([_prune_imports(tree, exports[name]) for name, tree in trees.items()])
         total: dict[str, int] = {}
         per_stmt: dict[int, dict[str, int]] = {}
         for tree in trees.values():
@@ -317,10 +339,11 @@ def shrink_modules(modules: list, entry: str, reachable, cfg=None) -> tuple[list
         drop_validators(tree)
         trees[name], kinds[name], keep_annotations[name] = tree, is_package, needs_annotations(source)
     shake(trees, keep=("main",))  # the bundle's own __main__ calls record_run.main
-    sources = {name: (kinds[name], ast.unparse(tree) + "\n") for name, tree in trees.items()}
-    alive = set(reachable(sources))
-    out = [ShrunkModule(name, kinds[name], shrink_source(sources[name][1], keep_annotations[name]))
-           for name in sorted(alive)]
+    alive = set(reachable({name: (kinds[name], ast.unparse(tree) + "\n") for name, tree in trees.items()}))
+    trees = {name: tree for name, tree in trees.items() if name in alive}
+    shorten_module_names({name: tree for name, tree in trees.items() if not keep_annotations[name]}, keep=("main",))
+    out = [ShrunkModule(name, kinds[name], shrink_source(ast.unparse(trees[name]) + "\n", keep_annotations[name]))
+           for name in sorted(trees)]
     used_tags = {tag for tag in messages if any(repr(tag) in m.source or f'"{tag}"' in m.source for m in out)}
     return out, {tag: text for tag, text in sorted(messages.items()) if tag in used_tags}
 
@@ -512,3 +535,109 @@ def fold_switches(tree: ast.Module, cfg) -> int:
     folder.visit(tree)
     ast.fix_missing_locations(tree)
     return folder.folded
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. Names private to one module shortened
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _identifiers(tree: ast.AST) -> set[str]:
+    """Every spelling in ``tree`` that could name something: names, attributes, parameters, keywords, imported
+    names and their aliases, definitions, globals and identifier-like strings."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+        elif isinstance(node, ast.keyword) and node.arg:
+            out.add(node.arg)
+        elif isinstance(node, ast.alias):
+            out.update(node.name.split("."))
+            if node.asname:
+                out.add(node.asname)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            out.update(node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            out.add(node.name)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            out.add(node.value)
+    return out
+
+
+def _module_bindings(tree: ast.Module) -> dict[str, list]:
+    """Module-level names that can be renamed in place, with the nodes that spell their binding."""
+    out: dict[str, list] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out.setdefault(stmt.name, []).append(stmt)
+        elif isinstance(stmt, ast.ClassDef):
+            if not stmt.name.endswith(("Error", "Exception", "Failed", "Warning")):  # error types stay readable
+                out.setdefault(stmt.name, []).append(stmt)
+        elif isinstance(stmt, (ast.Import, ast.ImportFrom)) and not (isinstance(stmt, ast.ImportFrom)
+                                                                     and stmt.module == "__future__"):
+            for alias in stmt.names:
+                if alias.name != "*" and (alias.asname or "." not in alias.name):
+                    out.setdefault(alias.asname or alias.name, []).append(alias)
+    return out
+
+
+def shorten_module_names(trees: dict[str, ast.Module], keep: Iterable[str] = ()) -> None:
+    """Rename, in each module, the module-level functions, classes and imported names that no other bundled
+    module can reach (no spelling of the name anywhere else) and that the module itself never spells as an
+    attribute, a parameter, a keyword, a string or a class member: a uniform rename to a name spelled nowhere in
+    the module cannot change what any name refers to. Error classes keep their names (tracebacks)."""
+    spellings = {name: _identifiers(tree) for name, tree in trees.items()}
+    counts: dict[str, int] = {}
+    for names in spellings.values():
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+    for name, tree in trees.items():
+        if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("locals", "globals", "vars",
+                                                                                          "eval", "exec")
+               for n in ast.walk(tree)):
+            continue
+        unsafe: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                unsafe.add(node.attr)
+            elif isinstance(node, ast.arg):
+                unsafe.add(node.arg)
+            elif isinstance(node, ast.keyword) and node.arg:
+                unsafe.add(node.arg)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                unsafe.add(node.value)
+            elif isinstance(node, ast.ClassDef):
+                for member in node.body:
+                    unsafe.update(_identifiers(member) if not isinstance(member, ast.FunctionDef) else {member.name})
+            elif isinstance(node, (ast.Global, ast.Nonlocal)):
+                unsafe.update(node.names)
+        bindings = _module_bindings(tree)
+        uses: dict[str, int] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name):
+                uses[node.id] = uses.get(node.id, 0) + 1
+        candidates = [n for n in bindings
+                      if counts.get(n, 0) == 1 and n not in unsafe and n not in keep
+                      and not (n.startswith("__") and n.endswith("__"))
+                      and sum(1 for b in bindings[n] if not isinstance(b, ast.alias)) <= 1]
+        from pgolf.artifact.minify import _short_names
+
+        fresh = _short_names(spellings[name])
+        mapping = {n: next(fresh) for n in sorted(candidates, key=lambda n: (-uses.get(n, 0), n))}
+        if not mapping:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id in mapping:
+                node.id = mapping[node.id]
+        for n, new in mapping.items():
+            for binding in bindings[n]:
+                if isinstance(binding, ast.alias):
+                    binding.asname = new
+                else:
+                    binding.name = new
