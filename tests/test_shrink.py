@@ -305,3 +305,23 @@ def test_names_private_to_a_module_are_shortened() -> None:
     assert "helper_function" not in a and "atomic_write_json(" not in a and "as_dict" not in a
     assert "def shared" in a and "class ShapeError" in a and "def main" in a and "def by_attribute" in a
     assert "from pgolf.io import atomic_write_json as " in a and "from pgolf.config import to_dict as " in a
+
+
+def test_unreachable_statements_go_but_not_a_generators_yield() -> None:
+    from pgolf.artifact.shrink import drop_unreachable
+
+    tree = ast.parse(textwrap.dedent('''
+        def f(x):
+            if x:
+                return 1
+                x += 1
+            return 2
+            print("never")
+
+        def g():
+            return
+            yield 1
+        '''))
+    drop_unreachable(tree)
+    text = ast.unparse(tree)
+    assert "x += 1" not in text and "never" not in text and "yield 1" in text

@@ -283,6 +283,15 @@ def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) 
                        messages)
 
 
+def shipped_recipe(cfg: RunConfig) -> RunConfig:
+    """The recipe a run's train_gpt.py embeds: the seed list cut to its first seed (the file takes --seed) and the
+    ``aggregate`` section at its defaults (reporting metadata the record run never reads), so that neither
+    rebuilds the code of finished seeds."""
+    from pgolf.config import AggregateConfig
+
+    return dataclasses.replace(cfg, seeds=cfg.seeds[:1], aggregate=AggregateConfig())
+
+
 def code_identity(cfg: RunConfig, minify: bool = True, package_dir: Path = PACKAGE_DIR) -> str:
     """The code identity of a recipe: the ``CODE_HASH`` of its bundled train_gpt.py (minified, as the Snakemake
     bundle rule writes it), computed from the installed sources without writing the bundle.

@@ -529,10 +529,32 @@ class _Fold(ast.NodeTransformer):
         return node
 
 
+_TERMINAL = (ast.Return, ast.Raise, ast.Continue, ast.Break)
+
+
+def drop_unreachable(tree: ast.AST) -> None:
+    """Statements after a ``return``/``raise``/``continue``/``break`` in the same block go (a folded ``if`` often
+    leaves one: ``if <switch>: return a`` then ``return b``), unless they hold a ``yield`` or a scope declaration,
+    which would change what the function is."""
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if not isinstance(block, list):
+                continue
+            for i, stmt in enumerate(block):
+                if isinstance(stmt, _TERMINAL):
+                    rest = block[i + 1:]
+                    if rest and not any(isinstance(n, (ast.Yield, ast.YieldFrom, ast.Global, ast.Nonlocal))
+                                        for s in rest for n in ast.walk(s)):
+                        del block[i + 1:]
+                    break
+
+
 def fold_switches(tree: ast.Module, cfg) -> int:
     """Decide, in place, the tests ``tree`` makes on ``cfg`` (the recipe); returns how many were decided."""
     folder = _Fold(cfg)
     folder.visit(tree)
+    drop_unreachable(tree)
     ast.fix_missing_locations(tree)
     return folder.folded
 

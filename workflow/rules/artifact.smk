@@ -20,22 +20,18 @@
 # minifier cannot see inside the embedded source strings. tests/test_reproduce.py runs this form against the staged
 # pipeline (same weights, artifact and score).
 
-from pgolf.config import AggregateConfig
 from pgolf.compliance.provenance import code_hash
-from pgolf.artifact.bundle import code_identity
+from pgolf.artifact.bundle import code_identity, shipped_recipe
 
 # The code identity every artifact of this run records (input_hashes.pgolf_code_hash): the CODE_HASH of the recipe's
 # train_gpt.py, so that the staged pipeline and the bundled file alone write the same artifact (issue 21). It changes
-# only when the bundled module sources change (a source edit, or a recipe switch that leaves a module out), and then
-# reruns pack, gate and evaluation, never training.
-CODE_ID = code_identity(CFG)
+# only when the shipped module sources change (a source edit, or a recipe knob that flips a test the shipped form
+# folds or leaves a module out), and then reruns pack, gate and evaluation, never training.
+CODE_ID = code_identity(shipped_recipe(CFG))
 
 
 def bundle_recipe():
-    recipe = to_dict(CFG)
-    recipe["seeds"] = [CFG.seeds[0]]
-    recipe["aggregate"] = to_dict(AggregateConfig())
-    return json.dumps(recipe, sort_keys=True)
+    return json.dumps(to_dict(shipped_recipe(CFG)), sort_keys=True)
 
 
 rule bundle:
