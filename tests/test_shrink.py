@@ -194,7 +194,7 @@ def test_every_pgolf_module_shrinks_to_valid_python() -> None:
 
 
 def test_recipe_switches_fold_only_what_the_recipe_decides() -> None:
-    from pgolf.artifact.shrink import fold_switches
+    from pgolf.artifact.fold import fold_switches
     from pgolf.config import load_run_config
 
     cfg = load_run_config(REPO / "config.yaml")  # ttt.mode lora, train.compile true, prequant_ttt_epochs 0
@@ -229,7 +229,7 @@ def test_no_bundled_module_builds_or_replaces_a_folded_section() -> None:
     """Folding assumes a parameter annotated with a section class holds the recipe's section: no bundled module
     outside pgolf.config may build one or dataclasses.replace one."""
     from pgolf.artifact.bundle import collect_modules
-    from pgolf.artifact.shrink import SECTIONS
+    from pgolf.artifact.fold import SECTIONS
 
     for module in collect_modules():
         if module.name.startswith("pgolf.config"):
@@ -308,7 +308,7 @@ def test_names_private_to_a_module_are_shortened() -> None:
 
 
 def test_unreachable_statements_go_but_not_a_generators_yield() -> None:
-    from pgolf.artifact.shrink import drop_unreachable
+    from pgolf.artifact.fold import drop_unreachable
 
     tree = ast.parse(textwrap.dedent('''
         def f(x):

@@ -2,7 +2,8 @@
 
 Every byte the bundle embeds is counted against the 16,000,000-byte cap, and the counting minifier cannot see
 inside the embedded module strings, so the bundle embeds its modules already shrunk. Bundle-time transforms, in
-this order, over the module table of :mod:`pgolf.artifact.bundle`:
+this order, over the module table of :mod:`pgolf.artifact.bundle` (the bundle also writes only the recipe's
+values that differ from pgolf's defaults into ``CONFIG_JSON``):
 
 1. **Error messages become tags.** ``raise E(<string or f-string>)`` becomes ``raise E('<module>:<line>', <the
    f-string's values>...)`` (an ``OSError`` subclass gets the tag alone: two arguments mean errno and text to it),
@@ -10,18 +11,24 @@ this order, over the module table of :mod:`pgolf.artifact.bundle`:
    exception types stay, so every refusal still refuses; the text of each tag (``<module>:<line>`` of pgolf's own
    source) goes to the bundle's report (``train_gpt.py.json``, ``messages``). Progress and log lines keep their
    text: the run's log must stay readable.
-2. **Tree shaking.** ``if __name__ == "__main__":`` blocks go (an embedded module is imported, never run), and
-   ``__all__`` lists when no bundled module star-imports. A module-level function, class or constant that no bundled module names anywhere (by name:
-   a name, an attribute, an imported name or a string constant of any module counts, which is conservative),
-   a ``from pgolf... import`` name or a standard-library import its module no longer uses, are dropped, to a
-   fixpoint. Then the modules nothing imports any more are dropped from the table.
-3. **Each module minified** by :func:`pgolf.artifact.minify.shrink_source` (docstrings, comments, asserts and
+2. **The recipe's switches are folded** (:mod:`pgolf.artifact.fold`): tests the recipe decides, and the code
+   they leave unreachable, go.
+3. **Validators go**: a config dataclass's ``__post_init__`` that can only raise (``check`` calls) is dropped
+   (the embedded recipe was validated when the bundle was built); ``RunConfig`` keeps its record-mode refusals.
+4. **Tree shaking.** ``if __name__ == "__main__":`` blocks go (an embedded module is imported, never run), and
+   ``__all__`` lists when no bundled module star-imports. A module-level function, class or constant that no
+   bundled module names anywhere (by name: a name, an attribute, an imported name or a string constant of any
+   module counts, which is conservative), a private method of a dataclass nothing names, and a ``from pgolf...
+   import`` name or standard-library import its module (or function) no longer uses and no other module takes
+   from it, are dropped, to a fixpoint. Then the modules nothing imports any more are dropped from the table.
+5. **Names private to one module are shortened** (:func:`shorten_module_names`).
+6. **Each module is minified** by :func:`pgolf.artifact.minify.shrink_source` (docstrings, comments, asserts and
    annotations out, locals renamed, spaces compacted); modules whose annotations or names matter at run time
    (``torch.library.custom_op`` schemas, Triton's ``tl.constexpr``) keep both.
 
-What no transform does: change a parameter's, function's, class's or attribute's name, fold a recipe switch or
-touch module-level code with side effects. tests/test_reproduce.py runs a shrunk bundle against the staged
-pipeline (pgolf's own sources) and asserts the same weights, artifact and score, bit for bit.
+What no transform does: rename a parameter (but a method's ``self``), an attribute, or a name another module
+uses, or touch module-level code that may have effects. tests/test_reproduce.py runs a shrunk bundle against
+the staged pipeline (pgolf's own sources) and asserts the same weights, artifact and score, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import dataclasses
 import sys
 from typing import Iterable
 
+from pgolf.artifact.fold import fold_switches
 from pgolf.artifact.minify import shrink_source
 
 OS_ERRORS = {"OSError", "IOError", "EnvironmentError", "FileNotFoundError", "FileExistsError", "PermissionError",
@@ -349,218 +357,7 @@ def shrink_modules(modules: list, entry: str, reachable, cfg=None) -> tuple[list
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 4. Recipe switches folded
-# --------------------------------------------------------------------------------------------------------------
-
-# Parameters annotated with one of these classes hold the recipe's own section in every bundled call (checked by
-# tests/test_shrink.py: no bundled module builds or replaces one of them). PackConfig is not here: the pack stage
-# builds a plain-brotli PackConfig for its comparison figure.
-SECTIONS = {
-    "RunConfig": (), "DataConfig": ("data",), "TokenizerConfig": ("tokenizer",), "ModelConfig": ("model",),
-    "OptimConfig": ("optim",), "TrainConfig": ("train",), "HessianConfig": ("hessians",),
-    "QuantizeConfig": ("quantize",), "EvaluateConfig": ("evaluate",), "TTTConfig": ("evaluate", "ttt"),
-}
-_UNKNOWN = object()
-
-
-class _Known:
-    """A local bound once to a recipe value: its value, not a section to read fields from."""
-
-    def __init__(self, value):
-        self.value = value
-_COMPARE = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
-            ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
-            ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b, ast.Is: lambda a, b: a is b,
-            ast.IsNot: lambda a, b: a is not b}
-
-
-def _switch_value(value):
-    """A recipe value a test may be decided on: bools, strings, None, numbers, tuples of those."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tuple) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
-        return value
-    return _UNKNOWN
-
-
-def _effect_free(node: ast.AST) -> bool:
-    return not any(isinstance(n, (ast.Call, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)) for n in ast.walk(node))
-
-
-class _Fold(ast.NodeTransformer):
-    """Decide ``if``/``elif``/conditional-expression tests that depend only on the recipe: a parameter annotated
-    with a section class (and never rebound in its function), its fields and constants."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.known: list[dict[str, object]] = [{}]
-        self.folded = 0
-
-    # ---- which names hold a section
-    def visit_FunctionDef(self, node: ast.AST) -> ast.AST:
-        stores: dict[str, int] = {}
-        for n in ast.walk(node):
-            if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
-                stores[n.id] = stores.get(n.id, 0) + 1
-            elif isinstance(n, (ast.Global, ast.Nonlocal)):
-                stores.update({name: 2 for name in n.names})
-        known = dict(self.known[-1])
-        args = node.args
-        params = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
-        for arg in params:
-            if arg is None:
-                continue
-            known.pop(arg.arg, None)
-            ann = arg.annotation
-            name = ann.id if isinstance(ann, ast.Name) else ann.value if isinstance(ann, ast.Constant) else None
-            if name in SECTIONS and arg.arg not in stores and arg in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
-                section = self.cfg
-                for attr in SECTIONS[name]:
-                    section = getattr(section, attr)
-                known[arg.arg] = section
-        for name in stores:  # a local shadows what the enclosing function knew
-            known.pop(name, None)
-        self.known.append(known)
-        # a local assigned once, from a recipe value (`mode = cfg.ttt.mode`), is that value everywhere it is read
-        param_names = {a.arg for a in params if a is not None}
-        for stmt in ast.walk(node):
-            if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
-                    and stores.get(stmt.targets[0].id) == 1 and stmt.targets[0].id not in param_names
-                    and isinstance(stmt.value, ast.Attribute)):
-                value = self._value(stmt.value)
-                if value is not _UNKNOWN:
-                    known[stmt.targets[0].id] = _Known(value)
-        self.generic_visit(node)
-        self.known.pop()
-        return node
-
-    visit_AsyncFunctionDef = visit_FunctionDef
-
-    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:
-        known = dict(self.known[-1])
-        for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
-            known.pop(arg.arg, None)
-        self.known.append(known)
-        self.generic_visit(node)
-        self.known.pop()
-        return node
-
-    # ---- static values
-    def _value(self, node: ast.AST):
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.Name) and isinstance(self.known[-1].get(node.id), _Known):
-            return self.known[-1][node.id].value
-        if isinstance(node, ast.Tuple):
-            values = [self._value(e) for e in node.elts]
-            return _UNKNOWN if any(v is _UNKNOWN for v in values) else tuple(values)
-        if isinstance(node, ast.Attribute):
-            chain = []
-            while isinstance(node, ast.Attribute):
-                chain.append(node.attr)
-                node = node.value
-            if isinstance(node, ast.Name) and node.id in self.known[-1] and not isinstance(self.known[-1][node.id], _Known):
-                value = self.known[-1][node.id]
-                for attr in reversed(chain):
-                    if not hasattr(value, attr):
-                        return _UNKNOWN
-                    value = getattr(value, attr)
-                return _switch_value(value)
-            return _UNKNOWN
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            value = self._value(node.operand)
-            return _UNKNOWN if value is _UNKNOWN else not value
-        if isinstance(node, ast.Compare):
-            left = self._value(node.left)
-            for op, right_node in zip(node.ops, node.comparators):
-                right = self._value(right_node)
-                if left is _UNKNOWN or right is _UNKNOWN:
-                    return _UNKNOWN
-                try:
-                    if not _COMPARE[type(op)](left, right):
-                        return False
-                except TypeError:
-                    return _UNKNOWN
-                left = right
-            return True
-        if isinstance(node, ast.BoolOp):
-            values = [self._value(v) for v in node.values]
-            if all(v is not _UNKNOWN for v in values):
-                return all(values) if isinstance(node.op, ast.And) else any(values)
-        return _UNKNOWN
-
-    def _test(self, node: ast.expr) -> ast.expr:
-        """The test, simplified where its known operands decide parts of an and/or (truth value only)."""
-        value = self._value(node)
-        if value is not _UNKNOWN:
-            return ast.Constant(bool(value))
-        if isinstance(node, ast.BoolOp):
-            keep = []
-            for operand in node.values:
-                known = self._value(operand)
-                if known is _UNKNOWN:
-                    keep.append(self._test(operand))
-                elif bool(known) == isinstance(node.op, ast.Or):  # `x or True`, `x and False`: decided ...
-                    if all(_effect_free(k) for k in keep):  # ... when what it skips has no effect
-                        return ast.Constant(bool(known))
-                    keep.append(operand)
-                    break
-            if not keep:
-                return ast.Constant(not isinstance(node.op, ast.Or))
-            if len(keep) == 1:
-                return keep[0]
-            node.values = keep
-        return node
-
-    def visit_If(self, node: ast.If) -> ast.AST:
-        self.generic_visit(node)
-        node.test = self._test(node.test)
-        if isinstance(node.test, ast.Constant):
-            self.folded += 1
-            return (node.body if node.test.value else node.orelse) or ast.Pass()
-        return node
-
-    def visit_IfExp(self, node: ast.IfExp) -> ast.AST:
-        self.generic_visit(node)
-        node.test = self._test(node.test)
-        if isinstance(node.test, ast.Constant):
-            self.folded += 1
-            return node.body if node.test.value else node.orelse
-        return node
-
-
-_TERMINAL = (ast.Return, ast.Raise, ast.Continue, ast.Break)
-
-
-def drop_unreachable(tree: ast.AST) -> None:
-    """Statements after a ``return``/``raise``/``continue``/``break`` in the same block go (a folded ``if`` often
-    leaves one: ``if <switch>: return a`` then ``return b``), unless they hold a ``yield`` or a scope declaration,
-    which would change what the function is."""
-    for node in ast.walk(tree):
-        for field in ("body", "orelse", "finalbody"):
-            block = getattr(node, field, None)
-            if not isinstance(block, list):
-                continue
-            for i, stmt in enumerate(block):
-                if isinstance(stmt, _TERMINAL):
-                    rest = block[i + 1:]
-                    if rest and not any(isinstance(n, (ast.Yield, ast.YieldFrom, ast.Global, ast.Nonlocal))
-                                        for s in rest for n in ast.walk(s)):
-                        del block[i + 1:]
-                    break
-
-
-def fold_switches(tree: ast.Module, cfg) -> int:
-    """Decide, in place, the tests ``tree`` makes on ``cfg`` (the recipe); returns how many were decided."""
-    folder = _Fold(cfg)
-    folder.visit(tree)
-    drop_unreachable(tree)
-    ast.fix_missing_locations(tree)
-    return folder.folded
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 5. Names private to one module shortened
+# 4. Names private to one module shortened
 # --------------------------------------------------------------------------------------------------------------
 
 
