@@ -19,6 +19,10 @@ Bytes (the bpb denominator) are attached to target positions:
   - ``lut``: the records' lookup table over the tokenizer's pieces (``pgolf.data.tokenizer.build_byte_lut``);
     the leading-space byte of a piece depends on the previous token, so it is computed over the stream.
 The two agree on the full validation set to about 0.002 % (data spec), but a run reports which one it used.
+
+Truncation (``evaluate.stream_truncation``): ``record`` keeps the first ``(N - 1) // L * L + 1`` tokens (and byte
+counts), L = ``eval_seq_len``, as the record's ``load_validation_tokens`` does (the real stream: 47,851,521 of
+47,853,343 tokens; the last document is cut); ``none`` keeps the whole stream.
 """
 
 from __future__ import annotations
@@ -205,10 +209,12 @@ def load_validation(
     max_docs: int = 0,
     vocab_size: Optional[int] = None,
     score_next_bos: bool = False,
+    truncate_multiple: int = 0,
 ) -> ValidationSet:
     """Read the validation shards (and byte sidecar) of ``data_dir``; ``max_docs`` > 0 keeps the first documents.
 
-    ``score_next_bos``: the target definition (module docstring)."""
+    ``score_next_bos``: the target definition; ``truncate_multiple`` > 0: keep ``(N - 1) // m * m + 1`` tokens
+    (the record's truncation with m = eval_seq_len; applied before ``max_docs``). See the module docstring."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: data directory not found")
@@ -239,6 +245,13 @@ def load_validation(
     else:
         target_bytes = lut_target_bytes(tokens, tokenizer_path)
 
+    full_length = len(tokens)
+    if truncate_multiple > 0:
+        usable = (full_length - 1) // truncate_multiple * truncate_multiple
+        if usable <= 0:
+            raise ValidationDataError(f"{data_dir}: {full_length} validation tokens hold no whole window of "
+                                      f"{truncate_multiple} (evaluate.stream_truncation: record needs more than that)")
+        tokens, target_bytes = tokens[: usable + 1], target_bytes[: usable + 1]
     if max_docs > 0:
         starts = np.flatnonzero(tokens == BOS_ID)
         if max_docs < len(starts):
@@ -251,6 +264,8 @@ def load_validation(
         "tokenizer": str(tokenizer_path) if accounting == "lut" else None,
         "max_docs": max_docs,
         "score_next_bos": score_next_bos,
+        "stream_tokens": full_length,  # before any truncation or max_docs cut
+        "truncate_multiple": truncate_multiple,
         "tokens_sha256": hashlib.sha256(np.ascontiguousarray(tokens, dtype="<u2").tobytes()).hexdigest(),
         "bytes_sha256": hashlib.sha256(np.ascontiguousarray(target_bytes, dtype="<i4").tobytes()).hexdigest(),
     }
