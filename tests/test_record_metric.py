@@ -177,11 +177,16 @@ def test_stage_with_the_record_metric(tmp_path, model, docs, capsys):
     assert diag["post_quant"]["token_count"] == diag["pre_quant"]["token_count"] == flat < n - 1
     pre = score_record_flat(model, val, cfg)[0]
     assert diag["pre_quant"]["loss_sum"] == pytest.approx(pre.loss_sum, rel=1e-9)
-    # an fp32-trained checkpoint is not evaluated under the record's storage
-    bad = args[:]
-    bad[bad.index("--eval-json") + 1] = json.dumps(to_dict(dataclasses.replace(cfg, param_storage="record")))
-    assert cli_main(["evaluate"] + bad) == 2
+    assert report["param_storage"] == {"evaluate": "fp32", "checkpoint": "fp32"}
+    # the artifact under the record's storage, an fp32-trained checkpoint: said so, and the pre-quant model as trained
+    other = args[:]
+    other[other.index("--eval-json") + 1] = json.dumps(to_dict(dataclasses.replace(cfg, param_storage="record")))
+    capsys.readouterr()
+    assert cli_main(["evaluate"] + other) == 0
     assert "trained under param_storage 'fp32', but evaluate.param_storage is 'record'" in capsys.readouterr().err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["diagnostics"]["pre_quant"]["loss_sum"] == pytest.approx(pre.loss_sum, rel=1e-9)
+    assert report["diagnostics"]["post_quant"]["loss_sum"] != diag["post_quant"]["loss_sum"]
 
 
 # ---------------------------------------------------------------------------------------------- precision
@@ -220,7 +225,7 @@ def test_record_storage_rounds_the_evaluated_embedding_to_bf16(tmp_path, model):
     assert torch.equal(emb, plain["tok_emb.weight"].bfloat16().float())
     assert not torch.equal(emb, plain["tok_emb.weight"])  # the dequantized values were not bf16 already
     assert all(torch.equal(rounded[k], plain[k]) for k in plain if k != "tok_emb.weight")
-    # a checkpoint carries its storage; evaluating it under another is refused
+    # a checkpoint carries its storage: it is built under it, and asking for another is refused
     save_checkpoint(tmp_path / "ckpt", model.state_dict(), {"model_config": to_dict(TINY), "param_storage": "record"})
     loaded, _ = load_model_from_checkpoint(tmp_path / "ckpt")
     assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight.bfloat16().float())

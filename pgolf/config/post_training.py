@@ -223,10 +223,10 @@ class EvaluateConfig:
     # dtype of the softcap at scoring. ``model`` (PR #1855): cap * tanh(z / cap) on the head's output in its own
     # dtype (bf16 under CUDA autocast), then float32 for the cross-entropy; ``float32`` (pgolf): on float32 logits.
     softcap_dtype: Literal["float32", "model"] = "float32"
-    # Parameter storage of every model the evaluation builds (same names as train.param_storage). ``record``
-    # (PR #1855's deserialize: a bf16 template, W.to(orig_dtype)): the token embedding's loaded or dequantized
-    # values rounded to bf16 (held in float32); ``fp32`` (pgolf): as loaded. Must equal the checkpoint's storage
-    # when a checkpoint is evaluated.
+    # Parameter storage of the model built from the artifact (same names as train.param_storage). ``record``
+    # (PR #1855's deserialize: a bf16 template, W.to(orig_dtype)): the token embedding's dequantized values rounded
+    # to bf16 (held in float32); ``fp32`` (pgolf): as dequantized. The pre-quant diagnostic builds the checkpoint
+    # under the storage it was trained under; a different one here is warned about (set both to the same).
     param_storage: Literal["fp32", "record"] = "fp32"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
 

@@ -87,7 +87,9 @@ def checkpoint_param_storage(meta: dict) -> str:
 def apply_eval_storage(state: dict[str, torch.Tensor], param_storage: str) -> dict[str, torch.Tensor]:
     """``evaluate.param_storage``: under ``record`` the token embedding's values are rounded to bf16 (the record
     builds every evaluated model as a bf16 template and casts the loaded or dequantized weights to its dtypes;
-    only ``tok_emb.weight`` stays bf16 there). Held in float32 here; every other tensor is unchanged."""
+    only ``tok_emb.weight`` stays bf16 there). Held in float32 here; every other tensor is unchanged. The artifact's
+    model is built under ``evaluate.param_storage``, a checkpoint's (pre-quant) under the storage it was trained
+    under (what the record's pre-quant diagnostic scores: its live model)."""
     if param_storage not in PARAM_STORAGES:
         raise ValueError(f"evaluate.param_storage: expected one of {PARAM_STORAGES}, got {param_storage!r}")
     if param_storage == "record" and "tok_emb.weight" in state:
@@ -370,13 +372,15 @@ def run_evaluation(
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
-    if checkpoint:  # the storage the weights were trained under is the one they are evaluated under
+    storage = {"evaluate": cfg.param_storage, "checkpoint": None}
+    if checkpoint:  # the pre-quant model is built under the checkpoint's own storage; the artifact's under the config's
         from pgolf.train.checkpoint import read_checkpoint_meta
 
-        storage = checkpoint_param_storage(read_checkpoint_meta(checkpoint))
-        if storage != cfg.param_storage:
-            raise ValueError(f"{checkpoint}: trained under param_storage {storage!r}, but evaluate.param_storage is "
-                             f"{cfg.param_storage!r}; expected the same storage for training and evaluation")
+        storage["checkpoint"] = checkpoint_param_storage(read_checkpoint_meta(checkpoint))
+        if storage["checkpoint"] != cfg.param_storage and info.is_main:
+            print(f"pgolf evaluate: WARNING: {checkpoint} was trained under param_storage {storage['checkpoint']!r}, but "
+                  f"evaluate.param_storage is {cfg.param_storage!r} (the record recipe uses 'record' for both)",
+                  file=sys.stderr, flush=True)
     t = time.perf_counter()
     model, header, load_timings = load_model_from_artifact(artifact, device, cfg.param_storage)
     load_s = time.perf_counter() - t
@@ -422,7 +426,7 @@ def run_evaluation(
                                                          what="post-quant").to_dict()
         del model
         if checkpoint:
-            trained, _ = load_model_from_checkpoint(checkpoint, device, cfg.param_storage)
+            trained, _ = load_model_from_checkpoint(checkpoint, device)
             diagnostics["pre_quant"] = score_diagnostic(trained, val, cfg, dist_info=info, write=log.write,
                                                         what="pre-quant").to_dict()
             del trained
@@ -447,6 +451,7 @@ def run_evaluation(
         "artifact_sha256": hash_info["artifact_sha256"],
         "model_config": header.get("model_config"),
         "evaluate_config": to_dict(cfg),
+        "param_storage": storage,
         "data": val.source,
         "world_size": info.world_size,
         "code_hash": code_hash(),
