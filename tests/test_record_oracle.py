@@ -257,13 +257,24 @@ def test_import_record_refuses(rec, tmp_path, capsys, change, message):
 
 
 def test_import_record_needs_the_architecture(rec, tmp_path, capsys):
-    """Without a log the recipe must say what the shapes cannot; config.yaml's 11 x 512 model is not these weights."""
-    _saved_record_model(rec, om.hparams(rec), tmp_path)
+    """Without a log a recipe must say what the shapes cannot: config.yaml's 11 x 512 model is not these weights;
+    a recipe with the right model section is taken (and named in the metadata)."""
+    import yaml
+
+    from pgolf.train.checkpoint import read_checkpoint_meta
+
+    h = om.hparams(rec, vocab_size=300)  # a recipe's tokenizer has >= 264 pieces
+    _saved_record_model(rec, h, tmp_path)
     argv = ["checkpoint", "import-record", str(tmp_path / "final_model.pt"), "--out", str(tmp_path / "ckpt")]
     with pytest.raises(SystemExit):
         cli_main(argv)  # one of --log / --config is required
     assert cli_main([*argv, "--config", str(REPO / "config.yaml")]) == 2
-    assert "do not fit the model config" in capsys.readouterr().err
+    assert "the weights do not fit the model config: vocab_size (weights: 300, config: 8192)" in capsys.readouterr().err
+    recipe = {"run": "tiny", "mode": "sweep", "model": to_dict(om.pgolf_config(h)), "tokenizer": {"vocab_size": 300}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli_main([*argv, "--config", str(tmp_path / "tiny.yaml")]) == 0
+    meta = read_checkpoint_meta(tmp_path / "ckpt")
+    assert meta["model_config"] == recipe["model"] and meta["source"]["model_config_from"].startswith("recipe ")
 
 
 def test_import_record_initial_weights(rec, tmp_path):
