@@ -279,9 +279,12 @@ def test_import_record_needs_the_architecture(rec, tmp_path, capsys):
 
 def test_import_record_initial_weights(rec, tmp_path):
     """The state a record run starts from (seeded GPT(h), .bfloat16() + restore_fp32_params), imported with
-    --kind initial: the same values bit for bit, ready for `pgolf train --init-checkpoint`."""
+    --kind initial: the same values bit for bit, and `pgolf train --init-checkpoint` starts from them."""
+    from pgolf.config import OptimConfig
     from pgolf.model.gpt import GPT
-    from pgolf.train.checkpoint import load_checkpoint
+    from pgolf.train.checkpoint import load_checkpoint, load_initial_weights, read_checkpoint_meta
+    from pgolf.train.loop import train
+    from stage_fixtures import TINY_TRAIN, write_shards
 
     h = om.hparams(rec)
     torch.manual_seed(42)
@@ -296,7 +299,16 @@ def test_import_record_initial_weights(rec, tmp_path):
     assert meta["weights"] == "record_initial" and meta["param_storage"] == "record"
     back = om.to_record_state(state, h.num_layers)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k].float()) for k in sd)
-    GPT(om.pgolf_config(h)).load_state_dict(state, strict=True)
+    cfg = om.pgolf_config(h)
+    model = GPT(cfg)
+    load_initial_weights(model, cfg, tmp_path / "ckpt")  # what `pgolf train --init-checkpoint` does first
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # and the training stage starts from it (one step, the record's storage)
+    data = write_shards(tmp_path / "shards", vocab=h.vocab_size)
+    train_cfg = dataclasses.replace(TINY_TRAIN, train_seq_len=32, iterations=1, param_storage="record")
+    train(cfg, OptimConfig(), train_cfg, 0, data, tmp_path / "train", "cpu", init_checkpoint=tmp_path / "ckpt")
+    trained = read_checkpoint_meta(tmp_path / "train" / "checkpoint")
+    assert trained["init_checkpoint"] == str(tmp_path / "ckpt") and trained["param_storage"] == "record"
 
 
 def test_imported_checkpoint_runs_every_later_stage(rec, tmp_path):
