@@ -225,8 +225,8 @@ class EvaluateConfig:
     softcap_dtype: Literal["float32", "model"] = "float32"
     # Parameter storage of the model built from the artifact (same names as train.param_storage). ``record``
     # (PR #1855's deserialize: a bf16 template, W.to(orig_dtype)): the token embedding's dequantized values rounded
-    # to bf16 (held in float32); ``fp32`` (pgolf): as dequantized. The pre-quant diagnostic builds the checkpoint
-    # under the storage it was trained under; a different one here is warned about (set both to the same).
+    # to bf16 (held in float32); ``fp32`` (pgolf): as dequantized. A recipe sets it equal to train.param_storage
+    # (checked); the pre-quant diagnostic builds a checkpoint under the storage it was trained under.
     param_storage: Literal["fp32", "record"] = "fp32"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
 
