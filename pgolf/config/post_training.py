@@ -17,11 +17,30 @@ class HessianConfig:
     batches: int = 16
     batch_rows: int = 48  # sequences per batch
     seq_len: int = 2048
+    # H = sum(x^T x) / n: "rows" (pgolf's): n = rows the hook saw (tokens x applications of the layer);
+    # "batches" (the record's): n = calibration batches
+    normalize: Literal["rows", "batches"] = "rows"
+    # which rows: "uniform" (pgolf's): seeded offsets over the whole training stream; "record": the record's
+    # shuffled-sequence sampler of rank sampler_rank of sampler_world_size (its own seed, not the run's)
+    sampler: Literal["uniform", "record"] = "uniform"
+    sampler_world_size: int = 8
+    sampler_rank: int = 0
+    # attention span of a calibration row: "documents" (pgolf's, as in training: BOS starts a segment, positions
+    # restart there) or "rows" (the record's: causal over the whole row, across documents)
+    attention: Literal["documents", "rows"] = "documents"
+    # "autocast" (pgolf's: fp32 weights under bf16 autocast on CUDA) or "bfloat16" (the record's: a bf16 copy of
+    # the model, no autocast, so the residual stream is bf16 too)
+    forward_dtype: Literal["autocast", "bfloat16"] = "autocast"
 
     def __post_init__(self) -> None:
         check(self.batches >= 1, f"batches: expected >= 1, got {self.batches}")
         check(self.batch_rows >= 1, f"batch_rows: expected >= 1, got {self.batch_rows}")
         check(self.seq_len >= 2, f"seq_len: expected >= 2, got {self.seq_len}")
+        check(self.sampler_world_size >= 1, f"sampler_world_size: expected >= 1, got {self.sampler_world_size}")
+        check(
+            0 <= self.sampler_rank < self.sampler_world_size,
+            f"sampler_rank: expected 0 <= rank < sampler_world_size ({self.sampler_world_size}), got {self.sampler_rank}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
