@@ -83,6 +83,23 @@ def record_to_pgolf_name(name: str) -> str:
     return _TOP_NAMES[name]
 
 
+def pgolf_role_of(pgolf_name: str) -> str:
+    """pgolf's role of a parameter of a record-architecture model, from its name alone (for record files whose
+    model config is not at hand; equal to ``GPT.param_roles()`` for the record, tests T7)."""
+    last = pgolf_name.split(".", 2)[-1] if pgolf_name.startswith("blocks.") else pgolf_name
+    if pgolf_name == "tok_emb.weight":
+        return "embedding"
+    if last in ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight"):
+        return "attn"
+    if last in ("mlp.up.weight", "mlp.down.weight"):
+        return "mlp"
+    if last == "attn.gate.weight":
+        return "attn_gate"
+    if last in ("smear.gate.weight", "smear.lam", "skip_gates"):
+        return "gate"
+    return "scalar"
+
+
 def pgolf_roles(**model_config) -> dict[str, str]:
     from pgolf.config import ModelConfig
     from pgolf.model.gpt import build_meta

@@ -22,6 +22,7 @@ import oracle_quant as oq
 import record_oracle
 from pgolf.config import HessianConfig, ModelConfig, QuantizeConfig
 from pgolf.data.shards import write_shard
+from pgolf.model.gpt import build_meta
 from pgolf.quantize.gptq import gptq_quantize_weight, sdclip_scales
 from pgolf.quantize.hessians import collect_hessians, record_calibration_rows, row_batch
 from pgolf.quantize.lqer import lqer_correction
@@ -180,6 +181,9 @@ def test_route_equal_record(rec, qcfg):
     roles = oq.pgolf_roles()
     names = {oq.record_to_pgolf_name(n): n for n in state}
     assert set(names) == set(roles) and len(names) == len(state) == 128
+    assert all(oq.pgolf_role_of(p) == r for p, r in roles.items())  # what benchmarks/record_bytes.py uses
+    shapes = {n: tuple(t.shape) for n, t in build_meta(ModelConfig()).named_parameters()}
+    assert all(tuple(state[r].shape) == shapes[p] for p, r in names.items())
     routes = oq.record_routes(rec, state, h)
     diffs = [f"{p}: pgolf {_route(p, roles[p], state[r].numel(), qcfg)} record {routes[r]}"
              for p, r in names.items() if _route(p, roles[p], state[r].numel(), qcfg) != routes[r]]
