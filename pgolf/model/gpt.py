@@ -509,7 +509,9 @@ class GPT(nn.Module):
 
         x = self.tok_emb(input_ids)  # [T, d]
         if self.smear is not None:
-            x = self.smear(x, input_ids, self.bos_id, smear_reset)  # the raw embedding, then the norm (the record's)
+            # on the raw embedding, then the norm (the record's order); wrappers (evaluate.lora.SlotSmear) take 3 args
+            extra = () if smear_reset is None else (smear_reset,)
+            x = self.smear(x, input_ids, self.bos_id, *extra)
         x = rms_norm(x)
         if self.bigram_hash is not None:
             x = x + self.bigram_hash(input_ids).to(x.dtype)  # [T, d]
