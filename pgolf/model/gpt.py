@@ -176,11 +176,15 @@ class SmearGate(nn.Module):
         self.gate = _linear(window, 1)
         self.lam = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, input_ids: Tensor, bos_id: int) -> Tensor:  # x [T, d], ids [T]
+    def forward(self, x: Tensor, input_ids: Tensor, bos_id: int, reset: Optional[Tensor] = None) -> Tensor:
+        """x [T, d], ids [T]; ``reset`` bool [T]: tokens with no predecessor (starts of independent rows packed
+        into one stream, e.g. Hessian calibration rows)."""
         prev = F.pad(x[:-1], (0, 0, 1, 0))  # [T, d]; the row's first token has no predecessor
         g = torch.sigmoid(self.gate(x[:, : self.window]))  # [T, 1]
         if self.bos_mask:
             g = g * (input_ids != bos_id).to(g.dtype)[:, None]
+        if reset is not None:
+            g = g * (~reset).to(g.dtype)[:, None]
         return x + (self.lam.to(x.dtype) * g.to(x.dtype)) * prev
 
 
@@ -494,8 +498,11 @@ class GPT(nn.Module):
             return x + w
         return torch.lerp(w, x, torch.sigmoid(self.skip_gates[slot].to(x.dtype)))
 
-    def forward_hidden(self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
-        """Final-normed hidden states [T, d] (the LM head's input)."""
+    def forward_hidden(
+        self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+        smear_reset: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Final-normed hidden states [T, d] (the LM head's input). ``smear_reset`` (bool [T]): see SmearGate."""
         cu_seqlens, max_seqlen = self._segments(input_ids, cu_seqlens, max_seqlen)
         T = input_ids.shape[0]
         rope = None
@@ -507,7 +514,9 @@ class GPT(nn.Module):
         if x.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):
             x = x.float()  # no autocast (CPU runs): the fp32 matrices need an fp32 stream; bf16 values are exact in fp32
         if self.smear is not None:
-            x = self.smear(x, input_ids, self.bos_id)  # on the raw embedding, then the norm (the record's order)
+            # on the raw embedding, then the norm (the record's order); wrappers (evaluate.lora.SlotSmear) take 3 args
+            extra = () if smear_reset is None else (smear_reset,)
+            x = self.smear(x, input_ids, self.bos_id, *extra)
         x = rms_norm(x)
         if self.bigram_hash is not None:
             x = x + self.bigram_hash(input_ids).to(x.dtype)  # [T, d]
