@@ -370,6 +370,8 @@ class GPT(nn.Module):
             self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.rope_dims, cfg.rope_base), persistent=False)
         else:
             self.rope_inv_freq = None
+        # the dtype the model was cast to (a buffer follows .to(dtype)); the embedding alone may be stored in bf16
+        self.register_buffer("_dtype_probe", torch.zeros(()), persistent=False)
         self.use_fused_kernels = kernels.fused_kernels_default()
         self.reset_parameters()
 
@@ -511,8 +513,9 @@ class GPT(nn.Module):
         ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
         x = self.tok_emb(input_ids)  # [T, d]; bf16 under train.param_storage: record
-        if x.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            x = x.float()  # no autocast (CPU runs): the fp32 matrices need an fp32 stream; bf16 values are exact in fp32
+        stream_dtype = self._dtype_probe.dtype  # follows .to(dtype) casts of the whole model, not the embedding's storage
+        if x.dtype != stream_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(stream_dtype)  # no autocast (CPU runs): a bf16-stored embedding on fp32 matrices (exact values)
         if self.smear is not None:
             # on the raw embedding, then the norm (the record's order); wrappers (evaluate.lora.SlotSmear) take 3 args
             extra = () if smear_reset is None else (smear_reset,)
