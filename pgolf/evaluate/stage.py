@@ -71,13 +71,12 @@ def refuse_in_record_mode(checkpoint_dir: str | Path) -> None:
 
 
 def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where: str):
-    from pgolf.model.gpt import GPT, rope_inv_freq
+    from pgolf.model.gpt import GPT
 
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to_empty(device=device)
-    if cfg.rope_dims > 0:  # a non-persistent buffer: recompute it (to_empty left it uninitialized)
-        model.rope_inv_freq.copy_(rope_inv_freq(cfg.rope_dims, cfg.rope_base))
+    model.reset_buffers()  # the non-persistent RoPE buffers: to_empty left them uninitialized
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state.items()}
     if expected != got:

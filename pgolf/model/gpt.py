@@ -105,20 +105,37 @@ def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Ten
 
 
 def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape [T, 1, rope_dims // 2] (fp32) for per-token positions [T]."""
+    """cos, sin of shape [T, 1, rope_dims // 2] (fp32) for per-token positions [T], computed on the spot.
+
+    The model looks its tables up in ``rope_cache`` instead (same fp32 products and functions, so the same
+    values); this is the path for segments longer than the cache."""
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, r/2]
     return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def rope_cache(length: int, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [length, rope_dims // 2] fp32 for positions 0..length-1, on inv_freq's device.
+
+    Evaluated on the CPU (the values do not depend on where the model runs) with the fp32 products of
+    :func:`rope_tables`; on the meta device only the shapes are made."""
+    device = inv_freq.device
+    src = inv_freq if device.type == "meta" else inv_freq.detach().to("cpu", torch.float32)
+    angles = torch.arange(length, dtype=torch.float32, device=src.device)[:, None] * src[None, :]  # [L, r/2]
+    return angles.cos().to(device), angles.sin().to(device)
 
 
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first ``2 * cos.shape[-1]`` dims of each head (half-split pairing) by MINUS the angle, as the
     record does (``x1 cos + x2 sin, x2 cos - x1 sin``); the rest pass through.
 
-    x [T, h, D]; cos/sin [T, 1, r/2]. Returns fp32 or x's dtype, whichever is wider (the caller casts).
+    x [T, h, D]; cos/sin [T, 1, r/2] (fp32 tables). The tables are cast to x's dtype first, as the record does, so
+    the result has x's dtype: under bf16 autocast nothing here is widened to fp32 (nor saved so for backward);
+    for fp32 x the cast is the identity.
     """
     half = cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest.to(torch.promote_types(x.dtype, cos.dtype))], -1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], -1)
 
 
 def rope_inv_freq(rope_dims: int, base: float) -> Tensor:
@@ -359,10 +376,16 @@ class GPT(nn.Module):
 
         self.lm_head: nn.Module = TiedHead(self.tok_emb) if cfg.tie_embeddings else _linear(d, cfg.vocab_size)
 
+        # RoPE: frequencies and the cos/sin tables of positions 0..train_seq_len-1 (non-persistent buffers: graph
+        # inputs, computed once; longer segments fall back to computing their tables in the forward)
         if cfg.rope_dims > 0:
-            self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.rope_dims, cfg.rope_base), persistent=False)
+            inv_freq = rope_inv_freq(cfg.rope_dims, cfg.rope_base)
+            cos, sin = rope_cache(max(int(train_seq_len), 1), inv_freq)
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+            self.register_buffer("rope_cos", cos, persistent=False)  # [L, r/2] fp32
+            self.register_buffer("rope_sin", sin, persistent=False)
         else:
-            self.rope_inv_freq = None
+            self.rope_inv_freq = self.rope_cos = self.rope_sin = None
         self.use_fused_kernels = kernels.fused_kernels_default()
         self.reset_parameters()
 
@@ -393,6 +416,28 @@ class GPT(nn.Module):
     def _num_skips(num_applications: int) -> int:
         encoder = num_applications // 2
         return min(encoder, num_applications - encoder)
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (RoPE frequencies and tables) in place: after ``to_empty`` they
+        hold garbage, and ``load_state_dict`` never sets them."""
+        if self.rope_inv_freq is None:
+            return
+        with torch.no_grad():
+            inv_freq = rope_inv_freq(self.cfg.rope_dims, self.cfg.rope_base)
+            cos, sin = rope_cache(self.rope_cos.shape[0], inv_freq)
+            self.rope_inv_freq.copy_(inv_freq)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def rope(self, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int) -> Optional[tuple[Tensor, Tensor]]:
+        """cos, sin [T, 1, r/2] fp32 of every token's position in its segment (None without RoPE). Looked up in
+        the cached tables when every segment fits them (``max_seqlen`` bounds the segments), else computed."""
+        if self.rope_inv_freq is None:
+            return None
+        positions = segment_positions(cu_seqlens, num_tokens)  # int64 [T]
+        if max_seqlen > self.rope_cos.shape[0]:
+            return rope_tables(positions, self.rope_inv_freq)
+        return self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]
 
     def reset_parameters(self) -> None:
         """Record init: embedding N(0, embed_init_std); q, k, v, up orthogonal; o, down, gates, untied head zero."""
@@ -495,10 +540,7 @@ class GPT(nn.Module):
         """Final-normed hidden states [T, d] (the LM head's input)."""
         cu_seqlens, max_seqlen = self._segments(input_ids, cu_seqlens, max_seqlen)
         T = input_ids.shape[0]
-        rope = None
-        if self.rope_inv_freq is not None:
-            rope = rope_tables(segment_positions(cu_seqlens, T), self.rope_inv_freq)
-        ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
+        ctx = (self.rope(cu_seqlens, T, max_seqlen), cu_seqlens, max_seqlen, self.attn_backend)
 
         x = self.tok_emb(input_ids)  # [T, d]
         if self.smear is not None:

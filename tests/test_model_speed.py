@@ -1,0 +1,127 @@
+"""Speed changes that must not change what the model computes (issue 16).
+
+* RoPE tables as buffers: looked up by position in segment, bit-identical to computing them in the forward.
+* The residual stream keeps the stream's dtype: with a bf16 embedding under bf16 autocast every block output and
+  every saved stream-sized tensor stays bf16 (also when ``F.rms_norm`` follows torch >= 2.12's CUDA policy of
+  returning fp32), while the fp32 path is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf.config import ModelConfig
+from pgolf.model.attention import build_cu_seqlens
+from pgolf.model.gpt import GPT, apply_partial_rope, build_meta, rms_norm, rope_cache, rope_inv_freq, rope_tables
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# every record feature on: 4 layers (1-2 looped twice -> 6 applications), two lanes from layer 2, XSA everywhere
+TINY = ModelConfig(
+    vocab_size=300, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, xsa_last_n=4,
+    loop_start=1, loop_end=2, loop_count=2, parallel_residual_start=2,
+)
+SEQ_LEN = 16
+
+
+def randomized(cfg: ModelConfig = TINY, seed: int = 0) -> GPT:
+    """Every zero-initialized path (o, down, gates, smear lambda) active."""
+    torch.manual_seed(seed)
+    model = GPT(cfg, train_seq_len=SEQ_LEN)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.ndim == 2 else 0.2))
+        model.smear.lam.fill_(1.0)
+    return model
+
+
+def packed_row(seed: int = 1) -> torch.Tensor:
+    """Three documents, the last longer than SEQ_LEN (cut into two segments)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 300, (50,), generator=g)
+    ids[0] = ids[9] = ids[22] = 1
+    return ids
+
+
+def loss_and_grads(model: GPT, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, torch.roll(ids, -1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ------------------------------------------------------------------------------------------------- RoPE
+
+
+def test_rope_cache_equals_the_tables_computed_per_token():
+    inv = rope_inv_freq(16, 10000.0)
+    cos, sin = rope_cache(2048, inv)
+    assert cos.shape == sin.shape == (2048, 8) and cos.dtype == torch.float32
+    positions = torch.tensor([0, 1, 2, 7, 1000, 2047, 5, 0])
+    c, s = rope_tables(positions, inv)
+    assert torch.equal(cos[positions][:, None, :], c) and torch.equal(sin[positions][:, None, :], s)
+
+
+def test_rope_tables_are_non_persistent_buffers_of_train_seq_len_rows():
+    model = GPT(TINY, train_seq_len=SEQ_LEN)
+    assert model.rope_cos.shape == (SEQ_LEN, TINY.rope_dims // 2)
+    names = {n for n, _ in model.named_buffers()}
+    assert {"rope_cos", "rope_sin", "rope_inv_freq"} <= names
+    assert not any(k.startswith("rope") for k in model.state_dict())
+    assert GPT(dataclasses.replace(TINY, rope_dims=0)).rope_cos is None
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_cached_rope_gives_bit_identical_loss_and_grads(looping):
+    """The table lookup against the per-token computation (the fallback for segments longer than the cache)."""
+    model = randomized()
+    model.looping = looping
+    ids = packed_row()
+    cached = loss_and_grads(model, ids)
+    computed_model = copy.deepcopy(model)
+    computed_model.rope_cos = computed_model.rope_cos[:1]  # shorter than max_seqlen: the forward computes them
+    computed_model.rope_sin = computed_model.rope_sin[:1]
+    computed = loss_and_grads(computed_model, ids)
+    assert torch.equal(cached[0], computed[0])
+    assert cached[1].keys() == computed[1].keys()
+    for name, g in cached[1].items():
+        assert torch.equal(g, computed[1][name]), name
+
+
+def test_segments_longer_than_the_cache_still_work():
+    model = randomized()
+    ids = packed_row()
+    cu, _ = build_cu_seqlens(ids, max_seqlen=2 * SEQ_LEN)  # segments up to 32 tokens, cache of 16 rows
+    logits = model.forward_logits(ids, cu, 2 * SEQ_LEN)
+    assert torch.isfinite(logits).all()
+    bigger = GPT(TINY, train_seq_len=2 * SEQ_LEN)
+    bigger.load_state_dict(model.state_dict())
+    assert torch.equal(bigger.forward_logits(ids, cu, 2 * SEQ_LEN), logits)  # cache lookup == computed
+
+
+def test_meta_build_then_reset_buffers_restores_the_tables():
+    model = build_meta(TINY).to_empty(device="cpu")
+    model.reset_buffers()
+    fresh = GPT(TINY)
+    for name in ("rope_inv_freq", "rope_cos", "rope_sin"):
+        assert torch.equal(getattr(model, name), getattr(fresh, name)), name
+
+
+def test_rope_keeps_the_input_dtype():
+    cos, sin = rope_tables(torch.arange(5), rope_inv_freq(8, 10000.0))
+    x = torch.randn(5, 2, 16)
+    assert torch.equal(apply_partial_rope(x.double(), cos, sin), apply_partial_rope(x.double(), cos.double(), sin.double()))
+    assert apply_partial_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+    assert torch.equal(apply_partial_rope(x, cos, sin)[..., 8:], x[..., 8:])
