@@ -125,3 +125,106 @@ def test_rope_keeps_the_input_dtype():
     assert torch.equal(apply_partial_rope(x.double(), cos, sin), apply_partial_rope(x.double(), cos.double(), sin.double()))
     assert apply_partial_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
     assert torch.equal(apply_partial_rope(x, cos, sin)[..., 8:], x[..., 8:])
+
+
+# ----------------------------------------------------------------------------------- bf16 residual stream
+
+
+class _FusedLikeRmsNorm(torch.autograd.Function):
+    """RMSNorm as ONE autograd node, like CUDA's fused kernel (saves x in its own dtype and the fp32 rstd), so
+    that the census below sees what the model saves and not the pieces of CPU's composite rms_norm (which
+    upcasts internally). ``widen`` mimics torch >= 2.12's CUDA autocast policy (fp32 output)."""
+
+    @staticmethod
+    def forward(ctx, x, widen):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+        ctx.save_for_backward(x, rstd)
+        y = xf * rstd
+        return y if widen else y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd = ctx.saved_tensors
+        n, g = x.float() * rstd, grad.float()
+        return (rstd * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype), None
+
+
+def _saved_fp32_shapes(loss: torch.Tensor, num_tokens: int) -> dict:
+    """{shape: count} of the fp32 tensors with a leading token axis that autograd saved for backward."""
+    found: dict = {}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        tensors = []
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                try:
+                    value = getattr(node, attr)
+                except Exception:  # some saved slots raise once released
+                    continue
+                tensors += list(value) if isinstance(value, (tuple, list)) else [value]
+        if hasattr(node, "saved_tensors"):  # custom autograd.Function nodes
+            tensors += list(node.saved_tensors)
+        for t in tensors:
+            if torch.is_tensor(t) and t.dtype == torch.float32 and t.dim() >= 2 and t.shape[0] == num_tokens:
+                found[tuple(t.shape)] = found.get(tuple(t.shape), 0) + 1
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("widening_norm", [False, True], ids=["torch-2.11-norm", "torch-2.12-norm-policy"])
+@pytest.mark.parametrize("looping", [False, True])
+def test_bf16_embedding_keeps_the_stream_bf16_under_autocast(monkeypatch, widening_norm, looping):
+    model = randomized()
+    model.looping = looping
+    with torch.no_grad():
+        model.tok_emb.weight.data = model.tok_emb.weight.data.bfloat16()  # train.param_storage: record
+    real_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, *a, **k: _FusedLikeRmsNorm.apply(x, widening_norm))
+    dtypes = []
+
+    def record(module, inputs, output):
+        dtypes.extend(o.dtype for o in (output if isinstance(output, tuple) else (output,)))
+
+    hooks = [m.register_forward_hook(record) for b in model.blocks for m in (b, b.attn, b.mlp)]
+    ids = packed_row()
+    T = ids.numel()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.forward_hidden(ids)
+        loss = model(ids, torch.roll(ids, -1))
+    for h in hooks:
+        h.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert hidden.dtype == torch.bfloat16
+    # (two-lane applications call block.forward_lanes, not the block: their attn and mlp hooks still fire)
+    saved = _saved_fp32_shapes(loss, T)
+    cfg = model.cfg
+    forbidden = {(T, cfg.model_dim), (T, cfg.num_heads, cfg.head_dim), (T, 1, cfg.rope_dims // 2)}
+    assert not forbidden & set(saved), f"fp32 stream / q / rope tensors saved for backward: {saved}"
+    # what remains fp32 is small (norm rstd [..., 1]), the loss's [T, V], and XSA's normalized v (fp32 by design)
+    allowed_wide = {(T, cfg.vocab_size), (T, cfg.num_kv_heads, cfg.head_dim)}
+    assert all(shape[-1] == 1 or shape in allowed_wide for shape in saved), saved
+    monkeypatch.setattr(F, "rms_norm", real_norm)
+    loss.backward()
+    assert model.tok_emb.weight.grad.dtype == torch.bfloat16
+
+
+def test_fp32_path_is_unchanged_by_the_dtype_casts(monkeypatch):
+    """Every cast added for the bf16 stream is the identity in fp32: same loss and gradients, bit for bit, as
+    with the plain (uncast) norm."""
+    import pgolf.model.gpt as gpt
+
+    model = randomized()
+    model.looping = True
+    ids = packed_row()
+    x = torch.randn(5, 64)
+    assert rms_norm(x) is not None and torch.equal(rms_norm(x), F.rms_norm(x, (64,)))
+    loss, grads = loss_and_grads(model, ids)
+    monkeypatch.setattr(gpt, "rms_norm", lambda t: F.rms_norm(t, (t.shape[-1],)))
+    loss2, grads2 = loss_and_grads(model, ids)
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(grads[n], grads2[n]) for n in grads)

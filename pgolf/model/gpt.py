@@ -31,7 +31,11 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
   * RoPE turns each (x1, x2) pair by MINUS the angle, with the record's frequencies rounded to bf16 (its models
     are cast to bf16 and its inv_freq buffer is never restored to fp32): ``rope_inv_freq``.
   * Every scalar parameter is cast to the residual stream's dtype where it is used, as the record does, so a bf16
-    embedding (``train.param_storage: record``) keeps the whole stream in bf16 under autocast.
+    embedding (``train.param_storage: record``) keeps the whole stream in bf16 under autocast. For the same reason
+    ``rms_norm`` returns its input's dtype (torch >= 2.12's CUDA autocast would return fp32) and the RoPE tables
+    are cast to q/k's dtype; in fp32 every one of these casts is the identity (tests/test_model_speed.py).
+  * RoPE cos/sin are non-persistent fp32 buffers for positions 0..train_seq_len-1, looked up per token (position
+    in its segment): the compiled graph has no cos/sin to evaluate in every q/k kernel.
   * SmearGate masks x_{t-1} only at BOS (the record's fix): a document cut into several attention segments
     keeps smearing across the cut (same document, causal). The row's first token has no predecessor (zero).
   * Single-lane block: ``x_in = resid_mix[0] * x + resid_mix[1] * x0`` REPLACES the residual (as in the record
@@ -81,8 +85,10 @@ LANE_RESID_INIT = 1.1
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    """RMSNorm over the last dim, no weight."""
-    return F.rms_norm(x, (x.shape[-1],))
+    """RMSNorm over the last dim, no weight; returns x's dtype. Why the cast: torch >= 2.12 puts ``rms_norm`` on
+    CUDA autocast's fp32 list, which would widen a bf16 residual stream (and everything saved from it) to fp32;
+    torch 2.11, which the record ran, keeps the input dtype. For fp32 x the cast is the identity."""
+    return F.rms_norm(x, (x.shape[-1],)).to(x.dtype)
 
 
 def mlp_activation(x: Tensor, kind: str, slope: float) -> Tensor:
