@@ -62,6 +62,7 @@ from torch import Tensor
 
 from pgolf.model import kernels
 from pgolf.model.attention import attention, build_cu_seqlens, segment_positions
+from pgolf.model.rope import apply_partial_rope, rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
 from pgolf.config import ModelConfig
 
 ROLES = ("attn", "mlp", "embedding", "head", "attn_gate", "gate", "scalar")
@@ -108,49 +109,6 @@ def softcap(logits: Tensor, cap: float) -> Tensor:
 def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Tensor:
     """Mean cross-entropy in fp32 over targets != -100. logits [T, V] (any float dtype), targets [T]."""
     return F.cross_entropy(softcap(logits.float(), cap), targets, ignore_index=-100, reduction="mean")
-
-
-def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape [T, 1, rope_dims // 2] (fp32) for per-token positions [T], computed on the spot.
-
-    The model looks its tables up in ``rope_cache`` instead (same fp32 products and functions, so the same
-    values); this is the path for segments longer than the cache."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, r/2]
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
-
-
-def rope_cache(length: int, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin [length, rope_dims // 2] fp32 for positions 0..length-1, on inv_freq's device.
-
-    Evaluated on the CPU (the values do not depend on where the model runs) with the fp32 products of
-    :func:`rope_tables`; on the meta device only the shapes are made."""
-    device = inv_freq.device
-    src = inv_freq if device.type == "meta" else inv_freq.detach().to("cpu", torch.float32)
-    angles = torch.arange(length, dtype=torch.float32, device=src.device)[:, None] * src[None, :]  # [L, r/2]
-    return angles.cos().to(device), angles.sin().to(device)
-
-
-def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``2 * cos.shape[-1]`` dims of each head (half-split pairing) by MINUS the angle, as the
-    record does (``x1 cos + x2 sin, x2 cos - x1 sin``); the rest pass through.
-
-    x [T, h, D]; cos/sin [T, 1, r/2] (fp32 tables). The tables are cast to x's dtype first, as the record does, so
-    the result has x's dtype: under bf16 autocast nothing here is widened to fp32 (nor saved so for backward);
-    for fp32 x the cast is the identity.
-    """
-    half = cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], -1)
-
-
-def rope_inv_freq(rope_dims: int, base: float) -> Tensor:
-    """RoPE frequencies [rope_dims / 2] fp32, rounded to bf16 as the record's are (its ``.bfloat16()`` model cast
-    reaches the non-persistent ``inv_freq`` buffer, and only parameters are restored to fp32). Computed in Python
-    doubles (keeps meta-device builds free of torch's slow decompositions); the result equals the record's
-    float32-then-bf16 values."""
-    exact = [base ** (-i / rope_dims) for i in range(0, rope_dims, 2)]
-    return torch.tensor(exact, dtype=torch.float32).to(torch.bfloat16).to(torch.float32)
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -278,8 +236,10 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 class MLP(nn.Module):
     """``down(act(up(x)))``; ``up``/``down`` are separate modules for hooks.
 
-    ``use_fused_kernels`` (set by GPT) computes ``act(up(x))`` in one Triton kernel, but only while ``up`` is a
-    plain hook-free nn.Linear: a Hessian hook or a LoRA wrapper on ``up`` must see the call, so it disables fusion.
+    ``use_fused_kernels`` (set by GPT) runs the whole MLP as one op (``kernels.mlp``: the activation in the
+    up-projection's epilogue, its derivative in the backward matmul's), but only while ``up`` and ``down`` are
+    plain hook-free nn.Linear modules: a Hessian hook or a LoRA wrapper on either must see its call, so it
+    disables fusion.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -291,13 +251,15 @@ class MLP(nn.Module):
         self.use_fused_kernels = False
 
     def _fusable(self) -> bool:
-        up = self.up
-        return self.use_fused_kernels and type(up) is nn.Linear and not (up._forward_hooks or up._forward_pre_hooks)
+        def plain(m: nn.Module) -> bool:
+            return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
+
+        return self.use_fused_kernels and plain(self.up) and plain(self.down)
 
     def forward(self, x: Tensor) -> Tensor:  # [T, d] -> [T, d]
-        if self._fusable():  # relu^2 is the slope-0 case of the fused kernel
+        if self._fusable():  # relu^2 is the slope-0 case of the fused kernels
             slope = self.slope if self.activation == "leaky_relu_sq" else 0.0
-            return self.down(kernels.mlp_up_activation(x, self.up.weight, slope))  # [T, 4d] -> [T, d]
+            return kernels.mlp(x, self.up.weight, self.down.weight, slope)
         return self.down(mlp_activation(self.up(x), self.activation, self.slope))
 
 
