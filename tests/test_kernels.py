@@ -403,6 +403,7 @@ TRAIN_FIELDS = {
     "cuda",
     "fused_kernels",
     "fused_kernels_active",
+    "attention_backend",
     "compile",
     "compile_backend",
     "params",
@@ -478,6 +479,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert json.loads(out.read_text()) == result
     cfg = load_run_config(SMOKE)
     assert result["device_type"] == "cpu" and result["fused_kernels_active"] is False
+    assert result["attention_backend"]["resolved"] == "sdpa" and result["attention_backend"]["requested"] == "auto"
     assert result["compile"] is False  # the smoke recipe does not compile
     assert result["tokens_per_step"] == result["micro_batch_tokens"] == 512 and result["grad_accum_steps"] == 1
     assert [p["looping"] for p in result["phases"]] == [False, True]
@@ -539,11 +541,14 @@ def test_bench_eval_cli_on_cpu(capsys):
             "--device",
             "cpu",
             "--no-compile",
+            "--attention-backend",
+            "torch",
         ],
     )
     assert rc == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["bench"] == "eval" and result["looping"] is True and result["row_tokens"] == 512
+    assert result["attention_backend"]["requested"] == "torch" and result["attention_backend"]["resolved"] == "sdpa"
     for part in ("score", "ttt_step"):
         assert result[part]["tokens_per_s"] > 0 and result[part]["ms_per_row"] > 0
     expected = result["val_tokens"] / result["score"]["tokens_per_s"]

@@ -122,7 +122,8 @@ def test_meta_build_then_reset_buffers_restores_the_tables():
 def test_rope_keeps_the_input_dtype():
     cos, sin = rope_tables(torch.arange(5), rope_inv_freq(8, 10000.0))
     x = torch.randn(5, 2, 16)
-    assert torch.equal(apply_partial_rope(x.double(), cos, sin), apply_partial_rope(x.double(), cos.double(), sin.double()))
+    wide = apply_partial_rope(x.double(), cos.double(), sin.double())
+    assert torch.equal(apply_partial_rope(x.double(), cos, sin), wide)
     assert apply_partial_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
     assert torch.equal(apply_partial_rope(x, cos, sin)[..., 8:], x[..., 8:])
 
@@ -228,3 +229,35 @@ def test_fp32_path_is_unchanged_by_the_dtype_casts(monkeypatch):
     loss2, grads2 = loss_and_grads(model, ids)
     assert torch.equal(loss, loss2)
     assert all(torch.equal(grads[n], grads2[n]) for n in grads)
+
+
+# ------------------------------------------------------------------------------------------- compile warm-up
+
+
+def test_one_compiled_graph_per_loop_state():
+    """The training step (pgolf.train.loop.forward_backward marks the cu_seqlens length dynamic) compiles one graph
+    per loop state, whatever the segment count (the record: one per cu bucket and loop state). Dynamo's frame
+    count is what decides recompiles; the eager backend keeps the test fast."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from pgolf.model.attention import pad_cu_seqlens
+    from pgolf.train.loop import cu_seqlens_bucket, forward_backward
+
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(TINY, num_layers=3, xsa_last_n=3, loop_start=1, loop_end=1, parallel_residual_start=2)
+    model = GPT(cfg, train_seq_len=SEQ_LEN)
+    counter = CompileCounterWithBackend("eager")
+    step_model = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    for looping, expected in ((False, 1), (True, 2)):
+        model.looping = looping
+        buckets = set()
+        for bos_every in (40, 3):  # few segments (bucket 16), many (bucket 64)
+            ids = torch.randint(2, 300, (96,), generator=g)
+            ids[::bos_every] = 1
+            cu, max_seqlen = build_cu_seqlens(ids, 1, SEQ_LEN)
+            cu = pad_cu_seqlens(cu, cu_seqlens_bucket(cu.numel()))
+            buckets.add(cu.numel())
+            forward_backward(step_model, ids, torch.roll(ids, -1), cu, max_seqlen, 1, torch.device("cpu"), True)
+        assert len(buckets) == 2
+        assert counter.frame_count == expected, f"looping {looping}: {counter.frame_count} graphs"

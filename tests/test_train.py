@@ -168,6 +168,18 @@ def test_checkpoint_describes_itself(two_runs) -> None:
     assert lines[-1]["event"] == "train_done"
 
 
+def test_summary_records_the_attention_kernels_and_the_warm_up(two_runs) -> None:
+    root, one, _ = two_runs
+    summary = json.loads((root / "one" / "train_summary.json").read_text())
+    _, meta = load_checkpoint(root / "one" / "checkpoint")
+    assert summary["attention_backend"]["requested"] == "auto" and summary["attention_backend"]["resolved"] == "sdpa"
+    assert meta["attention_backend"] == summary["attention_backend"]
+    # compile_warmup_steps 1: its one step runs looping on (the second half of the warm-up); eager: no graphs
+    warm = summary["compile_warmup_by_loop_state"]
+    assert set(warm) == {"on"} and warm["on"]["steps"] == 1 and warm["on"]["graphs_compiled"] == 0
+    assert 0 < warm["on"]["seconds"] <= summary["compile_warmup_seconds"] <= summary["startup_seconds"]
+
+
 def test_corrupted_checkpoint_refused(two_runs, tmp_path: Path) -> None:
     root, _, _ = two_runs
     copy = tmp_path / "ckpt"

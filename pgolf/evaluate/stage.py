@@ -86,6 +86,7 @@ def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where
                          f"shape differs {sorted(shapes)[:5]})")
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     model.looping = cfg.loop_count > 1  # depth recurrence is always on at evaluation
+    model.set_attention_backend(device)  # model_config.attention_backend on this device (before any compile)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -298,6 +299,7 @@ def run_evaluation(
     t = time.perf_counter()
     model, header, load_timings = load_model_from_artifact(artifact, device)
     load_s = time.perf_counter() - t
+    attention = model.attention_choice
     t = time.perf_counter()
     val = load_validation(data_dir, tokenizer_path=tokenizer, byte_accounting=cfg.byte_accounting,
                           max_docs=cfg.max_docs, vocab_size=model.cfg.vocab_size)
@@ -362,6 +364,7 @@ def run_evaluation(
                      "input_hashes": header.get("input_hashes", {})},
         "artifact_sha256": hash_info["artifact_sha256"],
         "model_config": header.get("model_config"),
+        "attention_backend": attention,
         "evaluate_config": to_dict(cfg),
         "data": val.source,
         "world_size": info.world_size,

@@ -45,7 +45,8 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
 Runtime state (plain attributes, never tensors, so torch.compile guards on them and they are not saved):
   ``looping`` (depth recurrence on/off; False after construction - training switches it on, Hessians and
   evaluation must set it explicitly), ``train_seq_len`` (cut length used when cu_seqlens is not given),
-  ``bos_id``, ``attn_backend`` (None = best for the device), ``use_fused_kernels`` (the Triton kernels of
+  ``bos_id``, ``attn_backend`` (None = best for the device; ``set_attention_backend`` sets it from the recipe's
+  ``attention_backend`` and keeps the record in ``attention_choice``), ``use_fused_kernels`` (the Triton kernels of
   ``pgolf.model.kernels`` for the MLP up-projection + activation and the loss; default on when CUDA and triton are
   present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results).
 """
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgolf.model import kernels
-from pgolf.model.attention import attention, build_cu_seqlens, segment_positions
+from pgolf.model.attention import attention, build_cu_seqlens, resolve_backend, segment_positions
 from pgolf.model.rope import apply_partial_rope, rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
 from pgolf.config import ModelConfig
 
@@ -324,6 +325,7 @@ class GPT(nn.Module):
         self.train_seq_len = train_seq_len
         self.bos_id = bos_id
         self.attn_backend: Optional[str] = None
+        self.attention_choice: Optional[dict] = None
         self._use_fused_kernels = False  # set through the property below, once the blocks exist
 
         # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
@@ -344,14 +346,11 @@ class GPT(nn.Module):
 
         self.lm_head: nn.Module = TiedHead(self.tok_emb) if cfg.tie_embeddings else _linear(d, cfg.vocab_size)
 
-        # RoPE: frequencies and the cos/sin tables of positions 0..train_seq_len-1 (non-persistent buffers: graph
-        # inputs, computed once; longer segments fall back to computing their tables in the forward)
-        if cfg.rope_dims > 0:
+        if cfg.rope_dims > 0:  # non-persistent buffers: frequencies, cos/sin [train_seq_len, r/2] fp32 (see rope)
             inv_freq = rope_inv_freq(cfg.rope_dims, cfg.rope_base)
             cos, sin = rope_cache(max(int(train_seq_len), 1), inv_freq)
-            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
-            self.register_buffer("rope_cos", cos, persistent=False)  # [L, r/2] fp32
-            self.register_buffer("rope_sin", sin, persistent=False)
+            for name, t in (("rope_inv_freq", inv_freq), ("rope_cos", cos), ("rope_sin", sin)):
+                self.register_buffer(name, t, persistent=False)
         else:
             self.rope_inv_freq = self.rope_cos = self.rope_sin = None
         self.use_fused_kernels = kernels.fused_kernels_default()
@@ -367,6 +366,13 @@ class GPT(nn.Module):
         self._use_fused_kernels = bool(value)
         for block in self.blocks:
             block.mlp.use_fused_kernels = bool(value)
+
+    def set_attention_backend(self, device) -> dict:
+        """Resolve ``cfg.attention_backend`` on ``device`` (eagerly: before compiling) and use it; returns the
+        record that results carry (requested, resolved, versions, reason)."""
+        choice = resolve_backend(self.cfg.attention_backend, device)
+        self.attn_backend, self.attention_choice = choice.resolved, choice.as_record()
+        return self.attention_choice
 
     # ---------------------------------------------------------------------------------------------- structure
 
@@ -390,12 +396,11 @@ class GPT(nn.Module):
         hold garbage, and ``load_state_dict`` never sets them."""
         if self.rope_inv_freq is None:
             return
+        inv_freq = rope_inv_freq(self.cfg.rope_dims, self.cfg.rope_base)
+        values = (inv_freq, *rope_cache(self.rope_cos.shape[0], inv_freq))
         with torch.no_grad():
-            inv_freq = rope_inv_freq(self.cfg.rope_dims, self.cfg.rope_base)
-            cos, sin = rope_cache(self.rope_cos.shape[0], inv_freq)
-            self.rope_inv_freq.copy_(inv_freq)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+            for buf, t in zip((self.rope_inv_freq, self.rope_cos, self.rope_sin), values):
+                buf.copy_(t)
 
     def rope(self, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int) -> Optional[tuple[Tensor, Tensor]]:
         """cos, sin [T, 1, r/2] fp32 of every token's position in its segment (None without RoPE). Looked up in

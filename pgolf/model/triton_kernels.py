@@ -175,7 +175,9 @@ def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post:
     _launch_mlp(x, w, (w.stride(0), w.stride(1)), pre, post, slope, backward=False)
 
 
-def launch_mlp_act_grad(g: torch.Tensor, w_down: torch.Tensor, pre: torch.Tensor, dpre: torch.Tensor, slope: float) -> None:
+def launch_mlp_act_grad(
+    g: torch.Tensor, w_down: torch.Tensor, pre: torch.Tensor, dpre: torch.Tensor, slope: float
+) -> None:
     """dpre = (g @ w_down) * act'(pre) in one pass. g [M, K], w_down [K, N] (nn.Linear layout of the down
     projection: K = d outputs, N = 4d inputs), pre and dpre [M, N] of one layout."""
     if pre.stride() != dpre.stride():

@@ -195,11 +195,13 @@ def bench_train(
     peak_tflops: Optional[float] = None,
     seed: int = 0,
     profile_steps: int = 0,
+    attention_backend: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
 
     ``profile_steps`` > 0 adds, per phase, a torch.profiler breakdown of that many more steps
-    (:func:`profile_breakdown`)."""
+    (:func:`profile_breakdown`). ``attention_backend`` (auto, fa3, fa4, torch) overrides the recipe's
+    ``model.attention_backend``; the result records what it resolved to."""
     import torch
 
     from pgolf.model import kernels
@@ -213,6 +215,8 @@ def bench_train(
     if looping not in ("on", "off", "both"):
         raise ValueError(f"bench train: --looping expects on, off or both, got {looping!r}")
     model_cfg, train_cfg = run_cfg.model, run_cfg.train
+    if attention_backend is not None:
+        model_cfg = dataclasses.replace(model_cfg, attention_backend=attention_backend)
     device = resolve_device(device_kind)
     compile = train_cfg.compile if compile is None else compile
     compile_backend = compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
@@ -228,6 +232,7 @@ def bench_train(
     torch.manual_seed(seed)
     model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len, bos_id=BOS_ID).to(device)
     model.use_fused_kernels = fused
+    attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     optimizers = build_optimizers(param_groups(model), run_cfg.optim, muon_average_grads=False)
     rows = packed_rows(micro, model_cfg.vocab_size, train_cfg.train_seq_len, seed)
     bench = TrainBench(
@@ -301,6 +306,7 @@ def bench_train(
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
         "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
+        "attention_backend": attention,
         "compile": bool(compile),
         "compile_backend": compile_backend if compile else None,
         "params": sum(p.numel() for p in model.parameters()),
@@ -322,6 +328,7 @@ def _fmt(value: Optional[float], spec: str, none: str = "n/a") -> str:
 def train_summary_line(result: dict[str, Any]) -> str:
     head = (
         f"bench train {result['run']} on {result['device']}: fused {'on' if result['fused_kernels_active'] else 'off'}, "
+        f"attention {result['attention_backend']['resolved']}, "
         f"compile {result['compile_backend'] or 'off'}, {result['tokens_per_step']:,} tokens/step (accum {result['grad_accum_steps']})"
     )
     parts = []

@@ -229,8 +229,10 @@ def train_in_group(
 
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+    build_start = time.perf_counter()  # "start-up" = model construction to the first training step (as the record's)
     model = GPT(model_cfg).to(device)
     model.use_fused_kernels = train_cfg.fused_kernels and device.type == "cuda"
+    attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
     optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=False)  # grads averaged below, before clipping
     params = [p for p in model.parameters()]
@@ -259,12 +261,21 @@ def train_in_group(
 
     # Compile warm-up: run real steps (both loop states when looping is configured), then restore everything.
     warmup_start = time.perf_counter()
+    warmup_by_loop_state: dict[str, dict[str, Any]] = {}  # measurement only: steps, seconds, graphs per state
     if train_cfg.compile_warmup_steps > 0:
         saved_model = copy.deepcopy(model.state_dict())
         saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         for i in range(train_cfg.compile_warmup_steps):
             model.looping = can_loop and i >= train_cfg.compile_warmup_steps // 2
+            t_step, graphs_before = time.perf_counter(), _compiled_graph_count()
             run_step(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            entry = warmup_by_loop_state.setdefault("on" if model.looping else "off",
+                                                    {"steps": 0, "seconds": 0.0, "graphs_compiled": 0})
+            entry["steps"] += 1
+            entry["seconds"] += time.perf_counter() - t_step
+            entry["graphs_compiled"] += _compiled_graph_count() - graphs_before
         model.load_state_dict(saved_model)
         for opt, state in zip(optimizers, saved_opts):
             opt.load_state_dict(state)
@@ -272,6 +283,7 @@ def train_in_group(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     warmup_seconds = time.perf_counter() - warmup_start
+    startup_seconds = time.perf_counter() - build_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -361,6 +373,9 @@ def train_in_group(
         "tokens_seen": step * plan.train_batch_tokens,
         "train_seconds": train_seconds,
         "compile_warmup_seconds": warmup_seconds,
+        "compile_warmup_by_loop_state": warmup_by_loop_state,
+        "startup_seconds": startup_seconds,
+        "attention_backend": attention,
         "loop_enabled_step": loop_enabled_step,
         "ms_per_step": train_seconds * 1000.0 / max(step, 1),
         "ms_per_step_before_loop": _mean(step_times_ms["before_loop"]),
