@@ -261,3 +261,24 @@ def test_one_compiled_graph_per_loop_state():
             forward_backward(step_model, ids, torch.roll(ids, -1), cu, max_seqlen, 1, torch.device("cpu"), True)
         assert len(buckets) == 2
         assert counter.frame_count == expected, f"looping {looping}: {counter.frame_count} graphs"
+
+
+# ------------------------------------------------------------------------------------- step overheads (S5)
+
+
+def test_ema_foreach_update_equals_one_lerp_per_parameter():
+    from pgolf.train.loop import EMA
+
+    model = randomized()
+    with torch.no_grad():
+        model.tok_emb.weight.data = model.tok_emb.weight.data.bfloat16()  # bf16 storage: averaged in fp32
+    ema = EMA(model, 0.9965)
+    expected = {n: t.clone() for n, t in ema.shadow.items()}
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        ema.update(model)
+        for name, p in model.named_parameters():
+            expected[name].lerp_(p.detach().float(), 1.0 - 0.9965)
+    assert all(ema.shadow[n].dtype == torch.float32 and torch.equal(ema.shadow[n], t) for n, t in expected.items())
