@@ -210,6 +210,36 @@ def test_resolution_on_cpu():
         resolve_backend("flash", "cpu")
 
 
+@pytest.mark.parametrize(
+    "usable, expected",
+    [({"fa3", "fa4"}, "fa3"), ({"fa4"}, "fa4"), (set(), "torch_varlen")],
+    ids=["fa3-installed", "fa4-only", "neither"],
+)
+def test_auto_prefers_fa3_then_fa4_then_torch(monkeypatch, usable, expected):
+    asked = []
+
+    def status(name, device):
+        asked.append(name)
+        return "ok" if name in usable or name in ("torch_varlen", "sdpa") else f"{name} missing here"
+
+    monkeypatch.setattr(attn_mod, "_status", status)
+    cuda = torch.device("cuda")
+    choice = resolve_backend("auto", cuda)
+    assert choice.resolved == expected
+    assert "fa4" not in asked or "fa3" not in usable  # FA4 is imported only when FA3 cannot run
+    if "fa3" not in usable:  # the reason names what was passed over
+        assert "fa3: fa3 missing here" in choice.reason
+    if not usable:
+        assert "fa4: fa4 missing here" in choice.reason
+    assert resolve_backend("torch", cuda).resolved == "torch_varlen"
+    for name in ("fa3", "fa4"):
+        if name in usable:
+            assert resolve_backend(name, cuda).resolved == name
+        else:
+            with pytest.raises(RuntimeError, match=f"{name} missing here"):
+                resolve_backend(name, cuda)
+
+
 def test_model_records_its_backend():
     model = GPT(ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4,
                             xsa_last_n=2, loop_count=1, parallel_residual_start=-1, attention_backend="torch"))

@@ -188,25 +188,24 @@ def _sm(device: torch.device) -> Optional[int]:
     return 10 * major + minor
 
 
-def _usable(device: torch.device) -> dict[str, str]:
-    """Each backend's status on ``device``: "ok" or why not (probes FA4 on CUDA)."""
-    sm = _sm(device)
-    status = {"sdpa": "ok"}
+def _status(name: str, device: torch.device) -> str:
+    """"ok" when backend ``name`` can run on ``device``, else why not (probes FA4 only when asked about it)."""
+    if name == "sdpa":
+        return "ok"
     if device.type != "cuda":
-        return {"fa3": f"needs CUDA, got {device.type}", "fa4": f"needs CUDA, got {device.type}",
-                "torch_varlen": f"needs CUDA, got {device.type}", **status}
-    hopper = sm is None or sm // 10 == 9
-    status["fa3"] = _FA3_WHY if _FA3_FN is None else ("ok" if hopper else f"sm{sm}: FA3 is for Hopper")
-    ok, why = probe_fa4()
-    status["fa4"] = why if not ok else ("ok" if sm is None or sm // 10 in (9, 10, 11) else f"sm{sm}: no FA4 backward")
-    status["torch_varlen"] = "ok" if _TORCH_VARLEN_FN is not None else "torch.nn.attention.varlen is missing"
-    return status
+        return f"needs CUDA, got {device.type}"
+    sm = _sm(device)
+    if name == "fa3":
+        return _FA3_WHY if _FA3_FN is None else ("ok" if sm is None or sm // 10 == 9 else f"sm{sm}: FA3 is for Hopper")
+    if name == "fa4":
+        ok, why = probe_fa4()
+        return why if not ok else ("ok" if sm is None or sm // 10 in (9, 10, 11) else f"sm{sm}: no FA4 backward")
+    return "ok" if _TORCH_VARLEN_FN is not None else "torch.nn.attention.varlen is missing"
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends usable on ``device``, fastest first (fa3, fa4, torch_varlen, sdpa)."""
-    status = _usable(torch.device(device))
-    return [name for name in BACKENDS if status[name] == "ok"]
+    return [name for name in BACKENDS if _status(name, torch.device(device)) == "ok"]
 
 
 def select_backend(device: torch.device | str) -> str:
@@ -247,24 +246,26 @@ def resolve_backend(requested: str, device: torch.device | str) -> BackendChoice
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention_backend: expected one of {', '.join(ATTENTION_BACKENDS)}, got {requested!r}")
     device = torch.device(device)
-    status = _usable(device)
     versions = {"torch": torch.__version__, "flash_attn_3": _version("flash_attn_3", "flash-attn-3"),
                 "flash_attn_4": _version("flash-attn-4")}
     if requested in ("fa3", "fa4"):
-        if status[requested] != "ok":
-            raise RuntimeError(f"model.attention_backend {requested!r} cannot run on {device}: {status[requested]}")
+        why = _status(requested, device)
+        if why != "ok":
+            raise RuntimeError(f"model.attention_backend {requested!r} cannot run on {device}: {why}")
         return BackendChoice(requested, requested, versions, "requested")
     if device.type != "cuda":
         return BackendChoice(requested, "sdpa", versions, f"{device.type}: banded block-diagonal SDPA")
-    if requested == "auto":
+    passed_over = []
+    if requested == "auto":  # FA4 is probed (imported) only when FA3 cannot run
         for name in ("fa3", "fa4"):
-            if status[name] == "ok":
-                skipped = "" if name == "fa3" else f"; fa3: {status['fa3']}"
-                return BackendChoice(requested, name, versions, f"fastest usable{skipped}")
-    if status["torch_varlen"] != "ok":
-        raise RuntimeError(f"model.attention_backend {requested!r}: no CUDA varlen kernels ({status['torch_varlen']})")
-    why = "requested" if requested == "torch" else f"fa3: {status['fa3']}; fa4: {status['fa4']}"
-    return BackendChoice(requested, "torch_varlen", versions, why)
+            why = _status(name, device)
+            if why == "ok":
+                return BackendChoice(requested, name, versions, "; ".join(["fastest usable", *passed_over]))
+            passed_over.append(f"{name}: {why}")
+    why = _status("torch_varlen", device)
+    if why != "ok":
+        raise RuntimeError(f"model.attention_backend {requested!r}: no CUDA varlen kernels ({why})")
+    return BackendChoice(requested, "torch_varlen", versions, "; ".join(passed_over) or "requested")
 
 
 # --------------------------------------------------------------------------------------------------------------

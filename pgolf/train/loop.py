@@ -235,7 +235,7 @@ def train_in_group(
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     build_start = time.perf_counter()  # "start-up" = model construction to the first training step (as the record's)
-    model = GPT(model_cfg).to(device)
+    model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len).to(device)  # (its RoPE tables' length)
     model.use_fused_kernels = train_cfg.fused_kernels and device.type == "cuda"
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
