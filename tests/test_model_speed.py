@@ -235,13 +235,12 @@ def test_fp32_path_is_unchanged_by_the_dtype_casts(monkeypatch):
 
 
 def test_one_compiled_graph_per_loop_state():
-    """The training step (pgolf.train.loop.forward_backward marks the cu_seqlens length dynamic) compiles one graph
-    per loop state, whatever the segment count (the record: one per cu bucket and loop state). Dynamo's frame
-    count is what decides recompiles; the eager backend keeps the test fast."""
+    """The training step (pgolf.train.step.forward_backward marks the cu_seqlens length dynamic) compiles one graph
+    per loop state, whatever the segment count and padding (the record: one per padded length and loop state).
+    Dynamo's frame count is what decides recompiles; the eager backend keeps the test fast."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from pgolf.model.attention import pad_cu_seqlens
-    from pgolf.train.loop import cu_seqlens_bucket, forward_backward
+    from pgolf.train.step import forward_backward, micro_batch_segments
 
     torch._dynamo.reset()
     cfg = dataclasses.replace(TINY, num_layers=3, xsa_last_n=3, loop_start=1, loop_end=1, parallel_residual_start=2)
@@ -251,34 +250,34 @@ def test_one_compiled_graph_per_loop_state():
     g = torch.Generator().manual_seed(0)
     for looping, expected in ((False, 1), (True, 2)):
         model.looping = looping
-        buckets = set()
-        for bos_every in (40, 3):  # few segments (bucket 16), many (bucket 64)
-            ids = torch.randint(2, 300, (96,), generator=g)
+        lengths = set()
+        # few segments padded to a power of two (16) or to 64 (the record's padding); many segments (128)
+        for bos_every, pad in ((60, "pow2"), (60, "multiple_of_64"), (3, "pow2")):
+            ids = torch.randint(2, 300, (192,), generator=g)
             ids[::bos_every] = 1
-            cu, max_seqlen = build_cu_seqlens(ids, 1, SEQ_LEN)
-            cu = pad_cu_seqlens(cu, cu_seqlens_bucket(cu.numel()))
-            buckets.add(cu.numel())
+            cu, max_seqlen = micro_batch_segments(ids, SEQ_LEN, pad)
+            lengths.add(cu.numel())
             forward_backward(step_model, ids, torch.roll(ids, -1), cu, max_seqlen, 1, torch.device("cpu"), True)
-        assert len(buckets) == 2
+        assert lengths == {16, 64, 128}
         assert counter.frame_count == expected, f"looping {looping}: {counter.frame_count} graphs"
 
 
 # ------------------------------------------------------------------------------------- step overheads (S5)
 
 
-def test_ema_foreach_update_equals_one_lerp_per_parameter():
-    from pgolf.train.loop import EMA
+def test_ema_foreach_update_equals_one_multiply_add_per_parameter():
+    from pgolf.train.storage import EMA
 
     model = randomized()
     with torch.no_grad():
-        model.tok_emb.weight.data = model.tok_emb.weight.data.bfloat16()  # bf16 storage: averaged in fp32
+        model.tok_emb.weight.data = model.tok_emb.weight.data.bfloat16()  # train.param_storage: record
     ema = EMA(model, 0.9965)
     expected = {n: t.clone() for n, t in ema.shadow.items()}
     for step in range(3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.01)
-        ema.update(model)
-        for name, p in model.named_parameters():
-            expected[name].lerp_(p.detach().float(), 1.0 - 0.9965)
+        ema.update()
+        for name, t in model.state_dict().items():
+            expected[name].mul_(0.9965).add_(t, alpha=1.0 - 0.9965)
     assert all(ema.shadow[n].dtype == torch.float32 and torch.equal(ema.shadow[n], t) for n, t in expected.items())

@@ -34,8 +34,7 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
     embedding (``train.param_storage: record``) keeps the whole stream in bf16 under autocast. For the same reason
     ``rms_norm`` returns its input's dtype (torch >= 2.12's CUDA autocast would return fp32) and the RoPE tables
     are cast to q/k's dtype; in fp32 every one of these casts is the identity (tests/test_model_speed.py).
-  * RoPE cos/sin are non-persistent fp32 buffers for positions 0..train_seq_len-1, looked up per token (position
-    in its segment): the compiled graph has no cos/sin to evaluate in every q/k kernel.
+  * RoPE cos/sin are fp32 buffers for positions 0..train_seq_len-1, looked up per token (position in segment).
   * SmearGate masks x_{t-1} only at BOS (the record's fix): a document cut into several attention segments
     keeps smearing across the cut (same document, causal). The row's first token has no predecessor (zero).
   * Single-lane block: ``x_in = resid_mix[0] * x + resid_mix[1] * x0`` REPLACES the residual (as in the record
@@ -138,7 +137,10 @@ class TiedHead(nn.Module):
         return self._embedding.weight  # [V, d]
 
     def forward(self, h: Tensor) -> Tensor:  # [T, d] -> [T, V]
-        return F.linear(h, self._embedding.weight)
+        weight = self._embedding.weight
+        if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+            weight = weight.to(h.dtype)  # a bf16-stored embedding on an fp32 stream (runs without autocast)
+        return F.linear(h, weight)
 
 
 class SmearGate(nn.Module):
@@ -368,8 +370,7 @@ class GPT(nn.Module):
             block.mlp.use_fused_kernels = bool(value)
 
     def set_attention_backend(self, device) -> dict:
-        """Resolve ``cfg.attention_backend`` on ``device`` (eagerly: before compiling) and use it; returns the
-        record that results carry (requested, resolved, versions, reason)."""
+        """Resolve ``cfg.attention_backend`` on ``device`` (before compiling) and use it; returns the record."""
         choice = resolve_backend(self.cfg.attention_backend, device)
         self.attn_backend, self.attention_choice = choice.resolved, choice.as_record()
         return self.attention_choice
@@ -392,8 +393,7 @@ class GPT(nn.Module):
         return min(encoder, num_applications - encoder)
 
     def reset_buffers(self) -> None:
-        """Recompute the non-persistent buffers (RoPE frequencies and tables) in place: after ``to_empty`` they
-        hold garbage, and ``load_state_dict`` never sets them."""
+        """Recompute the non-persistent RoPE buffers in place (``to_empty`` leaves them uninitialized)."""
         if self.rope_inv_freq is None:
             return
         inv_freq = rope_inv_freq(self.cfg.rope_dims, self.cfg.rope_base)
@@ -515,7 +515,9 @@ class GPT(nn.Module):
         T = input_ids.shape[0]
         ctx = (self.rope(cu_seqlens, T, max_seqlen), cu_seqlens, max_seqlen, self.attn_backend)
 
-        x = self.tok_emb(input_ids)  # [T, d]
+        x = self.tok_emb(input_ids)  # [T, d]; bf16 under train.param_storage: record
+        if x.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # no autocast (CPU runs): the fp32 matrices need an fp32 stream; bf16 values are exact in fp32
         if self.smear is not None:
             x = self.smear(x, input_ids, self.bos_id)  # on the raw embedding, then the norm (the record's order)
         x = rms_norm(x)

@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg = section_from_json(ModelConfig, args.model_json, "--model-json")
     optim_cfg = section_from_json(OptimConfig, args.optim_json, "--optim-json")
     train_cfg = section_from_json(TrainConfig, args.train_json, "--train-json")
-    train(model_cfg, optim_cfg, train_cfg, args.seed, args.data_dir, args.out_dir, args.device)
+    train(model_cfg, optim_cfg, train_cfg, args.seed, args.data_dir, args.out_dir, args.device, args.init_checkpoint)
     return 0
 
 
@@ -35,6 +35,11 @@ def _register_train(commands) -> None:
     p.add_argument("--data-dir", required=True, help="shards directory (verified by the data stage)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument(
+        "--init-checkpoint", default=None, metavar="DIR",
+        help="start from this pgolf checkpoint's weights instead of the seeded init (e.g. the record script's initial "
+        "weights imported with `pgolf checkpoint import-record`); its model_config must equal --model-json",
+    )
     p.set_defaults(func=_train)
 
 
