@@ -121,7 +121,8 @@ def test_cpu_tensors_take_the_reference_path():
 
 def test_mlp_reference_is_the_unfused_module_math():
     gen = torch.Generator().manual_seed(3)
-    x, w_up, w_down = torch.randn(2, 9, 16, generator=gen), torch.randn(24, 16, generator=gen), torch.randn(16, 24, generator=gen)
+    x = torch.randn(2, 9, 16, generator=gen)
+    w_up, w_down = torch.randn(24, 16, generator=gen), torch.randn(16, 24, generator=gen)
     expected = mlp_activation(x @ w_up.t(), "leaky_relu_sq", 0.5) @ w_down.t()
     torch.testing.assert_close(kernels.mlp_reference(x, w_up, w_down, 0.5), expected)
     if not kernels.interpreter_active():
@@ -295,7 +296,8 @@ def test_kernels_compile_for_h100():
         ttgir = compiled.asm["ttgir"]
         assert "warp_group_dot" in ttgir, f"{what}: no wgmma"
         assert "async_copy_global_to_local" in ttgir, f"{what}: K loop not software-pipelined"
-        assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} bytes of shared memory"
+        shared = compiled.metadata.shared
+        assert shared <= H100_MAX_SHARED_BYTES, f"{what}: {shared} bytes of shared memory"
 
     fwd_sig = {
         "z_ptr": "*bf16",
@@ -404,6 +406,7 @@ TRAIN_FIELDS = {
     "fused_kernels",
     "fused_kernels_active",
     "attention_backend",
+    "param_storage",
     "compile",
     "compile_backend",
     "params",
@@ -496,6 +499,18 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     # looping adds block applications, hence FLOPs per token
     assert result["phases"][1]["forward_flops_per_token"] > result["phases"][0]["forward_flops_per_token"]
     assert "bench train smoke" in stderr and "loop off" in stderr and "loop on" in stderr
+
+
+def test_bench_train_stores_parameters_and_pads_like_the_training_stage():
+    """The record's bf16 embedding (hence bf16 stream under autocast) and its cu_seqlens padding reach the bench."""
+    import dataclasses
+
+    cfg = load_run_config(SMOKE)
+    train = dataclasses.replace(cfg.train, param_storage="record", cu_seqlens_pad="multiple_of_64")
+    result = bench.bench_train(dataclasses.replace(cfg, train=train), steps=1, warmup=0, grad_accum=1,
+                               micro_batch_tokens=512, looping="off", device_kind="cpu")
+    assert result["param_storage"] == "record" and result["phases"][0]["loss_finite"]
+    assert all(n % 64 == 0 for n in result["cu_seqlens_shapes"])
 
 
 def test_kernel_categories_of_profile_names():
