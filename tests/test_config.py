@@ -71,6 +71,8 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
         ({"seeds": [1, 1]}, "seeds: duplicates"),
         ({"mode": "record", "data": {"val_docs": 10}}, "official 50,000 validation documents"),
         ({"extra": 1}, "unknown key(s) extra"),
+        ({"train": {"param_storage": "record"}}, "evaluate.param_storage (fp32) must equal train.param_storage (record)"),
+        ({"evaluate": {"diagnostic_scoring": "record_flat"}}, "evaluate: score_next_bos: diagnostic_scoring 'record_flat'"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str) -> None:

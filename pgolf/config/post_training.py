@@ -17,11 +17,30 @@ class HessianConfig:
     batches: int = 16
     batch_rows: int = 48  # sequences per batch
     seq_len: int = 2048
+    # H = sum(x^T x) / n: "rows" (pgolf's): n = rows the hook saw (tokens x applications of the layer);
+    # "batches" (the record's): n = calibration batches
+    normalize: Literal["rows", "batches"] = "rows"
+    # which rows: "uniform" (pgolf's): seeded offsets over the whole training stream; "record": the record's
+    # shuffled-sequence sampler of rank sampler_rank of sampler_world_size (its own seed, not the run's)
+    sampler: Literal["uniform", "record"] = "uniform"
+    sampler_world_size: int = 8
+    sampler_rank: int = 0
+    # attention span of a calibration row: "documents" (pgolf's, as in training: BOS starts a segment, positions
+    # restart there) or "rows" (the record's: causal over the whole row, across documents)
+    attention: Literal["documents", "rows"] = "documents"
+    # "autocast" (pgolf's: fp32 weights under bf16 autocast on CUDA) or "bfloat16" (the record's: a bf16 copy of
+    # the model, no autocast, so the residual stream is bf16 too)
+    forward_dtype: Literal["autocast", "bfloat16"] = "autocast"
 
     def __post_init__(self) -> None:
         check(self.batches >= 1, f"batches: expected >= 1, got {self.batches}")
         check(self.batch_rows >= 1, f"batch_rows: expected >= 1, got {self.batch_rows}")
         check(self.seq_len >= 2, f"seq_len: expected >= 2, got {self.seq_len}")
+        check(self.sampler_world_size >= 1, f"sampler_world_size: expected >= 1, got {self.sampler_world_size}")
+        check(
+            0 <= self.sampler_rank < self.sampler_world_size,
+            f"sampler_rank: expected 0 <= rank < sampler_world_size ({self.sampler_world_size}), got {self.sampler_rank}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +54,37 @@ class QuantizeConfig:
     embed_bits: int = 7
     embed_clip_sigmas: float = 14.0
     gate_bits: int = 8  # attention gate, per-row int8
+    # the attention gate is int8 only with gate_min_elements <= numel <= gate_max_elements (null: no upper
+    # limit; pgolf's: 1 and null); outside it the size rule below applies (the record's window: 32..8192)
+    gate_min_elements: int = 1
+    gate_max_elements: Optional[int] = None
     passthrough_max_elements: int = 65_536  # smaller tensors stay fp16
+    # true (the record's): the size rule comes first for every tensor, so attention/MLP/embedding matrices of
+    # <= passthrough_max_elements stay fp16; false (pgolf's): those roles are always GPTQ-quantized
+    small_matrix_passthrough: bool = False
     gptq_block_size: int = 128
     gptq_damp: float = 0.01  # times mean(diag H)
     act_order: bool = True
-    lqer_mode: Literal["off", "asym", "sym"] = "asym"
+    # SDClip's row std: "unbiased" (the record's, divides by cols - 1) or "population" (pgolf's earlier, by cols)
+    sdclip_std: Literal["unbiased", "population"] = "unbiased"
+    # input features that never fire (diag H == 0): "keep" (pgolf's: their weights rounded to nearest, which a
+    # tied embedding needs on its input side) or "zero" (the record's: their codes are 0)
+    gptq_dead_columns: Literal["keep", "zero"] = "keep"
+    # "asym" = the record's codebook (float32 SVD; A int2 [-2, 1] with one scale max|A| / 1.5; B int4 [-8, 7] per
+    # group of 64 with scale max / 7.5; per-row int4 "rowsym" factors when rank * cols is not a multiple of the
+    # group); "asym_search" = pgolf's (float64 SVD, signs flipped, A scale grid-searched, B [-7, 7]);
+    # "sym" = int4 [-7, 7] groups along A^T and B
+    lqer_mode: Literal["off", "asym", "asym_search", "sym"] = "asym_search"
     lqer_top_k: int = 3
     lqer_rank: int = 4
     lqer_group_size: int = 64
+    # which tensors get LQER: "output_error" (pgolf's: largest trace(D H D^T)) or "weight_fro" (the record's:
+    # largest ||W - W_hat||_F); keep_if_better true (pgolf's) keeps a correction only if it lowers the output error
+    lqer_rank_by: Literal["output_error", "weight_fro"] = "output_error"
+    lqer_keep_if_better: bool = True
+    # dtype the dequantized embedding is rounded through: "float32" (pgolf's: no rounding) or "bfloat16" (the
+    # record's: its evaluation model holds tok_emb in bf16)
+    dequant_embed_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         for name in ("attn_bits", "mlp_bits", "embed_bits", "gate_bits"):
@@ -54,6 +96,11 @@ class QuantizeConfig:
         check(self.gptq_damp >= 0, "gptq_damp: expected >= 0")
         check(self.lqer_top_k >= 0 and self.lqer_rank >= 1, "lqer_top_k/lqer_rank: expected top_k >= 0, rank >= 1")
         check(self.lqer_group_size >= 1, "lqer_group_size: expected >= 1")
+        check(self.gate_min_elements >= 0, f"gate_min_elements: expected >= 0, got {self.gate_min_elements}")
+        check(
+            self.gate_max_elements is None or self.gate_max_elements >= self.gate_min_elements,
+            f"gate_max_elements: expected null or >= gate_min_elements ({self.gate_min_elements}), got {self.gate_max_elements}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +251,30 @@ class EvaluateConfig:
     byte_accounting: Literal["auto", "sidecar", "lut"] = "auto"
     max_docs: int = 0
     progress_every_seconds: float = 15.0
+    # Where PR #1855's metric differs from pgolf's, both are named options: these defaults keep pgolf's, config.yaml
+    # sets the record's (issue 15; pgolf/evaluate/valdata.py and scoring.py say exactly what each computes).
+    # ``record``: the stream cut to (N - 1) // eval_seq_len * eval_seq_len + 1 tokens, as the record loads it;
+    # ``none`` (pgolf): the whole stream is scored.
+    stream_truncation: Literal["none", "record"] = "none"
+    # true (PR #1855): the next document's BOS is a target of the document before it, with 0 bytes (N - 1 targets);
+    # false (pgolf): a BOS is never a target (N - D targets).
+    score_next_bos: bool = False
+    # The no-TTT diagnostics (pre-/post-quant). ``documents`` (pgolf): every target once, each document on its own
+    # windows. ``record_flat`` (PR #1855's eval_val, comparable with its "diagnostic" log lines): the stream in
+    # contiguous rows of record_flat_batch_seqs * eval_seq_len tokens split over record_flat_world_size ranks the
+    # record's way (each rank's tail dropped), every target of a row scored; attention windows restart at each
+    # BOS and every eval_seq_len tokens after it. pgolf's process count does not change the number.
+    diagnostic_scoring: Literal["documents", "record_flat"] = "documents"
+    record_flat_world_size: int = 8  # the record's GPU count (its logs are 8-GPU numbers)
+    record_flat_batch_seqs: int = 32  # rows of eval_seq_len per batch: VAL_BATCH_TOKENS 524288 / 8 ranks / 2048
+    # dtype of the softcap at scoring. ``model`` (PR #1855): cap * tanh(z / cap) on the head's output in its own
+    # dtype (bf16 under CUDA autocast), then float32 for the cross-entropy; ``float32`` (pgolf): on float32 logits.
+    softcap_dtype: Literal["float32", "model"] = "float32"
+    # Parameter storage of the model built from the artifact (same names as train.param_storage). ``record``
+    # (PR #1855's deserialize: a bf16 template, W.to(orig_dtype)): the token embedding's dequantized values rounded
+    # to bf16 (held in float32); ``fp32`` (pgolf): as dequantized. A recipe sets it equal to train.param_storage
+    # (checked); the pre-quant diagnostic builds a checkpoint under the storage it was trained under.
+    param_storage: Literal["fp32", "record"] = "fp32"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
 
     def __post_init__(self) -> None:
@@ -217,6 +288,13 @@ class EvaluateConfig:
         check(self.compile_warmup_steps >= 0, f"compile_warmup_steps: expected >= 0, got {self.compile_warmup_steps}")
         check(self.max_docs >= 0, f"max_docs: expected >= 0 (0 = all), got {self.max_docs}")
         check(self.progress_every_seconds > 0, f"progress_every_seconds: expected > 0, got {self.progress_every_seconds}")
+        check(self.record_flat_world_size >= 1, f"record_flat_world_size: expected >= 1, got {self.record_flat_world_size}")
+        check(self.record_flat_batch_seqs >= 1, f"record_flat_batch_seqs: expected >= 1, got {self.record_flat_batch_seqs}")
+        check(
+            self.diagnostic_scoring != "record_flat" or self.score_next_bos,
+            "score_next_bos: diagnostic_scoring 'record_flat' scores every target of its rows, next-document BOS "
+            "included (the record's eval_val); expected true with it, so the diagnostics and the score count the same targets",
+        )
 
 
 _DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")

@@ -31,10 +31,8 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
   * RoPE turns each (x1, x2) pair by MINUS the angle, with the record's frequencies rounded to bf16 (its models
     are cast to bf16 and its inv_freq buffer is never restored to fp32): ``rope_inv_freq``.
   * Every scalar parameter is cast to the residual stream's dtype where it is used, as the record does, so a bf16
-    embedding (``train.param_storage: record``) keeps the whole stream in bf16 under autocast. For the same reason
-    ``rms_norm`` returns its input's dtype (torch >= 2.12's CUDA autocast would return fp32) and the RoPE tables
-    are cast to q/k's dtype; in fp32 every one of these casts is the identity (tests/test_model_speed.py).
-  * RoPE cos/sin are fp32 buffers for positions 0..train_seq_len-1, looked up per token (position in segment).
+    embedding (``train.param_storage: record``) keeps the whole stream in bf16 under autocast; so do ``rms_norm``
+    (torch >= 2.12's autocast would widen it) and the RoPE tables (fp32 buffers looked up per token, cast to q/k).
   * SmearGate masks x_{t-1} only at BOS (the record's fix): a document cut into several attention segments
     keeps smearing across the cut (same document, causal). The row's first token has no predecessor (zero).
   * Single-lane block: ``x_in = resid_mix[0] * x + resid_mix[1] * x0`` REPLACES the residual (as in the record
@@ -62,7 +60,8 @@ from torch import Tensor
 
 from pgolf.model import kernels
 from pgolf.model.attention import attention, build_cu_seqlens, resolve_backend, segment_positions
-from pgolf.model.rope import apply_partial_rope, rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
+from pgolf.model.rope import ROPE_BUFFERS, apply_partial_rope, rope_buffers, segment_rope
+from pgolf.model.rope import rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
 from pgolf.config import ModelConfig
 
 ROLES = ("attn", "mlp", "embedding", "head", "attn_gate", "gate", "scalar")
@@ -157,11 +156,15 @@ class SmearGate(nn.Module):
         self.gate = _linear(window, 1)
         self.lam = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, input_ids: Tensor, bos_id: int) -> Tensor:  # x [T, d], ids [T]
+    def forward(self, x: Tensor, input_ids: Tensor, bos_id: int, reset: Optional[Tensor] = None) -> Tensor:
+        """x [T, d], ids [T]; ``reset`` bool [T]: tokens with no predecessor (starts of independent rows packed
+        into one stream, e.g. Hessian calibration rows)."""
         prev = F.pad(x[:-1], (0, 0, 1, 0))  # [T, d]; the row's first token has no predecessor
         g = torch.sigmoid(self.gate(x[:, : self.window]))  # [T, 1]
         if self.bos_mask:
             g = g * (input_ids != bos_id).to(g.dtype)[:, None]
+        if reset is not None:
+            g = g * (~reset).to(g.dtype)[:, None]
         return x + (self.lam.to(x.dtype) * g.to(x.dtype)) * prev
 
 
@@ -348,13 +351,13 @@ class GPT(nn.Module):
 
         self.lm_head: nn.Module = TiedHead(self.tok_emb) if cfg.tie_embeddings else _linear(d, cfg.vocab_size)
 
-        if cfg.rope_dims > 0:  # non-persistent buffers: frequencies, cos/sin [train_seq_len, r/2] fp32 (see rope)
-            inv_freq = rope_inv_freq(cfg.rope_dims, cfg.rope_base)
-            cos, sin = rope_cache(max(int(train_seq_len), 1), inv_freq)
-            for name, t in (("rope_inv_freq", inv_freq), ("rope_cos", cos), ("rope_sin", sin)):
+        if cfg.rope_dims > 0:  # non-persistent: frequencies, cos/sin [train_seq_len, r/2] fp32 (pgolf.model.rope)
+            for name, t in zip(ROPE_BUFFERS, rope_buffers(cfg.rope_dims, cfg.rope_base, max(int(train_seq_len), 1))):
                 self.register_buffer(name, t, persistent=False)
         else:
             self.rope_inv_freq = self.rope_cos = self.rope_sin = None
+        # the dtype the model was cast to (a buffer follows .to(dtype)); the embedding alone may be stored in bf16
+        self.register_buffer("_dtype_probe", torch.zeros(()), persistent=False)
         self.use_fused_kernels = kernels.fused_kernels_default()
         self.reset_parameters()
 
@@ -394,23 +397,11 @@ class GPT(nn.Module):
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent RoPE buffers in place (``to_empty`` leaves them uninitialized)."""
-        if self.rope_inv_freq is None:
-            return
-        inv_freq = rope_inv_freq(self.cfg.rope_dims, self.cfg.rope_base)
-        values = (inv_freq, *rope_cache(self.rope_cos.shape[0], inv_freq))
-        with torch.no_grad():
-            for buf, t in zip((self.rope_inv_freq, self.rope_cos, self.rope_sin), values):
-                buf.copy_(t)
-
-    def rope(self, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int) -> Optional[tuple[Tensor, Tensor]]:
-        """cos, sin [T, 1, r/2] fp32 of every token's position in its segment (None without RoPE). Looked up in
-        the cached tables when every segment fits them (``max_seqlen`` bounds the segments), else computed."""
-        if self.rope_inv_freq is None:
-            return None
-        positions = segment_positions(cu_seqlens, num_tokens)  # int64 [T]
-        if max_seqlen > self.rope_cos.shape[0]:
-            return rope_tables(positions, self.rope_inv_freq)
-        return self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]
+        if self.rope_inv_freq is not None:
+            with torch.no_grad():
+                values = rope_buffers(self.cfg.rope_dims, self.cfg.rope_base, len(self.rope_cos))
+                for name, t in zip(ROPE_BUFFERS, values):
+                    getattr(self, name).copy_(t)
 
     def reset_parameters(self) -> None:
         """Record init: embedding N(0, embed_init_std); q, k, v, up orthogonal; o, down, gates, untied head zero."""
@@ -509,17 +500,25 @@ class GPT(nn.Module):
             return x + w
         return torch.lerp(w, x, torch.sigmoid(self.skip_gates[slot].to(x.dtype)))
 
-    def forward_hidden(self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
-        """Final-normed hidden states [T, d] (the LM head's input)."""
+    def forward_hidden(
+        self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+        smear_reset: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Final-normed hidden states [T, d] (the LM head's input). ``smear_reset`` (bool [T]): see SmearGate."""
         cu_seqlens, max_seqlen = self._segments(input_ids, cu_seqlens, max_seqlen)
         T = input_ids.shape[0]
-        ctx = (self.rope(cu_seqlens, T, max_seqlen), cu_seqlens, max_seqlen, self.attn_backend)
+        rope = None if self.rope_inv_freq is None else segment_rope(
+            cu_seqlens, T, max_seqlen, self.rope_inv_freq, self.rope_cos, self.rope_sin)
+        ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
         x = self.tok_emb(input_ids)  # [T, d]; bf16 under train.param_storage: record
-        if x.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type):
-            x = x.float()  # no autocast (CPU runs): the fp32 matrices need an fp32 stream; bf16 values are exact in fp32
+        stream_dtype = self._dtype_probe.dtype  # follows .to(dtype) casts of the whole model, not the embedding's storage
+        if x.dtype != stream_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(stream_dtype)  # no autocast (CPU runs): a bf16-stored embedding on fp32 matrices (exact values)
         if self.smear is not None:
-            x = self.smear(x, input_ids, self.bos_id)  # on the raw embedding, then the norm (the record's order)
+            # on the raw embedding, then the norm (the record's order); wrappers (evaluate.lora.SlotSmear) take 3 args
+            extra = () if smear_reset is None else (smear_reset,)
+            x = self.smear(x, input_ids, self.bos_id, *extra)
         x = rms_norm(x)
         if self.bigram_hash is not None:
             x = x + self.bigram_hash(input_ids).to(x.dtype)  # [T, d]

@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pgolf.model.attention import segment_positions
+
+ROPE_BUFFERS = ("rope_inv_freq", "rope_cos", "rope_sin")  # the model's non-persistent buffers, in this order
+
 
 def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     """cos, sin of shape [T, 1, rope_dims // 2] (fp32) for per-token positions [T], computed on the spot.
@@ -53,3 +57,20 @@ def rope_inv_freq(rope_dims: int, base: float) -> Tensor:
     float32-then-bf16 values."""
     exact = [base ** (-i / rope_dims) for i in range(0, rope_dims, 2)]
     return torch.tensor(exact, dtype=torch.float32).to(torch.bfloat16).to(torch.float32)
+
+
+def rope_buffers(rope_dims: int, base: float, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The model's RoPE buffers (:data:`ROPE_BUFFERS`): frequencies [r/2] and cos/sin [length, r/2], fp32."""
+    inv_freq = rope_inv_freq(rope_dims, base)
+    return (inv_freq, *rope_cache(length, inv_freq))
+
+
+def segment_rope(
+    cu_seqlens: Tensor, num_tokens: int, max_seqlen: int, inv_freq: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [T, 1, r/2] fp32 of every token's position in its segment: looked up in the cached tables
+    ``cos``/``sin`` [L, r/2] when every segment fits them (``max_seqlen`` bounds the segments), else computed."""
+    positions = segment_positions(cu_seqlens, num_tokens)  # int64 [T]
+    if max_seqlen > cos.shape[0]:
+        return rope_tables(positions, inv_freq)
+    return cos[positions][:, None, :], sin[positions][:, None, :]
