@@ -176,6 +176,16 @@ def test_recipe_switches_decide_what_is_left_out() -> None:
     assert count_code_bytes(bundle.text, "wrapper") < count_code_bytes(build_bundle(lut, minify=True).text, "wrapper")
 
 
+def test_flash_attention_4_ops_are_left_out_unless_the_recipe_may_use_them() -> None:
+    record = load_run_config(REPO_ROOT / "config.yaml")
+    assert record.model.attention_backend == "auto" and "pgolf.model.flash4" in reachable_modules()
+    for backend, left_out in (("auto", False), ("fa4", False), ("fa3", True), ("torch", True)):
+        cfg = dataclasses.replace(record, model=dataclasses.replace(record.model, attention_backend=backend))
+        assert ("pgolf.model.flash4" in left_out_modules(cfg)) == left_out, backend
+    cfg = dataclasses.replace(record, model=dataclasses.replace(record.model, attention_backend="torch"))
+    assert "pgolf.model.flash4" not in reachable_modules(left_out=frozenset(left_out_modules(cfg)))
+
+
 def test_real_selection_has_the_record_path_and_no_cli_or_hub_code() -> None:
     modules = reachable_modules()
     for needed in ("pgolf", "pgolf.artifact.record_run", "pgolf.train.loop", "pgolf.quantize.hessians", "pgolf.quantize.stage", "pgolf.artifact.pack",

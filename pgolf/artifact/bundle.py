@@ -220,6 +220,8 @@ def left_out_modules(cfg: RunConfig) -> dict[str, str]:
         out["pgolf.data.caseops"] = reason
     if cfg.evaluate.ttt.bigram_hash_buckets == 0:
         out["pgolf.evaluate.bigram_hash"] = "evaluate.ttt.bigram_hash_buckets is 0"
+    if cfg.model.attention_backend in ("fa3", "torch"):
+        out["pgolf.model.flash4"] = f"model.attention_backend is {cfg.model.attention_backend!r}: never FlashAttention 4"
     return out
 
 

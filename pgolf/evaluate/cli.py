@@ -186,6 +186,7 @@ def _bench_eval(args: argparse.Namespace) -> int:
         device_kind=args.device,
         val_tokens=args.val_tokens,
         seed=args.seed,
+        attention_backend=args.attention_backend,
     )
     emit_bench_result(result, eval_summary_line(result), args.out)
     return 0

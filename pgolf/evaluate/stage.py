@@ -98,13 +98,12 @@ def apply_eval_storage(state: dict[str, torch.Tensor], param_storage: str) -> di
 
 
 def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where: str, param_storage: str = "fp32"):
-    from pgolf.model.gpt import GPT, rope_inv_freq
+    from pgolf.model.gpt import GPT
 
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to_empty(device=device)
-    if cfg.rope_dims > 0:  # a non-persistent buffer: recompute it (to_empty left it uninitialized)
-        model.rope_inv_freq.copy_(rope_inv_freq(cfg.rope_dims, cfg.rope_base))
+    model.reset_buffers()  # the non-persistent RoPE buffers: to_empty left them uninitialized
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state.items()}
     if expected != got:
@@ -115,6 +114,7 @@ def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where
     state = apply_eval_storage({k: v.to(torch.float32) for k, v in state.items()}, param_storage)
     model.load_state_dict(state, strict=True)
     model.looping = cfg.loop_count > 1  # depth recurrence is always on at evaluation
+    model.set_attention_backend(device)  # model_config.attention_backend on this device (before any compile)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -384,6 +384,7 @@ def run_evaluation(
     t = time.perf_counter()
     model, header, load_timings = load_model_from_artifact(artifact, device, cfg.param_storage)
     load_s = time.perf_counter() - t
+    attention = model.attention_choice
     t = time.perf_counter()
     val = validation_for(cfg, data_dir, tokenizer, model.cfg.vocab_size)
     data_s = time.perf_counter() - t
@@ -450,6 +451,7 @@ def run_evaluation(
                      "input_hashes": header.get("input_hashes", {})},
         "artifact_sha256": hash_info["artifact_sha256"],
         "model_config": header.get("model_config"),
+        "attention_backend": attention,
         "evaluate_config": to_dict(cfg),
         "param_storage": storage,
         "data": val.source,

@@ -391,6 +391,7 @@ def run_hessian_stage(
     model = GPT(model_cfg, train_seq_len=cfg.seq_len, bos_id=BOS_ID)
     model.load_state_dict(state, strict=True)
     model.to(device)
+    model.set_attention_backend(device)  # model_config.attention_backend on this device
     _sync(device)
     load_seconds = time.perf_counter() - t_load
 

@@ -78,6 +78,10 @@ def add_bench_arguments(p: argparse.ArgumentParser, steps: int, warmup: int) -> 
         "--compile-backend", default=None, help="torch.compile backend (default inductor on CUDA, aot_eager on CPU)"
     )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument(
+        "--attention-backend", choices=["auto", "fa3", "fa4", "torch"], default=None,
+        help="attention kernels (default: the recipe's model.attention_backend); the result records the choice",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
 
@@ -100,6 +104,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops,
         seed=args.seed,
         profile_steps=args.profile_steps,
+        attention_backend=args.attention_backend,
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
