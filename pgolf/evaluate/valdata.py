@@ -69,6 +69,13 @@ class ValidationSet:
         """Tokens per document, BOS included: int64 [D]."""
         return self.doc_ends - self.doc_starts
 
+    @property
+    def score_ends(self) -> np.ndarray:
+        """int64 [D]: one past the last target of each document in the RECORD's convention (PR #1855 ``_find_docs``):
+        the next document's start + 1, i.e. a document's targets run through the next document's BOS (scored, 0
+        bytes), and N for the last document. Over all documents these targets are the positions 1..N-1, each once."""
+        return np.append(self.doc_starts[1:] + 1, self.num_positions).astype(np.int64)
+
 
 def from_tokens(
     tokens: np.ndarray,
