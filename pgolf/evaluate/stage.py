@@ -316,7 +316,8 @@ def run_evaluation(
     else:
         outcome = run_ttt(model, val, cfg, seed, device=device, dist_info=info, write=log.write)
         warmup_s, score_s, ledger, acc = outcome.warmup_s, outcome.score_s, outcome.ledger, outcome.accumulator
-        ledger.check_complete(val.target_mask(), ledger.scored_counts(info))
+        expected = outcome.expected_targets if outcome.expected_targets is not None else val.target_mask()
+        ledger.check_complete(expected, ledger.scored_counts(info))
         result = acc.result(info)
         ttt_summary = outcome.summary
     total_s = load_s + warmup_s + score_s
@@ -357,7 +358,7 @@ def run_evaluation(
         "budget": budget,
         "budget_applies": budget["budget_applies"],
         "ttt": ttt_summary,
-        "ledger": {**ledger.summary(), "targets_expected": val.target_count, "complete": True},
+        "ledger": {**ledger.summary(), "targets_expected": result.token_count, "complete": True},
         "diagnostics": diagnostics,
         "artifact": {"path": str(artifact), "sha256": hash_info["artifact_sha256"], "hash_check": hash_info,
                      "input_hashes": header.get("input_hashes", {})},

@@ -64,11 +64,12 @@ from pgolf.evaluate.lora import attach_lora
 
 @dataclasses.dataclass
 class TTTOutcome:
-    accumulator: ScoreAccumulator
-    ledger: Ledger
+    accumulator: ScoreAccumulator  # or a DeviceScores (record variant): .result(dist_info), .token_nll
+    ledger: Ledger  # or a DeviceLedger (record variant): .check_complete, .scored_counts, .summary
     summary: dict
     warmup_s: float
     score_s: float
+    expected_targets: Optional[np.ndarray] = None  # bool [N] the run must score once each; None = val.target_mask()
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
@@ -422,11 +423,16 @@ def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, ba
 
 
 def run_ttt(model, val, eval_cfg: EvaluateConfig, seed: int, **kwargs) -> TTTOutcome:
-    """Dispatch on ``eval_cfg.ttt.mode`` ("lora" or "chunked"); the model's weights are changed in place."""
+    """Dispatch on ``eval_cfg.ttt.mode`` ("lora" or "chunked") and, for LoRA, ``variant`` ("legacy" here, "record" in
+    :mod:`pgolf.evaluate.ttt_record`); the model's weights are changed in place."""
     from pgolf.evaluate.chunked_ttt import chunked_ttt
 
     torch.manual_seed(seed)
     mode = eval_cfg.ttt.mode
+    if mode == "lora" and eval_cfg.ttt.variant == "record":
+        from pgolf.evaluate.ttt_record import record_lora_ttt
+
+        return record_lora_ttt(model, val, eval_cfg, seed, **kwargs)
     if mode == "lora":
         return lora_ttt(model, val, eval_cfg, seed, **kwargs)
     if mode == "chunked":
