@@ -322,7 +322,8 @@ def _lora_batch(val, docs, batch_index, keep_a, cfg: TTTConfig, seed, runner, ad
     adapters.reset(gen, keep_a=keep_a)
     params = adapters.parameters()
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.beta1, weight_decay=cfg.weight_decay)
     n_targets = val.doc_lengths()[docs] - 1
@@ -411,6 +412,8 @@ def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, ba
             tokens += int(row.scored.sum())
             (nll.sum() / max(int(row.scored.sum()), 1) / rows_in_step).backward()
         all_reduce_sum_grads(base_params, dist_info)
+        if cfg.phase_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in base_params if p.grad is not None], cfg.phase_grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     for p in base_params:
