@@ -6,7 +6,6 @@ claiming recorded, then replayed as pgolf's lanes)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import torch
 
 import oracle_ttt as ot
 import record_oracle
-from pgolf.evaluate.ledger import LegalityError
 from pgolf.evaluate.ttt import run_ttt
 from pgolf.evaluate.ttt_adapters import AdapterWorkspace, LoraLayout, adamw_step_
 from pgolf.evaluate.ttt_forward import lora_nll, rope_for_rows
@@ -285,25 +283,6 @@ def test_two_processes_match_record(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- legality
-
-
-def test_update_before_score_fails_naming_c3(stream):
-    tokens, nbytes = stream
-    cfg = ot.ttt_config(debug_update_before_score=True)
-    with pytest.raises(LegalityError, match=r"C3.*\(before phase 1\): position \d+ feeds an update before it was scored"):
-        run_ttt(ot.pgolf_model(3, DT), ot.pgolf_val(tokens, nbytes), cfg, SEED, device=CPU)
-
-
-def test_a_phase_on_later_documents_is_refused_at_plan_time(stream):
-    tokens, nbytes = stream
-    val = ot.pgolf_val(tokens, nbytes)
-    cfg = ot.ttt_config()
-    schedule = record_schedule(record_doc_lengths(val.doc_starts, val.score_ends), cfg.ttt)
-    late = schedule.batches[-1].docs[:1]  # a document scored in the last segment
-    bad = dataclasses.replace(schedule, phase_docs=(np.concatenate([schedule.phase_docs[0], late]),
-                                                    *schedule.phase_docs[1:]))
-    with pytest.raises(LegalityError, match="C3.*plan time: phase 1 trains on document"):
-        run_ttt(ot.pgolf_model(3, DT), val, cfg, SEED, device=CPU, schedule=bad)
 
 
 def test_phase_points_follow_the_records_rule():

@@ -119,7 +119,7 @@ class RecordTTT:
                 targets = torch.randint(2, self.model.cfg.vocab_size, (n, self.C), generator=gen).to(self.device)
                 views = [t[:n].detach().clone().requires_grad_(True) for t in self.workspace.tensors]
                 with self.autocast():
-                    nll = self.fwd(ids, targets, *views)
+                    nll = self.forward(ids, targets, views)
                 nll.mean().backward()
         sync_device(self.device)
         return time.perf_counter() - start
@@ -152,21 +152,38 @@ class RecordTTT:
         r.used_mask = (ju <= win_len[:, None]) & (r.used > starts[:, None]) & r.train[:, None]
         return r
 
-    def step(self, meta, c: int, w: int, trains: bool, a: int, n: int, A=None) -> None:
-        """Score chunk c of documents [a, n) of the workspace batch, then (``trains``) one AdamW step on it."""
+    def forward(self, ids, targets, views):
+        """NLL [n, C]: the compiled graph (dims n and w dynamic), or eager for a single row (a size-1 dim would be
+        specialised and recompile)."""
+        if self.fwd is self._forward_eager or ids.shape[0] < 2:
+            return self._forward_eager(ids, targets, *views)
+        import torch._dynamo as dynamo
+
+        dynamo.mark_dynamic(ids, 0)
+        dynamo.mark_dynamic(ids, 1)
+        dynamo.mark_dynamic(targets, 0)
+        for v in views:
+            dynamo.mark_dynamic(v, 0)
+        return self.fwd(ids, targets, *views)
+
+    def step(self, meta, c: int, w: int, trains: bool, a: int, n: int, A=None, views=None, cache: bool = True) -> None:
+        """Score chunk c of documents [a, n) of the workspace batch, then (``trains``) one AdamW step on it.
+        ``views``: the leaf tensors to use (a captured CUDA graph's); ``cache``: autocast's weight-cast cache
+        (off inside a graph capture)."""
         cfg = self.cfg
         r = self.rows(meta, c, w)
-        views = self.workspace.views(a, n, A)
+        if views is None:
+            views = self.workspace.views(a, n, A)
         if cfg.debug_update_before_score and trains:  # ILLEGAL ordering, for tests and compliance checks only
-            with self.autocast():
-                nll = self.fwd(r.ids, r.targets, *views)
+            with self.autocast(cache):
+                nll = self.forward(r.ids, r.targets, views)
             self._update(nll, r, views, a, n)
-            with torch.no_grad(), self.autocast():
-                nll = self.fwd(r.ids, r.targets, *views)
+            with torch.no_grad(), self.autocast(cache):
+                nll = self.forward(r.ids, r.targets, views)
             self._score(nll, r)
             return
-        with self.autocast():
-            nll = self.fwd(r.ids, r.targets, *views)  # with grad: one graph serves scoring and training
+        with self.autocast(cache):
+            nll = self.forward(r.ids, r.targets, views)  # with grad: one graph serves scoring and training
         self._score(nll, r)
         if trains:
             self._update(nll, r, views, a, n)
@@ -294,7 +311,7 @@ class RecordTTT:
         self.progress.update(0, force=True)
         self.summary.update({"phases_skipped_after_last_batch": len(sched.prefixes) - runnable,
                              "graphs_compiled_while_scoring": _unique_graphs() - graphs_before if self.eval_cfg.compile else 0,
-                             "cuda_graph_replays": self.graphs.replays if self.graphs is not None else 0,
+                             **(self.graphs.summary() if self.graphs is not None else {}),
                              "compile_warmup_s": warmup_s})
         expected = np.zeros(self.val.num_positions, dtype=bool)
         expected[1:] = True  # every position but the first BOS: targets through each next document's BOS
