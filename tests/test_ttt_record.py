@@ -172,3 +172,23 @@ def test_schedule_on_the_records_lengths_reproduces_its_logged_phases():
     assert len(s.batches[0].docs) == 16 and s.batches[0].fresh and int(doc_len[s.batches[0].docs].max()) == 97_114
     one = schedule_of(doc_len, per_batch=64, chunk=48, ctx=2048, bounds=(833, 1666, 2500))
     assert one.prefixes == (14, 27, 40) and {b.lane for b in one.batches} == {0}
+
+
+def test_the_run_executes_the_plan(exact, stream):
+    """What ``pgolf eval-plan --schedule pgolf`` prices is what the evaluation runs: its steps, optimizer steps and
+    phase streams."""
+    from pgolf.evaluate.ttt_plan import batch_steps
+
+    out, _ = exact
+    tokens, nbytes = stream
+    val = ot.pgolf_val(tokens, nbytes)
+    doc_len = record_doc_lengths(val.doc_starts, val.score_ends)
+    cfg = ot.ttt_config().ttt
+    schedule = record_schedule(doc_len, cfg)
+    steps = [batch_steps(doc_len[b.docs] - 1, cfg.chunk_tokens, cfg.context_tokens) for b in schedule.batches]
+    assert out.summary["batch_steps_here"] == sum(len(s) for s in steps)
+    assert out.summary["steps"] == sum(1 for s in steps for *_, trains in s if trains)
+    runnable = schedule.runnable_phases()
+    assert [p["stream_tokens"] for p in out.summary["phases"]] == [
+        phase_stream_tokens(doc_len, d) for d in schedule.phase_docs[:runnable]]
+    assert out.ledger.summary()["updates"] == out.summary["steps"] + runnable
