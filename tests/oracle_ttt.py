@@ -42,7 +42,8 @@ EVAL_SEQ_LEN = 32
 
 def ttt_config(**changes) -> EvaluateConfig:
     """The record variant at the tiny sizes; one lane, nothing in flight, no side batches, one phase row."""
-    values = dict(mode="lora", variant="record", lanes=1, inflight=0, side_batches=False, phase_rows=1, **TTT)
+    values = dict(mode="lora", variant="record", lanes=1, inflight=0, side_batches=False, phase_rows=1,
+                  checkpoint_activations=False, **TTT)
     values.update(changes)
     return EvaluateConfig(eval_seq_len=EVAL_SEQ_LEN, eval_batch_tokens=4 * EVAL_SEQ_LEN, compile=False,
                           progress_every_seconds=1e9, ttt=TTTConfig(**values))

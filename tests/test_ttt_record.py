@@ -112,12 +112,16 @@ def test_a_phase_on_later_documents_is_refused_at_plan_time(base, stream):
 # ----------------------------------------------------------------------------------------------- speed paths
 
 
-def test_padded_graph_steps_compute_what_exact_rows_compute(base, stream, exact):
-    """The CUDA-graph path's steps (all rows of the batch, finished documents included) run eagerly on CPU: the
-    same scores and weights as the exact active rows with the deferred decay of finished documents' A."""
+@pytest.mark.parametrize("changes", [dict(cuda_graphs=True, cuda_graph_max_width=16),
+                                     dict(checkpoint_activations=True)], ids=["padded-graph-steps", "recompute"])
+def test_speed_paths_compute_what_exact_rows_compute(base, stream, exact, changes):
+    """The CUDA-graph path's steps (all rows of the batch, finished documents included; eager on CPU) and the
+    activation recompute give the same scores and weights as the exact active rows (with the deferred decay of
+    finished documents' A)."""
     exact, exact_model = exact
-    padded, padded_model = run(base, stream, cuda_graphs=True, cuda_graph_max_width=16)
-    assert padded.summary["padded_steps"] > 0 and padded.summary["cuda_graph_replays"] == 0
+    padded, padded_model = run(base, stream, **changes)
+    if changes.get("cuda_graphs"):
+        assert padded.summary["padded_steps"] > 0 and padded.summary["cuda_graph_replays"] == 0
     np.testing.assert_allclose(padded.accumulator.token_nll, exact.accumulator.token_nll, rtol=0, atol=1e-12)
     for a, b in zip(exact_model.parameters(), padded_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

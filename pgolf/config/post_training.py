@@ -246,6 +246,10 @@ class EvaluateConfig:
     byte_accounting: Literal["auto", "sidecar", "lut"] = "auto"
     max_docs: int = 0
     progress_every_seconds: float = 15.0
+    # dtype of the token embedding (= tied head) of the evaluated model on CUDA: the record keeps it in bfloat16
+    # after deserializing (its restore_fp32_params leaves tok_emb out), so its residual stream and its phase SGD of
+    # the embedding run in bf16; "float32" keeps pgolf's full-precision copy. CPU evaluations always use float32.
+    embed_dtype: Literal["float32", "bfloat16"] = "float32"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
 
     def __post_init__(self) -> None:

@@ -133,6 +133,13 @@ def load_model_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device 
     return _build_model(cfg, state, device, str(ckpt_dir)), meta
 
 
+def apply_embed_dtype(model, cfg: EvaluateConfig) -> None:
+    """``evaluate.embed_dtype`` bfloat16 on CUDA: the token embedding (and tied head) in bf16, as the record
+    evaluates (CPU keeps float32: no autocast there to reconcile the dtypes)."""
+    if cfg.embed_dtype == "bfloat16" and model.tok_emb.weight.device.type == "cuda":
+        model.tok_emb.to(torch.bfloat16)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -298,6 +305,7 @@ def run_evaluation(
 
     t = time.perf_counter()
     model, header, load_timings = load_model_from_artifact(artifact, device)
+    apply_embed_dtype(model, cfg)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     val = load_validation(data_dir, tokenizer_path=tokenizer, byte_accounting=cfg.byte_accounting,
@@ -337,6 +345,7 @@ def run_evaluation(
         else:
             del model
             fresh, _, _ = load_model_from_artifact(artifact, device)
+            apply_embed_dtype(fresh, cfg)
             diagnostics["post_quant"] = score_model(fresh, val, cfg, dist_info=info, write=log.write, what="post-quant")
             diagnostics["post_quant"] = diagnostics["post_quant"].to_dict()
             del fresh

@@ -125,12 +125,19 @@ def _two_lanes(block, lane0, lane1, x0, rope, layout, views, slot, post, resid):
             resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
 
+def _maybe_checkpoint(fn, checkpoint: bool, *args):
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 def lora_nll(model, layout: LoraLayout, ids: Tensor, head_targets: Tensor, views: Sequence[Tensor],
-             rope: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+             rope: Optional[tuple[Tensor, Tensor]], checkpoint: bool = False) -> Tensor:
     """NLL (nats, float32) [n, C] of the targets at each row's last C positions (C = head_targets.shape[1]).
 
     ids [n, w] int64 rows; head_targets [n, C] int64; views: the adapter tensors of the n documents
     (``layout.names`` order); rope: :func:`rope_for_rows` of at least w positions (sliced here). Looping is on.
+    ``checkpoint``: recompute each block application in backward instead of keeping its activations.
     """
     nb, w = ids.shape
     C = head_targets.shape[1]
@@ -150,7 +157,7 @@ def lora_nll(model, layout: LoraLayout, ids: Tensor, head_targets: Tensor, views
     for slot, layer in enumerate(order):
         block = model.blocks[layer]
         if slot < num_encoder:
-            x = _single_lane(block, x, x0, rope, layout, views, slot)
+            x = _maybe_checkpoint(_single_lane, checkpoint, block, x, x0, rope, layout, views, slot)
             if use_skips:
                 skips.append(x)
             continue
@@ -160,12 +167,12 @@ def lora_nll(model, layout: LoraLayout, ids: Tensor, head_targets: Tensor, views
                 lane0 = lane1 = x
             if use_skips and skips:
                 lane0 = model._skip(lane0, skips.pop(), skip_slot)
-            lane0, lane1 = _two_lanes(block, lane0, lane1, x0, rope, layout, views, slot,
-                                      model.lane_post_lambdas[layer], model.lane_resid_lambdas[layer])
+            lane0, lane1 = _maybe_checkpoint(_two_lanes, checkpoint, block, lane0, lane1, x0, rope, layout, views,
+                                             slot, model.lane_post_lambdas[layer], model.lane_resid_lambdas[layer])
         else:
             if use_skips and skips:
                 x = model._skip(x, skips.pop(), skip_slot)
-            x = _single_lane(block, x, x0, rope, layout, views, slot)
+            x = _maybe_checkpoint(_single_lane, checkpoint, block, x, x0, rope, layout, views, slot)
     if lane0 is not None:
         x = 0.5 * (lane0 + lane1)
     h = rms_norm(x[:, w - C :])  # [n, C, d]: the only positions a step scores or trains on

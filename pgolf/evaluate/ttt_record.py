@@ -100,7 +100,7 @@ class RecordTTT:
         return contextlib.nullcontext()
 
     def _forward_eager(self, ids, targets, *views):
-        return lora_nll(self.model, self.layout, ids, targets, views, self.rope)
+        return lora_nll(self.model, self.layout, ids, targets, views, self.rope, self.cfg.checkpoint_activations)
 
     def compile(self) -> float:
         """torch.compile the forward once with dynamic shapes and warm it up on RANDOM tokens (rows of the batch
