@@ -54,7 +54,6 @@ from pgolf.evaluate.valdata import ValidationSet
 
 
 from pgolf.evaluate.ledger import Ledger
-from pgolf.evaluate.lora import attach_lora
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,6 +250,8 @@ def lora_ttt(
     write: Optional[Callable[[dict], None]] = None,
 ) -> TTTOutcome:
     """Document-batched LoRA TTT (with phases when configured) over the whole validation set. See the module doc."""
+    from pgolf.evaluate.lora import attach_lora  # imported here: the record variant's bundles leave it out
+
     cfg = eval_cfg.ttt
     rank = dist_info.rank if dist_info is not None else 0
     world = dist_info.world_size if dist_info is not None else 1

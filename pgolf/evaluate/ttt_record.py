@@ -243,7 +243,7 @@ class RecordTTT:
         factor = (1.0 - self.cfg.lr * self.cfg.weight_decay) ** missed.astype(np.float64)
         return torch.from_numpy(factor).to(self.device)
 
-    def _own_adapters(self, n: int, generator: torch.Generator, first_full: bool) -> list[torch.Tensor]:
+    def _own_adapters(self, n: int, generator: torch.Generator, first_full: bool = False) -> list[torch.Tensor]:
         """A drawn for one batch of n documents; ``first_full``: draw a full lane set first (what a rank draws at
         the start before a batch of another size)."""
         if first_full:
@@ -322,10 +322,20 @@ class RecordTTT:
         draws a rank makes for its first batch), run after the phased work."""
         final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(w0)
+        first, after_first = None, None
         for lane_id in self.my_lanes:
             for batch in self.schedule.lane_batches(lane_id, self.schedule.num_segments - 1, side=True):
-                gen = torch.Generator().manual_seed(self.seed)
-                A = self._own_adapters(len(batch.docs), gen, first_full=batch.fresh)
+                if first is None:  # Generator(seed)'s first full set: the same for every side batch, drawn once
+                    gen = torch.Generator().manual_seed(self.seed)
+                    first = self.layout.zeros(self.layout.a_names, self.P, "cpu", self.adapter_dtype)
+                    self.layout.draw_a_(first, gen)
+                    after_first = gen.get_state()
+                if batch.fresh:  # a batch of another size draws its own set next, as a rank's first batch does
+                    gen = torch.Generator()
+                    gen.set_state(after_first)
+                    A = self._own_adapters(len(batch.docs), gen, first_full=False)
+                else:
+                    A = [t.to(self.device, copy=True) for t in first]
                 self.run_batch(batch, None, A)
         self.model.load_state_dict(final)
 
