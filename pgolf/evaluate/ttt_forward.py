@@ -142,7 +142,7 @@ def lora_nll(model, layout: LoraLayout, ids: Tensor, head_targets: Tensor, views
     nb, w = ids.shape
     C = head_targets.shape[1]
     if rope is not None:
-        rope = (rope[0][:w], rope[1][:w])
+        rope = (rope[0].narrow(0, 0, w), rope[1].narrow(0, 0, w))
     x = model.tok_emb(ids)  # [n, w, d]
     if model.smear is not None:
         x = _smear(model, x, ids)
@@ -175,7 +175,8 @@ def lora_nll(model, layout: LoraLayout, ids: Tensor, head_targets: Tensor, views
             x = _maybe_checkpoint(_single_lane, checkpoint, block, x, x0, rope, layout, views, slot)
     if lane0 is not None:
         x = 0.5 * (lane0 + lane1)
-    h = rms_norm(x[:, w - C :])  # [n, C, d]: the only positions a step scores or trains on
+    # [n, C, d]: the only positions a step scores or trains on (a gather: a contiguous copy, whatever w is)
+    h = rms_norm(x.index_select(1, torch.arange(w - C, w, device=x.device)))
     logits = model.lm_head(h)
     delta = head_delta(layout, views, h)
     if delta is not None:

@@ -42,14 +42,19 @@ def phase_positions(doc_starts: np.ndarray, doc_len: np.ndarray, docs: np.ndarra
 
 
 def _all_reduce_flat(params, dist_info) -> None:
+    """Sum the gradients over processes: one flat all-reduce per gradient dtype (a bf16 embedding's apart)."""
     import torch.distributed as dist
 
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
+    groups: dict = {}
     for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+        groups.setdefault(p.grad.dtype, []).append(p)
+    for group in groups.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
 
 
 def phase_sgd(model, stream: torch.Tensor, *, chunk_tokens: int, seq_len: int, lr: float, momentum: float,

@@ -84,6 +84,7 @@ class RecordTTT:
         self.progress = Progress("ttt-lora", int((self.doc_len - 1).sum()), val.num_docs,
                                  eval_cfg.progress_every_seconds, self.rank == 0, write, self.world)
         self.fwd = self._forward_eager
+        self.compiled = False
         self.graphs = None
         self.summary: dict = {"mode": "lora", "variant": "record", "batches": len(self.schedule.batches),
                               "lanes": cfg.lanes, "lanes_here": self.my_lanes, "inflight": self.schedule.inflight,
@@ -109,18 +110,21 @@ class RecordTTT:
 
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
         disable_mix_order_reduction()
-        self.fwd = torch.compile(self._forward_eager, dynamic=True)
+        self.fwd = torch.compile(self._forward_eager)  # the row count and width are marked dynamic at each call
+        self.compiled = True
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed + 7_919)
-        sizes = sorted({len(b.docs) for b in self.schedule.batches} | {2})
+        sizes = sorted({len(b.docs) for b in self.schedule.batches if len(b.docs) > 1} | {2})
+        caches = (True, False) if self.cfg.cuda_graphs and self.device.type == "cuda" else (True,)  # graphs: no cast cache
         for n in sizes:
             for w in (self.C, self.ctx):
-                ids = torch.randint(2, self.model.cfg.vocab_size, (n, w), generator=gen).to(self.device)
-                targets = torch.randint(2, self.model.cfg.vocab_size, (n, self.C), generator=gen).to(self.device)
-                views = [t[:n].detach().clone().requires_grad_(True) for t in self.workspace.tensors]
-                with self.autocast():
-                    nll = self.forward(ids, targets, views)
-                nll.mean().backward()
+                for cache in caches:
+                    ids = torch.randint(2, self.model.cfg.vocab_size, (n, w), generator=gen).to(self.device)
+                    targets = torch.randint(2, self.model.cfg.vocab_size, (n, self.C), generator=gen).to(self.device)
+                    views = [t[:n].detach().clone().requires_grad_(True) for t in self.workspace.tensors]
+                    with self.autocast(cache):
+                        nll = self.forward(ids, targets, views)
+                    nll.mean().backward()
         sync_device(self.device)
         return time.perf_counter() - start
 
@@ -155,7 +159,7 @@ class RecordTTT:
     def forward(self, ids, targets, views):
         """NLL [n, C]: the compiled graph (dims n and w dynamic), or eager for a single row (a size-1 dim would be
         specialised and recompile)."""
-        if self.fwd is self._forward_eager or ids.shape[0] < 2:
+        if not self.compiled or ids.shape[0] < 2:
             return self._forward_eager(ids, targets, *views)
         import torch._dynamo as dynamo
 
