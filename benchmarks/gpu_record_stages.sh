@@ -6,7 +6,7 @@
 # Inputs (carried to the device machine, which has no network):
 #   .gpu/corpus.jsonl.xz        docs from `benchmarks/local_corpus.py` (not FineWeb: scores are not comparable)
 #   .gpu/record_tokenizer.model the record's CaseOps SentencePiece model (shared/conformance/)
-# Knobs (environment): TRAIN_SECONDS (training cap, default 150), VAL_DOCS (2000), WARMUP_STEPS (6),
+# Knobs (environment): TRAIN_SECONDS (training cap, default 150), VAL_DOCS (2000), WARMUP_STEPS (3 per loop state),
 # CONFIG (config.yaml; recipes/smoke.yaml with QUANT_DEVICE=cpu checks this script on a CPU machine).
 #
 # The stages are the pipeline's own entry points with the record's model/optimizer/quantize settings (config.yaml);
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_stages_out}
 TRAIN_SECONDS=${TRAIN_SECONDS:-150}
 VAL_DOCS=${VAL_DOCS:-2000}
-WARMUP_STEPS=${WARMUP_STEPS:-6}
+WARMUP_STEPS=${WARMUP_STEPS:-3}
 CONFIG=${CONFIG:-config.yaml}
 QUANT_DEVICE=${QUANT_DEVICE:-cuda}
 W=/tmp/pgolf_stages
@@ -50,8 +50,8 @@ from pathlib import Path
 from pgolf.config import load_run_config, to_dict
 w, seconds, warmup, fused, val_docs = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "true", int(sys.argv[5])
 cfg = load_run_config(sys.argv[6])
-train = dataclasses.replace(cfg.train, max_wallclock_seconds=seconds, hessian_reserve_seconds=0.0,
-                            compile_warmup_steps=warmup, fused_kernels=fused, log_every_steps=5)
+train = dataclasses.replace(cfg.train, max_wallclock_seconds=seconds, reserve_seconds=0.0,
+                            warmup_steps=warmup, fused_kernels=fused, log_every_steps=5)
 ev = dataclasses.replace(cfg.evaluate, ttt=dataclasses.replace(cfg.evaluate.ttt, mode="none"), max_docs=val_docs)
 for name, section in {"model": cfg.model, "optim": cfg.optim, "train": train, "hessians": cfg.hessians,
                       "quantize": cfg.quantize, "pack": cfg.pack, "evaluate": ev,

@@ -10,7 +10,7 @@ python3 benchmarks/synthetic_shards.py --out /tmp/synth --train-tokens 200000000
 python3 - <<'PY'
 import json
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
-t = to_dict(TrainConfig(max_wallclock_seconds=float(__import__("os").environ.get("CAP", "150")), hessian_reserve_seconds=0.0, loop_enable_fraction=0.5, log_every_steps=5))
+t = to_dict(TrainConfig(max_wallclock_seconds=float(__import__("os").environ.get("CAP", "150")), reserve_seconds=0.0, loop_enable_fraction=0.5, log_every_steps=5))
 open("/tmp/train.json", "w").write(json.dumps(t))
 open("/tmp/model.json", "w").write(json.dumps(to_dict(ModelConfig())))
 open("/tmp/optim.json", "w").write(json.dumps(to_dict(OptimConfig())))

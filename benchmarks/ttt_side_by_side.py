@@ -93,7 +93,7 @@ def build_inputs(args):
                 if name.endswith(("attn.o.weight", "mlp.down.weight", "attn.gate.weight", "smear.gate.weight")):
                     p.add_(torch.randn(p.shape, generator=g) * 0.02)
     if args.data_dir:
-        val = load_validation(args.data_dir, max_docs=args.docs)
+        val = load_validation(args.data_dir, max_docs=args.docs, score_next_bos=True)
     else:
         lengths = np.loadtxt(ROOT / "benchmarks" / "record_doc_lengths.txt", dtype=np.int64)
         lengths = lengths[lengths <= args.max_doc_len]
@@ -103,7 +103,7 @@ def build_inputs(args):
         docs = [np.concatenate([[1], rng.integers(8, model.cfg.vocab_size, size=int(n) - 1)]) for n in pick]
         tokens = np.concatenate(docs).astype(np.uint16)
         nbytes = np.where(tokens == 1, 0, rng.integers(1, 5, size=len(tokens))).astype(np.int32)
-        val = from_tokens(tokens, nbytes)
+        val = from_tokens(tokens, nbytes, score_next_bos=True)
     model.looping = model.cfg.loop_count > 1
     for p in model.parameters():
         p.requires_grad_(False)

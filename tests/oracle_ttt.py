@@ -46,7 +46,8 @@ def ttt_config(**changes) -> EvaluateConfig:
                   checkpoint_activations=False, **TTT)
     values.update(changes)
     return EvaluateConfig(eval_seq_len=EVAL_SEQ_LEN, eval_batch_tokens=4 * EVAL_SEQ_LEN, compile=False,
-                          progress_every_seconds=1e9, ttt=TTTConfig(**values))
+                          progress_every_seconds=1e9, score_next_bos=True, softcap_dtype="model",
+                          ttt=TTTConfig(**values))
 
 
 def record_hparams(mod, cfg: EvaluateConfig, run_id: Optional[str] = None, **extra):
@@ -173,7 +174,8 @@ def synthetic_stream(num_docs: int, seed: int, min_len: int = 3, max_len: int = 
 
 
 def pgolf_val(tokens: np.ndarray, nbytes: np.ndarray):
-    return from_tokens(tokens, nbytes)
+    """The validation set with the record's targets (each document's run through the next document's BOS)."""
+    return from_tokens(tokens, nbytes, score_next_bos=True)
 
 
 # ----------------------------------------------------------------------------------------------- the record's run

@@ -180,7 +180,8 @@ def load_record() -> types.ModuleType:
         spec.loader.exec_module(module)
     module.flash_attn_varlen_func = exact_varlen_attention
     module.flash_attn_3_func = dense_causal_attention
-    module.BOS_ID = BOS_ID
+    module.BOS_ID = BOS_ID  # the record sets it in its first loader; a bare forward needs it too
+    module.set_logging_hparams(types.SimpleNamespace(is_main_process=False, logfile=None))  # silence its log()
     _RECORD = module
     return module
 

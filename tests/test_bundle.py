@@ -71,7 +71,7 @@ def tiny_config(**evaluate) -> RunConfig:
                           xsa_last_n=2, attn_gate_window=8, smear_gate_window=8, loop_start=0, loop_end=0,
                           loop_count=2, parallel_residual_start=1),
         train=TrainConfig(train_batch_tokens=512, micro_batch_tokens=128, train_seq_len=48, max_wallclock_seconds=0.0,
-                          hessian_reserve_seconds=0.0, iterations=4, compile_warmup_steps=1, compile=False,
+                          reserve_seconds=0.0, iterations=4, warmup_steps=1, compile=False,
                           ema_decay=0.5, log_every_steps=1),
         hessians=HessianConfig(batches=2, batch_rows=3, seq_len=32),
         quantize=QuantizeConfig(passthrough_max_elements=1024, lqer_top_k=2, lqer_rank=2, lqer_group_size=16),

@@ -238,6 +238,25 @@ def test_budgets_and_size(compliant, tmp_path):
     assert v["size"].status == comply.FAIL and "seed42: 16,002,000 bytes, over by 2,000" in v["size"].evidence
 
 
+def test_train_time_names_the_budget_reading_with_both_figures(compliant, tmp_path):
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    for seed in RECORD_BPB:  # PR #1855's run: the loop stops after 599.6 s, the Hessians take 4.7 s after it
+        _edit(run_dir / f"seed{seed}" / "train" / "train_summary.json",
+              lambda s: s.update(train_seconds=599.6, budget_reading="record"))
+        _edit(run_dir / f"seed{seed}" / "hessians" / "hessian_report.json", lambda h: h.update(hessian_seconds=4.7))
+    v = verdicts_by_rule(run_dir, record_config())["train_time"]
+    assert v.status == comply.PASS and "reading 'record'" in v.title
+    assert "seed42 loop 599.6 s (strict reading 599.6+4.7=604.3 s, over by 4.3 s)" in v.evidence
+    for seed in RECORD_BPB:  # the same times under pgolf's strict reading (the default of older runs: no key)
+        _edit(run_dir / f"seed{seed}" / "train" / "train_summary.json", lambda s: s.pop("budget_reading"))
+    v = verdicts_by_rule(run_dir, record_config())["train_time"]
+    assert v.status == comply.FAIL and v.title.startswith("training + Hessians <= 600 s")
+    assert "seed42 599.6+4.7=604.3 s (over by 4.3 s)" in v.evidence
+
+
 def test_budgets_off_record_hardware_are_not_applicable(compliant, tmp_path):
     import shutil
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +24,23 @@ def test_every_recipe_loads(path: Path) -> None:
     assert cfg.run
 
 
+# The record's training-loop choices where the dataclass defaults keep pgolf's (issue 22, issue 15 item 5).
+RECORD_OPTIM_OPTIONS = dict(muon_precision="record_bf16", adam_fused="always")
+RECORD_TRAIN_OPTIONS = dict(
+    budget_reading="record", reserve_seconds=0.5, warmup_steps=20, warmup_cu_passes=3, warmup_restore="record",
+    data_stream="record", micro_batch_order="interleaved", cu_seqlens_pad="multiple_of_64", clip_scope="per_rank",
+    param_storage="record",
+)
+
+
 def test_record_recipe_is_the_dataclass_defaults() -> None:
     cfg = load_run_config(REPO_ROOT / "config.yaml")
     assert cfg.model == ModelConfig()
-    assert cfg.optim == OptimConfig()
-    assert cfg.train == TrainConfig()
+    assert cfg.optim == dataclasses.replace(OptimConfig(), **RECORD_OPTIM_OPTIONS)
+    assert cfg.train == dataclasses.replace(TrainConfig(), **RECORD_TRAIN_OPTIONS)
+    for name, value in {**RECORD_OPTIM_OPTIONS, **RECORD_TRAIN_OPTIONS}.items():  # each is a real difference
+        section = OptimConfig() if name in RECORD_OPTIM_OPTIONS else TrainConfig()
+        assert getattr(section, name) != value, name
     assert cfg.mode == "record" and cfg.data.val_docs == 50_000 and cfg.seeds == (42, 0, 1234)
 
 
@@ -58,6 +71,8 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
         ({"seeds": [1, 1]}, "seeds: duplicates"),
         ({"mode": "record", "data": {"val_docs": 10}}, "official 50,000 validation documents"),
         ({"extra": 1}, "unknown key(s) extra"),
+        ({"train": {"param_storage": "record"}}, "evaluate.param_storage (fp32) must equal train.param_storage (record)"),
+        ({"evaluate": {"diagnostic_scoring": "record_flat"}}, "evaluate: score_next_bos: diagnostic_scoring 'record_flat'"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str) -> None:

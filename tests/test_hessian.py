@@ -283,6 +283,16 @@ def test_budget_check_arithmetic() -> None:
     assert budget_check(1e9, 1.0, 0.0)["budget_applies"] is False
 
 
+def test_budget_check_under_the_record_reading() -> None:
+    # PR #1855's run: the loop stops after 599.6 s, the Hessians take 4.7 s after it
+    record = budget_check(599.6, 4.7, 600.0, "record")
+    assert record["within_budget"] is True and record["budget_reading"] == "record"
+    assert "train 599.60 s within the 600 s budget" in record["message"]
+    assert "strict reading: train 599.60 s + Hessians 4.70 s = 604.30 s, OVER by 4.30 s" in record["message"]
+    assert budget_check(599.6, 4.7, 600.0)["within_budget"] is False  # strict: the default reading
+    assert budget_check(600.5, 0.0, 600.0, "record")["within_budget"] is False
+
+
 def test_bad_section_and_unreadable_hessians(checkpoint, data_dir, tmp_path: Path, capsys) -> None:
     bad = cli_main(
         [

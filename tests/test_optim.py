@@ -349,6 +349,38 @@ def test_state_dict_round_trip_continues_identically():
     torch.testing.assert_close(p_c.detach(), p_a.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("precision", ["fp32_momentum", "record_bf16"])
+def test_a_stack_of_matrices_steps_like_separate_matrices(precision):
+    """A 3-D parameter (the record's banks [B, rows, cols]) is B Muon matrices: the same update as B 2-D params."""
+    torch.manual_seed(0)
+    bank = torch.nn.Parameter(torch.randn(3, 8, 12) * 0.1)
+    singles = [torch.nn.Parameter(bank.detach()[i].clone()) for i in range(3)]
+    kw = dict(lr=0.05, momentum_warmup_start=0.9, momentum_warmup_steps=5, weight_decay=0.1, precision=precision)
+    opt_bank, opt_singles = Muon([bank], **kw), Muon(singles, **kw)
+    for _ in range(3):
+        g = torch.randn(3, 8, 12)
+        bank.grad = g.clone()
+        for i, p in enumerate(singles):
+            p.grad = g[i].clone()
+        opt_bank.step()
+        opt_singles.step()
+    for i, p in enumerate(singles):
+        torch.testing.assert_close(bank.detach()[i], p.detach(), rtol=0, atol=0)
+
+
+def test_record_bf16_momentum_keeps_mu_in_fp32():
+    """bf16 momentum M = mu * M + G with mu applied in fp32 opmath (the foreach kernels would round mu to bf16)."""
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = Muon([p], lr=0.0, momentum=0.9200333333333334, precision="record_bf16")
+    g1, g2 = torch.randn(4, 4), torch.randn(4, 4)
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.step()
+    buf = opt.state[p]["momentum_buffer"]
+    expected = g1.bfloat16().mul_(0.9200333333333334).add_(g2.bfloat16())
+    assert buf.dtype == torch.bfloat16 and torch.equal(buf, expected)
+
+
 def test_muon_rejects_non_matrices():
     with pytest.raises(ValueError, match=r"param 1: expected a 2-D matrix, got shape \(4,\)"):
         Muon([torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(4))], lr=0.1)

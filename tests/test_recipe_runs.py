@@ -114,8 +114,8 @@ def shrink(cfg: RunConfig) -> RunConfig:
     d["tokenizer"]["vocab_size"] = VOCAB
     d["model"] = shrink_model(d["model"])
     d["train"].update(train_batch_tokens=512, micro_batch_tokens=256, train_seq_len=64, max_wallclock_seconds=0.0,
-                      hessian_reserve_seconds=0.0, iterations=3, compile_warmup_steps=1, compile=False,
-                      log_every_steps=1)
+                      reserve_seconds=0.0, iterations=3, warmup_steps=1, compile=False,
+                      log_every_steps=1, warmup_cu_passes=min(d["train"]["warmup_cu_passes"], 1))
     if d["train"]["prequant_ttt_epochs"] > 0:
         d["train"]["prequant_ttt_epochs"] = 1
     d["hessians"].update(batches=2, batch_rows=2, seq_len=32)

@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.train.checkpoint import CheckpointError, load_checkpoint, model_config_of
+from pgolf.train.checkpoint import CheckpointError, load_checkpoint, load_initial_weights, model_config_of, save_checkpoint
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
+from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import BOS_ID, write_shard
-from pgolf.train.loop import check_data, cu_seqlens_bucket, lr_multiplier, training_fraction
+from pgolf.model.gpt import GPT
+from pgolf.train.distributed import DistInfo
+from pgolf.train.loop import check_data, cu_seqlens_bucket, lr_multiplier, train_in_group, training_fraction
+from pgolf.train.optim import Muon
+from pgolf.train.step import cu_seqlens_padded_length
+from pgolf.train.warmup import restore, snapshot
 
 VOCAB = 64
 TINY_MODEL = ModelConfig(
@@ -25,8 +31,10 @@ TINY_MODEL = ModelConfig(
 )
 TINY_TRAIN = TrainConfig(
     train_batch_tokens=512, micro_batch_tokens=128, train_seq_len=48, max_wallclock_seconds=0.0,
-    hessian_reserve_seconds=0.0, iterations=4, compile_warmup_steps=1, compile=False, ema_decay=0.5,
+    reserve_seconds=0.0, iterations=4, warmup_steps=1, compile=False, ema_decay=0.5,
     loop_enable_fraction=0.5, log_every_steps=1,
+    # pgolf's world-size independent options (the record's stream and per-rank clipping depend on the GPU count)
+    data_stream="contiguous", micro_batch_order="blocked", clip_scope="global",
 )
 
 
@@ -78,8 +86,10 @@ def test_lr_multiplier_matches_the_record_formula() -> None:
 
 
 def test_training_fraction_time_and_step_based() -> None:
-    timed = TrainConfig(max_wallclock_seconds=600.0, hessian_reserve_seconds=8.0)
+    timed = TrainConfig(max_wallclock_seconds=600.0, reserve_seconds=8.0)
     assert training_fraction(0, 296.0, timed) == pytest.approx(0.5)
+    record = TrainConfig(max_wallclock_seconds=600.0, reserve_seconds=0.5, budget_reading="record")
+    assert training_fraction(0, 599.5 * 0.35, record) == pytest.approx(0.35)
     assert training_fraction(0, 1000.0, timed) == 1.0
     stepped = TrainConfig(max_wallclock_seconds=0.0, iterations=200)
     assert training_fraction(50, 1e9, stepped) == pytest.approx(0.25)
@@ -87,16 +97,94 @@ def test_training_fraction_time_and_step_based() -> None:
 
 def test_cu_seqlens_buckets_are_powers_of_two() -> None:
     assert [cu_seqlens_bucket(n) for n in (2, 16, 17, 100, 129)] == [16, 16, 32, 128, 256]
+    assert [cu_seqlens_padded_length(n, "multiple_of_64") for n in (2, 64, 65, 129)] == [64, 64, 128, 192]
 
 
 def test_loader_union_is_identical_for_any_world_size(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data")
-    one = PackedBatchLoader(data, BatchPlan(512, 128, 1), rank=0)
+    one = PackedBatchLoader(data, BatchPlan(512, 128, 1), rank=0, order="blocked")
     rows_one = [one.micro_batch(3, m)[0] for m in range(4)]
-    rows_two = [PackedBatchLoader(data, BatchPlan(512, 128, 2), rank=r).micro_batch(3, m)[0] for r in range(2) for m in range(2)]
+    rows_two = [PackedBatchLoader(data, BatchPlan(512, 128, 2), rank=r, order="blocked").micro_batch(3, m)[0]
+                for r in range(2) for m in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(rows_one, rows_two))
     inputs, targets = one.micro_batch(0, 0)
     assert torch.equal(inputs[1:], targets[:-1])  # targets are the next tokens
+    # interleaved: the same windows, dealt a * world_size + r
+    rows_inter = [PackedBatchLoader(data, BatchPlan(512, 128, 2), rank=r, order="interleaved").micro_batch(3, a)[0]
+                  for a in range(2) for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(rows_one, rows_inter))
+
+
+def test_record_stream_spans_stay_inside_one_shard(tmp_path: Path) -> None:
+    """PR #1855's stream: n + 1 tokens per window, W windows per call from one shard starting at its first BOS,
+    the shard's tail dropped; so the windows depend on the number of ranks."""
+    shard0 = np.arange(100, 100 + 1000, dtype=np.uint16)
+    shard0[[3, 40, 500]] = BOS_ID
+    shard1 = np.arange(2000, 2000 + 700, dtype=np.uint16)
+    shard1[[7, 300]] = BOS_ID
+    write_shard(tmp_path / "fineweb_train_000000.bin", shard0)
+    write_shard(tmp_path / "fineweb_train_000001.bin", shard1)
+    two = [RecordStreamLoader(tmp_path, BatchPlan(8 * 16, 16, 2), rank) for rank in range(2)]
+    assert list(two[0].calls_per_shard) == [(1000 - 3) // 34, (700 - 7) // 34]
+    assert two[0].dropped_tail_tokens() == [(1000 - 3) % 34, (700 - 7) % 34]
+    x0, y0 = two[0].micro_batch(0, 0)
+    x1, _ = two[1].micro_batch(0, 0)
+    assert int(x0[0]) == BOS_ID and int(x0[1]) == 104 and int(y0[-1]) == 100 + 3 + 16  # inputs and targets: 17 tokens
+    assert int(x1[1]) == 100 + 3 + 17 + 1  # rank 1's window follows rank 0's, no overlap
+    last = int(two[0].calls_per_shard[0])  # the first call of shard 1 starts at its first BOS
+    assert two[0].locate(last, 0) == (0, 1, 7) and two[1].locate(last, 1) == (0, 1, 7 + 17)
+    assert two[0].locate(two[0].calls_per_epoch, 0) == (1, 0, 3)  # then the files start over
+    one = RecordStreamLoader(tmp_path, BatchPlan(8 * 16, 16, 1), 0)
+    assert list(one.calls_per_shard) == [(1000 - 3) // 17, (700 - 7) // 17]  # W = 1 reads further into each shard
+    write_shard(tmp_path / "fineweb_train_000002.bin", np.full(50, 9, dtype=np.uint16))
+    with pytest.raises(ValueError, match="fineweb_train_000002.bin: no BOS token"):
+        RecordStreamLoader(tmp_path, BatchPlan(8 * 16, 16, 1), 0)
+
+
+def test_warmup_restore_keeps_only_muon_momentum_under_record() -> None:
+    torch.manual_seed(0)
+    w, gain = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.ones(6))
+    model = torch.nn.Module()
+    model.w, model.gain = w, gain
+    muon = Muon([w], lr=0.1, momentum_warmup_start=0.5, momentum_warmup_steps=10, precision="record_bf16")
+    adam = torch.optim.AdamW([gain], lr=0.1)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    for kind, kept in (("full", False), ("record", True)):
+        saved = snapshot(model, [muon, adam])
+        for _ in range(2):
+            w.grad, gain.grad = torch.randn(4, 6), torch.randn(6)
+            muon.step()
+            adam.step()
+        momentum = muon.state[w]["momentum_buffer"].clone()
+        restore(model, [muon, adam], saved, kind)
+        assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+        assert len(adam.state) == 0 and muon.param_groups[0]["step"] == 0 and w.grad is None
+        if kept:
+            assert muon.state[w]["momentum_buffer"].dtype == torch.bfloat16
+            assert torch.equal(muon.state[w]["momentum_buffer"], momentum)
+        else:
+            assert "momentum_buffer" not in muon.state[w]
+
+
+def test_init_checkpoint_replaces_the_seeded_init(tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data")
+    torch.manual_seed(123)
+    start = {k: torch.randn_like(v) * 0.02 for k, v in GPT(TINY_MODEL).state_dict().items()}
+    save_checkpoint(tmp_path / "init", start, {"model_config": to_dict(TINY_MODEL)})
+    model = GPT(TINY_MODEL)
+    load_initial_weights(model, TINY_MODEL, tmp_path / "init")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in start.items())
+    other = ModelConfig(**{**to_dict(TINY_MODEL), "logit_softcap": 20.0})
+    with pytest.raises(CheckpointError, match="model_config differs from the recipe's model section in logit_softcap"):
+        load_initial_weights(GPT(other), other, tmp_path / "init")
+    one_step = TrainConfig(**{**to_dict(TINY_TRAIN), "iterations": 1, "warmup_steps": 0, "ema_decay": 0.0})
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train_in_group(TINY_MODEL, OptimConfig(), one_step, 7, data, tmp_path / "out", cpu, init_checkpoint=tmp_path / "init")
+    trained, meta = load_checkpoint(tmp_path / "out" / "checkpoint")
+    assert meta["init_checkpoint"] == str(tmp_path / "init")
+    # one step of lr <= 0.03 from the given weights, far from the seeded init's (o and down start at zero there)
+    assert float((trained["blocks.0.attn.o.weight"] - start["blocks.0.attn.o.weight"]).abs().max()) < 0.05
+    assert float(trained["blocks.0.attn.o.weight"].abs().min()) > 0
 
 
 # --------------------------------------------------------------------------------------------- refusals
@@ -185,7 +273,7 @@ def test_loss_goes_down(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data")
     train = TrainConfig(
         train_batch_tokens=512, micro_batch_tokens=256, train_seq_len=64, max_wallclock_seconds=0.0,
-        hessian_reserve_seconds=0.0, iterations=30, compile_warmup_steps=0, compile=False, ema_decay=0.0,
+        reserve_seconds=0.0, iterations=30, warmup_steps=0, compile=False, ema_decay=0.0,
         log_every_steps=1, warmdown_fraction=0.3,
     )
     proc = run_train(data, tmp_path / "out", 1, train=train)

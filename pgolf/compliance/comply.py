@@ -180,9 +180,25 @@ def check_seeds(ev: Evidence) -> Verdict:
     return Verdict("seeds", title, PASS, f"recipe seeds {declared} == seeds with results {found}")
 
 
+BUDGET_READING_TITLES = {
+    "strict": f"training + Hessians <= {TRAIN_BUDGET_SECONDS:.0f} s on 8xH100",
+    "record": f"training loop <= {TRAIN_BUDGET_SECONDS:.0f} s on 8xH100 (reading 'record': the Hessians run after "
+              "the loop, uncounted, as in PR #1855's run; the strict sum is reported too)",
+}
+
+
+def _budget_reading(summary: dict, ckpt: Any) -> str:
+    """The reading a seed's run declared (train_summary.json, else its checkpoint's train_config); runs from before
+    the option used pgolf's strict reading."""
+    reading = summary.get("budget_reading")
+    if reading is None and isinstance(ckpt, dict):
+        reading = _dig(ckpt, "train_config.budget_reading")
+    return reading if isinstance(reading, str) else "strict"
+
+
 def check_train_time(ev: Evidence) -> Verdict:
-    title = f"training + Hessians <= {TRAIN_BUDGET_SECONDS:.0f} s on 8xH100"
     figures, failures, missing, elsewhere = [], [], [], []
+    readings: set[str] = set()
     for seed, files in ev.seeds.items():
         summary, hess, ckpt = files["summary"], files["hessians"], files["checkpoint"]
         if not isinstance(summary, dict) or not isinstance(hess, dict):
@@ -193,15 +209,32 @@ def check_train_time(ev: Evidence) -> Verdict:
             missing.append(f"seed{seed}: train_seconds={summary.get('train_seconds')!r}, "
                            f"hessian_seconds={hess.get('hessian_seconds')!r}")
             continue
+        reading = _budget_reading(summary, ckpt)
+        if reading not in BUDGET_READING_TITLES:
+            missing.append(f"seed{seed}: unknown budget_reading {reading!r} (expected strict or record)")
+            continue
+        readings.add(reading)
         env = ckpt.get("environment") if isinstance(ckpt, dict) else None
         total = train_s + hess_s
-        figure = f"seed{seed} {train_s:.1f}+{hess_s:.1f}={total:.1f} s"
+        strict = f"{train_s:.1f}+{hess_s:.1f}={total:.1f} s"
+        if reading == "strict":
+            figure, counted = f"seed{seed} {strict}", total
+        else:
+            over = f", over by {total - TRAIN_BUDGET_SECONDS:.1f} s" if total > TRAIN_BUDGET_SECONDS else ""
+            figure, counted = f"seed{seed} loop {train_s:.1f} s (strict reading {strict}{over})", train_s
         if _on_record_hardware(summary.get("world_size"), env):
             figures.append(figure)
-            if total > TRAIN_BUDGET_SECONDS:
-                failures.append(f"{figure} (over by {total - TRAIN_BUDGET_SECONDS:.1f} s)")
+            if counted > TRAIN_BUDGET_SECONDS:
+                failures.append(f"{figure} (over by {counted - TRAIN_BUDGET_SECONDS:.1f} s)")
         else:
             elsewhere.append(f"{figure} on {_hardware_words(summary.get('world_size'), env)}")
+    if len(readings) == 1:
+        title = BUDGET_READING_TITLES[readings.pop()]
+    elif readings:
+        title = f"training budget <= {TRAIN_BUDGET_SECONDS:.0f} s on 8xH100 (seeds declare different readings: " \
+                f"{', '.join(sorted(readings))})"
+    else:
+        title = BUDGET_READING_TITLES["strict"]
     return _budget_verdict("train_time", title, figures, failures, missing, elsewhere)
 
 

@@ -246,6 +246,30 @@ class EvaluateConfig:
     byte_accounting: Literal["auto", "sidecar", "lut"] = "auto"
     max_docs: int = 0
     progress_every_seconds: float = 15.0
+    # Where PR #1855's metric differs from pgolf's, both are named options: these defaults keep pgolf's, config.yaml
+    # sets the record's (issue 15; pgolf/evaluate/valdata.py and scoring.py say exactly what each computes).
+    # ``record``: the stream cut to (N - 1) // eval_seq_len * eval_seq_len + 1 tokens, as the record loads it;
+    # ``none`` (pgolf): the whole stream is scored.
+    stream_truncation: Literal["none", "record"] = "none"
+    # true (PR #1855): the next document's BOS is a target of the document before it, with 0 bytes (N - 1 targets);
+    # false (pgolf): a BOS is never a target (N - D targets).
+    score_next_bos: bool = False
+    # The no-TTT diagnostics (pre-/post-quant). ``documents`` (pgolf): every target once, each document on its own
+    # windows. ``record_flat`` (PR #1855's eval_val, comparable with its "diagnostic" log lines): the stream in
+    # contiguous rows of record_flat_batch_seqs * eval_seq_len tokens split over record_flat_world_size ranks the
+    # record's way (each rank's tail dropped), every target of a row scored; attention windows restart at each
+    # BOS and every eval_seq_len tokens after it. pgolf's process count does not change the number.
+    diagnostic_scoring: Literal["documents", "record_flat"] = "documents"
+    record_flat_world_size: int = 8  # the record's GPU count (its logs are 8-GPU numbers)
+    record_flat_batch_seqs: int = 32  # rows of eval_seq_len per batch: VAL_BATCH_TOKENS 524288 / 8 ranks / 2048
+    # dtype of the softcap at scoring. ``model`` (PR #1855): cap * tanh(z / cap) on the head's output in its own
+    # dtype (bf16 under CUDA autocast), then float32 for the cross-entropy; ``float32`` (pgolf): on float32 logits.
+    softcap_dtype: Literal["float32", "model"] = "float32"
+    # Parameter storage of the model built from the artifact (same names as train.param_storage). ``record``
+    # (PR #1855's deserialize: a bf16 template, W.to(orig_dtype)): the token embedding's dequantized values rounded
+    # to bf16 (held in float32); ``fp32`` (pgolf): as dequantized. A recipe sets it equal to train.param_storage
+    # (checked); the pre-quant diagnostic builds a checkpoint under the storage it was trained under.
+    param_storage: Literal["fp32", "record"] = "fp32"
     # dtype of the token embedding (= tied head) of the evaluated model on CUDA: the record keeps it in bfloat16
     # after deserializing (its restore_fp32_params leaves tok_emb out), so its residual stream and its phase SGD of
     # the embedding run in bf16; "float32" keeps pgolf's full-precision copy. CPU evaluations always use float32.
@@ -263,6 +287,13 @@ class EvaluateConfig:
         check(self.compile_warmup_steps >= 0, f"compile_warmup_steps: expected >= 0, got {self.compile_warmup_steps}")
         check(self.max_docs >= 0, f"max_docs: expected >= 0 (0 = all), got {self.max_docs}")
         check(self.progress_every_seconds > 0, f"progress_every_seconds: expected > 0, got {self.progress_every_seconds}")
+        check(self.record_flat_world_size >= 1, f"record_flat_world_size: expected >= 1, got {self.record_flat_world_size}")
+        check(self.record_flat_batch_seqs >= 1, f"record_flat_batch_seqs: expected >= 1, got {self.record_flat_batch_seqs}")
+        check(
+            self.diagnostic_scoring != "record_flat" or self.score_next_bos,
+            "score_next_bos: diagnostic_scoring 'record_flat' scores every target of its rows, next-document BOS "
+            "included (the record's eval_val); expected true with it, so the diagnostics and the score count the same targets",
+        )
 
 
 _DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")

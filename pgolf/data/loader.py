@@ -2,9 +2,11 @@
 
 The training token stream is the concatenation of ``fineweb_train_*.bin`` in name order (every document already
 starts with BOS). Optimizer step ``s`` consumes the next ``train_batch_tokens`` tokens of the stream, cut into
-``n_micro = train_batch_tokens / micro_batch_tokens`` contiguous micro-batches; micro-batch ``j`` of the step goes
-to rank ``j // accum`` as its accumulation step ``j % accum``. The union over ranks is therefore identical on 1 or
-N processes, and the data order never depends on the seed (as in the record). Each micro-batch is one packed row:
+``n_micro = train_batch_tokens / micro_batch_tokens`` contiguous micro-batches; with ``order="blocked"`` (pgolf's
+default) micro-batch ``j`` of the step goes to rank ``j // accum`` as its accumulation step ``j % accum``, with
+``order="interleaved"`` (the record's dealing) to rank ``j % world_size`` as accumulation step ``j // world_size``.
+The union over ranks is therefore identical on 1 or N processes, and the data order never depends on the seed (as
+in the record). PR #1855's own stream (spans inside one shard, tails dropped) is :mod:`pgolf.data.record_stream`. Each micro-batch is one packed row:
 ``inputs = stream[a : a + n]``, ``targets = stream[a + 1 : a + n + 1]``; attention is confined to documents by
 ``cu_seqlens`` built from BOS positions (see pgolf.model.attention).
 """
@@ -70,18 +72,32 @@ class BatchPlan:
             )
 
 
+MICRO_BATCH_ORDERS = ("blocked", "interleaved")
+
+
+def micro_batch_slot(plan: BatchPlan, rank: int, accum_index: int, order: str) -> int:
+    """Position, in stream order, of (rank, accumulation index)'s micro-batch among the step's micro-batches."""
+    if order == "blocked":
+        return rank * plan.grad_accum_steps + accum_index
+    if order == "interleaved":
+        return accum_index * plan.world_size + rank
+    raise ValueError(f"micro-batch order: expected one of {MICRO_BATCH_ORDERS}, got {order!r}")
+
+
 class PackedBatchLoader:
     """Yields (inputs, targets) int64 tensors [micro_batch_tokens] for (step, accumulation index) on one rank."""
 
-    def __init__(self, data_dir: str | Path, plan: BatchPlan, rank: int, start_offset: int = 0):
+    def __init__(self, data_dir: str | Path, plan: BatchPlan, rank: int, start_offset: int = 0, order: str = "blocked"):
         self.stream = TokenStream(list_shards(Path(data_dir), "train"))
         self.plan = plan
         self.rank = rank
         self.start_offset = start_offset
+        micro_batch_slot(plan, rank, 0, order)  # refuse an unknown order now, not at the first step
+        self.order = order
 
     def micro_batch(self, step: int, accum_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.plan
-        j = self.rank * plan.grad_accum_steps + accum_index  # micro-batch index within the step
+        j = micro_batch_slot(plan, self.rank, accum_index, self.order)  # micro-batch index within the step
         offset = self.start_offset + step * plan.train_batch_tokens + j * plan.micro_batch_tokens
         row = torch.from_numpy(self.stream.read(offset, plan.micro_batch_tokens + 1).astype(np.int64))
         return row[:-1], row[1:]  # inputs [n], targets [n]

@@ -264,7 +264,7 @@ def _record_doc_len(args, run_cfg) -> tuple[np.ndarray, str]:
         from pgolf.evaluate.valdata import load_validation
 
         val = load_validation(args.data_dir, byte_accounting="lut" if args.tokenizer else "auto",
-                              tokenizer_path=args.tokenizer, max_docs=run_cfg.evaluate.max_docs)
+                              tokenizer_path=args.tokenizer, max_docs=run_cfg.evaluate.max_docs, score_next_bos=True)
         return val.score_ends - val.doc_starts, f"{args.data_dir} ({val.num_docs} documents)"
     if args.docs is None and DEFAULT_LENGTHS.exists():
         lengths = load_doc_lengths(DEFAULT_LENGTHS)

@@ -132,12 +132,14 @@ def _maybe_checkpoint(fn, checkpoint: bool, *args):
 
 
 def lora_nll(model, layout: LoraLayout, ids: Tensor, head_targets: Tensor, views: Sequence[Tensor],
-             rope: Optional[tuple[Tensor, Tensor]], checkpoint: bool = False) -> Tensor:
+             rope: Optional[tuple[Tensor, Tensor]], checkpoint: bool = False, softcap_model_dtype: bool = True) -> Tensor:
     """NLL (nats, float32) [n, C] of the targets at each row's last C positions (C = head_targets.shape[1]).
 
     ids [n, w] int64 rows; head_targets [n, C] int64; views: the adapter tensors of the n documents
     (``layout.names`` order); rope: :func:`rope_for_rows` of at least w positions (sliced here). Looping is on.
     ``checkpoint``: recompute each block application in backward instead of keeping its activations.
+    ``softcap_model_dtype`` (``evaluate.softcap_dtype: model``, the record's TTT path): the softcap on the logits in
+    their own dtype (bf16 under autocast), then float32 for the cross-entropy; False: the softcap in float32.
     """
     nb, w = ids.shape
     C = head_targets.shape[1]
@@ -181,6 +183,8 @@ def lora_nll(model, layout: LoraLayout, ids: Tensor, head_targets: Tensor, views
     delta = head_delta(layout, views, h)
     if delta is not None:
         logits = logits + delta
-    # the softcap in the logits' dtype, THEN float32 for the cross-entropy: the record's TTT path (bf16 under autocast)
-    logits = softcap(logits, model.cfg.logit_softcap).float()
+    if softcap_model_dtype:
+        logits = softcap(logits, model.cfg.logit_softcap).float()
+    else:
+        logits = softcap(logits.float(), model.cfg.logit_softcap)
     return F.cross_entropy(logits.reshape(nb * C, -1), head_targets.reshape(-1), reduction="none").view(nb, C)

@@ -2,6 +2,9 @@
 from the schedule of :mod:`pgolf.evaluate.ttt_plan` with the adapters of :mod:`pgolf.evaluate.ttt_adapters`, the
 forward of :mod:`pgolf.evaluate.ttt_forward` and the phases of :mod:`pgolf.evaluate.ttt_phase`.
 
+Targets: the validation set's (``evaluate.score_next_bos``; the record's: each document's targets run through the
+next document's BOS, ``ValidationSet.score_ends``), so the record recipe scores positions 1..N-1.
+
 Per batch (documents ascending): B = 0, a fresh AdamW state; A is the lane's (warm start: what the lane's previous
 batch left; drawn again at the start of every segment) or, for a batch of another size or a side batch, a draw of
 its own. Per step c: rows of width w = min(C (c + 1), ctx) for the ACTIVE documents only (a suffix of the batch);
@@ -101,7 +104,8 @@ class RecordTTT:
         return contextlib.nullcontext()
 
     def _forward_eager(self, ids, targets, *views):
-        return lora_nll(self.model, self.layout, ids, targets, views, self.rope, self.cfg.checkpoint_activations)
+        return lora_nll(self.model, self.layout, ids, targets, views, self.rope, self.cfg.checkpoint_activations,
+                        self.eval_cfg.softcap_dtype == "model")
 
     def compile(self) -> float:
         """torch.compile the forward once with dynamic shapes and warm it up on RANDOM tokens (rows of the batch
@@ -317,9 +321,9 @@ class RecordTTT:
                              "graphs_compiled_while_scoring": _unique_graphs() - graphs_before if self.eval_cfg.compile else 0,
                              **(self.graphs.summary() if self.graphs is not None else {}),
                              "compile_warmup_s": warmup_s})
-        expected = np.zeros(self.val.num_positions, dtype=bool)
-        expected[1:] = True  # every position but the first BOS: targets through each next document's BOS
-        return TTTOutcome(self.scores, self.ledger, self.summary, warmup_s, score_s, expected_targets=expected)
+        # the set's targets: with score_next_bos (the record's), every position but the first
+        return TTTOutcome(self.scores, self.ledger, self.summary, warmup_s, score_s,
+                          expected_targets=self.val.target_mask())
 
     def _run_side(self, w0: dict) -> None:
         """Side batches (this process's lanes): the pre-phase weights, adapters of their own (chain-isolated: the

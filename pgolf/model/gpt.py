@@ -156,7 +156,10 @@ class TiedHead(nn.Module):
         return self._embedding.weight  # [V, d]
 
     def forward(self, h: Tensor) -> Tensor:  # [T, d] -> [T, V]
-        return F.linear(h, self._embedding.weight)
+        weight = self._embedding.weight
+        if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+            weight = weight.to(h.dtype)  # a bf16-stored embedding on an fp32 stream (runs without autocast)
+        return F.linear(h, weight)
 
 
 class SmearGate(nn.Module):
@@ -500,7 +503,9 @@ class GPT(nn.Module):
             rope = rope_tables(segment_positions(cu_seqlens, T), self.rope_inv_freq)
         ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
-        x = self.tok_emb(input_ids)  # [T, d]
+        x = self.tok_emb(input_ids)  # [T, d]; bf16 under train.param_storage: record
+        if x.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # no autocast (CPU runs): the fp32 matrices need an fp32 stream; bf16 values are exact in fp32
         if self.smear is not None:
             x = self.smear(x, input_ids, self.bos_id)  # on the raw embedding, then the norm (the record's order)
         x = rms_norm(x)

@@ -10,6 +10,7 @@ Layout of a checkpoint directory:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,18 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = True) -> tuple[dic
 def model_config_of(meta: dict[str, Any], where: str = "checkpoint.json") -> ModelConfig:
     """The architecture recorded with the weights (later stages never re-read it from YAML)."""
     return from_mapping(ModelConfig, meta["model_config"], f"{where}: model_config")
+
+
+def load_initial_weights(model: torch.nn.Module, model_cfg: ModelConfig, ckpt_dir: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's weights into a freshly built ``model`` (``pgolf train --init-checkpoint``), e.g. the
+    record script's own initial weights imported by ``pgolf checkpoint import-record``, so that both runs start
+    from the same point. The checkpoint's architecture must be ``model_cfg``; returns its metadata."""
+    state, meta = load_checkpoint(ckpt_dir)
+    ckpt_cfg = model_config_of(meta, f"{ckpt_dir}/{META_NAME}")
+    if ckpt_cfg != model_cfg:
+        differ = [f.name for f in dataclasses.fields(ModelConfig) if getattr(ckpt_cfg, f.name) != getattr(model_cfg, f.name)]
+        raise CheckpointError(
+            f"{ckpt_dir}/{META_NAME}: model_config differs from the recipe's model section in {', '.join(differ)}"
+        )
+    model.load_state_dict(state, strict=True)  # copies (and converts) into the model's own tensors
+    return meta

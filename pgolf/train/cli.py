@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg = section_from_json(ModelConfig, args.model_json, "--model-json")
     optim_cfg = section_from_json(OptimConfig, args.optim_json, "--optim-json")
     train_cfg = section_from_json(TrainConfig, args.train_json, "--train-json")
-    train(model_cfg, optim_cfg, train_cfg, args.seed, args.data_dir, args.out_dir, args.device)
+    train(model_cfg, optim_cfg, train_cfg, args.seed, args.data_dir, args.out_dir, args.device, args.init_checkpoint)
     return 0
 
 
@@ -35,6 +35,11 @@ def _register_train(commands) -> None:
     p.add_argument("--data-dir", required=True, help="shards directory (verified by the data stage)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument(
+        "--init-checkpoint", default=None, metavar="DIR",
+        help="start from this pgolf checkpoint's weights instead of the seeded init (e.g. the record script's initial "
+        "weights imported with `pgolf checkpoint import-record`); its model_config must equal --model-json",
+    )
     p.set_defaults(func=_train)
 
 
@@ -120,6 +125,41 @@ def _register_bench_train(commands) -> None:
     p.set_defaults(func=_bench_train)
 
 
+def _import_record(args: argparse.Namespace) -> int:
+    from pgolf.config import load_run_config
+    from pgolf.train.checkpoint import load_checkpoint
+    from pgolf.train.record_import import import_record
+
+    recipe = load_run_config(args.config).model if args.config else None
+    path = import_record(args.state_pt, args.out, log=args.log, recipe_model=recipe, recipe_path=args.config,
+                         kind=args.kind, force=args.force)
+    state, meta = load_checkpoint(path.parent)
+    cfg = meta["model_config"]
+    print(f"{path}: {len(state)} tensors, {sum(t.numel() for t in state.values()):,} parameters, "
+          f"{cfg['num_layers']} layers x {cfg['model_dim']}, weights {meta['weights']}, param_storage "
+          f"{meta['param_storage']}; model config from {meta['source']['model_config_from']}", file=sys.stderr)
+    return 0
+
+
+def _register_checkpoint(commands) -> None:
+    group = commands.group("checkpoint", help="training checkpoints from elsewhere")
+    p = group.add_parser(
+        "import-record", help="a state dict saved by PR #1855's train_gpt.py (final_model.pt) as a pgolf checkpoint",
+        description="Writes a pgolf checkpoint (model.pt + checkpoint.json) that the Hessian, quantize, pack and evaluate "
+        "stages and `pgolf train --init-checkpoint` accept. The architecture comes from the record run's log or a recipe.",
+    )
+    p.add_argument("state_pt", metavar="STATE_PT", help="the record's torch.save(model.state_dict()) file")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--log", metavar="LOG", help="the record run's log (its 'Hyperparameters:' block)")
+    source.add_argument("--config", metavar="RECIPE", help="a recipe whose model section describes the weights")
+    p.add_argument("--kind", choices=["final", "initial"], default="final",
+                   help="final: trained weights (final_model.pt); initial: the state a record run starts from")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint already in DIR")
+    p.set_defaults(func=_import_record)
+
+
 def register(commands) -> None:
     _register_train(commands)
     _register_bench_train(commands)
+    _register_checkpoint(commands)

@@ -68,6 +68,15 @@ def broadcast_float(value: float, info: DistInfo) -> float:
     return float(t.item())
 
 
+def broadcast_floats(values: list[float], info: DistInfo) -> list[float]:
+    """Rank 0's values on every rank, in one collective."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.broadcast(t, src=0)
+    return [float(v) for v in t.tolist()]
+
+
 def all_reduce_mean_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.AVG if tensor.is_cuda else dist.ReduceOp.SUM)

@@ -1,64 +1,75 @@
 """The training stage: ``python -m pgolf.train`` (run under torchrun for N processes).
 
-One optimizer step consumes ``train_batch_tokens`` tokens on any number of processes (gradient accumulation
-makes up the difference), so 1 GPU with accumulation 8 and 8 GPUs without accumulation see the same batches.
-The schedule is time-based when ``max_wallclock_seconds > 0`` (the fraction of the budget used, minus the
-Hessian reserve, drives the LR warmdown and loop activation; rank 0's clock decides for every rank) and
-step-based otherwise. Compile warm-up steps run first and their state is thrown away. The EMA of the weights
-is what gets saved.
+One optimizer step consumes ``train_batch_tokens`` tokens on any number of processes (gradient accumulation makes
+up the difference). The schedule is time-based when ``max_wallclock_seconds > 0`` (pgolf.train.schedule; rank 0's
+clock decides for every rank) and step-based otherwise. Compile warm-up steps run first and their state is thrown
+away (pgolf.train.warmup). The EMA of the weights is what gets saved (pgolf.train.storage).
+
+Where PR #1855's loop differs, the recipe chooses (``train.*``, ``optim.muon_precision``/``adam_fused``); the
+defaults keep pgolf's behaviour, ``config.yaml`` sets the record's:
+
+=====================  ====================================  =============================================
+key                    pgolf (default)                       record (config.yaml)
+=====================  ====================================  =============================================
+budget_reading         strict: loop + Hessians <= cap        record: the loop <= cap, Hessians after it
+reserve_seconds        8.0 (the Hessians' allowance)         0.5 (the record run's GPTQ_RESERVE_SECONDS)
+data_stream            contiguous, any GPU count alike       record: spans inside one shard, tails dropped
+micro_batch_order      blocked                               interleaved
+cu_seqlens_pad         pow2                                  multiple_of_64
+clip_scope             global: average, then clip            per_rank: clip, then average
+warmup_steps           10 (+ 10 looping)                     20 (+ 20 looping)
+warmup_cu_passes       0                                     3
+warmup_restore         full                                  record: Muon momentum survives
+param_storage          fp32                                  record: bf16-rounded init, bf16 embedding
+muon_precision         fp32_momentum                         record_bf16
+adam_fused             cuda                                  always
+=====================  ====================================  =============================================
+
+Checked against the record script itself (tests/test_record_train_oracle.py).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
-from pgolf.train.checkpoint import save_checkpoint
+from pgolf.compliance.provenance import code_hash, environment
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
+from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_shard
-from pgolf.train.distributed import DistInfo, broadcast_float, init_distributed, shutdown
 from pgolf.io import MetricsLog, atomic_write_json, sha256_file
 from pgolf.model.gpt import GPT, param_groups
-from pgolf.train.optim import build_optimizers, set_lr_multiplier
+from pgolf.train.checkpoint import load_initial_weights, save_checkpoint
+from pgolf.train.distributed import DistInfo, broadcast_floats, init_distributed, shutdown
+from pgolf.train.optim import build_optimizers, set_lr_multiplier, set_step_index
 from pgolf.train.prequant_ttt import prequant_ttt
-from pgolf.compliance.provenance import code_hash, environment
+from pgolf.train.schedule import lr_multiplier, training_budget_seconds, training_fraction
+from pgolf.train.step import (
+    autocast_for,
+    cu_seqlens_bucket,
+    forward_backward,
+    micro_batch_segments,
+    muon_averages_grads,
+    optimizer_step,
+)
+from pgolf.train.storage import EMA, apply_param_storage
+from pgolf.train.warmup import cu_warmup_seqlens, run_warmup
 
-BOS_ID = 1
+# re-exported: the loop's pieces have been importable from here since before the split into modules
+__all__ = [
+    "autocast_for", "check_data", "cu_seqlens_bucket", "forward_backward", "lr_multiplier", "make_loader",
+    "optimizer_step", "train", "train_in_group", "train_model", "training_budget_seconds", "training_fraction",
+]
 
-
-# ----------------------------------------------------------------------------------------------------- schedule
-
-
-def lr_multiplier(frac: float, warmdown_fraction: float, min_lr_fraction: float) -> float:
-    """1 until ``1 - warmdown_fraction`` of training, then linear to 0, floored at ``min_lr_fraction``.
-
-    Record: warmdown 0.85, floor 0.10 -> ``max((1 - frac) / 0.85, 0.10)`` after frac = 0.15.
-    """
-    if warmdown_fraction <= 0 or frac < 1.0 - warmdown_fraction:
-        return 1.0
-    return max((1.0 - frac) / warmdown_fraction, min_lr_fraction)
-
-
-def training_budget_seconds(cfg: TrainConfig) -> float:
-    """The loop's share of the wallclock cap: the Hessian reserve is set aside for the calibration pass."""
-    return max(cfg.max_wallclock_seconds - cfg.hessian_reserve_seconds, 0.0)
-
-
-def training_fraction(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
-    if cfg.max_wallclock_seconds > 0:
-        return min(elapsed_s / max(training_budget_seconds(cfg), 1e-9), 1.0)
-    return min(step / cfg.iterations, 1.0)
+NamedParams = Sequence[tuple[str, torch.nn.Parameter]]
 
 
 # ------------------------------------------------------------------------------------------------------ checks
@@ -92,89 +103,12 @@ def check_data(data_dir: Path, vocab_size: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def cu_seqlens_bucket(num_entries: int, minimum: int = 16) -> int:
-    """Pad cu_seqlens to the next power of two: a compiled step then sees a handful of shapes, not one per batch."""
-    return max(minimum, 1 << (num_entries - 1).bit_length())
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Average gradients over ranks in one flattened all-reduce (few large messages beat many small ones)."""
-    if not info.enabled:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(info.world_size)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 on CPU (tests compare processes and need no bf16 rounding)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def forward_backward(
-    step_model: torch.nn.Module,
-    inputs: torch.Tensor,  # [n] token ids
-    targets: torch.Tensor,  # [n] next tokens
-    cu_seqlens: torch.Tensor,  # [segments + 1], bucketed
-    max_seqlen: int,
-    grad_accum_steps: int,
-    device: torch.device,
-    compiled: bool,
-) -> torch.Tensor:
-    """One micro-batch of a step: move it to the device, forward under autocast, backward of loss / accumulation.
-
-    Returns the detached loss. Under compile the cu_seqlens length is marked dynamic: one graph serves every
-    segment count (bucketing alone still recompiled ~50 s per new bucket on an H100).
-    """
-    inputs = inputs.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
-    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
-    if compiled:
-        torch._dynamo.mark_dynamic(cu_seqlens, 0)
-    with autocast_for(device):
-        loss = step_model(inputs, targets, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    (loss / grad_accum_steps).backward()
-    return loss.detach()
-
-
-def optimizer_step(
-    params: list[torch.nn.Parameter], optimizers: list, grad_clip_norm: float, info: DistInfo | None
-) -> None:
-    """After a step's micro-batches: average gradients over ranks, clip by the global norm, step, zero."""
-    if info is not None:
-        _all_reduce_grads(params, info)
-    if grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
-    for opt in optimizers:
-        opt.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-
-
-class EMA:
-    """Exponential moving average of every parameter in float32; ``decay`` 0 keeps the live weights."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
-
-    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        if self.decay == 0:
-            return {n: p.detach().float().clone() for n, p in model.named_parameters()}
-        return {n: t.clone() for n, t in self.shadow.items()}
+def make_loader(data_dir: Path, plan: BatchPlan, rank: int, cfg: TrainConfig):
+    """This rank's micro-batches, ``micro_batch(step, accum_index) -> (inputs [n], targets [n])``, from the
+    configured stream (``train.data_stream``, ``train.micro_batch_order``)."""
+    if cfg.data_stream == "record":
+        return RecordStreamLoader(data_dir, plan, rank)
+    return PackedBatchLoader(data_dir, plan, rank, order=cfg.micro_batch_order)
 
 
 def _compiled_graph_count() -> int:
@@ -201,10 +135,14 @@ def train(
     data_dir: str | Path,
     out_dir: str | Path,
     device_kind: str = "auto",
+    init_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train one seed in its own process group: join it, train, leave it (the ``python -m pgolf.train`` stage)."""
+    """Train one seed in its own process group: join it, train, leave it (the ``python -m pgolf.train`` stage).
+
+    ``init_checkpoint``: a pgolf checkpoint directory whose weights replace the seeded initialization.
+    """
     info = init_distributed(device_kind)
-    summary = train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info)
+    summary = train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint)
     shutdown(info)
     return summary
 
@@ -217,23 +155,60 @@ def train_in_group(
     data_dir: str | Path,
     out_dir: str | Path,
     info: DistInfo,
+    init_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one seed inside an existing process group and leave it open, so that later stages can reuse it (the
-    in-process record run, pgolf.artifact.record_run). Rank 0 writes ``out_dir/checkpoint/`` and ``out_dir/train_summary.json``.
+    in-process record run, pgolf.artifact.record_run). Rank 0 writes ``out_dir/checkpoint/`` and
+    ``out_dir/train_summary.json``.
+    """
+    data_info = check_data(Path(data_dir), model_cfg.vocab_size)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    model = GPT(model_cfg)
+    extra: dict[str, Any] = {}
+    if init_checkpoint is not None:
+        init_meta = load_initial_weights(model, model_cfg, init_checkpoint)
+        extra = {"init_checkpoint": str(init_checkpoint), "init_weights_sha256": init_meta.get("weights_sha256")}
+    model = model.to(info.device)
+    model.use_fused_kernels = train_cfg.fused_kernels and info.device.type == "cuda"
+    return train_model(
+        model, param_groups(model), model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info,
+        data_info={**data_info, **extra},
+    )
+
+
+def train_model(
+    model: torch.nn.Module,
+    groups: Mapping[str, NamedParams],
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    info: DistInfo,
+    *,
+    data_info: Optional[dict[str, Any]] = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Train a built model (its initial weights in place, on ``info.device``): warm-up, the timed loop, the EMA,
+    the checkpoint. The model needs a ``looping`` attribute and ``forward(inputs [n], targets [n], cu_seqlens=,
+    max_seqlen=) -> mean loss``; ``groups`` are its optimizer groups (pgolf.model.gpt.param_groups).
+
+    ``clock``: the time source of the schedule and the stop (seconds; read once at the start, then at the top and
+    at the end of every step, like the record's); a test can pass a fake one.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = info.device
     plan = BatchPlan(train_cfg.train_batch_tokens, train_cfg.micro_batch_tokens, info.world_size)
-    data_info = check_data(data_dir, model_cfg.vocab_size)
-    loader = PackedBatchLoader(data_dir, plan, info.rank)
+    accum = plan.grad_accum_steps
+    if data_info is None:
+        data_info = check_data(data_dir, model_cfg.vocab_size)
+    loader = make_loader(data_dir, plan, info.rank, train_cfg)
 
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    model = GPT(model_cfg).to(device)
-    model.use_fused_kernels = train_cfg.fused_kernels and device.type == "cuda"
-    groups = param_groups(model)
-    optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=False)  # grads averaged below, before clipping
-    params = [p for p in model.parameters()]
+    apply_param_storage(model, train_cfg.param_storage, [name for name, _ in groups.get("embedding", ())])
+    optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=muon_averages_grads(train_cfg.clip_scope))
+    params = [p for p in model.parameters()]  # the model's order: the clip norm sums in it
     step_model = torch.compile(model, fullgraph=True, dynamic=False) if train_cfg.compile else model
     can_loop = model_cfg.loop_count > 1
 
@@ -244,64 +219,76 @@ def train_in_group(
 
     seen_cu_shapes: set[int] = set()
 
-    def run_step(step: int) -> torch.Tensor:
+    def run_step(step_index: int, first_call: int) -> torch.Tensor:
+        """One optimizer step on stream calls first_call .. first_call + accum - 1; returns the mean loss."""
+        set_step_index(optimizers, step_index)  # Muon's momentum warm-up follows the loop's step index
         loss_sum = torch.zeros((), device=device)
-        for accum_index in range(plan.grad_accum_steps):
-            inputs, targets = loader.micro_batch(step, accum_index)  # [n] each, on CPU
-            cu_seqlens, max_seqlen = build_cu_seqlens(inputs, bos_id=BOS_ID, max_seqlen=train_cfg.train_seq_len)
-            cu_seqlens = pad_cu_seqlens(cu_seqlens, cu_seqlens_bucket(cu_seqlens.numel()))
+        for call in range(first_call, first_call + accum):
+            inputs, targets = loader.micro_batch(*divmod(call, accum))  # [n] each, on CPU
+            cu_seqlens, max_seqlen = micro_batch_segments(inputs, train_cfg.train_seq_len, train_cfg.cu_seqlens_pad)
             seen_cu_shapes.add(cu_seqlens.numel())
             loss_sum += forward_backward(
-                step_model, inputs, targets, cu_seqlens, max_seqlen, plan.grad_accum_steps, device, train_cfg.compile
+                step_model, inputs, targets, cu_seqlens, max_seqlen, accum, device, train_cfg.compile
             )
-        optimizer_step(params, optimizers, train_cfg.grad_clip_norm, info)
-        return loss_sum / plan.grad_accum_steps
+        optimizer_step(params, optimizers, train_cfg.grad_clip_norm, info, train_cfg.clip_scope)
+        return loss_sum / accum
 
-    # Compile warm-up: run real steps (both loop states when looping is configured), then restore everything.
+    def compile_pass(cu_seqlens: torch.Tensor) -> None:
+        inputs, targets = loader.micro_batch(0, 0)  # stream call 0
+        forward_backward(step_model, inputs, targets, cu_seqlens, train_cfg.train_seq_len, accum, device,
+                         train_cfg.compile)
+
     warmup_start = time.perf_counter()
-    if train_cfg.compile_warmup_steps > 0:
-        saved_model = copy.deepcopy(model.state_dict())
-        saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        for i in range(train_cfg.compile_warmup_steps):
-            model.looping = can_loop and i >= train_cfg.compile_warmup_steps // 2
-            run_step(i)
-        model.load_state_dict(saved_model)
-        for opt, state in zip(optimizers, saved_opts):
-            opt.load_state_dict(state)
-        model.looping = False
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    set_lr_multiplier(optimizers, 1.0)
+    run_warmup(
+        model, optimizers,
+        loop_states=(False, True) if can_loop else (False,),
+        warmup_steps=train_cfg.warmup_steps,
+        calls_per_step=accum,
+        # the record's loader spends call 0 on the compile passes; the contiguous stream starts at step 0
+        first_step_call=1 if train_cfg.data_stream == "record" or train_cfg.warmup_cu_passes > 0 else 0,
+        run_step=run_step,
+        cu_passes=train_cfg.warmup_cu_passes,
+        cu_seqlens_list=cu_warmup_seqlens(plan.micro_batch_tokens, train_cfg.train_seq_len, train_cfg.cu_seqlens_pad),
+        compile_pass=compile_pass,
+        restore_kind=train_cfg.warmup_restore,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     warmup_seconds = time.perf_counter() - warmup_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     ema = EMA(model, train_cfg.ema_decay)
-    model.looping = can_loop and train_cfg.loop_enable_fraction == 0.0
-    loop_enabled_step = 0 if model.looping else None
+    model.looping = False
+    loop_enabled_step = None
     budget_s = training_budget_seconds(train_cfg)
-    elapsed_s = 0.0
+    timed = train_cfg.max_wallclock_seconds > 0
     step = 0
-    step_times_ms = {"before_loop": [], "after_loop": []}
-    train_start = time.perf_counter()
-    last_log_time, last_log_step = train_start, 0
-    while True:
-        frac = training_fraction(step, elapsed_s, train_cfg)
-        if step >= train_cfg.iterations or (train_cfg.max_wallclock_seconds > 0 and elapsed_s >= budget_s):
-            break
+    end_s = 0.0  # rank 0's clock at the end of the previous step
+    step_times_ms: dict[str, list[float]] = {"before_loop": [], "after_loop": []}
+    train_start = clock()
+    last_log_time, last_log_step = time.perf_counter(), 0
+    while step < train_cfg.iterations:
+        # rank 0's clock decides for every rank: the top of this step (schedule) and the end of the last (stop)
+        top_s, end_s = broadcast_floats([clock() - train_start, end_s], info)
+        if timed and step > 0 and end_s >= budget_s:
+            break  # the record's rule: stop after the first step that ends at or past the budget
+        frac = training_fraction(step, top_s, train_cfg)
         if can_loop and not model.looping and frac >= train_cfg.loop_enable_fraction:
             model.looping = True
             loop_enabled_step = step
         mult = lr_multiplier(frac, train_cfg.warmdown_fraction, train_cfg.min_lr_fraction)
         set_lr_multiplier(optimizers, mult)
         t0 = time.perf_counter()
-        loss = run_step(step)
-        ema.update(model)
+        loss = run_step(step, step * accum)
+        ema.update()
         step += 1
         if device.type == "cuda" and (step % train_cfg.log_every_steps == 0):
             torch.cuda.synchronize(device)
         now = time.perf_counter()
+        end_s = clock() - train_start
         step_times_ms["after_loop" if model.looping else "before_loop"].append((now - t0) * 1000.0)
-        elapsed_s = broadcast_float(now - train_start, info)
         if step % train_cfg.log_every_steps == 0 or step == 1:
             loss_value = float(loss.item())
             if not math.isfinite(loss_value):
@@ -309,10 +296,7 @@ def train_in_group(
             window_s = max(now - last_log_time, 1e-9)
             tokens_per_s = (step - last_log_step) * plan.train_batch_tokens / window_s
             last_log_time, last_log_step = now, step
-            if train_cfg.max_wallclock_seconds > 0:
-                eta_s = max(budget_s - elapsed_s, 0.0)
-            else:
-                eta_s = (train_cfg.iterations - step) * elapsed_s / step
+            eta_s = max(budget_s - end_s, 0.0) if timed else (train_cfg.iterations - step) * end_s / step
             record = {
                 "event": "train_step",
                 "step": step,
@@ -322,7 +306,7 @@ def train_in_group(
                 "looping": bool(model.looping),
                 "step_ms": step_times_ms["after_loop" if model.looping else "before_loop"][-1],
                 "tokens_per_s": tokens_per_s,
-                "elapsed_s": elapsed_s,
+                "elapsed_s": end_s,
                 "peak_memory_gib": _memory_gib(device),
             }
             metrics.write(record)
@@ -330,15 +314,15 @@ def train_in_group(
                 print(
                     f"step {step:>6} loss {loss_value:.4f} lr x{mult:.3f} {tokens_per_s / 1e3:,.0f}K tok/s "
                     f"{record['step_ms']:.0f} ms/step loop={'on' if model.looping else 'off'} "
-                    f"elapsed {elapsed_s:.0f}s eta {eta_s:.0f}s",
+                    f"elapsed {end_s:.0f}s eta {eta_s:.0f}s",
                     file=sys.stderr,
                     flush=True,
                 )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - train_start
+    train_seconds = clock() - train_start
 
-    weights = ema.state_dict(model)
+    weights = ema.final_weights()
     prequant: dict[str, Any] = {}
     if train_cfg.prequant_ttt_epochs > 0:  # ILLEGAL (C3/C4), sweeps only: recorded so `pgolf comply` rejects it
         with torch.no_grad():
@@ -353,10 +337,13 @@ def train_in_group(
         xs = xs[1:] if len(xs) > 1 else xs
         return float(sum(xs) / len(xs)) if xs else None
 
+    stream_info: dict[str, Any] = {}
+    if isinstance(loader, RecordStreamLoader):
+        stream_info["data_stream_dropped_tail_tokens"] = int(sum(loader.dropped_tail_tokens()))
     summary = {
         "seed": seed,
         "world_size": info.world_size,
-        "grad_accum_steps": plan.grad_accum_steps,
+        "grad_accum_steps": accum,
         "steps": step,
         "tokens_seen": step * plan.train_batch_tokens,
         "train_seconds": train_seconds,
@@ -369,6 +356,17 @@ def train_in_group(
         "peak_memory_gib": _memory_gib(device),
         "cu_seqlens_shapes": sorted(seen_cu_shapes),
         "compiled_graphs": _compiled_graph_count(),
+        # how this run read the budget and which of the record's loop choices it made (`pgolf comply` reads these)
+        "budget_reading": train_cfg.budget_reading,
+        "reserve_seconds": train_cfg.reserve_seconds,
+        "loop_budget_seconds": budget_s if timed else None,
+        "data_stream": train_cfg.data_stream,
+        "micro_batch_order": train_cfg.micro_batch_order,
+        "clip_scope": train_cfg.clip_scope,
+        "warmup_restore": train_cfg.warmup_restore,
+        "param_storage": train_cfg.param_storage,
+        "muon_precision": optim_cfg.muon_precision,
+        **stream_info,
         **data_info,
         **prequant,
     }

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.config import OptimConfig
+from pgolf.train.muon_bf16 import newton_schulz_bf16, row_normalize_bf16
 
 Coeffs = tuple[float, float, float]
 
@@ -52,6 +53,7 @@ NS_NORM_EPS = 1e-7  # added to the Frobenius norm before dividing, so an all-zer
 ROW_NORM_EPS = 1e-7  # added to each row's L2 norm in MuonEq-R, for the same reason
 
 GROUP_NAMES = ("matrix", "embedding", "scalar")
+MUON_PRECISIONS = ("fp32_momentum", "record_bf16")  # see OptimConfig.muon_precision
 
 NamedParams = Sequence[tuple[str, torch.nn.Parameter]]
 CoeffSpec = Union[str, Coeffs, Sequence[Coeffs]]
@@ -149,11 +151,15 @@ def row_normalize(U: Tensor, eps: float = ROW_NORM_EPS) -> Tensor:
 
 def muon_momentum_at(step: int, start: float, end: float, warmup_steps: int) -> float:
     """Momentum for the optimizer's step ``step`` (0-based): linear from ``start`` (step 0) to ``end`` (step
-    ``warmup_steps`` and later). A low early momentum lets the first, large gradients move weights quickly."""
+    ``warmup_steps`` and later). A low early momentum lets the first, large gradients move weights quickly.
+
+    Written as the weighted mean ``(1 - f) * start + f * end`` (the record's form): ``start + (end - start) * f``
+    is the same number in exact arithmetic but not always in doubles, and bf16 momentum makes the last bit count.
+    """
     if warmup_steps <= 0:
         return end
     frac = min(step / warmup_steps, 1.0)
-    return start + (end - start) * frac
+    return (1.0 - frac) * start + frac * end
 
 
 def lr_shape_scale(rows: int, cols: int) -> float:
@@ -173,30 +179,34 @@ def _world(process_group=None) -> tuple[int, int]:
     return 1, 0
 
 
-def allreduce_grads(params: Iterable[Tensor], process_group=None) -> None:
-    """Average the ``.grad`` of ``params`` over all ranks, in one all_reduce per (device, dtype).
+def allreduce_mean_(tensors: Sequence[Tensor], process_group=None) -> None:
+    """Average ``tensors`` in place over all ranks, in one all_reduce per (device, dtype): the sum, then a division
+    in the tensors' own dtype (bf16 tensors are averaged in bf16, as the record's bf16 collectives do).
 
     Many small tensors (gains, gates) cost one collective's latency each when reduced one by one; flattening
-    them into a single buffer costs one latency in all ("grouped all-reduce of small params"). Parameters
-    whose grad is None are skipped: every rank must have grads on the same parameters, in the same order
-    (true for a fixed model graph), or the flat buffers would not line up. No-op on a single process.
+    them into a single buffer costs one latency in all ("grouped all-reduce of small params"). Every rank must
+    pass the same tensors in the same order, or the flat buffers would not line up. No-op on a single process.
     """
     world, _ = _world(process_group)
     if world == 1:
         return
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p in params:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise ValueError(f"allreduce_grads: sparse gradients are not supported (shape {tuple(p.shape)})")
-        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    for grads in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
+    for t in tensors:
+        if t.is_sparse:
+            raise ValueError(f"allreduce: sparse gradients are not supported (shape {tuple(t.shape)})")
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    for group in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in group])  # [sum of numels]
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
         flat.div_(world)
-        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(chunk.view_as(g))
+        for t, chunk in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(chunk.view_as(t))
+
+
+def allreduce_grads(params: Iterable[Tensor], process_group=None) -> None:
+    """Average the ``.grad`` of ``params`` over all ranks (:func:`allreduce_mean_`); params without a grad are
+    skipped (every rank has grads on the same parameters for a fixed model graph)."""
+    allreduce_mean_([p.grad for p in params if p.grad is not None], process_group)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,6 +220,7 @@ class _Bucket:
 
     ``owners[i]`` is the rank that orthogonalizes ``params[i]``; ``slots[i]`` its position among that owner's
     matrices of this bucket. Every rank reserves ``slots_per_rank`` matrices of the bucket in its gather buffer.
+    A parameter may be a stack of matrices [..., rows, cols] (the record's banks): it is one item here.
     """
 
     group: dict
@@ -219,8 +230,12 @@ class _Bucket:
     slots_per_rank: int
 
     @property
+    def param_shape(self) -> tuple[int, ...]:
+        return tuple(self.params[0].shape)
+
+    @property
     def matrix_shape(self) -> tuple[int, int]:
-        return tuple(self.params[0].shape)  # type: ignore[return-value]
+        return tuple(self.params[0].shape[-2:])  # type: ignore[return-value]
 
 
 def _plan_buckets(groups: Sequence[dict], world: int) -> list[_Bucket]:
@@ -252,7 +267,9 @@ def _plan_buckets(groups: Sequence[dict], world: int) -> list[_Bucket]:
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum + Newton-Schulz orthogonalization for 2-D matrices (math in the module docstring).
+    """Momentum + Newton-Schulz orthogonalization for 2-D matrices (math in the module docstring). A parameter
+    may also be a stack [..., rows, cols] of matrices (as the record stores its banks): each trailing matrix is
+    orthogonalized on its own, exactly as if it were a parameter of its own.
 
     Param group keys: ``lr``, ``momentum`` (the value after warm-up), ``momentum_warmup_start`` (None: no
     warm-up), ``momentum_warmup_steps``, ``nesterov``, ``row_normalize``, ``ns_steps``, ``ns_coefficients``
@@ -270,6 +287,11 @@ class Muon(torch.optim.Optimizer):
     ``state_dict`` identical on all ranks and across world sizes); each rank orthogonalizes only the matrices it
     owns (:func:`_plan_buckets`), one batched call per shape bucket; one all_gather shares the results, and
     every rank applies the same update to every matrix. No DDP wrapper is needed for these parameters.
+
+    ``precision`` (``OptimConfig.muon_precision``): ``fp32_momentum`` keeps the gradient and momentum in the
+    parameter's dtype (fp32) and normalizes in fp32; ``record_bf16`` is PR #1855's arithmetic: the gradient rounded
+    to bf16 (averaged over ranks in bf16), bf16 momentum and Nesterov sum, and :mod:`pgolf.train.muon_bf16`'s
+    rounding order for the row norm and Newton-Schulz; the update is added to the fp32 parameter.
     """
 
     def __init__(
@@ -285,9 +307,12 @@ class Muon(torch.optim.Optimizer):
         ns_coefficients: CoeffSpec = "polar_express",
         weight_decay: float = 0.0,
         *,
+        precision: str = "fp32_momentum",
         average_grads: bool = True,
         process_group=None,
     ) -> None:
+        if precision not in MUON_PRECISIONS:
+            raise ValueError(f"Muon: precision: expected one of {MUON_PRECISIONS}, got {precision!r}")
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"Muon: lr: expected a finite number >= 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
@@ -314,10 +339,12 @@ class Muon(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             group["ns_coefficients"] = ns_coefficient_schedule(group["ns_coefficients"], group["ns_steps"])
             for pi, p in enumerate(group["params"]):
-                if p.ndim != 2:
+                if p.ndim < 2:
                     raise ValueError(
-                        f"Muon: param_groups[{gi}] param {pi}: expected a 2-D matrix, got shape {tuple(p.shape)}"
+                        f"Muon: param_groups[{gi}] param {pi}: expected a 2-D matrix, got shape {tuple(p.shape)} "
+                        "(or a stack of matrices [..., rows, cols])"
                     )
+        self.precision = precision
         self.average_grads = average_grads
         self.process_group = process_group
 
@@ -330,11 +357,28 @@ class Muon(torch.optim.Optimizer):
         return muon_momentum_at(group["step"], start, group["momentum"], group["momentum_warmup_steps"])
 
     def _orthogonalize(self, bucket: _Bucket, updates: list[Tensor]) -> Tensor:
-        """Row-normalize (optional) and Newton-Schulz a stack of updates [n, rows, cols] in one call."""
-        U = torch.stack(updates)  # [n, rows, cols]
-        if bucket.group["row_normalize"]:
+        """Row-normalize (optional) and Newton-Schulz a stack of updates [n, ..., rows, cols] in one call."""
+        U = torch.stack(updates)  # [n, ..., rows, cols]
+        group = bucket.group
+        if self.precision == "record_bf16":
+            if group["row_normalize"]:
+                U = row_normalize_bf16(U)
+            return newton_schulz_bf16(U, group["ns_coefficients"], NS_NORM_EPS)
+        if group["row_normalize"]:
             U = row_normalize(U)
-        return newton_schulz(U, bucket.group["ns_coefficients"], bucket.group["ns_steps"])
+        return newton_schulz(U, group["ns_coefficients"], group["ns_steps"])
+
+    def _gradients(self, world: int) -> dict[int, Tensor]:
+        """id(param) -> the gradient its update uses: ``p.grad`` (fp32_momentum) or a bf16 copy (record_bf16),
+        averaged over ranks unless the caller already did (``average_grads=False``)."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.precision == "record_bf16":
+            grads = [p.grad.to(torch.bfloat16) for p in params]
+        else:
+            grads = [p.grad for p in params]
+        if world > 1 and self.average_grads:
+            allreduce_mean_(grads, self.process_group)
+        return {id(p): g for p, g in zip(params, grads)}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -343,8 +387,7 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world, rank = _world(self.process_group)
-        if world > 1 and self.average_grads:
-            allreduce_grads([p for g in self.param_groups for p in g["params"]], self.process_group)
+        grad_of = self._gradients(world)
 
         buckets = _plan_buckets(self.param_groups, world)
         if not buckets:
@@ -355,32 +398,41 @@ class Muon(torch.optim.Optimizer):
         for bucket in buckets:
             group = bucket.group
             mu = self.group_momentum(group)
-            grads = [p.grad for p in bucket.params]
+            grads = [grad_of[id(p)] for p in bucket.params]
             bufs = []
-            for p in bucket.params:
+            for p, g in zip(bucket.params, grads):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    state["momentum_buffer"] = torch.zeros_like(g)  # the gradient's dtype: bf16 under record_bf16
                 bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, grads)  # M = mu * M + G
+            # bf16 buffers one tensor at a time: the foreach kernels round the scalar mu to bf16 before multiplying
+            # (0.92003 -> 0.921875), the in-place ops the record uses keep it in fp32
+            per_tensor = self.precision == "record_bf16"
+            if per_tensor:
+                for buf, g in zip(bufs, grads):
+                    buf.mul_(mu).add_(g)  # M = mu * M + G
+            else:
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)  # M = mu * M + G
             mine = [i for i, owner in enumerate(bucket.owners) if owner == rank]
             if not mine:
                 owned_results.append(None)
                 continue
-            if group["nesterov"]:
+            if group["nesterov"] and per_tensor:
+                updates = [grads[i].add(bufs[i], alpha=mu) for i in mine]
+            elif group["nesterov"]:
                 updates = torch._foreach_add([grads[i] for i in mine], [bufs[i] for i in mine], alpha=mu)
             else:
                 updates = [bufs[i] for i in mine]
-            owned_results.append(self._orthogonalize(bucket, updates))  # [len(mine), rows, cols]
+            owned_results.append(self._orthogonalize(bucket, updates))  # [len(mine), ..., rows, cols]
         for group in self.param_groups:
             if any(p.grad is not None for p in group["params"]):
                 group["step"] += 1
 
         # 2. Share: every rank writes its results into a flat send buffer laid out the same on all ranks (bucket b
         #    at [offset_b, offset_b + slots_per_rank * rows * cols)); one all_gather stacks them to [world, total].
-        gather_dtype = default_compute_dtype(buckets[0].params[0])
-        if any(default_compute_dtype(b.params[0]) != gather_dtype for b in buckets):
+        gather_dtype = torch.bfloat16 if self.precision == "record_bf16" else default_compute_dtype(buckets[0].params[0])
+        if self.precision != "record_bf16" and any(default_compute_dtype(b.params[0]) != gather_dtype for b in buckets):
             raise ValueError(
                 "Muon: all matrices must share one Newton-Schulz compute dtype: one kind of device (CPU or CUDA), "
                 "and on CPU not float64 mixed with other dtypes"
@@ -389,8 +441,7 @@ class Muon(torch.optim.Optimizer):
         total = 0
         for bucket in buckets:
             offsets.append(total)
-            rows, cols = bucket.matrix_shape
-            total += bucket.slots_per_rank * rows * cols
+            total += bucket.slots_per_rank * math.prod(bucket.param_shape)
         device = buckets[0].params[0].device
         send = torch.zeros(total, dtype=gather_dtype, device=device)  # [total]; padding slots stay 0
         for offset, result in zip(offsets, owned_results):
@@ -406,9 +457,9 @@ class Muon(torch.optim.Optimizer):
         for bucket, offset in zip(buckets, offsets):
             group = bucket.group
             rows, cols = bucket.matrix_shape
-            span = bucket.slots_per_rank * rows * cols
-            per_rank = gathered[:, offset : offset + span].view(world, bucket.slots_per_rank, rows, cols)
-            O = per_rank[bucket.owners, bucket.slots]  # [n, rows, cols], in params order
+            span = bucket.slots_per_rank * math.prod(bucket.param_shape)
+            per_rank = gathered[:, offset : offset + span].view(world, bucket.slots_per_rank, *bucket.param_shape)
+            O = per_rank[bucket.owners, bucket.slots]  # [n, ..., rows, cols], in params order
             O = O.to(bucket.params[0].dtype)
             if group["weight_decay"] != 0.0:
                 torch._foreach_mul_(bucket.params, 1.0 - group["lr"] * group["weight_decay"])
@@ -435,7 +486,7 @@ def _check_groups(groups: Mapping[str, NamedParams]) -> None:
             if id(p) in seen:
                 raise ValueError(f"param groups: '{name}' ({group_name}) is the same tensor as {seen[id(p)]}")
             seen[id(p)] = f"'{name}' ({group_name})"
-            if group_name == "matrix" and p.ndim != 2:
+            if group_name == "matrix" and p.ndim < 2:
                 raise ValueError(
                     f"param groups['matrix']: '{name}' has shape {tuple(p.shape)}, expected a 2-D matrix for Muon"
                 )
@@ -448,8 +499,9 @@ def build_optimizers(
 
     Every param group carries ``initial_lr`` (its peak lr) and ``name``; :func:`set_lr_multiplier` scales from
     it. Empty groups are left out (an optimizer with no parameters is an error in torch). AdamW is fused on
-    CUDA and the plain foreach implementation on CPU. Pass ``muon_average_grads=False`` when the training loop
-    already averages every gradient (needed to clip by the global norm before the step).
+    CUDA and the plain foreach implementation on CPU, or fused everywhere with ``adam_fused: always`` (the
+    record's choice). Pass ``muon_average_grads=False`` when the training loop already averages every gradient
+    (needed to clip by the global norm before the step).
     """
     _check_groups(groups)
     optimizers: list[torch.optim.Optimizer] = []
@@ -466,6 +518,7 @@ def build_optimizers(
             ns_steps=cfg.ns_steps,
             ns_coefficients=cfg.ns_coefficients,
             weight_decay=cfg.muon_weight_decay,
+            precision=cfg.muon_precision,
             average_grads=muon_average_grads,
         )
         optimizers.append(muon)
@@ -479,10 +532,9 @@ def build_optimizers(
             adam_groups.append({"params": params, "lr": lr, "weight_decay": wd, "initial_lr": lr, "name": name})
     if adam_groups:
         on_cuda = all(p.is_cuda for g in adam_groups for p in g["params"])
+        fused = on_cuda or cfg.adam_fused == "always"
         optimizers.append(
-            torch.optim.AdamW(
-                adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=on_cuda
-            )
+            torch.optim.AdamW(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused)
         )
     if not optimizers:
         raise ValueError("param groups: no parameters in 'matrix', 'embedding' or 'scalar'")
@@ -498,3 +550,17 @@ def set_lr_multiplier(optimizers: Iterable[torch.optim.Optimizer], multiplier: f
             if "initial_lr" not in group:
                 raise ValueError(f"{type(opt).__name__}.param_groups[{i}]: no 'initial_lr' (build it with build_optimizers)")
             group["lr"] = group["initial_lr"] * multiplier
+
+
+def set_step_index(optimizers: Iterable[torch.optim.Optimizer], step: int) -> None:
+    """Make Muon's next step use the momentum warm-up of loop step ``step``.
+
+    Muon counts its own steps, which equals the loop's step index in a plain run; the record's warm-up restarts
+    the index at 0 for its looping-on half (and the real run again after the restore), so the loop sets it.
+    """
+    if step < 0:
+        raise ValueError(f"step index: expected >= 0, got {step!r}")
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["step"] = step
