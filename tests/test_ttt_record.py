@@ -196,3 +196,36 @@ def test_the_run_executes_the_plan(exact, stream):
     assert [p["stream_tokens"] for p in out.summary["phases"]] == [
         phase_stream_tokens(doc_len, d) for d in schedule.phase_docs[:runnable]]
     assert out.ledger.summary()["updates"] == out.summary["steps"] + runnable
+
+
+def test_the_record_recipe_sets_the_records_ttt_values():
+    """config.yaml's evaluate.ttt is the record run's (its logs' header), with 8 lanes for its 8 ranks."""
+    from pgolf.config import load_run_config
+
+    cfg = load_run_config(ROOT / "config.yaml").evaluate
+    t = cfg.ttt
+    assert (t.mode, t.variant, t.optimizer) == ("lora", "record", "adamw")
+    assert (t.lora_rank, t.lora_alpha, t.chunk_tokens, t.context_tokens, t.docs_per_batch) == (80, 144.0, 48, 2048, 64)
+    assert (t.lr, t.beta1, t.beta2, t.weight_decay, t.adam_eps, t.warm_start_a) == (1e-4, 0.0, 0.99, 0.5, 1e-10, True)
+    assert t.phase_boundaries_docs == (833, 1666, 2500) and t.phase_chunk_tokens == 32768
+    assert (t.phase_lr, t.phase_momentum, t.phase_grad_clip) == (1e-3, 0.9, 1.0)
+    assert (t.lanes, t.inflight_batches, t.phase_rows) == (8, 7, 8)
+    assert set(t.lora_targets) == {"q", "k", "v", "o", "mlp", "head"}
+    assert cfg.score_next_bos and cfg.softcap_dtype == "model"
+
+
+def test_the_adapters_step_with_the_configured_adamw(base, stream, monkeypatch):
+    from pgolf.evaluate import ttt_adapters
+
+    seen = []
+    real = ttt_adapters.adamw_step_
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["lr"], kwargs["betas"], kwargs["weight_decay"], kwargs["eps"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ttt_adapters, "adamw_step_", spy)
+    tokens, nbytes = stream
+    cfg = ot.ttt_config(adam_eps=3e-9, phase_boundaries_docs=())
+    run_ttt(ot.copy_model(base), ot.pgolf_val(tokens[:200], nbytes[:200]), cfg, SEED, device=CPU)
+    assert seen and set(seen) == {(1e-4, (0.0, 0.99), 0.5, 3e-9)}
