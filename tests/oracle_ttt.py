@@ -155,7 +155,7 @@ def record_model(mod, h, pg: GPT):
 
 
 def max_weight_diff(pg: GPT, rec) -> float:
-    return max(float((ours - theirs).abs().max()) for _, ours, theirs in tensor_pairs(pg, rec))
+    return max(float((ours - theirs).detach().abs().max()) for _, ours, theirs in tensor_pairs(pg, rec))
 
 
 # ----------------------------------------------------------------------------------------------------------- data

@@ -229,3 +229,29 @@ def test_the_adapters_step_with_the_configured_adamw(base, stream, monkeypatch):
     cfg = ot.ttt_config(adam_eps=3e-9, phase_boundaries_docs=())
     run_ttt(ot.copy_model(base), ot.pgolf_val(tokens[:200], nbytes[:200]), cfg, SEED, device=CPU)
     assert seen and set(seen) == {(1e-4, (0.0, 0.99), 0.5, 3e-9)}
+
+
+def test_the_evaluation_stage_runs_the_record_variant(tmp_path):
+    """``pgolf evaluate`` on a packed artifact with the record variant (2 lanes, side batches, phases): every
+    position but the first scored once (the next BOS included), the device ledger's summary in the report."""
+    import json
+
+    from eval_fixtures import eval_config, random_docs, tiny_model, write_artifact, write_val_dir
+    from pgolf.cli import main as cli_main
+    from pgolf.config import to_dict
+
+    docs = random_docs([5, 33, 18, 70, 1, 41, 9, 26, 12, 3, 50], seed=5)
+    artifact = write_artifact(tmp_path / "pack", tiny_model(seed=3))
+    data = write_val_dir(tmp_path / "shards", docs)
+    cfg = eval_config("lora", variant="record", lanes=2, side_batches=True, phase_boundaries_docs=(2, 4, 6),
+                      lr=1e-3, checkpoint_activations=False)
+    cfg = dataclasses.replace(cfg, score_next_bos=True)
+    args = ["evaluate", "--artifact", str(artifact), "--eval-json", json.dumps(to_dict(cfg)), "--seed", "7",
+            "--data-dir", str(data), "--out", str(tmp_path / "eval.json"), "--mode", "sweep", "--device", "cpu"]
+    assert cli_main(args) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    N = sum(len(d) for d in docs)
+    assert report["token_count"] == N - 1 and report["ledger"]["complete"]
+    ttt = report["ttt"]
+    assert ttt["variant"] == "record" and ttt["lanes"] == 2 and len(ttt["phases"]) >= 1
+    assert report["ledger"]["device_checks"] == 2 * len(ttt["phases"]) + 1
