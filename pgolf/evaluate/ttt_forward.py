@@ -39,10 +39,8 @@ def row_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.is_cuda and _FA3_DENSE is not None:
         out = _FA3_DENSE(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    H, Hkv = q.shape[2], k.shape[2]
-    if H != Hkv:
-        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=q.shape[2] != k.shape[2])
     return y.transpose(1, 2)
 
 

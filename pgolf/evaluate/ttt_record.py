@@ -219,7 +219,7 @@ class RecordTTT:
         pred = self.doc_len[docs] - 1
         steps = batch_steps(pred, self.C, self.ctx)
         host_meta = np.stack([self.doc_starts[docs], pred, -(-pred // self.C)]).astype(np.int64)
-        meta_all = torch.from_numpy(host_meta).to(self.device, non_blocking=True)
+        meta_all = self._upload(host_meta)
         self.workspace.begin_batch(n)
         if lane is not None:
             if not cfg.warm_start_a:
@@ -249,7 +249,14 @@ class RecordTTT:
         if not missed.any():
             return None
         factor = (1.0 - self.cfg.lr * self.cfg.weight_decay) ** missed.astype(np.float64)
-        return torch.from_numpy(factor).to(self.device)
+        return self._upload(factor)
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device without waiting for the device (pinned memory, asynchronous copy)."""
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def _own_adapters(self, n: int, generator: torch.Generator, first_full: bool = False) -> list[torch.Tensor]:
         """A drawn for one batch of n documents; ``first_full``: draw a full lane set first (what a rank draws at
