@@ -29,7 +29,7 @@ from pgolf.model.attention import build_cu_seqlens
 def phase_stream(tokens: np.ndarray, doc_starts: np.ndarray, doc_len: np.ndarray, docs: np.ndarray) -> np.ndarray:
     """The phase's token stream: each document's tokens [start, start + doc_len) in ``docs`` order."""
     if len(docs) == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=tokens.dtype)
     return np.concatenate([tokens[s : s + n] for s, n in zip(doc_starts[docs].tolist(), doc_len[docs].tolist())])
 
 

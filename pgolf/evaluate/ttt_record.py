@@ -277,8 +277,8 @@ class RecordTTT:
         positions = torch.from_numpy(phase_positions(self.doc_starts, self.doc_len, docs)).to(self.device)
         self.ledger.record_update_known(positions, known)
         self.ledger.check(f"phase {k + 1} trains on its documents")
-        stream = torch.from_numpy(phase_stream(self.val.tokens.astype(np.int64), self.doc_starts, self.doc_len,
-                                               docs)).to(self.device)
+        stream = torch.from_numpy(phase_stream(self.val.tokens, self.doc_starts, self.doc_len, docs).astype(np.int64)
+                                  ).to(self.device)
         info = phase_sgd(self.model, stream, chunk_tokens=cfg.phase_chunk_tokens, seq_len=self.eval_cfg.eval_seq_len,
                          lr=cfg.phase_lr, momentum=cfg.phase_momentum, clip=cfg.phase_grad_clip, rows=cfg.phase_rows,
                          dist_info=self.dist_info, autocast=self.autocast if self.device.type == "cuda" else None)
