@@ -148,6 +148,16 @@ class TTTConfig:
 
     ``optimizer`` ``sgd`` uses ``beta1`` as its momentum. ``debug_update_before_score`` is an ILLEGAL ordering
     (update, then score): it exists only so tests and compliance checks can show the ledger refuses it.
+
+    ``variant`` (mode ``lora``): ``record`` is the record's phased LoRA TTT (PR #1855 ``eval_val_ttt_phased``,
+    pgolf/evaluate/ttt_record.py): targets through the next document's BOS, batches cut from the short end of the
+    ascending sort and queued longest first, exact windows, one adapter set per block APPLICATION with an o adapter
+    on the attention input and a dim -> dim MLP bypass, fused AdamW; a phase fires after a queue prefix (``lanes``,
+    ``inflight``) and trains on the SHORTEST ``phase_boundaries_docs[k]`` scored documents, concatenated and cut in
+    ``phase_chunk_tokens`` chunks (the last one untrained), ``phase_rows`` rows per chunk, gradient clipping,
+    cosine lr. ``legacy`` is pgolf's earlier variant (pgolf/evaluate/ttt.py: longest-first batches, power-of-two
+    slots, adapters shared by a looped layer's passes on q/k/v/o/mlp.up/mlp.down, phases after rounds on the scored
+    prefix).
     """
 
     mode: Literal["none", "lora", "chunked"] = "lora"
@@ -186,6 +196,22 @@ class TTTConfig:
     bigram_hash_buckets: int = 0
     bigram_hash_dim: int = 0
     debug_update_before_score: bool = False
+    # which LoRA TTT (see the class doc): "legacy" (pgolf's earlier one) or "record" (PR #1855's)
+    variant: Literal["legacy", "record"] = "legacy"
+    adam_eps: float = 1e-8  # AdamW epsilon of the adapters (the record: 1e-10)
+    phase_grad_clip: float = 0.0  # max gradient norm of a phase step; 0 = no clipping (the record: 1.0)
+    # record variant only:
+    # adapter chains (the record's ranks): a lane carries each slot's A from batch to batch between phases. Which
+    # lane runs which batch is the record's dynamic claiming simulated with fixed step prices, so the scores do not
+    # depend on how many GPUs run the lanes (lane l runs on GPU l % world). 1 = the record's one-process order.
+    lanes: int = 1
+    inflight: int = -1  # batches still running when a phase's boundary is reached (the record's 8 ranks: 7); -1 = lanes - 1
+    # first-segment batches that feed no phase get fresh adapters and the pre-phase weights, and run beside the
+    # phased work (in the last segment) instead of before the first phase. false = the record's order.
+    side_batches: bool = False
+    phase_rows: int = 1  # rows each phase chunk is split into (the record's 8 ranks: 8), one per GPU when they match
+    cuda_graphs: bool = False  # replay CUDA graphs for the short steps (full batch rows, widths <= cuda_graph_max_width)
+    cuda_graph_max_width: int = 480
 
     def __post_init__(self) -> None:
         check(self.lora_rank >= 1, f"lora_rank: expected >= 1, got {self.lora_rank}")
@@ -228,6 +254,22 @@ class TTTConfig:
             self.bigram_hash_buckets == 0 or self.mode == "chunked",
             f"bigram_hash_buckets: the eval-time bigram hash is trained by chunked TTT; mode is {self.mode!r}",
         )
+        check(self.adam_eps > 0, f"adam_eps: expected > 0, got {self.adam_eps}")
+        check(self.phase_grad_clip >= 0, f"phase_grad_clip: expected >= 0 (0 = off), got {self.phase_grad_clip}")
+        check(self.lanes >= 1, f"lanes: expected >= 1, got {self.lanes}")
+        check(self.inflight >= -1, f"inflight: expected >= 0, or -1 for lanes - 1, got {self.inflight}")
+        check(self.phase_rows >= 1, f"phase_rows: expected >= 1, got {self.phase_rows}")
+        check(self.cuda_graph_max_width >= 1, f"cuda_graph_max_width: expected >= 1, got {self.cuda_graph_max_width}")
+        if self.variant == "record" and self.mode == "lora":
+            check(self.optimizer == "adamw", f"optimizer: the record variant trains its adapters with AdamW, got {self.optimizer!r}")
+            check(not self.slot_lengths, "slot_lengths: the record variant uses exact windows; leave slot_lengths empty")
+            check(all(t in self.lora_targets for t in ("q", "v", "head")),
+                  f"lora_targets: the record variant always adapts q, v and the head, got {list(self.lora_targets)}")
+
+    @property
+    def inflight_batches(self) -> int:
+        """``inflight`` with -1 resolved to ``lanes - 1``."""
+        return self.lanes - 1 if self.inflight < 0 else self.inflight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +317,10 @@ class EvaluateConfig:
     # to bf16 (held in float32); ``fp32`` (pgolf): as dequantized. A recipe sets it equal to train.param_storage
     # (checked); the pre-quant diagnostic builds a checkpoint under the storage it was trained under.
     param_storage: Literal["fp32", "record"] = "fp32"
+    # dtype of the token embedding (= tied head) of the evaluated model on CUDA: the record keeps it in bfloat16
+    # after deserializing (its restore_fp32_params leaves tok_emb out), so its residual stream and its phase SGD of
+    # the embedding run in bf16; "float32" keeps pgolf's full-precision copy. CPU evaluations always use float32.
+    embed_dtype: Literal["float32", "bfloat16"] = "float32"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
 
     def __post_init__(self) -> None:

@@ -119,6 +119,50 @@ class ScoreAccumulator:
         return ScoreResult(float(sums[0]), int(round(float(sums[1]))), int(round(float(sums[2]))), self.val.num_docs)
 
 
+class DeviceScores:
+    """:class:`ScoreAccumulator` kept on the device: float64 sums (loss, bytes, targets) updated without a host sync;
+    with ``keep_tokens`` also each position's NLL and the index of the call that scored it (read by
+    :meth:`finish`)."""
+
+    def __init__(self, val: ValidationSet, device, keep_tokens: bool = False):
+        self.val = val
+        self.device = torch.device(device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, bytes, targets
+        self.calls = 0
+        n = val.num_positions + 1  # + a dummy slot for masked entries
+        self._nll = torch.full((n,), float("nan"), dtype=torch.float64, device=self.device) if keep_tokens else None
+        self._order = torch.full((n,), -1, dtype=torch.int64, device=self.device) if keep_tokens else None
+        self.token_nll: Optional[np.ndarray] = None
+        self.score_order: Optional[np.ndarray] = None
+
+    def add(self, nll: Tensor, mask: Tensor, nbytes: Tensor, positions: Tensor) -> None:
+        """nll, mask, nbytes, positions: equal shapes; only entries where ``mask`` count."""
+        m = mask.to(torch.float64)
+        self.sums += torch.stack([(nll.to(torch.float64) * m).sum(), (nbytes.to(torch.float64) * m).sum(), m.sum()])
+        if self._nll is not None:
+            slots = torch.where(mask, positions, torch.full_like(positions, self.val.num_positions)).reshape(-1)
+            self._nll.scatter_(0, slots, nll.detach().to(torch.float64).reshape(-1))
+            self._order.scatter_(0, slots, torch.full_like(slots, self.calls))
+        self.calls += 1
+
+    def finish(self) -> None:
+        """Copy the kept per-position values to the host (``token_nll``, ``score_order``)."""
+        if self._nll is not None:
+            N = self.val.num_positions
+            self.token_nll = self._nll[:N].cpu().numpy()
+            self.score_order = self._order[:N].cpu().numpy()
+            self.token_nll[self.score_order < 0] = np.nan
+
+    def result(self, dist_info=None) -> ScoreResult:
+        sums = self.sums.clone()
+        if dist_info is not None and dist_info.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        loss, nbytes, count = sums.tolist()
+        return ScoreResult(loss, int(round(count)), int(round(nbytes)), self.val.num_docs)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Packed rows
 # --------------------------------------------------------------------------------------------------------------

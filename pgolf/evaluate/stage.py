@@ -171,6 +171,13 @@ def load_model_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device 
     return _build_model(cfg, state, device, str(ckpt_dir), storage), meta
 
 
+def apply_embed_dtype(model, cfg: EvaluateConfig) -> None:
+    """``evaluate.embed_dtype`` bfloat16 on CUDA: the token embedding (and tied head) in bf16, as the record
+    evaluates (CPU keeps float32: no autocast there to reconcile the dtypes)."""
+    if cfg.embed_dtype == "bfloat16" and model.tok_emb.weight.device.type == "cuda":
+        model.tok_emb.to(torch.bfloat16)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -383,6 +390,7 @@ def run_evaluation(
                   file=sys.stderr, flush=True)
     t = time.perf_counter()
     model, header, load_timings = load_model_from_artifact(artifact, device, cfg.param_storage)
+    apply_embed_dtype(model, cfg)
     load_s = time.perf_counter() - t
     attention = model.attention_choice
     t = time.perf_counter()
@@ -401,7 +409,8 @@ def run_evaluation(
     else:
         outcome = run_ttt(model, val, cfg, seed, device=device, dist_info=info, write=log.write)
         warmup_s, score_s, ledger, acc = outcome.warmup_s, outcome.score_s, outcome.ledger, outcome.accumulator
-        ledger.check_complete(val.target_mask(), ledger.scored_counts(info))
+        expected = outcome.expected_targets if outcome.expected_targets is not None else val.target_mask()
+        ledger.check_complete(expected, ledger.scored_counts(info))
         result = acc.result(info)
         ttt_summary = outcome.summary
     total_s = load_s + warmup_s + score_s
@@ -423,6 +432,7 @@ def run_evaluation(
             if cfg.ttt.mode != "none":  # TTT changed the model: score the artifact's weights afresh
                 del model
                 model, _, _ = load_model_from_artifact(artifact, device, cfg.param_storage)
+                apply_embed_dtype(model, cfg)
             diagnostics["post_quant"] = score_diagnostic(model, val, cfg, dist_info=info, write=log.write,
                                                          what="post-quant").to_dict()
         del model
@@ -445,7 +455,7 @@ def run_evaluation(
         "budget": budget,
         "budget_applies": budget["budget_applies"],
         "ttt": ttt_summary,
-        "ledger": {**ledger.summary(), "targets_expected": val.target_count, "complete": True},
+        "ledger": {**ledger.summary(), "targets_expected": result.token_count, "complete": True},
         "diagnostics": diagnostics,
         "artifact": {"path": str(artifact), "sha256": hash_info["artifact_sha256"], "hash_check": hash_info,
                      "input_hashes": header.get("input_hashes", {})},
