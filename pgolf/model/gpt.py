@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgolf.model import kernels
-from pgolf.model.attention import attention, build_cu_seqlens, resolve_backend, segment_positions
+from pgolf.model.attention import attention, build_cu_seqlens, resolve_backend
 from pgolf.model.rope import ROPE_BUFFERS, apply_partial_rope, rope_buffers, segment_rope
 from pgolf.model.rope import rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
 from pgolf.config import ModelConfig
