@@ -146,6 +146,7 @@ def run_record(args) -> dict:
         mod = importlib.util.module_from_spec(spec)
         sys.modules["pr1855_train_gpt"] = mod
         spec.loader.exec_module(mod)
+        mod.BOS_ID = 1  # the record sets it in its first data loader; its TTT forward reads it
     h = mod.Hyperparameters()
     rec = mod.GPT(h).to(device)
     if device.type == "cuda":  # as the record's deserialize builds it
