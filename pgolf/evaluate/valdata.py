@@ -212,17 +212,18 @@ def load_validation(
     else:
         target_bytes = lut_target_bytes(tokens, tokenizer_path)
 
-    if max_docs > 0:
-        starts = np.flatnonzero(tokens == BOS_ID)
-        if max_docs < len(starts):
-            cut = int(starts[max_docs])
-            tokens, target_bytes = tokens[:cut], target_bytes[:cut]
+    starts = np.flatnonzero(tokens == BOS_ID)
+    total_docs = int(len(starts))  # every validation document of the shards (max_docs may score fewer)
+    if 0 < max_docs < total_docs:
+        cut = int(starts[max_docs])
+        tokens, target_bytes = tokens[:cut], target_bytes[:cut]
     source = {
         "data_dir": str(data_dir),
         "val_shards": [p.name for p in val_paths],
         "byte_shards": [p.name for p in byte_paths] if accounting == "sidecar" else [],
         "tokenizer": str(tokenizer_path) if accounting == "lut" else None,
         "max_docs": max_docs,
+        "total_docs": total_docs,
         "tokens_sha256": hashlib.sha256(np.ascontiguousarray(tokens, dtype="<u2").tobytes()).hexdigest(),
         "bytes_sha256": hashlib.sha256(np.ascontiguousarray(target_bytes, dtype="<i4").tobytes()).hexdigest(),
     }

@@ -28,8 +28,8 @@ Time budget: the rules count every read of training data, so under pgolf's ``str
 of what a single-process record script would also do after its loop: read the calibration tokens and run the
 hooked forwards (CUDA synchronized). Loading the checkpoint and building the model exist only because the
 pipeline is staged, so they are reported separately and not counted. The report gives ``train_seconds`` (from
-the checkpoint), ``hessian_seconds`` and their sum against the train config's ``max_wallclock_seconds``; over it,
-a record-mode run exits with status 3 and writes no hessians. Under the ``record`` reading (PR #1855's run: the
+the training stage's train_summary.json), ``hessian_seconds`` and their sum against the train config's
+``max_wallclock_seconds``; over it, a record-mode run exits with status 3 and writes no hessians. Under the ``record`` reading (PR #1855's run: the
 cap bounds the loop, the Hessians run after it) only the loop is held to the cap; both figures are reported.
 """
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -250,7 +251,7 @@ def budget_check(
         return result
     if total is None:
         result["within_budget"] = False
-        result["message"] = "the checkpoint records no train_seconds, so the training budget cannot be checked"
+        result["message"] = "neither train_summary.json nor the checkpoint records train_seconds, so the training budget cannot be checked"
         return result
 
     def relation(seconds: float) -> str:
@@ -285,6 +286,17 @@ def _pick_device(kind: str) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(kind)
+
+
+def _train_seconds(checkpoint: str | Path, meta: dict[str, Any]) -> Optional[float]:
+    """The training loop's seconds: from ``train_summary.json`` beside the checkpoint folder (the training stage's
+    measurements; checkpoint.json holds none), else from checkpoint.json (checkpoints written before that)."""
+    summary_path = Path(checkpoint).parent / "train_summary.json"
+    if summary_path.exists():
+        value = json.loads(summary_path.read_text(encoding="utf-8")).get("train_seconds")
+        if isinstance(value, (int, float)):
+            return float(value)
+    return meta.get("train_seconds")
 
 
 def run_hessian_stage(
@@ -326,7 +338,7 @@ def run_hessian_stage(
 
     train_cfg = meta.get("train_config") or {}
     budget = budget_check(
-        meta.get("train_seconds"), hessian_seconds, float(train_cfg.get("max_wallclock_seconds", 0.0)),
+        _train_seconds(checkpoint, meta), hessian_seconds, float(train_cfg.get("max_wallclock_seconds", 0.0)),
         train_cfg.get("budget_reading", "strict"),  # checkpoints from before the option: pgolf's strict reading
     )
     refused = mode == "record" and budget["budget_applies"] and not budget["within_budget"]
