@@ -337,6 +337,33 @@ def progress(text: str, final: bool = False) -> None:
         _console.show(text, force=final)
 
 
+def rate_text(per_second: float, unit: str) -> str:
+    """``812 tok/s``, ``6.5K tok/s``, ``1.23M tok/s``."""
+    for scale, suffix in ((1e6, "M"), (1e3, "K")):
+        if per_second >= scale:
+            return f"{per_second / scale:,.{1 if suffix == 'K' else 2}f}{suffix} {unit}/s"
+    return f"{per_second:,.0f} {unit}/s" if per_second >= 10 else f"{per_second:.2g} {unit}/s"
+
+
+class Countdown:
+    """``WHAT 12/66, elapsed 40s, eta 180s`` progress lines for a loop of known length, at most one every
+    ``every`` seconds (the first and the last always)."""
+
+    def __init__(self, what: str, total: int, every: float = 5.0):
+        self.what, self.total, self.every = what, max(int(total), 1), every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, detail: str = "") -> None:
+        now = time.perf_counter()
+        if done not in (1, self.total) and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed * (self.total - done) / max(done, 1)
+        progress(f"{self.what} {done}/{self.total}{', ' + detail if detail else ''}, elapsed {elapsed:.0f}s"
+                 + (f", eta {eta:.0f}s" if done < self.total else ""), final=done == self.total)
+
+
 class Progress:
     """Rate and ETA of a scoring pass: a human progress line (rank 0) and JSON-lines records via ``write``."""
 
@@ -376,7 +403,8 @@ class Progress:
         if self.is_main:
             progress(
                 f"{self.what} {100.0 * done / self.total_targets:5.1f}% {record['docs_done']:,}/{self.total_docs:,} docs "
-                f"{rate / 1e3:,.1f}K tok/s {record['docs_per_s']:,.1f} docs/s elapsed {elapsed:.0f}s eta {eta:.0f}s"
+                f"{rate_text(rate, 'tok')} {rate_text(record['docs_per_s'], 'docs')} elapsed {elapsed:.0f}s "
+                f"eta {eta:.0f}s"
             )
 
 

@@ -51,7 +51,7 @@ from pgolf.model.attention import build_cu_seqlens
 from pgolf.config import HessianConfig, to_dict
 from pgolf.data.loader import TokenStream
 from pgolf.data.shards import BOS_ID, list_shards
-from pgolf.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from pgolf.io import Countdown, atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
 # float32 X^T X on CUDA through TF32 tensor cores (inputs rounded to 11 significant bits, float32 accumulation):
 # exact for the bf16 activations autocast produces, a 2^-11 rounding of the few fp32 ones (norm outputs, which the
@@ -182,8 +182,11 @@ def collect_hessians(
     if device.type == "cuda":
         torch.set_float32_matmul_precision(CUDA_MATMUL_PRECISION)
     try:
+        batches = list(batches)
+        countdown = Countdown("calibration batch", len(batches))
         with torch.inference_mode(), autocast:
-            for input_ids, cu_seqlens in batches:
+            for done, (input_ids, cu_seqlens) in enumerate(batches, start=1):
+                countdown.update(done)
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
                 ids = input_ids.to(device, non_blocking=True)
                 cu = cu_seqlens.to(device, non_blocking=True)

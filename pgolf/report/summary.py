@@ -103,7 +103,7 @@ def closing_summary(run_dir) -> str:
                  + (f" ({', '.join(failed)})" if failed else ""), f"{counts.get('NOT-APPLICABLE', 0)} not applicable"]
         compliance = f"; compliance {'PASS' if comply.get('compliant') else 'FAIL'}: {', '.join(parts)}"
     lines.append(f"  verdict {verdict['status']}{compliance}")
-    for reason in verdict["reasons"][:4]:
+    for reason in verdict["reasons"][:8]:
         lines.append(f"    - {reason}")
     report = run_dir / "report.html"
     if report.exists():
@@ -116,10 +116,18 @@ def closing_summary(run_dir) -> str:
     return "\n".join(lines)
 
 
-def failure_hint(run_dir) -> str:
-    """What to read after a failed run, and how to go on."""
-    return (
-        f"pgolf: the run stopped. Each job's whole output is in its log under {run_dir}/ (seed<s>/logs/*.log, "
-        "logs/*.log; Snakemake printed the failed job's log above). After a fix, or after Ctrl-C, the same command "
-        "resumes: finished jobs are kept, and a sweep's training resumes from its last saved state."
-    )
+def failure_hint(run_dir, data_dir=None, tail_lines: int = 6) -> str:
+    """What to read after a failed or interrupted run, and how to go on: the last lines of the newest log."""
+    from pathlib import Path
+
+    logs = [p for d in (run_dir, data_dir) if d for p in Path(d).rglob("*.log") if p.is_file()]
+    lines = ["pgolf: the run stopped. Every job's whole output is in its log (results/<run>/seed<s>/logs/, "
+             "results/<run>/logs/, results/data/<name>/logs/)."]
+    if logs:
+        newest = max(logs, key=lambda p: p.stat().st_mtime)
+        tail = newest.read_text(encoding="utf-8", errors="replace").splitlines()[-tail_lines:]
+        lines.append(f"  the newest, {newest}, ends with:")
+        lines += [f"    {line[:200]}" for line in tail]
+    lines.append("  After a fix, or after Ctrl-C, the same command resumes: finished jobs are kept, and a sweep's "
+                 "training resumes from its last saved state (train.resume_every_steps).")
+    return "\n".join(lines)

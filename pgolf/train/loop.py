@@ -45,7 +45,7 @@ from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_shard
-from pgolf.io import TIMING_FIELDS, MetricsLog, atomic_write_json, progress, sha256_file
+from pgolf.io import TIMING_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.train.checkpoint import load_initial_weights, save_checkpoint
 from pgolf.train.distributed import DistInfo, broadcast_floats, init_distributed, shutdown
@@ -339,7 +339,7 @@ def train_model(
             if info.is_main:
                 progress(
                     f"step {step}/{train_cfg.iterations} loss {loss_value:.4f} lr x{mult:.3f} "
-                    f"{tokens_per_s / 1e3:,.1f}K tok/s {record['step_ms']:.0f} ms/step "
+                    f"{rate_text(tokens_per_s, 'tok')} {record['step_ms']:.0f} ms/step "
                     f"loop={'on' if model.looping else 'off'} elapsed {end_s:.0f}s eta {eta_s:.0f}s"
                 )
         if every > 0 and step % every == 0 and step < train_cfg.iterations:
@@ -425,5 +425,5 @@ def train_model(
         metrics.commit()
         resume.finish(out_dir / resume.RESUME_DIR)
         progress(f"{step} steps" + (f", loss {last_loss:.4f}" if last_loss is not None else "")
-                 + f", {train_seconds:.0f} s of training ({summary['tokens_per_s'] / 1e3:,.1f}K tok/s)", final=True)
+                 + f", {train_seconds:.0f} s of training ({rate_text(summary['tokens_per_s'], 'tok')})", final=True)
     return summary
