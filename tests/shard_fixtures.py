@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from pgolf.data.shards import BOS_ID, ShardStreamWriter
 

@@ -134,7 +134,7 @@ def test_ctrl_c_during_training_then_the_same_command_completes(work: Path) -> N
             os.killpg(first.pid, signal.SIGKILL)
     console = (work / "console1.txt").read_text()
     assert first.returncode != 0, console[-3000:]
-    assert f"train seed 1: step" in console  # progress reached the console through the tee
+    assert "train seed 1: step" in console  # progress reached the console through the tee
 
     # nothing half-written under an output's name; the preflight report is a log; a saved state to resume from
     for name in TRAIN_OUTPUTS:

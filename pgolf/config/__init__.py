@@ -223,10 +223,8 @@ def recipe_from_snakemake(config: dict, configfiles: Any, default: str | Path) -
     source = files[-1] if files else Path("--config")
     lines = {}
     if files:
-        try:
-            _, lines = load_recipe(source)
-        except ConfigError:
-            lines = {}
+        # re-read only to find lines; Snakemake's own reader keeps the last of two duplicate keys without a word
+        _, lines = load_recipe(source)
     return parse_run_config(config, str(source), lines)
 
 

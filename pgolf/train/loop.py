@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
