@@ -341,7 +341,7 @@ class _Progress:
             remaining = elapsed * (self.total_bytes - self.jsonl_bytes) / self.jsonl_bytes
             line += f", ETA {int(remaining) // 60}m{int(remaining) % 60:02d}s"
         if self.stream is sys.stderr:
-            progress(line)  # the rule's log, and the console (pgolf.io.run_logged)
+            progress(line.removeprefix("prepare: "))  # the rule's log, and the console (pgolf.io.run_logged)
         else:
             print(line, file=self.stream, flush=True)
 
