@@ -15,8 +15,8 @@ from stage_fixtures import TINY_MODEL, TINY_TRAIN, write_shards
 import pgolf.train.storage as storage
 from pgolf.config import OptimConfig
 from pgolf.train.checkpoint import load_checkpoint
-from pgolf.train.loop import train
-from pgolf.train.resume import ATTEMPT_NAME, META_NAME, RESUME_DIR
+from pgolf.train.loop import ATTEMPT_NAME, RESUME_DIR, train
+from pgolf.train.resume import META_NAME
 
 BASE = dataclasses.replace(TINY_TRAIN, iterations=6, warmup_steps=1, loop_enable_fraction=0.5)
 # every record choice of the loop that keeps state across steps: bf16 storage, bf16 Muon momentum, the record's

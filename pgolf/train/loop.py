@@ -49,7 +49,6 @@ from pgolf.model.gpt import GPT, param_groups
 from pgolf.train.checkpoint import load_initial_weights, save_checkpoint
 from pgolf.train.distributed import DistInfo, broadcast_floats, init_distributed, shutdown
 from pgolf.train.optim import build_optimizers, set_lr_multiplier, set_step_index
-from pgolf.train import resume
 from pgolf.train.prequant_ttt import prequant_ttt
 from pgolf.train.schedule import lr_multiplier, training_budget_seconds, training_fraction
 from pgolf.train.step import (
@@ -122,6 +121,43 @@ def _memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return 0.0
+
+
+# ----------------------------------------------------------------------------------------------------- attempts
+
+RESUME_DIR = "resume"  # <train dir>/resume/: a sweep's saved state (pgolf.train.resume) and the attempt record
+ATTEMPT_NAME = "attempt.json"
+
+
+def begin_attempt(resume_dir: Path, resumed_step: Optional[int], resume_every_steps: int) -> int:
+    """Record this attempt in ``attempt.json``; returns the number of earlier, unfinished attempts. When one did
+    not finish and nothing is resumed, say that this attempt starts over from step 0, and why."""
+    import datetime
+
+    path = resume_dir / ATTEMPT_NAME
+    earlier, started = 0, None
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            earlier, started = int(previous.get("attempts", 1)), previous.get("started_utc")
+        except (ValueError, TypeError):
+            earlier = 1
+    if earlier and resumed_step is None:
+        why = ("train.resume_every_steps is 0: a record run is one uninterrupted timed run, so an interrupted one "
+               "restarts from scratch" if resume_every_steps == 0 else "no usable saved state")
+        progress(f"an earlier attempt (started {started or 'unknown'}) did not finish; this one starts over from "
+                 f"step 0 ({why})", final=True)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(path, {"attempts": earlier + 1, "started_utc": now})
+    return earlier
+
+
+def finish_attempts(resume_dir: Path) -> None:
+    """A successful finish: the saved state and the attempt record go (a forced rerun trains afresh)."""
+    import shutil
+
+    if resume_dir.exists():
+        shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------------------------- train
@@ -269,11 +305,13 @@ def train_model(
     step_times_ms: dict[str, list[float]] = {"before_loop": [], "after_loop": []}
 
     # resume a sweep from its last saved state (pgolf.train.resume); a record run always starts at step 0
-    resume_dir = out_dir / resume.RESUME_DIR
+    resume_dir = out_dir / RESUME_DIR
     every = train_cfg.resume_every_steps
-    state_id = resume.fingerprint(model_cfg, optim_cfg, train_cfg, seed, info.world_size, data_info, code_hash())
     resumed_from: Optional[int] = None
     if every > 0:
+        from pgolf.train import resume  # sweeps only: a bundle of a recipe that never saves can leave it out
+
+        state_id = resume.fingerprint(model_cfg, optim_cfg, train_cfg, seed, info.world_size, data_info, code_hash())
         state, state_meta, why = resume.load(resume_dir, state_id)
         if info.is_main:
             progress(f"resume: {why}", final=True)
@@ -289,7 +327,7 @@ def train_model(
     (resumed_on_rank0,) = broadcast_floats([-1.0 if resumed_from is None else float(resumed_from)], info)
     if int(resumed_on_rank0) != (-1 if resumed_from is None else resumed_from):
         raise RuntimeError(f"rank {info.rank}: resumed from {resumed_from}, rank 0 from {int(resumed_on_rank0)}")
-    earlier_attempts = resume.begin_attempt(resume_dir, resumed_from, every) if info.is_main else 0
+    earlier_attempts = begin_attempt(resume_dir, resumed_from, every) if info.is_main else 0
 
     last_loss: Optional[float] = None
     train_start = clock() - end_s  # a resumed time-based schedule continues from the saved loop seconds
@@ -422,7 +460,7 @@ def train_model(
         metrics.write({"event": "train_done", **summary})
         atomic_write_json(out_dir / "train_summary.json", summary)
         metrics.commit()
-        resume.finish(out_dir / resume.RESUME_DIR)
+        finish_attempts(resume_dir)
         progress(f"{step} steps" + (f", loss {last_loss:.4f}" if last_loss is not None else "")
                  + f", {train_seconds:.0f} s of training ({rate_text(summary['tokens_per_s'], 'tok')})", final=True)
     return summary

@@ -16,28 +16,26 @@ data manifest, the initial weights and the pgolf code) matches; otherwise the ru
 A resumed run ends with the same weights, bit for bit, as an uninterrupted one (tests/test_resume.py).
 
 A record run is one uninterrupted timed run: record mode refuses ``resume_every_steps > 0`` and an interrupted
-record run starts over from step 0, saying so (``attempt.json`` counts the attempts; ``train_summary.json``
-carries ``earlier_attempts``). After a successful finish the folder is removed, so a forced rerun trains afresh.
+record run starts over from step 0, saying so (the loop's ``attempt.json`` in the same folder counts the attempts;
+``train_summary.json`` carries ``earlier_attempts``). After a successful finish the folder is removed, so a forced
+rerun trains afresh. The loop imports this module only when ``resume_every_steps > 0``, so a bundle of a recipe
+that never saves a state can leave it out.
 """
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
-from pgolf.io import atomic_write_bytes, atomic_write_json, progress, sha256_bytes, sha256_file, sha256_json
+from pgolf.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, sha256_json
 
-RESUME_DIR = "resume"
 STATE_NAME = "state.pt"
 META_NAME = "state.json"
-ATTEMPT_NAME = "attempt.json"
 STATE_FORMAT = "pgolf-train-state"
 STATE_VERSION = 1
 NEUTRAL_TRAIN_KEYS = ("resume_every_steps", "log_every_steps")  # when to save or print, never the numbers
@@ -143,31 +141,3 @@ def restore(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer],
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-
-def begin_attempt(resume_dir: Path, resumed_step: Optional[int], resume_every_steps: int) -> int:
-    """Record this attempt in ``attempt.json``; returns the number of earlier, unfinished attempts. When one did
-    not finish and nothing is resumed, say that this attempt starts over from step 0 (and why)."""
-    path = resume_dir / ATTEMPT_NAME
-    earlier = 0
-    started = None
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-            earlier, started = int(previous.get("attempts", 1)), previous.get("started_utc")
-        except (ValueError, TypeError):
-            earlier = 1
-    if earlier and resumed_step is None:
-        why = ("train.resume_every_steps is 0: a record run is one uninterrupted timed run, so an interrupted one "
-               "restarts from scratch" if resume_every_steps == 0 else "no usable saved state")
-        progress(f"an earlier attempt (started {started or 'unknown'}) did not finish; this one starts over from "
-                 f"step 0 ({why})", final=True)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(path, {"attempts": earlier + 1, "started_utc": now})
-    return earlier
-
-
-def finish(resume_dir: Path) -> None:
-    """A successful finish: the saved state and the attempt record go (a forced rerun trains afresh)."""
-    if resume_dir.exists():
-        shutil.rmtree(resume_dir, ignore_errors=True)
