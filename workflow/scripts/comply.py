@@ -12,7 +12,11 @@ def work():
 
     cfg = parse_run_config(json.loads(snakemake.params.config), "comply recipe")
     status = run_comply(snakemake.params.run_dir, cfg, snakemake.params.data_dir, snakemake.output[0])
-    report = read_json(snakemake.output[0]) if Path(snakemake.output[0]).exists() else {}
+    if not Path(snakemake.output[0]).exists():  # record mode: a FAIL writes no verdicts, so nothing is packaged
+        progress("NOT COMPLIANT: a record run with a failing rule is not packaged (the rules are in the log)",
+                 final=True)
+        return status
+    report = read_json(snakemake.output[0])
     counts = report.get("counts", {})
     failed = report.get("failed_rules") or []
     progress(f"{'COMPLIANT' if report.get('compliant') else 'NOT COMPLIANT'}: {counts.get('PASS', 0)} pass, "
