@@ -165,15 +165,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 TIMING_FIELDS: dict[str, tuple[str, ...]] = {
     "prepare_report.json": ("*",),
     "train_summary.json": (
-        "train_seconds", "compile_warmup_seconds", "ms_per_step", "ms_per_step_before_loop",
-        "ms_per_step_after_loop", "tokens_per_s", "peak_memory_gib", "environment", "resumed_from_step",
-        "earlier_attempts",
+        "train_seconds", "compile_warmup_seconds", "compile_warmup_by_loop_state", "startup_seconds",
+        "ms_per_step", "ms_per_step_before_loop", "ms_per_step_after_loop", "tokens_per_s", "peak_memory_gib",
+        "environment", "attention_backend", "resumed_from_step", "earlier_attempts",
     ),
     # per line; a resumed run's log also holds one {"event": "resumed"} line where it resumed
     "metrics.jsonl": (
         "step_ms", "tokens_per_s", "elapsed_s", "peak_memory_gib", "train_seconds", "compile_warmup_seconds",
-        "ms_per_step", "ms_per_step_before_loop", "ms_per_step_after_loop", "environment", "resumed_from_step",
-        "earlier_attempts",
+        "compile_warmup_by_loop_state", "startup_seconds", "ms_per_step", "ms_per_step_before_loop",
+        "ms_per_step_after_loop", "environment", "attention_backend", "resumed_from_step", "earlier_attempts",
     ),
     "hessian_report.json": (
         "train_seconds", "hessian_seconds", "train_plus_hessian_seconds", "data_read_seconds", "forward_seconds",

@@ -262,6 +262,21 @@ def test_checkpoint_describes_itself(two_runs) -> None:
     assert lines[-1]["event"] == "train_done"
 
 
+def test_summary_records_the_attention_kernels_and_the_warm_up(two_runs) -> None:
+    root, one, _ = two_runs
+    summary = json.loads((root / "one" / "train_summary.json").read_text())
+    _, meta = load_checkpoint(root / "one" / "checkpoint")
+    assert summary["attention_backend"]["requested"] == "auto" and summary["attention_backend"]["resolved"] == "sdpa"
+    assert meta["attention_backend"] == summary["attention_backend"]
+    # warmup_steps 1: one step looping off, one on, no compile passes; eager: no graphs
+    warm = summary["compile_warmup_by_loop_state"]
+    assert set(warm) == {"off", "on"}
+    for state in warm.values():
+        assert state["steps"] == 1 and state["compile_passes"] == 0 and state["graphs_compiled"] == 0
+    assert 0 < warm["off"]["seconds"] + warm["on"]["seconds"] <= summary["compile_warmup_seconds"]
+    assert summary["compile_warmup_seconds"] <= summary["startup_seconds"]
+
+
 def test_corrupted_checkpoint_refused(two_runs, tmp_path: Path) -> None:
     root, _, _ = two_runs
     copy = tmp_path / "ckpt"

@@ -93,6 +93,11 @@ class RunConfig:
                 f"run must leave it 0, got {self.train.prequant_ttt_epochs} (run it as mode: sweep)",
             )
         check(
+            self.evaluate.param_storage == self.train.param_storage,
+            f"evaluate.param_storage ({self.evaluate.param_storage}) must equal train.param_storage "
+            f"({self.train.param_storage}): the artifact is evaluated under the storage it was trained under",
+        )
+        check(
             self.model.vocab_size == self.tokenizer.vocab_size,
             f"model.vocab_size ({self.model.vocab_size}) must equal tokenizer.vocab_size ({self.tokenizer.vocab_size})",
         )

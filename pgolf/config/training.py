@@ -103,6 +103,10 @@ class ModelConfig:
     loop_count: int = 3  # passes over [loop_start, loop_end] once looping is on; 1 disables recurrence
     parallel_residual_start: int = 8  # first layer with two residual lanes; -1 disables
     embed_init_std: float = 0.005
+    # attention KERNELS, not the math: auto = the fastest installed (FlashAttention 3, then 4, then torch's varlen
+    # kernels on CUDA; the banded SDPA on CPU); fa3 / fa4 / torch force one (an unusable one is an error).
+    # Resolved by each stage on its own device and recorded in train_summary.json, checkpoint.json and eval.json.
+    attention_backend: Literal["auto", "fa3", "fa4", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         check(self.num_layers >= 1, f"num_layers: expected >= 1, got {self.num_layers}")

@@ -80,6 +80,10 @@ def add_bench_arguments(p: argparse.ArgumentParser, steps: int, warmup: int) -> 
         "--compile-backend", default=None, help="torch.compile backend (default inductor on CUDA, aot_eager on CPU)"
     )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument(
+        "--attention-backend", choices=["auto", "fa3", "fa4", "torch"], default=None,
+        help="attention kernels (default: the recipe's model.attention_backend); the result records the choice",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
 
@@ -102,6 +106,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops,
         seed=args.seed,
         profile_steps=args.profile_steps,
+        attention_backend=args.attention_backend,
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
@@ -127,6 +132,41 @@ def _register_bench_train(commands) -> None:
     p.set_defaults(func=_bench_train)
 
 
+def _import_record(args: argparse.Namespace) -> int:
+    from pgolf.config import load_run_config
+    from pgolf.train.checkpoint import load_checkpoint
+    from pgolf.train.record_import import import_record
+
+    recipe = load_run_config(args.config).model if args.config else None
+    path = import_record(args.state_pt, args.out, log=args.log, recipe_model=recipe, recipe_path=args.config,
+                         kind=args.kind, force=args.force)
+    state, meta = load_checkpoint(path.parent)
+    cfg = meta["model_config"]
+    print(f"{path}: {len(state)} tensors, {sum(t.numel() for t in state.values()):,} parameters, "
+          f"{cfg['num_layers']} layers x {cfg['model_dim']}, weights {meta['weights']}, param_storage "
+          f"{meta['param_storage']}; model config from {meta['source']['model_config_from']}", file=sys.stderr)
+    return 0
+
+
+def _register_checkpoint(commands) -> None:
+    group = commands.group("checkpoint", help="training checkpoints from elsewhere")
+    p = group.add_parser(
+        "import-record", help="a state dict saved by PR #1855's train_gpt.py (final_model.pt) as a pgolf checkpoint",
+        description="Writes a pgolf checkpoint (model.pt + checkpoint.json) that the Hessian, quantize, pack and evaluate "
+        "stages and `pgolf train --init-checkpoint` accept. The architecture comes from the record run's log or a recipe.",
+    )
+    p.add_argument("state_pt", metavar="STATE_PT", help="the record's torch.save(model.state_dict()) file")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--log", metavar="LOG", help="the record run's log (its 'Hyperparameters:' block)")
+    source.add_argument("--config", metavar="RECIPE", help="a recipe whose model section describes the weights")
+    p.add_argument("--kind", choices=["final", "initial"], default="final",
+                   help="final: trained weights (final_model.pt); initial: the state a record run starts from")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint already in DIR")
+    p.set_defaults(func=_import_record)
+
+
 def register(commands) -> None:
     _register_train(commands)
     _register_bench_train(commands)
+    _register_checkpoint(commands)

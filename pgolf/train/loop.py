@@ -200,16 +200,18 @@ def train_in_group(
     data_info = check_data(Path(data_dir), model_cfg.vocab_size)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    model = GPT(model_cfg)
+    build_start = time.perf_counter()  # start-up: model construction to the first training step (as the record's)
+    model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len)  # (the length of its RoPE tables)
     extra: dict[str, Any] = {}
     if init_checkpoint is not None:
         init_meta = load_initial_weights(model, model_cfg, init_checkpoint)
         extra = {"init_checkpoint": str(init_checkpoint), "init_weights_sha256": init_meta.get("weights_sha256")}
     model = model.to(info.device)
     model.use_fused_kernels = train_cfg.fused_kernels and info.device.type == "cuda"
+    model.set_attention_backend(info.device)  # before compiling: probes FlashAttention; recorded in the summary
     return train_model(
         model, param_groups(model), model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info,
-        data_info={**data_info, **extra},
+        data_info={**data_info, **extra}, build_start=build_start,
     )
 
 
@@ -226,13 +228,15 @@ def train_model(
     *,
     data_info: Optional[dict[str, Any]] = None,
     clock: Callable[[], float] = time.perf_counter,
+    build_start: Optional[float] = None,
 ) -> dict[str, Any]:
     """Train a built model (its initial weights in place, on ``info.device``): warm-up, the timed loop, the EMA,
     the checkpoint. The model needs a ``looping`` attribute and ``forward(inputs [n], targets [n], cu_seqlens=,
     max_seqlen=) -> mean loss``; ``groups`` are its optimizer groups (pgolf.model.gpt.param_groups).
 
     ``clock``: the time source of the schedule and the stop (seconds; read once at the start, then at the top and
-    at the end of every step, like the record's); a test can pass a fake one.
+    at the end of every step, like the record's); a test can pass a fake one. ``build_start``: the
+    ``time.perf_counter()`` of the model's construction, for the summary's ``startup_seconds``.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = info.device
@@ -274,6 +278,25 @@ def train_model(
         forward_backward(step_model, inputs, targets, cu_seqlens, train_cfg.train_seq_len, accum, device,
                          train_cfg.compile)
 
+    # measurement only (the procedure is pgolf.train.warmup's): seconds, steps, compile passes and graphs compiled
+    # per loop state, from wrappers around the warm-up's two callbacks
+    warmup_by_loop_state: dict[str, dict[str, Any]] = {}
+
+    def measured(fn: Callable, kind: str) -> Callable:
+        def call(*args):
+            t, graphs = time.perf_counter(), _compiled_graph_count()
+            out = fn(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            entry = warmup_by_loop_state.setdefault("on" if model.looping else "off", {
+                "steps": 0, "compile_passes": 0, "seconds": 0.0, "graphs_compiled": 0})
+            entry[kind] += 1
+            entry["seconds"] += time.perf_counter() - t
+            entry["graphs_compiled"] += _compiled_graph_count() - graphs
+            return out
+
+        return call
+
     warmup_start = time.perf_counter()
     set_lr_multiplier(optimizers, 1.0)
     run_warmup(
@@ -283,15 +306,16 @@ def train_model(
         calls_per_step=accum,
         # the record's loader spends call 0 on the compile passes; the contiguous stream starts at step 0
         first_step_call=1 if train_cfg.data_stream == "record" or train_cfg.warmup_cu_passes > 0 else 0,
-        run_step=run_step,
+        run_step=measured(run_step, "steps"),
         cu_passes=train_cfg.warmup_cu_passes,
         cu_seqlens_list=cu_warmup_seqlens(plan.micro_batch_tokens, train_cfg.train_seq_len, train_cfg.cu_seqlens_pad),
-        compile_pass=compile_pass,
+        compile_pass=measured(compile_pass, "compile_passes"),
         restore_kind=train_cfg.warmup_restore,
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     warmup_seconds = time.perf_counter() - warmup_start
+    startup_seconds = time.perf_counter() - (warmup_start if build_start is None else build_start)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -419,6 +443,9 @@ def train_model(
         "tokens_seen": step * plan.train_batch_tokens,
         "train_seconds": train_seconds,
         "compile_warmup_seconds": warmup_seconds,
+        "compile_warmup_by_loop_state": warmup_by_loop_state,
+        "startup_seconds": startup_seconds,
+        "attention_backend": getattr(model, "attention_choice", None),
         "loop_enabled_step": loop_enabled_step,
         "ms_per_step": train_seconds * 1000.0 / max(step, 1),
         "ms_per_step_before_loop": _mean(step_times_ms["before_loop"]),
