@@ -258,7 +258,7 @@ def test_cli_writes_the_bundle_and_its_report(tmp_path: Path) -> None:
     assert f"wrapper {report['bytes_wrapper']:,}" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "pgolf", "bundle", "--config-json", '{"run": "x", "modle": {}}',
                           "--out", str(tmp_path / "bad.py"), "--no-verify"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown key(s) modle" in bad.stderr
+    assert bad.returncode == 2 and "modle: unknown key (did you mean 'mode'?)" in bad.stderr
     assert not (tmp_path / "bad.py").exists()
 
 

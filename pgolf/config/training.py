@@ -261,6 +261,11 @@ class TrainConfig:
     compile: bool = True
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
     log_every_steps: int = 10
+    # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
+    # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).
+    # 0: off. A record run is one uninterrupted timed run: record mode refuses N > 0, and an interrupted record run
+    # starts over from step 0, saying so.
+    resume_every_steps: int = 0
     # ILLEGAL (rules C3/C4, "pre-quant TTT" of PRs #1376/#1485/#1487): AdamW epochs on the VALIDATION tokens after
     # training, before GPTQ. It exists only so such a submission can be reproduced as a labelled sweep: a record
     # recipe refuses it, and the checkpoint records ``prequant_ttt_val_tokens`` so `pgolf comply` rejects the run.
@@ -294,3 +299,4 @@ class TrainConfig:
             f"(slot = a * world_size + r); expected 'interleaved' with data_stream 'record', got {self.micro_batch_order!r}",
         )
         check(self.log_every_steps >= 1, "log_every_steps: expected >= 1")
+        check(self.resume_every_steps >= 0, f"resume_every_steps: expected >= 0 (0 = off), got {self.resume_every_steps}")

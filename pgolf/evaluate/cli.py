@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from pgolf.train.cli import add_bench_arguments, compile_flag, emit_bench_result
+from pgolf.config.strict import nonneg_float, positive_float, positive_int
 
 RECORD_VAL_DOCS = 50_000  # data.md: the record scores RECORD_VAL_TOKENS targets over these documents
 RECORD_VAL_TOKENS = 47_851_520
@@ -135,19 +136,19 @@ def _register_eval_plan(sub) -> None:
                    help="pgolf: the recipe's record-variant schedule (lanes, side batches, exact rows); record: PR "
                         "#1855's own 8-rank schedule replayed (dynamic claiming, pause flag); legacy: the legacy "
                         "variant's rounds; auto: pgolf or legacy after evaluate.ttt.variant")
-    p.add_argument("--gpus", type=int, default=8, help="processes (one per GPU) of the projected run")
+    p.add_argument("--gpus", type=positive_int, default=8, help="processes (one per GPU) of the projected run")
     p.add_argument("--lengths", help="document lengths, one per line (the record's doc_len: own tokens + the next "
                                      "BOS) or JSON with doc_len; default: benchmarks/record_doc_lengths.txt")
     p.add_argument("--data-dir", help="shards directory: plan on its real validation documents")
     p.add_argument("--tokenizer", help="with --data-dir and no byte sidecar")
-    p.add_argument("--docs", type=int, help=f"synthetic log-normal lengths for this many documents instead "
+    p.add_argument("--docs", type=positive_int, help=f"synthetic log-normal lengths for this many documents instead "
                                             f"(e.g. {RECORD_VAL_DOCS})")
-    p.add_argument("--mean-targets", type=float, default=RECORD_VAL_TOKENS / RECORD_VAL_DOCS)
+    p.add_argument("--mean-targets", type=positive_float, default=RECORD_VAL_TOKENS / RECORD_VAL_DOCS)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic lengths")
     p.add_argument("--slot-lengths", help="legacy schedule: override evaluate.ttt.slot_lengths, e.g. 512,2048")
     p.add_argument("--compile-cache", choices=["cold", "warm"], default="cold")
-    p.add_argument("--warm-compile-seconds", type=float, help="warm-up with a warm inductor cache")
-    p.add_argument("--record-warmup-seconds", type=float,
+    p.add_argument("--warm-compile-seconds", type=nonneg_float, help="warm-up with a warm inductor cache")
+    p.add_argument("--record-warmup-seconds", type=nonneg_float,
                    help="schedule record: the record's logged compile warm-up (its recompile delays scale with it)")
     p.add_argument("--pretty", action="store_true")
     p.set_defaults(func=_eval_plan)
@@ -182,9 +183,9 @@ def _register_bench_eval(commands) -> None:
     p = bench.add_parser("eval", help="scoring and TTT-like forward+backward throughput, looping on")
     add_bench_arguments(p, steps=5, warmup=2)
     p.add_argument(
-        "--batch-tokens", type=int, default=None, help="tokens per packed row (default: evaluate.eval_batch_tokens)"
+        "--batch-tokens", type=positive_int, default=None, help="tokens per packed row (default: evaluate.eval_batch_tokens)"
     )
-    p.add_argument("--val-tokens", type=int, default=RECORD_VAL_TOKENS, help="tokens for the time projections")
+    p.add_argument("--val-tokens", type=positive_int, default=RECORD_VAL_TOKENS, help="tokens for the time projections")
     p.set_defaults(func=_bench_eval)
 
 

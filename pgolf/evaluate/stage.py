@@ -357,7 +357,7 @@ def run_evaluation(
     """Evaluate one artifact; rank 0 writes ``out`` atomically. Returns (result dict, exit code)."""
     from pgolf.train.distributed import init_distributed, shutdown
     from pgolf.compliance.provenance import code_hash, environment
-    from pgolf.io import MetricsLog
+    from pgolf.io import MetricsLog, progress
 
     if mode not in ("record", "sweep"):
         raise ValueError(f"--mode: expected record or sweep, got {mode!r}")
@@ -372,10 +372,7 @@ def run_evaluation(
     device = info.device
     out = Path(out)
     metrics_path = Path(metrics) if metrics else out.with_name(out.stem + "_metrics.jsonl")
-    if info.is_main:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-    log = MetricsLog(metrics_path if info.is_main else None)
+    log = MetricsLog(metrics_path if info.is_main else None)  # a hidden partial file until the report is written
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
@@ -470,11 +467,13 @@ def run_evaluation(
         "environment": environment(),
     }
     log.write({"event": "eval_done", **result.to_dict(), "timings": report["timings"]})
-    log.close()
+    log.commit()
     if info.is_main:
         atomic_write_json(out, report)
         print(f"val_bpb {result.val_bpb:.8f} val_loss {result.val_loss:.8f} ({result.token_count:,} targets, "
               f"{result.byte_sum:,} bytes) in {total_s:.1f} s", file=sys.stderr, flush=True)
+        progress(f"val_bpb {result.val_bpb:.4f} on {val.num_docs:,} documents ({result.byte_sum:,} bytes) "
+                 f"in {total_s:.0f} s", final=True)
     shutdown(info)
     code = EXIT_OVER_BUDGET if (budget["budget_applies"] and budget["exceeded"]) else 0
     return report, code

@@ -252,17 +252,18 @@ def load_validation(
             raise ValidationDataError(f"{data_dir}: {full_length} validation tokens hold no whole window of "
                                       f"{truncate_multiple} (evaluate.stream_truncation: record needs more than that)")
         tokens, target_bytes = tokens[: usable + 1], target_bytes[: usable + 1]
-    if max_docs > 0:
-        starts = np.flatnonzero(tokens == BOS_ID)
-        if max_docs < len(starts):
-            cut = int(starts[max_docs])
-            tokens, target_bytes = tokens[:cut], target_bytes[:cut]
+    starts = np.flatnonzero(tokens == BOS_ID)
+    total_docs = int(len(starts))  # the validation documents there are (max_docs may score fewer)
+    if 0 < max_docs < total_docs:
+        cut = int(starts[max_docs])
+        tokens, target_bytes = tokens[:cut], target_bytes[:cut]
     source = {
         "data_dir": str(data_dir),
         "val_shards": [p.name for p in val_paths],
         "byte_shards": [p.name for p in byte_paths] if accounting == "sidecar" else [],
         "tokenizer": str(tokenizer_path) if accounting == "lut" else None,
         "max_docs": max_docs,
+        "total_docs": total_docs,
         "score_next_bos": score_next_bos,
         "stream_tokens": full_length,  # before any truncation or max_docs cut
         "truncate_multiple": truncate_multiple,

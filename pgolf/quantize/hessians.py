@@ -37,8 +37,8 @@ Time budget: the rules count every read of training data, so under pgolf's ``str
 of what a single-process record script would also do after its loop: read the calibration tokens and run the
 hooked forwards (CUDA synchronized). Loading the checkpoint and building the model exist only because the
 pipeline is staged, so they are reported separately and not counted. The report gives ``train_seconds`` (from
-the checkpoint), ``hessian_seconds`` and their sum against the train config's ``max_wallclock_seconds``; over it,
-a record-mode run exits with status 3 and writes no hessians. Under the ``record`` reading (PR #1855's run: the
+the training stage's train_summary.json), ``hessian_seconds`` and their sum against the train config's
+``max_wallclock_seconds``; over it, a record-mode run exits with status 3 and writes no hessians. Under the ``record`` reading (PR #1855's run: the
 cap bounds the loop, the Hessians run after it) only the loop is held to the cap; both figures are reported.
 """
 
@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ from pgolf.model.attention import build_cu_seqlens
 from pgolf.config import HessianConfig, to_dict
 from pgolf.data.loader import TokenStream
 from pgolf.data.shards import BOS_ID, list_shards, read_shard
-from pgolf.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from pgolf.io import Countdown, atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
 # float32 X^T X on CUDA through TF32 tensor cores (inputs rounded to 11 significant bits, float32 accumulation):
 # exact for the bf16 activations autocast produces, a 2^-11 rounding of the few fp32 ones (norm outputs, which the
@@ -262,8 +263,11 @@ def collect_hessians(
     if device.type == "cuda":
         torch.set_float32_matmul_precision(CUDA_MATMUL_PRECISION)
     try:
+        batches = list(batches)
+        countdown = Countdown("calibration batch", len(batches))
         with torch.inference_mode(), autocast:
-            for input_ids, cu_seqlens, *rest in batches:
+            for done, (input_ids, cu_seqlens, *rest) in enumerate(batches, start=1):
+                countdown.update(done)
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
                 ids = input_ids.to(device, non_blocking=True)
                 cu = cu_seqlens.to(device, non_blocking=True)
@@ -333,7 +337,7 @@ def budget_check(
         return result
     if total is None:
         result["within_budget"] = False
-        result["message"] = "the checkpoint records no train_seconds, so the training budget cannot be checked"
+        result["message"] = "neither train_summary.json nor the checkpoint records train_seconds, so the training budget cannot be checked"
         return result
 
     def relation(seconds: float) -> str:
@@ -368,6 +372,17 @@ def _pick_device(kind: str) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(kind)
+
+
+def _train_seconds(checkpoint: str | Path, meta: dict[str, Any]) -> Optional[float]:
+    """The training loop's seconds: from ``train_summary.json`` beside the checkpoint folder (the training stage's
+    measurements; checkpoint.json holds none), else from checkpoint.json (checkpoints written before that)."""
+    summary_path = Path(checkpoint).parent / "train_summary.json"
+    if summary_path.exists():
+        value = json.loads(summary_path.read_text(encoding="utf-8")).get("train_seconds")
+        if isinstance(value, (int, float)):
+            return float(value)
+    return meta.get("train_seconds")
 
 
 def run_hessian_stage(
@@ -411,7 +426,7 @@ def run_hessian_stage(
 
     train_cfg = meta.get("train_config") or {}
     budget = budget_check(
-        meta.get("train_seconds"), hessian_seconds, float(train_cfg.get("max_wallclock_seconds", 0.0)),
+        _train_seconds(checkpoint, meta), hessian_seconds, float(train_cfg.get("max_wallclock_seconds", 0.0)),
         train_cfg.get("budget_reading", "strict"),  # checkpoints from before the option: pgolf's strict reading
     )
     refused = mode == "record" and budget["budget_applies"] and not budget["within_budget"]

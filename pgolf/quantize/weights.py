@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from pgolf.config import QuantizeConfig
+from pgolf.io import Countdown
 
 
 from pgolf.quantize.gptq import (
@@ -157,7 +158,9 @@ def quantize_state(
     tensors: dict[str, QuantizedTensor] = {}
     reports: dict[str, dict] = {}
     gptq_inputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (W, W_hat, H)
-    for name in sorted(state):
+    countdown = Countdown("tensor", len(state))
+    for done, name in enumerate(sorted(state), start=1):
+        countdown.update(done, name)
         W = state[name].detach()
         role = roles[name]
         if not torch.is_floating_point(W):

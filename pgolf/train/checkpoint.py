@@ -4,20 +4,25 @@ Layout of a checkpoint directory:
   model.pt         {parameter name: tensor} saved with torch.save; loaded with ``weights_only=True`` only,
                    so loading never executes pickled code.
   checkpoint.json  format, version, the model config (the architecture travels with the weights), training
-                   and optimizer configs, steps, train time, tokens seen, data manifest hash, code hash,
-                   environment, and the sha256 of model.pt. Written last: its presence marks a complete checkpoint.
+                   and optimizer configs, steps, tokens seen, data manifest hash, code hash, and the sha256 of
+                   model.pt. Written last: its presence marks a complete checkpoint.
+
+Both files are a function of the inputs: the same weights give the same bytes (``model.pt`` is serialized in
+memory, so its zip records never carry a temporary file's name), and the measured times
+and the machine live in ``train_summary.json`` (pgolf.io.TIMING_FIELDS), never here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pgolf.config import ModelConfig, from_mapping
-from pgolf.io import atomic_path, atomic_write_json, read_json, sha256_file
+from pgolf.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 CHECKPOINT_FORMAT = "pgolf-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -37,8 +42,10 @@ def save_checkpoint(out_dir: str | Path, state_dict: dict[str, torch.Tensor], me
     if meta_path.exists():
         meta_path.unlink()  # an old metadata file must never describe new weights
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
-    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        torch.save(tensors, tmp)
+    # through memory: torch.save to a path names the zip's records after that (temporary, random) file name
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    atomic_write_bytes(out_dir / WEIGHTS_NAME, buffer.getvalue())
     full_meta = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

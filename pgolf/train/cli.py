@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from pgolf.config.strict import nonneg_int, positive_float, positive_int
+
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -66,9 +68,9 @@ def compile_flag(args: argparse.Namespace) -> Optional[bool]:
 
 def add_bench_arguments(p: argparse.ArgumentParser, steps: int, warmup: int) -> None:
     p.add_argument("--config", required=True, help="recipe YAML (its model/optim/train/evaluate sections are used)")
-    p.add_argument("--steps", type=int, default=steps, help=f"timed steps per phase (default {steps})")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"timed steps per phase (default {steps})")
     p.add_argument(
-        "--warmup", type=int, default=warmup, help=f"untimed steps first: compile and autotune (default {warmup})"
+        "--warmup", type=nonneg_int, default=warmup, help=f"untimed steps first: compile and autotune (default {warmup})"
     )
     p.add_argument("--no-fused", action="store_true", help="pure PyTorch MLP activation and loss (no Triton kernels)")
     compile_group = p.add_mutually_exclusive_group()
@@ -115,16 +117,16 @@ def _register_bench_train(commands) -> None:
     p = bench.add_parser("train", help="ms/step, tokens/s, MFU, memory, compile time; looping off and on")
     add_bench_arguments(p, steps=10, warmup=3)
     p.add_argument(
-        "--grad-accum", type=int, default=None,
+        "--grad-accum", type=positive_int, default=None,
         help="micro-batches per step (default: train_batch_tokens / micro-batch tokens)",
     )
     p.add_argument(
-        "--micro-batch-tokens", type=int, default=None, help="tokens per forward (default: train.micro_batch_tokens)"
+        "--micro-batch-tokens", type=positive_int, default=None, help="tokens per forward (default: train.micro_batch_tokens)"
     )
     p.add_argument("--looping", choices=["on", "off", "both"], default="both", help="depth recurrence phases to time")
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by device name)")
+    p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(
-        "--profile-steps", type=int, default=0,
+        "--profile-steps", type=nonneg_int, default=0,
         help="after timing, profile this many more steps per phase: GPU time by kernel category, top kernels",
     )
     p.set_defaults(func=_bench_train)
