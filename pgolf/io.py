@@ -1,8 +1,15 @@
-"""Small helpers every stage uses: atomic writes, content hashes, JSON-lines metrics, progress lines, and running
-a Snakemake script adapter with its output in the rule's log.
+"""Small helpers every stage uses: atomic writes, content hashes, JSON-lines metrics, progress lines, running
+a Snakemake script adapter with its output in the rule's log, and the log tee of the torchrun rules.
 
 Outputs are written to a temporary sibling and renamed into place, so a killed process never leaves a
-half-written file under the final name (and Snakemake never accepts one).
+half-written file under the final name (and Snakemake never accepts one). Files and folders get the mode the
+user's umask allows (0644 / 0755 under the usual 022), as with a plain ``open``; ``tempfile``'s private 0600 would
+survive the rename.
+
+Progress: a stage prints its human progress lines through :func:`progress` (marked ``[progress] ``); the full
+output goes to the rule's log, and the marked lines also reach the console, labelled and at most one every few
+seconds: through :func:`run_logged` for the ``script:`` adapters, through the tee
+(``STAGE 2>&1 | python -m pgolf.io LOG --label LABEL``) for the torchrun rules.
 """
 
 from __future__ import annotations
@@ -11,10 +18,54 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TextIO
+
+_TMP_ATTEMPTS = 100
+
+
+def _tmp_name(path: Path) -> Path:
+    # hidden, in the same folder (the rename stays on one file system), unique per process and call
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def create_temp_file(path: str | Path) -> Path:
+    """A new empty file beside ``path``, mode ``0o666 & ~umask`` (the kernel applies the umask; O_EXCL: never an
+    existing file)."""
+    path = Path(path)
+    for _ in range(_TMP_ATTEMPTS):
+        tmp = _tmp_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
+
+
+def create_temp_dir(path: str | Path) -> Path:
+    """A new empty folder beside ``path``, mode ``0o777 & ~umask``."""
+    path = Path(path)
+    for _ in range(_TMP_ATTEMPTS):
+        tmp = _tmp_name(path)
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path}: could not create a temporary folder beside it")
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where a file that grows during a stage (a JSON-lines log) lives until the stage commits it: hidden, beside
+    ``path``, so an interrupted stage leaves nothing under the output's name."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
@@ -44,9 +95,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = create_temp_file(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -79,7 +128,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = create_temp_dir(path)
     try:
         yield tmp
         if path.exists():
@@ -107,29 +156,223 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise ValueError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
-class MetricsLog:
-    """JSON lines on rank 0 plus a human progress line (steps, tokens/s, ETA) on stderr."""
+# ------------------------------------------------------------------------------------------------ measurements
 
-    def __init__(self, path: Path | None):
-        self.handle = open(path, "a", encoding="utf-8") if path else None
+# The fields of pgolf's outputs that are MEASUREMENTS: times, rates, memory, the machine, the date, the attempts.
+# They may differ between two runs of identical inputs; every other byte of every output is a function of the
+# inputs (tests/test_determinism.py), and no hash covers a field or file named here. Files listed with "*" are
+# reports of a run, not content. Paths are dotted; "*" matches any key or list index.
+TIMING_FIELDS: dict[str, tuple[str, ...]] = {
+    "prepare_report.json": ("*",),
+    "train_summary.json": (
+        "train_seconds", "compile_warmup_seconds", "compile_warmup_by_loop_state", "startup_seconds",
+        "ms_per_step", "ms_per_step_before_loop", "ms_per_step_after_loop", "tokens_per_s", "peak_memory_gib",
+        "environment", "attention_backend", "resumed_from_step", "earlier_attempts",
+    ),
+    # per line; a resumed run's log also holds one {"event": "resumed"} line where it resumed
+    "metrics.jsonl": (
+        "step_ms", "tokens_per_s", "elapsed_s", "peak_memory_gib", "train_seconds", "compile_warmup_seconds",
+        "compile_warmup_by_loop_state", "startup_seconds", "ms_per_step", "ms_per_step_before_loop",
+        "ms_per_step_after_loop", "environment", "attention_backend", "resumed_from_step", "earlier_attempts",
+    ),
+    "hessian_report.json": (
+        "train_seconds", "hessian_seconds", "train_plus_hessian_seconds", "data_read_seconds", "forward_seconds",
+        "not_counted", "message", "within_budget", "device", "xtx_matmul",
+    ),
+    "quantize_report.json": ("quantize_seconds",),
+    "pack_report.json": ("pack_seconds",),
+    "eval.json": ("timings", "budget", "budget_applies", "diagnostics.seconds", "environment",
+                  # the TTT summary's times and rates at any depth: *seconds*, *_s (warmup_s), *per_s (tokens_per_s)
+                  *(f"ttt{'.*' * depth}.{what}" for depth in range(3) for what in ("*seconds*", "*_s", "*per_s"))),
+    "eval_metrics.jsonl": ("*",),
+    "aggregate.json": (
+        "ms_per_step_mean", "eval_seconds_mean", "provenance.environment", "provenance.hardware", "hardware_words",
+        "record_hardware", "verdict.reasons", "compliance.groups.*.rules.*.evidence", "submission_folder",
+    ),
+    "submission.json": (
+        "date", "seed_results.*.step_avg_ms", "seed_results.*.train_time_s", "seed_results.*.eval_time_s",
+        "step_avg_ms_mean", "hardware", "provenance.environment", "provenance.hardware", "pytorch_version",
+        "cuda_version", "flash_attn_version", "verdict.reasons",
+    ),
+    "comply.json": ("verdicts.*.evidence",),
+    "README.md": ("*",),  # the records folder's: it quotes the times
+    "seed*.log": ("*",),
+    "seeds.csv": ("*",),
+    "report.html": ("*",),
+}
+
+
+def mask_timings(name: str, obj: Any) -> Any:
+    """``obj`` (the parsed content of output file ``name``; a list of records for JSON lines) with every field
+    :data:`TIMING_FIELDS` names replaced by ``"<measured>"``: what must be identical between two runs of identical
+    inputs."""
+    import fnmatch
+
+    patterns = next((v for k, v in TIMING_FIELDS.items() if fnmatch.fnmatchcase(Path(name).name, k)), ())
+    if "*" in patterns:
+        return "<measured>"
+    if str(name).endswith(".jsonl"):
+        return [_mask(record, patterns) for record in obj]
+    return _mask(obj, patterns)
+
+
+def _mask(obj: Any, patterns: tuple[str, ...]) -> Any:
+    import copy
+    import fnmatch
+
+    obj = copy.deepcopy(obj)
+
+    def walk(node: Any, parts: list[str]) -> None:
+        if not parts or not isinstance(node, (dict, list)):
+            return
+        head, rest = parts[0], parts[1:]
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in list(items):
+            if fnmatch.fnmatchcase(str(key), head):
+                if rest:
+                    walk(value, rest)
+                else:
+                    node[key] = "<measured>"
+
+    for pattern in patterns:
+        walk(obj, pattern.split("."))
+    return obj
+
+
+class MetricsLog:
+    """JSON lines on rank 0 (``path`` None: a no-op on the other ranks).
+
+    Lines go to a hidden partial file beside ``path`` (:func:`partial_path`) and :meth:`commit` renames it onto
+    ``path`` once the stage's other outputs are written: an interrupted stage never leaves a half-written log under
+    the output's name. Opening the log removes an old ``path`` (a rerun starts a fresh log); :meth:`restart`
+    starts the partial file over from saved lines (a resumed training run).
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.partial = partial_path(self.path) if self.path else None
+        self.handle: Optional[TextIO] = None
+        self.lines: list[str] = []
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.unlink(missing_ok=True)
+            self.handle = open(self.partial, "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.handle:
-            self.handle.write(json.dumps(record) + "\n")
+            line = json.dumps(record)
+            self.handle.write(line + "\n")
             self.handle.flush()
+            self.lines.append(line)
+
+    def restart(self, lines: list[str]) -> None:
+        """Start the log over with ``lines`` (the log as it was when a resumed state was saved)."""
+        if self.handle is None:
+            return
+        self.handle.close()
+        self.partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        self.handle = open(self.partial, "a", encoding="utf-8")
+        self.lines = list(lines)
+
+    def commit(self) -> None:
+        """Close the log and rename it onto its final name."""
+        if self.handle:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            self.handle = None
+            os.replace(self.partial, self.path)
 
     def close(self) -> None:
+        """Close without committing (the partial file stays for a post-mortem)."""
         if self.handle:
             self.handle.close()
+            self.handle = None
+
+
+# ----------------------------------------------------------------------------------------------------- progress
+
+PROGRESS_MARK = "[progress] "
+CONSOLE_EVERY_SECONDS = 10.0
+
+
+class ConsoleLines:
+    """Labelled progress lines onto a console stream, at most one every ``every`` seconds; :meth:`close` shows the
+    last line held back, so the console always ends on a stage's final state."""
+
+    def __init__(self, stream: TextIO, label: str, every: float = CONSOLE_EVERY_SECONDS):
+        self.stream = stream
+        self.label = label
+        self.every = every
+        self.last_shown = -float("inf")
+        self.pending: Optional[str] = None
+
+    def show(self, text: str, force: bool = False) -> None:
+        line = f"{self.label}: {text}" if self.label else text
+        now = time.monotonic()
+        if force or now - self.last_shown >= self.every:
+            self._emit(line)
+            self.last_shown, self.pending = now, None
+        else:
+            self.pending = line
+
+    def _emit(self, line: str) -> None:
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed console never fails the stage
+            pass
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self._emit(self.pending)
+            self.pending = None
+
+
+_console: Optional[ConsoleLines] = None  # set by run_logged while a script adapter's work runs
+
+
+def progress(text: str, final: bool = False) -> None:
+    """A human progress line: ``[progress] text`` on stderr (the rule's log; the tee of the torchrun rules forwards
+    it to the console), and straight onto the console inside :func:`run_logged`. ``final``: a stage's closing
+    line, never held back by the rate limit."""
+    print(PROGRESS_MARK + text, file=sys.stderr, flush=True)
+    if _console is not None:
+        _console.show(text, force=final)
+
+
+def rate_text(per_second: float, unit: str) -> str:
+    """``812 tok/s``, ``6.5K tok/s``, ``1.23M tok/s``."""
+    for scale, suffix in ((1e6, "M"), (1e3, "K")):
+        if per_second >= scale:
+            return f"{per_second / scale:,.{1 if suffix == 'K' else 2}f}{suffix} {unit}/s"
+    return f"{per_second:,.0f} {unit}/s" if per_second >= 10 else f"{per_second:.2g} {unit}/s"
+
+
+class Countdown:
+    """``WHAT 12/66, elapsed 40s, eta 180s`` progress lines for a loop of known length, at most one every
+    ``every`` seconds (the first and the last always)."""
+
+    def __init__(self, what: str, total: int, every: float = 5.0):
+        self.what, self.total, self.every = what, max(int(total), 1), every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, detail: str = "") -> None:
+        now = time.perf_counter()
+        if done not in (1, self.total) and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed * (self.total - done) / max(done, 1)
+        progress(f"{self.what} {done}/{self.total}{', ' + detail if detail else ''}, elapsed {elapsed:.0f}s"
+                 + (f", eta {eta:.0f}s" if done < self.total else ""), final=done == self.total)
 
 
 class Progress:
-    """Rate and ETA of a scoring pass: a human line on stderr (rank 0) and JSON-lines records via ``write``."""
+    """Rate and ETA of a scoring pass: a human progress line (rank 0) and JSON-lines records via ``write``."""
 
     def __init__(self, what: str, total_targets: int, total_docs: int, every_seconds: float, is_main: bool = True,
                  write: Optional[Callable[[dict], None]] = None, world_size: int = 1):
-        import time
-
         self.what = what
         self.total_targets = max(total_targets, 1)
         self.total_docs = total_docs
@@ -143,9 +386,6 @@ class Progress:
         self.docs = 0
 
     def update(self, targets: int, docs: int = 0, force: bool = False, **extra) -> None:
-        import sys
-        import time
-
         self.targets += targets
         self.docs += docs
         now = time.perf_counter()
@@ -165,21 +405,22 @@ class Progress:
         if self.write is not None:
             self.write(record)
         if self.is_main:
-            print(
-                f"[{self.what}] {100.0 * done / self.total_targets:5.1f}% {record['docs_done']:,}/{self.total_docs:,} docs "
-                f"{rate / 1e3:,.1f}K tok/s {record['docs_per_s']:,.1f} docs/s elapsed {elapsed:.0f}s eta {eta:.0f}s",
-                file=sys.stderr, flush=True,
+            progress(
+                f"{self.what} {100.0 * done / self.total_targets:5.1f}% {record['docs_done']:,}/{self.total_docs:,} docs "
+                f"{rate_text(rate, 'tok')} {rate_text(record['docs_per_s'], 'docs')} elapsed {elapsed:.0f}s "
+                f"eta {eta:.0f}s"
             )
 
 
-def run_logged(log_path: str | Path, work: Callable[[], Optional[int]], name: str) -> None:
+def run_logged(log_path: str | Path, work: Callable[[], Optional[int]], name: str,
+               console_every: float = CONSOLE_EVERY_SECONDS) -> None:
     """Run a Snakemake ``script:`` adapter's ``work`` with stdout and stderr going to the rule's log file, and exit
     with its status: 2 and a one-line error (in the log) on bad input, else what ``work`` returns (None = 0).
+    Progress lines (:func:`progress`) also reach the console, labelled ``name``.
 
     Why file descriptors and not ``sys.stdout``: the stage's libraries (torch, sentencepiece) also write to them.
     """
-    import sys
-
+    global _console
     from pgolf.config import ConfigError
 
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +429,8 @@ def run_logged(log_path: str | Path, work: Callable[[], Optional[int]], name: st
         sys.stdout.flush()
         sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
+        console_stream = os.fdopen(os.dup(saved[1]), "w", encoding="utf-8", errors="replace")
+        _console = ConsoleLines(console_stream, name, console_every)
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
@@ -198,6 +441,9 @@ def run_logged(log_path: str | Path, work: Callable[[], Optional[int]], name: st
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            _console.close()
+            _console = None
+            console_stream.close()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
@@ -222,3 +468,42 @@ def set_cpu_threads(n: int) -> int:
     if n > 0 and n != previous:
         torch.set_num_threads(n)
     return previous
+# ---------------------------------------------------------------------------------------------------------- tee
+
+
+def tee(lines: Iterator[bytes], log_path: str | Path, console: ConsoleLines) -> None:
+    """Append every line to the log (flushed per line) and show the progress lines on the console."""
+    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace")
+            log.write(line)
+            log.flush()
+            if line.startswith(PROGRESS_MARK):
+                console.show(line[len(PROGRESS_MARK):].rstrip())
+    console.close()
+
+
+def tee_main(argv: Optional[list[str]] = None) -> int:
+    """``STAGE 2>&1 | python -m pgolf.io LOG --label LABEL`` (the torchrun rules): the stage's whole output into LOG,
+    its progress lines onto the console (stderr), labelled.
+
+    It ignores SIGINT: on Ctrl-C it keeps draining the pipe, so the stage's last words reach the log, and exits at
+    the end of its input with status 0 (the job's status is the stage's, through ``set -o pipefail``). Stdlib only:
+    it never imports torch.
+    """
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m pgolf.io", description=tee_main.__doc__.split("\n")[0])
+    parser.add_argument("log", help="log file, appended to")
+    parser.add_argument("--label", required=True, help="console prefix, e.g. 'train seed 1'")
+    parser.add_argument("--every", type=float, default=CONSOLE_EVERY_SECONDS,
+                        help="at most one console line per this many seconds (the last one is always shown)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tee(iter(sys.stdin.buffer.readline, b""), args.log, ConsoleLines(sys.stderr, args.label, args.every))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(tee_main())

@@ -101,6 +101,72 @@ def case_mlp_3d_input() -> None:
     )
 
 
+def _mlp_fused_case(dtype: torch.dtype, slope: float, tol: dict | None) -> None:
+    """The whole MLP as one op: forward and the three gradients (d pre from the backward epilogue)."""
+    gen = torch.Generator().manual_seed(7)
+    M, d, hidden = 70, 48, 96  # interpreter tiles 64 x 64 x 32: partial tiles on every axis, both directions
+    x = (torch.randn(M, d, generator=gen) / math.sqrt(d)).to(dtype).requires_grad_(True)
+    w_up = torch.randn(hidden, d, generator=gen).to(dtype).requires_grad_(True)
+    w_down = (torch.randn(d, hidden, generator=gen) / math.sqrt(hidden)).to(dtype).requires_grad_(True)
+    grad = torch.randn(M, d, generator=gen).to(dtype)
+    leaves = (x, w_up, w_down)
+    y = kernels.fused_mlp(x, w_up, w_down, slope)
+    got = torch.autograd.grad(y, leaves, grad)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    y64 = kernels.mlp_reference(*leaves64, slope)
+    truth = torch.autograd.grad(y64, leaves64, grad.double())
+    if y.dtype != dtype or any(g.dtype != dtype for g in got):
+        raise AssertionError(f"dtypes: y {y.dtype}, grads {[g.dtype for g in got]}; expected {dtype}")
+    names = ("forward", "dx", "dw_up", "dw_down")
+    if tol is not None:
+        for name, a, b in zip(names, (y, *got), (y64.detach(), *truth)):
+            _close(a.double(), b, name, **tol)
+        return
+    lowp = [t.detach().clone().requires_grad_(True) for t in leaves]
+    yl = kernels.mlp_reference(*lowp, slope)
+    ref = torch.autograd.grad(yl, lowp, grad)
+    for name, a, b, t in zip(names, (y, *got), (yl, *ref), (y64.detach(), *truth)):
+        _no_worse(a, b, t, name)
+
+
+def case_mlp_fused_fp32_leaky() -> None:
+    _mlp_fused_case(torch.float32, 0.5, FP32)
+
+
+def case_mlp_fused_fp32_relu() -> None:
+    _mlp_fused_case(torch.float32, 0.0, FP32)
+
+
+def case_mlp_fused_bf16() -> None:
+    _mlp_fused_case(torch.bfloat16, 0.5, None)
+
+
+def case_mlp_act_grad_kernel() -> None:
+    """The backward epilogue alone: (g @ w_down) * act'(pre), with pre = 0 and tiny values in the mix."""
+    gen = torch.Generator().manual_seed(8)
+    M, d, hidden = 67, 40, 72
+    g = torch.randn(M, d, generator=gen)
+    w_down = torch.randn(d, hidden, generator=gen)
+    pre = torch.randn(M, hidden, generator=gen) * 3
+    pre[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
+    for slope in (0.5, 0.0):
+        got = torch.ops.pgolf.mlp_act_grad(g, w_down, pre, slope)
+        want = kernels.mlp_activation_grad(pre.double(), g.double() @ w_down.double(), slope)
+        _close(got.double(), want, f"d pre (slope {slope})")
+
+
+def case_mlp_fused_opcheck() -> None:
+    """Schema, fake (shape) functions and autograd registration of the whole-MLP op and its backward kernel."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 16, generator=gen, requires_grad=True)
+    w_up = torch.randn(64, 16, generator=gen, requires_grad=True)
+    w_down = torch.randn(16, 64, generator=gen, requires_grad=True)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.pgolf.mlp_fused.default, (x, w_up, w_down, 0.5), test_utils=utils)
+    pre = torch.randn(40, 64, generator=gen)
+    torch.library.opcheck(torch.ops.pgolf.mlp_act_grad.default, (x.detach(), w_down.detach(), pre, 0.5), test_utils=utils)
+
+
 def _ce_inputs(T: int, V: int, scale: float, dtype: torch.dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
     z = (scale * torch.randn(T, V, generator=gen)).to(dtype)
@@ -246,12 +312,15 @@ def case_compile_fullgraph() -> None:
     targets = torch.randint(0, 50, (20,), generator=gen)
     targets[3] = -100
 
-    def loss_fn(x, w1, head, targets):
+    w2 = torch.randn(16, 40, generator=gen) / 6
+
+    def loss_fn(x, w1, w2, head, targets):
+        x = x + kernels.mlp(x, w1, w2, 0.5)  # [20, 16]: the whole-MLP op
         h = kernels.mlp_up_activation(x, w1, 0.5)  # [20, 40]
         return kernels.softcapped_cross_entropy(h @ head.t(), targets, 30.0)
 
     def run(fn):
-        params = [t.clone().requires_grad_(True) for t in (x, w1, head)]
+        params = [t.clone().requires_grad_(True) for t in (x, w1, w2, head)]
         loss = fn(*params, targets)
         return loss.detach(), torch.autograd.grad(loss, params)
 
@@ -263,7 +332,7 @@ def case_compile_fullgraph() -> None:
     if sum(counters["graph_break"].values()) != breaks_before:
         raise AssertionError(f"graph breaks: {dict(counters['graph_break'])}")
     _close(compiled_loss, eager_loss, "compiled loss")
-    for name, c, e in zip(("x", "w1", "head"), compiled_grads, eager_grads):
+    for name, c, e in zip(("x", "w1", "w2", "head"), compiled_grads, eager_grads):
         _close(c, e, f"compiled grad {name}")
 
 

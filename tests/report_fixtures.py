@@ -91,8 +91,14 @@ def make_seed(
     byte_sum: int = BYTE_SUM,
     code_sha256: str | None = None,
     artifact_code_id: str = CODE_HASH,  # the code identity the artifact header records (the bundle's CODE_HASH)
+    stages: tuple[float, float] | None = None,
+    docs: tuple[int, int] | None = None,
+    loss_offset: float | None = None,
 ) -> Path:
-    """Write the four required files (+ metrics, hessian report, logs) of one seed; returns the seed dir."""
+    """Write the four required files (+ metrics, hessian report, logs) of one seed; returns the seed dir.
+
+    ``stages``: (pre-quant, post-quant) val_bpb, written as eval.json's diagnostics; ``docs``: (documents scored,
+    documents in the validation shards); ``loss_offset``: the loss curve's offset (default: by seed)."""
     base = run_dir / f"seed{seed}"
     artifact_sha = hashlib.sha256(f"artifact-{seed}".encode()).hexdigest()
     val_loss = nats_from_bpb(val_bpb, token_count, byte_sum)
@@ -155,12 +161,19 @@ def make_seed(
             "timings": {"load_s": 6.0, "warmup_s": 40.0, "score_s": 480.0, "total_s": 526.0},
             "budget": {"budget_applies": True, "exceeded": False},
             "evaluate_config": {"eval_seq_len": 2048},
+            "ttt_mode": "lora",
+            **({} if stages is None else {"diagnostics": {
+                "pre_quant": {"val_bpb": stages[0], "val_loss": nats_from_bpb(stages[0], token_count, byte_sum)},
+                "post_quant": {"val_bpb": stages[1], "val_loss": nats_from_bpb(stages[1], token_count, byte_sum)},
+            }}),
+            **({} if docs is None else {"doc_count": docs[0], "data": {"total_docs": docs[1], "max_docs": docs[0]}}),
         },
     )
     metrics = base / "train" / "metrics.jsonl"
     lines = [
-        json.dumps({"event": "train_step", "step": s, "loss": 7.0 * math.exp(-s / 800) + 2.2 + 0.01 * (seed % 7)})
-        for s in range(10, steps + 1, 250)
+        json.dumps({"event": "train_step", "step": s,
+                    "loss": 7.0 * math.exp(-s / 800) + 2.2 + (0.01 * (seed % 7) if loss_offset is None else loss_offset)})
+        for s in range(10 if steps > 1000 else 1, steps + 1, 250 if steps > 1000 else max(1, steps // 20))
     ]
     metrics.write_text("\n".join([*lines, json.dumps({"event": "train_done", "steps": steps})]) + "\n")
     (base / "logs").mkdir(parents=True, exist_ok=True)
@@ -198,3 +211,41 @@ def make_run(tmp_path: Path, values: dict[int, float] | None = None) -> Path:
     for seed, bpb in (values or RECORD_BPB).items():
         make_seed(run_dir, seed, bpb, code_sha256=sha)
     return run_dir
+
+
+CPU_ENV = {"torch": "2.13.0+cpu", "cuda": None, "numpy": "2.5.2", "triton": None, "flash_attn": None, "gpu": None,
+           "gpu_count": 0, "python": "3.11.7"}
+# a CPU sweep of three seeds: (scored, pre-quant, post-quant) val_bpb, 40 of 400 validation documents scored
+CPU_STAGES = {1: (3.66093, 3.66352, 3.66627), 2: (3.64620, 3.64985, 3.65240), 3: (3.65201, 3.65410, 3.65702)}
+CPU_DOCS = (40, 400)
+
+
+def make_cpu_run(tmp_path: Path, comply: dict | None = None) -> Path:
+    """A smoke-like sweep on one CPU process: 3 seeds with the three val_bpb stages, 40 of 400 documents scored,
+    a small artifact, loss curves that coincide, and a comply.json (2 FAIL, 6 PASS, 2 NOT-APPLICABLE)."""
+    run_dir = tmp_path / "results" / "smoke"
+    sha = make_code_bundle(run_dir, bytes_wrapper=76_852)
+    for seed, (bpb, pre, post) in CPU_STAGES.items():
+        make_seed(run_dir, seed, bpb, code_sha256=sha, total_bytes=224_000 + 1_000 * seed, code_bytes=76_852,
+                  env=CPU_ENV, world_size=1, eval_mode="sweep", steps=40, stages=(pre, post), docs=CPU_DOCS,
+                  loss_offset=0.0, token_count=27_711, byte_sum=94_101)
+    _write(run_dir / "comply.json", comply if comply is not None else CPU_COMPLY)
+    return run_dir
+
+
+CPU_COMPLY = {
+    "compliant": False,
+    "counts": {"PASS": 6, "FAIL": 2, "NOT-APPLICABLE": 2},
+    "failed_rules": ["mode", "val_docs"],
+    "verdicts": [
+        {"rule": "mode", "status": "FAIL", "title": "record mode", "evidence": "mode is 'sweep'"},
+        {"rule": "val_docs", "status": "FAIL", "title": "50,000 validation documents, all scored",
+         "evidence": "40 of 400 documents scored"},
+        *[{"rule": r, "status": "PASS", "title": r, "evidence": "ok"}
+          for r in ("seeds", "size", "disjoint", "bos", "ttt_ledger", "no_prequant_ttt")],
+        {"rule": "train_time", "status": "NOT-APPLICABLE", "title": "training <= 600 s on 8xH100",
+         "evidence": "not on record hardware: seed1 41.0+0.2 s on 1 process, CPU"},
+        {"rule": "eval_time", "status": "NOT-APPLICABLE", "title": "evaluation <= 600 s on 8xH100",
+         "evidence": "not on record hardware"},
+    ],
+}

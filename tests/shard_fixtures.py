@@ -7,20 +7,16 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from pgolf.data.shards import BOS_ID, ShardStreamWriter
 
-CONFORMANCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "conformance"
-PUBLISHED_MODEL = CONFORMANCE_DIR / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
-GOLDEN_VECTORS = CONFORMANCE_DIR / "caseops_vectors.jsonl"
-SAMPLE_DOCS = Path(__file__).resolve().parents[1] / "data" / "sample" / "docs.jsonl"
+from datafiles import CASEOPS_VECTORS as GOLDEN_VECTORS  # noqa: F401
+from datafiles import CONFORMANCE_DIR, SAMPLE_DOCS  # noqa: F401
+from datafiles import PUBLISHED_TOKENIZER as PUBLISHED_MODEL
 
 
 def published_model() -> Path:
-    """The published CaseOps tokenizer (skips the test when the shared folder is absent)."""
-    if not PUBLISHED_MODEL.exists():
-        pytest.skip(f"published CaseOps tokenizer not found at {PUBLISHED_MODEL}")
+    """The published CaseOps tokenizer (shipped in tests/data/conformance/)."""
     return PUBLISHED_MODEL
 
 

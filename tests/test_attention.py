@@ -227,7 +227,7 @@ def test_attention_rejects_bad_shapes_and_backend():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["fa3", "torch_varlen", "sdpa"])
+@pytest.mark.parametrize("backend", ["fa3", "fa4", "torch_varlen", "sdpa"])
 def test_gpu_backends_agree_in_bf16(backend):
     if backend not in available_backends("cuda"):
         pytest.skip(f"{backend} is not available here")

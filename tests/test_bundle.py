@@ -160,13 +160,17 @@ def test_relative_imports_resolve_against_the_package() -> None:
 
 def test_recipe_switches_decide_what_is_left_out() -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
-    assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash"}
+    assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash",
+                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
     lut = dataclasses.replace(record, evaluate=dataclasses.replace(record.evaluate, byte_accounting="lut"),
                               tokenizer=dataclasses.replace(record.tokenizer, caseops=False))
     bigram = dataclasses.replace(record, evaluate=dataclasses.replace(
         record.evaluate, ttt=dataclasses.replace(record.evaluate.ttt, mode="chunked", bigram_hash_buckets=64)))
-    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"}
-    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops"}
+    record_ttt = {"pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
+    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"} | record_ttt
+    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops"} | {
+        f"pgolf.evaluate.{m}" for m in ("ttt_record", "ttt_plan", "ttt_adapters", "ttt_forward", "ttt_phase",
+                                        "ttt_graphs")}
     full = reachable_modules()
     pruned = reachable_modules(left_out=frozenset(left_out_modules(record)))
     assert set(full) - set(pruned) == set(left_out_modules(record))  # nothing else hung on them
@@ -176,6 +180,16 @@ def test_recipe_switches_decide_what_is_left_out() -> None:
     assert set(bundle.left_out) >= set(left_out_modules(record)) | {"pgolf.evaluate.chunked_ttt"}
     assert "its recipe does not use it" in bundle.text
     assert count_code_bytes(bundle.text, "wrapper") < count_code_bytes(build_bundle(lut, minify=True).text, "wrapper")
+
+
+def test_flash_attention_4_ops_are_left_out_unless_the_recipe_may_use_them() -> None:
+    record = load_run_config(REPO_ROOT / "config.yaml")
+    assert record.model.attention_backend == "auto" and "pgolf.model.flash4" in reachable_modules()
+    for backend, left_out in (("auto", False), ("fa4", False), ("fa3", True), ("torch", True)):
+        cfg = dataclasses.replace(record, model=dataclasses.replace(record.model, attention_backend=backend))
+        assert ("pgolf.model.flash4" in left_out_modules(cfg)) == left_out, backend
+    cfg = dataclasses.replace(record, model=dataclasses.replace(record.model, attention_backend="torch"))
+    assert "pgolf.model.flash4" not in reachable_modules(left_out=frozenset(left_out_modules(cfg)))
 
 
 def test_real_selection_has_the_record_path_and_no_cli_or_hub_code() -> None:
@@ -257,7 +271,7 @@ def test_cli_writes_the_bundle_and_its_report(tmp_path: Path) -> None:
     assert f"wrapper {report['bytes_wrapper']:,}" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "pgolf", "bundle", "--config-json", '{"run": "x", "modle": {}}',
                           "--out", str(tmp_path / "bad.py"), "--no-verify"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown key(s) modle" in bad.stderr
+    assert bad.returncode == 2 and "modle: unknown key (did you mean 'mode'?)" in bad.stderr
     assert not (tmp_path / "bad.py").exists()
 
 

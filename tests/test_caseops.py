@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datafiles import CASEOPS_VECTORS
+
 from pgolf.data import caseops
 from pgolf.data.caseops import ALLCAPS, CAPNEXT, ESC, TITLE, CaseOpsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VECTORS_PATH = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "caseops_vectors.jsonl"
+VECTORS_PATH = CASEOPS_VECTORS
 
 # Letters of both cases (ASCII and not), digits, whitespace of several kinds, punctuation that sits inside
 # words, the operators themselves and their private-use neighbour U+E000.
@@ -29,8 +31,6 @@ RICH_ALPHABET = (
 
 
 def load_vectors() -> list[dict]:
-    if not VECTORS_PATH.exists():
-        pytest.skip(f"conformance vectors not found at {VECTORS_PATH} (shared/ missing)")
     return [json.loads(line) for line in VECTORS_PATH.read_text(encoding="utf-8").splitlines()]
 
 

@@ -63,7 +63,7 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"data": {"val_dcs": 1}}, "data: unknown key(s) val_dcs"),
+        ({"data": {"val_dcs": 1}}, "data.val_dcs: unknown key (did you mean 'val_docs'?); allowed in data:"),
         ({"data": {"val_docs": "10"}}, "data.val_docs: expected int, got str"),
         ({"data": {"val_docs": True}}, "data.val_docs: expected int, got bool"),
         ({"data": {"source": "ftp"}}, "data.source: expected one of"),
@@ -71,7 +71,13 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
         ({"model": {"loop_end": 11}}, "loop_start/loop_end"),
         ({"seeds": [1, 1]}, "seeds: duplicates"),
         ({"mode": "record", "data": {"val_docs": 10}}, "official 50,000 validation documents"),
-        ({"extra": 1}, "unknown key(s) extra"),
+        ({"extra": 1}, "extra: unknown key; allowed in the top level:"),
+        ({"model": {"num_layers": 0}}, "model.num_layers: expected >= 1, got 0"),
+        ({"mode": "record", "data": {"val_docs": 50_000}, "train": {"resume_every_steps": 5}},
+         "train.resume_every_steps: a record run is one uninterrupted timed run and restarts from scratch"),
+        ({"train": {"resume_every_steps": -1}}, "train.resume_every_steps: expected >= 0"),
+        ({"train": {"param_storage": "record"}}, "evaluate.param_storage (fp32) must equal train.param_storage (record)"),
+        ({"evaluate": {"diagnostic_scoring": "record_flat"}}, "evaluate: score_next_bos: diagnostic_scoring 'record_flat'"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str) -> None:

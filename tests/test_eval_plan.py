@@ -18,6 +18,7 @@ from pgolf.evaluate.plan import (EvalCosts, Segment, batch_slot_steps, lora_sche
 from pgolf.evaluate.ttt import run_ttt
 
 ROOT = Path(__file__).resolve().parents[1]
+RECORD_VAL_TOKENS = 47_851_520
 SLOTS = dict(slot_lengths=(8, 16, 24))  # chunk 8 targets, context 24 (eval_config)
 
 
@@ -108,7 +109,7 @@ def test_synthetic_lengths_have_the_asked_mean():
 def test_cli_projects_the_record_recipe_with_the_measured_costs(capsys):
     costs_file = ROOT / "benchmarks" / "eval_costs_h200_2026-12-01.json"
     code = pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(costs_file),
-                       "--docs", "3000", "--gpus", "8", "--slot-lengths", "512,2048"])
+                       "--docs", "3000", "--gpus", "8", "--slot-lengths", "512,2048", "--schedule", "legacy"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["slot_lengths_compiled"] == [512, 2048] and result["world_size"] == 8
@@ -120,7 +121,8 @@ def test_cli_projects_the_record_recipe_with_the_measured_costs(capsys):
 
     # prices measured with activation recompute do not hold for the record (no recompute): the output says so
     h100 = ROOT / "benchmarks" / "eval_costs_h100_2026-11-23.json"
-    assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(h100), "--docs", "500"]) == 0
+    assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(h100), "--docs", "500",
+                       "--schedule", "legacy"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert len(notes) == 1 and "checkpoint_activations=True" in notes[0]
 
@@ -150,3 +152,90 @@ def test_cli_plans_on_real_validation_shards(tmp_path, capsys):
     # takes ceil(300 / 48) = 7 steps; no phase (boundaries 16, 32 documents are never reached before the end)
     assert result["slot_lengths_compiled"] == [128] and result["steps_per_rank_max"] == 7
     assert result["total_s"] == pytest.approx(1.0 + 7.0 + 7 * 0.5)
+
+
+# --------------------------------------------------------------------------------------- the record variant
+
+TIMELINE = ROOT / "benchmarks" / "record_pr1855_timeline.json"
+RECORD_COSTS = ROOT / "benchmarks" / "record_pr1855_costs.json"
+
+
+def _plan(capsys, *argv) -> dict:
+    assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("seed", ["42", "0", "1234"])
+def test_replay_of_the_records_schedule_reproduces_its_logged_phase_pauses(capsys, seed):
+    """The record's 8-rank schedule replayed on the rebuilt lengths with the prices fitted to its logs: every logged
+    phase pause and resume within 10 %, the documents scored at each pause and the phase chunk counts exact."""
+    logged = json.loads(TIMELINE.read_text())["seeds"][seed]
+    result = _plan(capsys, "--costs", str(RECORD_COSTS), "--schedule", "record",
+                   "--record-warmup-seconds", str(logged["warmup_s"]))
+    assert result["pd"] == logged["pd"] and result["phase_chunks"] == logged["phase_chunks"]
+    assert result["phase_prefixes"] == [21, 34, 47]
+    for what in ("pauses", "resumes"):
+        for ours, theirs in zip(result[what], logged[what], strict=True):
+            assert abs(ours / theirs - 1) <= 0.10, (what, result[what], logged[what])
+    assert abs(result["ttt_timer_s"] / logged["end"] - 1) <= 0.05
+
+
+def test_the_shipped_timeline_is_what_the_logs_say():
+    """benchmarks/record_pr1855_timeline.json against the logs themselves (when shared/reference is present)."""
+    import re
+
+    import record_oracle
+
+    folder = record_oracle.record_script().parent
+    if not (folder / "train_seed42.log").exists():
+        pytest.skip(f"record logs not found in {folder}")
+    for seed, logged in json.loads(TIMELINE.read_text())["seeds"].items():
+        text = (folder / f"train_seed{seed}.log").read_text()
+        pauses = re.findall(r"^ttpp: phase:\d/\d pd:(\d+) gd:(\d+) t:([\d.]+)s", text, re.M)
+        assert [int(p) for p, _, _ in pauses] == logged["pd"] and [int(g) for _, g, _ in pauses] == logged["gd"]
+        assert [float(t) for _, _, t in pauses] == logged["pauses"]
+        assert [float(t) for t in re.findall(r"^ttpr: phase:\d/\d t:([\d.]+)s", text, re.M)] == logged["resumes"]
+        chunks = sorted({int(n) for n in re.findall(r"^tttg: c\d+/(\d+) ", text, re.M)})
+        assert chunks == logged["phase_chunks"]
+        assert float(re.search(r"^total_eval_time:([\d.]+)s", text, re.M)[1]) == logged["end"]
+        assert float(re.search(r"^ttt_lora:compile warmup done \(([\d.]+)s\)", text, re.M)[1]) == logged["warmup_s"]
+
+
+def test_pgolf_schedule_projection_by_hand(tmp_path):
+    """Record variant, 1 lane on 1 GPU: doc_len [3, 5, 9, 4, 6], 2 per batch, chunks of 2, context 4, a phase after
+    2 documents. Queue: [9] (fresh: one document), [5, 6], [3, 4]; the phase fires after 2 entries and trains on
+    the 5- and 6-token documents (11 tokens: 3 chunks of 4, 2 trained)."""
+    from pgolf.evaluate.plan_record import RecordCosts, StepPrices, project_record_variant
+    from pgolf.evaluate.ttt_plan import schedule_of
+
+    doc_len = np.array([3, 5, 9, 4, 6])
+    schedule = schedule_of(doc_len, per_batch=2, chunk=2, ctx=4, bounds=(2,))
+    costs = RecordCosts(StepPrices(a=1.0, b=0.1, score_only_factor=0.5), phase_tokens_per_s=2.0,
+                        phase_fixed_seconds=0.5, load_seconds=3.0, compile_seconds=7.0, warm_compile_seconds=1.0,
+                        adapter_draw_seconds=0.5, source="hand")
+    out = project_record_variant(schedule, doc_len, costs, 1, phase_chunk_tokens=4, phase_rows=1)
+    # [9]: steps w 2, 4, 4 train (1.2, 1.4, 1.4) + score-only w 4 (1.2) = 5.2; [5, 6]: 1.4 + 1.8 + 1.2 = 4.4;
+    # draws: the lane's set + the fresh batch's own = 1.0 -> segment 0 = 10.6; phase (3 - 1) x 4 / 2 + 0.5 = 4.5;
+    # [3, 4]: 1.4 + 1.2 + the lane's new set 0.5 = 3.1
+    assert [s["seconds"] for s in out["segments"]] == [10.6, 3.1] and out["phases"][0]["seconds"] == 4.5
+    assert out["phases"][0]["tokens"] == 11 and out["phases"][0]["chunks"] == 3
+    assert out["total_s"] == pytest.approx(3.0 + 7.0 + 10.6 + 4.5 + 3.1)
+
+
+def test_cli_projects_pgolf_on_the_records_lengths(capsys, tmp_path):
+    result = _plan(capsys, "--costs", str(RECORD_COSTS))
+    assert result["schedule"] == "pgolf" and result["targets"] == RECORD_VAL_TOKENS
+    assert result["phase_prefixes"] == [21, 34, 47] and result["side_batches"] == list(range(7))
+    parts = result["load_s"] + result["warmup_s"] + result["score_s"]
+    assert result["total_s"] == pytest.approx(parts, abs=0.11)
+    record = _plan(capsys, "--costs", str(RECORD_COSTS), "--schedule", "record")
+    assert result["total_s"] < record["total_s"]  # at the record's own prices, pgolf's schedule is shorter
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps({"doc_len": [40, 7, 300, 12]}))
+    small = _plan(capsys, "--costs", str(RECORD_COSTS), "--lengths", str(lengths), "--gpus", "1")
+    assert small["targets"] == 355 and "4 documents" in small["documents"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("12\nabc\n")
+    assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(RECORD_COSTS),
+                       "--lengths", str(bad)]) == 2
+    assert "one document length per line" in capsys.readouterr().err

@@ -35,12 +35,15 @@ def layer(rows: int, cols: int, seed: int, n: int = 1024) -> tuple[torch.Tensor,
 # ------------------------------------------------------------------------------------------- scales and RTN
 
 
-def test_sdclip_scales_formula_and_fp16_storage():
+@pytest.mark.parametrize("correction", [1, 0])  # sdclip_std: unbiased (the default, the record's), population
+def test_sdclip_scales_formula_and_fp16_storage(correction):
     W, _, _ = layer(16, 40, 0)
-    scale = sdclip_scales(W, bits=6, clip_sigmas=13.0)
+    scale = sdclip_scales(W, bits=6, clip_sigmas=13.0, correction=correction)
     assert scale.dtype == torch.float16 and scale.shape == (16,)
-    expected = 13.0 * W.std(dim=1, correction=0) / 31
+    expected = 13.0 * W.std(dim=1, correction=correction) / 31
     torch.testing.assert_close(scale.float(), expected, rtol=1e-3, atol=0)
+    if correction == 1:
+        assert torch.equal(scale, sdclip_scales(W, bits=6, clip_sigmas=13.0))
 
 
 def test_sdclip_guards_zero_and_constant_rows():
@@ -122,6 +125,11 @@ def test_gptq_dead_columns():
     assert bool(torch.isfinite(dequantize(q, scale)).all())
     rtn = rtn_quantize(W, scale, 6)
     assert torch.equal(q[:, 3], rtn[:, 3]) and torch.equal(q[:, 17], rtn[:, 17])
+    # gptq_dead_columns: zero (the record's): dead columns get code 0; the live columns see the same problem
+    qz, scale_z = gptq_quantize_weight(W, H, 6, 13.0, block_size=8, dead_columns="zero")
+    assert torch.equal(scale_z, scale) and not bool(qz[:, [3, 17]].any())
+    live = [c for c in range(32) if c not in (3, 17)]
+    assert torch.equal(qz[:, live], q[:, live])  # no feedback flows from or to a dead column either way
 
 
 def test_gptq_rank_deficient_hessian_without_damping():
@@ -182,7 +190,7 @@ def test_packing_layout_and_range_errors():
 # ---------------------------------------------------------------------------------------------------- LQER
 
 
-@pytest.mark.parametrize("mode", ["asym", "sym"])
+@pytest.mark.parametrize("mode", ["asym_search", "sym"])
 def test_lqer_reconstructs_a_low_rank_error(mode):
     g = torch.Generator().manual_seed(11)
     low_rank = torch.randn(40, 3, generator=g) @ torch.randn(3, 70, generator=g)  # [40, 70], rank 3
@@ -190,15 +198,15 @@ def test_lqer_reconstructs_a_low_rank_error(mode):
     factors = lqer_correction(E, rank=4, mode=mode, group_size=16)
     assert factors.a_codes.dtype == torch.uint8 and factors.b_codes.dtype == torch.uint8
     assert factors.b_scales.dtype == torch.float16 and factors.b_scales.shape == (4, 5)
-    if mode == "asym":
-        assert factors.a_scales.shape == (1,)
+    if mode == "asym_search":
+        assert factors.mode == "asym" and factors.a_scales.shape == (1,)
         assert factors.a_codes.numel() == (40 * 4 + 3) // 4
     E_hat = lqer_reconstruct(factors)
     assert E_hat.shape == E.shape
     assert float(((E - E_hat) ** 2).sum()) < 0.5 * float((E**2).sum())
 
 
-@pytest.mark.parametrize("mode", ["asym", "sym"])
+@pytest.mark.parametrize("mode", ["asym_search", "sym"])
 def test_lqer_lowers_gptq_output_error(mode):
     W, H, _ = layer(48, 96, 12)
     q, scale = gptq_quantize_weight(W, H, 3, 2.5)
@@ -282,7 +290,7 @@ def test_quantize_state_routes_by_role():
     assert dequantize_state(qm, torch.bfloat16)["tok_emb.weight"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("mode", ["asym", "sym"])
+@pytest.mark.parametrize("mode", ["asym_search", "sym"])
 def test_quantize_state_lqer_on_top_k(mode):
     state, roles, hessians = tiny_model(1)
     cfg = QuantizeConfig(attn_bits=3, mlp_bits=3, embed_bits=3, attn_clip_sigmas=2.5, mlp_clip_sigmas=2.5,
@@ -335,3 +343,66 @@ def test_quantize_state_on_cuda_matches_cpu():
     for name in deq_cpu:
         rel = float(((deq_cpu[name] - deq_gpu[name]) ** 2).sum()) / max(float((deq_cpu[name] ** 2).sum()), 1e-30)
         assert rel < 1e-3, name  # float32 GPTQ may round a few ties differently
+
+
+# ------------------------------------------------------------------- the record's options (quantize section)
+
+
+def test_record_routing_small_matrices_and_gate_window():
+    """small_matrix_passthrough: the size rule first for every tensor; the gate is int8 only inside its window."""
+    state, roles, hessians = tiny_model()
+    cfg = QuantizeConfig(lqer_mode="off", passthrough_max_elements=1024, small_matrix_passthrough=True,
+                         gate_min_elements=32, gate_max_elements=8192)
+    qm = quantize_state(state, roles, hessians, cfg)
+    methods = {n: qt.method for n, qt in qm.tensors.items()}
+    assert methods["blocks.0.attn.proj.weight"] == "fp16"  # 1,024 elements
+    assert methods["tok_emb.weight"] == methods["blocks.0.mlp.up.weight"] == "gptq"  # 2,048 / 3,072 elements
+    assert methods["blocks.0.attn.gate.weight"] == "rtn"  # 48 elements: inside the window
+    narrow = dataclasses.replace(cfg, gate_min_elements=64)
+    assert quantize_state(state, roles, hessians, narrow).tensors["blocks.0.attn.gate.weight"].method == "fp16"
+    with pytest.raises(Exception, match="gate_max_elements"):
+        QuantizeConfig(gate_min_elements=64, gate_max_elements=32)
+
+
+def test_lqer_record_codebook_layouts():
+    g = torch.Generator().manual_seed(13)
+    E = torch.randn(48, 64, generator=g) * 0.01
+    f = lqer_correction(E, rank=4, mode="asym", group_size=32)
+    assert f.mode == "asym" and f.a_scales.shape == (1,) and f.b_scales.shape == (4, 2)
+    a = unpack_int2(f.a_codes, 48 * 4).to(torch.int16) - 2
+    b = unpack_int4(f.b_codes, 4 * 64).to(torch.int16) - 8
+    assert -2 <= int(a.min()) and int(a.max()) <= 1 and -8 <= int(b.min()) and int(b.max()) <= 7
+    assert int(b.min()) == -8 or int(b.max()) == 7  # the group max maps to +-7.5: -8 or the clamped 7
+    # rank * cols not a multiple of the group: the record's per-row int4 fallback, layout rowsym
+    f2 = lqer_correction(E[:, :50], rank=3, mode="asym", group_size=32)
+    assert f2.mode == "rowsym" and f2.a_scales.shape == (48,) and f2.b_scales.shape == (3,)
+    assert float(((E[:, :50] - lqer_reconstruct(f2)) ** 2).sum()) < float((E[:, :50] ** 2).sum())
+    with pytest.raises(QuantizeError, match="not a multiple of lqer_group_size"):
+        lqer_correction(E[:, :48], rank=4, mode="asym", group_size=32)  # 4 * 48 % 32 == 0 but 48 % 32 != 0
+
+
+def test_lqer_selection_by_weight_error_without_keep_check():
+    state, roles, hessians = tiny_model(1)
+    base = QuantizeConfig(attn_bits=3, mlp_bits=3, embed_bits=3, attn_clip_sigmas=2.5, mlp_clip_sigmas=2.5,
+                          embed_clip_sigmas=2.5, lqer_mode="asym", lqer_top_k=2, lqer_rank=2, lqer_group_size=16,
+                          lqer_rank_by="weight_fro", lqer_keep_if_better=False)
+    qm = quantize_state(state, roles, hessians, base)
+    fro = {}
+    for r in qm.report:
+        if r["method"] == "gptq":
+            qt = qm.tensors[r["name"]]
+            fro[r["name"]] = float((state[r["name"]] - dequantize(qt.q, qt.scale)).norm())
+    top = set(sorted(fro, key=lambda n: -fro[n])[:2])
+    assert {n for n, qt in qm.tensors.items() if qt.lqer is not None} == top  # always applied, by ||E||_F
+
+
+def test_dequant_embed_dtype_rounds_the_embedding_through_bf16():
+    state, roles, hessians = tiny_model()
+    qm = quantize_state(state, roles, hessians, QuantizeConfig(lqer_mode="off", dequant_embed_dtype="bfloat16"))
+    deq = dequantize_state(qm)
+    emb = deq["tok_emb.weight"]
+    assert emb.dtype == torch.float32 and torch.equal(emb, emb.bfloat16().float())
+    head = deq["lm_head.weight"]  # role head: not rounded
+    assert not torch.equal(head, head.bfloat16().float())
+    plain = dequantize_state(dataclasses.replace(qm, quantize_config={}))  # an artifact without the key
+    assert not torch.equal(plain["tok_emb.weight"], emb)

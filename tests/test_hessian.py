@@ -23,6 +23,8 @@ from pgolf.quantize.hessians import (
     collect_hessians,
     load_hessians,
     packed_rows_cu_seqlens,
+    record_calibration_rows,
+    row_batch,
 )
 from pgolf.model.gpt import GPT, rms_norm
 
@@ -63,8 +65,8 @@ def _capture_inputs(model: GPT, module_names: list[str], batches) -> dict[str, l
     ]
     model.looping = True
     with torch.no_grad():
-        for ids, cu in batches:
-            model.lm_head(model.forward_hidden(ids, cu, CAL.seq_len))
+        for ids, cu, reset in batches:
+            model.lm_head(model.forward_hidden(ids, cu, CAL.seq_len, smear_reset=reset))
     model.looping = False
     for h in handles:
         h.remove()
@@ -76,7 +78,7 @@ def test_hessians_equal_xtx_over_n_with_looping(batches) -> None:
     rows: dict[str, int] = {}
     H = collect_hessians(model, batches, "cpu", rows_out=rows)
     assert model.looping is False  # runtime flag restored
-    tokens = sum(ids.numel() for ids, _ in batches)
+    tokens = sum(batch[0].numel() for batch in batches)
     inputs = model.hessian_inputs()
     modules = sorted(set(inputs.values()))
     captured = _capture_inputs(model, modules, batches)
@@ -104,20 +106,23 @@ def test_hook_positions_by_their_normalization(batches) -> None:
     model = _perturbed_model(seed=1)
     model.looping = True
     with torch.no_grad():
-        h = torch.cat([model.forward_hidden(ids, cu, CAL.seq_len).double() for ids, cu in batches])
+        h = torch.cat([model.forward_hidden(ids, cu, CAL.seq_len, smear_reset=r).double() for ids, cu, r in batches])
     torch.testing.assert_close(H["tok_emb.weight"].double(), h.T @ h / h.shape[0], rtol=1e-5, atol=1e-6)
 
 
 def test_first_layer_q_input_by_hand(batches) -> None:
     """Layer 0's attention input rebuilt from the embedding by hand: rmsnorm(mix(rmsnorm(smear(emb)))) (the record
-    smears the raw embedding, then normalizes)."""
+    smears the raw embedding, then normalizes), each calibration row on its own (no smear across row starts)."""
     model = _perturbed_model(seed=2)
+    with torch.no_grad():
+        model.smear.lam.fill_(0.5)  # a visible smear, so a row start fed by the previous row would show
     H = collect_hessians(model, batches, "cpu")
     block = model.blocks[0]
     total, n = torch.zeros(32, 32, dtype=torch.float64), 0
     with torch.no_grad():
-        for ids, _ in batches:
-            x = rms_norm(model.smear(model.tok_emb(ids), ids, BOS_ID))
+        for ids, _, _ in batches:
+            x = torch.cat([model.smear(model.tok_emb(row), row, BOS_ID) for row in ids.view(-1, CAL.seq_len)])
+            x = rms_norm(x)
             x_in = block.resid_mix[0] * x + block.resid_mix[1] * x  # x0 == x before the first block
             q_in = (rms_norm(x_in) * block.ln_scale).double()
             total += q_in.T @ q_in
@@ -157,6 +162,48 @@ def test_cuda_bf16_hessians_match_cpu_fp32(batches) -> None:
         assert float((gpu[name] - H).norm() / H.norm()) < 3e-2, name
 
 
+def test_record_options_normalize_attention_and_bf16_forward(batches) -> None:
+    """normalize: batches divides the same sums by the batch count; attention: rows cuts only at row starts;
+    forward_dtype: bfloat16 (a bf16 copy, no autocast) stays close to the fp32 pass and leaves the model as it was."""
+    model = _perturbed_model(seed=6)
+    rows: dict[str, int] = {}
+    by_rows = collect_hessians(model, batches, "cpu", rows_out=rows)
+    by_batches = collect_hessians(model, batches, "cpu", normalize="batches")
+    inputs = model.hessian_inputs()
+    for name, H in by_rows.items():
+        scaled = H * (rows[inputs[name]] / len(batches))
+        torch.testing.assert_close(by_batches[name], scaled, rtol=1e-6, atol=0, msg=name)
+    ids, cu, reset = row_batch(batches[0][0].view(CAL.batch_rows, CAL.seq_len), "rows")
+    assert cu.tolist() == list(range(0, ids.numel() + 1, CAL.seq_len)) and int(reset.sum()) == CAL.batch_rows
+    bf16 = collect_hessians(model, batches, "cpu", forward_dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.float32 and model.looping is False
+    for name, H in by_rows.items():
+        assert bf16[name].dtype == torch.float32
+        assert float((bf16[name] - H).norm() / H.norm()) < 3e-2, name
+    with pytest.raises(HessianError, match="normalize"):
+        collect_hessians(model, batches, "cpu", normalize="tokens")
+
+
+def test_record_sampler_rows_come_from_the_rank_shards(data_dir) -> None:
+    """The record's sampler: rank r reads shards r, r + world, ...; every row is a seq_len window of one of them
+    starting at phase + k * seq_len; no window repeats within one pass; deterministic, independent of the seed."""
+    paths = list_shards(data_dir, "train")
+    cfg = HessianConfig(batches=3, batch_rows=4, seq_len=40, sampler="record", sampler_world_size=2, sampler_rank=1)
+    rows, where = record_calibration_rows(paths, cfg)
+    assert rows.shape == (3, 4, 40) and where.shape == (12, 2) and set(where[:, 0].tolist()) == {0}
+    shard = TokenStream([paths[1]])
+    for row, (_, start) in zip(rows.reshape(-1, 40), where, strict=True):
+        assert np.array_equal(row, shard.read(int(start), 40))
+    assert len({int(s) for _, s in where}) == 12 and len({int(s) % 40 for _, s in where}) == 1  # one phase
+    again, _ = record_calibration_rows(paths, cfg)
+    assert np.array_equal(rows, again)
+    batches = calibration_batches(data_dir, cfg, seed=0)
+    assert torch.equal(batches[0][0], torch.from_numpy(rows[0].astype(np.int64)).reshape(-1))
+    assert torch.equal(batches[0][0], calibration_batches(data_dir, cfg, seed=9)[0][0])
+    with pytest.raises(HessianError, match="no training shard"):
+        record_calibration_rows(paths, dataclasses.replace(cfg, sampler_world_size=8, sampler_rank=5))
+
+
 def test_no_batches_is_an_error() -> None:
     with pytest.raises(HessianError, match="never ran"):
         collect_hessians(_perturbed_model(), [], "cpu")
@@ -170,7 +217,8 @@ def test_calibration_reads_train_rows_at_seeded_offsets(data_dir, batches) -> No
     stream = TokenStream(list_shards(data_dir, "train"))
     offsets = calibration_offsets(stream.total_tokens, CAL, seed=5)
     assert offsets.shape == (CAL.batches, CAL.batch_rows)
-    for (ids, cu), batch_offsets in zip(batches, offsets, strict=True):
+    for (ids, cu, reset), batch_offsets in zip(batches, offsets, strict=True):
+        assert reset.tolist() == [i % CAL.seq_len == 0 for i in range(ids.numel())]
         assert ids.shape == (CAL.batch_rows * CAL.seq_len,) and ids.dtype == torch.int64
         assert int(ids.max()) < VOCAB
         rows = ids.view(CAL.batch_rows, CAL.seq_len)
@@ -256,6 +304,19 @@ def test_stage_writes_hessians_and_report(checkpoint, data_dir, tmp_path: Path) 
     first = (tmp_path / "hessians.pt").read_bytes()
     assert _run(checkpoint, data_dir, tmp_path, "sweep") == 0
     assert (tmp_path / "hessians.pt").read_bytes() == first
+
+
+def test_stage_with_the_record_calibration(checkpoint, data_dir, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(CAL, normalize="batches", sampler="record", sampler_world_size=2, attention="rows",
+                              forward_dtype="bfloat16")
+    assert _run(checkpoint, data_dir, tmp_path, "sweep", cfg) == 0
+    H = load_hessians(tmp_path / "hessians.pt")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["hessian_config"]["sampler"] == "record"
+    assert report["calibration_tokens"] == CAL.batches * CAL.batch_rows * CAL.seq_len
+    # / batches: the head input is final-normed (mean square 1 per token), summed over a batch's tokens
+    tokens_per_batch = CAL.batch_rows * CAL.seq_len
+    assert float(H["tok_emb.weight"].diagonal().mean()) == pytest.approx(tokens_per_batch, rel=2e-2)
 
 
 def test_budget_gate_refuses_record_runs_over_the_cap(clean_data_dir, data_dir, tmp_path: Path) -> None:

@@ -119,11 +119,23 @@ def test_cpu_tensors_take_the_reference_path():
     )
 
 
+def test_mlp_reference_is_the_unfused_module_math():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 16, generator=gen)
+    w_up, w_down = torch.randn(24, 16, generator=gen), torch.randn(16, 24, generator=gen)
+    expected = mlp_activation(x @ w_up.t(), "leaky_relu_sq", 0.5) @ w_down.t()
+    torch.testing.assert_close(kernels.mlp_reference(x, w_up, w_down, 0.5), expected)
+    if not kernels.interpreter_active():
+        assert torch.equal(kernels.mlp(x, w_up, w_down, 0.5), kernels.mlp_reference(x, w_up, w_down, 0.5))
+
+
 def test_fused_entry_points_check_shapes():
     if not kernels.TRITON_AVAILABLE:
         pytest.skip("triton is not installed")
     with pytest.raises(ValueError, match="do not chain"):
         kernels.fused_mlp_up_activation(torch.randn(4, 8), torch.randn(16, 9), 0.5)
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.fused_mlp(torch.randn(4, 8), torch.randn(16, 8), torch.randn(8, 15), 0.5)
     with pytest.raises(ValueError, match=r"z \[T, V\]"):
         kernels.fused_softcapped_token_nll(torch.randn(4, 8), torch.zeros(5, dtype=torch.long), 30.0)
 
@@ -193,6 +205,13 @@ def test_hooks_and_wrappers_on_up_disable_fusion():
         def forward(self, x):
             return self.base(x)
 
+    handle = mlp.down.register_forward_pre_hook(lambda module, args: seen.append(("down", args[0].shape)))
+    assert not mlp._fusable()  # the whole-MLP op would skip down's call: a hook there disables fusion too
+    model(*_batch(300, 32, seed=3))
+    assert ("down", (32, 128)) in seen
+    handle.remove()
+    assert mlp._fusable()
+
     mlp.up = Wrapped(mlp.up)
     assert not mlp._fusable()
     model(*_batch(300, 32, seed=3))  # still runs, through the wrapper
@@ -243,37 +262,42 @@ def test_kernels_compile_for_h100():
         "stride_on": "constexpr",
         "slope": "fp32",
         "IEEE_FP32": "constexpr",
+        "BACKWARD": "constexpr",
         "UPCAST": "constexpr",
         "BLOCK_M": "constexpr",
         "BLOCK_N": "constexpr",
         "BLOCK_K": "constexpr",
         "GROUP_M": "constexpr",
     }
-    aligned = ["x_ptr", "w_ptr", "pre_ptr", "post_ptr", "M", "N", "stride_xm", "stride_wn", "stride_om"]
-    for config in tk._mlp_configs():
+    for config, backward in [(c, b) for c in tk._mlp_configs() for b in (False, True)]:
+        # forward: w_up [N, K] row-major (k contiguous); backward: w_down^T through swapped strides (n contiguous)
+        w_unit, w_other = ("stride_wn", "stride_wk") if backward else ("stride_wk", "stride_wn")
+        sig = {**mlp_sig, w_unit: "constexpr", w_other: "i32"}
+        aligned = ["x_ptr", "w_ptr", "pre_ptr", "post_ptr", "M", "N", "stride_xm", w_other, "stride_om"]
         constexprs = {
             "K": 512,
             "stride_xk": 1,
-            "stride_wk": 1,
+            w_unit: 1,
             "stride_on": 1,
             "IEEE_FP32": False,
+            "BACKWARD": backward,
             "UPCAST": False,
             **config.kwargs,
         }
         compiled = _compile_sm90(
             tk._mlp_up_act_kernel,
-            mlp_sig,
+            sig,
             constexprs,
             aligned,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
+        what = f"{config} {'backward' if backward else 'forward'}"
         ttgir = compiled.asm["ttgir"]
-        assert "warp_group_dot" in ttgir, f"{config}: no wgmma"
-        assert "async_copy_global_to_local" in ttgir, f"{config}: K loop not software-pipelined"
-        assert (
-            compiled.metadata.shared <= H100_MAX_SHARED_BYTES
-        ), f"{config}: {compiled.metadata.shared} bytes of shared memory"
+        assert "warp_group_dot" in ttgir, f"{what}: no wgmma"
+        assert "async_copy_global_to_local" in ttgir, f"{what}: K loop not software-pipelined"
+        shared = compiled.metadata.shared
+        assert shared <= H100_MAX_SHARED_BYTES, f"{what}: {shared} bytes of shared memory"
 
     fwd_sig = {
         "z_ptr": "*bf16",
@@ -381,6 +405,8 @@ TRAIN_FIELDS = {
     "cuda",
     "fused_kernels",
     "fused_kernels_active",
+    "attention_backend",
+    "param_storage",
     "compile",
     "compile_backend",
     "params",
@@ -456,6 +482,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert json.loads(out.read_text()) == result
     cfg = load_run_config(SMOKE)
     assert result["device_type"] == "cpu" and result["fused_kernels_active"] is False
+    assert result["attention_backend"]["resolved"] == "sdpa" and result["attention_backend"]["requested"] == "auto"
     assert result["compile"] is False  # the smoke recipe does not compile
     assert result["tokens_per_step"] == result["micro_batch_tokens"] == 512 and result["grad_accum_steps"] == 1
     assert [p["looping"] for p in result["phases"]] == [False, True]
@@ -472,6 +499,19 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     # looping adds block applications, hence FLOPs per token
     assert result["phases"][1]["forward_flops_per_token"] > result["phases"][0]["forward_flops_per_token"]
     assert "bench train smoke" in stderr and "loop off" in stderr and "loop on" in stderr
+
+
+def test_bench_train_stores_parameters_and_pads_like_the_training_stage():
+    """The record's bf16 embedding (hence bf16 stream under autocast) and its cu_seqlens padding reach the bench."""
+    import dataclasses
+
+    cfg = load_run_config(SMOKE)
+    train = dataclasses.replace(cfg.train, param_storage="record", cu_seqlens_pad="multiple_of_64")
+    evaluate = dataclasses.replace(cfg.evaluate, param_storage="record")  # a recipe keeps the two equal
+    result = bench.bench_train(dataclasses.replace(cfg, train=train, evaluate=evaluate), steps=1, warmup=0,
+                               grad_accum=1, micro_batch_tokens=512, looping="off", device_kind="cpu")
+    assert result["param_storage"] == "record" and result["phases"][0]["loss_finite"]
+    assert all(n % 64 == 0 for n in result["cu_seqlens_shapes"])
 
 
 def test_kernel_categories_of_profile_names():
@@ -517,11 +557,14 @@ def test_bench_eval_cli_on_cpu(capsys):
             "--device",
             "cpu",
             "--no-compile",
+            "--attention-backend",
+            "torch",
         ],
     )
     assert rc == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["bench"] == "eval" and result["looping"] is True and result["row_tokens"] == 512
+    assert result["attention_backend"]["requested"] == "torch" and result["attention_backend"]["resolved"] == "sdpa"
     for part in ("score", "ttt_step"):
         assert result[part]["tokens_per_s"] > 0 and result[part]["ms_per_row"] > 0
     expected = result["val_tokens"] / result["score"]["tokens_per_s"]
@@ -588,6 +631,11 @@ INTERPRET_CASES = [
     "mlp_fp32_relu",
     "mlp_bf16",
     "mlp_3d_input",
+    "mlp_fused_fp32_leaky",
+    "mlp_fused_fp32_relu",
+    "mlp_fused_bf16",
+    "mlp_act_grad_kernel",
+    "mlp_fused_opcheck",
     "ce_fp32_capped",
     "ce_fp32_uncapped",
     "ce_bf16",
@@ -644,6 +692,32 @@ def test_gpu_fused_mlp_bf16_autocast():
     _no_worse(y, y_ref, y64.detach(), "forward")
     _no_worse(gx, rx, tx, "dx", slack=2.0)
     _no_worse(gw, rw, tw, "dw", slack=2.0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fused_whole_mlp_bf16_autocast():
+    """The whole-MLP op (d pre in the backward matmul's epilogue) against the unfused PyTorch MLP, bf16 autocast."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    M, d, hidden = 4099, 512, 2048
+    x = torch.randn(M, d, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+    w_up = (torch.randn(hidden, d, device="cuda", generator=gen) / math.sqrt(d)).requires_grad_(True)
+    w_down = (torch.randn(d, hidden, device="cuda", generator=gen) / math.sqrt(hidden)).requires_grad_(True)
+    grad = torch.randn(M, d, device="cuda", generator=gen).bfloat16()
+    leaves = (x, w_up, w_down)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = kernels.mlp(x, w_up, w_down, 0.5)
+        y_ref = kernels.mlp_reference(x, w_up, w_down, 0.5)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    got = torch.autograd.grad(y, leaves, grad)
+    ref = torch.autograd.grad(y_ref, leaves, grad)
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    leaves64 = [t.detach().bfloat16().double().requires_grad_(True) for t in leaves]
+    y64 = kernels.mlp_reference(*leaves64, 0.5)
+    truth = torch.autograd.grad(y64, leaves64, grad.double())
+    _no_worse(y, y_ref, y64.detach(), "forward")
+    for name, a, b, t in zip(("dx", "dw_up", "dw_down"), got, ref, truth):
+        _no_worse(a, b, t, name, slack=2.0)
 
 
 @pytest.mark.gpu

@@ -42,9 +42,7 @@ def _hessian(cols: int, seed: int) -> torch.Tensor:
     return X.T @ X / X.shape[0]
 
 
-@pytest.fixture(scope="module")
-def quantized() -> QuantizedModel:
-    """A small quantized model with every method: GPTQ (+ asym LQER), RTN gate, fp16 passthrough."""
+def _state_roles_hessians():
     g = torch.Generator().manual_seed(0)
     shapes_roles = {
         "emb.weight": ((64, 32), "embedding"),
@@ -56,6 +54,13 @@ def quantized() -> QuantizedModel:
     state = {n: torch.randn(*s, generator=g) * 0.05 for n, (s, _) in shapes_roles.items()}
     roles = {n: r for n, (_, r) in shapes_roles.items()}
     hessians = {n: _hessian(s[1], i) for i, (n, (s, r)) in enumerate(shapes_roles.items()) if len(s) == 2 and r != "attn_gate"}
+    return state, roles, hessians
+
+
+@pytest.fixture(scope="module")
+def quantized() -> QuantizedModel:
+    """A small quantized model with every method: GPTQ (+ asym LQER), RTN gate, fp16 passthrough."""
+    state, roles, hessians = _state_roles_hessians()
     cfg = QuantizeConfig(attn_bits=3, mlp_bits=3, embed_bits=3, attn_clip_sigmas=2.5, mlp_clip_sigmas=2.5,
                          embed_clip_sigmas=2.5, lqer_top_k=2, lqer_rank=8, lqer_group_size=16)
     qm = quantize_state(state, roles, hessians, cfg)
@@ -163,6 +168,28 @@ def test_version_1_artifacts_are_still_read(quantized):
     assert_same_model(quantized, unpack(v1)[0])
 
 
+def test_version_3_artifacts_are_still_read(quantized):
+    """Version 4 added the LQER layout ``rowsym``; a version 3 artifact differs only in the version field."""
+    v4 = pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[0])
+    assert_same_model(quantized, unpack(v4[:8] + struct.pack("<I", 3) + v4[12:])[0])
+
+
+@pytest.mark.parametrize("group,layout", [(16, "asym"), (48, "rowsym")])
+def test_record_lqer_layouts_round_trip(group, layout):
+    """lqer_mode asym (the record's codebook, always applied) in both of its layouts: 8 * 32 columns is a multiple
+    of 16 (asym) but not of 48 (the record's per-row fallback, rowsym)."""
+    state, roles, hessians = _state_roles_hessians()
+    cfg = QuantizeConfig(attn_bits=3, mlp_bits=3, embed_bits=3, attn_clip_sigmas=2.5, mlp_clip_sigmas=2.5,
+                         embed_clip_sigmas=2.5, lqer_mode="asym", lqer_top_k=2, lqer_rank=8, lqer_group_size=group,
+                         lqer_keep_if_better=False)
+    qm = quantize_state(state, roles, hessians, cfg)
+    assert {qt.lqer.mode for qt in qm.tensors.values() if qt.lqer is not None} == {layout}
+    loaded, _ = unpack(pack(qm, MODEL_CONFIG, INPUT_HASHES, PackConfig()))
+    assert_same_model(qm, loaded)
+    a, b = dequantize_state(qm), dequantize_state(loaded)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_tensor_table_tiles_the_payload(quantized):
     header, payload = read_container(pack(quantized, MODEL_CONFIG, INPUT_HASHES, CONFIGS[2]))
     offset = 0
@@ -190,7 +217,7 @@ def test_refuses_wrong_magic(artifact):
 
 def test_refuses_future_version(artifact):
     future = artifact[:8] + struct.pack("<I", 7) + artifact[12:]
-    with pytest.raises(ArtifactError, match=r"artifact format version 7 is newer than this pgolf \(supports <= 3\)"):
+    with pytest.raises(ArtifactError, match=r"artifact format version 7 is newer than this pgolf \(supports <= 4\)"):
         unpack(future)
 
 

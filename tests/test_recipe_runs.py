@@ -98,6 +98,8 @@ def shrink_ttt(ttt: dict) -> dict:
                  slot_lengths=[], phase_chunk_tokens=48, stream_chunk_tokens=40)
     if ttt["phase_boundaries_docs"]:  # as many phases, over the few documents scored
         small["phase_boundaries_docs"] = [3 * (i + 1) for i in range(len(ttt["phase_boundaries_docs"]))]
+        # one lane, nothing in flight: with 8 lanes the 3 batches would all be claimed before a phase point
+        small.update(lanes=1, inflight=0, side_batches=False, phase_rows=1)
     if ttt["bigram_hash_buckets"]:
         small["bigram_hash_buckets"] = 64
         small["bigram_hash_dim"] = 16 if ttt["bigram_hash_dim"] else 0

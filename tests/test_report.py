@@ -120,8 +120,8 @@ def test_compliance_blockers(tmp_path):
     reasons = " | ".join(agg["verdict"]["reasons"])
     assert agg["verdict"]["status"] == "non-record"
     assert "seed 42: artifact 16,000,001 bytes is over the 16,000,000-byte cap" in reasons
-    assert "seed 1234: evaluated in mode 'sweep'" in reasons
-    assert "seed 1234: trained on 1 process(es), GPU NVIDIA H200: not the record-track 8xH100" in reasons
+    assert "evaluated in mode 'sweep' (seed 1234)" in reasons
+    assert "not the record-track 8xH100: trained on 1 process, NVIDIA H200 (seed 1234)" in reasons
 
 
 @pytest.mark.parametrize(
@@ -226,3 +226,24 @@ def test_no_baseline_means_no_test(tmp_path):
     sub = json.loads((run_dir / "submission.json").read_text())
     assert sub["comparison_baseline_bpb"] is None and sub["delta_vs_leaderboard_bpb"] is None
     assert sub["name"] == "record"  # empty submission_name: the run's name
+
+
+def test_closing_summary_names_the_figures_and_the_files(tmp_path):
+    """What a finished run prints last (Snakefile onsuccess) and `pgolf summary RUN_DIR` prints."""
+    from report_fixtures import CPU_DOCS, make_cpu_run
+
+    from pgolf.cli import main as pgolf_main
+    from pgolf.report.summary import closing_summary
+
+    run_dir = make_cpu_run(tmp_path)
+    assert "no aggregate.json yet" in closing_summary(run_dir)
+    run_report(run_dir, agg_config(date="2026-12-04"), [1, 2, 3], mode="sweep", comply_path=run_dir / "comply.json")
+    text = closing_summary(run_dir)
+    assert text.startswith("pgolf: run smoke (sweep) finished: 3 seeds [1, 2, 3]")
+    assert "pre-quant 3.65582 -> post-quant 3.65856 (+0.00274) -> scored 3.65305 (-0.00552)" in text
+    assert f"scored {CPU_DOCS[0]} of {CPU_DOCS[1]} validation documents per seed" in text
+    assert "verdict non-record; compliance FAIL: 6 pass, 2 fail (mode, val_docs), 2 not applicable" in text
+    assert (run_dir / "report.html").resolve().as_uri() in text and str(run_dir / "submission.json") in text
+    assert "records     " + str(next((run_dir / "records").glob("track_*/*"))) in text
+    assert pgolf_main(["summary", str(run_dir)]) == 0
+    assert pgolf_main(["summary", str(tmp_path / "nowhere")]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -12,7 +13,7 @@ import pytest
 from pgolf.config import AggregateConfig, from_mapping
 from pgolf.report.aggregate import run_report
 from pgolf.report.html import nice_ticks
-from report_fixtures import RECORD_BPB, make_run
+from report_fixtures import CPU_STAGES, RECORD_BPB, make_cpu_run, make_run
 
 CFG = {"baseline_name": "pr1787", "baseline_mean": 1.06335, "baseline_n": 3, "date": "2026-11-24"}
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
@@ -138,3 +139,75 @@ def test_nice_ticks():
     assert nice_ticks(0, 16_640_000) == [0, 5e6, 10e6, 15e6]
     ticks = nice_ticks(1.0583, 1.0642)
     assert ticks[0] >= 1.0583 and ticks[-1] <= 1.0642 and 3 <= len(ticks) <= 7
+
+
+# ---------------------------------------------------------------------------------------------- a CPU sweep (issue 19)
+
+
+@pytest.fixture
+def cpu_report(tmp_path) -> tuple[Path, dict]:
+    run_dir = make_cpu_run(tmp_path)
+    cfg = from_mapping(AggregateConfig, {"date": "2026-12-04", "submission_name": "pgolf_smoke"}, "aggregate")
+    agg = run_report(run_dir, cfg, sorted(CPU_STAGES), mode="sweep", comply_path=run_dir / "comply.json")
+    return run_dir / "report.html", agg
+
+
+def check_cpu_report(dom: Elements, agg: dict) -> None:
+    """The three val_bpb stages per seed (table and figure), documents scored, no CPU budget line, compliance."""
+    text = " ".join(dom.text)
+    rows = {int(a["data-seed"]): a for t, a, _ in dom.items if t == "tr" and "data-seed" in a}
+    cells = [(t, a) for t, a, _ in dom.items if t == "td" and "data-stage" in a]
+    values: dict[str, list[float]] = {}
+    for _, a in cells:
+        values.setdefault(a["data-stage"], []).append(float(a["data-value"]))
+    assert set(rows) >= set(CPU_STAGES)
+    for stage, index in (("ttt", 0), ("pre_quant", 1), ("post_quant", 2)):
+        assert values[stage] == pytest.approx([CPU_STAGES[s][index] for s in sorted(CPU_STAGES)], abs=1e-12)
+    marks = {(int(a["data-seed"]), a["data-stage"]): float(a["data-value"])
+             for t, a, f in dom.items if f == "fig-stages" and "data-stage" in a}
+    assert len(marks) == 3 * len(CPU_STAGES)
+    assert marks[(1, "pre_quant")] == pytest.approx(3.66352) and marks[(1, "ttt")] == pytest.approx(3.66093)
+    assert "40 of 400" in text and "Scored 40 of 400 validation documents per seed" in text
+    for seed in CPU_STAGES:  # documents, target tokens and bytes scored, per seed
+        assert "27,711" in text and "94,101" in text
+    assert not dom.find("fig-time", "line", **{"data-role": "budget"})  # CPU: no 600 s line, no OVER
+    assert "OVER" not in text and "apply to 8xH100 SXM only" in text
+    assert not dom.find("fig-bytes", "line", **{"data-role": "budget"})  # the axis fits the artifact ...
+    (limit,) = dom.find("fig-bytes", "text", **{"data-role": "limit"})  # ... and names the cap
+    assert float(limit["data-value"]) == 16_000_000
+    assert len(dom.find("fig-loss", "polyline")) == 3 and "Seeds 1, 2, 3 coincide" in text
+    dashes = {a.get("stroke-dasharray") for a in dom.find("fig-loss", "polyline")}
+    assert len(dashes) == 3  # seeds told apart by their dash pattern, not only by colour
+    groups = {a["data-status"]: a for t, a, _ in dom.items if t == "div" and "comply-group" in a.get("class", "")}
+    assert set(groups) == {"FAIL", "PASS", "NOT-APPLICABLE"}
+    assert "FAIL (2)" in text and ": mode, val_docs" in text and "NOT-APPLICABLE (2)" in text
+    # grouped verdict reasons: one line for three seeds
+    assert "evaluated in mode 'sweep' (seeds 1, 2, 3)" in text
+    assert "not the record-track 8xH100: trained on 1 process, CPU (seeds 1, 2, 3)" in text
+    assert "training + Hessians took" not in text
+
+
+def test_cpu_sweep_report_shows_stages_documents_and_no_budget(cpu_report):
+    path, agg = cpu_report
+    check_cpu_report(parse(path.read_text()), agg)
+    assert agg["stages"]["quant_delta"]["mean"] == pytest.approx(
+        sum(post - pre for _, pre, post in CPU_STAGES.values()) / 3)
+    readme = next((path.parent / "records").glob("track_*/*/README.md")).read_text()
+    assert "on 8xH100 SXM, for each seed" not in readme and "This run was made on 1 process, CPU" in readme
+
+
+def test_cpu_sweep_report_in_headless_chromium(cpu_report, tmp_path):
+    """The Done-when check of issue 19: rendered by a real browser, the page shows the three val_bpb stages per
+    seed and the documents scored. The screenshot is kept for a person to look at (path printed)."""
+    chromium = find_chromium()
+    path, agg = cpu_report
+    profile = f"--user-data-dir={tmp_path / 'profile'}"
+    done = subprocess.run([chromium, *CHROMIUM_FLAGS, profile, "--dump-dom", path.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_cpu_report(parse(done.stdout), agg)
+    shot = Path(os.environ.get("PGOLF_REPORT_SCREENSHOT", tmp_path / "report.png"))
+    done = subprocess.run([chromium, *CHROMIUM_FLAGS, profile, f"--screenshot={shot}", "--window-size=1100,2600",
+                           "--hide-scrollbars", path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and shot.stat().st_size > 10_000, done.stderr[-2000:]
+    print(f"screenshot: {shot}")

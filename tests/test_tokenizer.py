@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+from datafiles import CASEOPS_VECTORS, PUBLISHED_TOKENIZER, SAMPLE_DOCS
 
 from pgolf.data import caseops
 from pgolf.data import tokenizer as tok
@@ -27,9 +28,7 @@ from pgolf.data.tokenizer import (
     train_tokenizer_from_jsonl,
 )
 
-CONFORMANCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "conformance"
-VECTORS_PATH = CONFORMANCE_DIR / "caseops_vectors.jsonl"
-SAMPLE_DOCS = Path(__file__).resolve().parents[1] / "data" / "sample" / "docs.jsonl"
+VECTORS_PATH = CASEOPS_VECTORS
 TRAIN_DOCS = 400  # of the bundled corpus: enough for the vocabulary below, quick to train
 VOCAB_SIZE = 400  # the plain (cased) corpus needs 80 characters + 260 special/byte pieces
 
@@ -54,10 +53,7 @@ def random_texts(seed: int, count: int, max_parts: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def published():
-    path = CONFORMANCE_DIR / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
-    if not path.exists():
-        pytest.skip(f"published CaseOps tokenizer not found at {path} (shared/ missing)")
-    return load_tokenizer(path, caseops=True)
+    return load_tokenizer(PUBLISHED_TOKENIZER, caseops=True)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +82,6 @@ def test_published_tokenizer_properties(published):
 
 
 def test_conformance_vectors(published):
-    if not VECTORS_PATH.exists():
-        pytest.skip(f"conformance vectors not found at {VECTORS_PATH}")
     vectors = [json.loads(line) for line in VECTORS_PATH.read_text(encoding="utf-8").splitlines()]
     assert len(vectors) >= 40
     for vector in vectors:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pgolf.train.checkpoint import CheckpointError, load_checkpoint, load_initial_weights, model_config_of, save_checkpoint
+from pgolf.io import TIMING_FIELDS
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
@@ -213,7 +214,7 @@ def test_bad_section_json_names_the_key(tmp_path: Path) -> None:
          "--train-json", json.dumps(bad), "--seed", "1", "--data-dir", str(data), "--out-dir", str(tmp_path / "o")],
         capture_output=True, text=True,
     )
-    assert proc.returncode != 0 and "unknown key(s) warmup_stepz" in proc.stderr
+    assert proc.returncode != 0 and "--train-json: warmup_stepz: unknown key (did you mean 'warmup_steps'?)" in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------- end to end
@@ -249,11 +250,31 @@ def test_checkpoint_describes_itself(two_runs) -> None:
     assert model_config_of(meta) == TINY_MODEL
     assert meta["train_config"] == to_dict(TINY_TRAIN)
     assert meta["weights"] == "ema" and meta["tokens_seen"] == 4 * 512
-    assert len(meta["code_hash"]) == 64 and meta["environment"]["torch"] == torch.__version__
-    assert meta["loop_enabled_step"] == 2  # loop_enable_fraction 0.5 of 4 steps
+    assert len(meta["code_hash"]) == 64 and meta["loop_enabled_step"] == 2  # loop_enable_fraction 0.5 of 4 steps
+    # measurements live in train_summary.json, never in the checkpoint (pgolf.io.TIMING_FIELDS)
+    assert not set(TIMING_FIELDS["train_summary.json"]) & set(meta)
+    summary = json.loads((root / "one" / "train_summary.json").read_text())
+    assert summary["environment"]["torch"] == torch.__version__ and summary["train_seconds"] > 0
+    assert summary["earlier_attempts"] == 0 and summary["resumed_from_step"] is None
+    assert not (root / "one" / ".metrics.jsonl.partial").exists() and not (root / "one" / "resume").exists()
     lines = [json.loads(line) for line in (root / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["event"] == "train_step"] == [1, 2, 3, 4]
     assert lines[-1]["event"] == "train_done"
+
+
+def test_summary_records_the_attention_kernels_and_the_warm_up(two_runs) -> None:
+    root, one, _ = two_runs
+    summary = json.loads((root / "one" / "train_summary.json").read_text())
+    _, meta = load_checkpoint(root / "one" / "checkpoint")
+    assert summary["attention_backend"]["requested"] == "auto" and summary["attention_backend"]["resolved"] == "sdpa"
+    assert meta["attention_backend"] == summary["attention_backend"]
+    # warmup_steps 1: one step looping off, one on, no compile passes; eager: no graphs
+    warm = summary["compile_warmup_by_loop_state"]
+    assert set(warm) == {"off", "on"}
+    for state in warm.values():
+        assert state["steps"] == 1 and state["compile_passes"] == 0 and state["graphs_compiled"] == 0
+    assert 0 < warm["off"]["seconds"] + warm["on"]["seconds"] <= summary["compile_warmup_seconds"]
+    assert summary["compile_warmup_seconds"] <= summary["startup_seconds"]
 
 
 def test_corrupted_checkpoint_refused(two_runs, tmp_path: Path) -> None:

@@ -55,6 +55,13 @@ ARTIFACT = "results/wf/seed1/pack/artifact.pgolf"
 TARGET = "results/wf/submission.json"
 
 
+def copy_workflow(work: Path) -> None:
+    """The Snakefile, the rules and scripts, and the profiles (Snakemake loads profiles/default by itself)."""
+    shutil.copy(REPO / "Snakefile", work / "Snakefile")
+    for folder in ("workflow", "profiles"):
+        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+
+
 def _set_mtime(path: Path, when: float) -> None:
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         os.utime(p, (when, when))
@@ -100,8 +107,7 @@ def _jobs(text: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wf")
-    shutil.copy(REPO / "Snakefile", work / "Snakefile")
-    shutil.copytree(REPO / "workflow", work / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_workflow(work)
     data = work / "results" / "data" / "syn"
     (work / "docs.jsonl").write_text('{"text": "stand-in: the shards below are made directly"}\n')
     data.mkdir(parents=True)
@@ -111,7 +117,6 @@ def workdir(tmp_path_factory) -> Path:
     write_shards(data / "shards", vocab=VOCAB)
     (data / "verified.json").write_text("{}\n")
     train_checkpoint(data / "shards", work / "results" / "wf" / "seed1" / "train", model=MODEL, seed=1)
-    (work / "results" / "wf" / "seed1" / "train" / "preflight.json").write_text("{}\n")  # as the train job leaves it
     t0 = 1_700_000_000.0
     for script in (work / "workflow" / "scripts").glob("*.py"):  # the code predates the outputs made above
         _set_mtime(script, t0 - 10)  # (Snakemake reruns a script: rule whose outputs are older than its script)
@@ -127,11 +132,15 @@ def workdir(tmp_path_factory) -> Path:
         _set_mtime(path, t0 + 10 * i)
     status, out = _finish(_snakemake(work, RECIPE, "base"))
     assert status == 0, out[-4000:]
-    # nothing upstream was rerun (the preflight report is missing, but training takes it as `ancient`)
+    # nothing upstream was rerun; the report takes the compliance verdict
     assert _jobs(out) == {
-        "hessians": 1, "quantize": 1, "pack": 1, "bundle": 1, "gate": 1, "evaluate": 1, "aggregate": 1, "all": 0
-    } or _jobs(out) == {"hessians": 1, "quantize": 1, "pack": 1, "bundle": 1, "gate": 1, "evaluate": 1, "aggregate": 1}
+        "hessians": 1, "quantize": 1, "pack": 1, "bundle": 1, "gate": 1, "evaluate": 1, "comply": 1, "aggregate": 1
+    }
     assert (work / ARTIFACT).exists() and (work / TARGET).exists()
+    # the evaluation's progress reached the console through the tee, and its whole output the log
+    assert "evaluate seed 1: " in out and "val_bpb" in (work / "results/wf/seed1/logs/evaluate.log").read_text()
+    # the closing summary names the report and the submission
+    assert "pgolf: run wf (sweep) finished" in out and "report.html" in out and "submission.json" in out
     return work
 
 
@@ -166,7 +175,7 @@ def test_nothing_to_do_without_changes(dry_runs) -> None:
 
 # A stage knob also rebuilds the shipped train_gpt.py (it embeds the recipe) and re-runs the gate that counts its
 # bytes; evaluation and aggregation follow whatever changes the artifact or the gate.
-AFTER_ARTIFACT = {"bundle": 1, "gate": 1, "evaluate": 1, "aggregate": 1}
+AFTER_ARTIFACT = {"bundle": 1, "gate": 1, "evaluate": 1, "comply": 1, "aggregate": 1}
 
 
 def test_clip_sigma_reruns_quantize_and_pack_only(dry_runs) -> None:
@@ -180,7 +189,7 @@ def test_compressor_reruns_pack_only(dry_runs) -> None:
 def test_ttt_knob_reruns_evaluation_only(dry_runs) -> None:
     """No training, Hessians, quantization or packing: only evaluate and aggregate, plus the shipped file (it
     embeds the recipe) and the millisecond gate that counts its bytes."""
-    assert dry_runs["ttt"] == {"bundle": 1, "gate": 1, "evaluate": 1, "aggregate": 1}
+    assert dry_runs["ttt"] == {"bundle": 1, "gate": 1, "evaluate": 1, "comply": 1, "aggregate": 1}
 
 
 def test_added_seed_runs_only_that_seed(dry_runs) -> None:

@@ -228,7 +228,22 @@ def left_out_modules(cfg: RunConfig) -> dict[str, str]:
         out["pgolf.data.caseops"] = reason
     if cfg.evaluate.ttt.bigram_hash_buckets == 0:
         out["pgolf.evaluate.bigram_hash"] = "evaluate.ttt.bigram_hash_buckets is 0"
+    if cfg.model.attention_backend in ("fa3", "torch"):
+        out["pgolf.model.flash4"] = f"model.attention_backend is {cfg.model.attention_backend!r}: never FlashAttention 4"
+    ttt = cfg.evaluate.ttt
+    if ttt.mode == "lora" and ttt.variant == "record":
+        out["pgolf.evaluate.lora"] = "evaluate.ttt.variant is record: the legacy variant's adapters are never built"
+        if not ttt.cuda_graphs:
+            out["pgolf.evaluate.ttt_graphs"] = "evaluate.ttt.cuda_graphs is false"
+    else:
+        for name in RECORD_TTT_MODULES:
+            out[name] = "evaluate.ttt is not the record variant of LoRA TTT"
     return out
+
+
+# the record variant of LoRA TTT, imported only when it runs (pgolf.evaluate.ttt.run_ttt)
+RECORD_TTT_MODULES = tuple(f"pgolf.evaluate.{m}" for m in ("ttt_record", "ttt_plan", "ttt_adapters", "ttt_forward",
+                                                              "ttt_phase", "ttt_graphs"))
 
 
 def collect_modules(

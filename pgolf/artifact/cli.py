@@ -16,6 +16,8 @@ import argparse
 import json
 from typing import Any
 
+from pgolf.config.strict import positive_int
+
 
 def _pack_build(args: argparse.Namespace) -> int:
     from pgolf.artifact.pack import run_gated_stage, run_pack_stage
@@ -105,7 +107,7 @@ def _register_pack(commands) -> None:
     check.add_argument("artifact")
     check.add_argument("--code", required=True, help="the counted code file (train_gpt.py)")
     check.add_argument("--convention", choices=["wrapper", "file"], default="wrapper", help="code-bytes convention")
-    check.add_argument("--cap", type=int, default=16_000_000, help="size cap in bytes (decimal)")
+    check.add_argument("--cap", type=positive_int, default=16_000_000, help="size cap in bytes (decimal)")
     check.set_defaults(func=_check)
 
 

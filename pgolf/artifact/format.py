@@ -1,11 +1,11 @@
 """The packed artifact: a versioned, self-describing container for a quantized model, and the size gate.
 
-Byte layout of format version 3 (all integers little-endian; also in docs/artifact-format.md)::
+Byte layout of format version 4 (all integers little-endian; also in docs/artifact-format.md)::
 
     offset  size  field
     0       8     magic b"PGOLFART"
-    8       4     uint32 format version (3; versions 1 and 2, which lack the ``rans`` (1, 2) and ``transpose`` (1)
-                  encodings, are still read)
+    8       4     uint32 format version (4; versions 1 to 3, which lack the LQER layout ``rowsym`` (1-3), the ``rans``
+                  (1, 2) and ``transpose`` (1) encodings, are still read)
     12      1     uint8 compressor id: 1 = brotli, 2 = lzma (raw LZMA2 stream), 3 = lrzip
     13      32    sha256 of the compressed body (bytes 45..end)
     45      ...   compressed body
@@ -67,7 +67,7 @@ from pgolf.quantize.weights import QuantizedModel, QuantizedTensor
 from pgolf.artifact.minify import count_code_bytes, make_wrapper, minify_source  # noqa: F401  (part of this module's API)
 
 MAGIC = b"PGOLFART"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: LQER layout rowsym (the record's per-row fallback)
 _PREFIX = struct.Struct("<8sIB32s")  # magic, version, compressor id, sha256 of the compressed body
 PREFIX_BYTES = _PREFIX.size  # 45
 COMPRESSOR_IDS = {"brotli": 1, "lzma": 2, "lrzip": 3}

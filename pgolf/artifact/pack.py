@@ -9,8 +9,9 @@
   identity (``pgolf_code_hash``: the ``CODE_HASH`` of the recipe's bundled train_gpt.py, given by the caller, the
   same on the staged pipeline and in the bundle; :func:`pgolf.artifact.bundle.code_identity`). Nothing that
   depends on the entry point, a path or a time enters the header, because header and payload are one brotli
-  stream and any header byte moves the model bytes: the counted file's sha256, the data manifest's sha256 (it
-  holds timings and a path) and the code hash recorded at training time go to the report only.
+  stream and any header byte moves the model bytes: the counted file's sha256, the data manifest's sha256 (the
+  bare shards a reviewer runs train_gpt.py on have no manifest.json) and the code hash recorded at training time
+  go to the report only.
 - Counted code bytes: ``--code`` under ``pack.code_bytes_convention`` (see pgolf/artifact/minify.py). Without
   ``--code`` (the Snakemake DAG) the model bytes alone are gated here and ``pgolf.artifact.gate`` adds the code.
 - The artifact bytes are unpacked again and checked against the model config before anything is written.

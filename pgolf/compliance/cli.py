@@ -46,7 +46,7 @@ def _preflight_cmd(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.config_json):
         raise ValueError("give exactly one of --config FILE and --config-json JSON")
     config = args.config or parse_run_config(json.loads(args.config_json), "--config-json")
-    checks = run_preflight(config, args.data_dir, verify_now=not args.no_verify)
+    checks = run_preflight(config, args.data_dir, verify_now=not args.no_verify, seed=args.seed)
     print_checks(checks)
     failed = [c for c in checks if not c.ok and c.required]
     if args.json_out:
@@ -73,6 +73,7 @@ def _register_preflight(commands) -> None:
     p.add_argument(
         "--no-verify", action="store_true", help="do not run the data verification when verified.json is missing"
     )
+    p.add_argument("--seed", type=int, help="the seed a training job runs (printed instead of the recipe's seed list)")
     p.add_argument("--json-out", help="write the checks as JSON here")
     p.set_defaults(func=_preflight_cmd)
 

@@ -214,7 +214,7 @@ def check_train_time(ev: Evidence) -> Verdict:
             missing.append(f"seed{seed}: unknown budget_reading {reading!r} (expected strict or record)")
             continue
         readings.add(reading)
-        env = ckpt.get("environment") if isinstance(ckpt, dict) else None
+        env = summary.get("environment") or (ckpt.get("environment") if isinstance(ckpt, dict) else None)
         total = train_s + hess_s
         strict = f"{train_s:.1f}+{hess_s:.1f}={total:.1f} s"
         if reading == "strict":
@@ -266,7 +266,8 @@ def check_eval_time(ev: Evidence) -> Verdict:
         if abs(total - parts["total_s"]) > 1e-3 * max(1.0, total):
             missing.append(f"seed{seed}: timings.total_s {parts['total_s']:.1f} != load+warmup+score {total:.1f}")
             continue
-        env = result.get("environment") or (ckpt.get("environment") if isinstance(ckpt, dict) else None)
+        env = (result.get("environment") or _dig(files, "summary.environment")
+               or (ckpt.get("environment") if isinstance(ckpt, dict) else None))
         figure = (f"seed{seed} {parts['load_s']:.1f}+{parts['warmup_s']:.1f}+{parts['score_s']:.1f}"
                   f"={total:.1f} s")
         if _on_record_hardware(result.get("world_size", _dig(files, "summary.world_size")), env):

@@ -195,15 +195,19 @@ def gpu_names() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
-def run_preflight(config: str | Path | RunConfig, data_dir: Optional[str | Path] = None, verify_now: bool = True) -> list[Check]:
-    """``config``: a recipe file, or an already-validated RunConfig (what the Snakemake rule passes as JSON)."""
+def run_preflight(config: str | Path | RunConfig, data_dir: Optional[str | Path] = None, verify_now: bool = True,
+                  seed: Optional[int] = None) -> list[Check]:
+    """``config``: a recipe file, or an already-validated RunConfig (what the Snakemake rule passes as JSON).
+    ``seed``: the one seed a training job is about to run (the rule passes it; its recipe JSON leaves the seed
+    list out, so that adding a seed retrains nothing); without it, the recipe's seed list is printed."""
     try:
         cfg = config if isinstance(config, RunConfig) else load_run_config(config)
     except ConfigError as exc:
         return [Check("config", False, str(exc))]
     if isinstance(config, RunConfig):
         config = "recipe"
-    checks = [Check("config", True, f"{config}: run '{cfg.run}', mode {cfg.mode}, seeds {list(cfg.seeds)}")]
+    seeds = f"seed {seed}" if seed is not None else f"seeds {list(cfg.seeds)}"
+    checks = [Check("config", True, f"{config}: run '{cfg.run}', mode {cfg.mode}, {seeds}")]
 
     for module, why in (
         ("torch", ""),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -47,6 +47,8 @@ __all__ = [
     "RunConfig",
     "parse_run_config",
     "load_run_config",
+    "load_recipe",
+    "recipe_from_snakemake",
     "section_from_json",
     "json_schema",
 ]
@@ -80,34 +82,155 @@ class RunConfig:
                 f"data.val_docs: a record run must score the official 50,000 validation documents, got {self.data.val_docs}",
             )
             check(
+                self.train.resume_every_steps == 0,
+                "train.resume_every_steps: a record run is one uninterrupted timed run and restarts from scratch "
+                "when interrupted, never from a saved state; set 0 (or run it as mode: sweep), got "
+                f"{self.train.resume_every_steps}",
+            )
+            check(
                 self.train.prequant_ttt_epochs == 0,
                 "train.prequant_ttt_epochs: training on validation tokens before scoring is illegal (C3/C4); a record "
                 f"run must leave it 0, got {self.train.prequant_ttt_epochs} (run it as mode: sweep)",
             )
+        check(
+            self.evaluate.param_storage == self.train.param_storage,
+            f"evaluate.param_storage ({self.evaluate.param_storage}) must equal train.param_storage "
+            f"({self.train.param_storage}): the artifact is evaluated under the storage it was trained under",
+        )
         check(
             self.model.vocab_size == self.tokenizer.vocab_size,
             f"model.vocab_size ({self.model.vocab_size}) must equal tokenizer.vocab_size ({self.tokenizer.vocab_size})",
         )
 
 
-def parse_run_config(data: Any, source: str = "config") -> RunConfig:
-    """Validate a plain mapping (e.g. Snakemake's ``config``) into a RunConfig; errors start with ``source``."""
+def parse_run_config(data: Any, source: str = "config", lines: Optional[dict[tuple, int]] = None) -> RunConfig:
+    """Validate a plain mapping (e.g. Snakemake's ``config``) into a RunConfig; errors start with ``source`` and,
+    given ``lines`` (key path -> YAML line, from :func:`load_recipe`), the line of the offending key."""
     try:
         return from_mapping(RunConfig, data, "")
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {str(exc).lstrip(': ')}") from None
+        line = line_of(exc.key, lines or {})
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {str(exc).lstrip(': ')}", exc.key) from None
+
+
+def line_of(key: Optional[str], lines: dict[tuple, int]) -> Optional[int]:
+    """The YAML line of dotted ``key`` (``evaluate.ttt.lr``, ``seeds[2]``), else of its nearest parent."""
+    if not key:
+        return None
+    parts: list = []
+    for part in key.split("."):
+        name, *indices = part.split("[")
+        parts.append(name)
+        parts.extend(int(i.rstrip("]")) for i in indices)
+    while parts:
+        if tuple(parts) in lines:
+            return lines[tuple(parts)]
+        parts.pop()
+    return None
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a duplicate key (PyYAML keeps the last one silently: ``model:`` twice is a bug)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, line: int):
+        super().__init__(f"{key}")
+        self.key, self.first, self.line = key, first, line
+
+
+def _key_lines(node: Any, prefix: tuple = (), out: Optional[dict[tuple, int]] = None) -> dict[tuple, int]:
+    """Every key path of a composed YAML document -> its 1-based line (list items -> the item's line)."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (key_node.value,)
+            out[path] = key_node.start_mark.line + 1
+            _key_lines(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            _key_lines(item, prefix + (i,), out)
+    return out
+
+
+def load_recipe(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """Read a recipe YAML file: (data, key path -> line). Errors are one line: ``FILE:LINE[:COL]: problem``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable recipe file ({exc})") from None
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader)) if data is not None else {}
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{path}:{dup.line}: {dup.key}: duplicate key (first at line {dup.first})") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = (exc.problem or exc.context or "unreadable").strip()
+        hint = ("tabs cannot indent YAML; use spaces" if "'\\t'" in problem or "\\t" in problem
+                else "check this line's indentation against the lines above it")
+        raise ConfigError(f"{where}: not valid YAML: {problem} ({hint})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    return data, lines
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """Read and validate a recipe YAML file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_run_config(data, str(path))
+    """Read and validate a recipe YAML file; an error is one line naming the file, the line and the key."""
+    data, lines = load_recipe(path)
+    return parse_run_config(data, str(path), lines)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def recipe_from_snakemake(config: dict, configfiles: Any, default: str | Path) -> RunConfig:
+    """The recipe of a Snakemake run, with line-numbered one-line errors (the Snakefile prints them and exits 2).
+
+    - ``--config recipe=FILE``: FILE, read here (so even a YAML syntax error gets its line), with any other
+      ``--config key=value`` merged over it;
+    - ``--configfile FILE``: what Snakemake parsed; an error is located in FILE (the last one given) by key;
+    - neither: ``default`` (config.yaml), with any ``--config key=value`` merged over it.
+    """
+    config = dict(config)
+    recipe = config.pop("recipe", None)
+    files = [Path(f) for f in (configfiles or [])]
+    if recipe is not None or (not files and "run" not in config):
+        path = Path(str(recipe)) if recipe is not None else Path(default)
+        data, lines = load_recipe(path)
+        if config and isinstance(data, dict):
+            lines = {k: v for k, v in lines.items() if k[0] not in config}  # overridden keys are not in the file
+            data = _merge(data, config)
+        return parse_run_config(data, str(path), lines)
+    source = files[-1] if files else Path("--config")
+    lines = {}
+    if files:
+        # re-read only to find lines; Snakemake's own reader keeps the last of two duplicate keys without a word
+        _, lines = load_recipe(source)
+    return parse_run_config(config, str(source), lines)
 
 
 def section_from_json(cls: type, text: str, where: str) -> Any:
@@ -116,7 +239,13 @@ def section_from_json(cls: type, text: str, where: str) -> Any:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{where}: not valid JSON: {exc}") from None
-    return from_mapping(cls, data, where)
+    if not where.startswith("-"):
+        return from_mapping(cls, data, where)
+    try:  # a command-line option: "--train-json: warmup_stepz: unknown key ..."
+        return from_mapping(cls, data, "")
+    except ConfigError as exc:
+        message = str(exc).replace("allowed in the top level:", "allowed:")
+        raise ConfigError(f"{where}: {message}", exc.key) from None
 
 
 

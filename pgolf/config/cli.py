@@ -28,6 +28,11 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_check(args: argparse.Namespace) -> int:
+    load_run_config(args.file)  # a bad recipe raises ConfigError: one line, exit status 2 (pgolf.cli.main)
+    return 0
+
+
 def _fmt(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
@@ -62,6 +67,10 @@ def _register_config(sub) -> None:
     show = s.add_parser("show", help="print a recipe with every default filled in")
     show.add_argument("file")
     show.set_defaults(func=_config_show)
+    check = s.add_parser("check", help="check a recipe: nothing and status 0 when valid, else one line "
+                                       "FILE:LINE: key: problem and status 2")
+    check.add_argument("file")
+    check.set_defaults(func=_config_check)
 
 
 def _register_recipe(sub) -> None:

@@ -17,6 +17,20 @@ class HessianConfig:
     batches: int = 16
     batch_rows: int = 48  # sequences per batch
     seq_len: int = 2048
+    # H = sum(x^T x) / n: "rows" (pgolf's): n = rows the hook saw (tokens x applications of the layer);
+    # "batches" (the record's): n = calibration batches
+    normalize: Literal["rows", "batches"] = "rows"
+    # which rows: "uniform" (pgolf's): seeded offsets over the whole training stream; "record": the record's
+    # shuffled-sequence sampler of rank sampler_rank of sampler_world_size (its own seed, not the run's)
+    sampler: Literal["uniform", "record"] = "uniform"
+    sampler_world_size: int = 8
+    sampler_rank: int = 0
+    # attention span of a calibration row: "documents" (pgolf's, as in training: BOS starts a segment, positions
+    # restart there) or "rows" (the record's: causal over the whole row, across documents)
+    attention: Literal["documents", "rows"] = "documents"
+    # "autocast" (pgolf's: fp32 weights under bf16 autocast on CUDA) or "bfloat16" (the record's: a bf16 copy of
+    # the model, no autocast, so the residual stream is bf16 too)
+    forward_dtype: Literal["autocast", "bfloat16"] = "autocast"
     # torch's intra-op CPU threads for this stage (on the CPU) (the stage sets it itself, on every entry point): CPU float sums
     # depend on the thread count, so a stage whose CPU numbers must be the same from the staged pipeline and from
     # train_gpt.py sets a number here. 0 (pgolf's default): leave torch's default (OMP_NUM_THREADS or the core
@@ -28,6 +42,11 @@ class HessianConfig:
         check(self.batches >= 1, f"batches: expected >= 1, got {self.batches}")
         check(self.batch_rows >= 1, f"batch_rows: expected >= 1, got {self.batch_rows}")
         check(self.seq_len >= 2, f"seq_len: expected >= 2, got {self.seq_len}")
+        check(self.sampler_world_size >= 1, f"sampler_world_size: expected >= 1, got {self.sampler_world_size}")
+        check(
+            0 <= self.sampler_rank < self.sampler_world_size,
+            f"sampler_rank: expected 0 <= rank < sampler_world_size ({self.sampler_world_size}), got {self.sampler_rank}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +60,37 @@ class QuantizeConfig:
     embed_bits: int = 7
     embed_clip_sigmas: float = 14.0
     gate_bits: int = 8  # attention gate, per-row int8
+    # the attention gate is int8 only with gate_min_elements <= numel <= gate_max_elements (null: no upper
+    # limit; pgolf's: 1 and null); outside it the size rule below applies (the record's window: 32..8192)
+    gate_min_elements: int = 1
+    gate_max_elements: Optional[int] = None
     passthrough_max_elements: int = 65_536  # smaller tensors stay fp16
+    # true (the record's): the size rule comes first for every tensor, so attention/MLP/embedding matrices of
+    # <= passthrough_max_elements stay fp16; false (pgolf's): those roles are always GPTQ-quantized
+    small_matrix_passthrough: bool = False
     gptq_block_size: int = 128
     gptq_damp: float = 0.01  # times mean(diag H)
     act_order: bool = True
-    lqer_mode: Literal["off", "asym", "sym"] = "asym"
+    # SDClip's row std: "unbiased" (the record's, divides by cols - 1) or "population" (pgolf's earlier, by cols)
+    sdclip_std: Literal["unbiased", "population"] = "unbiased"
+    # input features that never fire (diag H == 0): "keep" (pgolf's: their weights rounded to nearest, which a
+    # tied embedding needs on its input side) or "zero" (the record's: their codes are 0)
+    gptq_dead_columns: Literal["keep", "zero"] = "keep"
+    # "asym" = the record's codebook (float32 SVD; A int2 [-2, 1] with one scale max|A| / 1.5; B int4 [-8, 7] per
+    # group of 64 with scale max / 7.5; per-row int4 "rowsym" factors when rank * cols is not a multiple of the
+    # group); "asym_search" = pgolf's (float64 SVD, signs flipped, A scale grid-searched, B [-7, 7]);
+    # "sym" = int4 [-7, 7] groups along A^T and B
+    lqer_mode: Literal["off", "asym", "asym_search", "sym"] = "asym_search"
     lqer_top_k: int = 3
     lqer_rank: int = 4
     lqer_group_size: int = 64
+    # which tensors get LQER: "output_error" (pgolf's: largest trace(D H D^T)) or "weight_fro" (the record's:
+    # largest ||W - W_hat||_F); keep_if_better true (pgolf's) keeps a correction only if it lowers the output error
+    lqer_rank_by: Literal["output_error", "weight_fro"] = "output_error"
+    lqer_keep_if_better: bool = True
+    # dtype the dequantized embedding is rounded through: "float32" (pgolf's: no rounding) or "bfloat16" (the
+    # record's: its evaluation model holds tok_emb in bf16)
+    dequant_embed_dtype: Literal["float32", "bfloat16"] = "float32"
     # torch's intra-op CPU threads for GPTQ (on the CPU by default) (the stage sets it itself, on every entry point): CPU float sums
     # depend on the thread count, so a stage whose CPU numbers must be the same from the staged pipeline and from
     # train_gpt.py sets a number here. 0 (pgolf's default): leave torch's default (OMP_NUM_THREADS or the core
@@ -66,6 +108,11 @@ class QuantizeConfig:
         check(self.gptq_damp >= 0, "gptq_damp: expected >= 0")
         check(self.lqer_top_k >= 0 and self.lqer_rank >= 1, "lqer_top_k/lqer_rank: expected top_k >= 0, rank >= 1")
         check(self.lqer_group_size >= 1, "lqer_group_size: expected >= 1")
+        check(self.gate_min_elements >= 0, f"gate_min_elements: expected >= 0, got {self.gate_min_elements}")
+        check(
+            self.gate_max_elements is None or self.gate_max_elements >= self.gate_min_elements,
+            f"gate_max_elements: expected null or >= gate_min_elements ({self.gate_min_elements}), got {self.gate_max_elements}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +160,16 @@ class TTTConfig:
 
     ``optimizer`` ``sgd`` uses ``beta1`` as its momentum. ``debug_update_before_score`` is an ILLEGAL ordering
     (update, then score): it exists only so tests and compliance checks can show the ledger refuses it.
+
+    ``variant`` (mode ``lora``): ``record`` is the record's phased LoRA TTT (PR #1855 ``eval_val_ttt_phased``,
+    pgolf/evaluate/ttt_record.py): targets through the next document's BOS, batches cut from the short end of the
+    ascending sort and queued longest first, exact windows, one adapter set per block APPLICATION with an o adapter
+    on the attention input and a dim -> dim MLP bypass, fused AdamW; a phase fires after a queue prefix (``lanes``,
+    ``inflight``) and trains on the SHORTEST ``phase_boundaries_docs[k]`` scored documents, concatenated and cut in
+    ``phase_chunk_tokens`` chunks (the last one untrained), ``phase_rows`` rows per chunk, gradient clipping,
+    cosine lr. ``legacy`` is pgolf's earlier variant (pgolf/evaluate/ttt.py: longest-first batches, power-of-two
+    slots, adapters shared by a looped layer's passes on q/k/v/o/mlp.up/mlp.down, phases after rounds on the scored
+    prefix).
     """
 
     mode: Literal["none", "lora", "chunked"] = "lora"
@@ -151,6 +208,22 @@ class TTTConfig:
     bigram_hash_buckets: int = 0
     bigram_hash_dim: int = 0
     debug_update_before_score: bool = False
+    # which LoRA TTT (see the class doc): "legacy" (pgolf's earlier one) or "record" (PR #1855's)
+    variant: Literal["legacy", "record"] = "legacy"
+    adam_eps: float = 1e-8  # AdamW epsilon of the adapters (the record: 1e-10)
+    phase_grad_clip: float = 0.0  # max gradient norm of a phase step; 0 = no clipping (the record: 1.0)
+    # record variant only:
+    # adapter chains (the record's ranks): a lane carries each slot's A from batch to batch between phases. Which
+    # lane runs which batch is the record's dynamic claiming simulated with fixed step prices, so the scores do not
+    # depend on how many GPUs run the lanes (lane l runs on GPU l % world). 1 = the record's one-process order.
+    lanes: int = 1
+    inflight: int = -1  # batches still running when a phase's boundary is reached (the record's 8 ranks: 7); -1 = lanes - 1
+    # first-segment batches that feed no phase get fresh adapters and the pre-phase weights, and run beside the
+    # phased work (in the last segment) instead of before the first phase. false = the record's order.
+    side_batches: bool = False
+    phase_rows: int = 1  # rows each phase chunk is split into (the record's 8 ranks: 8), one per GPU when they match
+    cuda_graphs: bool = False  # replay CUDA graphs for the short steps (full batch rows, widths <= cuda_graph_max_width)
+    cuda_graph_max_width: int = 480
 
     def __post_init__(self) -> None:
         check(self.lora_rank >= 1, f"lora_rank: expected >= 1, got {self.lora_rank}")
@@ -193,6 +266,22 @@ class TTTConfig:
             self.bigram_hash_buckets == 0 or self.mode == "chunked",
             f"bigram_hash_buckets: the eval-time bigram hash is trained by chunked TTT; mode is {self.mode!r}",
         )
+        check(self.adam_eps > 0, f"adam_eps: expected > 0, got {self.adam_eps}")
+        check(self.phase_grad_clip >= 0, f"phase_grad_clip: expected >= 0 (0 = off), got {self.phase_grad_clip}")
+        check(self.lanes >= 1, f"lanes: expected >= 1, got {self.lanes}")
+        check(self.inflight >= -1, f"inflight: expected >= 0, or -1 for lanes - 1, got {self.inflight}")
+        check(self.phase_rows >= 1, f"phase_rows: expected >= 1, got {self.phase_rows}")
+        check(self.cuda_graph_max_width >= 1, f"cuda_graph_max_width: expected >= 1, got {self.cuda_graph_max_width}")
+        if self.variant == "record" and self.mode == "lora":
+            check(self.optimizer == "adamw", f"optimizer: the record variant trains its adapters with AdamW, got {self.optimizer!r}")
+            check(not self.slot_lengths, "slot_lengths: the record variant uses exact windows; leave slot_lengths empty")
+            check(all(t in self.lora_targets for t in ("q", "v", "head")),
+                  f"lora_targets: the record variant always adapts q, v and the head, got {list(self.lora_targets)}")
+
+    @property
+    def inflight_batches(self) -> int:
+        """``inflight`` with -1 resolved to ``lanes - 1``."""
+        return self.lanes - 1 if self.inflight < 0 else self.inflight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +305,34 @@ class EvaluateConfig:
     byte_accounting: Literal["auto", "sidecar", "lut"] = "auto"
     max_docs: int = 0
     progress_every_seconds: float = 15.0
+    # Where PR #1855's metric differs from pgolf's, both are named options: these defaults keep pgolf's, config.yaml
+    # sets the record's (issue 15; pgolf/evaluate/valdata.py and scoring.py say exactly what each computes).
+    # ``record``: the stream cut to (N - 1) // eval_seq_len * eval_seq_len + 1 tokens, as the record loads it;
+    # ``none`` (pgolf): the whole stream is scored.
+    stream_truncation: Literal["none", "record"] = "none"
+    # true (PR #1855): the next document's BOS is a target of the document before it, with 0 bytes (N - 1 targets);
+    # false (pgolf): a BOS is never a target (N - D targets).
+    score_next_bos: bool = False
+    # The no-TTT diagnostics (pre-/post-quant). ``documents`` (pgolf): every target once, each document on its own
+    # windows. ``record_flat`` (PR #1855's eval_val, comparable with its "diagnostic" log lines): the stream in
+    # contiguous rows of record_flat_batch_seqs * eval_seq_len tokens split over record_flat_world_size ranks the
+    # record's way (each rank's tail dropped), every target of a row scored; attention windows restart at each
+    # BOS and every eval_seq_len tokens after it. pgolf's process count does not change the number.
+    diagnostic_scoring: Literal["documents", "record_flat"] = "documents"
+    record_flat_world_size: int = 8  # the record's GPU count (its logs are 8-GPU numbers)
+    record_flat_batch_seqs: int = 32  # rows of eval_seq_len per batch: VAL_BATCH_TOKENS 524288 / 8 ranks / 2048
+    # dtype of the softcap at scoring. ``model`` (PR #1855): cap * tanh(z / cap) on the head's output in its own
+    # dtype (bf16 under CUDA autocast), then float32 for the cross-entropy; ``float32`` (pgolf): on float32 logits.
+    softcap_dtype: Literal["float32", "model"] = "float32"
+    # Parameter storage of the model built from the artifact (same names as train.param_storage). ``record``
+    # (PR #1855's deserialize: a bf16 template, W.to(orig_dtype)): the token embedding's dequantized values rounded
+    # to bf16 (held in float32); ``fp32`` (pgolf): as dequantized. A recipe sets it equal to train.param_storage
+    # (checked); the pre-quant diagnostic builds a checkpoint under the storage it was trained under.
+    param_storage: Literal["fp32", "record"] = "fp32"
+    # dtype of the token embedding (= tied head) of the evaluated model on CUDA: the record keeps it in bfloat16
+    # after deserializing (its restore_fp32_params leaves tok_emb out), so its residual stream and its phase SGD of
+    # the embedding run in bf16; "float32" keeps pgolf's full-precision copy. CPU evaluations always use float32.
+    embed_dtype: Literal["float32", "bfloat16"] = "float32"
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
     # torch's intra-op CPU threads for this stage (CPU evaluation) (the stage sets it itself, on every entry point): CPU float sums
     # depend on the thread count, so a stage whose CPU numbers must be the same from the staged pipeline and from
@@ -235,6 +352,13 @@ class EvaluateConfig:
         check(self.compile_warmup_steps >= 0, f"compile_warmup_steps: expected >= 0, got {self.compile_warmup_steps}")
         check(self.max_docs >= 0, f"max_docs: expected >= 0 (0 = all), got {self.max_docs}")
         check(self.progress_every_seconds > 0, f"progress_every_seconds: expected > 0, got {self.progress_every_seconds}")
+        check(self.record_flat_world_size >= 1, f"record_flat_world_size: expected >= 1, got {self.record_flat_world_size}")
+        check(self.record_flat_batch_seqs >= 1, f"record_flat_batch_seqs: expected >= 1, got {self.record_flat_batch_seqs}")
+        check(
+            self.diagnostic_scoring != "record_flat" or self.score_next_bos,
+            "score_next_bos: diagnostic_scoring 'record_flat' scores every target of its rows, next-document BOS "
+            "included (the record's eval_val); expected true with it, so the diagnostics and the score count the same targets",
+        )
 
 
 _DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")

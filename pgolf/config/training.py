@@ -103,6 +103,10 @@ class ModelConfig:
     loop_count: int = 3  # passes over [loop_start, loop_end] once looping is on; 1 disables recurrence
     parallel_residual_start: int = 8  # first layer with two residual lanes; -1 disables
     embed_init_std: float = 0.005
+    # attention KERNELS, not the math: auto = the fastest installed (FlashAttention 3, then 4, then torch's varlen
+    # kernels on CUDA; the banded SDPA on CPU); fa3 / fa4 / torch force one (an unusable one is an error).
+    # Resolved by each stage on its own device and recorded in train_summary.json, checkpoint.json and eval.json.
+    attention_backend: Literal["auto", "fa3", "fa4", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         check(self.num_layers >= 1, f"num_layers: expected >= 1, got {self.num_layers}")
@@ -257,6 +261,11 @@ class TrainConfig:
     compile: bool = True
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
     log_every_steps: int = 10
+    # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
+    # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).
+    # 0: off. A record run is one uninterrupted timed run: record mode refuses N > 0, and an interrupted record run
+    # starts over from step 0, saying so.
+    resume_every_steps: int = 0
     # ILLEGAL (rules C3/C4, "pre-quant TTT" of PRs #1376/#1485/#1487): AdamW epochs on the VALIDATION tokens after
     # training, before GPTQ. It exists only so such a submission can be reproduced as a labelled sweep: a record
     # recipe refuses it, and the checkpoint records ``prequant_ttt_val_tokens`` so `pgolf comply` rejects the run.
@@ -296,3 +305,4 @@ class TrainConfig:
         )
         check(self.log_every_steps >= 1, "log_every_steps: expected >= 1")
         check(self.cpu_threads >= 0, f"cpu_threads: expected >= 0 (0 = torch's default), got {self.cpu_threads}")
+        check(self.resume_every_steps >= 0, f"resume_every_steps: expected >= 0 (0 = off), got {self.resume_every_steps}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pgolf.config import DataConfig, TokenizerConfig, load_run_config, section_from_json
+from pgolf.config.strict import nonneg_int, positive_int
 
 
 def _section(args: argparse.Namespace, cls: type, name: str):
@@ -127,10 +128,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     train_p = tok_sub.add_parser("train", help="train a SentencePiece BPE model with the canonical settings")
     train_p.add_argument("--docs", required=True, help="JSONL file, one {'text': ...} object per line")
     train_p.add_argument("--out", required=True, help="output .model path")
-    train_p.add_argument("--vocab-size", type=int, required=True)
+    train_p.add_argument("--vocab-size", type=positive_int, required=True)
     train_p.add_argument("--no-caseops", action="store_true", help="no CaseOps transform, no reserved operator ids")
-    train_p.add_argument("--skip-docs", type=int, default=0, help="skip the first N docs (the validation split)")
-    train_p.add_argument("--max-docs", type=int, default=0, help="train on at most N docs (0 = all)")
+    train_p.add_argument("--skip-docs", type=nonneg_int, default=0, help="skip the first N docs (the validation split)")
+    train_p.add_argument("--max-docs", type=nonneg_int, default=0, help="train on at most N docs (0 = all)")
     train_p.set_defaults(func=_tokenizer_train)
 
     # pgolf data prepare|verify|download
@@ -141,17 +142,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--docs", required=True, help="JSONL file, one {'text': ...} object per line")
     prep.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     prep.add_argument("--out", required=True, help="output directory (shards, sidecar and manifest.json)")
-    prep.add_argument("--val-docs", type=int, required=True, help="the first N documents are validation")
-    prep.add_argument("--shard-tokens", type=int, default=100_000_000)
-    prep.add_argument("--workers", type=int, default=0, help="tokenization processes (0 = all cores)")
+    prep.add_argument("--val-docs", type=positive_int, required=True, help="the first N documents are validation")
+    prep.add_argument("--shard-tokens", type=positive_int, default=100_000_000)
+    prep.add_argument("--workers", type=nonneg_int, default=0, help="tokenization processes (0 = all cores)")
     prep.add_argument("--no-caseops", action="store_true", help="tokenize without the CaseOps transform")
-    prep.add_argument("--max-docs", type=int, default=0, help="read at most N documents (0 = all)")
-    prep.add_argument("--max-train-shards", type=int, default=0, help="stop after N train shards (0 = no cap)")
+    prep.add_argument("--max-docs", type=nonneg_int, default=0, help="read at most N documents (0 = all)")
+    prep.add_argument("--max-train-shards", type=nonneg_int, default=0, help="stop after N train shards (0 = no cap)")
     prep.set_defaults(func=_data_prepare)
 
     ver = data_sub.add_parser("verify", help="check shards, sidecar, BOS, disjointness and doc counts")
     ver.add_argument("dir", help="directory written by `pgolf data prepare` or `pgolf data download`")
-    ver.add_argument("--val-docs", type=int, default=None, help="expected validation doc count")
+    ver.add_argument("--val-docs", type=positive_int, default=None, help="expected validation doc count")
     ver.add_argument("--record", action="store_true", help="refuse anything but the official 50,000 val docs")
     ver.add_argument("--json-out", default=None, help="also write the report as JSON")
     ver.set_defaults(func=_data_verify)

@@ -48,12 +48,13 @@ from pgolf.data.shards import (
     doc_hash,
     hashes_fingerprint,
 )
-from pgolf.io import atomic_dir, atomic_write_json
+from pgolf.io import atomic_dir, atomic_write_json, progress
 
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
 CHUNK_DOCS = 256  # documents per work unit ...
 CHUNK_BYTES = 1 << 20  # ... or about this many bytes of JSONL, whichever comes first
 PROGRESS_INTERVAL_SECONDS = 2.0
+PREPARE_REPORT_NAME = "prepare_report.json"  # how a preparation ran (path, workers, seconds): outside every hash
 
 
 class PrepareError(ValueError):
@@ -339,7 +340,10 @@ class _Progress:
         if self.total_bytes and self.jsonl_bytes:
             remaining = elapsed * (self.total_bytes - self.jsonl_bytes) / self.jsonl_bytes
             line += f", ETA {int(remaining) // 60}m{int(remaining) % 60:02d}s"
-        print(line, file=self.stream, flush=True)
+        if self.stream is sys.stderr:
+            progress(line.removeprefix("prepare: "))  # the rule's log, and the console (pgolf.io.run_logged)
+        else:
+            print(line, file=self.stream, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -454,13 +458,17 @@ def prepare_shards(
                 },
                 split=split,
                 writers=writers,
-                run={
-                    "workers": workers,
-                    "seconds": round(ticker.seconds, 3),
-                    "text_mb_per_second": round(ticker.mb_per_second(), 3),
-                },
             )
             atomic_write_json(tmp / MANIFEST_NAME, manifest)
+            # how this preparation ran: a report beside the manifest that no hash covers (pgolf.io.TIMING_FIELDS),
+            # so the manifest is identical for identical documents and tokenizer
+            run = {
+                "docs_path": str(docs_path),
+                "workers": workers,
+                "seconds": round(ticker.seconds, 3),
+                "text_mb_per_second": round(ticker.mb_per_second(), 3),
+            }
+            atomic_write_json(tmp / PREPARE_REPORT_NAME, {"format": "pgolf-prepare-report", "version": 1, **run})
     finally:
         reader.close()
     ticker.print(time.monotonic())
@@ -471,7 +479,7 @@ def prepare_shards(
         "train_docs": manifest["docs"]["train"],
         "val_tokens": manifest["tokens"]["val"],
         "train_tokens": manifest["tokens"]["train"],
-        **manifest["run"],
+        **run,
     }
     print(json.dumps(summary), file=progress_stream, flush=True)
     return manifest
@@ -543,7 +551,6 @@ def _manifest(
     settings,
     split: _SplitStats,
     writers: dict[str, ShardStreamWriter],
-    run: dict,
 ) -> dict:
     files = [
         info.to_dict() for kind in ("val", "val_bytes", "train") if kind in writers for info in writers[kind].shards
@@ -560,7 +567,8 @@ def _manifest(
             "dtype": "uint16 little-endian",
             "bos_id": BOS_ID,
         },
-        "source": {"docs_path": str(docs_path), "docs_sha256": docs_sha256, "docs_bytes": docs_bytes},
+        # the file's name, not its path: the same documents read from another folder give the same manifest
+        "source": {"docs_name": Path(docs_path).name, "docs_sha256": docs_sha256, "docs_bytes": docs_bytes},
         "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
         "caseops": caseops,
         "caseops_operator_ids": list(CASEOPS_OPERATOR_IDS) if caseops else [],
@@ -579,7 +587,6 @@ def _manifest(
             "val_duplicate_docs": int(len(val_hashes) - len(np.unique(val_hashes))),
             "train_val_overlap_docs": len(split.overlap_hashes),
         },
-        "run": run,  # timing and worker count: the only fields that differ between equivalent runs
     }
     if "val_bytes" in writers:
         manifest["val_bytes"] = split.val_bytes  # original UTF-8 bytes of the validation set (bpb denominator)

@@ -43,8 +43,12 @@ def bench_eval(
     device_kind: str = "auto",
     val_tokens: int = RECORD_VAL_TOKENS,
     seed: int = 0,
+    attention_backend: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Scoring throughput (no grad) and a TTT-like forward+backward throughput on packed rows, looping on."""
+    """Scoring throughput (no grad) and a TTT-like forward+backward throughput on packed rows, looping on.
+    ``attention_backend`` overrides the recipe's ``model.attention_backend``."""
+    import dataclasses
+
     import torch
 
     from pgolf.model import kernels
@@ -54,6 +58,8 @@ def bench_eval(
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench eval: expected steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     model_cfg, eval_cfg = run_cfg.model, run_cfg.evaluate
+    if attention_backend is not None:
+        model_cfg = dataclasses.replace(model_cfg, attention_backend=attention_backend)
     device = resolve_device(device_kind)
     compile = eval_cfg.compile if compile is None else compile
     compile_backend = compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
@@ -61,6 +67,7 @@ def bench_eval(
     torch.manual_seed(seed)
     model = GPT(model_cfg, train_seq_len=eval_cfg.eval_seq_len, bos_id=BOS_ID).to(device)
     model.use_fused_kernels = fused
+    attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     model.looping = model_cfg.loop_count > 1  # always on at evaluation (record.md)
     rows = packed_rows(row_tokens, model_cfg.vocab_size, eval_cfg.eval_seq_len, seed)
     fn = compile_model(lambda i, t, c, m: _token_nll(model, i, t, c, m), compile, compile_backend)
@@ -106,6 +113,7 @@ def bench_eval(
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
         "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
+        "attention_backend": attention,
         "compile": bool(compile),
         "compile_backend": compile_backend if compile else None,
         "looping": bool(model.looping),
@@ -128,6 +136,7 @@ def eval_summary_line(result: dict[str, Any]) -> str:
     s, t = result["score"], result["ttt_step"]
     return (
         f"bench eval {result['run']} on {result['device']}: fused {'on' if result['fused_kernels_active'] else 'off'}, "
+        f"attention {result['attention_backend']['resolved']}, "
         f"compile {result['compile_backend'] or 'off'}, rows of {result['row_tokens']:,} | score {s['tokens_per_s'] / 1e3:,.0f}K tok/s "
         f"| fwd+bwd {t['tokens_per_s'] / 1e3:,.0f}K tok/s | projected over {result['val_tokens']:,} tokens: "
         f"scoring {result['projected_scoring_seconds']:.0f}s, scoring + one TTT pass {result['projected_ttt_seconds']:.0f}s"

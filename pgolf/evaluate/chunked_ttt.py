@@ -75,7 +75,7 @@ def chunked_ttt(
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
-    runner = NllRunner(model, device, compile=eval_cfg.compile)
+    runner = NllRunner(model, device, compile=eval_cfg.compile, softcap_dtype=eval_cfg.softcap_dtype)
     opt = torch.optim.SGD(params, lr=cfg.chunk_lr, momentum=cfg.chunk_momentum)
     doc_starts = val.doc_starts
 

@@ -3,7 +3,8 @@
 - ``pgolf evaluate ARGS`` (also ``python -m pgolf.evaluate``): the stage as the pipeline runs it, under torchrun,
   with every knob of the recipe's ``evaluate`` section as JSON;
 - ``pgolf eval --artifact A --config C``: the same evaluation for people, with defaults from the results tree;
-- ``pgolf eval-plan``: the LoRA-TTT evaluation time projected on N GPUs from measured step prices;
+- ``pgolf eval-plan``: the LoRA-TTT evaluation time projected on N GPUs from measured step prices (and the
+  record's own schedule replayed);
 - ``pgolf bench eval``: scoring and TTT-like step throughput on synthetic tokens.
 
 Defaults of ``pgolf eval`` follow the results tree of the Snakemake rules: ``--data-dir
@@ -15,13 +16,13 @@ results/data/<data.name>/shards``, the tokenizer beside the shards (or the data 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 from pgolf.train.cli import add_bench_arguments, compile_flag, emit_bench_result
+from pgolf.config.strict import nonneg_float, positive_float, positive_int
 
 RECORD_VAL_DOCS = 50_000  # data.md: the record scores RECORD_VAL_TOKENS targets over these documents
 RECORD_VAL_TOKENS = 47_851_520
@@ -118,34 +119,9 @@ def _register_eval(sub) -> None:
 
 
 def _eval_plan(args: argparse.Namespace) -> int:
-    from pgolf.config import ConfigError, load_run_config
-    from pgolf.evaluate.plan import EvalCosts, measured_with_notes, lora_schedule, project, synthetic_doc_lengths
+    from pgolf.evaluate.plan import eval_plan
 
-    run_cfg = load_run_config(args.config)
-    ttt = run_cfg.evaluate.ttt
-    if ttt.mode != "lora":
-        raise ConfigError(f"{args.config}: evaluate.ttt.mode is '{ttt.mode}'; eval-plan projects LoRA TTT only")
-    if args.slot_lengths:
-        ttt = dataclasses.replace(ttt, slot_lengths=tuple(int(x) for x in args.slot_lengths.split(",")))
-    if args.data_dir:
-        from pgolf.evaluate.valdata import load_validation
-
-        val = load_validation(args.data_dir, byte_accounting="lut" if args.tokenizer else "auto",
-                              tokenizer_path=args.tokenizer, max_docs=run_cfg.evaluate.max_docs)
-        doc_lengths, where = val.doc_lengths(), f"{args.data_dir} ({val.num_docs} documents)"
-    else:
-        doc_lengths = synthetic_doc_lengths(args.docs, args.mean_targets, args.seed)
-        where = f"synthetic log-normal, {args.docs} documents, mean {args.mean_targets} targets"
-    costs = EvalCosts.from_eval_result(args.from_eval) if args.from_eval else EvalCosts.from_json(args.costs)
-    if args.warm_compile_seconds is not None:
-        costs = dataclasses.replace(costs, warm_compile_seconds=args.warm_compile_seconds)
-    schedule = lora_schedule(doc_lengths, ttt, args.gpus)
-    result = project(schedule, costs, args.compile_cache)
-    result.update({"documents": where, "targets": int((doc_lengths - 1).sum()), "costs": costs.source,
-                   "budget_s": run_cfg.evaluate.max_eval_seconds,
-                   "margin_s": round(run_cfg.evaluate.max_eval_seconds - result["total_s"], 1),
-                   "notes": measured_with_notes(costs, ttt)})
-    print(json.dumps(result, indent=2 if args.pretty else None))
+    print(json.dumps(eval_plan(args), indent=2 if args.pretty else None))
     return 0
 
 
@@ -153,17 +129,27 @@ def _register_eval_plan(sub) -> None:
     p = sub.add_parser("eval-plan", help="project a recipe's LoRA-TTT evaluation time on N GPUs from measured costs")
     p.add_argument("--config", required=True, help="recipe YAML (its evaluate.ttt section is planned)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--costs", help="costs JSON (benchmarks/eval_costs_*.json)")
-    src.add_argument("--from-eval", help="eval.json of a LoRA-TTT run: prices from its slot_timing and phases")
-    p.add_argument("--gpus", type=int, default=8, help="processes (one per GPU) of the projected run")
+    src.add_argument("--costs", help="costs JSON (benchmarks/eval_costs_*.json; benchmarks/record_pr1855_costs.json "
+                                     "for --schedule record)")
+    src.add_argument("--from-eval", help="eval.json of a legacy LoRA-TTT run: prices from its slot_timing and phases")
+    p.add_argument("--schedule", choices=["auto", "pgolf", "record", "legacy"], default="auto",
+                   help="pgolf: the recipe's record-variant schedule (lanes, side batches, exact rows); record: PR "
+                        "#1855's own 8-rank schedule replayed (dynamic claiming, pause flag); legacy: the legacy "
+                        "variant's rounds; auto: pgolf or legacy after evaluate.ttt.variant")
+    p.add_argument("--gpus", type=positive_int, default=8, help="processes (one per GPU) of the projected run")
+    p.add_argument("--lengths", help="document lengths, one per line (the record's doc_len: own tokens + the next "
+                                     "BOS) or JSON with doc_len; default: benchmarks/record_doc_lengths.txt")
     p.add_argument("--data-dir", help="shards directory: plan on its real validation documents")
     p.add_argument("--tokenizer", help="with --data-dir and no byte sidecar")
-    p.add_argument("--docs", type=int, default=RECORD_VAL_DOCS, help="synthetic documents (no --data-dir)")
-    p.add_argument("--mean-targets", type=float, default=RECORD_VAL_TOKENS / RECORD_VAL_DOCS)
+    p.add_argument("--docs", type=positive_int, help=f"synthetic log-normal lengths for this many documents instead "
+                                            f"(e.g. {RECORD_VAL_DOCS})")
+    p.add_argument("--mean-targets", type=positive_float, default=RECORD_VAL_TOKENS / RECORD_VAL_DOCS)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic lengths")
-    p.add_argument("--slot-lengths", help="override evaluate.ttt.slot_lengths, e.g. 512,2048")
+    p.add_argument("--slot-lengths", help="legacy schedule: override evaluate.ttt.slot_lengths, e.g. 512,2048")
     p.add_argument("--compile-cache", choices=["cold", "warm"], default="cold")
-    p.add_argument("--warm-compile-seconds", type=float, help="warm-up per slot length with a warm inductor cache")
+    p.add_argument("--warm-compile-seconds", type=nonneg_float, help="warm-up with a warm inductor cache")
+    p.add_argument("--record-warmup-seconds", type=nonneg_float,
+                   help="schedule record: the record's logged compile warm-up (its recompile delays scale with it)")
     p.add_argument("--pretty", action="store_true")
     p.set_defaults(func=_eval_plan)
 
@@ -186,6 +172,7 @@ def _bench_eval(args: argparse.Namespace) -> int:
         device_kind=args.device,
         val_tokens=args.val_tokens,
         seed=args.seed,
+        attention_backend=args.attention_backend,
     )
     emit_bench_result(result, eval_summary_line(result), args.out)
     return 0
@@ -196,9 +183,9 @@ def _register_bench_eval(commands) -> None:
     p = bench.add_parser("eval", help="scoring and TTT-like forward+backward throughput, looping on")
     add_bench_arguments(p, steps=5, warmup=2)
     p.add_argument(
-        "--batch-tokens", type=int, default=None, help="tokens per packed row (default: evaluate.eval_batch_tokens)"
+        "--batch-tokens", type=positive_int, default=None, help="tokens per packed row (default: evaluate.eval_batch_tokens)"
     )
-    p.add_argument("--val-tokens", type=int, default=RECORD_VAL_TOKENS, help="tokens for the time projections")
+    p.add_argument("--val-tokens", type=positive_int, default=RECORD_VAL_TOKENS, help="tokens for the time projections")
     p.set_defaults(func=_bench_eval)
 
 

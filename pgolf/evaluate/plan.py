@@ -244,3 +244,118 @@ def measured_with_notes(costs: EvalCosts, cfg: TTTConfig) -> list[str]:
             notes.append(f"costs measured with {key}={measured}, the recipe uses {getattr(cfg, key)}: "
                          f"step prices do not carry over, re-measure")
     return notes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------------------
+
+DEFAULT_LENGTHS = Path(__file__).resolve().parents[2] / "benchmarks" / "record_doc_lengths.txt"
+
+
+def _record_doc_len(args, run_cfg) -> tuple[np.ndarray, str]:
+    """Document lengths in the record's convention (own tokens + the next BOS; the last document: its own)."""
+    from pgolf.evaluate.plan_record import load_doc_lengths
+
+    if args.lengths:
+        lengths = load_doc_lengths(args.lengths)
+        return lengths, f"{args.lengths} ({len(lengths)} documents)"
+    if args.data_dir:
+        from pgolf.evaluate.valdata import load_validation
+
+        val = load_validation(args.data_dir, byte_accounting="lut" if args.tokenizer else "auto",
+                              tokenizer_path=args.tokenizer, max_docs=run_cfg.evaluate.max_docs, score_next_bos=True)
+        return val.score_ends - val.doc_starts, f"{args.data_dir} ({val.num_docs} documents)"
+    if args.docs is None and DEFAULT_LENGTHS.exists():
+        lengths = load_doc_lengths(DEFAULT_LENGTHS)
+        return lengths, f"{DEFAULT_LENGTHS.name}: the record's 50,000 validation documents rebuilt from its logs"
+    docs = args.docs or RECORD_VAL_DOCS
+    lengths = synthetic_doc_lengths(docs, args.mean_targets, args.seed) + 1
+    lengths[-1] -= 1  # the last document has no next BOS
+    return lengths, f"synthetic log-normal, {docs} documents, mean {args.mean_targets} targets"
+
+
+def eval_plan(args) -> dict[str, Any]:
+    """``pgolf eval-plan``: the projection (or the record's replay) as a dict (see the CLI's help)."""
+    from pgolf.config import load_run_config
+
+    run_cfg = load_run_config(args.config)
+    ttt = run_cfg.evaluate.ttt
+    if ttt.mode != "lora":
+        raise ConfigError(f"{args.config}: evaluate.ttt.mode is '{ttt.mode}'; eval-plan projects LoRA TTT only")
+    schedule = args.schedule if args.schedule != "auto" else ("pgolf" if ttt.variant == "record" else "legacy")
+    doc_len, where = _record_doc_len(args, run_cfg)
+    if schedule == "legacy":
+        result = _legacy_plan(args, ttt, doc_len)
+    elif args.from_eval:
+        raise ConfigError("--from-eval prices the legacy schedule only (its slot_timing); use --costs")
+    else:
+        from pgolf.evaluate.plan_record import RecordCosts
+
+        costs = RecordCosts.from_json(args.costs)
+        if args.warm_compile_seconds is not None:
+            costs = dataclasses.replace(costs, warm_compile_seconds=args.warm_compile_seconds)
+        result = (_record_replay(args, ttt, doc_len, costs, run_cfg.evaluate.eval_seq_len) if schedule == "record"
+                  else _pgolf_plan(args, ttt, doc_len, costs))
+        result["notes"] = [f"costs measured with {k}={v}, the recipe uses {getattr(ttt, k)}"
+                           for k, v in costs.measured_with.items()
+                           if k in ("docs_per_batch", "lora_rank") and v != getattr(ttt, k)]
+        if costs.measured_with.get("checkpoint_activations"):
+            result["notes"].append("costs measured with activation recompute (checkpoint_activations=True); the "
+                                   "record variant runs without it: re-measure")
+        result["costs"] = costs.source
+        result["targets"] = int((doc_len - 1).sum())
+    result.update({"documents": where, "budget_s": run_cfg.evaluate.max_eval_seconds,
+                   "margin_s": round(run_cfg.evaluate.max_eval_seconds - result["total_s"], 1)})
+    return result
+
+
+def _legacy_plan(args, ttt: TTTConfig, doc_len: np.ndarray) -> dict[str, Any]:
+    ttt = dataclasses.replace(ttt, variant="legacy")
+    if args.slot_lengths:
+        ttt = dataclasses.replace(ttt, slot_lengths=tuple(int(x) for x in args.slot_lengths.split(",")))
+    lengths = doc_len.copy()
+    lengths[:-1] -= 1  # the legacy variant's documents end before the next BOS
+    costs = EvalCosts.from_eval_result(args.from_eval) if args.from_eval else EvalCosts.from_json(args.costs)
+    if args.warm_compile_seconds is not None:
+        costs = dataclasses.replace(costs, warm_compile_seconds=args.warm_compile_seconds)
+    result = project(lora_schedule(lengths, ttt, args.gpus), costs, args.compile_cache)
+    result.update({"schedule": "legacy", "costs": costs.source, "notes": measured_with_notes(costs, ttt),
+                   "targets": int((lengths - 1).sum())})
+    return result
+
+
+def _record_replay(args, ttt: TTTConfig, doc_len: np.ndarray, costs, seq_len: int) -> dict[str, Any]:
+    from pgolf.evaluate.plan_record import replay_record
+
+    if costs.phase_chunk_seconds is None:
+        raise ConfigError(f"{costs.source}: no phase_chunk_seconds: the record's replay needs the record's own prices "
+                          "(benchmarks/record_pr1855_costs.json)")
+    recompile = costs.recompile or {}
+    warmup = args.record_warmup_seconds if args.record_warmup_seconds is not None else float(
+        recompile.get("warmup_seconds", costs.compile_seconds))
+    ev = replay_record(doc_len, costs.step, world=args.gpus, per_batch=ttt.docs_per_batch, chunk=ttt.chunk_tokens,
+                       ctx=ttt.context_tokens, bounds=ttt.phase_boundaries_docs,
+                       phase_chunk_tokens=ttt.phase_chunk_tokens, phase_chunk_seconds=costs.phase_chunk_seconds,
+                       phase_fixed_seconds=costs.phase_fixed_seconds,
+                       delay_first=float(recompile.get("k0", 0.0)) * warmup,
+                       delay_after_phase1=float(recompile.get("k1", 0.0)) * warmup)
+    total = costs.load_seconds + warmup + ev["end"]
+    return {"schedule": "record", "world_size": args.gpus, "pauses": [round(t, 1) for t in ev["pauses"]],
+            "resumes": [round(t, 1) for t in ev["resumes"]], "pd": ev["pd"], "phase_prefixes": ev["prefixes"],
+            "phase_chunks": ev["phase_chunks"], "ttt_timer_s": round(ev["end"], 1), "load_s": round(costs.load_seconds, 1),
+            "warmup_s": round(warmup, 1), "total_s": round(total, 1),
+            "claims_rank0": ev["claims"][0][:12]}
+
+
+def _pgolf_plan(args, ttt: TTTConfig, doc_len: np.ndarray, costs) -> dict[str, Any]:
+    from pgolf.evaluate.plan_record import project_record_variant
+    from pgolf.evaluate.ttt_plan import schedule_of
+
+    schedule = schedule_of(doc_len, per_batch=ttt.docs_per_batch, chunk=ttt.chunk_tokens, ctx=ttt.context_tokens,
+                           bounds=ttt.phase_boundaries_docs, lanes=ttt.lanes, inflight=ttt.inflight_batches,
+                           side_batches=ttt.side_batches)
+    return project_record_variant(schedule, doc_len, costs, args.gpus, phase_chunk_tokens=ttt.phase_chunk_tokens,
+                                  phase_rows=ttt.phase_rows,
+                                  graph_width=ttt.cuda_graph_max_width if ttt.cuda_graphs else 0,
+                                  compile_cache=args.compile_cache)

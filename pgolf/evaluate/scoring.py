@@ -4,13 +4,17 @@ Everything that decides a reported number lives here as small functions, so the 
 and test-time training (``pgolf.evaluate.ttt``) share one definition of "a target", "a window" and "a score".
 
 Rows. The model consumes packed 1-D rows. A scoring row holds INPUT tokens; the target of the input at stream
-position i is the token at i + 1. A document [BOS, t1, ..., tn] contributes inputs [BOS, t1, ..., t(n-1)] and
-targets [t1, ..., tn], so no input ever predicts the next document's BOS. Inside a document attention windows are
+position i is the token at i + 1. A document [BOS, t1, ..., tn] contributes the targets ``ValidationSet`` gives it
+(positions start + 1 .. score_end - 1): [t1, ..., tn] from inputs [BOS, ..., t(n-1)], or, with ``score_next_bos``,
+[t1, ..., tn, BOS'] from inputs [BOS, ..., tn] (the record's target set). Inside a document attention windows are
 cut every ``seq_len`` tokens from its BOS (the segments of ``cu_seqlens``); a document never shares a window with
 another, a document longer than a row continues at the start of the next row (split at a window boundary, behind
 its predecessor token so SmearGate sees what it would see in one long row), and every target is scored exactly
 once. Rows are padded to a fixed length (padding is its own segment, never a target) so a compiled
 model sees few shapes.
+
+Flat rows (:func:`record_flat_rows`): PR #1855's ``eval_val``, the record recipe's no-TTT diagnostic. Contiguous
+stream spans, each scoring every target in it, documents cut at the span's edges.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pgolf.data.shards import BOS_ID
 from pgolf.evaluate.valdata import ValidationSet
 
 PAD_ID = 0  # SentencePiece pad id: only ever an input of padding segments
@@ -112,6 +117,50 @@ class ScoreAccumulator:
                             device=dist_info.device)
         dist.all_reduce(sums)
         return ScoreResult(float(sums[0]), int(round(float(sums[1]))), int(round(float(sums[2]))), self.val.num_docs)
+
+
+class DeviceScores:
+    """:class:`ScoreAccumulator` kept on the device: float64 sums (loss, bytes, targets) updated without a host sync;
+    with ``keep_tokens`` also each position's NLL and the index of the call that scored it (read by
+    :meth:`finish`)."""
+
+    def __init__(self, val: ValidationSet, device, keep_tokens: bool = False):
+        self.val = val
+        self.device = torch.device(device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, bytes, targets
+        self.calls = 0
+        n = val.num_positions + 1  # + a dummy slot for masked entries
+        self._nll = torch.full((n,), float("nan"), dtype=torch.float64, device=self.device) if keep_tokens else None
+        self._order = torch.full((n,), -1, dtype=torch.int64, device=self.device) if keep_tokens else None
+        self.token_nll: Optional[np.ndarray] = None
+        self.score_order: Optional[np.ndarray] = None
+
+    def add(self, nll: Tensor, mask: Tensor, nbytes: Tensor, positions: Tensor) -> None:
+        """nll, mask, nbytes, positions: equal shapes; only entries where ``mask`` count."""
+        m = mask.to(torch.float64)
+        self.sums += torch.stack([(nll.to(torch.float64) * m).sum(), (nbytes.to(torch.float64) * m).sum(), m.sum()])
+        if self._nll is not None:
+            slots = torch.where(mask, positions, torch.full_like(positions, self.val.num_positions)).reshape(-1)
+            self._nll.scatter_(0, slots, nll.detach().to(torch.float64).reshape(-1))
+            self._order.scatter_(0, slots, torch.full_like(slots, self.calls))
+        self.calls += 1
+
+    def finish(self) -> None:
+        """Copy the kept per-position values to the host (``token_nll``, ``score_order``)."""
+        if self._nll is not None:
+            N = self.val.num_positions
+            self.token_nll = self._nll[:N].cpu().numpy()
+            self.score_order = self._order[:N].cpu().numpy()
+            self.token_nll[self.score_order < 0] = np.nan
+
+    def result(self, dist_info=None) -> ScoreResult:
+        sums = self.sums.clone()
+        if dist_info is not None and dist_info.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        loss, nbytes, count = sums.tolist()
+        return ScoreResult(loss, int(round(count)), int(round(nbytes)), self.val.num_docs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,8 +273,8 @@ def pack_documents(
     pieces: list[tuple[int, int, int]] = []
     used = 0
     for d in np.asarray(doc_indices, dtype=np.int64).tolist():
-        doc_start, doc_end = int(val.doc_starts[d]), int(val.doc_ends[d])
-        a, b = doc_start, doc_end - 1  # inputs [a, b): every token but the last
+        doc_start, score_end = int(val.doc_starts[d]), int(val.score_ends[d])
+        a, b = doc_start, score_end - 1  # inputs [a, b) predict the document's targets [a + 1, score_end)
         while a < b:
             extra = _needs_predecessor(doc_start, a, predecessors)
             space = row_tokens - used - extra
@@ -256,15 +305,17 @@ def stream_window_row(val: ValidationSet, lo: int, hi: int, seq_len: int, row_to
     """
     if not 1 <= lo < hi <= val.num_positions:
         raise ValueError(f"stream_window_row: need 1 <= lo < hi <= {val.num_positions}, got [{lo}, {hi})")
-    d0 = int(np.searchsorted(val.doc_starts, lo, side="right")) - 1  # document holding target lo (or starting at lo)
-    d1 = int(np.searchsorted(val.doc_starts, hi - 1, side="right")) - 1  # ... holding the last target
+    # the document whose targets hold position p: score_ends[d - 1] <= p < score_ends[d] (a next-document BOS
+    # belongs to the document before it; a BOS that is no target, to the document it starts)
+    d0 = int(np.searchsorted(val.score_ends, lo, side="right"))
+    d1 = int(np.searchsorted(val.score_ends, hi - 1, side="right"))
     pieces = []
     for d in range(d0, d1 + 1):
-        doc_start, doc_end = int(val.doc_starts[d]), int(val.doc_ends[d])
+        doc_start, score_end = int(val.doc_starts[d]), int(val.score_ends[d])
         a = doc_start
         if d == d0:
             a = doc_start + (max(lo - 1 - doc_start, 0) // seq_len) * seq_len
-        b = min(doc_end - 1, hi - 1)
+        b = min(score_end - 1, hi - 1)
         if a < b:
             pieces.append((doc_start, a, b))
     total = sum(b - a + _needs_predecessor(d, a, True) for d, a, b in pieces)
@@ -278,21 +329,68 @@ def stream_window_row(val: ValidationSet, lo: int, hi: int, seq_len: int, row_to
     return row
 
 
+def record_flat_spans(num_positions: int, seq_len: int, batch_seqs: int, world_size: int) -> list[tuple[int, int]]:
+    """The record's ``eval_val`` partition of a stream of ``num_positions`` tokens: spans ``(lo, hi)``, inputs
+    ``[lo, hi - 1)``, targets ``[lo + 1, hi)``, in the record's rank order.
+
+    ``total = (num_positions - 1) // seq_len`` rows of seq_len targets; rank r of ``world_size`` takes rows
+    ``[total * r // W, total * (r + 1) // W)``, cut to a whole number of ``batch_seqs``-row batches from its start
+    (the rest is never scored); each batch is one span of ``batch_seqs * seq_len`` targets.
+    """
+    total = (num_positions - 1) // seq_len
+    spans = []
+    for rank in range(world_size):
+        first, last = total * rank // world_size, total * (rank + 1) // world_size
+        last = first + (last - first) // batch_seqs * batch_seqs
+        spans.extend((s * seq_len, (s + batch_seqs) * seq_len + 1) for s in range(first, last, batch_seqs))
+    return spans
+
+
+def record_flat_rows(val: ValidationSet, seq_len: int, batch_seqs: int, world_size: int) -> Iterator[PackedRow]:
+    """One row per :func:`record_flat_spans` span: every target scored; attention segments start at the span's
+    start, at each BOS and every ``seq_len`` tokens after each of those (the record's ``_build_cu_seqlens``); no
+    predecessor token (a document cut by the span's start loses its context there, as in the record)."""
+    for lo, hi in record_flat_spans(val.num_positions, seq_len, batch_seqs, world_size):
+        inputs = val.tokens[lo : hi - 1].astype(np.int64)
+        starts = np.union1d([0], np.flatnonzero(inputs == BOS_ID))
+        cuts = [np.arange(a, b, seq_len) for a, b in zip(starts, np.append(starts[1:], len(inputs)))]
+        cu = np.append(np.concatenate(cuts), len(inputs)).astype(np.int32)
+        positions = np.arange(lo + 1, hi, dtype=np.int64)
+        yield PackedRow(inputs, val.tokens[lo + 1 : hi].astype(np.int64), positions, cu, seq_len, positions)
+
+
+def record_flat_mask(val: ValidationSet, seq_len: int, batch_seqs: int, world_size: int) -> np.ndarray:
+    """bool [N]: the targets :func:`record_flat_rows` scores (what its ledger must find scored once)."""
+    mask = np.zeros(val.num_positions, dtype=bool)
+    for lo, hi in record_flat_spans(val.num_positions, seq_len, batch_seqs, world_size):
+        mask[lo + 1 : hi] = True
+    return mask
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Per-token NLL
 # --------------------------------------------------------------------------------------------------------------
 
 
-def token_nll(model, input_ids: Tensor, target_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+def token_nll(model, input_ids: Tensor, target_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+              softcap_dtype: str = "float32") -> Tensor:
     """NLL in nats of every target (0 where ``target_ids == IGNORE``): float32 [T].
 
     Uses the model's own pieces (hidden states, ``lm_head`` module - possibly LoRA-wrapped - and softcap), so a
-    score is exactly what the model defines: a full softmax over the vocabulary (rule C2).
+    score is exactly what the model defines: a full softmax over the vocabulary (rule C2). ``softcap_dtype``
+    (``evaluate.softcap_dtype``): ``float32`` softcaps float32 logits; ``model`` softcaps the head's output in its
+    own dtype (bf16 under autocast, as the record) and casts to float32 for the cross-entropy.
     """
     from pgolf.model.gpt import softcap
 
     h = model.forward_hidden(input_ids, cu_seqlens, max_seqlen)  # [T, d]
-    logits = softcap(model.lm_head(h).float(), model.cfg.logit_softcap)  # [T, V] fp32
+    z = model.lm_head(h)  # [T, V]
+    if softcap_dtype == "model":
+        logits = softcap(z, model.cfg.logit_softcap).float()
+    elif softcap_dtype == "float32":
+        logits = softcap(z.float(), model.cfg.logit_softcap)
+    else:
+        raise ValueError(f"token_nll: softcap_dtype expected 'float32' or 'model', got {softcap_dtype!r}")
     return F.cross_entropy(logits, target_ids, ignore_index=IGNORE, reduction="none")  # [T]
 
 
@@ -333,7 +431,8 @@ def disable_mix_order_reduction() -> None:
 
 
 class NllRunner:
-    """Calls :func:`token_nll` on a device under bf16 autocast (CUDA), optionally through ``torch.compile``.
+    """Calls :func:`token_nll` (with ``softcap_dtype``) on a device under bf16 autocast (CUDA), optionally through
+    ``torch.compile``.
 
     ``warmup`` compiles on RANDOM tokens only (never validation tokens: compile warm-up that touches validation
     data was flagged on PR #1530) and leaves no trace: gradients are cleared, nothing is stepped. A shape whose
@@ -341,12 +440,13 @@ class NllRunner:
     ``compile_failures``): a slower evaluation beats none, and the summary says which shapes fell back.
     """
 
-    def __init__(self, model, device: torch.device, compile: bool = False, dynamic: bool = False):
+    def __init__(self, model, device: torch.device, compile: bool = False, dynamic: bool = False,
+                 softcap_dtype: str = "float32"):
         self.model = model
         self.device = torch.device(device)
         self.compiled = compile
         self.dynamic = dynamic
-        self._eager_fn: Callable = lambda i, t, c, m: token_nll(self.model, i, t, c, m)  # noqa: E731
+        self._eager_fn: Callable = lambda i, t, c, m: token_nll(self.model, i, t, c, m, softcap_dtype)  # noqa: E731
         fn = self._eager_fn
         if compile:
             import torch._dynamo as dynamo

@@ -35,6 +35,8 @@ from pgolf.evaluate.scoring import (  # noqa: F401  (bits_per_byte and ScoreResu
     ScoreResult,
     bits_per_byte,
     pack_documents,
+    record_flat_mask,
+    record_flat_rows,
 )
 from pgolf.evaluate.ledger import Ledger, LegalityError
 from pgolf.evaluate.ttt import run_ttt
@@ -70,14 +72,38 @@ def refuse_in_record_mode(checkpoint_dir: str | Path) -> None:
         )
 
 
-def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where: str):
-    from pgolf.model.gpt import GPT, rope_inv_freq
+PARAM_STORAGES = ("fp32", "record")
+
+
+def checkpoint_param_storage(meta: dict) -> str:
+    """The parameter storage a checkpoint was written under (``param_storage`` in its metadata or its train
+    config; checkpoints from before the option are ``fp32``)."""
+    storage = meta.get("param_storage") or (meta.get("train_config") or {}).get("param_storage") or "fp32"
+    if storage not in PARAM_STORAGES:
+        raise ValueError(f"checkpoint.json: param_storage {storage!r}, expected one of {PARAM_STORAGES}")
+    return storage
+
+
+def apply_eval_storage(state: dict[str, torch.Tensor], param_storage: str) -> dict[str, torch.Tensor]:
+    """``evaluate.param_storage``: under ``record`` the token embedding's values are rounded to bf16 (the record
+    builds every evaluated model as a bf16 template and casts the loaded or dequantized weights to its dtypes;
+    only ``tok_emb.weight`` stays bf16 there). Held in float32 here; every other tensor is unchanged. The artifact's
+    model is built under ``evaluate.param_storage``, a checkpoint's (pre-quant) under the storage it was trained
+    under (what the record's pre-quant diagnostic scores: its live model)."""
+    if param_storage not in PARAM_STORAGES:
+        raise ValueError(f"evaluate.param_storage: expected one of {PARAM_STORAGES}, got {param_storage!r}")
+    if param_storage == "record" and "tok_emb.weight" in state:
+        state = {**state, "tok_emb.weight": state["tok_emb.weight"].to(torch.bfloat16).to(torch.float32)}
+    return state
+
+
+def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where: str, param_storage: str = "fp32"):
+    from pgolf.model.gpt import GPT
 
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to_empty(device=device)
-    if cfg.rope_dims > 0:  # a non-persistent buffer: recompute it (to_empty left it uninitialized)
-        model.rope_inv_freq.copy_(rope_inv_freq(cfg.rope_dims, cfg.rope_base))
+    model.reset_buffers()  # the non-persistent RoPE buffers: to_empty left them uninitialized
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state.items()}
     if expected != got:
@@ -85,15 +111,19 @@ def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device, where
         shapes = [n for n in set(expected) & set(got) if expected[n] != got[n]]
         raise ValueError(f"{where}: weights do not match the model config (missing {missing[:5]}, unexpected {extra[:5]}, "
                          f"shape differs {sorted(shapes)[:5]})")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+    state = apply_eval_storage({k: v.to(torch.float32) for k, v in state.items()}, param_storage)
+    model.load_state_dict(state, strict=True)
     model.looping = cfg.loop_count > 1  # depth recurrence is always on at evaluation
+    model.set_attention_backend(device)  # model_config.attention_backend on this device (before any compile)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def load_model_from_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict, dict]:
-    """Unpack, dequantize and build the model from the artifact header's model config (never from YAML).
+def load_model_from_artifact(path: str | Path, device: str | torch.device = "cpu",
+                             param_storage: str = "fp32") -> tuple[Any, dict, dict]:
+    """Unpack, dequantize and build the model from the artifact header's model config (never from YAML), with
+    ``evaluate.param_storage`` applied to the dequantized weights (:func:`apply_eval_storage`).
 
     Returns ``(model, header, timings)`` with timings ``read_s, unpack_s, dequantize_s, build_s, load_s``.
     """
@@ -117,20 +147,35 @@ def load_model_from_artifact(path: str | Path, device: str | torch.device = "cpu
     from pgolf.model.gpt import build_meta
 
     check_against_model_config(header, {n: tuple(p.shape) for n, p in build_meta(cfg).named_parameters()})
-    model = _build_model(cfg, state, device, str(path))
+    model = _build_model(cfg, state, device, str(path), param_storage)
     _sync(torch.device(device))
     t4 = time.perf_counter()
     timings = {"read_s": t1 - t0, "unpack_s": t2 - t1, "dequantize_s": t3 - t2, "build_s": t4 - t3, "load_s": t4 - t0}
     return model, header, timings
 
 
-def load_model_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict]:
-    """The trained (pre-quantization) model of a training checkpoint, for the pre-quant diagnostic."""
+def load_model_from_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu",
+                               param_storage: Optional[str] = None) -> tuple[Any, dict]:
+    """The trained (pre-quantization) model of a training checkpoint, for the pre-quant diagnostic.
+
+    ``param_storage`` (``evaluate.param_storage``) must be the checkpoint's own storage; None takes it from the
+    checkpoint."""
     from pgolf.train.checkpoint import load_checkpoint, model_config_of
 
     state, meta = load_checkpoint(ckpt_dir)
     cfg = model_config_of(meta, f"{ckpt_dir}/checkpoint.json")
-    return _build_model(cfg, state, device, str(ckpt_dir)), meta
+    storage = checkpoint_param_storage(meta)
+    if param_storage is not None and param_storage != storage:
+        raise ValueError(f"{ckpt_dir}/checkpoint.json: the weights were written under param_storage {storage!r}, but "
+                         f"evaluate.param_storage is {param_storage!r}; expected the same storage for training and evaluation")
+    return _build_model(cfg, state, device, str(ckpt_dir), storage), meta
+
+
+def apply_embed_dtype(model, cfg: EvaluateConfig) -> None:
+    """``evaluate.embed_dtype`` bfloat16 on CUDA: the token embedding (and tied head) in bf16, as the record
+    evaluates (CPU keeps float32: no autocast there to reconcile the dtypes)."""
+    if cfg.embed_dtype == "bfloat16" and model.tok_emb.weight.device.type == "cuda":
+        model.tok_emb.to(torch.bfloat16)
 
 
 def _sync(device: torch.device) -> None:
@@ -143,9 +188,20 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def validation_for(cfg: EvaluateConfig, data_dir: str | Path, tokenizer=None, vocab_size: Optional[int] = None):
+    """The validation set as ``cfg`` defines it: truncation (``stream_truncation``) and targets (``score_next_bos``)."""
+    return load_validation(data_dir, tokenizer_path=tokenizer, byte_accounting=cfg.byte_accounting,
+                           max_docs=cfg.max_docs, vocab_size=vocab_size, score_next_bos=cfg.score_next_bos,
+                           truncate_multiple=cfg.eval_seq_len if cfg.stream_truncation == "record" else 0)
+
+
 def diagnostic_rows(val: ValidationSet, cfg: EvaluateConfig):
     """Every document in stream order, packed into rows of ``eval_batch_tokens`` with ``eval_seq_len`` windows."""
     return pack_documents(val, np.arange(val.num_docs), cfg.eval_batch_tokens, cfg.eval_seq_len, pad=cfg.compile)
+
+
+def new_runner(model, cfg: EvaluateConfig) -> NllRunner:
+    return NllRunner(model, next(model.parameters()).device, compile=cfg.compile, softcap_dtype=cfg.softcap_dtype)
 
 
 def warmup_scoring(runner: NllRunner, val: ValidationSet, cfg: EvaluateConfig, seed: int) -> float:
@@ -169,17 +225,44 @@ def score_documents(
     what: str = "score",
 ) -> tuple[ScoreResult, ScoreAccumulator, Ledger]:
     """Score every target once under no_grad (no TTT); rows go round-robin to processes. Checks completeness."""
+    return _score_rows(model, val, cfg, diagnostic_rows(val, cfg), val.target_mask(), runner=runner,
+                       dist_info=dist_info, keep_tokens=keep_tokens, write=write, what=what)
+
+
+def score_record_flat(model, val: ValidationSet, cfg: EvaluateConfig, **kwargs) -> tuple[ScoreResult, ScoreAccumulator, Ledger]:
+    """PR #1855's ``eval_val`` (``evaluate.diagnostic_scoring: record_flat``): the rows of
+    :func:`pgolf.evaluate.scoring.record_flat_rows` for the record's world size, round-robin over this run's
+    processes; checks that exactly the partition's targets were scored once."""
+    args = (val, cfg.eval_seq_len, cfg.record_flat_batch_seqs, cfg.record_flat_world_size)
+    expected = record_flat_mask(*args)
+    if not expected.any():
+        raise ValueError(f"evaluate.diagnostic_scoring 'record_flat': {val.num_positions:,} validation tokens give no whole batch "
+                         f"of {cfg.record_flat_batch_seqs} x {cfg.eval_seq_len} tokens per rank over {cfg.record_flat_world_size} "
+                         f"ranks; use 'documents' (or a smaller record_flat_batch_seqs) for so short a stream")
+    return _score_rows(model, val, cfg, record_flat_rows(*args), expected, **kwargs)
+
+
+def score_diagnostic(model, val: ValidationSet, cfg: EvaluateConfig, **kwargs) -> ScoreResult:
+    """The no-TTT diagnostic score ``evaluate.diagnostic_scoring`` names (pre-/post-quant)."""
+    score = score_record_flat if cfg.diagnostic_scoring == "record_flat" else score_documents
+    return score(model, val, cfg, **kwargs)[0]
+
+
+def _score_rows(model, val: ValidationSet, cfg: EvaluateConfig, rows, expected: np.ndarray, *,
+                runner: Optional[NllRunner] = None, dist_info=None, keep_tokens: bool = False,
+                write: Optional[Callable[[dict], None]] = None, what: str = "score"):
     device = next(model.parameters()).device
-    runner = runner or NllRunner(model, device, compile=cfg.compile)
+    runner = runner or new_runner(model, cfg)
     if model.cfg.loop_count > 1:
         model.looping = True
     rank = dist_info.rank if dist_info is not None else 0
     world = dist_info.world_size if dist_info is not None else 1
     acc = ScoreAccumulator(val, keep_tokens)
     ledger = Ledger(val.num_positions)
-    progress = Progress(what, val.target_count, val.num_docs, cfg.progress_every_seconds, rank == 0, write, world)
+    total = int(np.count_nonzero(expected))
+    progress = Progress(what, total, val.num_docs, cfg.progress_every_seconds, rank == 0, write, world)
     with torch.no_grad():
-        for i, row in enumerate(diagnostic_rows(val, cfg)):
+        for i, row in enumerate(rows):
             if i % world != rank:
                 continue
             nll = runner(row)
@@ -191,7 +274,7 @@ def score_documents(
             starts = np.count_nonzero(row.input_ids[mask] == 1)
             progress.update(len(positions), docs=int(starts))
     _sync(device)
-    ledger.check_complete(val.target_mask(), ledger.scored_counts(dist_info))
+    ledger.check_complete(expected, ledger.scored_counts(dist_info))
     return acc.result(dist_info), acc, ledger
 
 
@@ -274,7 +357,7 @@ def run_evaluation(
     """Evaluate one artifact; rank 0 writes ``out`` atomically. Returns (result dict, exit code)."""
     from pgolf.train.distributed import init_distributed, shutdown
     from pgolf.compliance.provenance import code_hash, environment
-    from pgolf.io import MetricsLog, set_cpu_threads
+    from pgolf.io import MetricsLog, progress, set_cpu_threads
 
     set_cpu_threads(cfg.cpu_threads)  # CPU evaluation: the same scores from the pipeline and train_gpt.py
     if mode not in ("record", "sweep"):
@@ -290,26 +373,33 @@ def run_evaluation(
     device = info.device
     out = Path(out)
     metrics_path = Path(metrics) if metrics else out.with_name(out.stem + "_metrics.jsonl")
-    if info.is_main:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-    log = MetricsLog(metrics_path if info.is_main else None)
+    log = MetricsLog(metrics_path if info.is_main else None)  # a hidden partial file until the report is written
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
+    storage = {"evaluate": cfg.param_storage, "checkpoint": None}
+    if checkpoint:  # the pre-quant model is built under the checkpoint's own storage; the artifact's under the config's
+        from pgolf.train.checkpoint import read_checkpoint_meta
+
+        storage["checkpoint"] = checkpoint_param_storage(read_checkpoint_meta(checkpoint))
+        if storage["checkpoint"] != cfg.param_storage and info.is_main:
+            print(f"pgolf evaluate: WARNING: {checkpoint} was trained under param_storage {storage['checkpoint']!r}, but "
+                  f"evaluate.param_storage is {cfg.param_storage!r} (the record recipe uses 'record' for both)",
+                  file=sys.stderr, flush=True)
     t = time.perf_counter()
-    model, header, load_timings = load_model_from_artifact(artifact, device)
+    model, header, load_timings = load_model_from_artifact(artifact, device, cfg.param_storage)
+    apply_embed_dtype(model, cfg)
     load_s = time.perf_counter() - t
+    attention = model.attention_choice
     t = time.perf_counter()
-    val = load_validation(data_dir, tokenizer_path=tokenizer, byte_accounting=cfg.byte_accounting,
-                          max_docs=cfg.max_docs, vocab_size=model.cfg.vocab_size)
+    val = validation_for(cfg, data_dir, tokenizer, model.cfg.vocab_size)
     data_s = time.perf_counter() - t
     log.write({"event": "eval_start", "docs": val.num_docs, "targets": val.target_count, "mode": cfg.ttt.mode,
                "world_size": info.world_size, "load_s": load_s, "data_s": data_s})
 
     ttt_summary: dict = {"mode": cfg.ttt.mode}
     if cfg.ttt.mode == "none":
-        runner = NllRunner(model, device, compile=cfg.compile)
+        runner = new_runner(model, cfg)
         warmup_s = warmup_scoring(runner, val, cfg, seed)
         t = time.perf_counter()
         result, acc, ledger = score_documents(model, val, cfg, runner=runner, dist_info=info, write=log.write)
@@ -317,7 +407,8 @@ def run_evaluation(
     else:
         outcome = run_ttt(model, val, cfg, seed, device=device, dist_info=info, write=log.write)
         warmup_s, score_s, ledger, acc = outcome.warmup_s, outcome.score_s, outcome.ledger, outcome.accumulator
-        ledger.check_complete(val.target_mask(), ledger.scored_counts(info))
+        expected = outcome.expected_targets if outcome.expected_targets is not None else val.target_mask()
+        ledger.check_complete(expected, ledger.scored_counts(info))
         result = acc.result(info)
         ttt_summary = outcome.summary
     total_s = load_s + warmup_s + score_s
@@ -332,17 +423,21 @@ def run_evaluation(
     diagnostics: dict[str, Any] = {}
     diag_start = time.perf_counter()
     if cfg.diagnostics:
-        if cfg.ttt.mode == "none":
+        diagnostics["scoring"] = cfg.diagnostic_scoring
+        if cfg.ttt.mode == "none" and cfg.diagnostic_scoring == "documents":
             diagnostics["post_quant"] = result.to_dict()
         else:
-            del model
-            fresh, _, _ = load_model_from_artifact(artifact, device)
-            diagnostics["post_quant"] = score_model(fresh, val, cfg, dist_info=info, write=log.write, what="post-quant")
-            diagnostics["post_quant"] = diagnostics["post_quant"].to_dict()
-            del fresh
+            if cfg.ttt.mode != "none":  # TTT changed the model: score the artifact's weights afresh
+                del model
+                model, _, _ = load_model_from_artifact(artifact, device, cfg.param_storage)
+                apply_embed_dtype(model, cfg)
+            diagnostics["post_quant"] = score_diagnostic(model, val, cfg, dist_info=info, write=log.write,
+                                                         what="post-quant").to_dict()
+        del model
         if checkpoint:
             trained, _ = load_model_from_checkpoint(checkpoint, device)
-            diagnostics["pre_quant"] = score_model(trained, val, cfg, dist_info=info, write=log.write, what="pre-quant").to_dict()
+            diagnostics["pre_quant"] = score_diagnostic(trained, val, cfg, dist_info=info, write=log.write,
+                                                        what="pre-quant").to_dict()
             del trained
         else:
             diagnostics["pre_quant"] = None
@@ -358,24 +453,28 @@ def run_evaluation(
         "budget": budget,
         "budget_applies": budget["budget_applies"],
         "ttt": ttt_summary,
-        "ledger": {**ledger.summary(), "targets_expected": val.target_count, "complete": True},
+        "ledger": {**ledger.summary(), "targets_expected": result.token_count, "complete": True},
         "diagnostics": diagnostics,
         "artifact": {"path": str(artifact), "sha256": hash_info["artifact_sha256"], "hash_check": hash_info,
                      "input_hashes": header.get("input_hashes", {})},
         "artifact_sha256": hash_info["artifact_sha256"],
         "model_config": header.get("model_config"),
+        "attention_backend": attention,
         "evaluate_config": to_dict(cfg),
+        "param_storage": storage,
         "data": val.source,
         "world_size": info.world_size,
         "code_hash": code_hash(),
         "environment": environment(),
     }
     log.write({"event": "eval_done", **result.to_dict(), "timings": report["timings"]})
-    log.close()
+    log.commit()
     if info.is_main:
         atomic_write_json(out, report)
         print(f"val_bpb {result.val_bpb:.8f} val_loss {result.val_loss:.8f} ({result.token_count:,} targets, "
               f"{result.byte_sum:,} bytes) in {total_s:.1f} s", file=sys.stderr, flush=True)
+        progress(f"val_bpb {result.val_bpb:.4f} on {val.num_docs:,} documents ({result.byte_sum:,} bytes) "
+                 f"in {total_s:.0f} s", final=True)
     shutdown(info)
     code = EXIT_OVER_BUDGET if (budget["budget_applies"] and budget["exceeded"]) else 0
     return report, code

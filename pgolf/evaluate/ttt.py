@@ -54,7 +54,6 @@ from pgolf.evaluate.valdata import ValidationSet
 
 
 from pgolf.evaluate.ledger import Ledger
-from pgolf.evaluate.lora import attach_lora
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -64,11 +63,12 @@ from pgolf.evaluate.lora import attach_lora
 
 @dataclasses.dataclass
 class TTTOutcome:
-    accumulator: ScoreAccumulator
-    ledger: Ledger
+    accumulator: ScoreAccumulator  # or a DeviceScores (record variant): .result(dist_info), .token_nll
+    ledger: Ledger  # or a DeviceLedger (record variant): .check_complete, .scored_counts, .summary
     summary: dict
     warmup_s: float
     score_s: float
+    expected_targets: Optional[np.ndarray] = None  # bool [N] the run must score once each; None = val.target_mask()
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
@@ -250,6 +250,8 @@ def lora_ttt(
     write: Optional[Callable[[dict], None]] = None,
 ) -> TTTOutcome:
     """Document-batched LoRA TTT (with phases when configured) over the whole validation set. See the module doc."""
+    from pgolf.evaluate.lora import attach_lora  # imported here: the record variant's bundles leave it out
+
     cfg = eval_cfg.ttt
     rank = dist_info.rank if dist_info is not None else 0
     world = dist_info.world_size if dist_info is not None else 1
@@ -321,7 +323,8 @@ def _lora_batch(val, docs, batch_index, keep_a, cfg: TTTConfig, seed, runner, ad
     adapters.reset(gen, keep_a=keep_a)
     params = adapters.parameters()
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.beta1, weight_decay=cfg.weight_decay)
     n_targets = val.doc_lengths()[docs] - 1
@@ -410,6 +413,8 @@ def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, ba
             tokens += int(row.scored.sum())
             (nll.sum() / max(int(row.scored.sum()), 1) / rows_in_step).backward()
         all_reduce_sum_grads(base_params, dist_info)
+        if cfg.phase_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in base_params if p.grad is not None], cfg.phase_grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     for p in base_params:
@@ -422,11 +427,16 @@ def _phase_pass(model, val, docs, eval_cfg: EvaluateConfig, runner, adapters, ba
 
 
 def run_ttt(model, val, eval_cfg: EvaluateConfig, seed: int, **kwargs) -> TTTOutcome:
-    """Dispatch on ``eval_cfg.ttt.mode`` ("lora" or "chunked"); the model's weights are changed in place."""
+    """Dispatch on ``eval_cfg.ttt.mode`` ("lora" or "chunked") and, for LoRA, ``variant`` ("legacy" here, "record" in
+    :mod:`pgolf.evaluate.ttt_record`); the model's weights are changed in place."""
     from pgolf.evaluate.chunked_ttt import chunked_ttt
 
     torch.manual_seed(seed)
     mode = eval_cfg.ttt.mode
+    if mode == "lora" and eval_cfg.ttt.variant == "record":
+        from pgolf.evaluate.ttt_record import record_lora_ttt
+
+        return record_lora_ttt(model, val, eval_cfg, seed, **kwargs)
     if mode == "lora":
         return lora_ttt(model, val, eval_cfg, seed, **kwargs)
     if mode == "chunked":

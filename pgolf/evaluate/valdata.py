@@ -1,9 +1,17 @@
 """The validation stream as the evaluator sees it: tokens, documents and the original bytes of every target.
 
 The stream is the concatenation of ``fineweb_val_*.bin`` in index order. Documents are the BOS-delimited spans
-(every document starts with BOS, id 1); shard files are not document boundaries. A TARGET is every token after a
-document's BOS, so the BOS of the next document is never predicted and the first BOS is never scored:
-``token_count = num_positions - num_docs``.
+(every document starts with BOS, id 1); shard files are not document boundaries. Which positions are TARGETS
+(each scored exactly once, predicted from its own document's earlier tokens) is the set's ``score_next_bos``:
+
+  - ``True`` (PR #1855, ``evaluate.score_next_bos: true``): every position but the first. Document d's targets are
+    its tokens after its BOS AND the next document's BOS, predicted from d's last token (0 bytes): the record's
+    ``_find_docs`` gives each document ``len = next start + 1 - start`` (its ``end += 1``), so
+    ``score_ends[d] = doc_starts[d + 1] + 1`` and, for the last document, ``N``. ``token_count = N - 1``.
+  - ``False`` (pgolf's own definition): every token after a document's BOS; a BOS is never predicted.
+    ``score_ends = doc_ends`` and ``token_count = N - num_docs``.
+
+Document d's targets are the positions ``doc_starts[d] + 1 .. score_ends[d] - 1``, whatever the definition.
 
 Bytes (the bpb denominator) are attached to target positions:
   - ``sidecar``: ``fineweb_val_bytes_*.bin`` gives, per token, the ORIGINAL (pre-CaseOps) UTF-8 bytes it stands
@@ -11,6 +19,10 @@ Bytes (the bpb denominator) are attached to target positions:
   - ``lut``: the records' lookup table over the tokenizer's pieces (``pgolf.data.tokenizer.build_byte_lut``);
     the leading-space byte of a piece depends on the previous token, so it is computed over the stream.
 The two agree on the full validation set to about 0.002 % (data spec), but a run reports which one it used.
+
+Truncation (``evaluate.stream_truncation``): ``record`` keeps the first ``(N - 1) // L * L + 1`` tokens (and byte
+counts), L = ``eval_seq_len``, as the record's ``load_validation_tokens`` does (the real stream: 47,851,521 of
+47,853,343 tokens; the last document is cut); ``none`` keeps the whole stream.
 """
 
 from __future__ import annotations
@@ -42,6 +54,16 @@ class ValidationSet:
     doc_ends: np.ndarray  # [D] int64: one past each document's last token
     byte_accounting: str  # "sidecar" or "lut"
     source: dict  # where it came from: directory, files, token/byte fingerprints
+    # whether the next document's BOS is a target of the document before it (module docstring)
+    score_next_bos: bool = False
+    # [D] int64: one past each document's last TARGET (derived from the above; see the module docstring)
+    score_ends: np.ndarray = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ends = self.doc_ends
+        if self.score_next_bos:
+            ends = np.append(self.doc_starts[1:] + 1, self.num_positions).astype(np.int64)
+        object.__setattr__(self, "score_ends", ends)
 
     @property
     def num_positions(self) -> int:
@@ -53,21 +75,26 @@ class ValidationSet:
 
     @property
     def target_count(self) -> int:
-        return self.num_positions - self.num_docs
+        return self.num_positions - (1 if self.score_next_bos else self.num_docs)
 
     @property
     def byte_sum(self) -> int:
         return int(self.target_bytes.sum(dtype=np.int64))
 
     def target_mask(self) -> np.ndarray:
-        """bool [N]: True at every position that is scored exactly once (all but the documents' BOS)."""
+        """bool [N]: True at every position that is scored exactly once: all but the documents' BOS, or, with
+        ``score_next_bos``, all but the first position."""
         mask = np.ones(self.num_positions, dtype=bool)
-        mask[self.doc_starts] = False
+        mask[self.doc_starts[:1] if self.score_next_bos else self.doc_starts] = False
         return mask
 
     def doc_lengths(self) -> np.ndarray:
         """Tokens per document, BOS included: int64 [D]."""
         return self.doc_ends - self.doc_starts
+
+    def doc_target_counts(self) -> np.ndarray:
+        """Targets per document (its tokens after the BOS, plus the next BOS with ``score_next_bos``): int64 [D]."""
+        return self.score_ends - self.doc_starts - 1
 
 
 def from_tokens(
@@ -75,11 +102,12 @@ def from_tokens(
     target_bytes: np.ndarray,
     byte_accounting: str = "sidecar",
     source: Optional[dict] = None,
+    score_next_bos: bool = False,
 ) -> ValidationSet:
     """Build a :class:`ValidationSet` from in-memory arrays (tests, and the loader below).
 
-    ``target_bytes`` [N] gives each token's byte count; entries at BOS positions must be 0 (a BOS is never a
-    target and stands for no text).
+    ``target_bytes`` [N] gives each token's byte count; entries at BOS positions must be 0 (a BOS stands for no
+    text, whether or not it is a target: see ``score_next_bos`` in the module docstring).
     """
     tokens = np.ascontiguousarray(np.asarray(tokens), dtype=np.uint16)
     target_bytes = np.ascontiguousarray(np.asarray(target_bytes), dtype=np.int32)
@@ -99,7 +127,7 @@ def from_tokens(
     if int(target_bytes.min(initial=0)) < 0:
         raise ValidationDataError("byte counts must be >= 0")
     doc_ends = np.append(doc_starts[1:], len(tokens)).astype(np.int64)
-    return ValidationSet(tokens, target_bytes, doc_starts, doc_ends, byte_accounting, dict(source or {}))
+    return ValidationSet(tokens, target_bytes, doc_starts, doc_ends, byte_accounting, dict(source or {}), score_next_bos)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -180,8 +208,13 @@ def load_validation(
     byte_accounting: ByteAccounting = "auto",
     max_docs: int = 0,
     vocab_size: Optional[int] = None,
+    score_next_bos: bool = False,
+    truncate_multiple: int = 0,
 ) -> ValidationSet:
-    """Read the validation shards (and byte sidecar) of ``data_dir``; ``max_docs`` > 0 keeps the first documents."""
+    """Read the validation shards (and byte sidecar) of ``data_dir``; ``max_docs`` > 0 keeps the first documents.
+
+    ``score_next_bos``: the target definition; ``truncate_multiple`` > 0: keep ``(N - 1) // m * m + 1`` tokens
+    (the record's truncation with m = eval_seq_len; applied before ``max_docs``). See the module docstring."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: data directory not found")
@@ -212,21 +245,32 @@ def load_validation(
     else:
         target_bytes = lut_target_bytes(tokens, tokenizer_path)
 
-    if max_docs > 0:
-        starts = np.flatnonzero(tokens == BOS_ID)
-        if max_docs < len(starts):
-            cut = int(starts[max_docs])
-            tokens, target_bytes = tokens[:cut], target_bytes[:cut]
+    full_length = len(tokens)
+    if truncate_multiple > 0:
+        usable = (full_length - 1) // truncate_multiple * truncate_multiple
+        if usable <= 0:
+            raise ValidationDataError(f"{data_dir}: {full_length} validation tokens hold no whole window of "
+                                      f"{truncate_multiple} (evaluate.stream_truncation: record needs more than that)")
+        tokens, target_bytes = tokens[: usable + 1], target_bytes[: usable + 1]
+    starts = np.flatnonzero(tokens == BOS_ID)
+    total_docs = int(len(starts))  # the validation documents there are (max_docs may score fewer)
+    if 0 < max_docs < total_docs:
+        cut = int(starts[max_docs])
+        tokens, target_bytes = tokens[:cut], target_bytes[:cut]
     source = {
         "data_dir": str(data_dir),
         "val_shards": [p.name for p in val_paths],
         "byte_shards": [p.name for p in byte_paths] if accounting == "sidecar" else [],
         "tokenizer": str(tokenizer_path) if accounting == "lut" else None,
         "max_docs": max_docs,
+        "total_docs": total_docs,
+        "score_next_bos": score_next_bos,
+        "stream_tokens": full_length,  # before any truncation or max_docs cut
+        "truncate_multiple": truncate_multiple,
         "tokens_sha256": hashlib.sha256(np.ascontiguousarray(tokens, dtype="<u2").tobytes()).hexdigest(),
         "bytes_sha256": hashlib.sha256(np.ascontiguousarray(target_bytes, dtype="<i4").tobytes()).hexdigest(),
     }
     try:
-        return from_tokens(tokens, target_bytes, accounting, source)
+        return from_tokens(tokens, target_bytes, accounting, source, score_next_bos)
     except ValidationDataError as exc:
         raise ValidationDataError(f"{data_dir}: {exc}") from None

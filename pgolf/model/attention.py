@@ -10,17 +10,25 @@ Static-shape contract (for ``torch.compile``): ``cu_seqlens`` may be padded at t
 values (zero-length segments, see ``pad_cu_seqlens``) so that a handful of bucketed lengths cover every
 batch; all backends and ``segment_positions`` treat zero-length segments as absent.
 
-Backends (``select_backend`` picks one per device type from a probe done at import; ``backend=`` overrides):
-  - ``fa3``: FlashAttention-3 ``flash_attn_interface.flash_attn_varlen_func`` (CUDA; native GQA);
+Backends (``backend=`` names one; ``select_backend`` picks the best probed one for a device type):
+  - ``fa3``: FlashAttention-3 ``flash_attn_interface.flash_attn_varlen_func`` (CUDA, Hopper; native GQA). The
+    shared reference's stand-in module of the same name (``shared/reference/shim``) is recognised and refused;
+  - ``fa4``: FlashAttention-4 ``flash_attn.cute`` (CUDA, Hopper and Blackwell; native GQA), as opaque custom ops
+    (``pgolf.model.flash4``), probed lazily (its import is slow);
   - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA; its keyword set differs between
     torch versions, so it is inspected at run time);
   - ``sdpa``: ``F.scaled_dot_product_attention`` with a block-diagonal causal mask (CPU, tests, fallback).
     It is banded: each block of ``max_seqlen`` queries sees only its own and the previous key block, so
     memory is O(T * max_seqlen) rather than O(T^2).
+The recipe key ``model.attention_backend`` (``auto | fa3 | fa4 | torch``) is resolved once per stage, outside any
+compiled region, by :func:`resolve_backend`; the result names the kernels, their versions and why they were
+chosen, and goes into every training and evaluation record.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import inspect
 import math
 from typing import Callable, Optional
@@ -29,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("fa3", "torch_varlen", "sdpa")
+BACKENDS = ("fa3", "fa4", "torch_varlen", "sdpa")
+ATTENTION_BACKENDS = ("auto", "fa3", "fa4", "torch")  # model.attention_backend (the recipe key)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -120,12 +129,23 @@ def check_cu_seqlens(cu_seqlens: Tensor, num_tokens: int, max_seqlen: int) -> No
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _import_fa3() -> Optional[Callable]:
+def is_reference_shim(module) -> bool:
+    """True for ``shared/reference/shim/flash_attn_interface.py``: a stand-in that lets the record script import
+    (SDPA or FA4 underneath, selected by ``FA3_SHIM``), not FlashAttention 3. pgolf must never call it "fa3"."""
+    doc = (getattr(module, "__doc__", None) or "").lstrip()
+    return doc.startswith("Stand-in for FlashAttention-3") or (hasattr(module, "MODE") and hasattr(module, "_exact"))
+
+
+def _import_fa3() -> tuple[Optional[Callable], str]:
     try:
-        from flash_attn_interface import flash_attn_varlen_func  # type: ignore[import-not-found]
-    except Exception:  # ImportError, or a broken CUDA extension raising at import time
-        return None
-    return flash_attn_varlen_func
+        import flash_attn_interface  # type: ignore[import-not-found]
+    except Exception as exc:  # ImportError, or a broken CUDA extension raising at import time
+        return None, f"flash_attn_interface does not import ({type(exc).__name__})"
+    if is_reference_shim(flash_attn_interface):
+        where = getattr(flash_attn_interface, "__file__", "?")
+        return None, f"flash_attn_interface at {where} is the shared reference's stand-in, not FlashAttention 3"
+    fn = getattr(flash_attn_interface, "flash_attn_varlen_func", None)
+    return (fn, "ok") if fn is not None else (None, "flash_attn_interface has no flash_attn_varlen_func")
 
 
 def _import_torch_varlen() -> Optional[Callable]:
@@ -137,28 +157,115 @@ def _import_torch_varlen() -> Optional[Callable]:
 
 
 # Probed once at import, never inside a forward: torch.compile must not trace imports or inspect.signature.
-_FA3_FN = _import_fa3()
+_FA3_FN, _FA3_WHY = _import_fa3()
 _TORCH_VARLEN_FN = _import_torch_varlen()
 _TORCH_VARLEN_KEYWORDS = (
     frozenset(inspect.signature(_TORCH_VARLEN_FN).parameters) if _TORCH_VARLEN_FN is not None else frozenset()
 )
+_FA4: Optional[Callable] = None  # pgolf.model.flash4.attend once FA4 has been probed and imports
+_FA4_WHY = "not probed"
+
+
+def probe_fa4() -> tuple[bool, str]:
+    """Import FlashAttention 4 (once; seconds) and register pgolf's ops for it: (usable, reason). Call it eagerly,
+    before compiling: :func:`resolve_backend` and :func:`available_backends` on CUDA do."""
+    global _FA4, _FA4_WHY
+    if _FA4_WHY == "not probed":
+        try:
+            from pgolf.model import flash4
+        except Exception as exc:  # torch without torch.library.custom_op, ...
+            _FA4_WHY = f"pgolf.model.flash4 does not import ({type(exc).__name__}: {exc})"
+        else:
+            ok, _FA4_WHY = flash4.load()
+            _FA4 = flash4.attend if ok else None
+    return _FA4 is not None, _FA4_WHY
+
+
+def _sm(device: torch.device) -> Optional[int]:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _status(name: str, device: torch.device) -> str:
+    """"ok" when backend ``name`` can run on ``device``, else why not (probes FA4 only when asked about it)."""
+    if name == "sdpa":
+        return "ok"
+    if device.type != "cuda":
+        return f"needs CUDA, got {device.type}"
+    sm = _sm(device)
+    if name == "fa3":
+        return _FA3_WHY if _FA3_FN is None else ("ok" if sm is None or sm // 10 == 9 else f"sm{sm}: FA3 is for Hopper")
+    if name == "fa4":
+        ok, why = probe_fa4()
+        return why if not ok else ("ok" if sm is None or sm // 10 in (9, 10, 11) else f"sm{sm}: no FA4 backward")
+    return "ok" if _TORCH_VARLEN_FN is not None else "torch.nn.attention.varlen is missing"
 
 
 def available_backends(device: torch.device | str) -> list[str]:
-    """Backends usable on ``device``, best first."""
-    found = []
-    if torch.device(device).type == "cuda":
-        if _FA3_FN is not None:
-            found.append("fa3")
-        if _TORCH_VARLEN_FN is not None:
-            found.append("torch_varlen")
-    found.append("sdpa")
-    return found
+    """Backends usable on ``device``, fastest first (fa3, fa4, torch_varlen, sdpa)."""
+    return [name for name in BACKENDS if _status(name, torch.device(device)) == "ok"]
 
 
 def select_backend(device: torch.device | str) -> str:
-    """The best backend for this device type (the probe ran once, at import)."""
+    """The fastest backend for this device type. Inside a compiled region nothing new is probed (FA4 counts only
+    when already probed); call :func:`resolve_backend` before compiling."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling() and device.type == "cuda":
+        return "fa3" if _FA3_FN is not None else "fa4" if _FA4 is not None else "torch_varlen"
     return available_backends(device)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendChoice:
+    """What ``model.attention_backend`` resolved to on one device (recorded with every result)."""
+
+    requested: str  # the recipe value: auto | fa3 | fa4 | torch
+    resolved: str  # the kernels: fa3 | fa4 | torch_varlen | sdpa
+    versions: dict  # torch, flash_attn_3, flash_attn_4 (None where not installed)
+    reason: str  # why these kernels (and why faster ones were passed over)
+
+    def as_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _version(*dists: str) -> Optional[str]:
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except Exception:
+            continue
+    return None
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> BackendChoice:
+    """Resolve a recipe value on ``device``: ``auto`` = the fastest usable (fa3, then fa4, then torch's kernels);
+    ``torch`` = torch's varlen kernels on CUDA, the banded SDPA on CPU; ``fa3``/``fa4`` that cannot run raise
+    (a result must name the kernels that produced it). Probes FA4 on CUDA: call it eagerly."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend: expected one of {', '.join(ATTENTION_BACKENDS)}, got {requested!r}")
+    device = torch.device(device)
+    versions = {"torch": torch.__version__, "flash_attn_3": _version("flash_attn_3", "flash-attn-3"),
+                "flash_attn_4": _version("flash-attn-4")}
+    if requested in ("fa3", "fa4"):
+        why = _status(requested, device)
+        if why != "ok":
+            raise RuntimeError(f"model.attention_backend {requested!r} cannot run on {device}: {why}")
+        return BackendChoice(requested, requested, versions, "requested")
+    if device.type != "cuda":
+        return BackendChoice(requested, "sdpa", versions, f"{device.type}: banded block-diagonal SDPA")
+    passed_over = []
+    if requested == "auto":  # FA4 is probed (imported) only when FA3 cannot run
+        for name in ("fa3", "fa4"):
+            why = _status(name, device)
+            if why == "ok":
+                return BackendChoice(requested, name, versions, "; ".join(["fastest usable", *passed_over]))
+            passed_over.append(f"{name}: {why}")
+    why = _status("torch_varlen", device)
+    if why != "ok":
+        raise RuntimeError(f"model.attention_backend {requested!r}: no CUDA varlen kernels ({why})")
+    return BackendChoice(requested, "torch_varlen", versions, "; ".join(passed_over) or "requested")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -175,9 +282,17 @@ def _repeat_kv(x: Tensor, num_heads: int) -> Tensor:
 
 def _fa3(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
     if _FA3_FN is None:
-        raise RuntimeError("attention backend 'fa3' requested but flash_attn_interface does not import")
+        raise RuntimeError(f"attention backend 'fa3' requested but unusable: {_FA3_WHY}")
     out = _FA3_FN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
     return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the log-sum-exp
+
+
+def _fa4(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
+    if _FA4 is None and not torch.compiler.is_compiling():
+        probe_fa4()
+    if _FA4 is None:  # (inside a compiled region nothing is probed: resolve_backend comes first)
+        raise RuntimeError(f"attention backend 'fa4' requested but unusable: {_FA4_WHY}")
+    return _FA4(q, k, v, cu_seqlens, max_seqlen, causal)
 
 
 def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
@@ -248,7 +363,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, 
     return y.transpose(1, 2).reshape(num_blocks * block, num_heads, head_dim)[:num_tokens]
 
 
-_BACKEND_FNS = {"fa3": _fa3, "torch_varlen": _torch_varlen, "sdpa": _sdpa}
+_BACKEND_FNS = {"fa3": _fa3, "fa4": _fa4, "torch_varlen": _torch_varlen, "sdpa": _sdpa}
 
 
 def attention(

@@ -31,7 +31,8 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
   * RoPE turns each (x1, x2) pair by MINUS the angle, with the record's frequencies rounded to bf16 (its models
     are cast to bf16 and its inv_freq buffer is never restored to fp32): ``rope_inv_freq``.
   * Every scalar parameter is cast to the residual stream's dtype where it is used, as the record does, so a bf16
-    embedding (``train.param_storage: record``) keeps the whole stream in bf16 under autocast.
+    embedding (``train.param_storage: record``) keeps the whole stream in bf16 under autocast; so do ``rms_norm``
+    (torch >= 2.12's autocast would widen it) and the RoPE tables (fp32 buffers looked up per token, cast to q/k).
   * SmearGate masks x_{t-1} only at BOS (the record's fix): a document cut into several attention segments
     keeps smearing across the cut (same document, causal). The row's first token has no predecessor (zero).
   * Single-lane block: ``x_in = resid_mix[0] * x + resid_mix[1] * x0`` REPLACES the residual (as in the record
@@ -41,7 +42,8 @@ Design decisions (the parameter count 35,945,671 of the record follows from them
 Runtime state (plain attributes, never tensors, so torch.compile guards on them and they are not saved):
   ``looping`` (depth recurrence on/off; False after construction - training switches it on, Hessians and
   evaluation must set it explicitly), ``train_seq_len`` (cut length used when cu_seqlens is not given),
-  ``bos_id``, ``attn_backend`` (None = best for the device), ``use_fused_kernels`` (the Triton kernels of
+  ``bos_id``, ``attn_backend`` (None = best for the device; ``set_attention_backend`` sets it from the recipe's
+  ``attention_backend`` and keeps the record in ``attention_choice``), ``use_fused_kernels`` (the Triton kernels of
   ``pgolf.model.kernels`` for the MLP up-projection + activation and the loss; default on when CUDA and triton are
   present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results).
 """
@@ -57,7 +59,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgolf.model import kernels
-from pgolf.model.attention import attention, build_cu_seqlens, segment_positions
+from pgolf.model.attention import attention, build_cu_seqlens, resolve_backend
+from pgolf.model.rope import ROPE_BUFFERS, apply_partial_rope, rope_buffers, segment_rope
+from pgolf.model.rope import rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
 from pgolf.config import ModelConfig
 
 ROLES = ("attn", "mlp", "embedding", "head", "attn_gate", "gate", "scalar")
@@ -81,8 +85,10 @@ LANE_RESID_INIT = 1.1
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    """RMSNorm over the last dim, no weight."""
-    return F.rms_norm(x, (x.shape[-1],))
+    """RMSNorm over the last dim, no weight; returns x's dtype. Why the cast: torch >= 2.12 puts ``rms_norm`` on
+    CUDA autocast's fp32 list, which would widen a bf16 residual stream (and everything saved from it) to fp32;
+    torch 2.11, which the record ran, keeps the input dtype. For fp32 x the cast is the identity."""
+    return F.rms_norm(x, (x.shape[-1],)).to(x.dtype)
 
 
 def mlp_activation(x: Tensor, kind: str, slope: float) -> Tensor:
@@ -102,32 +108,6 @@ def softcap(logits: Tensor, cap: float) -> Tensor:
 def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Tensor:
     """Mean cross-entropy in fp32 over targets != -100. logits [T, V] (any float dtype), targets [T]."""
     return F.cross_entropy(softcap(logits.float(), cap), targets, ignore_index=-100, reduction="mean")
-
-
-def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape [T, 1, rope_dims // 2] (fp32) for per-token positions [T]."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, r/2]
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
-
-
-def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``2 * cos.shape[-1]`` dims of each head (half-split pairing) by MINUS the angle, as the
-    record does (``x1 cos + x2 sin, x2 cos - x1 sin``); the rest pass through.
-
-    x [T, h, D]; cos/sin [T, 1, r/2]. Returns fp32 or x's dtype, whichever is wider (the caller casts).
-    """
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest.to(torch.promote_types(x.dtype, cos.dtype))], -1)
-
-
-def rope_inv_freq(rope_dims: int, base: float) -> Tensor:
-    """RoPE frequencies [rope_dims / 2] fp32, rounded to bf16 as the record's are (its ``.bfloat16()`` model cast
-    reaches the non-persistent ``inv_freq`` buffer, and only parameters are restored to fp32). Computed in Python
-    doubles (keeps meta-device builds free of torch's slow decompositions); the result equals the record's
-    float32-then-bf16 values."""
-    exact = [base ** (-i / rope_dims) for i in range(0, rope_dims, 2)]
-    return torch.tensor(exact, dtype=torch.float32).to(torch.bfloat16).to(torch.float32)
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -176,11 +156,15 @@ class SmearGate(nn.Module):
         self.gate = _linear(window, 1)
         self.lam = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, input_ids: Tensor, bos_id: int) -> Tensor:  # x [T, d], ids [T]
+    def forward(self, x: Tensor, input_ids: Tensor, bos_id: int, reset: Optional[Tensor] = None) -> Tensor:
+        """x [T, d], ids [T]; ``reset`` bool [T]: tokens with no predecessor (starts of independent rows packed
+        into one stream, e.g. Hessian calibration rows)."""
         prev = F.pad(x[:-1], (0, 0, 1, 0))  # [T, d]; the row's first token has no predecessor
         g = torch.sigmoid(self.gate(x[:, : self.window]))  # [T, 1]
         if self.bos_mask:
             g = g * (input_ids != bos_id).to(g.dtype)[:, None]
+        if reset is not None:
+            g = g * (~reset).to(g.dtype)[:, None]
         return x + (self.lam.to(x.dtype) * g.to(x.dtype)) * prev
 
 
@@ -258,8 +242,10 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 class MLP(nn.Module):
     """``down(act(up(x)))``; ``up``/``down`` are separate modules for hooks.
 
-    ``use_fused_kernels`` (set by GPT) computes ``act(up(x))`` in one Triton kernel, but only while ``up`` is a
-    plain hook-free nn.Linear: a Hessian hook or a LoRA wrapper on ``up`` must see the call, so it disables fusion.
+    ``use_fused_kernels`` (set by GPT) runs the whole MLP as one op (``kernels.mlp``: the activation in the
+    up-projection's epilogue, its derivative in the backward matmul's), but only while ``up`` and ``down`` are
+    plain hook-free nn.Linear modules: a Hessian hook or a LoRA wrapper on either must see its call, so it
+    disables fusion.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -271,13 +257,15 @@ class MLP(nn.Module):
         self.use_fused_kernels = False
 
     def _fusable(self) -> bool:
-        up = self.up
-        return self.use_fused_kernels and type(up) is nn.Linear and not (up._forward_hooks or up._forward_pre_hooks)
+        def plain(m: nn.Module) -> bool:
+            return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
+
+        return self.use_fused_kernels and plain(self.up) and plain(self.down)
 
     def forward(self, x: Tensor) -> Tensor:  # [T, d] -> [T, d]
-        if self._fusable():  # relu^2 is the slope-0 case of the fused kernel
+        if self._fusable():  # relu^2 is the slope-0 case of the fused kernels
             slope = self.slope if self.activation == "leaky_relu_sq" else 0.0
-            return self.down(kernels.mlp_up_activation(x, self.up.weight, slope))  # [T, 4d] -> [T, d]
+            return kernels.mlp(x, self.up.weight, self.down.weight, slope)
         return self.down(mlp_activation(self.up(x), self.activation, self.slope))
 
 
@@ -342,6 +330,7 @@ class GPT(nn.Module):
         self.train_seq_len = train_seq_len
         self.bos_id = bos_id
         self.attn_backend: Optional[str] = None
+        self.attention_choice: Optional[dict] = None
         self._use_fused_kernels = False  # set through the property below, once the blocks exist
 
         # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
@@ -362,10 +351,13 @@ class GPT(nn.Module):
 
         self.lm_head: nn.Module = TiedHead(self.tok_emb) if cfg.tie_embeddings else _linear(d, cfg.vocab_size)
 
-        if cfg.rope_dims > 0:
-            self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.rope_dims, cfg.rope_base), persistent=False)
+        if cfg.rope_dims > 0:  # non-persistent: frequencies, cos/sin [train_seq_len, r/2] fp32 (pgolf.model.rope)
+            for name, t in zip(ROPE_BUFFERS, rope_buffers(cfg.rope_dims, cfg.rope_base, max(int(train_seq_len), 1))):
+                self.register_buffer(name, t, persistent=False)
         else:
-            self.rope_inv_freq = None
+            self.rope_inv_freq = self.rope_cos = self.rope_sin = None
+        # the dtype the model was cast to (a buffer follows .to(dtype)); the embedding alone may be stored in bf16
+        self.register_buffer("_dtype_probe", torch.zeros(()), persistent=False)
         self.use_fused_kernels = kernels.fused_kernels_default()
         self.reset_parameters()
 
@@ -379,6 +371,12 @@ class GPT(nn.Module):
         self._use_fused_kernels = bool(value)
         for block in self.blocks:
             block.mlp.use_fused_kernels = bool(value)
+
+    def set_attention_backend(self, device) -> dict:
+        """Resolve ``cfg.attention_backend`` on ``device`` (before compiling) and use it; returns the record."""
+        choice = resolve_backend(self.cfg.attention_backend, device)
+        self.attn_backend, self.attention_choice = choice.resolved, choice.as_record()
+        return self.attention_choice
 
     # ---------------------------------------------------------------------------------------------- structure
 
@@ -396,6 +394,14 @@ class GPT(nn.Module):
     def _num_skips(num_applications: int) -> int:
         encoder = num_applications // 2
         return min(encoder, num_applications - encoder)
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent RoPE buffers in place (``to_empty`` leaves them uninitialized)."""
+        if self.rope_inv_freq is not None:
+            with torch.no_grad():
+                values = rope_buffers(self.cfg.rope_dims, self.cfg.rope_base, len(self.rope_cos))
+                for name, t in zip(ROPE_BUFFERS, values):
+                    getattr(self, name).copy_(t)
 
     def reset_parameters(self) -> None:
         """Record init: embedding N(0, embed_init_std); q, k, v, up orthogonal; o, down, gates, untied head zero."""
@@ -494,20 +500,25 @@ class GPT(nn.Module):
             return x + w
         return torch.lerp(w, x, torch.sigmoid(self.skip_gates[slot].to(x.dtype)))
 
-    def forward_hidden(self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
-        """Final-normed hidden states [T, d] (the LM head's input)."""
+    def forward_hidden(
+        self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+        smear_reset: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Final-normed hidden states [T, d] (the LM head's input). ``smear_reset`` (bool [T]): see SmearGate."""
         cu_seqlens, max_seqlen = self._segments(input_ids, cu_seqlens, max_seqlen)
         T = input_ids.shape[0]
-        rope = None
-        if self.rope_inv_freq is not None:
-            rope = rope_tables(segment_positions(cu_seqlens, T), self.rope_inv_freq)
+        rope = None if self.rope_inv_freq is None else segment_rope(
+            cu_seqlens, T, max_seqlen, self.rope_inv_freq, self.rope_cos, self.rope_sin)
         ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
         x = self.tok_emb(input_ids)  # [T, d]; bf16 under train.param_storage: record
-        if x.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            x = x.float()  # no autocast (CPU runs): the fp32 matrices need an fp32 stream; bf16 values are exact in fp32
+        stream_dtype = self._dtype_probe.dtype  # follows .to(dtype) casts of the whole model, not the embedding's storage
+        if x.dtype != stream_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(stream_dtype)  # no autocast (CPU runs): a bf16-stored embedding on fp32 matrices (exact values)
         if self.smear is not None:
-            x = self.smear(x, input_ids, self.bos_id)  # on the raw embedding, then the norm (the record's order)
+            # on the raw embedding, then the norm (the record's order); wrappers (evaluate.lora.SlotSmear) take 3 args
+            extra = () if smear_reset is None else (smear_reset,)
+            x = self.smear(x, input_ids, self.bos_id, *extra)
         x = rms_norm(x)
         if self.bigram_hash is not None:
             x = x + self.bigram_hash(input_ids).to(x.dtype)  # [T, d]

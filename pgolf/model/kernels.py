@@ -6,6 +6,11 @@
    pre-activation once more only because backward needs it:
    ``d pre = grad * 2 * leaky_relu(pre) * (1 if pre > 0 else slope)``, then ``dx = d pre @ w`` and
    ``dw = d pre^T @ x`` with ordinary matmuls (cuBLAS is as good as it gets there).
+   ``mlp(x, w_up, w_down, slope)`` = ``mlp_up_activation(x, w_up, slope) @ w_down^T`` is the whole MLP as one
+   op, so that its backward can fuse too: ``d pre = (g @ w_down) * act'(pre)`` is ONE kernel (the same matmul
+   kernel with a backward epilogue), where the unfused backward writes ``g @ w_down`` ([T, 4d]) from cuBLAS and
+   reads it back in an elementwise pass. The product is rounded once (from the fp32 accumulator) instead of
+   twice. The other three matmuls of its backward are cuBLAS.
 2. ``softcapped_cross_entropy(z, targets, cap)`` = ``CE(cap * tanh(z / cap), targets)`` over z [T, V] (bf16 or
    fp32), ignore_index -100, mean over valid targets (``softcapped_token_nll`` gives the per-token losses that
    evaluation needs). Unfused, torch materializes the fp32 copy, the capped logits and the softmax ([T, V] fp32
@@ -88,6 +93,11 @@ def softcapped_cross_entropy_reference(z: Tensor, targets: Tensor, cap: float) -
     )
 
 
+def mlp_reference(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
+    """``leaky_relu(x @ w_up^T, slope)^2 @ w_down^T``: x [..., d], w_up [4d, d], w_down [d, 4d] -> [..., d]."""
+    return F.linear(mlp_up_activation_reference(x, w_up, slope), w_down)
+
+
 def mlp_activation_grad(pre: Tensor, grad_post: Tensor, slope: float) -> Tensor:
     """d/d pre of ``leaky_relu(pre, slope)^2`` times ``grad_post``, computed in (at least) fp32, returned in pre's dtype."""
     p = _at_least_fp32(pre)
@@ -144,6 +154,61 @@ if TRITON_AVAILABLE:
     _mlp_up_act_op.register_autograd(_mlp_up_act_backward, setup_context=_mlp_up_act_setup)
     # like F.linear under autocast: both operands in bf16 (fp32 master weights included)
     torch.library.register_autocast("pgolf::mlp_up_act", "cuda", torch.bfloat16)
+
+    @custom_op("pgolf::mlp_fused", mutates_args=())
+    def _mlp_fused_op(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(out, pre, post) for x [M, d], w_up [4d, d], w_down [d, 4d] of one dtype; pre and post are outputs only
+        so that autograd can keep them for the backward (callers use ``out``)."""
+        _check_device(x, "pgolf::mlp_fused")
+        M, N = x.shape[0], w_up.shape[0]
+        pre = x.new_empty((M, N))
+        post = x.new_empty((M, N))
+        _tk.launch_mlp_up_act(x.contiguous(), w_up.contiguous(), pre, post, slope)
+        return post @ w_down.t(), pre, post
+
+    @_mlp_fused_op.register_fake
+    def _mlp_fused_fake(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+        M, N = x.shape[0], w_up.shape[0]
+        return x.new_empty((M, w_down.shape[0])), x.new_empty((M, N)), x.new_empty((M, N))
+
+    @custom_op("pgolf::mlp_act_grad", mutates_args=())
+    def _mlp_act_grad_op(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+        """d pre = (g @ w_down) * act'(pre): g [M, d], w_down [d, 4d], pre [M, 4d] -> [M, 4d] in pre's dtype."""
+        _check_device(g, "pgolf::mlp_act_grad")
+        pre = pre.contiguous()
+        dpre = torch.empty_like(pre)
+        _tk.launch_mlp_act_grad(g.to(pre.dtype).contiguous(), w_down.to(pre.dtype).contiguous(), pre, dpre, slope)
+        return dpre
+
+    @_mlp_act_grad_op.register_fake
+    def _mlp_act_grad_fake(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+        return torch.empty_like(pre, memory_format=torch.contiguous_format)
+
+    def _mlp_fused_setup(ctx, inputs, output) -> None:
+        x, w_up, w_down, slope = inputs
+        _, pre, post = output
+        ctx.save_for_backward(x, w_up, w_down, pre, post)
+        ctx.slope = slope
+        ctx.set_materialize_grads(False)
+
+    def _mlp_fused_backward(ctx, grad_out: Optional[Tensor], grad_pre: Optional[Tensor], grad_post: Optional[Tensor]):
+        x, w_up, w_down, pre, post = ctx.saved_tensors
+        dpre, dw_down = None, None
+        if grad_out is not None:
+            grad_out = grad_out.contiguous()
+            dw_down = grad_out.t() @ post  # [d, M] @ [M, 4d]
+            dpre = torch.ops.pgolf.mlp_act_grad(grad_out, w_down, pre, ctx.slope)  # one pass, see the module doc
+        if grad_post is not None:  # callers never use post; handled for completeness
+            extra = mlp_activation_grad(pre, grad_post, ctx.slope)
+            dpre = extra if dpre is None else dpre + extra
+        if grad_pre is not None:
+            dpre = grad_pre if dpre is None else dpre + grad_pre
+        if dpre is None:
+            return None, None, None, None
+        return dpre @ w_up, dpre.t() @ x, dw_down, None  # dx [M, d], dw_up [4d, d], dw_down [d, 4d]
+
+    _mlp_fused_op.register_autograd(_mlp_fused_backward, setup_context=_mlp_fused_setup)
+    torch.library.register_autocast("pgolf::mlp_fused", "cuda", torch.bfloat16)
 
     @custom_op("pgolf::softcap_ce", mutates_args=())
     def _softcap_ce_op(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -220,6 +285,33 @@ def mlp_up_activation(x: Tensor, w: Tensor, slope: float) -> Tensor:
     if _use_triton(x):
         return fused_mlp_up_activation(x, w, slope)
     return mlp_up_activation_reference(x, w, slope)
+
+
+def fused_mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
+    """The Triton path of :func:`mlp` (raises where it cannot run). x [..., d], w_up [4d, d], w_down [d, 4d]."""
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("fused_mlp: triton is not installed")
+    if w_up.ndim != 2 or w_down.ndim != 2 or x.shape[-1] != w_up.shape[1] or w_down.shape[1] != w_up.shape[0]:
+        raise ValueError(
+            f"mlp: x {tuple(x.shape)}, w_up {tuple(w_up.shape)} and w_down {tuple(w_down.shape)} do not chain as "
+            "act(x @ w_up^T) @ w_down^T"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, d]
+    if not torch.is_autocast_enabled(x.device.type) and not (x2.dtype == w_up.dtype == w_down.dtype):
+        raise ValueError(
+            f"mlp: x is {x2.dtype}, w_up {w_up.dtype}, w_down {w_down.dtype} (use autocast or cast them to one dtype)"
+        )
+    out, _, _ = torch.ops.pgolf.mlp_fused(x2, w_up, w_down, float(slope))
+    return out.view(*lead, w_down.shape[0])
+
+
+def mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
+    """``leaky_relu(x @ w_up^T, slope)^2 @ w_down^T`` -> [..., d]. Fused (forward and backward) on CUDA, the
+    reference elsewhere."""
+    if _use_triton(x):
+        return fused_mlp(x, w_up, w_down, slope)
+    return mlp_reference(x, w_up, w_down, slope)
 
 
 def fused_softcapped_token_nll(z: Tensor, targets: Tensor, cap: float) -> Tensor:

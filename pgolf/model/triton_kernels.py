@@ -1,8 +1,8 @@
 """The Triton kernels behind ``pgolf.model.kernels`` (imported only when triton imports; no torch.library code here).
 
 Each ``launch_*`` function fills preallocated outputs. Launch parameters are chosen here, in Python, from the
-shapes and the device: on CUDA the matmul is autotuned over a few Hopper-sized tiles (keyed on N and K only, so
-a new token count does not re-tune), on CPU (Triton's interpreter, ``TRITON_INTERPRET=1``, used by the tests)
+shapes and the device: on CUDA the matmul is autotuned over a few Hopper-sized tiles (keyed on N, K and the direction
+only, so a new token count does not re-tune), on CPU (Triton's interpreter, ``TRITON_INTERPRET=1``, used by the tests)
 small fixed tiles keep the numpy emulation fast. ``pgolf.model.kernels`` wraps the launchers in opaque custom ops, so
 ``torch.compile`` never traces into them (it calls them as they are, with their own autotuning cache).
 
@@ -31,16 +31,21 @@ def is_interpreted() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# (1) MLP up-projection with the squared leaky-ReLU in the epilogue
+# (1) MLP up-projection with the squared leaky-ReLU in the epilogue, and its backward twin
 # --------------------------------------------------------------------------------------------------------------
+# One matmul kernel, two epilogues (BACKWARD is a compile-time switch):
+#   forward:  acc = x @ w_up^T;   pre = acc, post = leaky_relu(acc, s)^2
+#   backward: acc = g @ w_down;   dpre = acc * act'(pre), act'(p) = 2p (p > 0) else 2 s^2 p
+# In the backward the kernel's "w" [N, K] is w_down^T, read through w_down's swapped strides (no copy), so both
+# directions have N = 4d and K = d. The backward never writes g @ w_down ([M, 4d]) to memory, nor reads it back.
 
 
 @triton.jit
 def _mlp_up_act_kernel(
-    x_ptr,  # [M, K]
-    w_ptr,  # [N, K]  (nn.Linear layout: the kernel computes x @ w^T)
-    pre_ptr,  # [M, N] out: x @ w^T (kept for backward)
-    post_ptr,  # [M, N] out: leaky_relu(pre, slope)^2
+    x_ptr,  # [M, K]: the MLP input (forward) or the gradient of the MLP output (backward)
+    w_ptr,  # [N, K] through its strides (nn.Linear layout: the kernel computes x @ w^T)
+    pre_ptr,  # [M, N]: out, x @ w^T (kept for backward); BACKWARD: in, the forward's pre-activation
+    post_ptr,  # [M, N] out: leaky_relu(pre, slope)^2; BACKWARD: d loss / d pre
     M,
     N,
     K: tl.constexpr,  # constexpr: loop bounds must be Python ints in triton <= 3.6's interpreter with numpy >= 2.4
@@ -52,6 +57,7 @@ def _mlp_up_act_kernel(
     stride_on,
     slope,
     IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
+    BACKWARD: tl.constexpr,  # the backward epilogue (see above)
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16 operands (triton 3.6), so feed it fp32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -92,12 +98,17 @@ def _mlp_up_act_kernel(
         x_tile += BLOCK_K * stride_xk
         w_tile += BLOCK_K * stride_wk
 
-    # epilogue: both outputs from the fp32 accumulator
-    act = tl.where(acc > 0, acc, acc * slope)
+    # epilogue, from the fp32 accumulator (pre, post and dpre share one [M, N] layout)
     out_offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     out_mask = rows_ok[:, None] & cols_ok[None, :]
-    tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(post_ptr + out_offsets, (act * act).to(post_ptr.dtype.element_ty), mask=out_mask)
+    if BACKWARD:
+        p = tl.load(pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+        dpre = acc * tl.where(p > 0, 2.0 * p, (2.0 * slope * slope) * p)
+        tl.store(post_ptr + out_offsets, dpre.to(post_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        act = tl.where(acc > 0, acc, acc * slope)
+        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(post_ptr + out_offsets, (act * act).to(post_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _mlp_configs() -> list:
@@ -117,34 +128,35 @@ def _mlp_configs() -> list:
     ]
 
 
-_mlp_up_act_autotuned = triton.autotune(configs=_mlp_configs(), key=["N", "K"])(_mlp_up_act_kernel)
+_mlp_up_act_autotuned = triton.autotune(configs=_mlp_configs(), key=["N", "K", "BACKWARD"])(_mlp_up_act_kernel)
 
 # interpreter tiles: small, and not multiples of the test shapes so the masks are exercised
 INTERPRET_MLP_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
 
 
-def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, slope: float) -> None:
-    """pre = x @ w^T, post = leaky_relu(pre, slope)^2. x [M, K], w [N, K], pre/post [M, N] preallocated."""
-    M, K = x.shape
-    N = w.shape[0]
+def _launch_mlp(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int], pre: torch.Tensor,
+                out: torch.Tensor, slope: float, backward: bool) -> None:
+    M, K = a.shape
+    N = out.shape[1]
     args = dict(
-        x_ptr=x,
+        x_ptr=a,
         w_ptr=w,
         pre_ptr=pre,
-        post_ptr=post,
+        post_ptr=out,
         M=M,
         N=N,
         K=K,
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_wn=w.stride(0),
-        stride_wk=w.stride(1),
-        stride_om=pre.stride(0),
-        stride_on=pre.stride(1),
+        stride_xm=a.stride(0),
+        stride_xk=a.stride(1),
+        stride_wn=w_strides[0],
+        stride_wk=w_strides[1],
+        stride_om=out.stride(0),
+        stride_on=out.stride(1),
         slope=float(slope),
-        IEEE_FP32=x.dtype == torch.float32,
+        IEEE_FP32=a.dtype == torch.float32,
+        BACKWARD=backward,
     )
-    if x.device.type == "cuda":
+    if a.device.type == "cuda":
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -154,6 +166,24 @@ def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post:
         tile = INTERPRET_MLP_TILE
         grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, tile["BLOCK_N"]),)
         _mlp_up_act_kernel[grid](**args, **tile, UPCAST=True)
+
+
+def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, slope: float) -> None:
+    """pre = x @ w^T, post = leaky_relu(pre, slope)^2. x [M, K], w [N, K], pre/post [M, N] preallocated."""
+    if pre.stride() != post.stride():
+        raise ValueError("launch_mlp_up_act: pre and post must share one layout")
+    _launch_mlp(x, w, (w.stride(0), w.stride(1)), pre, post, slope, backward=False)
+
+
+def launch_mlp_act_grad(
+    g: torch.Tensor, w_down: torch.Tensor, pre: torch.Tensor, dpre: torch.Tensor, slope: float
+) -> None:
+    """dpre = (g @ w_down) * act'(pre) in one pass. g [M, K], w_down [K, N] (nn.Linear layout of the down
+    projection: K = d outputs, N = 4d inputs), pre and dpre [M, N] of one layout."""
+    if pre.stride() != dpre.stride():
+        raise ValueError("launch_mlp_act_grad: pre and dpre must share one layout")
+    # the kernel reads w[n, k] = w_down[k, n]: w_down^T through swapped strides
+    _launch_mlp(g, w_down, (w_down.stride(1), w_down.stride(0)), pre, dpre, slope, backward=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pgolf.config.strict import nonneg_int
+
 
 def _hessians(args: argparse.Namespace) -> int:
     from pgolf.config import ConfigError, HessianConfig, section_from_json
@@ -75,7 +77,7 @@ def _register_quantize(commands) -> None:
         default="cpu",
         help="cpu (default): results independent of the GPU the stage lands on",
     )
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch when the quantize section's cpu_threads is 0 (0: torch's default)")
+    parser.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads for torch when the quantize section's cpu_threads is 0 (0: torch's default)")
     parser.set_defaults(func=_quantize)
 
 

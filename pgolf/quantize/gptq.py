@@ -13,14 +13,18 @@ Integer ranges (one choice, used everywhere in pgolf):
 - Scales are stored as float16. Quantization always divides by the float16-rounded scale, so dequantizing from
   the stored artifact reproduces exactly the values GPTQ propagated its errors against.
 
-LQER (low-rank quantization error reconstruction): for the few tensors with the largest output error keep a
+LQER (low-rank quantization error reconstruction): for the few tensors with the largest error keep a
 rank-``r`` SVD of ``E = W - W_hat`` as ``A = U_r S_r`` (``[rows, r]``) and ``B = V_r^T`` (``[r, cols]``), itself
 quantized very coarsely:
 
-- mode ``"asym"`` (the record): ``A`` is int2 with the ASYMMETRIC levels ``{-2, -1, 0, 1} * s`` and ONE float16
-  scale ``s`` for the whole matrix (chosen by a small grid search; the sign of each rank component is flipped so
-  its largest-magnitude entry of ``A`` is negative and can use the lone ``-2`` level); ``B`` is int4 symmetric
-  ``[-7, 7]`` in groups of ``group_size`` consecutive columns, one float16 scale per group.
+- mode ``"asym"`` (the record's codebook): float32 SVD; ``A`` is int2 with the ASYMMETRIC levels
+  ``{-2, -1, 0, 1} * s`` and ONE float16 scale ``s = max|A| / 1.5`` for the whole matrix; ``B`` is int4
+  ``[-8, 7]`` in groups of ``group_size`` consecutive columns, scale ``group max / 7.5``. When ``rank * cols``
+  is not a multiple of the group, the record's fallback: int4 ``[-7, 7]`` with one scale per row of ``A`` and
+  of ``B`` (layout ``rowsym``).
+- mode ``"asym_search"`` (pgolf's): the same layout; the A scale is chosen by a small grid search and the sign
+  of each rank component flipped so its largest-magnitude entry of ``A`` is negative and can use the lone
+  ``-2`` level; ``B`` is int4 symmetric ``[-7, 7]``.
 - mode ``"sym"``: both ``A^T`` and ``B`` are int4 symmetric ``[-7, 7]`` in groups of ``group_size`` along their
   long dimension (``A^T`` is ``[r, rows]``), one float16 scale per group.
 
@@ -75,20 +79,22 @@ def _require_2d(W: torch.Tensor, what: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def sdclip_scales(W: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+def sdclip_scales(W: torch.Tensor, bits: int, clip_sigmas: float, correction: int = 1) -> torch.Tensor:
     """Per-row "SDClip" scales ``clip_sigmas * std(row) / max_level(bits)`` as float16 ``[rows]``.
 
     Clipping at a multiple of the row's standard deviation instead of its max ignores rare outliers, which buys
-    resolution for the bulk of the weights. ``std`` is the population std (``correction=0``), so a 1-column row
-    is defined. A row with zero std (constant) falls back to ``max|w| / max_level`` so a constant row is still
-    exact; an all-zero row gets scale 1 (all codes 0).
+    resolution for the bulk of the weights. ``correction=1`` is the unbiased std (divides by ``cols - 1``, the
+    record's; config ``sdclip_std: unbiased``), ``0`` the population std (``population``). float32 operations in
+    the record's order: ``clip_sigmas * std`` first, then ``/ max_level``. A row with zero std (constant) falls
+    back to ``max|w| / max_level`` so a constant row is still exact (the record gets scale 0 there); an all-zero
+    row gets scale 1 (all codes 0).
     """
     _require_2d(W, "sdclip_scales: W")
     if clip_sigmas <= 0:
         raise QuantizeError(f"clip_sigmas: expected > 0, got {clip_sigmas}")
     qmax = max_level(bits)
     W32 = W.detach().float()
-    std = W32.std(dim=1, correction=0)  # [rows]
+    std = W32.std(dim=1, correction=correction if W32.shape[1] > correction else 0)  # [rows]
     absmax = W32.abs().amax(dim=1)  # [rows]
     scale = clip_sigmas * std / qmax
     scale = torch.where(scale > 0, scale, absmax / qmax)
@@ -141,28 +147,29 @@ def layer_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) ->
 
 
 def _inverse_hessian_upper_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``[cols, cols]``).
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``[cols, cols]``) for an ALREADY damped ``H``.
 
     Rows of ``U`` give GPTQ both the per-column error denominators (``U[i, i]``) and how the error of column ``i``
-    spreads over the columns after it (``U[i, i:]``). If the damped matrix is still not positive definite
-    (a numerically rank-deficient calibration set), damping grows tenfold, up to four times, before giving up.
+    spreads over the columns after it (``U[i, i:]``). If ``H`` is not positive definite (a numerically
+    rank-deficient calibration set), extra damping ``damp * mean(diag H)``, growing tenfold, is added up to four
+    times before giving up (the record raises at once; a successful first attempt is unaffected).
     """
     cols = H.shape[0]
     mean_diag = float(H.diagonal().mean())
     if not mean_diag > 0:
         mean_diag = 1.0
     eye = torch.eye(cols, dtype=H.dtype, device=H.device)
-    damp_value = damp * mean_diag if damp > 0 else 0.0
+    extra = 0.0
     for attempt in range(5):
-        L, info = torch.linalg.cholesky_ex(H + damp_value * eye)
+        L, info = torch.linalg.cholesky_ex(H + extra * eye if extra else H)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U
-        damp_value = max(damp_value * 10.0, 1e-6 * mean_diag)
+        extra = max(extra * 10.0, max(damp, 1e-6) * mean_diag)
     raise QuantizeError(
-        f"GPTQ: Hessian [{cols}, {cols}] is not positive definite even with damping {damp_value:.3g} "
+        f"GPTQ: Hessian [{cols}, {cols}] is not positive definite even with extra damping {extra:.3g} "
         "(check the calibration data: too few tokens or NaN activations?)"
     )
 
@@ -176,19 +183,26 @@ def gptq_quantize_weight(
     damp: float = 0.01,
     act_order: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    std_correction: int = 1,
+    dead_columns: str = "keep",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ with fixed per-row SDClip scales. Returns ``(q int8 [rows, cols], scale float16 [rows])``.
 
     Columns are quantized one at a time; the rounding error of each is pushed onto the columns not yet
     quantized, weighted by the inverse Hessian, which minimizes ``trace(D H D^T)`` greedily instead of ``||D||``.
+    On the CPU in float32 the codes equal the record's ``gptq_quantize_weight`` bit for bit (same scales, same
+    order of operations; tests/test_record_quant_oracle.py):
 
-    - Scales come from the ORIGINAL ``W`` before any error feedback, so they are the same as RTN's.
-    - Damping ``damp * mean(diag H)`` is added to the diagonal.
-    - Dead columns (``diag H <= 0``: an input feature that is always zero) are decoupled (their row and column of
-      ``H`` zeroed, diagonal set to 1): their weights are rounded to nearest and receive no error feedback. The
-      weights are kept, not zeroed, because a tied embedding uses the same matrix on its input side.
-    - ``act_order``: columns are processed in order of descending ``diag H`` (the most important first, while
-      the most columns remain to absorb their error); the codes are un-permuted before returning.
+    - Scales come from the ORIGINAL ``W`` before any error feedback (``sdclip_scales``, ``std_correction``).
+    - ``H`` is used as given (not symmetrized: Cholesky reads its lower triangle).
+    - Dead columns (``diag H <= 0``: an input feature that never fires) get a diagonal of 1 (their row and column
+      zeroed, a no-op for ``X^T X``). ``dead_columns="keep"``: their weights are rounded to nearest and receive
+      no error feedback (a tied embedding uses the same matrix on its input side); ``"zero"`` (the record's):
+      their codes are 0.
+    - Damping ``damp * mean(diag H)``: a ``compute_dtype`` tensor operation on the unpermuted diagonal, added
+      BEFORE the permutation (the last bits of ``H`` decide codes that sit on a rounding boundary).
+    - ``act_order``: columns are processed in order of descending damped ``diag H`` (torch's default sort), the
+      most important first, while the most columns remain to absorb their error; codes are un-permuted at the end.
     - Lazy batch updates: inside a block of ``block_size`` columns errors are applied column by column; the
       rest of the matrix is updated once per block with one matmul. The result equals the unblocked algorithm.
     """
@@ -200,22 +214,27 @@ def gptq_quantize_weight(
         raise QuantizeError("gptq_quantize_weight: Hessian contains NaN or Inf")
     if block_size < 1:
         raise QuantizeError(f"block_size: expected >= 1, got {block_size}")
+    if dead_columns not in ("keep", "zero"):
+        raise QuantizeError(f"dead_columns: expected 'keep' or 'zero', got {dead_columns!r}")
     qmax = max_level(bits)
-    scale16 = sdclip_scales(W, bits, clip_sigmas)  # [rows] float16
+    scale16 = sdclip_scales(W, bits, clip_sigmas, std_correction)  # [rows] float16
     device = W.device
     scale = scale16.to(device=device, dtype=compute_dtype)[:, None]  # [rows, 1]
 
     Wc = W.detach().to(compute_dtype).clone()  # [rows, cols], receives error feedback
     Hc = H.detach().to(device=device, dtype=compute_dtype).clone()  # [cols, cols]
-    Hc = (Hc + Hc.T) / 2
-    dead = Hc.diagonal() <= 0
+    dead = torch.diag(Hc) <= 0  # [cols]
     if bool(dead.any()):
         Hc[dead, :] = 0
         Hc[:, dead] = 0
         Hc[dead, dead] = 1
+        if dead_columns == "zero":
+            Wc[:, dead] = 0
+    if damp > 0:
+        Hc.diagonal().add_(torch.diag(Hc).mean() * damp)  # a contiguous copy of the diagonal: the record's reduction
 
     if act_order:
-        perm = torch.argsort(Hc.diagonal(), descending=True, stable=True)  # [cols]
+        perm = torch.argsort(torch.diag(Hc), descending=True)  # [cols]
         Wc = Wc[:, perm]
         Hc = Hc[perm][:, perm]
     U = _inverse_hessian_upper_cholesky(Hc, damp)  # [cols, cols] upper

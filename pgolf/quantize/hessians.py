@@ -14,29 +14,40 @@ while calibration batches run through the model:
 - depth recurrence is ON when the model has it (set explicitly: ``looping`` is runtime state, and evaluation
   runs looped), so a looped layer's hook fires once per APPLICATION of the layer.
 
-How ``n`` counts: ``n`` is the number of input rows the hook saw, i.e. tokens x applications of that layer
-(a layer applied 3 times per forward sees 3 rows per token). ``H`` is therefore the mean outer product per
-application, on the same scale for looped and unlooped layers. GPTQ itself does not depend on the scale of H
-(damping is relative to ``mean(diag H)``), only the error figures in the quantize report do.
+How ``n`` counts (``normalize``): ``rows`` (pgolf's) divides by the number of input rows the hook saw, i.e.
+tokens x applications of that layer (a layer applied 3 times per forward sees 3 rows per token), so ``H`` is the
+mean outer product per application, on the same scale for looped and unlooped layers; ``batches`` (the
+record's) divides the sum by the number of calibration batches. GPTQ hardly depends on the scale of H (damping is
+relative to ``mean(diag H)``; only codes on a rounding boundary can flip), the error figures of the quantize
+report do.
 
-Calibration reads only ``fineweb_train_*.bin`` (never validation): ``batches`` packed rows of ``batch_rows x
-seq_len`` tokens taken at seeded random offsets of the training stream; attention stays inside documents (BOS
-starts a segment, and so does every row start), exactly as in training.
+Calibration reads only ``fineweb_train_*.bin`` (never validation): ``batches`` batches of ``batch_rows`` rows of
+``seq_len`` tokens. ``sampler``: ``uniform`` (pgolf's) takes rows at seeded random offsets of the whole training
+stream; ``record`` reproduces the record's shuffled-sequence sampler of rank ``sampler_rank`` of
+``sampler_world_size`` (:func:`record_calibration_rows`; the record's artifact uses rank 0's Hessians). Each row is
+an independent sequence (SmearGate sees no predecessor at a row start). ``attention``: ``documents`` (pgolf's)
+keeps attention inside documents (BOS starts a segment, and so does every row start), as in training; ``rows``
+(the record's) is causal over the whole row across documents, positions counted from the row start.
+``forward_dtype``: ``autocast`` (pgolf's: fp32 weights, bf16 autocast on CUDA) or ``bfloat16`` (the record's: a
+bf16 copy of the model without autocast, so the residual stream is bf16 too; the record's numerics up to kernel
+differences, not bit for bit).
 
 Time budget: the rules count every read of training data, so under pgolf's ``strict`` reading
 (``train.budget_reading``) this pass belongs to the 600 s training budget. ``hessian_seconds`` is the wall time
 of what a single-process record script would also do after its loop: read the calibration tokens and run the
 hooked forwards (CUDA synchronized). Loading the checkpoint and building the model exist only because the
 pipeline is staged, so they are reported separately and not counted. The report gives ``train_seconds`` (from
-the checkpoint), ``hessian_seconds`` and their sum against the train config's ``max_wallclock_seconds``; over it,
-a record-mode run exits with status 3 and writes no hessians. Under the ``record`` reading (PR #1855's run: the
+the training stage's train_summary.json), ``hessian_seconds`` and their sum against the train config's
+``max_wallclock_seconds``; over it, a record-mode run exits with status 3 and writes no hessians. Under the ``record`` reading (PR #1855's run: the
 cap bounds the loop, the Hessians run after it) only the loop is held to the cap; both figures are reported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,8 +60,8 @@ from torch import Tensor
 from pgolf.model.attention import build_cu_seqlens
 from pgolf.config import HessianConfig, to_dict
 from pgolf.data.loader import TokenStream
-from pgolf.data.shards import BOS_ID, list_shards
-from pgolf.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from pgolf.data.shards import BOS_ID, list_shards, read_shard
+from pgolf.io import Countdown, atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
 # float32 X^T X on CUDA through TF32 tensor cores (inputs rounded to 11 significant bits, float32 accumulation):
 # exact for the bf16 activations autocast produces, a 2^-11 rounding of the few fp32 ones (norm outputs, which the
@@ -99,34 +110,96 @@ def packed_rows_cu_seqlens(rows: Tensor, bos_id: int = BOS_ID) -> Tensor:
     return torch.cat(parts).to(torch.int32)
 
 
-def _train_stream(data_dir: str | Path) -> TokenStream:
+def record_calibration_rows(paths: list[Path], cfg: HessianConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The record's calibration rows (its ``ShuffledSequenceLoader`` of rank ``sampler_rank``): ``(rows uint16
+    [batches, batch_rows, seq_len], where int64 [batches * batch_rows, 2] = (shard index, start))``.
+
+    Rank r reads shards ``r, r + world, ...`` of the name-sorted list, with ``numpy PCG64(r)`` (not the run seed).
+    Per shard of n tokens: a phase ``integers(p + 1)`` with ``p = min(seq_len - 1, max(0, n - seq_len - 1))`` (0
+    when p is 0, drawing nothing) and a ``permutation`` of its ``(n - 1 - phase) // seq_len`` sequence starts. Each
+    row picks a shard with probability proportional to its remaining starts (``choice(p=...)``) and takes its LAST
+    remaining start; when every shard is used up all are reshuffled (in shard order).
+    """
+    files = sorted(paths, key=lambda p: p.name)[cfg.sampler_rank :: cfg.sampler_world_size]
+    if not files:
+        raise HessianError(
+            f"sampler_rank {cfg.sampler_rank} of {cfg.sampler_world_size} has no training shard ({len(paths)} in all)"
+        )
+    shards = [read_shard(p) for p in files]
+    rng = np.random.Generator(np.random.PCG64(cfg.sampler_rank))
+    starts: list[list[int]] = [[] for _ in files]
+
+    def shuffle(i: int) -> None:
+        n = len(shards[i])
+        top = min(cfg.seq_len - 1, max(0, n - cfg.seq_len - 1))
+        phase = int(rng.integers(top + 1)) if top > 0 else 0
+        starts[i] = (phase + rng.permutation((n - 1 - phase) // cfg.seq_len) * cfg.seq_len).tolist()
+
+    for i in range(len(files)):
+        shuffle(i)
+    rows = np.empty((cfg.batches, cfg.batch_rows, cfg.seq_len), dtype=np.uint16)
+    where = []
+    for b in range(cfg.batches):
+        left = np.array([len(s) for s in starts], dtype=np.float64)  # recounted per batch, as the record does
+        for r in range(cfg.batch_rows):
+            if left.sum() <= 0:
+                for i in range(len(files)):
+                    shuffle(i)
+                left = np.array([len(s) for s in starts], dtype=np.float64)
+                if left.sum() <= 0:
+                    raise HessianError(f"training shards of rank {cfg.sampler_rank} hold no row of seq_len+1 tokens")
+            i = int(rng.choice(len(files), p=left / left.sum()))
+            start = starts[i].pop()
+            left[i] -= 1
+            rows[b, r] = shards[i][start : start + cfg.seq_len]
+            where.append((i, start))
+    return rows, np.array(where, dtype=np.int64)
+
+
+def row_batch(rows: Tensor, attention: str = "documents") -> tuple[Tensor, Tensor, Tensor]:
+    """Independent rows ``[R, S]`` as one packed batch ``(input_ids [R * S], cu_seqlens, smear_reset bool [R * S])``:
+    segments at row starts (``rows``) or also at every BOS (``documents``); SmearGate resets at row starts."""
+    num_rows, row_tokens = rows.shape
+    if attention == "rows":
+        cu = torch.arange(0, num_rows * row_tokens + 1, row_tokens, dtype=torch.int32)
+    else:
+        cu = packed_rows_cu_seqlens(rows)
+    reset = torch.zeros(num_rows, row_tokens, dtype=torch.bool)
+    reset[:, 0] = True
+    return rows.reshape(-1), cu, reset.reshape(-1)
+
+
+def _train_paths(data_dir: str | Path) -> list[Path]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: shards directory not found")
     paths = list_shards(data_dir, "train")
     if not paths:
         raise FileNotFoundError(f"{data_dir}: no fineweb_train_*.bin shards (calibration uses training data only)")
-    return TokenStream(paths)
+    return paths
 
 
 def _calibration(
     data_dir: str | Path, cfg: HessianConfig, seed: int
-) -> tuple[TokenStream, np.ndarray, list[tuple[Tensor, Tensor]]]:
-    stream = _train_stream(data_dir)
-    offsets = calibration_offsets(stream.total_tokens, cfg, seed)  # [batches, batch_rows]
-    batches = []
-    for batch_offsets in offsets:
-        rows = np.stack([stream.read(int(o), cfg.seq_len) for o in batch_offsets])  # [batch_rows, seq_len] uint16
-        rows_t = torch.from_numpy(rows.astype(np.int64))
-        batches.append((rows_t.reshape(-1), packed_rows_cu_seqlens(rows_t)))
-    return stream, offsets, batches
+) -> tuple[TokenStream, np.ndarray, list[tuple[Tensor, Tensor, Tensor]]]:
+    """(stream, positions of the rows, batches): positions are stream offsets (uniform) or (shard, start) pairs."""
+    stream = TokenStream(_train_paths(data_dir))
+    if cfg.sampler == "record":
+        all_rows, where = record_calibration_rows(stream.paths, cfg)
+    else:
+        where = calibration_offsets(stream.total_tokens, cfg, seed)  # [batches, batch_rows]
+        all_rows = np.stack([np.stack([stream.read(int(o), cfg.seq_len) for o in offs]) for offs in where])
+    batches = [row_batch(torch.from_numpy(r.astype(np.int64)), cfg.attention) for r in all_rows]
+    return stream, where, batches
 
 
-def calibration_batches(data_dir: str | Path, cfg: HessianConfig, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """``cfg.batches`` packed calibration batches ``(input_ids int64 [batch_rows * seq_len], cu_seqlens int32)``.
+def calibration_batches(data_dir: str | Path, cfg: HessianConfig, seed: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``cfg.batches`` packed calibration batches ``(input_ids int64 [batch_rows * seq_len], cu_seqlens int32,
+    smear_reset bool)`` of :func:`row_batch`.
 
-    Rows are ``seq_len`` consecutive tokens of the TRAINING stream (``fineweb_train_*.bin`` in name order) at
-    :func:`calibration_offsets`; validation shards are never opened.
+    Rows are ``seq_len`` consecutive tokens of the TRAINING stream (``fineweb_train_*.bin``): at
+    :func:`calibration_offsets` (``sampler: uniform``) or :func:`record_calibration_rows` (``record``); validation
+    shards are never opened.
     """
     return _calibration(data_dir, cfg, seed)[2]
 
@@ -138,20 +211,27 @@ def calibration_batches(data_dir: str | Path, cfg: HessianConfig, seed: int) -> 
 
 def collect_hessians(
     model: torch.nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, ...]],
     device: str | torch.device,
     rows_out: Optional[dict[str, int]] = None,
+    normalize: str = "rows",
+    forward_dtype: str = "autocast",
 ) -> dict[str, Tensor]:
     """``{weight name: H [cols, cols] float32 (CPU)}`` for every matrix in ``model.hessian_inputs()``.
 
-    ``batches``: ``(input_ids [T], cu_seqlens int32)`` packed rows (see :func:`calibration_batches`). The model
-    must already be on ``device``; its ``looping`` flag is switched on for the pass when it has recurrence and
-    restored afterwards. Sums are float32 on ``device``; on CUDA forwards run under bf16 autocast and the products
-    use TF32 (:data:`CUDA_MATMUL_PRECISION`, restored afterwards). Weights whose
-    input module is shared (q, k, v) map to the SAME tensor object. ``rows_out``, when given, receives ``n`` per
-    input module (rows seen = tokens x applications, see the module docstring).
+    ``batches``: ``(input_ids [T], cu_seqlens int32[, smear_reset bool [T]])`` packed rows (see
+    :func:`calibration_batches`). The model must already be on ``device``; its ``looping`` flag is switched on
+    for the pass when it has recurrence and restored afterwards. Sums are float32 on ``device``; on CUDA the
+    products use TF32 (:data:`CUDA_MATMUL_PRECISION`, restored afterwards) and, with ``forward_dtype="autocast"``,
+    forwards run under bf16 autocast; ``"bfloat16"`` runs a bf16 copy of the model without autocast. ``normalize``:
+    ``"rows"`` or ``"batches"`` (module docstring). Weights whose input module is shared (q, k, v) map to the SAME
+    tensor object. ``rows_out``, when given, receives the rows seen per input module (tokens x applications).
     """
+    if normalize not in ("rows", "batches") or forward_dtype not in ("autocast", "bfloat16"):
+        raise HessianError(f"normalize {normalize!r} / forward_dtype {forward_dtype!r}: expected rows|batches, autocast|bfloat16")
     device = torch.device(device)
+    if forward_dtype == "bfloat16":
+        model = copy.deepcopy(model).to(torch.bfloat16)  # the record's bf16 model: every activation bf16
     inputs = model.hessian_inputs()  # weight name -> input module name (or None)
     params = dict(model.named_parameters())
     module_names = sorted({m for m in inputs.values() if m is not None})
@@ -176,18 +256,25 @@ def collect_hessians(
     was_looping, was_training = model.looping, model.training
     model.looping = model.cfg.loop_count > 1
     model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    on_cuda_autocast = device.type == "cuda" and forward_dtype == "autocast"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda_autocast else contextlib.nullcontext()
+    n_batches = 0
     previous_precision = torch.get_float32_matmul_precision()
     if device.type == "cuda":
         torch.set_float32_matmul_precision(CUDA_MATMUL_PRECISION)
     try:
+        batches = list(batches)
+        countdown = Countdown("calibration batch", len(batches))
         with torch.inference_mode(), autocast:
-            for input_ids, cu_seqlens in batches:
+            for done, (input_ids, cu_seqlens, *rest) in enumerate(batches, start=1):
+                countdown.update(done)
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
                 ids = input_ids.to(device, non_blocking=True)
                 cu = cu_seqlens.to(device, non_blocking=True)
-                hidden = model.forward_hidden(ids, cu, max_seqlen)  # [T, d]
+                reset = rest[0].to(device, non_blocking=True) if rest else None
+                hidden = model.forward_hidden(ids, cu, max_seqlen, smear_reset=reset)  # [T, d]
                 model.lm_head(hidden)  # only its pre-hook matters: the tied embedding's H is the head input
+                n_batches += 1
     finally:
         torch.set_float32_matmul_precision(previous_precision)
         for handle in handles:
@@ -198,7 +285,7 @@ def collect_hessians(
     never = [m for m in module_names if rows_seen[m] == 0]
     if never:
         raise HessianError(f"Hessian hooks never ran for {', '.join(never)} (no batches, or modules bypassed)")
-    per_module = {m: (sums[m] / rows_seen[m]).cpu() for m in module_names}
+    per_module = {m: (sums[m] / (n_batches if normalize == "batches" else rows_seen[m])).cpu() for m in module_names}
     out: dict[str, Tensor] = {}
     for weight_name, module_name in sorted(inputs.items()):
         cols = params[weight_name].shape[1]
@@ -250,7 +337,7 @@ def budget_check(
         return result
     if total is None:
         result["within_budget"] = False
-        result["message"] = "the checkpoint records no train_seconds, so the training budget cannot be checked"
+        result["message"] = "neither train_summary.json nor the checkpoint records train_seconds, so the training budget cannot be checked"
         return result
 
     def relation(seconds: float) -> str:
@@ -287,6 +374,17 @@ def _pick_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+def _train_seconds(checkpoint: str | Path, meta: dict[str, Any]) -> Optional[float]:
+    """The training loop's seconds: from ``train_summary.json`` beside the checkpoint folder (the training stage's
+    measurements; checkpoint.json holds none), else from checkpoint.json (checkpoints written before that)."""
+    summary_path = Path(checkpoint).parent / "train_summary.json"
+    if summary_path.exists():
+        value = json.loads(summary_path.read_text(encoding="utf-8")).get("train_seconds")
+        if isinstance(value, (int, float)):
+            return float(value)
+    return meta.get("train_seconds")
+
+
 def run_hessian_stage(
     checkpoint: str | Path,
     data_dir: str | Path,
@@ -310,6 +408,7 @@ def run_hessian_stage(
     model = GPT(model_cfg, train_seq_len=cfg.seq_len, bos_id=BOS_ID)
     model.load_state_dict(state, strict=True)
     model.to(device)
+    model.set_attention_backend(device)  # model_config.attention_backend on this device
     _sync(device)
     load_seconds = time.perf_counter() - t_load
 
@@ -317,18 +416,19 @@ def run_hessian_stage(
     t0 = time.perf_counter()
     stream, offsets, batches = _calibration(data_dir, cfg, seed)
     t1 = time.perf_counter()
-    top_id = max(int(ids.max()) for ids, _ in batches)
+    top_id = max(int(batch[0].max()) for batch in batches)
     if top_id >= model_cfg.vocab_size:
         raise HessianError(f"{data_dir}: training token id {top_id} >= model vocab_size {model_cfg.vocab_size}")
     rows_seen: dict[str, int] = {}
-    hessians = collect_hessians(model, batches, device, rows_out=rows_seen)
+    hessians = collect_hessians(model, batches, device, rows_out=rows_seen, normalize=cfg.normalize,
+                                forward_dtype=cfg.forward_dtype)
     _sync(device)
     t2 = time.perf_counter()
     hessian_seconds = t2 - t0
 
     train_cfg = meta.get("train_config") or {}
     budget = budget_check(
-        meta.get("train_seconds"), hessian_seconds, float(train_cfg.get("max_wallclock_seconds", 0.0)),
+        _train_seconds(checkpoint, meta), hessian_seconds, float(train_cfg.get("max_wallclock_seconds", 0.0)),
         train_cfg.get("budget_reading", "strict"),  # checkpoints from before the option: pgolf's strict reading
     )
     refused = mode == "record" and budget["budget_applies"] and not budget["within_budget"]
@@ -346,7 +446,7 @@ def run_hessian_stage(
         "data_dir": str(data_dir),
         "train_shards": [p.name for p in stream.paths],
         "train_stream_tokens": stream.total_tokens,
-        "calibration_tokens": int(offsets.size) * cfg.seq_len,
+        "calibration_tokens": cfg.batches * cfg.batch_rows * cfg.seq_len,
         "calibration_offsets_sha256": sha256_bytes(offsets.astype("<i8").tobytes()),
         "looping": model_cfg.loop_count > 1,
         "block_applications": len(model.virtual_layers(looping=model_cfg.loop_count > 1)),

@@ -82,9 +82,12 @@ def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
 class LqerFactors:
     """A quantized rank-``rank`` correction ``E_hat = A_hat @ B_hat`` for a ``shape = (rows, cols)`` matrix.
 
+    ``mode`` is the STORED LAYOUT (both asym encoders, the record's and pgolf's search, write ``asym``).
     ``a_codes``/``b_codes`` are bit-packed uint8. Scales are float16:
     - ``asym``: ``a_scales`` ``[1]`` (int2 levels -2..1), ``b_scales`` ``[rank, ceil(cols / group_size)]``.
     - ``sym``: ``a_scales`` ``[rank, ceil(rows / group_size)]`` (groups along ``A^T``), ``b_scales`` as above.
+    - ``rowsym`` (the record's fallback): int4 [-7, 7] codes of ``A [rows, rank]`` and ``B [rank, cols]``,
+      ``a_scales`` ``[rows]`` (one per row of A), ``b_scales`` ``[rank]`` (one per row of B).
     """
 
     mode: str
@@ -95,6 +98,10 @@ class LqerFactors:
     a_scales: torch.Tensor
     b_codes: torch.Tensor
     b_scales: torch.Tensor
+
+
+LQER_MODES = ("asym", "asym_search", "sym")  # encoders (config lqer_mode)
+LQER_LAYOUTS = ("asym", "sym", "rowsym")  # what an artifact stores
 
 
 def _int4_group_quantize(M: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,20 +146,65 @@ def _int2_asym_quantize(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return best_q, best_s16
 
 
+def _record_asym(A: torch.Tensor, B: torch.Tensor, g: int) -> tuple[torch.Tensor, ...]:
+    """The record's codebook: A int2 [-2, 1] with ONE scale ``max|A| / 1.5`` (its largest entry maps to -2 or to
+    the clamped +1); B int4 [-8, 7] per group of ``g`` consecutive entries, scale ``group max / 7.5``."""
+    a_s = (A.abs().amax().clamp_min(1e-10) / 1.5).to(torch.float16).reshape(1)
+    a_q = torch.clamp(torch.round(A / a_s.float()), -2, 1)
+    groups = B.reshape(B.shape[0], -1, g)  # [r, cols / g, g]
+    b_s = (groups.abs().amax(dim=2).clamp_min(1e-10) / 7.5).to(torch.float16)  # [r, cols / g]
+    b_q = torch.clamp(torch.round(groups / b_s.float()[:, :, None]), -8, 7).reshape(B.shape)
+    return a_q, a_s, b_q, b_s
+
+
+def _row_int4(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 [-7, 7] with one float16 scale per row, ``row max / 7`` (the record's fallback for A and B)."""
+    s = (M.abs().amax(dim=1).clamp_min(1e-10) / INT4_QMAX).to(torch.float16)  # [n]
+    return torch.clamp(torch.round(M / s.float()[:, None]), -INT4_QMAX, INT4_QMAX), s
+
+
 def lqer_correction(E: torch.Tensor, rank: int, mode: str, group_size: int) -> LqerFactors:
-    """Quantized rank-``rank`` SVD correction of the quantization error ``E = W - W_hat`` (``[rows, cols]``)."""
+    """Quantized rank-``rank`` SVD correction of the quantization error ``E = W - W_hat`` (``[rows, cols]``).
+
+    ``mode`` (see the module docstring and ``QuantizeConfig.lqer_mode``):
+    - ``asym``: the record's (float32 SVD on the CPU, LAPACK's signs, :func:`_record_asym`; equal to its factors
+      bit for bit). When ``rank * cols`` is not a multiple of ``group_size`` the record falls back to per-row int4
+      factors: layout ``rowsym``. ``cols`` not a multiple of ``group_size`` while ``rank * cols`` is would make the
+      record's groups straddle rows of B, which no layout stores: refused.
+    - ``asym_search``: pgolf's (float64 SVD, each component's sign flipped so its largest-|A| entry is negative,
+      grid-searched A scale, B int4 [-7, 7] per group of columns); layout ``asym``.
+    - ``sym``: int4 [-7, 7] groups along A^T and B; layout ``sym``.
+    """
     _require_2d(E, "lqer_correction: E")
-    if mode not in ("asym", "sym"):
-        raise QuantizeError(f"lqer mode: expected 'asym' or 'sym', got {mode!r}")
+    if mode not in LQER_MODES:
+        raise QuantizeError(f"lqer mode: expected one of {', '.join(LQER_MODES)}, got {mode!r}")
     if rank < 1 or group_size < 1:
         raise QuantizeError(f"lqer: expected rank >= 1 and group_size >= 1, got rank={rank}, group_size={group_size}")
     rows, cols = E.shape
     r = min(rank, rows, cols)
+    if mode == "asym":
+        U, S, Vh = torch.linalg.svd(E.detach().float().cpu(), full_matrices=False)
+        A = U[:, :r] * S[:r]  # [rows, r]
+        B = Vh[:r]  # [r, cols]
+        if (r * cols) % group_size:
+            a_q, a_s = _row_int4(A)
+            b_q, b_s = _row_int4(B)
+            return LqerFactors("rowsym", (rows, cols), r, group_size, pack_int4((a_q.to(torch.int16) + 8).reshape(-1)),
+                               a_s, pack_int4((b_q.to(torch.int16) + 8).reshape(-1)), b_s)
+        if cols % group_size:
+            raise QuantizeError(
+                f"lqer_mode asym: cols {cols} is not a multiple of lqer_group_size {group_size}; the record groups the "
+                "flattened B, which this layout does not store; use a model_dim multiple of the group or lqer_mode asym_search"
+            )
+        a_q, a_scales, b_q, b_scales = _record_asym(A, B, group_size)
+        a_codes = pack_int2((a_q.to(torch.int16) - INT2_LEVELS[0]).reshape(-1))
+        b_codes = pack_int4((b_q.to(torch.int16) + 8).reshape(-1))
+        return LqerFactors("asym", (rows, cols), r, group_size, a_codes, a_scales, b_codes, b_scales)
+
     U, S, Vh = torch.linalg.svd(E.detach().double().cpu(), full_matrices=False)
     A = (U[:, :r] * S[:r]).float()  # [rows, r]
     B = Vh[:r].float()  # [r, cols]
-
-    if mode == "asym":
+    if mode == "asym_search":
         # A @ B is unchanged by flipping the sign of a column of A and the matching row of B; make each
         # column's largest-magnitude entry negative so it can use the lone -2 level.
         peak = A.gather(0, A.abs().argmax(dim=0, keepdim=True))  # [1, r]
@@ -166,7 +218,8 @@ def lqer_correction(E: torch.Tensor, rank: int, mode: str, group_size: int) -> L
         a_codes = pack_int4((a_q.to(torch.int16) + 8).reshape(-1))
     b_q, b_scales = _int4_group_quantize(B, group_size)  # [r, cols], [r, groups]
     b_codes = pack_int4((b_q.to(torch.int16) + 8).reshape(-1))
-    return LqerFactors(mode, (rows, cols), r, group_size, a_codes, a_scales, b_codes, b_scales)
+    layout = "asym" if mode == "asym_search" else "sym"
+    return LqerFactors(layout, (rows, cols), r, group_size, a_codes, a_scales, b_codes, b_scales)
 
 
 def lqer_factor_shapes(mode: str, shape: tuple[int, int], rank: int, group_size: int) -> dict[str, tuple[int, ...]]:
@@ -187,7 +240,14 @@ def lqer_factor_shapes(mode: str, shape: tuple[int, int], rank: int, group_size:
             "b_codes": (math.ceil(rank * cols / 2),),
             "b_scales": (rank, b_groups),
         }
-    raise QuantizeError(f"lqer mode: expected 'asym' or 'sym', got {mode!r}")
+    if mode == "rowsym":
+        return {
+            "a_codes": (math.ceil(rows * rank / 2),),
+            "a_scales": (rows,),
+            "b_codes": (math.ceil(rank * cols / 2),),
+            "b_scales": (rank,),
+        }
+    raise QuantizeError(f"lqer layout: expected one of {', '.join(LQER_LAYOUTS)}, got {mode!r}")
 
 
 def lqer_reconstruct(factors: LqerFactors) -> torch.Tensor:
@@ -195,6 +255,10 @@ def lqer_reconstruct(factors: LqerFactors) -> torch.Tensor:
     rows, cols = factors.shape
     r, g = factors.rank, factors.group_size
     b_q = unpack_int4(factors.b_codes, r * cols).view(r, cols).to(torch.int16) - 8
+    if factors.mode == "rowsym":
+        a_q = unpack_int4(factors.a_codes, rows * r).view(rows, r).to(torch.int16) - 8
+        A_hat = a_q.float() * factors.a_scales.float()[:, None]  # [rows, r]
+        return A_hat @ (b_q.float() * factors.b_scales.float()[:, None])
     B_hat = _int4_group_dequantize(b_q, factors.b_scales, g)  # [r, cols]
     if factors.mode == "asym":
         a_q = unpack_int2(factors.a_codes, rows * r).view(rows, r).to(torch.int16) + INT2_LEVELS[0]
@@ -203,5 +267,5 @@ def lqer_reconstruct(factors: LqerFactors) -> torch.Tensor:
         a_q = unpack_int4(factors.a_codes, r * rows).view(r, rows).to(torch.int16) - 8
         A_hat = _int4_group_dequantize(a_q, factors.a_scales, g).T  # [rows, r]
     else:
-        raise QuantizeError(f"lqer mode: expected 'asym' or 'sym', got {factors.mode!r}")
+        raise QuantizeError(f"lqer layout: expected one of {', '.join(LQER_LAYOUTS)}, got {factors.mode!r}")
     return A_hat @ B_hat

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from pgolf.config import QuantizeConfig
+from pgolf.io import Countdown
 
 
 from pgolf.quantize.gptq import (
@@ -68,20 +69,26 @@ class QuantizedModel:
 
 
 def _route(name: str, role: str, numel: int, cfg: QuantizeConfig) -> tuple[str, int, Optional[float]]:
-    """(method, bits, clip_sigmas) for one tensor, decided by role first, then by size.
+    """(method, bits, clip_sigmas) for one tensor.
 
-    attn/mlp/embedding/head matrices are ALWAYS GPTQ-quantized whatever their size, so a tiny test model takes
-    the same path as the record (whose smallest such matrix, 512x256, is above the passthrough limit anyway).
+    In order: an attention gate inside the element window ``gate_min_elements..gate_max_elements`` is int8 per
+    row; with ``small_matrix_passthrough`` (the record's) any tensor of <= ``passthrough_max_elements`` stays
+    fp16; attn/mlp/embedding/head matrices are GPTQ-quantized (without ``small_matrix_passthrough``, whatever
+    their size, so a tiny test model takes the GPTQ path); other small tensors stay fp16.
     """
+    upper = cfg.gate_max_elements
+    if role == "attn_gate" and cfg.gate_min_elements <= numel and (upper is None or numel <= upper):
+        return "rtn", cfg.gate_bits, None
+    small = numel <= cfg.passthrough_max_elements
+    if small and cfg.small_matrix_passthrough:
+        return "fp16", 16, None
     if role == "attn":
         return "gptq", cfg.attn_bits, cfg.attn_clip_sigmas
     if role == "mlp":
         return "gptq", cfg.mlp_bits, cfg.mlp_clip_sigmas
     if role in ("embedding", "head"):
         return "gptq", cfg.embed_bits, cfg.embed_clip_sigmas
-    if role == "attn_gate":
-        return "rtn", cfg.gate_bits, None
-    if numel <= cfg.passthrough_max_elements:
+    if small:
         return "fp16", 16, None
     raise QuantizeError(
         f"{name}: role {role!r} with {numel:,} elements has no quantization route "
@@ -120,8 +127,11 @@ def quantize_state(
     gate, scalar            float16 if ``numel <= passthrough_max_elements``, else an error
     ======================  ==================================================================
 
-    Then, unless ``lqer_mode == "off"``, the ``lqer_top_k`` GPTQ tensors with the largest absolute output error
-    ``trace(D H D^T)`` get a rank-``lqer_rank`` LQER correction; it is kept only if it lowers that error.
+    Routing details (gate window, ``small_matrix_passthrough``): :func:`_route`. Then, unless
+    ``lqer_mode == "off"``, the ``lqer_top_k`` GPTQ tensors with the largest error (``lqer_rank_by``: output
+    error ``trace(D H D^T)``, or the record's ``||W - W_hat||_F``; ties by name) get a rank-``lqer_rank`` LQER
+    correction; with ``lqer_keep_if_better`` it is kept only if it lowers the output error, else always (the
+    record's).
 
     Every GPTQ tensor needs its Hessian ``[cols, cols]`` in ``hessians``. Computation runs on each weight's
     device; the stored results are on the CPU.
@@ -148,7 +158,9 @@ def quantize_state(
     tensors: dict[str, QuantizedTensor] = {}
     reports: dict[str, dict] = {}
     gptq_inputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (W, W_hat, H)
-    for name in sorted(state):
+    countdown = Countdown("tensor", len(state))
+    for done, name in enumerate(sorted(state), start=1):
+        countdown.update(done, name)
         W = state[name].detach()
         role = roles[name]
         if not torch.is_floating_point(W):
@@ -168,7 +180,8 @@ def quantize_state(
             if H.shape != (W.shape[1], W.shape[1]):
                 raise QuantizeError(f"{name}: Hessian shape {tuple(H.shape)}, expected [{W.shape[1]}, {W.shape[1]}]")
             q, scale = gptq_quantize_weight(
-                W, H, bits, clip, block_size=cfg.gptq_block_size, damp=cfg.gptq_damp, act_order=cfg.act_order
+                W, H, bits, clip, block_size=cfg.gptq_block_size, damp=cfg.gptq_damp, act_order=cfg.act_order,
+                std_correction=1 if cfg.sdclip_std == "unbiased" else 0, dead_columns=cfg.gptq_dead_columns,
             )
             W_hat = dequantize(q, scale)
             ref = layer_output_error(W, torch.zeros_like(W), H)
@@ -195,8 +208,11 @@ def quantize_state(
         reports[name] = report
 
     if cfg.lqer_mode != "off" and cfg.lqer_top_k > 0:
-        ranked = sorted(gptq_inputs, key=lambda n: (-reports[n]["gptq_error"], n))[: cfg.lqer_top_k]
-        for name in ranked:
+        if cfg.lqer_rank_by == "weight_fro":  # the record's: ||W - W_hat||_F in float32
+            score = {n: float((W.float() - W_hat).norm()) for n, (W, W_hat, _) in gptq_inputs.items()}
+        else:
+            score = {n: reports[n]["gptq_error"] for n in gptq_inputs}
+        for name in sorted(gptq_inputs, key=lambda n: (-score[n], n))[: cfg.lqer_top_k]:
             W, W_hat, H = gptq_inputs[name]
             factors = lqer_correction(W.float() - W_hat, cfg.lqer_rank, cfg.lqer_mode, cfg.lqer_group_size)
             corrected = W_hat + lqer_reconstruct(factors).to(W_hat.device)
@@ -204,7 +220,7 @@ def quantize_state(
             ref = layer_output_error(W, torch.zeros_like(W), H)
             report = reports[name]
             report.update(lqer_error=err, lqer_rel_error=_relative(err, ref))
-            if err < report["gptq_error"]:
+            if err < report["gptq_error"] or not cfg.lqer_keep_if_better:
                 report.update(lqer_applied=True, weight_rel_error=_weight_rel_error(W, corrected))
                 tensors[name] = dataclasses.replace(tensors[name], lqer=factors)
 
@@ -212,7 +228,7 @@ def quantize_state(
 
 
 def dequantize_tensor(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reconstruct one tensor: ``q * scale (+ LQER)`` or the fp16 passthrough, as ``dtype``."""
+    """Reconstruct one tensor: ``q * scale (+ LQER)`` in float32, or the fp16 passthrough, as ``dtype``."""
     if qt.method in ("gptq", "rtn"):
         assert qt.q is not None and qt.scale is not None
         W_hat = dequantize(qt.q, qt.scale)
@@ -226,5 +242,15 @@ def dequantize_tensor(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -
 
 
 def dequantize_state(qm: QuantizedModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The state dict the model loads for evaluation (float32 by default, or e.g. bfloat16)."""
-    return {name: dequantize_tensor(qt, dtype) for name, qt in sorted(qm.tensors.items())}
+    """The state dict the model loads for evaluation (float32 by default, or e.g. bfloat16).
+
+    With ``dequant_embed_dtype: bfloat16`` in the model's quantize config (the record's: its evaluation model
+    holds ``tok_emb`` in bf16), the embedding (role ``embedding``) is rounded through bf16 once, then cast to
+    ``dtype``; an artifact without the key (older pgolf) is not rounded.
+    """
+    embed = getattr(torch, qm.quantize_config.get("dequant_embed_dtype", "float32"))
+    out = {}
+    for name, qt in sorted(qm.tensors.items()):
+        rounded = embed if qt.role == "embedding" and embed != torch.float32 else None
+        out[name] = dequantize_tensor(qt, rounded).to(dtype) if rounded else dequantize_tensor(qt, dtype)
+    return out

@@ -23,15 +23,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pgolf.config import AggregateConfig
-from pgolf.io import atomic_write_json, atomic_write_text, sha256_json
-from pgolf.report.results import MissingSeed, ResultsError, SeedResult, load_seeds
+from pgolf.io import atomic_write_json, atomic_write_text, read_json, sha256_json
+from pgolf.report.results import (
+    RECORD_GPU,
+    RECORD_WORLD_SIZE,
+    MissingSeed,
+    ResultsError,
+    SeedResult,
+    load_seeds,
+)
 from pgolf.report.stats import mean, mean_confidence_interval, std, welch_one_sided
 
 STD_KIND = "sample (ddof=1)"
 TRAIN_BUDGET_SECONDS = 600.0  # training loop + Hessians (every read of training data counts)
 EVAL_BUDGET_SECONDS = 600.0  # deserialization + warm-up + scoring
-RECORD_WORLD_SIZE = 8
-RECORD_GPU = "H100"
 UNIT_LABELS = {"nats_per_token": "nats per token", "bpb": "bits per byte"}
 PROVENANCE_FIELDS = {
     "code_hash": "pgolf code hash at training",
@@ -195,6 +200,11 @@ def hardware_string(env: dict) -> str:
     return f"{count}x{gpu}" if gpu else "CPU"
 
 
+def seed_list(seeds: Sequence[int]) -> str:
+    """``seed 1`` / ``seeds 1, 2, 3``."""
+    return f"seed{'s' if len(seeds) != 1 else ''} {', '.join(str(s) for s in seeds)}"
+
+
 def record_blockers(
     seeds: Sequence[SeedResult],
     missing: Sequence[MissingSeed],
@@ -202,7 +212,9 @@ def record_blockers(
     differences: list[dict],
     baseline: Optional[dict],
 ) -> list[str]:
-    """Every reason the run cannot be a record, whatever its statistics say."""
+    """Every reason the run cannot be a record, whatever its statistics say; a reason several seeds share is one
+    line naming them (``evaluated in mode 'sweep' (seeds 1, 2, 3)``). Time budgets are judged only on the record
+    hardware (pgolf.report.results.record_hardware): elsewhere the hardware itself is the reason."""
     reasons = []
     if mode != "record":
         reasons.append(f"mode is '{mode}': a labelled non-record experiment")
@@ -214,25 +226,61 @@ def record_blockers(
         reasons.append("no baseline configured (aggregate.baseline_*)")
     if differences:
         reasons.append("mixed provenance (" + ", ".join(d["label"] for d in differences) + ")")
+    shared: dict[str, list[int]] = {}  # reason -> the seeds it applies to, in order
     for s in seeds:
         if s.total_bytes > s.cap_bytes:
             reasons.append(f"seed {s.seed}: artifact {s.total_bytes:,} bytes is over the {s.cap_bytes:,}-byte cap")
+        if s.eval_mode is not None and s.eval_mode != "record":
+            shared.setdefault(f"evaluated in mode '{s.eval_mode}'", []).append(s.seed)
+        if not s.on_record_hardware:
+            shared.setdefault(f"not the record-track {RECORD_WORLD_SIZE}x{RECORD_GPU}: trained on "
+                              f"{s.hardware_words}", []).append(s.seed)
+            continue
         if s.eval_budget_exceeded:
             reasons.append(f"seed {s.seed}: evaluation took {s.eval_total_s:.1f} s, over its budget")
-        if s.eval_mode is not None and s.eval_mode != "record":
-            reasons.append(f"seed {s.seed}: evaluated in mode '{s.eval_mode}'")
         train_total = s.train_seconds + (s.hessian_seconds or 0.0)
         if train_total > TRAIN_BUDGET_SECONDS:
             reasons.append(
                 f"seed {s.seed}: training + Hessians took {train_total:.1f} s > {TRAIN_BUDGET_SECONDS:.0f} s"
             )
-        gpu = str(s.environment.get("gpu") or "")
-        if s.world_size != RECORD_WORLD_SIZE or RECORD_GPU not in gpu:
-            reasons.append(
-                f"seed {s.seed}: trained on {s.world_size} process(es), GPU {gpu or 'none'}: not the record-track "
-                f"{RECORD_WORLD_SIZE}x{RECORD_GPU}"
-            )
+    reasons += [f"{reason} ({seed_list(seeds_)})" for reason, seeds_ in shared.items()]
     return reasons
+
+
+def stage_summaries(seeds: Sequence[SeedResult]) -> dict:
+    """val_bpb at the three stages of the score, and the deltas, each summarized over the seeds that have them:
+    ``pre_quant`` (the trained weights), ``post_quant`` (the packed artifact, no TTT), ``ttt`` (the scored
+    val_bpb), ``quant_delta`` = post - pre, ``ttt_delta`` = ttt - post. None where no seed has the figures."""
+
+    def over(values: list[Optional[float]]) -> Optional[dict]:
+        present = [v for v in values if v is not None]
+        return summarize(present) if present else None
+
+    pre = [s.pre_quant_bpb for s in seeds]
+    post = [s.post_quant_bpb for s in seeds]
+    ttt = [s.val_bpb for s in seeds]
+    return {
+        "pre_quant": over(pre),
+        "post_quant": over(post),
+        "ttt": over(ttt),
+        "quant_delta": over([None if a is None or b is None else b - a for a, b in zip(pre, post)]),
+        "ttt_delta": over([None if b is None else t - b for b, t in zip(post, ttt)]),
+        "ttt_modes": sorted({s.ttt_mode for s in seeds if s.ttt_mode}),
+    }
+
+
+def scored_documents(seeds: Sequence[SeedResult]) -> dict:
+    """Documents, target tokens and bytes scored per seed, and the validation documents there were."""
+    scored = [s.docs_scored for s in seeds if s.docs_scored is not None]
+    totals = [s.docs_total for s in seeds if s.docs_total is not None]
+    return {
+        "docs_scored": max(scored) if scored else None,
+        "docs_scored_min": min(scored) if scored else None,
+        "docs_total": max(totals) if totals else None,
+        "tokens_scored": max(s.token_count for s in seeds),
+        "bytes_scored": max(s.byte_sum for s in seeds),
+        "all_docs": bool(scored and totals and min(scored) >= max(totals)),
+    }
 
 
 def verdict(blockers: list[str], sig: dict) -> dict:
@@ -301,6 +349,7 @@ def aggregate(
     sig = significance([s.val_loss for s in seeds], baseline, cfg, nats_per_bpb)
     blockers = record_blockers(seeds, missing, mode, differences, baseline) + list(extra_blockers)
     first = seeds[0]
+    on_record_hardware = all(s.on_record_hardware for s in seeds)
     return {
         "run": run_name,
         "mode": mode,
@@ -345,7 +394,30 @@ def aggregate(
             },
         },
         "budgets": {"train_seconds": TRAIN_BUDGET_SECONDS, "eval_seconds": EVAL_BUDGET_SECONDS},
+        "record_hardware": on_record_hardware,  # the budgets apply (every seed on 8xH100)
+        "hardware_words": sorted({s.hardware_words for s in seeds}),
+        "stages": stage_summaries(seeds),
+        "scored": scored_documents(seeds),
         "aggregate_config_sha256": sha256_json(_config_dict(cfg)),
+    }
+
+
+def compliance_summary(comply: Any) -> dict:
+    """comply.json's verdicts grouped by status (FAIL, PASS, NOT-APPLICABLE), each rule with title and evidence."""
+    if not isinstance(comply, dict) or not isinstance(comply.get("verdicts"), list):
+        raise ResultsError("comply.json: expected an object with a 'verdicts' list")
+    groups: dict[str, list[dict]] = {}
+    for v in comply["verdicts"]:
+        groups.setdefault(str(v.get("status")), []).append(
+            {"rule": v.get("rule"), "title": v.get("title"), "evidence": v.get("evidence")}
+        )
+    order = ["FAIL", "PASS", "NOT-APPLICABLE"]
+    return {
+        "compliant": comply.get("compliant"),
+        "counts": {status: len(items) for status, items in groups.items()},
+        "failed_rules": [r["rule"] for r in groups.get("FAIL", [])],
+        "groups": [{"status": k, "rules": groups[k]} for k in sorted(groups, key=lambda k: (k not in order,
+                   order.index(k) if k in order else 0, k))],
     }
 
 
@@ -371,8 +443,11 @@ def run_report(
     recipe: Optional[str] = None,
     reproduce_command: Optional[str] = None,
     make_folder: bool = True,
+    comply_path: str | Path | None = None,
 ) -> dict:
-    """Aggregate, then write aggregate.json, seeds.csv, report.html, submission.json and the folder."""
+    """Aggregate, then write aggregate.json, seeds.csv, report.html, submission.json and the folder.
+
+    ``comply_path``: the run's comply.json (pgolf.compliance.comply); its verdicts go into the report."""
     from pgolf.report import folder, submission
     from pgolf.report import html as report_html
 
@@ -387,6 +462,8 @@ def run_report(
     agg = aggregate(
         present, missing, cfg, mode, run_dir.name, bundle.blockers if bundle else (), bundle.notes if bundle else ()
     )
+    if comply_path is not None:
+        agg["compliance"] = compliance_summary(read_json(comply_path, "compliance verdicts"))
     table = seed_table(present)
     sub = submission.build_submission(agg, present, cfg, bundle)
     submission.raise_if_invalid(sub, "submission.json")

@@ -1,10 +1,13 @@
 """Commands of the report stage: ``pgolf report`` (multi-seed aggregation: statistics, submission.json, the
-submission folder, the HTML report), ``pgolf check-folder`` and ``pgolf submission-schema``."""
+submission folder, the HTML report), ``pgolf summary`` (what a run produced), ``pgolf check-folder`` and
+``pgolf submission-schema``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from pgolf.config.strict import positive_int
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -46,6 +49,24 @@ def _register_report(commands) -> None:
     parser.set_defaults(func=_report)
 
 
+def _summary_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pgolf.report.summary import closing_summary
+
+    if not Path(args.run_dir).is_dir():
+        raise FileNotFoundError(f"{args.run_dir}: no such run folder")
+    print(closing_summary(args.run_dir))
+    return 0
+
+
+def _register_summary(commands) -> None:
+    p = commands.add_parser("summary", help="what a run produced: headline figures and where report.html, "
+                                            "submission.json and the records folder are")
+    p.add_argument("run_dir", help="results/<run>")
+    p.set_defaults(func=_summary_cmd)
+
+
 def _check_folder_cmd(args: argparse.Namespace) -> int:
     from pgolf.io import atomic_write_json
     from pgolf.report.folder import check_folder
@@ -72,7 +93,7 @@ def _schema_cmd(args: argparse.Namespace) -> int:
 def _register_folder(commands) -> None:
     p = commands.add_parser("check-folder", help="check a submission folder (hashes, figures vs logs, size gate, files)")
     p.add_argument("dir", help="records/track_10min_16mb/<date>_<name>/")
-    p.add_argument("--cap-bytes", type=int, default=16_000_000, help="size cap (decimal bytes)")
+    p.add_argument("--cap-bytes", type=positive_int, default=16_000_000, help="size cap (decimal bytes)")
     p.add_argument("--json-out", help="write {ok, problems} here")
     p.set_defaults(func=_check_folder_cmd)
     s = commands.add_parser("submission-schema", help="print the JSON schema of submission.json")
@@ -81,4 +102,5 @@ def _register_folder(commands) -> None:
 
 def register(commands) -> None:
     _register_report(commands)
+    _register_summary(commands)
     _register_folder(commands)

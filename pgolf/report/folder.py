@@ -163,11 +163,19 @@ def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: s
         ]
         lines.append("")
     seed_list = " ".join(str(s.seed) for s in seeds)
+    lines += ["## Reproduce", ""]
+    if all(s.on_record_hardware for s in seeds):  # the report's budget lines follow the same predicate
+        where = f"From inside this folder, on {sub['hardware']}, for each seed in {seed_list},"
+    else:
+        made_on = "; ".join(sorted({s.hardware_words for s in seeds}))
+        lines += [
+            f"This run was made on {made_on}, in {agg['mode']} mode: it is not a record, and its times say nothing "
+            "about the 600 s budgets. A record run of this code needs 8xH100 SXM (8 processes, one per GPU).",
+            "",
+        ]
+        where = f"To rerun it from inside this folder, for each seed in {seed_list},"
     lines += [
-        "## Reproduce",
-        "",
-        f"From inside this folder, on {sub['hardware'] if 'H100' in sub['hardware'] else '8xH100 SXM'}, for each "
-        f"seed in {seed_list},",
+        where,
         f"with the verified validation and training shards (data manifest sha256 "
         f"{str(agg['provenance']['data_manifest_sha256'])[:16]}...) under `./data/`:",
         "",

@@ -1,9 +1,10 @@
 """report.html: one self-contained page (inline CSS and SVG, no scripts, nothing fetched from the network).
 
-Figures: training loss per seed; val_bpb per seed with the mean and its 95 % t interval (and the baseline);
-the time budget per phase (training loop + Hessians, and evaluation load + warm-up + scoring, against 600 s
-each); the byte budget (model + counted code against 16,000,000). Every mark carries ``data-*`` attributes
-(seed, value, role) so tests can read the figures back from the DOM.
+From the top: the verdict with its reasons (grouped across seeds) and the compliance verdict; val_bpb by stage
+per seed (pre-quant, post-quant, scored with TTT, and the deltas) with the documents, tokens and bytes scored; the
+statistics and the significance test; the figures (pgolf.report.figures); the bytes table; the per-seed table;
+the compliance rules grouped by verdict; provenance. Tables and marks carry ``data-*`` attributes (seed, stage,
+value) so tests can read the numbers back from the DOM.
 """
 
 from __future__ import annotations
@@ -12,18 +13,14 @@ import html
 import math
 from typing import Any, Optional, Sequence
 
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8C564B", "#000000")
-PHASE_COLORS = {
-    "train": "#0072B2",
-    "hessians": "#56B4E9",
-    "load": "#009E73",
-    "warmup": "#E69F00",
-    "score": "#D55E00",
-    "model": "#0072B2",
-    "code": "#CC79A7",
-}
-WIDTH = 720
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 90, 30, 20, 46
+from pgolf.report.figures import (  # noqa: F401  (nice_ticks: part of this module's API)
+    bpb_figure,
+    bytes_figure,
+    loss_figure,
+    nice_ticks,
+    stages_figure,
+    time_figure,
+)
 
 
 def _e(value: Any) -> str:
@@ -34,281 +31,8 @@ def _num(value: Optional[float], digits: int = 6) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [0.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) * 0.01 or 1.0)
-    raw = (hi - lo) / max(count, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    value = first
-    while value <= hi + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    return ticks
-
-
-class _Axes:
-    """Linear mapping of data coordinates onto an SVG plot area."""
-
-    def __init__(self, x_range: tuple[float, float], y_range: tuple[float, float], height: int, top: int = MARGIN_TOP):
-        self.x0, self.x1 = x_range
-        self.y0, self.y1 = y_range
-        if self.x1 <= self.x0:
-            self.x1 = self.x0 + 1.0
-        if self.y1 <= self.y0:
-            self.y1 = self.y0 + 1.0
-        self.height = height
-        self.left, self.right = MARGIN_LEFT, WIDTH - MARGIN_RIGHT
-        self.top, self.bottom = top, height - MARGIN_BOTTOM
-
-    def x(self, value: float) -> float:
-        return self.left + (value - self.x0) / (self.x1 - self.x0) * (self.right - self.left)
-
-    def y(self, value: float) -> float:
-        return self.bottom - (value - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
-
-    def frame(self, x_label: str, y_label: str, x_ticks: list[float], y_ticks: list[float], x_fmt, y_fmt) -> list[str]:
-        out = [
-            f'<rect x="{self.left}" y="{self.top}" width="{self.right - self.left}" '
-            f'height="{self.bottom - self.top}" fill="#fff" stroke="#999"/>'
-        ]
-        for t in x_ticks:
-            if self.x0 <= t <= self.x1:
-                x = self.x(t)
-                out.append(f'<line x1="{x:.1f}" y1="{self.bottom}" x2="{x:.1f}" y2="{self.bottom + 4}" stroke="#555"/>')
-                out.append(
-                    f'<text x="{x:.1f}" y="{self.bottom + 16}" text-anchor="middle" class="tick">{_e(x_fmt(t))}</text>'
-                )
-        for t in y_ticks:
-            if self.y0 <= t <= self.y1:
-                y = self.y(t)
-                out.append(f'<line x1="{self.left}" y1="{y:.1f}" x2="{self.right}" y2="{y:.1f}" stroke="#eee"/>')
-                out.append(
-                    f'<text x="{self.left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_e(y_fmt(t))}</text>'
-                )
-        out.append(
-            f'<text x="{(self.left + self.right) / 2:.1f}" y="{self.height - 8}" text-anchor="middle" '
-            f'class="axis">{_e(x_label)}</text>'
-        )
-        out.append(
-            f'<text transform="translate(14,{(self.top + self.bottom) / 2:.1f}) rotate(-90)" '
-            f'text-anchor="middle" class="axis">{_e(y_label)}</text>'
-        )
-        return out
-
-
-def _svg(height: int, body: list[str], label: str) -> str:
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
-        f'height="{height}" role="img" aria-label="{_e(label)}">' + "".join(body) + "</svg>"
-    )
-
-
-def _figure(fig_id: str, title: str, svg: str, caption: str) -> str:
-    return (
-        f'<figure id="{fig_id}"><figcaption><strong>{_e(title)}</strong> {_e(caption)}</figcaption>' f"{svg}</figure>"
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The four figures
-# --------------------------------------------------------------------------------------------------------------
-
-
-def loss_figure(seeds: Sequence[Any]) -> str:
-    curves = {s.seed: s.loss_curve for s in seeds if s.loss_curve}
-    if not curves:
-        return _figure("fig-loss", "Training loss", "<p class='empty'>no train_step events in metrics.jsonl</p>", "")
-    steps = [st for c in curves.values() for st, _ in c]
-    losses = [loss for c in curves.values() for _, loss in c]
-    y_lo, y_hi = min(losses), max(losses)
-    pad = (y_hi - y_lo) * 0.05 or 0.1
-    ax = _Axes((0, max(steps)), (y_lo - pad, y_hi + pad), 320)
-    body = ax.frame(
-        "step",
-        "training loss (nats/token)",
-        nice_ticks(0, max(steps)),
-        nice_ticks(y_lo - pad, y_hi + pad),
-        lambda v: f"{v:g}",
-        lambda v: f"{v:g}",
-    )
-    for i, (seed, curve) in enumerate(curves.items()):
-        color = PALETTE[i % len(PALETTE)]
-        points = " ".join(f"{ax.x(st):.1f},{ax.y(loss):.1f}" for st, loss in curve)
-        body.append(
-            f'<polyline data-seed="{seed}" data-points="{len(curve)}" points="{points}" fill="none" '
-            f'stroke="{color}" stroke-width="1.6"/>'
-        )
-        body.append(
-            f'<rect x="{ax.right - 110}" y="{ax.top + 10 + 16 * i}" width="12" height="3" fill="{color}"/>'
-            f'<text x="{ax.right - 92}" y="{ax.top + 15 + 16 * i}" class="legend">seed {seed}</text>'
-        )
-    final = ", ".join(f"seed {seed}: {c[-1][1]:.4f} at step {c[-1][0]}" for seed, c in curves.items())
-    return _figure(
-        "fig-loss", "Training loss per seed.", _svg(320, body, "training loss per seed"), f"Last logged: {final}."
-    )
-
-
-def bpb_figure(agg: dict, seeds: Sequence[Any]) -> str:
-    stats = agg["val_bpb"]
-    values = [s.val_bpb for s in seeds]
-    marks = list(values)
-    if stats["ci95"]:
-        marks += stats["ci95"]
-    baseline = agg["baseline"]["bpb"]["mean"] if agg.get("baseline") else None
-    if baseline is not None:
-        marks.append(baseline)
-    lo, hi = min(marks), max(marks)
-    pad = (hi - lo) * 0.12 or 0.001
-    rows = len(seeds) + 1
-    top = MARGIN_TOP + 16  # room for the baseline's label above the plot
-    height = top + MARGIN_BOTTOM + 30 * rows + 10
-    ax = _Axes((lo - pad, hi + pad), (0, rows), height, top=top)
-    body = ax.frame(
-        "val_bpb (bits per byte, lower is better)", "", nice_ticks(lo - pad, hi + pad), [], lambda v: f"{v:.4f}", str
-    )
-    for i, s in enumerate(seeds):
-        y = ax.y(rows - i - 0.5)
-        color = PALETTE[i % len(PALETTE)]
-        body.append(f'<text x="{ax.left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">seed {s.seed}</text>')
-        body.append(
-            f'<circle data-seed="{s.seed}" data-value="{s.val_bpb!r}" cx="{ax.x(s.val_bpb):.1f}" cy="{y:.1f}" '
-            f'r="5" fill="{color}"/>'
-        )
-        body.append(f'<text x="{ax.x(s.val_bpb) + 8:.1f}" y="{y - 6:.1f}" class="value">{s.val_bpb:.5f}</text>')
-    y = ax.y(0.5)
-    body.append(f'<text x="{ax.left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">mean</text>')
-    if stats["ci95"]:
-        a, b = stats["ci95"]
-        body.append(
-            f'<line data-role="ci95" data-low="{a!r}" data-high="{b!r}" x1="{ax.x(a):.1f}" y1="{y:.1f}" '
-            f'x2="{ax.x(b):.1f}" y2="{y:.1f}" stroke="#333" stroke-width="3"/>'
-        )
-        for end in (a, b):
-            body.append(
-                f'<line x1="{ax.x(end):.1f}" y1="{y - 6:.1f}" x2="{ax.x(end):.1f}" y2="{y + 6:.1f}" '
-                'stroke="#333" stroke-width="2"/>'
-            )
-    body.append(
-        f'<rect data-role="mean" data-value="{stats["mean"]!r}" x="{ax.x(stats["mean"]) - 5:.1f}" '
-        f'y="{y - 5:.1f}" width="10" height="10" fill="#000"/>'
-    )
-    body.append(f'<text x="{ax.x(stats["mean"]) + 8:.1f}" y="{y - 8:.1f}" class="value">{stats["mean"]:.5f}</text>')
-    if baseline is not None:
-        x = ax.x(baseline)
-        body.append(
-            f'<line data-role="baseline" data-value="{baseline!r}" x1="{x:.1f}" y1="{ax.top}" x2="{x:.1f}" '
-            f'y2="{ax.bottom}" stroke="#D55E00" stroke-dasharray="5,4" stroke-width="1.5"/>'
-        )
-        name = agg["baseline"]["name"] or "baseline"
-        body.append(
-            f'<text x="{x:.1f}" y="{ax.top - 5}" text-anchor="middle" class="value" fill="#D55E00">'
-            f"{_e(name)} {baseline:.5f}</text>"
-        )
-    ci = "" if not stats["ci95"] else f"; 95 % t interval of the mean [{stats['ci95'][0]:.5f}, {stats['ci95'][1]:.5f}]"
-    dashed = "; dashed: the baseline" if baseline is not None else ""
-    caption = f"Mean {stats['mean']:.5f}{ci} (n = {stats['n']}){dashed}."
-    return _figure("fig-bpb", "val_bpb per seed.", _svg(height, body, "val_bpb per seed"), caption)
-
-
-def _stacked_bars(
-    fig_id: str,
-    title: str,
-    rows: list[tuple[str, str, list[tuple[str, float]]]],
-    budget: float,
-    unit_label: str,
-    fmt,
-    caption: str,
-) -> str:
-    """Horizontal stacked bars (one per row) against a budget line. rows: (row label, data-row, [(phase, value)])."""
-    totals = [sum(v for _, v in segs) for _, _, segs in rows]
-    top = max([budget, *totals]) * 1.16  # room right of the longest bar for its total
-    height = MARGIN_TOP + MARGIN_BOTTOM + 30 * len(rows) + 30
-    ax = _Axes((0, top), (0, len(rows)), height)
-    body = ax.frame(unit_label, "", nice_ticks(0, top), [], fmt, str)
-    for i, (label, row_id, segments) in enumerate(rows):
-        y = ax.y(len(rows) - i - 0.5)
-        body.append(f'<text x="{ax.left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_e(label)}</text>')
-        start = 0.0
-        for phase, value in segments:
-            x0, x1 = ax.x(start), ax.x(start + value)
-            body.append(
-                f'<rect data-row="{_e(row_id)}" data-phase="{phase}" data-value="{value!r}" x="{x0:.1f}" '
-                f'y="{y - 9:.1f}" width="{max(x1 - x0, 0.5):.1f}" height="18" '
-                f'fill="{PHASE_COLORS.get(phase, "#777")}"><title>{_e(label)} {phase}: {_e(fmt(value))}</title></rect>'
-            )
-            start += value
-        over = start > budget
-        body.append(
-            f'<text x="{ax.x(start) + 6:.1f}" y="{y + 4:.1f}" class="value{" over" if over else ""}">'
-            f'{_e(fmt(start))}{" OVER" if over else ""}</text>'
-        )
-    x = ax.x(budget)
-    body.append(
-        f'<line data-role="budget" data-value="{budget!r}" x1="{x:.1f}" y1="{ax.top}" x2="{x:.1f}" '
-        f'y2="{ax.bottom}" stroke="#c00" stroke-width="2"/>'
-    )
-    body.append(
-        f'<text x="{x - 4:.1f}" y="{ax.bottom + 30}" text-anchor="end" class="value" fill="#c00">'
-        f"budget {_e(fmt(budget))}</text>"
-    )
-    phases = []
-    for _, _, segs in rows:
-        phases += [p for p, _ in segs if p not in phases]
-    legend = " ".join(
-        f'<span class="swatch" style="background:{PHASE_COLORS.get(p, "#777")}"></span>{_e(p)}' for p in phases
-    )
-    return (
-        f'<figure id="{fig_id}"><figcaption><strong>{_e(title)}</strong> {_e(caption)} '
-        f'<span class="legend">{legend}</span></figcaption>{_svg(height, body, title)}</figure>'
-    )
-
-
-def time_figure(agg: dict, seeds: Sequence[Any]) -> str:
-    rows = []
-    for s in seeds:
-        rows.append(
-            (
-                f"seed {s.seed} train",
-                f"{s.seed}/train",
-                [("train", s.train_seconds), ("hessians", s.hessian_seconds or 0.0)],
-            )
-        )
-        rows.append(
-            (
-                f"seed {s.seed} eval",
-                f"{s.seed}/eval",
-                [("load", s.eval_load_s), ("warmup", s.eval_warmup_s), ("score", s.eval_score_s)],
-            )
-        )
-    budget = agg["budgets"]["train_seconds"]
-    caption = (
-        f"Training (loop + Hessians) and evaluation (deserialize + compile warm-up + scoring) each have "
-        f"{budget:.0f} s on 8xH100 SXM; compile warm-up of training is not counted."
-    )
-    return _stacked_bars("fig-time", "Time budget per phase.", rows, budget, "seconds", lambda v: f"{v:.0f} s", caption)
-
-
-def bytes_figure(seeds: Sequence[Any]) -> str:
-    rows = [
-        (f"seed {s.seed}", str(s.seed), [("model", float(s.model_bytes)), ("code", float(s.code_bytes))]) for s in seeds
-    ]
-    cap = seeds[0].cap_bytes
-    headroom = ", ".join(f"seed {s.seed}: {cap - s.total_bytes:,}" for s in seeds)
-    return _stacked_bars(
-        "fig-bytes",
-        "Byte budget.",
-        rows,
-        float(cap),
-        "bytes (decimal)",
-        lambda v: f"{v / 1e6:.3f} MB",
-        f"Compressed model + counted code vs {cap:,} bytes; headroom {headroom} bytes.",
-    )
+def _signed(value: Optional[float], digits: int = 5) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -422,6 +146,113 @@ def _provenance_html(agg: dict) -> str:
     return out
 
 
+def _stages_html(agg: dict, seeds: Sequence[Any]) -> str:
+    """val_bpb at the three stages per seed, the deltas, and what was scored; a mean row; a note when only part
+    of the validation set was scored."""
+    head = (
+        "<tr><th>seed</th><th>pre-quant</th><th>post-quant</th><th>\u0394 quant</th><th>scored (TTT)</th>"
+        "<th>\u0394 TTT</th><th>documents scored</th><th>target tokens</th><th>bytes</th></tr>"
+    )
+    rows = []
+    for s in seeds:
+        quant = None if s.pre_quant_bpb is None or s.post_quant_bpb is None else s.post_quant_bpb - s.pre_quant_bpb
+        ttt = None if s.post_quant_bpb is None else s.val_bpb - s.post_quant_bpb
+        docs = "n/a" if s.docs_scored is None else f"{s.docs_scored:,}" + (
+            f" of {s.docs_total:,}" if s.docs_total is not None else "")
+        cells = [
+            f"<td data-stage='pre_quant' data-value='{s.pre_quant_bpb!r}'>{_num(s.pre_quant_bpb)}</td>",
+            f"<td data-stage='post_quant' data-value='{s.post_quant_bpb!r}'>{_num(s.post_quant_bpb)}</td>",
+            f"<td data-delta='quant'>{_signed(quant)}</td>",
+            f"<td data-stage='ttt' data-value='{s.val_bpb!r}'><b>{_num(s.val_bpb)}</b></td>",
+            f"<td data-delta='ttt'>{_signed(ttt)}</td>",
+            f"<td data-role='docs'>{_e(docs)}</td>",
+            f"<td>{s.token_count:,}</td><td>{s.byte_sum:,}</td>",
+        ]
+        rows.append(f"<tr data-seed='{s.seed}'><td>{s.seed}</td>{''.join(cells)}</tr>")
+    st = agg.get("stages") or {}
+
+    def mean_of(key: str, signed: bool = False) -> str:
+        value = (st.get(key) or {}).get("mean")
+        return _signed(value) if signed else _num(value)
+
+    rows.append(
+        f"<tr class='mean'><td>mean</td><td>{mean_of('pre_quant')}</td><td>{mean_of('post_quant')}</td>"
+        f"<td>{mean_of('quant_delta', True)}</td><td><b>{mean_of('ttt')}</b></td><td>{mean_of('ttt_delta', True)}</td>"
+        "<td></td><td></td><td></td></tr>"
+    )
+    scored = agg.get("scored") or {}
+    note = ""
+    if scored.get("docs_scored") is not None and scored.get("docs_total") and not scored.get("all_docs"):
+        note = (
+            f"<div class='warn' id='partial-eval'>Scored {scored['docs_scored']:,} of {scored['docs_total']:,} "
+            "validation documents per seed (evaluate.max_docs): a quick look, not comparable with a full "
+            "evaluation.</div>"
+        )
+    modes = ", ".join(st.get("ttt_modes") or []) or "n/a"
+    intro = (
+        "<p>val_bpb of the trained weights (pre-quant), of the packed artifact without test-time training "
+        f"(post-quant), and the score itself (TTT mode: {_e(modes)}). \u0394 quant = post - pre; \u0394 TTT = "
+        "scored - post (negative is better).</p>"
+    )
+    return intro + note + f"<div class='scroll'><table id='stages'>{head}{''.join(rows)}</table></div>"
+
+
+def _bytes_html(seeds: Sequence[Any]) -> str:
+    head = (
+        "<tr><th>seed</th><th>compressed model</th><th>counted code</th><th>convention</th><th>total</th>"
+        "<th>cap</th><th>headroom</th><th>% of cap</th></tr>"
+    )
+    rows = "".join(
+        f"<tr data-seed='{s.seed}'><td>{s.seed}</td><td>{s.model_bytes:,}</td><td>{s.code_bytes:,}</td>"
+        f"<td>{_e(s.code_bytes_convention or 'n/a')}</td><td data-role='total'>{s.total_bytes:,}</td>"
+        f"<td>{s.cap_bytes:,}</td><td>{s.cap_bytes - s.total_bytes:,}</td>"
+        f"<td>{100.0 * s.total_bytes / s.cap_bytes:.2f} %</td></tr>"
+        for s in seeds
+    )
+    return f"<div class='scroll'><table id='bytes'>{head}{rows}</table></div>"
+
+
+def _compliance_html(agg: dict) -> str:
+    comp = agg.get("compliance")
+    if not comp:
+        return "<p id='compliance'>No compliance verdict (<code>pgolf comply</code> was not run for this report).</p>"
+    counts = comp.get("counts", {})
+    status = "PASS" if comp.get("compliant") else "FAIL"
+    summary = ", ".join(f"{n} {k.lower()}" for k, n in counts.items())
+    parts = [
+        f"<div id='compliance'><p>Compliance: <b class='{'pass' if status == 'PASS' else 'fail'}'>{status}</b> "
+        f"({_e(summary)}).</p>"
+    ]
+    for group in comp.get("groups", []):
+        names = ", ".join(str(r["rule"]) for r in group["rules"])
+        items = "".join(
+            f"<details data-rule='{_e(r['rule'])}' data-status='{_e(group['status'])}'><summary>"
+            f"<code>{_e(r['rule'])}</code> {_e(r['title'])}</summary><p>{_e(r['evidence'])}</p></details>"
+            for r in group["rules"]
+        )
+        parts.append(
+            f"<div class='comply-group' data-status='{_e(group['status'])}'><p><b>{_e(group['status'])} "
+            f"({len(group['rules'])})</b>: {_e(names)}</p>{items}</div>"
+        )
+    return "".join(parts) + "</div>"
+
+
+def _headline(agg: dict) -> str:
+    """One paragraph with the figures that matter: the score, its stages, what was scored, the largest artifact."""
+    bpb, st, scored = agg["val_bpb"], agg.get("stages") or {}, agg.get("scored") or {}
+    text = f"val_bpb <b>{bpb['mean']:.5f}</b> (mean of {bpb['n']} seed{'s' if bpb['n'] != 1 else ''})"
+    pre, post = (st.get("pre_quant") or {}).get("mean"), (st.get("post_quant") or {}).get("mean")
+    if pre is not None and post is not None:
+        text += f": pre-quant {pre:.5f} \u2192 post-quant {post:.5f} \u2192 scored {bpb['mean']:.5f}"
+    if scored.get("docs_scored") is not None:
+        total = f" of {scored['docs_total']:,}" if scored.get("docs_total") else ""
+        text += (f"; {scored['docs_scored']:,}{total} validation documents, {scored['tokens_scored']:,} tokens, "
+                 f"{scored['bytes_scored']:,} bytes scored")
+    ab = agg["artifact_bytes"]
+    text += f"; artifact {ab['max']:,} bytes at most (cap {ab['cap']:,})."
+    return f"<p id='headline'>{text}</p>"
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:980px;
 color:#222}
@@ -437,6 +268,9 @@ svg text{font-family:inherit} .tick{font-size:11px;fill:#444} .axis{font-size:12
 .record{background:#1a7f37} .progression{background:#9a6700} .non-record{background:#777}
 .warn{background:#fff4e5;border:1px solid #e69f00;padding:6px 12px;margin:10px 0}
 .scroll{overflow-x:auto} .pass{color:#1a7f37} .fail{color:#c00} code{font-size:12px}
+tr.mean td{font-weight:bold;background:#fafafa} #headline{font-size:15px}
+details{font-size:13px;margin:2px 0 2px 16px} details p{margin:2px 0 6px 16px;color:#444}
+.comply-group p{margin:6px 0 2px 0}
 """
 
 
@@ -451,14 +285,23 @@ def render(agg: dict, seeds: Sequence[Any], table) -> str:
         title = "<b>Missing seeds</b> (aggregated over the rest):"
         missing = f"<div class='warn' id='missing-seeds'>{title}<ul>{items}</ul></div>"
     reasons = "".join(f"<li>{_e(r)}</li>" for r in v["reasons"])
+    comp = agg.get("compliance")
+    comply_line = "" if not comp else (
+        f" Compliance: <b class='{'pass' if comp.get('compliant') else 'fail'}'>"
+        f"{'PASS' if comp.get('compliant') else 'FAIL'}</b> (<a href='#compliance-rules'>rules</a>).")
     return "".join(
         [
             "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
             f"<title>pgolf report: {_e(agg['run'])}</title><style>{CSS}</style></head><body>",
             f"<h1>pgolf report: {_e(agg['run'])} <small>({_e(agg['mode'])})</small></h1>",
+            _headline(agg),
             f"<p>Seeds {_e(', '.join(str(s) for s in agg['seeds']))}. Verdict: "
-            f"<span id='verdict' class='verdict {_e(v['status'])}'>{_e(v['status'])}</span></p><ul>{reasons}</ul>",
+            f"<span id='verdict' class='verdict {_e(v['status'])}'>{_e(v['status'])}</span>{comply_line}</p>"
+            f"<ul id='reasons'>{reasons}</ul>",
             missing,
+            "<h2>val_bpb by stage</h2>",
+            _stages_html(agg, seeds),
+            stages_figure(seeds),
             "<h2>Statistics</h2>",
             f"<p>Unit of the test: {_e(agg['significance']['unit_label'])}; bpb converts with this run's "
             f"{agg['bytes_per_token']:.5f} validation bytes per token "
@@ -471,9 +314,13 @@ def render(agg: dict, seeds: Sequence[Any], table) -> str:
             loss_figure(seeds),
             bpb_figure(agg, seeds),
             time_figure(agg, seeds),
+            "<h2>Bytes</h2>",
+            _bytes_html(seeds),
             bytes_figure(seeds),
             "<h2>Per seed</h2>",
             _seed_table_html(table),
+            "<h2 id='compliance-rules'>Compliance</h2>",
+            _compliance_html(agg),
             "<h2>Provenance</h2>",
             _provenance_html(agg),
             "</body></html>\n",

@@ -35,6 +35,8 @@ OPTIONAL_FILES = {
     "gate_report": "gate/gate_report.json",
 }
 LOGS_DIR = "logs"
+RECORD_WORLD_SIZE = 8  # the record track: 8 processes ...
+RECORD_GPU = "H100"  # ... on H100s (the hardware the 600 s budgets are stated for)
 # Stage logs in pipeline order; any other *.log in logs/ follows alphabetically.
 LOG_ORDER = ("record_run", "train", "hessians", "quantize", "pack", "eval", "evaluate")
 
@@ -100,6 +102,27 @@ class SeedResult:
     # the code identity the artifact header records (pack report input_hashes.pgolf_code_hash): the CODE_HASH of
     # the train_gpt.py that reproduces this artifact, the same from the staged pipeline and from that file alone
     artifact_code_id: Optional[str] = None
+    # the three stages of the score (eval.json's diagnostics; None when diagnostics were off): the trained
+    # weights, the packed artifact without TTT, and the artifact scored with TTT (= val_bpb)
+    pre_quant_bpb: Optional[float] = None
+    post_quant_bpb: Optional[float] = None
+    pre_quant_loss: Optional[float] = None
+    post_quant_loss: Optional[float] = None
+    ttt_mode: Optional[str] = None
+    # what was scored: documents (of how many in the validation shards), target tokens, bytes
+    docs_scored: Optional[int] = None
+    docs_total: Optional[int] = None
+
+    @property
+    def on_record_hardware(self) -> bool:
+        return record_hardware(self.world_size, self.environment)
+
+    @property
+    def hardware_words(self) -> str:
+        """``1 process, CPU`` / ``8 processes, NVIDIA H100 80GB HBM3``."""
+        gpu = str(self.environment.get("gpu") or "") or "CPU"
+        n = self.world_size
+        return f"{n if n is not None else '?'} process{'es' if n != 1 else ''}, {gpu}"
 
     @property
     def nats_per_bpb(self) -> float:
@@ -108,6 +131,13 @@ class SeedResult:
 
 
 SeedOutcome = Union[SeedResult, MissingSeed]
+
+
+def record_hardware(world_size: Optional[int], environment: Optional[dict]) -> bool:
+    """8 processes on GPUs named H100: the hardware the 600 s budgets and the record track are stated for. Every
+    budget line, budget reason and "reproduce on 8xH100" wording of the reports follows this one predicate."""
+    gpu = str((environment or {}).get("gpu") or "")
+    return world_size == RECORD_WORLD_SIZE and RECORD_GPU in gpu
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,10 +341,19 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
         data_manifest_sha256=_get(ckpt, "data_manifest_sha256", p_ckpt, str, required=False),
         config_sha256=config_sha,
         configs=configs,
-        environment=_get(ckpt, "environment", p_ckpt, dict, required=False) or {},
+        # the machine is a measurement (train_summary.json); checkpoints written before that carried it
+        environment=(_get(summary, "environment", p_sum, dict, required=False)
+                     or _get(ckpt, "environment", p_ckpt, dict, required=False) or {}),
         loss_curve=read_loss_curve(base / OPTIONAL_FILES["metrics"]),
         log_files=_log_files(base),
         artifact_code_id=(pack.get("input_hashes") or {}).get("pgolf_code_hash"),
+        pre_quant_bpb=_get(ev, "diagnostics.pre_quant.val_bpb", p_ev, float, required=False),
+        post_quant_bpb=_get(ev, "diagnostics.post_quant.val_bpb", p_ev, float, required=False),
+        pre_quant_loss=_get(ev, "diagnostics.pre_quant.val_loss", p_ev, float, required=False),
+        post_quant_loss=_get(ev, "diagnostics.post_quant.val_loss", p_ev, float, required=False),
+        ttt_mode=_get(ev, "ttt_mode", p_ev, str, required=False),
+        docs_scored=_get(ev, "doc_count", p_ev, int, required=False),
+        docs_total=_get(ev, "data.total_docs", p_ev, int, required=False),
     )
 
 

@@ -48,3 +48,86 @@ def summary_text(agg: dict) -> str:
     v = agg["verdict"]
     lines.append(f"verdict: {v['status']}: " + "; ".join(v["reasons"]))
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The closing summary of a pipeline run (Snakefile onsuccess, `pgolf summary RUN_DIR`)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load(path) -> Optional[dict]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def closing_summary(run_dir) -> str:
+    """A few lines on what a run produced, from its own files: the headline figures (val_bpb by stage, documents
+    scored, artifact bytes, verdict and compliance) and where report.html, submission.json and the records folder
+    are. Only the lines whose files exist (a `partial` target has no folder). Reads JSON only: no torch."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    agg = _load(run_dir / "aggregate.json") or _load(run_dir / "partial" / "aggregate.json")
+    if agg is None:
+        return f"pgolf: run {run_dir.name}: no aggregate.json yet (the stage logs are under {run_dir}/)"
+    bpb, stages, scored = agg["val_bpb"], agg.get("stages") or {}, agg.get("scored") or {}
+    n = bpb["n"]
+    lines = [f"pgolf: run {agg['run']} ({agg['mode']}) finished: {n} seed{'s' if n != 1 else ''} {agg['seeds']}"]
+    line = f"  val_bpb {bpb['mean']:.5f}"
+    if bpb.get("std_sample_ddof1") is not None:
+        line += f" (sample std {bpb['std_sample_ddof1']:.5f})"
+    pre, post = (stages.get("pre_quant") or {}).get("mean"), (stages.get("post_quant") or {}).get("mean")
+    if pre is not None and post is not None:
+        line += (f"; pre-quant {pre:.5f} -> post-quant {post:.5f} ({post - pre:+.5f}) -> scored {bpb['mean']:.5f} "
+                 f"({bpb['mean'] - post:+.5f})")
+    lines.append(line)
+    if scored.get("docs_scored") is not None:
+        of = f" of {scored['docs_total']:,}" if scored.get("docs_total") else ""
+        cut = "" if scored.get("all_docs") else " (evaluate.max_docs: a quick look, not the full set)"
+        lines.append(f"  scored {scored['docs_scored']:,}{of} validation documents per seed, "
+                     f"{scored['bytes_scored']:,} bytes{cut}")
+    ab = agg["artifact_bytes"]
+    lines.append(f"  artifact {ab['max']:,} bytes at most (cap {ab['cap']:,}, headroom {ab['cap'] - ab['max']:,})")
+    verdict = agg["verdict"]
+    comply = agg.get("compliance")
+    compliance = ""
+    if comply:
+        counts = comply.get("counts") or {}
+        failed = comply.get("failed_rules") or []
+        parts = [f"{counts.get('PASS', 0)} pass", f"{counts.get('FAIL', 0)} fail"
+                 + (f" ({', '.join(failed)})" if failed else ""), f"{counts.get('NOT-APPLICABLE', 0)} not applicable"]
+        compliance = f"; compliance {'PASS' if comply.get('compliant') else 'FAIL'}: {', '.join(parts)}"
+    lines.append(f"  verdict {verdict['status']}{compliance}")
+    for reason in verdict["reasons"][:8]:
+        lines.append(f"    - {reason}")
+    report = run_dir / "report.html"
+    if report.exists():
+        lines.append(f"  report      {report.resolve().as_uri()}")
+    if (run_dir / "submission.json").exists():
+        lines.append(f"  submission  {run_dir / 'submission.json'}")
+    folders = sorted((run_dir / "records").glob("track_*/*/"))
+    if folders:
+        lines.append(f"  records     {folders[-1]}/")
+    return "\n".join(lines)
+
+
+def failure_hint(run_dir, data_dir=None, tail_lines: int = 6) -> str:
+    """What to read after a failed or interrupted run, and how to go on: the last lines of the newest log."""
+    from pathlib import Path
+
+    logs = [p for d in (run_dir, data_dir) if d for p in Path(d).rglob("*.log") if p.is_file()]
+    lines = ["pgolf: the run stopped. Every job's whole output is in its log (results/<run>/seed<s>/logs/, "
+             "results/<run>/logs/, results/data/<name>/logs/)."]
+    if logs:
+        newest = max(logs, key=lambda p: p.stat().st_mtime)
+        tail = newest.read_text(encoding="utf-8", errors="replace").splitlines()[-tail_lines:]
+        lines.append(f"  the newest, {newest}, ends with:")
+        lines += [f"    {line[:200]}" for line in tail]
+    lines.append("  After a fix, or after Ctrl-C, the same command resumes: finished jobs are kept, and a sweep's "
+                 "training resumes from its last saved state (train.resume_every_steps).")
+    return "\n".join(lines)

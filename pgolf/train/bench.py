@@ -120,13 +120,15 @@ class PackedRows:
 
 
 def packed_rows(
-    row_tokens: int, vocab_size: int, max_seqlen: int, seed: int, rows: int = DISTINCT_ROWS, bucketed: bool = True
+    row_tokens: int, vocab_size: int, max_seqlen: int, seed: int, rows: int = DISTINCT_ROWS, bucketed: bool = True,
+    pad: str = "pow2",
 ) -> PackedRows:
-    """``rows`` consecutive rows of one synthetic stream, segmented like the training loader's micro-batches."""
+    """``rows`` consecutive rows of one synthetic stream, segmented like the training loader's micro-batches
+    (cu_seqlens padded as ``train.cu_seqlens_pad`` says when ``bucketed``)."""
     import torch
 
     from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
-    from pgolf.train.loop import cu_seqlens_bucket
+    from pgolf.train.step import cu_seqlens_padded_length
 
     stream = torch.from_numpy(synthetic_stream(rows * row_tokens + 1, vocab_size, seed))
     inputs, targets, cus, contexts = [], [], [], []
@@ -135,7 +137,7 @@ def packed_rows(
         cu, _ = build_cu_seqlens(row[:-1], bos_id=BOS_ID, max_seqlen=max_seqlen)
         contexts.append(mean_causal_context(cu.numpy()))
         if bucketed:
-            cu = pad_cu_seqlens(cu, cu_seqlens_bucket(cu.numel()))
+            cu = pad_cu_seqlens(cu, cu_seqlens_padded_length(cu.numel(), pad))
         inputs.append(row[:-1].clone())
         targets.append(row[1:].clone())
         cus.append(cu)
@@ -195,16 +197,19 @@ def bench_train(
     peak_tflops: Optional[float] = None,
     seed: int = 0,
     profile_steps: int = 0,
+    attention_backend: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
 
     ``profile_steps`` > 0 adds, per phase, a torch.profiler breakdown of that many more steps
-    (:func:`profile_breakdown`)."""
+    (:func:`profile_breakdown`). ``attention_backend`` (auto, fa3, fa4, torch) overrides the recipe's
+    ``model.attention_backend``; the result records what it resolved to."""
     import torch
 
     from pgolf.model import kernels
     from pgolf.model.gpt import GPT, param_groups
     from pgolf.train.optim import build_optimizers
+    from pgolf.train.storage import apply_param_storage
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench train: expected steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -213,6 +218,8 @@ def bench_train(
     if looping not in ("on", "off", "both"):
         raise ValueError(f"bench train: --looping expects on, off or both, got {looping!r}")
     model_cfg, train_cfg = run_cfg.model, run_cfg.train
+    if attention_backend is not None:
+        model_cfg = dataclasses.replace(model_cfg, attention_backend=attention_backend)
     device = resolve_device(device_kind)
     compile = train_cfg.compile if compile is None else compile
     compile_backend = compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
@@ -228,8 +235,12 @@ def bench_train(
     torch.manual_seed(seed)
     model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len, bos_id=BOS_ID).to(device)
     model.use_fused_kernels = fused
-    optimizers = build_optimizers(param_groups(model), run_cfg.optim, muon_average_grads=False)
-    rows = packed_rows(micro, model_cfg.vocab_size, train_cfg.train_seq_len, seed)
+    attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
+    groups = param_groups(model)
+    # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
+    apply_param_storage(model, train_cfg.param_storage, [name for name, _ in groups.get("embedding", ())])
+    optimizers = build_optimizers(groups, run_cfg.optim, muon_average_grads=False)  # one process: nothing to average
+    rows = packed_rows(micro, model_cfg.vocab_size, train_cfg.train_seq_len, seed, pad=train_cfg.cu_seqlens_pad)
     bench = TrainBench(
         model=model,
         step_model=compile_model(model, compile, compile_backend),
@@ -301,6 +312,8 @@ def bench_train(
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
         "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
+        "attention_backend": attention,
+        "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
         "compile_backend": compile_backend if compile else None,
         "params": sum(p.numel() for p in model.parameters()),
@@ -322,6 +335,7 @@ def _fmt(value: Optional[float], spec: str, none: str = "n/a") -> str:
 def train_summary_line(result: dict[str, Any]) -> str:
     head = (
         f"bench train {result['run']} on {result['device']}: fused {'on' if result['fused_kernels_active'] else 'off'}, "
+        f"attention {result['attention_backend']['resolved']}, "
         f"compile {result['compile_backend'] or 'off'}, {result['tokens_per_step']:,} tokens/step (accum {result['grad_accum_steps']})"
     )
     parts = []

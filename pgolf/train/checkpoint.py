@@ -4,8 +4,12 @@ Layout of a checkpoint directory:
   model.pt         {parameter name: tensor} saved with torch.save; loaded with ``weights_only=True`` only,
                    so loading never executes pickled code.
   checkpoint.json  format, version, the model config (the architecture travels with the weights), training
-                   and optimizer configs, steps, train time, tokens seen, data manifest hash, code hash,
-                   environment, and the sha256 of model.pt. Written last: its presence marks a complete checkpoint.
+                   and optimizer configs, steps, tokens seen, data manifest hash, code hash, and the sha256 of
+                   model.pt. Written last: its presence marks a complete checkpoint.
+
+Both files are a function of the inputs: the same weights give the same bytes (``model.pt`` is serialized in
+memory, so its zip records never carry a temporary file's name), and the measured times
+and the machine live in ``train_summary.json`` (pgolf.io.TIMING_FIELDS), never here.
 """
 
 from __future__ import annotations

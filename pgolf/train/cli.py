@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from pgolf.config.strict import nonneg_int, positive_float, positive_int
+
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -66,9 +68,9 @@ def compile_flag(args: argparse.Namespace) -> Optional[bool]:
 
 def add_bench_arguments(p: argparse.ArgumentParser, steps: int, warmup: int) -> None:
     p.add_argument("--config", required=True, help="recipe YAML (its model/optim/train/evaluate sections are used)")
-    p.add_argument("--steps", type=int, default=steps, help=f"timed steps per phase (default {steps})")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"timed steps per phase (default {steps})")
     p.add_argument(
-        "--warmup", type=int, default=warmup, help=f"untimed steps first: compile and autotune (default {warmup})"
+        "--warmup", type=nonneg_int, default=warmup, help=f"untimed steps first: compile and autotune (default {warmup})"
     )
     p.add_argument("--no-fused", action="store_true", help="pure PyTorch MLP activation and loss (no Triton kernels)")
     compile_group = p.add_mutually_exclusive_group()
@@ -78,6 +80,10 @@ def add_bench_arguments(p: argparse.ArgumentParser, steps: int, warmup: int) -> 
         "--compile-backend", default=None, help="torch.compile backend (default inductor on CUDA, aot_eager on CPU)"
     )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument(
+        "--attention-backend", choices=["auto", "fa3", "fa4", "torch"], default=None,
+        help="attention kernels (default: the recipe's model.attention_backend); the result records the choice",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
 
@@ -100,6 +106,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops,
         seed=args.seed,
         profile_steps=args.profile_steps,
+        attention_backend=args.attention_backend,
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
@@ -110,21 +117,56 @@ def _register_bench_train(commands) -> None:
     p = bench.add_parser("train", help="ms/step, tokens/s, MFU, memory, compile time; looping off and on")
     add_bench_arguments(p, steps=10, warmup=3)
     p.add_argument(
-        "--grad-accum", type=int, default=None,
+        "--grad-accum", type=positive_int, default=None,
         help="micro-batches per step (default: train_batch_tokens / micro-batch tokens)",
     )
     p.add_argument(
-        "--micro-batch-tokens", type=int, default=None, help="tokens per forward (default: train.micro_batch_tokens)"
+        "--micro-batch-tokens", type=positive_int, default=None, help="tokens per forward (default: train.micro_batch_tokens)"
     )
     p.add_argument("--looping", choices=["on", "off", "both"], default="both", help="depth recurrence phases to time")
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by device name)")
+    p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(
-        "--profile-steps", type=int, default=0,
+        "--profile-steps", type=nonneg_int, default=0,
         help="after timing, profile this many more steps per phase: GPU time by kernel category, top kernels",
     )
     p.set_defaults(func=_bench_train)
 
 
+def _import_record(args: argparse.Namespace) -> int:
+    from pgolf.config import load_run_config
+    from pgolf.train.checkpoint import load_checkpoint
+    from pgolf.train.record_import import import_record
+
+    recipe = load_run_config(args.config).model if args.config else None
+    path = import_record(args.state_pt, args.out, log=args.log, recipe_model=recipe, recipe_path=args.config,
+                         kind=args.kind, force=args.force)
+    state, meta = load_checkpoint(path.parent)
+    cfg = meta["model_config"]
+    print(f"{path}: {len(state)} tensors, {sum(t.numel() for t in state.values()):,} parameters, "
+          f"{cfg['num_layers']} layers x {cfg['model_dim']}, weights {meta['weights']}, param_storage "
+          f"{meta['param_storage']}; model config from {meta['source']['model_config_from']}", file=sys.stderr)
+    return 0
+
+
+def _register_checkpoint(commands) -> None:
+    group = commands.group("checkpoint", help="training checkpoints from elsewhere")
+    p = group.add_parser(
+        "import-record", help="a state dict saved by PR #1855's train_gpt.py (final_model.pt) as a pgolf checkpoint",
+        description="Writes a pgolf checkpoint (model.pt + checkpoint.json) that the Hessian, quantize, pack and evaluate "
+        "stages and `pgolf train --init-checkpoint` accept. The architecture comes from the record run's log or a recipe.",
+    )
+    p.add_argument("state_pt", metavar="STATE_PT", help="the record's torch.save(model.state_dict()) file")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--log", metavar="LOG", help="the record run's log (its 'Hyperparameters:' block)")
+    source.add_argument("--config", metavar="RECIPE", help="a recipe whose model section describes the weights")
+    p.add_argument("--kind", choices=["final", "initial"], default="final",
+                   help="final: trained weights (final_model.pt); initial: the state a record run starts from")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint already in DIR")
+    p.set_defaults(func=_import_record)
+
+
 def register(commands) -> None:
     _register_train(commands)
     _register_bench_train(commands)
+    _register_checkpoint(commands)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +30,35 @@ class DistInfo:
         return self.world_size > 1
 
 
+def die_with_parent() -> bool:
+    """Under torchrun (LOCAL_RANK set) on Linux: ask the kernel to send this worker SIGTERM when its parent, the
+    torchrun agent, dies. torchrun starts its workers in sessions of their own, so a SIGKILL to the job's process
+    group (``kill -9``, the OOM killer) would otherwise leave them training and writing into the seed's folder
+    while a rerun starts another. Returns whether it was set."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the agent died before prctl took effect: nobody would signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def init_distributed(device_kind: str = "auto") -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun; absent means one process) and join the group.
 
-    NCCL on CUDA, gloo on CPU. ``device_kind``: "auto" (CUDA when available), "cuda" or "cpu".
+    NCCL on CUDA, gloo on CPU. ``device_kind``: "auto" (CUDA when available), "cuda" or "cpu". A torchrun worker
+    ends when its agent dies (:func:`die_with_parent`).
     """
+    die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

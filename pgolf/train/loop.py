@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -45,7 +44,7 @@ from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_shard
-from pgolf.io import MetricsLog, atomic_write_json, sha256_file
+from pgolf.io import TIMING_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.train.checkpoint import load_initial_weights, save_checkpoint
 from pgolf.train.distributed import DistInfo, broadcast_floats, init_distributed, shutdown
@@ -124,6 +123,43 @@ def _memory_gib(device: torch.device) -> float:
     return 0.0
 
 
+# ----------------------------------------------------------------------------------------------------- attempts
+
+RESUME_DIR = "resume"  # <train dir>/resume/: a sweep's saved state (pgolf.train.resume) and the attempt record
+ATTEMPT_NAME = "attempt.json"
+
+
+def begin_attempt(resume_dir: Path, resumed_step: Optional[int], resume_every_steps: int) -> int:
+    """Record this attempt in ``attempt.json``; returns the number of earlier, unfinished attempts. When one did
+    not finish and nothing is resumed, say that this attempt starts over from step 0, and why."""
+    import datetime
+
+    path = resume_dir / ATTEMPT_NAME
+    earlier, started = 0, None
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            earlier, started = int(previous.get("attempts", 1)), previous.get("started_utc")
+        except (ValueError, TypeError):
+            earlier = 1
+    if earlier and resumed_step is None:
+        why = ("train.resume_every_steps is 0: a record run is one uninterrupted timed run, so an interrupted one "
+               "restarts from scratch" if resume_every_steps == 0 else "no usable saved state")
+        progress(f"an earlier attempt (started {started or 'unknown'}) did not finish; this one starts over from "
+                 f"step 0 ({why})", final=True)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(path, {"attempts": earlier + 1, "started_utc": now})
+    return earlier
+
+
+def finish_attempts(resume_dir: Path) -> None:
+    """A successful finish: the saved state and the attempt record go (a forced rerun trains afresh)."""
+    import shutil
+
+    if resume_dir.exists():
+        shutil.rmtree(resume_dir, ignore_errors=True)
+
+
 # -------------------------------------------------------------------------------------------------------- train
 
 
@@ -167,16 +203,18 @@ def train_in_group(
     data_info = check_data(Path(data_dir), model_cfg.vocab_size)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    model = GPT(model_cfg)
+    build_start = time.perf_counter()  # start-up: model construction to the first training step (as the record's)
+    model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len)  # (the length of its RoPE tables)
     extra: dict[str, Any] = {}
     if init_checkpoint is not None:
         init_meta = load_initial_weights(model, model_cfg, init_checkpoint)
         extra = {"init_checkpoint": str(init_checkpoint), "init_weights_sha256": init_meta.get("weights_sha256")}
     model = model.to(info.device)
     model.use_fused_kernels = train_cfg.fused_kernels and info.device.type == "cuda"
+    model.set_attention_backend(info.device)  # before compiling: probes FlashAttention; recorded in the summary
     return train_model(
         model, param_groups(model), model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info,
-        data_info={**data_info, **extra},
+        data_info={**data_info, **extra}, build_start=build_start,
     )
 
 
@@ -193,13 +231,15 @@ def train_model(
     *,
     data_info: Optional[dict[str, Any]] = None,
     clock: Callable[[], float] = time.perf_counter,
+    build_start: Optional[float] = None,
 ) -> dict[str, Any]:
     """Train a built model (its initial weights in place, on ``info.device``): warm-up, the timed loop, the EMA,
     the checkpoint. The model needs a ``looping`` attribute and ``forward(inputs [n], targets [n], cu_seqlens=,
     max_seqlen=) -> mean loss``; ``groups`` are its optimizer groups (pgolf.model.gpt.param_groups).
 
     ``clock``: the time source of the schedule and the stop (seconds; read once at the start, then at the top and
-    at the end of every step, like the record's); a test can pass a fake one.
+    at the end of every step, like the record's); a test can pass a fake one. ``build_start``: the
+    ``time.perf_counter()`` of the model's construction, for the summary's ``startup_seconds``.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = info.device
@@ -217,7 +257,7 @@ def train_model(
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").write_text("")  # a rerun starts a fresh log
+    # a hidden partial file until the checkpoint and the summary are written (pgolf.io.MetricsLog)
     metrics = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None)
 
     seen_cu_shapes: set[int] = set()
@@ -241,6 +281,25 @@ def train_model(
         forward_backward(step_model, inputs, targets, cu_seqlens, train_cfg.train_seq_len, accum, device,
                          train_cfg.compile)
 
+    # measurement only (the procedure is pgolf.train.warmup's): seconds, steps, compile passes and graphs compiled
+    # per loop state, from wrappers around the warm-up's two callbacks
+    warmup_by_loop_state: dict[str, dict[str, Any]] = {}
+
+    def measured(fn: Callable, kind: str) -> Callable:
+        def call(*args):
+            t, graphs = time.perf_counter(), _compiled_graph_count()
+            out = fn(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            entry = warmup_by_loop_state.setdefault("on" if model.looping else "off", {
+                "steps": 0, "compile_passes": 0, "seconds": 0.0, "graphs_compiled": 0})
+            entry[kind] += 1
+            entry["seconds"] += time.perf_counter() - t
+            entry["graphs_compiled"] += _compiled_graph_count() - graphs
+            return out
+
+        return call
+
     warmup_start = time.perf_counter()
     set_lr_multiplier(optimizers, 1.0)
     run_warmup(
@@ -250,15 +309,16 @@ def train_model(
         calls_per_step=accum,
         # the record's loader spends call 0 on the compile passes; the contiguous stream starts at step 0
         first_step_call=1 if train_cfg.data_stream == "record" or train_cfg.warmup_cu_passes > 0 else 0,
-        run_step=run_step,
+        run_step=measured(run_step, "steps"),
         cu_passes=train_cfg.warmup_cu_passes,
         cu_seqlens_list=cu_warmup_seqlens(plan.micro_batch_tokens, train_cfg.train_seq_len, train_cfg.cu_seqlens_pad),
-        compile_pass=compile_pass,
+        compile_pass=measured(compile_pass, "compile_passes"),
         restore_kind=train_cfg.warmup_restore,
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     warmup_seconds = time.perf_counter() - warmup_start
+    startup_seconds = time.perf_counter() - (warmup_start if build_start is None else build_start)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -270,8 +330,35 @@ def train_model(
     step = 0
     end_s = 0.0  # rank 0's clock at the end of the previous step
     step_times_ms: dict[str, list[float]] = {"before_loop": [], "after_loop": []}
-    train_start = clock()
-    last_log_time, last_log_step = time.perf_counter(), 0
+
+    # resume a sweep from its last saved state (pgolf.train.resume); a record run always starts at step 0
+    resume_dir = out_dir / RESUME_DIR
+    every = train_cfg.resume_every_steps
+    resumed_from: Optional[int] = None
+    if every > 0:
+        from pgolf.train import resume  # sweeps only: a bundle of a recipe that never saves can leave it out
+
+        state_id = resume.fingerprint(model_cfg, optim_cfg, train_cfg, seed, info.world_size, data_info, code_hash())
+        state, state_meta, why = resume.load(resume_dir, state_id)
+        if info.is_main:
+            progress(f"resume: {why}", final=True)
+        if state is not None:
+            resume.restore(model, optimizers, ema.shadow, state)
+            step, end_s = int(state["step"]), float(state["elapsed_s"])
+            model.looping = bool(state["looping"])
+            loop_enabled_step = None if int(state["loop_enabled_step"]) < 0 else int(state["loop_enabled_step"])
+            step_times_ms = {k: [float(x) for x in v.tolist()] for k, v in state["step_times_ms"].items()}
+            resumed_from = step
+            metrics.restart(state_meta["metrics"])
+            metrics.write({"event": "resumed", "from_step": step, "elapsed_s": end_s})
+    (resumed_on_rank0,) = broadcast_floats([-1.0 if resumed_from is None else float(resumed_from)], info)
+    if int(resumed_on_rank0) != (-1 if resumed_from is None else resumed_from):
+        raise RuntimeError(f"rank {info.rank}: resumed from {resumed_from}, rank 0 from {int(resumed_on_rank0)}")
+    earlier_attempts = begin_attempt(resume_dir, resumed_from, every) if info.is_main else 0
+
+    last_loss: Optional[float] = None
+    train_start = clock() - end_s  # a resumed time-based schedule continues from the saved loop seconds
+    last_log_time, last_log_step = time.perf_counter(), step
     while step < train_cfg.iterations:
         # rank 0's clock decides for every rank: the top of this step (schedule) and the end of the last (stop)
         top_s, end_s = broadcast_floats([clock() - train_start, end_s], info)
@@ -293,7 +380,7 @@ def train_model(
         end_s = clock() - train_start
         step_times_ms["after_loop" if model.looping else "before_loop"].append((now - t0) * 1000.0)
         if step % train_cfg.log_every_steps == 0 or step == 1:
-            loss_value = float(loss.item())
+            loss_value = last_loss = float(loss.item())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss is {loss_value} at step {step}")
             window_s = max(now - last_log_time, 1e-9)
@@ -314,13 +401,21 @@ def train_model(
             }
             metrics.write(record)
             if info.is_main:
-                print(
-                    f"step {step:>6} loss {loss_value:.4f} lr x{mult:.3f} {tokens_per_s / 1e3:,.0f}K tok/s "
-                    f"{record['step_ms']:.0f} ms/step loop={'on' if model.looping else 'off'} "
-                    f"elapsed {end_s:.0f}s eta {eta_s:.0f}s",
-                    file=sys.stderr,
-                    flush=True,
+                progress(
+                    f"step {step}/{train_cfg.iterations} loss {loss_value:.4f} lr x{mult:.3f} "
+                    f"{rate_text(tokens_per_s, 'tok')} {record['step_ms']:.0f} ms/step "
+                    f"loop={'on' if model.looping else 'off'} elapsed {end_s:.0f}s eta {eta_s:.0f}s"
                 )
+        if every > 0 and step % every == 0 and step < train_cfg.iterations:
+            save_start = clock()
+            if info.is_main:
+                state = resume.capture(
+                    model, optimizers, ema.shadow, step=step, elapsed_s=end_s, looping=bool(model.looping),
+                    loop_enabled_step=-1 if loop_enabled_step is None else loop_enabled_step,
+                    step_times_ms={k: torch.tensor(v, dtype=torch.float64) for k, v in step_times_ms.items()},
+                )
+                resume.save(resume_dir, state, state_id, step, metrics.lines)
+            train_start += clock() - save_start  # saving is not training time: the schedule's clock skips it
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = clock() - train_start
@@ -351,6 +446,9 @@ def train_model(
         "tokens_seen": step * plan.train_batch_tokens,
         "train_seconds": train_seconds,
         "compile_warmup_seconds": warmup_seconds,
+        "compile_warmup_by_loop_state": warmup_by_loop_state,
+        "startup_seconds": startup_seconds,
+        "attention_backend": getattr(model, "attention_choice", None),
         "loop_enabled_step": loop_enabled_step,
         "ms_per_step": train_seconds * 1000.0 / max(step, 1),
         "ms_per_step_before_loop": _mean(step_times_ms["before_loop"]),
@@ -358,6 +456,8 @@ def train_model(
         "tokens_per_s": step * plan.train_batch_tokens / max(train_seconds, 1e-9),
         "peak_memory_gib": _memory_gib(device),
         "cu_seqlens_shapes": sorted(seen_cu_shapes),
+        "resumed_from_step": resumed_from,  # None: this attempt trained from step 0
+        "earlier_attempts": earlier_attempts,  # interrupted attempts before this one (0: one uninterrupted run)
         "compiled_graphs": _compiled_graph_count(),
         # how this run read the budget and which of the record's loop choices it made (`pgolf comply` reads these)
         "budget_reading": train_cfg.budget_reading,
@@ -373,18 +473,24 @@ def train_model(
         **data_info,
         **prequant,
     }
+    summary["environment"] = environment()
     if info.is_main:
+        # the checkpoint describes the weights only: its bytes are a function of the inputs; the measurements
+        # (times, rates, memory, the machine, the attempts) live in train_summary.json
+        measured = set(TIMING_FIELDS["train_summary.json"])
         meta = {
             "model_config": to_dict(model_cfg),
             "optim_config": to_dict(optim_cfg),
             "train_config": to_dict(train_cfg),
             "weights": "ema" if train_cfg.ema_decay > 0 else "final",
             "code_hash": code_hash(),
-            "environment": environment(),
-            **summary,
+            **{key: value for key, value in summary.items() if key not in measured},
         }
         save_checkpoint(out_dir / "checkpoint", weights, meta)
         metrics.write({"event": "train_done", **summary})
         atomic_write_json(out_dir / "train_summary.json", summary)
-    metrics.close()
+        metrics.commit()
+        finish_attempts(resume_dir)
+        progress(f"{step} steps" + (f", loss {last_loss:.4f}" if last_loss is not None else "")
+                 + f", {train_seconds:.0f} s of training ({rate_text(summary['tokens_per_s'], 'tok')})", final=True)
     return summary

@@ -69,6 +69,8 @@ def forward_backward(
     Returns the detached loss. Under compile the cu_seqlens length is marked dynamic: one graph serves every
     segment count (bucketing alone still recompiled ~50 s per new bucket on an H100).
     """
+    if device.type == "cuda" and not inputs.is_cuda:  # pinned: the copies below really are asynchronous
+        inputs, targets, cu_seqlens = (t if t.is_pinned() else t.pin_memory() for t in (inputs, targets, cu_seqlens))
     inputs = inputs.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
     cu_seqlens = cu_seqlens.to(device, non_blocking=True)

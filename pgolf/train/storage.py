@@ -60,8 +60,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, t in self.live.items():
-            self.shadow[name].mul_(self.decay).add_(t.detach(), alpha=1.0 - self.decay)
+        """The two in-place operations over every tensor as two foreach calls (a few CUDA launches instead of two
+        per parameter; the same operations per element, so the same bits)."""
+        shadow = [self.shadow[name] for name in self.live]
+        torch._foreach_mul_(shadow, self.decay)
+        torch._foreach_add_(shadow, [t.detach() for t in self.live.values()], alpha=1.0 - self.decay)
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         """{name: float32 tensor}: the EMA rounded to the live dtypes (or the live weights when decay is 0)."""

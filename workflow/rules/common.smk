@@ -1,9 +1,8 @@
-# Shared by every stage: the typed config and the paths of the results tree.
+# Shared by every stage: the typed config (CFG, read and checked by the Snakefile) and the paths of the results tree.
 import json
 
-from pgolf.config import parse_run_config, to_dict
+from pgolf.config import to_dict
 
-CFG = parse_run_config(config, "config")
 RUN = CFG.run
 DATA_DIR = f"results/data/{CFG.data.name}"
 RUN_DIR = f"results/{RUN}"

@@ -4,7 +4,8 @@
 #
 # Record mode: a FAIL stops the job (exit 1), and `aggregate` takes comply.json as input, so no submission
 # folder is written for a non-compliant run (the verdicts stay in logs/comply.log). Sweep mode: the check runs
-# and writes comply.json (a failing `mode` rule does not stop the DAG) but gates nothing.
+# and writes comply.json (a failing `mode` rule does not stop the DAG) but gates nothing. In both modes the
+# report shows the verdicts, grouped.
 
 COMPLY_JSON = f"{RUN_DIR}/comply.json"
 COMPLY_SEED_FILES = (

@@ -30,7 +30,10 @@ rule evaluate:
     log:
         f"{RUN_DIR}/seed{{seed}}/logs/evaluate.log",
     shell:
-        "torchrun --standalone --nproc_per_node $(( {resources.gpus} > 0 ? {resources.gpus} : 1 )) -m pgolf.evaluate"
+        # everything into the log; the [progress] lines (documents scored, tokens/s, ETA) also onto the console
+        "rm -f {log}; ( torchrun --standalone --nproc_per_node $(( {resources.gpus} > 0 ? {resources.gpus} : 1 ))"
+        " -m pgolf.evaluate"
         " --artifact {input.artifact} --pack-report {input.pack_report} --eval-json {params.evaluate:q}"
         " --seed {wildcards.seed} --data-dir {input.shards} --checkpoint {params.checkpoint} {params.tokenizer}"
-        " --mode {params.mode} --out {output.result} --metrics {output.metrics} > {log} 2>&1"
+        " --mode {params.mode} --out {output.result} --metrics {output.metrics} ) 2>&1"
+        " | python -m pgolf.io {log} --label 'evaluate seed {wildcards.seed}'"

@@ -13,6 +13,7 @@ rule hessians:
     input:
         checkpoint=f"{RUN_DIR}/seed{{seed}}/train/checkpoint/checkpoint.json",
         weights=f"{RUN_DIR}/seed{{seed}}/train/checkpoint/model.pt",
+        train_summary=f"{RUN_DIR}/seed{{seed}}/train/train_summary.json",  # the loop's seconds (budget check)
         verified=DATA_VERIFIED,
         shards=SHARDS_DIR,
     output:

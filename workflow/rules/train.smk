@@ -2,6 +2,10 @@
 # in seconds with the list of what is missing), then torchrun with one process per GPU (one process on CPU).
 #
 #   results/<run>/seed<seed>/train/checkpoint/{model.pt,checkpoint.json}, metrics.jsonl, train_summary.json
+#   results/<run>/seed<seed>/logs/{train.log, preflight.json}
+#
+# A sweep with train.resume_every_steps > 0 saves its state under train/resume/ (no rule declares it, so Snakemake
+# never deletes it) and an interrupted job, run again, resumes from there; a record run starts over, saying so.
 
 
 def preflight_recipe():
@@ -24,7 +28,6 @@ rule train:
         weights=f"{RUN_DIR}/seed{{seed}}/train/checkpoint/model.pt",
         summary=f"{RUN_DIR}/seed{{seed}}/train/train_summary.json",
         metrics=f"{RUN_DIR}/seed{{seed}}/train/metrics.jsonl",
-        preflight=f"{RUN_DIR}/seed{{seed}}/train/preflight.json",
     params:
         preflight=preflight_recipe(),
         data_root=DATA_DIR,
@@ -32,6 +35,8 @@ rule train:
         optim=section_json("optim"),
         train=section_json("train"),
         out_dir=lambda wc: train_dir(wc.seed),
+        # preflight's report: beside the logs, declared nowhere (Snakemake neither deletes nor prints it)
+        preflight_json=lambda wc: f"{RUN_DIR}/seed{wc.seed}/logs/preflight.json",
     threads: workflow.cores
     resources:
         gpus=VISIBLE_GPUS,
@@ -39,8 +44,10 @@ rule train:
     log:
         f"{RUN_DIR}/seed{{seed}}/logs/train.log",
     shell:
-        "pgolf preflight --config-json {params.preflight:q} --data-dir {params.data_root} --json-out {output.preflight}"
-        " > {log} 2>&1 && "
+        # everything into the log; the [progress] lines (steps, loss, tokens/s, ETA) also onto the console
+        "rm -f {log}; ( pgolf preflight --config-json {params.preflight:q} --seed {wildcards.seed}"
+        " --data-dir {params.data_root} --json-out {params.preflight_json} && "
         "torchrun --standalone --nproc_per_node $(( {resources.gpus} > 0 ? {resources.gpus} : 1 )) -m pgolf.train"
         " --model-json '{params.model}' --optim-json '{params.optim}' --train-json '{params.train}'"
-        " --seed {wildcards.seed} --data-dir {input.shards} --out-dir {params.out_dir} >> {log} 2>&1"
+        " --seed {wildcards.seed} --data-dir {input.shards} --out-dir {params.out_dir} ) 2>&1"
+        " | python -m pgolf.io {log} --label 'train seed {wildcards.seed}'"

@@ -1,6 +1,6 @@
 """Rule gate: compressed model bytes + counted code bytes <= the cap (the report is written either way)."""
 from pgolf.config import PackConfig, section_from_json
-from pgolf.io import run_logged
+from pgolf.io import progress, run_logged
 
 
 def work():
@@ -11,8 +11,9 @@ def work():
                               snakemake.output.report)
     if status:
         print(f"gate: refused: {report['message']}")
+    progress(report["message"], final=True)
     return status
 
 
 if __name__ == "__main__":  # not in the worker processes that multiprocessing spawns from this file
-    run_logged(snakemake.log[0], work, "gate")
+    run_logged(snakemake.log[0], work, f"gate seed {snakemake.wildcards.seed}")

@@ -1,6 +1,6 @@
 """Rule hessians: X^T X per quantized matrix from TRAINING data (record mode: refused over the training cap)."""
 from pgolf.config import HessianConfig, section_from_json
-from pgolf.io import run_logged
+from pgolf.io import progress, run_logged
 
 
 def work():
@@ -12,8 +12,10 @@ def work():
                                        snakemake.output.report, snakemake.params.mode, "auto")
     if status:
         print(f"hessians: refused (record mode): {report['message']}")
+    progress(f"{len(report['matrices'])} matrices from {report['calibration_tokens']:,} training tokens in "
+             f"{report['hessian_seconds']:.1f} s" + (" (refused: over the budget)" if status else ""), final=True)
     return status
 
 
 if __name__ == "__main__":  # not in the worker processes that multiprocessing spawns from this file
-    run_logged(snakemake.log[0], work, "hessians")
+    run_logged(snakemake.log[0], work, f"hessians seed {snakemake.wildcards.seed}")

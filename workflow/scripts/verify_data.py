@@ -1,7 +1,7 @@
 """Rule verify_data: the gate in front of training (BOS per document, sidecar, disjoint splits, doc counts)."""
 from pathlib import Path
 
-from pgolf.io import atomic_write_json, run_logged
+from pgolf.io import atomic_write_json, progress, run_logged
 
 
 def work():
@@ -10,6 +10,8 @@ def work():
     report = verify.verify_dir(Path(snakemake.input[0]), expected_val_docs=snakemake.params.val_docs,
                                record=snakemake.params.record)
     verify.print_report(report)
+    failed = [c.name for c in report.checks if not c.ok]
+    progress("OK" if report.ok else f"FAILED: {', '.join(failed)} (see the log)", final=True)
     if not report.ok:
         return 1
     atomic_write_json(snakemake.output[0], report.to_dict())

@@ -1,0 +1,156 @@
+"""pgolf.io: outputs follow the umask; JSON-lines logs are never half-written under their final name; the log tee
+of the torchrun rules; progress lines reach the console from script adapters; the measured fields are masked."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pgolf.io import (
+    PROGRESS_MARK,
+    ConsoleLines,
+    MetricsLog,
+    atomic_dir,
+    mask_timings,
+    partial_path,
+    rate_text,
+)
+
+MODES = """
+import os, stat, sys
+from pathlib import Path
+from pgolf.io import atomic_dir, atomic_write_bytes, atomic_write_json
+os.umask(int(sys.argv[2], 8))
+root = Path(sys.argv[1])
+atomic_write_json(root / "a.json", {"x": 1})
+atomic_write_bytes(root / "b.bin", b"x")
+with atomic_dir(root / "folder") as tmp:
+    (tmp / "inside.txt").write_text("x")
+print(" ".join(oct(stat.S_IMODE((root / n).stat().st_mode)) for n in ("a.json", "b.bin", "folder")))
+"""
+
+
+@pytest.mark.parametrize("umask, expected", [("022", "0o644 0o644 0o755"), ("077", "0o600 0o600 0o700"),
+                                             ("002", "0o664 0o664 0o775")])
+def test_atomic_outputs_follow_the_umask(tmp_path: Path, umask: str, expected: str) -> None:
+    done = subprocess.run([sys.executable, "-c", MODES, str(tmp_path), umask], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "folder"]  # no temporary left
+
+
+def test_a_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_log_is_renamed_into_place_only_when_committed(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "old"}\n')  # a rerun starts a fresh log: the old one goes at once
+    log = MetricsLog(path)
+    assert not path.exists()
+    log.write({"event": "train_step", "step": 1})
+    assert not path.exists() and partial_path(path).exists()
+    log.restart(['{"event": "train_step", "step": 1}', '{"event": "train_step", "step": 2}'])
+    log.write({"event": "resumed", "from_step": 2})
+    log.commit()
+    assert not partial_path(path).exists()
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["train_step", "train_step",
+                                                                                     "resumed"]
+    MetricsLog(None).write({"event": "x"})  # the other ranks: nothing
+
+
+TEE_INPUT = """
+import sys, time
+for i in range(1, 6):
+    print(f"plain line {i}", flush=True)
+    print(f"[progress] step {i}/5", flush=True)
+    time.sleep(0.05)
+print("Traceback: the last words", flush=True)
+"""
+
+
+def test_tee_writes_everything_to_the_log_and_progress_to_the_console(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    producer = subprocess.Popen([sys.executable, "-c", TEE_INPUT], stdout=subprocess.PIPE)
+    tee = subprocess.run([sys.executable, "-m", "pgolf.io", str(log), "--label", "train seed 1", "--every", "60"],
+                         stdin=producer.stdout, capture_output=True, text=True, timeout=60)
+    producer.wait()
+    assert tee.returncode == 0 and tee.stdout == ""
+    text = log.read_text()
+    assert text.count("plain line") == 5 and text.count("[progress] step") == 5 and "the last words" in text
+    # rate-limited: the first line at once, the last one held back and shown at the end
+    assert tee.stderr.splitlines() == ["train seed 1: step 1/5", "train seed 1: step 5/5"]
+
+
+def test_tee_survives_ctrl_c_and_drains_its_input(tmp_path: Path) -> None:
+    """On Ctrl-C the whole process group gets SIGINT: the tee keeps reading, so the stage's traceback still
+    reaches the log, and ends at the end of its input."""
+    log = tmp_path / "eval.log"
+    tee = subprocess.Popen([sys.executable, "-m", "pgolf.io", str(log), "--label", "x"], stdin=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                            signal.SIG_DFL))
+    tee.stdin.write("first\n")
+    tee.stdin.flush()
+    time.sleep(1.5)  # the tee has started and set its handler
+    tee.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    tee.stdin.write("after the interrupt\n")
+    tee.stdin.close()
+    assert tee.wait(timeout=30) == 0
+    assert log.read_text() == "first\nafter the interrupt\n"
+
+
+ADAPTER = """
+import sys
+from pgolf.io import progress, run_logged
+
+def work():
+    print("detail only for the log")
+    progress("stage half done")
+    progress("stage done", final=True)
+    return 0
+
+run_logged(sys.argv[1], work, "pack seed 1", console_every=60.0)
+"""
+
+
+def test_run_logged_sends_progress_to_the_console_and_the_rest_to_the_log(tmp_path: Path) -> None:
+    """A Snakemake script adapter: the stage's output goes to the rule's log, its progress lines also (labelled,
+    rate-limited, the last one always) to the console."""
+    log = tmp_path / "pack.log"
+    done = subprocess.run([sys.executable, "-c", ADAPTER, str(log)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["pack seed 1: stage half done", "pack seed 1: stage done"]
+    assert done.stdout == ""
+    assert log.read_text().splitlines() == ["detail only for the log", PROGRESS_MARK + "stage half done",
+                                            PROGRESS_MARK + "stage done"]
+
+
+def test_console_lines_hold_back_and_show_the_last() -> None:
+    stream = io.StringIO()
+    lines = ConsoleLines(stream, "evaluate seed 2", every=60.0)
+    for i in range(4):
+        lines.show(f"{i}")
+    lines.close()
+    assert stream.getvalue().splitlines() == ["evaluate seed 2: 0", "evaluate seed 2: 3"]
+
+
+def test_mask_timings_and_rates() -> None:
+    report = {"val_bpb": 1.0, "timings": {"total_s": 3.0}, "ttt": {"phases": [{"seconds": 2.0, "tokens": 5}]}}
+    assert mask_timings("eval.json", report) == {"val_bpb": 1.0, "timings": "<measured>",
+                                                 "ttt": {"phases": [{"seconds": "<measured>", "tokens": 5}]}}
+    assert mask_timings("train/metrics.jsonl", [{"step": 1, "step_ms": 3.0}]) == [{"step": 1, "step_ms": "<measured>"}]
+    assert mask_timings("report.html", "<html>") == "<measured>"
+    assert [rate_text(x, "tok") for x in (3.2, 812, 6_500, 1_234_567)] == ["3.2 tok/s", "812 tok/s", "6.5K tok/s",
+                                                                           "1.23M tok/s"]

@@ -1,0 +1,124 @@
+"""Training resume (train.resume_every_steps): an interrupted sweep resumes from its last saved state and ends
+with the same weights, bit for bit, as an uninterrupted run; a run without saved state (a record run) starts over
+and says so; a state saved by another configuration is not used."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from stage_fixtures import TINY_MODEL, TINY_TRAIN, write_shards
+
+import pgolf.train.storage as storage
+from pgolf.config import OptimConfig
+from pgolf.train.checkpoint import load_checkpoint
+from pgolf.train.loop import ATTEMPT_NAME, RESUME_DIR, train
+from pgolf.train.resume import META_NAME
+
+BASE = dataclasses.replace(TINY_TRAIN, iterations=6, warmup_steps=1, loop_enable_fraction=0.5)
+# every record choice of the loop that keeps state across steps: bf16 storage, bf16 Muon momentum, the record's
+# warm-up restore (Muon momentum survives it) and data stream
+RECORD_TRAIN = dataclasses.replace(
+    BASE, param_storage="record", warmup_restore="record", data_stream="record", micro_batch_order="interleaved",
+    cu_seqlens_pad="multiple_of_64", clip_scope="per_rank", warmup_cu_passes=1,
+)
+RECORD_OPTIM = OptimConfig(muon_precision="record_bf16", adam_fused="always", muon_momentum_warmup_steps=3)
+VARIANTS = {"pgolf": (BASE, OptimConfig(muon_momentum_warmup_steps=3)), "record": (RECORD_TRAIN, RECORD_OPTIM)}
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def stop_after_updates(monkeypatch, count: int) -> None:
+    """Ctrl-C during the step after ``count`` EMA updates (one per step)."""
+    real = storage.EMA.update
+    calls = {"n": 0}
+
+    def update(self):
+        calls["n"] += 1
+        if calls["n"] > count:
+            raise Interrupt
+        real(self)
+
+    monkeypatch.setattr(storage.EMA, "update", update)
+
+
+def run(data: Path, out: Path, train_cfg, optim_cfg) -> dict:
+    return train(TINY_MODEL, optim_cfg, train_cfg, 5, data, out, "cpu")
+
+
+def steps_and_losses(out: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if r["event"] == "train_step"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("resume") / "shards")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_resumed_sweep_is_bit_identical(variant: str, data: Path, tmp_path: Path, monkeypatch) -> None:
+    train_cfg, optim_cfg = VARIANTS[variant]
+    saving = dataclasses.replace(train_cfg, resume_every_steps=2)
+    run(data, tmp_path / "whole", saving, optim_cfg)  # saving, never interrupted
+    if variant == "pgolf":  # saving changes nothing either (one variant is enough: the CPU here is scarce)
+        run(data, tmp_path / "plain", train_cfg, optim_cfg)
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        stop_after_updates(patch, 5)  # interrupted in step 6; the state of step 4 is on disk
+        with pytest.raises(Interrupt):
+            run(data, out, saving, optim_cfg)
+    assert not (out / "metrics.jsonl").exists() and (out / ".metrics.jsonl.partial").exists()
+    assert json.loads((out / RESUME_DIR / META_NAME).read_text())["step"] == 4
+    summary = run(data, out, saving, optim_cfg)
+    assert summary["resumed_from_step"] == 4 and summary["earlier_attempts"] == 1
+
+    whole, resumed = (load_checkpoint(d / "checkpoint")[0] for d in (tmp_path / "whole", out))
+    for name, tensor in whole.items():
+        assert torch.equal(resumed[name], tensor), name
+    # the same bytes: the checkpoint holds no measurement and no trace of the interruption
+    for name in ("model.pt", "checkpoint.json"):
+        assert (out / "checkpoint" / name).read_bytes() == (tmp_path / "whole" / "checkpoint" / name).read_bytes()
+    if variant == "pgolf":
+        plain = (tmp_path / "plain" / "checkpoint" / "model.pt").read_bytes()
+        assert (out / "checkpoint" / "model.pt").read_bytes() == plain
+    # the log holds every step once, with the uninterrupted losses, and says where it resumed
+    assert steps_and_losses(out) == steps_and_losses(tmp_path / "whole")
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("resumed") == 1 and events[-1] == "train_done"
+    assert not (out / RESUME_DIR).exists() and not (out / ".metrics.jsonl.partial").exists()
+
+
+def test_without_saved_state_a_run_starts_over_and_says_so(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A record run (resume_every_steps 0) is one uninterrupted timed run: interrupted, it restarts from step 0."""
+    out = tmp_path / "record"
+    with monkeypatch.context() as patch:
+        stop_after_updates(patch, 3)
+        with pytest.raises(Interrupt):
+            run(data, out, BASE, OptimConfig())
+    assert (out / RESUME_DIR / ATTEMPT_NAME).exists() and not (out / RESUME_DIR / META_NAME).exists()
+    capsys.readouterr()
+    summary = run(data, out, BASE, OptimConfig())
+    err = capsys.readouterr().err
+    assert "did not finish; this one starts over from step 0" in err and "a record run is one uninterrupted" in err
+    assert summary["resumed_from_step"] is None and summary["earlier_attempts"] == 1 and summary["steps"] == 6
+    assert [s for s, _ in steps_and_losses(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_state_of_another_configuration_is_not_resumed(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    saving = dataclasses.replace(BASE, resume_every_steps=2)
+    out = tmp_path / "changed"
+    with monkeypatch.context() as patch:
+        stop_after_updates(patch, 3)
+        with pytest.raises(Interrupt):
+            run(data, out, saving, OptimConfig())
+    capsys.readouterr()
+    summary = run(data, out, dataclasses.replace(saving, grad_clip_norm=0.5), OptimConfig())
+    assert "saved by another configuration" in capsys.readouterr().err
+    assert summary["resumed_from_step"] is None and summary["earlier_attempts"] == 1
