@@ -77,7 +77,7 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
          "train.resume_every_steps: a record run is one uninterrupted timed run and restarts from scratch"),
         ({"train": {"resume_every_steps": -1}}, "train.resume_every_steps: expected >= 0"),
         ({"train": {"param_storage": "record"}}, "evaluate.param_storage (fp32) must equal train.param_storage (record)"),
-        ({"evaluate": {"diagnostic_scoring": "record_flat"}}, "evaluate: score_next_bos: diagnostic_scoring 'record_flat'"),
+        ({"evaluate": {"diagnostic_scoring": "record_flat"}}, "evaluate.score_next_bos: diagnostic_scoring 'record_flat'"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str) -> None:
