@@ -225,6 +225,26 @@ def test_recipe_switches_fold_only_what_the_recipe_decides() -> None:
     assert "1 if train_cfg.compile else 2" in text
 
 
+def test_the_resume_module_goes_with_the_switch_that_imports_it() -> None:
+    """pgolf.train.loop imports pgolf.train.resume inside ``if every > 0`` (every = train_cfg.resume_every_steps):
+    the record recipe (0) folds the import away, so its bundle leaves the module out; a sweep that saves keeps it."""
+    import dataclasses
+
+    from pgolf.artifact.fold import fold_switches
+    from pgolf.config import load_run_config
+
+    record = load_run_config(REPO / "config.yaml")
+    assert record.train.resume_every_steps == 0
+    sweep = dataclasses.replace(record, mode="sweep", train=dataclasses.replace(record.train, resume_every_steps=10))
+    source = (REPO / "pgolf" / "train" / "loop.py").read_text(encoding="utf-8")
+    imports = {}
+    for name, cfg in (("record", record), ("sweep", sweep)):
+        tree = ast.parse(source)
+        fold_switches(tree, cfg)
+        imports[name] = "from pgolf.train import resume" in ast.unparse(tree)
+    assert imports == {"record": False, "sweep": True}
+
+
 def test_no_bundled_module_builds_or_replaces_a_folded_section() -> None:
     """Folding assumes a parameter annotated with a section class holds the recipe's section: no bundled module
     outside pgolf.config may build one or dataclasses.replace one."""
