@@ -57,11 +57,15 @@ def recipe() -> dict:
     rec["hessians"].update(batches=2, batch_rows=4, seq_len=256, cpu_threads=THREADS)
     rec["quantize"].update(passthrough_max_elements=1024, lqer_top_k=1, lqer_rank=2, lqer_group_size=16,
                            cpu_threads=THREADS)
+    # the record's flat diagnostics over 2 ranks x 4 rows (8 x 32 rows of 64 tokens is more than the 8 documents)
     rec["evaluate"].update(eval_seq_len=64, eval_batch_tokens=512, compile=False, max_docs=8,
-                           progress_every_seconds=1000.0, cpu_threads=THREADS)
+                           progress_every_seconds=1000.0, cpu_threads=THREADS, record_flat_world_size=2,
+                           record_flat_batch_seqs=4)
+    # the record variant with one lane and nothing in flight, so its phases fire over 8 documents
+    # (tests/test_recipe_runs.py shrinks it the same way)
     rec["evaluate"]["ttt"].update(lora_rank=2, lora_alpha=4.0, chunk_tokens=32, docs_per_batch=2,
                                   context_tokens=64, phase_boundaries_docs=[2, 4], phase_chunk_tokens=256,
-                                  stream_chunk_tokens=512)
+                                  stream_chunk_tokens=512, lanes=1, inflight=0, phase_rows=1)
     rec["aggregate"] = {"unit": "nats_per_token", "submission_name": "pgolf_repro", "blurb": "issue 21",
                         "technique_summary": "the record recipe at toy sizes"}
     return rec

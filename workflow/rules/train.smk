@@ -12,7 +12,10 @@ def preflight_recipe():
     """What preflight checks, from the sections training owns anyway (plus data and mode): a knob of a later
     stage must not change the training job's params, or it would retrain every seed."""
     recipe = {key: getattr(CFG, key) for key in ("run", "mode", "data", "tokenizer", "model", "optim", "train")}
-    return json.dumps({k: v if isinstance(v, str) else to_dict(v) for k, v in recipe.items()}, sort_keys=True)
+    recipe = {k: v if isinstance(v, str) else to_dict(v) for k, v in recipe.items()}
+    # the one evaluate key RunConfig checks against training (equal to train.param_storage, so it changes nothing)
+    recipe["evaluate"] = {"param_storage": CFG.evaluate.param_storage}
+    return json.dumps(recipe, sort_keys=True)
 
 
 def train_dir(seed):
