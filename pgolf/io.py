@@ -181,6 +181,14 @@ TIMING_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "quantize_report.json": ("quantize_seconds",),
     "pack_report.json": ("pack_seconds",),
+    # the bundled train_gpt.py's own summary (pgolf.artifact.record_run): its stage times and the measured fields it
+    # copies from the stage reports; its log quotes them
+    "record_run.json": (
+        "stages.*.seconds", "train.train_seconds", "train.ms_per_step", "train.tokens_per_s",
+        "hessians.hessian_seconds", "hessians.train_plus_hessian_seconds", "hessians.message", "quantize.seconds",
+        "evaluate.total_s",
+    ),
+    "record_run.log": ("*",),
     "eval.json": ("timings", "budget", "budget_applies", "diagnostics.seconds", "environment",
                   # the TTT summary's times and rates at any depth: *seconds*, *_s (warmup_s), *per_s (tokens_per_s)
                   *(f"ttt{'.*' * depth}.{what}" for depth in range(3) for what in ("*seconds*", "*_s", "*per_s"))),

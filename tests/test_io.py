@@ -152,5 +152,10 @@ def test_mask_timings_and_rates() -> None:
                                                  "ttt": {"phases": [{"seconds": "<measured>", "tokens": 5}]}}
     assert mask_timings("train/metrics.jsonl", [{"step": 1, "step_ms": 3.0}]) == [{"step": 1, "step_ms": "<measured>"}]
     assert mask_timings("report.html", "<html>") == "<measured>"
+    run = {"stages": {"train": {"seconds": 1.5, "status": 0}}, "train": {"steps": 3, "ms_per_step": 52.0},
+           "pack": {"artifact_sha256": "ab", "model_bytes": 10}, "evaluate": {"val_bpb": 2.0, "total_s": 0.9}}
+    assert mask_timings("seed1/record_run.json", run) == {  # the bundled train_gpt.py's summary
+        "stages": {"train": {"seconds": "<measured>", "status": 0}}, "train": {"steps": 3, "ms_per_step": "<measured>"},
+        "pack": {"artifact_sha256": "ab", "model_bytes": 10}, "evaluate": {"val_bpb": 2.0, "total_s": "<measured>"}}
     assert [rate_text(x, "tok") for x in (3.2, 812, 6_500, 1_234_567)] == ["3.2 tok/s", "812 tok/s", "6.5K tok/s",
                                                                            "1.23M tok/s"]
