@@ -189,7 +189,7 @@ TIMING_FIELDS: dict[str, tuple[str, ...]] = {
         "evaluate.total_s",
     ),
     "record_run.log": ("*",),
-    "eval.json": ("timings", "budget", "budget_applies", "diagnostics.seconds", "environment",
+    "eval.json": ("timings", "budget", "budget_applies", "diagnostics.seconds", "environment", "attention_backend",
                   # the TTT summary's times and rates at any depth: *seconds*, *_s (warmup_s), *per_s (tokens_per_s)
                   *(f"ttt{'.*' * depth}.{what}" for depth in range(3) for what in ("*seconds*", "*_s", "*per_s"))),
     "eval_metrics.jsonl": ("*",),

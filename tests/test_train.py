@@ -267,7 +267,7 @@ def test_summary_records_the_attention_kernels_and_the_warm_up(two_runs) -> None
     summary = json.loads((root / "one" / "train_summary.json").read_text())
     _, meta = load_checkpoint(root / "one" / "checkpoint")
     assert summary["attention_backend"]["requested"] == "auto" and summary["attention_backend"]["resolved"] == "sdpa"
-    assert meta["attention_backend"] == summary["attention_backend"]
+    assert "attention_backend" not in meta  # the machine's choice: train_summary.json only (pgolf.io.TIMING_FIELDS)
     # warmup_steps 1: one step looping off, one on, no compile passes; eager: no graphs
     warm = summary["compile_warmup_by_loop_state"]
     assert set(warm) == {"off", "on"}
