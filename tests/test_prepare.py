@@ -222,11 +222,12 @@ def test_too_few_documents(tmp_path, docs):
 
 
 def test_leak_is_refused(tmp_path, texts):
+    """Under val_duplicates_policy=refuse (the default drops the copies: tests/test_val_duplicates.py)."""
     leaked = texts[: N_VAL + 5] + [texts[3]] + texts[N_VAL + 5 :]  # val doc 3 again as train doc 5 (line 18)
     leaked += [texts[7]]
     docs = write_jsonl(tmp_path / "docs.jsonl", leaked)
     with pytest.raises(PrepareError) as err:
-        _prepare(docs, tmp_path / "shards", chunk_docs=4)
+        _prepare(docs, tmp_path / "shards", chunk_docs=4, val_duplicates_policy="refuse", max_val_overlap_fraction=0.5)
     assert str(err.value) == (
         "leak: 2 validation documents also occur in the training split, " f"first at train doc 5 ({docs}:{N_VAL + 6})"
     )

@@ -80,9 +80,9 @@ def test_val_doc_in_train_is_a_leak(tmp_path):
     last = S.list_shards(tmp_path, "train")[-1]
     _rewrite(last, np.concatenate([S.read_shard(last), val[5], train[0]]))
     detail = _failed(verify_dir(tmp_path))["train/val disjoint"]
-    assert (
-        f"leak: 1 validation documents also occur in the training split (1 train docs), first at train doc {len(train)}"
-        in detail
+    assert (  # 1 of 40: above the default 1% even for an export, which may keep a few copies of its published split
+        "leak: 1 validation documents also occur in the training split (1 train docs, 2.50% of the validation docs), "
+        f"first at train doc {len(train)}" in detail
     )
     assert last.name in detail
 

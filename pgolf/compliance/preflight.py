@@ -159,10 +159,13 @@ def data_check(cfg: RunConfig, root: Path, shards: Path, verify_now: bool) -> Ch
             )
         if not shards.is_dir():
             return Check("data verified", False, f"{verified} passed, but the shards directory {shards} is gone")
+        overlap = summary.get("train_val_overlap_docs")
         return Check(
             "data verified",
             True,
-            f"{verified}: passed ({val_docs} val docs, " f"{summary.get('train_shards')} train shards)",
+            f"{verified}: passed ({val_docs} val docs, {summary.get('train_shards')} train shards"
+            + (f", {overlap} val docs also in train, accepted as published" if overlap else "")
+            + ")",
         )
     if not shards.is_dir():
         return Check(
@@ -176,7 +179,13 @@ def data_check(cfg: RunConfig, root: Path, shards: Path, verify_now: bool) -> Ch
     from pgolf.data.verify import verify_dir
 
     print(f"preflight: no {verified}; verifying {shards} now (reads every shard)", file=sys.stderr, flush=True)
-    report = verify_dir(shards, expected_val_docs=cfg.data.val_docs, record=cfg.mode == "record")
+    report = verify_dir(
+        shards,
+        expected_val_docs=cfg.data.val_docs,
+        record=cfg.mode == "record",
+        val_duplicates_policy=cfg.data.val_duplicates_policy,
+        max_val_overlap_fraction=cfg.data.max_val_overlap_fraction,
+    )
     if report.ok:
         return Check("data verified", True, f"{shards}: verified now ({len(report.checks)} checks passed)")
     return Check("data verified", False, f"{shards}: " + "; ".join(f"{c.name}: {c.detail}" for c in report.failed))

@@ -7,6 +7,16 @@ from typing import Literal, Optional
 
 from pgolf.config.strict import check
 
+# Exact duplicates across the split (issue 15 item 7): what the data stage does with a training document whose
+# tokens equal those of a validation document. See DataConfig.val_duplicates_policy.
+VAL_DUPLICATES_POLICIES = ("drop_train_copies", "refuse")
+DEFAULT_MAX_VAL_OVERLAP_FRACTION = 0.01
+
+
+def val_overlap_limit(val_docs: int, fraction: float) -> int:
+    """The most validation documents that may have a copy in training: floor(fraction * val_docs)."""
+    return int(fraction * val_docs + 1e-9)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -16,6 +26,18 @@ class DataConfig:
       - ``docs``: download raw ``docs_selected.jsonl`` (+ its source manifest) from the Hub and tokenize here;
       - ``export``: download an already-tokenized export (shards + tokenizer + manifest) from the Hub;
       - ``local``: tokenize a local JSONL file of documents (``docs_path``), e.g. the bundled sample corpus.
+
+    Validation documents that also occur in the training part (exact duplicates: equal token ids, i.e. texts
+    equal after the tokenizer's normalization), ``val_duplicates_policy``:
+      - ``drop_train_copies`` (default): local preparation (source docs/local) writes no training copy of a
+        validation document and reports how many it dropped (manifest ``val_duplicates``); a published export
+        (source=export) cannot be re-cut without training on other data than the record did, so it is accepted as
+        published and its overlap is counted in ``verified.json``;
+      - ``refuse``: any such document is an error (preparation and verification).
+    Under either policy more than ``max_val_overlap_fraction`` of the validation documents with a copy in
+    training is an error: natural duplicates in a deduplicated web corpus are rare, while a wrong split
+    (validation documents taken from the training pool, the 10,000-document cut of issue #2127 next to the
+    official validation set) puts tens of percent or all of them in training.
     """
 
     name: str = "fineweb_sp8192_caseops"  # folder under results/data/
@@ -31,6 +53,9 @@ class DataConfig:
     val_docs: int = 50_000
     shard_tokens: int = 100_000_000
     workers: int = 0  # tokenization processes; 0 = all cores
+    val_duplicates_policy: Literal["drop_train_copies", "refuse"] = "drop_train_copies"  # see the class docstring
+    # above floor(fraction * val_docs) validation docs with a training copy, the split itself is wrong: refused
+    max_val_overlap_fraction: float = DEFAULT_MAX_VAL_OVERLAP_FRACTION
 
     def __post_init__(self) -> None:
         check(self.val_docs > 0, f"val_docs: expected > 0, got {self.val_docs}")
@@ -38,6 +63,10 @@ class DataConfig:
         check(self.train_shards >= 0, f"train_shards: expected >= 0, got {self.train_shards}")
         check(self.max_docs >= 0, f"max_docs: expected >= 0, got {self.max_docs}")
         check(self.workers >= 0, f"workers: expected >= 0, got {self.workers}")
+        check(
+            0.0 <= self.max_val_overlap_fraction <= 1.0,
+            f"max_val_overlap_fraction: expected a fraction in [0, 1], got {self.max_val_overlap_fraction}",
+        )
         check(
             self.source != "local" or bool(self.docs_path),
             "docs_path: required when source is 'local'",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pgolf.config import DataConfig, TokenizerConfig, load_run_config, section_from_json
 from pgolf.config.strict import nonneg_int, positive_int
+from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION, VAL_DUPLICATES_POLICIES
 
 
 def _section(args: argparse.Namespace, cls: type, name: str):
@@ -87,6 +88,8 @@ def _data_prepare(args: argparse.Namespace) -> int:
         caseops=not args.no_caseops,
         max_docs=args.max_docs,
         max_train_shards=args.max_train_shards,
+        val_duplicates_policy=args.val_duplicates_policy,
+        max_val_overlap_fraction=args.max_val_overlap_fraction,
     )
     return 0
 
@@ -94,7 +97,13 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _data_verify(args: argparse.Namespace) -> int:
     from pgolf.data import verify
 
-    report = verify.verify_dir(Path(args.dir), expected_val_docs=args.val_docs, record=args.record)
+    report = verify.verify_dir(
+        Path(args.dir),
+        expected_val_docs=args.val_docs,
+        record=args.record,
+        val_duplicates_policy=args.val_duplicates_policy,
+        max_val_overlap_fraction=args.max_val_overlap_fraction,
+    )
     verify.print_report(report)
     if args.json_out:
         from pgolf.io import atomic_write_json
@@ -113,6 +122,30 @@ def _data_download(args: argparse.Namespace) -> int:
     else:
         hub.download_tokenizer(_section(args, TokenizerConfig, "tokenizer"), Path(args.out))
     return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def _add_duplicates_options(parser: argparse.ArgumentParser, policy_help: str) -> None:
+    """Training copies of validation documents (DataConfig.val_duplicates_policy, max_val_overlap_fraction)."""
+    parser.add_argument(
+        "--val-duplicates-policy", choices=VAL_DUPLICATES_POLICIES, default="drop_train_copies", help=policy_help
+    )
+    parser.add_argument(
+        "--max-val-overlap-fraction",
+        type=_fraction,
+        default=DEFAULT_MAX_VAL_OVERLAP_FRACTION,
+        help="fail, under either policy, when more than this fraction of the validation documents has a copy in "
+        f"training (the split itself is wrong; default {DEFAULT_MAX_VAL_OVERLAP_FRACTION})",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -148,6 +181,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--no-caseops", action="store_true", help="tokenize without the CaseOps transform")
     prep.add_argument("--max-docs", type=nonneg_int, default=0, help="read at most N documents (0 = all)")
     prep.add_argument("--max-train-shards", type=nonneg_int, default=0, help="stop after N train shards (0 = no cap)")
+    _add_duplicates_options(
+        prep,
+        "training documents equal to a validation document: drop_train_copies (default: not written, counted in "
+        "the manifest) or refuse (an error naming the first one's file and line)",
+    )
     prep.set_defaults(func=_data_prepare)
 
     ver = data_sub.add_parser("verify", help="check shards, sidecar, BOS, disjointness and doc counts")
@@ -155,6 +193,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ver.add_argument("--val-docs", type=positive_int, default=None, help="expected validation doc count")
     ver.add_argument("--record", action="store_true", help="refuse anything but the official 50,000 val docs")
     ver.add_argument("--json-out", default=None, help="also write the report as JSON")
+    _add_duplicates_options(
+        ver,
+        "validation documents with a copy in the training shards of a directory without a pgolf manifest (a "
+        "published export): drop_train_copies (default: accepted as published, counted) or refuse",
+    )
     ver.set_defaults(func=_data_verify)
 
     dl = data_sub.add_parser("download", help="download raw docs, an export or a tokenizer from the Hub")

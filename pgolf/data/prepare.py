@@ -12,10 +12,15 @@ Why it is built this way:
 - Deterministic: chunk boundaries depend only on the input, and results are consumed in chunk order, so the
   output is byte-identical for any number of workers.
 - All or nothing: everything is written into a temporary directory beside ``out_dir`` that replaces it only
-  after the manifest is written. Bad input, a train/val leak or an interruption leaves no ``out_dir`` (or the
-  previous complete one untouched).
-- Leak check: each document is identified by a 64-bit hash of its token ids; a validation document that also
-  occurs in the training split is an error (there is no override).
+  after the manifest is written. Bad input, a refused train/val overlap or an interruption leaves no
+  ``out_dir`` (or the previous complete one untouched).
+- Duplicates across the split: each document is identified by a 64-bit hash of its token ids (texts equal after
+  the tokenizer's normalization have equal ids). A training document equal to a validation document is, by
+  ``val_duplicates_policy``, not written (``drop_train_copies``, the default; counted in the manifest's
+  ``val_duplicates``) or an error naming its file and line (``refuse``). Under either policy, more validation
+  documents with a training copy than ``max_val_overlap_fraction`` of them is an error: the split is wrong.
+  Validation documents come first in the file, so every validation hash is known before the first training
+  chunk is written.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from pgolf.data.shards import (
     doc_hash,
     hashes_fingerprint,
 )
+from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION, VAL_DUPLICATES_POLICIES, val_overlap_limit
 from pgolf.io import atomic_dir, atomic_write_json, progress
 
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
@@ -362,6 +368,13 @@ def _resolve_workers(workers: int) -> int:
         return os.cpu_count() or 1
 
 
+def _check_policy(policy: str, max_fraction: float) -> None:
+    if policy not in VAL_DUPLICATES_POLICIES:
+        raise PrepareError(f"--val-duplicates-policy: expected one of {VAL_DUPLICATES_POLICIES}, got {policy!r}")
+    if not 0.0 <= max_fraction <= 1.0:
+        raise PrepareError(f"--max-val-overlap-fraction: expected a fraction in [0, 1], got {max_fraction}")
+
+
 def _check_arguments(
     docs_path: Path, tokenizer_path: Path, val_docs: int, shard_tokens: int, max_docs: int, max_train_shards: int
 ) -> None:
@@ -392,18 +405,22 @@ def prepare_shards(
     max_train_shards: int = 0,
     progress: TextIO | None = None,
     *,
+    val_duplicates_policy: str = "drop_train_copies",
+    max_val_overlap_fraction: float = DEFAULT_MAX_VAL_OVERLAP_FRACTION,
     chunk_docs: int = CHUNK_DOCS,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> dict:
     """Tokenize ``docs_path`` into ``out_dir`` (replaced whole on success); return the manifest.
 
     ``max_docs`` > 0 reads at most that many documents (validation included); ``max_train_shards`` > 0 stops
-    after that many full train shards. ``progress`` defaults to stderr. ``chunk_docs``/``chunk_bytes`` size the
-    work units (they change speed and memory, never the output).
+    after that many full train shards. ``progress`` defaults to stderr. ``val_duplicates_policy`` and
+    ``max_val_overlap_fraction``: training copies of validation documents (module docstring; DataConfig).
+    ``chunk_docs``/``chunk_bytes`` size the work units (they change speed and memory, never the output).
     """
     docs_path, tokenizer_path, out_dir = Path(docs_path), Path(tokenizer_path), Path(out_dir)
     progress_stream = progress if progress is not None else sys.stderr
     _check_arguments(docs_path, tokenizer_path, val_docs, shard_tokens, max_docs, max_train_shards)
+    _check_policy(val_duplicates_policy, max_val_overlap_fraction)
     if chunk_docs < 1 or chunk_bytes < 1:
         raise PrepareError(f"chunk_docs and chunk_bytes: expected >= 1, got {chunk_docs} and {chunk_bytes}")
     workers = _resolve_workers(workers)
@@ -434,7 +451,7 @@ def prepare_shards(
             }
             if caseops:
                 writers["val_bytes"] = ShardStreamWriter(tmp, "val_bytes", shard_tokens)
-            split = _SplitStats()
+            split = _SplitStats(drop_train_copies=val_duplicates_policy == "drop_train_copies")
             for result in runner.map(reader.chunks(val_docs, max_docs, chunk_docs, chunk_bytes)):
                 docs = split.add(result, writers)
                 ticker.update(result, docs)
@@ -443,7 +460,7 @@ def prepare_shards(
                     break
             for writer in writers.values():
                 writer.close()
-            split.finish(docs_path)
+            split.finish(docs_path, val_duplicates_policy, max_val_overlap_fraction)
             manifest = _manifest(
                 docs_path=docs_path,
                 docs_sha256=reader.finish_sha256(),
@@ -455,6 +472,8 @@ def prepare_shards(
                     "shard_tokens": shard_tokens,
                     "max_docs": max_docs,
                     "max_train_shards": max_train_shards,
+                    "val_duplicates_policy": val_duplicates_policy,
+                    "max_val_overlap_fraction": max_val_overlap_fraction,
                 },
                 split=split,
                 writers=writers,
@@ -467,6 +486,7 @@ def prepare_shards(
                 "workers": workers,
                 "seconds": round(ticker.seconds, 3),
                 "text_mb_per_second": round(ticker.mb_per_second(), 3),
+                "train_docs_dropped": split.train_docs_dropped,  # also in the manifest (val_duplicates)
             }
             atomic_write_json(tmp / PREPARE_REPORT_NAME, {"format": "pgolf-prepare-report", "version": 1, **run})
     finally:
@@ -485,15 +505,24 @@ def prepare_shards(
     return manifest
 
 
+def _keep_documents(tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The tokens [n] of a chunk without its documents [docs] whose ``keep`` is False."""
+    owner = np.repeat(np.arange(len(lengths)), lengths)  # [n] the document each token belongs to
+    return tokens[keep[owner]]
+
+
 @dataclasses.dataclass
 class _SplitStats:
-    """Running totals of the main process, and the validation hashes for the leak check."""
+    """Running totals of the main process, and the validation hashes for the duplicate check."""
 
+    drop_train_copies: bool = True  # val_duplicates_policy == "drop_train_copies"
     val_docs: int = 0
-    train_docs: int = 0
+    train_docs: int = 0  # written to the training shards
+    source_train_docs: int = 0  # read from the training part of the documents (written or dropped)
+    train_docs_dropped: int = 0  # training documents equal to a validation document, not written
     val_hash_parts: list = dataclasses.field(default_factory=list)
     val_hash_set: np.ndarray | None = None  # sorted unique, built when the first train chunk arrives
-    overlap_hashes: set = dataclasses.field(default_factory=set)
+    overlap_hashes: set = dataclasses.field(default_factory=set)  # validation docs with a copy in training
     first_leak: str = ""  # a format string with {path}
     train_complete: bool = True
     val_bytes: int = 0
@@ -512,31 +541,53 @@ class _SplitStats:
             return len(result.doc_lengths)
         if self.val_hash_set is None:
             self.val_hash_set = np.unique(np.concatenate(self.val_hash_parts))
+        copies = np.isin(result.doc_hashes, self.val_hash_set)  # [docs] equal to some validation document
+        keep = ~copies if self.drop_train_copies else np.ones_like(copies)
+        tokens = _keep_documents(result.tokens, result.doc_lengths, keep) if not keep.all() else result.tokens
         writer = writers["train"]
         before = writer.tokens_accepted
-        writer.append(result.tokens)
+        writer.append(tokens)
         accepted = writer.tokens_accepted - before
-        doc_starts = np.cumsum(result.doc_lengths) - result.doc_lengths
-        docs = int(np.count_nonzero(doc_starts < accepted))  # all of them unless the shard cap cut the chunk
-        hits = np.flatnonzero(np.isin(result.doc_hashes[:docs], self.val_hash_set))
+        # where each document starts in the written stream (a dropped one: where it would have been); the shard
+        # cap may cut the chunk, and documents past the cut were never read as far as the output is concerned
+        kept_lengths = np.where(keep, result.doc_lengths, 0)
+        starts = np.cumsum(kept_lengths) - kept_lengths
+        reached = np.ones_like(keep) if accepted == len(tokens) else starts < accepted
+        hits = np.flatnonzero(reached & copies)
         if len(hits):
             if not self.first_leak:
                 line = result.first_line + int(hits[0])
-                self.first_leak = f"first at train doc {self.train_docs + int(hits[0])} ({{path}}:{line})"
+                self.first_leak = f"first at train doc {self.source_train_docs + int(hits[0])} ({{path}}:{line})"
             self.overlap_hashes.update(result.doc_hashes[hits].tolist())
+            if self.drop_train_copies:
+                self.train_docs_dropped += len(hits)
+        docs = int(np.count_nonzero(reached & keep))
         self.train_docs += docs
+        self.source_train_docs += int(np.count_nonzero(reached))
         return docs
 
     @property
     def val_hashes(self) -> np.ndarray:
         return np.concatenate(self.val_hash_parts) if self.val_hash_parts else np.zeros(0, dtype=np.uint64)
 
-    def finish(self, docs_path: Path) -> None:
-        if self.overlap_hashes:
+    @property
+    def written_overlap_docs(self) -> int:
+        """Validation documents with a copy in the written training shards."""
+        return 0 if self.drop_train_copies else len(self.overlap_hashes)
+
+    def finish(self, docs_path: Path, policy: str, max_fraction: float) -> None:
+        overlap = len(self.overlap_hashes)
+        limit = val_overlap_limit(self.val_docs, max_fraction)
+        where = self.first_leak.format(path=docs_path)
+        if overlap > limit:
             raise PrepareError(
-                f"leak: {len(self.overlap_hashes)} validation documents also occur in the training split, "
-                f"{self.first_leak.format(path=docs_path)}"
+                f"leak: {overlap} of {self.val_docs} validation documents ({overlap / max(self.val_docs, 1):.1%}) "
+                f"also occur in the training split, more than max_val_overlap_fraction {max_fraction} allows "
+                f"({limit}) under any val_duplicates_policy: the split itself is wrong (validation documents taken "
+                f"from the training pool, or a validation cut smaller than the published one?); {where}"
             )
+        if overlap and policy == "refuse":
+            raise PrepareError(f"leak: {overlap} validation documents also occur in the training split, {where}")
         if self.train_docs == 0:
             raise PrepareError(f"{docs_path}: no training documents were written")
 
@@ -585,7 +636,12 @@ def _manifest(
             "val_doc_hash_count": int(len(val_hashes)),
             "val_doc_hashes_sha256": hashes_fingerprint(val_hashes),
             "val_duplicate_docs": int(len(val_hashes) - len(np.unique(val_hashes))),
-            "train_val_overlap_docs": len(split.overlap_hashes),
+            "train_val_overlap_docs": split.written_overlap_docs,  # in the written shards: 0
+        },
+        # exact duplicates across the split in the documents (settings.val_duplicates_policy says what was done)
+        "val_duplicates": {
+            "val_docs_with_train_copies": len(split.overlap_hashes),  # distinct validation documents
+            "train_docs_dropped": split.train_docs_dropped,  # training documents not written
         },
     }
     if "val_bytes" in writers:

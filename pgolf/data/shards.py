@@ -38,7 +38,7 @@ CASEOPS_OPERATOR_IDS = (4, 5, 6, 7)  # TITLE, ALLCAPS, CAPNEXT, ESC: reserved id
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "pgolf-shards"  # the `format` field of a manifest written by `pgolf data prepare`
-MANIFEST_VERSION = 2  # 2: no timings (prepare_report.json) and the documents' file name, not path
+MANIFEST_VERSION = 3  # 2: no timings (prepare_report.json) and the documents' file name, not path; 3: val_duplicates
 
 # kind -> file name prefix; the index is appended as six digits
 SHARD_PREFIXES = {

@@ -6,6 +6,13 @@ for are the ones seen in public submissions: shards without BOS (phased TTT divi
 of 50,000 validation documents (validation documents leaked into training), truncated downloads, and a byte
 sidecar that counts bytes for BOS or CaseOps operator tokens.
 
+Validation documents with an exact copy in the training shards (issue 15 item 7): a directory written by
+``pgolf data prepare`` never has one (preparation drops or refuses them), so any there is a failure. A directory
+without a pgolf manifest (a published export, used as published) may have a few: under the default
+``val_duplicates_policy`` (``drop_train_copies``) they are accepted and counted in the report's summary, up to
+``max_val_overlap_fraction`` of the validation documents; ``refuse`` accepts none. Above the threshold the
+split itself is wrong (the #2127 mistake) and the check fails under either policy.
+
 Memory stays bounded: shards are memory-mapped one at a time; only the validation doc hashes are kept.
 """
 
@@ -32,6 +39,7 @@ from pgolf.data.shards import (
     read_shard,
     shard_index,
 )
+from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION, VAL_DUPLICATES_POLICIES, val_overlap_limit
 from pgolf.io import read_json, sha256_file
 
 RECORD_VAL_DOCS = 50_000  # rules: the first 50,000 documents of docs_selected.jsonl are the validation set
@@ -394,8 +402,53 @@ def _check_manifest_totals(manifest: dict, summary: dict, report: Report) -> Non
 # --------------------------------------------------------------------------------------------------------------
 
 
-def verify_dir(directory: str | Path, expected_val_docs: int | None = None, record: bool = False) -> Report:
-    """Run every check on a shard directory; never raises for bad data (failures are reported checks)."""
+def _check_overlap(
+    overlap: _Overlap, train: _StreamStats, val_docs: int, prepared: bool, policy: str, max_fraction: float,
+    report: Report,
+) -> None:
+    """Validation documents with a copy in the training shards: none in prepared data, few in an export."""
+    limit = val_overlap_limit(val_docs, max_fraction)
+    n = overlap.val_docs_in_train
+    report.summary.update(
+        train_val_overlap_docs=n, train_docs_matching_val=overlap.train_docs_matching, val_overlap_limit_docs=limit,
+        val_duplicates_policy=policy,
+    )
+    if not n:
+        report.add("train/val disjoint", not train.error, f"no validation document among {train.docs:,} train docs")
+        return
+    found = (
+        f"{n} validation documents also occur in the training split ({overlap.train_docs_matching} train docs, "
+        f"{n / max(val_docs, 1):.2%} of the validation docs), {overlap.first}"
+    )
+    if n > limit:
+        why = f"more than max_val_overlap_fraction {max_fraction} allows ({limit}): the split itself is wrong"
+    elif prepared:
+        why = "a prepared directory holds none (prepare drops or refuses them): the shards were changed"
+    elif policy == "refuse":
+        why = "val_duplicates_policy is 'refuse'"
+    else:
+        report.add("train/val disjoint", True, f"accepted as published (no pgolf manifest; <= {limit}): {found}")
+        return
+    report.add("train/val disjoint", False, f"leak: {found}; {why}")
+
+
+def verify_dir(
+    directory: str | Path,
+    expected_val_docs: int | None = None,
+    record: bool = False,
+    *,
+    val_duplicates_policy: str = "drop_train_copies",
+    max_val_overlap_fraction: float = DEFAULT_MAX_VAL_OVERLAP_FRACTION,
+) -> Report:
+    """Run every check on a shard directory; never raises for bad data (failures are reported checks).
+
+    ``val_duplicates_policy`` and ``max_val_overlap_fraction``: the module docstring (and DataConfig).
+    """
+    if val_duplicates_policy not in VAL_DUPLICATES_POLICIES:
+        got = val_duplicates_policy
+        raise ValueError(f"val_duplicates_policy: expected one of {VAL_DUPLICATES_POLICIES}, got {got!r}")
+    if not 0.0 <= max_val_overlap_fraction <= 1.0:
+        raise ValueError(f"max_val_overlap_fraction: expected a fraction in [0, 1], got {max_val_overlap_fraction}")
     directory = Path(directory)
     report = Report(directory=str(directory))
     if not directory.is_dir():
@@ -435,15 +488,11 @@ def verify_dir(directory: str | Path, expected_val_docs: int | None = None, reco
         val_doc_hashes_sha256=hashes_fingerprint(val_hashes),
     )
 
-    if overlap.val_docs_in_train:
-        report.add(
-            "train/val disjoint",
-            False,
-            f"leak: {overlap.val_docs_in_train} validation documents also occur in the training split "
-            f"({overlap.train_docs_matching} train docs), {overlap.first}",
-        )
-    else:
-        report.add("train/val disjoint", not train.error, f"no validation document among {train.docs:,} train docs")
+    _check_overlap(
+        overlap, train, val.docs, manifest is not None, val_duplicates_policy, max_val_overlap_fraction, report
+    )
+    if manifest is not None and isinstance(manifest.get("val_duplicates"), dict):
+        summary["train_docs_dropped"] = manifest["val_duplicates"].get("train_docs_dropped")
 
     caseops = bool(manifest["caseops"]) if manifest is not None else bool(shards["val_bytes"])
     summary["caseops"] = caseops

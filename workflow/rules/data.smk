@@ -6,6 +6,8 @@
 #   shards/                   fineweb_{train,val}_NNNNNN.bin, fineweb_val_bytes_NNNNNN.bin, manifest.json
 #   verified.json             the verification report; training depends on it
 
+from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION, VAL_DUPLICATES_POLICIES
+
 D = CFG.data
 T = CFG.tokenizer
 
@@ -24,6 +26,14 @@ else:
     TOKENIZER_PATH = f"{DATA_DIR}/tokenizer.model"
 
 SHARDS_DIR = f"{DATA_DIR}/shards"
+# The downloads do not depend on what the data stage later does with duplicates across the split: those keys are
+# pinned in their params, so changing them reruns preparation / verification, never a download.
+DOWNLOAD_NEUTRAL = dict(
+    workers=0,
+    name="",
+    val_duplicates_policy=VAL_DUPLICATES_POLICIES[0],
+    max_val_overlap_fraction=DEFAULT_MAX_VAL_OVERLAP_FRACTION,
+)
 DATA_VERIFIED = f"{DATA_DIR}/verified.json"
 
 
@@ -34,7 +44,7 @@ if D.source == "docs":
             docs=f"{DATA_DIR}/raw/docs_selected.jsonl",
         params:
             what="docs",
-            section=section_json("data", workers=0, name=""),
+            section=section_json("data", **DOWNLOAD_NEUTRAL),
             out_dir=f"{DATA_DIR}/raw",
         log:
             f"{DATA_DIR}/logs/download_docs.log",
@@ -49,7 +59,7 @@ if D.source == "export":
             directory(SHARDS_DIR),
         params:
             what="export",
-            section=section_json("data", workers=0, name=""),
+            section=section_json("data", **DOWNLOAD_NEUTRAL),
         log:
             f"{DATA_DIR}/logs/download_export.log",
         script:
@@ -101,6 +111,8 @@ else:
             max_docs=D.max_docs,
             max_train_shards=D.train_shards,
             caseops=T.caseops,
+            val_duplicates_policy=D.val_duplicates_policy,
+            max_val_overlap_fraction=D.max_val_overlap_fraction,
         threads: D.workers if D.workers > 0 else workflow.cores
         log:
             f"{DATA_DIR}/logs/prepare_shards.log",
@@ -109,7 +121,10 @@ else:
 
 
 rule verify_data:
-    """The gate in front of training: BOS per document, sidecar, disjoint splits, the validation doc count."""
+    """The gate in front of training: BOS per document, sidecar, disjoint splits, the validation doc count.
+
+    An export (no pgolf manifest) may keep a few exact duplicates across its published split: counted in
+    verified.json (summary.train_val_overlap_docs) and accepted up to data.max_val_overlap_fraction."""
     input:
         SHARDS_DIR,
     output:
@@ -117,6 +132,8 @@ rule verify_data:
     params:
         val_docs=D.val_docs,
         record=CFG.mode == "record",
+        val_duplicates_policy=D.val_duplicates_policy,
+        max_val_overlap_fraction=D.max_val_overlap_fraction,
     log:
         f"{DATA_DIR}/logs/verify_data.log",
     script:

@@ -7,8 +7,10 @@ from pgolf.io import atomic_write_json, progress, run_logged
 def work():
     from pgolf.data import verify
 
-    report = verify.verify_dir(Path(snakemake.input[0]), expected_val_docs=snakemake.params.val_docs,
-                               record=snakemake.params.record)
+    p = snakemake.params
+    report = verify.verify_dir(Path(snakemake.input[0]), expected_val_docs=p.val_docs, record=p.record,
+                               val_duplicates_policy=p.val_duplicates_policy,
+                               max_val_overlap_fraction=p.max_val_overlap_fraction)
     verify.print_report(report)
     failed = [c.name for c in report.checks if not c.ok]
     progress("OK" if report.ok else f"FAILED: {', '.join(failed)} (see the log)", final=True)

@@ -1,0 +1,107 @@
+"""The data stage through Snakemake: the duplicates policy reaches prepare_shards and verify_data by their params.
+
+A copy of the Snakefile and workflow/ runs the data rules only (target ``verified.json``) on a small local corpus
+whose training part repeats validation documents: the default drops the copies; changing either knob reruns
+exactly preparation and verification; ``refuse`` then fails the rule naming the first copy's line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shard_fixtures import corpus_texts, published_model, write_jsonl
+
+pytest.importorskip("snakemake")
+pytestmark = pytest.mark.slow  # a few Snakemake start-ups
+
+REPO = Path(__file__).resolve().parents[1]
+N_VAL = 12
+DATA = "results/data/dup"
+TARGET = f"{DATA}/verified.json"
+RECIPE = {
+    "run": "dw",
+    "mode": "sweep",
+    "seeds": [1],
+    "data": {"name": "dup", "source": "local", "docs_path": "docs.jsonl", "val_docs": N_VAL, "shard_tokens": 200,
+             "max_val_overlap_fraction": 0.25, "workers": 1},
+    "tokenizer": {"source": "path", "path": str(published_model()), "vocab_size": 8192, "caseops": True},
+}
+
+
+def _snakemake(work: Path, recipe: dict, name: str, *extra: str) -> subprocess.Popen:
+    path = work / f"recipe_{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(work / "Snakefile"), "--directory", str(work),
+           "--configfile", str(path), "--cores", "1", "--nolock", *extra, TARGET]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=240)
+    return proc.returncode, out
+
+
+def _jobs(text: str) -> dict[str, int]:
+    if "Nothing to be done" in text:
+        return {}
+    match = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal\s+\d+", text, re.S)
+    assert match, text[-3000:]
+    return {name: int(count) for name, count in (line.split() for line in match.group(1).strip().splitlines())}
+
+
+def _with(**knobs) -> dict:
+    recipe = copy.deepcopy(RECIPE)
+    recipe["data"].update(knobs)
+    return recipe
+
+
+def test_policy_reaches_the_data_rules(tmp_path):
+    work = tmp_path
+    shutil.copy(REPO / "Snakefile", work / "Snakefile")
+    for folder in ("workflow", "profiles"):
+        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    texts = corpus_texts(40, seed=11)
+    # val doc 3 again as train docs 5 and 20 (lines 18 and 33), val doc 7 again at the end
+    dup = texts[: N_VAL + 5] + [texts[3]] + texts[N_VAL + 5 : N_VAL + 19] + [texts[3]] + texts[N_VAL + 19 :] + [texts[7]]
+    write_jsonl(work / "docs.jsonl", dup)
+
+    status, out = _finish(_snakemake(work, RECIPE, "base"))
+    assert status == 0, out[-4000:]
+    assert _jobs(out) == {"prepare_shards": 1, "verify_data": 1}
+    manifest = json.loads((work / DATA / "shards" / "manifest.json").read_text())
+    assert manifest["val_duplicates"] == {"val_docs_with_train_copies": 2, "train_docs_dropped": 3}
+    assert manifest["settings"]["max_val_overlap_fraction"] == 0.25
+    verified = json.loads((work / TARGET).read_text())
+    assert verified["ok"] and verified["summary"]["train_docs_dropped"] == 3
+    assert verified["summary"]["val_overlap_limit_docs"] == 3  # floor(0.25 * 12): the fraction reached verify
+
+    dry = {
+        "unchanged": RECIPE,
+        "policy": _with(val_duplicates_policy="refuse"),
+        "fraction": _with(max_val_overlap_fraction=0.5),
+    }
+    procs = {name: _snakemake(work, recipe, name, "-n") for name, recipe in dry.items()}
+    jobs = {}
+    for name, proc in procs.items():
+        status, out = _finish(proc)
+        assert status == 0, out[-4000:]
+        jobs[name] = _jobs(out)
+    assert jobs == {"unchanged": {}, "policy": {"prepare_shards": 1, "verify_data": 1},
+                    "fraction": {"prepare_shards": 1, "verify_data": 1}}
+
+    status, out = _finish(_snakemake(work, dry["policy"], "policy"))
+    assert status != 0
+    log = (work / DATA / "logs" / "prepare_shards.log").read_text()
+    assert "leak: 2 validation documents also occur in the training split, first at train doc 5" in log
+    assert f"docs.jsonl:{N_VAL + 6}" in log
