@@ -447,7 +447,10 @@ PHASE_FIELDS = {
 def _run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
     from pgolf.cli import main
 
-    rc = main(argv)
+    try:
+        rc = main(argv)
+    except SystemExit as stop:  # argparse refuses out-of-range values itself (exit 2, message on stderr)
+        rc = stop.code
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
