@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from shard_fixtures import corpus_texts, published_model, write_jsonl
+from test_workflow import finish, job_counts
 
 pytest.importorskip("snakemake")
 pytestmark = pytest.mark.slow  # a few Snakemake start-ups
@@ -47,19 +46,6 @@ def _snakemake(work: Path, recipe: dict, name: str, *extra: str) -> subprocess.P
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=240)
-    return proc.returncode, out
-
-
-def _jobs(text: str) -> dict[str, int]:
-    if "Nothing to be done" in text:
-        return {}
-    match = re.search(r"Job stats:\njob\s+count\n[-\s]+\n(.*?)\ntotal\s+\d+", text, re.S)
-    assert match, text[-3000:]
-    return {name: int(count) for name, count in (line.split() for line in match.group(1).strip().splitlines())}
-
-
 def _with(**knobs) -> dict:
     recipe = copy.deepcopy(RECIPE)
     recipe["data"].update(knobs)
@@ -76,9 +62,9 @@ def test_policy_reaches_the_data_rules(tmp_path):
     dup = texts[: N_VAL + 5] + [texts[3]] + texts[N_VAL + 5 : N_VAL + 19] + [texts[3]] + texts[N_VAL + 19 :] + [texts[7]]
     write_jsonl(work / "docs.jsonl", dup)
 
-    status, out = _finish(_snakemake(work, RECIPE, "base"))
+    status, out = finish(_snakemake(work, RECIPE, "base"))
     assert status == 0, out[-4000:]
-    assert _jobs(out) == {"prepare_shards": 1, "verify_data": 1}
+    assert job_counts(out) == {"prepare_shards": 1, "verify_data": 1}
     manifest = json.loads((work / DATA / "shards" / "manifest.json").read_text())
     assert manifest["val_duplicates"] == {"val_docs_with_train_copies": 2, "train_docs_dropped": 3}
     assert manifest["settings"]["max_val_overlap_fraction"] == 0.25
@@ -94,13 +80,13 @@ def test_policy_reaches_the_data_rules(tmp_path):
     procs = {name: _snakemake(work, recipe, name, "-n") for name, recipe in dry.items()}
     jobs = {}
     for name, proc in procs.items():
-        status, out = _finish(proc)
+        status, out = finish(proc)
         assert status == 0, out[-4000:]
-        jobs[name] = _jobs(out)
+        jobs[name] = job_counts(out)
     assert jobs == {"unchanged": {}, "policy": {"prepare_shards": 1, "verify_data": 1},
                     "fraction": {"prepare_shards": 1, "verify_data": 1}}
 
-    status, out = _finish(_snakemake(work, dry["policy"], "policy"))
+    status, out = finish(_snakemake(work, dry["policy"], "policy"))
     assert status != 0
     log = (work / DATA / "logs" / "prepare_shards.log").read_text()
     assert "leak: 2 validation documents also occur in the training split, first at train doc 5" in log

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stage_fixtures import TINY_TRAIN, write_shards
-from test_workflow import RECIPE, VOCAB, _set_mtime, copy_workflow
+from stage_fixtures import TINY_TRAIN
+from test_workflow import RECIPE, _set_mtime, seed_synthetic_data
 
 from pgolf.config import to_dict
-from pgolf.data.tokenizer import train_tokenizer
 
 pytest.importorskip("snakemake")
 pytestmark = pytest.mark.slow
@@ -99,13 +98,7 @@ def _logged_step(log: Path) -> int:
 def work(tmp_path_factory) -> Path:
     """A workflow copy with verified data and a tokenizer made beforehand (older than the code), nothing else."""
     work = tmp_path_factory.mktemp("interrupt")
-    copy_workflow(work)
-    data = work / "results" / "data" / "syn"
-    (work / "docs.jsonl").write_text('{"text": "stand-in: the shards below are made directly"}\n')
-    data.mkdir(parents=True)
-    train_tokenizer([f"Document {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(200)],
-                    data / "tokenizer.model", vocab_size=VOCAB, caseops=False)
-    write_shards(data / "shards", vocab=VOCAB)
+    data = seed_synthetic_data(work)
     (data / "verified.json").write_text('{"ok": true}\n')  # what preflight reads of the data verification
     t0 = 1_700_000_000.0
     for script in (work / "workflow" / "scripts").glob("*.py"):

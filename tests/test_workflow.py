@@ -90,12 +90,12 @@ def _snakemake(workdir: Path, recipe: dict, name: str, *extra: str) -> subproces
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=240)
     return proc.returncode, out
 
 
-def _jobs(text: str) -> dict[str, int]:
+def job_counts(text: str) -> dict[str, int]:
     """The 'Job stats' table Snakemake prints (jobs that would run / ran); empty when nothing is to be done."""
     if "Nothing to be done" in text:
         return {}
@@ -104,17 +104,24 @@ def _jobs(text: str) -> dict[str, int]:
     return {name: int(count) for name, count in (line.split() for line in match.group(1).strip().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("wf")
+def seed_synthetic_data(work: Path) -> Path:
+    """A workflow copy in ``work`` with a stand-in document file, a tokenizer and synthetic shards made directly
+    under ``results/data/syn`` (returned); the real (non-CaseOps) tokenizer is there because evaluation's byte
+    lookup table reads it."""
     copy_workflow(work)
     data = work / "results" / "data" / "syn"
     (work / "docs.jsonl").write_text('{"text": "stand-in: the shards below are made directly"}\n')
     data.mkdir(parents=True)
-    # a real (non-CaseOps) tokenizer: evaluation's byte lookup table reads it
     train_tokenizer([f"Document {i}: the quick brown fox jumps over {i % 7} lazy dogs." for i in range(200)],
                     data / "tokenizer.model", vocab_size=VOCAB, caseops=False)
     write_shards(data / "shards", vocab=VOCAB)
+    return data
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("wf")
+    data = seed_synthetic_data(work)
     (data / "verified.json").write_text("{}\n")
     train_checkpoint(data / "shards", work / "results" / "wf" / "seed1" / "train", model=MODEL, seed=1)
     t0 = 1_700_000_000.0
@@ -130,10 +137,10 @@ def workdir(tmp_path_factory) -> Path:
         ]
     ):
         _set_mtime(path, t0 + 10 * i)
-    status, out = _finish(_snakemake(work, RECIPE, "base"))
+    status, out = finish(_snakemake(work, RECIPE, "base"))
     assert status == 0, out[-4000:]
     # nothing upstream was rerun; the report takes the compliance verdict
-    assert _jobs(out) == {
+    assert job_counts(out) == {
         "hessians": 1, "quantize": 1, "pack": 1, "bundle": 1, "gate": 1, "evaluate": 1, "comply": 1, "aggregate": 1
     }
     assert (work / ARTIFACT).exists() and (work / TARGET).exists()
@@ -163,9 +170,9 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
     procs = {name: _snakemake(workdir, recipe, name, "-n") for name, recipe in recipes.items()}
     results = {}
     for name, proc in procs.items():
-        status, out = _finish(proc)
+        status, out = finish(proc)
         assert status == 0, out[-4000:]
-        results[name] = _jobs(out)
+        results[name] = job_counts(out)
     return results
 
 

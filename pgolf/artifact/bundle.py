@@ -192,15 +192,7 @@ def third_party_imports(sources: dict[str, tuple[bool, str]], entry: str = ENTRY
     (e.g. FlashAttention-3 behind a try, or Triton, whose only importer is itself imported behind a try).
     """
     edges = {name: import_edges(src, name, is_pkg) for name, (is_pkg, src) in sources.items()}
-    always: set[str] = set()
-    todo = [entry]
-    while todo:
-        name = todo.pop()
-        if name in always or name not in sources:
-            continue
-        always.add(name)
-        todo.extend(_parents(name))
-        todo.extend(target for target, guarded in edges[name] if _is_pgolf(target) and not guarded)
+    always = _closure(sources, entry, lambda name: [target for target, guarded in edges[name] if not guarded])
     required: set[str] = set()
     optional: set[str] = set()
     for name in sorted(edges):
@@ -260,6 +252,12 @@ def collect_modules(
 
 def reachable_in(sources: dict[str, tuple[bool, str]], entry: str = ENTRY_MODULE) -> list[str]:
     """Sorted names of the modules of ``sources`` ({name: (is_package, source)}) that ``entry`` can import."""
+    return sorted(_closure(sources, entry, lambda name: imported_modules(sources[name][1], name, sources[name][0])))
+
+
+def _closure(sources: dict[str, tuple[bool, str]], entry: str, imports_of) -> set[str]:
+    """The modules of ``sources`` reached from ``entry``: each module's parent packages and the pgolf modules
+    ``imports_of(name)`` names (importing a module runs its packages' ``__init__`` first)."""
     seen: set[str] = set()
     todo = [entry]
     while todo:
@@ -268,8 +266,8 @@ def reachable_in(sources: dict[str, tuple[bool, str]], entry: str = ENTRY_MODULE
             continue
         seen.add(name)
         todo.extend(_parents(name))
-        todo.extend(target for target in imported_modules(sources[name][1], name, sources[name][0]) if _is_pgolf(target))
-    return sorted(seen)
+        todo.extend(target for target in imports_of(name) if _is_pgolf(target))
+    return seen
 
 
 @dataclasses.dataclass(frozen=True)
