@@ -90,7 +90,7 @@ def make_seed(
     token_count: int = TOKEN_COUNT,
     byte_sum: int = BYTE_SUM,
     code_sha256: str | None = None,
-    artifact_code_id: str = CODE_HASH,  # the code identity the artifact header records (the bundle's CODE_HASH)
+    artifact_code_id: str = CODE_HASH,  # the code identity the size gate paired the artifact with (CODE_HASH)
     stages: tuple[float, float] | None = None,
     docs: tuple[int, int] | None = None,
     loss_offset: float | None = None,
@@ -142,8 +142,9 @@ def make_seed(
             "cap": 16_000_000,
             "headroom_bytes": 16_000_000 - total_bytes,
             "code_sha256": code_sha256,
+            "code_hash": artifact_code_id,
             "pack_config": {"compressor": "brotli"},
-            "input_hashes": {"quantize_config_sha256": "q" * 64, "pgolf_code_hash": artifact_code_id},
+            "input_hashes": {"quantize_config_sha256": "q" * 64},
         },
     )
     _write(

@@ -373,7 +373,7 @@ def test_staged_functions_on_the_same_checkpoint_give_identical_results(record_r
     assert any(qt.lqer is not None for qt in record_q.tensors.values())  # LQER ran, and matched
 
     _, status = run_pack_stage(tmp_path / "q.pt", ckpt, cfg.pack, None, tmp_path / "a.bin",
-                               tmp_path / "pack_report.json", code_id=report["code_hash"])
+                               tmp_path / "pack_report.json")
     assert status == 0
     staged_art, record_art = (tmp_path / "a.bin").read_bytes(), (out / "pack/artifact.pgolf").read_bytes()
     _, staged_header = unpack(staged_art)

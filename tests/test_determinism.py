@@ -61,8 +61,7 @@ def trees(tmp_path_factory) -> tuple[Path, Path]:
             run_quantize_stage(ckpt, root / "hessians" / "hessians.pt", quant, root / "quantize" / "quantized.pt",
                                root / "quantize" / "quantize_report.json")
             run_pack_stage(root / "quantize" / "quantized.pt", ckpt, PackConfig(brotli_quality=5), None,
-                           root / "pack" / "artifact.pgolf", root / "pack" / "pack_report.json",
-                           code_id="c0de" * 16)  # the recipe's CODE_HASH, as the pack rule passes it
+                           root / "pack" / "artifact.pgolf", root / "pack" / "pack_report.json")
             roots.append(root)
     finally:
         os.umask(old_umask)

@@ -113,4 +113,4 @@ def test_artifact_bytes_do_not_depend_on_the_code_file_or_the_manifest(tmp_path:
     assert [r["data_manifest_sha256"] for r in reports] == ["a" * 64, "c" * 64]
     assert [r["training_code_hash"] for r in reports] == ["b" * 64, "d" * 64]
     assert reports[0]["input_hashes"] == reports[1]["input_hashes"]
-    assert reports[0]["input_hashes"]["pgolf_code_hash"] == "e" * 64
+    assert reports[0]["code_hash"] == "e" * 64 and reports[1]["code_hash"] is None  # with its code file only

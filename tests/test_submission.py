@@ -237,10 +237,11 @@ def test_code_bundle_cross_checks(tmp_path):
     assert not any("reproduces these claims" in n for n in agg["provenance"]["notes"])
 
     run_dir = make_run(tmp_path / "other_code")
-    make_code_bundle(run_dir, code_hash="b" * 64)  # the artifacts name code c..., the folder's script is b...
+    make_code_bundle(run_dir, code_hash="b" * 64)  # the seeds were gated with code c..., the folder's script is b...
     agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
     assert agg["verdict"]["status"] == "non-record"
-    assert any("seed 42: its artifact records code cccccccccccc..., not this train_gpt.py's CODE_HASH bbbbbbbbbbbb"
+    assert any("seed 42: its size gate paired the artifact with code cccccccccccc..., not this train_gpt.py's "
+               "CODE_HASH bbbbbbbbbbbb"
                in r for r in agg["verdict"]["reasons"])
 
     run_dir = make_run(tmp_path / "other_count")

@@ -165,6 +165,8 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
         "clip_sigma": _changed("quantize", mlp_clip_sigmas=9.0),
         "compressor": _changed("pack", compressor="lzma"),
         "ttt": _changed("evaluate", ttt={**RECIPE["evaluate"]["ttt"], "lr": 0.003}),
+        # a switch the shipped form folds: train_gpt.py's code (and CODE_HASH) changes, the artifact must not
+        "eval_switch": _changed("evaluate", diagnostics=True),
         "seed_added": {**copy.deepcopy(RECIPE), "seeds": [1, 2]},
     }
     procs = {name: _snakemake(workdir, recipe, name, "-n") for name, recipe in recipes.items()}
@@ -197,6 +199,12 @@ def test_ttt_knob_reruns_evaluation_only(dry_runs) -> None:
     """No training, Hessians, quantization or packing: only evaluate and aggregate, plus the shipped file (it
     embeds the recipe) and the millisecond gate that counts its bytes."""
     assert dry_runs["ttt"] == {"bundle": 1, "gate": 1, "evaluate": 1, "comply": 1, "aggregate": 1}
+
+
+def test_evaluation_switch_that_changes_the_shipped_code_does_not_repack(dry_runs) -> None:
+    """The code identity is recorded by the gate, not packed into the artifact: a knob that changes the shipped
+    code (and its CODE_HASH) re-runs the millisecond gate, never the model compression."""
+    assert dry_runs["eval_switch"] == {"bundle": 1, "gate": 1, "evaluate": 1, "comply": 1, "aggregate": 1}
 
 
 def test_added_seed_runs_only_that_seed(dry_runs) -> None:

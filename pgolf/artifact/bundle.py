@@ -309,9 +309,10 @@ def code_identity(cfg: RunConfig, minify: bool = True, package_dir: Path = PACKA
     """The code identity of a recipe: the ``CODE_HASH`` of its bundled train_gpt.py (minified, as the Snakemake
     bundle rule writes it), computed from the installed sources without writing the bundle.
 
-    Both entry points record it in the artifact header (``input_hashes.pgolf_code_hash``): the staged pipeline's
-    pack rule gets it through its params, the bundled record run has it as its own CODE_HASH. So an artifact names
-    the file that reproduces it, whichever path made it.
+    Both entry points record it beside the code bytes they count (``code_hash`` of the gate report, or of the
+    pack report when the pack stage counts the code): the staged pipeline's gate rule gets it through its params,
+    the bundled record run has it as its own CODE_HASH. The artifact never holds it, so a knob that changes only
+    the shipped code re-runs the gate, not the model compression.
     """
     return bundle_code_hash(module_table(cfg, minify, package_dir).modules)
 

@@ -38,7 +38,7 @@ def _gate(args: argparse.Namespace) -> int:
 
     def work() -> tuple[dict[str, Any], int]:
         cfg = section_from_json(PackConfig, args.pack_json, "--pack-json")
-        return run_gate(args.pack_report, args.code, args.artifact, cfg, args.out)
+        return run_gate(args.pack_report, args.code, args.artifact, cfg, args.out, code_id=args.code_id)
 
     return run_gated_stage("pgolf gate", work)
 
@@ -48,6 +48,7 @@ def _register_gate(commands) -> None:
     p.add_argument("--pack-report", required=True)
     p.add_argument("--artifact", required=True)
     p.add_argument("--code", required=True, help="the counted code file (train_gpt.py)")
+    p.add_argument("--code-id", default=None, help="that file's CODE_HASH, recorded in the report (the submission checks it)")
     p.add_argument("--pack-json", required=True, help="the pack section as JSON (convention and cap)")
     p.add_argument("--out", required=True, help="gate report JSON (written also when over the cap)")
     p.set_defaults(func=_gate)
@@ -92,8 +93,8 @@ def _register_pack(commands) -> None:
     build.add_argument("--pack-json", required=True, help="the pack section as JSON")
     build.add_argument("--code", default=None, help="the counted code file (train_gpt.py); without it the gate stage counts it")
     build.add_argument("--code-id", default=None,
-                       help="the code identity the artifact records: the CODE_HASH of the recipe's train_gpt.py "
-                            "(pgolf.artifact.bundle.code_identity); without it the artifact cannot back a record")
+                       help="with --code: that file's CODE_HASH (pgolf.artifact.bundle.code_identity), recorded in "
+                            "the report beside the code bytes (never in the artifact)")
     build.add_argument("--out", required=True, help="artifact file, written only if it fits the cap")
     build.add_argument("--report", required=True, help="pack report JSON")
     build.set_defaults(func=_pack_build)

@@ -16,8 +16,8 @@ Byte layout of format version 4 (all integers little-endian; also in docs/artifa
     4+H     ...   payload: the tensor entries back to back, in table order, no padding
 
 The header JSON holds ``model_config`` (the model section, so the evaluator builds the right model),
-``input_hashes`` (provenance given by the caller: the pack stage gives the checkpoint weights, Hessians, quantize
-config and code identity, nothing path- or time-dependent), ``pack`` (compressor
+``input_hashes`` (provenance given by the caller: the pack stage gives the checkpoint weights, Hessians and quantize
+config hashes, nothing path- or time-dependent), ``pack`` (compressor
 settings), ``quantization`` (``config``: the quantize section; ``tensors``: per model tensor its role, method,
 shape, bits, clip sigmas and LQER parameters) and ``entries``, the tensor table: one record per stored array
 ``{name, dtype, shape, encoding, offset, nbytes, sha256}``. ``offset`` counts from the start of the payload;

@@ -24,7 +24,8 @@ from pgolf.artifact.minify import counted_code_bytes
 from pgolf.artifact.pack import EXIT_OVER_CAP
 
 
-def run_gate(pack_report_path: str | Path, code: str | Path, artifact: str | Path, cfg: PackConfig, out: str | Path) -> tuple[dict[str, Any], int]:
+def run_gate(pack_report_path: str | Path, code: str | Path, artifact: str | Path, cfg: PackConfig, out: str | Path,
+             code_id: str | None = None) -> tuple[dict[str, Any], int]:
     pack_report = read_json(pack_report_path, "pack report")
     model_bytes = pack_report.get("model_bytes")
     if not isinstance(model_bytes, int):
@@ -43,6 +44,7 @@ def run_gate(pack_report_path: str | Path, code: str | Path, artifact: str | Pat
         "code_file": str(code),
         "code_file_bytes": code_file_bytes,
         "code_sha256": code_sha256,
+        "code_hash": code_id,  # the CODE_HASH of that file: the code this artifact is shipped with (None: not given)
         **gate.report_fields(),
     }
     atomic_write_json(out, report)

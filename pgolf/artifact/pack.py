@@ -5,13 +5,16 @@
 
 - The model config stored in the artifact is the CHECKPOINT's (validated by ``ModelConfig``), never YAML's;
   the quantized model must come from that same checkpoint (its recorded weights sha256 is compared).
-- ``input_hashes`` in the artifact header: checkpoint weights, hessians file, quantize config and the code
-  identity (``pgolf_code_hash``: the ``CODE_HASH`` of the recipe's bundled train_gpt.py, given by the caller, the
-  same on the staged pipeline and in the bundle; :func:`pgolf.artifact.bundle.code_identity`). Nothing that
-  depends on the entry point, a path or a time enters the header, because header and payload are one brotli
-  stream and any header byte moves the model bytes: the counted file's sha256, the data manifest's sha256 (the
-  bare shards a reviewer runs train_gpt.py on have no manifest.json) and the code hash recorded at training time
-  go to the report only.
+- ``input_hashes`` in the artifact header: checkpoint weights, hessians file and quantize config, the inputs the
+  model bytes are a function of. Nothing that depends on the entry point, a path or a time enters the header,
+  because header and payload are one brotli stream and any header byte moves the model bytes: the counted file's
+  sha256, the data manifest's sha256 (the bare shards a reviewer runs train_gpt.py on have no manifest.json) and
+  the code hash recorded at training time go to the report only. So does the code identity the artifact is
+  shipped with (``code_hash``: the ``CODE_HASH`` of the recipe's train_gpt.py,
+  :func:`pgolf.artifact.bundle.code_identity`), recorded by whichever step pairs the artifact with its counted
+  code: the gate stage in the Snakemake DAG, this stage when ``--code`` is given. Kept out of the artifact, it
+  cannot make a knob that only changes the shipped code (an evaluation switch the shipped form folds) re-compress
+  every seed's model.
 - Counted code bytes: ``--code`` under ``pack.code_bytes_convention`` (see pgolf/artifact/minify.py). Without
   ``--code`` (the Snakemake DAG) the model bytes alone are gated here and ``pgolf.artifact.gate`` adds the code.
 - The artifact bytes are unpacked again and checked against the model config before anything is written.
@@ -76,13 +79,12 @@ def run_pack_stage(
     out: str | Path,
     report_path: str | Path,
     *,
-    code_id: Optional[str],
+    code_id: Optional[str] = None,
 ) -> tuple[dict[str, Any], int]:
     """Pack, verify, gate; returns ``(report, exit status)``. The artifact is written only when it fits.
 
-    ``code_id``: the code identity the artifact records (the recipe's bundle CODE_HASH; the Snakemake pack rule
-    passes it through its params, the bundled record run its own CODE_HASH). None records none: such an artifact
-    cannot back a record (pgolf.report.submission refuses it).
+    ``code_id``: with ``code``, the identity of that code (the bundle's CODE_HASH), recorded in the report as
+    ``code_hash`` beside the code bytes; never in the artifact (see the module docstring).
 
     With ``code=None`` (the staged pipeline) the gate here holds the model bytes alone against the cap and the
     separate gate stage (pgolf.artifact.gate) adds the counted code: the shipped file embeds the whole recipe, so its
@@ -109,7 +111,6 @@ def run_pack_stage(
         "checkpoint_weights_sha256": meta["weights_sha256"],
         "hessians_sha256": provenance.get("hessians_sha256"),
         "quantize_config_sha256": provenance.get("quantize_config_sha256"),
-        "pgolf_code_hash": code_id,
     }
     input_hashes = {k: v for k, v in input_hashes.items() if v is not None}
 
@@ -135,6 +136,7 @@ def run_pack_stage(
         "code_file": None if code is None else str(code),
         "code_file_bytes": code_file_bytes,
         "code_sha256": code_sha256,  # the file the code bytes were counted on (None: the gate stage counts it)
+        "code_hash": code_id if code is not None else None,  # that file's CODE_HASH (the gate stage records it otherwise)
         "data_manifest_sha256": meta.get("data_manifest_sha256"),
         "training_code_hash": meta.get("code_hash"),  # the code that trained (checkpoint.json), for provenance
         **gate.report_fields(),

@@ -195,9 +195,9 @@ def _barrier(info) -> None:
 
 
 def code_identity(cfg: RunConfig) -> str:
-    """The code identity this run's artifact records: inside a bundled train_gpt.py its CODE_HASH; from the
-    installed package, the CODE_HASH the recipe's bundle has (the same value the staged pipeline's pack rule
-    passes). So both entry points write the same artifact header."""
+    """The code identity this run's reports record beside its code bytes: inside a bundled train_gpt.py its
+    CODE_HASH; from the installed package, the CODE_HASH the recipe's bundle has (the same value the staged
+    pipeline's gate rule records)."""
     import pgolf
 
     bundle = getattr(pgolf, "__bundle__", None)

@@ -99,8 +99,8 @@ class SeedResult:
     # curves and logs
     loss_curve: tuple[tuple[int, float], ...]  # (step, training loss) from metrics.jsonl
     log_files: tuple[Path, ...]
-    # the code identity the artifact header records (pack report input_hashes.pgolf_code_hash): the CODE_HASH of
-    # the train_gpt.py that reproduces this artifact, the same from the staged pipeline and from that file alone
+    # the code identity the size gate paired this artifact with (gate or pack report ``code_hash``): the CODE_HASH
+    # of the train_gpt.py whose bytes were counted with it
     artifact_code_id: Optional[str] = None
     # the three stages of the score (eval.json's diagnostics; None when diagnostics were off): the trained
     # weights, the packed artifact without TTT, and the artifact scored with TTT (= val_bpb)
@@ -346,7 +346,7 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
                      or _get(ckpt, "environment", p_ckpt, dict, required=False) or {}),
         loss_curve=read_loss_curve(base / OPTIONAL_FILES["metrics"]),
         log_files=_log_files(base),
-        artifact_code_id=(pack.get("input_hashes") or {}).get("pgolf_code_hash"),
+        artifact_code_id=_get(size, "code_hash", p_size, str, required=False),
         pre_quant_bpb=_get(ev, "diagnostics.pre_quant.val_bpb", p_ev, float, required=False),
         post_quant_bpb=_get(ev, "diagnostics.post_quant.val_bpb", p_ev, float, required=False),
         pre_quant_loss=_get(ev, "diagnostics.pre_quant.val_loss", p_ev, float, required=False),

@@ -63,9 +63,9 @@ class CodeBundle:
 def read_code_bundle(code_dir: Path, seeds: Sequence[Any]) -> CodeBundle:
     """Read the bundle and cross-check it with every seed: the folder's train_gpt.py must reproduce the claims.
 
-    - Code identity: each seed's artifact header records the code that makes it (``pgolf_code_hash``, the same
-      from the staged pipeline and from train_gpt.py alone); it must be this file's ``CODE_HASH``, or the folder's
-      script would not reproduce that artifact (a record blocker).
+    - Code identity: each seed's size gate records the code it paired the artifact with (``code_hash``, the
+      CODE_HASH of the counted train_gpt.py); it must be this file's ``CODE_HASH``, or the seed was gated with
+      other code than the folder ships (a record blocker).
     - Code bytes: counted once more here, on this file, by the one counting function
       (:func:`pgolf.artifact.minify.counted_code`); the bundle's own report, every seed's size gate (count and
       the sha256 of the file it counted) must agree with it (blockers otherwise).
@@ -93,9 +93,9 @@ def read_code_bundle(code_dir: Path, seeds: Sequence[Any]) -> CodeBundle:
     for s in seeds:
         if s.artifact_code_id != code_id:
             blockers.append(
-                f"seed {s.seed}: its artifact records code {str(s.artifact_code_id)[:12]}..., not this "
-                f"train_gpt.py's CODE_HASH {str(code_id)[:12]}...: the folder's script does not reproduce it "
-                "(pack it again with the code identity of this recipe and sources)"
+                f"seed {s.seed}: its size gate paired the artifact with code {str(s.artifact_code_id)[:12]}..., "
+                f"not this train_gpt.py's CODE_HASH {str(code_id)[:12]}... (rerun the gate and evaluation with "
+                "this recipe and sources)"
             )
     counts: dict[str, int] = {}
     for convention in sorted({s.code_bytes_convention for s in seeds if s.code_bytes_convention in ("wrapper", "file")}):
@@ -121,7 +121,7 @@ def read_code_bundle(code_dir: Path, seeds: Sequence[Any]) -> CodeBundle:
     if seeds and not blockers:
         conventions = ", ".join(f"{n:,} ({c})" for c, n in counts.items()) or "not recorded"
         notes.append(
-            f"the folder's train_gpt.py reproduces these claims: every seed's artifact records its CODE_HASH "
+            f"the folder's train_gpt.py reproduces these claims: every seed was gated with its CODE_HASH "
             f"{str(code_id)[:12]}..., and the code bytes are this file's (sha256 {actual[:12]}...): {conventions}. "
             "Rerun as below, its artifact and val_bpb are the seed's own (checked byte for byte on CPU by "
             "tests/test_reproduce.py; GPU training is not bit-reproducible)"

@@ -8,7 +8,8 @@ def work():
 
     cfg = section_from_json(PackConfig, snakemake.params.pack, "pack")
     report, status = run_gate(snakemake.input.pack_report, snakemake.input.code, snakemake.input.artifact, cfg,
-                              snakemake.output.report)
+                              snakemake.output.report,
+                              code_id=snakemake.params.code_id)
     if status:
         print(f"gate: refused: {report['message']}")
     progress(report["message"], final=True)

@@ -8,8 +8,7 @@ def work():
 
     cfg = section_from_json(PackConfig, snakemake.params.pack, "pack")
     report, status = run_pack_stage(snakemake.input.quantized, snakemake.params.checkpoint, cfg, None,
-                                    snakemake.output.artifact, snakemake.output.report,
-                                    code_id=snakemake.params.code_id)
+                                    snakemake.output.artifact, snakemake.output.report)
     if status:
         print(f"pack: refused: {report['message']}")
     progress(f"{report['model_bytes']:,} model bytes ({report['compressor']}) in {report['pack_seconds']:.1f} s"
