@@ -87,6 +87,19 @@ def test_snakemake_prints_the_same_one_line(tmp_path: Path) -> None:
         assert len(out.splitlines()) <= 3, out  # the workflow-profile note and the one line
 
 
+def test_config_overrides_merge_over_config_yaml() -> None:
+    """``--config run=NAME`` alone is config.yaml under another run name, not pgolf's dataclass defaults; a config
+    holding whole sections (Snakemake's API given a recipe dict) is that recipe."""
+    from pgolf.config import load_run_config, recipe_from_snakemake
+
+    default = REPO_ROOT / "config.yaml"
+    renamed = recipe_from_snakemake({"run": "myrun"}, [], default)
+    record = load_run_config(default)
+    assert renamed.run == "myrun" and renamed.train == record.train and renamed.seeds == record.seeds
+    given = recipe_from_snakemake({"run": "x", "seeds": [7], "train": {"iterations": 3}}, [], default)
+    assert given.seeds == (7,) and given.train.iterations == 3 and given.train.data_stream != record.train.data_stream
+
+
 def test_data_verify_refuses_a_negative_count(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pgolf", "data", "verify", str(tmp_path), "--val-docs", "-1"],
                           capture_output=True, text=True, timeout=60)

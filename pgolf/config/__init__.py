@@ -213,12 +213,15 @@ def recipe_from_snakemake(config: dict, configfiles: Any, default: str | Path) -
     - ``--config recipe=FILE``: FILE, read here (so even a YAML syntax error gets its line), with any other
       ``--config key=value`` merged over it;
     - ``--configfile FILE``: what Snakemake parsed; an error is located in FILE (the last one given) by key;
-    - neither: ``default`` (config.yaml), with any ``--config key=value`` merged over it.
+    - neither: ``default`` (config.yaml), with any ``--config key=value`` merged over it (``--config run=NAME``
+      included); a config that already holds whole sections (Snakemake's API given a recipe as a dict) is that
+      recipe, as a ``--configfile`` would be.
     """
     config = dict(config)
     recipe = config.pop("recipe", None)
     files = [Path(f) for f in (configfiles or [])]
-    if recipe is not None or (not files and "run" not in config):
+    whole_recipe = any(isinstance(value, dict) for value in config.values())
+    if recipe is not None or (not files and not whole_recipe):
         path = Path(str(recipe)) if recipe is not None else Path(default)
         data, lines = load_recipe(path)
         if config and isinstance(data, dict):
