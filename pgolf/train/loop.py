@@ -348,6 +348,7 @@ def train_model(
             model.looping = bool(state["looping"])
             loop_enabled_step = None if int(state["loop_enabled_step"]) < 0 else int(state["loop_enabled_step"])
             step_times_ms = {k: [float(x) for x in v.tolist()] for k, v in state["step_times_ms"].items()}
+            seen_cu_shapes.update(int(n) for n in state.get("cu_shapes", torch.zeros(0)).tolist())  # as if never stopped
             resumed_from = step
             metrics.restart(state_meta["metrics"])
             metrics.write({"event": "resumed", "from_step": step, "elapsed_s": end_s})
@@ -413,6 +414,7 @@ def train_model(
                     model, optimizers, ema.shadow, step=step, elapsed_s=end_s, looping=bool(model.looping),
                     loop_enabled_step=-1 if loop_enabled_step is None else loop_enabled_step,
                     step_times_ms={k: torch.tensor(v, dtype=torch.float64) for k, v in step_times_ms.items()},
+                    cu_shapes=torch.tensor(sorted(seen_cu_shapes), dtype=torch.int64),
                 )
                 resume.save(resume_dir, state, state_id, step, metrics.lines)
             train_start += clock() - save_start  # saving is not training time: the schedule's clock skips it
