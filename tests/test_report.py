@@ -15,9 +15,11 @@ from pgolf.report.aggregate import MixedProvenanceError, aggregate, run_report
 from pgolf.report.results import MissingSeed, ResultsError, load_seed, load_seeds
 from report_fixtures import (
     BYTE_SUM,
+    CPU_STAGES,
     RECORD_BPB,
     TOKEN_COUNT,
     make_code_bundle,
+    make_cpu_run,
     make_run,
     make_seed,
     nats_from_bpb,
@@ -247,3 +249,21 @@ def test_closing_summary_names_the_figures_and_the_files(tmp_path):
     assert "records     " + str(next((run_dir / "records").glob("track_*/*"))) in text
     assert pgolf_main(["summary", str(run_dir)]) == 0
     assert pgolf_main(["summary", str(tmp_path / "nowhere")]) == 2
+
+
+def test_cli_report_takes_the_runs_comply_json(tmp_path, capsys):
+    """``pgolf report`` reads <run-dir>/comply.json by itself (or --comply FILE): the verdicts reach the report."""
+    run_dir = make_cpu_run(tmp_path)
+    args = ["report", "--run-dir", str(run_dir), "--aggregate-json", json.dumps({"submission_name": "cpu"}),
+            "--seeds", *map(str, sorted(CPU_STAGES)), "--mode", "sweep", "--no-folder"]
+    assert pgolf_main(args) == 0
+    agg = json.loads((run_dir / "aggregate.json").read_text())
+    assert agg["compliance"]  # read from the default place
+    moved = tmp_path / "elsewhere.json"
+    (run_dir / "comply.json").rename(moved)
+    assert pgolf_main(args) == 0 and "compliance" not in json.loads((run_dir / "aggregate.json").read_text())
+    assert pgolf_main([*args, "--comply", str(moved)]) == 0
+    assert json.loads((run_dir / "aggregate.json").read_text())["compliance"] == agg["compliance"]
+    assert pgolf_main([*args, "--comply", str(tmp_path / "none.json")]) == 2
+    assert "--comply" in capsys.readouterr().err
+

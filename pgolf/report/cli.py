@@ -27,12 +27,25 @@ def _report(args: argparse.Namespace) -> int:
             recipe=args.recipe,
             reproduce_command=args.reproduce_command,
             make_folder=not args.no_folder,
+            comply_path=_comply_path(args),
         )
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"pgolf report: error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(summary_text(agg))
     return 0
+
+
+def _comply_path(args: argparse.Namespace):
+    """--comply, else the run's comply.json when `pgolf comply` wrote one (the rule aggregate passes it too)."""
+    from pathlib import Path
+
+    if args.comply:
+        if not Path(args.comply).is_file():
+            raise FileNotFoundError(f"--comply {args.comply}: no such file")
+        return args.comply
+    default = Path(args.run_dir) / "comply.json"
+    return default if default.is_file() else None
 
 
 def _register_report(commands) -> None:
@@ -46,6 +59,8 @@ def _register_report(commands) -> None:
     parser.add_argument("--recipe", help="recipe file named in the README's reproduction command")
     parser.add_argument("--reproduce-command", help="command line to run the bundled train_gpt.py (README)")
     parser.add_argument("--no-folder", action="store_true", help="do not write the submission folder")
+    parser.add_argument("--comply", help="the run's comply.json (default: <run-dir>/comply.json when present); its "
+                                         "verdicts go into the report")
     parser.set_defaults(func=_report)
 
 

@@ -123,9 +123,12 @@ def failure_hint(run_dir, data_dir=None, tail_lines: int = 6) -> str:
     logs = [p for d in (run_dir, data_dir) if d for p in Path(d).rglob("*.log") if p.is_file()]
     lines = ["pgolf: the run stopped. Every job's whole output is in its log (results/<run>/seed<s>/logs/, "
              "results/<run>/logs/, results/data/<name>/logs/)."]
-    if logs:
-        newest = max(logs, key=lambda p: p.stat().st_mtime)
-        tail = newest.read_text(encoding="utf-8", errors="replace").splitlines()[-tail_lines:]
+    try:  # a job being cleaned up after Ctrl-C may remove its log between the listing and the read
+        newest = max(logs, key=lambda p: p.stat().st_mtime) if logs else None
+        tail = newest.read_text(encoding="utf-8", errors="replace").splitlines()[-tail_lines:] if newest else []
+    except OSError:
+        newest, tail = None, []
+    if newest is not None:
         lines.append(f"  the newest, {newest}, ends with:")
         lines += [f"    {line[:200]}" for line in tail]
     lines.append("  After a fix, or after Ctrl-C, the same command resumes: finished jobs are kept, and a sweep's "
