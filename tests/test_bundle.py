@@ -462,3 +462,19 @@ def test_minified_bundle_runs_every_stage(tmp_path: Path) -> None:
     assert all(stage["status"] == 0 for stage in summary["stages"].values())
     result = json.loads((folder / "out" / "eval" / "eval.json").read_text())
     assert result["val_bpb"] > 0 and result["token_count"] > 0
+
+
+def test_renderer_hash_covers_the_writer_modules_only(tmp_path) -> None:
+    """The bundle rule's params: the code identity (embedded modules) and the renderer's sources; a change to a
+    renderer module changes the hash, a module outside both (a report module) cannot."""
+    from pgolf.artifact.bundle import PACKAGE_DIR, RENDERER_FILES, renderer_hash
+
+    for name in RENDERER_FILES + ("report/html.py",):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((PACKAGE_DIR / name).read_bytes())
+    before = renderer_hash(tmp_path)
+    assert before == renderer_hash()
+    (tmp_path / "report/html.py").write_text("# edited\n")
+    assert renderer_hash(tmp_path) == before
+    (tmp_path / "artifact/shrink.py").write_bytes((PACKAGE_DIR / "artifact/shrink.py").read_bytes() + b"# edited\n")
+    assert renderer_hash(tmp_path) != before

@@ -305,6 +305,20 @@ def shipped_recipe(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, seeds=cfg.seeds[:1], aggregate=AggregateConfig())
 
 
+# The modules that write train_gpt.py without being embedded in it: with the embedded sources (code_identity) and
+# the recipe they decide every byte of the file.
+RENDERER_FILES = ("artifact/bundle.py", "artifact/shrink.py", "artifact/fold.py", "artifact/minify.py")
+
+
+def renderer_hash(package_dir: Path = PACKAGE_DIR) -> str:
+    """sha256 of the renderer's sources (:data:`RENDERER_FILES`): the bundle rule's param besides the code identity,
+    so that editing a module the bundle neither embeds nor is written by (a report module, say) rebuilds nothing."""
+    digest = hashlib.sha256()
+    for name in RENDERER_FILES:
+        digest.update(name.encode() + b"\0" + (package_dir / name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def code_identity(cfg: RunConfig, minify: bool = True, package_dir: Path = PACKAGE_DIR) -> str:
     """The code identity of a recipe: the ``CODE_HASH`` of its bundled train_gpt.py (minified, as the Snakemake
     bundle rule writes it), computed from the installed sources without writing the bundle.

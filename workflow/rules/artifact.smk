@@ -9,8 +9,10 @@
 #
 # The counted code of a run (rule bundle): results/<run>/code/train_gpt.py, the single file a submission ships (pgolf/artifact/bundle.py).
 #
-# The file embeds the resolved recipe, so its params are that recipe plus the hash of the pgolf sources: a stage
-# knob or a source change rebuilds it (and re-runs the cheap gate that counts its bytes). Two parts of the recipe
+# The file embeds the resolved recipe, so its params are that recipe, the code identity (the CODE_HASH of the
+# modules it embeds, in their shipped form) and the hash of the modules that write it: a stage knob or an edit of
+# an embedded module or of the renderer rebuilds it (and re-runs the cheap gate that counts its bytes); an edit of a
+# module the file leaves out (a report module, the bundler's tests) rebuilds nothing. Two parts of the recipe
 # are left out on purpose, so that neither rebuilds the code nor re-gates and re-evaluates finished seeds:
 # the seed list (each run of the file passes --seed; the first seed stays its default) and the `aggregate`
 # section (reporting metadata the record run never reads).
@@ -20,8 +22,7 @@
 # minifier cannot see inside the embedded source strings. tests/test_reproduce.py runs this form against the staged
 # pipeline (same weights, artifact and score).
 
-from pgolf.compliance.provenance import code_hash
-from pgolf.artifact.bundle import code_identity, shipped_recipe
+from pgolf.artifact.bundle import code_identity, renderer_hash, shipped_recipe
 
 # The code identity of this run (the CODE_HASH of the recipe's train_gpt.py), recorded by the gate beside the code
 # bytes it counts: the code every artifact of the run is shipped with. The artifact itself holds no code identity,
@@ -39,7 +40,8 @@ rule bundle:
         code=code_file(),
     params:
         config=bundle_recipe(),
-        code_hash=code_hash(),
+        code_id=CODE_ID,
+        renderer=renderer_hash(),
     log:
         f"{RUN_DIR}/logs/bundle.log",
     script:
