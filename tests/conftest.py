@@ -12,3 +12,16 @@ from datafiles import CONFORMANCE_DIR, PUBLISHED_TOKENIZER, REPO_ROOT, SAMPLE_DO
 @pytest.fixture
 def published_tokenizer() -> Path:
     return PUBLISHED_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one CPU thread for a module of tiny-tensor tests (one thread is faster there, and CI's 2 cores
+    are shared); the thread count is restored after the module. Use: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

@@ -30,12 +30,7 @@ SHIM = record_script().parent.parent / "shim" / "flash_attn_interface.py"
 H, HKV, D = 4, 2, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one CPU thread (tests/conftest.py)
 
 
 def segments(total: int, seed: int, max_len: int, pad_to: int = 0) -> torch.Tensor:

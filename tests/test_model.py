@@ -26,13 +26,7 @@ from pgolf.model.gpt import (
     param_groups,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and the test machine's 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one CPU thread (tests/conftest.py)
 
 
 RECORD_PARAMS = 35_945_671  # record.md: the PR #1855 model

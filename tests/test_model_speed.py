@@ -20,12 +20,7 @@ from pgolf.model.attention import build_cu_seqlens
 from pgolf.model.gpt import GPT, apply_partial_rope, build_meta, rms_norm, rope_cache, rope_inv_freq, rope_tables
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one CPU thread (tests/conftest.py)
 
 
 # every record feature on: 4 layers (1-2 looped twice -> 6 applications), two lanes from layer 2, XSA everywhere

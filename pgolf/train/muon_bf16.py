@@ -42,10 +42,15 @@ def newton_schulz_bf16(G: Tensor, schedule: Sequence[tuple[float, float, float]]
     if transposed:
         X = X.mT  # [..., cols, rows]: the Gram matrix below is the small one
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # the norm of the bf16 matrix, in bf16
+    X = polar_iterations(X, schedule)
+    return X.mT if transposed else X
+
+
+def polar_iterations(X: Tensor, schedule: Sequence[tuple[float, float, float]]) -> Tensor:
+    """The Newton-Schulz quintic steps on a normalized X [..., small, large] (rows <= cols), in X's dtype; both
+    Muon variants (this module's bf16 one and ``pgolf.train.optim.newton_schulz``) run them."""
     for a, b, c in schedule:
         A = X @ X.mT  # [..., small, small]
         B = b * A + c * (A @ A)  # [..., small, small]
         X = a * X + B @ X  # [..., small, large]
-    if transposed:
-        X = X.mT
     return X

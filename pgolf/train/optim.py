@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.config import OptimConfig
-from pgolf.train.muon_bf16 import newton_schulz_bf16, row_normalize_bf16
+from pgolf.train.muon_bf16 import newton_schulz_bf16, polar_iterations, row_normalize_bf16
 
 Coeffs = tuple[float, float, float]
 
@@ -134,13 +134,8 @@ def newton_schulz(
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT  # [..., cols, rows]: now rows <= cols
-    for a, b, c in schedule:
-        A = X @ X.mT  # [..., small, small]
-        B = b * A + c * (A @ A)  # [..., small, small]
-        X = a * X + B @ X  # [..., small, large]
-    if transposed:
-        X = X.mT
-    return X
+    X = polar_iterations(X, schedule)
+    return X.mT if transposed else X
 
 
 def row_normalize(U: Tensor, eps: float = ROW_NORM_EPS) -> Tensor:
