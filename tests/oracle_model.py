@@ -106,7 +106,7 @@ def pgolf_config(h) -> ModelConfig:
         num_kv_heads=h.num_kv_heads, mlp_mult=float(h.mlp_mult), mlp_activation="leaky_relu_sq", leaky_relu_slope=0.5,
         tie_embeddings=bool(h.tie_embeddings), logit_softcap=float(h.logit_softcap), qk_norm=True,
         rope_dims=h.rope_dims if h.rope_dims > 0 else head_dim, rope_base=float(h.rope_base),
-        q_gain_init=float(h.qk_gain_init), xsa_last_n=min(max(h.xsa_last_n, 0), h.num_layers),
+        rope_positions="row", q_gain_init=float(h.qk_gain_init), xsa_last_n=min(max(h.xsa_last_n, 0), h.num_layers),
         attn_gate=gate, attn_gate_window=h.gate_window,
         attn_gate_scale=float(h.sparse_attn_gate_scale) if gate == "sparse" else 1.0,
         smear_gate=bool(h.smear_gate_enabled), smear_gate_window=h.gate_window, smear_bos_mask=True,

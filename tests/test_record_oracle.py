@@ -22,6 +22,7 @@ from record_oracle import load_or_skip
 from pgolf.cli import main as cli_main
 from pgolf.config import ConfigError, EvaluateConfig, TTTConfig, load_run_config, to_dict
 from pgolf.data.shards import ShardStreamWriter
+from pgolf.model.rope import token_rope
 
 ATOL, RTOL = 1e-4, 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,23 @@ def test_logits_equal_on_2048_token_windows(rec):
     stream[[0, 1500]] = om.BOS
     worst_abs, worst_rel, _ = om.compare_logits(rec, model, om.pgolf_twin(model, h), stream, ((0, 4096),), 2048, False)
     assert worst_abs < ATOL and worst_rel < RTOL, (worst_abs, worst_rel)
+
+
+def test_rope_angles_are_the_records_row_positions(rec):
+    """The record rotates by a token's index in its packed ROW (0..98,303 over a training micro-batch of one
+    [1, 98,304] row), not in its document; at such positions the fp32 angles round, so the two differ by more than
+    noise. pgolf's record recipe (``model.rope_positions: row``) gives the record's cos/sin bit for bit."""
+    h = om.hparams(rec, num_layers=2, num_loops=0, parallel_start_layer=1, xsa_last_n=2)
+    model = om.record_model(rec, h)
+    T = 98_304
+    cu = torch.tensor([0, 30_000, 70_001, T], dtype=torch.int32)  # three documents in the row
+    record_cos, record_sin = (t[0, :, 0, :] for t in model.blocks[0].attn.rotary(T, torch.device("cpu"), torch.float32))
+    twin = om.pgolf_twin(model, h)
+    tables = (twin.rope_inv_freq, twin.rope_cos, twin.rope_sin)
+    cos, sin = token_rope(twin.cfg.rope_positions, cu, T, 40_000, *tables)
+    assert torch.equal(cos[:, 0], record_cos) and torch.equal(sin[:, 0], record_sin)
+    seg_cos, _ = token_rope("segment", cu, T, 40_000, *tables)  # pgolf's option: positions restart per document
+    assert torch.equal(seg_cos[30_000, 0], record_cos[0]) and not torch.equal(seg_cos[:, 0], record_cos)
 
 
 @pytest.mark.parametrize("rope_dims,model_dim,heads", [(8, 64, 4), (16, 128, 2), (0, 64, 4)])

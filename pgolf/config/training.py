@@ -117,6 +117,12 @@ class ModelConfig:
     qk_norm: bool = True
     rope_dims: int = 16  # partial RoPE: first rope_dims of each head
     rope_base: float = 10000.0
+    # the position a rotary angle is taken from: "segment" = the token's index in its document (segment of
+    # cu_seqlens), looked up in the cached tables; "row" = its index in the packed row the forward receives (the
+    # record's: 0..98,303 over a training micro-batch), computed on the spot. Attention never crosses a segment
+    # and RoPE is relative, so both give the same model up to the fp32 rounding of large angles; "row" is the
+    # record's and needs no per-token position gather (faster); "segment" keeps every angle small.
+    rope_positions: Literal["row", "segment"] = "row"
     q_gain_init: float = 5.0  # learned per-head q gain; 0 disables
     xsa_last_n: int = 11  # XSA on the last n physical layers (num_layers = all, 0 = off)
     attn_gate: Literal["none", "sparse", "dense"] = "sparse"

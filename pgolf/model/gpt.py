@@ -60,7 +60,7 @@ from torch import Tensor
 
 from pgolf.model import kernels
 from pgolf.model.attention import attention, build_cu_seqlens, resolve_backend
-from pgolf.model.rope import ROPE_BUFFERS, apply_partial_rope, rope_buffers, segment_rope
+from pgolf.model.rope import ROPE_BUFFERS, apply_partial_rope, rope_buffers, token_rope
 from pgolf.model.rope import rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
 from pgolf.config import ModelConfig
 
@@ -507,8 +507,8 @@ class GPT(nn.Module):
         """Final-normed hidden states [T, d] (the LM head's input). ``smear_reset`` (bool [T]): see SmearGate."""
         cu_seqlens, max_seqlen = self._segments(input_ids, cu_seqlens, max_seqlen)
         T = input_ids.shape[0]
-        rope = None if self.rope_inv_freq is None else segment_rope(
-            cu_seqlens, T, max_seqlen, self.rope_inv_freq, self.rope_cos, self.rope_sin)
+        rope = None if self.rope_inv_freq is None else token_rope(
+            self.cfg.rope_positions, cu_seqlens, T, max_seqlen, self.rope_inv_freq, self.rope_cos, self.rope_sin)
         ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
         x = self.tok_emb(input_ids)  # [T, d]; bf16 under train.param_storage: record

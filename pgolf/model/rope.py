@@ -3,7 +3,8 @@
 Frequencies are the record's (rounded to bf16, see :func:`rope_inv_freq`); the rotation turns each pair by MINUS
 the angle, as the record does. The model keeps the cos/sin of positions 0..train_seq_len-1 as buffers
 (:func:`rope_cache`) and looks them up per token; :func:`rope_tables` computes the same values on the spot for
-segments longer than that cache.
+segments longer than that cache. With ``model.rope_positions: row`` (the record's) a token's position is its index
+in the packed row instead (:func:`row_rope`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def rope_buffers(rope_dims: int, base: float, length: int) -> tuple[Tensor, Tens
     return (inv_freq, *rope_cache(length, inv_freq))
 
 
+def row_rope(num_tokens: int, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [T, 1, r/2] fp32 of positions 0..T-1 in the packed row (``model.rope_positions: row``, the
+    record's): an arange times the frequencies, which the compiler fuses into the rotation (no table, no gather)."""
+    return rope_tables(torch.arange(num_tokens, device=inv_freq.device), inv_freq)
+
+
 def segment_rope(
     cu_seqlens: Tensor, num_tokens: int, max_seqlen: int, inv_freq: Tensor, cos: Tensor, sin: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -74,3 +81,13 @@ def segment_rope(
     if max_seqlen > cos.shape[0]:
         return rope_tables(positions, inv_freq)
     return cos[positions][:, None, :], sin[positions][:, None, :]
+
+
+def token_rope(
+    positions: str, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int, inv_freq: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [T, 1, r/2] fp32 of every token of a packed row, by ``model.rope_positions`` (``positions``):
+    :func:`row_rope` or :func:`segment_rope`."""
+    if positions == "row":
+        return row_rope(num_tokens, inv_freq)
+    return segment_rope(cu_seqlens, num_tokens, max_seqlen, inv_freq, cos, sin)

@@ -101,7 +101,7 @@ def config_from_hparams(hp: dict[str, str], where: str = "log") -> ModelConfig:
             num_kv_heads=get("num_kv_heads"), mlp_mult=get("mlp_mult", float), mlp_activation="leaky_relu_sq",
             leaky_relu_slope=0.5, tie_embeddings=get("tie_embeddings", bool), logit_softcap=get("logit_softcap", float),
             qk_norm=True, rope_dims=rope if rope > 0 else dim // heads, rope_base=get("rope_base", float),
-            q_gain_init=get("qk_gain_init", float), xsa_last_n=min(max(get("xsa_last_n"), 0), layers),
+            rope_positions="row", q_gain_init=get("qk_gain_init", float), xsa_last_n=min(max(get("xsa_last_n"), 0), layers),
             attn_gate="sparse" if sparse else ("dense" if dense else "none"), attn_gate_window=get("gate_window"),
             attn_gate_scale=get("sparse_attn_gate_scale", float) if sparse else 1.0,  # the dense gate has no scale
             smear_gate=get("smear_gate_enabled", bool), smear_gate_window=get("gate_window"), smear_bos_mask=True,
