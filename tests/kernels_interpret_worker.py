@@ -16,6 +16,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from pgolf.model import kernels
 from pgolf.model import triton_kernels as tk
@@ -153,6 +154,31 @@ def case_mlp_act_grad_kernel() -> None:
         got = torch.ops.pgolf.mlp_act_grad(g, w_down, pre, slope)
         want = kernels.mlp_activation_grad(pre.double(), g.double() @ w_down.double(), slope)
         _close(got.double(), want, f"d pre (slope {slope})")
+
+
+def case_mlp_tma_tiles() -> None:
+    """The Hopper TMA kernel's tiles (one program per tile: the interpreter cannot run its persistent loop), both
+    epilogues, partial tiles on M and a B read as [N, K] (forward) and [K, N] (backward); fp16, as the
+    interpreter's dot mishandles bf16. The epilogue acts on the product rounded to fp16, like an unfused F.linear."""
+    gen = torch.Generator().manual_seed(10)
+    M, K, N = 200, 64, 96
+    bm, bn, bk = 64, 32, 32
+    half = torch.float16
+    x, w_up = torch.randn(M, K, generator=gen).to(half), (torch.randn(N, K, generator=gen) / 8).to(half)
+    g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
+    pre, post, dpre = (torch.empty(M, N, dtype=half) for _ in range(3))
+    Desc = tk._TensorDescriptor
+    for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):
+        tk._mlp_tma_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+            Desc.from_tensor(a, [bm, bk]), Desc.from_tensor(b, [bk, bn] if b_kn else [bn, bk]),
+            Desc.from_tensor(pre, [bm, bn // 2]), Desc.from_tensor(out, [bm, bn // 2]), M, N, K, 0.5,
+            B_KN=b_kn, BACKWARD=backward, PERSISTENT=False, NUM_PROGRAMS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    tol = dict(rtol=2e-3, atol=1e-3)  # one fp16 rounding apart at most (summation order of the fp32 products)
+    want_pre = (x.double() @ w_up.double().T).to(half)
+    _close(pre.double(), want_pre.double(), "tma pre", **tol)
+    _close(post.double(), (F.leaky_relu(pre.double(), 0.5) ** 2).to(half).double(), "tma post", **tol)
+    c = (g.double() @ w_down.double()).to(half).double()
+    _close(dpre.double(), kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double(), "tma d pre", **tol)
 
 
 def case_mlp_fused_opcheck() -> None:

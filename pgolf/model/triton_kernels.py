@@ -19,6 +19,11 @@ import triton.language as tl
 
 IGNORE_INDEX = -100
 
+try:  # host-side tensor descriptors (TMA), triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except Exception:  # pragma: no cover - depends on the triton build
+    _TensorDescriptor = None
+
 try:  # the interpreter's function class (absent from some triton builds)
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 except Exception:  # pragma: no cover - depends on the triton build
@@ -101,14 +106,134 @@ def _mlp_up_act_kernel(
     # epilogue, from the fp32 accumulator (pre, post and dpre share one [M, N] layout)
     out_offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     out_mask = rows_ok[:, None] & cols_ok[None, :]
+    out_dtype = post_ptr.dtype.element_ty
+    c = _narrow(acc, out_dtype)  # the product rounded to the output dtype first, as an unfused F.linear
     if BACKWARD:
         p = tl.load(pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-        dpre = acc * tl.where(p > 0, 2.0 * p, (2.0 * slope * slope) * p)
-        tl.store(post_ptr + out_offsets, dpre.to(post_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(post_ptr + out_offsets, _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype), mask=out_mask)
     else:
-        act = tl.where(acc > 0, acc, acc * slope)
-        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(post_ptr + out_offsets, (act * act).to(post_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(pre_ptr + out_offsets, c, mask=out_mask)
+        tl.store(post_ptr + out_offsets, _narrow(_act(c.to(tl.float32), slope), out_dtype), mask=out_mask)
+
+
+@triton.jit
+def _narrow(x, dtype: tl.constexpr):
+    """An fp32 tile in ``dtype``. bf16 is rounded to nearest even on the bits, so that Triton's interpreter (whose
+    casts round toward zero) computes what the GPU does; the final cast is then exact. NaN stays NaN."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(dtype)
+    elif dtype == tl.float32:
+        return x
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _act(c, slope):
+    """leaky_relu(c, slope)^2 of an fp32 tile."""
+    a = tl.where(c > 0, c, c * slope)
+    return a * a
+
+
+@triton.jit
+def _act_grad(c, p, slope):
+    """c * d/dp leaky_relu(p, slope)^2 for fp32 tiles c (incoming gradient) and p (pre-activation)."""
+    return c * tl.where(p > 0, 2.0 * p, (2.0 * slope * slope) * p)
+
+
+# The same two epilogues on Hopper's tensor-memory accelerator (TMA): a persistent kernel (one program per SM walks
+# the output tiles), operands and outputs moved by tensor descriptors, the epilogue stored in two column halves
+# (half the registers live at once). Used on CUDA for 16-bit operands whose rows are 16-byte aligned; the kernel
+# above is the fallback and the interpreter's. B is read as [N, K] (forward: w_up) or [K, N] (backward: w_down,
+# no transposed copy).
+
+
+@triton.jit
+def _mlp_tma_kernel(
+    a_desc,  # [M, K] blocks [BM, BK]
+    b_desc,  # B_KN: [K, N] blocks [BK, BN]; else [N, K] blocks [BN, BK]
+    pre_desc,  # [M, N] blocks [BM, BN // 2]: out (forward) / in (backward)
+    out_desc,  # [M, N] blocks [BM, BN // 2]: post (forward) / dpre (backward)
+    M,
+    N,
+    K: tl.constexpr,  # constexpr: see _mlp_up_act_kernel
+    slope,
+    B_KN: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # False: one program per tile (the interpreter cannot loop from a program id)
+    NUM_PROGRAMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tiles_n, NUM_PROGRAMS, flatten=True):
+            _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K, slope, B_KN, BACKWARD, BLOCK_M,
+                          BLOCK_N, BLOCK_K)
+    else:
+        _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tl.program_id(0), tiles_n, K, slope, B_KN, BACKWARD,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.constexpr, slope, B_KN: tl.constexpr,
+                  BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BM, BN] output tile of :func:`_mlp_tma_kernel`."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    out_dtype = out_desc.dtype
+    row = (tile // tiles_n) * BLOCK_M  # consecutive tiles share a row block of A (B stays in L2)
+    col = (tile % tiles_n) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([row, k0])  # [BM, BK]
+        if B_KN:
+            acc = tl.dot(a, b_desc.load([k0, col]), acc)  # [BK, BN]
+        else:
+            acc = tl.dot(a, b_desc.load([col, k0]).T, acc)  # [BN, BK] -> [BK, BN]
+    halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # 2 x [BM, HALF]
+    for i in tl.static_range(2):
+        c = _narrow(halves[i], out_dtype)
+        if BACKWARD:
+            p = pre_desc.load([row, col + i * HALF]).to(tl.float32)
+            out_desc.store([row, col + i * HALF], _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype))
+        else:
+            pre_desc.store([row, col + i * HALF], c)
+            out_desc.store([row, col + i * HALF], _narrow(_act(c.to(tl.float32), slope), out_dtype))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) per direction, for N = 4d and K = d at d = 512
+TMA_TILES = {False: (256, 128, 64, 8, 4), True: (256, 128, 64, 8, 3)}
+
+
+def _tma_usable(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
+    if a.device.type != "cuda" or _TensorDescriptor is None or torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+    tensors = (a, b, out)
+    return (
+        all(t.dtype in (torch.bfloat16, torch.float16) and t.dtype == a.dtype for t in tensors)
+        and all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+        and all(t.data_ptr() % 16 == 0 for t in tensors)
+    )
+
+
+def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor,
+                    slope: float, backward: bool) -> None:
+    M, K = a.shape
+    N = out.shape[1]
+    bm, bn, bk, warps, stages = TMA_TILES[backward]
+    programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    _mlp_tma_kernel[(programs,)](
+        _TensorDescriptor.from_tensor(a, [bm, bk]),
+        _TensorDescriptor.from_tensor(b, [bk, bn] if b_kn else [bn, bk]),
+        _TensorDescriptor.from_tensor(pre, [bm, bn // 2]),
+        _TensorDescriptor.from_tensor(out, [bm, bn // 2]),
+        M, N, K, float(slope),
+        B_KN=b_kn, BACKWARD=backward, PERSISTENT=True, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages,
+    )
 
 
 def _mlp_configs() -> list:
@@ -172,6 +297,9 @@ def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post:
     """pre = x @ w^T, post = leaky_relu(pre, slope)^2. x [M, K], w [N, K], pre/post [M, N] preallocated."""
     if pre.stride() != post.stride():
         raise ValueError("launch_mlp_up_act: pre and post must share one layout")
+    if _tma_usable(x, w, post) and _tma_usable(x, w, pre):
+        _launch_mlp_tma(x, w, False, pre, post, slope, backward=False)
+        return
     _launch_mlp(x, w, (w.stride(0), w.stride(1)), pre, post, slope, backward=False)
 
 
@@ -182,6 +310,9 @@ def launch_mlp_act_grad(
     projection: K = d outputs, N = 4d inputs), pre and dpre [M, N] of one layout."""
     if pre.stride() != dpre.stride():
         raise ValueError("launch_mlp_act_grad: pre and dpre must share one layout")
+    if _tma_usable(g, w_down, dpre) and _tma_usable(g, w_down, pre):
+        _launch_mlp_tma(g, w_down, True, pre, dpre, slope, backward=True)  # w_down read as [K, N]
+        return
     # the kernel reads w[n, k] = w_down[k, n]: w_down^T through swapped strides
     _launch_mlp(g, w_down, (w_down.stride(1), w_down.stride(0)), pre, dpre, slope, backward=True)
 
