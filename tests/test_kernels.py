@@ -700,6 +700,33 @@ def test_gpu_fused_mlp_bf16_autocast():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_tma_kernel_agrees_with_the_pointer_kernel():
+    """Hopper runs the persistent TMA kernel; it computes the pointer kernel's tiles (product rounded to bf16, then
+    the activation or its gradient): equal but for the fp32 summation order, i.e. rare one-ulp differences."""
+    from pgolf.model import triton_kernels as tk
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel needs Hopper (sm90) or newer")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    M, K, N = 4099, 512, 2048
+    x, g = (torch.randn(M, K, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    w_up = (torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)).bfloat16()
+    w_down = (torch.randn(K, N, device="cuda", generator=gen) / math.sqrt(N)).bfloat16()
+    out = {name: torch.empty(M, N, device="cuda", dtype=torch.bfloat16) for name in ("pre", "post", "pre_p", "post_p", "d", "d_p")}
+    assert tk._tma_usable(x, w_up, out["pre"]) and tk._tma_usable(g, w_down, out["d"])
+    tk._launch_mlp_tma(x, w_up, False, out["pre"], out["post"], 0.5, backward=False)
+    tk._launch_mlp(x, w_up, (w_up.stride(0), w_up.stride(1)), out["pre_p"], out["post_p"], 0.5, backward=False)
+    tk._launch_mlp_tma(g, w_down, True, out["pre"], out["d"], 0.5, backward=True)
+    tk._launch_mlp(g, w_down, (w_down.stride(1), w_down.stride(0)), out["pre"], out["d_p"], 0.5, backward=True)
+    for a, b in (("pre", "pre_p"), ("post", "post_p"), ("d", "d_p")):
+        ta, tb = out[a].float(), out[b].float()
+        rel = ((ta - tb).abs() / tb.abs().clamp_min(1e-30)).max().item()
+        unequal = (ta != tb).float().mean().item()
+        assert rel <= 2.0**-7 and unequal < 0.01, (a, rel, unequal)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_fused_whole_mlp_bf16_autocast():
     """The whole-MLP op (d pre in the backward matmul's epilogue) against the unfused PyTorch MLP, bf16 autocast."""
     gen = torch.Generator(device="cuda").manual_seed(2)
