@@ -22,7 +22,7 @@ from record_oracle import load_or_skip
 from pgolf.cli import main as cli_main
 from pgolf.config import ConfigError, EvaluateConfig, TTTConfig, load_run_config, to_dict
 from pgolf.data.shards import ShardStreamWriter
-from pgolf.model.rope import token_rope
+from pgolf.model.rope import extend_rope_cache, token_rope
 
 ATOL, RTOL = 1e-4, 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +85,10 @@ def test_rope_angles_are_the_records_row_positions(rec):
     tables = (twin.rope_inv_freq, twin.rope_cos, twin.rope_sin)
     cos, sin = token_rope(twin.cfg.rope_positions, cu, T, 40_000, *tables)
     assert torch.equal(cos[:, 0], record_cos) and torch.equal(sin[:, 0], record_sin)
+    extend_rope_cache(twin, T)  # as training does before compiling: the same values, sliced from the cache
+    assert twin.rope_cos.shape[0] == T and not twin.rope_cos.is_inference()
+    cached = token_rope("row", cu, T, 40_000, twin.rope_inv_freq, twin.rope_cos, twin.rope_sin)
+    assert torch.equal(cached[0][:, 0], record_cos) and torch.equal(cached[1][:, 0], record_sin)
     seg_cos, _ = token_rope("segment", cu, T, 40_000, *tables)  # pgolf's option: positions restart per document
     assert torch.equal(seg_cos[30_000, 0], record_cos[0]) and not torch.equal(seg_cos[:, 0], record_cos)
 

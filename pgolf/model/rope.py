@@ -68,7 +68,8 @@ def rope_buffers(rope_dims: int, base: float, length: int) -> tuple[Tensor, Tens
 
 def row_rope(num_tokens: int, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     """cos, sin [T, 1, r/2] fp32 of positions 0..T-1 in the packed row (``model.rope_positions: row``, the
-    record's): an arange times the frequencies, which the compiler fuses into the rotation (no table, no gather)."""
+    record's), computed on the spot: the path for rows longer than the cached tables. Slow inside a compiled
+    kernel (the compiler evaluates cos/sin of large angles per element), hence :func:`extend_rope_cache`."""
     return rope_tables(torch.arange(num_tokens, device=inv_freq.device), inv_freq)
 
 
@@ -89,5 +90,16 @@ def token_rope(
     """cos, sin [T, 1, r/2] fp32 of every token of a packed row, by ``model.rope_positions`` (``positions``):
     :func:`row_rope` or :func:`segment_rope`."""
     if positions == "row":
+        if num_tokens <= cos.shape[0]:  # a slice of the cached tables (see extend_rope_cache)
+            return cos[:num_tokens, None, :], sin[:num_tokens, None, :]
         return row_rope(num_tokens, inv_freq)
     return segment_rope(cu_seqlens, num_tokens, max_seqlen, inv_freq, cos, sin)
+
+
+def extend_rope_cache(model, num_tokens: int) -> None:
+    """Grow ``model``'s cached cos/sin tables (non-persistent buffers [L, r/2]) to positions 0..num_tokens-1, so
+    that ``rope_positions: row`` slices them for rows of up to ``num_tokens`` (a training micro-batch: 98,304)
+    instead of computing them. Same values as computed on the spot; call it before compiling the model."""
+    if getattr(model, "rope_inv_freq", None) is None or model.rope_cos.shape[0] >= num_tokens:
+        return  # no RoPE (or not a pgolf GPT: a test's stand-in), or long enough
+    model.rope_cos, model.rope_sin = rope_cache(num_tokens, model.rope_inv_freq)  # stay (non-persistent) buffers

@@ -40,6 +40,7 @@ from pgolf.model.device import (
     time_steps,
     versions,
 )
+from pgolf.model.rope import extend_rope_cache
 
 BOS_ID = 1
 MIN_DOC_TOKENS = 1000
@@ -241,6 +242,7 @@ def bench_train(
     apply_param_storage(model, train_cfg.param_storage, [name for name, _ in groups.get("embedding", ())])
     optimizers = build_optimizers(groups, run_cfg.optim, muon_average_grads=False)  # one process: nothing to average
     rows = packed_rows(micro, model_cfg.vocab_size, train_cfg.train_seq_len, seed, pad=train_cfg.cu_seqlens_pad)
+    extend_rope_cache(model, rows.tokens)  # as the training stage does
     bench = TrainBench(
         model=model,
         step_model=compile_model(model, compile, compile_backend),
