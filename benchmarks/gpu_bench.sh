@@ -20,20 +20,9 @@ BUDGET_S=${BUDGET_S:-470}
 mkdir -p "$OUT"
 START=$(date +%s)
 
-stage() {  # stage NAME CAP_SECONDS COMMAND...: run under min(CAP, time left), tee the log
-  local name=$1 cap=$2
-  shift 2
-  local left=$((BUDGET_S - ($(date +%s) - START)))
-  ((left < cap)) && cap=$left
-  if ((cap < 30)); then
-    echo "== $name: SKIPPED (budget spent)"
-    return
-  fi
-  echo "== $name (limit ${cap}s): $*"
-  local t0=$(date +%s)
-  timeout --signal=INT --kill-after=15 "$cap" "$@" 2>&1 | tee "$OUT/$name.log"
-  echo "== $name: exit ${PIPESTATUS[0]} after $(($(date +%s) - t0))s"
-}
+STAGE_TAIL_LINES=1000  # the whole log of each stage on the console
+# shellcheck source=benchmarks/stage.sh
+source benchmarks/stage.sh  # stage NAME CAP COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader
 python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"

@@ -36,22 +36,8 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/pgolf_inductor}
 export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FLASH_ATTENTION_CUTE_DSL_CACHE_DIR:-/tmp/fa4_cache}
 
-stage() {  # stage NAME CAP_SECONDS COMMAND...: run under min(CAP, time left), keep the log
-  local name=$1 cap=$2
-  shift 2
-  local left=$((BUDGET_S - ($(date +%s) - START)))
-  ((left < cap)) && cap=$left
-  if ((cap < 30)); then
-    echo "== $name: SKIPPED (budget spent)"
-    return
-  fi
-  echo "== [$(($(date +%s) - START))s] $name (limit ${cap}s): $*"
-  local t0=$(date +%s)
-  timeout --signal=INT --kill-after=15 "$cap" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  grep -vE "^\s*$" "$OUT/$name.log" | tail -n 12
-  echo "== $name: exit $rc after $(($(date +%s) - t0))s"
-}
+# shellcheck source=benchmarks/stage.sh
+source benchmarks/stage.sh  # stage NAME CAP COMMAND...
 
 fa4_importable() { python -c "import flash_attn.cute.interface" > /dev/null 2>&1; }
 
