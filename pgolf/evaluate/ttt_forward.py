@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pgolf.model.gpt import apply_partial_rope, exclusive_self_attention, mlp_activation, rms_norm, rope_tables, softcap
+from pgolf.model.walk import walk_blocks
 from pgolf.evaluate.ttt_adapters import LoraLayout, attn_deltas, head_delta, mlp_delta
 
 
@@ -148,33 +149,13 @@ def lora_nll(model, layout: LoraLayout, ids: Tensor, head_targets: Tensor, views
         x = _smear(model, x, ids)
     x = rms_norm(x)
     x0 = x
-    order = model.virtual_layers(looping=True)
-    num_encoder = len(order) // 2
-    use_skips = model.skip_weights is not None
-    split_at = model.cfg.parallel_residual_start
-    skips: list[Tensor] = []
-    lane0 = lane1 = None
-    for slot, layer in enumerate(order):
-        block = model.blocks[layer]
-        if slot < num_encoder:
-            x = _maybe_checkpoint(_single_lane, checkpoint, block, x, x0, rope, layout, views, slot)
-            if use_skips:
-                skips.append(x)
-            continue
-        skip_slot = slot - num_encoder
-        if 0 <= split_at <= layer:
-            if lane0 is None:
-                lane0 = lane1 = x
-            if use_skips and skips:
-                lane0 = model._skip(lane0, skips.pop(), skip_slot)
-            lane0, lane1 = _maybe_checkpoint(_two_lanes, checkpoint, block, lane0, lane1, x0, rope, layout, views,
-                                             slot, model.lane_post_lambdas[layer], model.lane_resid_lambdas[layer])
-        else:
-            if use_skips and skips:
-                x = model._skip(x, skips.pop(), skip_slot)
-            x = _maybe_checkpoint(_single_lane, checkpoint, block, x, x0, rope, layout, views, slot)
-    if lane0 is not None:
-        x = 0.5 * (lane0 + lane1)
+    x = walk_blocks(
+        model, x, model.virtual_layers(looping=True),
+        lambda block, x, slot: _maybe_checkpoint(_single_lane, checkpoint, block, x, x0, rope, layout, views, slot),
+        lambda block, lane0, lane1, slot, layer: _maybe_checkpoint(
+            _two_lanes, checkpoint, block, lane0, lane1, x0, rope, layout, views, slot,
+            model.lane_post_lambdas[layer], model.lane_resid_lambdas[layer]),
+    )
     # [n, C, d]: the only positions a step scores or trains on (a gather: a contiguous copy, whatever w is)
     h = rms_norm(x.index_select(1, torch.arange(w - C, w, device=x.device)))
     logits = model.lm_head(h)

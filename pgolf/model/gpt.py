@@ -60,6 +60,7 @@ from torch import Tensor
 
 from pgolf.model import kernels
 from pgolf.model.attention import attention, build_cu_seqlens, resolve_backend
+from pgolf.model.walk import walk_blocks
 from pgolf.model.rope import ROPE_BUFFERS, apply_partial_rope, rope_buffers, token_rope
 from pgolf.model.rope import rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
 from pgolf.config import ModelConfig
@@ -525,37 +526,13 @@ class GPT(nn.Module):
         return self._blocks(x, x0=x, ctx=ctx)
 
     def _blocks(self, x: Tensor, x0: Tensor, ctx: tuple) -> Tensor:
-        """The block applications: single-lane encoder, then the decoder (U-Net skips; two lanes from
-        ``parallel_residual_start``); returns the final-normed hidden state [T, d]."""
-        order = self.virtual_layers()
-        use_skips = self.skip_weights is not None
-        num_encoder = len(order) // 2  # U-Net halves over the block APPLICATIONS
-        split_at = self.cfg.parallel_residual_start
-        skips: list[Tensor] = []
-        lane0: Optional[Tensor] = None  # None until the lanes start
-        lane1: Optional[Tensor] = None
-        for position, layer in enumerate(order):
-            block = self.blocks[layer]
-            if position < num_encoder:
-                x = block(x, x0, ctx)
-                if use_skips:
-                    skips.append(x)
-                continue
-            slot = position - num_encoder
-            if 0 <= split_at <= layer:
-                if lane0 is None:
-                    lane0 = lane1 = x
-                if use_skips and skips:
-                    lane0 = self._skip(lane0, skips.pop(), slot)
-                lane0, lane1 = block.forward_lanes(
-                    lane0, lane1, x0, ctx, self.lane_post_lambdas[layer], self.lane_resid_lambdas[layer]
-                )
-            else:
-                if use_skips and skips:
-                    x = self._skip(x, skips.pop(), slot)
-                x = block(x, x0, ctx)
-        if lane0 is not None:
-            x = 0.5 * (lane0 + lane1)
+        """The block applications (:func:`walk_blocks`); returns the final-normed hidden state [T, d]."""
+        x = walk_blocks(
+            self, x, self.virtual_layers(),
+            lambda block, x, slot: block(x, x0, ctx),
+            lambda block, lane0, lane1, slot, layer: block.forward_lanes(
+                lane0, lane1, x0, ctx, self.lane_post_lambdas[layer], self.lane_resid_lambdas[layer]),
+        )
         return rms_norm(x)
 
     def forward_logits(self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
