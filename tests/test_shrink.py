@@ -128,7 +128,7 @@ def test_compaction_keeps_the_tree(source: str) -> None:
     assert len(compact) <= len(source)
 
 
-def test_error_messages_become_tags_with_their_values() -> None:
+def test_error_messages_become_tags() -> None:
     tree = ast.parse(textwrap.dedent('''
         from pgolf.config.strict import check
 
@@ -145,13 +145,13 @@ def test_error_messages_become_tags_with_their_values() -> None:
     text = ast.unparse(tree)
     assert messages == {"x.y:5": "f'n: expected > 0, got {n}'", "x.y:7": "f'n: {n} is over {5 + 0}'",
                         "x.y:9": "f'{n}: not found'"}
-    assert "check(n > 0, 'x.y:5')" in text and "ValueError('x.y:7', n, 5 + 0)" in text
+    assert "check(n > 0, 'x.y:5')" in text and "ValueError('x.y:7')" in text
     assert "FileNotFoundError('x.y:9')" in text and "progress" in text
     namespace: dict = {}
     with pytest.raises(ValueError) as info:
         exec(text.replace("from pgolf.config.strict import check", "def check(c, m):\n    assert c, m"), namespace)
         namespace["f"](6)
-    assert info.value.args == ("x.y:7", 6, 5)
+    assert info.value.args == ("x.y:7",)
 
 
 def test_shaking_drops_what_no_module_names() -> None:

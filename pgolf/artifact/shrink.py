@@ -5,12 +5,12 @@ inside the embedded module strings, so the bundle embeds its modules already shr
 this order, over the module table of :mod:`pgolf.artifact.bundle` (the bundle also writes only the recipe's
 values that differ from pgolf's defaults into ``CONFIG_JSON``):
 
-1. **Error messages become tags.** ``raise E(<string or f-string>)`` becomes ``raise E('<module>:<line>', <the
-   f-string's values>...)`` (an ``OSError`` subclass gets the tag alone: two arguments mean errno and text to it),
-   and ``check(<condition>, <text>)`` of the config validators ``check(<condition>, '<module>:<line>')``. The
-   exception types stay, so every refusal still refuses; the text of each tag (``<module>:<line>`` of pgolf's own
-   source) goes to the bundle's report (``train_gpt.py.json``, ``messages``). Progress and log lines keep their
-   text: the run's log must stay readable.
+1. **Error messages become tags.** ``raise E(<string or f-string>)`` becomes ``raise E('<module>:<line>')`` (the
+   f-string's values go too: they only describe the failure, and computing them cannot decide whether it
+   raises), and ``check(<condition>, <text>)`` of the config validators ``check(<condition>, '<module>:<line>')``.
+   The exception types stay, so every refusal still refuses; the text of each tag (``<module>:<line>`` of
+   pgolf's own source) goes to the bundle's report (``train_gpt.py.json``, ``messages``). Progress and log lines
+   keep their text: the run's log must stay readable.
 2. **The recipe's switches are folded** (:mod:`pgolf.artifact.fold`): tests the recipe decides, and the code
    they leave unreachable, go.
 3. **Validators go**: a config dataclass's ``__post_init__`` that can only raise (``check`` calls) is dropped
@@ -39,10 +39,9 @@ import sys
 from typing import Iterable
 
 from pgolf.artifact.fold import fold_switches
+from pgolf.artifact.reach import defined_names as _defined, references as _references, shake_unreached
 from pgolf.artifact.minify import shrink_source
 
-OS_ERRORS = {"OSError", "IOError", "EnvironmentError", "FileNotFoundError", "FileExistsError", "PermissionError",
-             "IsADirectoryError", "NotADirectoryError", "TimeoutError", "ConnectionError", "InterruptedError"}
 KEEP_ANNOTATIONS_MARKERS = ("custom_op", "torch.library", "triton.jit", "tl.constexpr")
 
 
@@ -67,16 +66,6 @@ def _is_text(node: ast.AST) -> bool:
     return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or isinstance(node, ast.JoinedStr)
 
 
-def _values(text: ast.AST) -> list[ast.expr]:
-    return [part.value for part in text.values if isinstance(part, ast.FormattedValue)] if isinstance(
-        text, ast.JoinedStr) else []
-
-
-def _callee(call: ast.Call) -> str:
-    func = call.func
-    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-
-
 class _TagMessages(ast.NodeTransformer):
     def __init__(self, module: str, has_check: bool):
         self.prefix = module.removeprefix("pgolf.") + ":"
@@ -93,9 +82,7 @@ class _TagMessages(ast.NodeTransformer):
     def visit_Raise(self, node: ast.Raise) -> ast.AST:
         call = node.exc
         if isinstance(call, ast.Call) and len(call.args) == 1 and not call.keywords and _is_text(call.args[0]):
-            text = call.args[0]
-            values = [] if _callee(call) in OS_ERRORS else _values(text)
-            call.args = [self._tag(text), *values]
+            call.args = [self._tag(call.args[0])]
         return self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
@@ -120,49 +107,6 @@ def tag_messages(tree: ast.Module, module: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------------------
 # 2. Tree shaking
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _pure(node: ast.AST) -> bool:
-    """An expression without side effects worth keeping (constants, containers of them, names, lambdas)."""
-    if isinstance(node, (ast.Constant, ast.Name, ast.Lambda)):
-        return True
-    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-        return all(_pure(e) for e in node.elts)
-    if isinstance(node, ast.Dict):
-        return all(k is None or _pure(k) for k in node.keys) and all(_pure(v) for v in node.values)
-    if isinstance(node, ast.Attribute):
-        return _pure(node.value)
-    if isinstance(node, (ast.BinOp,)):
-        return _pure(node.left) and _pure(node.right)
-    if isinstance(node, ast.UnaryOp):
-        return _pure(node.operand)
-    return False
-
-
-def _defined(stmt: ast.stmt) -> list[str]:
-    """Names a module-level statement defines that shaking may drop it for (empty: never dropped)."""
-    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return [stmt.name]
-    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
-    value = getattr(stmt, "value", None)
-    if targets and all(isinstance(t, ast.Name) for t in targets) and value is not None and _pure(value):
-        return [t.id for t in targets]
-    return []
-
-
-def _references(node: ast.AST, counts: dict[str, int]) -> None:
-    for sub in ast.walk(node):
-        name = None
-        if isinstance(sub, ast.Name) and not isinstance(sub.ctx, ast.Store):
-            name = sub.id
-        elif isinstance(sub, ast.Attribute):
-            name = sub.attr
-        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub.value.isidentifier():
-            name = sub.value
-        elif isinstance(sub, ast.alias) and sub.name != "*":
-            name = sub.name.split(".")[-1]
-        if name is not None:
-            counts[name] = counts.get(name, 0) + 1
 
 
 def _bound_by_import(alias: ast.alias) -> str:
@@ -346,10 +290,13 @@ def shrink_modules(modules: list, entry: str, reachable, cfg=None) -> tuple[list
             fold_switches(tree, cfg)
         drop_validators(tree)
         trees[name], kinds[name], keep_annotations[name] = tree, is_package, needs_annotations(source)
-    shake(trees, keep=("main",))  # the bundle's own __main__ calls record_run.main
+    keep = ("bundle_main",)  # the bundle's own __main__ calls record_run.bundle_main
+    shake(trees, keep=keep)
+    while shake_unreached(trees, keep=keep):  # what only unreached code names goes too, then its imports
+        shake(trees, keep=keep)
     alive = set(reachable({name: (kinds[name], ast.unparse(tree) + "\n") for name, tree in trees.items()}))
     trees = {name: tree for name, tree in trees.items() if name in alive}
-    shorten_module_names({name: tree for name, tree in trees.items() if not keep_annotations[name]}, keep=("main",))
+    shorten_module_names({name: tree for name, tree in trees.items() if not keep_annotations[name]}, keep=keep)
     out = [ShrunkModule(name, kinds[name], shrink_source(ast.unparse(trees[name]) + "\n", keep_annotations[name]))
            for name in sorted(trees)]
     used_tags = {tag for tag in messages if any(repr(tag) in m.source or f'"{tag}"' in m.source for m in out)}
