@@ -20,8 +20,11 @@ values that differ from pgolf's defaults into ``CONFIG_JSON``):
    bundled module names anywhere (by name: a name, an attribute, an imported name or a string constant of any
    module counts, which is conservative), a private method of a dataclass nothing names, and a ``from pgolf...
    import`` name or standard-library import its module (or function) no longer uses and no other module takes
-   from it, are dropped, to a fixpoint. Then the modules nothing imports any more are dropped from the table.
-5. **Names private to one module are shortened** (:func:`shorten_module_names`).
+   from it, are dropped, to a fixpoint; then, alternating with that, what the entry point cannot reach
+   (:func:`pgolf.artifact.reach.shake_unreached`: a method no reached code names, a definition only unreached
+   code names). Then the modules nothing imports any more are dropped from the table.
+5. **Names are shortened**: those one module imports from another and uses as plain names
+   (:func:`shorten_shared_names`), then those private to one module (:func:`shorten_module_names`).
 6. **Each module is minified** by :func:`pgolf.artifact.minify.shrink_source` (docstrings, comments, asserts and
    annotations out, locals renamed, spaces compacted); modules whose annotations or names matter at run time
    (``torch.library.custom_op`` schemas, Triton's ``tl.constexpr``) keep both.
@@ -296,6 +299,7 @@ def shrink_modules(modules: list, entry: str, reachable, cfg=None) -> tuple[list
         shake(trees, keep=keep)
     alive = set(reachable({name: (kinds[name], ast.unparse(tree) + "\n") for name, tree in trees.items()}))
     trees = {name: tree for name, tree in trees.items() if name in alive}
+    shorten_shared_names(trees, frozen={name for name in trees if keep_annotations[name]}, keep=keep)
     shorten_module_names({name: tree for name, tree in trees.items() if not keep_annotations[name]}, keep=keep)
     out = [ShrunkModule(name, kinds[name], shrink_source(ast.unparse(trees[name]) + "\n", keep_annotations[name]))
            for name in sorted(trees)]
@@ -407,3 +411,117 @@ def shorten_module_names(trees: dict[str, ast.Module], keep: Iterable[str] = ())
                     binding.asname = new
                 else:
                     binding.name = new
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5b. Names shared between modules shortened
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _spelling_kinds(tree: ast.AST) -> dict[str, set[str]]:
+    """Every identifier ``tree`` spells, with how: ``load``/``store`` (a name read or bound), ``def`` (a function or
+    class name; ``def@top`` at module level), ``from:<module>`` (the name of ``from <module> import name``),
+    ``as`` (an import's alias), and ``other`` (an attribute, a parameter, a keyword, a string, a plain
+    ``import``, ``global``/``nonlocal``, an exception name, a relative or star import)."""
+    kinds: dict[str, set[str]] = {}
+
+    def add(name: str, kind: str) -> None:
+        kinds.setdefault(name, set()).add(kind)
+
+    top = {id(s) for s in getattr(tree, "body", [])}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            add(node.id, "load" if isinstance(node.ctx, ast.Load) else "store")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            add(node.name, "def@top" if id(node) in top else "def")
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                add(alias.name, f"from:{node.module}" if node.level == 0 and alias.name != "*" else "other")
+                if alias.asname:
+                    add(alias.asname, "as")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                for part in [*alias.name.split("."), alias.asname or ""]:
+                    if part:
+                        add(part, "other")
+        elif isinstance(node, ast.Attribute):
+            add(node.attr, "other")
+        elif isinstance(node, ast.arg):
+            add(node.arg, "other")
+        elif isinstance(node, ast.keyword) and node.arg:
+            add(node.arg, "other")
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            for name in node.names:
+                add(name, "other")
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            add(node.name, "other")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            add(node.value, "other")
+    return kinds
+
+
+def shorten_shared_names(trees: dict[str, ast.Module], frozen: Iterable[str] = (), keep: Iterable[str] = ()) -> int:
+    """Rename the module-level functions, classes and constants that other bundled modules take by ``from <module>
+    import <name>`` and use as plain names only; returns how many. A name qualifies when its module binds it once,
+    at module level (a ``def``, a ``class`` or a one-name assignment), and spells it otherwise only as a read; every other module spells it only as that import's name
+    and as reads (or only as the import's name, under an alias); no module spells it as anything else (an
+    attribute, a parameter, a keyword, a string, a binding of its own); error classes and ``keep`` stay, and
+    modules in ``frozen`` (annotations or names read at run time) are not touched: a name they spell stays. The
+    new name is spelled nowhere in the modules involved, so the uniform rename cannot change what a name means."""
+    keep, frozen = set(keep), set(frozen)
+    if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("locals", "globals", "vars",
+                                                                                      "eval", "exec")
+           for tree in trees.values() for n in ast.walk(tree)):
+        return 0
+    kinds = {name: _spelling_kinds(tree) for name, tree in trees.items()}
+    renamed = 0
+    for home, tree in trees.items():
+        if home in frozen:
+            continue
+        for stmt in list(tree.body):
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name, binding = stmt.name, "def@top"
+                once = sum(1 for s in tree.body if getattr(s, "name", None) == name) == 1
+            elif (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+                name, binding = stmt.targets[0].id, "store"  # a constant: bound once, by this statement
+                once = sum(1 for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name
+                           and not isinstance(n.ctx, ast.Load)) == 1
+            else:
+                continue
+            if name in keep or name.startswith("__") or name.endswith(("Error", "Exception", "Failed", "Warning")):
+                continue
+            if not once or not kinds[home].get(name, set()) <= {"load", binding}:
+                continue
+            users, ok = [], True
+            for other, spelled in kinds.items():
+                how = spelled.get(name)
+                if other == home or how is None:
+                    continue
+                if other in frozen or not how <= {"load", f"from:{home}"} or f"from:{home}" not in how:
+                    ok = False
+                    break
+                aliased = any(isinstance(n, ast.ImportFrom) and n.module == home and any(
+                    a.name == name and a.asname for a in n.names) for n in ast.walk(trees[other]))
+                if aliased and "load" in how:
+                    ok = False
+                    break
+                users.append(other)
+            if not ok or not users:
+                continue
+            taken = set().union(*(kinds[m] for m in [home, *users]))
+            from pgolf.artifact.minify import _short_names
+
+            new = next(_short_names(taken))
+            for module in [home, *users]:
+                for node in ast.walk(trees[module]):
+                    if isinstance(node, ast.Name) and node.id == name:
+                        node.id = new
+                    elif isinstance(node, ast.ImportFrom) and node.module == home:
+                        for alias in node.names:
+                            if alias.name == name:
+                                alias.name = new
+                kinds[module].setdefault(new, set()).update(kinds[module].pop(name, set()))
+            if binding == "def@top":
+                stmt.name = new
+            renamed += 1
+    return renamed
