@@ -436,12 +436,14 @@ def test_in_process_record_run_trains_like_the_train_stage_and_stops_at_a_refusa
 
 
 def test_main_reports_bad_arguments_without_a_traceback(tmp_path: Path, capsys) -> None:
-    from pgolf.artifact.record_run import main
+    from pgolf.artifact.record_run import bundle_main, cli_main as main
 
     assert main(["--config", str(tmp_path / "nope.yaml"), "--code-file", "x.py"]) == 2
     assert "no such config file" in capsys.readouterr().err
     bundled = to_dict(tiny_config())
     assert main(["--data-dir", str(tmp_path / "nowhere")], run_config=bundled, code_file=__file__) == 2
+    assert "data directory not found" in capsys.readouterr().err
+    assert bundle_main(bundled, __file__, ["--data-dir", str(tmp_path / "nowhere")]) == 2
     assert "data directory not found" in capsys.readouterr().err
     bundled["model"]["num_layerz"] = 3
     with pytest.raises(ValueError, match="num_layerz"):

@@ -14,7 +14,7 @@ not installed. The bundle is that file. It holds, in this order:
 4. ``CONFIG_JSON``: the resolved recipe (every knob, so the file alone says what it runs; in the shipped form the
    values that differ from the defaults of the embedded pgolf.config) and ``CODE_HASH``, the
    sha256 of the bundled sources (exposed to pgolf as ``pgolf.__bundle__`` for provenance);
-5. ``if __name__ == "__main__":`` -> :func:`pgolf.artifact.record_run.main`.
+5. ``if __name__ == "__main__":`` -> :func:`pgolf.artifact.record_run.bundle_main`.
 
 The output is a pure function of the sources, the config and the options (sorted modules, canonical JSON, no
 dates or paths), so equal inputs give equal bytes. Next to ``<out>`` goes ``<out>.json`` with the sha256, the
@@ -403,7 +403,7 @@ _MAIN = '''
 if __name__ == "__main__":
     import pgolf.artifact.record_run
 
-    sys.exit(pgolf.artifact.record_run.main(run_config=json.loads(CONFIG_JSON), code_file=__file__))
+    sys.exit(pgolf.artifact.record_run.bundle_main(json.loads(CONFIG_JSON), __file__))
 '''
 
 

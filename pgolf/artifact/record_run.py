@@ -345,15 +345,13 @@ def run_record(
 
 
 def build_parser(bundled: bool, default_seed: Optional[int] = None) -> argparse.ArgumentParser:
-    """The options of ``train_gpt.py`` (``bundled``) or of ``python -m pgolf.artifact.record_run``.
+    """The options of ``train_gpt.py`` (``bundled``) or of ``python -m pgolf.artifact.record_run`` (which adds
+    ``--config`` and ``--code-file``: :func:`cli_main`).
 
     No path or environment-dependent text appears in ``--help``, so a bundle and its wrapper form print the same.
     """
     prog = "train_gpt.py" if bundled else "python -m pgolf.artifact.record_run"
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
-    if not bundled:
-        parser.add_argument("--config", required=True, help="recipe YAML")
-        parser.add_argument("--code-file", required=True, help="the counted code of the size gate (train_gpt.py)")
     seed_help = "training seed" + (f" (default: {default_seed}, the recipe's first)" if default_seed is not None else
                                    " (default: the recipe's first)")
     parser.add_argument("--seed", type=int, help=seed_help)
@@ -369,26 +367,41 @@ def build_parser(bundled: bool, default_seed: Optional[int] = None) -> argparse.
     return parser
 
 
-def main(argv: list[str] | None = None, *, run_config: Optional[dict] = None, code_file: str | Path | None = None) -> int:
-    """Entry point. ``run_config`` (the embedded recipe, as plain JSON data) and ``code_file`` (the bundle's own
-    path) come from a bundled train_gpt.py; without them ``--config`` and ``--code-file`` are required."""
-    bundled = run_config is not None
-    cfg = parse_run_config(run_config, "train_gpt.py: CONFIG_JSON") if bundled else None
-    parser = build_parser(bundled, cfg.seeds[0] if cfg is not None else None)
+def cli_main(argv: list[str] | None = None, *, run_config: Optional[dict] = None,
+             code_file: str | Path | None = None) -> int:
+    """Entry point of ``python -m pgolf.artifact.record_run``: ``--config`` and ``--code-file`` are required. With
+    ``run_config`` it is :func:`bundle_main` (what a bundled train_gpt.py calls). (Not named ``main``: shaking
+    keeps every definition whose name any bundled code spells, strings included, and "main" is a Hub revision.)"""
+    if run_config is not None:
+        return bundle_main(run_config, code_file, argv)
+    parser = build_parser(False)
+    parser.add_argument("--config", required=True, help="recipe YAML")
+    parser.add_argument("--code-file", required=True, help="the counted code of the size gate (train_gpt.py)")
     args = parser.parse_args(argv)
+    return _run_parsed(lambda: load_run_config(args.config), args, args.code_file, parser.prog)
+
+
+def bundle_main(run_config: dict, code_file: str | Path | None, argv: list[str] | None = None) -> int:
+    """Entry point of a bundled train_gpt.py: ``run_config`` is the embedded recipe (plain JSON data),
+    ``code_file`` the bundle's own path. (Its own function, so that the bundle ships no YAML loading.)"""
+    cfg = parse_run_config(run_config, "train_gpt.py: CONFIG_JSON")
+    parser = build_parser(True, cfg.seeds[0])
+    return _run_parsed(lambda: cfg, parser.parse_args(argv), code_file, parser.prog)
+
+
+def _run_parsed(recipe: Callable[[], RunConfig], args: argparse.Namespace, code_file, prog: str) -> int:
+    """Run the record for parsed arguments; a refusal of the arguments or the data is one line, exit status 2."""
     try:
-        if cfg is None:
-            cfg = load_run_config(args.config)
-            code_file = args.code_file
+        cfg = recipe()
         seed = cfg.seeds[0] if args.seed is None else args.seed
         out_dir = Path(args.out_dir) if args.out_dir else Path("results") / f"seed{seed}"
         summary = run_record(cfg, seed, args.data_dir, out_dir, args.tokenizer, code_file=code_file,
                              device_kind=args.device, quantize_device=args.quantize_device, stop_after=args.stop_after)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return int(summary["exit_status"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main())

@@ -5,12 +5,12 @@ inside the embedded module strings, so the bundle embeds its modules already shr
 this order, over the module table of :mod:`pgolf.artifact.bundle` (the bundle also writes only the recipe's
 values that differ from pgolf's defaults into ``CONFIG_JSON``):
 
-1. **Error messages become tags.** ``raise E(<string or f-string>)`` becomes ``raise E('<module>:<line>', <the
-   f-string's values>...)`` (an ``OSError`` subclass gets the tag alone: two arguments mean errno and text to it),
-   and ``check(<condition>, <text>)`` of the config validators ``check(<condition>, '<module>:<line>')``. The
-   exception types stay, so every refusal still refuses; the text of each tag (``<module>:<line>`` of pgolf's own
-   source) goes to the bundle's report (``train_gpt.py.json``, ``messages``). Progress and log lines keep their
-   text: the run's log must stay readable.
+1. **Error messages become tags.** ``raise E(<string or f-string>)`` becomes ``raise E('<module>:<line>')`` (the
+   f-string's values go too: they only describe the failure, and computing them cannot decide whether it
+   raises), and ``check(<condition>, <text>)`` of the config validators ``check(<condition>, '<module>:<line>')``.
+   The exception types stay, so every refusal still refuses; the text of each tag (``<module>:<line>`` of
+   pgolf's own source) goes to the bundle's report (``train_gpt.py.json``, ``messages``). Progress and log lines
+   keep their text: the run's log must stay readable.
 2. **The recipe's switches are folded** (:mod:`pgolf.artifact.fold`): tests the recipe decides, and the code
    they leave unreachable, go.
 3. **Validators go**: a config dataclass's ``__post_init__`` that can only raise (``check`` calls) is dropped
@@ -20,8 +20,11 @@ values that differ from pgolf's defaults into ``CONFIG_JSON``):
    bundled module names anywhere (by name: a name, an attribute, an imported name or a string constant of any
    module counts, which is conservative), a private method of a dataclass nothing names, and a ``from pgolf...
    import`` name or standard-library import its module (or function) no longer uses and no other module takes
-   from it, are dropped, to a fixpoint. Then the modules nothing imports any more are dropped from the table.
-5. **Names private to one module are shortened** (:func:`shorten_module_names`).
+   from it, are dropped, to a fixpoint; then, alternating with that, what the entry point cannot reach
+   (:func:`pgolf.artifact.reach.shake_unreached`: a method no reached code names, a definition only unreached
+   code names). Then the modules nothing imports any more are dropped from the table.
+5. **Names are shortened**: those one module imports from another and uses as plain names
+   (:func:`shorten_shared_names`), then those private to one module (:func:`shorten_module_names`).
 6. **Each module is minified** by :func:`pgolf.artifact.minify.shrink_source` (docstrings, comments, asserts and
    annotations out, locals renamed, spaces compacted); modules whose annotations or names matter at run time
    (``torch.library.custom_op`` schemas, Triton's ``tl.constexpr``) keep both.
@@ -39,10 +42,9 @@ import sys
 from typing import Iterable
 
 from pgolf.artifact.fold import fold_switches
+from pgolf.artifact.reach import defined_names as _defined, references as _references, shake_unreached
 from pgolf.artifact.minify import shrink_source
 
-OS_ERRORS = {"OSError", "IOError", "EnvironmentError", "FileNotFoundError", "FileExistsError", "PermissionError",
-             "IsADirectoryError", "NotADirectoryError", "TimeoutError", "ConnectionError", "InterruptedError"}
 KEEP_ANNOTATIONS_MARKERS = ("custom_op", "torch.library", "triton.jit", "tl.constexpr")
 
 
@@ -67,16 +69,6 @@ def _is_text(node: ast.AST) -> bool:
     return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or isinstance(node, ast.JoinedStr)
 
 
-def _values(text: ast.AST) -> list[ast.expr]:
-    return [part.value for part in text.values if isinstance(part, ast.FormattedValue)] if isinstance(
-        text, ast.JoinedStr) else []
-
-
-def _callee(call: ast.Call) -> str:
-    func = call.func
-    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-
-
 class _TagMessages(ast.NodeTransformer):
     def __init__(self, module: str, has_check: bool):
         self.prefix = module.removeprefix("pgolf.") + ":"
@@ -93,9 +85,7 @@ class _TagMessages(ast.NodeTransformer):
     def visit_Raise(self, node: ast.Raise) -> ast.AST:
         call = node.exc
         if isinstance(call, ast.Call) and len(call.args) == 1 and not call.keywords and _is_text(call.args[0]):
-            text = call.args[0]
-            values = [] if _callee(call) in OS_ERRORS else _values(text)
-            call.args = [self._tag(text), *values]
+            call.args = [self._tag(call.args[0])]
         return self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
@@ -120,49 +110,6 @@ def tag_messages(tree: ast.Module, module: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------------------
 # 2. Tree shaking
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _pure(node: ast.AST) -> bool:
-    """An expression without side effects worth keeping (constants, containers of them, names, lambdas)."""
-    if isinstance(node, (ast.Constant, ast.Name, ast.Lambda)):
-        return True
-    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-        return all(_pure(e) for e in node.elts)
-    if isinstance(node, ast.Dict):
-        return all(k is None or _pure(k) for k in node.keys) and all(_pure(v) for v in node.values)
-    if isinstance(node, ast.Attribute):
-        return _pure(node.value)
-    if isinstance(node, (ast.BinOp,)):
-        return _pure(node.left) and _pure(node.right)
-    if isinstance(node, ast.UnaryOp):
-        return _pure(node.operand)
-    return False
-
-
-def _defined(stmt: ast.stmt) -> list[str]:
-    """Names a module-level statement defines that shaking may drop it for (empty: never dropped)."""
-    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return [stmt.name]
-    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
-    value = getattr(stmt, "value", None)
-    if targets and all(isinstance(t, ast.Name) for t in targets) and value is not None and _pure(value):
-        return [t.id for t in targets]
-    return []
-
-
-def _references(node: ast.AST, counts: dict[str, int]) -> None:
-    for sub in ast.walk(node):
-        name = None
-        if isinstance(sub, ast.Name) and not isinstance(sub.ctx, ast.Store):
-            name = sub.id
-        elif isinstance(sub, ast.Attribute):
-            name = sub.attr
-        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub.value.isidentifier():
-            name = sub.value
-        elif isinstance(sub, ast.alias) and sub.name != "*":
-            name = sub.name.split(".")[-1]
-        if name is not None:
-            counts[name] = counts.get(name, 0) + 1
 
 
 def _bound_by_import(alias: ast.alias) -> str:
@@ -346,10 +293,14 @@ def shrink_modules(modules: list, entry: str, reachable, cfg=None) -> tuple[list
             fold_switches(tree, cfg)
         drop_validators(tree)
         trees[name], kinds[name], keep_annotations[name] = tree, is_package, needs_annotations(source)
-    shake(trees, keep=("main",))  # the bundle's own __main__ calls record_run.main
+    keep = ("bundle_main",)  # the bundle's own __main__ calls record_run.bundle_main
+    shake(trees, keep=keep)
+    while shake_unreached(trees, keep=keep):  # what only unreached code names goes too, then its imports
+        shake(trees, keep=keep)
     alive = set(reachable({name: (kinds[name], ast.unparse(tree) + "\n") for name, tree in trees.items()}))
     trees = {name: tree for name, tree in trees.items() if name in alive}
-    shorten_module_names({name: tree for name, tree in trees.items() if not keep_annotations[name]}, keep=("main",))
+    shorten_shared_names(trees, frozen={name for name in trees if keep_annotations[name]}, keep=keep)
+    shorten_module_names({name: tree for name, tree in trees.items() if not keep_annotations[name]}, keep=keep)
     out = [ShrunkModule(name, kinds[name], shrink_source(ast.unparse(trees[name]) + "\n", keep_annotations[name]))
            for name in sorted(trees)]
     used_tags = {tag for tag in messages if any(repr(tag) in m.source or f'"{tag}"' in m.source for m in out)}
@@ -460,3 +411,117 @@ def shorten_module_names(trees: dict[str, ast.Module], keep: Iterable[str] = ())
                     binding.asname = new
                 else:
                     binding.name = new
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5b. Names shared between modules shortened
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _spelling_kinds(tree: ast.AST) -> dict[str, set[str]]:
+    """Every identifier ``tree`` spells, with how: ``load``/``store`` (a name read or bound), ``def`` (a function or
+    class name; ``def@top`` at module level), ``from:<module>`` (the name of ``from <module> import name``),
+    ``as`` (an import's alias), and ``other`` (an attribute, a parameter, a keyword, a string, a plain
+    ``import``, ``global``/``nonlocal``, an exception name, a relative or star import)."""
+    kinds: dict[str, set[str]] = {}
+
+    def add(name: str, kind: str) -> None:
+        kinds.setdefault(name, set()).add(kind)
+
+    top = {id(s) for s in getattr(tree, "body", [])}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            add(node.id, "load" if isinstance(node.ctx, ast.Load) else "store")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            add(node.name, "def@top" if id(node) in top else "def")
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                add(alias.name, f"from:{node.module}" if node.level == 0 and alias.name != "*" else "other")
+                if alias.asname:
+                    add(alias.asname, "as")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                for part in [*alias.name.split("."), alias.asname or ""]:
+                    if part:
+                        add(part, "other")
+        elif isinstance(node, ast.Attribute):
+            add(node.attr, "other")
+        elif isinstance(node, ast.arg):
+            add(node.arg, "other")
+        elif isinstance(node, ast.keyword) and node.arg:
+            add(node.arg, "other")
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            for name in node.names:
+                add(name, "other")
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            add(node.name, "other")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            add(node.value, "other")
+    return kinds
+
+
+def shorten_shared_names(trees: dict[str, ast.Module], frozen: Iterable[str] = (), keep: Iterable[str] = ()) -> int:
+    """Rename the module-level functions, classes and constants that other bundled modules take by ``from <module>
+    import <name>`` and use as plain names only; returns how many. A name qualifies when its module binds it once,
+    at module level (a ``def``, a ``class`` or a one-name assignment), and spells it otherwise only as a read; every other module spells it only as that import's name
+    and as reads (or only as the import's name, under an alias); no module spells it as anything else (an
+    attribute, a parameter, a keyword, a string, a binding of its own); error classes and ``keep`` stay, and
+    modules in ``frozen`` (annotations or names read at run time) are not touched: a name they spell stays. The
+    new name is spelled nowhere in the modules involved, so the uniform rename cannot change what a name means."""
+    keep, frozen = set(keep), set(frozen)
+    if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("locals", "globals", "vars",
+                                                                                      "eval", "exec")
+           for tree in trees.values() for n in ast.walk(tree)):
+        return 0
+    kinds = {name: _spelling_kinds(tree) for name, tree in trees.items()}
+    renamed = 0
+    for home, tree in trees.items():
+        if home in frozen:
+            continue
+        for stmt in list(tree.body):
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name, binding = stmt.name, "def@top"
+                once = sum(1 for s in tree.body if getattr(s, "name", None) == name) == 1
+            elif (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+                name, binding = stmt.targets[0].id, "store"  # a constant: bound once, by this statement
+                once = sum(1 for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name
+                           and not isinstance(n.ctx, ast.Load)) == 1
+            else:
+                continue
+            if name in keep or name.startswith("__") or name.endswith(("Error", "Exception", "Failed", "Warning")):
+                continue
+            if not once or not kinds[home].get(name, set()) <= {"load", binding}:
+                continue
+            users, ok = [], True
+            for other, spelled in kinds.items():
+                how = spelled.get(name)
+                if other == home or how is None:
+                    continue
+                if other in frozen or not how <= {"load", f"from:{home}"} or f"from:{home}" not in how:
+                    ok = False
+                    break
+                aliased = any(isinstance(n, ast.ImportFrom) and n.module == home and any(
+                    a.name == name and a.asname for a in n.names) for n in ast.walk(trees[other]))
+                if aliased and "load" in how:
+                    ok = False
+                    break
+                users.append(other)
+            if not ok or not users:
+                continue
+            taken = set().union(*(kinds[m] for m in [home, *users]))
+            from pgolf.artifact.minify import _short_names
+
+            new = next(_short_names(taken))
+            for module in [home, *users]:
+                for node in ast.walk(trees[module]):
+                    if isinstance(node, ast.Name) and node.id == name:
+                        node.id = new
+                    elif isinstance(node, ast.ImportFrom) and node.module == home:
+                        for alias in node.names:
+                            if alias.name == name:
+                                alias.name = new
+                kinds[module].setdefault(new, set()).update(kinds[module].pop(name, set()))
+            if binding == "def@top":
+                stmt.name = new
+            renamed += 1
+    return renamed
