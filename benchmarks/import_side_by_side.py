@@ -437,6 +437,8 @@ def main(argv=None) -> int:
     parser.add_argument("--record-bytes", action="store_true", help="also benchmarks/record_bytes.py --ptz (slow: brotli)")
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                         help="run pgolf's stages while the record quantizes and compresses (default on)")
+    parser.add_argument("--copy-artifacts", action="store_true",
+                        help="copy the record's .ptz, pgolf's artifact and the logs (tar.gz) into OUT")
     parser.add_argument("--skip-record", action="store_true", help="reuse WORK/record from an earlier run")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--record-subprocess", action="store_true", help=argparse.SUPPRESS)
@@ -510,6 +512,16 @@ def main(argv=None) -> int:
           "pgolf:", json.dumps({k: round(v, 1) for k, v in p["seconds"].items()}))
     (out / "import_side_by_side.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "import_side_by_side.md").write_text(text + "\n")
+    if args.copy_artifacts:  # each < 16 MiB at record size: what a device call can bring back
+        import shutil
+        import tarfile
+
+        shutil.copy(work / "record" / "final_model.int6.ptz", out / "record_final_model.int6.ptz")
+        shutil.copy(work / "pgolf" / "artifact.pgolf", out / "pgolf_artifact.pgolf")
+        with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+            for f in [*(work / "record").glob("*.txt"), *(work / "record").glob("*.log"), *(work / "record").glob("*.json"),
+                      *(work / "pgolf").glob("*.log"), *(work / "pgolf").glob("*.json")]:
+                tar.add(f, arcname=f"{f.parent.name}/{f.name}")
     ok = all(all(v.values()) for v in report["same_scored"].values()) and not math.isnan(p["post_quant"]["val_bpb"])
     return 0 if ok else 1
 
