@@ -76,6 +76,12 @@ TINY_ENV = {"NUM_LAYERS": "6", "MODEL_DIM": "192", "NUM_HEADS": "4", "NUM_KV_HEA
 TINY_SEQ, TINY_ROWS, TINY_BATCH_SEQS = 64, 2, 4
 
 
+def child_env(**extra) -> dict:
+    """The environment of a subprocess: this checkout first on PYTHONPATH (``python -m pgolf`` from any cwd)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
+
+
 def log(msg: str) -> None:
     print(f"[import_side_by_side] {msg}", flush=True)
 
@@ -247,8 +253,7 @@ def parse_record_log(path: Path) -> dict:
 
 def start_record(args, work: Path):
     """The record's subprocess (None with --skip-record: WORK/record holds an earlier run)."""
-    env = {**os.environ, **record_env(args, work), "PGOLF_RECORD_SCRIPT": str(args.record_script),
-           "PYTHONUNBUFFERED": "1"}
+    env = child_env(**record_env(args, work), PGOLF_RECORD_SCRIPT=str(args.record_script))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)
     (work / "record").mkdir(parents=True, exist_ok=True)
@@ -343,7 +348,7 @@ def run_pgolf(args, work: Path) -> dict:
     p.mkdir(parents=True, exist_ok=True)
     sec = pgolf_sections(args, work)
     (p / "sections.json").write_text(json.dumps(sec, indent=1) + "\n")
-    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "PYTHONUNBUFFERED": "1"}
+    env = child_env(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     code = p / "train_gpt.py"  # bundle_code's
     t: dict = {}
     ck, data = p / "checkpoint", work / "data"
@@ -381,7 +386,7 @@ def run_record_bytes(args, work: Path) -> dict:
     out = work / "record_bytes.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "record_bytes.py"), "--ptz", str(work / "record" / "final_model.int6.ptz"),
            "--no-pergroup", "--json", str(out)]
-    env = {**os.environ, "PGOLF_RECORD_SCRIPT": str(args.record_script)}
+    env = child_env(PGOLF_RECORD_SCRIPT=str(args.record_script))
     with open(work / "record_bytes.log", "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
