@@ -503,13 +503,15 @@ class GPT(nn.Module):
 
     def forward_hidden(
         self, input_ids: Tensor, cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-        smear_reset: Optional[Tensor] = None,
+        smear_reset: Optional[Tensor] = None, rope_positions: Optional[str] = None,
     ) -> Tensor:
-        """Final-normed hidden states [T, d] (the LM head's input). ``smear_reset`` (bool [T]): see SmearGate."""
+        """Final-normed hidden states [T, d] (the LM head's input). ``smear_reset`` (bool [T]): see SmearGate.
+        ``rope_positions``: ``model.rope_positions`` unless given (a caller whose rows are segments passes
+        ``segment``: its positions then restart at every row, as in the record's [rows, length] batches)."""
         cu_seqlens, max_seqlen = self._segments(input_ids, cu_seqlens, max_seqlen)
         T = input_ids.shape[0]
         rope = None if self.rope_inv_freq is None else token_rope(
-            self.cfg.rope_positions, cu_seqlens, T, max_seqlen, self.rope_inv_freq, self.rope_cos, self.rope_sin)
+            rope_positions or self.cfg.rope_positions, cu_seqlens, T, max_seqlen, self.rope_inv_freq, self.rope_cos, self.rope_sin)
         ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
         x = self.tok_emb(input_ids)  # [T, d]; bf16 under train.param_storage: record

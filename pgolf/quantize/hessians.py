@@ -272,7 +272,9 @@ def collect_hessians(
                 ids = input_ids.to(device, non_blocking=True)
                 cu = cu_seqlens.to(device, non_blocking=True)
                 reset = rest[0].to(device, non_blocking=True) if rest else None
-                hidden = model.forward_hidden(ids, cu, max_seqlen, smear_reset=reset)  # [T, d]
+                # rows flattened into one [T]: every row starts a segment, so per-segment RoPE positions restart
+                # at each row as the record's [rows, length] calibration batches do (row positions would run on)
+                hidden = model.forward_hidden(ids, cu, max_seqlen, smear_reset=reset, rope_positions="segment")  # [T, d]
                 model.lm_head(hidden)  # only its pre-hook matters: the tied embedding's H is the head input
                 n_batches += 1
     finally:
