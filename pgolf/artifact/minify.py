@@ -172,6 +172,12 @@ def count_code_bytes(source: str, convention: str) -> int:
 # shrunk bundle computes the staged pipeline's artifact and score bit for bit.
 
 _NO_RENAME_CALLS = {"locals", "vars", "eval", "exec", "globals", "dir"}  # they see local names as strings
+
+
+def sees_names_as_strings(tree: ast.AST) -> bool:
+    """Whether ``tree`` calls one of :data:`_NO_RENAME_CALLS`, so that renaming any of its names may break it."""
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _NO_RENAME_CALLS
+               for n in ast.walk(tree))
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 

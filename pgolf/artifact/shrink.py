@@ -43,7 +43,7 @@ from typing import Iterable
 
 from pgolf.artifact.fold import fold_switches
 from pgolf.artifact.reach import defined_names as _defined, references as _references, shake_unreached
-from pgolf.artifact.minify import shrink_source
+from pgolf.artifact.minify import sees_names_as_strings, shrink_source
 
 KEEP_ANNOTATIONS_MARKERS = ("custom_op", "torch.library", "triton.jit", "tl.constexpr")
 
@@ -368,9 +368,7 @@ def shorten_module_names(trees: dict[str, ast.Module], keep: Iterable[str] = ())
         for n in names:
             counts[n] = counts.get(n, 0) + 1
     for name, tree in trees.items():
-        if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("locals", "globals", "vars",
-                                                                                          "eval", "exec")
-               for n in ast.walk(tree)):
+        if sees_names_as_strings(tree):
             continue
         unsafe: set[str] = set()
         for node in ast.walk(tree):
@@ -469,9 +467,7 @@ def shorten_shared_names(trees: dict[str, ast.Module], frozen: Iterable[str] = (
     modules in ``frozen`` (annotations or names read at run time) are not touched: a name they spell stays. The
     new name is spelled nowhere in the modules involved, so the uniform rename cannot change what a name means."""
     keep, frozen = set(keep), set(frozen)
-    if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("locals", "globals", "vars",
-                                                                                      "eval", "exec")
-           for tree in trees.values() for n in ast.walk(tree)):
+    if any(sees_names_as_strings(tree) for tree in trees.values()):
         return 0
     kinds = {name: _spelling_kinds(tree) for name, tree in trees.items()}
     renamed = 0
