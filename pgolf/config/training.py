@@ -118,8 +118,9 @@ class ModelConfig:
     rope_dims: int = 16  # partial RoPE: first rope_dims of each head
     rope_base: float = 10000.0
     # the position a rotary angle is taken from: "segment" = the token's index in its document (segment of
-    # cu_seqlens), looked up in the cached tables; "row" = its index in the packed row the forward receives (the
-    # record's: 0..98,303 over a training micro-batch), computed on the spot. Attention never crosses a segment
+    # cu_seqlens), looked up per token in the cached tables; "row" = its index in the packed row the forward
+    # receives (the record's: 0..98,303 over a training micro-batch), a slice of the tables, which the training
+    # and evaluation stages grow to their rows before compiling (pgolf.model.rope.extend_rope_cache). Attention never crosses a segment
     # and RoPE is relative, so both give the same model up to the fp32 rounding of large angles; "row" is the
     # record's and needs no per-token position gather (faster); "segment" keeps every angle small.
     rope_positions: Literal["row", "segment"] = "row"

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from pgolf.data.shards import BOS_ID
 from pgolf.evaluate.valdata import ValidationSet
+from pgolf.model.rope import extend_rope_cache
 
 PAD_ID = 0  # SentencePiece pad id: only ever an input of padding segments
 IGNORE = -100  # target id that is not scored (F.cross_entropy's ignore_index)
@@ -474,6 +475,7 @@ class NllRunner:
     def __call__(self, row: PackedRow) -> Tensor:
         """float32 [T] NLL on the device (differentiable when grad mode is on)."""
         ids, targets, cu, max_seqlen = self.tensors(row)
+        extend_rope_cache(self.model, len(ids))  # row RoPE positions: sliced tables (a no-op once long enough)
         shape = (len(ids), len(cu), max_seqlen)
         self.shapes.add(shape)
         fn = self._eager_fn if shape in self.eager_shapes else self._fn
@@ -497,6 +499,8 @@ class NllRunner:
         gen = torch.Generator().manual_seed(seed)
         vocab = self.model.cfg.vocab_size
         is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if shapes:  # the longest row first, so no graph compiled here is invalidated by a later growth
+            extend_rope_cache(self.model, max(tokens for tokens, _, _ in shapes))
         for tokens, entries, max_seqlen in sorted(set(shapes)):
             shape_start = time.perf_counter()
             cu = list(range(0, tokens, max_seqlen)) + [tokens]

@@ -4,7 +4,8 @@ Frequencies are the record's (rounded to bf16, see :func:`rope_inv_freq`); the r
 the angle, as the record does. The model keeps the cos/sin of positions 0..train_seq_len-1 as buffers
 (:func:`rope_cache`) and looks them up per token; :func:`rope_tables` computes the same values on the spot for
 segments longer than that cache. With ``model.rope_positions: row`` (the record's) a token's position is its index
-in the packed row instead (:func:`row_rope`).
+in the packed row instead: a slice of the tables, grown to the caller's rows (:func:`extend_rope_cache`), or
+computed on the spot beyond them (:func:`row_rope`).
 """
 
 from __future__ import annotations

@@ -208,10 +208,11 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
 TMA_TILES = {False: (256, 128, 64, 8, 4), True: (256, 128, 64, 8, 3)}
 
 
-def _tma_usable(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
+def _tma_usable(*tensors: torch.Tensor) -> bool:
+    """Whether the TMA kernel can take these operands: CUDA sm90+, one 16-bit dtype, 16-byte aligned rows."""
+    a = tensors[0]
     if a.device.type != "cuda" or _TensorDescriptor is None or torch.cuda.get_device_capability(a.device)[0] < 9:
         return False
-    tensors = (a, b, out)
     return (
         all(t.dtype in (torch.bfloat16, torch.float16) and t.dtype == a.dtype for t in tensors)
         and all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
@@ -297,7 +298,7 @@ def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post:
     """pre = x @ w^T, post = leaky_relu(pre, slope)^2. x [M, K], w [N, K], pre/post [M, N] preallocated."""
     if pre.stride() != post.stride():
         raise ValueError("launch_mlp_up_act: pre and post must share one layout")
-    if _tma_usable(x, w, post) and _tma_usable(x, w, pre):
+    if _tma_usable(x, w, pre, post):
         _launch_mlp_tma(x, w, False, pre, post, slope, backward=False)
         return
     _launch_mlp(x, w, (w.stride(0), w.stride(1)), pre, post, slope, backward=False)
@@ -310,7 +311,7 @@ def launch_mlp_act_grad(
     projection: K = d outputs, N = 4d inputs), pre and dpre [M, N] of one layout."""
     if pre.stride() != dpre.stride():
         raise ValueError("launch_mlp_act_grad: pre and dpre must share one layout")
-    if _tma_usable(g, w_down, dpre) and _tma_usable(g, w_down, pre):
+    if _tma_usable(g, w_down, pre, dpre):
         _launch_mlp_tma(g, w_down, True, pre, dpre, slope, backward=True)  # w_down read as [K, N]
         return
     # the kernel reads w[n, k] = w_down[k, n]: w_down^T through swapped strides
