@@ -184,6 +184,14 @@ def test_other_compressor_is_compared_with_plain_brotli(chain, tmp_path: Path) -
     assert report["code_bytes"] == len(CODE.encode()) and report["code_bytes_convention"] == "file"
 
 
+def test_plain_brotli_comparison_can_be_skipped(chain, packed, tmp_path: Path) -> None:
+    """``compare_plain_brotli: false``: no second compression, null comparison fields, the same artifact bytes."""
+    assert _pack(chain, tmp_path, PackConfig(compare_plain_brotli=False)) == 0
+    report = json.loads((tmp_path / "pack_report.json").read_text())
+    assert report["plain_brotli_model_bytes"] is None and report["gain_vs_plain_brotli_bytes"] is None
+    assert (tmp_path / "artifact.pgolf").read_bytes() == (packed / "artifact.pgolf").read_bytes()
+
+
 def test_gate_refuses_over_the_cap_with_the_overage(chain, packed, tmp_path: Path, capsys) -> None:
     fitting = json.loads((packed / "pack_report.json").read_text())["total_bytes"]
     cap = fitting - 123

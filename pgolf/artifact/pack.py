@@ -22,7 +22,8 @@
   bytes, no artifact is written and the stage exits with status 3. Under it, the report gives the headroom.
 - For comparison the report gives the size of the same model under plain brotli (quality 11, no shuffle, codes
   row by row and left to brotli: "brotli alone"):
-  ``gain_vs_plain_brotli_bytes`` > 0 means the configured compressor wins.
+  ``gain_vs_plain_brotli_bytes`` > 0 means the configured compressor wins (``pack.compare_plain_brotli: false``
+  skips this second compression: both fields are null).
 
 ``pack_report.json`` is what the evaluation stage checks the artifact's sha256 against.
 """
@@ -124,7 +125,7 @@ def run_pack_stage(
     body_bytes = 4 + len(canonical_json(header).encode("utf-8")) + sum(int(e["nbytes"]) for e in header["entries"])
 
     gate = size_gate(len(data), code_bytes, cfg.size_cap_bytes)
-    plain = plain_brotli_bytes(qm, model_config, input_hashes, cfg, len(data))
+    plain = plain_brotli_bytes(qm, model_config, input_hashes, cfg, len(data)) if cfg.compare_plain_brotli else None
     report: dict[str, Any] = {
         "stage": "pack",
         "artifact": str(out),

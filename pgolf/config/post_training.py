@@ -134,6 +134,9 @@ class PackConfig:
     # hex characters kept of each tensor entry's sha256 in the artifact: 64 cost ~32 incompressible bytes per
     # entry (~6 KB for the record); 16 still catch any accidental corruption (the body sha256 is always full)
     sha256_hex_chars: int = 16
+    # the pack report's "brotli alone" comparison figure: a second full compression of the model, ~100 s at record
+    # size per seed; false leaves plain_brotli_model_bytes / gain_vs_plain_brotli_bytes null (artifact unchanged)
+    compare_plain_brotli: bool = True
 
     def __post_init__(self) -> None:
         check(0 <= self.brotli_quality <= 11, f"brotli_quality: expected 0..11, got {self.brotli_quality}")
