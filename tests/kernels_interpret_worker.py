@@ -172,7 +172,8 @@ def case_mlp_tma_tiles() -> None:
         tk._mlp_tma_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
             Desc.from_tensor(a, [bm, bk]), Desc.from_tensor(b, [bk, bn] if b_kn else [bn, bk]),
             Desc.from_tensor(pre, [bm, bn // 2]), Desc.from_tensor(out, [bm, bn // 2]), M, N, K, 0.5,
-            B_KN=b_kn, BACKWARD=backward, PERSISTENT=False, NUM_PROGRAMS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            B_KN=b_kn, BACKWARD=backward, PERSISTENT=False, BITWISE_ROUND=True,
+            NUM_PROGRAMS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     tol = dict(rtol=2e-3, atol=1e-3)  # one fp16 rounding apart at most (summation order of the fp32 products)
     want_pre = (x.double() @ w_up.double().T).to(half)
     _close(pre.double(), want_pre.double(), "tma pre", **tol)

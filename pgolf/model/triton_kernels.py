@@ -63,7 +63,8 @@ def _mlp_up_act_kernel(
     slope,
     IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
     BACKWARD: tl.constexpr,  # the backward epilogue (see above)
-    UPCAST: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16 operands (triton 3.6), so feed it fp32
+    UPCAST: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16 operands (triton 3.6), so feed it fp32;
+    # its casts truncate, so bf16 outputs are rounded on the bits (_narrow)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -107,20 +108,23 @@ def _mlp_up_act_kernel(
     out_offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
     out_mask = rows_ok[:, None] & cols_ok[None, :]
     out_dtype = post_ptr.dtype.element_ty
-    c = _narrow(acc, out_dtype)  # the product rounded to the output dtype first, as an unfused F.linear
+    c = _narrow(acc, out_dtype, UPCAST)  # the product rounded to the output dtype first, as an unfused F.linear
     if BACKWARD:
         p = tl.load(pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(post_ptr + out_offsets, _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype), mask=out_mask)
+        dpre = _act_grad(c.to(tl.float32), p, slope)
+        tl.store(post_ptr + out_offsets, _narrow(dpre, out_dtype, UPCAST), mask=out_mask)
     else:
         tl.store(pre_ptr + out_offsets, c, mask=out_mask)
-        tl.store(post_ptr + out_offsets, _narrow(_act(c.to(tl.float32), slope), out_dtype), mask=out_mask)
+        tl.store(post_ptr + out_offsets, _narrow(_act(c.to(tl.float32), slope), out_dtype, UPCAST), mask=out_mask)
 
 
 @triton.jit
-def _narrow(x, dtype: tl.constexpr):
-    """An fp32 tile in ``dtype``. bf16 is rounded to nearest even on the bits, so that Triton's interpreter (whose
-    casts round toward zero) computes what the GPU does; the final cast is then exact. NaN stays NaN."""
-    if dtype == tl.bfloat16:
+def _narrow(x, dtype: tl.constexpr, BITWISE: tl.constexpr):
+    """An fp32 tile in ``dtype``, rounded to nearest even. On the GPU that is the hardware cast. In Triton's
+    interpreter (``BITWISE``), whose casts round toward zero, bf16 is rounded on the bits first, so that it computes
+    what the GPU does; the final cast is then exact. NaN stays NaN. (The bit path costs ~10 integer ops per element:
+    measurable in an epilogue after only K = 512 of products, hence not on the GPU.)"""
+    if BITWISE and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(dtype)
@@ -163,6 +167,7 @@ def _mlp_tma_kernel(
     B_KN: tl.constexpr,
     BACKWARD: tl.constexpr,
     PERSISTENT: tl.constexpr,  # False: one program per tile (the interpreter cannot loop from a program id)
+    BITWISE_ROUND: tl.constexpr,  # interpreter only: see _narrow
     NUM_PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -171,16 +176,17 @@ def _mlp_tma_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tiles_n, NUM_PROGRAMS, flatten=True):
-            _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K, slope, B_KN, BACKWARD, BLOCK_M,
-                          BLOCK_N, BLOCK_K)
+            _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K, slope, B_KN, BACKWARD,
+                          BITWISE_ROUND, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tl.program_id(0), tiles_n, K, slope, B_KN, BACKWARD,
-                      BLOCK_M, BLOCK_N, BLOCK_K)
+                      BITWISE_ROUND, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.constexpr, slope, B_KN: tl.constexpr,
-                  BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BACKWARD: tl.constexpr, BITWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """One [BM, BN] output tile of :func:`_mlp_tma_kernel`."""
     HALF: tl.constexpr = BLOCK_N // 2
     out_dtype = out_desc.dtype
@@ -195,13 +201,14 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
             acc = tl.dot(a, b_desc.load([col, k0]).T, acc)  # [BN, BK] -> [BK, BN]
     halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # 2 x [BM, HALF]
     for i in tl.static_range(2):
-        c = _narrow(halves[i], out_dtype)
+        c = _narrow(halves[i], out_dtype, BITWISE)
         if BACKWARD:
             p = pre_desc.load([row, col + i * HALF]).to(tl.float32)
-            out_desc.store([row, col + i * HALF], _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype))
+            dpre = _act_grad(c.to(tl.float32), p, slope)
+            out_desc.store([row, col + i * HALF], _narrow(dpre, out_dtype, BITWISE))
         else:
             pre_desc.store([row, col + i * HALF], c)
-            out_desc.store([row, col + i * HALF], _narrow(_act(c.to(tl.float32), slope), out_dtype))
+            out_desc.store([row, col + i * HALF], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) per direction, for N = 4d and K = d at d = 512
@@ -232,7 +239,8 @@ def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Ten
         _TensorDescriptor.from_tensor(pre, [bm, bn // 2]),
         _TensorDescriptor.from_tensor(out, [bm, bn // 2]),
         M, N, K, float(slope),
-        B_KN=b_kn, BACKWARD=backward, PERSISTENT=True, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        B_KN=b_kn, BACKWARD=backward, PERSISTENT=True, BITWISE_ROUND=False, NUM_PROGRAMS=programs,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
     )
 
