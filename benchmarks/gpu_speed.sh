@@ -20,7 +20,8 @@
 # Knobs: BACKENDS ("fa4 torch"), STEPS (6 timed steps), WARMUP (2: the first compiles, the second must not),
 # PROFILE (2 profiled steps), BUDGET_S. Outputs in $OUT: gpu_tests.log, bench_<backend>_<loop>.json (ms/step,
 # peak memory, warm-up and first-step seconds, graphs compiled, GPU time by kernel category, top kernels) and
-# speed_summary.json (the table printed at the end, with the record's figures from shared/perf for the ratio).
+# speed_summary.json (the table printed at the end, with the record's figures from shared/perf for the ratio) and
+# inductor_kernels.md (benchmarks/inductor_kernels.py: the source of each run's costliest generated kernels).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_speed_out}
@@ -78,6 +79,12 @@ for backend in $BACKENDS; do
       --looping "$loop" --steps "$STEPS" --warmup "$WARMUP" --profile-steps "$PROFILE" --out "$OUT/bench_${backend}_${loop}.json"
   done
 done
+
+# the generated source of each run's costliest inductor kernels, with the ATen ops each fuses (issue 16's comparison)
+if compgen -G "$OUT/bench_*_*.json" > /dev/null; then
+  python benchmarks/inductor_kernels.py --cache "$TORCHINDUCTOR_CACHE_DIR" --profile "$OUT"/bench_*_*.json \
+    --out "$OUT/inductor_kernels.md" || echo "inductor_kernels: failed (the benches' figures stand)"
+fi
 
 python - "$OUT" <<'PY'
 import json, sys
