@@ -228,7 +228,8 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
 
 
 def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor,
-                    slope: float, backward: bool) -> None:
+                    slope: float, backward: bool, bitwise_round: bool = False) -> None:
+    """``bitwise_round``: the interpreter's rounding on the GPU too (same values; benchmarks/mlp_kernel_bench.py)."""
     M, K = a.shape
     N = out.shape[1]
     bm, bn, bk, warps, stages = TMA_TILES[backward]
@@ -239,7 +240,7 @@ def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Ten
         _TensorDescriptor.from_tensor(pre, [bm, bn // 2]),
         _TensorDescriptor.from_tensor(out, [bm, bn // 2]),
         M, N, K, float(slope),
-        B_KN=b_kn, BACKWARD=backward, PERSISTENT=True, BITWISE_ROUND=False, NUM_PROGRAMS=programs,
+        B_KN=b_kn, BACKWARD=backward, PERSISTENT=True, BITWISE_ROUND=bitwise_round, NUM_PROGRAMS=programs,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
     )
