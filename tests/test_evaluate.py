@@ -198,6 +198,23 @@ def _stage_args(tmp_path: Path, artifact: Path, data: Path, cfg, *extra: str) ->
             str(data), "--out", str(tmp_path / "eval.json"), "--mode", "sweep", "--device", "cpu", *extra]
 
 
+def test_every_scored_model_gets_the_evaluation_embedding_dtype(tmp_path, model, docs, monkeypatch):
+    """``evaluate.embed_dtype`` reaches the pre-quant model too (the record's live model holds its embedding in bf16;
+    on the H200 its absence left pgolf's pre-quant diagnostic 1.7e-4 bpb off the record's, post-quant equal)."""
+    from pgolf.evaluate import stage
+    from pgolf.train.checkpoint import save_checkpoint
+
+    seen = []
+    monkeypatch.setattr(stage, "apply_embed_dtype", lambda m, cfg: seen.append(m.tok_emb.weight.data_ptr()))
+    artifact = write_artifact(tmp_path / "pack", model)
+    data = write_val_dir(tmp_path / "shards", docs)
+    save_checkpoint(tmp_path / "ckpt", model.state_dict(), {"model_config": to_dict(TINY)})
+    cfg = eval_config("none")
+    assert cli_main(["evaluate"] + _stage_args(tmp_path, artifact, data, cfg, "--checkpoint", str(tmp_path / "ckpt"))) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["diagnostics"]["pre_quant"] is not None
+    assert len(seen) == 2 and seen[0] != seen[1], "the artifact's model and the checkpoint's model, each once"
+
+
 def test_stage_writes_a_complete_report(tmp_path, model, docs):
     from pgolf.train.checkpoint import save_checkpoint
 

@@ -436,6 +436,7 @@ def run_evaluation(
         del model
         if checkpoint:
             trained, _ = load_model_from_checkpoint(checkpoint, device)
+            apply_embed_dtype(trained, cfg)  # the record's live model too holds its embedding in bf16
             diagnostics["pre_quant"] = score_diagnostic(trained, val, cfg, dist_info=info, write=log.write,
                                                         what="pre-quant").to_dict()
             del trained
