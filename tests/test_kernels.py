@@ -544,6 +544,20 @@ def test_bench_train_profile_on_cpu():
         bench.bench_train(load_run_config(SMOKE), steps=1, profile_steps=-1, device_kind="cpu")
 
 
+def test_kernel_times_leave_out_gpu_annotations():
+    """An annotation on the GPU timeline (Optimizer.step#Muon.step) spans kernels counted on their own."""
+    from types import SimpleNamespace as Event
+
+    gpu, cpu = "cuda", "cpu"
+    events = [Event(name="nvjet_gemm", device_type=gpu, device_time=3000.0, is_user_annotation=False),
+              Event(name="nvjet_gemm", device_type=gpu, device_time=1000.0, is_user_annotation=False),
+              Event(name="Optimizer.step#Muon.step", device_type=gpu, device_time=4700.0, is_user_annotation=True),
+              Event(name="ProfilerStep#1", device_type=gpu, device_time=9000.0, is_user_annotation=False,
+                    activity_type="gpu_user_annotation"),
+              Event(name="aten::mm", device_type=cpu, device_time=0.0, is_user_annotation=False)]
+    assert bench_device.kernel_times(events, gpu) == {"nvjet_gemm": 4.0}
+
+
 def test_bench_eval_cli_on_cpu(capsys):
     rc, stdout, stderr = _run_cli(
         capsys,

@@ -150,6 +150,19 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def kernel_times(events, device_type) -> dict[str, float]:
+    """Milliseconds per kernel name over profiler ``events`` on ``device_type``. Annotations on the GPU timeline
+    (``record_function`` ranges such as ``Optimizer.step#Muon.step``) are left out: they span kernels that are
+    counted on their own, so adding them would count that time twice."""
+    kernels: dict[str, float] = {}
+    for event in events:
+        kind = str(getattr(event, "activity_type", ""))  # "gpu_user_annotation" for a range on the GPU timeline
+        annotation = getattr(event, "is_user_annotation", False) or "annotation" in kind
+        if event.device_type == device_type and not annotation:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1000.0  # us -> ms
+    return kernels
+
+
 def profile_breakdown(fn, steps: int, device, top: int = 25) -> dict[str, Any]:
     """Run ``fn(i)`` ``steps`` times under torch.profiler; where the GPU time goes, per step.
 
@@ -168,10 +181,7 @@ def profile_breakdown(fn, steps: int, device, top: int = 25) -> dict[str, Any]:
             fn(i)
         sync(device)
         wall_s = time.perf_counter() - start
-    kernels: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1000.0  # us -> ms
+    kernels = kernel_times(prof.events(), torch.autograd.DeviceType.CUDA)
     by_category: dict[str, float] = {}
     for name, ms in kernels.items():
         category = kernel_category(name)
