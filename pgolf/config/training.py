@@ -120,9 +120,10 @@ class ModelConfig:
     # the position a rotary angle is taken from: "segment" = the token's index in its document (segment of
     # cu_seqlens), looked up per token in the cached tables; "row" = its index in the packed row the forward
     # receives (the record's: 0..98,303 over a training micro-batch), a slice of the tables, which the training
-    # and evaluation stages grow to their rows before compiling (pgolf.model.rope.extend_rope_cache). Attention never crosses a segment
-    # and RoPE is relative, so both give the same model up to the fp32 rounding of large angles; "row" is the
-    # record's and needs no per-token position gather (faster); "segment" keeps every angle small.
+    # and evaluation stages grow to their rows before compiling (pgolf.model.rope.extend_rope_cache). Attention
+    # never crosses a segment and RoPE is relative, so both give the same model up to the fp32 rounding of large
+    # angles; "row" is the record's and needs no per-token position gather (faster); "segment" keeps every angle
+    # small.
     rope_positions: Literal["row", "segment"] = "row"
     q_gain_init: float = 5.0  # learned per-head q gain; 0 disables
     xsa_last_n: int = 11  # XSA on the last n physical layers (num_layers = all, 0 = off)

@@ -511,7 +511,8 @@ class GPT(nn.Module):
         cu_seqlens, max_seqlen = self._segments(input_ids, cu_seqlens, max_seqlen)
         T = input_ids.shape[0]
         rope = None if self.rope_inv_freq is None else token_rope(
-            rope_positions or self.cfg.rope_positions, cu_seqlens, T, max_seqlen, self.rope_inv_freq, self.rope_cos, self.rope_sin)
+            rope_positions or self.cfg.rope_positions, cu_seqlens, T, max_seqlen,
+            self.rope_inv_freq, self.rope_cos, self.rope_sin)
         ctx = (rope, cu_seqlens, max_seqlen, self.attn_backend)
 
         x = self.tok_emb(input_ids)  # [T, d]; bf16 under train.param_storage: record

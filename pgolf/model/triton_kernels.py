@@ -185,7 +185,7 @@ def _mlp_tma_kernel(
 
 @triton.jit
 def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.constexpr, slope, B_KN: tl.constexpr,
-                  BACKWARD: tl.constexpr, BITWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BACKWARD: tl.constexpr, BITWISE_ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr):
     """One [BM, BN] output tile of :func:`_mlp_tma_kernel`."""
     HALF: tl.constexpr = BLOCK_N // 2
@@ -201,14 +201,14 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
             acc = tl.dot(a, b_desc.load([col, k0]).T, acc)  # [BN, BK] -> [BK, BN]
     halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # 2 x [BM, HALF]
     for i in tl.static_range(2):
-        c = _narrow(halves[i], out_dtype, BITWISE)
+        c = _narrow(halves[i], out_dtype, BITWISE_ROUND)
         if BACKWARD:
             p = pre_desc.load([row, col + i * HALF]).to(tl.float32)
             dpre = _act_grad(c.to(tl.float32), p, slope)
-            out_desc.store([row, col + i * HALF], _narrow(dpre, out_dtype, BITWISE))
+            out_desc.store([row, col + i * HALF], _narrow(dpre, out_dtype, BITWISE_ROUND))
         else:
             pre_desc.store([row, col + i * HALF], c)
-            out_desc.store([row, col + i * HALF], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE))
+            out_desc.store([row, col + i * HALF], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) per direction, for N = 4d and K = d at d = 512
