@@ -17,8 +17,11 @@
 #   3. fa4_on       the same, looping on (17 block applications)
 #   4. torch_off    --attention-backend torch, looping off
 #   5. torch_on     --attention-backend torch, looping on
+#   6. <backend>-cap<N>_<loop>  for each N in FUSION_CAPS: the same with --max-fusion-io-buffers N (inductor's cap on
+#                   the buffers one fused kernel reads and writes; train.compile_max_fusion_io_buffers), loops FUSION_LOOPS
 # Knobs: BACKENDS ("fa4 torch"), STEPS (6 timed steps), WARMUP (2: the first compiles, the second must not),
-# PROFILE (2 profiled steps), BUDGET_S. Outputs in $OUT: gpu_tests.log, bench_<backend>_<loop>.json (ms/step,
+# PROFILE (2 profiled steps), FUSION_CAPS ("": none), FUSION_LOOPS ("on off"), BUDGET_S. Outputs in $OUT:
+# gpu_tests.log, bench_<run>_<loop>.json (ms/step,
 # peak memory, warm-up and first-step seconds, graphs compiled, GPU time by kernel category, top kernels) and
 # speed_summary.json (the table printed at the end, with the record's figures from shared/perf for the ratio) and
 # inductor_kernels.md (benchmarks/inductor_kernels.py: the source of each run's costliest generated kernels).
@@ -30,6 +33,8 @@ BACKENDS=${BACKENDS:-fa4 torch}
 STEPS=${STEPS:-6}
 WARMUP=${WARMUP:-2}
 PROFILE=${PROFILE:-2}
+FUSION_CAPS=${FUSION_CAPS:-}
+FUSION_LOOPS=${FUSION_LOOPS:-on off}
 mkdir -p "$OUT"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -78,6 +83,14 @@ for backend in $BACKENDS; do
     stage "bench_${backend}_${loop}" "$cap" python -m pgolf.bench train --config config.yaml --attention-backend "$backend" \
       --looping "$loop" --steps "$STEPS" --warmup "$WARMUP" --profile-steps "$PROFILE" --out "$OUT/bench_${backend}_${loop}.json"
   done
+  for cap in $FUSION_CAPS; do
+    for loop in $FUSION_LOOPS; do
+      cap_s=$([ "$loop" = off ] && echo 115 || echo 125)
+      stage "bench_${backend}-cap${cap}_${loop}" "$cap_s" python -m pgolf.bench train --config config.yaml \
+        --attention-backend "$backend" --max-fusion-io-buffers "$cap" --looping "$loop" --steps "$STEPS" \
+        --warmup "$WARMUP" --profile-steps "$PROFILE" --out "$OUT/bench_${backend}-cap${cap}_${loop}.json"
+    done
+  done
 done
 
 # the generated source of each run's costliest inductor kernels, with the ATen ops each fuses (issue 16's comparison)
@@ -103,7 +116,7 @@ for path in sorted(out.glob("bench_*_*.json")):
         prof = p.get("profile") or {}
         cats = prof.get("ms_per_step_by_category") or {}
         entry = {
-            "attention_backend": r["attention_backend"], "looping": loop, "ms_per_step": p["ms_per_step"],
+            "attention_backend": r["attention_backend"], "compile_options": r.get("compile_options"), "looping": loop, "ms_per_step": p["ms_per_step"],
             "tokens_per_s": p["tokens_per_s"], "mfu": p["mfu"], "peak_memory_allocated_gib": p["peak_memory_allocated_gib"],
             "warmup_seconds": p["warmup_seconds"], "first_step_seconds": p["first_step_seconds"],
             "graphs_compiled_in_warmup": p["graphs_compiled_in_warmup"], "recompiles_in_timed_steps": p["recompiles_in_timed_steps"],

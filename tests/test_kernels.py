@@ -408,6 +408,7 @@ TRAIN_FIELDS = {
     "attention_backend",
     "param_storage",
     "compile",
+    "compile_options",
     "compile_backend",
     "params",
     "micro_batch_tokens",
@@ -487,6 +488,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert result["device_type"] == "cpu" and result["fused_kernels_active"] is False
     assert result["attention_backend"]["resolved"] == "sdpa" and result["attention_backend"]["requested"] == "auto"
     assert result["compile"] is False  # the smoke recipe does not compile
+    assert result["compile_options"] is None
     assert result["tokens_per_step"] == result["micro_batch_tokens"] == 512 and result["grad_accum_steps"] == 1
     assert [p["looping"] for p in result["phases"]] == [False, True]
     applications = [len(GPT(cfg.model).virtual_layers(looping)) for looping in (False, True)]
@@ -528,6 +530,17 @@ def test_kernel_categories_of_profile_names():
     assert bench_device.kernel_category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
     assert bench_device.kernel_category("Memcpy DtoD (Device -> Device)") == "memory_copy"
     assert bench_device.kernel_category("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+def test_bench_train_fusion_cap_override():
+    """--max-fusion-io-buffers overrides the recipe's cap; a compile backend other than inductor takes no options
+    (the result says none were used), and a cap of 1 is refused."""
+    result = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512,
+                               looping="off", device_kind="cpu", compile=True, compile_backend="aot_eager",
+                               max_fusion_io_buffers=16)
+    assert result["compile"] is True and result["compile_options"] is None
+    with pytest.raises(ValueError, match="--max-fusion-io-buffers expects 0 .no cap. or >= 2, got 1"):
+        bench.bench_train(load_run_config(SMOKE), steps=1, device_kind="cpu", max_fusion_io_buffers=1)
 
 
 def test_bench_train_profile_on_cpu():

@@ -14,7 +14,7 @@ import torch
 
 from pgolf.train.checkpoint import CheckpointError, load_checkpoint, load_initial_weights, model_config_of, save_checkpoint
 from pgolf.io import TIMING_FIELDS
-from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
+from pgolf.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import BOS_ID, write_shard
@@ -302,3 +302,38 @@ def test_loss_goes_down(tmp_path: Path) -> None:
     losses = [json.loads(l)["loss"] for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if '"train_step"' in l]
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
+
+
+# ------------------------------------------------------------------------------ compile options (issue 16)
+
+
+def test_fusion_cap_reaches_torch_compile_of_the_training_step(tmp_path: Path, monkeypatch) -> None:
+    """train.compile_max_fusion_io_buffers is what the training stage passes to inductor (its name checked by the
+    installed torch, which refuses unknown options when torch.compile is called); 0 passes no options."""
+    from pgolf.model.device import compile_model, inductor_options
+
+    assert inductor_options("inductor", 0) is None and inductor_options("aot_eager", 16) is None
+    assert inductor_options("inductor", 16) == {"max_fusion_unique_io_buffers": 16}
+    compile_model(torch.nn.Linear(2, 2), True, "inductor", 16)  # an unknown option name would raise here
+    calls = []
+
+    def spy(model, **kwargs):
+        calls.append(kwargs)
+        return model  # eager: the spy only records how training compiles
+
+    monkeypatch.setattr(torch, "compile", spy)
+    data = write_data(tmp_path / "data")
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    for cap, expected in ((16, {"max_fusion_unique_io_buffers": 16}), (0, None)):
+        cfg = TrainConfig(**{**to_dict(TINY_TRAIN), "iterations": 1, "warmup_steps": 0, "compile": True,
+                             "compile_max_fusion_io_buffers": cap})
+        train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, tmp_path / f"out{cap}", cpu)
+        assert calls[-1] == {"fullgraph": True, "dynamic": False, "backend": "inductor", "options": expected}
+        _, meta = load_checkpoint(tmp_path / f"out{cap}" / "checkpoint")
+        assert meta["train_config"]["compile_max_fusion_io_buffers"] == cap  # recorded with the result
+
+
+@pytest.mark.parametrize("cap", [1, -1])
+def test_fusion_cap_below_two_is_refused(cap: int) -> None:
+    with pytest.raises(ConfigError, match="compile_max_fusion_io_buffers: expected 0 .no cap. or >= 2"):
+        TrainConfig(compile_max_fusion_io_buffers=cap)

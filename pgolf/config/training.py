@@ -296,6 +296,13 @@ class TrainConfig:
     param_storage: Literal["fp32", "record"] = "fp32"
     loop_enable_fraction: float = 0.35  # training fraction after which depth recurrence turns on
     compile: bool = True
+    # Inductor's cap on the distinct buffers one generated kernel may read and write (torch.compile's
+    # ``max_fusion_unique_io_buffers``) for the training step. 0 (default): inductor's own choice, no cap. Why it
+    # exists: with looping on, inductor's mix-order reduction fuses the per-channel parameter sums of the looped
+    # blocks into one kernel that reads ~30 [tokens, 512] tensors and keeps 27 accumulators; 16 splits it into
+    # kernels of <= 4 (docs/benchmarks.md, "Generated kernels"). It groups the same sums differently (float
+    # rounding order of those reductions), nothing else: the model computes the same function.
+    compile_max_fusion_io_buffers: int = 0
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
@@ -341,5 +348,10 @@ class TrainConfig:
             f"(slot = a * world_size + r); expected 'interleaved' with data_stream 'record', got {self.micro_batch_order!r}",
         )
         check(self.log_every_steps >= 1, "log_every_steps: expected >= 1")
+        check(
+            self.compile_max_fusion_io_buffers == 0 or self.compile_max_fusion_io_buffers >= 2,
+            "compile_max_fusion_io_buffers: expected 0 (no cap) or >= 2 (a kernel reads one buffer and writes one), "
+            f"got {self.compile_max_fusion_io_buffers}",
+        )
         check(self.cpu_threads >= 0, f"cpu_threads: expected >= 0 (0 = torch's default), got {self.cpu_threads}")
         check(self.resume_every_steps >= 0, f"resume_every_steps: expected >= 0 (0 = off), got {self.resume_every_steps}")

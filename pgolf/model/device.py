@@ -95,12 +95,23 @@ class CompileCounter:
         return {"graphs_compiled": graphs - self.start[0], "graph_breaks": breaks - self.start[1]}
 
 
-def compile_model(model, enabled: bool, backend: str):
+def inductor_options(backend: str, max_fusion_io_buffers: int = 0) -> Optional[dict[str, Any]]:
+    """torch.compile ``options`` for ``train.compile_max_fusion_io_buffers`` (0: none). Only inductor takes them:
+    other backends (aot_eager on CPU) generate no kernels, so the cap has nothing to act on there."""
+    if backend != "inductor" or max_fusion_io_buffers == 0:
+        return None
+    return {"max_fusion_unique_io_buffers": max_fusion_io_buffers}
+
+
+def compile_model(model, enabled: bool, backend: str, max_fusion_io_buffers: int = 0):
+    """``torch.compile(fullgraph=True, dynamic=False)`` as training and the benchmarks compile (``enabled`` False:
+    the model itself), with the fusion cap of :func:`inductor_options`."""
     import torch
 
     if not enabled:
         return model
-    return torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+    options = inductor_options(backend, max_fusion_io_buffers)
+    return torch.compile(model, fullgraph=True, dynamic=False, backend=backend, options=options)
 
 
 def versions() -> dict[str, Optional[str]]:

@@ -32,6 +32,7 @@ from pgolf.model.device import (
     CompileCounter,
     compile_model,
     device_name,
+    inductor_options,
     memory_gib,
     peak_tflops_for,
     profile_breakdown,
@@ -199,12 +200,14 @@ def bench_train(
     seed: int = 0,
     profile_steps: int = 0,
     attention_backend: Optional[str] = None,
+    max_fusion_io_buffers: Optional[int] = None,
 ) -> dict[str, Any]:
     """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
 
     ``profile_steps`` > 0 adds, per phase, a torch.profiler breakdown of that many more steps
     (:func:`profile_breakdown`). ``attention_backend`` (auto, fa3, fa4, torch) overrides the recipe's
-    ``model.attention_backend``; the result records what it resolved to."""
+    ``model.attention_backend``; the result records what it resolved to. ``max_fusion_io_buffers`` overrides
+    ``train.compile_max_fusion_io_buffers`` (0: no cap); the result records the value used."""
     import torch
 
     from pgolf.model import kernels
@@ -224,6 +227,9 @@ def bench_train(
     device = resolve_device(device_kind)
     compile = train_cfg.compile if compile is None else compile
     compile_backend = compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
+    fusion_cap = train_cfg.compile_max_fusion_io_buffers if max_fusion_io_buffers is None else max_fusion_io_buffers
+    if fusion_cap == 1 or fusion_cap < 0:
+        raise ValueError(f"bench train: --max-fusion-io-buffers expects 0 (no cap) or >= 2, got {fusion_cap}")
     micro = micro_batch_tokens if micro_batch_tokens is not None else train_cfg.micro_batch_tokens
     if micro < train_cfg.train_seq_len:
         raise ValueError(
@@ -245,7 +251,7 @@ def bench_train(
     extend_rope_cache(model, rows.tokens)  # as the training stage does
     bench = TrainBench(
         model=model,
-        step_model=compile_model(model, compile, compile_backend),
+        step_model=compile_model(model, compile, compile_backend, fusion_cap),
         optimizers=optimizers,
         params=list(model.parameters()),
         device=device,
@@ -318,6 +324,8 @@ def bench_train(
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
         "compile_backend": compile_backend if compile else None,
+        # the inductor options the step was compiled with (None: none; only inductor takes them)
+        "compile_options": inductor_options(compile_backend, fusion_cap) if compile else None,
         "params": sum(p.numel() for p in model.parameters()),
         "micro_batch_tokens": rows.tokens,
         "grad_accum_steps": accum,
@@ -334,11 +342,16 @@ def _fmt(value: Optional[float], spec: str, none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
 
 
+def _options_text(options: Optional[dict[str, Any]]) -> str:
+    return "" if not options else " (" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
+
+
 def train_summary_line(result: dict[str, Any]) -> str:
     head = (
         f"bench train {result['run']} on {result['device']}: fused {'on' if result['fused_kernels_active'] else 'off'}, "
         f"attention {result['attention_backend']['resolved']}, "
-        f"compile {result['compile_backend'] or 'off'}, {result['tokens_per_step']:,} tokens/step (accum {result['grad_accum_steps']})"
+        f"compile {result['compile_backend'] or 'off'}{_options_text(result.get('compile_options'))}, "
+        f"{result['tokens_per_step']:,} tokens/step (accum {result['grad_accum_steps']})"
     )
     parts = []
     for p in result["phases"]:

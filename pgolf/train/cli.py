@@ -107,6 +107,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         profile_steps=args.profile_steps,
         attention_backend=args.attention_backend,
+        max_fusion_io_buffers=args.max_fusion_io_buffers,
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
@@ -124,6 +125,11 @@ def _register_bench_train(commands) -> None:
         "--micro-batch-tokens", type=positive_int, default=None, help="tokens per forward (default: train.micro_batch_tokens)"
     )
     p.add_argument("--looping", choices=["on", "off", "both"], default="both", help="depth recurrence phases to time")
+    p.add_argument(
+        "--max-fusion-io-buffers", type=nonneg_int, default=None,
+        help="inductor's cap on the buffers one fused kernel reads and writes (0: no cap; default: the recipe's "
+        "train.compile_max_fusion_io_buffers)",
+    )
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(
         "--profile-steps", type=nonneg_int, default=0,

@@ -45,6 +45,7 @@ from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_shard
 from pgolf.io import TIMING_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
+from pgolf.model.device import compile_model
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.rope import extend_rope_cache
 from pgolf.train.checkpoint import load_initial_weights, save_checkpoint
@@ -254,7 +255,7 @@ def train_model(
     optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=muon_averages_grads(train_cfg.clip_scope))
     params = [p for p in model.parameters()]  # the model's order: the clip norm sums in it
     extend_rope_cache(model, plan.micro_batch_tokens)  # rows of one micro-batch: sliced, not computed, RoPE tables
-    step_model = torch.compile(model, fullgraph=True, dynamic=False) if train_cfg.compile else model
+    step_model = compile_model(model, train_cfg.compile, "inductor", train_cfg.compile_max_fusion_io_buffers)
     can_loop = model_cfg.loop_count > 1
 
     if info.is_main:

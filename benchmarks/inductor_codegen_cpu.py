@@ -1,0 +1,285 @@
+"""The Triton kernels inductor would generate for pgolf's training step on a CUDA GPU, written on a CPU-only machine.
+
+Why: issue 16's remaining gap is in inductor-generated kernels, and a GPU is not always at hand. Inductor decides
+fusions before any kernel runs, so its GPU scheduling can be driven on CPU tensors: ``cpu_backend = "triton"``,
+the GPU-only gates (mix-order reduction) opened, Triton's target set to sm90. Each graph module's source is captured
+when inductor writes it, and the graph then runs eagerly, so that ``loss.backward()`` compiles (and captures) the
+backward graph too. The opaque ops run cheap CPU stand-ins of the GPU ops' shapes (FlashAttention 4: an elementwise
+product; the fused MLP and cross-entropy: torch references), so the graph around them is the GPU graph.
+
+What it reports (static, nothing is timed): per graph, kernels and launches, and per kernel its full-size
+(``[tokens, d_model]``) loads and stores, the column-sum accumulators of a mix-order reduction, and the sum over
+launches of full-size passes (a bandwidth proxy). A kernel with tens of loads and accumulators spills registers
+on the GPU: that is the looping-on backward's 45.6 + 41.9 ms/step pair on the H200 (docs/benchmarks.md).
+
+    python benchmarks/inductor_codegen_cpu.py --config config.yaml --tokens 16384 --looping on --out /tmp/gen_on
+    python benchmarks/inductor_codegen_cpu.py --config config.yaml --tokens 16384 --looping on \\
+        --max-fusion-io-buffers 16 --out /tmp/gen_on_cap16
+
+It patches torch internals (tested with torch 2.13 CPU and Triton 3.6) for the life of its own process only; the
+fusion decisions follow this machine's torch, which may differ from the GPU machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+# NAME = async_compile.triton('NAME', '''SOURCE''', device_str=...)
+KERNEL_RE = re.compile(r"^(?P<name>triton_\w+) = async_compile\.triton\('(?P=name)', '''(?P<source>.*?)''', device_str",
+                       re.M | re.S)
+LAUNCH_RE = re.compile(r"^\s+(triton_\w+)\.run\(", re.M)
+_REGISTRATIONS: list = []  # torch.library registrations last as long as their Library object
+
+
+def kernel_stats(module_source: str, model_dim: int) -> list[dict[str, Any]]:
+    """Per generated kernel of one graph module: launches, distinct full-size loads and stores (an index with a
+    ``model_dim`` stride: a [tokens, model_dim] tensor), accumulators of a mix-order reduction, pointer arguments."""
+    launches = Counter(LAUNCH_RE.findall(module_source))
+    full = re.compile(r"tl\.(load|store)\((\w+) \+ \(([^)]*\b" + str(model_dim) + r"\*[^)]*)\)")
+    rows = []
+    for m in KERNEL_RE.finditer(module_source):
+        source = m.group("source")
+        loads = {ptr for op, ptr, _ in full.findall(source) if op == "load"}
+        stores = {ptr for op, ptr, _ in full.findall(source) if op == "store"}
+        header = re.search(r"^def \w+\((.*?)\):", source, re.M)
+        pointers = [a for a in header.group(1).split(", ") if "ptr" in a] if header else []
+        rows.append({
+            "name": m.group("name"),
+            "launches": launches.get(m.group("name"), 0),
+            "full_loads": len(loads),
+            "full_stores": len(stores),
+            "accumulators": len(re.findall(r"^\s+accum\d+ = tl\.full", source, re.M)),
+            "mix_order": "MixOrderReductionGrid" in source,
+            "pointer_args": len(pointers),
+        })
+    return rows
+
+
+def graph_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "kernels": len(rows),
+        "launches": sum(r["launches"] for r in rows),
+        "full_size_passes": sum(r["launches"] * (r["full_loads"] + r["full_stores"]) for r in rows),
+        "mix_order_kernels": sum(r["mix_order"] for r in rows),
+        "max_accumulators": max((r["accumulators"] for r in rows), default=0),
+        "max_full_loads": max((r["full_loads"] for r in rows), default=0),
+        "max_pointer_args": max((r["pointer_args"] for r in rows), default=0),
+    }
+
+
+# ------------------------------------------------------------------------------------------ inductor on CPU
+
+
+def drive_gpu_scheduling_on_cpu(max_fusion_io_buffers: int) -> list[str]:
+    """Patch inductor (this process) so that CPU tensors get its CUDA/Triton scheduling and every generated graph
+    module is captured instead of loaded; returns the list the captured sources are appended to."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.scheduler as scheduler
+    import torch.utils._triton as torch_triton
+    from torch._inductor import codecache
+    from triton.backends.compiler import GPUTarget
+
+    inductor_config.cpu_backend = "triton"
+    inductor_config.compile_threads = 1
+    if max_fusion_io_buffers:
+        inductor_config.max_fusion_unique_io_buffers = max_fusion_io_buffers
+    scheduler._is_gpu_triton_backend = lambda *args: True  # the mix-order reduction gate
+    torch_triton.triton_backend = lambda: GPUTarget("cuda", 90, 32)
+    torch_triton.triton_hash_with_backend = lambda: "sm90-on-cpu"
+    captured: list[str] = []
+    load = codecache.PyCodeCache.load_by_key_path
+
+    def capture(key, path, *args, **kwargs):
+        source = Path(path).read_text()
+        if "def call(" in source:  # a graph module; kernel modules are loaded from inside it
+            captured.append(source)
+            raise _Captured(path)
+        return load(key, path, *args, **kwargs)
+
+    codecache.PyCodeCache.load_by_key_path = staticmethod(capture)
+    return captured
+
+
+class _Captured(Exception):
+    """Raised once a graph module's source is written: nothing generated is ever run."""
+
+
+def capturing_backend():
+    """A torch.compile backend: inductor up to the written module, then the FX graph eagerly."""
+    from torch._inductor import compile_fx
+    from torch._inductor.output_code import OutputCode
+
+    class Eager(OutputCode):
+        _boxed_call = True
+
+        def __init__(self, gm):
+            self.gm = gm
+
+        def __call__(self, *args):
+            if len(args) == 1 and isinstance(args[0], list):  # boxed arguments
+                inputs = list(args[0])
+                args[0].clear()
+                args = inputs
+            return self.gm(*args)
+
+        def post_compile(self, *args, **kwargs):
+            pass
+
+        def set_triton_bundle(self, *args, **kwargs):
+            pass
+
+        def prepare_for_serialization(self):
+            pass
+
+    def inner(gm, example_inputs, **kwargs):
+        eager = copy.deepcopy(gm)
+        try:
+            compile_fx.compile_fx_inner(gm, example_inputs, **kwargs)
+        except Exception as exc:  # inductor wraps the capture in its own error types
+            if "_Captured" not in repr(exc):
+                raise
+        return Eager(eager)
+
+    return lambda gm, example_inputs: compile_fx.compile_fx(gm, example_inputs, inner_compile=inner)
+
+
+def use_gpu_ops_on_cpu() -> None:
+    """CPU kernels for the ops whose GPU versions are opaque (shapes and dtypes as on the GPU; values irrelevant),
+    and the CUDA autograd form of RMSNorm (``_fused_rms_norm``), so the traced graph is the GPU one."""
+    import torch
+    import torch.nn.functional as F
+    from torch._decomp import decompositions
+
+    from pgolf.model import attention, flash4, gpt, kernels
+    from pgolf.model import triton_kernels as tk
+
+    def fa4_fwd(q, k, v, cu, max_seqlen, causal):  # q [T, H, hd], k/v [T, Hkv, hd]
+        groups = q.shape[1] // k.shape[1]
+        return (q * v.repeat_interleave(groups, 1)).contiguous(), torch.zeros(q.shape[1], q.shape[0])
+
+    def fa4_bwd(dout, q, k, v, out, lse, cu, max_seqlen, causal):
+        groups = q.shape[1] // k.shape[1]
+        dq = (dout * v.repeat_interleave(groups, 1)).contiguous()
+        dv = (dout * q).view(q.shape[0], k.shape[1], groups, q.shape[2]).sum(2)
+        return dq, torch.zeros_like(k), dv.to(v.dtype).contiguous()
+
+    torch.library.register_kernel("pgolf_fa4::fwd", "cpu", fa4_fwd)
+    torch.library.register_kernel("pgolf_fa4::bwd", "cpu", fa4_bwd)
+    attention._FA4 = flash4.attend
+    kernels._check_device = lambda t, op: None
+    kernels._use_triton = lambda t: True
+
+    def mlp_up(x, w, pre, post, slope):
+        p = x @ w.t().to(x.dtype)
+        pre.copy_(p)
+        post.copy_(F.leaky_relu(p.float(), slope).square())
+
+    def mlp_grad(g, w_down, pre, dpre, slope):
+        dpre.copy_(kernels.mlp_activation_grad(pre, (g @ w_down).to(pre.dtype), slope))
+
+    def ce_fwd(z, targets, nll, lse, cap):
+        capped = kernels.softcap_reference(z.float(), cap)
+        lse.copy_(torch.logsumexp(capped, -1))
+        nll.copy_(lse - capped.gather(1, targets[:, None].clamp(min=0))[:, 0])
+
+    def ce_bwd(grad_nll, z, targets, lse, dz, cap):
+        dz.zero_()
+
+    tk.launch_mlp_up_act, tk.launch_mlp_act_grad = mlp_up, mlp_grad
+    tk.launch_softcap_ce_fwd, tk.launch_softcap_ce_bwd = ce_fwd, ce_bwd
+    for op in ("pgolf::mlp_up_act", "pgolf::mlp_fused"):
+        try:
+            torch.library.register_autocast(op, "cpu", torch.bfloat16)
+        except RuntimeError:  # an op this pgolf does not define
+            pass
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_fused_rms_norm", lambda x, shape, w, eps: decompositions._fused_rms_norm(x, shape, w, eps), "CPU")
+    lib.impl("_fused_rms_norm_backward", lambda g, x, shape, rstd, w, mask:
+             decompositions._fused_rms_norm_backward(g, x, shape, rstd, w, mask), "CPU")
+    _REGISTRATIONS.append(lib)
+    gpt.rms_norm = lambda x: torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, None)[0].to(x.dtype)
+
+
+def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int = 0) -> list[str]:
+    """Forward and backward graph modules of one micro-batch of ``tokens`` tokens of ``config``'s training step."""
+    captured = drive_gpu_scheduling_on_cpu(max_fusion_io_buffers)
+    use_gpu_ops_on_cpu()
+    import torch
+
+    from pgolf.config import load_run_config
+    from pgolf.model.gpt import GPT, param_groups
+    from pgolf.model.rope import extend_rope_cache
+    from pgolf.train.bench import packed_rows
+    from pgolf.train.storage import apply_param_storage
+
+    run = load_run_config(config)
+    model = GPT(run.model, train_seq_len=run.train.train_seq_len)
+    model.use_fused_kernels = True
+    model.attn_backend = "fa4"
+    model.looping = looping
+    embedding = [name for name, _ in param_groups(model).get("embedding", ())]
+    apply_param_storage(model, run.train.param_storage, embedding)
+    extend_rope_cache(model, tokens)  # as the training stage does before compiling
+    rows = packed_rows(tokens, run.model.vocab_size, run.train.train_seq_len, 0, rows=1, pad=run.train.cu_seqlens_pad)
+    step_model = torch.compile(model, fullgraph=True, dynamic=False, backend=capturing_backend())
+    cu = rows.cu_seqlens[0]
+    torch._dynamo.mark_dynamic(cu, 0)  # as pgolf.train.step.forward_backward does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = step_model(rows.inputs[0], rows.targets[0], cu_seqlens=cu, max_seqlen=rows.max_seqlen)
+    loss.backward()
+    return captured
+
+
+def report_lines(graphs: dict[str, list[dict[str, Any]]], top: int) -> list[str]:
+    lines = []
+    for graph, rows in graphs.items():
+        s = graph_summary(rows)
+        lines.append(f"{graph}: {s['kernels']} kernels, {s['launches']} launches, {s['full_size_passes']} full-size "
+                     f"passes; mix-order kernels {s['mix_order_kernels']}, max accumulators {s['max_accumulators']}, "
+                     f"max full-size loads {s['max_full_loads']}, max pointer args {s['max_pointer_args']}")
+        costly = sorted(rows, key=lambda r: -r["launches"] * (r["full_loads"] + r["full_stores"] + r["accumulators"]))
+        for r in costly[:top]:
+            lines.append(f"  {r['launches']:3d} x loads {r['full_loads']:2d} stores {r['full_stores']} "
+                         f"acc {r['accumulators']:2d} {'mix' if r['mix_order'] else '   '} {r['name']}")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens of the micro-batch (default 16384)")
+    p.add_argument("--looping", choices=["on", "off"], default="on")
+    p.add_argument("--max-fusion-io-buffers", type=int, default=0, help="inductor's fusion cap (0: none)")
+    p.add_argument("--top", type=int, default=8, help="kernels listed per graph")
+    p.add_argument("--out", required=True, help="folder for forward.py, backward.py and summary.json")
+    args = p.parse_args(argv)
+    from pgolf.config import load_run_config
+
+    model_dim = load_run_config(args.config).model.model_dim
+    modules = generate(args.config, args.tokens, args.looping == "on", args.max_fusion_io_buffers)
+    if len(modules) != 2:
+        print(f"expected a forward and a backward graph module, captured {len(modules)}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    graphs = {}
+    for name, source in zip(("forward", "backward"), modules):
+        (out / f"{name}.py").write_text(source)
+        graphs[name] = kernel_stats(source, model_dim)
+    summary = {"config": args.config, "tokens": args.tokens, "looping": args.looping,
+               "max_fusion_io_buffers": args.max_fusion_io_buffers,
+               "graphs": {g: {**graph_summary(rows), "kernels_detail": rows} for g, rows in graphs.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print("\n".join(report_lines(graphs, args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""benchmarks/inductor_codegen_cpu.py: inductor's GPU (Triton) kernels for the training step, generated on CPU.
+
+The statistics are checked on a hand-written graph module; the whole tool runs on the smoke recipe in two
+subprocesses (it patches inductor for its own process), with and without train.compile_max_fusion_io_buffers'
+cap, which must bound the kernels it generates.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import inductor_codegen_cpu as codegen  # noqa: E402
+
+MODULE = """
+triton_per_fused_rms_norm_sum_3 = async_compile.triton('triton_per_fused_rms_norm_sum_3', '''
+@triton.jit
+def triton_per_fused_rms_norm_sum_3(in_out_ptr0, in_ptr0, in_ptr1, ws_ptr, xnumel, r0_numel, XBLOCK : tl.constexpr):
+    inductor_meta={'grid_type': 'MixOrderReductionGrid'}
+    accum0 = tl.full([R0_BLOCK], 0, tl.float32)[None, :]
+    accum1 = tl.full([R0_BLOCK], 0, tl.float32)[None, :]
+    tmp0 = tl.load(in_ptr0 + (r0_1 + 64*x0), None)
+    tmp1 = tl.load(in_ptr1 + (r0_1), None)
+    tmp2 = tl.load(in_out_ptr0 + (r0_1 + 64*x0), None)
+    tl.store(in_out_ptr0 + (r0_1 + 64*x0), tmp2, None)
+''', device_str='cpu')
+
+triton_poi_fused_add_4 = async_compile.triton('triton_poi_fused_add_4', '''
+@triton.jit
+def triton_poi_fused_add_4(in_ptr0, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    tmp0 = tl.load(in_ptr0 + (x0), None)
+''', device_str='cpu')
+
+def call(args):
+        triton_per_fused_rms_norm_sum_3.run(buf1, buf2, buf3, ws, 1024, 64, stream=raw_streamNone)
+        triton_poi_fused_add_4.run(buf4, buf5, 64, stream=raw_streamNone)
+        triton_poi_fused_add_4.run(buf6, buf7, 64, stream=raw_streamNone)
+"""
+
+
+def test_kernel_statistics_of_a_graph_module():
+    rows = {r["name"]: r for r in codegen.kernel_stats(MODULE, model_dim=64)}
+    mix = rows["triton_per_fused_rms_norm_sum_3"]
+    assert (mix["launches"], mix["full_loads"], mix["full_stores"], mix["accumulators"]) == (1, 2, 1, 2)
+    assert mix["mix_order"] and mix["pointer_args"] == 4
+    add = rows["triton_poi_fused_add_4"]
+    assert (add["launches"], add["full_loads"], add["full_stores"], add["mix_order"]) == (2, 0, 0, False)
+    summary = codegen.graph_summary(list(rows.values()))
+    assert summary == {"kernels": 2, "launches": 3, "full_size_passes": 3, "mix_order_kernels": 1,
+                       "max_accumulators": 2, "max_full_loads": 2, "max_pointer_args": 4}
+
+
+def test_fusion_cap_bounds_the_generated_kernels(tmp_path):
+    pytest.importorskip("triton", reason="the tool generates Triton kernels: triton must be installed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor_cache")}
+    runs = {}
+    for cap in (0, 10):
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "inductor_codegen_cpu.py"), "--config",
+               str(ROOT / "recipes" / "smoke.yaml"), "--tokens", "1024", "--looping", "on",
+               "--max-fusion-io-buffers", str(cap), "--out", str(tmp_path / f"cap{cap}")]
+        runs[cap] = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    summaries = {}
+    for cap, proc in runs.items():
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+        assert out.startswith("forward: ") and "\nbackward: " in out
+        summaries[cap] = json.loads((tmp_path / f"cap{cap}" / "summary.json").read_text())
+        assert (tmp_path / f"cap{cap}" / "backward.py").read_text().count("def call(") == 1
+    for graph in ("forward", "backward"):
+        uncapped, capped = summaries[0]["graphs"][graph], summaries[10]["graphs"][graph]
+        assert uncapped["max_pointer_args"] > 16  # the smoke model's looped blocks: wide fused kernels
+        assert capped["max_pointer_args"] <= 12  # 10 buffers (+ a kernel that is one node: it cannot be split)
+        assert capped["kernels"] > uncapped["kernels"]
