@@ -20,7 +20,8 @@
 #   6. <backend>-cap<N>_<loop>  for each N in FUSION_CAPS: the same with --max-fusion-io-buffers N (inductor's cap on
 #                   the buffers one fused kernel reads and writes; train.compile_max_fusion_io_buffers), loops FUSION_LOOPS
 # Knobs: BACKENDS ("fa4 torch"), STEPS (6 timed steps), WARMUP (2: the first compiles, the second must not),
-# PROFILE (2 profiled steps), FUSION_CAPS ("": none), FUSION_LOOPS ("on off"), BUDGET_S. Outputs in $OUT:
+# PROFILE (2 profiled steps), FUSION_CAPS ("": none), FUSION_LOOPS ("on off"), GPU_TESTS (1; 0 skips stage 1),
+# BUDGET_S. Outputs in $OUT:
 # gpu_tests.log, bench_<run>_<loop>.json (ms/step,
 # peak memory, warm-up and first-step seconds, graphs compiled, GPU time by kernel category, top kernels) and
 # speed_summary.json (the table printed at the end, with the record's figures from shared/perf for the ratio) and
@@ -35,6 +36,7 @@ WARMUP=${WARMUP:-2}
 PROFILE=${PROFILE:-2}
 FUSION_CAPS=${FUSION_CAPS:-}
 FUSION_LOOPS=${FUSION_LOOPS:-on off}
+GPU_TESTS=${GPU_TESTS:-1}
 mkdir -p "$OUT"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -70,8 +72,12 @@ for requested in ("auto", "fa3", "fa4", "torch"):
         print(f"model.attention_backend {requested}: unusable: {exc}")
 PY
 
-stage gpu_tests 100 python -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_attention_backends.py \
-  tests/test_attention.py tests/test_model.py tests/test_kernels.py -k "not model_fused_compiled_matches_reference"
+if [ "$GPU_TESTS" = 0 ]; then
+  echo "== gpu_tests: SKIPPED (GPU_TESTS=0)"
+else
+  stage gpu_tests 100 python -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_attention_backends.py \
+    tests/test_attention.py tests/test_model.py tests/test_kernels.py -k "not model_fused_compiled_matches_reference"
+fi
 
 for backend in $BACKENDS; do
   if [ "$backend" = fa4 ] && ! fa4_importable; then

@@ -15,9 +15,12 @@ on the GPU: that is the looping-on backward's 45.6 + 41.9 ms/step pair on the H2
     python benchmarks/inductor_codegen_cpu.py --config config.yaml --tokens 16384 --looping on --out /tmp/gen_on
     python benchmarks/inductor_codegen_cpu.py --config config.yaml --tokens 16384 --looping on \\
         --max-fusion-io-buffers 16 --out /tmp/gen_on_cap16
+    # the record script's own model (PGOLF_RECORD_SCRIPT), its attention, MLP and CE kernels as the same stand-ins
+    python benchmarks/inductor_codegen_cpu.py --model record --tokens 16384 --looping on --out /tmp/record_on
 
-It patches torch internals (tested with torch 2.13 CPU and Triton 3.6) for the life of its own process only; the
-fusion decisions follow this machine's torch, which may differ from the GPU machine's.
+It patches torch internals (tested with torch 2.13 CPU and 2.11, Triton 3.6) for the life of its own process only;
+the fusion decisions follow the torch it runs with: run it with the GPU machine's torch version to see that
+machine's kernels (torch 2.11 here: `pip download torch==2.11.0` into a virtual environment).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def drive_gpu_scheduling_on_cpu(max_fusion_io_buffers: int) -> list[str]:
     inductor_config.compile_threads = 1
     if max_fusion_io_buffers:
         inductor_config.max_fusion_unique_io_buffers = max_fusion_io_buffers
-    scheduler._is_gpu_triton_backend = lambda *args: True  # the mix-order reduction gate
+    open_mix_order_gate(scheduler)
     torch_triton.triton_backend = lambda: GPUTarget("cuda", 90, 32)
     torch_triton.triton_hash_with_backend = lambda: "sm90-on-cpu"
     captured: list[str] = []
@@ -105,6 +108,30 @@ def drive_gpu_scheduling_on_cpu(max_fusion_io_buffers: int) -> list[str]:
 
     codecache.PyCodeCache.load_by_key_path = staticmethod(capture)
     return captured
+
+
+def open_mix_order_gate(scheduler) -> None:
+    """Let inductor's mix-order reduction fuse CPU nodes as it fuses CUDA ones. torch >= 2.13 asks
+    ``_is_gpu_triton_backend``; torch 2.11 asks each node for a CUDA device inside ``MixOrderReduction.can_fuse``,
+    so the nodes answer ``cuda`` there (and only there)."""
+    if hasattr(scheduler, "_is_gpu_triton_backend"):
+        scheduler._is_gpu_triton_backend = lambda *args: True
+        return
+    import torch
+
+    decide = scheduler.MixOrderReduction.can_fuse.__func__
+
+    def can_fuse_as_on_cuda(cls, node1, node2):
+        nodes = [n for n in (node1, node2) if n is not None]
+        for n in nodes:
+            n.get_device, n.is_gpu = (lambda: torch.device("cuda")), (lambda: True)
+        try:
+            return decide(cls, node1, node2)
+        finally:
+            for n in nodes:
+                del n.get_device, n.is_gpu
+
+    scheduler.MixOrderReduction.can_fuse = classmethod(can_fuse_as_on_cuda)
 
 
 class _Captured(Exception):
@@ -207,8 +234,9 @@ def use_gpu_ops_on_cpu() -> None:
     gpt.rms_norm = lambda x: torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, None)[0].to(x.dtype)
 
 
-def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int = 0) -> list[str]:
-    """Forward and backward graph modules of one micro-batch of ``tokens`` tokens of ``config``'s training step."""
+def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int = 0) -> tuple[list[str], int]:
+    """Forward and backward graph modules of one micro-batch of ``tokens`` tokens of ``config``'s training step,
+    and the model width."""
     captured = drive_gpu_scheduling_on_cpu(max_fusion_io_buffers)
     use_gpu_ops_on_cpu()
     import torch
@@ -234,7 +262,49 @@ def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = step_model(rows.inputs[0], rows.targets[0], cu_seqlens=cu, max_seqlen=rows.max_seqlen)
     loss.backward()
-    return captured
+    return captured, run.model.model_dim
+
+
+def generate_record(tokens: int, looping: bool, max_fusion_io_buffers: int = 0,
+                    hparams: Optional[dict[str, Any]] = None) -> tuple[list[str], int]:
+    """The same for the record script's own GPT (``PGOLF_RECORD_SCRIPT``, imported by tests/record_oracle.py) at its
+    default hyperparameters, built as it builds it (``.bfloat16()`` then ``restore_fp32_params``), training mode,
+    with the ops it runs as kernels on the GPU routed to the same opaque stand-ins as pgolf's: its FlashAttention 3
+    call to the FA4 op, its fused MLP to pgolf's fused MLP op, its fused softcapped CE to pgolf's CE op (the
+    stand-ins' shapes are the record kernels' shapes). What remains is what inductor generates for the record.
+    ``hparams`` overrides the script's Hyperparameters (a small model for tests)."""
+    captured = drive_gpu_scheduling_on_cpu(max_fusion_io_buffers)
+    use_gpu_ops_on_cpu()
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import record_oracle
+
+    from pgolf.model import flash4, kernels
+    from pgolf.train.bench import packed_rows
+
+    rec = record_oracle.load_record()
+
+    def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, **_):
+        return flash4.attend(q, k, v, cu_seqlens_q, max_seqlen_q, causal)
+
+    rec.flash_attn_varlen_func = attention
+    rec.FusedLeakyReLUSquareMLP = lambda x, up_w, down_w: kernels.fused_mlp(x, up_w, down_w, 0.5)
+    rec.softcapped_cross_entropy = lambda z, targets, cap, reduction="mean": kernels.softcapped_cross_entropy(
+        z, targets, cap)
+    h = record_oracle.record_hparams(rec, **(hparams or {}))
+    model = rec.GPT(h).bfloat16()
+    rec.restore_fp32_params(model)
+    model.fused_ce_enabled = True
+    model.looping_active = looping
+    model.train()
+    rows = packed_rows(tokens, h.vocab_size, h.train_seq_len, 0, rows=1, pad="multiple_of_64")
+    step_model = torch.compile(model, fullgraph=True, dynamic=False, backend=capturing_backend())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = step_model(rows.inputs[0][None], rows.targets[0][None], cu_seqlens=rows.cu_seqlens[0],
+                          max_seqlen=rows.max_seqlen)
+    loss.backward()
+    return captured, h.model_dim
 
 
 def report_lines(graphs: dict[str, list[dict[str, Any]]], top: int) -> list[str]:
@@ -253,6 +323,10 @@ def report_lines(graphs: dict[str, list[dict[str, Any]]], top: int) -> list[str]
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["pgolf", "record"], default="pgolf",
+                   help="pgolf's model of --config, or the record script's own (PGOLF_RECORD_SCRIPT)")
+    p.add_argument("--record-hparams", type=json.loads, default=None,
+                   help='--model record: JSON object of Hyperparameters overrides, e.g. \'{"num_layers": 6}\'')
     p.add_argument("--config", default="config.yaml")
     p.add_argument("--tokens", type=int, default=16384, help="tokens of the micro-batch (default 16384)")
     p.add_argument("--looping", choices=["on", "off"], default="on")
@@ -260,10 +334,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--top", type=int, default=8, help="kernels listed per graph")
     p.add_argument("--out", required=True, help="folder for forward.py, backward.py and summary.json")
     args = p.parse_args(argv)
-    from pgolf.config import load_run_config
-
-    model_dim = load_run_config(args.config).model.model_dim
-    modules = generate(args.config, args.tokens, args.looping == "on", args.max_fusion_io_buffers)
+    looping = args.looping == "on"
+    if args.model == "record":
+        modules, model_dim = generate_record(args.tokens, looping, args.max_fusion_io_buffers, args.record_hparams)
+    else:
+        modules, model_dim = generate(args.config, args.tokens, looping, args.max_fusion_io_buffers)
     if len(modules) != 2:
         print(f"expected a forward and a backward graph module, captured {len(modules)}", file=sys.stderr)
         return 1
@@ -273,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, source in zip(("forward", "backward"), modules):
         (out / f"{name}.py").write_text(source)
         graphs[name] = kernel_stats(source, model_dim)
-    summary = {"config": args.config, "tokens": args.tokens, "looping": args.looping,
+    summary = {"model": args.model, "config": args.config, "tokens": args.tokens, "looping": args.looping,
                "max_fusion_io_buffers": args.max_fusion_io_buffers,
                "graphs": {g: {**graph_summary(rows), "kernels_detail": rows} for g, rows in graphs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

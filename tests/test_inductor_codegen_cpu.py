@@ -77,3 +77,31 @@ def test_fusion_cap_bounds_the_generated_kernels(tmp_path):
         assert uncapped["max_pointer_args"] > 16  # the smoke model's looped blocks: wide fused kernels
         assert capped["max_pointer_args"] <= 12  # 10 buffers (+ a kernel that is one node: it cannot be split)
         assert capped["kernels"] > uncapped["kernels"]
+
+
+def test_record_model_through_the_same_scheduling(tmp_path):
+    """The record script's own GPT (small hyperparameters) goes through the same capture: two graph modules whose
+    kernels the statistics read. Reads the record script: skips without it."""
+    pytest.importorskip("triton", reason="the tool generates Triton kernels: triton must be installed")
+    sys.path.insert(0, str(ROOT / "tests"))
+    import record_oracle
+
+    if not record_oracle.record_script().is_file():
+        pytest.skip(f"record script not found at {record_oracle.record_script()} (set PGOLF_RECORD_SCRIPT)")
+    small = {"vocab_size": 96, "num_layers": 6, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "rope_dims": 8,
+             "xsa_last_n": 4, "num_loops": 2, "loop_start": 1, "loop_end": 2, "parallel_start_layer": 4,
+             "train_seq_len": 64, "rope_train_seq_len": 64}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor_cache")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "inductor_codegen_cpu.py"), "--model", "record", "--record-hparams",
+         json.dumps(small), "--tokens", "512", "--looping", "on", "--out", str(tmp_path / "record")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "record" / "summary.json").read_text())
+    assert summary["model"] == "record" and summary["looping"] == "on"
+    for graph in ("forward", "backward"):
+        stats = summary["graphs"][graph]
+        assert stats["kernels"] > 10 and stats["full_size_passes"] > 0  # model_dim 64 read from the hyperparameters
+    forward = (tmp_path / "record" / "forward.py").read_text()
+    assert "pgolf_fa4.fwd" in forward and "pgolf.mlp_fused" in forward  # the stand-ins, not inductor-made kernels
