@@ -299,8 +299,8 @@ class TrainConfig:
     # Inductor's cap on the distinct buffers one generated kernel may read and write (torch.compile's
     # ``max_fusion_unique_io_buffers``) for the training step. 0 (default): inductor's own choice, no cap. Why it
     # exists: with looping on, inductor's mix-order reduction fuses the per-channel parameter sums of the looped
-    # blocks into one kernel that reads ~30 [tokens, 512] tensors and keeps 27 accumulators; 16 splits it into
-    # kernels of <= 4 (docs/benchmarks.md, "Generated kernels"). It groups the same sums differently (float
+    # blocks into one kernel that reads ~30 [tokens, 512] tensors and keeps 27 accumulators; 12 or 16 split it into
+    # kernels of <= 3 or 4 (docs/benchmarks.md, "Generated kernels"). It groups the same sums differently (float
     # rounding order of those reductions), nothing else: the model computes the same function.
     compile_max_fusion_io_buffers: int = 0
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
