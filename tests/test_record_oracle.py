@@ -411,3 +411,46 @@ def test_softcap_dtype_under_autocast(rec, softcap_dtype):
         mine = token_nll(pg, ids, targets, cu, max_seqlen, softcap_dtype=softcap_dtype)
     assert record_logits.dtype == torch.bfloat16
     assert torch.equal(mine, record_nll) == (softcap_dtype == "model")
+
+
+# ------------------------------------------------------------------------------------- XSA's precision
+
+
+def _xsa_inputs(device: str = "cpu"):
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(40, 8, 64, generator=g).bfloat16().to(device)  # [T, H, D], attention output
+    v = torch.randn(40, 4, 64, generator=g).bfloat16().to(device)  # [T, Hkv, D]
+    return y, v
+
+
+def test_xsa_follows_the_records_cuda_autocast_dtypes(rec):
+    """On the GPU the record's ``_xsa_efficient`` runs under CUDA autocast, whose float32 list holds
+    ``linalg_vector_norm`` and ``sum`` (ATen's AT_FORALL_FP32_SET_OPT_DTYPE): its unit vectors, products and
+    result are float32 although y and v are bf16. Given v in float32, the record's function takes that path on
+    CPU too; pgolf's XSA on the bf16 tensors must equal it bit for bit. Unit vectors rounded to bf16 (pgolf before
+    2026-12-04) would not."""
+    from pgolf.model.gpt import exclusive_self_attention
+
+    y, v = _xsa_inputs()
+    theirs = rec.CausalSelfAttention._xsa_efficient(None, y[None], v.float()[None])[0]
+    mine = exclusive_self_attention(y, v)
+    assert mine.dtype == theirs.dtype == torch.float32
+    assert torch.equal(mine, theirs)
+    y_g = y.view(40, 4, 2, 64)
+    rounded = F.normalize(v.float(), dim=-1).to(y.dtype)[:, :, None, :]
+    old = (y_g - (y_g * rounded).sum(dim=-1, keepdim=True) * rounded).view(40, 8, 64)
+    assert not torch.equal(old.float(), theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_xsa_equals_the_records_under_cuda_autocast(rec):
+    """The same on the GPU, each side as it runs there: the record on bf16 y and v under CUDA autocast."""
+    from pgolf.model.gpt import exclusive_self_attention
+
+    y, v = _xsa_inputs("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        theirs = rec.CausalSelfAttention._xsa_efficient(None, y[None], v[None])[0]
+        mine = exclusive_self_attention(y, v)
+    assert mine.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
