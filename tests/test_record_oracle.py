@@ -427,19 +427,21 @@ def test_xsa_follows_the_records_cuda_autocast_dtypes(rec):
     """On the GPU the record's ``_xsa_efficient`` runs under CUDA autocast, whose float32 list holds
     ``linalg_vector_norm`` and ``sum`` (ATen's AT_FORALL_FP32_SET_OPT_DTYPE): its unit vectors, products and
     result are float32 although y and v are bf16. Given v in float32, the record's function takes that path on
-    CPU too; pgolf's XSA on the bf16 tensors must equal it bit for bit. Unit vectors rounded to bf16 (pgolf before
-    2026-12-04) would not."""
+    CPU too; pgolf's XSA on the bf16 tensors under autocast must equal it bit for bit. Unit vectors rounded to
+    bf16 (pgolf before 2026-12-04) would not. Without autocast (a bf16 model, the Hessian pass) both stay bf16."""
     from pgolf.model.gpt import exclusive_self_attention
 
     y, v = _xsa_inputs()
     theirs = rec.CausalSelfAttention._xsa_efficient(None, y[None], v.float()[None])[0]
-    mine = exclusive_self_attention(y, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mine = exclusive_self_attention(y, v)
     assert mine.dtype == theirs.dtype == torch.float32
     assert torch.equal(mine, theirs)
     y_g = y.view(40, 4, 2, 64)
     rounded = F.normalize(v.float(), dim=-1).to(y.dtype)[:, :, None, :]
     old = (y_g - (y_g * rounded).sum(dim=-1, keepdim=True) * rounded).view(40, 8, 64)
     assert not torch.equal(old.float(), theirs)
+    assert exclusive_self_attention(y, v).dtype == torch.bfloat16  # no autocast: the record's XSA is bf16 there
 
 
 @pytest.mark.gpu

@@ -231,14 +231,17 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA: remove from each head's output its component along the token's OWN normalized value vector.
 
     y [T, H, D], v [T, Hkv, D]; query heads are grouped per KV head (head h -> KV head h // (H // Hkv)).
-    The unit vectors stay float32, hence the projection and the result too: what the record's ``F.normalize(v)``
-    computes under CUDA autocast, which runs ``linalg_vector_norm`` and ``sum`` in float32.
+    Under autocast the unit vectors stay float32, hence the projection and the result too: what the record's
+    ``F.normalize(v)`` computes under CUDA autocast, which runs ``linalg_vector_norm`` and ``sum`` in float32.
+    Without autocast (a bf16 model: the Hessian pass) they take y's dtype, as the record's do there.
     """
     T, H, D = y.shape
     hkv = v.shape[1]
     y_g = y.view(T, hkv, H // hkv, D)  # [T, Hkv, G, D]
     v_hat = F.normalize(v.float(), dim=-1)[:, :, None, :]  # [T, Hkv, 1, D] float32
-    proj = (y_g * v_hat).sum(dim=-1, keepdim=True)  # [T, Hkv, G, 1] float32
+    if not torch.is_autocast_enabled(y.device.type):
+        v_hat = v_hat.to(y.dtype)
+    proj = (y_g * v_hat).sum(dim=-1, keepdim=True)  # [T, Hkv, G, 1]
     return (y_g - proj * v_hat).view(T, H, D)
 
 
