@@ -34,9 +34,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-# NAME = async_compile.triton('NAME', '''SOURCE''', device_str=...)
-KERNEL_RE = re.compile(r"^(?P<name>triton_\w+) = async_compile\.triton\('(?P=name)', '''(?P<source>.*?)''', device_str",
-                       re.M | re.S)
+from inductor_kernels import KERNEL_RE  # one generated kernel in a graph module (this folder's kernel reader)
+
 LAUNCH_RE = re.compile(r"^\s+(triton_\w+)\.run\(", re.M)
 _REGISTRATIONS: list = []  # torch.library registrations last as long as their Library object
 
