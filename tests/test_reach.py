@@ -109,3 +109,19 @@ def test_a_method_any_module_names_stays() -> None:
     assert shake_unreached(trees, keep=("main",))
     a = ast.unparse(trees["pgolf.a"])
     assert "used_elsewhere" in a and "def unused" not in a
+
+
+def test_type_aliases_and_compiled_patterns_are_values_shaking_may_drop_but_other_calls_stay() -> None:
+    from pgolf.artifact.reach import defined_names
+
+    def names(line: str) -> list[str]:
+        return defined_names(ast.parse(line).body[0])
+
+    assert names("Alias = Sequence[tuple[str, int]]") == ["Alias"]
+    assert names("Kind = Literal['a', 'b']") == ["Kind"]
+    assert names("PATTERN = re.compile('^[a-z]+$')") == ["PATTERN"]
+    # a call may do anything: its statement stays whether or not the name is used
+    assert names("ERRORS = collect_errors()") == []
+    assert names("PATTERN = re.compile(make_pattern())") == []
+    assert names("PATTERN = re.compile('x', flags=re.I)") == []
+    assert names("VALUE = registry[register()]") == []

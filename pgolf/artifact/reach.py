@@ -43,6 +43,11 @@ def pure_value(node: ast.AST) -> bool:
         return all(k is None or pure_value(k) for k in node.keys) and all(pure_value(v) for v in node.values)
     if isinstance(node, ast.Attribute):
         return pure_value(node.value)
+    if isinstance(node, ast.Subscript):  # a type alias such as Literal["a", "b"] or Sequence[tuple[str, int]]
+        return pure_value(node.value) and pure_value(node.slice)
+    if isinstance(node, ast.Call):  # re.compile(<constant>): a compiled pattern, nothing else happens
+        return (ast.unparse(node.func) == "re.compile" and not node.keywords
+                and all(isinstance(a, ast.Constant) for a in node.args))
     if isinstance(node, (ast.BinOp,)):
         return pure_value(node.left) and pure_value(node.right)
     if isinstance(node, ast.UnaryOp):

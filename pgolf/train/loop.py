@@ -44,7 +44,7 @@ from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_shard
-from pgolf.io import TIMING_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
+from pgolf.io import TRAIN_SUMMARY_MEASURED_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
 from pgolf.model.device import compile_model
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.rope import extend_rope_cache
@@ -482,7 +482,7 @@ def train_model(
     if info.is_main:
         # the checkpoint describes the weights only: its bytes are a function of the inputs; the measurements
         # (times, rates, memory, the machine, the attempts) live in train_summary.json
-        measured = set(TIMING_FIELDS["train_summary.json"])
+        measured = set(TRAIN_SUMMARY_MEASURED_FIELDS)
         meta = {
             "model_config": to_dict(model_cfg),
             "optim_config": to_dict(optim_cfg),
