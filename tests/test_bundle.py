@@ -177,8 +177,11 @@ def test_recipe_switches_decide_what_is_left_out() -> None:
     bundle = build_bundle(record, minify=True)
     # the shipped form also drops the modules that its folded switches no longer import (pgolf.artifact.shrink;
     # pgolf.train.resume: train.resume_every_steps is 0, tests/test_shrink.py)
+    # and it embeds one generated pgolf.config module in place of the config package (pgolf.artifact.config_module)
     assert {m.name for m in bundle.modules} == set(pruned) - {"pgolf.evaluate.chunked_ttt", "pgolf.train.prequant_ttt",
-                                                              "pgolf.train.resume"}
+                                                              "pgolf.train.resume", "pgolf.config.strict",
+                                                              "pgolf.config.training", "pgolf.config.post_training"}
+    assert [m.is_package for m in bundle.modules if m.name == "pgolf.config"] == [False]
     assert set(bundle.left_out) >= set(left_out_modules(record)) | {"pgolf.evaluate.chunked_ttt"}
     assert "its recipe does not use it" in bundle.text
     assert count_code_bytes(bundle.text, "wrapper") < count_code_bytes(build_bundle(lut, minify=True).text, "wrapper")

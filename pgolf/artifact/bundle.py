@@ -11,9 +11,10 @@ not installed. The bundle is that file. It holds, in this order:
    of features the recipe switches off (:func:`left_out_modules`);
 3. a small importer (a ``sys.meta_path`` finder/loader) that serves ``pgolf.*`` from ``MODULES`` only, with a
    ``get_source`` so tracebacks, ``inspect`` and Triton's ``@jit`` see the real lines;
-4. ``CONFIG_JSON``: the resolved recipe (every knob, so the file alone says what it runs; in the shipped form the
-   values that differ from the defaults of the embedded pgolf.config) and ``CODE_HASH``, the
-   sha256 of the bundled sources (exposed to pgolf as ``pgolf.__bundle__`` for provenance);
+4. ``CONFIG_JSON``: the resolved recipe (every knob, so the file alone says what it runs; in the shipped form only
+   the run's name: there the embedded ``pgolf.config`` is generated with the recipe's values as its defaults,
+   :mod:`pgolf.artifact.config_module`) and ``CODE_HASH``, the sha256 of the bundled sources (exposed to pgolf as
+   ``pgolf.__bundle__`` for provenance; in the shipped form the recipe is part of those sources);
 5. ``if __name__ == "__main__":`` -> :func:`pgolf.artifact.record_run.bundle_main`.
 
 The output is a pure function of the sources, the config and the options (sorted modules, canonical JSON, no
@@ -45,6 +46,7 @@ from typing import Any, Optional
 import pgolf
 from pgolf.config import RunConfig, parse_run_config, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json
+from pgolf.artifact.config_module import shipped_config_changes
 from pgolf.artifact.minify import counted_code, counter_versions, make_wrapper
 
 PACKAGE = "pgolf"
@@ -285,12 +287,17 @@ def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) 
     modules = collect_modules(ENTRY_MODULE, package_dir, frozenset(left_out))
     if not minify:
         return ModuleTable(modules, left_out, {})
+    from pgolf.artifact.config_module import REPLACED_MODULES, generated_config_source
     from pgolf.artifact.shrink import shrink_modules
 
-    shrunk, messages = shrink_modules([(m.name, m.is_package, m.source) for m in modules], ENTRY_MODULE, reachable_in,
-                                      cfg)
+    # the shipped form's pgolf.config: the recipe as the defaults of plain dataclasses (pgolf.artifact.config_module)
+    sources = [(m.name, m.is_package, m.source) for m in modules if m.name not in REPLACED_MODULES]
+    sources.append(("pgolf.config", False, generated_config_source(cfg)))
+    shrunk, messages = shrink_modules(sorted(sources), ENTRY_MODULE, reachable_in, cfg)
     kept = {m.name for m in shrunk}
-    shaken = {m.name: "no shipped code imports it once unused code is dropped (pgolf.artifact.shrink)"
+    replaced = {name: "replaced by the generated pgolf.config (pgolf.artifact.config_module)"
+                for name in REPLACED_MODULES if name != "pgolf.config"}
+    shaken = {m.name: replaced.get(m.name, "no shipped code imports it once unused code is dropped (pgolf.artifact.shrink)")
               for m in modules if m.name not in kept}
     return ModuleTable([BundledModule(m.name, m.is_package, m.source) for m in shrunk], {**left_out, **shaken},
                        messages)
@@ -407,27 +414,10 @@ if __name__ == "__main__":
 '''
 
 
-def recipe_changes(cfg: RunConfig) -> dict[str, Any]:
-    """The values of ``cfg`` that differ from pgolf's defaults (nested like the recipe): what the shipped form's
-    CONFIG_JSON holds, the embedded pgolf.config supplying the rest. ``run`` is always there."""
-
-    def diff(values: dict, defaults: dict) -> dict:
-        out = {}
-        for key, value in values.items():
-            default = defaults.get(key)
-            if isinstance(value, dict) and isinstance(default, dict):
-                if sub := diff(value, default):
-                    out[key] = sub
-            elif key not in defaults or value != default:
-                out[key] = value
-        return out
-
-    return {"run": cfg.run, **diff(to_dict(cfg), to_dict(RunConfig(run=cfg.run)))}
-
-
 def render_bundle(cfg: RunConfig, modules: list[BundledModule], changes_only: bool = False) -> str:
-    """The text of ``train_gpt.py`` (deterministic). ``changes_only``: CONFIG_JSON holds only the values that differ
-    from pgolf's defaults (:func:`recipe_changes`; the shipped form), else every value."""
+    """The text of ``train_gpt.py`` (deterministic). ``changes_only`` (the shipped form): CONFIG_JSON holds only
+    ``run``, the embedded generated ``pgolf.config`` every other value as its defaults
+    (:mod:`pgolf.artifact.config_module`); else CONFIG_JSON holds every value."""
     names = [m.name for m in modules]
     if ENTRY_MODULE not in names:
         raise BundleError(f"the bundle must contain {ENTRY_MODULE}")
@@ -435,7 +425,7 @@ def render_bundle(cfg: RunConfig, modules: list[BundledModule], changes_only: bo
         raise BundleError(f"duplicate module names in the bundle: {names}")
     code_hash = bundle_code_hash(modules)
     if changes_only:
-        config_json = json.dumps(recipe_changes(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        config_json = json.dumps(shipped_config_changes(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     else:
         config_json = json.dumps(to_dict(cfg), sort_keys=True, indent=1, ensure_ascii=True)
     lines = [
@@ -448,7 +438,7 @@ def render_bundle(cfg: RunConfig, modules: list[BundledModule], changes_only: bo
         "It trains, collects GPTQ Hessians, quantizes, packs and evaluates in one process group (see",
         "pgolf/artifact/record_run.py below). Generated by `pgolf bundle` from pgolf " + pgolf.__version__ + "; do not edit:",
         "MODULES holds the sources, CONFIG_JSON the recipe"
-        + (" (the values that differ from pgolf.config's defaults)" if changes_only else "")
+        + (" (its name; every value is a default of the embedded pgolf.config)" if changes_only else "")
         + ", CODE_HASH the sha256 of the sources.",
         '"""',
         "",
@@ -493,8 +483,24 @@ def check_bundle(text: str, cfg: RunConfig, modules: list[BundledModule]) -> Non
     if embedded != expected:
         differ = sorted(n for n in set(embedded) | set(expected) if embedded.get(n) != expected.get(n))
         raise BundleError(f"the bundle's MODULES do not match the sources: {differ[:5]}")
-    if config_json is None or parse_run_config(json.loads(config_json), "bundle CONFIG_JSON") != cfg:
-        raise BundleError("the bundle's CONFIG_JSON does not give back the config")
+    if config_json is None or _embedded_recipe(json.loads(config_json), embedded) != to_dict(cfg):
+        raise BundleError("the bundle's CONFIG_JSON and pgolf.config do not give back the config")
+
+
+def _embedded_recipe(config: dict, embedded: dict[str, tuple[bool, str]]) -> dict:
+    """The recipe a bundle runs, as a plain dict: CONFIG_JSON read by the bundle's own ``pgolf.config`` when that is
+    the generated module (the shipped form: executed on its own, it imports only the standard library; its
+    recipe class is the dataclass with a ``run`` field, whatever name shrinking gave it), else by pgolf's."""
+    is_package, source = embedded.get("pgolf.config", (True, ""))
+    if is_package:
+        return to_dict(parse_run_config(config, "bundle CONFIG_JSON"))
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "pgolf.config (embedded)", "exec", dont_inherit=True), namespace)  # annotations evaluated
+    recipes = [v for v in namespace.values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+               and "run" in {f.name for f in dataclasses.fields(v)}]
+    if len(recipes) != 1:
+        raise BundleError(f"the bundle's pgolf.config defines {len(recipes)} recipe classes, expected 1")
+    return json.loads(json.dumps(dataclasses.asdict(recipes[0](**config))))
 
 
 @dataclasses.dataclass(frozen=True)
