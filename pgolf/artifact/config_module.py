@@ -15,7 +15,9 @@ place of the package:
   number becomes a float where the field is a float, a JSON list a tuple where the field is a tuple, and nothing
   else is checked (pgolf wrote and hashed what is read).
 
-:func:`pgolf.artifact.bundle.check_bundle` runs the generated module and checks that it gives back the recipe.
+:func:`pgolf.artifact.bundle.check_bundle` runs the generated module and checks that it gives back the recipe. Its
+error tags (``config:<line>``, :mod:`pgolf.artifact.shrink`) count lines of the generated source, not of pgolf's;
+the bundle report's ``messages`` holds their texts as for every other tag.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Every byte the bundle embeds is counted against the 16,000,000-byte cap, and the counting minifier cannot see
 inside the embedded module strings, so the bundle embeds its modules already shrunk. Bundle-time transforms, in
-this order, over the module table of :mod:`pgolf.artifact.bundle` (the bundle also writes only the recipe's
-values that differ from pgolf's defaults into ``CONFIG_JSON``):
+this order, over the module table of :mod:`pgolf.artifact.bundle`, in which the generated ``pgolf.config`` of
+:mod:`pgolf.artifact.config_module` (the recipe as dataclass defaults) stands in for the config package:
 
 1. **Error messages become tags.** ``raise E(<string or f-string>)`` becomes ``raise E('<module>:<line>')`` (the
    f-string's values go too: they only describe the failure, and computing them cannot decide whether it
