@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -67,6 +68,19 @@ def test_a_field_type_without_a_generated_form_is_refused() -> None:
         _kind(Optional[int | str])
     with pytest.raises(TypeError, match="no generated form"):
         _kind(dict)
+    with pytest.raises(TypeError, match="a tuple of plain values"):
+        _kind(tuple[tuple[float, float], ...])
+
+
+def test_values_without_a_python_literal_are_written_as_expressions() -> None:
+    cfg = shipped_recipe(load_run_config(REPO / "recipes" / "smoke.yaml"))
+    cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, max_eval_seconds=float("inf")),
+                              aggregate=dataclasses.replace(cfg.aggregate, baseline_seed_values=(1.5, float("nan"))))
+    ns = _generated(cfg)
+    recipe = ns["parse_run_config"]({"run": cfg.run})
+    assert recipe.evaluate.max_eval_seconds == float("inf")
+    assert recipe.aggregate.baseline_seed_values[0] == 1.5 and math.isnan(recipe.aggregate.baseline_seed_values[1])
+    assert recipe.seeds == cfg.seeds and isinstance(recipe.seeds, tuple)
 
 
 def test_a_bundle_whose_config_does_not_give_back_its_recipe_is_refused() -> None:

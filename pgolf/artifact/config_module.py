@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -94,6 +95,8 @@ def _kind(tp: Any) -> str:
         return type(typing.get_args(tp)[0]).__name__
     if origin is tuple:
         args = typing.get_args(tp)
+        if any(a not in (bool, int, float, str, Ellipsis) for a in args):  # _value makes one level of tuple only
+            raise TypeError(f"config field type {tp!r}: a tuple of plain values expected")
         return '"floats"' if args and args[0] is float else "tuple"
     if dataclasses.is_dataclass(tp):
         return tp.__name__
@@ -126,6 +129,15 @@ def _methods(cls: type, keep_post_init: bool) -> list[str]:
     return out
 
 
+def _literal(value: Any) -> str:
+    """Python source that evaluates to ``value`` (``repr``, except for floats without a literal: inf, nan)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float({str(value)!r})"
+    if isinstance(value, tuple):
+        return "(" + "".join(f"{_literal(v)}, " for v in value) + ")"
+    return repr(value)
+
+
 def _class_source(cls: type, values: Any) -> str:
     """``cls`` as a generated frozen dataclass whose defaults are the fields of ``values`` (an instance of it);
     a field without a default in pgolf (RunConfig's ``run``) stays without one."""
@@ -138,7 +150,7 @@ def _class_source(cls: type, values: Any) -> str:
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             lines.append(f"    {field.name}: {kind}")  # required: CONFIG_JSON gives it
         else:
-            lines.append(f"    {field.name}: {kind} = {getattr(values, field.name)!r}")
+            lines.append(f"    {field.name}: {kind} = {_literal(getattr(values, field.name))}")
     lines += _methods(cls, keep_post_init=cls is RunConfig)
     return "\n".join(lines)
 
