@@ -19,8 +19,11 @@
 #   5. torch_on     --attention-backend torch, looping on
 #   6. <backend>-cap<N>_<loop>  for each N in FUSION_CAPS: the same with --max-fusion-io-buffers N (inductor's cap on
 #                   the buffers one fused kernel reads and writes; train.compile_max_fusion_io_buffers), loops FUSION_LOOPS
+#   7. <backend>-nomix_<loop>   for each loop in NOMIX_LOOPS: the same with --mix-order-reduction off (inductor fuses
+#                   no per-channel sums into row reductions; train.compile_mix_order_reduction)
 # Knobs: BACKENDS ("fa4 torch"), STEPS (6 timed steps), WARMUP (2: the first compiles, the second must not),
-# PROFILE (2 profiled steps), FUSION_CAPS ("": none), FUSION_LOOPS ("on off"), GPU_TESTS (1; 0 skips stage 1),
+# PROFILE (2 profiled steps), FUSION_CAPS ("": none), FUSION_LOOPS ("on off"), NOMIX_LOOPS ("": none),
+# GPU_TESTS (1; 0 skips stage 1),
 # BUDGET_S. Outputs in $OUT:
 # gpu_tests.log, bench_<run>_<loop>.json (ms/step,
 # peak memory, warm-up and first-step seconds, graphs compiled, GPU time by kernel category, top kernels) and
@@ -36,6 +39,7 @@ WARMUP=${WARMUP:-2}
 PROFILE=${PROFILE:-2}
 FUSION_CAPS=${FUSION_CAPS:-}
 FUSION_LOOPS=${FUSION_LOOPS:-on off}
+NOMIX_LOOPS=${NOMIX_LOOPS:-}
 GPU_TESTS=${GPU_TESTS:-1}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -96,6 +100,12 @@ for backend in $BACKENDS; do
         --attention-backend "$backend" --max-fusion-io-buffers "$cap" --looping "$loop" --steps "$STEPS" \
         --warmup "$WARMUP" --profile-steps "$PROFILE" --out "$OUT/bench_${backend}-cap${cap}_${loop}.json"
     done
+  done
+  for loop in $NOMIX_LOOPS; do
+    cap_s=$([ "$loop" = off ] && echo 115 || echo 125)
+    stage "bench_${backend}-nomix_${loop}" "$cap_s" python -m pgolf.bench train --config config.yaml \
+      --attention-backend "$backend" --mix-order-reduction off --looping "$loop" --steps "$STEPS" \
+      --warmup "$WARMUP" --profile-steps "$PROFILE" --out "$OUT/bench_${backend}-nomix_${loop}.json"
   done
 done
 

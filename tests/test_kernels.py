@@ -543,6 +543,28 @@ def test_bench_train_fusion_cap_override():
         bench.bench_train(load_run_config(SMOKE), steps=1, device_kind="cpu", max_fusion_io_buffers=1)
 
 
+def test_bench_train_mix_order_override_reaches_torch_compile(monkeypatch):
+    """--mix-order-reduction off overrides the recipe's train.compile_mix_order_reduction: inductor is asked for
+    it (with the cap when both are set) and the result records the options it compiled with."""
+    calls = []
+
+    def spy(model, **kwargs):
+        calls.append(kwargs)
+        return model  # eager: the spy only records how the bench compiles
+
+    monkeypatch.setattr(torch, "compile", spy)
+    for cap, expected in ((0, {"triton.mix_order_reduction": False}),
+                          (12, {"max_fusion_unique_io_buffers": 12, "triton.mix_order_reduction": False})):
+        result = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512,
+                                   looping="off", device_kind="cpu", compile=True, compile_backend="inductor",
+                                   max_fusion_io_buffers=cap, mix_order_reduction=False)
+        assert result["compile_options"] == expected
+        assert calls[-1] == {"fullgraph": True, "dynamic": False, "backend": "inductor", "options": expected}
+    result = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512,
+                               looping="off", device_kind="cpu", compile=True, compile_backend="inductor")
+    assert result["compile_options"] is None and calls[-1]["options"] is None  # the recipe's default: inductor's own
+
+
 def test_bench_train_profile_on_cpu():
     """The profile pass runs the real step under torch.profiler (CPU: no kernels, so no GPU time to split)."""
     result = bench.bench_train(

@@ -307,14 +307,17 @@ def test_loss_goes_down(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ compile options (issue 16)
 
 
-def test_fusion_cap_reaches_torch_compile_of_the_training_step(tmp_path: Path, monkeypatch) -> None:
-    """train.compile_max_fusion_io_buffers is what the training stage passes to inductor (its name checked by the
-    installed torch, which refuses unknown options when torch.compile is called); 0 passes no options."""
+def test_fusion_options_reach_torch_compile_of_the_training_step(tmp_path: Path, monkeypatch) -> None:
+    """train.compile_max_fusion_io_buffers and train.compile_mix_order_reduction are what the training stage passes
+    to inductor (their names checked by the installed torch, which refuses unknown options when torch.compile is
+    called); the defaults (0, true) pass no options."""
     from pgolf.model.device import compile_model, inductor_options
 
     assert inductor_options("inductor", 0) is None and inductor_options("aot_eager", 16) is None
     assert inductor_options("inductor", 16) == {"max_fusion_unique_io_buffers": 16}
-    compile_model(torch.nn.Linear(2, 2), True, "inductor", 16)  # an unknown option name would raise here
+    assert inductor_options("inductor", 0, mix_order_reduction=False) == {"triton.mix_order_reduction": False}
+    assert inductor_options("aot_eager", 0, mix_order_reduction=False) is None
+    compile_model(torch.nn.Linear(2, 2), True, "inductor", 16, False)  # an unknown option name would raise here
     calls = []
 
     def spy(model, **kwargs):
@@ -324,13 +327,17 @@ def test_fusion_cap_reaches_torch_compile_of_the_training_step(tmp_path: Path, m
     monkeypatch.setattr(torch, "compile", spy)
     data = write_data(tmp_path / "data")
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    for cap, expected in ((16, {"max_fusion_unique_io_buffers": 16}), (0, None)):
+    cases = ((16, True, {"max_fusion_unique_io_buffers": 16}), (0, True, None),
+             (0, False, {"triton.mix_order_reduction": False}))
+    for cap, mix_order, expected in cases:
         cfg = TrainConfig(**{**to_dict(TINY_TRAIN), "iterations": 1, "warmup_steps": 0, "compile": True,
-                             "compile_max_fusion_io_buffers": cap})
-        train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, tmp_path / f"out{cap}", cpu)
+                             "compile_max_fusion_io_buffers": cap, "compile_mix_order_reduction": mix_order})
+        out = tmp_path / f"out{cap}{mix_order}"
+        train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, out, cpu)
         assert calls[-1] == {"fullgraph": True, "dynamic": False, "backend": "inductor", "options": expected}
-        _, meta = load_checkpoint(tmp_path / f"out{cap}" / "checkpoint")
+        _, meta = load_checkpoint(out / "checkpoint")
         assert meta["train_config"]["compile_max_fusion_io_buffers"] == cap  # recorded with the result
+        assert meta["train_config"]["compile_mix_order_reduction"] is mix_order
 
 
 @pytest.mark.parametrize("cap", [1, -1])

@@ -95,22 +95,30 @@ class CompileCounter:
         return {"graphs_compiled": graphs - self.start[0], "graph_breaks": breaks - self.start[1]}
 
 
-def inductor_options(backend: str, max_fusion_io_buffers: int = 0) -> Optional[dict[str, Any]]:
-    """torch.compile ``options`` for ``train.compile_max_fusion_io_buffers`` (0: none). Only inductor takes them:
-    other backends (aot_eager on CPU) generate no kernels, so the cap has nothing to act on there."""
-    if backend != "inductor" or max_fusion_io_buffers == 0:
+def inductor_options(backend: str, max_fusion_io_buffers: int = 0,
+                     mix_order_reduction: bool = True) -> Optional[dict[str, Any]]:
+    """torch.compile ``options`` for ``train.compile_max_fusion_io_buffers`` (0: none) and
+    ``train.compile_mix_order_reduction`` (True: inductor's default, no option); None when neither asks for one.
+    Only inductor takes them: other backends (aot_eager on CPU) generate no kernels, so they have nothing to act
+    on there."""
+    if backend != "inductor":
         return None
-    return {"max_fusion_unique_io_buffers": max_fusion_io_buffers}
+    options: dict[str, Any] = {}
+    if max_fusion_io_buffers:
+        options["max_fusion_unique_io_buffers"] = max_fusion_io_buffers
+    if not mix_order_reduction:
+        options["triton.mix_order_reduction"] = False
+    return options or None
 
 
-def compile_model(model, enabled: bool, backend: str, max_fusion_io_buffers: int = 0):
+def compile_model(model, enabled: bool, backend: str, max_fusion_io_buffers: int = 0, mix_order_reduction: bool = True):
     """``torch.compile(fullgraph=True, dynamic=False)`` as training and the benchmarks compile (``enabled`` False:
-    the model itself), with the fusion cap of :func:`inductor_options`."""
+    the model itself), with the fusion options of :func:`inductor_options`."""
     import torch
 
     if not enabled:
         return model
-    options = inductor_options(backend, max_fusion_io_buffers)
+    options = inductor_options(backend, max_fusion_io_buffers, mix_order_reduction)
     return torch.compile(model, fullgraph=True, dynamic=False, backend=backend, options=options)
 
 

@@ -201,13 +201,15 @@ def bench_train(
     profile_steps: int = 0,
     attention_backend: Optional[str] = None,
     max_fusion_io_buffers: Optional[int] = None,
+    mix_order_reduction: Optional[bool] = None,
 ) -> dict[str, Any]:
     """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
 
     ``profile_steps`` > 0 adds, per phase, a torch.profiler breakdown of that many more steps
     (:func:`profile_breakdown`). ``attention_backend`` (auto, fa3, fa4, torch) overrides the recipe's
     ``model.attention_backend``; the result records what it resolved to. ``max_fusion_io_buffers`` overrides
-    ``train.compile_max_fusion_io_buffers`` (0: no cap); the result records the value used."""
+    ``train.compile_max_fusion_io_buffers`` (0: no cap) and ``mix_order_reduction``
+    ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``)."""
     import torch
 
     from pgolf.model import kernels
@@ -230,6 +232,7 @@ def bench_train(
     fusion_cap = train_cfg.compile_max_fusion_io_buffers if max_fusion_io_buffers is None else max_fusion_io_buffers
     if fusion_cap == 1 or fusion_cap < 0:
         raise ValueError(f"bench train: --max-fusion-io-buffers expects 0 (no cap) or >= 2, got {fusion_cap}")
+    mix_order = train_cfg.compile_mix_order_reduction if mix_order_reduction is None else mix_order_reduction
     micro = micro_batch_tokens if micro_batch_tokens is not None else train_cfg.micro_batch_tokens
     if micro < train_cfg.train_seq_len:
         raise ValueError(
@@ -251,7 +254,7 @@ def bench_train(
     extend_rope_cache(model, rows.tokens)  # as the training stage does
     bench = TrainBench(
         model=model,
-        step_model=compile_model(model, compile, compile_backend, fusion_cap),
+        step_model=compile_model(model, compile, compile_backend, fusion_cap, mix_order),
         optimizers=optimizers,
         params=list(model.parameters()),
         device=device,
@@ -325,7 +328,7 @@ def bench_train(
         "compile": bool(compile),
         "compile_backend": compile_backend if compile else None,
         # the inductor options the step was compiled with (None: none; only inductor takes them)
-        "compile_options": inductor_options(compile_backend, fusion_cap) if compile else None,
+        "compile_options": inductor_options(compile_backend, fusion_cap, mix_order) if compile else None,
         "params": sum(p.numel() for p in model.parameters()),
         "micro_batch_tokens": rows.tokens,
         "grad_accum_steps": accum,

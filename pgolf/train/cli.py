@@ -108,6 +108,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         profile_steps=args.profile_steps,
         attention_backend=args.attention_backend,
         max_fusion_io_buffers=args.max_fusion_io_buffers,
+        mix_order_reduction=None if args.mix_order_reduction is None else args.mix_order_reduction == "on",
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
@@ -129,6 +130,10 @@ def _register_bench_train(commands) -> None:
         "--max-fusion-io-buffers", type=nonneg_int, default=None,
         help="inductor's cap on the buffers one fused kernel reads and writes (0: no cap; default: the recipe's "
         "train.compile_max_fusion_io_buffers)",
+    )
+    p.add_argument(
+        "--mix-order-reduction", choices=["on", "off"], default=None,
+        help="inductor's mix-order reduction fusion (default: the recipe's train.compile_mix_order_reduction)",
     )
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(

@@ -255,7 +255,8 @@ def train_model(
     optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=muon_averages_grads(train_cfg.clip_scope))
     params = [p for p in model.parameters()]  # the model's order: the clip norm sums in it
     extend_rope_cache(model, plan.micro_batch_tokens)  # rows of one micro-batch: sliced, not computed, RoPE tables
-    step_model = compile_model(model, train_cfg.compile, "inductor", train_cfg.compile_max_fusion_io_buffers)
+    step_model = compile_model(model, train_cfg.compile, "inductor", train_cfg.compile_max_fusion_io_buffers,
+                               train_cfg.compile_mix_order_reduction)
     can_loop = model_cfg.loop_count > 1
 
     if info.is_main:
