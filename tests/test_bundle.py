@@ -316,9 +316,10 @@ def test_record_run_writes_every_stage_output(record_run) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = folder / "out"
     for rel in ("train/checkpoint/checkpoint.json", "train/train_summary.json", "train/metrics.jsonl",
-                "hessians/hessians.pt", "hessians/hessian_report.json", "quantize/quantized.pt",
+                "hessians/hessians.pt", "hessians/hessian_report.json",
                 "quantize/quantize_report.json", "pack/artifact.pgolf", "pack/pack_report.json", "eval/eval.json"):
         assert (out / rel).is_file(), rel
+    assert not (out / "quantize/quantized.pt").exists()  # quantize -> pack in memory (pgolf.artifact.record_run)
     summary = json.loads((out / "record_run.json").read_text())
     assert summary["exit_status"] == 0 and summary["world_size"] == 2 and summary["seed"] == SEED
     assert set(summary["stages"]) == {"train", "hessians", "quantize", "pack", "evaluate"}
@@ -354,9 +355,15 @@ def test_staged_functions_on_the_same_checkpoint_give_identical_results(record_r
     assert staged_h.keys() == record_h.keys()
     assert all(torch.equal(staged_h[k], record_h[k]) for k in staged_h)
 
-    run_quantize_stage(ckpt, tmp_path / "h.pt", cfg.quantize, tmp_path / "q.pt", tmp_path / "q.json", "cpu")
+    staged_report = run_quantize_stage(ckpt, tmp_path / "h.pt", cfg.quantize, tmp_path / "q.pt", tmp_path / "q.json",
+                                       "cpu")
+    record_report = json.loads((out / "quantize/quantize_report.json").read_text())
+    measured = ("quantize_seconds", "quantized_sha256", "checkpoint")  # the record run writes no quantized.pt
+    assert {k: v for k, v in staged_report.items() if k not in measured} == \
+        {k: v for k, v in record_report.items() if k not in measured}  # same tensors, errors, provenance
+    assert record_report["quantized_sha256"] is None and staged_report["quantized_sha256"]
     staged_q, _ = load_quantized(tmp_path / "q.pt")
-    record_q, _ = load_quantized(out / "quantize/quantized.pt")
+    record_q, _ = unpack((out / "pack/artifact.pgolf").read_bytes())  # the record run's quantized model
     assert staged_q.tensors.keys() == record_q.tensors.keys()
     compared = 0
     for name, sq in staged_q.tensors.items():

@@ -91,17 +91,36 @@ def run_pack_stage(
     separate gate stage (pgolf.artifact.gate) adds the counted code: the shipped file embeds the whole recipe, so its
     bytes change with any knob, and re-compressing the model for a TTT knob would waste minutes.
     """
-    from pgolf.train.checkpoint import model_config_of, read_checkpoint_meta
     from pgolf.quantize.stage import load_quantized
+
+    check_compressor_available(cfg)  # before any work
+    qm, provenance = load_quantized(quantized)
+    return pack_quantized(qm, provenance, str(quantized), checkpoint, cfg, code, out, report_path, code_id=code_id)
+
+
+def pack_quantized(
+    qm,
+    provenance: dict[str, Any],
+    source: str,
+    checkpoint: str | Path,
+    cfg: PackConfig,
+    code: Optional[str | Path],
+    out: str | Path,
+    report_path: str | Path,
+    *,
+    code_id: Optional[str] = None,
+) -> tuple[dict[str, Any], int]:
+    """:func:`run_pack_stage` on a quantized model in memory (``provenance`` as quantized.pt records it; ``source``
+    names where it came from in errors): what the bundled record run calls after quantizing."""
+    from pgolf.train.checkpoint import model_config_of, read_checkpoint_meta
 
     check_compressor_available(cfg)  # before any work
     meta = read_checkpoint_meta(checkpoint)
     model_cfg = model_config_of(meta, f"{checkpoint}/checkpoint.json")
     model_config = to_dict(model_cfg)
-    qm, provenance = load_quantized(quantized)
     if provenance.get("checkpoint_weights_sha256") != meta.get("weights_sha256"):
         raise ArtifactError(
-            f"{quantized} was quantized from weights {str(provenance.get('checkpoint_weights_sha256'))[:16]}..., but "
+            f"{source} was quantized from weights {str(provenance.get('checkpoint_weights_sha256'))[:16]}..., but "
             f"{checkpoint} holds {str(meta.get('weights_sha256'))[:16]}...: rerun the quantize stage"
         )
     if code is None:

@@ -9,14 +9,16 @@ re-implemented, so the outputs cannot drift apart):
 
   train     :func:`pgolf.train.loop.train_in_group`        every rank (the process group stays open)
   hessians  :func:`pgolf.quantize.hessians.run_hessian_stage`   rank 0; the record-mode training-budget check included
-  quantize  :func:`pgolf.quantize.stage.run_quantize_stage` rank 0, on ``quantize_device`` (CPU by default, as staged)
-  pack      :func:`pgolf.artifact.pack.run_pack_stage`   rank 0; size gate over ``code_file`` + compressed model
+  quantize  :func:`pgolf.quantize.stage.quantize_checkpoint` rank 0, on ``quantize_device`` (CPU by default, as staged)
+  pack      :func:`pgolf.artifact.pack.pack_quantized`   rank 0; size gate over ``code_file`` + compressed model
   evaluate  :func:`pgolf.evaluate.stage.run_evaluation`     every rank; it closes the process group when done
 
 Each stage reads what the previous one wrote, under the same names as the staged pipeline's per-seed folder
-(``train/``, ``hessians/``, ``quantize/``, ``pack/``, ``eval/``; see :class:`StagePaths`), so for the same
-checkpoint the quantized tensors and the artifact are exactly the staged ones, and pgolf.report.results reads a record
-run's folder like a staged one. Rank 0 also writes ``logs/record_run.log`` (everything printed on rank 0, with a
+(``train/``, ``hessians/``, ``quantize/``, ``pack/``, ``eval/``; see :class:`StagePaths`), except that the quantized
+model goes from the quantize to the pack stage in memory (the staged ``run_quantize_stage`` and ``run_pack_stage``
+are those two functions around a ``quantized.pt``, which the record run does not write: the artifact holds the
+same tensors). So for the same checkpoint the quantize report and the artifact are exactly the staged ones, and
+pgolf.report.results reads a record run's folder like a staged one. Rank 0 also writes ``logs/record_run.log`` (everything printed on rank 0, with a
 line per stage) and ``record_run.json`` (stage timings and statuses, the headline numbers).
 
 A stage that refuses (training + Hessians over the wallclock cap in record mode, artifact over the size cap)
@@ -69,10 +71,6 @@ class StagePaths:
     @property
     def hessian_report(self) -> Path:
         return self.root / "hessians" / "hessian_report.json"
-
-    @property
-    def quantized(self) -> Path:
-        return self.root / "quantize" / "quantized.pt"
 
     @property
     def quantize_report(self) -> Path:
@@ -298,20 +296,24 @@ def run_record(
             summary["hessians"] = {k: report.get(k) for k in ("hessian_seconds", "train_plus_hessian_seconds", "message")}
             return status
 
-        def quantize() -> int:
-            from pgolf.quantize.stage import run_quantize_stage
+        quantized = {}  # the quantize stage's outcome, handed to the pack stage in memory (rank 0 runs both)
 
-            report = run_quantize_stage(paths.checkpoint, paths.hessians, cfg.quantize, paths.quantized,
-                                        paths.quantize_report, quantize_device)
-            summary["quantize"] = {"quantized_sha256": report.get("quantized_sha256"),
-                                   "seconds": report.get("quantize_seconds")}
+        def quantize() -> int:
+            from pgolf.quantize.stage import quantize_checkpoint, write_quantize_report
+
+            quantized["done"] = done = quantize_checkpoint(paths.checkpoint, paths.hessians, cfg.quantize,
+                                                           quantize_device)
+            write_quantize_report(paths.quantize_report, done.report)
+            summary["quantize"] = {"seconds": done.report["quantize_seconds"]}
             return 0
 
         def pack() -> int:
-            from pgolf.artifact.pack import run_pack_stage
+            from pgolf.artifact.pack import pack_quantized
 
-            report, status = run_pack_stage(paths.quantized, paths.checkpoint, cfg.pack, code_file, paths.artifact,
-                                            paths.pack_report, code_id=summary["code_hash"])
+            done = quantized["done"]
+            report, status = pack_quantized(done.model, done.provenance, "the quantize stage", paths.checkpoint,
+                                            cfg.pack, code_file, paths.artifact, paths.pack_report,
+                                            code_id=summary["code_hash"])
             summary["pack"] = {k: report.get(k) for k in ("artifact_sha256", "model_bytes", "code_bytes",
                                                           "code_bytes_convention", "code_sha256", "total_bytes", "cap",
                                                           "message")}

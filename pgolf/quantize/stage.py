@@ -24,6 +24,7 @@ depend on which GPU (or none) the stage lands on; GPTQ's cost is not part of the
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import sys
@@ -235,15 +236,21 @@ def _finite_or_none(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_quantize_stage(
-    checkpoint: str | Path,
-    hessians_path: str | Path,
-    cfg: QuantizeConfig,
-    out: str | Path,
-    report_path: str | Path,
-    device_kind: str = "cpu",
-) -> dict[str, Any]:
-    """Quantize a checkpoint with its Hessians; writes ``out`` and ``report_path``; returns the report."""
+@dataclasses.dataclass(frozen=True)
+class QuantizeOutcome:
+    """A quantized checkpoint in memory: the model, its provenance (what the pack stage checks and the artifact
+    header records) and the stage report (without ``quantized_sha256``: no file was written yet)."""
+
+    model: QuantizedModel
+    provenance: dict[str, Any]
+    report: dict[str, Any]
+
+
+def quantize_checkpoint(
+    checkpoint: str | Path, hessians_path: str | Path, cfg: QuantizeConfig, device_kind: str = "cpu"
+) -> QuantizeOutcome:
+    """Quantize a checkpoint with its Hessians; writes nothing. The staged pipeline saves the result
+    (:func:`run_quantize_stage`); the bundled record run hands it to the pack stage in memory."""
     from pgolf.train.checkpoint import load_checkpoint, model_config_of
     from pgolf.quantize.hessians import load_hessians
     from pgolf.model.gpt import build_meta
@@ -272,25 +279,45 @@ def run_quantize_stage(
         "hessians_sha256": sha256_file(hessians_path),
         "quantize_config_sha256": sha256_json(to_dict(cfg)),
     }
-    save_quantized(out, qm, provenance)
     report = {
         "stage": "quantize",
         "device": str(device),
         "checkpoint": str(checkpoint),
         "quantize_config": to_dict(cfg),
         **provenance,
-        "quantized_sha256": sha256_file(out),
+        "quantized_sha256": None,
         "payload_bytes": payload_bytes(qm),
         "quantize_seconds": quantize_seconds,
         "totals": quantize_totals(qm.report),
         "tensors": [{k: _finite_or_none(v) for k, v in r.items()} for r in qm.report],
     }
+    return QuantizeOutcome(qm, provenance, report)
+
+
+def write_quantize_report(report_path: str | Path, report: dict[str, Any]) -> None:
+    """The report file, and its one-line summary on stderr."""
     atomic_write_json(report_path, report)
     totals = report["totals"]
     ratio = "n/a" if totals["gptq_over_rtn"] is None else f"{totals['gptq_over_rtn']:.4f}"
     print(
         f"quantize: {totals['tensors']} tensors, GPTQ/RTN output error {ratio}, "
-        f"LQER on {len(totals['lqer_applied'])}, {quantize_seconds:.1f} s on {device}",
+        f"LQER on {len(totals['lqer_applied'])}, {report['quantize_seconds']:.1f} s on {report['device']}",
         file=sys.stderr,
     )
+
+
+def run_quantize_stage(
+    checkpoint: str | Path,
+    hessians_path: str | Path,
+    cfg: QuantizeConfig,
+    out: str | Path,
+    report_path: str | Path,
+    device_kind: str = "cpu",
+) -> dict[str, Any]:
+    """Quantize a checkpoint with its Hessians; writes ``out`` (quantized.pt) and ``report_path``; returns the
+    report."""
+    done = quantize_checkpoint(checkpoint, hessians_path, cfg, device_kind)
+    save_quantized(out, done.model, done.provenance)
+    report = {**done.report, "quantized_sha256": sha256_file(out)}
+    write_quantize_report(report_path, report)
     return report
