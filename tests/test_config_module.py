@@ -95,6 +95,6 @@ def test_a_bundle_whose_config_does_not_give_back_its_recipe_is_refused() -> Non
     from pgolf.artifact.bundle import render_bundle
 
     with pytest.raises(BundleError, match="do not give back the config"):
-        check_bundle(render_bundle(cfg, tampered, changes_only=True), cfg, tampered)
+        check_bundle(render_bundle(cfg, tampered, shipped=True), cfg, tampered)
     check_bundle(bundle.text, cfg, bundle.modules)  # the untouched one passes
     assert isinstance(bundle.modules[0], BundledModule)
