@@ -83,6 +83,21 @@ def test_values_without_a_python_literal_are_written_as_expressions() -> None:
     assert recipe.seeds == cfg.seeds and isinstance(recipe.seeds, tuple)
 
 
+def test_a_validator_that_does_more_than_check_is_refused_at_generation() -> None:
+    from pgolf.artifact.config_module import _methods
+
+    @dataclasses.dataclass(frozen=True)
+    class Normalizing:
+        names: tuple = ()
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "names", tuple(sorted(self.names)))
+
+    with pytest.raises(TypeError, match="Normalizing.__post_init__ does more than check"):
+        _methods(Normalizing, keep_post_init=False)
+    assert _methods(Normalizing, keep_post_init=True)  # RunConfig's case: kept as written
+
+
 def test_a_bundle_whose_config_does_not_give_back_its_recipe_is_refused() -> None:
     cfg = shipped_recipe(load_run_config(REPO / "recipes" / "smoke.yaml"))
     bundle = build_bundle(cfg, minify=True)

@@ -117,10 +117,15 @@ def _sections(cls: type, out: dict[str, type]) -> dict[str, type]:
 
 def _methods(cls: type, keep_post_init: bool) -> list[str]:
     """The source of the class's functions (properties included, annotations out), without the validator unless
-    asked."""
+    asked. A ``__post_init__`` that does more than check (one that normalizes a value, say) cannot go: refused."""
+    from pgolf.artifact.shrink import only_checks
+
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     out = []
     for node in tree.body[0].body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__post_init__" and not keep_post_init \
+                and not only_checks(node.body):
+            raise TypeError(f"{cls.__name__}.__post_init__ does more than check: the generated config would lose it")
         if isinstance(node, ast.FunctionDef) and (node.name != "__post_init__" or keep_post_init):
             node.returns = None  # annotations would be evaluated at definition: the generated module has no typing
             for arg in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs):

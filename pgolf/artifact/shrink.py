@@ -179,16 +179,16 @@ def _is_dataclass(node: ast.ClassDef) -> bool:
     return False
 
 
-def _only_checks(stmts: list) -> bool:
+def only_checks(stmts: list) -> bool:
     """Statements that can only raise: ``check(...)`` calls, and ifs, loops and local assignments around them."""
     for stmt in stmts:
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Name) \
                 and stmt.value.func.id == "check":
             continue
-        if isinstance(stmt, ast.If) and _only_checks(stmt.body) and _only_checks(stmt.orelse):
+        if isinstance(stmt, ast.If) and only_checks(stmt.body) and only_checks(stmt.orelse):
             continue
         if isinstance(stmt, ast.For) and isinstance(stmt.target, (ast.Name, ast.Tuple)) and not stmt.orelse \
-                and _only_checks(stmt.body):
+                and only_checks(stmt.body):
             continue
         if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets):
             continue
@@ -205,7 +205,7 @@ def drop_validators(tree: ast.Module) -> None:
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and _is_dataclass(node) and node.name not in KEEP_VALIDATORS:
             node.body = [s for s in node.body if not (isinstance(s, ast.FunctionDef) and s.name == "__post_init__"
-                                                      and _only_checks(s.body))] or [ast.Pass()]
+                                                      and only_checks(s.body))] or [ast.Pass()]
 
 
 def _is_all(stmt: ast.stmt) -> bool:
