@@ -65,10 +65,10 @@ def test_every_cpu_stage_sets_its_threads_itself() -> None:
 
     from pgolf.evaluate.stage import run_evaluation
     from pgolf.quantize.hessians import run_hessian_stage
-    from pgolf.quantize.stage import run_quantize_stage
+    from pgolf.quantize.stage import quantize_checkpoint  # under run_quantize_stage and the record run's quantize
     from pgolf.train.loop import train_in_group
 
-    for stage, section in ((train_in_group, "train_cfg"), (run_hessian_stage, "cfg"), (run_quantize_stage, "cfg"),
+    for stage, section in ((train_in_group, "train_cfg"), (run_hessian_stage, "cfg"), (quantize_checkpoint, "cfg"),
                            (run_evaluation, "cfg")):
         assert f"set_cpu_threads({section}.cpu_threads)" in inspect.getsource(stage), stage.__name__
 
