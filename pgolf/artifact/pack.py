@@ -40,6 +40,7 @@ from pgolf.config import ConfigError, ModelConfig, PackConfig, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes
 from pgolf.artifact.format import ArtifactError, check_against_model_config, check_compressor_available, pack, size_gate, unpack
 from pgolf.artifact.minify import counted_code_bytes  # the one code counter
+from pgolf.quantize.weights import QuantizedModel
 
 EXIT_OVER_CAP = 3  # a refusal by a gate (as the budget checks of the Hessian and evaluation stages)
 PLAIN_BROTLI = PackConfig(
@@ -98,18 +99,9 @@ def run_pack_stage(
     return pack_quantized(qm, provenance, str(quantized), checkpoint, cfg, code, out, report_path, code_id=code_id)
 
 
-def pack_quantized(
-    qm,
-    provenance: dict[str, Any],
-    source: str,
-    checkpoint: str | Path,
-    cfg: PackConfig,
-    code: Optional[str | Path],
-    out: str | Path,
-    report_path: str | Path,
-    *,
-    code_id: Optional[str] = None,
-) -> tuple[dict[str, Any], int]:
+def pack_quantized(qm: QuantizedModel, provenance: dict[str, Any], source: str, checkpoint: str | Path,
+                   cfg: PackConfig, code: Optional[str | Path], out: str | Path, report_path: str | Path, *,
+                   code_id: Optional[str] = None) -> tuple[dict[str, Any], int]:
     """:func:`run_pack_stage` on a quantized model in memory (``provenance`` as quantized.pt records it; ``source``
     names where it came from in errors): what the bundled record run calls after quantizing."""
     from pgolf.train.checkpoint import model_config_of, read_checkpoint_meta
