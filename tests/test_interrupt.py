@@ -31,7 +31,9 @@ pytest.importorskip("snakemake")
 pytestmark = pytest.mark.slow
 
 RUN = "intr"
-ITERATIONS = 24
+# ~20 ms per step on a CPU: 120 steps give the Ctrl-C a window of seconds between step 6 and the end of training
+# (with 24 it could land after training had finished and Snakemake removed the whole job's outputs)
+ITERATIONS = 120
 RESUME_EVERY = 4
 STOP_AT_STEP = 6  # Ctrl-C once this step is logged: the state of step 4 is on disk
 TRAIN_OUTPUTS = ("train/checkpoint/checkpoint.json", "train/checkpoint/model.pt", "train/train_summary.json",
@@ -78,12 +80,12 @@ def _processes_in(folder: Path) -> list[str]:
     return found
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def _wait_for(predicate, timeout: float, what: str, poll_seconds: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(poll_seconds)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -118,7 +120,7 @@ def test_ctrl_c_during_training_then_the_same_command_completes(work: Path) -> N
     first = _start(work, "console1.txt")
     try:
         _wait_for(lambda: _logged_step(seed_dir / "logs" / "train.log") >= STOP_AT_STEP or first.poll() is not None,
-                  600, f"training step {STOP_AT_STEP}")
+                  600, f"training step {STOP_AT_STEP}", poll_seconds=0.05)
         assert first.poll() is None, (work / "console1.txt").read_text()[-4000:]
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
         first.wait(timeout=120)
@@ -127,7 +129,9 @@ def test_ctrl_c_during_training_then_the_same_command_completes(work: Path) -> N
             os.killpg(first.pid, signal.SIGKILL)
     console = (work / "console1.txt").read_text()
     assert first.returncode != 0, console[-3000:]
-    assert "train seed 1: step" in console  # progress reached the console through the tee
+    # progress reached the console through the tee, labelled; which line depends on timing (the console shows at
+    # most one line per 10 s and, at the end, the last one held back), so no particular line is asserted
+    assert "train seed 1: " in console
 
     # nothing half-written under an output's name; the preflight report is a log; a saved state to resume from
     for name in TRAIN_OUTPUTS:
