@@ -500,7 +500,7 @@ def _embedded_recipe(config: dict, embedded: dict[str, tuple[bool, str]]) -> dic
                and "run" in {f.name for f in dataclasses.fields(v)}]
     if len(recipes) != 1:
         raise BundleError(f"the bundle's pgolf.config defines {len(recipes)} recipe classes, expected 1")
-    return json.loads(json.dumps(dataclasses.asdict(recipes[0](**config))))
+    return to_dict(recipes[0](**config))  # pgolf's to_dict reads any dataclass
 
 
 @dataclasses.dataclass(frozen=True)
