@@ -1,0 +1,70 @@
+"""pgolf's compile warm-up of a record-recipe training run on one GPU, timed (issue 16's warm-up criterion).
+
+The other side of ``benchmarks/record_warmup.py``: ``pgolf train`` with ``config.yaml``'s model, optim and train
+sections as they are (``warmup_steps`` per loop state, ``warmup_cu_passes`` compile passes per ``cu_seqlens``
+length, the recipe's attention backend), except ``iterations: 1``, so that the run ends one step after the warm-up
+(it still writes its checkpoint and summary). The figures are the training stage's own: ``compile_warmup_seconds``
+(from the first warm-up call to the restored state, after a device sync) and ``compile_warmup_by_loop_state``
+(seconds, steps, compile passes and graphs compiled per loop state) from ``train_summary.json``.
+
+    # one GPU, shards in the record's format (benchmarks/synthetic_shards.py writes them when --data has none)
+    python benchmarks/pgolf_warmup.py --data /tmp/syn --out OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SUMMARY_FIELDS = ("compile_warmup_seconds", "compile_warmup_by_loop_state", "startup_seconds", "attention_backend",
+                  "compiled_graphs", "cu_seqlens_shapes")
+
+
+def warmup_only_train_section(train: dict) -> dict:
+    """The recipe's train section with one step (the least it takes): the run stops right after its warm-up."""
+    return {**train, "iterations": 1}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
+    parser.add_argument("--data", type=Path, default=Path("/tmp/syn"))
+    parser.add_argument("--out", type=Path, required=True, help="JSON of the figures")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = parser.parse_args(argv)
+    from pgolf.config import load_run_config, to_dict
+
+    cfg = load_run_config(args.config)
+    if not (args.data / "fineweb_val_000000.bin").is_file():
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "synthetic_shards.py"), "--out", str(args.data),
+                        "--vocab", str(cfg.model.vocab_size), "--train-tokens", "120000000", "--val-tokens", "1000000"],
+                       check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "train"
+        cmd = [sys.executable, "-m", "pgolf.train", "--model-json", json.dumps(to_dict(cfg.model)),
+               "--optim-json", json.dumps(to_dict(cfg.optim)),
+               "--train-json", json.dumps(warmup_only_train_section(to_dict(cfg.train))),
+               "--seed", "42", "--data-dir", str(args.data), "--out-dir", str(run_dir), "--device", args.device]
+        env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        subprocess.run(cmd, check=True, env=env)
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+    result = {key: summary.get(key) for key in SUMMARY_FIELDS}
+    result.update(config=str(args.config), warmup_steps_per_loop_state=cfg.train.warmup_steps,
+                  warmup_cu_passes=cfg.train.warmup_cu_passes)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"pgolf_warmup: {result['compile_warmup_seconds']:.1f} s "
+          f"{json.dumps(result['compile_warmup_by_loop_state'])}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
