@@ -79,10 +79,14 @@ def graph_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ inductor on CPU
 
 
-def drive_gpu_scheduling_on_cpu(max_fusion_io_buffers: int, mix_order_reduction: bool = True) -> list[str]:
+def drive_gpu_scheduling_on_cpu(max_fusion_io_buffers: int, mix_order_reduction: bool = True,
+                                mix_order_any_size: bool = False) -> list[str]:
     """Patch inductor (this process) so that CPU tensors get its CUDA/Triton scheduling and every generated graph
     module is captured instead of loaded; returns the list the captured sources are appended to. The two fusion
-    options are ``train.compile_max_fusion_io_buffers`` and ``train.compile_mix_order_reduction``."""
+    options are ``train.compile_max_fusion_io_buffers`` and ``train.compile_mix_order_reduction``.
+    ``mix_order_any_size``: inductor's non-strict mode, which fuses mix-order reductions below the sizes it wants on
+    a GPU (>= 5 Mi elements and >= 4,096 rows), so that a small test batch shows the fusion the GPU's batch gets."""
+    import torch
     import torch._inductor.config as inductor_config
     import torch._inductor.scheduler as scheduler
     import torch.utils._triton as torch_triton
@@ -94,6 +98,11 @@ def drive_gpu_scheduling_on_cpu(max_fusion_io_buffers: int, mix_order_reduction:
     if max_fusion_io_buffers:
         inductor_config.max_fusion_unique_io_buffers = max_fusion_io_buffers
     inductor_config.triton.mix_order_reduction = mix_order_reduction
+    if mix_order_any_size:
+        if not hasattr(inductor_config.triton, "mix_order_reduction_non_strict_mode"):
+            raise SystemExit(f"--mix-order-any-size: torch {torch.__version__} has no "
+                             "inductor config triton.mix_order_reduction_non_strict_mode")
+        inductor_config.triton.mix_order_reduction_non_strict_mode = True
     open_mix_order_gate(scheduler)
     torch_triton.triton_backend = lambda: GPUTarget("cuda", 90, 32)
     torch_triton.triton_hash_with_backend = lambda: "sm90-on-cpu"
@@ -236,10 +245,10 @@ def use_gpu_ops_on_cpu() -> None:
 
 
 def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int = 0,
-             mix_order_reduction: bool = True) -> tuple[list[str], int]:
+             mix_order_reduction: bool = True, mix_order_any_size: bool = False) -> tuple[list[str], int]:
     """Forward and backward graph modules of one micro-batch of ``tokens`` tokens of ``config``'s training step,
     and the model width."""
-    captured = drive_gpu_scheduling_on_cpu(max_fusion_io_buffers, mix_order_reduction)
+    captured = drive_gpu_scheduling_on_cpu(max_fusion_io_buffers, mix_order_reduction, mix_order_any_size)
     use_gpu_ops_on_cpu()
     import torch
 
@@ -268,14 +277,15 @@ def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int
 
 
 def generate_record(tokens: int, looping: bool, max_fusion_io_buffers: int = 0,
-                    hparams: Optional[dict[str, Any]] = None, mix_order_reduction: bool = True) -> tuple[list[str], int]:
+                    hparams: Optional[dict[str, Any]] = None, mix_order_reduction: bool = True,
+                    mix_order_any_size: bool = False) -> tuple[list[str], int]:
     """The same for the record script's own GPT (``PGOLF_RECORD_SCRIPT``, imported by tests/record_oracle.py) at its
     default hyperparameters, built as it builds it (``.bfloat16()`` then ``restore_fp32_params``), training mode,
     with the ops it runs as kernels on the GPU routed to the same opaque stand-ins as pgolf's: its FlashAttention 3
     call to the FA4 op, its fused MLP to pgolf's fused MLP op, its fused softcapped CE to pgolf's CE op (the
     stand-ins' shapes are the record kernels' shapes). What remains is what inductor generates for the record.
     ``hparams`` overrides the script's Hyperparameters (a small model for tests)."""
-    captured = drive_gpu_scheduling_on_cpu(max_fusion_io_buffers, mix_order_reduction)
+    captured = drive_gpu_scheduling_on_cpu(max_fusion_io_buffers, mix_order_reduction, mix_order_any_size)
     use_gpu_ops_on_cpu()
     import torch
 
@@ -335,15 +345,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-fusion-io-buffers", type=int, default=0, help="inductor's fusion cap (0: none)")
     p.add_argument("--mix-order-reduction", choices=["on", "off"], default="on",
                    help="inductor's mix-order reduction fusion (default on, inductor's default)")
+    p.add_argument("--mix-order-any-size", action="store_true",
+                   help="fuse mix-order reductions at any size (inductor's non-strict mode): small batches for tests")
     p.add_argument("--top", type=int, default=8, help="kernels listed per graph")
     p.add_argument("--out", required=True, help="folder for forward.py, backward.py and summary.json")
     args = p.parse_args(argv)
     looping, mix_order = args.looping == "on", args.mix_order_reduction == "on"
     if args.model == "record":
         modules, model_dim = generate_record(args.tokens, looping, args.max_fusion_io_buffers, args.record_hparams,
-                                             mix_order)
+                                             mix_order, args.mix_order_any_size)
     else:
-        modules, model_dim = generate(args.config, args.tokens, looping, args.max_fusion_io_buffers, mix_order)
+        modules, model_dim = generate(args.config, args.tokens, looping, args.max_fusion_io_buffers, mix_order,
+                                      args.mix_order_any_size)
     if len(modules) != 2:
         print(f"expected a forward and a backward graph module, captured {len(modules)}", file=sys.stderr)
         return 1
@@ -355,6 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         graphs[name] = kernel_stats(source, model_dim)
     summary = {"model": args.model, "config": args.config, "tokens": args.tokens, "looping": args.looping,
                "max_fusion_io_buffers": args.max_fusion_io_buffers, "mix_order_reduction": args.mix_order_reduction,
+               "mix_order_any_size": args.mix_order_any_size,
                "graphs": {g: {**graph_summary(rows), "kernels_detail": rows} for g, rows in graphs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(report_lines(graphs, args.top)))
