@@ -22,6 +22,10 @@
 #   7. <backend>-nomix_<loop>   for each loop in NOMIX_LOOPS: the same with --mix-order-reduction off (inductor fuses
 #                   no per-channel sums into row reductions; train.compile_mix_order_reduction)
 # Knobs: BACKENDS ("fa4 torch"), STEPS (6 timed steps), WARMUP (2: the first compiles, the second must not),
+# RECORD_PROFILE (the record's anchor_profile.json from the same machine, written by `.ref/side_by_side.sh record`:
+# the "x rec+FA4" column divides by its figures instead of shared/perf's), DATA (a shard folder: every bench takes its rows from it, `--data`; give the one the record script reads,
+# /tmp/syn in .ref/side_by_side.sh, so that both sides attend over the same documents; written like
+# side_by_side.sh writes it when it has no shards; "": pgolf's synthetic stream, documents of 1,000-3,000 tokens),
 # PROFILE (2 profiled steps), FUSION_CAPS ("": none), FUSION_LOOPS ("on off"), NOMIX_LOOPS ("": none),
 # GPU_TESTS (1; 0 skips stage 1),
 # BUDGET_S. Outputs in $OUT:
@@ -41,6 +45,7 @@ FUSION_CAPS=${FUSION_CAPS:-}
 FUSION_LOOPS=${FUSION_LOOPS:-on off}
 NOMIX_LOOPS=${NOMIX_LOOPS:-}
 GPU_TESTS=${GPU_TESTS:-1}
+DATA=${DATA:-}
 mkdir -p "$OUT"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -66,6 +71,12 @@ if ! fa4_importable && [ -f .fa4b/install_on_device.sh ]; then
   fi
 fi
 fa4_importable && echo "FlashAttention 4: importable" || echo "FlashAttention 4: NOT importable (fa4 stages skipped)"
+DATA_ARGS=()
+if [ -n "$DATA" ]; then
+  [ -f "$DATA/fineweb_val_000000.bin" ] || python benchmarks/synthetic_shards.py --out "$DATA" \
+    --train-tokens 120000000 --val-tokens 1000000  # as .ref/side_by_side.sh writes the record's
+  DATA_ARGS=(--data "$DATA")
+fi
 python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 python - <<'PY'
 from pgolf.model.attention import resolve_backend
@@ -91,21 +102,22 @@ for backend in $BACKENDS; do
   for loop in off on; do
     cap=$([ "$loop" = off ] && echo 115 || echo 125)
     stage "bench_${backend}_${loop}" "$cap" python -m pgolf.bench train --config config.yaml --attention-backend "$backend" \
-      --looping "$loop" --steps "$STEPS" --warmup "$WARMUP" --profile-steps "$PROFILE" --out "$OUT/bench_${backend}_${loop}.json"
+      --looping "$loop" --steps "$STEPS" --warmup "$WARMUP" --profile-steps "$PROFILE" "${DATA_ARGS[@]}" \
+      --out "$OUT/bench_${backend}_${loop}.json"
   done
   for cap in $FUSION_CAPS; do
     for loop in $FUSION_LOOPS; do
       cap_s=$([ "$loop" = off ] && echo 115 || echo 125)
       stage "bench_${backend}-cap${cap}_${loop}" "$cap_s" python -m pgolf.bench train --config config.yaml \
         --attention-backend "$backend" --max-fusion-io-buffers "$cap" --looping "$loop" --steps "$STEPS" \
-        --warmup "$WARMUP" --profile-steps "$PROFILE" --out "$OUT/bench_${backend}-cap${cap}_${loop}.json"
+        --warmup "$WARMUP" --profile-steps "$PROFILE" "${DATA_ARGS[@]}" --out "$OUT/bench_${backend}-cap${cap}_${loop}.json"
     done
   done
   for loop in $NOMIX_LOOPS; do
     cap_s=$([ "$loop" = off ] && echo 115 || echo 125)
     stage "bench_${backend}-nomix_${loop}" "$cap_s" python -m pgolf.bench train --config config.yaml \
       --attention-backend "$backend" --mix-order-reduction off --looping "$loop" --steps "$STEPS" \
-      --warmup "$WARMUP" --profile-steps "$PROFILE" --out "$OUT/bench_${backend}-nomix_${loop}.json"
+      --warmup "$WARMUP" --profile-steps "$PROFILE" "${DATA_ARGS[@]}" --out "$OUT/bench_${backend}-nomix_${loop}.json"
   done
 done
 
@@ -115,15 +127,20 @@ if compgen -G "$OUT/bench_*_*.json" > /dev/null; then
     --out "$OUT/inductor_kernels.md" || echo "inductor_kernels: failed (the benches' figures stand)"
 fi
 
-python - "$OUT" <<'PY'
+python - "$OUT" "${RECORD_PROFILE:-}" <<'PY'
 import json, sys
 from pathlib import Path
 
-out = Path(sys.argv[1])
+out, record_profile = Path(sys.argv[1]), sys.argv[2]
 # the record script on one H200, back to back with pgolf 1f1632b (shared/perf/README.md, 2026-12-04)
 RECORD = {"fa4": {"off": 658.0, "on": 978.0, "source": "h200_2026-12-04_record_fa4_profile.json"},
           "dense_sdpa_stand_in": {"off": 781.0, "on": 1163.0, "source": "h200_2026-12-04_record_vs_pgolf.json"},
           "peak_memory_allocated_gib": 41.8}
+if record_profile:  # the record's anchor_profile.json from this machine (.ref/side_by_side.sh record): same-lease ratios
+    anchor = json.loads(Path(record_profile).read_text())
+    RECORD["fa4"] = {"off": anchor["windows"]["pre_loop"]["ms_per_step"],
+                     "on": anchor["windows"]["post_loop"]["ms_per_step"], "source": record_profile}
+    RECORD["peak_memory_allocated_gib"] = round(anchor["peak_memory_allocated_gib"], 1)
 rows, summary = [], {"record_reference": RECORD, "runs": {}}
 for path in sorted(out.glob("bench_*_*.json")):
     r = json.loads(path.read_text())
@@ -153,7 +170,7 @@ for name, e in rows:
     print(f"{name:<20} {e['ms_per_step']:8.1f} {e['ratio_to_record_fa4']:9.3f} {peak if peak is None else round(peak, 1)!s:>8} "
           f"{e['warmup_seconds']:9.1f} {e['first_step_seconds'] or 0:10.1f} {e['graphs_compiled_in_warmup']:6d} "
           f"{e['recompiles_in_timed_steps']:6d}  {cats} / {other:.0f}  [{e['attention_backend']['resolved']}]")
-print(f"record (shared/perf): +FA4 {RECORD['fa4']['off']:.0f} / {RECORD['fa4']['on']:.0f} ms/step looping off / on, "
+print(f"record ({RECORD['fa4']['source']}): +FA4 {RECORD['fa4']['off']:.1f} / {RECORD['fa4']['on']:.1f} ms/step looping off / on, "
       f"peak {RECORD['peak_memory_allocated_gib']} GiB; issue 16 target: pgolf <= 0.85 x the record, peak <= the record's")
 PY
 echo "== done after $(($(date +%s) - START))s"

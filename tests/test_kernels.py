@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -416,6 +417,8 @@ TRAIN_FIELDS = {
     "tokens_per_step",
     "train_seq_len",
     "cu_seqlens_shapes",
+    "data_dir",
+    "distinct_rows",
     "peak_tflops",
     "seed",
     "phases",
@@ -530,6 +533,46 @@ def test_kernel_categories_of_profile_names():
     assert bench_device.kernel_category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
     assert bench_device.kernel_category("Memcpy DtoD (Device -> Device)") == "memory_copy"
     assert bench_device.kernel_category("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+def test_bench_train_rows_from_shards(tmp_path, capsys):
+    """--data: the micro-batch rows are the start of the folder's training shards (across a shard boundary), one
+    distinct row per micro-batch; the attention context is theirs. Missing shards, too few tokens, a stream that
+    does not open a document and ids beyond the vocabulary are refused, naming the folder or file."""
+    from pgolf.data.shards import shard_name, write_shard
+
+    rng = np.random.default_rng(0)
+    stream = rng.integers(2, 1024, size=3000, dtype=np.int64)
+    stream[[0, 100, 164, 900, 1500, 1530, 2100]] = bench.BOS_ID  # short documents: a context unlike the synthetic
+    write_shard(tmp_path / shard_name("train", 0), stream[:1200], kind="train")
+    write_shard(tmp_path / shard_name("train", 1), stream[1200:], kind="train")
+    rc, stdout, stderr = _run_cli(capsys, ["bench", "train", "--config", str(SMOKE), "--steps", "1", "--warmup", "0",
+                                           "--grad-accum", "2", "--micro-batch-tokens", "512", "--looping", "off",
+                                           "--device", "cpu", "--data", str(tmp_path)])
+    assert rc == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["data_dir"] == str(tmp_path) and result["distinct_rows"] == 2
+    max_seqlen = load_run_config(SMOKE).train.train_seq_len
+    rows = bench.packed_rows(512, 1024, max_seqlen, 0, rows=2, stream=bench.shard_stream(tmp_path, 1025, 1024))
+    assert torch.equal(rows.inputs[1], torch.from_numpy(stream[512:1024]))  # the stream as stored, shard after shard
+    assert result["phases"][0]["mean_attention_context"] == pytest.approx(rows.mean_context)
+    assert rows.mean_context < bench.packed_rows(512, 1024, max_seqlen, 0, rows=2).mean_context  # not synthetic
+    synthetic = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=2, micro_batch_tokens=512,
+                                  looping="off", device_kind="cpu")
+    assert synthetic["data_dir"] is None and synthetic["distinct_rows"] == bench.DISTINCT_ROWS
+
+    with pytest.raises(ValueError, match=r"the training shards hold 3,000 tokens; the bench needs 4,097"):
+        bench.shard_stream(tmp_path, 4097, 1024)
+    with pytest.raises(ValueError, match=r"token id \d+ >= model.vocab_size 512"):
+        bench.shard_stream(tmp_path, 2000, 512)
+    with pytest.raises(FileNotFoundError, match="none: no such folder"):
+        bench.shard_stream(tmp_path / "none", 10, 1024)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: no fineweb_train_\*.bin shards"):
+        bench.shard_stream(tmp_path / "empty", 10, 1024)
+    write_shard(tmp_path / "late" / shard_name("train", 0), stream[1:], kind="train")
+    with pytest.raises(ValueError, match="expected a document start"):
+        bench.shard_stream(tmp_path / "late", 10, 1024)
 
 
 def test_bench_train_fusion_cap_override():

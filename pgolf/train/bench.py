@@ -11,7 +11,10 @@ is a closure inside ``train``), so :func:`train_step` mirrors it line for line; 
 
 Synthetic data: random token ids with a BOS (id 1) starting a document every 1,000-3,000 tokens (uniform),
 cut into micro-batch rows exactly as the loader does (``targets`` = inputs shifted by one). A few distinct rows
-are generated once and cycled, so host work does not pollute the timing.
+are generated once and cycled, so host work does not pollute the timing. Attention's cost follows the document
+lengths, so a comparison with another trainer must give both the same documents: ``data_dir`` (``--data DIR``)
+takes the rows from the start of DIR's training shards instead (one step's worth of distinct rows), e.g. the
+shards the record script reads in ``shared/reference/side_by_side.sh``.
 
 FLOPs convention (gpu.md), per token, forward:
   2 x (q, k, v, o, up, down parameters) x block applications + 2 x d x V (LM head)
@@ -102,6 +105,34 @@ def synthetic_stream(num_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
     return stream
 
 
+def shard_stream(data_dir, num_tokens: int, vocab_size: int) -> np.ndarray:
+    """int64 [num_tokens]: the first tokens of ``data_dir``'s training shards, in shard order."""
+    from pathlib import Path
+
+    from pgolf.data.shards import list_shards, read_shard
+
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such folder (bench train --data)")
+    paths = list_shards(data_dir, "train")
+    if not paths:
+        raise FileNotFoundError(f"{data_dir}: no fineweb_train_*.bin shards (bench train --data)")
+    parts, have = [], 0
+    for path in paths:
+        part = np.asarray(read_shard(path)[: num_tokens - have], dtype=np.int64)
+        parts.append(part)
+        have += len(part)
+        if have == num_tokens:
+            break
+    if have < num_tokens:
+        raise ValueError(f"{data_dir}: the training shards hold {have:,} tokens; the bench needs {num_tokens:,}")
+    stream = np.concatenate(parts)
+    if stream[0] != BOS_ID:
+        raise ValueError(f"{paths[0]}: expected a document start (BOS id {BOS_ID}) first, got {int(stream[0])}")
+    if int(stream.max()) >= vocab_size:
+        raise ValueError(f"{data_dir}: token id {int(stream.max())} >= model.vocab_size {vocab_size}")
+    return stream
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedRows:
     """CPU tensors of a few micro-batch rows, with cu_seqlens already padded to their bucket (as in training)."""
@@ -123,16 +154,22 @@ class PackedRows:
 
 def packed_rows(
     row_tokens: int, vocab_size: int, max_seqlen: int, seed: int, rows: int = DISTINCT_ROWS, bucketed: bool = True,
-    pad: str = "pow2",
+    pad: str = "pow2", stream: Optional[np.ndarray] = None,
 ) -> PackedRows:
-    """``rows`` consecutive rows of one synthetic stream, segmented like the training loader's micro-batches
-    (cu_seqlens padded as ``train.cu_seqlens_pad`` says when ``bucketed``)."""
+    """``rows`` consecutive rows of one stream (``stream``, at least ``rows * row_tokens + 1`` tokens; default the
+    synthetic one of ``seed``), segmented like the training loader's micro-batches (cu_seqlens padded as
+    ``train.cu_seqlens_pad`` says when ``bucketed``)."""
     import torch
 
     from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
     from pgolf.train.step import cu_seqlens_padded_length
 
-    stream = torch.from_numpy(synthetic_stream(rows * row_tokens + 1, vocab_size, seed))
+    if stream is None:
+        stream = synthetic_stream(rows * row_tokens + 1, vocab_size, seed)
+    if len(stream) < rows * row_tokens + 1:
+        raise ValueError(f"packed_rows: {rows} rows of {row_tokens} tokens need {rows * row_tokens + 1:,} tokens, "
+                         f"the stream has {len(stream):,}")
+    stream = torch.from_numpy(np.asarray(stream, dtype=np.int64))
     inputs, targets, cus, contexts = [], [], [], []
     for r in range(rows):
         row = stream[r * row_tokens : (r + 1) * row_tokens + 1]
@@ -202,6 +239,7 @@ def bench_train(
     attention_backend: Optional[str] = None,
     max_fusion_io_buffers: Optional[int] = None,
     mix_order_reduction: Optional[bool] = None,
+    data_dir: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
 
@@ -209,7 +247,8 @@ def bench_train(
     (:func:`profile_breakdown`). ``attention_backend`` (auto, fa3, fa4, torch) overrides the recipe's
     ``model.attention_backend``; the result records what it resolved to. ``max_fusion_io_buffers`` overrides
     ``train.compile_max_fusion_io_buffers`` (0: no cap) and ``mix_order_reduction``
-    ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``)."""
+    ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``).
+    ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones."""
     import torch
 
     from pgolf.model import kernels
@@ -250,7 +289,11 @@ def bench_train(
     # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
     apply_param_storage(model, train_cfg.param_storage, [name for name, _ in groups.get("embedding", ())])
     optimizers = build_optimizers(groups, run_cfg.optim, muon_average_grads=False)  # one process: nothing to average
-    rows = packed_rows(micro, model_cfg.vocab_size, train_cfg.train_seq_len, seed, pad=train_cfg.cu_seqlens_pad)
+    # a step's micro-batches differ, as in training: from shards one distinct row per micro-batch
+    num_rows = accum if data_dir is not None else DISTINCT_ROWS
+    stream = None if data_dir is None else shard_stream(data_dir, num_rows * micro + 1, model_cfg.vocab_size)
+    rows = packed_rows(micro, model_cfg.vocab_size, train_cfg.train_seq_len, seed, rows=num_rows,
+                       pad=train_cfg.cu_seqlens_pad, stream=stream)
     extend_rope_cache(model, rows.tokens)  # as the training stage does
     bench = TrainBench(
         model=model,
@@ -335,6 +378,8 @@ def bench_train(
         "tokens_per_step": tokens_per_step,
         "train_seq_len": train_cfg.train_seq_len,
         "cu_seqlens_shapes": rows.cu_shapes,
+        "data_dir": None if data_dir is None else str(data_dir),  # None: the synthetic stream
+        "distinct_rows": len(rows.inputs),
         "peak_tflops": peak,
         "seed": seed,
         "phases": phases,

@@ -109,6 +109,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         attention_backend=args.attention_backend,
         max_fusion_io_buffers=args.max_fusion_io_buffers,
         mix_order_reduction=None if args.mix_order_reduction is None else args.mix_order_reduction == "on",
+        data_dir=args.data,
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
@@ -139,6 +140,11 @@ def _register_bench_train(commands) -> None:
     p.add_argument(
         "--profile-steps", type=nonneg_int, default=0,
         help="after timing, profile this many more steps per phase: GPU time by kernel category, top kernels",
+    )
+    p.add_argument(
+        "--data", metavar="DIR", default=None,
+        help="micro-batch rows from the start of DIR's training shards instead of synthetic tokens (attention's "
+        "cost follows document lengths: give a trainer it is compared with the same shards)",
     )
     p.set_defaults(func=_bench_train)
 
