@@ -605,7 +605,12 @@ def test_bench_train_mix_order_override_reaches_torch_compile(monkeypatch):
         assert calls[-1] == {"fullgraph": True, "dynamic": False, "backend": "inductor", "options": expected}
     result = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512,
                                looping="off", device_kind="cpu", compile=True, compile_backend="inductor")
-    assert result["compile_options"] is None and calls[-1]["options"] is None  # the recipe's default: inductor's own
+    off = {"triton.mix_order_reduction": False}  # the recipe's value (pgolf's default): the fusion off
+    assert result["compile_options"] == off and calls[-1]["options"] == off
+    result = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512,
+                               looping="off", device_kind="cpu", compile=True, compile_backend="inductor",
+                               mix_order_reduction=True)
+    assert result["compile_options"] is None and calls[-1]["options"] is None  # on: inductor's own choice
 
 
 def test_bench_train_profile_on_cpu():

@@ -303,13 +303,14 @@ class TrainConfig:
     # kernels of <= 3 or 4 (docs/benchmarks.md, "Generated kernels"). It groups the same sums differently (float
     # rounding order of those reductions), nothing else: the model computes the same function.
     compile_max_fusion_io_buffers: int = 0
-    # Inductor's mix-order reduction (``torch._inductor.config.triton.mix_order_reduction``) for the training step:
-    # true (default) leaves inductor's choice. False makes the per-channel parameter sums of the backward plain
-    # column reductions instead of fusing them into the row reductions (RMSNorm backward) that read the same
-    # tensors: more passes over [tokens, 512] tensors, no kernel with tens of accumulators. Why it exists: the
-    # looping-on backward's two costliest generated kernels are such fusions (issue 16); the next GPU session
-    # times both settings. Like the cap, it regroups the same sums, nothing else.
-    compile_mix_order_reduction: bool = True
+    # Inductor's mix-order reduction (``torch._inductor.config.triton.mix_order_reduction``) for the training step.
+    # False (default) makes the per-channel parameter sums of the backward plain column reductions instead of fusing
+    # them into the row reductions (RMSNorm backward) that read the same tensors: more passes over [tokens, 512]
+    # tensors, no kernel with tens of accumulators; true leaves inductor's choice. Why: the looping-on backward's two
+    # costliest generated kernels were such fusions (issue 16); on one H200 (2026-12-05, FA4) false took the
+    # record recipe's step from 1,057 to 988 ms looping on and left looping off unchanged (docs/benchmarks.md). Like
+    # the cap, it regroups the same sums, nothing else.
+    compile_mix_order_reduction: bool = False
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
