@@ -23,9 +23,10 @@
 #                   no per-channel sums into row reductions; train.compile_mix_order_reduction)
 # Knobs: BACKENDS ("fa4 torch"), STEPS (6 timed steps), WARMUP (2: the first compiles, the second must not),
 # RECORD_PROFILE (the record's anchor_profile.json from the same machine, written by `.ref/side_by_side.sh record`:
-# the "x rec+FA4" column divides by its figures instead of shared/perf's), DATA (a shard folder: every bench takes its rows from it, `--data`; give the one the record script reads,
-# /tmp/syn in .ref/side_by_side.sh, so that both sides attend over the same documents; written like
-# side_by_side.sh writes it when it has no shards; "": pgolf's synthetic stream, documents of 1,000-3,000 tokens),
+# the "x rec+FA4" column divides by its figures instead of shared/perf's), DATA (a shard folder: every bench takes
+# its rows from it, `--data`; give the one the record script reads, /tmp/syn in .ref/side_by_side.sh, so that both
+# sides attend over the same documents; written as side_by_side.sh writes it when it has none; "": pgolf's
+# synthetic stream, documents of 1,000-3,000 tokens),
 # PROFILE (2 profiled steps), FUSION_CAPS ("": none), FUSION_LOOPS ("on off"), NOMIX_LOOPS ("": none),
 # GPU_TESTS (1; 0 skips stage 1),
 # BUDGET_S. Outputs in $OUT:
@@ -73,10 +74,18 @@ fi
 fa4_importable && echo "FlashAttention 4: importable" || echo "FlashAttention 4: NOT importable (fa4 stages skipped)"
 DATA_ARGS=()
 if [ -n "$DATA" ]; then
-  [ -f "$DATA/fineweb_val_000000.bin" ] || python benchmarks/synthetic_shards.py --out "$DATA" \
-    --train-tokens 120000000 --val-tokens 1000000  # as .ref/side_by_side.sh writes the record's
+  python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from synthetic_shards import ensure_harness_shards; ensure_harness_shards(Path(sys.argv[1]))" "$DATA"
   DATA_ARGS=(--data "$DATA")
 fi
+
+bench_stage() {  # bench_stage NAME LOOP [more pgolf bench train arguments]: one bench, its JSON at $OUT/NAME.json
+  local name=$1 loop=$2
+  shift 2
+  stage "$name" "$([ "$loop" = off ] && echo 115 || echo 125)" python -m pgolf.bench train --config config.yaml \
+    --looping "$loop" --steps "$STEPS" --warmup "$WARMUP" --profile-steps "$PROFILE" "${DATA_ARGS[@]}" "$@" \
+    --out "$OUT/$name.json"
+}
 python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 python - <<'PY'
 from pgolf.model.attention import resolve_backend
@@ -100,24 +109,15 @@ for backend in $BACKENDS; do
     continue
   fi
   for loop in off on; do
-    cap=$([ "$loop" = off ] && echo 115 || echo 125)
-    stage "bench_${backend}_${loop}" "$cap" python -m pgolf.bench train --config config.yaml --attention-backend "$backend" \
-      --looping "$loop" --steps "$STEPS" --warmup "$WARMUP" --profile-steps "$PROFILE" "${DATA_ARGS[@]}" \
-      --out "$OUT/bench_${backend}_${loop}.json"
+    bench_stage "bench_${backend}_${loop}" "$loop" --attention-backend "$backend"
   done
   for cap in $FUSION_CAPS; do
     for loop in $FUSION_LOOPS; do
-      cap_s=$([ "$loop" = off ] && echo 115 || echo 125)
-      stage "bench_${backend}-cap${cap}_${loop}" "$cap_s" python -m pgolf.bench train --config config.yaml \
-        --attention-backend "$backend" --max-fusion-io-buffers "$cap" --looping "$loop" --steps "$STEPS" \
-        --warmup "$WARMUP" --profile-steps "$PROFILE" "${DATA_ARGS[@]}" --out "$OUT/bench_${backend}-cap${cap}_${loop}.json"
+      bench_stage "bench_${backend}-cap${cap}_${loop}" "$loop" --attention-backend "$backend" --max-fusion-io-buffers "$cap"
     done
   done
   for loop in $NOMIX_LOOPS; do
-    cap_s=$([ "$loop" = off ] && echo 115 || echo 125)
-    stage "bench_${backend}-nomix_${loop}" "$cap_s" python -m pgolf.bench train --config config.yaml \
-      --attention-backend "$backend" --mix-order-reduction off --looping "$loop" --steps "$STEPS" \
-      --warmup "$WARMUP" --profile-steps "$PROFILE" "${DATA_ARGS[@]}" --out "$OUT/bench_${backend}-nomix_${loop}.json"
+    bench_stage "bench_${backend}-nomix_${loop}" "$loop" --attention-backend "$backend" --mix-order-reduction off
   done
 done
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SUMMARY_FIELDS = ("compile_warmup_seconds", "compile_warmup_by_loop_state", "startup_seconds", "attention_backend",
                   "compiled_graphs", "cu_seqlens_shapes")
@@ -40,13 +41,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON of the figures")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args(argv)
+    from synthetic_shards import ensure_harness_shards
+
     from pgolf.config import load_run_config, to_dict
 
     cfg = load_run_config(args.config)
-    if not (args.data / "fineweb_val_000000.bin").is_file():
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "synthetic_shards.py"), "--out", str(args.data),
-                        "--vocab", str(cfg.model.vocab_size), "--train-tokens", "120000000", "--val-tokens", "1000000"],
-                       check=True)
+    ensure_harness_shards(args.data, cfg.model.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "train"
         cmd = [sys.executable, "-m", "pgolf.train", "--model-json", json.dumps(to_dict(cfg.model)),

@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,11 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--then-train", action="store_true", help="do not exit after the warm-up")
     args = parser.parse_args(argv)
     from import_side_by_side import RECORD_ENV
+    from synthetic_shards import ensure_harness_shards
 
-    if not (args.data / "fineweb_val_000000.bin").is_file():
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "synthetic_shards.py"), "--out", str(args.data),
-                        "--train-tokens", "120000000", "--val-tokens", "1000000"], check=True,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    ensure_harness_shards(args.data)
     script = args.record_script.resolve()
     os.environ.update(RECORD_ENV)
     os.environ.update({"DATA_PATH": str(args.data), "DATA_DIR": str(args.data.parent), "ITERATIONS": "20000",

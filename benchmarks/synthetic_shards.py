@@ -25,6 +25,33 @@ def synthetic_stream(num_tokens: int, vocab: int, rng: np.random.Generator, mean
     return tokens
 
 
+# the shards shared/reference/side_by_side.sh writes for the record script (and the benches compared with it read)
+HARNESS_TRAIN_TOKENS, HARNESS_VAL_TOKENS = 120_000_000, 1_000_000
+
+
+def write_shards(out: Path, vocab: int, train_tokens: int, val_tokens: int, shard_tokens: int = 100_000_000,
+                 seed: int = 0) -> int:
+    """Write one val shard (+ its byte sidecar) and the train shards to ``out``; returns the train shard count."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    val = synthetic_stream(val_tokens, vocab, rng)
+    write_shard(out / shard_name("val", 0), val)
+    write_shard(out / shard_name("val_bytes", 0), np.where(val == BOS_ID, 0, 3).astype(np.uint16))
+    remaining, index = train_tokens, 0
+    while remaining > 0:
+        n = min(remaining, shard_tokens)
+        write_shard(out / shard_name("train", index), synthetic_stream(n, vocab, rng))
+        remaining -= n
+        index += 1
+    return index
+
+
+def ensure_harness_shards(out: Path, vocab: int = 8192) -> None:
+    """The record harness's shards in ``out``, written unless a val shard is already there."""
+    if not (out / shard_name("val", 0)).is_file():
+        write_shards(out, vocab, HARNESS_TRAIN_TOKENS, HARNESS_VAL_TOKENS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -34,19 +61,8 @@ def main() -> None:
     parser.add_argument("--shard-tokens", type=int, default=100_000_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    val = synthetic_stream(args.val_tokens, args.vocab, rng)
-    write_shard(out / shard_name("val", 0), val)
-    write_shard(out / shard_name("val_bytes", 0), np.where(val == BOS_ID, 0, 3).astype(np.uint16))
-    remaining, index = args.train_tokens, 0
-    while remaining > 0:
-        n = min(remaining, args.shard_tokens)
-        write_shard(out / shard_name("train", index), synthetic_stream(n, args.vocab, rng))
-        remaining -= n
-        index += 1
-    print(f"wrote {index} train shards and 1 val shard to {out}")
+    count = write_shards(Path(args.out), args.vocab, args.train_tokens, args.val_tokens, args.shard_tokens, args.seed)
+    print(f"wrote {count} train shards and 1 val shard to {args.out}")
 
 
 if __name__ == "__main__":
