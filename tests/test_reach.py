@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import ast
 import textwrap
+from pathlib import Path
 
-from pgolf.artifact.reach import shake_unreached
+from pgolf.artifact.reach import shake_unreached, walk
 
 MODULE = '''
 import torch
@@ -125,3 +126,17 @@ def test_type_aliases_and_compiled_patterns_are_values_shaking_may_drop_but_othe
     assert names("PATTERN = re.compile(make_pattern())") == []
     assert names("PATTERN = re.compile('x', flags=re.I)") == []
     assert names("VALUE = registry[register()]") == []
+
+
+def test_walk_visits_what_ast_walk_visits_in_its_order() -> None:
+    """Shaking's results depend on visiting order in places (which function's imports go first): the fast walk
+    must be ast.walk's order, node for node, on real modules."""
+    import pgolf.artifact.shrink
+    import pgolf.model.gpt
+
+    for module in (pgolf.artifact.shrink, pgolf.model.gpt):
+        tree = ast.parse(Path(module.__file__).read_text())
+        expected = list(ast.walk(tree))
+        got = walk(tree)
+        assert len(got) == len(expected) > 1000
+        assert all(a is b for a, b in zip(got, expected))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 
+from pgolf.artifact.reach import walk as _walk
+
 
 # Parameters annotated with one of these classes hold the recipe's own section in every bundled call (checked by
 # tests/test_shrink.py: no bundled module builds or replaces one of them). PackConfig is not here: the pack stage
@@ -59,7 +61,7 @@ class _Fold(ast.NodeTransformer):
     # ---- which names hold a section
     def visit_FunctionDef(self, node: ast.AST) -> ast.AST:
         stores: dict[str, int] = {}
-        for n in ast.walk(node):
+        for n in _walk(node):
             if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
                 stores[n.id] = stores.get(n.id, 0) + 1
             elif isinstance(n, (ast.Global, ast.Nonlocal)):
@@ -83,7 +85,7 @@ class _Fold(ast.NodeTransformer):
         self.known.append(known)
         # a local assigned once, from a recipe value (`mode = cfg.ttt.mode`), is that value everywhere it is read
         param_names = {a.arg for a in params if a is not None}
-        for stmt in ast.walk(node):
+        for stmt in _walk(node):
             if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
                     and stores.get(stmt.targets[0].id) == 1 and stmt.targets[0].id not in param_names
                     and isinstance(stmt.value, ast.Attribute)):
@@ -196,7 +198,7 @@ def drop_unreachable(tree: ast.AST) -> None:
     """Statements after a ``return``/``raise``/``continue``/``break`` in the same block go (a folded ``if`` often
     leaves one: ``if <switch>: return a`` then ``return b``), unless they hold a ``yield`` or a scope declaration,
     which would change what the function is."""
-    for node in ast.walk(tree):
+    for node in _walk(tree):
         for field in ("body", "orelse", "finalbody"):
             block = getattr(node, field, None)
             if not isinstance(block, list):

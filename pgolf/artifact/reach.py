@@ -66,18 +66,43 @@ def defined_names(stmt: ast.stmt) -> list[str]:
     return []
 
 
+def walk(root: ast.AST) -> list[ast.AST]:
+    """``list(ast.walk(root))``, in the same order (breadth first), in about half the time: shaking walks every
+    bundled module a few times per round, and ``ast.walk``'s generators were most of a bundle build."""
+    out = [root]
+    append = out.append
+    i = 0
+    while i < len(out):
+        node = out[i]
+        i += 1
+        for field in node._fields:
+            value = getattr(node, field, None)
+            if value.__class__ is list:
+                for item in value:
+                    if isinstance(item, ast.AST):
+                        append(item)
+            elif isinstance(value, ast.AST):
+                append(value)
+    return out
+
+
+def reference_name(node: ast.AST) -> str | None:
+    """The name ``node`` spells that could refer to a definition (see the module docstring), or None."""
+    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+        return node.value
+    if isinstance(node, ast.alias) and node.name != "*":
+        return node.name.split(".")[-1]
+    return None
+
+
 def references(node: ast.AST, counts: dict[str, int]) -> None:
     """Add to ``counts`` every name ``node`` spells that could refer to a definition (see the module docstring)."""
-    for sub in ast.walk(node):
-        name = None
-        if isinstance(sub, ast.Name) and not isinstance(sub.ctx, ast.Store):
-            name = sub.id
-        elif isinstance(sub, ast.Attribute):
-            name = sub.attr
-        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub.value.isidentifier():
-            name = sub.value
-        elif isinstance(sub, ast.alias) and sub.name != "*":
-            name = sub.name.split(".")[-1]
+    for sub in walk(node):
+        name = reference_name(sub)
         if name is not None:
             counts[name] = counts.get(name, 0) + 1
 
@@ -130,7 +155,7 @@ def _dynamic(cls: ast.ClassDef, known_bases: set[str]) -> bool:
     answers any name (``__getattr__``)."""
     if any(_base_name(b) not in known_bases for b in cls.bases) or cls.keywords:
         return True
-    for node in ast.walk(cls):
+    for node in walk(cls):
         if isinstance(node, ast.FunctionDef) and node.name in ("__getattr__", "__getattribute__", "__dir__"):
             return True
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
@@ -153,7 +178,7 @@ def shake_unreached(trees: dict[str, ast.Module], keep: Iterable[str] = ()) -> b
 
     protocol = protocol_names()
     keep_all_methods = "*" in protocol
-    known_bases = PROTOCOL_BASES | {n.name for tree in trees.values() for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    known_bases = PROTOCOL_BASES | {n.name for tree in trees.values() for n in walk(tree) if isinstance(n, ast.ClassDef)}
     known_bases |= {n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
     live: set[str] = set(keep)
     reached: set[int] = set()

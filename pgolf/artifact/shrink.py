@@ -42,7 +42,8 @@ import sys
 from typing import Iterable
 
 from pgolf.artifact.fold import fold_switches
-from pgolf.artifact.reach import defined_names as _defined, references as _references, shake_unreached
+from pgolf.artifact.reach import defined_names as _defined, reference_name as _reference_name
+from pgolf.artifact.reach import references as _references, shake_unreached, walk as _walk
 from pgolf.artifact.minify import sees_names_as_strings, shrink_source
 
 KEEP_ANNOTATIONS_MARKERS = ("custom_op", "torch.library", "triton.jit", "tl.constexpr")
@@ -121,50 +122,115 @@ def _is_stdlib(module: str) -> bool:
     return top in sys.stdlib_module_names and top != "__future__"
 
 
-def _prune_imports(tree: ast.AST, exported: set[str]) -> bool:
-    """Drop ``from pgolf...`` names and standard-library imports that a module, or a function (its imports at the
-    top of its body), no longer uses; True if any went. ``exported``: names other modules take from this one
-    (re-exports stay)."""
-    changed = False
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            changed |= _prune_block(node, set())
-    return _prune_block(tree, exported) or changed
-
-
-def _exports(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
-    """Per module, the names other modules may take from it: ``from <module> import <name>`` anywhere, and every
-    attribute name spelled anywhere (``pgolf.config.to_dict``)."""
-    attributes = {n.attr for tree in trees.values() for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    out = {name: set(attributes) for name in trees}
-    for name, tree in trees.items():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module in out and node.level == 0:
-                out[node.module].update(a.name for a in node.names)
-    return out
-
-
-def _prune_block(tree: ast.AST, exported: set[str]) -> bool:
-    used: dict[str, int] = dict.fromkeys(exported, 1)
-    for stmt in tree.body:
-        if not isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            _references(stmt, used)
-    changed = False
-    body = []
-    for stmt in tree.body:
+def _prune_body(body: list, used) -> tuple[list, list]:
+    """``body`` without the ``from pgolf...`` names and standard-library imports whose bound name is not in
+    ``used``; returns the new body and the import statements that lost names (changed in place or dropped)."""
+    kept_body, changed = [], []
+    for stmt in body:
         prunable = (isinstance(stmt, ast.ImportFrom) and stmt.level == 0 and stmt.module
                     and (stmt.module == "pgolf" or stmt.module.startswith("pgolf.") or _is_stdlib(stmt.module))) or (
             isinstance(stmt, ast.Import) and all(_is_stdlib(a.name) for a in stmt.names))
         if prunable:
             kept = [a for a in stmt.names if a.name == "*" or _bound_by_import(a) in used]
             if len(kept) != len(stmt.names):
-                changed = True
+                changed.append(stmt)
                 if not kept:
                     continue
                 stmt.names = kept
-        body.append(stmt)
-    tree.body = body or [ast.Pass()]
-    return changed
+        kept_body.append(stmt)
+    return kept_body or [ast.Pass()], changed
+
+
+def _prune_block(block: ast.AST, exported: set[str]) -> bool:
+    """Drop the imports of ``block`` (a function) that its own statements no longer use; True if any went."""
+    used: dict[str, int] = dict.fromkeys(exported, 1)
+    for stmt in block.body:
+        if not isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            _references(stmt, used)
+    block.body, changed = _prune_body(block.body, used)
+    return bool(changed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Facts:
+    """What one round of shaking reads of a module-level statement, from one walk of it. Shaking keeps them until
+    the statement changes (an import inside it loses names, a dataclass in it loses a method), so that a round
+    walks only what the last round changed instead of every module."""
+
+    stmt: ast.stmt  # held, so that the id the facts are filed under stays this statement's
+    counts: dict[str, int]  # every name it spells that could refer to a definition (reach.references)
+    attributes: frozenset[str]  # the attribute names it spells
+    imports_from: tuple[ast.ImportFrom, ...]  # its ``from ... import`` statements, at any depth
+    importing_functions: tuple[ast.AST, ...]  # functions in it, at any depth, with imports in their own body
+    dataclasses: tuple[ast.ClassDef, ...]  # dataclass definitions in it, at any depth
+
+    @classmethod
+    def of(cls, stmt: ast.stmt) -> "_Facts":
+        counts: dict[str, int] = {}
+        attributes, imports_from, importing, classes = set(), [], [], []
+        for node in _walk(stmt):  # breadth first: an enclosing function comes before the functions it holds
+            name = _reference_name(node)
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+            if isinstance(node, ast.Attribute):
+                attributes.add(node.attr)
+            elif isinstance(node, ast.ImportFrom):
+                imports_from.append(node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if any(isinstance(s, (ast.Import, ast.ImportFrom)) for s in node.body):
+                    importing.append(node)
+            elif isinstance(node, ast.ClassDef) and _is_dataclass(node):
+                classes.append(node)
+        return cls(stmt, counts, frozenset(attributes), tuple(imports_from), tuple(importing), tuple(classes))
+
+
+class _FactsCache:
+    """:class:`_Facts` per module-level statement, computed on first use and dropped when the statement changes."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, _Facts] = {}
+
+    def __call__(self, stmt: ast.stmt) -> _Facts:
+        facts = self._by_id.get(id(stmt))
+        if facts is None:
+            facts = self._by_id[id(stmt)] = _Facts.of(stmt)
+        return facts
+
+    def forget(self, stmt: ast.stmt) -> None:
+        self._by_id.pop(id(stmt), None)
+
+
+def _prune_imports(tree: ast.Module, exported: set[str], facts: _FactsCache) -> bool:
+    """Drop ``from pgolf...`` names and standard-library imports that a module, or a function (its imports at the
+    top of its body), no longer uses; True if any went. ``exported``: names other modules take from this one
+    (re-exports stay)."""
+    changed = False
+    for stmt in tree.body:
+        for function in facts(stmt).importing_functions:
+            if _prune_block(function, set()):
+                changed = True
+                facts.forget(stmt)
+    used = set(exported)
+    for stmt in tree.body:
+        if not isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            used.update(facts(stmt).counts)
+    tree.body, lost = _prune_body(tree.body, used)
+    for stmt in lost:
+        facts.forget(stmt)
+    return changed or bool(lost)
+
+
+def _exports(trees: dict[str, ast.Module], facts: _FactsCache) -> dict[str, set[str]]:
+    """Per module, the names other modules may take from it: ``from <module> import <name>`` anywhere, and every
+    attribute name spelled anywhere (``pgolf.config.to_dict``)."""
+    statements = [stmt for tree in trees.values() for stmt in tree.body]
+    attributes = set().union(*(facts(stmt).attributes for stmt in statements))
+    out = {name: set(attributes) for name in trees}
+    for stmt in statements:
+        for node in facts(stmt).imports_from:
+            if node.module in out and node.level == 0:
+                out[node.module].update(a.name for a in node.names)
+    return out
 
 
 KEEP_VALIDATORS = {"RunConfig"}  # its checks are the record-mode refusals (50,000 documents, no pre-quant TTT)
@@ -202,7 +268,7 @@ def drop_validators(tree: ast.Module) -> None:
     """Config dataclasses lose ``__post_init__`` methods that only validate (``check`` calls): the bundle's recipe
     was validated when the bundle was built, and every other section a record run builds is read back from its
     own checkpoint or artifact. Private methods of dataclasses that nothing names any more go with shaking."""
-    for node in ast.walk(tree):
+    for node in _walk(tree):
         if isinstance(node, ast.ClassDef) and _is_dataclass(node) and node.name not in KEEP_VALIDATORS:
             node.body = [s for s in node.body if not (isinstance(s, ast.FunctionDef) and s.name == "__post_init__"
                                                       and only_checks(s.body))] or [ast.Pass()]
@@ -230,42 +296,41 @@ def shake(trees: dict[str, ast.Module], keep: Iterable[str] = ()) -> None:
         return counts
 
     star = any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names)
-               for tree in trees.values() for n in ast.walk(tree))
+               for tree in trees.values() for n in _walk(tree))
     for tree in trees.values():  # an embedded module is imported, never run as __main__; without a star import
         tree.body = [stmt for stmt in tree.body if not _is_main_guard(stmt) and (star or not _is_all(stmt))]
+    facts = _FactsCache()
     while True:
-        exports = _exports(trees)
-        changed = any([_prune_imports(tree, exports[name]) for name, tree in trees.items()])
+        exports = _exports(trees, facts)
+        changed = any([_prune_imports(tree, exports[name], facts) for name, tree in trees.items()])
         total: dict[str, int] = {}
-        per_stmt: dict[int, dict[str, int]] = {}
         for tree in trees.values():
             for stmt in tree.body:
-                counts: dict[str, int] = {}
-                _references(stmt, counts)
-                per_stmt[id(stmt)] = counts
-                for name, n in counts.items():
+                for name, n in facts(stmt).counts.items():
                     total[name] = total.get(name, 0) + n
         for tree in trees.values():
-            for cls in [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and _is_dataclass(n)]:
-                kept = []
-                for stmt in cls.body:
-                    name = stmt.name if isinstance(stmt, ast.FunctionDef) else ""
-                    private = name.startswith("_") and not name.startswith("__")
-                    if private and total.get(name, 0) - per_method(stmt).get(name, 0) == 0:
-                        changed = True
-                        continue
-                    kept.append(stmt)
-                cls.body = kept or [ast.Pass()]
             body = []
             for stmt in tree.body:
+                own = facts(stmt)
+                for cls in own.dataclasses:
+                    kept = []
+                    for member in cls.body:
+                        name = member.name if isinstance(member, ast.FunctionDef) else ""
+                        private = name.startswith("_") and not name.startswith("__")
+                        if private and total.get(name, 0) - per_method(member).get(name, 0) == 0:
+                            changed = True
+                            facts.forget(stmt)
+                            continue
+                        kept.append(member)
+                    cls.body = kept or [ast.Pass()]
                 names = _defined(stmt)
-                own = per_stmt[id(stmt)]
                 unused = names and all(
                     not (n.startswith("__") and n.endswith("__")) and n not in keep
-                    and total.get(n, 0) - own.get(n, 0) == 0 for n in names
+                    and total.get(n, 0) - own.counts.get(n, 0) == 0 for n in names
                 )
                 if unused:
                     changed = True
+                    facts.forget(stmt)
                     continue
                 body.append(stmt)
             tree.body = body
@@ -316,7 +381,7 @@ def _identifiers(tree: ast.AST) -> set[str]:
     """Every spelling in ``tree`` that could name something: names, attributes, parameters, keywords, imported
     names and their aliases, definitions, globals and identifier-like strings."""
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _walk(tree):
         if isinstance(node, ast.Name):
             out.add(node.id)
         elif isinstance(node, ast.Attribute):
@@ -371,7 +436,7 @@ def shorten_module_names(trees: dict[str, ast.Module], keep: Iterable[str] = ())
         if sees_names_as_strings(tree):
             continue
         unsafe: set[str] = set()
-        for node in ast.walk(tree):
+        for node in _walk(tree):
             if isinstance(node, ast.Attribute):
                 unsafe.add(node.attr)
             elif isinstance(node, ast.arg):
@@ -387,7 +452,7 @@ def shorten_module_names(trees: dict[str, ast.Module], keep: Iterable[str] = ())
                 unsafe.update(node.names)
         bindings = _module_bindings(tree)
         uses: dict[str, int] = {}
-        for node in ast.walk(tree):
+        for node in _walk(tree):
             if isinstance(node, ast.Name):
                 uses[node.id] = uses.get(node.id, 0) + 1
         candidates = [n for n in bindings
@@ -400,7 +465,7 @@ def shorten_module_names(trees: dict[str, ast.Module], keep: Iterable[str] = ())
         mapping = {n: next(fresh) for n in sorted(candidates, key=lambda n: (-uses.get(n, 0), n))}
         if not mapping:
             continue
-        for node in ast.walk(tree):
+        for node in _walk(tree):
             if isinstance(node, ast.Name) and node.id in mapping:
                 node.id = mapping[node.id]
         for n, new in mapping.items():
@@ -427,7 +492,7 @@ def _spelling_kinds(tree: ast.AST) -> dict[str, set[str]]:
         kinds.setdefault(name, set()).add(kind)
 
     top = {id(s) for s in getattr(tree, "body", [])}
-    for node in ast.walk(tree):
+    for node in _walk(tree):
         if isinstance(node, ast.Name):
             add(node.id, "load" if isinstance(node.ctx, ast.Load) else "store")
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -470,6 +535,20 @@ def shorten_shared_names(trees: dict[str, ast.Module], frozen: Iterable[str] = (
     if any(sees_names_as_strings(tree) for tree in trees.values()):
         return 0
     kinds = {name: _spelling_kinds(tree) for name, tree in trees.items()}
+    # per module, from one walk (kept up to date by the renames below): its Name nodes by name, how many of them
+    # bind, and its from-imports
+    name_nodes: dict[str, dict[str, list[ast.Name]]] = {}
+    bindings: dict[str, dict[str, int]] = {}
+    imports_from: dict[str, list[ast.ImportFrom]] = {}
+    for module, tree in trees.items():
+        name_nodes[module], bindings[module], imports_from[module] = {}, {}, []
+        for node in _walk(tree):
+            if isinstance(node, ast.Name):
+                name_nodes[module].setdefault(node.id, []).append(node)
+                if not isinstance(node.ctx, ast.Load):
+                    bindings[module][node.id] = bindings[module].get(node.id, 0) + 1
+            elif isinstance(node, ast.ImportFrom):
+                imports_from[module].append(node)
     renamed = 0
     for home, tree in trees.items():
         if home in frozen:
@@ -480,8 +559,7 @@ def shorten_shared_names(trees: dict[str, ast.Module], frozen: Iterable[str] = (
                 once = sum(1 for s in tree.body if getattr(s, "name", None) == name) == 1
             elif (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
                 name, binding = stmt.targets[0].id, "store"  # a constant: bound once, by this statement
-                once = sum(1 for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name
-                           and not isinstance(n.ctx, ast.Load)) == 1
+                once = bindings[home].get(name, 0) == 1
             else:
                 continue
             if name in keep or name.startswith("__") or name.endswith(("Error", "Exception", "Failed", "Warning")):
@@ -496,8 +574,8 @@ def shorten_shared_names(trees: dict[str, ast.Module], frozen: Iterable[str] = (
                 if other in frozen or not how <= {"load", f"from:{home}"} or f"from:{home}" not in how:
                     ok = False
                     break
-                aliased = any(isinstance(n, ast.ImportFrom) and n.module == home and any(
-                    a.name == name and a.asname for a in n.names) for n in ast.walk(trees[other]))
+                aliased = any(n.module == home and any(a.name == name and a.asname for a in n.names)
+                              for n in imports_from[other])
                 if aliased and "load" in how:
                     ok = False
                     break
@@ -509,10 +587,12 @@ def shorten_shared_names(trees: dict[str, ast.Module], frozen: Iterable[str] = (
 
             new = next(_short_names(taken))
             for module in [home, *users]:
-                for node in ast.walk(trees[module]):
-                    if isinstance(node, ast.Name) and node.id == name:
-                        node.id = new
-                    elif isinstance(node, ast.ImportFrom) and node.module == home:
+                for node in name_nodes[module].get(name, []):
+                    node.id = new
+                name_nodes[module][new] = name_nodes[module].pop(name, [])
+                bindings[module][new] = bindings[module].pop(name, 0)
+                for node in imports_from[module]:
+                    if node.module == home:
                         for alias in node.names:
                             if alias.name == name:
                                 alias.name = new
