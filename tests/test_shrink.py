@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pgolf.artifact.minify import compact_source, rename_locals, shrink_source
-from pgolf.artifact.shrink import shake, tag_messages
+from pgolf.artifact.shrink import needs_annotations, shake, tag_messages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -422,3 +422,17 @@ def test_names_shared_between_modules_are_shortened_consistently() -> None:
     for kept in ("def by_attribute", "def by_string", "def kept_entry"):  # attribute, string, keep
         assert kept in lib
     assert _exec_modules(trees, "fakepkg.app") == expected == [6, 4, 1, 2, 4, 5, 10]
+
+
+def test_annotations_are_kept_where_code_reads_them_not_where_prose_names_them() -> None:
+    """A module that registers a custom op or defines a Triton kernel keeps annotations and names (torch and Triton
+    read them); one whose docstrings or comments merely mention those is shrunk like any other."""
+    prose = 'def f(x: int) -> int:\n    """Calls torch.library.custom_op kernels, tl.constexpr args."""\n    return x  # triton.jit\n'
+    assert not needs_annotations(prose)
+    registers = 'import torch\n@torch.library.custom_op("pgolf::f", mutates_args=())\ndef f(x: torch.Tensor) -> torch.Tensor:\n    return x\n'
+    assert needs_annotations(registers)
+    kernel = 'import triton\nimport triton.language as tl\n@triton.jit\ndef k(x, BLOCK: tl.constexpr):\n    pass\n'
+    assert needs_annotations(kernel)
+    for module in ("pgolf/model/kernels.py", "pgolf/model/flash4.py", "pgolf/model/triton_kernels.py"):
+        assert needs_annotations((REPO / module).read_text()), module
+    assert not needs_annotations((REPO / "pgolf/model/attention.py").read_text())

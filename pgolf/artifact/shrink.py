@@ -44,7 +44,7 @@ from typing import Iterable
 from pgolf.artifact.fold import fold_switches
 from pgolf.artifact.reach import defined_names as _defined, reference_name as _reference_name
 from pgolf.artifact.reach import references as _references, shake_unreached, walk as _walk
-from pgolf.artifact.minify import sees_names_as_strings, shrink_source
+from pgolf.artifact.minify import minify_source, sees_names_as_strings, shrink_source
 
 KEEP_ANNOTATIONS_MARKERS = ("custom_op", "torch.library", "triton.jit", "tl.constexpr")
 
@@ -57,8 +57,10 @@ class ShrunkModule:
 
 
 def needs_annotations(source: str) -> bool:
-    """A module whose annotations are read at run time (custom op schemas, Triton constexpr arguments)."""
-    return any(marker in source for marker in KEEP_ANNOTATIONS_MARKERS)
+    """A module whose annotations are read at run time (custom op schemas, Triton constexpr arguments): its code
+    spells one of the markers. Docstrings and comments do not count: a module that only mentions custom ops in
+    prose (the attention dispatcher, the counting minifier) is shrunk like any other."""
+    return any(marker in minify_source(source) for marker in KEEP_ANNOTATIONS_MARKERS)
 
 
 # --------------------------------------------------------------------------------------------------------------
