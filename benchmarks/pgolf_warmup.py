@@ -6,6 +6,8 @@ length, the recipe's attention backend), except ``iterations: 1``, so that the r
 (it still writes its checkpoint and summary). The figures are the training stage's own: ``compile_warmup_seconds``
 (from the first warm-up call to the restored state, after a device sync) and ``compile_warmup_by_loop_state``
 (seconds, steps, compile passes and graphs compiled per loop state) from ``train_summary.json``.
+Both scripts start from empty inductor and Triton caches unless given ``--compile-cache inherit``
+(``benchmarks/compile_cache.py`` says why).
 
     # one GPU, shards in the record's format (benchmarks/synthetic_shards.py writes them when --data has none)
     python benchmarks/pgolf_warmup.py --data /tmp/syn --out OUT.json
@@ -24,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from compile_cache import MODES, compile_cache_env  # noqa: E402
 
 SUMMARY_FIELDS = ("compile_warmup_seconds", "compile_warmup_by_loop_state", "startup_seconds", "attention_backend",
                   "compiled_graphs", "cu_seqlens_shapes")
@@ -40,7 +43,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=Path("/tmp/syn"))
     parser.add_argument("--out", type=Path, required=True, help="JSON of the figures")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--compile-cache", choices=MODES, default="cold",
+                        help="cold (default): empty inductor and Triton caches, as record_warmup.py starts; inherit: "
+                             "whatever the environment points at")
     args = parser.parse_args(argv)
+    cache_env = compile_cache_env(args.compile_cache, "pgolf_warmup_cache_")
     from synthetic_shards import ensure_harness_shards
 
     from pgolf.config import load_run_config, to_dict
@@ -53,13 +60,14 @@ def main(argv=None) -> int:
                "--optim-json", json.dumps(to_dict(cfg.optim)),
                "--train-json", json.dumps(warmup_only_train_section(to_dict(cfg.train))),
                "--seed", "42", "--data-dir", str(args.data), "--out-dir", str(run_dir), "--device", args.device]
-        env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+        env = {**os.environ, **cache_env, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         subprocess.run(cmd, check=True, env=env)
         summary = json.loads((run_dir / "train_summary.json").read_text())
     result = {key: summary.get(key) for key in SUMMARY_FIELDS}
     result.update(config=str(args.config), warmup_steps_per_loop_state=cfg.train.warmup_steps,
-                  warmup_cu_passes=cfg.train.warmup_cu_passes)
+                  warmup_cu_passes=cfg.train.warmup_cu_passes, compile_cache=args.compile_cache,
+                  compile_cache_dirs=cache_env)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"pgolf_warmup: {result['compile_warmup_seconds']:.1f} s "
           f"{json.dumps(result['compile_warmup_by_loop_state'])}", flush=True)

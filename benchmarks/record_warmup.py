@@ -9,6 +9,7 @@ the record run's environment, writes the figure and exits before training (``--t
     # one GPU, the record reference in .ref/ (FlashAttention 4 installed: FA3_SHIM=fa4, else torch's kernels)
     python benchmarks/record_warmup.py --record-script .ref/pr1855/train_gpt.py --data /tmp/syn --out OUT.json
 
+``--compile-cache`` (default ``cold``: empty inductor and Triton caches, ``benchmarks/compile_cache.py``),
 ``--warmup-steps`` (default 20, the record run's) and ``--dynamic-cu`` (what shared/reference/profile_anchor.py
 does to fit a 10-minute call: ``cu_seqlens`` sizes dynamic, ~3 compiles instead of 8; not the record's setting).
 Compare with pgolf's ``compile_warmup_by_loop_state`` in train_summary.json or ``warmup_seconds`` of
@@ -28,6 +29,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from compile_cache import MODES, compile_cache_env  # noqa: E402
 
 
 def install_warmup_clock(record, on_done: Callable[[float], None]) -> None:
@@ -70,7 +72,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--dynamic-cu", action="store_true", help="profile_anchor.py's dynamic cu_seqlens (fewer compiles)")
     parser.add_argument("--then-train", action="store_true", help="do not exit after the warm-up")
+    parser.add_argument("--compile-cache", choices=MODES, default="cold",
+                        help="cold (default): empty inductor and Triton caches, as pgolf_warmup.py starts; inherit: "
+                             "whatever the environment points at")
     args = parser.parse_args(argv)
+    cache_env = compile_cache_env(args.compile_cache, "record_warmup_cache_")
+    os.environ.update(cache_env)  # before anything imports torch
     from import_side_by_side import RECORD_ENV
     from synthetic_shards import ensure_harness_shards
 
@@ -95,6 +102,7 @@ def main(argv=None) -> int:
     def done(seconds: float) -> None:
         result = {"record_warmup_seconds": seconds, "warmup_steps_per_loop_state": args.warmup_steps,
                   "dynamic_cu": args.dynamic_cu, "fa3_shim": os.environ["FA3_SHIM"],
+                  "compile_cache": args.compile_cache, "compile_cache_dirs": cache_env,
                   "device": torch.cuda.get_device_name(), "torch": torch.__version__}
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"record_warmup: {seconds:.1f} s ({json.dumps(result)})", flush=True)
