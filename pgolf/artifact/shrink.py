@@ -44,7 +44,7 @@ from typing import Iterable
 from pgolf.artifact.fold import fold_switches
 from pgolf.artifact.reach import defined_names as _defined, reference_name as _reference_name
 from pgolf.artifact.reach import references as _references, shake_unreached, walk as _walk
-from pgolf.artifact.minify import minify_source, sees_names_as_strings, shrink_source
+from pgolf.artifact.minify import sees_names_as_strings, shrink_source
 
 KEEP_ANNOTATIONS_MARKERS = ("custom_op", "torch.library", "triton.jit", "tl.constexpr")
 
@@ -56,11 +56,33 @@ class ShrunkModule:
     source: str
 
 
-def needs_annotations(source: str) -> bool:
-    """A module whose annotations are read at run time (custom op schemas, Triton constexpr arguments): its code
-    spells one of the markers. Docstrings and comments do not count: a module that only mentions custom ops in
-    prose (the attention dispatcher, the counting minifier) is shrunk like any other."""
-    return any(marker in minify_source(source) for marker in KEEP_ANNOTATIONS_MARKERS)
+def _dotted(node: ast.AST) -> str:
+    """``torch.library.custom_op`` for that attribute chain ('' where it does not end in a name)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def needs_annotations(module: str | ast.Module) -> bool:
+    """A module (source or parsed) whose annotations are read at run time (custom op schemas, Triton constexpr
+    arguments): its code spells one of the markers, in a name, an attribute chain or an import. Docstrings,
+    comments and strings do not count: a module that only mentions custom ops in prose (the attention dispatcher,
+    the counting minifier) is shrunk like any other."""
+    tree = ast.parse(module) if isinstance(module, str) else module
+    for node in _walk(tree):
+        if isinstance(node, (ast.Attribute, ast.Name)):
+            spelled = [_dotted(node)]
+        elif isinstance(node, ast.ImportFrom):
+            spelled = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            spelled = [alias.name for alias in node.names]
+        else:
+            continue
+        if any(marker in name for name in spelled for marker in KEEP_ANNOTATIONS_MARKERS):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,11 +377,12 @@ def shrink_modules(modules: list, entry: str, reachable, cfg=None) -> tuple[list
     keep_annotations: dict[str, bool] = {}
     for name, is_package, source in modules:
         tree = ast.parse(source, filename=name)
+        keep_annotations[name] = needs_annotations(tree)  # before any transform
         messages.update(tag_messages(tree, name))
         if cfg is not None:
             fold_switches(tree, cfg)
         drop_validators(tree)
-        trees[name], kinds[name], keep_annotations[name] = tree, is_package, needs_annotations(source)
+        trees[name], kinds[name] = tree, is_package
     keep = ("bundle_main",)  # the bundle's own __main__ calls record_run.bundle_main
     shake(trees, keep=keep)
     while shake_unreached(trees, keep=keep):  # what only unreached code names goes too, then its imports
