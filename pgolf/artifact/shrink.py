@@ -165,13 +165,13 @@ def _prune_body(body: list, used) -> tuple[list, list]:
     return kept_body or [ast.Pass()], changed
 
 
-def _prune_block(block: ast.AST, exported: set[str]) -> bool:
-    """Drop the imports of ``block`` (a function) that its own statements no longer use; True if any went."""
-    used: dict[str, int] = dict.fromkeys(exported, 1)
-    for stmt in block.body:
+def _prune_function_imports(function: ast.AST) -> bool:
+    """Drop the imports of ``function`` that its own statements no longer use; True if any went."""
+    used: dict[str, int] = {}
+    for stmt in function.body:
         if not isinstance(stmt, (ast.Import, ast.ImportFrom)):
             _references(stmt, used)
-    block.body, changed = _prune_body(block.body, used)
+    function.body, changed = _prune_body(function.body, used)
     return bool(changed)
 
 
@@ -231,7 +231,7 @@ def _prune_imports(tree: ast.Module, exported: set[str], facts: _FactsCache) -> 
     changed = False
     for stmt in tree.body:
         for function in facts(stmt).importing_functions:
-            if _prune_block(function, set()):
+            if _prune_function_imports(function):
                 changed = True
                 facts.forget(stmt)
     used = set(exported)
