@@ -324,6 +324,7 @@ def test_size_falls_back_to_the_pack_report_of_a_one_process_record_run(complian
     run_dir = tmp_path / "results" / "record"
     for seed in RECORD_BPB:
         shutil.rmtree(run_dir / f"seed{seed}" / "gate")
+        _edit(run_dir / f"seed{seed}" / "pack" / "pack_report.json", lambda p: p.update(code_file=None))
     verdict = verdicts_by_rule(run_dir, record_config())["size"]  # a staged pack report gates the model alone
     assert verdict.status == comply.FAIL and "did not count the code" in verdict.evidence
     for seed in RECORD_BPB:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from pgolf.config import AggregateConfig, ConfigError, from_mapping
 from pgolf.cli import main as pgolf_main
 from pgolf.report.aggregate import MixedProvenanceError, aggregate, run_report
 from pgolf.report.results import MissingSeed, ResultsError, load_seed, load_seeds
+from pgolf.report.summary import summary_text
 from report_fixtures import (
     BYTE_SUM,
     CPU_STAGES,
@@ -41,7 +43,7 @@ def agg_config(**overrides) -> AggregateConfig:
 
 def test_statistics_units_and_labels(tmp_path):
     run_dir = make_run(tmp_path)
-    agg = run_report(run_dir, agg_config(), SEEDS)
+    agg = run_report(run_dir, agg_config(), SEEDS, comply_path=run_dir / "comply.json")
     bpb = np.array(list(RECORD_BPB.values()))
     nats = np.array([nats_from_bpb(v) for v in bpb])
     assert agg["std_kind"] == "sample (ddof=1)"
@@ -101,17 +103,18 @@ def test_baseline_seed_values_run_a_welch_test_in_nats(tmp_path):
 
 def test_verdicts_record_and_not_significant(tmp_path):
     good = make_run(tmp_path / "good", {42: 1.0500, 0: 1.0510, 1234: 1.0505})
-    agg = run_report(good, agg_config(), SEEDS)
+    agg = run_report(good, agg_config(), SEEDS, comply_path=good / "comply.json")
     assert agg["significance"]["readme_pass"] and agg["verdict"]["status"] == "record"
     flat = make_run(tmp_path / "flat", {42: 1.0620, 0: 1.0650, 1234: 1.0640})
-    agg = run_report(flat, agg_config(), SEEDS)
+    agg = run_report(flat, agg_config(), SEEDS, comply_path=flat / "comply.json")
     assert agg["verdict"] == {"status": "non-record", "reasons": ["no significant improvement over the baseline"]}
     sweep = run_report(good, agg_config(), SEEDS, mode="sweep")
     assert sweep["verdict"]["status"] == "non-record" and "mode is 'sweep'" in sweep["verdict"]["reasons"][0]
 
 
 def test_compliance_blockers(tmp_path):
-    """Significant, but over the byte cap, on one H200, evaluated in sweep mode: not a record, each reason listed."""
+    """Significant, but over the byte cap, on one H200, evaluated in sweep mode, no comply.json: not a record, each
+    reason listed."""
     run_dir = tmp_path / "results" / "r"
     sha = make_code_bundle(run_dir)
     make_seed(run_dir, 42, 1.050, code_sha256=sha, total_bytes=16_000_001)
@@ -124,6 +127,60 @@ def test_compliance_blockers(tmp_path):
     assert "seed 42: artifact 16,000,001 bytes is over the 16,000,000-byte cap" in reasons
     assert "evaluated in mode 'sweep' (seed 1234)" in reasons
     assert "not the record-track 8xH100: trained on 1 process, NVIDIA H200 (seed 1234)" in reasons
+    assert "no compliance verdicts (comply.json)" in reasons
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        node, *parents, key = [data, *dotted.split("__")]
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    path.write_text(json.dumps(data))
+
+
+def test_the_rules_limits_bind_whatever_the_seeds_reports_say(tmp_path):
+    """The size cap and the evaluation budget are the rules' (16,000,000 bytes, 600 s), not the ones a recipe
+    gated or timed against; a size from a pack report that counted no code is no size; a failed comply rule blocks.
+    Each alone turns an otherwise record run into a non-record."""
+    cases = {
+        "cap": ("seed42/pack/pack_report.json", {"cap": 17_000_000, "total_bytes": 16_500_000, "model_bytes": 16_500_000 - 32_000},
+                ["seed 42: artifact 16,500,000 bytes is over the 16,000,000-byte cap",
+                 "gated against a cap of 17,000,000 bytes, not the rules' 16,000,000 (seed 42)"]),
+        "code": ("seed0/pack/pack_report.json", {"code_file": None, "code_bytes": 0, "model_bytes": 15_900_000},
+                 ["size without the code: no gate report, and the pack report counted no code file (seed 0)"]),
+        "eval": ("seed1234/eval/eval.json", {"timings__total_s": 800.0},
+                 ["seed 1234: evaluation took 800.0 s, over its budget (600 s in the rules)"]),
+        "comply": ("comply.json", {"compliant": False, "verdicts": [{"rule": "val_docs", "status": "FAIL"}]},
+                   ["compliance checks failed (comply.json): val_docs"]),
+    }
+    for name, (rel, changes, expected) in cases.items():
+        run_dir = make_run(tmp_path / name, {42: 1.0500, 0: 1.0510, 1234: 1.0505})
+        assert run_report(run_dir, agg_config(), SEEDS, comply_path=run_dir / "comply.json",
+                          make_folder=False)["verdict"]["status"] == "non-record"  # the code is not checked
+        _edit_json(run_dir / rel, **changes)
+        agg = run_report(run_dir, agg_config(), SEEDS, comply_path=run_dir / "comply.json")
+        assert agg["verdict"]["status"] == "non-record", name
+        assert set(expected) <= set(agg["verdict"]["reasons"]), (name, agg["verdict"]["reasons"])
+
+
+def test_seeds_without_spread_and_a_diverged_seed(tmp_path):
+    """Three seeds with the same loss against a baseline mean: the standard error is 0, t is left out (JSON has no
+    infinity), p is 0 and the one-sample test keeps n - 1 degrees of freedom. A seed whose loss is NaN is a failed
+    seed, listed with the missing ones."""
+    run_dir = make_run(tmp_path, {42: 1.0500, 0: 1.0500, 1234: 1.0500})
+    agg = run_report(run_dir, agg_config(), SEEDS, comply_path=run_dir / "comply.json")
+    sig = agg["significance"]
+    assert "t" not in sig and sig["p_value"] == 0.0 and sig["df"] == 2.0 and "standard error 0" in sig["note"]
+    assert agg["verdict"]["status"] == "record"
+    assert "one-sided one_sample t = inf" in summary_text(agg)
+    (run_dir / "seed0" / "eval" / "eval.json").write_text(
+        (run_dir / "seed0" / "eval" / "eval.json").read_text().replace('"val_loss": ', '"val_loss": NaN, "x": '))
+    agg = run_report(run_dir, agg_config(), SEEDS, comply_path=run_dir / "comply.json", make_folder=False)
+    (failed,) = agg["missing_seeds"]
+    assert failed["seed"] == 0 and failed["reason"].endswith("val_loss is nan (the run diverged)")
+    assert "missing seeds: 0" in agg["verdict"]["reasons"]
 
 
 @pytest.mark.parametrize(

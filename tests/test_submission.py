@@ -69,7 +69,7 @@ def cfg(**overrides) -> AggregateConfig:
 @pytest.fixture
 def folder(tmp_path) -> Path:
     run_dir = make_run(tmp_path)
-    agg = run_report(run_dir, cfg(), SEEDS, recipe="config.yaml")
+    agg = run_report(run_dir, cfg(), SEEDS, recipe="config.yaml", comply_path=run_dir / "comply.json")
     return Path(agg["submission_folder"])
 
 
@@ -223,7 +223,7 @@ def test_code_bundle_cross_checks(tmp_path):
     """The folder's train_gpt.py must reproduce the claims: an artifact naming other code, a size gate that counted
     another file or another count each block a record; when all agree the README says the script reproduces them."""
     run_dir = make_run(tmp_path / "good")
-    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
+    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS, comply_path=run_dir / "comply.json")
     assert agg["verdict"]["status"] == "record"
     readme = (Path(agg["submission_folder"]) / "README.md").read_text()
     assert "the folder's train_gpt.py reproduces these claims" in readme and "32,000 (wrapper)" in readme
@@ -231,14 +231,14 @@ def test_code_bundle_cross_checks(tmp_path):
 
     run_dir = make_run(tmp_path / "other_file")
     make_seed(run_dir, 0, RECORD_BPB[0], code_sha256="9" * 64)
-    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
+    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS, comply_path=run_dir / "comply.json")
     assert agg["verdict"]["status"] == "non-record"
     assert any("size gate counted a code file with sha256 999999999999" in r for r in agg["verdict"]["reasons"])
     assert not any("reproduces these claims" in n for n in agg["provenance"]["notes"])
 
     run_dir = make_run(tmp_path / "other_code")
     make_code_bundle(run_dir, code_hash="b" * 64)  # the seeds were gated with code c..., the folder's script is b...
-    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
+    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS, comply_path=run_dir / "comply.json")
     assert agg["verdict"]["status"] == "non-record"
     assert any("seed 42: its size gate paired the artifact with code cccccccccccc..., not this train_gpt.py's "
                "CODE_HASH bbbbbbbbbbbb"
@@ -246,7 +246,7 @@ def test_code_bundle_cross_checks(tmp_path):
 
     run_dir = make_run(tmp_path / "other_count")
     make_seed(run_dir, 0, RECORD_BPB[0], code_sha256=make_code_bundle(run_dir), code_bytes=31_000)
-    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS)
+    agg = run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS, comply_path=run_dir / "comply.json")
     assert any("seed 0: pack report counts 31,000 code bytes (wrapper), train_gpt.py counts 32,000" in r
                for r in agg["verdict"]["reasons"])
     problems = "\n".join(check_folder(Path(agg["submission_folder"])))
@@ -257,6 +257,6 @@ def test_missing_bundle_is_a_clear_error(tmp_path):
     run_dir = make_run(tmp_path)
     (run_dir / "code" / "train_gpt.py").unlink()
     with pytest.raises(FileNotFoundError, match="bundled train_gpt.py not found .*--no-folder"):
-        run_report(run_dir, cfg(), SEEDS)
-    agg = run_report(run_dir, cfg(), SEEDS, make_folder=False)
+        run_report(run_dir, cfg(), SEEDS, comply_path=run_dir / "comply.json")
+    agg = run_report(run_dir, cfg(), SEEDS, make_folder=False, comply_path=run_dir / "comply.json")
     assert "submission_folder" not in agg and (run_dir / "submission.json").exists()

@@ -19,6 +19,7 @@ differ are refused unless ``allow_mixed_provenance``; missing seeds are listed a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -33,6 +34,7 @@ from pgolf.report.results import (
     load_seeds,
 )
 from pgolf.report.stats import mean, mean_confidence_interval, std, welch_one_sided
+from pgolf.report.submission import SIZE_CAP_BYTES
 
 STD_KIND = "sample (ddof=1)"
 TRAIN_BUDGET_SECONDS = 600.0  # training loop + Hessians (every read of training data counts)
@@ -176,7 +178,6 @@ def significance(
     out.update(
         tested=True,
         test=result.kind,
-        t=result.t,
         df=result.df,
         p_value=result.p_value,
         standard_error_in_unit=result.standard_error,
@@ -186,11 +187,19 @@ def significance(
         readme_pass=bool(improvement_nats >= cfg.readme_threshold_nats and result.p_value < cfg.readme_p),
         progression_pass=bool(result.p_value < cfg.progression_p),
     )
+    notes = []
+    if math.isfinite(result.t):
+        out["t"] = result.t
+    else:  # JSON has no infinity: t is left out and the p-value (0 or 1) stands
+        notes.append("standard error 0 (the seeds, and the baseline if its std is known, have no spread): t is "
+                     "infinite and left out; the p-value follows the sign of the improvement")
     if result.kind == "one_sample":
-        out["note"] = (
+        notes.append(
             "baseline std unknown: one-sample t-test against the baseline mean (the baseline is treated as exact, "
             "which is optimistic if it was noisy)"
         )
+    if notes:
+        out["note"] = "; ".join(notes)
     return out
 
 
@@ -228,16 +237,25 @@ def record_blockers(
         reasons.append("mixed provenance (" + ", ".join(d["label"] for d in differences) + ")")
     shared: dict[str, list[int]] = {}  # reason -> the seeds it applies to, in order
     for s in seeds:
-        if s.total_bytes > s.cap_bytes:
-            reasons.append(f"seed {s.seed}: artifact {s.total_bytes:,} bytes is over the {s.cap_bytes:,}-byte cap")
+        # judged against the rules' cap, whatever cap the recipe gated against
+        if s.total_bytes > min(s.cap_bytes, SIZE_CAP_BYTES):
+            reasons.append(f"seed {s.seed}: artifact {s.total_bytes:,} bytes is over the "
+                           f"{min(s.cap_bytes, SIZE_CAP_BYTES):,}-byte cap")
+        if s.cap_bytes != SIZE_CAP_BYTES:
+            shared.setdefault(f"gated against a cap of {s.cap_bytes:,} bytes, not the rules' {SIZE_CAP_BYTES:,}",
+                              []).append(s.seed)
+        if not s.code_counted:
+            shared.setdefault("size without the code: no gate report, and the pack report counted no code file",
+                              []).append(s.seed)
         if s.eval_mode is not None and s.eval_mode != "record":
             shared.setdefault(f"evaluated in mode '{s.eval_mode}'", []).append(s.seed)
         if not s.on_record_hardware:
             shared.setdefault(f"not the record-track {RECORD_WORLD_SIZE}x{RECORD_GPU}: trained on "
                               f"{s.hardware_words}", []).append(s.seed)
             continue
-        if s.eval_budget_exceeded:
-            reasons.append(f"seed {s.seed}: evaluation took {s.eval_total_s:.1f} s, over its budget")
+        if s.eval_budget_exceeded or s.eval_total_s > EVAL_BUDGET_SECONDS:  # the recipe's limit, then the rules'
+            reasons.append(f"seed {s.seed}: evaluation took {s.eval_total_s:.1f} s, over its budget "
+                           f"({EVAL_BUDGET_SECONDS:.0f} s in the rules)")
         train_total = s.train_seconds + (s.hessian_seconds or 0.0)
         if train_total > TRAIN_BUDGET_SECONDS:
             reasons.append(
@@ -354,7 +372,8 @@ def aggregate(
         "run": run_name,
         "mode": mode,
         "seeds": [s.seed for s in seeds],
-        "missing_seeds": [{"seed": m.seed, "missing_files": list(m.missing_files)} for m in missing],
+        "missing_seeds": [{"seed": m.seed, "missing_files": list(m.missing_files), "reason": m.reason}
+                          for m in missing],
         "std_kind": STD_KIND,
         "unit": cfg.unit,
         "nats_per_bpb": nats_per_bpb,
@@ -421,6 +440,16 @@ def compliance_summary(comply: Any) -> dict:
     }
 
 
+def compliance_blockers(compliance: Optional[dict]) -> list[str]:
+    """A record needs the run's compliance verdicts, and no failed rule among them."""
+    if compliance is None:
+        return ["no compliance verdicts (comply.json): `pgolf comply` checks the run"]
+    if compliance["failed_rules"] or compliance["compliant"] is not True:
+        failed = ", ".join(str(r) for r in compliance["failed_rules"]) or "compliant is not true"
+        return [f"compliance checks failed (comply.json): {failed}"]
+    return []
+
+
 def _config_dict(cfg: AggregateConfig) -> dict:
     from pgolf.config import to_dict
 
@@ -447,7 +476,9 @@ def run_report(
 ) -> dict:
     """Aggregate, then write aggregate.json, seeds.csv, report.html, submission.json and the folder.
 
-    ``comply_path``: the run's comply.json (pgolf.compliance.comply); its verdicts go into the report."""
+    ``comply_path``: the run's comply.json (pgolf.compliance.comply); its verdicts go into the report. A record
+    verdict needs them, all passed, and the folder's code checked against the seeds (``make_folder``): a report
+    without either (the ``partial`` rule, ``pgolf report --no-folder``) is never a record."""
     from pgolf.report import folder, submission
     from pgolf.report import html as report_html
 
@@ -459,11 +490,15 @@ def run_report(
     bundle = None
     if make_folder and present:
         bundle = submission.read_code_bundle(Path(code_dir) if code_dir else run_dir / "code", present)
-    agg = aggregate(
-        present, missing, cfg, mode, run_dir.name, bundle.blockers if bundle else (), bundle.notes if bundle else ()
-    )
+    compliance = None
     if comply_path is not None:
-        agg["compliance"] = compliance_summary(read_json(comply_path, "compliance verdicts"))
+        compliance = compliance_summary(read_json(comply_path, "compliance verdicts"))
+    blockers = list(bundle.blockers) if bundle else [
+        "the code was not checked against the seeds' artifacts (no submission folder was made)"]
+    blockers += compliance_blockers(compliance)
+    agg = aggregate(present, missing, cfg, mode, run_dir.name, blockers, bundle.notes if bundle else ())
+    if compliance is not None:
+        agg["compliance"] = compliance
     table = seed_table(present)
     sub = submission.build_submission(agg, present, cfg, bundle)
     submission.raise_if_invalid(sub, "submission.json")

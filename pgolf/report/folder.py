@@ -148,7 +148,7 @@ def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: s
     ]
     if agg["missing_seeds"]:
         lines += ["## Missing seeds", ""]
-        lines += [f"- seed {m['seed']}: missing {', '.join(m['missing_files'])}" for m in agg["missing_seeds"]]
+        lines += [f"- seed {m['seed']}: {m['reason']}" for m in agg["missing_seeds"]]
         lines.append("")
     lines += ["## Significance", "", "```", summary_text(agg).rstrip(), "```", ""]
     if sig.get("note"):

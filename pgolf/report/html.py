@@ -21,6 +21,7 @@ from pgolf.report.figures import (  # noqa: F401  (nice_ticks: part of this modu
     stages_figure,
     time_figure,
 )
+from pgolf.report.summary import t_text
 
 
 def _e(value: Any) -> str:
@@ -104,7 +105,7 @@ def _significance_html(agg: dict) -> str:
         f"Baseline {_e(base['name'] or '')}: {base['bpb']['mean']:.6f} bpb = {base['nats_per_token']['mean']:.6f} "
         f"nats/token (n = {base['n']}, std {'known' if base['std_known'] else 'unknown'}).",
         f"Improvement: {sig['improvement_nats_per_token']:.6f} nats per token = {sig['improvement_bpb']:.6f} bpb.",
-        f"One-sided {_e(sig['test'])} t-test in {_e(sig['unit_label'])}: t = {sig['t']:.4f}, df = {sig['df']:.3f}, "
+        f"One-sided {_e(sig['test'])} t-test in {_e(sig['unit_label'])}: t = {t_text(sig, '.4f')}, df = {sig['df']:.3f}, "
         f"p = {sig['p_value']:.4g}.",
         f"README rule (improvement >= {sig['readme_threshold_nats_per_token']} nats per token and p < "
         f"{sig['readme_p']}): {mark(sig['readme_pass'])}.",
@@ -280,7 +281,7 @@ def render(agg: dict, seeds: Sequence[Any], table) -> str:
     missing = ""
     if agg["missing_seeds"]:
         items = "".join(
-            f"<li>seed {m['seed']}: missing {_e(', '.join(m['missing_files']))}</li>" for m in agg["missing_seeds"]
+            f"<li>seed {m['seed']}: {_e(m['reason'])}</li>" for m in agg["missing_seeds"]
         )
         title = "<b>Missing seeds</b> (aggregated over the rest):"
         missing = f"<div class='warn' id='missing-seeds'>{title}<ul>{items}</ul></div>"

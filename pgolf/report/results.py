@@ -43,12 +43,16 @@ LOG_ORDER = ("record_run", "train", "hessians", "quantize", "pack", "eval", "eva
 
 @dataclasses.dataclass(frozen=True)
 class MissingSeed:
+    """A seed without a score: stage outputs that do not exist, or a ``problem`` with the ones that do (a diverged
+    run's NaN loss)."""
+
     seed: int
     missing_files: tuple[str, ...]  # paths that do not exist
+    problem: str = ""
 
     @property
     def reason(self) -> str:
-        return "missing " + ", ".join(self.missing_files)
+        return self.problem or "missing " + ", ".join(self.missing_files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +90,8 @@ class SeedResult:
     model_bytes: int
     code_bytes: int
     total_bytes: int
-    cap_bytes: int
+    cap_bytes: int  # the cap the seed's size report was gated against (the rules' is SIZE_CAP_BYTES)
+    code_counted: bool  # False: a staged pack report, which sizes the model alone
     code_bytes_convention: Optional[str]
     code_sha256: Optional[str]  # sha256 of the counted train_gpt.py, when the pack report records it
     # provenance (checkpoint.json, eval.json)
@@ -256,6 +261,10 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
     if summary_seed is not None and summary_seed != seed:
         raise ResultsError(f"{p_sum}: key 'seed' is {summary_seed}, but the file lives under seed{seed}/")
 
+    not_finite = [key for key in ("val_loss", "val_bpb") if isinstance(ev.get(key), float) and not math.isfinite(ev[key])]
+    if not_finite:  # a diverged seed failed; it is listed with the missing ones, not fatal to the report
+        key = not_finite[0]
+        return MissingSeed(seed=seed, missing_files=(), problem=f"{p_ev}: {key} is {ev[key]} (the run diverged)")
     val_loss = _get(ev, "val_loss", p_ev, float)
     val_bpb = _get(ev, "val_bpb", p_ev, float)
     token_count = _get(ev, "token_count", p_ev, int)
@@ -277,6 +286,8 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
         )
     gate_path = base / OPTIONAL_FILES["gate_report"]
     size, p_size = (_read_object(gate_path, "gate report"), gate_path) if gate_path.exists() else (pack, p_pack)
+    # the gate always counts the code; a pack report only when it was given the code file (the bundled record run)
+    code_counted = gate_path.exists() or bool(pack.get("code_file"))
     if _get(size, "artifact_sha256", p_size, str) != pack_sha:
         raise ResultsError(f"{p_size}: artifact_sha256 differs from {p_pack}: the gate checked another artifact")
     model_bytes = _get(size, "model_bytes", p_size, int)
@@ -334,6 +345,7 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
         code_bytes=code_bytes,
         total_bytes=total_bytes,
         cap_bytes=cap,
+        code_counted=code_counted,
         code_bytes_convention=_get(size, "code_bytes_convention", p_size, str, required=False),
         code_sha256=_get(size, "code_sha256", p_size, str, required=False),
         code_hash=_get(ckpt, "code_hash", p_ckpt, str),

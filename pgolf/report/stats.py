@@ -201,7 +201,9 @@ def welch_one_sided(
     n_b = max(baseline_n, 2)
     improvement = baseline_mean - candidate_mean
     se = math.sqrt(var_a / candidate_n + var_b / n_b)
-    df = welch_df(var_a, candidate_n, var_b, n_b)
+    # the one-sample test has n - 1 degrees of freedom whatever the variances (welch_df's zero-variance fallback
+    # would pool the baseline's n in when the candidate seeds agree exactly)
+    df = float(candidate_n - 1) if baseline_std is None else welch_df(var_a, candidate_n, var_b, n_b)
     if se == 0.0:
         t = math.copysign(math.inf, improvement) if improvement != 0 else 0.0
         p = 0.0 if improvement > 0 else (1.0 if improvement < 0 else 0.5)

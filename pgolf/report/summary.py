@@ -20,6 +20,13 @@ def _fmt(value: Optional[float], digits: int = 8) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def t_text(sig: dict, spec: str) -> str:
+    """The t statistic of a significance block, or ``inf`` where it was left out (standard error 0)."""
+    if "t" in sig:
+        return format(sig["t"], spec)
+    return "inf" if sig["improvement_in_unit"] > 0 else "-inf"
+
+
 def summary_text(agg: dict) -> str:
     loss, bpb, sig = agg["val_loss_nats_per_token"], agg["val_bpb"], agg["significance"]
     lines = [
@@ -35,7 +42,7 @@ def summary_text(agg: dict) -> str:
         lines.append(
             f"vs {agg['baseline']['name'] or 'baseline'}: improvement "
             f"{sig['improvement_nats_per_token']:.6f} nats/token "
-            f"({sig['improvement_bpb']:.6f} bpb); one-sided {sig['test']} t = {sig['t']:.3f}, df = {sig['df']:.2f}, "
+            f"({sig['improvement_bpb']:.6f} bpb); one-sided {sig['test']} t = {t_text(sig, '.3f')}, df = {sig['df']:.2f}, "
             f"p = {sig['p_value']:.3g} (unit: {sig['unit_label']})"
         )
         lines.append(
