@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_fixtures import copy_model, eval_config, random_docs, tiny_model, val_from_docs  # noqa: E402
-from pgolf.train.distributed import init_distributed, shutdown  # noqa: E402
+from pgolf.train.distributed import init_distributed, max_floats, shutdown  # noqa: E402
 from pgolf.evaluate.stage import score_documents  # noqa: E402
 from pgolf.io import atomic_path  # noqa: E402
 from pgolf.evaluate.ttt import run_ttt  # noqa: E402
@@ -65,6 +65,8 @@ def main() -> None:
         nll, sums, counts, slot_steps = run_case(name, info)
         arrays[f"{name}_nll"], arrays[f"{name}_sums"], arrays[f"{name}_counts"] = nll, sums, counts
         arrays[f"{name}_slot_steps"] = slot_steps
+    # the evaluation stage's timings: each rank's own clock in, the slowest rank's out, the same on every rank
+    arrays["max_floats"] = np.array(max_floats([1.5 + info.rank, 2.0 - info.rank], info))
     with atomic_path(Path(args.out) / f"rank{info.rank}.npz") as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)

@@ -78,6 +78,8 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
         ({"train": {"resume_every_steps": -1}}, "train.resume_every_steps: expected >= 0"),
         ({"train": {"param_storage": "record"}}, "evaluate.param_storage (fp32) must equal train.param_storage (record)"),
         ({"evaluate": {"diagnostic_scoring": "record_flat"}}, "evaluate.score_next_bos: diagnostic_scoring 'record_flat'"),
+        ({"evaluate": {"score_next_bos": True, "ttt": {"mode": "lora", "variant": "legacy"}}},
+         "evaluate.score_next_bos: the legacy LoRA variant scores each document's own targets only"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str) -> None:

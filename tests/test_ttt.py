@@ -317,6 +317,8 @@ def test_two_ranks_score_like_one_process(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for r in range(2):
+        np.testing.assert_array_equal(ranks[r]["max_floats"], [2.5, 2.0])
     for name, tolerance in (("plain", 1e-5), ("lora", 1e-5), ("chunked", 1e-4), ("phased", None)):
         a, b = ranks[0][f"{name}_nll"], ranks[1][f"{name}_nll"]
         assert not (np.isfinite(a) & np.isfinite(b)).any(), f"{name}: a position scored on both ranks"
@@ -352,3 +354,23 @@ def test_lora_scores_do_not_depend_on_the_slot_length(docs, rope_positions, atol
     np.testing.assert_allclose(bucketed.accumulator.token_nll, fixed.accumulator.token_nll, rtol=0, atol=atol)
     with pytest.raises(ConfigError, match="slot_lengths"):
         eval_config("lora", slot_lengths=(8, 16))  # shorter than context_tokens (24)
+
+
+@pytest.mark.parametrize("mode", ["lora", "chunked"])
+def test_every_ttt_runner_scores_with_the_configured_softcap_dtype(monkeypatch, mode):
+    """evaluate.softcap_dtype reaches every scorer a TTT mode builds (the legacy LoRA variant once built its two
+    with the default)."""
+    from pgolf.evaluate import scoring
+
+    seen = []
+    original = scoring.NllRunner.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("softcap_dtype", "float32 (default)"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(scoring.NllRunner, "__init__", spy)
+    cfg = dataclasses.replace(eval_config(mode), softcap_dtype="model")
+    val = val_from_docs(random_docs([30, 41, 25], seed=3))
+    run_ttt(tiny_model(), val, cfg, 0, device=torch.device("cpu"))
+    assert seen and set(seen) == {"model"}, seen

@@ -362,6 +362,11 @@ class EvaluateConfig:
             "score_next_bos: diagnostic_scoring 'record_flat' scores every target of its rows, next-document BOS "
             "included (the record's eval_val); expected true with it, so the diagnostics and the score count the same targets",
         )
+        check(
+            not (self.score_next_bos and self.ttt.mode == "lora" and self.ttt.variant == "legacy"),
+            "score_next_bos: the legacy LoRA variant scores each document's own targets only (never the next "
+            "document's BOS); expected false with ttt.variant 'legacy', or ttt.variant 'record'",
+        )
 
 
 _DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")

@@ -355,7 +355,7 @@ def run_evaluation(
     device_kind: str = "auto",
 ) -> tuple[dict, int]:
     """Evaluate one artifact; rank 0 writes ``out`` atomically. Returns (result dict, exit code)."""
-    from pgolf.train.distributed import init_distributed, shutdown
+    from pgolf.train.distributed import init_distributed, max_floats, shutdown
     from pgolf.compliance.provenance import code_hash, environment
     from pgolf.io import MetricsLog, progress, set_cpu_threads
 
@@ -411,6 +411,8 @@ def run_evaluation(
         ledger.check_complete(expected, ledger.scored_counts(info))
         result = acc.result(info)
         ttt_summary = outcome.summary
+    # each rank timed itself: the slowest rank's times, so that every rank judges the budget on the same figures
+    load_s, warmup_s, score_s, data_s = max_floats([load_s, warmup_s, score_s, data_s], info)
     total_s = load_s + warmup_s + score_s
     timings = {"load_s": load_s, "warmup_s": warmup_s, "score_s": score_s, "total_s": total_s, "data_s": data_s,
                "load_detail": load_timings}

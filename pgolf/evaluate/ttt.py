@@ -269,10 +269,11 @@ def lora_ttt(
 
     base_params = list(model.parameters())  # before the adapters exist
     with attach_lora(model, cfg, S) as adapters:
-        runner = NllRunner(model, device, compile=eval_cfg.compile)
+        runner = NllRunner(model, device, compile=eval_cfg.compile, softcap_dtype=eval_cfg.softcap_dtype)
         # phase passes: eager unless asked (each phase row shape is a whole-model forward+backward graph costing
         # minutes of compile, for passes that train on a few million tokens in all)
-        phase_runner = NllRunner(model, device, compile=eval_cfg.compile and cfg.phase_compile)
+        phase_runner = NllRunner(model, device, compile=eval_cfg.compile and cfg.phase_compile,
+                                 softcap_dtype=eval_cfg.softcap_dtype)
         summary["adapter_parameters"] = adapters.num_parameters()
         summary["phase_compiled"] = phase_runner.compiled
 

@@ -105,6 +105,15 @@ def broadcast_floats(values: list[float], info: DistInfo) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
+def max_floats(values: list[float], info: DistInfo) -> list[float]:
+    """Each value's maximum over the ranks, in one collective (the slowest rank's clock for a time budget)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [float(v) for v in t.tolist()]
+
+
 def all_reduce_mean_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.AVG if tensor.is_cuda else dist.ReduceOp.SUM)
