@@ -91,3 +91,56 @@ def test_policy_reaches_the_data_rules(tmp_path):
     log = (work / DATA / "logs" / "prepare_shards.log").read_text()
     assert "leak: 2 validation documents also occur in the training split, first at train doc 5" in log
     assert f"docs.jsonl:{N_VAL + 6}" in log
+
+
+def test_each_knob_reruns_only_the_rules_that_read_it(tmp_path):
+    """On a recorded state (`snakemake --touch`) of a recipe that downloads its documents and trains its tokenizer,
+    dry runs of edited copies: the download takes only the fields it reads (a preparation knob never downloads
+    again), the tokenizer trainer gets tokenizer.train_max_sentence_chars, the data stage's process count reruns
+    nothing, and the documents land under the name the Hub gives them."""
+    work = tmp_path
+    shutil.copy(REPO / "Snakefile", work / "Snakefile")
+    for folder in ("workflow", "profiles"):
+        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    recipe = {"run": "dl", "mode": "sweep", "seeds": [1],
+              "data": {"name": "hub", "source": "docs", "docs_file": "datasets/docs_v2.jsonl", "val_docs": 12,
+                       "shard_tokens": 200},
+              "tokenizer": {"source": "train", "vocab_size": 1024, "caseops": True},
+              "model": {"vocab_size": 1024}}
+    data, seed = work / "results/data/hub", work / "results/dl/seed1/train"
+    outputs = [data / "raw/docs_v2.jsonl", data / "tokenizer.model", data / "shards/placeholder", data / "verified.json",
+               seed / "checkpoint/checkpoint.json", seed / "checkpoint/model.pt", seed / "train_summary.json",
+               seed / "metrics.jsonl"]
+    for path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("placeholder\n")
+    target = "results/dl/seed1/train/train_summary.json"
+
+    def snakemake(edited: dict, name: str, *extra: str) -> subprocess.Popen:
+        path = work / f"recipe_{name}.yaml"
+        path.write_text(yaml.safe_dump(edited))
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(work / "Snakefile"), "--directory", str(work),
+               "--configfile", str(path), "--cores", "1", "--nolock", *extra, target]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    status, out = finish(snakemake(recipe, "base", "--touch", "--forceall"))  # records every rule's params
+    assert status == 0, out[-4000:]
+
+    def edited(section: str, **knobs) -> dict:
+        new = copy.deepcopy(recipe)
+        new[section].update(knobs)
+        return new
+
+    after_tokenizer = {"prepare_shards": 1, "verify_data": 1, "train": 1}
+    dry = {
+        "unchanged": (recipe, {}),
+        "workers": (edited("data", workers=3), {}),
+        "shard_tokens": (edited("data", shard_tokens=300), after_tokenizer),
+        "sentence_chars": (edited("tokenizer", train_max_sentence_chars=1000), {"train_tokenizer": 1, **after_tokenizer}),
+        "revision": (edited("data", revision="v2"), {"download_docs": 1, "train_tokenizer": 1, **after_tokenizer}),
+    }
+    procs = {name: snakemake(new, name, "-n") for name, (new, _) in dry.items()}
+    for name, proc in procs.items():
+        status, out = finish(proc)
+        assert status == 0, out[-4000:]
+        assert job_counts(out) == dry[name][1], (name, out[-3000:])

@@ -168,6 +168,8 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
         # a switch the shipped form folds: train_gpt.py's code (and CODE_HASH) changes, the artifact must not
         "eval_switch": _changed("evaluate", diagnostics=True),
         "seed_added": {**copy.deepcopy(RECIPE), "seeds": [1, 2]},
+        # the data stage's process count: no byte of the data, of the shipped recipe or of preflight's params
+        "data_workers": _changed("data", workers=2),
     }
     procs = {name: _snakemake(workdir, recipe, name, "-n") for name, recipe in recipes.items()}
     results = {}
@@ -180,6 +182,7 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
 
 def test_nothing_to_do_without_changes(dry_runs) -> None:
     assert dry_runs["unchanged"] == {}
+    assert dry_runs["data_workers"] == {}
 
 
 # A stage knob also rebuilds the shipped train_gpt.py (it embeds the recipe) and re-runs the gate that counts its

@@ -304,12 +304,14 @@ def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) 
 
 
 def shipped_recipe(cfg: RunConfig) -> RunConfig:
-    """The recipe a run's train_gpt.py embeds: the seed list cut to its first seed (the file takes --seed) and the
-    ``aggregate`` section at its defaults (reporting metadata the record run never reads), so that neither
-    rebuilds the code of finished seeds."""
-    from pgolf.config import AggregateConfig
+    """The recipe a run's train_gpt.py embeds: the seed list cut to its first seed (the file takes --seed), the
+    ``aggregate`` section at its defaults (reporting metadata the record run never reads) and ``data.workers`` at
+    its default (the data stage's process count: no byte of the data), so that none of them rebuilds the code of
+    finished seeds."""
+    from pgolf.config import AggregateConfig, DataConfig
 
-    return dataclasses.replace(cfg, seeds=cfg.seeds[:1], aggregate=AggregateConfig())
+    data = dataclasses.replace(cfg.data, workers=DataConfig().workers)
+    return dataclasses.replace(cfg, seeds=cfg.seeds[:1], aggregate=AggregateConfig(), data=data)
 
 
 # The modules that write train_gpt.py without being embedded in it: with the embedded sources (code_identity) and

@@ -68,6 +68,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
         caseops=not args.no_caseops,
         skip_docs=args.skip_docs,
         max_docs=args.max_docs,
+        max_sentence_chars=args.max_sentence_chars,
     )
     return 0
 
@@ -165,6 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     train_p.add_argument("--no-caseops", action="store_true", help="no CaseOps transform, no reserved operator ids")
     train_p.add_argument("--skip-docs", type=nonneg_int, default=0, help="skip the first N docs (the validation split)")
     train_p.add_argument("--max-docs", type=nonneg_int, default=0, help="train on at most N docs (0 = all)")
+    train_p.add_argument("--max-sentence-chars", type=positive_int, default=16384,
+                         help="cut texts into pieces of at most N characters for the trainer (default 16384)")
     train_p.set_defaults(func=_tokenizer_train)
 
     # pgolf data prepare|verify|download

@@ -500,8 +500,11 @@ def train_tokenizer_from_jsonl(
     caseops: bool,
     skip_docs: int = 0,
     max_docs: int = 0,
+    max_sentence_chars: int = 16384,
 ) -> Path:
     """Train on the ``"text"`` of a JSONL file, skipping the first ``skip_docs`` (the validation split, so the
-    tokenizer never sees validation text) and reading at most ``max_docs`` (0 = all)."""
+    tokenizer never sees validation text) and reading at most ``max_docs`` (0 = all); texts are cut into pieces of
+    at most ``max_sentence_chars`` (tokenizer.train_max_sentence_chars)."""
     texts = iter_jsonl_texts(docs_path, skip=skip_docs, limit=max_docs)
-    return train_tokenizer(texts, out_path, vocab_size=vocab_size, caseops=caseops)
+    return train_tokenizer(texts, out_path, vocab_size=vocab_size, caseops=caseops,
+                           max_sentence_chars=max_sentence_chars)

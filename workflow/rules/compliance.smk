@@ -17,6 +17,17 @@ COMPLY_SEED_FILES = (
 )
 
 
+def comply_recipe():
+    """The recipe for the check, less what it never reads and the report alone uses (the ``aggregate`` section)
+    or what changes no byte (``data.workers``): editing those must not re-judge the run."""
+    from pgolf.config import AggregateConfig
+
+    recipe = to_dict(CFG)
+    recipe["data"]["workers"] = 0
+    recipe["aggregate"] = to_dict(AggregateConfig())
+    return json.dumps(recipe, sort_keys=True)
+
+
 rule comply:
     input:
         [f"{RUN_DIR}/seed{seed}/{name}" for seed in CFG.seeds for name in COMPLY_SEED_FILES],
@@ -24,7 +35,7 @@ rule comply:
     output:
         COMPLY_JSON,
     params:
-        config=json.dumps(to_dict(CFG), sort_keys=True),
+        config=comply_recipe(),
         data_dir=DATA_DIR,
         run_dir=RUN_DIR,
     log:

@@ -1,12 +1,14 @@
 # The data stage: documents -> tokenizer -> BOS-correct shards + byte sidecar + manifest -> verification gate.
 #
 # Outputs under results/data/<data.name>/:
-#   raw/docs_selected.jsonl   (source=docs: the Hub's documents, sha256-verified)
+#   raw/<docs_file's name>    (source=docs: the Hub's documents, sha256-verified; docs_selected.jsonl by default)
 #   tokenizer.model           (source=train|hub|path; source=export keeps it inside shards/)
 #   shards/                   fineweb_{train,val}_NNNNNN.bin, fineweb_val_bytes_NNNNNN.bin, manifest.json
 #   verified.json             the verification report; training depends on it
 
-from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION, VAL_DUPLICATES_POLICIES
+from pathlib import PurePosixPath
+
+from pgolf.config import DataConfig, TokenizerConfig
 
 D = CFG.data
 T = CFG.tokenizer
@@ -14,7 +16,7 @@ T = CFG.tokenizer
 if D.source == "local":
     DOCS_PATH = D.docs_path
 elif D.source == "docs":
-    DOCS_PATH = f"{DATA_DIR}/raw/docs_selected.jsonl"
+    DOCS_PATH = f"{DATA_DIR}/raw/{PurePosixPath(D.docs_file).name}"  # where pgolf.data.hub.download_docs puts it
 else:
     DOCS_PATH = None
 
@@ -26,14 +28,16 @@ else:
     TOKENIZER_PATH = f"{DATA_DIR}/tokenizer.model"
 
 SHARDS_DIR = f"{DATA_DIR}/shards"
-# The downloads do not depend on what the data stage later does with duplicates across the split: those keys are
-# pinned in their params, so changing them reruns preparation / verification, never a download.
-DOWNLOAD_NEUTRAL = dict(
-    workers=0,
-    name="",
-    val_duplicates_policy=VAL_DUPLICATES_POLICIES[0],
-    max_val_overlap_fraction=DEFAULT_MAX_VAL_OVERLAP_FRACTION,
-)
+
+
+def download_section(section, reads):
+    """A download's params: the fields of the section it reads (pgolf/data/hub.py), every other field at its
+    default, so that a knob of preparation, verification or training never downloads again."""
+    defaults = to_dict({"data": DataConfig, "tokenizer": TokenizerConfig}[section]())
+    return section_json(section, **{key: value for key, value in defaults.items() if key not in reads})
+
+
+HUB_PIN = ("hub_repo", "revision")
 DATA_VERIFIED = f"{DATA_DIR}/verified.json"
 
 
@@ -41,10 +45,10 @@ if D.source == "docs":
 
     rule download_docs:
         output:
-            docs=f"{DATA_DIR}/raw/docs_selected.jsonl",
+            docs=DOCS_PATH,
         params:
             what="docs",
-            section=section_json("data", **DOWNLOAD_NEUTRAL),
+            section=download_section("data", (*HUB_PIN, "docs_file", "docs_manifest_file")),
             out_dir=f"{DATA_DIR}/raw",
         log:
             f"{DATA_DIR}/logs/download_docs.log",
@@ -59,7 +63,7 @@ if D.source == "export":
             directory(SHARDS_DIR),
         params:
             what="export",
-            section=section_json("data", **DOWNLOAD_NEUTRAL),
+            section=download_section("data", (*HUB_PIN, "export_variant", "train_shards")),
         log:
             f"{DATA_DIR}/logs/download_export.log",
         script:
@@ -74,7 +78,7 @@ else:
                 TOKENIZER_PATH,
             params:
                 what="tokenizer",
-                section=section_json("tokenizer"),
+                section=download_section("tokenizer", (*HUB_PIN, "filename")),
             log:
                 f"{DATA_DIR}/logs/download_tokenizer.log",
             script:
@@ -93,6 +97,7 @@ else:
                 caseops=T.caseops,
                 skip_docs=D.val_docs,
                 max_docs=T.train_docs,
+                max_sentence_chars=T.train_max_sentence_chars,
             log:
                 f"{DATA_DIR}/logs/train_tokenizer.log",
             script:

@@ -11,8 +11,10 @@
 def preflight_recipe():
     """What preflight checks, from the sections training owns anyway (plus data and mode): a knob of a later
     stage must not change the training job's params, or it would retrain every seed."""
-    recipe = {key: getattr(CFG, key) for key in ("run", "mode", "data", "tokenizer", "model", "optim", "train")}
+    recipe = {key: getattr(CFG, key) for key in ("run", "mode", "data", "model", "optim", "train")}
     recipe = {k: v if isinstance(v, str) else to_dict(v) for k, v in recipe.items()}
+    recipe["data"]["workers"] = 0  # tokenization processes: no byte of the data, nothing preflight checks
+    recipe["tokenizer"] = {"vocab_size": CFG.tokenizer.vocab_size}  # what RunConfig checks against the model
     # the one evaluate key RunConfig checks against training (equal to train.param_storage, so it changes nothing)
     recipe["evaluate"] = {"param_storage": CFG.evaluate.param_storage}
     return json.dumps(recipe, sort_keys=True)

@@ -9,7 +9,8 @@ def work():
 
     p = snakemake.params
     train_tokenizer_from_jsonl(docs_path=Path(snakemake.input.docs), out_path=Path(snakemake.output[0]),
-                               vocab_size=p.vocab_size, caseops=p.caseops, skip_docs=p.skip_docs, max_docs=p.max_docs)
+                               vocab_size=p.vocab_size, caseops=p.caseops, skip_docs=p.skip_docs, max_docs=p.max_docs,
+                               max_sentence_chars=p.max_sentence_chars)
     progress(f"{snakemake.output[0]}: vocabulary {p.vocab_size:,}", final=True)
 
 
