@@ -14,7 +14,7 @@ import torch
 import oracle_ttt as ot
 from pgolf.evaluate.ledger import DeviceLedger, LegalityError
 from pgolf.evaluate.ttt import run_ttt
-from pgolf.evaluate.ttt_plan import (phase_chunks, phase_stream_tokens, record_doc_lengths, schedule_of)
+from pgolf.evaluate.ttt_plan import (PlanError, phase_chunks, phase_stream_tokens, record_doc_lengths, schedule_of)
 from pgolf.evaluate.ttt_record import record_schedule
 
 CPU = torch.device("cpu")
@@ -176,6 +176,22 @@ def test_schedule_on_the_records_lengths_reproduces_its_logged_phases():
     assert len(s.batches[0].docs) == 16 and s.batches[0].fresh and int(doc_len[s.batches[0].docs].max()) == 97_114
     one = schedule_of(doc_len, per_batch=64, chunk=48, ctx=2048, bounds=(833, 1666, 2500))
     assert one.prefixes == (14, 27, 40) and {b.lane for b in one.batches} == {0}
+
+
+def test_a_document_without_a_target_is_left_out_of_the_plan_and_the_run(base, stream):
+    """A lone BOS (the stream cut right after one; an empty document when the next BOS is not a target) has nothing
+    to score: the others are scheduled as if it were not there, and the run scores every target exactly once."""
+    doc_len = np.array([5, 1, 9, 7, 1, 12, 3, 30, 1])
+    keep = np.flatnonzero(doc_len >= 2)
+    kw = dict(per_batch=2, chunk=4, ctx=8, bounds=(2, 4), lanes=2)
+    full, inner = schedule_of(doc_len, **kw), schedule_of(doc_len[keep], **kw)
+    assert [b.docs.tolist() for b in full.batches] == [keep[b.docs].tolist() for b in inner.batches]
+    assert [d.tolist() for d in full.phase_docs] == [keep[d].tolist() for d in inner.phase_docs]
+    assert full.prefixes == inner.prefixes and [b.segment for b in full.batches] == [b.segment for b in inner.batches]
+    with pytest.raises(PlanError, match="at least one document with >= 2 tokens"):
+        schedule_of(np.array([1, 1]), **kw)
+    tokens, nbytes = stream
+    run(base, (np.append(tokens, 1), np.append(nbytes, 0)))  # a trailing lone BOS; run() checks the ledger
 
 
 def test_the_run_executes_the_plan(exact, stream):

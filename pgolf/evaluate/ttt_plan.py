@@ -254,10 +254,21 @@ def _assign_lanes(queue, doc_len, seg_of, side, cfg_lanes, chunk, ctx, num_segme
 
 def schedule_of(doc_len: np.ndarray, *, per_batch: int, chunk: int, ctx: int, bounds: Sequence[int], lanes: int = 1,
                 inflight: int = 0, side_batches: bool = False) -> TTTSchedule:
-    """The whole schedule of the record-variant LoRA TTT (see the module docstring) for documents of ``doc_len``."""
+    """The whole schedule of the record-variant LoRA TTT (see the module docstring) for documents of ``doc_len``.
+
+    A document of one token (a lone BOS: the stream cut right after it, or an empty document when the next BOS is
+    not a target) has nothing to score: it is in no batch and no phase, and the others are scheduled as if it
+    were not there. (The record script asserts that no such document exists.)"""
     doc_len = np.asarray(doc_len, dtype=np.int64)
-    if len(doc_len) == 0 or int(doc_len.min()) < 2:
-        raise PlanError("doc_len: expected at least one document, each with >= 2 tokens (a target)")
+    scorable = np.flatnonzero(doc_len >= 2)
+    if len(scorable) == 0:
+        raise PlanError("doc_len: expected at least one document with >= 2 tokens (a target)")
+    if len(scorable) < len(doc_len):
+        inner = schedule_of(doc_len[scorable], per_batch=per_batch, chunk=chunk, ctx=ctx, bounds=bounds, lanes=lanes,
+                            inflight=inflight, side_batches=side_batches)
+        return dataclasses.replace(
+            inner, batches=tuple(dataclasses.replace(b, docs=scorable[b.docs]) for b in inner.batches),
+            phase_docs=tuple(scorable[docs] for docs in inner.phase_docs))
     if lanes < 1:
         raise PlanError(f"lanes: expected >= 1, got {lanes}")
     if chunk < 1 or ctx < chunk:
