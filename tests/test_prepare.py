@@ -141,6 +141,10 @@ def test_caps_on_documents_and_train_shards(tmp_path, docs, texts):
     assert _stream(tmp_path / "capped", "train").tolist() == full[:100].tolist()
     assert manifest["docs"]["train"] == int(np.count_nonzero(full[:100] == S.BOS_ID))
     assert verify_dir(tmp_path / "capped").ok
+    # the text bytes are those of the documents written, whatever the chunk size (which never changes the output)
+    n = manifest["docs"]["train"]
+    assert manifest["text_bytes"]["train"] == sum(len(t.encode("utf-8")) for t in texts[N_VAL : N_VAL + n])
+    assert _prepare(docs, tmp_path / "capped_1", max_train_shards=2, shard_tokens=50, chunk_docs=1) == manifest
 
 
 def test_progress_and_summary_line(tmp_path, docs):
@@ -170,6 +174,11 @@ def _lines(texts) -> list[str]:
         (20, '{"text": 42}', 'docs.jsonl:20: "text" must be a string, got int', 1),
         (33, "", 'docs.jsonl:33: empty line, expected a JSON object with a "text" field', 1),
         (31, '{"text": "unterminated', "docs.jsonl:31: not valid JSON", 2),  # raised in a worker process
+        # valid JSON, but text no UTF-8 consumer takes (a validation and a training document)
+        (9, '{"text": "bad \\ud800 surrogate"}', "docs.jsonl:9: 'utf-8' codec can't encode", 1),
+        (20, '{"text": "bad \\ud800 surrogate"}', "docs.jsonl:20: 'utf-8' codec can't encode", 2),
+        # a validation token standing for more original bytes than a uint16 sidecar entry holds
+        (3, json.dumps({"text": "x" + " " * 70_000 + "y"}), "docs.jsonl:3: token 1 of a document stands for", 1),
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, texts, line_no, line, message, workers):

@@ -263,6 +263,12 @@ def test_iter_jsonl_texts_skip_limit_and_errors(tmp_path):
             list(iter_jsonl_texts(wrong))
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         list(iter_jsonl_texts(tmp_path / "nope.jsonl"))
+    surrogate = tmp_path / "surrogate.jsonl"  # valid JSON, not valid Unicode: named here, not deep in SentencePiece
+    surrogate.write_text('{"text": "ok"}\n{"text": "bad \\ud800"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"surrogate\.jsonl:2: 'text' is not valid Unicode"):
+        list(iter_jsonl_texts(surrogate))
+    with pytest.raises(Exception, match=r"surrogate\.jsonl:2: 'text' is not valid Unicode"):
+        train_tokenizer_from_jsonl(surrogate, tmp_path / "t.model", VOCAB_SIZE, caseops=True)
 
 
 # --------------------------------------------------------------------------------------- lookup-table bytes

@@ -171,7 +171,8 @@ class _Encoded:
     byte_counts: np.ndarray | None  # [n] uint16, original bytes per token (val chunks of CaseOps data only)
     doc_lengths: np.ndarray  # [docs] int64, BOS included
     doc_hashes: np.ndarray  # [docs] uint64, see shards.doc_hash
-    text_bytes: int  # UTF-8 bytes of the documents' text
+    text_bytes: int  # UTF-8 bytes of the documents' text (throughput)
+    doc_text_bytes: np.ndarray  # [docs] int64, UTF-8 bytes of each document's text (the manifest counts the written)
     jsonl_bytes: int  # bytes of the JSONL lines
     first_line: int
 
@@ -223,16 +224,19 @@ def _encode_chunk(chunk: _Chunk) -> _Encoded:
     byte_pieces: list[np.ndarray] = []
     lengths = np.empty(n_docs, dtype=np.int64)
     hashes = np.empty(n_docs, dtype=np.uint64)
+    doc_text_bytes = np.empty(n_docs, dtype=np.int64)
     bos = np.array([BOS_ID], dtype=np.uint16)
     zero = np.zeros(1, dtype=np.uint16)
-    text_bytes = 0
     for k, line in enumerate(chunk.lines):
         text = _parse_text(line, chunk.path, chunk.first_line + k)
-        text_bytes += len(text.encode("utf-8"))
-        if want_bytes:
-            ids, byte_counts = tokenizer.encode_document(text)
-        else:
-            ids = _encode_ids(tokenizer, text)
+        try:  # what the text itself can break (a lone surrogate; a run too long for a sidecar entry), named by line
+            doc_text_bytes[k] = len(text.encode("utf-8"))
+            if want_bytes:
+                ids, byte_counts = tokenizer.encode_document(text)
+            else:
+                ids = _encode_ids(tokenizer, text)
+        except (UnicodeError, ValueError) as exc:
+            raise PrepareError(f"{chunk.path}:{chunk.first_line + k}: {exc}") from None
         ids = np.asarray(ids, dtype=np.uint16)
         if (ids == BOS_ID).any():  # documents are counted by BOS: a BOS inside a document would split it
             raise PrepareError(
@@ -250,7 +254,8 @@ def _encode_chunk(chunk: _Chunk) -> _Encoded:
         byte_counts=np.concatenate(byte_pieces) if want_bytes and byte_pieces else None,
         doc_lengths=lengths,
         doc_hashes=hashes,
-        text_bytes=text_bytes,
+        text_bytes=int(doc_text_bytes.sum()),
+        doc_text_bytes=doc_text_bytes,
         jsonl_bytes=sum(len(line) for line in chunk.lines),
         first_line=chunk.first_line,
     )
@@ -530,8 +535,8 @@ class _SplitStats:
 
     def add(self, result: _Encoded, writers: dict[str, ShardStreamWriter]) -> int:
         """Write one chunk; return the number of its documents that made it into the shards."""
-        self.text_bytes[result.split] += result.text_bytes
         if result.split == "val":
+            self.text_bytes["val"] += result.text_bytes
             writers["val"].append(result.tokens)
             if "val_bytes" in writers:
                 writers["val_bytes"].append(result.byte_counts)
@@ -562,6 +567,7 @@ class _SplitStats:
             if self.drop_train_copies:
                 self.train_docs_dropped += len(hits)
         docs = int(np.count_nonzero(reached & keep))
+        self.text_bytes["train"] += int(result.doc_text_bytes[reached & keep].sum())  # what was written, as docs
         self.train_docs += docs
         self.source_train_docs += int(np.count_nonzero(reached))
         return docs

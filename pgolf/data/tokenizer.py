@@ -408,6 +408,10 @@ def iter_jsonl_texts(path: str | Path, skip: int = 0, limit: int = 0) -> Iterato
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{line_number}: expected a string field 'text'")
+            try:  # valid JSON may still hold a lone surrogate ("\ud800"), which no UTF-8 consumer takes
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{path}:{line_number}: 'text' is not valid Unicode ({exc})") from None
             yielded += 1
             yield text
 
