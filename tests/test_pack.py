@@ -345,6 +345,30 @@ def test_refuses_table_that_disagrees_with_metadata(artifact):
         unpack(_reassemble(artifact, wrong_meta_shape))
 
 
+def test_refuses_header_values_the_reader_cannot_use(artifact):
+    """Values only an edited header holds (the body's sha256 refuses plain corruption first): each an ArtifactError
+    naming the source, not a ZeroDivisionError or AttributeError deeper down."""
+    lqer_name = next(n for n, m in read_container(artifact)[0]["quantization"]["tensors"].items() if m.get("lqer"))
+
+    def zero_group(header, payload):
+        header["quantization"]["tensors"][lqer_name]["lqer"]["group_size"] = 0
+        return header, payload
+
+    def config_list(header, payload):
+        header["quantization"]["config"] = [1]
+        return header, payload
+
+    def embed_dtype(header, payload):
+        header["quantization"]["config"]["dequant_embed_dtype"] = "float8"
+        return header, payload
+
+    for edit, message in ((zero_group, f"LQER metadata of {lqer_name} is malformed .*group_size 0 must be >= 1"),
+                          (config_list, "'quantization.config' must be an object"),
+                          (embed_dtype, "dequant_embed_dtype is float32 or bfloat16, got .*float8")):
+        with pytest.raises(ArtifactError, match=f"^seed7/artifact.pgolf: artifact header: .*{message}"):
+            unpack(_reassemble(artifact, edit), "seed7/artifact.pgolf")
+
+
 def test_check_against_model_config(artifact, quantized):
     _, header = unpack(artifact)
     expected = {name: qt.shape for name, qt in quantized.tensors.items()}

@@ -288,6 +288,18 @@ def test_corrupted_checkpoint_refused(two_runs, tmp_path: Path) -> None:
     (copy / "model.pt").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(copy)
+    (copy / "model.pt").write_bytes((root / "one" / "checkpoint" / "model.pt").read_bytes())
+    meta_path = copy / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    name = sorted(meta["tensors"])[0]
+    meta["tensors"][name]["dtype"] = "float16"  # the table must describe the weights: dtype as well as shape
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"model.pt: {name} has dtype float32, checkpoint.json says float16"):
+        load_checkpoint(copy)
+    del meta["tensors"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="checkpoint.json: key 'tensors' expected dict, got None"):
+        load_checkpoint(copy)
 
 
 def test_loss_goes_down(tmp_path: Path) -> None:

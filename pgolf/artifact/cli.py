@@ -57,7 +57,7 @@ def _register_gate(commands) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     from pgolf.artifact.inspect import inspect_artifact, inspect_lines, read_artifact
 
-    info = inspect_artifact(read_artifact(args.artifact))
+    info = inspect_artifact(read_artifact(args.artifact), args.artifact)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
@@ -73,7 +73,7 @@ def _check(args: argparse.Namespace) -> int:
     from pgolf.config import ModelConfig, from_mapping
 
     data = read_artifact(args.artifact)
-    _, header = unpack(data)
+    _, header = unpack(data, args.artifact)
     model_cfg = from_mapping(ModelConfig, header.get("model_config"), f"{args.artifact}: header.model_config")
     check_against_model_config(header, expected_shapes(model_cfg))
     code_bytes, _, _ = counted_code_bytes(args.code, args.convention)

@@ -298,7 +298,10 @@ def _expected_parts(name: str, meta: dict) -> dict[str, tuple[str, tuple[int, ..
         parts = {"q": ("int8", shape), "scale": ("float16", (shape[0],))}
         if lqer is not None:
             try:
-                factor_shapes = lqer_factor_shapes(lqer["mode"], shape, int(lqer["rank"]), int(lqer["group_size"]))
+                rank, group_size = int(lqer["rank"]), int(lqer["group_size"])
+                if rank < 1 or group_size < 1:
+                    raise ValueError(f"rank {rank} and group_size {group_size} must be >= 1")
+                factor_shapes = lqer_factor_shapes(lqer["mode"], shape, rank, group_size)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ArtifactError(f"artifact header: LQER metadata of {name} is malformed ({exc})") from None
             for field, fshape in factor_shapes.items():
@@ -480,13 +483,26 @@ def _decode_rans_entries(header: dict, arrays: dict, digests: dict) -> None:
         arrays[name] = matrix
 
 
-def unpack(data: bytes) -> tuple[QuantizedModel, dict]:
-    """Read artifact bytes back into a :class:`QuantizedModel` (empty report) and the header dict."""
+def unpack(data: bytes, source: str = "artifact") -> tuple[QuantizedModel, dict]:
+    """Read artifact bytes back into a :class:`QuantizedModel` (empty report) and the header dict; a refusal
+    names ``source`` (the file the bytes came from)."""
+    try:
+        return _unpack(data)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{source}: {exc}") from None
+
+
+def _unpack(data: bytes) -> tuple[QuantizedModel, dict]:
     header, payload = read_container(data)
     arrays = _read_entries(header, payload)
     quant = header.get("quantization")
     if not isinstance(quant, dict) or not isinstance(quant.get("tensors"), dict):
         raise ArtifactError("artifact header: 'quantization.tensors' is missing")
+    config = quant.get("config", {})
+    embed_dtype = config.get("dequant_embed_dtype", "float32") if isinstance(config, dict) else None
+    if embed_dtype not in ("float32", "bfloat16"):  # the dequantizer reads it (pgolf.quantize.weights)
+        raise ArtifactError(f"artifact header: 'quantization.config' must be an object whose dequant_embed_dtype is "
+                            f"float32 or bfloat16, got {config!r:.200}")
     tensors: dict[str, QuantizedTensor] = {}
     used: set[str] = set()
     for name, meta in sorted(quant["tensors"].items()):
@@ -521,7 +537,7 @@ def unpack(data: bytes) -> tuple[QuantizedModel, dict]:
     orphans = sorted(set(arrays) - used)  # the rANS entries were consumed by _read_entries
     if orphans:
         raise ArtifactError(f"tensor table does not match the quantization metadata: unexpected entries {', '.join(orphans)}")
-    return QuantizedModel(tensors, quant.get("config", {}), []), header
+    return QuantizedModel(tensors, config, []), header
 
 
 def check_against_model_config(header: dict, expected_shapes: dict[str, tuple]) -> None:

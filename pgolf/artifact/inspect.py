@@ -19,12 +19,13 @@ def read_artifact(path: str) -> bytes:
         raise FileNotFoundError(f"{path}: artifact not found") from None
 
 
-def inspect_artifact(data: bytes) -> dict[str, Any]:
-    """A JSON-able description of artifact bytes (raises ArtifactError for anything the reader refuses)."""
+def inspect_artifact(data: bytes, source: str = "artifact") -> dict[str, Any]:
+    """A JSON-able description of artifact bytes (raises ArtifactError, naming ``source``, for anything the reader
+    refuses)."""
     from pgolf.io import canonical_json, sha256_bytes
     from pgolf.artifact.format import COMPRESSOR_IDS, PREFIX_BYTES, unpack
 
-    qm, header = unpack(data)
+    qm, header = unpack(data, source)
     version = struct.unpack_from("<I", data, 8)[0]
     compressor_id = data[12]
     compressor = {v: k for k, v in COMPRESSOR_IDS.items()}.get(compressor_id, f"unknown ({compressor_id})")

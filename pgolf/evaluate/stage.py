@@ -137,7 +137,7 @@ def load_model_from_artifact(path: str | Path, device: str | torch.device = "cpu
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: artifact not found") from None
     t1 = time.perf_counter()
-    qm, header = unpack(data)
+    qm, header = unpack(data, str(path))
     t2 = time.perf_counter()
     state = dequantize_state(qm)
     t3 = time.perf_counter()

@@ -69,6 +69,9 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     version = meta.get("version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise CheckpointError(f"{meta_path}: version {version!r} is newer than this pgolf supports ({CHECKPOINT_VERSION})")
+    for key, kind in (("weights_file", str), ("weights_sha256", str), ("tensors", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{meta_path}: key {key!r} expected {kind.__name__}, got {meta.get(key)!r:.80}")
     return meta
 
 
@@ -88,8 +91,11 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = True) -> tuple[dic
     if set(state) != set(expected):
         raise CheckpointError(f"{weights}: tensor names differ from checkpoint.json: {sorted(set(state) ^ set(expected))[:5]}")
     for name, t in state.items():
-        if list(t.shape) != expected[name]["shape"]:
-            raise CheckpointError(f"{weights}: {name} has shape {list(t.shape)}, checkpoint.json says {expected[name]['shape']}")
+        entry = expected[name] if isinstance(expected[name], dict) else {}
+        stored = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for field, value in stored.items():
+            if entry.get(field) != value:
+                raise CheckpointError(f"{weights}: {name} has {field} {value}, checkpoint.json says {entry.get(field)}")
     return state, meta
 
 
