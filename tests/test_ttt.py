@@ -258,9 +258,9 @@ def test_phase_passes_run_eagerly_unless_phase_compile(model, docs, monkeypatch)
     asked: list[bool] = []
 
     class Recording(NllRunner):  # records what was asked, runs eagerly (no inductor on this CPU test)
-        def __init__(self, model, device, compile=False, dynamic=False):
+        def __init__(self, model, device, compile=False, dynamic=False, softcap_dtype="float32"):
             asked.append(compile)
-            super().__init__(model, device, compile=False)
+            super().__init__(model, device, compile=False, softcap_dtype=softcap_dtype)
             self.compiled = compile
 
     monkeypatch.setattr(ttt_module, "NllRunner", Recording)

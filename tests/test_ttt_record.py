@@ -194,6 +194,17 @@ def test_a_document_without_a_target_is_left_out_of_the_plan_and_the_run(base, s
     run(base, (np.append(tokens, 1), np.append(nbytes, 0)))  # a trailing lone BOS; run() checks the ledger
 
 
+def test_compile_without_warm_up_still_compiles(base, stream, monkeypatch):
+    """evaluate.compile_warmup_steps 0 skips the random-token warm-up, not the compile (the first scored steps
+    compile instead). torch.compile is stubbed: what is checked is that the compiled path is taken."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    tokens, nbytes = stream
+    cfg = dataclasses.replace(ot.ttt_config(), compile=True, compile_warmup_steps=0)
+    out = run_ttt(ot.copy_model(base), ot.pgolf_val(tokens, nbytes), cfg, SEED, device=CPU)
+    assert len(compiled) == 1 and out.summary["compiled"] and out.warmup_s == 0.0
+
+
 def test_the_run_executes_the_plan(exact, stream):
     """What ``pgolf eval-plan --schedule pgolf`` prices is what the evaluation runs: its steps, optimizer steps and
     phase streams."""

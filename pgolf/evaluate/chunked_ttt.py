@@ -78,6 +78,7 @@ def chunked_ttt(
     runner = NllRunner(model, device, compile=eval_cfg.compile, softcap_dtype=eval_cfg.softcap_dtype)
     opt = torch.optim.SGD(params, lr=cfg.chunk_lr, momentum=cfg.chunk_momentum)
     doc_starts = val.doc_starts
+    targets_before = np.concatenate([[0], np.cumsum(val.target_mask(), dtype=np.int64)])  # [N + 1]
 
     warmup_s = 0.0
     if eval_cfg.compile and eval_cfg.compile_warmup_steps > 0:  # one graph per row shape, always with grad
@@ -86,7 +87,8 @@ def chunked_ttt(
         warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=True, seed=seed + 7_919)
 
     def targets_in(lo: int, hi: int) -> int:
-        return (hi - lo) - int(np.searchsorted(doc_starts, hi) - np.searchsorted(doc_starts, lo))
+        """Scored positions in [lo, hi): a BOS is one only as the next document's target (score_next_bos)."""
+        return int(targets_before[hi] - targets_before[lo])
 
     def step(row: Optional[PackedRow], nll: Optional[Tensor], chunk_targets: int) -> None:
         """One SGD step on the chunk: this process's part of the mean NLL, gradients summed over processes."""

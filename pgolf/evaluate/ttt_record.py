@@ -107,15 +107,18 @@ class RecordTTT:
         return lora_nll(self.model, self.layout, ids, targets, views, self.rope, self.cfg.checkpoint_activations,
                         self.eval_cfg.softcap_dtype == "model")
 
-    def compile(self) -> float:
-        """torch.compile the forward once with dynamic shapes and warm it up on RANDOM tokens (rows of the batch
-        sizes the schedule uses, at the shortest and longest widths, forward and backward). Returns seconds."""
+    def compile(self, warm_up: bool = True) -> float:
+        """torch.compile the forward once with dynamic shapes and (``warm_up``: evaluate.compile_warmup_steps > 0)
+        warm it up on RANDOM tokens (rows of the batch sizes the schedule uses, at the shortest and longest widths,
+        forward and backward); without the warm-up the first scored steps compile. Returns the warm-up seconds."""
         import torch._dynamo as dynamo
 
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
         disable_mix_order_reduction()
         self.fwd = torch.compile(self._forward_eager)  # the row count and width are marked dynamic at each call
         self.compiled = True
+        if not warm_up:
+            return 0.0
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed + 7_919)
         sizes = sorted({len(b.docs) for b in self.schedule.batches if len(b.docs) > 1} | {2})
@@ -290,7 +293,8 @@ class RecordTTT:
 
     def run(self) -> TTTOutcome:
         cfg = self.cfg
-        warmup_s = self.compile() if self.eval_cfg.compile and self.eval_cfg.compile_warmup_steps > 0 else 0.0
+        warmup_s = self.compile(warm_up=self.eval_cfg.compile_warmup_steps > 0) if self.eval_cfg.compile else 0.0
+        self.summary["compiled"] = self.compiled
         graphs_before = _unique_graphs()
         if cfg.cuda_graphs:
             from pgolf.evaluate.ttt_graphs import StepGraphs
