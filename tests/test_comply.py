@@ -347,3 +347,16 @@ def test_evaluation_on_other_data_than_the_verified_is_rejected(compliant, tmp_p
           lambda e: e.update(data={"data_dir": "results/data/other/shards", "max_docs": 0}))
     verdict = verdicts_by_rule(run_dir, record_config())["val_docs"]
     assert verdict.status == comply.FAIL and "seed0: evaluated results/data/other/shards, not the verified" in verdict.evidence
+
+
+def test_kept_warm_up_momentum_is_stated_not_failed(compliant, tmp_path):
+    """train.warmup_restore record (the record's practice) keeps the Muon momentum of untimed warm-up steps on
+    training data: the training-time verdict says so for each seed, and still judges the timed loop."""
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    _edit(run_dir / "seed0" / "train" / "train_summary.json", lambda s: s.update(warmup_restore="record"))
+    verdict = verdicts_by_rule(run_dir, record_config())["train_time"]
+    assert verdict.status == comply.PASS
+    assert verdict.evidence.count("warm-up steps on training data kept") == 1 and "seed0 " in verdict.evidence

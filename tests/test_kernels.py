@@ -173,15 +173,17 @@ def test_model_switch_on_cpu_changes_nothing():
         for block in model.blocks:
             block.mlp.down.weight.normal_(0.0, 0.05)
     ids, targets = _batch(300, 48, seed=2)
-    results = []
-    for fused in (False, True):
-        model.use_fused_kernels = fused
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, targets)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert torch.equal(results[0][0], results[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    for dtype in (torch.float32, torch.float64):  # fp64: the tests' ground truth keeps its precision either way
+        model = model.to(dtype)
+        results = []
+        for fused in (False, True):
+            model.use_fused_kernels = fused
+            model.zero_grad(set_to_none=True)
+            loss = model(ids, targets)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert results[0][0].dtype == dtype and torch.equal(results[0][0], results[1][0])
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
 def test_hooks_and_wrappers_on_up_disable_fusion():

@@ -198,6 +198,11 @@ def test_missing_shards_refused_before_any_step(tmp_path: Path) -> None:
     proc = run_train(tmp_path / "empty", tmp_path / "out", 1)
     assert proc.returncode != 0 and "no fineweb_train_" in proc.stderr
     assert not (tmp_path / "out" / "checkpoint").exists()
+    from pgolf.data.shards import write_shard
+
+    write_shard(tmp_path / "empty" / "fineweb_train_000000.bin", np.zeros(0, dtype=np.uint16))
+    with pytest.raises(ValueError, match=r"1 fineweb_train_\*\.bin shard\(s\) hold no tokens"):
+        check_data(tmp_path / "empty", VOCAB)
 
 
 def test_vocab_smaller_than_token_ids_refused(tmp_path: Path) -> None:

@@ -222,6 +222,8 @@ def check_train_time(ev: Evidence) -> Verdict:
         else:
             over = f", over by {total - TRAIN_BUDGET_SECONDS:.1f} s" if total > TRAIN_BUDGET_SECONDS else ""
             figure, counted = f"seed{seed} loop {train_s:.1f} s (strict reading {strict}{over})", train_s
+        if summary.get("warmup_restore") == "record":  # the record's practice, stated: not timed, not thrown away
+            figure += " [Muon momentum of the untimed warm-up steps on training data kept: train.warmup_restore record]"
         if _on_record_hardware(summary.get("world_size"), env):
             figures.append(figure)
             if counted > TRAIN_BUDGET_SECONDS:

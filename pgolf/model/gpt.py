@@ -107,8 +107,10 @@ def softcap(logits: Tensor, cap: float) -> Tensor:
 
 
 def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Tensor:
-    """Mean cross-entropy in fp32 over targets != -100. logits [T, V] (any float dtype), targets [T]."""
-    return F.cross_entropy(softcap(logits.float(), cap), targets, ignore_index=-100, reduction="mean")
+    """Mean cross-entropy in fp32 (fp64 for fp64 logits, as the fused path) over targets != -100. logits [T, V]
+    (any float dtype), targets [T]."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(softcap(logits, cap), targets, ignore_index=-100, reduction="mean")
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:

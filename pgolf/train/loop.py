@@ -43,7 +43,7 @@ from pgolf.compliance.provenance import code_hash, environment
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
-from pgolf.data.shards import list_shards, read_shard
+from pgolf.data.shards import list_shards, read_header, read_shard
 from pgolf.io import TRAIN_SUMMARY_MEASURED_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
 from pgolf.model.device import compile_model
 from pgolf.model.gpt import GPT, param_groups
@@ -85,6 +85,8 @@ def check_data(data_dir: Path, vocab_size: int) -> dict[str, Any]:
     train = list_shards(data_dir, "train")
     if not train:
         raise FileNotFoundError(f"{data_dir}: no fineweb_train_*.bin shards")
+    if sum(read_header(p).num_tokens for p in train) == 0:  # headers only: a loader would divide by zero
+        raise ValueError(f"{data_dir}: the {len(train)} fineweb_train_*.bin shard(s) hold no tokens")
     manifest_path = data_dir / "manifest.json"
     info: dict[str, Any] = {"train_shards": len(train), "data_manifest_sha256": None}
     if manifest_path.exists():
