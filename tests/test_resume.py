@@ -122,3 +122,32 @@ def test_a_state_of_another_configuration_is_not_resumed(data: Path, tmp_path: P
     summary = run(data, out, dataclasses.replace(saving, grad_clip_norm=0.5), OptimConfig())
     assert "saved by another configuration" in capsys.readouterr().err
     assert summary["resumed_from_step"] is None and summary["earlier_attempts"] == 1
+
+
+def test_a_crash_between_a_state_and_its_json_resumes_from_the_previous_state(data: Path, tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """The process dies after step 4's state file is written, before its state.json: the run resumes from step
+    2 (whose pair is intact), not from scratch, and ends with the uninterrupted weights."""
+    import pgolf.train.resume as resume
+
+    train_cfg, optim_cfg = VARIANTS["pgolf"]
+    saving = dataclasses.replace(train_cfg, resume_every_steps=2)
+    run(data, tmp_path / "whole", saving, optim_cfg)
+    out = tmp_path / "cut"
+    real = resume.atomic_write_json
+
+    def dies_at_step_4(path, obj, *args, **kwargs):
+        if obj.get("step") == 4:
+            raise Interrupt
+        return real(path, obj, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume, "atomic_write_json", dies_at_step_4)
+        with pytest.raises(Interrupt):
+            run(data, out, saving, optim_cfg)
+    saved = out / RESUME_DIR
+    assert json.loads((saved / META_NAME).read_text())["step"] == 2
+    assert sorted(p.name for p in saved.glob("state-*.pt")) == ["state-00000002.pt", "state-00000004.pt"]
+    summary = run(data, out, saving, optim_cfg)
+    assert summary["resumed_from_step"] == 2
+    assert (out / "checkpoint" / "model.pt").read_bytes() == (tmp_path / "whole" / "checkpoint" / "model.pt").read_bytes()

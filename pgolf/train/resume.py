@@ -4,11 +4,12 @@ interrupted attempts.
 Every ``resume_every_steps`` steps rank 0 saves the whole training state under ``<train dir>/resume/``, a folder
 no Snakemake rule declares (Snakemake deletes a job's declared outputs before it runs the job again, never this):
 
-- ``state.pt``: model, every optimizer's state (Muon's momentum in its own dtype, AdamW's moments and step
+- ``state-<step>.pt``: model, every optimizer's state (Muon's momentum in its own dtype, AdamW's moments and step
   counts), the EMA shadow, the step, the loop state, the schedule clock (loop seconds so far), the RNG states and
-  the step times; written through memory, then atomically;
-- ``state.json``, written last: the fingerprint, the step, the sha256 of ``state.pt`` and the metrics lines
-  written so far (the resumed ``metrics.jsonl`` continues from them).
+  the step times; written through memory, then atomically, beside the previous step's file;
+- ``state.json``, written last: the fingerprint, the step, the state file's name and sha256 and the metrics lines
+  written so far (the resumed ``metrics.jsonl`` continues from them). Only then is the previous state file
+  removed, so a process killed between the two writes still leaves the previous state to resume from.
 
 The data stream needs nothing: both loaders read micro-batch (step, accumulation index) by random access.
 A state is resumed only when its fingerprint (every knob that changes the numbers, the seed, the world size, the
@@ -34,7 +35,7 @@ import torch
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, sha256_json
 
-STATE_NAME = "state.pt"
+STATE_PATTERN = "state-{step:08d}.pt"  # one file per saved step; state.json names the current one
 META_NAME = "state.json"
 STATE_FORMAT = "pgolf-train-state"
 STATE_VERSION = 1
@@ -82,15 +83,20 @@ def capture(model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer],
 
 
 def save(resume_dir: Path, state: dict[str, Any], fingerprint_hex: str, step: int, metrics_lines: list[str]) -> None:
-    """``state.pt`` then ``state.json`` (both atomic): a ``state.json`` always names a complete ``state.pt``."""
+    """``state-<step>.pt`` then ``state.json`` (both atomic), then the older state files go: a ``state.json``
+    always names a complete state file, and a crash between the writes keeps the previous pair."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    atomic_write_bytes(resume_dir / STATE_NAME, data)
+    name = STATE_PATTERN.format(step=step)
+    atomic_write_bytes(resume_dir / name, data)
     atomic_write_json(resume_dir / META_NAME, {
         "format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": fingerprint_hex, "step": step,
-        "state_sha256": sha256_bytes(data), "metrics": metrics_lines,
+        "state_file": name, "state_sha256": sha256_bytes(data), "metrics": metrics_lines,
     })
+    for old in resume_dir.glob("state-*.pt"):
+        if old.name != name:
+            old.unlink()
 
 
 def load(resume_dir: Path, fingerprint_hex: str) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]], str]:
@@ -107,8 +113,8 @@ def load(resume_dir: Path, fingerprint_hex: str) -> tuple[Optional[dict[str, Any
     if meta.get("fingerprint") != fingerprint_hex:
         return None, None, (f"{meta_path}: saved by another configuration, seed, GPU count, data or pgolf code: "
                             "starting over")
-    state_path = resume_dir / STATE_NAME
-    if not state_path.exists() or sha256_file(state_path) != meta.get("state_sha256"):
+    state_path = resume_dir / str(meta.get("state_file", ""))
+    if not state_path.is_file() or sha256_file(state_path) != meta.get("state_sha256"):
         return None, None, f"{state_path}: missing or not the file {meta_path} describes: starting over"
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     return state, meta, f"resuming from step {meta['step']}"
