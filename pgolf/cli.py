@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODUL
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:  # OSError: a folder for a file, a missing or unwritable path
         print(f"pgolf: error: {exc}", file=sys.stderr)
         return 2
 

@@ -121,12 +121,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, marker: str) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole, on error it is removed.
 
-    An existing ``path`` is only removed after the new directory is complete.
+    An existing ``path`` is only removed after the new directory is complete, and only when it is what this writer
+    made before: a directory, empty or holding the file ``marker`` (``manifest.json`` for shards, say). Anything
+    else (a file, a folder of the user's) is refused before any work, so that a mistyped path loses nothing.
     """
     path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or path.is_symlink():
+            raise FileExistsError(f"{path}: exists and is not a folder; refusing to replace it")
+        if any(path.iterdir()) and not (path / marker).is_file():
+            raise FileExistsError(f"{path}: a folder that is not empty and holds no {marker} (not an earlier "
+                                  "output of this kind); refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = create_temp_dir(path)
     try:
@@ -154,6 +162,14 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise FileNotFoundError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+def read_json_object(path: str | Path, what: str = "file") -> dict:
+    """:func:`read_json` of a file that must hold a JSON object."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ------------------------------------------------------------------------------------------------ measurements

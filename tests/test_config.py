@@ -78,6 +78,9 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
         ({"train": {"resume_every_steps": -1}}, "train.resume_every_steps: expected >= 0"),
         ({"train": {"param_storage": "record"}}, "evaluate.param_storage (fp32) must equal train.param_storage (record)"),
         ({"evaluate": {"diagnostic_scoring": "record_flat"}}, "evaluate.score_next_bos: diagnostic_scoring 'record_flat'"),
+        ({"seeds": [3, -1]}, "seeds: expected seeds >= 0, got [3, -1]"),
+        ({"run": "my run"}, "run: expected letters, digits, '_', '.', '-' (it names a folder), got 'my run'"),
+        ({"data": {"name": "a/b"}}, "data.name: expected letters, digits, '_', '.', '-' (it names a folder)"),
         ({"evaluate": {"score_next_bos": True, "ttt": {"mode": "lora", "variant": "legacy"}}},
          "evaluate.score_next_bos: the legacy LoRA variant scores each document's own targets only"),
     ],
@@ -103,3 +106,19 @@ def test_cli_reports_config_errors(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pgolf", "config", "show", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "data.val_docs: expected int, got str 'many'" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["r", "my_run-2.x", "my run", "a/b", "-x", ".x", "é", "x\n", "ab;rm"])
+def test_run_and_data_names_follow_one_rule(name: str) -> None:
+    """Names that become folders and travel through shell commands: the run's validator (spelled with builtins for
+    the shipped file) and the data section's (a regex) accept the same names."""
+    from pgolf.config.strict import FOLDER_NAME
+
+    ok = FOLDER_NAME.fullmatch(name) is not None
+    assert ok == (name in ("r", "my_run-2.x"))
+    for recipe in ({"run": name, "mode": "sweep"}, {"run": "t", "mode": "sweep", "data": {"name": name}}):
+        if ok:
+            parse_run_config(recipe)
+        else:
+            with pytest.raises(ConfigError, match="it names a folder"):
+                parse_run_config(recipe)

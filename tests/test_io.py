@@ -31,7 +31,7 @@ os.umask(int(sys.argv[2], 8))
 root = Path(sys.argv[1])
 atomic_write_json(root / "a.json", {"x": 1})
 atomic_write_bytes(root / "b.bin", b"x")
-with atomic_dir(root / "folder") as tmp:
+with atomic_dir(root / "folder", "inside.txt") as tmp:
     (tmp / "inside.txt").write_text("x")
 print(" ".join(oct(stat.S_IMODE((root / n).stat().st_mode)) for n in ("a.json", "b.bin", "folder")))
 """
@@ -48,10 +48,35 @@ def test_atomic_outputs_follow_the_umask(tmp_path: Path, umask: str, expected: s
 
 def test_a_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
-        with atomic_dir(tmp_path / "out") as tmp:
+        with atomic_dir(tmp_path / "out", "marker") as tmp:
             (tmp / "half").write_text("x")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_atomic_folder_replaces_only_what_its_writer_made(tmp_path: Path) -> None:
+    """An earlier output (holding the marker) or an empty folder is replaced; a file or a folder of the user's is
+    refused before the work starts, and stays as it was."""
+    out = tmp_path / "out"
+    for _ in range(2):  # the second time over the first output
+        with atomic_dir(out, "manifest.json") as tmp:
+            (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty", "manifest.json") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (tmp_path / "a_file").write_text("keep")
+    for target, message in ((mine, "not empty and holds no manifest.json"), (tmp_path / "a_file", "not a folder")):
+        started = []
+        with pytest.raises(FileExistsError, match=message):
+            with atomic_dir(target, "manifest.json"):
+                started.append(True)
+        assert not started
+    assert (mine / "notes.txt").read_text() == "keep" and (tmp_path / "a_file").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "mine", "out"]  # no temporary left
 
 
 def test_metrics_log_is_renamed_into_place_only_when_committed(tmp_path: Path) -> None:

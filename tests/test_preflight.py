@@ -49,6 +49,17 @@ def test_hardware_check():
     assert hardware_check("sweep", []).ok and "sweep mode" in hardware_check("sweep", []).detail
 
 
+def test_attention_backend_resolved_as_the_stages_will():
+    """An explicit FlashAttention backend that cannot run here fails preflight; auto and torch pass, naming the
+    kernels they resolve to."""
+    from pgolf.compliance.preflight import attention_check
+
+    fa3 = attention_check("fa3", "cpu")
+    assert not fa3.ok and fa3.detail == "model.attention_backend 'fa3' cannot run on cpu: needs CUDA, got cpu"
+    auto = attention_check("auto", "cpu")
+    assert auto.ok and auto.detail.startswith("auto -> sdpa on cpu")
+
+
 def test_version_and_batch_checks():
     assert torch_version_check("2.11.0+cu130").ok and torch_version_check("2.13.0+cpu").ok
     assert not torch_version_check("2.9.1").ok

@@ -524,6 +524,8 @@ def run_comply(run_dir, cfg: RunConfig, data_dir=None, json_out=None, gate: Opti
     from pgolf.io import atomic_write_json
 
     gate = cfg.mode == "record" if gate is None else gate
+    if not Path(run_dir).is_dir():  # a mistyped folder: one line, not a FAIL for every rule
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     verdicts = check_run(run_dir, cfg, data_dir)
     report = comply_report(run_dir, cfg, verdicts)
     for verdict in verdicts:

@@ -252,6 +252,7 @@ def run_preflight(config: str | Path | RunConfig, data_dir: Optional[str | Path]
                 why="optional FlashAttention-3; attention falls back to torch varlen / SDPA",
             )
         )
+        checks.append(attention_check(cfg.model.attention_backend, "cuda" if names else "cpu"))
         checks.append(hardware_check(cfg.mode, names))
         checks.append(batch_split_check(cfg, max(len(names), 1)))
     checks.append(import_check("snakemake", required=False, why="the pipeline runner; stages also run without it"))
@@ -265,6 +266,18 @@ def run_preflight(config: str | Path | RunConfig, data_dir: Optional[str | Path]
     need = WORK_SPACE_BYTES + (0 if data.ok else data_size_bytes(cfg))
     checks.append(disk_check(root, need))
     return checks
+
+
+def attention_check(requested: str, device: str) -> Check:
+    """model.attention_backend resolved as the stages will resolve it: an explicit fa3/fa4 that cannot run here
+    fails now, not after the data stage."""
+    from pgolf.model.attention import resolve_backend
+
+    try:
+        choice = resolve_backend(requested, device)
+    except (RuntimeError, ValueError) as exc:
+        return Check("attention backend", False, str(exc))
+    return Check("attention backend", True, f"{requested} -> {choice.resolved} on {device} ({choice.reason})")
 
 
 def print_checks(checks: Sequence[Check], file=None) -> None:

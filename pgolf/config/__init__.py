@@ -73,8 +73,12 @@ class RunConfig:
     aggregate: AggregateConfig = dataclasses.field(default_factory=AggregateConfig)
 
     def __post_init__(self) -> None:
-        check(bool(self.run) and "/" not in self.run, f"run: expected a non-empty name without '/', got {self.run!r}")
+        # FOLDER_NAME spelled with builtins: this validator is also the shipped train_gpt.py's (no re, no helpers)
+        check(self.run[:1].isascii() and self.run[:1].isalnum()
+              and all(c.isascii() and (c.isalnum() or c in "_.-") for c in self.run),
+              f"run: expected letters, digits, '_', '.', '-' (it names a folder), got {self.run!r}")
         check(len(self.seeds) >= 1, "seeds: expected at least one seed")
+        check(min(self.seeds) >= 0, f"seeds: expected seeds >= 0, got {list(self.seeds)}")
         check(len(set(self.seeds)) == len(self.seeds), f"seeds: duplicates in {list(self.seeds)}")
         if self.mode == "record":
             check(

@@ -7,7 +7,7 @@ import dataclasses
 import re
 from typing import Literal, Optional
 
-from pgolf.config.strict import check
+from pgolf.config.strict import FOLDER_NAME, check, folder_name_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,7 +370,6 @@ class EvaluateConfig:
 
 
 _DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,10 +436,8 @@ class AggregateConfig:
             self.date == "" or bool(_DATE_PATTERN.match(self.date)),
             f"date: expected YYYY-MM-DD or empty (today), got {self.date!r}",
         )
-        check(
-            self.submission_name == "" or bool(_NAME_PATTERN.match(self.submission_name)),
-            f"submission_name: expected letters, digits, '_', '.', '-' (a folder name), got {self.submission_name!r}",
-        )
+        check(self.submission_name == "" or FOLDER_NAME.fullmatch(self.submission_name) is not None,
+              folder_name_error("submission_name", self.submission_name))
 
     @property
     def has_baseline(self) -> bool:

@@ -178,6 +178,14 @@ def to_dict(obj: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
+# A name that becomes a folder and travels through shell commands unquoted (run, data.name, submission_name).
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch
+
+
+def folder_name_error(key: str, value: str) -> str:
+    return f"{key}: expected letters, digits, '_', '.', '-' (it names a folder), got {value!r}"
+
+
 def check(condition: bool, message: str, key: str | None = None) -> None:
     """Raise ConfigError(message) unless ``condition``; ``key`` defaults to the field the message starts with."""
     if not condition:

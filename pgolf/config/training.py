@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from pgolf.config.strict import check
+from pgolf.config.strict import FOLDER_NAME, check, folder_name_error
 
 # Exact duplicates across the split (issue 15 item 7): what the data stage does with a training document whose
 # tokens equal those of a validation document. See DataConfig.val_duplicates_policy.
@@ -58,6 +58,7 @@ class DataConfig:
     max_val_overlap_fraction: float = DEFAULT_MAX_VAL_OVERLAP_FRACTION
 
     def __post_init__(self) -> None:
+        check(FOLDER_NAME.fullmatch(self.name) is not None, folder_name_error("name", self.name))
         check(self.val_docs > 0, f"val_docs: expected > 0, got {self.val_docs}")
         check(self.shard_tokens > 0, f"shard_tokens: expected > 0, got {self.shard_tokens}")
         check(self.train_shards >= 0, f"train_shards: expected >= 0, got {self.train_shards}")

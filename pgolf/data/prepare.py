@@ -449,7 +449,7 @@ def prepare_shards(
     reader = _DocsReader(docs_path)
     ticker = _Progress(None if max_docs or max_train_shards else reader.size_bytes, progress_stream)
     try:
-        with atomic_dir(out_dir) as tmp, _Runner(workers, tokenizer_path, caseops) as runner:
+        with atomic_dir(out_dir, MANIFEST_NAME) as tmp, _Runner(workers, tokenizer_path, caseops) as runner:
             writers = {
                 "val": ShardStreamWriter(tmp, "val", shard_tokens),
                 "train": ShardStreamWriter(tmp, "train", shard_tokens, max_shards=max_train_shards),

@@ -22,7 +22,6 @@ Steps that only score (a document's last chunk, no update) are priced like updat
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from pgolf.config import ConfigError, TTTConfig
+from pgolf.io import read_json_object
 from pgolf.evaluate.ttt import compiled_slot_lengths, longest_first, phase_plan, slot_length_for_window
 
 RECORD_VAL_DOCS = 50_000  # data.md: the record scores RECORD_VAL_TOKENS targets over these
@@ -127,7 +127,7 @@ class EvalCosts:
 
     @staticmethod
     def from_json(path: str | Path) -> "EvalCosts":
-        data = json.loads(Path(path).read_text())
+        data = read_json_object(path, "costs JSON")
 
         def need(key: str):
             if key not in data:
@@ -150,7 +150,7 @@ class EvalCosts:
     @staticmethod
     def from_eval_result(path: str | Path) -> "EvalCosts":
         """Prices from an ``eval.json`` of a LoRA-TTT run: its ``slot_timing``, phases and timings."""
-        data = json.loads(Path(path).read_text())
+        data = read_json_object(path, "evaluation result")
         ttt = data.get("ttt") or {}
         timing = ttt.get("slot_timing")
         if not timing:

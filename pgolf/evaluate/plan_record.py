@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from pgolf.config import ConfigError
+from pgolf.io import read_json_object
 from pgolf.evaluate.ttt_plan import (TTTSchedule, batch_steps, phase_chunks, phase_doc_sets, phase_stream_tokens,
                                      record_queue)
 
@@ -82,7 +83,7 @@ class RecordCosts:
 
     @staticmethod
     def from_json(path: str | Path) -> "RecordCosts":
-        data = json.loads(Path(path).read_text())
+        data = read_json_object(path, "costs JSON")
         if data.get("format") != 2:
             return RecordCosts.from_slot_prices(path, data)
         try:

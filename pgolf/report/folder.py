@@ -221,7 +221,7 @@ def write_folder(
     command = reproduce_command or bundle.meta.get("run_command") or DEFAULT_REPRODUCE_COMMAND
     source = bundle.path.read_bytes()
     env = agg["provenance"]["environment"]
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "submission.json") as tmp:
         (tmp / "train_gpt.py").write_bytes(source)
         atomic_write_json(tmp / "submission.json", sub)
         for s in seeds:

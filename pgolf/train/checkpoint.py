@@ -86,7 +86,10 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = True) -> tuple[dic
         actual = sha256_file(weights)
         if actual != meta["weights_sha256"]:
             raise CheckpointError(f"{weights}: sha256 {actual[:16]}... does not match checkpoint.json ({meta['weights_sha256'][:16]}...)")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file (unverified: verify_hash off); the error type varies
+        raise CheckpointError(f"{weights}: not a readable weights file ({type(exc).__name__})") from None
     expected = meta["tensors"]
     if set(state) != set(expected):
         raise CheckpointError(f"{weights}: tensor names differ from checkpoint.json: {sorted(set(state) ^ set(expected))[:5]}")

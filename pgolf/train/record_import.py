@@ -202,6 +202,11 @@ def import_record(state_pt: str | Path, out_dir: str | Path, *, log: str | Path 
         sd = torch.load(state_pt, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RecordImportError(f"{state_pt}: not found") from None
+    except IsADirectoryError:
+        raise RecordImportError(f"{state_pt}: a folder, expected the record script's final_model.pt") from None
+    except Exception as exc:  # a foreign file; torch's own message suggests weights_only=False, which runs pickled code
+        raise RecordImportError(f"{state_pt}: not a readable state dict ({type(exc).__name__}); expected the record "
+                                "script's final_model.pt") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RecordImportError(f"{state_pt}: expected a state dict (name -> tensor)")
     hp = parse_hparams_log(log) if log is not None else None

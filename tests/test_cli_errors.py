@@ -1,0 +1,62 @@
+"""User mistakes at the command line: one line naming the path and what was expected, exit status 2, no
+traceback, and nothing of the user's replaced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pgolf.cli import main as pgolf_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    code = pgolf_main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err.strip()
+
+
+def test_a_folder_where_a_file_is_expected(tmp_path: Path, capsys) -> None:
+    code, err = run(["pack", "inspect", str(tmp_path)], capsys)
+    assert code == 2 and err == f"pgolf: error: [Errno 21] Is a directory: '{tmp_path}'"
+    code, err = run(["checkpoint", "import-record", str(tmp_path), "--out", str(tmp_path / "ckpt"),
+                     "--config", str(REPO / "config.yaml")], capsys)
+    assert code == 2 and f"{tmp_path}: a folder, expected the record script's final_model.pt" in err
+
+
+def test_a_file_of_another_kind(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "train.log"
+    text.write_text("not a state dict\n")
+    code, err = run(["checkpoint", "import-record", str(text), "--out", str(tmp_path / "ckpt"),
+                     "--config", str(REPO / "config.yaml")], capsys)
+    assert code == 2 and f"{text}: not a readable state dict" in err and "weights_only=False" not in err
+    costs = tmp_path / "costs.json"
+    for content, message in (("[1]", "costs JSON must be a JSON object, got list"), ("{", "costs JSON is not valid JSON")):
+        costs.write_text(content)
+        code, err = run(["eval-plan", "--config", str(REPO / "config.yaml"), "--costs", str(costs)], capsys)
+        assert code == 2 and f"{costs}: {message}" in err
+
+
+def test_comply_on_a_mistyped_run_folder(tmp_path: Path, capsys) -> None:
+    code, err = run(["comply", str(tmp_path / "smok"), "--config", str(REPO / "recipes" / "smoke.yaml")], capsys)
+    assert code == 2 and err == f"pgolf: error: {tmp_path / 'smok'}: no such run folder"
+
+
+def test_prepare_never_replaces_a_folder_of_the_users(tmp_path: Path, capsys) -> None:
+    """--out naming the documents' own folder (or any non-empty folder that is not earlier shards) is refused
+    before tokenizing, and the folder keeps its files."""
+    from shard_fixtures import corpus_texts, published_model, write_jsonl
+
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    write_jsonl(mine / "docs.jsonl", corpus_texts(20, seed=1))
+    (mine / "NOTES.txt").write_text("keep\n")
+    code, err = run(["data", "prepare", "--docs", str(mine / "docs.jsonl"), "--tokenizer", str(published_model()),
+                     "--out", str(mine), "--val-docs", "5"], capsys)
+    assert code == 2 and "not empty and holds no manifest.json" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["NOTES.txt", "docs.jsonl"]
+    assert json.loads((mine / "docs.jsonl").read_text().splitlines()[0])["text"]
