@@ -20,7 +20,7 @@ Why it is built this way:
   ``val_duplicates``) or an error naming its file and line (``refuse``). Under either policy, more validation
   documents with a training copy than ``max_val_overlap_fraction`` of them is an error: the split is wrong.
   Validation documents come first in the file, so every validation hash is known before the first training
-  chunk is written.
+  chunk is written. That bookkeeping, and the manifest, are :mod:`pgolf.data.split`'s.
 """
 
 from __future__ import annotations
@@ -39,21 +39,9 @@ from typing import Iterator, TextIO
 
 import numpy as np
 
-from pgolf.data.shards import (
-    BOS_ID,
-    CASEOPS_OPERATOR_IDS,
-    DEFAULT_SHARD_TOKENS,
-    HEADER_INTS,
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    MANIFEST_VERSION,
-    SHARD_MAGIC,
-    SHARD_VERSION,
-    ShardStreamWriter,
-    doc_hash,
-    hashes_fingerprint,
-)
-from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION, VAL_DUPLICATES_POLICIES, val_overlap_limit
+from pgolf.data.shards import BOS_ID, DEFAULT_SHARD_TOKENS, MANIFEST_NAME, ShardStreamWriter, doc_hash
+from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION, VAL_DUPLICATES_POLICIES
+from pgolf.data.split import PrepareError, SplitStats, shard_manifest
 from pgolf.io import atomic_dir, atomic_write_json, progress
 
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
@@ -61,10 +49,6 @@ CHUNK_DOCS = 256  # documents per work unit ...
 CHUNK_BYTES = 1 << 20  # ... or about this many bytes of JSONL, whichever comes first
 PROGRESS_INTERVAL_SECONDS = 2.0
 PREPARE_REPORT_NAME = "prepare_report.json"  # how a preparation ran (path, workers, seconds): outside every hash
-
-
-class PrepareError(ValueError):
-    """The inputs cannot produce a valid shard directory (bad documents, bad arguments, a train/val leak)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,7 +440,7 @@ def prepare_shards(
             }
             if caseops:
                 writers["val_bytes"] = ShardStreamWriter(tmp, "val_bytes", shard_tokens)
-            split = _SplitStats(drop_train_copies=val_duplicates_policy == "drop_train_copies")
+            split = SplitStats(drop_train_copies=val_duplicates_policy == "drop_train_copies")
             for result in runner.map(reader.chunks(val_docs, max_docs, chunk_docs, chunk_bytes)):
                 docs = split.add(result, writers)
                 ticker.update(result, docs)
@@ -466,7 +450,7 @@ def prepare_shards(
             for writer in writers.values():
                 writer.close()
             split.finish(docs_path, val_duplicates_policy, max_val_overlap_fraction)
-            manifest = _manifest(
+            manifest = shard_manifest(
                 docs_path=docs_path,
                 docs_sha256=reader.finish_sha256(),
                 docs_bytes=reader.size_bytes,
@@ -507,149 +491,4 @@ def prepare_shards(
         **run,
     }
     print(json.dumps(summary), file=progress_stream, flush=True)
-    return manifest
-
-
-def _keep_documents(tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """The tokens [n] of a chunk without its documents [docs] whose ``keep`` is False."""
-    owner = np.repeat(np.arange(len(lengths)), lengths)  # [n] the document each token belongs to
-    return tokens[keep[owner]]
-
-
-@dataclasses.dataclass
-class _SplitStats:
-    """Running totals of the main process, and the validation hashes for the duplicate check."""
-
-    drop_train_copies: bool = True  # val_duplicates_policy == "drop_train_copies"
-    val_docs: int = 0
-    train_docs: int = 0  # written to the training shards
-    source_train_docs: int = 0  # read from the training part of the documents (written or dropped)
-    train_docs_dropped: int = 0  # training documents equal to a validation document, not written
-    val_hash_parts: list = dataclasses.field(default_factory=list)
-    val_hash_set: np.ndarray | None = None  # sorted unique, built when the first train chunk arrives
-    overlap_hashes: set = dataclasses.field(default_factory=set)  # validation docs with a copy in training
-    first_leak: str = ""  # a format string with {path}
-    train_complete: bool = True
-    val_bytes: int = 0
-    text_bytes: dict = dataclasses.field(default_factory=lambda: {"val": 0, "train": 0})
-
-    def add(self, result: _Encoded, writers: dict[str, ShardStreamWriter]) -> int:
-        """Write one chunk; return the number of its documents that made it into the shards."""
-        if result.split == "val":
-            self.text_bytes["val"] += result.text_bytes
-            writers["val"].append(result.tokens)
-            if "val_bytes" in writers:
-                writers["val_bytes"].append(result.byte_counts)
-                self.val_bytes += int(result.byte_counts.sum(dtype=np.int64))
-            self.val_hash_parts.append(result.doc_hashes)
-            self.val_docs += len(result.doc_lengths)
-            return len(result.doc_lengths)
-        if self.val_hash_set is None:
-            self.val_hash_set = np.unique(np.concatenate(self.val_hash_parts))
-        copies = np.isin(result.doc_hashes, self.val_hash_set)  # [docs] equal to some validation document
-        keep = ~copies if self.drop_train_copies else np.ones_like(copies)
-        tokens = _keep_documents(result.tokens, result.doc_lengths, keep) if not keep.all() else result.tokens
-        writer = writers["train"]
-        before = writer.tokens_accepted
-        writer.append(tokens)
-        accepted = writer.tokens_accepted - before
-        # where each document starts in the written stream (a dropped one: where it would have been); the shard
-        # cap may cut the chunk, and documents past the cut were never read as far as the output is concerned
-        kept_lengths = np.where(keep, result.doc_lengths, 0)
-        starts = np.cumsum(kept_lengths) - kept_lengths
-        reached = np.ones_like(keep) if accepted == len(tokens) else starts < accepted
-        hits = np.flatnonzero(reached & copies)
-        if len(hits):
-            if not self.first_leak:
-                line = result.first_line + int(hits[0])
-                self.first_leak = f"first at train doc {self.source_train_docs + int(hits[0])} ({{path}}:{line})"
-            self.overlap_hashes.update(result.doc_hashes[hits].tolist())
-            if self.drop_train_copies:
-                self.train_docs_dropped += len(hits)
-        docs = int(np.count_nonzero(reached & keep))
-        self.text_bytes["train"] += int(result.doc_text_bytes[reached & keep].sum())  # what was written, as docs
-        self.train_docs += docs
-        self.source_train_docs += int(np.count_nonzero(reached))
-        return docs
-
-    @property
-    def val_hashes(self) -> np.ndarray:
-        return np.concatenate(self.val_hash_parts) if self.val_hash_parts else np.zeros(0, dtype=np.uint64)
-
-    @property
-    def written_overlap_docs(self) -> int:
-        """Validation documents with a copy in the written training shards."""
-        return 0 if self.drop_train_copies else len(self.overlap_hashes)
-
-    def finish(self, docs_path: Path, policy: str, max_fraction: float) -> None:
-        overlap = len(self.overlap_hashes)
-        limit = val_overlap_limit(self.val_docs, max_fraction)
-        where = self.first_leak.format(path=docs_path)
-        if overlap > limit:
-            raise PrepareError(
-                f"leak: {overlap} of {self.val_docs} validation documents ({overlap / max(self.val_docs, 1):.1%}) "
-                f"also occur in the training split, more than max_val_overlap_fraction {max_fraction} allows "
-                f"({limit}) under any val_duplicates_policy: the split itself is wrong (validation documents taken "
-                f"from the training pool, or a validation cut smaller than the published one?); {where}"
-            )
-        if overlap and policy == "refuse":
-            raise PrepareError(f"leak: {overlap} validation documents also occur in the training split, {where}")
-        if self.train_docs == 0:
-            raise PrepareError(f"{docs_path}: no training documents were written")
-
-
-def _manifest(
-    *,
-    docs_path,
-    docs_sha256,
-    docs_bytes,
-    tokenizer,
-    caseops,
-    settings,
-    split: _SplitStats,
-    writers: dict[str, ShardStreamWriter],
-) -> dict:
-    files = [
-        info.to_dict() for kind in ("val", "val_bytes", "train") if kind in writers for info in writers[kind].shards
-    ]
-    val_hashes = split.val_hashes
-    tokens = {kind: sum(info.tokens for info in writers[kind].shards) for kind in ("val", "train")}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "shard_format": {
-            "magic": SHARD_MAGIC,
-            "version": SHARD_VERSION,
-            "header_ints": HEADER_INTS,
-            "dtype": "uint16 little-endian",
-            "bos_id": BOS_ID,
-        },
-        # the file's name, not its path: the same documents read from another folder give the same manifest
-        "source": {"docs_name": Path(docs_path).name, "docs_sha256": docs_sha256, "docs_bytes": docs_bytes},
-        "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
-        "caseops": caseops,
-        "caseops_operator_ids": list(CASEOPS_OPERATOR_IDS) if caseops else [],
-        "settings": settings,
-        "docs": {"val": split.val_docs, "train": split.train_docs},
-        "tokens": tokens,
-        "bos": {"val": split.val_docs, "train": split.train_docs},  # one BOS per document, by construction
-        "text_bytes": dict(split.text_bytes),
-        # False when the max_train_shards cap stopped reading (documents may have been left unread)
-        "train_complete": split.train_complete,
-        "files": files,
-        "fingerprints": {
-            "doc_hash": "blake2b, 8-byte digest, over the document's uint16 little-endian token ids (BOS excluded)",
-            "val_doc_hash_count": int(len(val_hashes)),
-            "val_doc_hashes_sha256": hashes_fingerprint(val_hashes),
-            "val_duplicate_docs": int(len(val_hashes) - len(np.unique(val_hashes))),
-            "train_val_overlap_docs": split.written_overlap_docs,  # in the written shards: 0
-        },
-        # exact duplicates across the split in the documents (settings.val_duplicates_policy says what was done)
-        "val_duplicates": {
-            "val_docs_with_train_copies": len(split.overlap_hashes),  # distinct validation documents
-            "train_docs_dropped": split.train_docs_dropped,  # training documents not written
-        },
-    }
-    if "val_bytes" in writers:
-        manifest["val_bytes"] = split.val_bytes  # original UTF-8 bytes of the validation set (bpb denominator)
     return manifest
