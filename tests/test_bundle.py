@@ -246,6 +246,8 @@ def test_minified_modules_count_fewer_bytes_and_still_compile(plain_bundle) -> N
     small = build_bundle(tiny_config(), minify=True)
     assert small.code_hash != plain_bundle.code_hash
     assert count_code_bytes(small.text, "wrapper") < count_code_bytes(plain_bundle.text, "wrapper")
+    # the shipped form's generated pgolf.config imports no YAML reader: requirements.txt does not ask for one
+    assert "yaml" in plain_bundle.third_party["required"] and "yaml" not in small.third_party["required"]
     for m in small.modules:
         compile(m.source, m.name, "exec")
 
@@ -256,6 +258,12 @@ def test_code_identity_is_the_bundles_code_hash() -> None:
 
     record = load_run_config(REPO_ROOT / "config.yaml")
     assert code_identity(record) == build_bundle(record, minify=True).code_hash
+    # the record run's own identity, unbundled: the CODE_HASH of the file the bundle rule writes (shipped recipe)
+    from pgolf.artifact.bundle import shipped_recipe
+    from pgolf.artifact.record_run import code_identity as run_identity
+
+    three_seeds = dataclasses.replace(record, seeds=(record.seeds[0], 7, 9), data=dataclasses.replace(record.data, workers=5))
+    assert run_identity(three_seeds) == code_identity(shipped_recipe(three_seeds)) == code_identity(shipped_recipe(record))
     assert code_identity(tiny_config(), minify=False) == build_bundle(tiny_config()).code_hash
 
 
@@ -445,6 +453,48 @@ def test_in_process_record_run_trains_like_the_train_stage_and_stops_at_a_refusa
     assert record_meta["steps"] == staged_meta["steps"] == cfg.train.iterations
 
 
+def test_what_the_evaluation_would_refuse_is_refused_before_training(tmp_path: Path) -> None:
+    """Bare shards without the byte sidecar: a CaseOps recipe (bytes only from the sidecar), or a plain one with
+    no tokenizer for the lookup table, is refused before the training budget is spent."""
+    from pgolf.artifact.record_run import run_record
+    from pgolf.evaluate.valdata import ValidationDataError
+
+    data = write_data(tmp_path / "data")
+    (data / "fineweb_val_bytes_000000.bin").unlink()
+    base = tiny_config()
+    plain = dataclasses.replace(base, tokenizer=dataclasses.replace(base.tokenizer, caseops=False))
+    for cfg, message in ((base, "CaseOps bytes can only come from the sidecar"), (plain, "needs the tokenizer")):
+        with pytest.raises(ValidationDataError, match=message):
+            run_record(cfg, SEED, data, tmp_path / "out", code_file=__file__, device_kind="cpu")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_says_so_and_leaves_no_earlier_results(tmp_path: Path, monkeypatch) -> None:
+    """A stage that raises: the summary and the log say how the run ended, and the files an earlier run left in
+    the folder (its score, its summary) are gone, so that no reader takes them for this run's."""
+    import pgolf.quantize.stage as quantize_stage
+    from pgolf.artifact.record_run import run_record
+
+    torch.set_num_threads(1)
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "rec"
+    for stale in ("eval/eval.json", "record_run.json", "pack/pack_report.json"):
+        (out / stale).parent.mkdir(parents=True, exist_ok=True)
+        (out / stale).write_text('{"exit_status": 0, "val_bpb": 1.0}')
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(quantize_stage, "quantize_checkpoint", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_record(tiny_config(), SEED, data, out, code_file=__file__, device_kind="cpu", stop_after="pack")
+    summary = json.loads((out / "record_run.json").read_text())
+    assert summary["exit_status"] == 1 and summary["error"] == "RuntimeError: boom"
+    assert sorted(summary["stages"]) == ["hessians", "train"]  # quantize raised: no status
+    assert "failed: RuntimeError: boom" in (out / "logs/record_run.log").read_text()
+    assert not (out / "eval/eval.json").exists() and not (out / "pack/pack_report.json").exists()
+
+
 def test_main_reports_bad_arguments_without_a_traceback(tmp_path: Path, capsys) -> None:
     from pgolf.artifact.record_run import bundle_main, cli_main as main
 
@@ -455,6 +505,17 @@ def test_main_reports_bad_arguments_without_a_traceback(tmp_path: Path, capsys) 
     assert "data directory not found" in capsys.readouterr().err
     assert bundle_main(bundled, __file__, ["--data-dir", str(tmp_path / "nowhere")]) == 2
     assert "data directory not found" in capsys.readouterr().err
+    assert bundle_main(bundled, __file__, ["--device", "cpu", "--quantize-device", "cuda"]) == 2
+    assert "a CPU run has no GPU to quantize on" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        data = write_data(tmp_path / "data")
+        assert bundle_main(bundled, __file__, ["--device", "cuda", "--data-dir", str(data),
+                                               "--out-dir", str(tmp_path / "o")]) == 2
+        assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert bundle_main(bundled, __file__, ["--device", "cpu", "--data-dir", str(write_data(tmp_path / "d2")),
+                                           "--out-dir", str(tmp_path / "a_file")]) == 2
+    assert "a_file" in capsys.readouterr().err
     bundled["model"]["num_layerz"] = 3
     with pytest.raises(ValueError, match="num_layerz"):
         main([], run_config=bundled, code_file=__file__)

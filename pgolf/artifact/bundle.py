@@ -521,7 +521,11 @@ def build_bundle(cfg: RunConfig, *, minify: bool = False, package_dir: Path = PA
     modules, left_out = table.modules, table.left_out
     text = render_bundle(cfg, modules, shipped=minify)
     check_bundle(text, cfg, modules)
-    originals = {m.name: (m.is_package, module_file(m.name, package_dir)[0].read_text(encoding="utf-8")) for m in modules}
+    # the sources as written (the shrunk form loses the ImportError guards that tell optional from required), but
+    # the shipped form's generated pgolf.config as embedded: it is not the package's pgolf/config/__init__.py
+    generated = {"pgolf.config"} if minify else set()
+    originals = {m.name: (m.is_package, m.source if m.name in generated
+                          else module_file(m.name, package_dir)[0].read_text(encoding="utf-8")) for m in modules}
     embedded = {m.name for m in modules}
     return Bundle(text, modules, bundle_code_hash(modules), third_party_imports(originals),
                   {name: why for name, why in left_out.items() if _is_module(name, package_dir) and name not in embedded},

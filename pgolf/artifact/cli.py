@@ -113,7 +113,7 @@ def _register_pack(commands) -> None:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from pgolf.artifact.bundle import BundleError, report_path, write_bundle
+    from pgolf.artifact.bundle import BundleError, report_path, shipped_recipe, write_bundle
     from pgolf.config import load_run_config, parse_run_config
 
     if args.config:
@@ -124,7 +124,8 @@ def _bundle(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             raise BundleError(f"--config-json: not valid JSON: {exc}") from None
         cfg = parse_run_config(data, "--config-json")
-    report = write_bundle(cfg, args.out, minify=args.minify_modules, verify=not args.no_verify)
+    # the recipe as the bundle rule embeds it (first seed, report-only settings at their defaults): one file identity
+    report = write_bundle(shipped_recipe(cfg), args.out, minify=args.minify_modules, verify=not args.no_verify)
     print(f"{args.out}: {report['bytes_file']:,} bytes, {len(report['modules'])} modules, code hash {report['code_hash'][:16]}")
     print(f"counted code bytes: file {report['bytes_file']:,}, wrapper {report['bytes_wrapper']:,} "
           f"(recipe convention: {cfg.pack.code_bytes_convention})")

@@ -93,6 +93,14 @@ class StagePaths:
         return self.root / "logs" / "record_run.log"
 
     @property
+    def results(self) -> tuple[Path, ...]:
+        """The files a reader of the folder trusts (pgolf.report.results): removed when a run starts, so that a run
+        that fails leaves none of an earlier run's beside its own. The checkpoint folder is replaced whole by the
+        training stage."""
+        return (self.summary, self.train_dir / "train_summary.json", self.hessians, self.hessian_report,
+                self.quantize_report, self.artifact, self.pack_report, self.eval_result)
+
+    @property
     def summary(self) -> Path:
         return self.root / "record_run.json"
 
@@ -201,9 +209,9 @@ def code_identity(cfg: RunConfig) -> str:
     bundle = getattr(pgolf, "__bundle__", None)
     if isinstance(bundle, dict) and isinstance(bundle.get("code_hash"), str):
         return bundle["code_hash"]
-    from pgolf.artifact.bundle import code_identity as recipe_code_identity  # never bundled (NEVER_BUNDLED)
+    from pgolf.artifact.bundle import code_identity as recipe_code_identity, shipped_recipe  # never bundled
 
-    return recipe_code_identity(cfg)
+    return recipe_code_identity(shipped_recipe(cfg))
 
 
 def default_tokenizer(data_dir: Path) -> Optional[Path]:
@@ -241,6 +249,8 @@ def run_record(
         raise ConfigError(f"stop_after: expected one of {', '.join(STAGES)}, got {stop_after!r}")
     if seed < 0:
         raise ConfigError(f"seed: expected >= 0, got {seed}")
+    if quantize_device == "cuda" and device_kind == "cpu":
+        raise ConfigError("--quantize-device cuda with --device cpu: a CPU run has no GPU to quantize on")
     last = STAGES.index(stop_after)
     data_dir, paths = Path(data_dir), StagePaths(Path(out_dir))
     if last >= STAGES.index("pack"):
@@ -251,6 +261,10 @@ def run_record(
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: data directory not found (pass --data-dir, the folder of the .bin shards)")
     tokenizer = Path(tokenizer_path) if tokenizer_path else default_tokenizer(data_dir)
+    if last == STAGES.index("evaluate"):  # what the evaluation will refuse, refused before the training budget goes
+        from pgolf.evaluate.valdata import planned_accounting
+
+        planned_accounting(data_dir, cfg.evaluate.byte_accounting, tokenizer, cfg.tokenizer.caseops)
 
     info = init_distributed(device_kind)
     process_threads = set_cpu_threads(0)  # torch's CPU threads of this process, before any stage sets its own
@@ -260,6 +274,9 @@ def run_record(
         "code_hash": code_identity(cfg), "config_sha256": sha256_json(to_dict(cfg)), "stop_after": stop_after,
         "stages": {}, "exit_status": 0,
     }
+    if info.is_main:
+        for path in paths.results:
+            path.unlink(missing_ok=True)
     with RunLog(paths.log if info.is_main else None) as log:
         log.event(f"run {cfg.run!r} ({cfg.mode}) seed {seed}: {info.world_size} process(es) on {info.device}, "
                   f"data {data_dir}, output {paths.root}, code hash {summary['code_hash'][:16]}")
@@ -331,12 +348,19 @@ def run_record(
             return status
 
         steps = {"train": train, "hessians": hessians, "quantize": quantize, "pack": pack, "evaluate": evaluate}
-        for name in STAGES:
-            if not stage(name, steps[name], everywhere=name in ("train", "evaluate")):
-                break
-        if info.is_main:
-            atomic_write_json(paths.summary, summary)
-            log.event(f"finished with exit status {summary['exit_status']}; summary {paths.summary}")
+        try:
+            for name in STAGES:
+                if not stage(name, steps[name], everywhere=name in ("train", "evaluate")):
+                    break
+        except BaseException as exc:  # the summary and the log say how the run ended, an error included
+            summary["exit_status"] = summary["exit_status"] or EXIT_FAILED
+            summary["error"] = f"{type(exc).__name__}: {exc}"
+            log.event(f"failed: {summary['error']}")
+            raise
+        finally:
+            if info.is_main:
+                atomic_write_json(paths.summary, summary)
+                log.event(f"finished with exit status {summary['exit_status']}; summary {paths.summary}")
     shutdown(info)  # a no-op when evaluation already closed the group
     return summary
 
@@ -399,7 +423,7 @@ def _run_parsed(recipe: Callable[[], RunConfig], args: argparse.Namespace, code_
         out_dir = Path(args.out_dir) if args.out_dir else Path("results") / f"seed{seed}"
         summary = run_record(cfg, seed, args.data_dir, out_dir, args.tokenizer, code_file=code_file,
                              device_kind=args.device, quantize_device=args.quantize_device, stop_after=args.stop_after)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:  # OSError: a file where --out-dir expects a folder, say
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return int(summary["exit_status"])

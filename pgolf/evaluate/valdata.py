@@ -201,6 +201,18 @@ def resolve_accounting(requested: str, has_sidecar: bool, caseops: Optional[bool
     return chosen
 
 
+def planned_accounting(data_dir: str | Path, requested: str, tokenizer_path, caseops: Optional[bool]) -> str:
+    """:func:`resolve_accounting` for ``data_dir`` before any work: the accounting its evaluation will use, or the
+    refusal it will make. ``caseops`` (the recipe's tokenizer.caseops) stands in for the manifest's when the shards
+    come without one."""
+    data_dir = Path(data_dir)
+    if not list_shards(data_dir, "val"):
+        raise FileNotFoundError(f"{data_dir}: no fineweb_val_*.bin shards")
+    stated = _manifest_caseops(data_dir)
+    has_sidecar = bool(list_shards(data_dir, "val_bytes"))
+    return resolve_accounting(requested, has_sidecar, caseops if stated is None else stated, tokenizer_path)
+
+
 def load_validation(
     data_dir: str | Path,
     *,
