@@ -118,6 +118,18 @@ def test_failures_are_all_listed(tmp_path, capsys):
         assert "binary lrzip" in failed and "pack.compressor is lrzip" in printed
 
 
+def test_local_documents_the_data_stage_will_tokenize_are_a_warning(tmp_path, capsys):
+    """No shards yet, but the recipe's documents are on this machine: the pipeline builds them, so preflight warns
+    and passes (the smoke recipe on a fresh checkout)."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "a"}\n')
+    path = recipe(tmp_path, data={"source": "local", "docs_path": str(docs)}, tokenizer={"source": "train"})
+    code = pgolf_main(["preflight", "--config", str(path), "--data-dir", str(tmp_path / "nowhere")])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"the data stage will build them from {docs}" in printed
+    assert printed.splitlines()[-1] == "preflight: OK"
+
+
 def test_failed_verification_is_reported(tmp_path):
     root = tmp_path / "data"
     (root / "shards").mkdir(parents=True)
