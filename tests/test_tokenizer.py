@@ -224,6 +224,11 @@ def test_training_from_jsonl_never_sees_skipped_validation_docs(tmp_path):
     seen = train_tokenizer_from_jsonl(docs, tmp_path / "seen.model", VOCAB_SIZE, caseops=True, skip_docs=0)
     assert not has_secret_piece(skipped)
     assert has_secret_piece(seen)
+    # training copies of a validation document are left out too (the data stage drops them from the shards)
+    copies = tmp_path / "copies.jsonl"
+    copies.write_text("".join(json.dumps(record) + "\n" for record in val + train + val * 3), encoding="utf-8")
+    assert not has_secret_piece(train_tokenizer_from_jsonl(copies, tmp_path / "c.model", VOCAB_SIZE, caseops=True,
+                                                           skip_docs=5))
 
 
 def test_training_refuses_empty_input_and_tiny_vocab(tmp_path):

@@ -18,6 +18,7 @@ the two equal, and the fast path falls back to it if a document ever breaks the 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -508,7 +509,26 @@ def train_tokenizer_from_jsonl(
 ) -> Path:
     """Train on the ``"text"`` of a JSONL file, skipping the first ``skip_docs`` (the validation split, so the
     tokenizer never sees validation text) and reading at most ``max_docs`` (0 = all); texts are cut into pieces of
-    at most ``max_sentence_chars`` (tokenizer.train_max_sentence_chars)."""
-    texts = iter_jsonl_texts(docs_path, skip=skip_docs, limit=max_docs)
-    return train_tokenizer(texts, out_path, vocab_size=vocab_size, caseops=caseops,
-                           max_sentence_chars=max_sentence_chars)
+    at most ``max_sentence_chars`` (tokenizer.train_max_sentence_chars).
+
+    A training document whose text equals a validation document's is left out too, as the data stage leaves its
+    copy out of the training shards (exact text: the ids that stage compares need this very tokenizer)."""
+    def digest(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+    validation = {digest(text) for text in iter_jsonl_texts(docs_path, limit=skip_docs)} if skip_docs else set()
+    copies = 0
+
+    def training_texts() -> Iterator[str]:
+        nonlocal copies
+        for text in iter_jsonl_texts(docs_path, skip=skip_docs, limit=max_docs):
+            if validation and digest(text) in validation:
+                copies += 1
+                continue
+            yield text
+
+    model = train_tokenizer(training_texts(), out_path, vocab_size=vocab_size, caseops=caseops,
+                            max_sentence_chars=max_sentence_chars)
+    if copies:
+        print(f"tokenizer: left out {copies} training document(s) equal to a validation document", flush=True)
+    return model
