@@ -136,6 +136,9 @@ out, record_profile = Path(sys.argv[1]), sys.argv[2]
 RECORD = {"fa4": {"off": 658.0, "on": 978.0, "source": "h200_2026-12-04_record_fa4_profile.json"},
           "dense_sdpa_stand_in": {"off": 781.0, "on": 1163.0, "source": "h200_2026-12-04_record_vs_pgolf.json"},
           "peak_memory_allocated_gib": 41.8}
+if record_profile and not Path(record_profile).is_file():
+    print(f"gpu_speed: RECORD_PROFILE {record_profile} not found (the record's run did not finish?): no ratios")
+    record_profile = ""
 if record_profile:  # the record's anchor_profile.json from this machine (.ref/side_by_side.sh record): same-lease ratios
     anchor = json.loads(Path(record_profile).read_text())
     RECORD["fa4"] = {"off": anchor["windows"]["pre_loop"]["ms_per_step"],

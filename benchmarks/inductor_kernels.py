@@ -70,6 +70,18 @@ def index_cache(cache: Path) -> dict[str, list[dict]]:
     return index
 
 
+# The profilers (pgolf.model.device, the record harness's profile_anchor.py) keep the first 160 characters of a
+# kernel's name: a name that long may be the start of a longer one in the cache.
+PROFILE_NAME_CHARS = 160
+
+
+def kernel_sources(index: dict[str, list], name: str) -> list:
+    """The cache entries of a profiled kernel ``name``: exact, or by prefix when the profiler cut the name."""
+    if name in index or len(name) < PROFILE_NAME_CHARS:
+        return index.get(name, [])
+    return [m for full, entries in index.items() if full.startswith(name) for m in entries]
+
+
 def report(profiles: list[Path], cache: Path, top: int) -> tuple[str, int]:
     """The markdown report and the number of top inductor kernels whose source was not found."""
     index = index_cache(cache)
@@ -82,7 +94,7 @@ def report(profiles: list[Path], cache: Path, top: int) -> tuple[str, int]:
         for label, entries in runs.items():
             out.append(f"## {path.name}, {label}\n")
             for name, ms in entries[:top]:
-                matches = index.get(name, [])
+                matches = kernel_sources(index, name)
                 out.append(f"### {ms:.1f} ms/step  `{name}` ({len(matches)} match(es))\n")
                 if not matches:
                     missing += 1

@@ -68,3 +68,16 @@ def test_the_records_anchor_profile_is_read_too(tmp_path):
     assert inductor_kernels.main(["--cache", str(cache), "--profile", str(anchor), "--out", str(out)]) == 0
     text = out.read_text()
     assert "## anchor_profile.json, post_loop" in text and "def triton_poi_fused_add_7(in_ptr0):" in text
+
+
+def test_a_name_the_profiler_cut_is_found_by_its_prefix(tmp_path):
+    """The profilers keep 160 characters of a kernel's name; the cache has the whole name."""
+    long_name = "triton_per_fused_" + "_".join(f"op{i}" for i in range(60))  # > 160 characters
+    cache = tmp_path / "cache"
+    (cache / "xy").mkdir(parents=True)
+    (cache / "xy" / "cgraph.py").write_text(GRAPH_MODULE.replace("triton_poi_fused_add_7", long_name))
+    anchor = tmp_path / "anchor_profile.json"
+    anchor.write_text(json.dumps({"windows": {"post_loop": {"top_kernels": [
+        {"name": long_name[:160], "ms_per_step": 14.9}]}}}))
+    text, missing = inductor_kernels.report([anchor], cache, top=8)
+    assert missing == 0 and "(1 match(es))" in text and f"def {long_name}(in_ptr0):" in text
