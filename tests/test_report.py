@@ -165,6 +165,20 @@ def test_the_rules_limits_bind_whatever_the_seeds_reports_say(tmp_path):
         assert set(expected) <= set(agg["verdict"]["reasons"]), (name, agg["verdict"]["reasons"])
 
 
+def test_the_training_budget_is_read_as_the_run_declared(tmp_path):
+    """As comply judges it: under budget_reading record the loop alone meets the 600 s (the record's own reading),
+    under strict the loop and the Hessians together."""
+    verdicts = {}
+    for reading in ("record", "strict"):
+        run_dir = make_run(tmp_path / reading, {42: 1.0500, 0: 1.0510, 1234: 1.0505})
+        for seed in SEEDS:
+            _edit_json(run_dir / f"seed{seed}" / "train" / "train_summary.json", train_seconds=599.4,
+                       budget_reading=reading)
+        verdicts[reading] = run_report(run_dir, agg_config(), SEEDS, comply_path=run_dir / "comply.json")["verdict"]
+    assert verdicts["record"]["status"] == "record"
+    assert "seed 42: training + Hessians took 606.9 s > 600 s" in verdicts["strict"]["reasons"]
+
+
 def test_seeds_without_spread_and_a_diverged_seed(tmp_path):
     """Three seeds with the same loss against a baseline mean: the standard error is 0, t is left out (JSON has no
     infinity), p is 0 and the one-sample test keeps n - 1 degrees of freedom. A seed whose loss is NaN is a failed

@@ -139,6 +139,11 @@ def test_nice_ticks():
     assert nice_ticks(0, 16_640_000) == [0, 5e6, 10e6, 15e6]
     ticks = nice_ticks(1.0583, 1.0642)
     assert ticks[0] >= 1.0583 and ticks[-1] <= 1.0642 and 3 <= len(ticks) <= 7
+    # seeds equal but for the last float bit: the range is widened, not stepped in steps that never move
+    import math
+
+    ticks = nice_ticks(1.06125, math.nextafter(1.06125, 2.0))
+    assert 1 <= len(ticks) <= 7 and all(math.isfinite(t) for t in ticks)
 
 
 # ---------------------------------------------------------------------------------------------- a CPU sweep (issue 19)

@@ -219,6 +219,23 @@ def test_imports_found_inside_a_self_extracting_wrapper():
     assert third_party_imports(bundle_like) == ["triton"]
 
 
+def test_code_bytes_of_no_counted_convention_are_refused(tmp_path):
+    """Code bytes are checked by counting the folder's file under the stated convention; a convention pgolf does
+    not count would let any figure through."""
+    run_dir = make_run(tmp_path)
+    folder = Path(run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS, comply_path=run_dir / "comply.json")["submission_folder"])
+    sub_path = folder / "submission.json"
+    sub = json.loads(sub_path.read_text())
+    sub["provenance"]["code_bytes_convention"] = "raw"
+    sub_path.write_text(json.dumps(sub))
+    assert any("code_bytes_convention" in p for p in check_folder(folder))
+    for seed in SEEDS:
+        pack = run_dir / f"seed{seed}" / "pack" / "pack_report.json"
+        pack.write_text(json.dumps({**json.loads(pack.read_text()), "code_bytes_convention": "raw"}))
+    with pytest.raises(Exception, match="code_bytes_convention"):  # submission.json's schema refuses it
+        run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS, comply_path=run_dir / "comply.json")
+
+
 def test_code_bundle_cross_checks(tmp_path):
     """The folder's train_gpt.py must reproduce the claims: an artifact naming other code, a size gate that counted
     another file or another count each block a record; when all agree the README says the script reproduces them."""

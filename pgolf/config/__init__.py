@@ -91,6 +91,20 @@ class RunConfig:
                 "when interrupted, never from a saved state; set 0 (or run it as mode: sweep), got "
                 f"{self.train.resume_every_steps}",
             )
+            # the rules' limits (rules.md): a record run may set tighter ones, never looser or none
+            check(
+                0 < self.train.max_wallclock_seconds <= 600,
+                "train.max_wallclock_seconds: a record run trains under the rules' 600 s (0 < value <= 600), got "
+                f"{self.train.max_wallclock_seconds}",
+            )
+            check(
+                self.evaluate.max_eval_seconds <= 600,
+                f"evaluate.max_eval_seconds: a record run is evaluated within the rules' 600 s, got {self.evaluate.max_eval_seconds}",
+            )
+            check(
+                self.pack.size_cap_bytes <= 16_000_000,
+                f"pack.size_cap_bytes: a record artifact fits the rules' 16,000,000 bytes, got {self.pack.size_cap_bytes}",
+            )
             check(
                 self.train.prequant_ttt_epochs == 0,
                 "train.prequant_ttt_epochs: training on validation tokens before scoring is illegal (C3/C4); a record "

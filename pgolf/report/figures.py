@@ -40,18 +40,16 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """Round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return [0.0]
-    if hi <= lo:
+    # a range of a few float steps (values equal but for rounding) is widened like an empty one: a tick step
+    # below the float resolution would never move
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi), 1e-300):
         hi = lo + (abs(lo) * 0.01 or 1.0)
     raw = (hi - lo) / max(count, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    value = first
-    while value <= hi + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    return ticks
+    last = math.floor(hi / step + 1e-9)
+    return [round(first + i * step, 12) for i in range(int(last - first / step) + 1)]
 
 
 class _Axes:

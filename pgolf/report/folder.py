@@ -313,7 +313,10 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
             f"{sub_path}: provenance.train_gpt_sha256 {prov_sha[:16]}... differs from train_gpt.py ({code_sha[:16]}...)"
         )
     convention = sub["provenance"].get("code_bytes_convention")
-    if code_sha is not None and convention in ("wrapper", "file") and not any("does not compile" in p for p in problems):
+    if convention not in ("wrapper", "file"):
+        problems.append(f"{sub_path}: provenance.code_bytes_convention {convention!r}: the code bytes follow no "
+                        "convention pgolf counts (wrapper or file), so they cannot be checked")
+    elif code_sha is not None and not any("does not compile" in p for p in problems):
         from pgolf.artifact.minify import counted_code_bytes
 
         counted, _, _ = counted_code_bytes(code, convention)  # the one counter, on the folder's own file

@@ -85,6 +85,8 @@ class SeedResult:
     world_size: Optional[int]
     # hessians (hessian_report.json; optional stage output)
     hessian_seconds: Optional[float]
+    # how the run read the 600 s training budget (train.budget_reading: strict = loop + Hessians, record = loop)
+    budget_reading: str
     # artifact (pack_report.json)
     artifact_sha256: str
     model_bytes: int
@@ -340,6 +342,9 @@ def load_seed(run_dir: str | Path, seed: int) -> SeedOutcome:
         ms_per_step_after_loop=_get(summary, "ms_per_step_after_loop", p_sum, float, required=False),
         world_size=world_size,
         hessian_seconds=hessian_seconds,
+        # as comply reads it: train_summary.json, else the checkpoint's train_config; strict before the option
+        budget_reading=(_get(summary, "budget_reading", p_sum, str, required=False)
+                        or _get(ckpt, "train_config.budget_reading", p_ckpt, str, required=False) or "strict"),
         artifact_sha256=pack_sha,
         model_bytes=model_bytes,
         code_bytes=code_bytes,

@@ -141,7 +141,7 @@ SUBMISSION_SCHEMA: dict = {
                 "config_sha256": _HEX64,
                 "environment": {"type": "object"},
                 "hardware": _STR,
-                "code_bytes_convention": _STR_OR_NULL,
+                "code_bytes_convention": {"enum": ["wrapper", "file", None]},  # pgolf.artifact.minify's
                 "train_gpt_sha256": {"type": ["string", "null"]},
                 "train_gpt_code_hash": {"type": ["string", "null"]},
                 "mixed": {"type": "array"},
