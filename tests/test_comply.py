@@ -360,3 +360,16 @@ def test_kept_warm_up_momentum_is_stated_not_failed(compliant, tmp_path):
     verdict = verdicts_by_rule(run_dir, record_config())["train_time"]
     assert verdict.status == comply.PASS
     assert verdict.evidence.count("warm-up steps on training data kept") == 1 and "seed0 " in verdict.evidence
+
+
+def test_the_size_verdict_is_the_scored_artifacts(compliant, tmp_path):
+    """An evaluation of another artifact than the gated one (pgolf evaluate --allow-hash-mismatch) fails the size
+    rule: the bytes claimed must be those of the artifact that was scored."""
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    assert verdicts_by_rule(run_dir, record_config())["size"].status == comply.PASS
+    _edit(run_dir / "seed0" / "eval" / "eval.json", lambda e: e.update(artifact_sha256="f" * 64))
+    verdict = verdicts_by_rule(run_dir, record_config())["size"]
+    assert verdict.status == comply.FAIL and "seed0: the scored artifact (ffffffffffffffff...) is not the one gated" in verdict.evidence

@@ -215,6 +215,21 @@ def test_every_scored_model_gets_the_evaluation_embedding_dtype(tmp_path, model,
     assert len(seen) == 2 and seen[0] != seen[1], "the artifact's model and the checkpoint's model, each once"
 
 
+def test_a_checkpoint_other_than_the_artifacts_is_refused(tmp_path, model):
+    """The pre-quant score and the record-mode legality check read --checkpoint: it must be the one the artifact
+    was quantized from (the header's input hashes)."""
+    from pgolf.evaluate.stage import check_checkpoint_is_the_artifacts
+    from pgolf.train.checkpoint import read_checkpoint_meta, save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", model.state_dict(), {"model_config": to_dict(TINY)})
+    own = read_checkpoint_meta(tmp_path / "ckpt")["weights_sha256"]
+    check_checkpoint_is_the_artifacts(tmp_path / "ckpt", {"input_hashes": {"checkpoint_weights_sha256": own}}, "a")
+    check_checkpoint_is_the_artifacts(tmp_path / "ckpt", {"input_hashes": {}}, "a")  # an artifact that names none
+    with pytest.raises(ValueError, match="are not those seed1/artifact.pgolf was quantized from"):
+        check_checkpoint_is_the_artifacts(tmp_path / "ckpt", {"input_hashes": {"checkpoint_weights_sha256": "ab" * 32}},
+                                          "seed1/artifact.pgolf")
+
+
 def test_stage_writes_a_complete_report(tmp_path, model, docs):
     from pgolf.train.checkpoint import save_checkpoint
 

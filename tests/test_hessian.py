@@ -379,3 +379,19 @@ def test_bad_section_and_unreadable_hessians(checkpoint, data_dir, tmp_path: Pat
     torch.save({"w": torch.zeros(3, 4)}, tmp_path / "rect.pt")
     with pytest.raises(HessianError, match="square float32"):
         load_hessians(tmp_path / "rect.pt")
+
+
+def test_hessians_name_their_checkpoint_and_quantize_refuses_others(tmp_path):
+    """hessians.pt records the weights it was collected from; quantizing another checkpoint with it is refused (the
+    artifact would name Hessians of other weights). A bare {name: matrix} file is read without the check."""
+    from pgolf.quantize.hessians import HESSIANS_FORMAT
+
+    matrices = {"w": torch.eye(3)}
+    torch.save({"format": HESSIANS_FORMAT, "checkpoint_weights_sha256": "a" * 64, "matrices": matrices},
+               tmp_path / "h.pt")
+    assert torch.equal(load_hessians(tmp_path / "h.pt", "a" * 64)["w"], torch.eye(3))
+    with pytest.raises(HessianError, match=r"h.pt: collected from the checkpoint with weights sha256 aaaa.*not the one "
+                                           r"being quantized \(bbbb"):
+        load_hessians(tmp_path / "h.pt", "b" * 64)
+    torch.save(matrices, tmp_path / "bare.pt")
+    assert torch.equal(load_hessians(tmp_path / "bare.pt", "b" * 64)["w"], torch.eye(3))

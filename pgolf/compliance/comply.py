@@ -315,6 +315,11 @@ def check_size(ev: Evidence) -> Verdict:
             problems.append(f"seed{seed}: gate cap {cap:,} is not the rules' {SIZE_CAP_BYTES:,}")
         if total_b > SIZE_CAP_BYTES:
             problems.append(f"seed{seed}: {total_b:,} bytes, over by {total_b - SIZE_CAP_BYTES:,}")
+        scored = files["eval"]  # the size must be the scored artifact's (pgolf evaluate --allow-hash-mismatch)
+        if isinstance(scored, dict) and (scored.get("artifact_sha256") != gate.get("artifact_sha256")
+                                         or _dig(scored, "artifact.hash_check.hash_ok") is False):
+            problems.append(f"seed{seed}: the scored artifact ({str(scored.get('artifact_sha256'))[:16]}...) is not "
+                            f"the one gated ({str(gate.get('artifact_sha256'))[:16]}...)")
         figures.append(f"seed{seed} {total_b:,} (code {code_b:,}, '{convention}')")
     if problems:
         return Verdict("size", title, FAIL, "; ".join(str(p) for p in problems))

@@ -339,6 +339,17 @@ def budget_report(total_s: float, cfg: EvaluateConfig, mode: str, record_hardwar
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_checkpoint_is_the_artifacts(checkpoint: str | Path, header: dict, artifact: str | Path) -> None:
+    """Refuse a checkpoint other than the one the artifact was quantized from (its header's input hashes)."""
+    from pgolf.train.checkpoint import read_checkpoint_meta
+
+    expected = (header.get("input_hashes") or {}).get("checkpoint_weights_sha256")
+    actual = read_checkpoint_meta(checkpoint).get("weights_sha256")
+    if expected is not None and actual != expected:
+        raise ValueError(f"{checkpoint}: weights sha256 {str(actual)[:16]}... are not those {artifact} was quantized "
+                         f"from ({expected[:16]}...): its pre-quant score and checks would describe another model")
+
+
 def run_evaluation(
     artifact: str | Path,
     cfg: EvaluateConfig,
@@ -366,8 +377,8 @@ def run_evaluation(
         raise LegalityError("evaluate.ttt.debug_update_before_score is an illegal ordering (C3): refused in record mode")
     if mode == "record" and cfg.max_docs:
         raise ValueError(f"evaluate.max_docs: a record run scores every validation document, got {cfg.max_docs}")
-    if mode == "record" and checkpoint:
-        refuse_in_record_mode(checkpoint)  # pre-quant TTT on validation tokens (C3/C4)
+    if mode == "record" and checkpoint:  # (without one, pgolf comply checks the seed's own checkpoint)
+        refuse_in_record_mode(checkpoint)  # pre-quant TTT on validation tokens (C3/C4); the pairing is checked below
     hash_info = check_artifact_hash(artifact, pack_report, allow_hash_mismatch)  # before any work
     info = init_distributed(device_kind)
     device = info.device
@@ -390,6 +401,8 @@ def run_evaluation(
     model, header, load_timings = load_model_from_artifact(artifact, device, cfg.param_storage)
     apply_embed_dtype(model, cfg)
     load_s = time.perf_counter() - t
+    if checkpoint:  # the pre-quant score and the legality check must describe the artifact's own weights
+        check_checkpoint_is_the_artifacts(checkpoint, header, artifact)
     attention = model.attention_choice
     t = time.perf_counter()
     val = validation_for(cfg, data_dir, tokenizer, model.cfg.vocab_size)

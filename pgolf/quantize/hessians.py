@@ -68,6 +68,7 @@ from pgolf.io import Countdown, atomic_write_bytes, atomic_write_json, sha256_by
 # Linear itself rounds to bf16 anyway); several times faster than full fp32, and this pass is inside the budget
 CUDA_MATMUL_PRECISION = "high"
 EXIT_OVER_BUDGET = 3  # same status as the evaluation stage's budget refusal
+HESSIANS_FORMAT = "pgolf-hessians"  # hessians.pt: {format, checkpoint_weights_sha256, matrices}
 _OFFSET_STREAM_TAG = 0x4E55  # mixed into the seed so calibration offsets never reuse another stage's random stream
 
 
@@ -471,7 +472,9 @@ def run_hessian_stage(
     }
     if not refused:
         buffer = io.BytesIO()  # through memory: torch.save would name its zip records after the temp file
-        torch.save(dict(sorted(hessians.items())), buffer)
+        # the file names the checkpoint it was collected from: quantize refuses Hessians of other weights
+        torch.save({"format": HESSIANS_FORMAT, "checkpoint_weights_sha256": meta.get("weights_sha256"),
+                    "matrices": dict(sorted(hessians.items()))}, buffer)
         atomic_write_bytes(out, buffer.getvalue())
         report["hessians_sha256"] = sha256_file(out)
     atomic_write_json(report_path, report)
@@ -482,8 +485,10 @@ def run_hessian_stage(
     return report, EXIT_OVER_BUDGET if refused else 0
 
 
-def load_hessians(path: str | Path) -> dict[str, Tensor]:
-    """Read a hessians file (``torch.load(weights_only=True)``: no pickled code runs) and check its shape."""
+def load_hessians(path: str | Path, checkpoint_weights_sha256: str | None = None) -> dict[str, Tensor]:
+    """Read a hessians file (``torch.load(weights_only=True)``: no pickled code runs) and check its shape; given
+    ``checkpoint_weights_sha256``, refuse a file collected from other weights. (A bare ``{name: matrix}`` file, as
+    written before the file named its checkpoint, is read without that check.)"""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: hessians file not found")
@@ -493,6 +498,14 @@ def load_hessians(path: str | Path) -> dict[str, Tensor]:
         raise HessianError(f"{path}: not a readable hessians file ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise HessianError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+    if data.get("format") == HESSIANS_FORMAT:
+        source = data.get("checkpoint_weights_sha256")
+        if checkpoint_weights_sha256 is not None and source != checkpoint_weights_sha256:
+            raise HessianError(f"{path}: collected from the checkpoint with weights sha256 {str(source)[:16]}..., not "
+                               f"the one being quantized ({checkpoint_weights_sha256[:16]}...)")
+        data = data.get("matrices")
+        if not isinstance(data, dict):
+            raise HessianError(f"{path}: 'matrices' is not a dict of tensors")
     for name, H in data.items():
         if not isinstance(name, str) or not isinstance(H, Tensor):
             raise HessianError(f"{path}: expected {{weight name: tensor}}, got an entry {name!r}: {type(H).__name__}")

@@ -265,7 +265,7 @@ def quantize_checkpoint(
     state, meta = load_checkpoint(checkpoint)
     model_cfg = model_config_of(meta, f"{checkpoint}/checkpoint.json")
     roles = build_meta(model_cfg).param_roles()
-    hessians = load_hessians(hessians_path)
+    hessians = load_hessians(hessians_path, meta["weights_sha256"])
 
     t0 = time.perf_counter()
     state_on_device = {name: t.to(device) for name, t in state.items()}
