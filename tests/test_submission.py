@@ -210,6 +210,11 @@ def test_check_folder_wants_every_import_in_requirements(folder):
     problems = "\n".join(check_folder(folder))
     assert "imports 'numpy', which requirements.txt does not list" in problems
     assert "imports 'brotli'" in problems
+    # a comment line, or a requirement tagged with another module, installs nothing for the import
+    (folder / "requirements.txt").write_text("# import brotli\n# numpy: no known distribution  # import numpy\n"
+                                             "torchvision  # import torchvision\n")
+    problems = "\n".join(check_folder(folder))
+    assert all(f"imports '{m}', which" in problems for m in ("brotli", "numpy", "torch"))
 
 
 def test_imports_found_inside_a_self_extracting_wrapper():
@@ -217,6 +222,25 @@ def test_imports_found_inside_a_self_extracting_wrapper():
     assert third_party_imports(wrapped) == ["brotli", "numpy", "torch"]
     bundle_like = 'MODULES = {"pgolf.x": (False, ' + repr("import triton\nimport pgolf.y\n" + "x = 1\n" * 20) + ")}\n"
     assert third_party_imports(bundle_like) == ["triton"]
+
+
+def test_check_folder_recomputes_what_the_logs_determine(tmp_path):
+    """Hand-edited figures of submission.json that the seed logs (and the baseline it names) determine are refused:
+    population stds, code bytes, steps, step time, the delta to the baseline, model + code = artifact bytes."""
+    run_dir = make_run(tmp_path)
+    folder = Path(run_report(run_dir, cfg(baseline_mean=1.0700), SEEDS, comply_path=run_dir / "comply.json")["submission_folder"])
+    assert check_folder(folder) == []
+    sub_path = folder / "submission.json"
+    sub = json.loads(sub_path.read_text())
+    edits = {"val_bpb_std_population": 0.5, "bytes_code": 1, "train_steps_mean": 9999.0, "step_avg_ms_mean": 1.0,
+             "delta_vs_leaderboard_bpb": -0.05}
+    sub.update(edits)
+    sub["seed_results"]["42"]["model_bytes"] += 1
+    sub_path.write_text(json.dumps(sub))
+    problems = "\n".join(check_folder(folder))
+    for key in edits:
+        assert f"{key} = " in problems, key
+    assert "seed_results.42.model_bytes" in problems and "seed_results.42.artifact_bytes is not its model_bytes" in problems
 
 
 def test_code_bytes_of_no_counted_convention_are_refused(tmp_path):

@@ -245,6 +245,17 @@ def _close(a: Any, b: Any) -> bool:
     return a == b
 
 
+def required_modules(requirements: str) -> set[str]:
+    """Modules a requirements.txt installs: a requirement line (not a comment) tagged ``# import <module>``."""
+    modules = set()
+    for line in requirements.splitlines():
+        requirement, _, comment = line.partition("#")
+        tag = re.fullmatch(r"\s*import\s+([\w.]+)\s*", comment)
+        if requirement.strip() and tag:
+            modules.add(tag.group(1))
+    return modules
+
+
 def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[str]:
     """Every reason the folder is not a valid submission (empty list: it passes)."""
     from pgolf.report.stats import mean, std
@@ -274,9 +285,9 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
             problems.append(f"{code}: does not compile: {exc}")
         req = folder / "requirements.txt"
         if req.exists():
-            listed = req.read_text(encoding="utf-8")
+            listed = required_modules(req.read_text(encoding="utf-8"))
             for module in third_party_imports(source.decode("utf-8", errors="replace")):
-                if f"import {module}" not in listed:
+                if module not in listed:
                     problems.append(f"{req}: train_gpt.py imports '{module}', which requirements.txt does not list")
 
     logs: dict[int, dict] = {}
@@ -334,12 +345,15 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
         result = sub["seed_results"].get(str(seed))
         if result is None:
             continue
-        for key in ("val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms", "eval_time_s"):
+        for key in ("val_loss", "val_bpb", "artifact_bytes", "model_bytes", "code_bytes", "steps", "step_avg_ms",
+                    "eval_time_s"):
             if not _close(result.get(key), log.get(key)):
                 problems.append(
                     f"{sub_path}: seed_results.{seed}.{key} = {result.get(key)!r}, but "
                     f"{seed_log_name(seed)} says {log.get(key)!r}"
                 )
+        if result.get("artifact_bytes") != (result.get("model_bytes") or 0) + (result.get("code_bytes") or 0):
+            problems.append(f"{sub_path}: seed_results.{seed}.artifact_bytes is not its model_bytes + code_bytes")
         if result["artifact_bytes"] > cap_bytes:
             problems.append(
                 f"{sub_path}: seed {seed} artifact {result['artifact_bytes']:,} bytes "
@@ -351,6 +365,9 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
             bpb = [float(x["val_bpb"]) for x in complete]
             loss = [float(x["val_loss"]) for x in complete]
             sizes = [int(x["artifact_bytes"]) for x in complete]
+            code = [int(x["code_bytes"]) for x in complete]
+            steps = [float(x["steps"]) for x in complete]
+            step_ms = [float(x["step_avg_ms"]) for x in complete]
         except (KeyError, TypeError, ValueError) as exc:
             return problems + [f"{folder}: a seed log summary lacks a figure ({exc})"]
         expected = {
@@ -358,13 +375,20 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
             "val_loss": mean(loss),
             "val_bpb_std": std(bpb, ddof=1),
             "val_loss_std": std(loss, ddof=1),
+            "val_bpb_std_population": std(bpb, ddof=0),
+            "val_loss_std_population": std(loss, ddof=0),
             "artifact_bytes_max": max(sizes),
             "artifact_bytes_mean": mean(sizes),
             "bytes_total": max(sizes),
+            "bytes_code": max(code),
+            "train_steps_mean": mean(steps),
+            "step_avg_ms_mean": mean(step_ms),
         }
+        if sub.get("comparison_baseline_bpb") is not None:  # the delta against the baseline the file names
+            expected["delta_vs_leaderboard_bpb"] = mean(bpb) - float(sub["comparison_baseline_bpb"])
         for key, value in expected.items():
-            if not _close(sub[key], value):
-                problems.append(f"{sub_path}: {key} = {sub[key]!r}, but the seed logs give {value!r}")
+            if not _close(sub.get(key), value):
+                problems.append(f"{sub_path}: {key} = {sub.get(key)!r}, but the seed logs give {value!r}")
     if sub["artifact_bytes_max"] > cap_bytes or sub["bytes_total"] > cap_bytes:
         problems.append(
             f"{sub_path}: artifact_bytes_max {sub['artifact_bytes_max']:,} is over the {cap_bytes:,}-byte cap"
