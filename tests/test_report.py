@@ -179,6 +179,25 @@ def test_the_training_budget_is_read_as_the_run_declared(tmp_path):
     assert "seed 42: training + Hessians took 606.9 s > 600 s" in verdicts["strict"]["reasons"]
 
 
+def test_stage_means_are_over_the_seeds_with_every_stage(tmp_path):
+    """A seed evaluated without its checkpoint has no pre-quant figure: the chain pre -> post -> scored and its
+    deltas are taken over the seeds that have every stage, and say so, so that the columns add up."""
+    run_dir = tmp_path / "results" / "r"
+    sha = make_code_bundle(run_dir)
+    make_seed(run_dir, 42, 1.05, code_sha256=sha, stages=(1.06, 1.07))
+    make_seed(run_dir, 0, 1.05, code_sha256=sha, stages=(1.06, 1.07))
+    make_seed(run_dir, 1234, 1.20, code_sha256=sha)  # no diagnostics
+    agg = run_report(run_dir, agg_config(), SEEDS, comply_path=None, make_folder=False)
+    st = agg["stages"]
+    assert st["seeds"] == [42, 0] and st["ttt"]["mean"] == pytest.approx(1.05)
+    assert st["ttt_delta"]["mean"] == pytest.approx(st["ttt"]["mean"] - st["post_quant"]["mean"])
+    from pgolf.report.summary import closing_summary
+
+    assert "-> scored 1.05000 (-0.02000) (the 2 seeds with every stage)" in closing_summary(run_dir)
+    html = (run_dir / "report.html").read_text()
+    assert "\u2192 scored 1.05000 (the 2 seeds with every stage)" in html and "mean of 42, 0" in html
+
+
 def test_seeds_without_spread_and_a_diverged_seed(tmp_path):
     """Three seeds with the same loss against a baseline mean: the standard error is 0, t is left out (JSON has no
     infinity), p is 0 and the one-sample test keeps n - 1 degrees of freedom. A seed whose loss is NaN is a failed

@@ -275,6 +275,10 @@ def stage_summaries(seeds: Sequence[SeedResult]) -> dict:
         present = [v for v in values if v is not None]
         return summarize(present) if present else None
 
+    # one set of seeds for every column, so that the chain pre -> post -> scored and its deltas add up: the seeds
+    # with every stage (a seed evaluated without its checkpoint has no pre-quant figure), else all of them
+    complete = [s for s in seeds if s.pre_quant_bpb is not None and s.post_quant_bpb is not None]
+    seeds = complete or list(seeds)
     pre = [s.pre_quant_bpb for s in seeds]
     post = [s.post_quant_bpb for s in seeds]
     ttt = [s.val_bpb for s in seeds]
@@ -285,6 +289,7 @@ def stage_summaries(seeds: Sequence[SeedResult]) -> dict:
         "quant_delta": over([None if a is None or b is None else b - a for a, b in zip(pre, post)]),
         "ttt_delta": over([None if b is None else t - b for b, t in zip(post, ttt)]),
         "ttt_modes": sorted({s.ttt_mode for s in seeds if s.ttt_mode}),
+        "seeds": [s.seed for s in seeds],
     }
 
 

@@ -176,8 +176,10 @@ def _stages_html(agg: dict, seeds: Sequence[Any]) -> str:
         value = (st.get(key) or {}).get("mean")
         return _signed(value) if signed else _num(value)
 
+    label = "mean" if len(st.get("seeds") or seeds) == len(seeds) else \
+        "mean of " + ", ".join(str(s) for s in st["seeds"])  # the seeds with every stage
     rows.append(
-        f"<tr class='mean'><td>mean</td><td>{mean_of('pre_quant')}</td><td>{mean_of('post_quant')}</td>"
+        f"<tr class='mean'><td>{_e(label)}</td><td>{mean_of('pre_quant')}</td><td>{mean_of('post_quant')}</td>"
         f"<td>{mean_of('quant_delta', True)}</td><td><b>{mean_of('ttt')}</b></td><td>{mean_of('ttt_delta', True)}</td>"
         "<td></td><td></td><td></td></tr>"
     )
@@ -244,7 +246,10 @@ def _headline(agg: dict) -> str:
     text = f"val_bpb <b>{bpb['mean']:.5f}</b> (mean of {bpb['n']} seed{'s' if bpb['n'] != 1 else ''})"
     pre, post = (st.get("pre_quant") or {}).get("mean"), (st.get("post_quant") or {}).get("mean")
     if pre is not None and post is not None:
-        text += f": pre-quant {pre:.5f} \u2192 post-quant {post:.5f} \u2192 scored {bpb['mean']:.5f}"
+        chain = st["ttt"]
+        text += f": pre-quant {pre:.5f} \u2192 post-quant {post:.5f} \u2192 scored {chain['mean']:.5f}"
+        if chain["n"] != bpb["n"]:
+            text += f" (the {chain['n']} seeds with every stage)"
     if scored.get("docs_scored") is not None:
         total = f" of {scored['docs_total']:,}" if scored.get("docs_total") else ""
         text += (f"; {scored['docs_scored']:,}{total} validation documents, {scored['tokens_scored']:,} tokens, "

@@ -90,8 +90,9 @@ def closing_summary(run_dir) -> str:
         line += f" (sample std {bpb['std_sample_ddof1']:.5f})"
     pre, post = (stages.get("pre_quant") or {}).get("mean"), (stages.get("post_quant") or {}).get("mean")
     if pre is not None and post is not None:
-        line += (f"; pre-quant {pre:.5f} -> post-quant {post:.5f} ({post - pre:+.5f}) -> scored {bpb['mean']:.5f} "
-                 f"({bpb['mean'] - post:+.5f})")
+        scored_mean, with_stages = stages["ttt"]["mean"], stages["ttt"]["n"]
+        line += (f"; pre-quant {pre:.5f} -> post-quant {post:.5f} ({post - pre:+.5f}) -> scored {scored_mean:.5f} "
+                 f"({scored_mean - post:+.5f})" + (f" (the {with_stages} seeds with every stage)" if with_stages != n else ""))
     lines.append(line)
     if scored.get("docs_scored") is not None:
         of = f" of {scored['docs_total']:,}" if scored.get("docs_total") else ""
