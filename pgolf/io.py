@@ -446,9 +446,20 @@ def run_logged(log_path: str | Path, work: Callable[[], Optional[int]], name: st
     Progress lines (:func:`progress`) also reach the console, labelled ``name``.
 
     Why file descriptors and not ``sys.stdout``: the stage's libraries (torch, sentencepiece) also write to them.
+    Any other exception's traceback goes to the log too (the console's failure hint shows the log's tail); SIGTERM
+    and SIGHUP become KeyboardInterrupt, so that the stage's cleanup (temporary folders, partial files) runs.
     """
     global _console
+    import signal
+    import traceback
+
     from pgolf.config import ConfigError
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
 
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     status = 0
@@ -462,9 +473,12 @@ def run_logged(log_path: str | Path, work: Callable[[], Optional[int]], name: st
         os.dup2(log.fileno(), 2)
         try:
             status = int(work() or 0)
-        except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        except (ConfigError, ValueError, OSError) as exc:
             print(f"{name}: error: {exc}", file=sys.stderr)
             status = 2
+        except BaseException:
+            traceback.print_exc()  # into the log, while stderr still goes there
+            raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -514,8 +528,8 @@ def tee_main(argv: Optional[list[str]] = None) -> int:
     """``STAGE 2>&1 | python -m pgolf.io LOG --label LABEL`` (the torchrun rules): the stage's whole output into LOG,
     its progress lines onto the console (stderr), labelled.
 
-    It ignores SIGINT: on Ctrl-C it keeps draining the pipe, so the stage's last words reach the log, and exits at
-    the end of its input with status 0 (the job's status is the stage's, through ``set -o pipefail``). Stdlib only:
+    It ignores SIGINT, SIGHUP and SIGTERM (Ctrl-C, a closed terminal, a stop): it keeps draining the pipe, so the
+    stage's last words reach the log, and exits at the end of its input with status 0 (the job's status is the stage's, through ``set -o pipefail``). Stdlib only:
     it never imports torch.
     """
     import argparse
@@ -527,7 +541,8 @@ def tee_main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--every", type=float, default=CONSOLE_EVERY_SECONDS,
                         help="at most one console line per this many seconds (the last one is always shown)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     tee(iter(sys.stdin.buffer.readline, b""), args.log, ConsoleLines(sys.stderr, args.label, args.every))
     return 0
 

@@ -118,9 +118,10 @@ def test_tee_writes_everything_to_the_log_and_progress_to_the_console(tmp_path: 
     assert tee.stderr.splitlines() == ["train seed 1: step 1/5", "train seed 1: step 5/5"]
 
 
-def test_tee_survives_ctrl_c_and_drains_its_input(tmp_path: Path) -> None:
-    """On Ctrl-C the whole process group gets SIGINT: the tee keeps reading, so the stage's traceback still
-    reaches the log, and ends at the end of its input."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
+def test_tee_survives_ctrl_c_and_drains_its_input(tmp_path: Path, signum) -> None:
+    """On Ctrl-C (a closed terminal, a stop) the whole process group gets the signal: the tee keeps reading, so
+    the stage's traceback still reaches the log, and ends at the end of its input."""
     log = tmp_path / "eval.log"
     tee = subprocess.Popen([sys.executable, "-m", "pgolf.io", str(log), "--label", "x"], stdin=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
@@ -128,7 +129,7 @@ def test_tee_survives_ctrl_c_and_drains_its_input(tmp_path: Path) -> None:
     tee.stdin.write("first\n")
     tee.stdin.flush()
     time.sleep(1.5)  # the tee has started and set its handler
-    tee.send_signal(signal.SIGINT)
+    tee.send_signal(signum)
     time.sleep(0.3)
     tee.stdin.write("after the interrupt\n")
     tee.stdin.close()
@@ -160,6 +161,37 @@ def test_run_logged_sends_progress_to_the_console_and_the_rest_to_the_log(tmp_pa
     assert done.stdout == ""
     assert log.read_text().splitlines() == ["detail only for the log", PROGRESS_MARK + "stage half done",
                                             PROGRESS_MARK + "stage done"]
+
+
+FAILING_ADAPTER = """
+import os, signal, sys, time
+from pathlib import Path
+from pgolf.io import atomic_dir, run_logged
+
+def work():
+    if sys.argv[2] == "raise":
+        raise RuntimeError("an unexpected failure")
+    with atomic_dir(Path(sys.argv[3]) / "shards", "manifest.json") as tmp:
+        (tmp / "half").write_text("x")
+        print("stopping", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+run_logged(sys.argv[1], work, "prepare")
+"""
+
+
+def test_run_logged_logs_a_traceback_and_cleans_up_on_sigterm(tmp_path: Path) -> None:
+    """An unexpected exception's traceback goes to the rule's log (what the failure hint shows), and a stop
+    (SIGTERM, a closed terminal) unwinds the stage, so its temporary folder is removed."""
+    log = tmp_path / "a.log"
+    done = subprocess.run([sys.executable, "-c", FAILING_ADAPTER, str(log), "raise", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "RuntimeError: an unexpected failure" in log.read_text()
+    done = subprocess.run([sys.executable, "-c", FAILING_ADAPTER, str(log), "stop", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "KeyboardInterrupt: signal SIGTERM" in log.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.log"]  # no hidden temporary folder left
 
 
 def test_console_lines_hold_back_and_show_the_last() -> None:
