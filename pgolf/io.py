@@ -266,6 +266,27 @@ def _mask(obj: Any, patterns: tuple[str, ...]) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the (empty) file ``path`` for the block, or refuse at once with FileExistsError:
+    two processes writing one output folder (a stage orphaned by a killed Snakemake, and its rerun) would mix
+    their files. The kernel drops the lock when its holder dies, however it dies."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{path.parent}: {what} is already running (another process holds {path.name}); "
+                                  "stop it first (a killed Snakemake leaves its jobs running)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class MetricsLog:
     """JSON lines on rank 0 (``path`` None: a no-op on the other ranks).
 
@@ -283,6 +304,7 @@ class MetricsLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.unlink(missing_ok=True)
+            self.partial.unlink(missing_ok=True)  # a new file: a writer still holding the old one cannot mix in
             self.handle = open(self.partial, "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -151,3 +151,18 @@ def test_a_crash_between_a_state_and_its_json_resumes_from_the_previous_state(da
     summary = run(data, out, saving, optim_cfg)
     assert summary["resumed_from_step"] == 2
     assert (out / "checkpoint" / "model.pt").read_bytes() == (tmp_path / "whole" / "checkpoint" / "model.pt").read_bytes()
+
+
+def test_a_second_training_of_the_same_folder_is_refused(data: Path, tmp_path: Path) -> None:
+    """A training still running in a seed folder (orphaned by a killed Snakemake, say) holds its lock: a rerun into
+    that folder is refused at once instead of mixing its files with the orphan's."""
+    from pgolf.io import exclusive_lock
+    from pgolf.train.loop import TRAIN_LOCK_NAME
+
+    out = tmp_path / "seed"
+    with exclusive_lock(out / TRAIN_LOCK_NAME, "the other training"):
+        with pytest.raises(FileExistsError, match="a training of this seed is already running"):
+            run(data, out, BASE, OptimConfig())
+    assert sorted(p.name for p in out.iterdir()) == [TRAIN_LOCK_NAME]  # nothing written
+    summary = run(data, out, BASE, OptimConfig())  # the lock is free again
+    assert summary["steps"] == BASE.iterations

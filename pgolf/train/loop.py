@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -131,6 +132,7 @@ def _memory_gib(device: torch.device) -> float:
 
 RESUME_DIR = "resume"  # <train dir>/resume/: a sweep's saved state (pgolf.train.resume) and the attempt record
 ATTEMPT_NAME = "attempt.json"
+TRAIN_LOCK_NAME = ".train.lock"  # held by the training process of a seed folder (pgolf.io.exclusive_lock)
 
 
 def begin_attempt(resume_dir: Path, resumed_step: Optional[int], resume_every_steps: int) -> int:
@@ -199,8 +201,17 @@ def train_in_group(
 ) -> dict[str, Any]:
     """Train one seed inside an existing process group and leave it open, so that later stages can reuse it (the
     in-process record run, pgolf.artifact.record_run). Rank 0 writes ``out_dir/checkpoint/`` and
-    ``out_dir/train_summary.json``.
+    ``out_dir/train_summary.json``, holding ``out_dir/.train.lock`` all along: a second training of the same folder
+    is refused at once.
     """
+    from pgolf.io import exclusive_lock
+
+    lock = exclusive_lock(Path(out_dir) / TRAIN_LOCK_NAME, "a training of this seed") if info.is_main else nullcontext()
+    with lock:
+        return _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint)
+
+
+def _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint):
     from pgolf.io import set_cpu_threads
 
     set_cpu_threads(train_cfg.cpu_threads)  # CPU training: the same sums from the pipeline and train_gpt.py
