@@ -17,9 +17,10 @@ import sys
 
 
 def _stop_gracefully(signum, frame):
-    """Ctrl-C and a closed terminal (SIGHUP) do what SIGTERM does: the running jobs are stopped, their outputs
-    removed, the lock released, so the same command resumes the run. Before the scheduler installs its SIGTERM
-    handler (while the DAG is built), they interrupt as usual."""
+    """Ctrl-C and a closed terminal (SIGHUP) do what SIGTERM does: the lock is released and the outputs of jobs
+    that did not finish are removed, so the same command resumes the run. The running jobs stop because the
+    terminal signals their process group too; a signal to Snakemake's pid alone lets them finish first. Before the
+    scheduler installs its SIGTERM handler (while the DAG is built), they interrupt as usual."""
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
         raise KeyboardInterrupt
     os.kill(os.getpid(), signal.SIGTERM)
