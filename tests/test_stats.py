@@ -128,3 +128,15 @@ def test_welch_direction_and_refusals():
         welch_one_sided(1.0, 0.0, 1, 1.1, None, 3)
     with pytest.raises(ValueError, match="baseline std needs at least 2"):
         welch_one_sided(1.0, 0.01, 3, 1.1, 0.01, 1)
+
+
+def test_printed_figures_never_seem_to_meet_a_rule_they_miss():
+    """An improvement of 0.0049996 nats printed to 6 decimals reads 0.005000, the README's threshold; p = 0.2499999
+    to 3 digits reads 0.25, the progression cutoff. The report prints as many digits as it takes."""
+    from pgolf.report.summary import beside, improvement_text, p_text
+
+    assert beside(0.0049996, (0.005,), 4) == "0.0049996" and beside(0.00497, (0.005,), 4) == "0.00497"
+    assert beside(0.005, (0.005,), 4) == "0.005"  # exactly at the threshold prints as it
+    sig = {"p_value": 0.2499999, "readme_p": 0.01, "progression_p": 0.25, "improvement_nats_per_token": 0.0049996,
+           "readme_threshold_nats_per_token": 0.005}
+    assert p_text(sig, 3) == "0.2499999" and improvement_text(sig, 4) == "0.0049996"

@@ -35,6 +35,7 @@ from pgolf.report.results import (
 )
 from pgolf.report.stats import mean, mean_confidence_interval, std, welch_one_sided
 from pgolf.report.submission import SIZE_CAP_BYTES
+from pgolf.report.summary import p_text
 
 STD_KIND = "sample (ddof=1)"
 TRAIN_BUDGET_SECONDS = 600.0  # training loop + Hessians (every read of training data counts)
@@ -316,7 +317,8 @@ def verdict(blockers: list[str], sig: dict) -> dict:
         return {
             "status": "progression",
             "reasons": [
-                f"README rule not met, but the one-sided {sig['test']} t-test gives p = {sig['p_value']:.3g} < "
+                f"README rule not met, but the one-sided {sig['test']} t-test gives p = "
+                f"{p_text(sig, 3)} < "
                 f"{sig['progression_p']} (the maintainers' progression cutoff)"
             ],
         }

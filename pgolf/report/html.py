@@ -21,7 +21,7 @@ from pgolf.report.figures import (  # noqa: F401  (nice_ticks: part of this modu
     stages_figure,
     time_figure,
 )
-from pgolf.report.summary import t_text
+from pgolf.report.summary import improvement_text, p_text, t_text
 
 
 def _e(value: Any) -> str:
@@ -104,9 +104,9 @@ def _significance_html(agg: dict) -> str:
     items = [
         f"Baseline {_e(base['name'] or '')}: {base['bpb']['mean']:.6f} bpb = {base['nats_per_token']['mean']:.6f} "
         f"nats/token (n = {base['n']}, std {'known' if base['std_known'] else 'unknown'}).",
-        f"Improvement: {sig['improvement_nats_per_token']:.6f} nats per token = {sig['improvement_bpb']:.6f} bpb.",
+        f"Improvement: {improvement_text(sig, 4)} nats per token = {sig['improvement_bpb']:.6f} bpb.",
         f"One-sided {_e(sig['test'])} t-test in {_e(sig['unit_label'])}: t = {t_text(sig, '.4f')}, df = {sig['df']:.3f}, "
-        f"p = {sig['p_value']:.4g}.",
+        f"p = {p_text(sig, 4)}.",
         f"README rule (improvement >= {sig['readme_threshold_nats_per_token']} nats per token and p < "
         f"{sig['readme_p']}): {mark(sig['readme_pass'])}.",
         f"Maintainers' progression cutoff (p < {sig['progression_p']}): {mark(sig['progression_pass'])}.",

@@ -20,6 +20,26 @@ def _fmt(value: Optional[float], digits: int = 8) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def beside(value: float, thresholds: tuple[float, ...], digits: int) -> str:
+    """``value`` with ``digits`` significant digits, or more where fewer would print it as one of ``thresholds``:
+    a printed figure never seems to meet a rule its exact value misses (0.0049996 is not "0.005")."""
+    for d in range(digits, 18):
+        text = f"{value:.{d}g}"
+        if all(value == t or float(text) != t for t in thresholds):
+            return text
+    return repr(value)
+
+
+def p_text(sig: dict, digits: int) -> str:
+    """The p-value beside the README's and the progression cutoffs."""
+    return beside(sig["p_value"], (sig["readme_p"], sig["progression_p"]), digits)
+
+
+def improvement_text(sig: dict, digits: int) -> str:
+    """The improvement in nats per token beside the README's threshold."""
+    return beside(sig["improvement_nats_per_token"], (sig["readme_threshold_nats_per_token"],), digits)
+
+
 def t_text(sig: dict, spec: str) -> str:
     """The t statistic of a significance block, or ``inf`` where it was left out (standard error 0)."""
     if "t" in sig:
@@ -41,9 +61,9 @@ def summary_text(agg: dict) -> str:
     if sig.get("tested"):
         lines.append(
             f"vs {agg['baseline']['name'] or 'baseline'}: improvement "
-            f"{sig['improvement_nats_per_token']:.6f} nats/token "
+            f"{improvement_text(sig, 4)} nats/token "
             f"({sig['improvement_bpb']:.6f} bpb); one-sided {sig['test']} t = {t_text(sig, '.3f')}, df = {sig['df']:.2f}, "
-            f"p = {sig['p_value']:.3g} (unit: {sig['unit_label']})"
+            f"p = {p_text(sig, 3)} (unit: {sig['unit_label']})"
         )
         lines.append(
             f"README rule (>= {sig['readme_threshold_nats_per_token']} nats/token, p < {sig['readme_p']}): "
