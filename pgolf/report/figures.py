@@ -195,6 +195,9 @@ def loss_figure(seeds: Sequence[Any]) -> str:
     )
 
 
+STAGE_SHAPES = {"pre_quant": "circle", "post_quant": "square", "ttt": "diamond"}  # a stage's shape, always
+
+
 def stages_figure(seeds: Sequence[Any]) -> str:
     """Per seed, val_bpb of the trained weights, of the packed artifact and with TTT, joined by arrows."""
     rows = [(s.seed, {"pre_quant": s.pre_quant_bpb, "post_quant": s.post_quant_bpb, "ttt": s.val_bpb}) for s in seeds]
@@ -220,8 +223,7 @@ def stages_figure(seeds: Sequence[Any]) -> str:
                             f'y2="{y + dy:.1f}" stroke="#666" stroke-width="1.4" marker-end="url(#arrow)"/>')
         for j, (stage, value) in enumerate(present):
             attrs = f'data-seed="{seed}" data-stage="{stage}" data-value="{value!r}"'
-            body.append(_marker(("circle", "square", "diamond")[j % 3], ax.x(value), y, 5.5, STAGE_COLORS[stage],
-                                attrs))
+            body.append(_marker(STAGE_SHAPES[stage], ax.x(value), y, 5.5, STAGE_COLORS[stage], attrs))
             label_y = y - 9 if j % 2 == 0 else y + 17
             body.append(f'<text x="{ax.x(value):.1f}" y="{label_y:.1f}" text-anchor="middle" class="value">'
                         f"{value:.4f}</text>")
@@ -229,7 +231,7 @@ def stages_figure(seeds: Sequence[Any]) -> str:
         f'<span class="swatch" style="background:{STAGE_COLORS[k]}"></span>{_e(label)}' for k, label in STAGES
     )
     missing = "" if all(m["pre_quant"] is not None for _, m in rows) else (
-        " Seeds without pre-/post-quant figures ran without evaluate.diagnostics.")
+        " A seed without a pre-quant figure was evaluated without evaluate.diagnostics or without its checkpoint.")
     return (
         f'<figure id="fig-stages"><figcaption><strong>val_bpb by stage.</strong> The trained weights (pre-quant), '
         f"the packed artifact without TTT (post-quant) and the score with test-time training, per seed.{missing} "
