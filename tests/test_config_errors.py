@@ -100,6 +100,20 @@ def test_config_overrides_merge_over_config_yaml() -> None:
     assert given.seeds == (7,) and given.train.iterations == 3 and given.train.data_stream != record.train.data_stream
 
 
+def test_a_config_override_is_not_blamed_on_the_configfile_line() -> None:
+    """``--configfile recipes/smoke.yaml --config seeds=7``: Snakemake merged 7 over the file's list; the error
+    names the key, not the file's line that says [1, 2, 3]."""
+    import yaml
+
+    from pgolf.config import ConfigError, recipe_from_snakemake
+
+    smoke = REPO_ROOT / "recipes" / "smoke.yaml"
+    merged = {**yaml.safe_load(smoke.read_text()), "seeds": 7}
+    with pytest.raises(ConfigError) as excinfo:
+        recipe_from_snakemake(merged, [str(smoke)], REPO_ROOT / "config.yaml")
+    assert str(excinfo.value).startswith(f"{smoke}: seeds: expected")
+
+
 def test_data_verify_refuses_a_negative_count(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "pgolf", "data", "verify", str(tmp_path), "--val-docs", "-1"],
                           capture_output=True, text=True, timeout=60)

@@ -249,8 +249,11 @@ def recipe_from_snakemake(config: dict, configfiles: Any, default: str | Path) -
     source = files[-1] if files else Path("--config")
     lines = {}
     if files:
-        # re-read only to find lines; Snakemake's own reader keeps the last of two duplicate keys without a word
-        _, lines = load_recipe(source)
+        # re-read only to find lines; Snakemake's own reader keeps the last of two duplicate keys without a word.
+        # A --config key=value merged over the file is not in it: its section's lines are not blamed.
+        data, lines = load_recipe(source)
+        overridden = {k for k in config if not isinstance(data, dict) or data.get(k) != config[k]}
+        lines = {k: v for k, v in lines.items() if k[0] not in overridden}
     return parse_run_config(config, str(source), lines)
 
 
