@@ -14,8 +14,8 @@
 # an embedded module or of the renderer rebuilds it (and re-runs the cheap gate that counts its bytes); an edit of a
 # module the file leaves out (a report module, the bundler's tests) rebuilds nothing. Two parts of the recipe
 # are left out on purpose, so that neither rebuilds the code nor re-gates and re-evaluates finished seeds:
-# the seed list (each run of the file passes --seed; the first seed stays its default) and the `aggregate`
-# section (reporting metadata the record run never reads).
+# the seed list (each run of the file passes --seed; the first seed stays its default), the `aggregate`
+# section (reporting metadata the record run never reads) and `data.workers` (no byte of the data).
 #
 # Modules are embedded in their shipped form (pgolf/artifact/shrink.py: error messages as tags, unused code dropped,
 # docstrings, comments, asserts and annotations out, locals renamed, spaces compacted): the outer `wrapper`
@@ -23,6 +23,7 @@
 # pipeline (same weights, artifact and score).
 
 import functools
+import shutil
 
 from pgolf.artifact.bundle import code_identity, renderer_hash, shipped_recipe
 
@@ -87,3 +88,10 @@ rule gate:
         f"{RUN_DIR}/seed{{seed}}/logs/gate.log",
     script:
         "../scripts/gate.py"
+
+
+# The pack stage refuses a missing lrzip up front, but only once training is done; preflight (in the train rule)
+# cannot see the pack section without retraining on a compressor change. So: a warning when the DAG is planned.
+if CFG.pack.compressor == "lrzip" and shutil.which("lrzip") is None:
+    print("pgolf: WARNING: pack.compressor is lrzip but no lrzip binary is on PATH here: the pack jobs will fail "
+          "unless the machines that run them have it", file=sys.stderr)
