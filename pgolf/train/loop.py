@@ -204,17 +204,16 @@ def train_in_group(
     ``out_dir/train_summary.json``, holding ``out_dir/.train.lock`` all along: a second training of the same folder
     is refused at once.
     """
-    from pgolf.io import exclusive_lock
+    from pgolf.io import exclusive_lock, set_cpu_threads
 
+    set_cpu_threads(train_cfg.cpu_threads)  # CPU training: the same sums from the pipeline and train_gpt.py
     lock = exclusive_lock(Path(out_dir) / TRAIN_LOCK_NAME, "a training of this seed") if info.is_main else nullcontext()
     with lock:
         return _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint)
 
 
 def _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint):
-    from pgolf.io import set_cpu_threads
-
-    set_cpu_threads(train_cfg.cpu_threads)  # CPU training: the same sums from the pipeline and train_gpt.py
+    """:func:`train_in_group`'s work, under its lock."""
     data_info = check_data(Path(data_dir), model_cfg.vocab_size)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
