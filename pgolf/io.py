@@ -551,7 +551,8 @@ def tee_main(argv: Optional[list[str]] = None) -> int:
     its progress lines onto the console (stderr), labelled.
 
     It ignores SIGINT, SIGHUP and SIGTERM (Ctrl-C, a closed terminal, a stop): it keeps draining the pipe, so the
-    stage's last words reach the log, and exits at the end of its input with status 0 (the job's status is the stage's, through ``set -o pipefail``). Stdlib only:
+    stage's last words reach the log, and exits at the end of its input with status 0 (the job's status is the
+    stage's, through ``set -o pipefail``). Stdlib only:
     it never imports torch.
     """
     import argparse
