@@ -230,11 +230,8 @@ def load_validation(
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: data directory not found")
-    val_paths = list_shards(data_dir, "val")
-    if not val_paths:
-        raise FileNotFoundError(f"{data_dir}: no fineweb_val_*.bin shards")
-    byte_paths = list_shards(data_dir, "val_bytes")
-    accounting = resolve_accounting(byte_accounting, bool(byte_paths), _manifest_caseops(data_dir), tokenizer_path)
+    accounting = planned_accounting(data_dir, byte_accounting, tokenizer_path, caseops=None)  # the manifest says
+    val_paths, byte_paths = list_shards(data_dir, "val"), list_shards(data_dir, "val_bytes")
 
     tokens = _concat(val_paths)
     if len(tokens) == 0 or tokens[0] != BOS_ID:

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pgolf.io import read_json, sha256_json
+from pgolf.io import read_json_object, sha256_json
 
 
 class ResultsError(ValueError):
@@ -180,12 +180,9 @@ def _get(data: dict, key: str, path: Path, kind: type, required: bool = True) ->
 
 def _read_object(path: Path, what: str) -> dict:
     try:
-        data = read_json(path, what)
+        return read_json_object(path, what)
     except ValueError as exc:
         raise ResultsError(str(exc)) from None
-    if not isinstance(data, dict):
-        raise ResultsError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
-    return data
 
 
 def read_loss_curve(path: Path) -> tuple[tuple[int, float], ...]:
