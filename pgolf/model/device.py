@@ -7,6 +7,7 @@ loops and a torch.profiler breakdown of GPU time by kernel category. Why one pla
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Optional
 
@@ -182,12 +183,14 @@ def kernel_times(events, device_type) -> dict[str, float]:
     return kernels
 
 
-def profile_breakdown(fn, steps: int, device, top: int = 25) -> dict[str, Any]:
+def profile_breakdown(fn, steps: int, device, top: int = 25, trace_path: Optional[str] = None) -> dict[str, Any]:
     """Run ``fn(i)`` ``steps`` times under torch.profiler; where the GPU time goes, per step.
 
     Returns wall ms/step, GPU-busy ms/step (sum of kernel times; the rest is the GPU waiting for the host), ms per
     category (:data:`KERNEL_CATEGORIES`) and the ``top`` kernels by time. Why: a step slower than the target is
     either kernels (which ones) or launch/host overhead (busy << wall); the two need different fixes.
+    ``trace_path``: also write the Chrome trace there and add ``idle_gaps`` (:func:`pgolf.model.idle_gaps.
+    idle_gaps`: where the GPU waited, and for which host operation).
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -207,6 +210,13 @@ def profile_breakdown(fn, steps: int, device, top: int = 25) -> dict[str, Any]:
         by_category[category] = by_category.get(category, 0.0) + ms / steps
     busy_ms = sum(by_category.values())
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    gaps = None
+    if trace_path is not None:
+        from pgolf.model.idle_gaps import idle_gaps
+
+        prof.export_chrome_trace(str(trace_path))
+        with open(trace_path, encoding="utf-8") as f:
+            gaps = idle_gaps(json.load(f).get("traceEvents", []))
     return {
         "profiled_steps": steps,
         "wall_ms_per_step": 1000.0 * wall_s / steps,
@@ -214,4 +224,5 @@ def profile_breakdown(fn, steps: int, device, top: int = 25) -> dict[str, Any]:
         "gpu_idle_fraction": max(0.0, 1.0 - busy_ms / (1000.0 * wall_s / steps)) if busy_ms else None,
         "ms_per_step_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n[:160], "ms_per_step": ms / steps} for n, ms in ranked],
+        **({"idle_gaps": gaps} if gaps is not None else {}),
     }

@@ -203,6 +203,16 @@ class TrainBench:
     compiled: bool  # step_model is torch.compile'd: cu_seqlens lengths are marked dynamic
 
 
+def trace_file(trace_dir: Optional[str], loop_on: bool) -> Optional[str]:
+    """Where a phase's profiler trace goes (None: no trace)."""
+    if trace_dir is None:
+        return None
+    import os
+
+    os.makedirs(trace_dir, exist_ok=True)
+    return os.path.join(trace_dir, f"trace_looping_{'on' if loop_on else 'off'}.json")
+
+
 def train_step(bench: TrainBench, step: int):
     """One optimizer step through the training stage's own functions (one process, so no all-reduce)."""
     import torch
@@ -240,6 +250,7 @@ def bench_train(
     max_fusion_io_buffers: Optional[int] = None,
     mix_order_reduction: Optional[bool] = None,
     data_dir: Optional[str] = None,
+    trace_dir: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
 
@@ -248,7 +259,9 @@ def bench_train(
     ``model.attention_backend``; the result records what it resolved to. ``max_fusion_io_buffers`` overrides
     ``train.compile_max_fusion_io_buffers`` (0: no cap) and ``mix_order_reduction``
     ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``).
-    ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones."""
+    ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones.
+    ``trace_dir``: the profiled steps' Chrome trace goes there (``trace_looping_<off|on>.json``) and the profile
+    gains ``idle_gaps`` (where the GPU waited for the host)."""
     import torch
 
     from pgolf.model import kernels
@@ -330,7 +343,8 @@ def bench_train(
         tokens_per_s = steps * tokens_per_step / total_s
         loss = float(losses[-1].item())
         profiled = (
-            profile_breakdown(lambda i: train_step(bench, warmup + steps + i), profile_steps, device)
+            profile_breakdown(lambda i: train_step(bench, warmup + steps + i), profile_steps, device,
+                              trace_path=trace_file(trace_dir, loop_on))
             if profile_steps > 0 else None
         )
         phases.append(

@@ -110,6 +110,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         max_fusion_io_buffers=args.max_fusion_io_buffers,
         mix_order_reduction=None if args.mix_order_reduction is None else args.mix_order_reduction == "on",
         data_dir=args.data,
+        trace_dir=args.trace,
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
@@ -145,6 +146,11 @@ def _register_bench_train(commands) -> None:
         "--data", metavar="DIR", default=None,
         help="micro-batch rows from the start of DIR's training shards instead of synthetic tokens (attention's "
         "cost follows document lengths: give a trainer it is compared with the same shards)",
+    )
+    p.add_argument(
+        "--trace", metavar="DIR", default=None,
+        help="with --profile-steps: write the profiled steps' Chrome trace to DIR and report the GPU's idle gaps "
+        "(where it waited for the host, and for which host operation)",
     )
     p.set_defaults(func=_bench_train)
 

@@ -1,0 +1,52 @@
+"""The idle-gap reading of a profiler trace (pgolf.model.idle_gaps), on a hand-made trace with known answers."""
+
+from pgolf.model.idle_gaps import busy_intervals, idle_gaps
+
+
+def _x(cat, name, ts, dur, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def _trace():
+    # host: a step annotation around everything; an optimizer op that launches k3 late; a sync before k4
+    return [
+        _x("user_annotation", "step", 0, 1000),
+        _x("cpu_op", "aten::mm", 1, 5),
+        _x("cuda_runtime", "cudaLaunchKernel", 2, 2, correlation=1),
+        _x("cpu_op", "aten::mm", 6, 5),
+        _x("cuda_runtime", "cudaLaunchKernel", 7, 2, correlation=2),
+        _x("cpu_op", "Optimizer.step#Muon.step", 200, 300),
+        _x("cpu_op", "aten::add_", 390, 10),
+        _x("cuda_runtime", "cudaLaunchKernel", 395, 3, correlation=3),
+        _x("cuda_runtime", "cudaStreamSynchronize", 420, 35),  # waits for add_kernel, then the host is slow
+        _x("cuda_runtime", "cudaLaunchKernel", 850, 3, correlation=4),
+        _x("kernel", "gemm_a", 10, 100, correlation=1),
+        _x("kernel", "gemm_b", 105, 95, correlation=2),   # overlaps gemm_a: one busy span 10-200
+        _x("kernel", "add_kernel", 400, 50, correlation=3),  # 200 us idle before it
+        _x("kernel", "triton_x", 860, 40, correlation=4),    # 410 us idle, a sync spans its start
+    ]
+
+
+def test_busy_spans_merge_overlapping_kernels():
+    kernels = [e for e in _trace() if e["cat"] == "kernel"]
+    spans = busy_intervals(sorted(kernels, key=lambda e: e["ts"]))
+    assert [(s, e) for s, e, _, _ in spans] == [(10.0, 200.0), (400.0, 450.0), (860.0, 900.0)]
+
+
+def test_gaps_are_attributed_to_the_launching_host_op_and_the_sync():
+    out = idle_gaps(_trace(), min_gap_us=5.0)
+    assert out["window_us"] == 890.0 and out["busy_us"] == 280.0 and out["idle_us"] == 610.0
+    assert out["gaps"] == 2
+    largest = out["largest"][0]
+    assert largest["idle_us"] == 410.0 and largest["kernel_after"] == "triton_x"
+    assert largest["runtime_call_spanning_gap"] == "cudaStreamSynchronize"
+    second = out["largest"][1]
+    assert second["kernel_before"] == "gemm_b" and second["launch_to_start_us"] == 5.0
+    assert second["host_ops"] == ["step", "Optimizer.step#Muon.step", "aten::add_"]
+    by_op = {row["host_op"]: row["idle_us"] for row in out["by_host_op"]}
+    assert by_op == {"cudaStreamSynchronize <- step": 410.0, "aten::add_": 200.0}
+
+
+def test_a_trace_without_kernels_reports_no_gaps():
+    out = idle_gaps([_x("cpu_op", "aten::mm", 0, 5)])
+    assert out["gaps"] == 0 and out["idle_us"] == 0.0
