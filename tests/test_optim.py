@@ -518,3 +518,49 @@ def test_bf16_newton_schulz_on_cuda_tracks_float32():
     p.grad = torch.randn_like(p)
     opt.step()
     assert torch.isfinite(p).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["record_bf16", "fp32_momentum"])
+def test_a_training_step_never_waits_for_the_gpu(precision):
+    """No host sync in a step (micro-batches, clip, Muon, AdamW): one would drain the GPU's queue, and the host's
+    Python time after it becomes idle GPU time (issue 16). torch's sync debug mode turns any sync into an error."""
+    import dataclasses
+
+    from pgolf.config import ModelConfig, OptimConfig
+    from pgolf.model.gpt import GPT, param_groups
+    from pgolf.train.step import forward_backward, optimizer_step
+    from pgolf.train.storage import apply_param_storage
+
+    cfg = ModelConfig(vocab_size=512, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8,
+                      xsa_last_n=4, loop_start=1, loop_end=2, loop_count=2, parallel_residual_start=2,
+                      attention_backend="torch")
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = GPT(cfg, train_seq_len=256).to(device)
+    model.looping = True
+    groups = param_groups(model)
+    apply_param_storage(model, "record", [n for n, _ in groups["embedding"]])
+    optim_cfg = dataclasses.replace(OptimConfig(), muon_precision=precision, adam_fused="always")
+    optimizers = build_optimizers(groups, optim_cfg)
+    params = list(model.parameters())
+    inputs = torch.randint(2, 512, (1024,)).pin_memory()
+    inputs[::300] = 1  # a BOS every 300 tokens
+    targets = torch.roll(inputs, -1).pin_memory()
+    cu_seqlens = torch.tensor([0, 300, 600, 900, 1024, 1024, 1024, 1024], dtype=torch.int32).pin_memory()
+
+    def step():
+        for _ in range(2):
+            forward_backward(model, inputs, targets, cu_seqlens, 300, 2, device, compiled=False)
+        optimizer_step(params, optimizers, 0.3, None, clip_scope="per_rank")
+
+    step()  # the first step creates the optimizers' state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)

@@ -454,7 +454,9 @@ class Muon(torch.optim.Optimizer):
             rows, cols = bucket.matrix_shape
             span = bucket.slots_per_rank * math.prod(bucket.param_shape)
             per_rank = gathered[:, offset : offset + span].view(world, bucket.slots_per_rank, *bucket.param_shape)
-            O = per_rank[bucket.owners, bucket.slots]  # [n, ..., rows, cols], in params order
+            # views picked by Python ints, stacked by one copy: indexing with the lists themselves would copy them
+            # to the GPU as index tensors, a blocking copy that drains the GPU's queue once per bucket and step
+            O = torch.stack([per_rank[o, s] for o, s in zip(bucket.owners, bucket.slots)])  # [n, ..., rows, cols]
             O = O.to(bucket.params[0].dtype)
             if group["weight_decay"] != 0.0:
                 torch._foreach_mul_(bucket.params, 1.0 - group["lr"] * group["weight_decay"])
