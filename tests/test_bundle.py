@@ -176,11 +176,12 @@ def test_recipe_switches_decide_what_is_left_out() -> None:
     assert set(full) - set(pruned) == set(left_out_modules(record))  # nothing else hung on them
     bundle = build_bundle(record, minify=True)
     # the shipped form also drops the modules that its folded switches no longer import (pgolf.artifact.shrink;
-    # pgolf.train.resume: train.resume_every_steps is 0, tests/test_shrink.py)
-    # and it embeds one generated pgolf.config module in place of the config package (pgolf.artifact.config_module)
+    # pgolf.train.resume: train.resume_every_steps is 0, tests/test_shrink.py; pgolf.model.idle_gaps: only the
+    # benchmark's profiler reads it) and it embeds one generated pgolf.config module in place of the config package (pgolf.artifact.config_module)
     assert {m.name for m in bundle.modules} == set(pruned) - {"pgolf.evaluate.chunked_ttt", "pgolf.train.prequant_ttt",
                                                               "pgolf.train.resume", "pgolf.config.strict",
-                                                              "pgolf.config.training", "pgolf.config.post_training"}
+                                                              "pgolf.config.training", "pgolf.config.post_training",
+                                                              "pgolf.model.idle_gaps"}
     assert [m.is_package for m in bundle.modules if m.name == "pgolf.config"] == [False]
     assert set(bundle.left_out) >= set(left_out_modules(record)) | {"pgolf.evaluate.chunked_ttt"}
     assert "its recipe does not use it" in bundle.text

@@ -307,6 +307,9 @@ def bench_train(
     stream = None if data_dir is None else shard_stream(data_dir, num_rows * micro + 1, model_cfg.vocab_size)
     rows = packed_rows(micro, model_cfg.vocab_size, train_cfg.train_seq_len, seed, rows=num_rows,
                        pad=train_cfg.cu_seqlens_pad, stream=stream)
+    if device.type == "cuda":  # the training stage's micro-batches come pinned from its prefetch thread
+        rows = dataclasses.replace(rows, **{field: [t.pin_memory() for t in getattr(rows, field)]
+                                            for field in ("inputs", "targets", "cu_seqlens")})
     extend_rope_cache(model, rows.tokens)  # as the training stage does
     bench = TrainBench(
         model=model,

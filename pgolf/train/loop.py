@@ -43,6 +43,7 @@ import torch
 from pgolf.compliance.provenance import code_hash, environment
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
+from pgolf.train.prefetch import MicroBatch, MicroBatchPrefetcher
 from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_header, read_shard
 from pgolf.io import TRAIN_SUMMARY_MEASURED_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
@@ -133,6 +134,7 @@ def _memory_gib(device: torch.device) -> float:
 RESUME_DIR = "resume"  # <train dir>/resume/: a sweep's saved state (pgolf.train.resume) and the attempt record
 ATTEMPT_NAME = "attempt.json"
 TRAIN_LOCK_NAME = ".train.lock"  # held by the training process of a seed folder (pgolf.io.exclusive_lock)
+PREFETCH_MICRO_BATCHES = 2  # micro-batches prepared ahead on a worker thread (the record's loader queues two)
 
 
 def begin_attempt(resume_dir: Path, resumed_step: Optional[int], resume_every_steps: int) -> int:
@@ -278,16 +280,24 @@ def train_model(
 
     seen_cu_shapes: set[int] = set()
 
+    def prepare(call: int) -> MicroBatch:
+        inputs, targets = loader.micro_batch(*divmod(call, accum))  # [n] each, on CPU
+        cu_seqlens, max_seqlen = micro_batch_segments(inputs, train_cfg.train_seq_len, train_cfg.cu_seqlens_pad)
+        return MicroBatch(inputs, targets, cu_seqlens, max_seqlen)
+
+    # the next micro-batches are read, cut and pinned on a worker thread while the GPU works (pgolf.train.prefetch)
+    prefetcher = MicroBatchPrefetcher(prepare, depth=PREFETCH_MICRO_BATCHES, pin=device.type == "cuda")
+
     def run_step(step_index: int, first_call: int) -> torch.Tensor:
         """One optimizer step on stream calls first_call .. first_call + accum - 1; returns the mean loss."""
         set_step_index(optimizers, step_index)  # Muon's momentum warm-up follows the loop's step index
         loss_sum = torch.zeros((), device=device)
         for call in range(first_call, first_call + accum):
-            inputs, targets = loader.micro_batch(*divmod(call, accum))  # [n] each, on CPU
-            cu_seqlens, max_seqlen = micro_batch_segments(inputs, train_cfg.train_seq_len, train_cfg.cu_seqlens_pad)
-            seen_cu_shapes.add(cu_seqlens.numel())
+            batch = prefetcher.get(call)
+            seen_cu_shapes.add(batch.cu_seqlens.numel())
             loss_sum += forward_backward(
-                step_model, inputs, targets, cu_seqlens, max_seqlen, accum, device, train_cfg.compile
+                step_model, batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen, accum, device,
+                train_cfg.compile,
             )
         optimizer_step(params, optimizers, train_cfg.grad_clip_norm, info, train_cfg.clip_scope)
         return loss_sum / accum
@@ -434,6 +444,7 @@ def train_model(
                 )
                 resume.save(resume_dir, state, state_id, step, metrics.lines)
             train_start += clock() - save_start  # saving is not training time: the schedule's clock skips it
+    prefetcher.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = clock() - train_start
