@@ -28,7 +28,8 @@
 # sides attend over the same documents; written as side_by_side.sh writes it when it has none; "": pgolf's
 # synthetic stream, documents of 1,000-3,000 tokens),
 # PROFILE (2 profiled steps), FUSION_CAPS ("": none), FUSION_LOOPS ("on off"), NOMIX_LOOPS ("": none),
-# GPU_TESTS (1; 0 skips stage 1),
+# GPU_TESTS (1; 0 skips stage 1), TRACE (non-empty: each bench writes its profiled steps' Chrome trace, gzipped, to
+# $OUT/trace_<run>/ and its JSON gains idle_gaps: where the GPU waited for the host),
 # BUDGET_S. Outputs in $OUT:
 # gpu_tests.log, bench_<run>_<loop>.json (ms/step,
 # peak memory, warm-up and first-step seconds, graphs compiled, GPU time by kernel category, top kernels) and
@@ -84,7 +85,10 @@ bench_stage() {  # bench_stage NAME LOOP [more pgolf bench train arguments]: one
   shift 2
   stage "$name" "$([ "$loop" = off ] && echo 115 || echo 125)" python -m pgolf.bench train --config config.yaml \
     --looping "$loop" --steps "$STEPS" --warmup "$WARMUP" --profile-steps "$PROFILE" "${DATA_ARGS[@]}" "$@" \
-    --out "$OUT/$name.json"
+    ${TRACE:+--trace "$OUT/trace_$name"} --out "$OUT/$name.json"
+  local rc=$?
+  if [ -n "${TRACE:-}" ]; then gzip -f "$OUT/trace_$name"/*.json 2> /dev/null; fi
+  return $rc
 }
 python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 python - <<'PY'
