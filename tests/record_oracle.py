@@ -49,12 +49,14 @@ def record_script() -> Path:
 # ------------------------------------------------------------------------------------------------ stand-ins
 
 
-def _install_triton_stub() -> None:
-    """Enough of ``triton`` for the script to import; its kernels are defined, never launched."""
+def _install_triton_stub() -> list[str]:
+    """Enough of ``triton`` for the script to import; its kernels are defined, never launched. Returns the module
+    names it put in ``sys.modules`` (none when triton is installed): the caller takes them out again after the
+    import, so that pgolf code run later in the same process sees no triton, as it would without the oracle."""
     try:
         import triton  # noqa: F401
 
-        return
+        return []
     except ImportError:
         pass
 
@@ -69,13 +71,20 @@ def _install_triton_stub() -> None:
     triton.jit = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
     triton.cdiv = lambda a, b: (a + b - 1) // b
     language = types.ModuleType("triton.language")
-    language.__getattr__ = lambda name: _Anything()  # tl.constexpr in annotations, tl.float32, ...
+    def _language_attribute(name):  # tl.constexpr in annotations, tl.float32, ...; never a dunder: inspect reads
+        if name.startswith("__"):  # __file__ of every module in sys.modules, and a stub path breaks it
+            raise AttributeError(name)
+        return _Anything()
+
+    language.__getattr__ = _language_attribute
     tools = types.ModuleType("triton.tools")
     descriptor = types.ModuleType("triton.tools.tensor_descriptor")
     descriptor.TensorDescriptor = type("TensorDescriptor", (), {})
     triton.language, triton.tools, tools.tensor_descriptor = language, tools, descriptor
-    sys.modules.update({"triton": triton, "triton.language": language, "triton.tools": tools,
-                        "triton.tools.tensor_descriptor": descriptor})
+    stubs = {"triton": triton, "triton.language": language, "triton.tools": tools,
+             "triton.tools.tensor_descriptor": descriptor}
+    sys.modules.update(stubs)
+    return list(stubs)
 
 
 def exact_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, **kwargs):
@@ -172,12 +181,16 @@ def load_record() -> types.ModuleType:
     shim = script.parent.parent / "shim"
     if shim.is_dir() and str(shim) not in sys.path:
         sys.path.insert(0, str(shim))
-    _install_triton_stub()
+    stubs = _install_triton_stub()
     spec = importlib.util.spec_from_file_location(MODULE_NAME, script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[MODULE_NAME] = module
-    with cpu_patches():
-        spec.loader.exec_module(module)
+    try:
+        with cpu_patches():
+            spec.loader.exec_module(module)
+    finally:
+        for name in stubs:  # the script keeps its own references; nothing else may take the stub for triton
+            sys.modules.pop(name, None)
     module.flash_attn_varlen_func = exact_varlen_attention
     module.flash_attn_3_func = dense_causal_attention
     module.BOS_ID = BOS_ID  # the record sets it in its first loader; a bare forward needs it too
