@@ -61,7 +61,8 @@ def idle_gaps(events: list[dict], min_gap_us: float = 5.0, top: int = 12) -> dic
     """
     kernels = _spans(events, GPU_CATEGORIES)
     if not kernels:
-        return {"window_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": 0, "largest": [], "by_host_op": []}
+        return {"window_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": 0, "gaps_idle_us": 0.0, "largest": [],
+                "by_host_op": []}
     launches = {e.get("args", {}).get("correlation"): e for e in _spans(events, LAUNCH_CATEGORIES)}
     runtime = _spans(events, LAUNCH_CATEGORIES)
     runtime_starts = [float(e["ts"]) for e in runtime]

@@ -43,7 +43,6 @@ import torch
 from pgolf.compliance.provenance import code_hash, environment
 from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
-from pgolf.train.prefetch import MicroBatch, MicroBatchPrefetcher
 from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_header, read_shard
 from pgolf.io import TRAIN_SUMMARY_MEASURED_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
@@ -53,6 +52,7 @@ from pgolf.model.rope import extend_rope_cache
 from pgolf.train.checkpoint import load_initial_weights, save_checkpoint
 from pgolf.train.distributed import DistInfo, broadcast_floats, init_distributed, shutdown
 from pgolf.train.optim import build_optimizers, set_lr_multiplier, set_step_index
+from pgolf.train.prefetch import MicroBatch, MicroBatchPrefetcher
 from pgolf.train.prequant_ttt import prequant_ttt
 from pgolf.train.schedule import lr_multiplier, training_budget_seconds, training_fraction
 from pgolf.train.step import (
