@@ -148,6 +148,11 @@ if record_profile:  # the record's anchor_profile.json from this machine (.ref/s
     RECORD["fa4"] = {"off": anchor["windows"]["pre_loop"]["ms_per_step"],
                      "on": anchor["windows"]["post_loop"]["ms_per_step"], "source": record_profile}
     RECORD["peak_memory_allocated_gib"] = round(anchor["peak_memory_allocated_gib"], 1)
+    # the GPU's idle time per step in the record's profiled windows: profiled wall minus kernel time
+    RECORD["gpu_idle_ms_per_step"] = {
+        loop: anchor["windows"][w]["profiled_wall_ms_per_step"] - anchor["windows"][w]["gpu_busy_ms_per_step"]
+        for loop, w in (("off", "pre_loop"), ("on", "post_loop"))
+        if "profiled_wall_ms_per_step" in anchor["windows"][w] and "gpu_busy_ms_per_step" in anchor["windows"][w]}
 rows, summary = [], {"record_reference": RECORD, "runs": {}}
 for path in sorted(out.glob("bench_*_*.json")):
     r = json.loads(path.read_text())
@@ -161,6 +166,8 @@ for path in sorted(out.glob("bench_*_*.json")):
             "warmup_seconds": p["warmup_seconds"], "first_step_seconds": p["first_step_seconds"],
             "graphs_compiled_in_warmup": p["graphs_compiled_in_warmup"], "recompiles_in_timed_steps": p["recompiles_in_timed_steps"],
             "gpu_busy_ms_per_step": prof.get("gpu_busy_ms_per_step"), "ms_per_step_by_category": cats,
+            "gpu_idle_ms_per_step": (prof["wall_ms_per_step"] - prof["gpu_busy_ms_per_step"]
+                                     if prof.get("gpu_busy_ms_per_step") else None),
             "top_kernels": (prof.get("top_kernels") or [])[:8], "loss": p["loss"],
             "ratio_to_record_fa4": p["ms_per_step"] / RECORD["fa4"][loop],
         }
@@ -168,16 +175,19 @@ for path in sorted(out.glob("bench_*_*.json")):
         rows.append((path.stem, entry))
 (out / "speed_summary.json").write_text(json.dumps(summary, indent=1))
 print(f"\n{'run':<20} {'ms/step':>8} {'x rec+FA4':>9} {'peak GiB':>8} {'warm-up s':>9} {'1st step s':>10} {'graphs':>6} "
-      f"{'recomp':>6}  kernels ms/step (attention / matmul / fused Triton / inductor / other)")
+      f"{'recomp':>6} {'idle ms':>7}  kernels ms/step (attention / matmul / fused Triton / inductor / other)")
 for name, e in rows:
     c = e["ms_per_step_by_category"]
     other = sum(v for k, v in c.items() if k not in ("attention", "matmul", "fused_triton_kernels", "inductor_triton"))
     cats = " / ".join(f"{c.get(k, 0):.0f}" for k in ("attention", "matmul", "fused_triton_kernels", "inductor_triton"))
     peak = e["peak_memory_allocated_gib"]
+    idle = "" if e["gpu_idle_ms_per_step"] is None else f"{e['gpu_idle_ms_per_step']:.1f}"
     print(f"{name:<20} {e['ms_per_step']:8.1f} {e['ratio_to_record_fa4']:9.3f} {peak if peak is None else round(peak, 1)!s:>8} "
           f"{e['warmup_seconds']:9.1f} {e['first_step_seconds'] or 0:10.1f} {e['graphs_compiled_in_warmup']:6d} "
-          f"{e['recompiles_in_timed_steps']:6d}  {cats} / {other:.0f}  [{e['attention_backend']['resolved']}]")
+          f"{e['recompiles_in_timed_steps']:6d} {idle:>7}  {cats} / {other:.0f}  [{e['attention_backend']['resolved']}]")
 print(f"record ({RECORD['fa4']['source']}): +FA4 {RECORD['fa4']['off']:.1f} / {RECORD['fa4']['on']:.1f} ms/step looping off / on, "
-      f"peak {RECORD['peak_memory_allocated_gib']} GiB; issue 16 target: pgolf <= 0.85 x the record, peak <= the record's")
+      f"peak {RECORD['peak_memory_allocated_gib']} GiB"
+      + "".join(f", GPU idle {v:.1f} ms/step looping {k}" for k, v in RECORD.get("gpu_idle_ms_per_step", {}).items())
+      + "; issue 16 target: pgolf <= 0.85 x the record, peak <= the record's")
 PY
 echo "== done after $(($(date +%s) - START))s"
