@@ -183,6 +183,9 @@ def kernel_times(events, device_type) -> dict[str, float]:
     return kernels
 
 
+STEP_MARK = "pgolf_profiled_step_"  # record_function name prefix of each profiled step
+
+
 def profile_breakdown(fn, steps: int, device, top: int = 25, trace_path: Optional[str] = None) -> dict[str, Any]:
     """Run ``fn(i)`` ``steps`` times under torch.profiler; where the GPU time goes, per step.
 
@@ -190,17 +193,21 @@ def profile_breakdown(fn, steps: int, device, top: int = 25, trace_path: Optiona
     category (:data:`KERNEL_CATEGORIES`) and the ``top`` kernels by time. Why: a step slower than the target is
     either kernels (which ones) or launch/host overhead (busy << wall); the two need different fixes.
     ``trace_path``: also write the Chrome trace there and add ``idle_gaps`` (:func:`pgolf.model.idle_gaps.
-    idle_gaps`: where the GPU waited, and for which host operation).
+    idle_gaps`: where the GPU waited, and for which host operation, from the second profiled step on: the first
+    starts on the queue this function drained to time it).
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from torch.profiler import record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for i in range(steps):
-            fn(i)
+            with record_function(f"{STEP_MARK}{i}"):  # step bounds for idle_gaps' steady-state window
+                fn(i)
         sync(device)
         wall_s = time.perf_counter() - start
     kernels = kernel_times(prof.events(), torch.autograd.DeviceType.CUDA)
@@ -216,7 +223,7 @@ def profile_breakdown(fn, steps: int, device, top: int = 25, trace_path: Optiona
 
         prof.export_chrome_trace(str(trace_path))
         with open(trace_path, encoding="utf-8") as f:
-            gaps = idle_gaps(json.load(f).get("traceEvents", []))
+            gaps = idle_gaps(json.load(f).get("traceEvents", []), window_annotation=STEP_MARK)
     return {
         "profiled_steps": steps,
         "wall_ms_per_step": 1000.0 * wall_s / steps,

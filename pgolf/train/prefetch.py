@@ -2,14 +2,16 @@
 
 Why: reading a micro-batch (memory-mapped shard -> int64), cutting its segments (``cu_seqlens``) and pinning it
 for an asynchronous copy take milliseconds of host time. On the training thread they are hidden while the GPU
-still runs the previous micro-batch; but after the optimizer step (host-bound: many small launches) the GPU's
-queue is empty, and the next micro-batch's preparation became idle GPU time at the start of every step (a
-profile of ``pgolf bench train --trace`` showed ~10 ms for two pinning copies). Here one worker thread prepares
-the next ``depth`` calls of the stream while the GPU works; the training thread only issues the copies.
+still has queued work; but whenever the queue has run dry (a step that synchronizes: a multi-GPU run's per-step
+stop broadcast, as the record's; before 230fec4 Muon's index copies), the next micro-batch's preparation is idle
+GPU time. A profile of ``pgolf bench train --trace`` whose first step started on a drained queue showed 10.8 ms
+of it (two pinning copies of 3.4 and 6.9 ms). Here one worker thread prepares the next ``depth`` calls of the
+stream while the GPU works; the training thread only issues the copies.
 
 The data are exactly what the loader and :func:`pgolf.train.step.micro_batch_segments` give for that call
 (``call`` = step * accumulation + index); a call other than the one expected (a compile pass reading call 0, the
-first call after a resume) is prepared on the spot and the read-ahead restarts after it.
+first call after a resume) is prepared on the spot and the read-ahead restarts after it. If training raises, the
+worker finishes at most ``depth`` reads and the process exits as usual (the executor joins its thread at exit).
 """
 
 from __future__ import annotations
