@@ -197,9 +197,7 @@ def profile_breakdown(fn, steps: int, device, top: int = 25, trace_path: Optiona
     starts on the queue this function drained to time it).
     """
     import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from torch.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
