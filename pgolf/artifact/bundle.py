@@ -56,7 +56,6 @@ ENTRY_MODULE = "pgolf.artifact.record_run"
 # compute the code identity a bundle carries as CODE_HASH).
 NEVER_BUNDLED = {"pgolf.artifact.bundle": "the bundler: a bundle knows its own CODE_HASH"}
 BUNDLE_FORMAT_VERSION = 1
-CODE_BYTES_CONVENTIONS = ("file", "wrapper")
 
 
 class BundleError(ValueError):

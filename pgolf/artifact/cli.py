@@ -16,6 +16,7 @@ import argparse
 import json
 from typing import Any
 
+from pgolf.artifact.minify import CODE_BYTES_CONVENTIONS
 from pgolf.config.strict import positive_int
 
 
@@ -107,7 +108,7 @@ def _register_pack(commands) -> None:
     check = pack_sub.add_parser("check", help="verify an artifact and apply the size gate (exit 3 over the cap)")
     check.add_argument("artifact")
     check.add_argument("--code", required=True, help="the counted code file (train_gpt.py)")
-    check.add_argument("--convention", choices=["wrapper", "file"], default="wrapper", help="code-bytes convention")
+    check.add_argument("--convention", choices=CODE_BYTES_CONVENTIONS, default="wrapper", help="code-bytes convention")
     check.add_argument("--cap", type=positive_int, default=16_000_000, help="size cap in bytes (decimal)")
     check.set_defaults(func=_check)
 

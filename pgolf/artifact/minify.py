@@ -28,6 +28,7 @@ import base64
 import io
 import tokenize
 
+CODE_BYTES_CONVENTIONS = ("file", "wrapper")  # what count_code_bytes counts under
 WRAPPER_HEAD = 'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("'
 WRAPPER_TAIL = '")))\n'
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pgolf.artifact.minify import CODE_BYTES_CONVENTIONS
 from pgolf.io import atomic_dir, atomic_write_json, read_json, sha256_bytes
 from pgolf.report.submission import (
     DEFAULT_REPRODUCE_COMMAND,
@@ -324,7 +325,7 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
             f"{sub_path}: provenance.train_gpt_sha256 {prov_sha[:16]}... differs from train_gpt.py ({code_sha[:16]}...)"
         )
     convention = sub["provenance"].get("code_bytes_convention")
-    if convention not in ("wrapper", "file"):
+    if convention not in CODE_BYTES_CONVENTIONS:
         problems.append(f"{sub_path}: provenance.code_bytes_convention {convention!r}: the code bytes follow no "
                         "convention pgolf counts (wrapper or file), so they cannot be checked")
     elif code_sha is not None and not any("does not compile" in p for p in problems):

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pgolf.artifact.minify import CODE_BYTES_CONVENTIONS
 from pgolf.io import read_json, sha256_file
 from pgolf.report.schema import SUBMISSION_SCHEMA, TRACK, validate
 from pgolf.report.summary import submission_date
@@ -98,7 +99,7 @@ def read_code_bundle(code_dir: Path, seeds: Sequence[Any]) -> CodeBundle:
                 "this recipe and sources)"
             )
     counts: dict[str, int] = {}
-    for convention in sorted({s.code_bytes_convention for s in seeds if s.code_bytes_convention in ("wrapper", "file")}):
+    for convention in sorted({s.code_bytes_convention for s in seeds if s.code_bytes_convention in CODE_BYTES_CONVENTIONS}):
         counts[convention], _, _ = counted_code_bytes(path, convention)
         recorded = meta.get(f"bytes_{convention}")
         if recorded is not None and recorded != counts[convention]:
@@ -107,7 +108,7 @@ def read_code_bundle(code_dir: Path, seeds: Sequence[Any]) -> CodeBundle:
                 f"(the count depends on Python and brotli: {meta.get('counted_with')} there)"
             )
     for s in seeds:
-        if s.code_bytes_convention not in ("wrapper", "file"):
+        if s.code_bytes_convention not in CODE_BYTES_CONVENTIONS:
             blockers.append(f"seed {s.seed}: its code bytes follow no convention pgolf counts "
                             f"({s.code_bytes_convention!r}; expected wrapper or file)")
         if s.code_sha256 is not None and s.code_sha256 != actual:
