@@ -361,3 +361,33 @@ def test_fusion_options_reach_torch_compile_of_the_training_step(tmp_path: Path,
 def test_fusion_cap_below_two_is_refused(cap: int) -> None:
     with pytest.raises(ConfigError, match="compile_max_fusion_io_buffers: expected 0 .no cap. or >= 2"):
         TrainConfig(compile_max_fusion_io_buffers=cap)
+
+
+def test_a_training_error_closes_the_prefetcher(tmp_path: Path, monkeypatch) -> None:
+    """However the loop ends, the worker reading micro-batches ahead (pgolf.train.prefetch) is closed and joined
+    then, not whenever the garbage collector finds it: an in-process caller (a sweep, a test) keeps no thread
+    holding the shards open."""
+    import pgolf.train.loop as loop
+
+    real_step, steps, prefetchers = loop.optimizer_step, [], []
+
+    def failing_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:  # the warm-up's step per loop state, then the loop's first: it raises mid-loop
+            raise RuntimeError("injected failure in the optimizer step")
+        return real_step(*args, **kwargs)
+
+    class KeptPrefetcher(loop.MicroBatchPrefetcher):  # kept alive here, so only close() can stop its worker
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            prefetchers.append(self)
+
+    monkeypatch.setattr(loop, "optimizer_step", failing_step)
+    monkeypatch.setattr(loop, "MicroBatchPrefetcher", KeptPrefetcher)
+    data = write_data(tmp_path / "data")
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = TrainConfig(**{**to_dict(TINY_TRAIN), "iterations": 4})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, tmp_path / "out", cpu)
+    assert len(steps) == 3 and len(prefetchers) == 1
+    assert prefetchers[0]._pool is None  # closed: read-ahead cancelled, worker joined

@@ -326,125 +326,130 @@ def train_model(
 
         return call
 
-    warmup_start = time.perf_counter()
-    set_lr_multiplier(optimizers, 1.0)
-    run_warmup(
-        model, optimizers,
-        loop_states=(False, True) if can_loop else (False,),
-        warmup_steps=train_cfg.warmup_steps,
-        calls_per_step=accum,
-        # the record's loader spends call 0 on the compile passes; the contiguous stream starts at step 0
-        first_step_call=1 if train_cfg.data_stream == "record" or train_cfg.warmup_cu_passes > 0 else 0,
-        run_step=measured(run_step, "steps"),
-        cu_passes=train_cfg.warmup_cu_passes,
-        cu_seqlens_list=cu_warmup_seqlens(plan.micro_batch_tokens, train_cfg.train_seq_len, train_cfg.cu_seqlens_pad),
-        compile_pass=measured(compile_pass, "compile_passes"),
-        restore_kind=train_cfg.warmup_restore,
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    warmup_seconds = time.perf_counter() - warmup_start
-    startup_seconds = time.perf_counter() - (warmup_start if build_start is None else build_start)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    ema = EMA(model, train_cfg.ema_decay)
-    model.looping = False
-    loop_enabled_step = None
-    budget_s = training_budget_seconds(train_cfg)
-    timed = train_cfg.max_wallclock_seconds > 0
-    step = 0
-    end_s = 0.0  # rank 0's clock at the end of the previous step
-    step_times_ms: dict[str, list[float]] = {"before_loop": [], "after_loop": []}
-
-    # resume a sweep from its last saved state (pgolf.train.resume); a record run always starts at step 0
-    resume_dir = out_dir / RESUME_DIR
-    every = train_cfg.resume_every_steps
-    resumed_from: Optional[int] = None
-    if every > 0:
-        from pgolf.train import resume  # sweeps only: a bundle of a recipe that never saves can leave it out
-
-        state_id = resume.fingerprint(model_cfg, optim_cfg, train_cfg, seed, info.world_size, data_info, code_hash())
-        state, state_meta, why = resume.load(resume_dir, state_id)
-        if info.is_main:
-            progress(f"resume: {why}", final=True)
-        if state is not None:
-            resume.restore(model, optimizers, ema.shadow, state)
-            step, end_s = int(state["step"]), float(state["elapsed_s"])
-            model.looping = bool(state["looping"])
-            loop_enabled_step = None if int(state["loop_enabled_step"]) < 0 else int(state["loop_enabled_step"])
-            step_times_ms = {k: [float(x) for x in v.tolist()] for k, v in state["step_times_ms"].items()}
-            seen_cu_shapes.update(int(n) for n in state.get("cu_shapes", torch.zeros(0)).tolist())  # as if never stopped
-            resumed_from = step
-            metrics.restart(state_meta["metrics"])
-            metrics.write({"event": "resumed", "from_step": step, "elapsed_s": end_s})
-    (resumed_on_rank0,) = broadcast_floats([-1.0 if resumed_from is None else float(resumed_from)], info)
-    if int(resumed_on_rank0) != (-1 if resumed_from is None else resumed_from):
-        raise RuntimeError(f"rank {info.rank}: resumed from {resumed_from}, rank 0 from {int(resumed_on_rank0)}")
-    earlier_attempts = begin_attempt(resume_dir, resumed_from, every) if info.is_main else 0
-
-    last_loss: Optional[float] = None
-    train_start = clock() - end_s  # a resumed time-based schedule continues from the saved loop seconds
-    last_log_time, last_log_step = time.perf_counter(), step
-    while step < train_cfg.iterations:
-        # rank 0's clock decides for every rank: the top of this step (schedule) and the end of the last (stop)
-        top_s, end_s = broadcast_floats([clock() - train_start, end_s], info)
-        if timed and step > 0 and end_s >= budget_s:
-            break  # the record's rule: stop after the first step that ends at or past the budget
-        frac = training_fraction(step, top_s, train_cfg)
-        if can_loop and not model.looping and frac >= train_cfg.loop_enable_fraction:
-            model.looping = True
-            loop_enabled_step = step
-        mult = lr_multiplier(frac, train_cfg.warmdown_fraction, train_cfg.min_lr_fraction)
-        set_lr_multiplier(optimizers, mult)
-        t0 = time.perf_counter()
-        loss = run_step(step, step * accum)
-        ema.update()
-        step += 1
-        if device.type == "cuda" and (step % train_cfg.log_every_steps == 0):
+    try:  # the prefetch thread is joined however the warm-up or the loop ends
+        warmup_start = time.perf_counter()
+        set_lr_multiplier(optimizers, 1.0)
+        run_warmup(
+            model, optimizers,
+            loop_states=(False, True) if can_loop else (False,),
+            warmup_steps=train_cfg.warmup_steps,
+            calls_per_step=accum,
+            # the record's loader spends call 0 on the compile passes; the contiguous stream starts at step 0
+            first_step_call=1 if train_cfg.data_stream == "record" or train_cfg.warmup_cu_passes > 0 else 0,
+            run_step=measured(run_step, "steps"),
+            cu_passes=train_cfg.warmup_cu_passes,
+            cu_seqlens_list=cu_warmup_seqlens(plan.micro_batch_tokens, train_cfg.train_seq_len,
+                                              train_cfg.cu_seqlens_pad),
+            compile_pass=measured(compile_pass, "compile_passes"),
+            restore_kind=train_cfg.warmup_restore,
+        )
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        end_s = clock() - train_start
-        step_times_ms["after_loop" if model.looping else "before_loop"].append((now - t0) * 1000.0)
-        if step % train_cfg.log_every_steps == 0 or step == 1:
-            loss_value = last_loss = float(loss.item())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training loss is {loss_value} at step {step}")
-            window_s = max(now - last_log_time, 1e-9)
-            tokens_per_s = (step - last_log_step) * plan.train_batch_tokens / window_s
-            last_log_time, last_log_step = now, step
-            eta_s = max(budget_s - end_s, 0.0) if timed else (train_cfg.iterations - step) * end_s / step
-            record = {
-                "event": "train_step",
-                "step": step,
-                "loss": loss_value,
-                "lr_multiplier": mult,
-                "train_fraction": frac,
-                "looping": bool(model.looping),
-                "step_ms": step_times_ms["after_loop" if model.looping else "before_loop"][-1],
-                "tokens_per_s": tokens_per_s,
-                "elapsed_s": end_s,
-                "peak_memory_gib": _memory_gib(device),
-            }
-            metrics.write(record)
+        warmup_seconds = time.perf_counter() - warmup_start
+        startup_seconds = time.perf_counter() - (warmup_start if build_start is None else build_start)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        ema = EMA(model, train_cfg.ema_decay)
+        model.looping = False
+        loop_enabled_step = None
+        budget_s = training_budget_seconds(train_cfg)
+        timed = train_cfg.max_wallclock_seconds > 0
+        step = 0
+        end_s = 0.0  # rank 0's clock at the end of the previous step
+        step_times_ms: dict[str, list[float]] = {"before_loop": [], "after_loop": []}
+
+        # resume a sweep from its last saved state (pgolf.train.resume); a record run always starts at step 0
+        resume_dir = out_dir / RESUME_DIR
+        every = train_cfg.resume_every_steps
+        resumed_from: Optional[int] = None
+        if every > 0:
+            from pgolf.train import resume  # sweeps only: a bundle of a recipe that never saves can leave it out
+
+            state_id = resume.fingerprint(model_cfg, optim_cfg, train_cfg, seed, info.world_size, data_info,
+                                          code_hash())
+            state, state_meta, why = resume.load(resume_dir, state_id)
             if info.is_main:
-                progress(
-                    f"step {step}/{train_cfg.iterations} loss {loss_value:.4f} lr x{mult:.3f} "
-                    f"{rate_text(tokens_per_s, 'tok')} {record['step_ms']:.0f} ms/step "
-                    f"loop={'on' if model.looping else 'off'} elapsed {end_s:.0f}s eta {eta_s:.0f}s"
-                )
-        if every > 0 and step % every == 0 and step < train_cfg.iterations:
-            save_start = clock()
-            if info.is_main:
-                state = resume.capture(
-                    model, optimizers, ema.shadow, step=step, elapsed_s=end_s, looping=bool(model.looping),
-                    loop_enabled_step=-1 if loop_enabled_step is None else loop_enabled_step,
-                    step_times_ms={k: torch.tensor(v, dtype=torch.float64) for k, v in step_times_ms.items()},
-                    cu_shapes=torch.tensor(sorted(seen_cu_shapes), dtype=torch.int64),
-                )
-                resume.save(resume_dir, state, state_id, step, metrics.lines)
-            train_start += clock() - save_start  # saving is not training time: the schedule's clock skips it
-    prefetcher.close()
+                progress(f"resume: {why}", final=True)
+            if state is not None:
+                resume.restore(model, optimizers, ema.shadow, state)
+                step, end_s = int(state["step"]), float(state["elapsed_s"])
+                model.looping = bool(state["looping"])
+                loop_enabled_step = None if int(state["loop_enabled_step"]) < 0 else int(state["loop_enabled_step"])
+                step_times_ms = {k: [float(x) for x in v.tolist()] for k, v in state["step_times_ms"].items()}
+                # as if never stopped
+                seen_cu_shapes.update(int(n) for n in state.get("cu_shapes", torch.zeros(0)).tolist())
+                resumed_from = step
+                metrics.restart(state_meta["metrics"])
+                metrics.write({"event": "resumed", "from_step": step, "elapsed_s": end_s})
+        (resumed_on_rank0,) = broadcast_floats([-1.0 if resumed_from is None else float(resumed_from)], info)
+        if int(resumed_on_rank0) != (-1 if resumed_from is None else resumed_from):
+            raise RuntimeError(f"rank {info.rank}: resumed from {resumed_from}, rank 0 from {int(resumed_on_rank0)}")
+        earlier_attempts = begin_attempt(resume_dir, resumed_from, every) if info.is_main else 0
+
+        last_loss: Optional[float] = None
+        train_start = clock() - end_s  # a resumed time-based schedule continues from the saved loop seconds
+        last_log_time, last_log_step = time.perf_counter(), step
+        while step < train_cfg.iterations:
+            # rank 0's clock decides for every rank: the top of this step (schedule) and the end of the last (stop)
+            top_s, end_s = broadcast_floats([clock() - train_start, end_s], info)
+            if timed and step > 0 and end_s >= budget_s:
+                break  # the record's rule: stop after the first step that ends at or past the budget
+            frac = training_fraction(step, top_s, train_cfg)
+            if can_loop and not model.looping and frac >= train_cfg.loop_enable_fraction:
+                model.looping = True
+                loop_enabled_step = step
+            mult = lr_multiplier(frac, train_cfg.warmdown_fraction, train_cfg.min_lr_fraction)
+            set_lr_multiplier(optimizers, mult)
+            t0 = time.perf_counter()
+            loss = run_step(step, step * accum)
+            ema.update()
+            step += 1
+            if device.type == "cuda" and (step % train_cfg.log_every_steps == 0):
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            end_s = clock() - train_start
+            step_times_ms["after_loop" if model.looping else "before_loop"].append((now - t0) * 1000.0)
+            if step % train_cfg.log_every_steps == 0 or step == 1:
+                loss_value = last_loss = float(loss.item())
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training loss is {loss_value} at step {step}")
+                window_s = max(now - last_log_time, 1e-9)
+                tokens_per_s = (step - last_log_step) * plan.train_batch_tokens / window_s
+                last_log_time, last_log_step = now, step
+                eta_s = max(budget_s - end_s, 0.0) if timed else (train_cfg.iterations - step) * end_s / step
+                record = {
+                    "event": "train_step",
+                    "step": step,
+                    "loss": loss_value,
+                    "lr_multiplier": mult,
+                    "train_fraction": frac,
+                    "looping": bool(model.looping),
+                    "step_ms": step_times_ms["after_loop" if model.looping else "before_loop"][-1],
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed_s": end_s,
+                    "peak_memory_gib": _memory_gib(device),
+                }
+                metrics.write(record)
+                if info.is_main:
+                    progress(
+                        f"step {step}/{train_cfg.iterations} loss {loss_value:.4f} lr x{mult:.3f} "
+                        f"{rate_text(tokens_per_s, 'tok')} {record['step_ms']:.0f} ms/step "
+                        f"loop={'on' if model.looping else 'off'} elapsed {end_s:.0f}s eta {eta_s:.0f}s"
+                    )
+            if every > 0 and step % every == 0 and step < train_cfg.iterations:
+                save_start = clock()
+                if info.is_main:
+                    state = resume.capture(
+                        model, optimizers, ema.shadow, step=step, elapsed_s=end_s, looping=bool(model.looping),
+                        loop_enabled_step=-1 if loop_enabled_step is None else loop_enabled_step,
+                        step_times_ms={k: torch.tensor(v, dtype=torch.float64) for k, v in step_times_ms.items()},
+                        cu_shapes=torch.tensor(sorted(seen_cu_shapes), dtype=torch.int64),
+                    )
+                    resume.save(resume_dir, state, state_id, step, metrics.lines)
+                train_start += clock() - save_start  # saving is not training time: the schedule's clock skips it
+    finally:
+        prefetcher.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = clock() - train_start

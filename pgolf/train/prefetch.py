@@ -10,8 +10,8 @@ stream while the GPU works; the training thread only issues the copies.
 
 The data are exactly what the loader and :func:`pgolf.train.step.micro_batch_segments` give for that call
 (``call`` = step * accumulation + index); a call other than the one expected (a compile pass reading call 0, the
-first call after a resume) is prepared on the spot and the read-ahead restarts after it. If training raises, the
-worker finishes at most ``depth`` reads and the process exits as usual (the executor joins its thread at exit).
+first call after a resume) is prepared on the spot and the read-ahead restarts after it. The training loop closes it
+however the warm-up or the loop ends (``try``/``finally``): reads not started are cancelled, the worker is joined.
 """
 
 from __future__ import annotations
