@@ -37,6 +37,21 @@ def warmup_only_train_section(train: dict) -> dict:
     return {**train, "iterations": 1}
 
 
+def run_training(cfg, train_section: dict, data: Path, run_dir: Path, device: str, extra_env: dict) -> dict:
+    """``pgolf train`` of the recipe's model and optim sections with ``train_section``, in a process of its own
+    (one rank, seed 42, ``extra_env`` added: the compile caches); returns its ``train_summary.json``. The run's
+    other outputs (``metrics.jsonl``, the checkpoint) stay in ``run_dir``."""
+    from pgolf.config import to_dict
+
+    cmd = [sys.executable, "-m", "pgolf.train", "--model-json", json.dumps(to_dict(cfg.model)),
+           "--optim-json", json.dumps(to_dict(cfg.optim)), "--train-json", json.dumps(train_section),
+           "--seed", "42", "--data-dir", str(data), "--out-dir", str(run_dir), "--device", device]
+    env = {**os.environ, **extra_env, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads((run_dir / "train_summary.json").read_text())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
@@ -55,15 +70,8 @@ def main(argv=None) -> int:
     cfg = load_run_config(args.config)
     ensure_harness_shards(args.data, cfg.model.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "train"
-        cmd = [sys.executable, "-m", "pgolf.train", "--model-json", json.dumps(to_dict(cfg.model)),
-               "--optim-json", json.dumps(to_dict(cfg.optim)),
-               "--train-json", json.dumps(warmup_only_train_section(to_dict(cfg.train))),
-               "--seed", "42", "--data-dir", str(args.data), "--out-dir", str(run_dir), "--device", args.device]
-        env = {**os.environ, **cache_env, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        subprocess.run(cmd, check=True, env=env)
-        summary = json.loads((run_dir / "train_summary.json").read_text())
+        summary = run_training(cfg, warmup_only_train_section(to_dict(cfg.train)), args.data, Path(tmp) / "train",
+                               args.device, cache_env)
     result = {key: summary.get(key) for key in SUMMARY_FIELDS}
     result.update(config=str(args.config), warmup_steps_per_loop_state=cfg.train.warmup_steps,
                   warmup_cu_passes=cfg.train.warmup_cu_passes, compile_cache=args.compile_cache,
