@@ -52,15 +52,20 @@ def run_training(cfg, train_section: dict, data: Path, run_dir: Path, device: st
     return json.loads((run_dir / "train_summary.json").read_text())
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_arguments(parser: argparse.ArgumentParser, compile_cache: str, compile_cache_help: str) -> None:
+    """The options of a script that runs one training process: recipe, shards, output JSON, device, caches."""
     parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
-    parser.add_argument("--data", type=Path, default=Path("/tmp/syn"))
+    parser.add_argument("--data", type=Path, default=Path("/tmp/syn"),
+                        help="shard folder (the record harness's shards are written there when it has none)")
     parser.add_argument("--out", type=Path, required=True, help="JSON of the figures")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--compile-cache", choices=MODES, default="cold",
-                        help="cold (default): empty inductor and Triton caches, as record_warmup.py starts; inherit: "
-                             "whatever the environment points at")
+    parser.add_argument("--compile-cache", choices=MODES, default=compile_cache, help=compile_cache_help)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    run_arguments(parser, "cold", "cold (default): empty inductor and Triton caches, as record_warmup.py starts; "
+                                  "inherit: whatever the environment points at")
     args = parser.parse_args(argv)
     cache_env = compile_cache_env(args.compile_cache, "pgolf_warmup_cache_")
     from synthetic_shards import ensure_harness_shards

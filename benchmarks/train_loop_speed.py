@@ -31,8 +31,8 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from compile_cache import MODES, compile_cache_env  # noqa: E402
-from pgolf_warmup import run_training  # noqa: E402
+from compile_cache import compile_cache_env  # noqa: E402
+from pgolf_warmup import run_arguments, run_training  # noqa: E402
 
 SUMMARY_FIELDS = ("ms_per_step_before_loop", "ms_per_step_after_loop", "steps", "loop_enabled_step",
                   "train_seconds", "peak_memory_gib", "compile_warmup_seconds", "attention_backend",
@@ -112,17 +112,11 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
-    parser.add_argument("--data", type=Path, default=Path("/tmp/syn"),
-                        help="shard folder (the record harness's shards are written there when it has none)")
+    run_arguments(parser, "inherit", "inherit (default): the environment's caches (the warm-up is not what is "
+                                     "timed here); cold: empty ones")
     parser.add_argument("--seconds", type=float, default=150.0, help="the run's max_wallclock_seconds (default 150)")
     parser.add_argument("--record-profile", type=Path, default=None,
                         help="the record's anchor_profile.json from the same machine (side_by_side.sh record)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON of the figures")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--compile-cache", choices=MODES, default="inherit",
-                        help="inherit (default): the environment's caches (the warm-up is not what is timed here); "
-                             "cold: empty ones")
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error(f"--seconds: expected > 0, got {args.seconds}")
