@@ -164,6 +164,8 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
         "unchanged": RECIPE,
         "clip_sigma": _changed("quantize", mlp_clip_sigmas=9.0),
         "compressor": _changed("pack", compressor="lzma"),
+        # how the code bytes are counted: the gate's business, not the model compression's
+        "code_convention": _changed("pack", code_bytes_convention="file"),
         "ttt": _changed("evaluate", ttt={**RECIPE["evaluate"]["ttt"], "lr": 0.003}),
         # a switch the shipped form folds: train_gpt.py's code (and CODE_HASH) changes, the artifact must not
         "eval_switch": _changed("evaluate", diagnostics=True),
@@ -196,6 +198,12 @@ def test_clip_sigma_reruns_quantize_and_pack_only(dry_runs) -> None:
 
 def test_compressor_reruns_pack_only(dry_runs) -> None:
     assert dry_runs["compressor"] == {"pack": 1, **AFTER_ARTIFACT}
+
+
+def test_code_bytes_convention_reruns_the_gate_not_pack(dry_runs) -> None:
+    """Only the gate counts the code; the gate report is the evaluation's input (an artifact over the cap is never
+    evaluated), so evaluation follows it."""
+    assert dry_runs["code_convention"] == AFTER_ARTIFACT
 
 
 def test_ttt_knob_reruns_evaluation_only(dry_runs) -> None:

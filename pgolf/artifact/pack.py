@@ -42,6 +42,12 @@ from pgolf.artifact.format import ArtifactError, check_against_model_config, che
 from pgolf.artifact.minify import counted_code_bytes  # the one code counter
 from pgolf.quantize.weights import QuantizedModel
 
+# PackConfig keys that only the size gate reads (with the counted code, which the staged pack stage never sees):
+# the staged pack stage neither receives them (workflow/rules/artifact.smk leaves them out of its params) nor
+# records them (``pack_config``; ``code_bytes_convention`` only when this stage counted the code), so changing one
+# re-runs the gate, not the model compression (minutes per seed).
+GATE_ONLY_PACK_KEYS = ("code_bytes_convention",)
+
 EXIT_OVER_CAP = 3  # a refusal by a gate (as the budget checks of the Hessian and evaluation stages)
 PLAIN_BROTLI = PackConfig(
     compressor="brotli", brotli_quality=11, byte_shuffle=False, column_major_codes=False, codes_coder="compressor"
@@ -144,7 +150,7 @@ def pack_quantized(qm: QuantizedModel, provenance: dict[str, Any], source: str, 
         "written": gate.ok,
         "model_bytes": gate.model_bytes,
         "code_bytes": gate.code_bytes,
-        "code_bytes_convention": cfg.code_bytes_convention,
+        "code_bytes_convention": None if code is None else cfg.code_bytes_convention,
         "code_file": None if code is None else str(code),
         "code_file_bytes": code_file_bytes,
         "code_sha256": code_sha256,  # the file the code bytes were counted on (None: the gate stage counts it)
@@ -155,7 +161,7 @@ def pack_quantized(qm: QuantizedModel, provenance: dict[str, Any], source: str, 
         "compressor": cfg.compressor,
         "byte_shuffle": cfg.byte_shuffle,
         "brotli_quality": cfg.brotli_quality if cfg.compressor == "brotli" else None,
-        "pack_config": to_dict(cfg),
+        "pack_config": {key: value for key, value in to_dict(cfg).items() if key not in GATE_ONLY_PACK_KEYS},
         "uncompressed_body_bytes": body_bytes,
         "plain_brotli_model_bytes": plain,
         "gain_vs_plain_brotli_bytes": None if plain is None else plain - len(data),

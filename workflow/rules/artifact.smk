@@ -5,7 +5,7 @@
 #   seed<seed>/gate/gate_report.json                       model bytes + counted code bytes of train_gpt.py vs the cap
 #
 # The compressor reruns pack only; any recipe knob rebuilds the bundle (it embeds the recipe) and so re-runs the
-# millisecond gate, never the model compression.
+# millisecond gate, never the model compression; so does the counted-code convention, which only the gate reads.
 #
 # The counted code of a run (rule bundle): results/<run>/code/train_gpt.py, the single file a submission ships (pgolf/artifact/bundle.py).
 #
@@ -26,6 +26,7 @@ import functools
 import shutil
 
 from pgolf.artifact.bundle import code_identity, renderer_hash, shipped_recipe
+from pgolf.artifact.pack import GATE_ONLY_PACK_KEYS
 
 
 # The code identity of this run (the CODE_HASH of the recipe's train_gpt.py), recorded by the gate beside the code
@@ -65,7 +66,7 @@ rule pack:
         artifact=f"{RUN_DIR}/seed{{seed}}/pack/artifact.pgolf",
         report=f"{RUN_DIR}/seed{{seed}}/pack/pack_report.json",
     params:
-        pack=section_json("pack"),
+        pack=section_json("pack", omit=GATE_ONLY_PACK_KEYS),  # the counted-code convention: the gate's alone
         checkpoint=checkpoint_dir,
     log:
         f"{RUN_DIR}/seed{{seed}}/logs/pack.log",

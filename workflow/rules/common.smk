@@ -8,9 +8,10 @@ DATA_DIR = f"results/data/{CFG.data.name}"
 RUN_DIR = f"results/{RUN}"
 
 
-def section_json(section, **overrides):
-    """One config section as JSON for a rule's params (Snakemake reruns a rule when its params change)."""
-    data = to_dict(getattr(CFG, section))
+def section_json(section, omit=(), **overrides):
+    """One config section as JSON for a rule's params (Snakemake reruns a rule when its params change), less the
+    keys in ``omit`` (keys the rule's stage never reads: changing them must not rerun it)."""
+    data = {key: value for key, value in to_dict(getattr(CFG, section)).items() if key not in omit}
     data.update(overrides)
     return json.dumps(data, sort_keys=True)
 
