@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,17 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bundle_table_cache(tmp_path_factory):
+    """The bundle's module-table cache (pgolf.artifact.table_cache) in a folder of this session, for the tests and
+    the Snakemake runs they start: every session computes its tables once (none comes from an earlier session or
+    the user's ~/.cache) and the tests write nothing into the user's home."""
+    before = os.environ.get("PGOLF_CACHE_DIR")
+    os.environ["PGOLF_CACHE_DIR"] = str(tmp_path_factory.mktemp("pgolf_cache"))
+    yield
+    if before is None:
+        os.environ.pop("PGOLF_CACHE_DIR", None)
+    else:
+        os.environ["PGOLF_CACHE_DIR"] = before

@@ -1,6 +1,6 @@
 """benchmarks/inductor_codegen_cpu.py: inductor's GPU (Triton) kernels for the training step, generated on CPU.
 
-The statistics are checked on a hand-written graph module; the whole tool runs on a 3-layer cut of the smoke
+The statistics are checked on a hand-written graph module; the whole tool runs on a 2-layer cut of the smoke
 recipe in three subprocesses (it patches inductor for its own process): with and without
 train.compile_max_fusion_io_buffers' cap, which must bound the kernels it generates, and with
 train.compile_mix_order_reduction on and off, off leaving no mix-order kernel.
@@ -63,11 +63,11 @@ def test_fusion_options_shape_the_generated_kernels(tmp_path):
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor_cache")}
     # 1,024 tokens each; with mix-order reduction on, at any size (inductor's non-strict mode: at its GPU sizes,
     # >= 5 Mi elements and >= 4,096 rows, the smoke model's 64 columns would need 81,920 tokens and ~4 GB here)
-    # the smoke recipe's model cut to 3 layers (one looped, two two-lane): the same kinds of blocks, 2/3 of the
+    # the smoke recipe's model cut to 2 layers (one looped, one two-lane): the same kinds of blocks, half the
     # compile time (the three compiles share the CI's two cores)
     recipe = yaml.safe_load((ROOT / "recipes" / "smoke.yaml").read_text())
-    recipe["model"].update(num_layers=3, loop_start=1, loop_end=1, loop_count=2, parallel_residual_start=2,
-                           xsa_last_n=3)
+    recipe["model"].update(num_layers=2, loop_start=0, loop_end=0, loop_count=2, parallel_residual_start=1,
+                           xsa_last_n=2)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     variants = {0: (0, "on"), 10: (10, "on"), "nomix": (0, "off")}
     runs = {}
@@ -86,7 +86,8 @@ def test_fusion_options_shape_the_generated_kernels(tmp_path):
         assert (tmp_path / f"cap{cap}" / "backward.py").read_text().count("def call(") == 1
     for graph in ("forward", "backward"):
         uncapped, capped = summaries[0]["graphs"][graph], summaries[10]["graphs"][graph]
-        assert uncapped["max_pointer_args"] > 16  # the looped and two-lane blocks: wide fused kernels
+        # the looped and two-lane blocks: fused kernels wider than the cap lets through
+        assert uncapped["max_pointer_args"] > 12
         assert capped["max_pointer_args"] <= 12  # 10 buffers (+ a kernel that is one node: it cannot be split)
         assert capped["kernels"] > uncapped["kernels"]
     # mix-order reduction off (train.compile_mix_order_reduction: false): no kernel fuses column sums into row
@@ -107,8 +108,9 @@ def test_record_model_through_the_same_scheduling(tmp_path):
 
     if not record_oracle.record_script().is_file():
         pytest.skip(f"record script not found at {record_oracle.record_script()} (set PGOLF_RECORD_SCRIPT)")
-    small = {"vocab_size": 96, "num_layers": 6, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "rope_dims": 8,
-             "xsa_last_n": 4, "num_loops": 2, "loop_start": 1, "loop_end": 2, "parallel_start_layer": 4,
+    # 3 layers: one looped, one two-lane (half the compile time of 6 on CI's two cores)
+    small = {"vocab_size": 96, "num_layers": 3, "model_dim": 64, "num_heads": 4, "num_kv_heads": 2, "rope_dims": 8,
+             "xsa_last_n": 3, "num_loops": 2, "loop_start": 1, "loop_end": 1, "parallel_start_layer": 2,
              "train_seq_len": 64, "rope_train_seq_len": 64}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor_cache")}

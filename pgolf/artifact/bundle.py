@@ -286,6 +286,20 @@ def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) 
     modules = collect_modules(ENTRY_MODULE, package_dir, frozenset(left_out))
     if not minify:
         return ModuleTable(modules, left_out, {})
+    from pgolf.artifact import table_cache
+
+    key = table_cache.table_key(to_dict(cfg), package_dir)
+    cached = table_cache.load(key)
+    if cached is not None:  # what shrinking would give: the key covers the recipe, every source and the interpreter
+        return ModuleTable([BundledModule(*m) for m in cached["modules"]], cached["left_out"], cached["messages"])
+    table = _shrunk_table(cfg, modules, left_out)
+    table_cache.store(key, [(m.name, m.is_package, m.source) for m in table.modules], table.left_out, table.messages)
+    return table
+
+
+def _shrunk_table(cfg: RunConfig, modules: list[BundledModule], left_out: dict[str, str]) -> ModuleTable:
+    """The shipped form of ``modules``: the generated pgolf.config in place of the recipe modules, then
+    :func:`pgolf.artifact.shrink.shrink_modules`."""
     from pgolf.artifact.config_module import REPLACED_MODULES, generated_config_source
     from pgolf.artifact.shrink import shrink_modules
 
