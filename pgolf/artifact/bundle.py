@@ -288,10 +288,9 @@ def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) 
         return ModuleTable(modules, left_out, {})
     from pgolf.artifact import table_cache
 
-    key = table_cache.table_key(to_dict(cfg), package_dir)
-    cached = table_cache.load(key)
-    if cached is not None:  # what shrinking would give: the key covers the recipe, every source and the interpreter
-        return ModuleTable([BundledModule(*m) for m in cached["modules"]], cached["left_out"], cached["messages"])
+    key = table_cache.table_key(to_dict(cfg), package_dir)  # the recipe, every pgolf source, the interpreter
+    if (hit := table_cache.load(key)) is not None:  # exactly what shrinking would give
+        return ModuleTable([BundledModule(*m) for m in hit["modules"]], hit["left_out"], hit["messages"])
     table = _shrunk_table(cfg, modules, left_out)
     table_cache.store(key, [(m.name, m.is_package, m.source) for m in table.modules], table.left_out, table.messages)
     return table
@@ -648,8 +647,3 @@ def write_bundle(cfg: RunConfig, out: str | Path, *, minify: bool = False, verif
 def report_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".json")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------------------
