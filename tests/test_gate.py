@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pgolf.io import sha256_bytes
-from pgolf.artifact.minify import count_code_bytes
+from pgolf.artifact.minify import CODE_BYTES_CONVENTIONS, count_code_bytes
 
 
 def _inputs(tmp_path: Path, model_bytes: int = 1000) -> tuple[Path, Path, Path]:
@@ -56,3 +56,20 @@ def test_an_artifact_other_than_the_packed_one_is_refused(tmp_path: Path) -> Non
     proc = _gate(report, artifact, code, {}, tmp_path / "g.json")
     assert proc.returncode == 2 and "sha256 differs" in proc.stderr
     assert not (tmp_path / "g.json").exists()
+
+
+def test_the_code_bytes_conventions_are_the_counters_everywhere() -> None:
+    """The recipe key, comply's verdict texts and the submission schema name exactly the conventions the one
+    counter counts (pgolf.artifact.minify): a convention added or renamed in one place fails here."""
+    import typing
+
+    from pgolf.compliance.comply import CONVENTION_TEXTS
+    from pgolf.config import PackConfig
+    from pgolf.report.schema import SUBMISSION_SCHEMA
+
+    recipe_values = typing.get_args(typing.get_type_hints(PackConfig)["code_bytes_convention"])
+    assert set(recipe_values) == set(CODE_BYTES_CONVENTIONS) == set(CONVENTION_TEXTS)
+    for convention in CODE_BYTES_CONVENTIONS:
+        assert count_code_bytes("x = 1\n", convention) > 0
+    assert SUBMISSION_SCHEMA["properties"]["provenance"]["properties"]["code_bytes_convention"]["enum"] == [
+        *CODE_BYTES_CONVENTIONS, None]

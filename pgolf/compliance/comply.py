@@ -39,7 +39,8 @@ EVAL_BUDGET_SECONDS = 600.0
 SIZE_CAP_BYTES = 16_000_000
 RECORD_GPU_COUNT = 8
 RECORD_GPU_NAME = "H100"
-CODE_BYTES_CONVENTIONS = {
+# what each of pgolf.artifact.minify.CODE_BYTES_CONVENTIONS counts, in the verdict's words
+CONVENTION_TEXTS = {
     "wrapper": "brotli+base85 exec wrapper around the minified code (the top records' convention)",
     "file": "raw bytes of the shipped train_gpt.py",
 }
@@ -306,8 +307,8 @@ def check_size(ev: Evidence) -> Verdict:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (model_b, code_b, total_b, cap)):
             problems.append(f"seed{seed}: the size gate's model/code/total bytes and cap must be integers")
             continue
-        if convention not in CODE_BYTES_CONVENTIONS:
-            problems.append(f"seed{seed}: code-bytes convention {convention!r} is not one of {sorted(CODE_BYTES_CONVENTIONS)}")
+        if convention not in CONVENTION_TEXTS:
+            problems.append(f"seed{seed}: code-bytes convention {convention!r} is not one of {sorted(CONVENTION_TEXTS)}")
             continue
         if total_b != model_b + code_b:
             problems.append(f"seed{seed}: total_bytes {total_b:,} != model {model_b:,} + code {code_b:,}")
@@ -324,7 +325,7 @@ def check_size(ev: Evidence) -> Verdict:
     if problems:
         return Verdict("size", title, FAIL, "; ".join(str(p) for p in problems))
     conventions = sorted({_size_gate(f)["code_bytes_convention"] for f in ev.seeds.values()})
-    named = "; ".join(f"'{c}' = {CODE_BYTES_CONVENTIONS[c]}" for c in conventions)
+    named = "; ".join(f"'{c}' = {CONVENTION_TEXTS[c]}" for c in conventions)
     return Verdict("size", title, PASS, f"{'; '.join(figures)}; convention {named}")
 
 

@@ -327,7 +327,7 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
     convention = sub["provenance"].get("code_bytes_convention")
     if convention not in CODE_BYTES_CONVENTIONS:
         problems.append(f"{sub_path}: provenance.code_bytes_convention {convention!r}: the code bytes follow no "
-                        "convention pgolf counts (wrapper or file), so they cannot be checked")
+                        f"convention pgolf counts ({' or '.join(CODE_BYTES_CONVENTIONS)}), so they cannot be checked")
     elif code_sha is not None and not any("does not compile" in p for p in problems):
         from pgolf.artifact.minify import counted_code_bytes
 

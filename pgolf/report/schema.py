@@ -13,6 +13,8 @@ import math
 import re
 from typing import Any
 
+from pgolf.artifact.minify import CODE_BYTES_CONVENTIONS
+
 TRACK = "10min_16mb"
 
 _NUM = {"type": "number"}
@@ -141,7 +143,7 @@ SUBMISSION_SCHEMA: dict = {
                 "config_sha256": _HEX64,
                 "environment": {"type": "object"},
                 "hardware": _STR,
-                "code_bytes_convention": {"enum": ["wrapper", "file", None]},  # pgolf.artifact.minify's
+                "code_bytes_convention": {"enum": [*CODE_BYTES_CONVENTIONS, None]},
                 "train_gpt_sha256": {"type": ["string", "null"]},
                 "train_gpt_code_hash": {"type": ["string", "null"]},
                 "mixed": {"type": "array"},

@@ -110,7 +110,7 @@ def read_code_bundle(code_dir: Path, seeds: Sequence[Any]) -> CodeBundle:
     for s in seeds:
         if s.code_bytes_convention not in CODE_BYTES_CONVENTIONS:
             blockers.append(f"seed {s.seed}: its code bytes follow no convention pgolf counts "
-                            f"({s.code_bytes_convention!r}; expected wrapper or file)")
+                            f"({s.code_bytes_convention!r}; expected {' or '.join(CODE_BYTES_CONVENTIONS)})")
         if s.code_sha256 is not None and s.code_sha256 != actual:
             blockers.append(
                 f"seed {s.seed}: its size gate counted a code file with sha256 {s.code_sha256[:12]}..., "
