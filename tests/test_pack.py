@@ -15,6 +15,7 @@ import torch
 
 from pgolf.config import PackConfig, QuantizeConfig
 from pgolf.quantize.weights import QuantizedModel, QuantizedTensor, dequantize_state, quantize_state
+from pgolf.artifact.cap import size_gate
 from pgolf.artifact.format import (
     FORMAT_VERSION,
     MAGIC,
@@ -27,7 +28,6 @@ from pgolf.artifact.format import (
     minify_source,
     pack,
     read_container,
-    size_gate,
     unpack,
     write_container,
 )
@@ -431,8 +431,8 @@ def test_size_gate_one_byte_over():
     assert result.total_bytes == 16_000_001 and not result.ok
     assert result.overage_bytes == 1 and result.headroom_bytes == 0
     assert "over the 16,000,000-byte cap by 1 bytes" in result.message
-    with pytest.raises(ArtifactError, match="over the 16,000,000-byte cap by 1 bytes"):
-        result.raise_if_over()
+    with pytest.raises(ValueError, match="non-negative sizes and a positive cap"):
+        size_gate(-1, 31_999)
 
 
 def test_size_gate_exactly_at_and_under_cap():
@@ -440,7 +440,6 @@ def test_size_gate_exactly_at_and_under_cap():
     assert at_cap.ok and at_cap.headroom_bytes == 0
     under = size_gate(15_875_551, 31_999)
     assert under.ok and under.headroom_bytes == 92_450 and "headroom 92,450 bytes" in under.message
-    under.raise_if_over()
     assert not size_gate(60, 50, cap=100).ok
 
 

@@ -67,10 +67,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pgolf.artifact.format import check_against_model_config, size_gate, unpack
+    from pgolf.artifact.cap import EXIT_OVER_CAP, size_gate
+    from pgolf.artifact.format import check_against_model_config, unpack
     from pgolf.artifact.inspect import read_artifact
     from pgolf.artifact.minify import counted_code_bytes
-    from pgolf.artifact.pack import EXIT_OVER_CAP, expected_shapes
+    from pgolf.artifact.pack import expected_shapes
     from pgolf.config import ModelConfig, from_mapping
 
     data = read_artifact(args.artifact)

@@ -19,9 +19,8 @@ from typing import Any
 
 from pgolf.config import PackConfig
 from pgolf.io import atomic_write_json, read_json, sha256_file
-from pgolf.artifact.format import size_gate
+from pgolf.artifact.cap import EXIT_OVER_CAP, size_gate
 from pgolf.artifact.minify import counted_code_bytes
-from pgolf.artifact.pack import EXIT_OVER_CAP
 
 
 def run_gate(pack_report_path: str | Path, code: str | Path, artifact: str | Path, cfg: PackConfig, out: str | Path,

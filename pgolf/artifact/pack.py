@@ -38,7 +38,8 @@ from typing import Any, Callable, Optional
 
 from pgolf.config import ConfigError, ModelConfig, PackConfig, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes
-from pgolf.artifact.format import ArtifactError, check_against_model_config, check_compressor_available, pack, size_gate, unpack
+from pgolf.artifact.cap import EXIT_OVER_CAP, size_gate
+from pgolf.artifact.format import ArtifactError, check_against_model_config, check_compressor_available, pack, unpack
 from pgolf.artifact.minify import counted_code_bytes  # the one code counter
 from pgolf.quantize.weights import QuantizedModel
 
@@ -48,7 +49,6 @@ from pgolf.quantize.weights import QuantizedModel
 # re-runs the gate, not the model compression (minutes per seed).
 GATE_ONLY_PACK_KEYS = ("code_bytes_convention",)
 
-EXIT_OVER_CAP = 3  # a refusal by a gate (as the budget checks of the Hessian and evaluation stages)
 PLAIN_BROTLI = PackConfig(
     compressor="brotli", brotli_quality=11, byte_shuffle=False, column_major_codes=False, codes_coder="compressor"
 )
