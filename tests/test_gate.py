@@ -73,3 +73,10 @@ def test_the_code_bytes_conventions_are_the_counters_everywhere() -> None:
         assert count_code_bytes("x = 1\n", convention) > 0
     assert SUBMISSION_SCHEMA["properties"]["provenance"]["properties"]["code_bytes_convention"]["enum"] == [
         *CODE_BYTES_CONVENTIONS, None]
+
+
+def test_the_gate_job_does_not_import_torch() -> None:
+    """The gate job reads two JSON files and counts one file: importing torch was most of its time."""
+    probe = "import sys, pgolf.artifact.gate; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
