@@ -12,6 +12,12 @@ from typing import Any
 
 EXIT_OVER_CAP = 3  # a refusal by a gate (as the budget checks of the Hessian and evaluation stages)
 
+# PackConfig keys that only the size gate reads (with the counted code, which the staged pack stage never sees):
+# the staged pack stage neither receives them (workflow/rules/artifact.smk leaves them out of its params) nor
+# records them (``pack_config``; ``code_bytes_convention`` only when this stage counted the code), so changing one
+# re-runs the gate, not the model compression (minutes per seed).
+GATE_ONLY_PACK_KEYS = ("code_bytes_convention",)
+
 
 @dataclasses.dataclass(frozen=True)
 class GateResult:

@@ -38,16 +38,11 @@ from typing import Any, Callable, Optional
 
 from pgolf.config import ConfigError, ModelConfig, PackConfig, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes
-from pgolf.artifact.cap import EXIT_OVER_CAP, size_gate
+from pgolf.artifact.cap import EXIT_OVER_CAP, GATE_ONLY_PACK_KEYS, size_gate
 from pgolf.artifact.format import ArtifactError, check_against_model_config, check_compressor_available, pack, unpack
 from pgolf.artifact.minify import counted_code_bytes  # the one code counter
 from pgolf.quantize.weights import QuantizedModel
 
-# PackConfig keys that only the size gate reads (with the counted code, which the staged pack stage never sees):
-# the staged pack stage neither receives them (workflow/rules/artifact.smk leaves them out of its params) nor
-# records them (``pack_config``; ``code_bytes_convention`` only when this stage counted the code), so changing one
-# re-runs the gate, not the model compression (minutes per seed).
-GATE_ONLY_PACK_KEYS = ("code_bytes_convention",)
 
 PLAIN_BROTLI = PackConfig(
     compressor="brotli", brotli_quality=11, byte_shuffle=False, column_major_codes=False, codes_coder="compressor"

@@ -8,6 +8,7 @@ loops and a torch.profiler breakdown of GPU time by kernel category. Why one pla
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Optional
 
@@ -22,6 +23,21 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A100", 312.0),
     ("L40S", 362.0),
 )
+
+
+# Device nodes of a GPU driver torch.cuda can use: NVIDIA's, WSL2's, ROCm's.
+GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def visible_gpus() -> int:
+    """GPUs this machine shows torch (CUDA_VISIBLE_DEVICES is honoured by torch itself); 0 on CPU. Without any
+    driver node there is no GPU to count and torch is not imported: the Snakefile calls this in every plan, where
+    importing torch was ~2 s of a CPU machine's ``snakemake -n``."""
+    if not any(os.path.exists(node) for node in GPU_DRIVER_NODES):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def peak_tflops_for(device_name: str) -> Optional[float]:

@@ -26,7 +26,7 @@ import functools
 import shutil
 
 from pgolf.artifact.bundle import code_identity, renderer_hash, shipped_recipe
-from pgolf.artifact.pack import GATE_ONLY_PACK_KEYS
+from pgolf.artifact.cap import GATE_ONLY_PACK_KEYS
 
 
 # The code identity of this run (the CODE_HASH of the recipe's train_gpt.py), recorded by the gate beside the code

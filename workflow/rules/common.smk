@@ -2,6 +2,7 @@
 import json
 
 from pgolf.config import to_dict
+from pgolf.model.device import visible_gpus
 
 RUN = CFG.run
 DATA_DIR = f"results/data/{CFG.data.name}"
@@ -16,14 +17,7 @@ def section_json(section, omit=(), **overrides):
     return json.dumps(data, sort_keys=True)
 
 
-def _visible_gpus():
-    """GPUs this machine shows (CUDA_VISIBLE_DEVICES is honoured by torch itself); 0 on CPU."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-VISIBLE_GPUS = _visible_gpus()
+VISIBLE_GPUS = visible_gpus()  # 0 on CPU: the GPU rules then run one process
 
 
 def code_file():
