@@ -144,6 +144,11 @@ def test_the_folder_train_gpt_reproduces_its_claims(pipeline: Path, tmp_path: Pa
     readme = (folder / "README.md").read_text()
     assert f"{claims['total']:,}" in readme
     assert "the folder's train_gpt.py reproduces these claims" in readme
+    # the texts of the shipped form's error tags beside the script (the bundle report's table)
+    messages = json.loads((folder / "train_gpt_messages.json").read_text())
+    assert messages and messages == bundle_meta["messages"]
+    shipped = (folder / "train_gpt.py").read_text()
+    assert all(repr(tag) in shipped or f'"{tag}"' in shipped for tag in messages)  # each one the script can raise
 
 
 def test_the_recipe_keeps_the_record_switches() -> None:

@@ -12,7 +12,7 @@ from pgolf.cli import main as pgolf_main
 from pgolf.config import AggregateConfig, from_mapping
 from pgolf.artifact.minify import make_wrapper
 from pgolf.report.aggregate import run_report
-from pgolf.report.folder import check_folder, parse_seed_log
+from pgolf.report.folder import MESSAGES_FILE, check_folder, parse_seed_log
 from pgolf.report.submission import third_party_imports
 from pgolf.report.schema import SUBMISSION_SCHEMA, schema_text, validate
 from report_fixtures import RECORD_BPB, TRAIN_GPT_SOURCE, make_code_bundle, make_run, make_seed
@@ -157,6 +157,20 @@ def test_folder_contents(folder):
     requirements = (folder / "requirements.txt").read_text()
     assert "torch==2.11.0  # import torch" in requirements  # the run's torch, without the local +cu130 tag
     assert "numpy==2.5.2  # import numpy" in requirements
+
+
+def test_the_folder_carries_the_error_tags_of_a_shipped_bundle(tmp_path):
+    """A shipped-form train_gpt.py raises errors as tags; the folder gives a reviewer their texts beside it (not
+    code: the script never reads the file), and its README says what the file is."""
+    run_dir = make_run(tmp_path)
+    meta_path = run_dir / "code" / "train_gpt.py.json"
+    messages = {"pgolf.data.loader:88": "f'{path}: no shards'", "pgolf.train.loop:41": "'bad step'"}
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "messages": messages}))
+    agg = run_report(run_dir, cfg(), SEEDS, recipe="config.yaml", comply_path=run_dir / "comply.json")
+    folder = Path(agg["submission_folder"])
+    assert json.loads((folder / MESSAGES_FILE).read_text()) == messages
+    assert f"`{MESSAGES_FILE}`: the text of each error tag" in (folder / "README.md").read_text()
+    assert check_folder(folder) == []
 
 
 def test_check_folder_passes_on_a_good_folder(folder, capsys):

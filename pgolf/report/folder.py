@@ -32,6 +32,8 @@ from pgolf.report.submission import (
 from pgolf.report.schema import SUBMISSION_SCHEMA, validate
 from pgolf.report.summary import summary_text
 
+MESSAGES_FILE = "train_gpt_messages.json"  # the shipped form's error tags -> pgolf's message texts
+
 
 def seed_log_name(seed: int) -> str:
     return f"train_seed{seed}.log"
@@ -114,7 +116,8 @@ def _f8(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.8f}"
 
 
-def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: str, recipe: Optional[str]) -> str:
+def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: str, recipe: Optional[str],
+                has_messages: bool = False) -> str:
     loss, bpb, sig = agg["val_loss_nats_per_token"], agg["val_bpb"], agg["significance"]
     lines = [
         f"# {sub['name']}",
@@ -203,6 +206,8 @@ def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: s
         "- `train_gpt.py`: the bundled training + evaluation script",
         *[f"- `{seed_log_name(s.seed)}`: stage logs and the evaluation summary of seed {s.seed}" for s in seeds],
         "- `requirements.txt`: third-party packages `train_gpt.py` imports",
+        *([f"- `{MESSAGES_FILE}`: the text of each error tag `train_gpt.py` can print (its shipped form raises "
+           "errors as `<module>:<line>` tags of pgolf's sources, to save counted bytes)"] if has_messages else []),
         "",
     ]
     return "\n".join(lines)
@@ -231,7 +236,11 @@ def write_folder(
         (tmp / "requirements.txt").write_text(
             requirements_text(source.decode("utf-8"), env, third_party), encoding="utf-8"
         )
-        (tmp / "README.md").write_text(readme_text(agg, sub, seeds, command, recipe), encoding="utf-8")
+        messages = bundle.meta.get("messages")
+        has_messages = isinstance(messages, dict) and bool(messages)
+        if has_messages:  # not code: the script never reads it
+            (tmp / MESSAGES_FILE).write_text(json.dumps(messages, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(readme_text(agg, sub, seeds, command, recipe, has_messages), encoding="utf-8")
     return folder
 
 
