@@ -45,7 +45,6 @@ The per-tensor quantization report is not stored (it would cost bytes); the call
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import lzma
