@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,18 @@ def test_a_hit_is_the_computed_table_and_another_recipe_is_computed(tmp_path, mo
     assert len(list((tmp_path / "bundle_tables").glob("*.json"))) == 1
 
     monkeypatch.setattr(bundle, "_shrunk_table", _no_shrinking)
-    cached = bundle.module_table(cfg, minify=True)
+    cached = bundle.module_table(cfg, minify=True, read_cache=True)
     assert cached == computed
     assert list(cached.left_out.items()) == list(computed.left_out.items())
     assert list(cached.messages.items()) == list(computed.messages.items())
-    assert bundle.code_identity(cfg) == bundle.bundle_code_hash(computed.modules)
+    assert bundle.code_identity(cfg) == bundle.bundle_code_hash(computed.modules)  # the plans' reader
 
+    # what a bundle writes is always computed, never read
+    with pytest.raises(AssertionError, match="computed, not read"):
+        bundle.build_bundle(cfg, minify=True)
     changed = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, diagnostics=not cfg.evaluate.diagnostics))
     with pytest.raises(AssertionError, match="computed, not read"):
-        bundle.module_table(changed, minify=True)
+        bundle.module_table(changed, minify=True, read_cache=True)
 
 
 def test_the_key_follows_the_recipe_and_every_source_byte(tmp_path):
@@ -63,6 +67,14 @@ def test_the_key_follows_the_recipe_and_every_source_byte(tmp_path):
     edited = table_cache.table_key(recipe, package)
     (package / "model" / "extra.py").unlink()
     assert edited != table_cache.table_key(recipe, package)
+
+    # an editor's lock link (a dangling symlink named .#x.py) is no source and breaks nothing
+    key = table_cache.table_key(recipe, package)
+    (package / "model" / ".#rope.py").symlink_to(tmp_path / "gone")
+    assert table_cache.table_key(recipe, package) == key
+    # an unreadable source: no key, so no cache (and no error)
+    (package / "model" / "broken.py").symlink_to(tmp_path / "gone")
+    assert table_cache.table_key(recipe, package) is None
 
 
 def test_damaged_or_foreign_entries_are_not_used(tmp_path, monkeypatch):
@@ -90,6 +102,7 @@ def test_an_unwritable_or_disabled_cache_only_costs_time(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PGOLF_CACHE_DIR", "off")
     assert table_cache.cache_dir() is None
+    assert table_cache.table_key({}, Path(pgolf.__file__).parent) is None
     table_cache.store("c" * 64, [], {}, {})
     assert table_cache.load("c" * 64) is None
     assert blocker.read_text() == "not a folder"
@@ -97,6 +110,15 @@ def test_an_unwritable_or_disabled_cache_only_costs_time(tmp_path, monkeypatch):
     monkeypatch.delenv("PGOLF_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert table_cache.cache_dir() == tmp_path / "xdg" / "pgolf" / "bundle_tables"
+
+
+def test_a_table_shrunk_without_torch_is_not_stored(tmp_path, monkeypatch):
+    """Where torch is installed but did not import, the shrink keeps every public method: a table the key (torch's
+    version, read without importing it) cannot tell from the usual one, so it is not kept."""
+    monkeypatch.setenv("PGOLF_CACHE_DIR", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # restored after the test
+    table_cache.store("d" * 64, [], {}, {})
+    assert table_cache.load("d" * 64) is None
 
 
 def test_only_the_newest_entries_are_kept(tmp_path, monkeypatch):

@@ -278,20 +278,21 @@ class ModuleTable:
     messages: dict[str, str]  # error-message tag -> the message in pgolf's sources (shrunk form only)
 
 
-def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR) -> ModuleTable:
+def module_table(cfg: RunConfig, minify: bool, package_dir: Path = PACKAGE_DIR, read_cache: bool = False) -> ModuleTable:
     """Exactly what the bundle of ``cfg`` embeds, the modules it leaves out (with the reason) and, in the shipped
     (``minify``) form, the message tags (:mod:`pgolf.artifact.shrink`). :func:`build_bundle` and
-    :func:`code_identity` both call this, so they cannot drift."""
+    :func:`code_identity` both call this, so they cannot drift. Shipped tables go to :mod:`pgolf.artifact.table_cache`;
+    only ``read_cache`` (a plan's code identity) reads them: a written bundle is always computed."""
     left_out = left_out_modules(cfg)
-    modules = collect_modules(ENTRY_MODULE, package_dir, frozenset(left_out))
     if not minify:
-        return ModuleTable(modules, left_out, {})
+        return ModuleTable(collect_modules(ENTRY_MODULE, package_dir, frozenset(left_out)), left_out, {})
     from pgolf.artifact import table_cache
 
-    key = table_cache.table_key(to_dict(cfg), package_dir)  # the recipe, every pgolf source, the interpreter
-    if (hit := table_cache.load(key)) is not None:  # exactly what shrinking would give
+    # the recipe, every pgolf source, the interpreter; None: no cache (turned off, or another package's sources)
+    key = table_cache.table_key(to_dict(cfg), package_dir) if package_dir == PACKAGE_DIR else None
+    if read_cache and (hit := table_cache.load(key)) is not None:  # what shrinking would give
         return ModuleTable([BundledModule(*m) for m in hit["modules"]], hit["left_out"], hit["messages"])
-    table = _shrunk_table(cfg, modules, left_out)
+    table = _shrunk_table(cfg, collect_modules(ENTRY_MODULE, package_dir, frozenset(left_out)), left_out)
     table_cache.store(key, [(m.name, m.is_package, m.source) for m in table.modules], table.left_out, table.messages)
     return table
 
@@ -349,7 +350,7 @@ def code_identity(cfg: RunConfig, minify: bool = True, package_dir: Path = PACKA
     the bundled record run has it as its own CODE_HASH. The artifact never holds it, so a knob that changes only
     the shipped code re-runs the gate, not the model compression.
     """
-    return bundle_code_hash(module_table(cfg, minify, package_dir).modules)
+    return bundle_code_hash(module_table(cfg, minify, package_dir, read_cache=True).modules)
 
 
 def bundle_code_hash(modules: list[BundledModule]) -> str:

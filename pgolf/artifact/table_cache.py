@@ -1,8 +1,10 @@
 """A disk cache of the shipped bundle's module table (:func:`pgolf.artifact.bundle.module_table`, minified form).
 
-Why: shrinking every embedded module is seconds of AST work, and Snakemake does it in every plan that holds a
-bundle or gate job (the bundle rule's ``code_id`` param, the gate's code identity), then the bundle job does it
-again: ``snakemake -n`` paid ~5 s of a 6.5 s plan for it. The table is a pure function of
+Why: shrinking every embedded module is seconds of AST work, and Snakemake did it in every plan that holds a
+bundle or gate job (the bundle rule's ``code_id`` param, the gate's code identity): ``snakemake -n`` paid ~5 s of
+a 6.5 s plan for it. Only that code identity reads the cache; the bundle job always computes the file it writes
+(and stores its table), so an entry that were wrong would show as the plan's code identity differing from the
+written file's CODE_HASH, which the gate records and the submission checks. The table is a pure function of
 
 - the shipped recipe (its switches are folded, its values become the generated ``pgolf.config``),
 - every source file of the pgolf package it is built from (the embedded modules and the transforms themselves),
@@ -33,13 +35,16 @@ MAX_ENTRIES = 32
 
 
 def cache_dir() -> Optional[Path]:
-    """The folder of the entries, or None when ``PGOLF_CACHE_DIR`` is ``off``."""
+    """The folder of the entries, or None when ``PGOLF_CACHE_DIR`` is ``off`` (or no home folder is known)."""
     chosen = os.environ.get("PGOLF_CACHE_DIR")
     if chosen == "off":
         return None
     if chosen:
         return Path(chosen) / "bundle_tables"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    except RuntimeError:  # no HOME and a user id without a passwd entry
+        return None
     return Path(base) / "pgolf" / "bundle_tables"
 
 
@@ -59,23 +64,31 @@ def _torch_version() -> str:
     return f"{version} at {spec.origin}"
 
 
-def table_key(recipe: dict, package_dir: Path) -> str:
+def table_key(recipe: dict, package_dir: Path) -> Optional[str]:
     """sha256 over the cache format, the interpreter, torch's version, the recipe (canonical JSON) and every
-    ``.py`` file under ``package_dir`` (relative path and bytes, in path order)."""
+    ``.py`` file under ``package_dir`` (relative path and bytes, in path order; hidden files such as an editor's
+    lock links are not sources). None when the cache is off or a source cannot be read: no cache then."""
+    if cache_dir() is None:
+        return None
     digest = hashlib.sha256()
     for part in (CACHE_FORMAT, sys.version, _torch_version(), canonical_json(recipe)):
         digest.update(part.encode("utf-8") + b"\0")
-    for path in sorted(package_dir.rglob("*.py")):
-        digest.update(path.relative_to(package_dir).as_posix().encode("utf-8") + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+    try:
+        for path in sorted(package_dir.rglob("*.py")):
+            if any(part.startswith(".") for part in path.relative_to(package_dir).parts):
+                continue
+            digest.update(path.relative_to(package_dir).as_posix().encode("utf-8") + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    except OSError:
+        return None
     return digest.hexdigest()
 
 
-def load(key: str) -> Optional[dict[str, Any]]:
+def load(key: Optional[str]) -> Optional[dict[str, Any]]:
     """The entry stored under ``key`` (``{"modules": [[name, is_package, source], ...], "left_out": {...},
     "messages": {...}}``), or None when there is none or it is not a well-formed entry for this key."""
     folder = cache_dir()
-    if folder is None:
+    if folder is None or key is None:
         return None
     try:
         entry = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
@@ -96,11 +109,13 @@ def _well_formed(entry: Any, key: str) -> bool:
                and isinstance(m[2], str) for m in modules)
 
 
-def store(key: str, modules: list[tuple[str, bool, str]], left_out: dict[str, str], messages: dict[str, str]) -> None:
+def store(key: Optional[str], modules: list[tuple[str, bool, str]], left_out: dict[str, str],
+          messages: dict[str, str]) -> None:
     """Write the entry for ``key`` (temp file, then rename: a reader never sees half an entry) and keep the newest
-    :data:`MAX_ENTRIES`. Does nothing when the folder cannot be written."""
+    :data:`MAX_ENTRIES`. Does nothing without a key, when the folder cannot be written, or when torch did not
+    import (the shrink then keeps every public method, a table the key could not tell from the usual one)."""
     folder = cache_dir()
-    if folder is None:
+    if folder is None or key is None or (_torch_version() != "none" and "torch" not in sys.modules):
         return
     entry = {"format": CACHE_FORMAT, "key": key, "modules": [list(m) for m in modules], "left_out": left_out,
              "messages": messages}

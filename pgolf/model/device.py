@@ -25,15 +25,24 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-# Device nodes of a GPU driver torch.cuda can use: NVIDIA's, WSL2's, ROCm's.
-GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+# Signs of a GPU driver torch.cuda could use: device nodes (NVIDIA's, WSL2's, ROCm's), the NVIDIA kernel module,
+# and the driver's user-space libraries (present even before a first CUDA call creates the nodes after a boot).
+GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd", "/proc/driver/nvidia", "/sys/module/nvidia")
+GPU_DRIVER_LIBRARIES = ("cuda", "amdhip64")
+
+
+def _gpu_driver_present() -> bool:
+    import ctypes.util
+
+    return (any(os.path.exists(node) for node in GPU_DRIVER_NODES)
+            or any(ctypes.util.find_library(name) for name in GPU_DRIVER_LIBRARIES))
 
 
 def visible_gpus() -> int:
-    """GPUs this machine shows torch (CUDA_VISIBLE_DEVICES is honoured by torch itself); 0 on CPU. Without any
-    driver node there is no GPU to count and torch is not imported: the Snakefile calls this in every plan, where
-    importing torch was ~2 s of a CPU machine's ``snakemake -n``."""
-    if not any(os.path.exists(node) for node in GPU_DRIVER_NODES):
+    """GPUs this machine shows torch (CUDA_VISIBLE_DEVICES is honoured by torch itself); 0 on CPU. Without any sign
+    of a GPU driver there is no GPU to count and torch is not imported: the Snakefile calls this in every plan,
+    where importing torch was ~2 s of a CPU machine's ``snakemake -n``."""
+    if not _gpu_driver_present():
         return 0
     import torch
 
