@@ -21,7 +21,7 @@ from pgolf.report.figures import (  # noqa: F401  (nice_ticks: part of this modu
     stages_figure,
     time_figure,
 )
-from pgolf.report.summary import improvement_text, p_text, t_text
+from pgolf.report.summary import improvement_text, p_text, stage_chain, t_text
 
 
 def _e(value: Any) -> str:
@@ -242,14 +242,13 @@ def _compliance_html(agg: dict) -> str:
 
 def _headline(agg: dict) -> str:
     """One paragraph with the figures that matter: the score, its stages, what was scored, the largest artifact."""
-    bpb, st, scored = agg["val_bpb"], agg.get("stages") or {}, agg.get("scored") or {}
+    bpb, scored = agg["val_bpb"], agg.get("scored") or {}
     text = f"val_bpb <b>{bpb['mean']:.5f}</b> (mean of {bpb['n']} seed{'s' if bpb['n'] != 1 else ''})"
-    pre, post = (st.get("pre_quant") or {}).get("mean"), (st.get("post_quant") or {}).get("mean")
-    if pre is not None and post is not None:
-        chain = st["ttt"]
-        text += f": pre-quant {pre:.5f} \u2192 post-quant {post:.5f} \u2192 scored {chain['mean']:.5f}"
-        if chain["n"] != bpb["n"]:
-            text += f" (the {chain['n']} seeds with every stage)"
+    if (chain := stage_chain(agg)) is not None:
+        pre, post, scored_mean, with_stages = chain
+        text += f": pre-quant {pre:.5f} \u2192 post-quant {post:.5f} \u2192 scored {scored_mean:.5f}"
+        if with_stages != bpb["n"]:
+            text += f" (the {with_stages} seeds with every stage)"
     if scored.get("docs_scored") is not None:
         total = f" of {scored['docs_total']:,}" if scored.get("docs_total") else ""
         text += (f"; {scored['docs_scored']:,}{total} validation documents, {scored['tokens_scored']:,} tokens, "

@@ -92,6 +92,17 @@ def _load(path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def stage_chain(agg: dict) -> Optional[tuple[float, float, float, int]]:
+    """Mean val_bpb pre-quant, post-quant and scored over the seeds with every stage, and their count; None when
+    no seed has the pre- and post-quant figures (evaluated without diagnostics or its checkpoint). The closing
+    summary and the HTML report's headline both state this chain."""
+    stages = agg.get("stages") or {}
+    pre, post = (stages.get("pre_quant") or {}).get("mean"), (stages.get("post_quant") or {}).get("mean")
+    if pre is None or post is None:
+        return None
+    return pre, post, stages["ttt"]["mean"], stages["ttt"]["n"]
+
+
 def closing_summary(run_dir) -> str:
     """A few lines on what a run produced, from its own files: the headline figures (val_bpb by stage, documents
     scored, artifact bytes, verdict and compliance) and where report.html, submission.json and the records folder
@@ -102,15 +113,14 @@ def closing_summary(run_dir) -> str:
     agg = _load(run_dir / "aggregate.json") or _load(run_dir / "partial" / "aggregate.json")
     if agg is None:
         return f"pgolf: run {run_dir.name}: no aggregate.json yet (the stage logs are under {run_dir}/)"
-    bpb, stages, scored = agg["val_bpb"], agg.get("stages") or {}, agg.get("scored") or {}
+    bpb, scored = agg["val_bpb"], agg.get("scored") or {}
     n = bpb["n"]
     lines = [f"pgolf: run {agg['run']} ({agg['mode']}) finished: {n} seed{'s' if n != 1 else ''} {agg['seeds']}"]
     line = f"  val_bpb {bpb['mean']:.5f}"
     if bpb.get("std_sample_ddof1") is not None:
         line += f" (sample std {bpb['std_sample_ddof1']:.5f})"
-    pre, post = (stages.get("pre_quant") or {}).get("mean"), (stages.get("post_quant") or {}).get("mean")
-    if pre is not None and post is not None:
-        scored_mean, with_stages = stages["ttt"]["mean"], stages["ttt"]["n"]
+    if (chain := stage_chain(agg)) is not None:
+        pre, post, scored_mean, with_stages = chain
         line += (f"; pre-quant {pre:.5f} -> post-quant {post:.5f} ({post - pre:+.5f}) -> scored {scored_mean:.5f} "
                  f"({scored_mean - post:+.5f})" + (f" (the {with_stages} seeds with every stage)" if with_stages != n else ""))
     lines.append(line)
