@@ -10,7 +10,7 @@ import pytest
 
 from pgolf.cli import main as pgolf_main
 from pgolf.config import AggregateConfig, from_mapping
-from pgolf.artifact.minify import make_wrapper
+from pgolf.artifact.minify import counted_code, make_wrapper
 from pgolf.report.aggregate import run_report
 from pgolf.report.folder import MESSAGES_FILE, check_folder, parse_seed_log
 from pgolf.report.submission import third_party_imports
@@ -255,6 +255,49 @@ def test_check_folder_recomputes_what_the_logs_determine(tmp_path):
     for key in edits:
         assert f"{key} = " in problems, key
     assert "seed_results.42.model_bytes" in problems and "seed_results.42.artifact_bytes is not its model_bytes" in problems
+
+
+def test_check_folder_recomputes_the_test_and_holds_the_verdict_to_it(folder):
+    """The verdict, the significance block and the nats delta follow from the logs' losses and the baseline the
+    block states: a folder edited into a record is refused (the fixture is a progression: p ~ 0.036 against
+    PR #1787, an improvement just under 0.005 nats)."""
+    assert check_folder(folder) == []
+    sub_path = folder / "submission.json"
+    sub = json.loads(sub_path.read_text())
+    assert sub["verdict"]["status"] == "progression"
+    sub["verdict"]["status"] = "record"
+    sub["significance"].update(p_value=0.001, readme_pass=True)
+    sub["delta_vs_leaderboard_nats"] = -0.05
+    sub_path.write_text(json.dumps(sub))
+    problems = "\n".join(check_folder(folder))
+    for expected in ("significance.p_value = 0.001, but the seed logs give", "significance.readme_pass = True",
+                     "delta_vs_leaderboard_nats = -0.05, but the seed logs give",
+                     "verdict.status = 'record', but the recomputed test allows at most 'progression'"):
+        assert expected in problems, expected
+    # a moved baseline moves both its bpb figure and the test: the stated baseline must be the tested one
+    sub = json.loads(sub_path.read_text())
+    sub["comparison_baseline_bpb"] = 1.0810
+    sub_path.write_text(json.dumps(sub))
+    assert "comparison_baseline_bpb = 1.081, but the tested baseline is" in "\n".join(check_folder(folder))
+
+
+def test_check_folder_accepts_the_optional_imports_it_writes(tmp_path):
+    """A guarded import (FlashAttention: no wheel to pin) is the requirements.txt comment line that
+    requirements_text writes for it, and check-folder takes that line as accounting for the import."""
+    run_dir = tmp_path / "results" / "record"
+    source = TRAIN_GPT_SOURCE + "try:\n    import flash_attn_interface\nexcept ImportError:\n    pass\n"
+    counted = counted_code(source.encode(), "wrapper")[0]
+    sha = make_code_bundle(run_dir, source=source, bytes_wrapper=counted)
+    meta_path = run_dir / "code" / "train_gpt.py.json"
+    meta = json.loads(meta_path.read_text())
+    meta["third_party"] = {"required": ["brotli", "numpy", "torch"], "optional": ["flash_attn_interface"]}
+    meta_path.write_text(json.dumps(meta))
+    for seed, bpb in RECORD_BPB.items():
+        make_seed(run_dir, seed, bpb, code_sha256=sha, code_bytes=counted)
+    folder = Path(run_report(run_dir, cfg(), SEEDS)["submission_folder"])
+    assert "# optional (used when importable): flash_attn_interface  # import flash_attn_interface" in (
+        folder / "requirements.txt").read_text()
+    assert check_folder(folder) == []
 
 
 def test_code_bytes_of_no_counted_convention_are_refused(tmp_path):

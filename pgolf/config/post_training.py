@@ -384,17 +384,27 @@ class AggregateConfig:
     per token differ by one factor (the run's own validation bytes per token), so the t statistic and p-value do
     not depend on ``unit``; the README threshold is always ``readme_threshold_nats`` NATS PER TOKEN, converted to
     bpb with that same factor when ``unit`` is bpb. No baseline at all (sweeps) means no test and no record.
+
+    The README's rule ("beat the record by at least 0.005 nats with p < 0.01") names no test. ``readme_null``
+    says which null hypothesis its p-value is against: ``zero`` (the default) asks for a mean improvement of at
+    least the threshold and p < readme_p against no improvement at all; ``threshold`` asks for p < readme_p
+    against an improvement of exactly the threshold (a significant improvement of at least the threshold:
+    stricter). The report gives both p-values whichever decides. ``baseline_std_ddof`` says which std
+    ``baseline_std`` is: records publish either (PR #1855's ``val_bpb_std`` is the population std, ddof=0), and
+    the test needs the sample std, so a ddof=0 value is converted (times sqrt(n / (n - 1))).
     """
 
     unit: Literal["nats_per_token", "bpb"] = "nats_per_token"
     baseline_name: str = ""  # e.g. the leaderboard row's PR, shown in the report
     baseline_seed_values: tuple[float, ...] = ()
     baseline_mean: Optional[float] = None
-    baseline_std: Optional[float] = None  # sample std (ddof=1) of the baseline's seeds; null = unknown
+    baseline_std: Optional[float] = None  # std of the baseline's seeds (ddof: baseline_std_ddof); null = unknown
+    baseline_std_ddof: Literal[1, 0] = 1  # 1: sample std; 0: population std (converted to the sample std)
     baseline_n: int = 0  # number of baseline seeds behind baseline_mean
     baseline_unit: Literal["bpb", "nats_per_token"] = "bpb"
     readme_threshold_nats: float = 0.005  # README: beat the record by at least this many nats per token ...
     readme_p: float = 0.01  # ... with p below this
+    readme_null: Literal["zero", "threshold"] = "zero"  # the null hypothesis of that p (class docstring)
     progression_p: float = 0.25  # the maintainers' cutoff in practice (#1902): one-sided Welch p below this
     allow_mixed_provenance: bool = False  # pool seeds whose code / data / config differ (listed in the report)
     author: str = ""

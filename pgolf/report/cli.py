@@ -16,6 +16,9 @@ def _report(args: argparse.Namespace) -> int:
     from pgolf.report.summary import summary_text
 
     try:
+        if args.reproduce_command is not None and "{seed}" not in args.reproduce_command:
+            raise ValueError(f"--reproduce-command {args.reproduce_command!r}: expected a command with {{seed}} where "
+                             "each seed's number goes (the README lists one line per seed)")
         cfg = section_from_json(AggregateConfig, args.aggregate_json, "--aggregate-json")
         agg = run_report(
             args.run_dir,
@@ -57,7 +60,8 @@ def _register_report(commands) -> None:
     parser.add_argument("--out-dir", help="where the reports go (default: --run-dir)")
     parser.add_argument("--code-dir", help="bundled train_gpt.py + train_gpt.py.json (default: <run-dir>/code)")
     parser.add_argument("--recipe", help="recipe file named in the README's reproduction command")
-    parser.add_argument("--reproduce-command", help="command line to run the bundled train_gpt.py (README)")
+    parser.add_argument("--reproduce-command", help="command line to run the bundled train_gpt.py, with {seed} "
+                                                    "where the seed goes (README; nothing else in it is replaced)")
     parser.add_argument("--no-folder", action="store_true", help="do not write the submission folder")
     parser.add_argument("--comply", help="the run's comply.json (default: <run-dir>/comply.json when present); its "
                                          "verdicts go into the report")

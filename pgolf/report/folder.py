@@ -20,6 +20,7 @@ from pgolf.io import atomic_dir, atomic_write_json, read_json, sha256_bytes
 from pgolf.report.submission import (
     DEFAULT_REPRODUCE_COMMAND,
     FIGURE_ABS_TOLERANCE,
+    OPTIONAL_PREFIX,
     REQUIRED_FOLDER_FILES,
     SIZE_CAP_BYTES,
     SUMMARY_PREFIX,
@@ -112,6 +113,12 @@ def folder_name(date: str, name: str) -> str:
     return f"{date}_{name}"
 
 
+def seed_command(command: str, seed: int) -> str:
+    """``command`` with each ``{seed}`` replaced by the seed; nothing else in it is touched (a shell's ``${VAR}``
+    stays as written)."""
+    return command.replace("{seed}", str(seed))
+
+
 def _f8(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.8f}"
 
@@ -185,7 +192,7 @@ def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: s
         "",
         "```bash",
         "pip install -r requirements.txt",
-        *[reproduce_command.format(seed=s.seed) for s in seeds],
+        *[seed_command(reproduce_command, s.seed) for s in seeds],
         "```",
         "",
     ]
@@ -256,14 +263,59 @@ def _close(a: Any, b: Any) -> bool:
 
 
 def required_modules(requirements: str) -> set[str]:
-    """Modules a requirements.txt installs: a requirement line (not a comment) tagged ``# import <module>``."""
+    """Modules a requirements.txt accounts for: a requirement line (not a comment) tagged ``# import <module>``,
+    or the line :func:`pgolf.report.submission.requirements_text` writes for an optional import (one guarded by
+    ``except ImportError``, such as FlashAttention, which has no wheel to list)."""
     modules = set()
     for line in requirements.splitlines():
-        requirement, _, comment = line.partition("#")
+        optional = line.startswith(OPTIONAL_PREFIX)
+        requirement, _, comment = line[len(OPTIONAL_PREFIX):].partition("#") if optional else line.partition("#")
         tag = re.fullmatch(r"\s*import\s+([\w.]+)\s*", comment)
         if requirement.strip() and tag:
             modules.add(tag.group(1))
     return modules
+
+
+def significance_problems(sub: dict, loss: list[float], bpb: list[float]) -> list[str]:
+    """The significance block, the nats delta and the verdict of submission.json against the test recomputed from
+    the seed logs' losses and the baseline the block states (``baseline_nats_per_token``), under its own rules
+    (unit, threshold, p cutoffs, null hypothesis). A verdict may be lower than the test allows (another blocker
+    stopped it), never higher."""
+    from pgolf.config import AggregateConfig
+    from pgolf.report.aggregate import significance
+    from pgolf.report.stats import mean
+
+    sig, problems = sub["significance"], []
+    base = sig.get("baseline_nats_per_token")
+    nats_per_bpb = mean([l / b for l, b in zip(loss, bpb)])
+    if base is None:
+        if sig["tested"] or sig["readme_pass"] or sig["progression_pass"]:
+            problems.append("significance: a test is claimed, but no baseline_nats_per_token to recompute it from")
+        recomputed = {"readme_pass": False, "progression_pass": False}
+    elif not math.isclose(sig.get("nats_per_bpb", math.nan), nats_per_bpb, rel_tol=1e-9):
+        return [f"significance.nats_per_bpb = {sig.get('nats_per_bpb')!r}, but the seed logs give {nats_per_bpb!r}"]
+    else:
+        rules = AggregateConfig(unit=sig["unit"], readme_threshold_nats=sig["readme_threshold_nats_per_token"],
+                                readme_p=sig["readme_p"], progression_p=sig["progression_p"],
+                                readme_null=sig.get("readme_null", "zero"))
+        baseline = {"n": base["n"], "nats_per_token": {"mean": base["mean"], "std_sample_ddof1": base["std_sample_ddof1"]}}
+        recomputed = significance(loss, baseline, rules, sig["nats_per_bpb"])
+        recomputed_bpb = base["mean"] / sig["nats_per_bpb"]
+        if not _close(sub.get("comparison_baseline_bpb"), recomputed_bpb):
+            problems.append(f"comparison_baseline_bpb = {sub.get('comparison_baseline_bpb')!r}, but the tested "
+                            f"baseline is {recomputed_bpb!r} bpb")
+        if not _close(sub.get("delta_vs_leaderboard_nats"), recomputed["delta_nats_per_token"]):
+            problems.append(f"delta_vs_leaderboard_nats = {sub.get('delta_vs_leaderboard_nats')!r}, but the seed "
+                            f"logs give {recomputed['delta_nats_per_token']!r}")
+        for key in ("tested", "p_value", "p_value_vs_threshold", "t", "df", "readme_pass", "progression_pass"):
+            if key in recomputed and not _close(sig.get(key), recomputed[key]):
+                problems.append(f"significance.{key} = {sig.get(key)!r}, but the seed logs give {recomputed[key]!r}")
+    allowed = ("record" if recomputed["readme_pass"] else "progression" if recomputed["progression_pass"]
+               else "non-record")
+    status = sub["verdict"].get("status")
+    if status != allowed and status != "non-record":
+        problems.append(f"verdict.status = {status!r}, but the recomputed test allows at most {allowed!r}")
+    return problems
 
 
 def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[str]:
@@ -399,6 +451,7 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
         for key, value in expected.items():
             if not _close(sub.get(key), value):
                 problems.append(f"{sub_path}: {key} = {sub.get(key)!r}, but the seed logs give {value!r}")
+        problems += [f"{sub_path}: {p}" for p in significance_problems(sub, loss, bpb)]
     if sub["artifact_bytes_max"] > cap_bytes or sub["bytes_total"] > cap_bytes:
         problems.append(
             f"{sub_path}: artifact_bytes_max {sub['artifact_bytes_max']:,} is over the {cap_bytes:,}-byte cap"

@@ -31,6 +31,7 @@ TRACK_DIR = f"track_{TRACK}"
 SIZE_CAP_BYTES = 16_000_000
 SUMMARY_PREFIX = "pgolf_seed_summary "
 FIGURE_ABS_TOLERANCE = 1e-8  # json vs logs, for float figures (losses); integers must match exactly
+OPTIONAL_PREFIX = "# optional (used when importable): "  # the requirements.txt line of a guarded import
 DEFAULT_REPRODUCE_COMMAND = "torchrun --standalone --nproc_per_node 8 train_gpt.py --seed {seed} --data-dir ./data/"
 REQUIRED_FOLDER_FILES = ("README.md", "submission.json", "train_gpt.py", "requirements.txt")
 
@@ -239,7 +240,7 @@ def requirements_text(source: str, run_environment: dict, third_party: Optional[
         pin = f"=={str(version).split('+')[0]}" if version else ""  # local tags (+cu130) are not on PyPI
         lines.append(f"{dist}{pin}  # import {module}")
     for module in sorted(third_party.get("optional", [])):
-        lines.append(f"# optional (used when importable): {module}  # import {module}")
+        lines.append(f"{OPTIONAL_PREFIX}{module}  # import {module}")
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,10 @@ def beside(value: float, thresholds: tuple[float, ...], digits: int) -> str:
     return repr(value)
 
 
+# aggregate.readme_null: which p the README rule reads
+README_NULL_WORDS = {"zero": "against no improvement", "threshold": "against an improvement of the threshold"}
+
+
 def p_text(sig: dict, digits: int) -> str:
     """The p-value beside the README's and the progression cutoffs."""
     return beside(sig["p_value"], (sig["readme_p"], sig["progression_p"]), digits)
@@ -65,8 +69,11 @@ def summary_text(agg: dict) -> str:
             f"({sig['improvement_bpb']:.6f} bpb); one-sided {sig['test']} t = {t_text(sig, '.3f')}, df = {sig['df']:.2f}, "
             f"p = {p_text(sig, 3)} (unit: {sig['unit_label']})"
         )
+        threshold = sig["readme_threshold_nats_per_token"]
+        lines.append(f"  against an improvement of {threshold} nats/token (H0: improvement <= {threshold}): "
+                     f"p = {beside(sig['p_value_vs_threshold'], (sig['readme_p'],), 3)}")
         lines.append(
-            f"README rule (>= {sig['readme_threshold_nats_per_token']} nats/token, p < {sig['readme_p']}): "
+            f"README rule (>= {threshold} nats/token, p < {sig['readme_p']} {README_NULL_WORDS[sig['readme_null']]}): "
             f"{'PASS' if sig['readme_pass'] else 'fail'}; progression cutoff (p < {sig['progression_p']}): "
             f"{'PASS' if sig['progression_pass'] else 'fail'}"
         )
@@ -110,7 +117,9 @@ def closing_summary(run_dir) -> str:
     from pathlib import Path
 
     run_dir = Path(run_dir)
-    agg = _load(run_dir / "aggregate.json") or _load(run_dir / "partial" / "aggregate.json")
+    # the full aggregation, else the `partial` rule's: its report.html and submission.json sit beside it
+    out_dir = next((d for d in (run_dir, run_dir / "partial") if _load(d / "aggregate.json") is not None), run_dir)
+    agg = _load(out_dir / "aggregate.json")
     if agg is None:
         return f"pgolf: run {run_dir.name}: no aggregate.json yet (the stage logs are under {run_dir}/)"
     bpb, scored = agg["val_bpb"], agg.get("scored") or {}
@@ -143,12 +152,12 @@ def closing_summary(run_dir) -> str:
     lines.append(f"  verdict {verdict['status']}{compliance}")
     for reason in verdict["reasons"][:8]:
         lines.append(f"    - {reason}")
-    report = run_dir / "report.html"
+    report = out_dir / "report.html"
     if report.exists():
         lines.append(f"  report      {report.resolve().as_uri()}")
-    if (run_dir / "submission.json").exists():
-        lines.append(f"  submission  {run_dir / 'submission.json'}")
-    folders = sorted((run_dir / "records").glob("track_*/*/"))
+    if (out_dir / "submission.json").exists():
+        lines.append(f"  submission  {out_dir / 'submission.json'}")
+    folders = sorted((out_dir / "records").glob("track_*/*/"))
     if folders:
         lines.append(f"  records     {folders[-1]}/")
     return "\n".join(lines)
