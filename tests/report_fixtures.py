@@ -73,6 +73,8 @@ def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
+DEFAULT_MODEL_CONFIG = {"num_layers": 11, "model_dim": 512, "smear_gate": True, "smear_bos_mask": True}
+
 def make_seed(
     run_dir: Path,
     seed: int,
@@ -125,7 +127,7 @@ def make_seed(
             "code_hash": code_hash,
             "data_manifest_sha256": data_sha,
             "environment": env if env is not None else H100_ENV,
-            "model_config": model_config if model_config is not None else {"num_layers": 11, "model_dim": 512},
+            "model_config": model_config if model_config is not None else DEFAULT_MODEL_CONFIG,
             "optim_config": {"matrix_lr": 0.026},
             "train_config": {"max_wallclock_seconds": 600.0},
         },
@@ -159,6 +161,7 @@ def make_seed(
             "seed": seed,
             "mode": eval_mode,
             "artifact_sha256": artifact_sha,
+            "model_config": model_config if model_config is not None else DEFAULT_MODEL_CONFIG,  # the artifact's header
             "code_hash": code_hash,
             "timings": {"load_s": 6.0, "warmup_s": 40.0, "score_s": 480.0, "total_s": 526.0},
             "budget": {"budget_applies": True, "exceeded": False},

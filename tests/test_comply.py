@@ -150,6 +150,42 @@ def test_export_duplicates_are_accepted_and_shown(tmp_path):
     assert verdict.evidence.startswith("overlap 3 docs (verified.json (no pgolf manifest)), accepted as published:")
 
 
+def test_an_overlap_a_loosened_verifier_passed_is_still_rejected(tmp_path):
+    """Data verified with a raised data.max_val_overlap_fraction (a sweep's setting) says ok; comply holds the
+    record to the default share: 501 of 50,000 validation documents with a training copy is a wrong split."""
+    import shutil
+
+    run_dir = make_compliant_run(tmp_path)
+    shutil.rmtree(run_dir.parent / "data" / DATA_NAME)
+    make_data(run_dir.parent, leak=501)
+    verified = run_dir.parent / "data" / DATA_NAME / "verified.json"
+    assert json.loads(verified.read_text())["summary"]["train_val_overlap_docs"] == 501
+
+    def loosened(report):
+        for check in report["checks"]:
+            if check["name"] == "train/val disjoint":
+                check["ok"] = True
+
+    _edit(verified, loosened)
+    verdict = verdicts_by_rule(run_dir, record_config())["disjoint"]
+    assert verdict.status == comply.FAIL
+    assert "501 validation documents have a copy in training, more than the 500" in verdict.evidence
+
+
+def test_a_smeargate_without_its_bos_mask_is_rejected(compliant, tmp_path):
+    import shutil
+
+    shutil.copytree(compliant.parent, tmp_path / "results")
+    run_dir = tmp_path / "results" / "record"
+    assert verdicts_by_rule(run_dir, record_config())["doc_isolation"].status == comply.PASS
+    _edit(run_dir / "seed0" / "eval" / "eval.json",
+          lambda e: e["model_config"].update(smear_gate=True, smear_bos_mask=False))
+    verdict = verdicts_by_rule(run_dir, record_config())["doc_isolation"]
+    assert verdict.status == comply.FAIL and "seed0: the scored model's SmearGate has smear_bos_mask false" in verdict.evidence
+    _edit(run_dir / "seed0" / "eval" / "eval.json", lambda e: e.pop("model_config"))
+    assert "seed0/eval/eval.json: no model_config" in verdicts_by_rule(run_dir, record_config())["doc_isolation"].evidence
+
+
 def test_manifest_overlap_and_foreign_manifest_are_rejected(compliant, tmp_path):
     import shutil
 
@@ -330,9 +366,11 @@ def test_size_falls_back_to_the_pack_report_of_a_one_process_record_run(complian
     for seed in RECORD_BPB:
         _edit(run_dir / f"seed{seed}" / "pack" / "pack_report.json", lambda p: p.update(code_file="train_gpt.py"))
     assert verdicts_by_rule(run_dir, record_config())["size"].status == comply.PASS
+    _edit(run_dir / "seed0" / "pack" / "pack_report.json", lambda p: p.update(cap=15_990_000))
+    assert verdicts_by_rule(run_dir, record_config())["size"].status == comply.PASS  # tighter than the rules: fine
     _edit(run_dir / "seed0" / "pack" / "pack_report.json", lambda p: p.update(cap=17_000_000))
     verdict = verdicts_by_rule(run_dir, record_config())["size"]
-    assert verdict.status == comply.FAIL and "seed0: gate cap 17,000,000 is not the rules' 16,000,000" in verdict.evidence
+    assert verdict.status == comply.FAIL and "seed0: gate cap 17,000,000 is looser than the rules' 16,000,000" in verdict.evidence
 
 
 def test_evaluation_on_other_data_than_the_verified_is_rejected(compliant, tmp_path):

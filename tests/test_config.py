@@ -85,6 +85,14 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
          "evaluate.max_eval_seconds: a record run is evaluated within the rules' 600 s"),
         ({"mode": "record", "data": {"val_docs": 50_000}, "pack": {"size_cap_bytes": 17_000_000}},
          "pack.size_cap_bytes: a record artifact fits the rules' 16,000,000 bytes"),
+        ({"mode": "record", "data": {"val_docs": 50_000, "max_val_overlap_fraction": 0.011}},
+         "data.max_val_overlap_fraction: a record run accepts at most 0.01 of the validation documents"),
+        ({"mode": "record", "data": {"val_docs": 50_000}, "model": {"smear_gate": True, "smear_bos_mask": False}},
+         "model.smear_bos_mask: a record run's SmearGate must not mix the last token of a document into the next"),
+        ({"data": {"source": "local", "docs_path": "d.jsonl"}, "tokenizer": {"source": "export"}},
+         "tokenizer.source (export) and data.source (local): a published export brings its own tokenizer"),
+        ({"data": {"source": "export"}, "tokenizer": {"source": "hub"}},
+         "tokenizer.source (hub) and data.source (export)"),
         ({"run": "my run"}, "run: expected letters, digits, '_', '.', '-' (it names a folder), got 'my run'"),
         ({"data": {"name": "a/b"}}, "data.name: expected letters, digits, '_', '.', '-' (it names a folder)"),
         ({"evaluate": {"score_next_bos": True, "ttt": {"mode": "lora", "variant": "legacy"}}},
@@ -128,3 +136,20 @@ def test_run_and_data_names_follow_one_rule(name: str) -> None:
         else:
             with pytest.raises(ConfigError, match="it names a folder"):
                 parse_run_config(recipe)
+
+
+def test_the_record_modes_overlap_limit_is_the_data_stages_default() -> None:
+    """The record-mode refusal spells the default out (the shipped train_gpt.py's copy of the validator has no
+    pgolf.config.training): the two must agree, and a sweep may still loosen it or keep the leaky SmearGate."""
+    from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION
+
+    record = {"run": "t", "mode": "record", "data": {"val_docs": 50_000}}
+    at_default = {**record, "data": {"val_docs": 50_000, "max_val_overlap_fraction": DEFAULT_MAX_VAL_OVERLAP_FRACTION}}
+    assert parse_run_config(at_default).data.max_val_overlap_fraction == DEFAULT_MAX_VAL_OVERLAP_FRACTION
+    above = {**record, "data": {"val_docs": 50_000, "max_val_overlap_fraction": DEFAULT_MAX_VAL_OVERLAP_FRACTION * 1.01}}
+    with pytest.raises(ConfigError, match="max_val_overlap_fraction"):
+        parse_run_config(above)
+    sweep = {"run": "t", "mode": "sweep", "data": {"max_val_overlap_fraction": 0.5},
+             "model": {"smear_gate": True, "smear_bos_mask": False}}
+    assert not parse_run_config(sweep).model.smear_bos_mask
+    assert parse_run_config({**record, "model": {"smear_gate": False, "smear_bos_mask": False}}).model.smear_gate is False

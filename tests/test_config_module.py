@@ -60,6 +60,10 @@ def test_the_record_mode_refusals_stay() -> None:
         ns["parse_run_config"]({"run": "x", "data": {"val_docs": 100}})
     with pytest.raises(ns["ConfigError"], match="prequant_ttt_epochs"):
         ns["parse_run_config"]({"run": "x", "train": {"prequant_ttt_epochs": 1}})
+    with pytest.raises(ns["ConfigError"], match="smear_bos_mask"):
+        ns["parse_run_config"]({"run": "x", "model": {"smear_bos_mask": False}})
+    with pytest.raises(ns["ConfigError"], match="max_val_overlap_fraction"):
+        ns["parse_run_config"]({"run": "x", "data": {"max_val_overlap_fraction": 0.5}})
 
 
 def test_a_field_type_without_a_generated_form_is_refused() -> None:

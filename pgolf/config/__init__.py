@@ -105,6 +105,17 @@ class RunConfig:
                 self.pack.size_cap_bytes <= 16_000_000,
                 f"pack.size_cap_bytes: a record artifact fits the rules' 16,000,000 bytes, got {self.pack.size_cap_bytes}",
             )
+            check(  # 0.01: pgolf.config.training.DEFAULT_MAX_VAL_OVERLAP_FRACTION, spelled out for the shipped copy
+                self.data.max_val_overlap_fraction <= 0.01,
+                "data.max_val_overlap_fraction: a record run accepts at most 0.01 of the validation documents with "
+                "a copy in training (more is a wrong split, issue #2127), got "
+                f"{self.data.max_val_overlap_fraction}",
+            )
+            check(
+                self.model.smear_bos_mask or not self.model.smear_gate,
+                "model.smear_bos_mask: a record run's SmearGate must not mix the last token of a document into the "
+                "next document's BOS (the cross-document leak fixed in #1851); set it true",
+            )
             check(
                 self.train.prequant_ttt_epochs == 0,
                 "train.prequant_ttt_epochs: training on validation tokens before scoring is illegal (C3/C4); a record "
@@ -114,6 +125,12 @@ class RunConfig:
             self.evaluate.param_storage == self.train.param_storage,
             f"evaluate.param_storage ({self.evaluate.param_storage}) must equal train.param_storage "
             f"({self.train.param_storage}): the artifact is evaluated under the storage it was trained under",
+        )
+        check(
+            (self.tokenizer.source == "export") == (self.data.source == "export"),
+            f"tokenizer.source ({self.tokenizer.source}) and data.source ({self.data.source}): a published export "
+            "brings its own tokenizer (its shards were made with it), so tokenizer.source is 'export' exactly "
+            "when data.source is",
         )
         check(
             self.model.vocab_size == self.tokenizer.vocab_size,
