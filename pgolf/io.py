@@ -15,11 +15,13 @@ seconds: through :func:`run_logged` for the ``script:`` adapters, through the te
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -29,8 +31,37 @@ _TMP_ATTEMPTS = 100
 
 
 def _tmp_name(path: Path) -> Path:
-    # hidden, in the same folder (the rename stays on one file system), unique per process and call
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # hidden, in the same folder (the rename stays on one file system), unique per machine, process and call
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+# the machine in temporary names: on a shared file system only this machine can tell whether their process is alive
+_HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+
+
+def remove_orphaned_temp_dirs(path: str | Path) -> list[Path]:
+    """Remove the temporary folders beside ``path`` that a process of THIS machine made and that is gone (killed
+    with SIGKILL or by the OOM killer, which skip every ``finally``); returns them. A folder of a live process or
+    of another machine is kept: whether that one's maker is alive cannot be known from here."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp"):
+        pid_text = tmp.name[len(f".{path.name}.{_HOST}."):].split(".")[0]
+        if not tmp.is_dir() or not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def create_temp_file(path: str | Path) -> Path:
@@ -136,6 +167,8 @@ def atomic_dir(path: str | Path, marker: str) -> Iterator[Path]:
             raise FileExistsError(f"{path}: a folder that is not empty and holds no {marker} (not an earlier "
                                   "output of this kind); refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for orphan in remove_orphaned_temp_dirs(path):  # a killed earlier attempt's (a full preparation: gigabytes)
+        print(f"{path}: removed {orphan.name}, left by a killed earlier attempt", file=sys.stderr)
     tmp = create_temp_dir(path)
     try:
         yield tmp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -52,6 +53,28 @@ def test_a_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
             (tmp / "half").write_text("x")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_writers_temporary_folder_goes_on_the_next_attempt(tmp_path: Path) -> None:
+    """SIGKILL skips every ``finally``: the next atomic_dir of the same output removes the folder the dead process
+    left, and keeps one whose process lives or that another machine made (it cannot see that one's process)."""
+    import pgolf.io as io_module
+
+    out = tmp_path / "shards"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; sys.path.insert(0, sys.argv[2]); from pgolf.io import create_temp_dir; "
+        "tmp = create_temp_dir(sys.argv[1]); open(os.path.join(tmp, 'half'), 'w').write('x'); "
+        "os.kill(os.getpid(), 9)"), str(out), str(Path(io_module.__file__).parents[1])], capture_output=True)
+    assert killed.returncode == -9
+    (orphan,) = tmp_path.glob(".shards.*.tmp")
+    alive = tmp_path / f".shards.{io_module._HOST}.{os.getpid()}.0000abcd.tmp"
+    elsewhere = tmp_path / ".shards.another-host.1.0000abcd.tmp"
+    alive.mkdir()
+    elsewhere.mkdir()
+    with atomic_dir(out, "manifest.json") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert not orphan.exists() and alive.is_dir() and elsewhere.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "shards"])
 
 
 def test_an_atomic_folder_replaces_only_what_its_writer_made(tmp_path: Path) -> None:

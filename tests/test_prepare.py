@@ -284,3 +284,21 @@ def test_cli_prepare(tmp_path, docs):
     assert bad.returncode == 2
     assert f"pgolf: error: --val-docs 99 but {docs} has {N_DOCS} documents" in bad.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_a_copy_right_at_the_train_cap_is_counted_alike_however_the_input_is_chunked(tmp_path):
+    """A training document that fills the last allowed shard exactly, then a copy of a validation document: the copy
+    lies past the cut, so no chunking counts it as read (and dropped), and the manifests are equal bytes."""
+    from pgolf.data.tokenizer import load_tokenizer
+
+    val = [f"validation document number {i} about cats" for i in range(4)]
+    filler = "a training document that fills one shard exactly"
+    shard_tokens = len(load_tokenizer(published_model(), True).encode_document(filler)[0]) + 1  # + its BOS
+    docs = write_jsonl(tmp_path / "docs.jsonl", [*val, filler, val[2], "another training doc"])
+    manifests = {}
+    for chunk_docs in (1, 2, 256):
+        out = tmp_path / f"chunks{chunk_docs}"
+        manifest = _prepare(docs, out, val_docs=4, shard_tokens=shard_tokens, max_train_shards=1, chunk_docs=chunk_docs)
+        assert manifest["val_duplicates"] == {"val_docs_with_train_copies": 0, "train_docs_dropped": 0}, chunk_docs
+        manifests[chunk_docs] = (out / "manifest.json").read_bytes()
+    assert manifests[1] == manifests[2] == manifests[256]

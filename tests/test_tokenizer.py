@@ -231,6 +231,27 @@ def test_training_from_jsonl_never_sees_skipped_validation_docs(tmp_path):
                                                            skip_docs=5))
 
 
+def test_training_copies_that_differ_only_where_the_normalizer_erases_are_left_out(tmp_path, monkeypatch):
+    """Copies of a validation document with other whitespace or another Unicode form give the published tokenizer's
+    same ids (the data stage's test for a copy), so they stay out of the tokenizer's training text too."""
+    val_text = "Secret validation text"
+    variants = [val_text + " ", "  Secret   validation text", "Secret validation text\n", "Secret validation text"]
+    published = load_tokenizer(PUBLISHED_TOKENIZER, caseops=True)
+    assert len({tuple(published.encode_document(t)[0]) for t in [val_text, *variants]}) == 1  # one id sequence
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in [val_text, *variants, "other text"]),
+                    encoding="utf-8")
+    seen: list[str] = []
+
+    def recording_trainer(texts, out_path, **kwargs):
+        seen.extend(texts)
+        return Path(out_path)
+
+    monkeypatch.setattr(tok, "train_tokenizer", recording_trainer)
+    train_tokenizer_from_jsonl(docs, tmp_path / "t.model", VOCAB_SIZE, caseops=True, skip_docs=1)
+    assert seen == ["other text"]
+
+
 def test_training_refuses_empty_input_and_tiny_vocab(tmp_path):
     with pytest.raises(ValueError, match="vocab_size must exceed the 264 reserved pieces"):
         train_tokenizer(["abc"], tmp_path / "x.model", vocab_size=264, caseops=True)

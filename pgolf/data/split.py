@@ -75,7 +75,9 @@ class SplitStats:
         # cap may cut the chunk, and documents past the cut were never read as far as the output is concerned
         kept_lengths = np.where(keep, result.doc_lengths, 0)
         starts = np.cumsum(kept_lengths) - kept_lengths
-        reached = np.ones_like(keep) if accepted == len(tokens) else starts < accepted
+        # a full writer read up to `accepted`, however the input was cut into chunks: a dropped copy right at the
+        # cut is past it (it would be were it the next chunk's first document)
+        reached = starts < accepted if writer.full else np.ones_like(keep)
         hits = np.flatnonzero(reached & copies)
         if len(hits):
             if not self.first_leak:

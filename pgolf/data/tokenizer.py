@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -512,9 +513,12 @@ def train_tokenizer_from_jsonl(
     at most ``max_sentence_chars`` (tokenizer.train_max_sentence_chars).
 
     A training document whose text equals a validation document's is left out too, as the data stage leaves its
-    copy out of the training shards (exact text: the ids that stage compares need this very tokenizer)."""
+    copy out of the training shards. That stage compares token ids, which need this very tokenizer, so texts are
+    compared here after what SentencePiece's normalizer does to any text (NFKC, runs of whitespace as one space,
+    none at the ends): texts that differ only there give the same ids, and neither may train the tokenizer."""
     def digest(text: str) -> bytes:
-        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        normalized = " ".join(unicodedata.normalize("NFKC", text).split())
+        return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
 
     validation = {digest(text) for text in iter_jsonl_texts(docs_path, limit=skip_docs)} if skip_docs else set()
     copies = 0
