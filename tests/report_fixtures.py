@@ -18,6 +18,7 @@ H100_ENV = {
     "numpy": "2.5.2",
     "triton": "3.6.0",
     "flash_attn": None,
+    "brotli": "1.1.0",
     "gpu": "NVIDIA H100 80GB HBM3",
     "gpu_count": 8,
     "python": "3.12.3",

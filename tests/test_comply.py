@@ -338,7 +338,8 @@ def test_pr1487_recipe_comes_out_non_compliant(compliant, tmp_path):
     from pgolf.config.recipes import recipe_path
 
     recipe = load_run_config(recipe_path("pr1487"))
-    cfg = parse_run_config({**to_dict(recipe), "seeds": list(RECORD_BPB), "data": {"name": DATA_NAME}}, "pr1487")
+    cfg = parse_run_config({**to_dict(recipe), "seeds": list(RECORD_BPB), "data": {**to_dict(recipe.data), "name": DATA_NAME}},
+                           "pr1487")
     shutil.copytree(compliant.parent, tmp_path / "results")
     run_dir = tmp_path / "results" / "record"
     for seed in RECORD_BPB:

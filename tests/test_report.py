@@ -234,13 +234,14 @@ def test_stage_means_are_over_the_seeds_with_every_stage(tmp_path):
 
 def test_seeds_without_spread_and_a_diverged_seed(tmp_path):
     """Three seeds with the same loss against a baseline mean: the standard error is 0, t is left out (JSON has no
-    infinity), p is 0 and the one-sample test keeps n - 1 degrees of freedom. A seed whose loss is NaN is a failed
-    seed, listed with the missing ones."""
+    infinity), p is 0 and the one-sample test keeps n - 1 degrees of freedom; such seeds did not vary the run, so
+    they make no record. A seed whose loss is NaN is a failed seed, listed with the missing ones."""
     run_dir = make_run(tmp_path, {42: 1.0500, 0: 1.0500, 1234: 1.0500})
     agg = run_report(run_dir, agg_config(), SEEDS, comply_path=run_dir / "comply.json")
     sig = agg["significance"]
     assert "t" not in sig and sig["p_value"] == 0.0 and sig["df"] == 2.0 and "standard error 0" in sig["note"]
-    assert agg["verdict"]["status"] == "record"
+    assert sig["readme_pass"] and agg["verdict"]["status"] == "non-record"
+    assert any(r.startswith("every seed gave the same val_loss") for r in agg["verdict"]["reasons"])
     assert "one-sided one_sample t = inf" in summary_text(agg)
     (run_dir / "seed0" / "eval" / "eval.json").write_text(
         (run_dir / "seed0" / "eval" / "eval.json").read_text().replace('"val_loss": ', '"val_loss": NaN, "x": '))
@@ -373,6 +374,21 @@ def test_closing_summary_names_the_figures_and_the_files(tmp_path):
     assert "records     " + str(next((run_dir / "records").glob("track_*/*"))) in text
     assert pgolf_main(["summary", str(run_dir)]) == 0
     assert pgolf_main(["summary", str(tmp_path / "nowhere")]) == 2
+
+
+def test_closing_summary_names_the_folder_this_report_wrote(tmp_path):
+    """A report rerun by hand under another date leaves the earlier folder in place: the summary names the new one,
+    found from aggregate.json under the run folder whatever directory the command ran from."""
+    from report_fixtures import make_cpu_run
+
+    from pgolf.report.summary import closing_summary
+
+    run_dir = make_cpu_run(tmp_path)
+    for date in ("2026-12-09", "2026-12-04"):  # the later name first: sorting by name would pick the stale one
+        run_report(run_dir, agg_config(date=date), [1, 2, 3], mode="sweep")
+    assert len(list((run_dir / "records").glob("track_*/*"))) == 2
+    records = [line for line in closing_summary(run_dir).splitlines() if line.startswith("  records")]
+    assert records == [f"  records     {next((run_dir / 'records').glob('track_*/2026-12-04_*'))}/"]
 
 
 def test_closing_summary_of_a_partial_report_names_its_files(tmp_path):

@@ -157,6 +157,7 @@ def test_folder_contents(folder):
     requirements = (folder / "requirements.txt").read_text()
     assert "torch==2.11.0  # import torch" in requirements  # the run's torch, without the local +cu130 tag
     assert "numpy==2.5.2  # import numpy" in requirements
+    assert "brotli==1.1.0  # import brotli" in requirements  # the run's compressor, not the report machine's
 
 
 def test_the_folder_carries_the_error_tags_of_a_shipped_bundle(tmp_path):
@@ -279,6 +280,15 @@ def test_check_folder_recomputes_the_test_and_holds_the_verdict_to_it(folder):
     sub["comparison_baseline_bpb"] = 1.0810
     sub_path.write_text(json.dumps(sub))
     assert "comparison_baseline_bpb = 1.081, but the tested baseline is" in "\n".join(check_folder(folder))
+
+
+def test_check_folder_wants_each_log_under_its_own_seeds_name(folder):
+    (folder / "train_seed0.log").rename(folder / "swap.log")
+    (folder / "train_seed42.log").rename(folder / "train_seed0.log")
+    (folder / "swap.log").rename(folder / "train_seed42.log")
+    problems = "\n".join(check_folder(folder))
+    assert "train_seed0.log: its summary line is seed 42's, not seed 0's" in problems
+    assert "train_seed42.log: its summary line is seed 0's, not seed 42's" in problems
 
 
 def test_check_folder_accepts_the_optional_imports_it_writes(tmp_path):

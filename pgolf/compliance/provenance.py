@@ -62,6 +62,12 @@ def environment() -> dict:
         env["flash_attn"] = "3"
     except ImportError:
         env["flash_attn"] = None
+    try:  # the artifact's compressor: another version may write other bytes for the same model
+        import brotli
+
+        env["brotli"] = getattr(brotli, "__version__", None)
+    except ImportError:
+        env["brotli"] = None
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_count"] = torch.cuda.device_count()

@@ -239,6 +239,9 @@ def record_blockers(
         reasons.append("missing seeds: " + ", ".join(str(m.seed) for m in missing))
     if len(seeds) < 2:
         reasons.append(f"{len(seeds)} seed(s): a significance test needs at least 2")
+    elif len({s.val_loss for s in seeds}) == 1:  # no training on a GPU gives equal losses for different seeds
+        reasons.append("every seed gave the same val_loss: the seeds did not vary the run, and a test whose "
+                       "standard error is 0 proves nothing")
     if baseline is None:
         reasons.append("no baseline configured (aggregate.baseline_*)")
     if differences:

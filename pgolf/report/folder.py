@@ -359,6 +359,8 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
         except SubmissionError as exc:
             problems.append(str(exc))
             continue
+        if logs[seed].get("seed") != seed:
+            problems.append(f"{path}: its summary line is seed {logs[seed].get('seed')!r}'s, not seed {seed}'s")
         recorded = logs[seed].get("train_gpt_sha256")
         if code_sha is not None and recorded != code_sha:
             problems.append(

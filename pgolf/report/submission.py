@@ -213,17 +213,13 @@ def requirements_text(source: str, run_environment: dict, third_party: Optional[
     """requirements.txt for the third-party modules train_gpt.py imports.
 
     ``third_party`` ({"required": [...], "optional": [...]}, from train_gpt.py.json) when known, else a scan of
-    the file. Versions: the run's recorded environment for torch/numpy/triton (the numbers were made with those),
-    the installed distribution otherwise; optional imports (guarded by ``except ImportError``) and modules with
+    the file. Versions: the run's recorded environment for torch/numpy/triton/brotli (the numbers and the
+    artifact's bytes were made with those), the installed distribution otherwise; optional imports (guarded by ``except ImportError``) and modules with
     no known distribution are comment lines. Every line names its module as ``# import <module>``.
     """
     if third_party is None:
         third_party = {"required": third_party_imports(source), "optional": []}
-    recorded = {
-        "torch": run_environment.get("torch"),
-        "numpy": run_environment.get("numpy"),
-        "triton": run_environment.get("triton"),
-    }
+    recorded = {name: run_environment.get(name) for name in ("torch", "numpy", "triton", "brotli")}
     dist_of = _distributions_by_module()
     lines = ["# Third-party packages imported by train_gpt.py (pgolf submission folder)."]
     for module in sorted(third_party.get("required", [])):

@@ -157,9 +157,12 @@ def closing_summary(run_dir) -> str:
         lines.append(f"  report      {report.resolve().as_uri()}")
     if (out_dir / "submission.json").exists():
         lines.append(f"  submission  {out_dir / 'submission.json'}")
-    folders = sorted((out_dir / "records").glob("track_*/*/"))
-    if folders:
-        lines.append(f"  records     {folders[-1]}/")
+    # the folder this aggregation wrote (an earlier one under another date or name may still be there), found
+    # under the aggregate's own folder whatever directory the path in aggregate.json is relative to
+    written = Path(agg["submission_folder"]) if agg.get("submission_folder") else None
+    folder = out_dir / "records" / written.parent.name / written.name if written else None
+    if folder is not None and folder.is_dir():
+        lines.append(f"  records     {folder}/")
     return "\n".join(lines)
 
 
