@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODUL
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, OSError) as exc:  # OSError: a folder for a file, a missing or unwritable path
+    # OSError: a folder for a file, a missing or unwritable path; FloatingPointError: a diverged training or TTT run
+    except (ConfigError, ValueError, OSError, FloatingPointError) as exc:
         print(f"pgolf: error: {exc}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,7 @@ from eval_fixtures import (
     copy_model,
     eval_config,
     random_docs,
+    replace_ttt,
     tiny_model,
     toy_bytes,
     val_from_docs,
@@ -273,6 +274,18 @@ def test_stage_refuses_a_hash_mismatched_artifact_unless_allowed(tmp_path, model
     assert cli_main(["evaluate"] + _stage_args(tmp_path, artifact, data, cfg, "--allow-hash-mismatch")) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["artifact"]["hash_check"]["hash_ok"] is False
+
+
+def test_a_diverged_adaptation_is_an_error_not_a_score(tmp_path, model, docs, capsys):
+    """Chunked TTT with a learning rate far too large: the loss goes to NaN; the stage fails naming the TTT mode
+    and writes no eval.json (a NaN val_bpb with exit 0 would reach the report as a finished seed)."""
+    artifact = write_artifact(tmp_path / "pack", model)
+    data = write_val_dir(tmp_path / "shards", docs)
+    cfg = replace_ttt(eval_config("chunked"), chunk_lr=1e8)
+    assert cli_main(["evaluate"] + _stage_args(tmp_path, artifact, data, cfg)) == 2
+    err = capsys.readouterr().err
+    assert "the evaluation's loss is nan (evaluate.ttt.mode 'chunked')" in err and "Traceback" not in err
+    assert not (tmp_path / "eval.json").exists()
 
 
 def test_pgolf_eval_command_uses_the_recipe_and_checks_the_hash(tmp_path, model, docs, capsys):

@@ -166,3 +166,19 @@ def test_a_second_training_of_the_same_folder_is_refused(data: Path, tmp_path: P
     assert sorted(p.name for p in out.iterdir()) == [TRAIN_LOCK_NAME]  # nothing written
     summary = run(data, out, BASE, OptimConfig())  # the lock is free again
     assert summary["steps"] == BASE.iterations
+
+
+def test_a_damaged_state_description_or_attempt_record_starts_over_saying_why(tmp_path: Path) -> None:
+    """state.json and attempt.json that are JSON but no object (a truncated or hand-edited file): the run starts over
+    (resume.load says why) instead of failing with an AttributeError."""
+    from pgolf.train import resume
+    from pgolf.train.loop import begin_attempt
+
+    folder = tmp_path / RESUME_DIR
+    folder.mkdir()
+    (folder / META_NAME).write_text("[]")
+    state, meta, why = resume.load(folder, "f" * 64)
+    assert state is None and meta is None and "not a saved state's description" in why and "starting over" in why
+    (folder / ATTEMPT_NAME).write_text("[1, 2]")
+    assert begin_attempt(folder, None, 0) == 1  # an earlier attempt, however damaged its record
+    assert json.loads((folder / ATTEMPT_NAME).read_text())["attempts"] == 2

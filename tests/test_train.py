@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from pgolf.io import TIMING_FIELDS
 from pgolf.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
-from pgolf.data.shards import BOS_ID, write_shard
+from pgolf.data.shards import BOS_ID, read_shard, write_shard
 from pgolf.model.gpt import GPT
 from pgolf.train.distributed import DistInfo
 from pgolf.train.loop import check_data, cu_seqlens_bucket, lr_multiplier, train_in_group, training_fraction
@@ -58,10 +59,11 @@ def write_data(directory: Path, n_docs: int = 400, seed: int = 0, top_id: int = 
     return directory
 
 
-def run_train(data_dir: Path, out_dir: Path, nproc: int, model: ModelConfig = TINY_MODEL, train: TrainConfig = TINY_TRAIN, seed: int = 7):
+def run_train(data_dir: Path, out_dir: Path, nproc: int, model: ModelConfig = TINY_MODEL, train: TrainConfig = TINY_TRAIN,
+              seed: int = 7, optim: OptimConfig = OptimConfig()):
     args = [
         "-m", "pgolf.train",
-        "--model-json", json.dumps(to_dict(model)), "--optim-json", json.dumps(to_dict(OptimConfig())),
+        "--model-json", json.dumps(to_dict(model)), "--optim-json", json.dumps(to_dict(optim)),
         "--train-json", json.dumps(to_dict(train)), "--seed", str(seed),
         "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--device", "cpu",
     ]
@@ -209,6 +211,37 @@ def test_vocab_smaller_than_token_ids_refused(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data", top_id=200)
     with pytest.raises(ValueError, match=r"token id \d+ >= model.vocab_size 64"):
         check_data(data, VOCAB)
+    (data / "manifest.json").write_text("[1]")  # a manifest that is no object: named, not an AttributeError
+    with pytest.raises(ValueError, match=r"manifest.json: data manifest must be a JSON object, got list"):
+        check_data(data, VOCAB)
+
+
+def test_a_divergence_between_logged_steps_writes_no_checkpoint(tmp_path: Path) -> None:
+    """Learning rates far too large blow the loss up after step 1 (logged) and before the next logged step: the run
+    fails naming it, and no checkpoint of non-finite weights is left for the later stages."""
+    data = write_data(tmp_path / "data")
+    lrs = {f.name: 1e9 for f in dataclasses.fields(OptimConfig) if f.name.endswith("_lr")}
+    train = dataclasses.replace(TINY_TRAIN, iterations=8, log_every_steps=100, ema_decay=0.0)
+    proc = run_train(data, tmp_path / "out", 1, train=train, optim=OptimConfig(**lrs))
+    assert proc.returncode == 2 and "training loss was not finite at a step after the last logged one" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_a_later_shard_of_another_vocabulary_is_refused_naming_the_batch(tmp_path: Path) -> None:
+    """check_data reads one training shard; a later one with ids past the model's vocabulary is refused when the
+    stream reaches it, before the embedding would index out of range."""
+    data = write_data(tmp_path / "data")
+    shard = data / "fineweb_train_000001.bin"
+    tokens = read_shard(shard).copy()
+    tokens[tokens != BOS_ID] = VOCAB + 5
+    write_shard(shard, tokens)
+    check_data(data, VOCAB)  # the first shard passes
+    proc = run_train(data, tmp_path / "out", 1, train=dataclasses.replace(TINY_TRAIN, iterations=40))
+    assert proc.returncode != 0 and f"holds token id {VOCAB + 5} >= model.vocab_size {VOCAB}" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "checkpoint").exists()
 
 
 def test_bad_section_json_names_the_key(tmp_path: Path) -> None:
@@ -305,6 +338,17 @@ def test_corrupted_checkpoint_refused(two_runs, tmp_path: Path) -> None:
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="checkpoint.json: key 'tensors' expected dict, got None"):
         load_checkpoint(copy)
+    # metadata that is no object, a version from nowhere, an architecture missing: named errors, no traceback
+    from pgolf.train.checkpoint import read_checkpoint_meta
+
+    meta_path.write_text("[]")
+    with pytest.raises(CheckpointError, match="checkpoint metadata must be a JSON object, got list"):
+        read_checkpoint_meta(copy)
+    meta_path.write_text(json.dumps({**meta, "version": 0}))
+    with pytest.raises(CheckpointError, match="version 0, expected an integer from 1 to"):
+        read_checkpoint_meta(copy)
+    with pytest.raises(CheckpointError, match="checkpoint.json: no model_config object"):
+        model_config_of({k: v for k, v in meta.items() if k != "model_config"})
 
 
 def test_loss_goes_down(tmp_path: Path) -> None:

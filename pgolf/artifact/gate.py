@@ -1,6 +1,7 @@
 """The size gate of the staged pipeline: compressed model bytes (pack report) + counted code bytes <= the cap.
 
-    python -m pgolf.artifact.gate --pack-report pack_report.json --code train_gpt.py --pack-json JSON --out gate_report.json
+    pgolf gate --pack-report pack_report.json --artifact artifact.pgolf --code train_gpt.py --pack-json JSON \
+        --out gate_report.json
 
 Why a stage of its own: the counted file (``train_gpt.py``, written by ``pgolf bundle``) embeds the whole resolved
 recipe, so its bytes change with every knob, including evaluation ones. Keeping the code out of the pack stage

@@ -1,6 +1,6 @@
 """The pack stage: quantized model -> the artifact, behind the size gate.
 
-    python -m pgolf.artifact.pack --quantized quantized.pt --checkpoint DIR --pack-json JSON --code train_gpt.py \
+    pgolf pack build --quantized quantized.pt --checkpoint DIR --pack-json JSON [--code train_gpt.py] \
         --out artifact.pgolf --report pack_report.json
 
 - The model config stored in the artifact is the CHECKPOINT's (validated by ``ModelConfig``), never YAML's;

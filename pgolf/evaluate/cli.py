@@ -43,7 +43,7 @@ def _evaluate_stage(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer, pack_report=args.pack_report, mode=args.mode,
             allow_hash_mismatch=args.allow_hash_mismatch, metrics=args.metrics, device_kind=args.device,
         )
-    except (ValueError, FileNotFoundError, LegalityError) as exc:
+    except (ValueError, FileNotFoundError, LegalityError, FloatingPointError) as exc:
         print(f"pgolf evaluate: error: {exc}", file=sys.stderr)
         return 2
     return code

@@ -19,6 +19,7 @@ exactly once, and TTT updates raise at once if they would use an unscored token 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -431,6 +432,9 @@ def run_evaluation(
                "load_detail": load_timings}
     # the score and its timings are on record before the (untimed) diagnostics, which may fail or be cut off
     log.write({"event": "eval_scored", **result.to_dict(), "timings": timings, "ttt": ttt_summary})
+    if not math.isfinite(result.val_loss):  # a diverged adaptation: no score to report, and no eval.json
+        raise FloatingPointError(f"the evaluation's loss is {result.val_loss} (evaluate.ttt.mode {cfg.ttt.mode!r}): "
+                                 "a test-time training step diverged (its learning rate?); no eval.json is written")
     budget = budget_report(total_s, cfg, mode, on_record_hardware(info.world_size))
     if budget["warning"] and info.is_main:
         print(f"pgolf evaluate: WARNING: {budget['warning']}", file=sys.stderr, flush=True)

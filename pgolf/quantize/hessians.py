@@ -1,6 +1,6 @@
 """The Hessian stage: GPTQ's input second moments ``H = X^T X / n`` per quantized matrix, from TRAINING data.
 
-    python -m pgolf.quantize.hessians --checkpoint DIR --data-dir D --hessian-json JSON --seed N --mode record|sweep \
+    pgolf hessians --checkpoint DIR --data-dir D --hessian-json JSON --seed N --mode record|sweep \
         --out hessians.pt --report hessian_report.json
 
 GPTQ minimizes each matrix's output error ``||X (W - W_hat)^T||^2``, which depends on the inputs only through

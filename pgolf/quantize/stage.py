@@ -1,6 +1,6 @@
 """The quantize stage: checkpoint + Hessians -> quantized model (GPTQ, SDClip, LQER) + per-tensor error report.
 
-    python -m pgolf.quantize.stage --checkpoint DIR --hessians hessians.pt --quantize-json JSON \
+    pgolf quantize --checkpoint DIR --hessians hessians.pt --quantize-json JSON \
         --out quantized.pt --report quantize_report.json [--device cpu|cuda|auto]
 
 The numeric work is :func:`pgolf.quantize.gptq.quantize_state`; this module wires it to files. Roles come from the model

@@ -1,6 +1,6 @@
 """The aggregate stage: pool a run's seeds, test the improvement against the leaderboard, write the reports.
 
-    python -m pgolf.report.aggregate --run-dir results/<run> --aggregate-json JSON --seeds 42 0 1234 \\
+    pgolf report --run-dir results/<run> --aggregate-json JSON --seeds 42 0 1234 \\
         [--mode record|sweep] [--out-dir results/<run>] [--code-dir results/<run>/code] [--recipe config.yaml]
 
 writes, under ``--out-dir`` (default: the run directory):

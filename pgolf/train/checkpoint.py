@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pgolf.config import ModelConfig, from_mapping
-from pgolf.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from pgolf.io import atomic_write_bytes, atomic_write_json, read_json_object, sha256_file
 
 CHECKPOINT_FORMAT = "pgolf-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -63,12 +63,16 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     meta_path = ckpt_dir / META_NAME
     if not meta_path.exists():
         raise CheckpointError(f"{ckpt_dir}: no {META_NAME} (incomplete or not a pgolf checkpoint)")
-    meta = read_json(meta_path, "checkpoint metadata")
+    try:
+        meta = read_json_object(meta_path, "checkpoint metadata")
+    except ValueError as exc:  # not JSON, or JSON that is not an object
+        raise CheckpointError(str(exc)) from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     version = meta.get("version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{meta_path}: version {version!r} is newer than this pgolf supports ({CHECKPOINT_VERSION})")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CHECKPOINT_VERSION:
+        raise CheckpointError(f"{meta_path}: version {version!r}, expected an integer from 1 to {CHECKPOINT_VERSION} "
+                              "(a newer one needs a newer pgolf)")
     for key, kind in (("weights_file", str), ("weights_sha256", str), ("tensors", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{meta_path}: key {key!r} expected {kind.__name__}, got {meta.get(key)!r:.80}")
@@ -104,6 +108,9 @@ def load_checkpoint(ckpt_dir: str | Path, verify_hash: bool = True) -> tuple[dic
 
 def model_config_of(meta: dict[str, Any], where: str = "checkpoint.json") -> ModelConfig:
     """The architecture recorded with the weights (later stages never re-read it from YAML)."""
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{where}: no model_config object (got {meta.get('model_config')!r:.80}): the weights "
+                              "cannot be given an architecture")
     return from_mapping(ModelConfig, meta["model_config"], f"{where}: model_config")
 
 

@@ -45,7 +45,8 @@ from pgolf.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from pgolf.data.loader import BatchPlan, PackedBatchLoader
 from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_header, read_shard
-from pgolf.io import TRAIN_SUMMARY_MEASURED_FIELDS, MetricsLog, atomic_write_json, progress, rate_text, sha256_file
+from pgolf.io import (TRAIN_SUMMARY_MEASURED_FIELDS, MetricsLog, atomic_write_json, progress, rate_text,
+                      read_json_object, sha256_file)
 from pgolf.model.device import compile_model
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.rope import extend_rope_cache
@@ -93,7 +94,7 @@ def check_data(data_dir: Path, vocab_size: int) -> dict[str, Any]:
     info: dict[str, Any] = {"train_shards": len(train), "data_manifest_sha256": None}
     if manifest_path.exists():
         info["data_manifest_sha256"] = sha256_file(manifest_path)
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json_object(manifest_path, "data manifest")
         tok_vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
         if isinstance(tok_vocab, int) and tok_vocab > vocab_size:
             raise ValueError(f"{manifest_path}: tokenizer vocab {tok_vocab} > model.vocab_size {vocab_size}")
@@ -148,7 +149,7 @@ def begin_attempt(resume_dir: Path, resumed_step: Optional[int], resume_every_st
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
             earlier, started = int(previous.get("attempts", 1)), previous.get("started_utc")
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):  # not JSON, not an object, not a count: one attempt at least
             earlier = 1
     if earlier and resumed_step is None:
         why = ("train.resume_every_steps is 0: a record run is one uninterrupted timed run, so an interrupted one "
@@ -282,6 +283,11 @@ def train_model(
 
     def prepare(call: int) -> MicroBatch:
         inputs, targets = loader.micro_batch(*divmod(call, accum))  # [n] each, on CPU
+        # check_data read one training shard; every later one is checked as it is used (on the worker thread)
+        top = int(torch.maximum(inputs.max(), targets.max())) if len(inputs) else 0
+        if top >= model_cfg.vocab_size:
+            raise ValueError(f"{data_dir}: training micro-batch {call} (step {call // accum}) holds token id {top} >= "
+                             f"model.vocab_size {model_cfg.vocab_size}: a shard of another tokenizer")
         cu_seqlens, max_seqlen = micro_batch_segments(inputs, train_cfg.train_seq_len, train_cfg.cu_seqlens_pad)
         return MicroBatch(inputs, targets, cu_seqlens, max_seqlen)
 
@@ -388,6 +394,9 @@ def train_model(
         earlier_attempts = begin_attempt(resume_dir, resumed_from, every) if info.is_main else 0
 
         last_loss: Optional[float] = None
+        # every step's loss is finite so far: kept on the device (no synchronization), read on logged steps and at
+        # the end, so that a divergence between two logged steps is not saved as a checkpoint
+        all_finite = torch.ones((), dtype=torch.bool, device=device)
         train_start = clock() - end_s  # a resumed time-based schedule continues from the saved loop seconds
         last_log_time, last_log_step = time.perf_counter(), step
         while step < train_cfg.iterations:
@@ -403,6 +412,7 @@ def train_model(
             set_lr_multiplier(optimizers, mult)
             t0 = time.perf_counter()
             loss = run_step(step, step * accum)
+            all_finite &= torch.isfinite(loss)
             ema.update()
             step += 1
             if device.type == "cuda" and (step % train_cfg.log_every_steps == 0):
@@ -412,8 +422,9 @@ def train_model(
             step_times_ms["after_loop" if model.looping else "before_loop"].append((now - t0) * 1000.0)
             if step % train_cfg.log_every_steps == 0 or step == 1:
                 loss_value = last_loss = float(loss.item())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"training loss is {loss_value} at step {step}")
+                if not math.isfinite(loss_value) or not bool(all_finite):
+                    raise FloatingPointError(f"training loss is not finite at step {step} or before it (logged "
+                                             f"{loss_value}; last finite log at step {last_log_step})")
                 window_s = max(now - last_log_time, 1e-9)
                 tokens_per_s = (step - last_log_step) * plan.train_batch_tokens / window_s
                 last_log_time, last_log_step = now, step
@@ -454,7 +465,14 @@ def train_model(
         torch.cuda.synchronize(device)
     train_seconds = clock() - train_start
 
+    if not bool(all_finite):
+        raise FloatingPointError(f"training loss was not finite at a step after the last logged one (step "
+                                 f"{last_log_step}): no checkpoint is written")
     weights = ema.final_weights()
+    diverged = [name for name, t in weights.items() if not bool(torch.isfinite(t).all())]
+    if diverged:
+        raise FloatingPointError(f"the final weights are not finite ({len(diverged)} tensors, first {diverged[0]}): "
+                                 "no checkpoint is written")
     prequant: dict[str, Any] = {}
     if train_cfg.prequant_ttt_epochs > 0:  # ILLEGAL (C3/C4), sweeps only: recorded so `pgolf comply` rejects it
         with torch.no_grad():

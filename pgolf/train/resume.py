@@ -108,6 +108,8 @@ def load(resume_dir: Path, fingerprint_hex: str) -> tuple[Optional[dict[str, Any
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except ValueError:
         return None, None, f"{meta_path} is not valid JSON: starting over"
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        return None, None, f"{meta_path}: not a saved state's description (no object with a step): starting over"
     if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
         return None, None, f"{meta_path}: another format or version: starting over"
     if meta.get("fingerprint") != fingerprint_hex:
