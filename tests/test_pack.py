@@ -282,6 +282,33 @@ def test_refuses_table_that_does_not_tile_payload(artifact):
         unpack(_reassemble(artifact, past_end))
 
 
+def test_refuses_a_table_of_wrong_types_or_impossible_sizes(artifact):
+    """A foreign or hand-written table inside a valid container: named ArtifactErrors, never a TypeError from a
+    dict lookup or an allocation of what an absurd shape claims."""
+    def name_not_a_string(header, payload):
+        header["entries"][0]["name"] = 5
+        return header, payload
+
+    def dtype_a_list(header, payload):
+        header["entries"][0]["dtype"] = []
+        return header, payload
+
+    def absurd_shape(header, payload):
+        header["entries"][0]["shape"] = [2**20, 2**20]
+        return header, payload
+
+    def negative_shape(header, payload):
+        header["entries"][0]["shape"] = [-1, 4]
+        return header, payload
+
+    for change in (name_not_a_string, dtype_a_list):
+        with pytest.raises(ArtifactError, match="name, dtype and encoding must be strings"):
+            unpack(_reassemble(artifact, change))
+    for change in (absurd_shape, negative_shape):
+        with pytest.raises(ArtifactError, match=r"has shape .* \(at most 2,147,483,648 elements\)"):
+            unpack(_reassemble(artifact, change))
+
+
 def test_refuses_unknown_or_misapplied_encoding(artifact):
     def unknown(header, payload):
         header["entries"][0]["encoding"] = "zigzag"

@@ -71,6 +71,7 @@ _PREFIX = struct.Struct("<8sIB32s")  # magic, version, compressor id, sha256 of 
 PREFIX_BYTES = _PREFIX.size  # 45
 COMPRESSOR_IDS = {"brotli": 1, "lzma": 2, "lrzip": 3}
 MIN_SHA256_HEX_CHARS = 16  # shortest per-entry digest prefix the reader accepts
+MAX_ENTRY_ELEMENTS = 2**31  # per tensor: far above any model that fits the cap, far below what a table could claim
 BROTLI_LGWIN = 24  # largest standard window (16 MiB): the whole model fits in one window
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
@@ -405,6 +406,10 @@ def _read_entries(header: dict, payload: bytes) -> dict[str, torch.Tensor]:
             encoding, offset, nbytes, sha = e["encoding"], int(e["offset"]), int(e["nbytes"]), e["sha256"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"tensor table entry {i} is malformed ({exc!r})") from None
+        if not all(isinstance(v, str) for v in (name, dtype, encoding)):
+            raise ArtifactError(f"tensor table entry {i}: name, dtype and encoding must be strings")
+        if any(d < 0 for d in shape) or math.prod(shape) > MAX_ENTRY_ELEMENTS:  # before anything is allocated
+            raise ArtifactError(f"tensor table: {name} has shape {shape} (at most {MAX_ENTRY_ELEMENTS:,} elements)")
         if name in arrays:
             raise ArtifactError(f"tensor table: duplicate entry {name}")
         if dtype not in _DTYPES:
@@ -417,7 +422,7 @@ def _read_entries(header: dict, payload: bytes) -> dict[str, torch.Tensor]:
             raise ArtifactError(f"tensor table: {name} has encoding 'rans' but dtype {dtype} (only int8 codes are)")
         itemsize = _DTYPES[dtype].itemsize
         needed = 0 if encoding == "rans" else math.prod(shape) * itemsize  # a rans entry's bytes live elsewhere
-        if any(d < 0 for d in shape) or nbytes != needed:
+        if nbytes != needed:
             raise ArtifactError(f"tensor table: {name} records {nbytes} bytes but {dtype} {shape} needs {needed}")
         if offset != expected_offset:
             raise ArtifactError(f"tensor table does not match the payload: {name} starts at {offset}, expected {expected_offset}")
