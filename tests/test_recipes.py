@@ -13,8 +13,10 @@ from pgolf.config.recipes import config_diff, flatten, recipe_names, recipe_path
 PUBLIC = ("pr1487", "pr1523", "pr1530", "pr1572", "pr1787")
 
 
-@pytest.mark.parametrize("path", sorted((REPO_ROOT / "recipes").glob("*.yaml")) + [REPO_ROOT / "config.yaml"],
-                         ids=lambda p: p.name)
+RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml")) + [REPO_ROOT / "config.yaml"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_loads(path):
     cfg = load_run_config(path)
     assert cfg.run and cfg.seeds
@@ -121,3 +123,13 @@ def test_reported_parameter_counts(recipe: str, reported: int) -> None:
 
     cfg = load_run_config(REPO_ROOT / recipe)
     assert sum(count_parameters(cfg.model).values()) == reported
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_fixes_its_cpu_thread_counts(path):
+    """CPU float sums depend on the thread count, and 0 leaves it to how the process was started (Snakemake's
+    --cores, torchrun, a plain run): a shipped recipe fixes every stage's count, so its artifacts are the same bytes
+    whatever machine share the run is given."""
+    cfg = load_run_config(path)
+    counts = {name: getattr(cfg, name).cpu_threads for name in ("train", "hessians", "quantize", "evaluate")}
+    assert all(n > 0 for n in counts.values()), counts

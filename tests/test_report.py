@@ -403,6 +403,12 @@ def test_closing_summary_of_a_partial_report_names_its_files(tmp_path):
     text = closing_summary(run_dir)
     partial = run_dir / "partial"
     assert (partial / "report.html").resolve().as_uri() in text and str(partial / "submission.json") in text
+    # a full aggregation from before, and then `partial` again: the summary is the newer one's
+    run_report(run_dir, agg_config(date="2026-12-04"), [1, 2, 3], mode="sweep")
+    assert str(run_dir / "submission.json") in closing_summary(run_dir)
+    run_report(run_dir, agg_config(date="2026-12-04"), [1, 2], mode="sweep", out_dir=partial, make_folder=False)
+    text = closing_summary(run_dir)
+    assert "finished: 2 seeds [1, 2]" in text and str(partial / "submission.json") in text
 
 
 def test_cli_report_takes_the_runs_comply_json(tmp_path, capsys):

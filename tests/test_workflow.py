@@ -172,6 +172,8 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
         "seed_added": {**copy.deepcopy(RECIPE), "seeds": [1, 2]},
         # the data stage's process count: no byte of the data, of the shipped recipe or of preflight's params
         "data_workers": _changed("data", workers=2),
+        # where a docs or export source would download from, on a local source: only the shipped recipe holds it
+        "data_unused": _changed("data", hub_repo="someone/elsewhere"),
     }
     procs = {name: _snakemake(workdir, recipe, name, "-n") for name, recipe in recipes.items()}
     results = {}
@@ -188,8 +190,9 @@ def test_nothing_to_do_without_changes(dry_runs) -> None:
 
 
 # A stage knob also rebuilds the shipped train_gpt.py (it embeds the recipe) and re-runs the gate that counts its
-# bytes; evaluation and aggregation follow whatever changes the artifact or the gate.
+# bytes; evaluation follows whatever changes the artifact, compliance and aggregation the gate too.
 AFTER_ARTIFACT = {"bundle": 1, "gate": 1, "evaluate": 1, "comply": 1, "aggregate": 1}
+AFTER_CODE = {"bundle": 1, "gate": 1, "comply": 1, "aggregate": 1}  # the shipped code alone changed
 
 
 def test_clip_sigma_reruns_quantize_and_pack_only(dry_runs) -> None:
@@ -200,10 +203,10 @@ def test_compressor_reruns_pack_only(dry_runs) -> None:
     assert dry_runs["compressor"] == {"pack": 1, **AFTER_ARTIFACT}
 
 
-def test_code_bytes_convention_reruns_the_gate_not_pack(dry_runs) -> None:
-    """Only the gate counts the code; the gate report is the evaluation's input (an artifact over the cap is never
-    evaluated), so evaluation follows it."""
-    assert dry_runs["code_convention"] == AFTER_ARTIFACT
+def test_code_bytes_convention_reruns_the_gate_not_pack_nor_evaluation(dry_runs) -> None:
+    """Only the gate counts the code, and only comply and the aggregation read the gate report: the evaluation
+    (10 minutes of 8 GPUs per seed in a record run) is not re-run for a change of how the code is counted."""
+    assert dry_runs["code_convention"] == AFTER_CODE
 
 
 def test_ttt_knob_reruns_evaluation_only(dry_runs) -> None:
@@ -216,6 +219,12 @@ def test_evaluation_switch_that_changes_the_shipped_code_does_not_repack(dry_run
     """The code identity is recorded by the gate, not packed into the artifact: a knob that changes the shipped
     code (and its CODE_HASH) re-runs the millisecond gate, never the model compression."""
     assert dry_runs["eval_switch"] == {"bundle": 1, "gate": 1, "evaluate": 1, "comply": 1, "aggregate": 1}
+
+
+def test_a_data_field_no_stage_of_this_source_reads_retrains_nothing(dry_runs) -> None:
+    """Preflight's params hold only the data fields it reads: a Hub repository that a local source never downloads
+    from changes the shipped recipe (bundle, gate, comply, aggregate), not the training job."""
+    assert dry_runs["data_unused"] == AFTER_CODE
 
 
 def test_added_seed_runs_only_that_seed(dry_runs) -> None:

@@ -5,8 +5,10 @@
 
 Why a stage of its own: the counted file (``train_gpt.py``, written by ``pgolf bundle``) embeds the whole resolved
 recipe, so its bytes change with every knob, including evaluation ones. Keeping the code out of the pack stage
-means a TTT knob reruns this check (milliseconds), not the model compression (minutes). The evaluation stage
-depends on the gate report, so an artifact that does not fit is never evaluated.
+means a TTT knob reruns this check (milliseconds), not the model compression (minutes). ``pgolf comply`` and the
+aggregation take every seed's gate report, so an artifact that does not fit is never submitted; the evaluation does
+not wait for it (then a change of the shipped code alone would re-run every seed's evaluation), and the pack stage
+has already refused a model that alone exceeds the cap.
 
 Exit status: 0 within the cap (the report gives the headroom), 3 over it (the report and the message give the
 overage), 2 on bad input.

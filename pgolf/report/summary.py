@@ -117,8 +117,9 @@ def closing_summary(run_dir) -> str:
     from pathlib import Path
 
     run_dir = Path(run_dir)
-    # the full aggregation, else the `partial` rule's: its report.html and submission.json sit beside it
-    out_dir = next((d for d in (run_dir, run_dir / "partial") if _load(d / "aggregate.json") is not None), run_dir)
+    # the newer of the full aggregation and the `partial` rule's (its report.html and submission.json sit beside it)
+    written = [d for d in (run_dir, run_dir / "partial") if _load(d / "aggregate.json") is not None]
+    out_dir = max(written, key=lambda d: (d / "aggregate.json").stat().st_mtime_ns, default=run_dir)
     agg = _load(out_dir / "aggregate.json")
     if agg is None:
         return f"pgolf: run {run_dir.name}: no aggregate.json yet (the stage logs are under {run_dir}/)"

@@ -8,13 +8,23 @@
 # never deletes it) and an interrupted job, run again, resumes from there; a record run starts over, saying so.
 
 
+from pgolf.config import DataConfig
+
+# The data fields preflight reads (pgolf/compliance/preflight.py) or RunConfig checks; the others (where the data
+# comes from, the data stage's process count) reach training through verified.json, an input, when they matter.
+PREFLIGHT_DATA_KEYS = ("name", "source", "docs_path", "val_docs", "train_shards", "shard_tokens",
+                       "val_duplicates_policy", "max_val_overlap_fraction")
+
+
 def preflight_recipe():
     """What preflight checks, from the sections training owns anyway (plus data and mode): a knob of a later
     stage must not change the training job's params, or it would retrain every seed."""
-    recipe = {key: getattr(CFG, key) for key in ("run", "mode", "data", "model", "optim", "train")}
+    recipe = {key: getattr(CFG, key) for key in ("run", "mode", "model", "optim", "train")}
     recipe = {k: v if isinstance(v, str) else to_dict(v) for k, v in recipe.items()}
-    recipe["data"]["workers"] = 0  # tokenization processes: no byte of the data, nothing preflight checks
-    recipe["tokenizer"] = {"vocab_size": CFG.tokenizer.vocab_size}  # what RunConfig checks against the model
+    data = to_dict(CFG.data)
+    recipe["data"] = {**to_dict(DataConfig()), **{key: data[key] for key in PREFLIGHT_DATA_KEYS}}
+    # what RunConfig checks against the model and the data source
+    recipe["tokenizer"] = {"vocab_size": CFG.tokenizer.vocab_size, "source": CFG.tokenizer.source}
     # the one evaluate key RunConfig checks against training (equal to train.param_storage, so it changes nothing)
     recipe["evaluate"] = {"param_storage": CFG.evaluate.param_storage}
     return json.dumps(recipe, sort_keys=True)
