@@ -158,7 +158,13 @@ def test_relative_imports_resolve_against_the_package() -> None:
     assert "pgolf.data.w" in imported_modules("from .w import v\n", "pgolf.data", is_package=True)
 
 
-def test_recipe_switches_decide_what_is_left_out() -> None:
+@pytest.fixture(scope="module")
+def record_shipped_form():
+    """The record recipe's bundle with its modules in the shipped form (seconds of shrinking: built once here)."""
+    return build_bundle(load_run_config(REPO_ROOT / "config.yaml"), minify=True)
+
+
+def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
     assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash",
                                              "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
@@ -174,7 +180,7 @@ def test_recipe_switches_decide_what_is_left_out() -> None:
     full = reachable_modules()
     pruned = reachable_modules(left_out=frozenset(left_out_modules(record)))
     assert set(full) - set(pruned) == set(left_out_modules(record))  # nothing else hung on them
-    bundle = build_bundle(record, minify=True)
+    bundle = record_shipped_form
     # the shipped form also drops the modules that its folded switches no longer import (pgolf.artifact.shrink;
     # pgolf.train.resume: train.resume_every_steps is 0, tests/test_shrink.py; pgolf.model.idle_gaps: only the
     # benchmark's profiler reads it) and it embeds one generated pgolf.config module in place of the config package (pgolf.artifact.config_module)
@@ -253,12 +259,12 @@ def test_minified_modules_count_fewer_bytes_and_still_compile(plain_bundle) -> N
         compile(m.source, m.name, "exec")
 
 
-def test_code_identity_is_the_bundles_code_hash() -> None:
+def test_code_identity_is_the_bundles_code_hash(record_shipped_form) -> None:
     """What the staged pipeline's pack rule records is the CODE_HASH of the recipe's train_gpt.py."""
     from pgolf.artifact.bundle import code_identity
 
     record = load_run_config(REPO_ROOT / "config.yaml")
-    assert code_identity(record) == build_bundle(record, minify=True).code_hash
+    assert code_identity(record) == record_shipped_form.code_hash
     # the record run's own identity, unbundled: the CODE_HASH of the file the bundle rule writes (shipped recipe)
     from pgolf.artifact.bundle import shipped_recipe
     from pgolf.artifact.record_run import code_identity as run_identity
