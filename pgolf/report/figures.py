@@ -314,9 +314,9 @@ def _stacked_bars(
     """Horizontal stacked bars (one per row). rows: (row label, data-row, [(phase, value)]), optionally with a
     fourth item: the part of the row the budget counts (default: the whole row).
 
-    ``budget``: a limit drawn as a line (and rows whose counted part is over it marked OVER); None draws none. A limit far right of the
-    bars (more than twice the longest) is not drawn to scale: the axis fits the bars and an arrow at the right edge
-    names the limit (``limit_label``), so a small artifact's bars stay readable.
+    ``budget``: a limit drawn as a line (and rows whose counted part is over it marked OVER); None draws none. A
+    limit far right of the bars (more than twice the longest) is not drawn to scale: the axis fits the bars and an
+    arrow at the right edge names the limit (``limit_label``), so a small artifact's bars stay readable.
     """
     totals = [sum(v for _, v in row[2]) for row in rows]
     off_scale = budget is not None and budget > 2 * max(totals, default=0.0)

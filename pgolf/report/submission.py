@@ -214,8 +214,9 @@ def requirements_text(source: str, run_environment: dict, third_party: Optional[
 
     ``third_party`` ({"required": [...], "optional": [...]}, from train_gpt.py.json) when known, else a scan of
     the file. Versions: the run's recorded environment for torch/numpy/triton/brotli (the numbers and the
-    artifact's bytes were made with those), the installed distribution otherwise; optional imports (guarded by ``except ImportError``) and modules with
-    no known distribution are comment lines. Every line names its module as ``# import <module>``.
+    artifact's bytes were made with those), the installed distribution otherwise; optional imports (guarded by
+    ``except ImportError``) and modules with no known distribution are comment lines. Every line names its module
+    as ``# import <module>``.
     """
     if third_party is None:
         third_party = {"required": third_party_imports(source), "optional": []}
