@@ -360,9 +360,17 @@ def test_loss_goes_down(tmp_path: Path) -> None:
     )
     proc = run_train(data, tmp_path / "out", 1, train=train)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if '"train_step"' in l]
+    records = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["event"] == "train_step"]
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
+    # 30 steps of 512 tokens read more than the training shards hold: said once, at the step that crosses
+    from pgolf.data.shards import list_shards, read_header
+
+    train_tokens = sum(read_header(p).num_tokens for p in list_shards(data, "train"))
+    repeated = [r for r in records if r["event"] == "data_repeated"]
+    assert [r["step"] for r in repeated] == [train_tokens // 512 + 1] and repeated[0]["train_tokens"] == train_tokens
+    assert proc.stderr.count("the stream starts over (a second epoch)") == 1
 
 
 # ------------------------------------------------------------------------------ compile options (issue 16)
