@@ -118,9 +118,9 @@ def closing_summary(run_dir) -> str:
 
     run_dir = Path(run_dir)
     # the newer of the full aggregation and the `partial` rule's (its report.html and submission.json sit beside it)
-    written = [d for d in (run_dir, run_dir / "partial") if _load(d / "aggregate.json") is not None]
-    out_dir = max(written, key=lambda d: (d / "aggregate.json").stat().st_mtime_ns, default=run_dir)
-    agg = _load(out_dir / "aggregate.json")
+    aggregates = {d: a for d in (run_dir, run_dir / "partial") if (a := _load(d / "aggregate.json")) is not None}
+    out_dir = max(aggregates, key=lambda d: (d / "aggregate.json").stat().st_mtime_ns, default=run_dir)
+    agg = aggregates.get(out_dir)
     if agg is None:
         return f"pgolf: run {run_dir.name}: no aggregate.json yet (the stage logs are under {run_dir}/)"
     bpb, scored = agg["val_bpb"], agg.get("scored") or {}
@@ -160,8 +160,8 @@ def closing_summary(run_dir) -> str:
         lines.append(f"  submission  {out_dir / 'submission.json'}")
     # the folder this aggregation wrote (an earlier one under another date or name may still be there), found
     # under the aggregate's own folder whatever directory the path in aggregate.json is relative to
-    written = Path(agg["submission_folder"]) if agg.get("submission_folder") else None
-    folder = out_dir / "records" / written.parent.name / written.name if written else None
+    recorded = Path(agg["submission_folder"]) if agg.get("submission_folder") else None
+    folder = out_dir / "records" / recorded.parent.name / recorded.name if recorded else None
     if folder is not None and folder.is_dir():
         lines.append(f"  records     {folder}/")
     return "\n".join(lines)
