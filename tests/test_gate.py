@@ -80,3 +80,13 @@ def test_the_gate_job_does_not_import_torch() -> None:
     probe = "import sys, pgolf.artifact.gate; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_a_report_that_understates_the_artifact_is_refused(tmp_path: Path) -> None:
+    """The gate counts the artifact file: a stale or edited report's model_bytes cannot let 16 MB through."""
+    report, artifact, code = _inputs(tmp_path)
+    claims = json.loads(report.read_text())
+    report.write_text(json.dumps({**claims, "model_bytes": 10}))  # the right sha256, the wrong size
+    proc = _gate(report, artifact, code, {"code_bytes_convention": "file"}, tmp_path / "g.json")
+    assert proc.returncode == 2 and "'model_bytes' is 10" in proc.stderr and "holds 1,000 bytes" in proc.stderr
+    assert not (tmp_path / "g.json").exists()

@@ -381,6 +381,22 @@ def test_lqer_record_codebook_layouts():
         lqer_correction(E[:, :48], rank=4, mode="asym", group_size=32)  # 4 * 48 % 32 == 0 but 48 % 32 != 0
 
 
+
+def test_lqer_record_codebook_refuses_a_scale_past_float16():
+    """The record's float16 casts are kept (its factors bit for bit), but an inf scale would dequantize the whole
+    layer to NaN inside a valid-looking artifact: refused, naming the tensor."""
+    E = torch.zeros(64, 64)
+    E[3, 5] = 1e6  # max|A| / 1.5 and / 7 > 65504
+    for cols in (64, 50):  # the record's layout and its per-row fallback
+        with pytest.raises(QuantizeError, match="factor scale is inf in float16"):
+            lqer_correction(E[:, :cols], rank=4, mode="asym", group_size=32)
+    assert torch.isfinite(lqer_correction(E, rank=4, mode="asym_search", group_size=32).a_scales).all()
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * 1e6
+    X = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    cfg = QuantizeConfig(lqer_mode="asym", lqer_keep_if_better=False, lqer_top_k=1)
+    with pytest.raises(QuantizeError, match="^w: lqer_mode asym: a factor scale"):
+        quantize_state({"w": W}, {"w": "attn"}, {"w": X.T @ X / 256}, cfg)
+
 def test_lqer_selection_by_weight_error_without_keep_check():
     state, roles, hessians = tiny_model(1)
     base = QuantizeConfig(attn_bits=3, mlp_bits=3, embed_bits=3, attn_clip_sigmas=2.5, mlp_clip_sigmas=2.5,

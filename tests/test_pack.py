@@ -396,6 +396,38 @@ def test_refuses_header_values_the_reader_cannot_use(artifact):
             unpack(_reassemble(artifact, edit), "seed7/artifact.pgolf")
 
 
+
+def test_a_one_dimensional_lqer_tensor_in_an_edited_header_is_an_artifact_error(artifact):
+    """A fp16 tensor's metadata edited to carry LQER factors: an ArtifactError, not an IndexError from its shape."""
+    name = next(n for n, m in read_container(artifact)[0]["quantization"]["tensors"].items() if len(m["shape"]) == 1)
+
+    def lqer_on_a_vector(header, payload):
+        header["quantization"]["tensors"][name]["lqer"] = {"mode": "asym", "rank": 1, "group_size": 1}
+        return header, payload
+
+    with pytest.raises(ArtifactError):
+        unpack(_reassemble(artifact, lqer_on_a_vector))
+
+
+def test_a_tensor_named_rans_round_trips():
+    """The rANS coder's entries are rans:groups/freqs/states/words; a parameter named "rans" (entries "rans:data",
+    "rans:q") is the model's, and reads back."""
+    g = torch.Generator().manual_seed(3)
+    state = {"rans": torch.randn(8, generator=g), "w": torch.randn(16, 32, generator=g)}
+    qm = quantize_state(state, {"rans": "scalar", "w": "attn"}, {"w": torch.eye(32)}, QuantizeConfig())
+    back, header = unpack(pack(qm, MODEL_CONFIG, INPUT_HASHES, PackConfig(codes_coder="rans")))
+    assert "rans" in header and torch.equal(back.tensors["rans"].data, qm.tensors["rans"].data)
+
+
+def test_pack_refuses_non_finite_weights_and_scales(quantized):
+    """A NaN or inf entry would unpack into a model that scores NaN: refused when packing, naming the entry."""
+    name = next(n for n, t in sorted(quantized.tensors.items()) if t.data is not None)
+    bad = quantized.tensors[name].data.clone()
+    bad.view(-1)[0] = float("inf")
+    tensors = {**quantized.tensors, name: dataclasses.replace(quantized.tensors[name], data=bad)}
+    with pytest.raises(ArtifactError, match=f"{name}:data: holds NaN or inf"):
+        pack(dataclasses.replace(quantized, tensors=tensors), MODEL_CONFIG, INPUT_HASHES, PackConfig())
+
 def test_check_against_model_config(artifact, quantized):
     _, header = unpack(artifact)
     expected = {name: qt.shape for name, qt in quantized.tensors.items()}

@@ -79,6 +79,7 @@ _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _DTYPES = {"int8": np.dtype("i1"), "uint8": np.dtype("u1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4"),
            "uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # the last two: the rANS arrays only
 RANS_PARTS = {"groups": "uint8", "freqs": "uint16", "states": "uint32", "words": "uint16"}  # entries "rans:<part>"
+RANS_ENTRIES = frozenset(f"rans:{part}" for part in RANS_PARTS)  # a tensor named "rans" has entries "rans:q", ...
 _TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 _PART_ORDER = ("q", "data", "scale", "lqer.a_codes", "lqer.a_scales", "lqer.b_codes", "lqer.b_scales")
 
@@ -338,6 +339,8 @@ def pack(
             dtype, shape = expected[part]
             if _dtype_name(t) != dtype or tuple(t.shape) != shape:
                 raise ArtifactError(f"{name}:{part}: {_dtype_name(t)} {list(t.shape)}, expected {dtype} {list(shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ArtifactError(f"{name}:{part}: holds NaN or inf values; an artifact stores finite weights and scales only")
             entries_by_part.append((_PART_ORDER.index(part), f"{name}:{part}", t))
 
     entries, chunks, offset = [], [], 0
@@ -447,7 +450,7 @@ def _read_entries(header: dict, payload: bytes) -> dict[str, torch.Tensor]:
         raise ArtifactError("artifact header: a 'rans' section but no entry with encoding 'rans'")
     out = {}
     for name, array in arrays.items():
-        if name.startswith("rans:"):
+        if name in RANS_ENTRIES:
             continue  # consumed by the decoder
         out[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
     return out
@@ -536,7 +539,7 @@ def _unpack(data: bytes) -> tuple[QuantizedModel, dict]:
                 clip_sigmas=None if clip is None else float(clip), q=parts.get("q"), scale=parts.get("scale"),
                 data=parts.get("data"), lqer=lqer,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ArtifactError(f"artifact header: quantization metadata of {name} is malformed ({exc!r})") from None
     orphans = sorted(set(arrays) - used)  # the rANS entries were consumed by _read_entries
     if orphans:

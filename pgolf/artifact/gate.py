@@ -35,6 +35,10 @@ def run_gate(pack_report_path: str | Path, code: str | Path, artifact: str | Pat
     artifact_sha256 = sha256_file(artifact)
     if artifact_sha256 != pack_report.get("artifact_sha256"):
         raise ValueError(f"{artifact}: sha256 differs from the one {pack_report_path} recorded (rerun the pack stage)")
+    artifact_file_bytes = Path(artifact).stat().st_size  # the gate counts the file, not the report's word for it
+    if artifact_file_bytes != model_bytes:
+        raise ValueError(f"{pack_report_path}: 'model_bytes' is {model_bytes:,}, the artifact {artifact} holds "
+                         f"{artifact_file_bytes:,} bytes (rerun the pack stage)")
     code_bytes, code_file_bytes, code_sha256 = counted_code_bytes(code, cfg.code_bytes_convention)
     gate = size_gate(model_bytes, code_bytes, cfg.size_cap_bytes)
     report = {

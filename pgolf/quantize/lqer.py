@@ -163,6 +163,16 @@ def _row_int4(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(torch.round(M / s.float()[:, None]), -INT4_QMAX, INT4_QMAX), s
 
 
+def _require_finite_scales(*scales16: torch.Tensor) -> None:
+    """The record's codebook casts its scales to float16 without clamping (kept: the record recipe's factors are
+    its factors bit for bit); a scale past float16's range would be inf and dequantize the layer to NaN."""
+    for s in scales16:
+        if not bool(torch.isfinite(s).all()):
+            raise QuantizeError(
+                f"lqer_mode asym: a factor scale is {float(s.float().abs().max())} in float16 (its largest finite value "
+                "is 65504): the quantization error is too large for the record's codebook; use lqer_mode asym_search")
+
+
 def lqer_correction(E: torch.Tensor, rank: int, mode: str, group_size: int) -> LqerFactors:
     """Quantized rank-``rank`` SVD correction of the quantization error ``E = W - W_hat`` (``[rows, cols]``).
 
@@ -189,6 +199,7 @@ def lqer_correction(E: torch.Tensor, rank: int, mode: str, group_size: int) -> L
         if (r * cols) % group_size:
             a_q, a_s = _row_int4(A)
             b_q, b_s = _row_int4(B)
+            _require_finite_scales(a_s, b_s)
             return LqerFactors("rowsym", (rows, cols), r, group_size, pack_int4((a_q.to(torch.int16) + 8).reshape(-1)),
                                a_s, pack_int4((b_q.to(torch.int16) + 8).reshape(-1)), b_s)
         if cols % group_size:
@@ -197,6 +208,7 @@ def lqer_correction(E: torch.Tensor, rank: int, mode: str, group_size: int) -> L
                 "flattened B, which this layout does not store; use a model_dim multiple of the group or lqer_mode asym_search"
             )
         a_q, a_scales, b_q, b_scales = _record_asym(A, B, group_size)
+        _require_finite_scales(a_scales, b_scales)
         a_codes = pack_int2((a_q.to(torch.int16) - INT2_LEVELS[0]).reshape(-1))
         b_codes = pack_int4((b_q.to(torch.int16) + 8).reshape(-1))
         return LqerFactors("asym", (rows, cols), r, group_size, a_codes, a_scales, b_codes, b_scales)

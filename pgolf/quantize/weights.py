@@ -214,7 +214,10 @@ def quantize_state(
             score = {n: reports[n]["gptq_error"] for n in gptq_inputs}
         for name in sorted(gptq_inputs, key=lambda n: (-score[n], n))[: cfg.lqer_top_k]:
             W, W_hat, H = gptq_inputs[name]
-            factors = lqer_correction(W.float() - W_hat, cfg.lqer_rank, cfg.lqer_mode, cfg.lqer_group_size)
+            try:
+                factors = lqer_correction(W.float() - W_hat, cfg.lqer_rank, cfg.lqer_mode, cfg.lqer_group_size)
+            except QuantizeError as exc:
+                raise QuantizeError(f"{name}: {exc}") from None
             corrected = W_hat + lqer_reconstruct(factors).to(W_hat.device)
             err = layer_output_error(W, corrected, H)
             ref = layer_output_error(W, torch.zeros_like(W), H)
