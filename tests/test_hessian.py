@@ -379,6 +379,9 @@ def test_bad_section_and_unreadable_hessians(checkpoint, data_dir, tmp_path: Pat
     torch.save({"w": torch.zeros(3, 4)}, tmp_path / "rect.pt")
     with pytest.raises(HessianError, match="square float32"):
         load_hessians(tmp_path / "rect.pt")
+    torch.save({"w": -torch.eye(3)}, tmp_path / "neg.pt")  # GPTQ would take every column as dead: plain RTN
+    with pytest.raises(HessianError, match="w: has a negative diagonal entry"):
+        load_hessians(tmp_path / "neg.pt")
 
 
 def test_hessians_name_their_checkpoint_and_quantize_refuses_others(tmp_path):

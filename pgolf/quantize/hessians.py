@@ -513,4 +513,6 @@ def load_hessians(path: str | Path, checkpoint_weights_sha256: str | None = None
             raise HessianError(f"{path}: {name}: expected a square float32 matrix, got {H.dtype} {list(H.shape)}")
         if not bool(torch.isfinite(H).all()):
             raise HessianError(f"{path}: {name}: contains NaN or Inf (calibration forward overflowed?)")
+        if bool((H.diagonal() < 0).any()):  # x^T x has a non-negative diagonal; GPTQ would take these columns as dead
+            raise HessianError(f"{path}: {name}: has a negative diagonal entry; not a Hessian of the form x^T x")
     return data
