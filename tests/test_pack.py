@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
 import struct
 import sys
@@ -428,6 +429,7 @@ def test_pack_refuses_non_finite_weights_and_scales(quantized):
     with pytest.raises(ArtifactError, match=f"{name}:data: holds NaN or inf"):
         pack(dataclasses.replace(quantized, tensors=tensors), MODEL_CONFIG, INPUT_HASHES, PackConfig())
 
+
 def test_check_against_model_config(artifact, quantized):
     _, header = unpack(artifact)
     expected = {name: qt.shape for name, qt in quantized.tensors.items()}
@@ -457,6 +459,27 @@ def test_lrzip_round_trip(quantized):
     loaded, _ = unpack(data)
     assert_same_model(quantized, loaded)
 
+
+
+def test_lrzip_runs_with_a_pinned_thread_count(quantized, monkeypatch, tmp_path):
+    """lrzip's output depends on its thread count (default: the machine's CPUs; measured here: -p 1 and -p 2 give
+    other bytes for the same input), so pack pins it: the same weights give the same artifact on any machine. A
+    stand-in lrzip on PATH records its arguments (and copies the bytes: no compression needed to see them)."""
+    log = tmp_path / "args.txt"
+    shim = tmp_path / "bin" / "lrzip"
+    shim.parent.mkdir()
+    shim.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import shutil, sys
+        open({str(log)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")
+        shutil.copyfile(sys.argv[-1], sys.argv[sys.argv.index("-o") + 1])
+        """))
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}:{os.environ['PATH']}")
+    loaded, _ = unpack(pack(quantized, MODEL_CONFIG, INPUT_HASHES, PackConfig(compressor="lrzip")))
+    assert_same_model(quantized, loaded)
+    compress, decompress = log.read_text().splitlines()
+    assert compress.startswith("-z -L 9 -p 1 ") and decompress.startswith("-d ")
 
 def test_short_entry_digests(quantized):
     cfg = CONFIGS[2]

@@ -129,7 +129,9 @@ def _compress(body: bytes, cfg: PackConfig) -> bytes:
     if cfg.compressor == "lzma":
         return lzma.compress(body, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     if cfg.compressor == "lrzip":
-        return _lrzip(["-z", "-L", "9"], body, ".bin", ".lrz")  # ZPAQ back end, strongest level
+        # ZPAQ back end, strongest level, one thread: lrzip splits its input by thread count, which defaults to the
+        # machine's CPU count (1 and 2 threads give other bytes), so an unpinned count makes the artifact machine-dependent
+        return _lrzip(["-z", "-L", "9", "-p", "1"], body, ".bin", ".lrz")
     raise ArtifactError(f"pack.compressor: unknown compressor {cfg.compressor!r}")
 
 
