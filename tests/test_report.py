@@ -439,6 +439,17 @@ def test_a_tighter_cap_than_the_rules_is_no_blocker(tmp_path):
     assert not any("cap" in reason for reason in reasons), reasons
 
 
+
+def test_the_readme_reruns_each_seed_with_its_own_process_count(tmp_path):
+    """A run on one CPU process: the folder README's command starts one process (8 would split the batch another
+    way, or refuse it, and give another artifact); a record run's seeds ran on 8 (test_submission)."""
+    run_dir = make_cpu_run(tmp_path)
+    run_report(run_dir, agg_config(date="2026-12-04"), sorted(CPU_STAGES), mode="sweep")
+    readme = next((run_dir / "records").glob("track_*/*/README.md")).read_text()
+    for seed in CPU_STAGES:
+        assert f"torchrun --standalone --nproc_per_node 1 train_gpt.py --seed {seed} --data-dir ./data/" in readme
+    assert "--nproc_per_node 8 train_gpt.py" not in readme
+
 def test_the_reproduce_command_keeps_shell_braces_and_needs_the_seed(tmp_path, capsys):
     """``--reproduce-command`` is a shell line: only ``{seed}`` is replaced (``${DATA:-./data}`` stays as written), and
     a line without ``{seed}`` is refused (it would give every seed the same command)."""
@@ -453,3 +464,6 @@ def test_the_reproduce_command_keeps_shell_braces_and_needs_the_seed(tmp_path, c
     capsys.readouterr()
     assert pgolf_main([*args[:-1], "torchrun train_gpt.py --data-dir ./data/"]) == 2
     assert "expected a command with {seed}" in capsys.readouterr().err
+    assert pgolf_main([*args[:-1], "torchrun --nproc_per_node {nproc} train_gpt.py --seed {seed}"]) == 0
+    readme = next((run_dir / "records").glob("track_*/*/README.md")).read_text()
+    assert all(f"torchrun --nproc_per_node 8 train_gpt.py --seed {seed}" in readme for seed in SEEDS)

@@ -61,7 +61,8 @@ def _register_report(commands) -> None:
     parser.add_argument("--code-dir", help="bundled train_gpt.py + train_gpt.py.json (default: <run-dir>/code)")
     parser.add_argument("--recipe", help="recipe file named in the README's reproduction command")
     parser.add_argument("--reproduce-command", help="command line to run the bundled train_gpt.py, with {seed} "
-                                                    "where the seed goes (README; nothing else in it is replaced)")
+                                                    "where the seed goes and optionally {nproc} where the seed's "
+                                                    "process count goes (README; nothing else in it is replaced)")
     parser.add_argument("--no-folder", action="store_true", help="do not write the submission folder")
     parser.add_argument("--comply", help="the run's comply.json (default: <run-dir>/comply.json when present); its "
                                          "verdicts go into the report")

@@ -30,6 +30,7 @@ from pgolf.report.submission import (
     requirements_text,
     third_party_imports,
 )
+from pgolf.report.results import RECORD_WORLD_SIZE
 from pgolf.report.schema import SUBMISSION_SCHEMA, validate
 from pgolf.report.summary import summary_text
 
@@ -113,10 +114,11 @@ def folder_name(date: str, name: str) -> str:
     return f"{date}_{name}"
 
 
-def seed_command(command: str, seed: int) -> str:
-    """``command`` with each ``{seed}`` replaced by the seed; nothing else in it is touched (a shell's ``${VAR}``
+def seed_command(command: str, seed: int, nproc: Optional[int] = None) -> str:
+    """``command`` with each ``{seed}`` replaced by the seed and each ``{nproc}`` by the process count the seed ran
+    with (the record track's 8 where the results do not say); nothing else in it is touched (a shell's ``${VAR}``
     stays as written)."""
-    return command.replace("{seed}", str(seed))
+    return command.replace("{seed}", str(seed)).replace("{nproc}", str(nproc or RECORD_WORLD_SIZE))
 
 
 def _f8(value: Optional[float]) -> str:
@@ -192,7 +194,7 @@ def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: s
         "",
         "```bash",
         "pip install -r requirements.txt",
-        *[seed_command(reproduce_command, s.seed) for s in seeds],
+        *[seed_command(reproduce_command, s.seed, s.world_size) for s in seeds],
         "```",
         "",
     ]

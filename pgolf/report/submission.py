@@ -32,7 +32,8 @@ SIZE_CAP_BYTES = 16_000_000
 SUMMARY_PREFIX = "pgolf_seed_summary "
 FIGURE_ABS_TOLERANCE = 1e-8  # json vs logs, for float figures (losses); integers must match exactly
 OPTIONAL_PREFIX = "# optional (used when importable): "  # the requirements.txt line of a guarded import
-DEFAULT_REPRODUCE_COMMAND = "torchrun --standalone --nproc_per_node 8 train_gpt.py --seed {seed} --data-dir ./data/"
+# {nproc}: the process count the seed ran with (the README's command must give the seed's own artifact and score)
+DEFAULT_REPRODUCE_COMMAND = "torchrun --standalone --nproc_per_node {nproc} train_gpt.py --seed {seed} --data-dir ./data/"
 REQUIRED_FOLDER_FILES = ("README.md", "submission.json", "train_gpt.py", "requirements.txt")
 
 
