@@ -204,6 +204,34 @@ def test_check_folder_catches_json_that_disagrees_with_the_logs(folder):
     assert "artifact_bytes_max = 15000000, but the seed logs give 15900000" in problems
 
 
+
+def test_check_folder_holds_the_text_a_reader_sees_to_the_logged_figures(folder):
+    """A log's header and evaluation summary, and the README's headline and results table, are rendered again from
+    the summary lines: editing the text a reader sees while keeping the machine-readable line is refused."""
+    assert check_folder(folder) == []
+    log = folder / "train_seed42.log"
+    good_log, good_readme = log.read_text(), (folder / "README.md").read_text()
+    summary = parse_seed_log(log)
+    shown = f"val_bpb {summary['val_bpb']:.8f}"
+    sha_line = f"train_gpt.py sha256: {summary['train_gpt_sha256']}"
+    for edited in (good_log.replace(shown, "val_bpb 0.90000000"),
+                   good_log.replace(sha_line, "train_gpt.py sha256: " + "0" * 64),
+                   good_log.replace("===== evaluation summary", "===== summary")):
+        log.write_text(edited)
+        problems = "\n".join(check_folder(folder))
+        assert "train_seed42.log: " in problems and ("evaluation summary" in problems or "header" in problems), problems
+    log.write_text(good_log)
+    sub = json.loads((folder / "submission.json").read_text())
+    mean_line = f"**val_bpb {sub['val_bpb']:.8f}**"
+    row = f"| 42 | {summary['val_loss']:.8f} | {summary['val_bpb']:.8f} |"
+    assert mean_line in good_readme and row in good_readme
+    for edited, message in ((good_readme.replace(mean_line, "**val_bpb 0.90000000**"), "no headline"),
+                            (good_readme.replace(row, "| 42 | 2.00000000 | 0.90000000 |"), "no results row")):
+        (folder / "README.md").write_text(edited)
+        assert any(message in p for p in check_folder(folder)), message
+    (folder / "README.md").write_text(good_readme)
+    assert check_folder(folder) == []
+
 def test_check_folder_size_gate_compile_and_missing_files(tmp_path):
     run_dir = tmp_path / "results" / "r"
     sha = make_code_bundle(run_dir)

@@ -41,32 +41,62 @@ def seed_log_name(seed: int) -> str:
     return f"train_seed{seed}.log"
 
 
-def seed_summary(s: Any, train_gpt_sha256: str) -> dict:
+def seed_summary(s: Any, run: str, train_gpt_sha256: str) -> dict:
+    """The seed log's machine-readable last line: every figure the log's own header and evaluation summary print
+    (so that check-folder can render them again and hold the text a reader sees to it)."""
     return {
+        "run": run,
         "seed": s.seed,
         "val_loss": s.val_loss,
         "val_bpb": s.val_bpb,
+        "token_count": s.token_count,
+        "byte_sum": s.byte_sum,
         "artifact_bytes": s.total_bytes,
         "model_bytes": s.model_bytes,
         "code_bytes": s.code_bytes,
         "steps": s.steps,
+        "train_seconds": s.train_seconds,
         "step_avg_ms": s.ms_per_step,
         "eval_time_s": s.eval_total_s,
+        "eval_load_s": s.eval_load_s,
+        "eval_warmup_s": s.eval_warmup_s,
+        "eval_score_s": s.eval_score_s,
         "artifact_sha256": s.artifact_sha256,
         "code_hash": s.code_hash,
+        "data_manifest_sha256": s.data_manifest_sha256,
         "train_gpt_sha256": train_gpt_sha256,
     }
 
 
+EVALUATION_MARKER = "===== evaluation summary (eval/eval.json) ====="
+
+
+def summary_lines(summary: dict) -> tuple[list[str], list[str]]:
+    """(header lines, evaluation-summary lines) of a seed log, rendered from its summary line's figures."""
+    m = summary
+    header = [
+        f"pgolf seed log: run {m['run']}, seed {m['seed']}",
+        f"train_gpt.py sha256: {m['train_gpt_sha256']}",
+        f"pgolf code hash (training): {m['code_hash']}",
+        f"data manifest sha256: {m['data_manifest_sha256']}",
+    ]
+    evaluation = [
+        f"val_loss {m['val_loss']:.8f} nats/token  val_bpb {m['val_bpb']:.8f}  ({m['token_count']:,} target tokens, "
+        f"{m['byte_sum']:,} bytes)",
+        f"eval time {m['eval_time_s']:.1f} s (load {m['eval_load_s']:.1f} + warm-up {m['eval_warmup_s']:.1f} + "
+        f"score {m['eval_score_s']:.1f})",
+        f"train: {m['steps']} steps, {m['train_seconds']:.1f} s, {m['step_avg_ms']:.2f} ms/step",
+        f"artifact {m['artifact_bytes']:,} bytes (model {m['model_bytes']:,} + code {m['code_bytes']:,}), "
+        f"sha256 {m['artifact_sha256']}",
+    ]
+    return header, evaluation
+
+
 def render_seed_log(s: Any, run: str, train_gpt_sha256: str) -> str:
     """One seed's log: header, every stage log of the seed, the evaluation summary, the summary line."""
-    parts = [
-        f"pgolf seed log: run {run}, seed {s.seed}",
-        f"train_gpt.py sha256: {train_gpt_sha256}",
-        f"pgolf code hash (training): {s.code_hash}",
-        f"data manifest sha256: {s.data_manifest_sha256}",
-        "",
-    ]
+    summary = seed_summary(s, run, train_gpt_sha256)
+    header, evaluation = summary_lines(summary)
+    parts = [*header, ""]
     for log in s.log_files:
         parts += [
             f"===== {log.parent.name}/{log.name} =====",
@@ -75,18 +105,31 @@ def render_seed_log(s: Any, run: str, train_gpt_sha256: str) -> str:
         ]
     if not s.log_files:
         parts += ["(no stage logs were found under logs/)", ""]
-    parts += [
-        "===== evaluation summary (eval/eval.json) =====",
-        f"val_loss {s.val_loss:.8f} nats/token  val_bpb {s.val_bpb:.8f}  ({s.token_count:,} target tokens, "
-        f"{s.byte_sum:,} bytes)",
-        f"eval time {s.eval_total_s:.1f} s (load {s.eval_load_s:.1f} + warm-up {s.eval_warmup_s:.1f} + "
-        f"score {s.eval_score_s:.1f})",
-        f"train: {s.steps} steps, {s.train_seconds:.1f} s, {s.ms_per_step:.2f} ms/step",
-        f"artifact {s.total_bytes:,} bytes (model {s.model_bytes:,} + code {s.code_bytes:,}), "
-        f"sha256 {s.artifact_sha256}",
-        SUMMARY_PREFIX + json.dumps(seed_summary(s, train_gpt_sha256), sort_keys=True),
-    ]
+    parts += [EVALUATION_MARKER, *evaluation, SUMMARY_PREFIX + json.dumps(summary, sort_keys=True)]
     return "\n".join(parts) + "\n"
+
+
+def log_text_problems(path: Path, summary: dict) -> list[str]:
+    """Where the lines a reader sees in a seed log (its header, its evaluation summary) differ from the figures of
+    its summary line: an edited log that kept its summary line."""
+    try:
+        header, evaluation = summary_lines(summary)
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"{path}: the summary line lacks a figure the log prints ({exc!r})"]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    problems = []
+    if lines[: len(header)] != header:
+        problems.append(f"{path}: its header is not the one its summary line gives ({' / '.join(header)})")
+    if EVALUATION_MARKER not in lines:
+        return problems + [f"{path}: no '{EVALUATION_MARKER}' block"]
+    start = len(lines) - lines[::-1].index(EVALUATION_MARKER)  # just after the last marker
+    shown = [ln for ln in lines[start:] if not ln.startswith(SUMMARY_PREFIX)]
+    for expected, line in zip(evaluation, shown + [""] * len(evaluation)):
+        if line != expected:
+            problems.append(f"{path}: the evaluation summary says {line!r}, its summary line gives {expected!r}")
+    if len(shown) > len(evaluation):
+        problems.append(f"{path}: {len(shown) - len(evaluation)} more line(s) in the evaluation summary than pgolf writes")
+    return problems
 
 
 def parse_seed_log(path: Path) -> dict:
@@ -125,13 +168,40 @@ def _f8(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.8f}"
 
 
+def headline(val_bpb_mean: float) -> str:
+    return f"**val_bpb {val_bpb_mean:.8f}**"
+
+
+def results_row(m: dict) -> str:
+    """A seed's row of the README's results table, from its seed log's summary line."""
+    return (f"| {m['seed']} | {m['val_loss']:.8f} | {m['val_bpb']:.8f} | {m['steps']} | {m['step_avg_ms']:.2f} | "
+            f"{m['artifact_bytes']:,} | {m['train_seconds']:.1f} | {m['eval_time_s']:.1f} |")
+
+
+def readme_problems(path: Path, sub: dict, logs: dict[int, dict]) -> list[str]:
+    """Where the README's headline and results table differ from submission.json and the seed logs (the figures a
+    reader sees first; the rest of its text is prose check-folder does not recompute)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    problems = []
+    if not any(line.startswith(headline(sub["val_bpb"])) for line in lines):
+        problems.append(f"{path}: no headline {headline(sub['val_bpb'])} (submission.json's mean val_bpb)")
+    for seed, summary in sorted(logs.items()):
+        try:
+            row = results_row(summary)
+        except (KeyError, TypeError, ValueError):
+            continue  # log_text_problems names the missing figure
+        if row not in lines:
+            problems.append(f"{path}: no results row {row!r} (seed {seed}'s log)")
+    return problems
+
+
 def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: str, recipe: Optional[str],
                 has_messages: bool = False) -> str:
     loss, bpb, sig = agg["val_loss_nats_per_token"], agg["val_bpb"], agg["significance"]
     lines = [
         f"# {sub['name']}",
         "",
-        f"**val_bpb {bpb['mean']:.8f}** (mean of {bpb['n']} seed(s); "
+        f"{headline(bpb['mean'])} (mean of {bpb['n']} seed(s); "
         f"sample std, ddof=1: {_f8(bpb['std_sample_ddof1'])}), "
         f"val_loss {loss['mean']:.8f} nats per token. Verdict: **{agg['verdict']['status']}**.",
         "",
@@ -146,11 +216,7 @@ def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: s
         "| seed | val_loss (nats/token) | val_bpb | steps | ms/step | artifact bytes | train s | eval s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for s in seeds:
-        lines.append(
-            f"| {s.seed} | {s.val_loss:.8f} | {s.val_bpb:.8f} | {s.steps} | {s.ms_per_step:.2f} | "
-            f"{s.total_bytes:,} | {s.train_seconds:.1f} | {s.eval_total_s:.1f} |"
-        )
+    lines += [results_row(seed_summary(s, agg["run"], sub["provenance"]["train_gpt_sha256"])) for s in seeds]
     lines += [
         "",
         f"Mean val_bpb {bpb['mean']:.8f}; sample std (ddof=1) {_f8(bpb['std_sample_ddof1'])}; "
@@ -363,6 +429,7 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
             continue
         if logs[seed].get("seed") != seed:
             problems.append(f"{path}: its summary line is seed {logs[seed].get('seed')!r}'s, not seed {seed}'s")
+        problems += log_text_problems(path, logs[seed])
         recorded = logs[seed].get("train_gpt_sha256")
         if code_sha is not None and recorded != code_sha:
             problems.append(
@@ -403,6 +470,8 @@ def check_folder(folder: str | Path, cap_bytes: int = SIZE_CAP_BYTES) -> list[st
                     f"{sub_path}: seed_results.{seed}.code_bytes = {result.get('code_bytes')!r}, but train_gpt.py "
                     f"counts {counted:,} bytes ({convention})"
                 )
+    if (folder / "README.md").exists():
+        problems += readme_problems(folder / "README.md", sub, logs)
     if sorted(sub["seeds"]) != sorted(log_paths):
         problems.append(f"{sub_path}: seeds {sorted(sub['seeds'])} but the folder has logs for {sorted(log_paths)}")
     if sorted(int(k) for k in sub["seed_results"]) != sorted(sub["seeds"]):
