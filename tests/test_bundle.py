@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -542,6 +543,11 @@ def test_minified_bundle_runs_every_stage(tmp_path: Path) -> None:
     assert all(stage["status"] == 0 for stage in summary["stages"].values())
     result = json.loads((folder / "out" / "eval" / "eval.json").read_text())
     assert result["val_bpb"] > 0 and result["token_count"] > 0
+    # a refusal in the shipped form is a tag; the line says where its text is (the folder's messages file)
+    proc = run_hidden(folder / "train_gpt.py", ["--device", "cpu", "--data-dir", "nowhere"], folder)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and re.fullmatch(
+        r"train_gpt\.py: error: [\w.]+:\d+ \(the text of this tag: train_gpt_messages\.json beside the script\)", last), last
 
 
 def test_renderer_hash_covers_the_writer_modules_only(tmp_path) -> None:

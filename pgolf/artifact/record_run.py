@@ -39,6 +39,7 @@ from pgolf.io import atomic_write_json, set_cpu_threads, sha256_json
 
 STAGES = ("train", "hessians", "quantize", "pack", "evaluate")
 DEFAULT_DATA_DIR = "./data/"
+TAG_MESSAGES_FILE = "train_gpt_messages.json"  # in a records folder: the shipped form's error tags -> texts
 DESCRIPTION = (
     "pgolf record run: train, collect Hessians, quantize, pack and evaluate one seed in one torchrun process group "
     "(run one process per GPU with torchrun)."
@@ -424,7 +425,10 @@ def _run_parsed(recipe: Callable[[], RunConfig], args: argparse.Namespace, code_
         summary = run_record(cfg, seed, args.data_dir, out_dir, args.tokenizer, code_file=code_file,
                              device_kind=args.device, quantize_device=args.quantize_device, stop_after=args.stop_after)
     except (ConfigError, ValueError, OSError) as exc:  # OSError: a file where --out-dir expects a folder, say
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if " " not in message and message.rpartition(":")[2].isdigit():  # a shipped form's tag, e.g. data.loader:70
+            message += f" (the text of this tag: {TAG_MESSAGES_FILE} beside the script)"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     return int(summary["exit_status"])
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pgolf.artifact.minify import CODE_BYTES_CONVENTIONS
+from pgolf.artifact.record_run import TAG_MESSAGES_FILE
 from pgolf.io import atomic_dir, atomic_write_json, read_json, sha256_bytes
 from pgolf.report.submission import (
     DEFAULT_REPRODUCE_COMMAND,
@@ -34,7 +35,7 @@ from pgolf.report.results import RECORD_WORLD_SIZE
 from pgolf.report.schema import SUBMISSION_SCHEMA, validate
 from pgolf.report.summary import summary_text
 
-MESSAGES_FILE = "train_gpt_messages.json"  # the shipped form's error tags -> pgolf's message texts
+MESSAGES_FILE = TAG_MESSAGES_FILE  # the shipped form's error tags -> pgolf's message texts
 
 
 def seed_log_name(seed: int) -> str:
