@@ -29,6 +29,8 @@ CASES = {
     "lora": ("lora", dict(warm_start_a=False)),
     "phased": ("lora", dict(phase_boundaries_docs=(3, 6), slot_lengths=(8, 16, 24))),
     "chunked": ("chunked", {}),
+    # chunks of 2 tokens, one per rank: some rank's part is a lone leading BOS, which nothing scores there
+    "chunked_pairs": ("chunked", dict(stream_chunk_tokens=2)),
 }
 
 

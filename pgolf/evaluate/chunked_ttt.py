@@ -80,15 +80,22 @@ def chunked_ttt(
     doc_starts = val.doc_starts
     targets_before = np.concatenate([[0], np.cumsum(val.target_mask(), dtype=np.int64)])  # [N + 1]
 
-    warmup_s = 0.0
-    if eval_cfg.compile and eval_cfg.compile_warmup_steps > 0:  # one graph per row shape, always with grad
-        shapes = sorted({runner.shape_of(stream_window_row(val, *_split(lo, hi, world, rank), L, row_tokens))
-                         for lo, hi in chunks if _split(lo, hi, world, rank)[0] < _split(lo, hi, world, rank)[1]})
-        warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=True, seed=seed + 7_919)
-
     def targets_in(lo: int, hi: int) -> int:
         """Scored positions in [lo, hi): a BOS is one only as the next document's target (score_next_bos)."""
         return int(targets_before[hi] - targets_before[lo])
+
+    def own_part(lo: int, hi: int) -> tuple[int, int, bool]:
+        """This process's ``[rlo, rhi)`` of a chunk, and whether it scores anything there (a part holding only a
+        document's leading BOS, which nothing predicts here, makes no row: an empty row is no model input)."""
+        rlo, rhi = _split(lo, hi, world, rank)
+        return rlo, rhi, rlo < rhi and targets_in(rlo, rhi) > 0
+
+    warmup_s = 0.0
+    if eval_cfg.compile and eval_cfg.compile_warmup_steps > 0:  # one graph per row shape, always with grad
+        parts = [own_part(lo, hi) for lo, hi in chunks]
+        shapes = sorted({runner.shape_of(stream_window_row(val, rlo, rhi, L, row_tokens))
+                         for rlo, rhi, scores in parts if scores})
+        warmup_s += runner.warmup(shapes, eval_cfg.compile_warmup_steps, backward=True, seed=seed + 7_919)
 
     def step(row: Optional[PackedRow], nll: Optional[Tensor], chunk_targets: int) -> None:
         """One SGD step on the chunk: this process's part of the mean NLL, gradients summed over processes."""
@@ -102,8 +109,8 @@ def chunked_ttt(
     score_start = time.perf_counter()
     steps = 0
     for k, (lo, hi) in enumerate(chunks):
-        rlo, rhi = _split(lo, hi, world, rank)
-        row = stream_window_row(val, rlo, rhi, L, row_tokens) if rlo < rhi else None
+        rlo, rhi, scores = own_part(lo, hi)
+        row = stream_window_row(val, rlo, rhi, L, row_tokens) if scores else None
         trains = k < len(chunks) - 1 and cfg.chunk_epochs > 0
         chunk_targets = targets_in(lo, hi)
         for group in opt.param_groups:
