@@ -282,6 +282,20 @@ def test_two_processes_equal_one_process_with_accumulation(two_runs) -> None:
     assert float(state_one["blocks.0.attn.o.weight"].abs().sum()) > 0
 
 
+
+@pytest.mark.slow  # two more training processes (~15 s on a 2-core machine)
+def test_the_record_warm_up_on_the_contiguous_stream_does_not_depend_on_the_process_count(tmp_path) -> None:
+    """Compile passes plus a warm-up whose Muon momentum survives (the record's warm-up options) on pgolf's
+    contiguous stream: the warm-up reads the same micro-batches on 1 and 2 processes (it started one stream call
+    late, a shift that lands on other slots per rank count, and the carried momentum made the weights differ)."""
+    data = write_data(tmp_path / "data")
+    train = dataclasses.replace(TINY_TRAIN, warmup_cu_passes=1, warmup_restore="record")
+    runs = [run_train(data, tmp_path / f"n{n}", n, train=train) for n in (1, 2)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    (one, _), (two, _) = (load_checkpoint(tmp_path / f"n{n}" / "checkpoint") for n in (1, 2))
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+
 def test_checkpoint_describes_itself(two_runs) -> None:
     root, one, _ = two_runs
     state, meta = load_checkpoint(root / "one" / "checkpoint")

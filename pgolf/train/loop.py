@@ -342,8 +342,10 @@ def train_model(
             loop_states=(False, True) if can_loop else (False,),
             warmup_steps=train_cfg.warmup_steps,
             calls_per_step=accum,
-            # the record's loader spends call 0 on the compile passes; the contiguous stream starts at step 0
-            first_step_call=1 if train_cfg.data_stream == "record" or train_cfg.warmup_cu_passes > 0 else 0,
+            # the record's loader spends call 0 on the compile passes; the contiguous stream is indexed, not consumed,
+            # so its warm-up starts at call 0 (a one-call shift would move each rank's slots by a world-size-dependent
+            # amount, and with warmup_restore: record the warm-up's momentum would differ between GPU counts)
+            first_step_call=1 if train_cfg.data_stream == "record" else 0,
             run_step=measured(run_step, "steps"),
             cu_passes=train_cfg.warmup_cu_passes,
             cu_seqlens_list=cu_warmup_seqlens(plan.micro_batch_tokens, train_cfg.train_seq_len,
