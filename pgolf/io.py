@@ -256,7 +256,7 @@ TIMING_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "comply.json": ("verdicts.*.evidence",),
     "README.md": ("*",),  # the records folder's: it quotes the times
-    "seed*.log": ("*",),
+    "train_seed*.log": ("*",),  # the records folder's seed logs (pgolf.report.folder.seed_log_name): stage times
     "seeds.csv": ("*",),
     "report.html": ("*",),
 }

@@ -24,6 +24,7 @@ from pgolf.artifact.pack import run_pack_stage
 from pgolf.config import AggregateConfig, HessianConfig, OptimConfig, PackConfig, QuantizeConfig, from_mapping
 from pgolf.data.prepare import prepare_shards
 from pgolf.io import TIMING_FIELDS, mask_timings
+from pgolf.report.folder import seed_log_name
 from pgolf.quantize.hessians import run_hessian_stage
 from pgolf.quantize.stage import run_quantize_stage
 from pgolf.report.aggregate import run_report
@@ -120,6 +121,11 @@ def test_aggregating_the_same_seeds_twice_gives_the_same_submission(tmp_path) ->
         left, right = (mask_timings(report, _parsed(d / report, d.parents[1])) for d in outs)
         assert left == right, report
     folders = [next((d / "records").glob("track_*/*")) for d in outs]
+    logs = sorted(folders[0].glob("train_seed*.log"))
+    assert len(logs) == 3
+    for log in logs:  # its stage logs quote times: masked whole, under the name the folder writer gives them
+        assert log.name == seed_log_name(int(log.stem.removeprefix("train_seed")))
+        assert mask_timings(log.name, log.read_text()) == "<measured>"
     for name in ("submission.json", "train_gpt.py", "requirements.txt"):
         left, right = (mask_timings(name, (f / name).read_text()) if name.endswith(".py") or name.endswith(".txt")
                        else mask_timings(name, _parsed(f / name, f.parents[4])) for f in folders)
