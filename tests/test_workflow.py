@@ -232,3 +232,16 @@ def test_added_seed_runs_only_that_seed(dry_runs) -> None:
     per_seed = {name: jobs.get(name) for name in ("train", "hessians", "quantize", "pack", "gate", "evaluate")}
     assert per_seed == {name: 1 for name in per_seed}  # seed 2 only: seed 1's outputs stay
     assert "bundle" not in jobs and jobs["aggregate"] == 1
+
+
+def test_a_stray_seed_folder_re_judges_the_run(workdir: Path, dry_runs) -> None:
+    """comply's seeds rule fails on results of a seed the recipe does not declare (cherry-picking); the folders it
+    finds are part of its params, so a stray seed<N>/ re-runs the check (a finished run kept its stale PASS)."""
+    stray = workdir / "results" / "wf" / "seed9"
+    stray.mkdir()
+    try:
+        status, out = finish(_snakemake(workdir, RECIPE, "stray", "-n"))
+    finally:
+        stray.rmdir()
+    assert status == 0, out[-4000:]
+    assert job_counts(out) == {"comply": 1, "aggregate": 1}

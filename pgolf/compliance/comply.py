@@ -25,7 +25,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 from pgolf.config import ModelConfig, RunConfig
 from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION
@@ -104,16 +104,26 @@ def _read_object(path: Path) -> Any:
     return data
 
 
+def seed_directories(run_dir: str | Path) -> dict[int, Path]:
+    """Every ``seed<N>/`` directory under ``run_dir``: the results the run holds, declared or not."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return {}
+    return {int(m.group(1)): child for child in sorted(run_dir.iterdir())
+            if (m := re.fullmatch(r"seed(\d+)", child.name)) and child.is_dir()}
+
+
+def undeclared_seeds(run_dir: str | Path, declared: Iterable[int]) -> list[int]:
+    """Seeds with results under ``run_dir`` that the recipe does not declare (the ``seeds`` rule fails on them);
+    the comply rule's params hold this list, so a stray seed folder re-judges a finished run."""
+    return sorted(set(seed_directories(run_dir)) - set(declared))
+
+
 def collect_evidence(run_dir: str | Path, cfg: RunConfig, data_dir: str | Path | None = None) -> Evidence:
     """Read every file the checks use. ``data_dir`` defaults to ``<results>/data/<cfg.data.name>`` beside the run."""
     run_dir = Path(run_dir)
     data = Path(data_dir) if data_dir is not None else run_dir.parent / "data" / cfg.data.name
-    seed_dirs = {}
-    if run_dir.is_dir():
-        for child in run_dir.iterdir():
-            match = re.fullmatch(r"seed(\d+)", child.name)
-            if match and child.is_dir():
-                seed_dirs[int(match.group(1))] = child
+    seed_dirs = seed_directories(run_dir)
     seeds = {
         seed: {key: _read_object(run_dir / f"seed{seed}" / rel) for key, rel in SEED_FILES.items()}
         for seed in cfg.seeds

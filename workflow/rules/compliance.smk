@@ -7,6 +7,8 @@
 # and writes comply.json (a failing `mode` rule does not stop the DAG) but gates nothing. In both modes the
 # report shows the verdicts, grouped.
 
+from pgolf.compliance.comply import undeclared_seeds
+
 COMPLY_JSON = f"{RUN_DIR}/comply.json"
 COMPLY_SEED_FILES = (
     "train/train_summary.json",
@@ -38,6 +40,8 @@ rule comply:
         config=comply_recipe(),
         data_dir=DATA_DIR,
         run_dir=RUN_DIR,
+        # the seeds rule also reads which seed<N>/ folders exist: one the recipe does not declare re-judges the run
+        undeclared_seeds=lambda wildcards: undeclared_seeds(RUN_DIR, CFG.seeds),
     log:
         f"{RUN_DIR}/logs/comply.log",
     script:
