@@ -29,6 +29,8 @@ import io
 import tokenize
 
 CODE_BYTES_CONVENTIONS = ("file", "wrapper")  # what count_code_bytes counts under
+# beside a shipped train_gpt.py in a records folder: its error tags (``<module>:<line>``) -> pgolf's message texts
+TAG_MESSAGES_FILE = "train_gpt_messages.json"
 WRAPPER_HEAD = 'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("'
 WRAPPER_TAIL = '")))\n'
 

@@ -36,10 +36,10 @@ from typing import Any, Callable, Optional, TextIO
 
 from pgolf.config import ConfigError, RunConfig, load_run_config, parse_run_config, to_dict
 from pgolf.io import atomic_write_json, set_cpu_threads, sha256_json
+from pgolf.artifact.minify import TAG_MESSAGES_FILE
 
 STAGES = ("train", "hessians", "quantize", "pack", "evaluate")
 DEFAULT_DATA_DIR = "./data/"
-TAG_MESSAGES_FILE = "train_gpt_messages.json"  # in a records folder: the shipped form's error tags -> texts
 DESCRIPTION = (
     "pgolf record run: train, collect Hessians, quantize, pack and evaluate one seed in one torchrun process group "
     "(run one process per GPU with torchrun)."

@@ -15,8 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pgolf.artifact.minify import CODE_BYTES_CONVENTIONS
-from pgolf.artifact.record_run import TAG_MESSAGES_FILE
+from pgolf.artifact.minify import CODE_BYTES_CONVENTIONS, TAG_MESSAGES_FILE
 from pgolf.io import atomic_dir, atomic_write_json, read_json, sha256_bytes
 from pgolf.report.submission import (
     DEFAULT_REPRODUCE_COMMAND,
