@@ -39,17 +39,20 @@ def _tmp_name(path: Path) -> Path:
 _HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
 
 
-def remove_orphaned_temp_dirs(path: str | Path) -> list[Path]:
-    """Remove the temporary folders beside ``path`` that a process of THIS machine made and that is gone (killed
-    with SIGKILL or by the OOM killer, which skip every ``finally``); returns them. A folder of a live process or
+def remove_orphaned_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files and folders beside ``path`` that a process of THIS machine made and that is gone
+    (killed with SIGKILL or by the OOM killer, which skip every ``finally``); returns them. One of a live process or
     of another machine is kept: whether that one's maker is alive cannot be known from here."""
     path = Path(path)
     removed = []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp"):
         pid_text = tmp.name[len(f".{path.name}.{_HOST}."):].split(".")[0]
-        if not tmp.is_dir() or not pid_text.isdigit() or _process_alive(int(pid_text)):
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
             continue
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
 
@@ -126,6 +129,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temps(path)  # a killed earlier write's (a checkpoint: up to gigabytes)
     tmp = create_temp_file(path)
     try:
         yield tmp
@@ -167,7 +171,7 @@ def atomic_dir(path: str | Path, marker: str) -> Iterator[Path]:
             raise FileExistsError(f"{path}: a folder that is not empty and holds no {marker} (not an earlier "
                                   "output of this kind); refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for orphan in remove_orphaned_temp_dirs(path):  # a killed earlier attempt's (a full preparation: gigabytes)
+    for orphan in remove_orphaned_temps(path):  # a killed earlier attempt's (a full preparation: gigabytes)
         print(f"{path}: removed {orphan.name}, left by a killed earlier attempt", file=sys.stderr)
     tmp = create_temp_dir(path)
     try:

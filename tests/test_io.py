@@ -77,6 +77,25 @@ def test_a_killed_writers_temporary_folder_goes_on_the_next_attempt(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "shards"])
 
 
+
+def test_a_killed_writers_temporary_file_goes_on_the_next_write(tmp_path: Path) -> None:
+    """The same for single files (a checkpoint or Hessians file half written when the OOM killer struck): the next
+    atomic write of that output removes the dead process's temporary file, and keeps a live one's."""
+    import pgolf.io as io_module
+    from pgolf.io import atomic_write_bytes
+
+    out = tmp_path / "model.pt"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; sys.path.insert(0, sys.argv[2]); from pgolf.io import create_temp_file; "
+        "tmp = create_temp_file(sys.argv[1]); open(tmp, 'wb').write(b'half'); os.kill(os.getpid(), 9)"),
+        str(out), str(Path(io_module.__file__).parents[1])], capture_output=True)
+    assert killed.returncode == -9
+    (orphan,) = tmp_path.glob(".model.pt.*.tmp")
+    alive = tmp_path / f".model.pt.{io_module._HOST}.{os.getpid()}.0000abcd.tmp"
+    alive.write_bytes(b"in progress")
+    atomic_write_bytes(out, b"whole")
+    assert not orphan.exists() and alive.exists() and out.read_bytes() == b"whole"
+
 def test_an_atomic_folder_replaces_only_what_its_writer_made(tmp_path: Path) -> None:
     """An earlier output (holding the marker) or an empty folder is replaced; a file or a folder of the user's is
     refused before the work starts, and stays as it was."""
