@@ -182,3 +182,23 @@ def test_a_damaged_state_description_or_attempt_record_starts_over_saying_why(tm
     (folder / ATTEMPT_NAME).write_text("[1, 2]")
     assert begin_attempt(folder, None, 0) == 1  # an earlier attempt, however damaged its record
     assert json.loads((folder / ATTEMPT_NAME).read_text())["attempts"] == 2
+
+
+def test_a_periodic_save_that_fails_does_not_end_the_training(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A full disk at a periodic save (two state files for a moment): the sweep says so and trains on; the saved
+    state is a convenience, the training is the job."""
+    import pgolf.train.resume as resume
+
+    real, calls = resume.save, {"n": 0}
+
+    def save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resume, "save", save)
+    summary = run(data, tmp_path / "full", dataclasses.replace(BASE, resume_every_steps=2), OptimConfig())
+    err = capsys.readouterr().err
+    assert "resume: could not save the state of step 2" in err and "No space left on device" in err
+    assert summary["steps"] == 6 and calls["n"] == 2  # the save at step 4 was tried again (and worked)

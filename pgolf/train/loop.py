@@ -466,7 +466,11 @@ def train_model(
                         step_times_ms={k: torch.tensor(v, dtype=torch.float64) for k, v in step_times_ms.items()},
                         cu_shapes=torch.tensor(sorted(seen_cu_shapes), dtype=torch.int64),
                     )
-                    resume.save(resume_dir, state, state_id, step, metrics.lines)
+                    try:
+                        resume.save(resume_dir, state, state_id, step, metrics.lines)
+                    except OSError as exc:  # a full disk, say: the saved state is a convenience, the training is not
+                        progress(f"resume: could not save the state of step {step} in {resume_dir} ({exc}); training "
+                                 "goes on (an interruption would resume from an earlier saved state)", final=True)
                 train_start += clock() - save_start  # saving is not training time: the schedule's clock skips it
     finally:
         prefetcher.close()
