@@ -460,7 +460,6 @@ def test_lrzip_round_trip(quantized):
     assert_same_model(quantized, loaded)
 
 
-
 def test_lrzip_runs_with_a_pinned_thread_count(quantized, monkeypatch, tmp_path):
     """lrzip's output depends on its thread count (default: the machine's CPUs; measured here: -p 1 and -p 2 give
     other bytes for the same input), so pack pins it: the same weights give the same artifact on any machine. A
