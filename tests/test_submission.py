@@ -10,9 +10,9 @@ import pytest
 
 from pgolf.cli import main as pgolf_main
 from pgolf.config import AggregateConfig, from_mapping
-from pgolf.artifact.minify import counted_code, make_wrapper
+from pgolf.artifact.minify import TAG_MESSAGES_FILE, counted_code, make_wrapper
 from pgolf.report.aggregate import run_report
-from pgolf.report.folder import MESSAGES_FILE, check_folder, parse_seed_log
+from pgolf.report.folder import check_folder, parse_seed_log
 from pgolf.report.submission import third_party_imports
 from pgolf.report.schema import SUBMISSION_SCHEMA, schema_text, validate
 from report_fixtures import RECORD_BPB, TRAIN_GPT_SOURCE, make_code_bundle, make_run, make_seed
@@ -169,8 +169,8 @@ def test_the_folder_carries_the_error_tags_of_a_shipped_bundle(tmp_path):
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "messages": messages}))
     agg = run_report(run_dir, cfg(), SEEDS, recipe="config.yaml", comply_path=run_dir / "comply.json")
     folder = Path(agg["submission_folder"])
-    assert json.loads((folder / MESSAGES_FILE).read_text()) == messages
-    assert f"`{MESSAGES_FILE}`: the text of each error tag" in (folder / "README.md").read_text()
+    assert json.loads((folder / TAG_MESSAGES_FILE).read_text()) == messages
+    assert f"`{TAG_MESSAGES_FILE}`: the text of each error tag" in (folder / "README.md").read_text()
     assert check_folder(folder) == []
 
 

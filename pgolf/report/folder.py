@@ -34,8 +34,6 @@ from pgolf.report.results import RECORD_WORLD_SIZE
 from pgolf.report.schema import SUBMISSION_SCHEMA, validate
 from pgolf.report.summary import summary_text
 
-MESSAGES_FILE = TAG_MESSAGES_FILE  # the shipped form's error tags -> pgolf's message texts
-
 
 def seed_log_name(seed: int) -> str:
     return f"train_seed{seed}.log"
@@ -281,7 +279,7 @@ def readme_text(agg: dict, sub: dict, seeds: Sequence[Any], reproduce_command: s
         "- `train_gpt.py`: the bundled training + evaluation script",
         *[f"- `{seed_log_name(s.seed)}`: stage logs and the evaluation summary of seed {s.seed}" for s in seeds],
         "- `requirements.txt`: third-party packages `train_gpt.py` imports",
-        *([f"- `{MESSAGES_FILE}`: the text of each error tag `train_gpt.py` can print (its shipped form raises "
+        *([f"- `{TAG_MESSAGES_FILE}`: the text of each error tag `train_gpt.py` can print (its shipped form raises "
            "errors as `<module>:<line>` tags of pgolf's sources, to save counted bytes)"] if has_messages else []),
         "",
     ]
@@ -314,7 +312,7 @@ def write_folder(
         messages = bundle.meta.get("messages")
         has_messages = isinstance(messages, dict) and bool(messages)
         if has_messages:  # not code: the script never reads it
-            (tmp / MESSAGES_FILE).write_text(json.dumps(messages, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (tmp / TAG_MESSAGES_FILE).write_text(json.dumps(messages, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(readme_text(agg, sub, seeds, command, recipe, has_messages), encoding="utf-8")
     return folder
 
