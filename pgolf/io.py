@@ -571,13 +571,34 @@ def set_cpu_threads(n: int) -> int:
 # ---------------------------------------------------------------------------------------------------------- tee
 
 
-def tee(lines: Iterator[bytes], log_path: str | Path, console: ConsoleLines) -> None:
-    """Append every line to the log (flushed per line) and show the progress lines on the console."""
-    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+def tee(lines: Iterator[bytes], log_path: str | Path, console: ConsoleLines,
+        carry_path: str | Path | None = None) -> None:
+    """Append every line to the log (flushed per line) and show the progress lines on the console.
+
+    ``carry_path``: a copy of the log that outlives the job (the training rule's ``train/resume/train.log``,
+    removed with that folder once the job succeeded). Snakemake deletes a job's log before it runs the job again,
+    so an interrupted job's copy is written at the top of the new log first: a resumed training's log then holds
+    the steps before the interruption too. Every line goes to both files."""
+    with contextlib.ExitStack() as files:
+        logs = [files.enter_context(open(log_path, "a", encoding="utf-8", errors="replace"))]
+        if carry_path is not None:
+            carry_path = Path(carry_path)
+            carry_path.parent.mkdir(parents=True, exist_ok=True)
+            earlier = carry_path.read_text(encoding="utf-8", errors="replace") if carry_path.exists() else ""
+            logs.append(files.enter_context(open(carry_path, "a", encoding="utf-8", errors="replace")))
+            if earlier:
+                cut = "" if earlier.endswith("\n") else "\n"
+                logs[0].write(earlier + cut)
+                logs[1].write(cut)
+                for out in logs:
+                    out.write(f"===== the lines above are the log of an earlier attempt that did not finish (kept in "
+                              f"{carry_path}); this attempt starts here =====\n")
+                    out.flush()
         for raw in lines:
             line = raw.decode("utf-8", errors="replace")
-            log.write(line)
-            log.flush()
+            for out in logs:
+                out.write(line)
+                out.flush()
             if line.startswith(PROGRESS_MARK):
                 console.show(line[len(PROGRESS_MARK):].rstrip())
     console.close()
@@ -600,10 +621,13 @@ def tee_main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--label", required=True, help="console prefix, e.g. 'train seed 1'")
     parser.add_argument("--every", type=float, default=CONSOLE_EVERY_SECONDS,
                         help="at most one console line per this many seconds (the last one is always shown)")
+    parser.add_argument("--carry", default=None, metavar="PATH",
+                        help="a copy of the log kept across attempts: written first into LOG when it exists, then "
+                        "appended to like LOG (the caller removes it once the job succeeded)")
     args = parser.parse_args(argv)
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    tee(iter(sys.stdin.buffer.readline, b""), args.log, ConsoleLines(sys.stderr, args.label, args.every))
+    tee(iter(sys.stdin.buffer.readline, b""), args.log, ConsoleLines(sys.stderr, args.label, args.every), args.carry)
     return 0
 
 

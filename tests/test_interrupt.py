@@ -162,7 +162,12 @@ def test_ctrl_c_during_training_then_the_same_command_completes(work: Path) -> N
     records = [json.loads(line) for line in (seed_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train_step"] == list(range(1, ITERATIONS + 1))
     assert [r["from_step"] for r in records if r["event"] == "resumed"] == [saved]
-    assert not (seed_dir / "train" / "resume").exists()
+    assert not (seed_dir / "train" / "resume").exists()  # removed by the rule once the job succeeded
+    # the seed's log holds both attempts: Snakemake deleted the first one's, the copy in train/resume/ carried it
+    log = (seed_dir / "logs" / "train.log").read_text()
+    first_part, marker, second_part = log.partition("===== the lines above are the log of an earlier attempt")
+    assert marker and "[progress] step 1/" in first_part and f"resuming from step {saved}" in second_part
+    assert f"[progress] step {ITERATIONS}/" in second_part
 
     results = work / "results"
     assert not [p for p in results.rglob("*.partial")]

@@ -22,6 +22,7 @@ from pgolf.io import (
     mask_timings,
     partial_path,
     rate_text,
+    tee,
 )
 
 MODES = """
@@ -158,6 +159,27 @@ def test_tee_writes_everything_to_the_log_and_progress_to_the_console(tmp_path: 
     assert text.count("plain line") == 5 and text.count("[progress] step") == 5 and "the last words" in text
     # rate-limited: the first line at once, the last one held back and shown at the end
     assert tee.stderr.splitlines() == ["train seed 1: step 1/5", "train seed 1: step 5/5"]
+
+
+def test_tee_carries_an_unfinished_attempts_log_into_the_next_one(tmp_path: Path) -> None:
+    """Snakemake deletes a job's log before running it again: the training rule's copy under train/resume/ is
+    written first into the new log, so a resumed training's log still holds the steps before the interruption."""
+    log, carry = tmp_path / "logs" / "train.log", tmp_path / "train" / "resume" / "train.log"
+    log.parent.mkdir()
+    console = ConsoleLines(io.StringIO(), "train seed 1", 60.0)
+    tee(iter([b"step 1\n", b"step 2 (interrupted, no newline)"]), log, console, carry)
+    assert carry.read_text() == log.read_text() == "step 1\nstep 2 (interrupted, no newline)"
+    log.unlink()  # what Snakemake does before the job runs again
+    tee(iter([b"resuming from step 1\n", b"step 2\n"]), log, ConsoleLines(io.StringIO(), "x", 60.0), carry)
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["step 1", "step 2 (interrupted, no newline)"]
+    assert lines[2].startswith("===== the lines above are the log of an earlier attempt that did not finish")
+    assert lines[3:] == ["resuming from step 1", "step 2"]
+    assert carry.read_text() == log.read_text()  # a third attempt would start with both
+    # without a copy (the first attempt, or after the rule removed it): the log alone
+    other = tmp_path / "other.log"
+    tee(iter([b"one\n"]), other, ConsoleLines(io.StringIO(), "x", 60.0), tmp_path / "none" / "train.log")
+    assert other.read_text() == "one\n"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,28 @@ def test_a_crash_between_a_state_and_its_json_resumes_from_the_previous_state(da
     summary = run(data, out, saving, optim_cfg)
     assert summary["resumed_from_step"] == 2
     assert (out / "checkpoint" / "model.pt").read_bytes() == (tmp_path / "whole" / "checkpoint" / "model.pt").read_bytes()
+
+
+def test_a_job_killed_after_its_outputs_were_written_resumes_at_the_end(data: Path, tmp_path: Path) -> None:
+    """The Snakemake rule trains with keep_resume and removes resume/ only after the job succeeded. A job killed in
+    between (its processes exiting, say) has its outputs deleted as incomplete; run again, it resumes from the last
+    step's state instead of training from step 0, and writes the same bytes."""
+    train_cfg, optim_cfg = VARIANTS["pgolf"]
+    saving = dataclasses.replace(train_cfg, resume_every_steps=4)  # 6 steps: the last is no multiple of 4
+    run(data, tmp_path / "whole", saving, optim_cfg)
+    out = tmp_path / "killed"
+    train(TINY_MODEL, optim_cfg, saving, 5, data, out, "cpu", keep_resume=True)
+    assert json.loads((out / RESUME_DIR / META_NAME).read_text())["step"] == saving.iterations
+    assert sorted(p.name for p in (out / RESUME_DIR).glob("state-*.pt")) == ["state-00000006.pt"]
+    for name in ("checkpoint", "train_summary.json", "metrics.jsonl"):  # Snakemake: incomplete outputs go
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    summary = train(TINY_MODEL, optim_cfg, saving, 5, data, out, "cpu", keep_resume=True)
+    assert summary["resumed_from_step"] == saving.iterations and summary["earlier_attempts"] == 1
+    for name in ("model.pt", "checkpoint.json"):
+        assert (out / "checkpoint" / name).read_bytes() == (tmp_path / "whole" / "checkpoint" / name).read_bytes()
+    assert steps_and_losses(out) == steps_and_losses(tmp_path / "whole")
+    assert (out / RESUME_DIR).exists()  # the caller's to remove
 
 
 def test_a_second_training_of_the_same_folder_is_refused(data: Path, tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg = section_from_json(ModelConfig, args.model_json, "--model-json")
     optim_cfg = section_from_json(OptimConfig, args.optim_json, "--optim-json")
     train_cfg = section_from_json(TrainConfig, args.train_json, "--train-json")
-    train(model_cfg, optim_cfg, train_cfg, args.seed, args.data_dir, args.out_dir, args.device, args.init_checkpoint)
+    train(model_cfg, optim_cfg, train_cfg, args.seed, args.data_dir, args.out_dir, args.device, args.init_checkpoint,
+          keep_resume=args.keep_resume)
     return 0
 
 
@@ -41,6 +42,11 @@ def _register_train(commands) -> None:
         "--init-checkpoint", default=None, metavar="DIR",
         help="start from this pgolf checkpoint's weights instead of the seeded init (e.g. the record script's initial "
         "weights imported with `pgolf checkpoint import-record`); its model_config must equal --model-json",
+    )
+    p.add_argument(
+        "--keep-resume", action="store_true",
+        help="leave OUT_DIR/resume/ (a sweep's state of the last step, the attempt record) for the caller to remove "
+        "once it has accepted the outputs, as the Snakemake rule does: a job killed before that resumes at the end",
     )
     p.set_defaults(func=_train)
 

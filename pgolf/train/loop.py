@@ -181,13 +181,16 @@ def train(
     out_dir: str | Path,
     device_kind: str = "auto",
     init_checkpoint: str | Path | None = None,
+    keep_resume: bool = False,
 ) -> dict[str, Any]:
     """Train one seed in its own process group: join it, train, leave it (the ``python -m pgolf.train`` stage).
 
     ``init_checkpoint``: a pgolf checkpoint directory whose weights replace the seeded initialization.
+    ``keep_resume``: see :func:`train_in_group`.
     """
     info = init_distributed(device_kind)
-    summary = train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint)
+    summary = train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint,
+                             keep_resume)
     shutdown(info)
     return summary
 
@@ -201,21 +204,28 @@ def train_in_group(
     out_dir: str | Path,
     info: DistInfo,
     init_checkpoint: str | Path | None = None,
+    keep_resume: bool = False,
 ) -> dict[str, Any]:
     """Train one seed inside an existing process group and leave it open, so that later stages can reuse it (the
     in-process record run, pgolf.artifact.record_run). Rank 0 writes ``out_dir/checkpoint/`` and
     ``out_dir/train_summary.json``, holding ``out_dir/.train.lock`` all along: a second training of the same folder
     is refused at once.
+
+    ``keep_resume``: leave ``out_dir/resume/`` for the caller to remove once it has accepted the outputs (the
+    Snakemake rule does, after the job succeeded), with a sweep's state of the LAST step in it. A job killed between
+    these writes and that acceptance (Snakemake then deletes the outputs as incomplete) resumes from the end
+    instead of starting over. Without it the folder goes as soon as the outputs are written.
     """
     from pgolf.io import exclusive_lock, set_cpu_threads
 
     set_cpu_threads(train_cfg.cpu_threads)  # CPU training: the same sums from the pipeline and train_gpt.py
     lock = exclusive_lock(Path(out_dir) / TRAIN_LOCK_NAME, "a training of this seed") if info.is_main else nullcontext()
     with lock:
-        return _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint)
+        return _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint,
+                               keep_resume)
 
 
-def _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint):
+def _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint, keep_resume):
     """:func:`train_in_group`'s work, under its lock."""
     data_info = check_data(Path(data_dir), model_cfg.vocab_size)
     torch.manual_seed(seed)
@@ -231,7 +241,7 @@ def _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, in
     model.set_attention_backend(info.device)  # before compiling: probes FlashAttention; recorded in the summary
     return train_model(
         model, param_groups(model), model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info,
-        data_info={**data_info, **extra}, build_start=build_start,
+        data_info={**data_info, **extra}, build_start=build_start, keep_resume=keep_resume,
     )
 
 
@@ -249,6 +259,7 @@ def train_model(
     data_info: Optional[dict[str, Any]] = None,
     clock: Callable[[], float] = time.perf_counter,
     build_start: Optional[float] = None,
+    keep_resume: bool = False,
 ) -> dict[str, Any]:
     """Train a built model (its initial weights in place, on ``info.device``): warm-up, the timed loop, the EMA,
     the checkpoint. The model needs a ``looping`` attribute and ``forward(inputs [n], targets [n], cu_seqlens=,
@@ -256,7 +267,8 @@ def train_model(
 
     ``clock``: the time source of the schedule and the stop (seconds; read once at the start, then at the top and
     at the end of every step, like the record's); a test can pass a fake one. ``build_start``: the
-    ``time.perf_counter()`` of the model's construction, for the summary's ``startup_seconds``.
+    ``time.perf_counter()`` of the model's construction, for the summary's ``startup_seconds``. ``keep_resume``:
+    see :func:`train_in_group`.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = info.device
@@ -397,6 +409,23 @@ def train_model(
             raise RuntimeError(f"rank {info.rank}: resumed from {resumed_from}, rank 0 from {int(resumed_on_rank0)}")
         earlier_attempts = begin_attempt(resume_dir, resumed_from, every) if info.is_main else 0
 
+        saved_step = resumed_from  # the step whose state resume/ holds
+
+        def save_state() -> int:
+            """Rank 0: the state of this step into resume/; returns the step. A failure is reported, not raised."""
+            state = resume.capture(
+                model, optimizers, ema.shadow, step=step, elapsed_s=end_s, looping=bool(model.looping),
+                loop_enabled_step=-1 if loop_enabled_step is None else loop_enabled_step,
+                step_times_ms={k: torch.tensor(v, dtype=torch.float64) for k, v in step_times_ms.items()},
+                cu_shapes=torch.tensor(sorted(seen_cu_shapes), dtype=torch.int64),
+            )
+            try:
+                resume.save(resume_dir, state, state_id, step, metrics.lines)
+            except OSError as exc:  # a full disk, say: the saved state is a convenience, the training is not
+                progress(f"resume: could not save the state of step {step} in {resume_dir} ({exc}); training goes "
+                         "on (an interruption would resume from an earlier saved state)", final=True)
+            return step
+
         last_loss: Optional[float] = None
         # every step's loss is finite so far: kept on the device (no synchronization), read on logged steps and at
         # the end, so that a divergence between two logged steps is not saved as a checkpoint
@@ -460,17 +489,7 @@ def train_model(
             if every > 0 and step % every == 0 and step < train_cfg.iterations:
                 save_start = clock()
                 if info.is_main:
-                    state = resume.capture(
-                        model, optimizers, ema.shadow, step=step, elapsed_s=end_s, looping=bool(model.looping),
-                        loop_enabled_step=-1 if loop_enabled_step is None else loop_enabled_step,
-                        step_times_ms={k: torch.tensor(v, dtype=torch.float64) for k, v in step_times_ms.items()},
-                        cu_shapes=torch.tensor(sorted(seen_cu_shapes), dtype=torch.int64),
-                    )
-                    try:
-                        resume.save(resume_dir, state, state_id, step, metrics.lines)
-                    except OSError as exc:  # a full disk, say: the saved state is a convenience, the training is not
-                        progress(f"resume: could not save the state of step {step} in {resume_dir} ({exc}); training "
-                                 "goes on (an interruption would resume from an earlier saved state)", final=True)
+                    saved_step = save_state()
                 train_start += clock() - save_start  # saving is not training time: the schedule's clock skips it
     finally:
         prefetcher.close()
@@ -481,6 +500,8 @@ def train_model(
     if not bool(all_finite):
         raise FloatingPointError(f"training loss was not finite at a step after the last logged one (step "
                                  f"{last_log_step}): no checkpoint is written")
+    if keep_resume and every > 0 and info.is_main and saved_step != step:
+        saved_step = save_state()  # the last step's: a job killed before its outputs are accepted resumes at the end
     weights = ema.final_weights()
     diverged = [name for name, t in weights.items() if not bool(torch.isfinite(t).all())]
     if diverged:
@@ -555,7 +576,8 @@ def train_model(
         metrics.write({"event": "train_done", **summary})
         atomic_write_json(out_dir / "train_summary.json", summary)
         metrics.commit()
-        finish_attempts(resume_dir)
+        if not keep_resume:
+            finish_attempts(resume_dir)
         progress(f"{step} steps" + (f", loss {last_loss:.4f}" if last_loss is not None else "")
                  + f", {train_seconds:.0f} s of training ({rate_text(summary['tokens_per_s'], 'tok')})", final=True)
     return summary

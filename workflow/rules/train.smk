@@ -6,6 +6,9 @@
 #
 # A sweep with train.resume_every_steps > 0 saves its state under train/resume/ (no rule declares it, so Snakemake
 # never deletes it) and an interrupted job, run again, resumes from there; a record run starts over, saying so.
+# The folder also keeps a copy of the log (Snakemake deletes a job's log before running it again: the new log starts
+# with the copy) and, with --keep-resume, the last step's state. Only the shell removes it, once torchrun succeeded:
+# a job killed while its processes exit resumes at the end instead of training again from step 0.
 
 
 from pgolf.config import DataConfig
@@ -64,5 +67,6 @@ rule train:
         " --data-dir {params.data_root} --json-out {params.preflight_json} && "
         "torchrun --standalone --nproc_per_node $(( {resources.gpus} > 0 ? {resources.gpus} : 1 )) -m pgolf.train"
         " --model-json '{params.model}' --optim-json '{params.optim}' --train-json '{params.train}'"
-        " --seed {wildcards.seed} --data-dir {input.shards} --out-dir {params.out_dir} ) 2>&1"
-        " | python -m pgolf.io {log} --label 'train seed {wildcards.seed}'"
+        " --seed {wildcards.seed} --data-dir {input.shards} --out-dir {params.out_dir} --keep-resume ) 2>&1"
+        " | python -m pgolf.io {log} --label 'train seed {wildcards.seed}' --carry {params.out_dir}/resume/train.log"
+        " && rm -rf {params.out_dir}/resume"
