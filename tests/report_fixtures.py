@@ -217,7 +217,7 @@ def make_run(tmp_path: Path, values: dict[int, float] | None = None) -> Path:
     sha = make_code_bundle(run_dir)
     for seed, bpb in (values or RECORD_BPB).items():
         make_seed(run_dir, seed, bpb, code_sha256=sha)
-    _write(run_dir / "comply.json", RECORD_COMPLY)
+    _write(run_dir / "comply.json", {**RECORD_COMPLY, "seeds": list(values or RECORD_BPB)})
     return run_dir
 
 

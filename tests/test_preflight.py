@@ -41,8 +41,10 @@ def test_hardware_check():
     one_h200 = hardware_check("record", ["NVIDIA H200"])
     assert not one_h200.ok
     assert one_h200.detail == (
-        "record-track hardware check: found 1 x NVIDIA H200, need 8 x H100 (sweep mode allows it)"
+        "record-track hardware check: found 1 x NVIDIA H200, need 8 x H100 SXM (sweep mode allows it)"
     )
+    assert not hardware_check("record", ["NVIDIA H100 PCIe"] * 8).ok
+    assert hardware_check("record", ["NVIDIA H100 80GB HBM3"] * 8).ok
     assert not hardware_check("record", []).ok
     assert not hardware_check("record", ["NVIDIA H100 80GB HBM3"] * 7 + ["NVIDIA A100"]).ok
     assert hardware_check("record", ["NVIDIA H100 80GB HBM3"] * 8).ok

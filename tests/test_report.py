@@ -164,6 +164,49 @@ def test_compliance_blockers(tmp_path):
     assert "no compliance verdicts (comply.json)" in reasons
 
 
+def test_an_h100_that_is_not_the_sxm_part_is_not_record_hardware(tmp_path):
+    """The 600 s budgets are stated for 8 x H100 SXM: an H100 PCIe or NVL run is reported off record hardware."""
+    from pgolf.compliance.provenance import is_record_gpu
+
+    assert is_record_gpu("NVIDIA H100 80GB HBM3") and is_record_gpu("NVIDIA H100 SXM5 80GB")
+    assert not any(map(is_record_gpu, ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", None)))
+    run_dir = tmp_path / "results" / "r"
+    sha = make_code_bundle(run_dir)
+    for seed, bpb in RECORD_BPB.items():
+        make_seed(run_dir, seed, bpb, code_sha256=sha, env={"torch": "2.11.0", "gpu": "NVIDIA H100 PCIe",
+                                                            "gpu_count": 8})
+    agg = run_report(run_dir, agg_config(), SEEDS)
+    assert agg["record_hardware"] is False and agg["verdict"]["status"] == "non-record"
+    assert "not the record-track 8xH100: trained on 8 processes, NVIDIA H100 PCIe" in " | ".join(agg["verdict"]["reasons"])
+
+
+def test_a_report_of_fewer_seeds_than_compliance_checked_is_no_record(tmp_path):
+    """Reporting the two best of the three seeds compliance saw would pick seeds after their scores were known."""
+    run_dir = make_run(tmp_path)
+    best_two = sorted(RECORD_BPB, key=RECORD_BPB.get)[:2]
+    agg = run_report(run_dir, agg_config(), best_two, comply_path=run_dir / "comply.json")
+    assert agg["verdict"]["status"] == "non-record"
+    assert f"comply.json checked the seeds {SEEDS}, this report takes {sorted(best_two)}" in agg["verdict"]["reasons"][0]
+    every = run_report(run_dir, agg_config(), SEEDS[::-1], comply_path=run_dir / "comply.json")  # any order
+    assert every["verdict"]["status"] != "non-record" and not [r for r in every["verdict"]["reasons"] if "comply" in r]
+
+
+def test_pooled_seeds_of_different_bytes_per_token_keep_the_headline_delta(tmp_path):
+    """Mixed provenance pooled on purpose (another validation token count): delta_vs_leaderboard_bpb is still the
+    headline's mean val_bpb minus the baseline, and the folder passes its own check."""
+    from pgolf.report.folder import check_folder
+
+    run_dir = tmp_path / "results" / "r"
+    sha = make_code_bundle(run_dir)
+    for seed, bpb in RECORD_BPB.items():
+        make_seed(run_dir, seed, bpb, code_sha256=sha, token_count=40_000_000 if seed == 0 else TOKEN_COUNT)
+    agg = run_report(run_dir, agg_config(allow_mixed_provenance=True), SEEDS)
+    sub = json.loads((run_dir / "submission.json").read_text())
+    expected = float(np.mean(list(RECORD_BPB.values()))) - PR1787["baseline_mean"]
+    assert sub["delta_vs_leaderboard_bpb"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert check_folder(agg["submission_folder"]) == []
+
+
 def _edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     for dotted, value in changes.items():

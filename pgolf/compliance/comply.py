@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
+from pgolf.compliance.provenance import RECORD_GPU_COUNT, is_record_gpu
 from pgolf.config import ModelConfig, RunConfig
 from pgolf.config.training import DEFAULT_MAX_VAL_OVERLAP_FRACTION
 from pgolf.io import sha256_file
@@ -41,8 +42,6 @@ SIZE_CAP_BYTES = 16_000_000
 # validation documents with an exact copy in training that a published split may keep (the data stage's default
 # data.max_val_overlap_fraction, which record mode cannot raise): 500 of 50,000; more is a wrong split (#2127)
 MAX_VAL_OVERLAP_DOCS = int(DEFAULT_MAX_VAL_OVERLAP_FRACTION * OFFICIAL_VAL_DOCS)
-RECORD_GPU_COUNT = 8
-RECORD_GPU_NAME = "H100"
 # what each of pgolf.artifact.minify.CODE_BYTES_CONVENTIONS counts, in the verdict's words
 CONVENTION_TEXTS = {
     "wrapper": "brotli+base85 exec wrapper around the minified code (the top records' convention)",
@@ -148,9 +147,9 @@ def _dig(data: dict, dotted: str) -> Any:
 
 
 def _on_record_hardware(world_size: Any, environment: Any) -> bool:
-    """8 processes on GPUs named H100 (the hardware the 600 s budgets are stated for)."""
+    """8 processes on H100 SXM GPUs (the hardware the 600 s budgets are stated for)."""
     gpu = environment.get("gpu") if isinstance(environment, dict) else None
-    return world_size == RECORD_GPU_COUNT and isinstance(gpu, str) and RECORD_GPU_NAME in gpu
+    return world_size == RECORD_GPU_COUNT and is_record_gpu(gpu)
 
 
 def _hardware_words(world_size: Any, environment: Any) -> str:

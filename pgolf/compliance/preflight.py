@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pgolf.compliance.provenance import RECORD_GPU_COUNT, RECORD_GPU_NAME, is_record_gpu
 from pgolf.config import ConfigError, RunConfig, load_run_config
 from pgolf.io import read_json
 
-RECORD_GPU_COUNT = 8
-RECORD_GPU_NAME = "H100"
 MIN_TORCH = (2, 11)
 WORK_SPACE_BYTES = 4 * 1024**3  # checkpoints, Hessians, artifacts and logs of a few seeds
 GIB = 1024**3
@@ -64,7 +63,7 @@ def binary_check(name: str, why: str, required: bool = True) -> Check:
 
 
 def hardware_check(mode: str, gpu_names: Sequence[str]) -> Check:
-    """Record mode: exactly 8 GPUs, each an H100. Sweep mode: anything (CPU included), reported."""
+    """Record mode: exactly 8 GPUs, each an H100 SXM. Sweep mode: anything (CPU included), reported."""
     found = (
         f"{len(gpu_names)} x {gpu_names[0]}"
         if gpu_names and len(set(gpu_names)) == 1
@@ -72,12 +71,12 @@ def hardware_check(mode: str, gpu_names: Sequence[str]) -> Check:
     )
     if mode != "record":
         return Check("hardware", True, f"{found} (sweep mode: any hardware)")
-    if len(gpu_names) == RECORD_GPU_COUNT and all(RECORD_GPU_NAME in name for name in gpu_names):
+    if len(gpu_names) == RECORD_GPU_COUNT and all(is_record_gpu(name) for name in gpu_names):
         return Check("hardware", True, f"{found}: record-track hardware")
     return Check(
         "hardware",
         False,
-        f"record-track hardware check: found {found}, need {RECORD_GPU_COUNT} x {RECORD_GPU_NAME} "
+        f"record-track hardware check: found {found}, need {RECORD_GPU_COUNT} x {RECORD_GPU_NAME} SXM "
         "(sweep mode allows it)",
     )
 

@@ -13,6 +13,19 @@ import pgolf
 
 PACKAGE_DIR = Path(pgolf.__file__).resolve().parent
 
+# The record track's hardware, which the 600 s budgets are stated for: 8 x H100 SXM. torch names the SXM part
+# "NVIDIA H100 80GB HBM3" (or "... SXM5 ..."); the PCIe and NVL cards are H100s of lower power and bandwidth.
+RECORD_GPU_COUNT = 8
+RECORD_GPU_NAME = "H100"
+NOT_RECORD_GPU_WORDS = ("pcie", "nvl")
+
+
+def is_record_gpu(name: object) -> bool:
+    """Whether a GPU name (as torch reports it) is the record track's H100 SXM."""
+    if not isinstance(name, str) or RECORD_GPU_NAME not in name:
+        return False
+    return not any(word in name.lower() for word in NOT_RECORD_GPU_WORDS)
+
 
 def code_files() -> list[Path]:
     """Every Python file of the pgolf package, sorted: what the code hash covers."""

@@ -39,13 +39,12 @@ from pgolf.evaluate.scoring import (  # noqa: F401  (bits_per_byte and ScoreResu
     record_flat_mask,
     record_flat_rows,
 )
+from pgolf.compliance.provenance import RECORD_GPU_COUNT, is_record_gpu
 from pgolf.evaluate.ledger import Ledger, LegalityError
 from pgolf.evaluate.ttt import run_ttt
 from pgolf.evaluate.valdata import ValidationSet, load_validation
 
 PACK_REPORT_NAME = "pack_report.json"
-RECORD_GPU_COUNT = 8
-RECORD_GPU_NAME = "H100"
 EXIT_OVER_BUDGET = 3
 
 
@@ -317,9 +316,9 @@ def check_artifact_hash(artifact: str | Path, pack_report: str | Path | None = N
 
 
 def on_record_hardware(world_size: int) -> bool:
-    """8 processes, each on a GPU whose name contains "H100" (the hardware the 600 s rule is stated for)."""
+    """8 processes, each on an H100 SXM (the hardware the 600 s rule is stated for)."""
     return (world_size == RECORD_GPU_COUNT and torch.cuda.is_available()
-            and RECORD_GPU_NAME in torch.cuda.get_device_name(torch.cuda.current_device()))
+            and is_record_gpu(torch.cuda.get_device_name(torch.cuda.current_device())))
 
 
 def budget_report(total_s: float, cfg: EvaluateConfig, mode: str, record_hardware: bool) -> dict:

@@ -134,12 +134,15 @@ def baseline_summary(cfg: AggregateConfig, nats_per_bpb: float) -> Optional[dict
 
 
 def significance(
-    cand_nats: Sequence[float], baseline: Optional[dict], cfg: AggregateConfig, nats_per_bpb: float
+    cand_nats: Sequence[float], cand_bpb: Sequence[float], baseline: Optional[dict], cfg: AggregateConfig,
+    nats_per_bpb: float,
 ) -> dict:
     """One-sided Welch test in ``cfg.unit`` plus the README and progression rules.
 
     The test runs on the values in the reporting unit; since bpb and nats per token differ by one positive
-    factor, t and p are the same in both units (the improvement is given in both).
+    factor, t and p are the same in both units (the improvement is given in both). ``delta_bpb`` is the seeds'
+    mean val_bpb minus the baseline's, the headline's own difference: with pooled seeds of different bytes per
+    token (mixed provenance) the nats delta divided by the mean factor is not.
     """
     scale = 1.0 if cfg.unit == "nats_per_token" else 1.0 / nats_per_bpb  # nats -> reporting unit
     threshold_unit = cfg.readme_threshold_nats * scale
@@ -168,7 +171,7 @@ def significance(
                                       "n": baseline["n"]}
     cand_mean_nats = mean(cand_nats)
     out["delta_nats_per_token"] = cand_mean_nats - base_nats["mean"]
-    out["delta_bpb"] = out["delta_nats_per_token"] / nats_per_bpb
+    out["delta_bpb"] = mean(cand_bpb) - base_nats["mean"] / nats_per_bpb
     if len(cand_nats) < 2:
         out["note"] = "fewer than 2 candidate seeds: no sample std, no test"
         return out
@@ -383,7 +386,7 @@ def aggregate(
     factors = [s.nats_per_bpb for s in seeds]
     nats_per_bpb = mean(factors)
     baseline = baseline_summary(cfg, nats_per_bpb)
-    sig = significance([s.val_loss for s in seeds], baseline, cfg, nats_per_bpb)
+    sig = significance([s.val_loss for s in seeds], [s.val_bpb for s in seeds], baseline, cfg, nats_per_bpb)
     blockers = record_blockers(seeds, missing, mode, differences, baseline) + list(extra_blockers)
     first = seeds[0]
     on_record_hardware = all(s.on_record_hardware for s in seeds)
@@ -452,6 +455,7 @@ def compliance_summary(comply: Any) -> dict:
     order = ["FAIL", "PASS", "NOT-APPLICABLE"]
     return {
         "compliant": comply.get("compliant"),
+        "seeds": comply.get("seeds"),  # the seeds the verdicts were reached on
         "counts": {status: len(items) for status, items in groups.items()},
         "failed_rules": [r["rule"] for r in groups.get("FAIL", [])],
         "groups": [{"status": k, "rules": groups[k]} for k in sorted(groups, key=lambda k: (k not in order,
@@ -459,10 +463,15 @@ def compliance_summary(comply: Any) -> dict:
     }
 
 
-def compliance_blockers(compliance: Optional[dict]) -> list[str]:
-    """A record needs the run's compliance verdicts, and no failed rule among them."""
+def compliance_blockers(compliance: Optional[dict], seeds: Sequence[int]) -> list[str]:
+    """A record needs the run's compliance verdicts, reached on the seeds this report takes (a subset would let
+    a seed that compliance saw be left out after its score was known), and no failed rule among them."""
     if compliance is None:
         return ["no compliance verdicts (comply.json): `pgolf comply` checks the run"]
+    checked = compliance.get("seeds")
+    if not isinstance(checked, list) or sorted(map(str, checked)) != sorted(map(str, seeds)):
+        return [f"comply.json checked the seeds {checked}, this report takes {sorted(seeds)}: report the seeds "
+                "compliance checked, or run `pgolf comply` on these"]
     if compliance["failed_rules"] or compliance["compliant"] is not True:
         failed = ", ".join(str(r) for r in compliance["failed_rules"]) or "compliant is not true"
         return [f"compliance checks failed (comply.json): {failed}"]
@@ -514,7 +523,7 @@ def run_report(
         compliance = compliance_summary(read_json(comply_path, "compliance verdicts"))
     blockers = list(bundle.blockers) if bundle else [
         "the code was not checked against the seeds' artifacts (no submission folder was made)"]
-    blockers += compliance_blockers(compliance)
+    blockers += compliance_blockers(compliance, seeds)
     agg = aggregate(present, missing, cfg, mode, run_dir.name, blockers, bundle.notes if bundle else ())
     if compliance is not None:
         agg["compliance"] = compliance

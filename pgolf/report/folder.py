@@ -365,7 +365,7 @@ def significance_problems(sub: dict, loss: list[float], bpb: list[float]) -> lis
                                 readme_p=sig["readme_p"], progression_p=sig["progression_p"],
                                 readme_null=sig.get("readme_null", "zero"))
         baseline = {"n": base["n"], "nats_per_token": {"mean": base["mean"], "std_sample_ddof1": base["std_sample_ddof1"]}}
-        recomputed = significance(loss, baseline, rules, sig["nats_per_bpb"])
+        recomputed = significance(loss, bpb, baseline, rules, sig["nats_per_bpb"])
         recomputed_bpb = base["mean"] / sig["nats_per_bpb"]
         if not _close(sub.get("comparison_baseline_bpb"), recomputed_bpb):
             problems.append(f"comparison_baseline_bpb = {sub.get('comparison_baseline_bpb')!r}, but the tested "

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from pgolf.compliance.provenance import is_record_gpu
 from pgolf.io import read_json_object, sha256_json
 
 
@@ -141,10 +142,9 @@ SeedOutcome = Union[SeedResult, MissingSeed]
 
 
 def record_hardware(world_size: Optional[int], environment: Optional[dict]) -> bool:
-    """8 processes on GPUs named H100: the hardware the 600 s budgets and the record track are stated for. Every
+    """8 processes on H100 SXM GPUs: the hardware the 600 s budgets and the record track are stated for. Every
     budget line, budget reason and "reproduce on 8xH100" wording of the reports follows this one predicate."""
-    gpu = str((environment or {}).get("gpu") or "")
-    return world_size == RECORD_WORLD_SIZE and RECORD_GPU in gpu
+    return world_size == RECORD_WORLD_SIZE and is_record_gpu((environment or {}).get("gpu"))
 
 
 # --------------------------------------------------------------------------------------------------------------
