@@ -46,6 +46,17 @@ def test_comply_on_a_mistyped_run_folder(tmp_path: Path, capsys) -> None:
     assert code == 2 and err == f"pgolf: error: {tmp_path / 'smok'}: no such run folder"
 
 
+def test_comply_refuses_the_recipe_of_another_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`pgolf comply results/smoke` without --config would judge the smoke run by config.yaml (the record's seeds,
+    data folder and mode): refused, naming both runs."""
+    run_dir = tmp_path / "results" / "smoke"
+    run_dir.mkdir(parents=True)
+    monkeypatch.chdir(REPO)
+    code, err = run(["comply", str(run_dir)], capsys)
+    assert code == 2 and err == (f"pgolf: error: {run_dir} holds run 'smoke', but config.yaml is the recipe of run "
+                                 "'record': give the run's own recipe with --config")
+
+
 def test_prepare_never_replaces_a_folder_of_the_users(tmp_path: Path, capsys) -> None:
     """--out naming the documents' own folder (or any non-empty folder that is not earlier shards) is refused
     before tokenizing, and the folder keeps its files."""

@@ -76,7 +76,7 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
         ({"mode": "record", "data": {"val_docs": 50_000}, "train": {"resume_every_steps": 5}},
          "train.resume_every_steps: a record run is one uninterrupted timed run and restarts from scratch"),
         ({"train": {"resume_every_steps": -1}}, "train.resume_every_steps: expected >= 0"),
-        ({"train": {"param_storage": "record"}}, "evaluate.param_storage (fp32) must equal train.param_storage (record)"),
+        ({"train": {"param_storage": "record"}}, "evaluate.param_storage: 'fp32' must equal train.param_storage ('record')"),
         ({"evaluate": {"diagnostic_scoring": "record_flat"}}, "evaluate.score_next_bos: diagnostic_scoring 'record_flat'"),
         ({"seeds": [3, -1]}, "seeds: expected seeds >= 0, got [3, -1]"),
         ({"mode": "record", "data": {"val_docs": 50_000}, "train": {"max_wallclock_seconds": 0}},
@@ -90,9 +90,9 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
         ({"mode": "record", "data": {"val_docs": 50_000}, "model": {"smear_gate": True, "smear_bos_mask": False}},
          "model.smear_bos_mask: a record run's SmearGate must not mix the last token of a document into the next"),
         ({"data": {"source": "local", "docs_path": "d.jsonl"}, "tokenizer": {"source": "export"}},
-         "tokenizer.source (export) and data.source (local): a published export brings its own tokenizer"),
+         "tokenizer.source: 'export' with data.source 'local': a published export brings its own tokenizer"),
         ({"data": {"source": "export"}, "tokenizer": {"source": "hub"}},
-         "tokenizer.source (hub) and data.source (export)"),
+         "tokenizer.source: 'hub' with data.source 'export'"),
         ({"run": "my run"}, "run: expected letters, digits, '_', '.', '-' (it names a folder), got 'my run'"),
         ({"data": {"name": "a/b"}}, "data.name: expected letters, digits, '_', '.', '-' (it names a folder)"),
         ({"evaluate": {"score_next_bos": True, "ttt": {"mode": "lora", "variant": "legacy"}}},
@@ -112,6 +112,19 @@ def test_floats_accept_ints_and_lists_become_tuples() -> None:
     cfg = parse_run_config({"run": "t", "mode": "sweep", "seeds": [3, 4], "train": {"max_wallclock_seconds": 10}})
     assert cfg.train.max_wallclock_seconds == 10.0 and isinstance(cfg.train.max_wallclock_seconds, float)
     assert cfg.seeds == (3, 4)
+
+
+@pytest.mark.parametrize("lines, expected", [
+    ("train:\n  param_storage: record\nevaluate:\n  param_storage: fp32\n", ":6: evaluate.param_storage: 'fp32' must"),
+    ("tokenizer:\n  vocab_size: 1000\n", ":4: model.vocab_size: 8192 must equal tokenizer.vocab_size (1000)"),
+    ("tokenizer:\n  source: export\n", ":4: tokenizer.source: 'export' with data.source 'docs'"),
+])
+def test_a_mistake_between_two_keys_names_a_line_too(tmp_path: Path, lines: str, expected: str) -> None:
+    """README: recipe mistakes are one line, FILE:LINE: key: problem -- the checks across two keys included."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: x\nmode: sweep\n" + lines)
+    proc = subprocess.run([sys.executable, "-m", "pgolf", "config", "check", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"{bad}{expected}" in proc.stderr, proc.stderr
 
 
 def test_cli_reports_config_errors(tmp_path: Path) -> None:

@@ -245,3 +245,18 @@ def test_a_stray_seed_folder_re_judges_the_run(workdir: Path, dry_runs) -> None:
         stray.rmdir()
     assert status == 0, out[-4000:]
     assert job_counts(out) == {"comply": 1, "aggregate": 1}
+
+
+def test_the_bundles_description_is_a_declared_output(workdir: Path, dry_runs) -> None:
+    """The reports read code/train_gpt.py.json (hashes, third-party modules, the error tags' texts): the bundle
+    rule declares it and the reports take it as an input, so an aggregation run without one rebuilds it first
+    instead of failing on the missing file."""
+    described = workdir / "results" / "wf" / "code" / "train_gpt.py.json"
+    aside = described.with_name("aside.json")
+    described.rename(aside)
+    try:
+        status, out = finish(_snakemake(workdir, RECIPE, "no_description", "-n", "--forcerun", "aggregate"))
+    finally:
+        aside.rename(described)
+    assert status == 0, out[-4000:]
+    assert job_counts(out).get("bundle") == 1 and job_counts(out).get("aggregate") == 1

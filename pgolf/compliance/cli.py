@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 
 def _load_config(args: argparse.Namespace):
@@ -23,14 +24,21 @@ def _load_config(args: argparse.Namespace):
 def _comply(args: argparse.Namespace) -> int:
     from pgolf.compliance.comply import run_comply
 
-    return run_comply(args.run_dir, _load_config(args), args.data_dir, args.json_out, gate=not args.report_only)
+    config = _load_config(args)
+    folder = Path(args.run_dir).resolve().name
+    if Path(args.run_dir).is_dir() and folder != config.run:  # config.yaml judging another recipe's run
+        source = "--config-json" if args.config_json is not None else args.config
+        raise ValueError(f"{args.run_dir} holds run {folder!r}, but {source} is the recipe of run {config.run!r}: "
+                         "give the run's own recipe with --config")
+    return run_comply(args.run_dir, config, args.data_dir, args.json_out, gate=not args.report_only)
 
 
 def _register_comply(commands) -> None:
     p = commands.add_parser("comply", help="check a run's own records against the challenge rules (exit 1 on a FAIL)")
     p.add_argument("run_dir", help="results/<run>")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--config", default="config.yaml", help="the run's recipe (default: config.yaml)")
+    which.add_argument("--config", default="config.yaml",
+                       help="the run's recipe (default: config.yaml); its run name must be RUN_DIR's folder name")
     which.add_argument("--config-json", help="the whole recipe as JSON (Snakemake passes it this way)")
     p.add_argument("--data-dir", help="results/data/<name> (default: beside the run, from the recipe's data.name)")
     p.add_argument("--json-out", help="write the verdicts as JSON (atomically)")

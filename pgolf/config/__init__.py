@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -123,18 +124,18 @@ class RunConfig:
             )
         check(
             self.evaluate.param_storage == self.train.param_storage,
-            f"evaluate.param_storage ({self.evaluate.param_storage}) must equal train.param_storage "
-            f"({self.train.param_storage}): the artifact is evaluated under the storage it was trained under",
+            f"evaluate.param_storage: {self.evaluate.param_storage!r} must equal train.param_storage "
+            f"({self.train.param_storage!r}): the artifact is evaluated under the storage it was trained under",
         )
         check(
             (self.tokenizer.source == "export") == (self.data.source == "export"),
-            f"tokenizer.source ({self.tokenizer.source}) and data.source ({self.data.source}): a published export "
+            f"tokenizer.source: {self.tokenizer.source!r} with data.source {self.data.source!r}: a published export "
             "brings its own tokenizer (its shards were made with it), so tokenizer.source is 'export' exactly "
             "when data.source is",
         )
         check(
             self.model.vocab_size == self.tokenizer.vocab_size,
-            f"model.vocab_size ({self.model.vocab_size}) must equal tokenizer.vocab_size ({self.tokenizer.vocab_size})",
+            f"model.vocab_size: {self.model.vocab_size} must equal tokenizer.vocab_size ({self.tokenizer.vocab_size})",
         )
 
 
@@ -144,7 +145,9 @@ def parse_run_config(data: Any, source: str = "config", lines: Optional[dict[tup
     try:
         return from_mapping(RunConfig, data, "")
     except ConfigError as exc:
-        line = line_of(exc.key, lines or {})
+        # a check across two keys names the other one too: the line of whichever the recipe sets
+        keys = [exc.key, *re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+\b", str(exc))]
+        line = next((found for key in keys if (found := line_of(key, lines or {}))), None)
         where = f"{source}:{line}" if line else source
         raise ConfigError(f"{where}: {str(exc).lstrip(': ')}", exc.key) from None
 

@@ -467,11 +467,11 @@ def compliance_blockers(compliance: Optional[dict], seeds: Sequence[int]) -> lis
     """A record needs the run's compliance verdicts, reached on the seeds this report takes (a subset would let
     a seed that compliance saw be left out after its score was known), and no failed rule among them."""
     if compliance is None:
-        return ["no compliance verdicts (comply.json): `pgolf comply` checks the run"]
+        return ["no compliance verdicts (comply.json): `pgolf comply RUN_DIR --config RECIPE` checks the run"]
     checked = compliance.get("seeds")
     if not isinstance(checked, list) or sorted(map(str, checked)) != sorted(map(str, seeds)):
         return [f"comply.json checked the seeds {checked}, this report takes {sorted(seeds)}: report the seeds "
-                "compliance checked, or run `pgolf comply` on these"]
+                "compliance checked, or run `pgolf comply RUN_DIR --config RECIPE` on these"]
     if compliance["failed_rules"] or compliance["compliant"] is not True:
         failed = ", ".join(str(r) for r in compliance["failed_rules"]) or "compliant is not true"
         return [f"compliance checks failed (comply.json): {failed}"]

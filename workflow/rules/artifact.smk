@@ -47,6 +47,7 @@ def bundle_recipe():
 rule bundle:
     output:
         code=code_file(),
+        report=code_report_file(),
     params:
         config=bundle_recipe(),
         code_id=lambda wildcards: run_code_identity(),

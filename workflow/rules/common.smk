@@ -25,6 +25,12 @@ def code_file():
     return f"{RUN_DIR}/code/train_gpt.py"
 
 
+def code_report_file():
+    """The bundle's description of train_gpt.py (train_gpt.py.json: hashes, sizes, third-party modules, the error
+    tags' texts), written beside it by the bundle rule; the reports read it."""
+    return f"{RUN_DIR}/code/train_gpt.py.json"
+
+
 def checkpoint_dir(wildcards):
     """A seed's training checkpoint folder (Hessians, quantize, pack and evaluation read its model config)."""
     return f"{RUN_DIR}/seed{wildcards.seed}/train/checkpoint"

@@ -34,6 +34,7 @@ rule aggregate:
     input:
         seed_files(CFG.seeds),
         code=code_file(),
+        code_report=code_report_file(),
         # the report shows the compliance verdict; in record mode only a compliant run gets here (comply.smk)
         comply=COMPLY_JSON,
     output:
@@ -57,6 +58,7 @@ rule partial:
     input:
         seed_files(seeds_with_results()),
         code=code_file(),
+        code_report=code_report_file(),
     output:
         f"{RUN_DIR}/partial/aggregate.json",
     params:
