@@ -281,6 +281,14 @@ def test_export_second_call_uses_the_cache_and_prunes_stale_shards(serve, tmp_pa
     assert [f["name"] for f in record["files"] if f["role"] == "train"] == ["fineweb_train_000000.bin"]
 
 
+def test_export_with_train_shards_0_takes_every_train_shard(serve, tmp_path, cache_dir):
+    """0 means no cap, as for prepared data: never a download of the validation shards alone."""
+    server = serve(FakeRepo(REPO, export_files()))
+    out = tmp_path / "export"
+    hub.download_export(export_cfg(train_shards=0), out, endpoint=server.endpoint, cache_dir=cache_dir)
+    assert len(list(out.glob("fineweb_train_*.bin"))) == 3
+
+
 def test_export_refuses_more_train_shards_than_exist_before_any_transfer(serve, tmp_path, cache_dir):
     server = serve(FakeRepo(REPO, export_files(n_train=3)))
     out = tmp_path / "export"

@@ -71,7 +71,11 @@ def test_shorter_than_header_refused(tmp_path):
         S.read_header(path)
 
 
-@pytest.mark.parametrize(("field", "value", "expected"), [(0, 20240521, "magic 20240521"), (1, 2, "version 2")])
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    (0, 20240521, "magic 20240521"), (1, 2, "version 2"),
+    # data.md: "the rest zero"
+    (3, 12345, "header int 3 is 12345, expected 0"), (255, -1, "header int 255 is -1, expected 0"),
+])
 def test_wrong_magic_or_version_refused(tmp_path, field, value, expected):
     path = tmp_path / "fineweb_train_000000.bin"
     S.write_shard(path, np.array([1, 2, 3], dtype=np.uint16))

@@ -235,7 +235,9 @@ def test_training_copies_that_differ_only_where_the_normalizer_erases_are_left_o
     """Copies of a validation document with other whitespace or another Unicode form give the published tokenizer's
     same ids (the data stage's test for a copy), so they stay out of the tokenizer's training text too."""
     val_text = "Secret validation text"
-    variants = [val_text + " ", "  Secret   validation text", "Secret validation text\n", "Secret validation text"]
+    variants = [val_text + " ", "  Secret   validation text", "Secret validation text\n", "Secret validation text",
+                # characters the normalizer removes: zero-width space, byte-order mark, DEL
+                val_text + "\u200b", "\ufeff" + val_text, "Secret validation\x7f text"]
     published = load_tokenizer(PUBLISHED_TOKENIZER, caseops=True)
     assert len({tuple(published.encode_document(t)[0]) for t in [val_text, *variants]}) == 1  # one id sequence
     docs = tmp_path / "docs.jsonl"

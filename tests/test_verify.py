@@ -222,7 +222,31 @@ def _edit_train_token(d):
     return "manifest files", "fineweb_train_000000.bin: sha256"
 
 
-@pytest.mark.parametrize("tamper", [_truncate, _flip_magic, _sidecar_at_bos, _val_doc_into_train, _edit_train_token])
+def _no_training_document(d):
+    first, *rest = S.list_shards(d, "train")
+    for path in rest:
+        path.unlink()
+    _rewrite(first, [])  # a valid header of 0 tokens: training would have nothing to read
+    return "documents", "the train shards hold no document"
+
+
+def _reserved_header_int(d):
+    path = S.list_shards(d, "val")[0]
+    raw = bytearray(path.read_bytes())
+    raw[12:16] = np.array([12345], dtype="<i4").tobytes()  # data.md: header ints 3..255 are zero
+    path.write_bytes(bytes(raw))
+    return "shard headers", "fineweb_val_000000.bin: header int 3 is 12345, expected 0"
+
+
+def _manifest_entry_not_an_object(d):
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"][0] = manifest["files"][0]["name"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return "manifest files", "a 'files' entry is 'fineweb_"
+
+
+@pytest.mark.parametrize("tamper", [_truncate, _flip_magic, _sidecar_at_bos, _val_doc_into_train, _edit_train_token,
+                                    _no_training_document, _reserved_header_int, _manifest_entry_not_an_object])
 def test_tampered_dir_fails(copy, tamper):
     check, fact = tamper(copy)
     detail = _failed(verify_dir(copy)).get(check, "")

@@ -49,7 +49,7 @@ class DataConfig:
     export_variant: str = "sp8192_lossless_caps_caseops_v1_reserved"  # datasets/datasets/fineweb10B_<variant>/
     docs_path: Optional[str] = None  # for source=local
     max_docs: int = 0  # 0: every document of the source; otherwise only the first max_docs (tests, sweeps)
-    train_shards: int = 80  # export: how many train shards to download; docs/local: cap on train shards written
+    train_shards: int = 80  # export: how many train shards to download; docs/local: cap on train shards written; 0: all
     val_docs: int = 50_000
     shard_tokens: int = 100_000_000
     workers: int = 0  # tokenization processes; 0 = all cores

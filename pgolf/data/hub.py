@@ -258,7 +258,8 @@ def download_export(
         plan.append(("tokenizer", EXPORT_TOKENIZER_NAME, tokenizer))
     plan += [("val", r.name, r) for r in shards.val.values()]
     plan += [("val_bytes", r.name, r) for r in shards.val_bytes.values()]
-    plan += [("train", r.name, r) for r in list(shards.train.values())[: cfg.train_shards]]
+    # data.train_shards 0 = every train shard (as prepare's 0 = no cap), never none
+    plan += [("train", r.name, r) for r in list(shards.train.values())[: cfg.train_shards or None]]
 
     remove(out_dir / RECORD_NAME)  # from here on the folder is incomplete until the new record is written
     fetched = [(role, name, fetch(src, remote)) for role, name, remote in plan]

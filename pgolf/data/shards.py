@@ -145,6 +145,11 @@ def read_header(path: str | Path) -> ShardHeader:
         raise ShardFormatError(f"{path}: version {version}, expected {SHARD_VERSION}")
     if num_tokens < 0:
         raise ShardFormatError(f"{path}: header says {num_tokens} tokens, expected >= 0")
+    reserved = np.flatnonzero(header[3:])
+    if reserved.size:  # data.md: "the rest zero" (a writer that puts something there is not this format)
+        first = int(reserved[0]) + 3
+        raise ShardFormatError(f"{path}: header int {first} is {int(header[first])}, expected 0 (ints 3..255 are "
+                               f"reserved and zero; {reserved.size} are not)")
     expected_bytes = HEADER_BYTES + 2 * num_tokens
     if size_bytes != expected_bytes:
         raise ShardFormatError(

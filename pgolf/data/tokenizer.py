@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -514,11 +513,13 @@ def train_tokenizer_from_jsonl(
 
     A training document whose text equals a validation document's is left out too, as the data stage leaves its
     copy out of the training shards. That stage compares token ids, which need this very tokenizer, so texts are
-    compared here after what SentencePiece's normalizer does to any text (NFKC, runs of whitespace as one space,
-    none at the ends): texts that differ only there give the same ids, and neither may train the tokenizer."""
+    compared here after SentencePiece's own normalizer (the trainer's rule: NFKC, control and zero-width characters
+    removed, runs of whitespace as one space): texts that differ only there give the same ids, and neither may
+    train the tokenizer."""
+    normalizer = spm.SentencePieceNormalizer(rule_name=CANONICAL_TRAINER_SETTINGS["normalization_rule_name"])
+
     def digest(text: str) -> bytes:
-        normalized = " ".join(unicodedata.normalize("NFKC", text).split())
-        return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
+        return hashlib.blake2b(normalizer.Normalize(text).encode("utf-8"), digest_size=16).digest()
 
     validation = {digest(text) for text in iter_jsonl_texts(docs_path, limit=skip_docs)} if skip_docs else set()
     copies = 0

@@ -189,6 +189,10 @@ def _check_manifest_files(directory: Path, manifest: dict, shards: dict[str, lis
     problems = []
     listed = set()
     for entry in manifest["files"]:
+        if not isinstance(entry, dict):
+            problems.append(f"{MANIFEST_NAME}: a 'files' entry is {entry!r}, expected an object with name, tokens, "
+                            "sha256")
+            continue
         name = entry.get("name", "?")
         listed.add(name)
         path = directory / name
@@ -479,6 +483,8 @@ def verify_dir(
             else f"val and train streams start with BOS; {val.docs:,} val + {train.docs:,} train docs"
         ),
     )
+    empty = [f"the {kind} shards hold no document" for kind, stats in (("val", val), ("train", train)) if not stats.docs]
+    report.add("documents", not empty, _listing(empty) if empty else f"{val.docs:,} val and {train.docs:,} train docs")
     summary.update(
         val_docs=val.docs,
         train_docs=train.docs,
