@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,7 @@ from eval_fixtures import (
 from pgolf.cli import main as cli_main
 from pgolf.evaluate import stage as evaluate
 from pgolf.model.attention import build_cu_seqlens
-from pgolf.config import to_dict
+from pgolf.config import ConfigError, to_dict
 from pgolf.evaluate.stage import bits_per_byte, budget_report, load_model_from_artifact, score_documents, score_model
 from pgolf.evaluate.valdata import ValidationDataError, from_tokens, load_validation
 
@@ -112,6 +116,13 @@ def test_a_document_longer_than_a_row_is_split_and_scores_as_in_one_row(model):
     whole = score_documents(model, val, wide, keep_tokens=True)[1]
     mask = val.target_mask()
     np.testing.assert_allclose(acc.token_nll[mask], whole.token_nll[mask], rtol=0, atol=1e-5)
+    # the narrowest row allowed: one window and the predecessor token
+    narrow = cfg.__class__(**{**to_dict(cfg), "eval_batch_tokens": cfg.eval_seq_len + 1, "ttt": cfg.ttt})
+    np.testing.assert_allclose(score_documents(model, val, narrow, keep_tokens=True)[1].token_nll[mask],
+                               whole.token_nll[mask], rtol=0, atol=1e-5)
+    # rows of exactly one window have no room for it: a split document would lose its predecessor, so refused
+    with pytest.raises(ConfigError, match=r"eval_batch_tokens: expected > eval_seq_len \(24\): a row needs room"):
+        cfg.__class__(**{**to_dict(cfg), "eval_batch_tokens": cfg.eval_seq_len, "ttt": cfg.ttt})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,6 +138,37 @@ def test_load_validation_reads_the_stream_across_shards(tmp_path, docs):
     assert val.byte_accounting == "sidecar" and val.byte_sum == int(toy_bytes(tokens).sum())
     assert val.num_docs == len(docs) and val.target_count == sum(DOC_LENGTHS)
     assert load_validation(tmp_path, max_docs=3).num_docs == 3
+
+
+def test_a_gap_a_lone_shard_or_other_totals_than_the_manifest_are_refused(tmp_path, docs):
+    """The stream is the shards in index order: a missing shard would splice the documents either side of it."""
+    import shutil
+
+    from pgolf.data.shards import list_shards
+
+    tokens = np.concatenate(docs)
+    manifest = {"caseops": False, "docs": {"val": len(docs)}, "tokens": {"val": len(tokens)}}
+    good = write_val_dir(tmp_path / "good", docs, shard_tokens=37, manifest=manifest)
+    assert load_validation(good).num_docs == len(docs)
+
+    gap = tmp_path / "gap"
+    shutil.copytree(good, gap)
+    list_shards(gap, "val")[2].unlink()
+    list_shards(gap, "val_bytes")[2].unlink()
+    with pytest.raises(ValidationDataError, match=rf"{gap}: fineweb_val_000002.bin is missing"):
+        load_validation(gap)
+
+    lone = tmp_path / "lone"
+    shutil.copytree(good, lone)
+    list_shards(lone, "val_bytes")[1].unlink()
+    with pytest.raises(ValidationDataError, match="fineweb_val_000001.bin has no fineweb_val_bytes_000001.bin"):
+        load_validation(lone)
+
+    counted = tmp_path / "counted"
+    shutil.copytree(good, counted)
+    (counted / "manifest.json").write_text(json.dumps({**manifest, "docs": {"val": len(docs) + 1}}))
+    with pytest.raises(ValidationDataError, match=rf"hold {len(docs):,} docs, manifest.json says docs.val = "):
+        load_validation(counted)
 
 
 def test_caseops_data_without_a_sidecar_is_refused(tmp_path, docs):
@@ -168,6 +210,14 @@ def test_lut_accounting_of_a_plain_tokenizer_counts_utf8_bytes(tmp_path):
     assert val.byte_sum == sum(len(t.encode("utf-8")) for t in TEXTS[:4])
     expected = np.concatenate([np.concatenate([[0], counts]) for _, counts in encoded])  # the tokenizer's own counts
     np.testing.assert_array_equal(val.target_bytes, expected)
+    # the manifest names the tokenizer the shards were made with: another one's pieces would give other bytes
+    from pgolf.io import sha256_file
+
+    (data / "manifest.json").write_text(json.dumps({"caseops": False, "tokenizer": {"sha256": sha256_file(path)}}))
+    assert load_validation(data, tokenizer_path=path).byte_sum == val.byte_sum
+    (data / "manifest.json").write_text(json.dumps({"caseops": False, "tokenizer": {"sha256": "ab" * 32}}))
+    with pytest.raises(ValidationDataError, match=r"plain.model: sha256 .* says the shards were made with tokenizer abab"):
+        load_validation(data, tokenizer_path=path)
 
 
 def test_lut_refuses_a_caseops_tokenizer(tmp_path, docs, published_tokenizer):
@@ -377,3 +427,31 @@ def test_a_shape_the_compiler_fails_on_runs_eagerly(capsys):
     import torch._inductor.config as inductor_config
 
     assert inductor_config.triton.mix_order_reduction is False
+
+
+def test_eval_json_counts_every_ranks_ledger(tmp_path):
+    """Each rank keeps its own ledger and adapter steps: eval.json gives the run's totals (ledger.all_ranks,
+    ttt.steps_all_ranks), the same on 1 and 2 processes, as the score is (record TTT variant, CPU, gloo)."""
+    docs = random_docs([5, 33, 18, 70, 0, 41, 9, 26, 12, 3, 50, 7, 22, 15, 60, 4], seed=5)
+    data = write_val_dir(tmp_path / "data", docs, manifest={"caseops": False})
+    artifact = write_artifact(tmp_path / "pack", tiny_model(seed=3))
+    cfg = eval_config("lora", variant="record", lanes=2, inflight=1, phase_rows=2, phase_boundaries_docs=(4, 8))
+    cfg = dataclasses.replace(cfg, score_next_bos=True, diagnostics=False, cpu_threads=1)
+    reports = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "pgolf.evaluate", "--artifact", str(artifact), "--eval-json", json.dumps(to_dict(cfg)),
+               "--seed", "1", "--data-dir", str(data), "--out", str(out), "--mode", "sweep", "--device", "cpu"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports[nproc] = json.loads(out.read_text())
+    one, two = reports[1], reports[2]
+    assert one["val_bpb"] == pytest.approx(two["val_bpb"], rel=1e-9)
+    # every target scored once over the ranks; each document's adapter steps taken once, on whichever rank
+    for report in (one, two):
+        assert report["ledger"]["all_ranks"]["scored_here"] == report["token_count"]
+    assert one["ledger"]["all_ranks"]["updates"] == one["ledger"]["updates"] > 0
+    assert one["ttt"]["steps_all_ranks"] == two["ttt"]["steps_all_ranks"] == one["ttt"]["steps"] > 0
+    assert two["ledger"]["scored_here"] < two["token_count"]  # rank 0's share, beside the run's
+    assert two["ledger"]["updates"] < two["ledger"]["all_ranks"]["updates"]

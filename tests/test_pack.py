@@ -434,8 +434,9 @@ def test_check_against_model_config(artifact, quantized):
     _, header = unpack(artifact)
     expected = {name: qt.shape for name, qt in quantized.tensors.items()}
     check_against_model_config(header, expected)
-    with pytest.raises(ArtifactError, match=r"emb.weight has shape \[64, 32\], the model config implies \[128, 32\]"):
-        check_against_model_config(header, dict(expected, **{"emb.weight": (128, 32)}))
+    with pytest.raises(ArtifactError, match=r"^a.pgolf: does not match the model config its header states: emb.weight "
+                                            r"has shape \[64, 32\], the model config implies \[128, 32\]"):
+        check_against_model_config(header, dict(expected, **{"emb.weight": (128, 32)}), "a.pgolf")
     with pytest.raises(ArtifactError, match="missing blocks.1.mlp.up.weight"):
         check_against_model_config(header, dict(expected, **{"blocks.1.mlp.up.weight": (70, 32)}))
     reduced = dict(expected)

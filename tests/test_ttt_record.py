@@ -205,6 +205,30 @@ def test_compile_without_warm_up_still_compiles(base, stream, monkeypatch):
     assert len(compiled) == 1 and out.summary["compiled"] and out.warmup_s == 0.0
 
 
+def test_the_warm_up_makes_compile_warmup_steps_calls_per_shape(base, stream, monkeypatch):
+    """evaluate.compile_warmup_steps is a count ("random-token calls per compiled shape"), not an on/off switch."""
+    from pgolf.evaluate import ttt_record
+
+    calls = {"n": 0}
+
+    def counting_compile(fn):
+        def counted(*args, **kwargs):
+            calls["n"] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    tokens, nbytes = stream
+    warm_up_calls = {}
+    for steps in (1, 3):
+        cfg = dataclasses.replace(ot.ttt_config(), compile=True, compile_warmup_steps=steps)
+        calls["n"] = 0
+        runner = ttt_record.RecordTTT(ot.copy_model(base), ot.pgolf_val(tokens, nbytes), cfg, SEED, device=CPU)
+        runner.compile(cfg.compile_warmup_steps)
+        warm_up_calls[steps] = calls["n"]
+    assert warm_up_calls[1] > 0 and warm_up_calls[3] == 3 * warm_up_calls[1]
+
+
 def test_the_run_executes_the_plan(exact, stream):
     """What ``pgolf eval-plan --schedule pgolf`` prices is what the evaluation runs: its steps, optimizer steps and
     phase streams."""

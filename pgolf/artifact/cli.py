@@ -77,7 +77,7 @@ def _check(args: argparse.Namespace) -> int:
     data = read_artifact(args.artifact)
     _, header = unpack(data, args.artifact)
     model_cfg = from_mapping(ModelConfig, header.get("model_config"), f"{args.artifact}: header.model_config")
-    check_against_model_config(header, expected_shapes(model_cfg))
+    check_against_model_config(header, expected_shapes(model_cfg), str(args.artifact))
     code_bytes, _, _ = counted_code_bytes(args.code, args.convention)
     gate = size_gate(len(data), code_bytes, args.cap)
     print(f"model bytes: {gate.model_bytes:,}")

@@ -549,12 +549,13 @@ def _unpack(data: bytes) -> tuple[QuantizedModel, dict]:
     return QuantizedModel(tensors, config, []), header
 
 
-def check_against_model_config(header: dict, expected_shapes: dict[str, tuple]) -> None:
-    """Refuse an artifact whose tensors differ from what the model config implies (names and shapes)."""
+def check_against_model_config(header: dict, expected_shapes: dict[str, tuple], source: str = "artifact") -> None:
+    """Refuse an artifact whose tensors differ from what the model config implies (names and shapes); errors
+    start with ``source`` (the artifact's path)."""
     try:
         stored = {name: tuple(meta["shape"]) for name, meta in header["quantization"]["tensors"].items()}
     except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"artifact header: cannot read tensor shapes ({exc!r})") from None
+        raise ArtifactError(f"{source}: header: cannot read tensor shapes ({exc!r})") from None
     expected = {name: tuple(shape) for name, shape in expected_shapes.items()}
     problems = []
     missing = sorted(set(expected) - set(stored))
@@ -567,4 +568,4 @@ def check_against_model_config(header: dict, expected_shapes: dict[str, tuple]) 
         if stored[name] != expected[name]:
             problems.append(f"{name} has shape {list(stored[name])}, the model config implies {list(expected[name])}")
     if problems:
-        raise ArtifactError("artifact does not match the model config: " + "; ".join(problems))
+        raise ArtifactError(f"{source}: does not match the model config its header states: " + "; ".join(problems))

@@ -479,14 +479,16 @@ def check_ttt_ledger(ev: Evidence) -> Verdict:
         expected, scored = ledger.get("targets_expected"), result.get("token_count")
         if expected != scored:
             problems.append(f"seed{seed}: {scored!r} targets scored, ledger expected {expected!r}")
+        # the run's totals (every rank's ledger; older eval.json files hold rank 0's alone)
+        counts = ledger.get("all_ranks") if isinstance(ledger.get("all_ranks"), dict) else ledger
         positions = ledger.get("positions")
         used = ledger.get("positions_used_by_updates")
         if isinstance(used, int) and isinstance(positions, int) and used > positions:
             problems.append(f"seed{seed}: updates used {used} positions of {positions}")
         mode = _dig(result, "evaluate_config.ttt.mode") or result.get("ttt_mode")
-        if mode == "none" and ledger.get("updates"):
-            problems.append(f"seed{seed}: ttt mode 'none' but the ledger records {ledger.get('updates')} updates")
-        figures.append(f"seed{seed} {expected:,} targets once, {ledger.get('updates', 0):,} updates ({mode})"
+        if mode == "none" and counts.get("updates"):
+            problems.append(f"seed{seed}: ttt mode 'none' but the ledger records {counts.get('updates')} updates")
+        figures.append(f"seed{seed} {expected:,} targets once, {counts.get('updates', 0):,} updates ({mode})"
                        if isinstance(expected, int) else f"seed{seed}")
     if problems:
         return Verdict("ttt_ledger", title, FAIL, "; ".join(str(p) for p in problems))

@@ -346,9 +346,11 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         check(self.cpu_threads >= 0, f"cpu_threads: expected >= 0 (0 = torch's default), got {self.cpu_threads}")
         check(self.eval_seq_len >= 1, f"eval_seq_len: expected >= 1, got {self.eval_seq_len}")
-        check(
-            self.eval_batch_tokens >= self.eval_seq_len,
-            f"eval_batch_tokens: expected >= eval_seq_len ({self.eval_seq_len}), got {self.eval_batch_tokens}",
+        check(  # a document split over rows continues behind its predecessor token (SmearGate's input)
+            self.eval_batch_tokens > self.eval_seq_len,
+            f"eval_batch_tokens: expected > eval_seq_len ({self.eval_seq_len}): a row needs room for a document's "
+            f"predecessor token beside a whole window, or a document split over rows is scored without it; got "
+            f"{self.eval_batch_tokens}",
         )
         check(self.max_eval_seconds > 0, f"max_eval_seconds: expected > 0, got {self.max_eval_seconds}")
         check(self.warn_margin_seconds >= 0, f"warn_margin_seconds: expected >= 0, got {self.warn_margin_seconds}")

@@ -210,20 +210,20 @@ def _window_cuts(offset_in_doc: int, length: int, seq_len: int) -> list[int]:
     return sorted(set(cuts))
 
 
-def _needs_predecessor(doc_start: int, a: int, enabled: bool) -> int:
+def _needs_predecessor(doc_start: int, a: int) -> int:
     """1 when a piece starting mid-document carries its predecessor token (see :func:`_finish_row`), else 0."""
-    return int(enabled and a > doc_start)
+    return int(a > doc_start)
 
 
-def _finish_row(pieces: list[tuple[int, int, int]], val: ValidationSet, row_tokens: int, seq_len: int, pad: bool,
-                predecessors: bool) -> PackedRow:
+def _finish_row(pieces: list[tuple[int, int, int]], val: ValidationSet, row_tokens: int, seq_len: int,
+                pad: bool) -> PackedRow:
     """pieces: (doc start, input start, input end) stream positions; inputs [a, b) predict targets [a+1, b+1).
 
-    With ``predecessors``, a piece that starts mid-document is preceded by the token before it, alone in a
+    A piece that starts mid-document is preceded by the token before it, alone in a
     one-token segment and never scored: SmearGate then mixes in the true previous token, exactly as when the whole
     document sits in one row, so a score does not depend on where rows (or stream chunks, or processes) cut.
     """
-    total = sum(b - a + _needs_predecessor(d, a, predecessors) for d, a, b in pieces)
+    total = sum(b - a + _needs_predecessor(d, a) for d, a, b in pieces)
     length = row_tokens if pad else total
     input_ids = np.full(length, PAD_ID, dtype=np.int64)
     target_ids = np.full(length, IGNORE, dtype=np.int64)
@@ -232,7 +232,7 @@ def _finish_row(pieces: list[tuple[int, int, int]], val: ValidationSet, row_toke
     used: list[np.ndarray] = []
     cursor = 0
     for doc_start, a, b in pieces:
-        if _needs_predecessor(doc_start, a, predecessors):
+        if _needs_predecessor(doc_start, a):
             input_ids[cursor] = val.tokens[a - 1]
             cu.append(cursor)
             cursor += 1
@@ -268,33 +268,32 @@ def pack_documents(
     as if the document were alone in one long row. ``pad`` pads every row to ``row_tokens`` (static shapes for
     torch.compile).
     """
-    if row_tokens < seq_len:
-        raise ValueError(f"pack_documents: row_tokens ({row_tokens}) must be >= seq_len ({seq_len})")
-    predecessors = row_tokens > seq_len  # room for a predecessor token next to a whole window
+    if row_tokens <= seq_len:  # a continued document needs its predecessor token beside a whole window
+        raise ValueError(f"pack_documents: row_tokens ({row_tokens}) must be > seq_len ({seq_len})")
     pieces: list[tuple[int, int, int]] = []
     used = 0
     for d in np.asarray(doc_indices, dtype=np.int64).tolist():
         doc_start, score_end = int(val.doc_starts[d]), int(val.score_ends[d])
         a, b = doc_start, score_end - 1  # inputs [a, b) predict the document's targets [a + 1, score_end)
         while a < b:
-            extra = _needs_predecessor(doc_start, a, predecessors)
+            extra = _needs_predecessor(doc_start, a)
             space = row_tokens - used - extra
             n = b - a
             if n > space:
                 # a document that fits a row starts a new one; a longer one is split at a window boundary
                 n = 0 if n + extra <= row_tokens else (max(space, 0) // seq_len) * seq_len
             if n == 0:
-                yield _finish_row(pieces, val, row_tokens, seq_len, pad, predecessors)
+                yield _finish_row(pieces, val, row_tokens, seq_len, pad)
                 pieces, used = [], 0
                 continue
             pieces.append((doc_start, a, a + n))
             used += n + extra
             a += n
             if used == row_tokens:
-                yield _finish_row(pieces, val, row_tokens, seq_len, pad, predecessors)
+                yield _finish_row(pieces, val, row_tokens, seq_len, pad)
                 pieces, used = [], 0
     if pieces:
-        yield _finish_row(pieces, val, row_tokens, seq_len, pad, predecessors)
+        yield _finish_row(pieces, val, row_tokens, seq_len, pad)
 
 
 def stream_window_row(val: ValidationSet, lo: int, hi: int, seq_len: int, row_tokens: Optional[int] = None) -> PackedRow:
@@ -319,10 +318,10 @@ def stream_window_row(val: ValidationSet, lo: int, hi: int, seq_len: int, row_to
         b = min(score_end - 1, hi - 1)
         if a < b:
             pieces.append((doc_start, a, b))
-    total = sum(b - a + _needs_predecessor(d, a, True) for d, a, b in pieces)
+    total = sum(b - a + _needs_predecessor(d, a) for d, a, b in pieces)
     if row_tokens is not None and total > row_tokens:
         raise ValueError(f"stream_window_row: {total} inputs do not fit row_tokens={row_tokens}")
-    row = _finish_row(pieces, val, row_tokens if row_tokens is not None else total, seq_len, row_tokens is not None, True)
+    row = _finish_row(pieces, val, row_tokens if row_tokens is not None else total, seq_len, row_tokens is not None)
     outside = (row.target_positions < lo) | (row.target_positions >= hi)
     row.target_ids[outside] = IGNORE
     row.target_positions[outside] = -1

@@ -45,6 +45,9 @@ from pgolf.evaluate.ttt import run_ttt
 from pgolf.evaluate.valdata import ValidationSet, load_validation
 
 PACK_REPORT_NAME = "pack_report.json"
+# the ledger's per-rank counters that eval.json also gives summed over the ranks (``ledger.all_ranks``); the others
+# are rank 0's (``positions_used_by_updates`` does not add up: every rank records a global SGD phase's positions)
+LEDGER_COUNTS = ("score_calls", "updates", "update_positions_total", "scored_here")
 EXIT_OVER_BUDGET = 3
 
 
@@ -146,7 +149,7 @@ def load_model_from_artifact(path: str | Path, device: str | torch.device = "cpu
     cfg = from_mapping(ModelConfig, header["model_config"], f"{path}: header.model_config")
     from pgolf.model.gpt import build_meta
 
-    check_against_model_config(header, {n: tuple(p.shape) for n, p in build_meta(cfg).named_parameters()})
+    check_against_model_config(header, {n: tuple(p.shape) for n, p in build_meta(cfg).named_parameters()}, str(path))
     model = _build_model(cfg, state, device, str(path), param_storage)
     _sync(torch.device(device))
     t4 = time.perf_counter()
@@ -366,7 +369,7 @@ def run_evaluation(
     device_kind: str = "auto",
 ) -> tuple[dict, int]:
     """Evaluate one artifact; rank 0 writes ``out`` atomically. Returns (result dict, exit code)."""
-    from pgolf.train.distributed import init_distributed, max_floats, shutdown
+    from pgolf.train.distributed import init_distributed, max_floats, shutdown, sum_ints
     from pgolf.compliance.provenance import code_hash, environment
     from pgolf.io import MetricsLog, progress, set_cpu_threads
 
@@ -426,6 +429,12 @@ def run_evaluation(
         ttt_summary = outcome.summary
     # each rank timed itself: the slowest rank's times, so that every rank judges the budget on the same figures
     load_s, warmup_s, score_s, data_s = max_floats([load_s, warmup_s, score_s, data_s], info)
+    # each rank kept its own ledger and step count: the run's totals beside rank 0's figures
+    ledger_summary = ledger.summary()
+    totals = sum_ints([ledger_summary[key] for key in LEDGER_COUNTS] + [int(ttt_summary.get("steps", 0))], info)
+    ledger_summary["all_ranks"] = dict(zip(LEDGER_COUNTS, totals))
+    if cfg.ttt.mode == "lora":  # per-document adapter steps, each rank its own documents (chunked's are global)
+        ttt_summary = {**ttt_summary, "steps_all_ranks": totals[-1]}
     total_s = load_s + warmup_s + score_s
     timings = {"load_s": load_s, "warmup_s": warmup_s, "score_s": score_s, "total_s": total_s, "data_s": data_s,
                "load_detail": load_timings}
@@ -472,7 +481,7 @@ def run_evaluation(
         "budget": budget,
         "budget_applies": budget["budget_applies"],
         "ttt": ttt_summary,
-        "ledger": {**ledger.summary(), "targets_expected": result.token_count, "complete": True},
+        "ledger": {**ledger_summary, "targets_expected": result.token_count, "complete": True},
         "diagnostics": diagnostics,
         "artifact": {"path": str(artifact), "sha256": hash_info["artifact_sha256"], "hash_check": hash_info,
                      "input_hashes": header.get("input_hashes", {})},

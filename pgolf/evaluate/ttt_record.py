@@ -107,31 +107,31 @@ class RecordTTT:
         return lora_nll(self.model, self.layout, ids, targets, views, self.rope, self.cfg.checkpoint_activations,
                         self.eval_cfg.softcap_dtype == "model")
 
-    def compile(self, warm_up: bool = True) -> float:
-        """torch.compile the forward once with dynamic shapes and (``warm_up``: evaluate.compile_warmup_steps > 0)
-        warm it up on RANDOM tokens (rows of the batch sizes the schedule uses, at the shortest and longest widths,
-        forward and backward); without the warm-up the first scored steps compile. Returns the warm-up seconds."""
+    def compile(self, warmup_steps: int = 1) -> float:
+        """torch.compile the forward once with dynamic shapes and warm it up on RANDOM tokens, ``warmup_steps``
+        (evaluate.compile_warmup_steps) calls per shape: rows of the batch sizes the schedule uses, at the shortest
+        and longest widths, forward and backward; without a warm-up the first scored steps compile. Returns the
+        warm-up seconds."""
         import torch._dynamo as dynamo
 
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
         disable_mix_order_reduction()
         self.fwd = torch.compile(self._forward_eager)  # the row count and width are marked dynamic at each call
         self.compiled = True
-        if not warm_up:
+        if warmup_steps <= 0:
             return 0.0
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed + 7_919)
         sizes = sorted({len(b.docs) for b in self.schedule.batches if len(b.docs) > 1} | {2})
         caches = (True, False) if self.cfg.cuda_graphs and self.device.type == "cuda" else (True,)  # graphs: no cast cache
-        for n in sizes:
-            for w in (self.C, self.ctx):
-                for cache in caches:
-                    ids = torch.randint(2, self.model.cfg.vocab_size, (n, w), generator=gen).to(self.device)
-                    targets = torch.randint(2, self.model.cfg.vocab_size, (n, self.C), generator=gen).to(self.device)
-                    views = [t[:n].detach().clone().requires_grad_(True) for t in self.workspace.tensors]
-                    with self.autocast(cache):
-                        nll = self.forward(ids, targets, views)
-                    nll.mean().backward()
+        shapes = [(n, w, cache) for n in sizes for w in (self.C, self.ctx) for cache in caches]
+        for n, w, cache in shapes * warmup_steps:
+            ids = torch.randint(2, self.model.cfg.vocab_size, (n, w), generator=gen).to(self.device)
+            targets = torch.randint(2, self.model.cfg.vocab_size, (n, self.C), generator=gen).to(self.device)
+            views = [t[:n].detach().clone().requires_grad_(True) for t in self.workspace.tensors]
+            with self.autocast(cache):
+                nll = self.forward(ids, targets, views)
+            nll.mean().backward()
         sync_device(self.device)
         return time.perf_counter() - start
 
@@ -293,7 +293,7 @@ class RecordTTT:
 
     def run(self) -> TTTOutcome:
         cfg = self.cfg
-        warmup_s = self.compile(warm_up=self.eval_cfg.compile_warmup_steps > 0) if self.eval_cfg.compile else 0.0
+        warmup_s = self.compile(self.eval_cfg.compile_warmup_steps) if self.eval_cfg.compile else 0.0
         self.summary["compiled"] = self.compiled
         graphs_before = _unique_graphs()
         if cfg.cuda_graphs:

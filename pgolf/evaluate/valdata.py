@@ -35,7 +35,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from pgolf.data.shards import BOS_ID, CASEOPS_OPERATOR_IDS, list_shards, read_header, read_shard
+from pgolf.data.shards import BOS_ID, CASEOPS_OPERATOR_IDS, list_shards, read_header, read_shard, shard_index, shard_name
+from pgolf.io import sha256_file
 
 ByteAccounting = Literal["auto", "sidecar", "lut"]
 
@@ -170,16 +171,51 @@ def _concat(paths: list[Path]) -> np.ndarray:
     return np.concatenate([np.asarray(read_shard(p)) for p in paths]) if paths else np.zeros(0, dtype=np.uint16)
 
 
-def _manifest_caseops(data_dir: Path) -> Optional[bool]:
+def _manifest(data_dir: Path) -> dict:
+    """The data stage's manifest.json of ``data_dir`` ({} without one: an export)."""
     path = data_dir / "manifest.json"
     if not path.exists():
-        return None
+        return {}
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValidationDataError(f"{path}: not valid JSON ({exc})") from None
-    value = manifest.get("caseops") if isinstance(manifest, dict) else None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _manifest_caseops(data_dir: Path) -> Optional[bool]:
+    value = _manifest(data_dir).get("caseops")
     return value if isinstance(value, bool) else None
+
+
+def _check_shard_set(data_dir: Path, val_paths: list[Path], byte_paths: list[Path]) -> None:
+    """The stream is the val shards in index order: refuse a gap (documents either side would be spliced) and a
+    sidecar set that does not pair up with the val shards index for index, naming what is missing."""
+    indices = [shard_index("val", p.name) for p in val_paths]
+    missing = sorted(set(range(max(indices) + 1)) - set(indices))
+    if missing:
+        raise ValidationDataError(f"{data_dir}: {shard_name('val', missing[0])} is missing (the val shards must be "
+                                  f"numbered 0..{len(indices) - 1 + len(missing)} without a gap; {len(missing)} missing)")
+    if byte_paths:
+        sidecars = {shard_index("val_bytes", p.name) for p in byte_paths}
+        lacking = [i for i in indices if i not in sidecars]
+        extra = sorted(sidecars - set(indices))
+        if lacking or extra:
+            what = (f"{shard_name('val', lacking[0])} has no {shard_name('val_bytes', lacking[0])}" if lacking
+                    else f"{shard_name('val_bytes', extra[0])} has no {shard_name('val', extra[0])}")
+            raise ValidationDataError(f"{data_dir}: {what} (expected one byte sidecar per val shard)")
+
+
+def _check_manifest_totals(data_dir: Path, tokens: np.ndarray) -> None:
+    """The documents and tokens the data stage's manifest says the validation split holds."""
+    manifest = _manifest(data_dir)
+    docs, count = (manifest.get(key, {}).get("val") if isinstance(manifest.get(key), dict) else None
+                   for key in ("docs", "tokens"))
+    found = {"tokens": len(tokens), "docs": int(np.count_nonzero(tokens == BOS_ID))}
+    for key, stated in (("tokens", count), ("docs", docs)):
+        if isinstance(stated, int) and stated != found[key]:
+            raise ValidationDataError(f"{data_dir}: the val shards hold {found[key]:,} {key}, manifest.json says "
+                                      f"{key}.val = {stated:,}")
 
 
 def resolve_accounting(requested: str, has_sidecar: bool, caseops: Optional[bool], tokenizer_path) -> str:
@@ -232,8 +268,10 @@ def load_validation(
         raise FileNotFoundError(f"{data_dir}: data directory not found")
     accounting = planned_accounting(data_dir, byte_accounting, tokenizer_path, caseops=None)  # the manifest says
     val_paths, byte_paths = list_shards(data_dir, "val"), list_shards(data_dir, "val_bytes")
+    _check_shard_set(data_dir, val_paths, byte_paths)
 
     tokens = _concat(val_paths)
+    _check_manifest_totals(data_dir, tokens)
     if len(tokens) == 0 or tokens[0] != BOS_ID:
         first = int(tokens[0]) if len(tokens) else None
         raise ValidationDataError(f"{val_paths[0]}: the validation stream starts with id {first}, expected BOS ({BOS_ID})")
@@ -252,6 +290,12 @@ def load_validation(
                 )
         target_bytes = _concat(byte_paths).astype(np.int32)
     else:
+        stated = _manifest(data_dir).get("tokenizer")
+        stated = stated.get("sha256") if isinstance(stated, dict) else None
+        if isinstance(stated, str) and sha256_file(tokenizer_path) != stated:  # another tokenizer: other bytes
+            raise ValidationDataError(f"{tokenizer_path}: sha256 {sha256_file(tokenizer_path)[:16]}..., but "
+                                      f"{data_dir / 'manifest.json'} says the shards were made with tokenizer "
+                                      f"{stated[:16]}...: its pieces give the lookup table's bytes, so pass that one")
         target_bytes = lut_target_bytes(tokens, tokenizer_path)
 
     full_length = len(tokens)

@@ -114,6 +114,15 @@ def max_floats(values: list[float], info: DistInfo) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
+def sum_ints(values: list[int], info: DistInfo) -> list[int]:
+    """Each count summed over the ranks, in one collective (run-wide totals of per-rank counters)."""
+    if not info.enabled:
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.int64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [int(v) for v in t.tolist()]
+
+
 def all_reduce_mean_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.AVG if tensor.is_cuda else dist.ReduceOp.SUM)
