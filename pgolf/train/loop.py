@@ -412,7 +412,8 @@ def train_model(
         saved_step = resumed_from  # the step whose state resume/ holds
 
         def save_state() -> int:
-            """Rank 0: the state of this step into resume/; returns the step. A failure is reported, not raised."""
+            """Rank 0: the state of this step into resume/; returns the step resume/ now holds. A failure is
+            reported, not raised."""
             state = resume.capture(
                 model, optimizers, ema.shadow, step=step, elapsed_s=end_s, looping=bool(model.looping),
                 loop_enabled_step=-1 if loop_enabled_step is None else loop_enabled_step,
@@ -424,6 +425,7 @@ def train_model(
             except OSError as exc:  # a full disk, say: the saved state is a convenience, the training is not
                 progress(f"resume: could not save the state of step {step} in {resume_dir} ({exc}); training goes "
                          "on (an interruption would resume from an earlier saved state)", final=True)
+                return saved_step
             return step
 
         last_loss: Optional[float] = None
