@@ -387,6 +387,27 @@ def test_loss_goes_down(tmp_path: Path) -> None:
     assert proc.stderr.count("the stream starts over (a second epoch)") == 1
 
 
+def test_the_record_stream_says_when_it_starts_over(tmp_path: Path) -> None:
+    """The record's stream wraps after its last whole span of calls (each shard's head and tail are never read), so
+    before the shards' raw token count: data_repeated names the first step that reads epoch 1."""
+    data = write_data(tmp_path / "data", n_docs=120)
+    tokens = np.concatenate([read_shard(p) for p in sorted(data.glob("fineweb_train_*.bin"))])
+    for p in data.glob("fineweb_train_*.bin"):
+        p.unlink()
+    for i in range(12):  # 12 shards of 300 tokens: 2 spans of 129 each, 42 tokens of each never read
+        write_shard(data / f"fineweb_train_{i:06d}.bin", np.concatenate([[BOS_ID], tokens[i * 299 : (i + 1) * 299]]))
+    cfg = TrainConfig(**{**to_dict(TINY_TRAIN), "iterations": 12, "warmup_steps": 0, "ema_decay": 0.0,
+                         "data_stream": "record", "micro_batch_order": "interleaved"})
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, tmp_path / "out", cpu)
+    plan = BatchPlan(cfg.train_batch_tokens, cfg.micro_batch_tokens, 1)
+    stream, accum = RecordStreamLoader(data, plan, 0), plan.grad_accum_steps
+    first_epoch_1 = min(s for s in range(1, 13) if stream.locate(s * accum - 1, 0)[0] == 1)  # 1-based step
+    assert first_epoch_1 < 12 * 300 // cfg.train_batch_tokens + 1  # earlier than the shards' raw token count says
+    records = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "data_repeated"] == [first_epoch_1]
+
+
 # ------------------------------------------------------------------------------ compile options (issue 16)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional
 
 from pgolf.config.strict import FOLDER_NAME, check, folder_name_error
@@ -234,6 +235,16 @@ class OptimConfig:
     adam_fused: Literal["cuda", "always"] = "cuda"
 
     def __post_init__(self) -> None:
+        for name in ("matrix_lr", "embed_lr", "scalar_lr", "muon_weight_decay", "embed_weight_decay",
+                     "scalar_weight_decay"):  # torch checks a group's values only where they are its defaults
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"{name}: expected a finite number >= 0, got {value}")
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            check(0.0 <= value < 1.0, f"{name}: expected 0 <= value < 1, got {value}")
+        check(math.isfinite(self.adam_eps) and self.adam_eps > 0, f"adam_eps: expected a finite number > 0, got {self.adam_eps}")
+        check(self.muon_momentum_warmup_steps >= 0,
+              f"muon_momentum_warmup_steps: expected >= 0, got {self.muon_momentum_warmup_steps}")
         check(self.ns_steps >= 1, f"ns_steps: expected >= 1, got {self.ns_steps}")
         check(
             self.ns_coefficients != "polar_express" or self.ns_steps <= 5,
@@ -339,7 +350,10 @@ class TrainConfig:
             self.train_batch_tokens % self.micro_batch_tokens == 0,
             f"train_batch_tokens: expected a multiple of micro_batch_tokens={self.micro_batch_tokens}, got {self.train_batch_tokens}",
         )
-        check(self.max_wallclock_seconds >= 0, "max_wallclock_seconds: expected >= 0")
+        check(math.isfinite(self.max_wallclock_seconds) and self.max_wallclock_seconds >= 0,
+              f"max_wallclock_seconds: expected a finite number >= 0 (0 = by iterations), got {self.max_wallclock_seconds}")
+        check(math.isfinite(self.grad_clip_norm) and self.grad_clip_norm >= 0,
+              f"grad_clip_norm: expected a finite number >= 0 (0 = no clipping), got {self.grad_clip_norm}")
         check(
             self.reserve_seconds >= 0 and (self.max_wallclock_seconds == 0 or self.reserve_seconds <= self.max_wallclock_seconds),
             f"reserve_seconds: expected 0..max_wallclock_seconds={self.max_wallclock_seconds}, got {self.reserve_seconds}",

@@ -277,8 +277,14 @@ def train_model(
     if data_info is None:
         data_info = check_data(data_dir, model_cfg.vocab_size)
     loader = make_loader(data_dir, plan, info.rank, train_cfg)
-    # the stream starts over (a second epoch) past this many tokens: said once, when a run gets there
+    # the stream starts over (a second epoch) at this step (1-based): said once, when a run gets there. The
+    # contiguous stream wraps after the shards' tokens; the record's stream after its last whole span of calls
+    # (each shard's head before its first BOS and its tail are never read)
     train_tokens = sum(read_header(p).num_tokens for p in list_shards(data_dir, "train"))
+    if isinstance(loader, RecordStreamLoader):
+        repeat_step = loader.calls_per_epoch // accum + 1
+    else:
+        repeat_step = train_tokens // plan.train_batch_tokens + 1
 
     apply_param_storage(model, train_cfg.param_storage, [name for name, _ in groups.get("embedding", ())])
     optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=muon_averages_grads(train_cfg.clip_scope))
@@ -450,11 +456,11 @@ def train_model(
             all_finite &= torch.isfinite(loss)
             ema.update()
             step += 1
-            if step * plan.train_batch_tokens > train_tokens >= (step - 1) * plan.train_batch_tokens:
+            if step == repeat_step:
                 metrics.write({"event": "data_repeated", "step": step, "train_tokens": train_tokens})
                 if info.is_main:
-                    progress(f"step {step} read more tokens than the {train_tokens:,} of the training shards in "
-                             f"{data_dir}: the stream starts over (a second epoch)", final=True)
+                    progress(f"step {step} reads the training stream of {data_dir} ({train_tokens:,} tokens) a second "
+                             "time: the stream starts over (a second epoch)", final=True)
             if device.type == "cuda" and (step % train_cfg.log_every_steps == 0):
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
