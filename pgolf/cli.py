@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # the stage subpackages, in the order of the DAG; each module's `register(commands)` adds its commands
 COMMAND_MODULES = (
@@ -50,10 +51,41 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
     return parser
 
 
+# the argparse destinations that name what a command WRITES (--out, --report, --json-out, --metrics)
+OUTPUT_FILE_DESTS = ("out", "report", "json_out", "metrics")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def overwrite_problems(args: argparse.Namespace) -> list[str]:
+    """An output file named twice, or naming a file the command reads: the run would destroy its own input (a
+    quantized model replaced by its artifact, a pack report by the gate's) or one of its results."""
+    paths = {dest: Path(value).resolve() for dest, value in vars(args).items()
+             if isinstance(value, str) and value}
+    outputs = {dest: path for dest, path in paths.items() if dest in OUTPUT_FILE_DESTS}
+    problems = []
+    for dest, path in outputs.items():
+        for other, other_path in paths.items():
+            if other == dest or other_path != path:
+                continue
+            if other in OUTPUT_FILE_DESTS and other < dest:
+                continue  # a pair of outputs: said once
+            if other in OUTPUT_FILE_DESTS or path.is_file():
+                problems.append(f"{_flag(dest)} {getattr(args, dest)} is also {_flag(other)}: the command would "
+                                f"overwrite {'another of its outputs' if other in OUTPUT_FILE_DESTS else 'its input'}")
+    return problems
+
+
 def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODULES) -> int:
     args = build_parser(modules).parse_args(argv)
     from pgolf.config import ConfigError
 
+    problems = overwrite_problems(args)
+    if problems:
+        print("\n".join(f"pgolf: error: {problem}" for problem in problems), file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     # OSError: a folder for a file, a missing or unwritable path; FloatingPointError: a diverged training or TTT run

@@ -199,6 +199,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise FileNotFoundError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: {what} is not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: {what} is not UTF-8 text, so not JSON ({exc.reason} at byte {exc.start})") from None
 
 
 def read_json_object(path: str | Path, what: str = "file") -> dict:

@@ -34,6 +34,23 @@ def test_a_file_of_another_kind(tmp_path: Path, capsys) -> None:
     code, err = run(["checkpoint", "import-record", str(text), "--out", str(tmp_path / "ckpt"),
                      "--config", str(REPO / "config.yaml")], capsys)
     assert code == 2 and f"{text}: not a readable state dict" in err and "weights_only=False" not in err
+    import torch
+
+    flat = tmp_path / "flat.pt"  # the record's names, other shapes
+    torch.save({name: torch.zeros(10) for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank",
+                                                   "tok_emb.weight")}, flat)
+    code, err = run(["checkpoint", "import-record", str(flat), "--out", str(tmp_path / "ckpt"),
+                     "--config", str(REPO / "config.yaml")], capsys)
+    assert code == 2 and f"{flat}: 'tok_emb.weight' has shape [10], expected 2 dimensions" in err
+    json_file = tmp_path / "report.json"
+    json_file.write_bytes(b"\xff\xfe not text")
+    code, err = run(["gate", "--pack-report", str(json_file), "--artifact", str(flat), "--code", str(flat),
+                     "--pack-json", "{}", "--out", str(tmp_path / "gate.json")], capsys)
+    assert code == 2 and f"{json_file}: pack report is not UTF-8 text, so not JSON" in err
+    json_file.write_text("[]")
+    code, err = run(["gate", "--pack-report", str(json_file), "--artifact", str(flat), "--code", str(flat),
+                     "--pack-json", "{}", "--out", str(tmp_path / "gate.json")], capsys)
+    assert code == 2 and f"{json_file}: pack report must be a JSON object, got list" in err
     costs = tmp_path / "costs.json"
     for content, message in (("[1]", "costs JSON must be a JSON object, got list"), ("{", "costs JSON is not valid JSON")):
         costs.write_text(content)
@@ -71,3 +88,20 @@ def test_prepare_never_replaces_a_folder_of_the_users(tmp_path: Path, capsys) ->
     assert code == 2 and "not empty and holds no manifest.json" in err
     assert sorted(p.name for p in mine.iterdir()) == ["NOTES.txt", "docs.jsonl"]
     assert json.loads((mine / "docs.jsonl").read_text().splitlines()[0])["text"]
+
+
+def test_an_output_that_names_an_input_or_another_output_is_refused(tmp_path: Path, capsys) -> None:
+    """`--out` equal to the file the command reads (a quantized model replaced by its artifact) or to its other
+    output: refused before any work, the input untouched."""
+    quantized = tmp_path / "quantized.pt"
+    quantized.write_bytes(b"the user's quantized model")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    code, err = run(["pack", "build", "--quantized", str(quantized), "--checkpoint", str(checkpoint), "--pack-json",
+                     "{}", "--out", str(quantized), "--report", str(tmp_path / "report.json")], capsys)
+    assert code == 2 and err == f"pgolf: error: --out {quantized} is also --quantized: the command would overwrite its input"
+    assert quantized.read_bytes() == b"the user's quantized model"
+    same = tmp_path / "same.json"
+    code, err = run(["pack", "build", "--quantized", str(quantized), "--checkpoint", str(checkpoint), "--pack-json",
+                     "{}", "--out", str(same), "--report", str(same)], capsys)
+    assert code == 2 and f"--out {same} is also --report: the command would overwrite another of its outputs" in err

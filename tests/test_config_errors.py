@@ -25,7 +25,7 @@ BAD = {
                     "evaluate.ttt.lora_rnk: unknown key (did you mean 'lora_rank'?)"),
     "wrong_type": (SMOKE.replace("  num_layers: 5", "  num_layers: five"),
                    "model.num_layers: expected int, got str 'five'"),
-    "out_of_range": (SMOKE.replace("  num_layers: 5", "  num_layers: 0"), "model.num_layers: expected >= 1, got 0"),
+    "out_of_range": (SMOKE.replace("  num_layers: 5", "  num_layers: 0"), "model.num_layers: expected 1..1024, got 0"),
     "bad_enum": (SMOKE.replace("mode: sweep", "mode: swep"), "mode: expected one of 'record' | 'sweep', got 'swep'"),
     "bad_seed": (SMOKE.replace("seeds: [1, 2, 3]", "seeds:\n  - 1\n  - x"), "seeds[1]: expected int, got str 'x'"),
     "indent": (SMOKE.replace("  num_layers: 5", "   num_layers: 5"), "not valid YAML: mapping values are not allowed"),

@@ -166,6 +166,11 @@ def test_missing_hessian_named(chain, tmp_path: Path, capsys) -> None:
     assert _quantize(chain, tmp_path, hessians=tmp_path / "partial.pt") == 2
     assert "blocks.2.mlp.down.weight: no Hessian" in capsys.readouterr().err
     assert not (tmp_path / "quantized.pt").exists()
+    H = load_hessians(chain["hessians"])
+    H["blocks.0.attn.k.weight"] = torch.eye(3)  # of another model: said with the file's path
+    torch.save(H, tmp_path / "other.pt")
+    assert _quantize(chain, tmp_path, hessians=tmp_path / "other.pt") == 2
+    assert f"{tmp_path / 'other.pt'}: blocks.0.attn.k.weight: Hessian shape (3, 3)" in capsys.readouterr().err
 
 
 def test_load_quantized_refusals(quantized, tmp_path: Path) -> None:
@@ -192,8 +197,15 @@ class _NotPlainData:
 
 def test_pickled_objects_are_never_executed(tmp_path: Path) -> None:
     torch.save({"format": "pgolf-quantized", "version": 1, "payload": _NotPlainData()}, tmp_path / "evil.pt")
-    with pytest.raises(QuantizedFileError, match="not a readable quantized model"):
+    with pytest.raises(QuantizedFileError, match="not a readable quantized model") as err:
         load_quantized(tmp_path / "evil.pt")
+    # one line, and never torch's advice to load with weights_only=False (which would run the pickled code)
+    assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
+    from pgolf.quantize.hessians import HessianError, load_hessians
+
+    with pytest.raises(HessianError, match="not a readable hessians file") as err:
+        load_hessians(tmp_path / "evil.pt")
+    assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
 
 
 def test_save_refuses_colons_in_names(tmp_path: Path, quantized) -> None:

@@ -417,6 +417,12 @@ def test_closing_summary_names_the_figures_and_the_files(tmp_path):
     assert "records     " + str(next((run_dir / "records").glob("track_*/*"))) in text
     assert pgolf_main(["summary", str(run_dir)]) == 0
     assert pgolf_main(["summary", str(tmp_path / "nowhere")]) == 2
+    # a damaged aggregate.json is said to be one, never a traceback nor "not yet"
+    aggregate = run_dir / "aggregate.json"
+    for damaged in ("[]", '{"val_bpb": ', "{}", '{"val_bpb": "x"}'):
+        aggregate.write_text(damaged)
+        text = closing_summary(run_dir)
+        assert f"{aggregate} is unreadable or lacks a figure" in text and "--forcerun aggregate" in text, damaged
 
 
 def test_closing_summary_names_the_folder_this_report_wrote(tmp_path):

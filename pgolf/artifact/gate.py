@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.config import PackConfig
-from pgolf.io import atomic_write_json, read_json, sha256_file
+from pgolf.io import atomic_write_json, read_json_object, sha256_file
 from pgolf.artifact.cap import EXIT_OVER_CAP, size_gate
 from pgolf.artifact.minify import counted_code_bytes
 
 
 def run_gate(pack_report_path: str | Path, code: str | Path, artifact: str | Path, cfg: PackConfig, out: str | Path,
              code_id: str | None = None) -> tuple[dict[str, Any], int]:
-    pack_report = read_json(pack_report_path, "pack report")
+    pack_report = read_json_object(pack_report_path, "pack report")
     model_bytes = pack_report.get("model_bytes")
     if not isinstance(model_bytes, int):
         raise ValueError(f"{pack_report_path}: expected an integer 'model_bytes', got {model_bytes!r}")

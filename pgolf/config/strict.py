@@ -134,7 +134,7 @@ def from_mapping(cls: type, data: Any, where: str) -> Any:
         key = exc.key
         if key is None and named and named.group(1).split(".")[0].split("[")[0] in fields:
             key = _join(where, named.group(1))
-            message = _join(where, message)  # "model.num_layers: expected >= 1, got 0"
+            message = _join(where, message)  # "model.num_layers: expected 1..1024, got 0"
         elif where:
             message = f"{where}: {message}"
         raise ConfigError(message, key or where or None) from None

@@ -99,6 +99,9 @@ class TokenizerConfig:
         check(self.train_docs >= 0, f"train_docs: expected >= 0, got {self.train_docs}")
 
 
+MAX_LAYERS = 1024  # a sanity bound: the virtual layer order is built as a list
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture. Travels with the checkpoint and the packed artifact; later stages never re-read YAML.
@@ -148,8 +151,18 @@ class ModelConfig:
     attention_backend: Literal["auto", "fa3", "fa4", "torch"] = "auto"
 
     def __post_init__(self) -> None:
-        check(self.num_layers >= 1, f"num_layers: expected >= 1, got {self.num_layers}")
+        check(1 <= self.num_layers <= MAX_LAYERS, f"num_layers: expected 1..{MAX_LAYERS}, got {self.num_layers}")
+        check(self.model_dim >= 1, f"model_dim: expected >= 1, got {self.model_dim}")
+        check(self.num_heads >= 1, f"num_heads: expected >= 1, got {self.num_heads}")
         check(self.model_dim % self.num_heads == 0, f"model_dim: {self.model_dim} not divisible by num_heads {self.num_heads}")
+        check(math.isfinite(self.mlp_mult) and int(self.mlp_mult * self.model_dim) >= 1,
+              f"mlp_mult: expected a finite number with mlp_mult * model_dim >= 1, got {self.mlp_mult}")
+        for name in ("logit_softcap", "embed_init_std", "q_gain_init"):  # 0 disables the first and last
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"{name}: expected a finite number >= 0, got {value}")
+        check(math.isfinite(self.rope_base) and self.rope_base > 0, f"rope_base: expected a finite number > 0, got {self.rope_base}")
+        for name in ("leaky_relu_slope", "attn_gate_scale"):
+            check(math.isfinite(getattr(self, name)), f"{name}: expected a finite number, got {getattr(self, name)}")
         check(
             self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
             f"num_kv_heads: expected a divisor of num_heads {self.num_heads}, got {self.num_kv_heads}",

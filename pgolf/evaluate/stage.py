@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pgolf.config import EvaluateConfig, ModelConfig, from_mapping, to_dict
-from pgolf.io import Progress, atomic_write_json, read_json, sha256_file
+from pgolf.io import Progress, atomic_write_json, read_json_object, sha256_file
 from pgolf.evaluate.scoring import (  # noqa: F401  (bits_per_byte and ScoreResult are part of this module's API)
     NllRunner,
     ScoreAccumulator,
@@ -306,7 +306,7 @@ def check_artifact_hash(artifact: str | Path, pack_report: str | Path | None = N
     if not report_path.exists():
         problem = f"{report_path}: pack report not found, so the artifact's sha256 cannot be checked"
     else:
-        recorded = read_json(report_path, "pack report").get("artifact_sha256")
+        recorded = read_json_object(report_path, "pack report").get("artifact_sha256")
         if not isinstance(recorded, str):
             problem = f"{report_path}: no 'artifact_sha256' string"
         elif recorded != actual:

@@ -494,8 +494,9 @@ def load_hessians(path: str | Path, checkpoint_weights_sha256: str | None = None
         raise FileNotFoundError(f"{path}: hessians file not found")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged or foreign file: unpickling errors vary by torch version
-        raise HessianError(f"{path}: not a readable hessians file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # a damaged or foreign file; torch's own message suggests weights_only=False (runs code)
+        raise HessianError(f"{path}: not a readable hessians file ({type(exc).__name__}: damaged, or holding objects "
+                           "other than tensors, which are never unpickled)") from None
     if not isinstance(data, dict):
         raise HessianError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
     if data.get("format") == HESSIANS_FORMAT:

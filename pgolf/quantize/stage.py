@@ -118,8 +118,9 @@ def load_quantized(path: str | Path) -> tuple[QuantizedModel, dict[str, Any]]:
         raise FileNotFoundError(f"{path}: quantized model not found")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # damaged or foreign file: the error type varies by torch version
-        raise QuantizedFileError(f"{path}: not a readable quantized model ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # a damaged or foreign file; torch's own message suggests weights_only=False (runs code)
+        raise QuantizedFileError(f"{path}: not a readable quantized model ({type(exc).__name__}: damaged, or holding "
+                                 "objects other than tensors, which are never unpickled)") from None
     if not isinstance(blob, dict) or blob.get("format") != QUANTIZED_FORMAT:
         got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise QuantizedFileError(f"{path}: format {got!r}, expected {QUANTIZED_FORMAT!r}")
@@ -252,6 +253,7 @@ def quantize_checkpoint(
     """Quantize a checkpoint with its Hessians; writes nothing. The staged pipeline saves the result
     (:func:`run_quantize_stage`); the bundled record run hands it to the pack stage in memory."""
     from pgolf.train.checkpoint import load_checkpoint, model_config_of
+    from pgolf.quantize.gptq import QuantizeError
     from pgolf.quantize.hessians import load_hessians
     from pgolf.model.gpt import build_meta
     from pgolf.io import set_cpu_threads
@@ -266,6 +268,10 @@ def quantize_checkpoint(
     model_cfg = model_config_of(meta, f"{checkpoint}/checkpoint.json")
     roles = build_meta(model_cfg).param_roles()
     hessians = load_hessians(hessians_path, meta["weights_sha256"])
+    for name, H in hessians.items():  # a file of another model: said with its path, before any work
+        if name in state and state[name].dim() == 2 and tuple(H.shape) != (state[name].shape[1],) * 2:
+            raise QuantizeError(f"{hessians_path}: {name}: Hessian shape {tuple(H.shape)}, the checkpoint's matrix "
+                                f"needs [{state[name].shape[1]}, {state[name].shape[1]}]")
 
     t0 = time.perf_counter()
     state_on_device = {name: t.to(device) for name, t in state.items()}

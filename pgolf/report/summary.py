@@ -118,11 +118,24 @@ def closing_summary(run_dir) -> str:
 
     run_dir = Path(run_dir)
     # the newer of the full aggregation and the `partial` rule's (its report.html and submission.json sit beside it)
-    aggregates = {d: a for d in (run_dir, run_dir / "partial") if (a := _load(d / "aggregate.json")) is not None}
-    out_dir = max(aggregates, key=lambda d: (d / "aggregate.json").stat().st_mtime_ns, default=run_dir)
-    agg = aggregates.get(out_dir)
-    if agg is None:
+    found = [d for d in (run_dir, run_dir / "partial") if (d / "aggregate.json").is_file()]
+    if not found:
         return f"pgolf: run {run_dir.name}: no aggregate.json yet (the stage logs are under {run_dir}/)"
+    out_dir = max(found, key=lambda d: (d / "aggregate.json").stat().st_mtime_ns)
+    agg = _load(out_dir / "aggregate.json")
+    try:
+        if agg is None:
+            raise ValueError("not a JSON object")
+        return _summary_lines(agg, out_dir)
+    except (KeyError, TypeError, ValueError) as exc:  # a damaged or hand-edited file: said, never a traceback
+        return (f"pgolf: run {run_dir.name}: {out_dir / 'aggregate.json'} is unreadable or lacks a figure ({exc!r}); "
+                f"`snakemake --forcerun aggregate` writes it again")
+
+
+def _summary_lines(agg: dict, out_dir) -> str:
+    """:func:`closing_summary`'s text from a readable aggregate.json in ``out_dir``."""
+    from pathlib import Path
+
     bpb, scored = agg["val_bpb"], agg.get("scored") or {}
     n = bpb["n"]
     lines = [f"pgolf: run {agg['run']} ({agg['mode']}) finished: {n} seed{'s' if n != 1 else ''} {agg['seeds']}"]

@@ -143,6 +143,10 @@ def check_against_weights(cfg: ModelConfig, sd: dict[str, torch.Tensor], where: 
     for key in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"):
         if key not in sd:
             raise RecordImportError(f"{where}: no {key!r}: not a state dict of PR #1855's train_gpt.py")
+    for key, dims in (("tok_emb.weight", 2), ("qo_bank", 3), ("kv_bank", 3), ("mlp_up_bank", 3), ("mlp_down_bank", 3)):
+        if sd[key].dim() != dims:
+            raise RecordImportError(f"{where}: {key!r} has shape {list(sd[key].shape)}, expected {dims} dimensions "
+                                    "(PR #1855's train_gpt.py)")
     vocab, dim = sd["tok_emb.weight"].shape
     layers, hidden = sd["mlp_up_bank"].shape[:2]
     heads = sd["blocks.0.attn.q_gain"].numel() if "blocks.0.attn.q_gain" in sd else None
