@@ -239,3 +239,18 @@ def test_cli_projects_pgolf_on_the_records_lengths(capsys, tmp_path):
     assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(RECORD_COSTS),
                        "--lengths", str(bad)]) == 2
     assert "one document length per line" in capsys.readouterr().err
+
+
+def test_negative_prices_are_refused(tmp_path, capsys):
+    """A costs file whose prices are negative would promise a plan of negative seconds: refused, naming them."""
+    prices = json.loads((ROOT / "benchmarks" / "record_pr1855_costs.json").read_text())
+    prices["step"]["a"] = -prices["step"]["a"]
+    prices["load_seconds"] = -4.1
+    bad = tmp_path / "negative.json"
+    bad.write_text(json.dumps(prices))
+    assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: prices are seconds (or tokens per second), expected finite numbers >= 0: step.a = -" in err
+    assert "load_seconds = -4.1" in err
+    assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs",
+                       str(ROOT / "benchmarks" / "record_pr1855_costs.json")]) == 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -81,14 +82,32 @@ class RecordCosts:
     recompile: Optional[dict] = None  # the record's replay: {"k0", "k1", "warmup_seconds"}
     measured_with: dict = dataclasses.field(default_factory=dict)
 
+    def negative_prices(self) -> list[str]:
+        """The prices below 0 (a plan priced with them would promise negative seconds)."""
+        prices = {"step.a": self.step.a, "step.b": self.step.b, "step.score_only_factor": self.step.score_only_factor,
+                  "step.graph_a": self.step.graph_a, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                                         if isinstance(getattr(self, f.name), float)}}
+        return [f"{name} = {value}" for name, value in prices.items()
+                if value is not None and not (value >= 0 and math.isfinite(value))]
+
     @staticmethod
     def from_json(path: str | Path) -> "RecordCosts":
         data = read_json_object(path, "costs JSON")
-        if data.get("format") != 2:
-            return RecordCosts.from_slot_prices(path, data)
+        if data.get("format") == 2:
+            costs = RecordCosts._from_format_2(path, data)
+        else:
+            costs = RecordCosts.from_slot_prices(path, data)
+        bad = costs.negative_prices()
+        if bad:
+            raise ConfigError(f"{path}: prices are seconds (or tokens per second), expected finite numbers >= 0: "
+                              + ", ".join(bad))
+        return costs
+
+    @staticmethod
+    def _from_format_2(path, data: dict) -> "RecordCosts":
         try:
             s = data["step"]
-            return RecordCosts(
+            costs = RecordCosts(
                 step=StepPrices(float(s["a"]), float(s["b"]), float(s.get("score_only_factor", 0.35)),
                                 float(s["graph_a"]) if s.get("graph_a") is not None else None),
                 phase_tokens_per_s=float(data.get("phase_tokens_per_s", 0.0)),
@@ -104,6 +123,7 @@ class RecordCosts:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: a format-2 costs file needs step.a and step.b numbers ({exc})") from None
+        return costs
 
     @staticmethod
     def from_slot_prices(path, data: dict) -> "RecordCosts":
