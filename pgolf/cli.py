@@ -59,11 +59,25 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def overwrite_problems(args: argparse.Namespace) -> list[str]:
+def _word_dests(parser: argparse.ArgumentParser) -> set[str]:
+    """Destinations of arguments that take a word from a fixed list (``--mode sweep``, ``data download tokenizer``),
+    in every subcommand: their values are never paths, even where a file of that name exists."""
+    dests: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                dests |= _word_dests(sub)
+        elif action.choices is not None:
+            dests.add(action.dest)
+    return dests
+
+
+def overwrite_problems(args: argparse.Namespace, words: set[str] = frozenset()) -> list[str]:
     """An output file named twice, or naming a file the command reads: the run would destroy its own input (a
-    quantized model replaced by its artifact, a pack report by the gate's) or one of its results."""
+    quantized model replaced by its artifact, a pack report by the gate's) or one of its results. ``words``: the
+    destinations whose values are words, not paths (:func:`_word_dests`)."""
     paths = {dest: Path(value).resolve() for dest, value in vars(args).items()
-             if isinstance(value, str) and value}
+             if isinstance(value, str) and value and dest not in words}
     outputs = {dest: path for dest, path in paths.items() if dest in OUTPUT_FILE_DESTS}
     problems = []
     for dest, path in outputs.items():
@@ -79,10 +93,11 @@ def overwrite_problems(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODULES) -> int:
-    args = build_parser(modules).parse_args(argv)
+    parser = build_parser(modules)
+    args = parser.parse_args(argv)
     from pgolf.config import ConfigError
 
-    problems = overwrite_problems(args)
+    problems = overwrite_problems(args, _word_dests(parser))
     if problems:
         print("\n".join(f"pgolf: error: {problem}" for problem in problems), file=sys.stderr)
         return 2

@@ -105,3 +105,15 @@ def test_an_output_that_names_an_input_or_another_output_is_refused(tmp_path: Pa
     code, err = run(["pack", "build", "--quantized", str(quantized), "--checkpoint", str(checkpoint), "--pack-json",
                      "{}", "--out", str(same), "--report", str(same)], capsys)
     assert code == 2 and f"--out {same} is also --report: the command would overwrite another of its outputs" in err
+
+
+def test_a_word_argument_is_no_input_path(tmp_path: Path, monkeypatch) -> None:
+    """`pgolf data download tokenizer --out tokenizer` writes a file named like the word: no overwrite of an input."""
+    from pgolf.cli import _word_dests, build_parser, overwrite_problems
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokenizer").write_text("an earlier download")
+    parser = build_parser()
+    args = parser.parse_args(["data", "download", "tokenizer", "--config", "r.yaml", "--out", "tokenizer"])
+    assert overwrite_problems(args, _word_dests(parser)) == []
+    assert overwrite_problems(args) != []  # without knowing the word arguments it would have been refused

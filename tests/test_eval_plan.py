@@ -246,11 +246,12 @@ def test_negative_prices_are_refused(tmp_path, capsys):
     prices = json.loads((ROOT / "benchmarks" / "record_pr1855_costs.json").read_text())
     prices["step"]["a"] = -prices["step"]["a"]
     prices["load_seconds"] = -4.1
+    prices["recompile"]["warmup_seconds"] = -500.0
     bad = tmp_path / "negative.json"
     bad.write_text(json.dumps(prices))
     assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: prices are seconds (or tokens per second), expected finite numbers >= 0: step.a = -" in err
-    assert "load_seconds = -4.1" in err
+    assert "load_seconds = -4.1" in err and "recompile.warmup_seconds = -500.0" in err
     assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs",
                        str(ROOT / "benchmarks" / "record_pr1855_costs.json")]) == 0

@@ -173,3 +173,16 @@ def test_gpu_is_seen():
     checks = by_name(run_preflight(REPO / "recipes" / "smoke.yaml"))
     assert checks["import triton"].ok
     assert str(torch.cuda.device_count()) in checks["CUDA"].detail
+
+
+def test_all_train_shards_reserve_at_least_the_downloaders_default() -> None:
+    """data.train_shards 0 downloads every train shard: the disk it reserves is not the smallest of all."""
+    import dataclasses
+
+    from pgolf.compliance.preflight import data_size_bytes
+    from pgolf.config import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "config.yaml")
+    sizes = {n: data_size_bytes(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=n)))
+             for n in (0, 1, 80)}
+    assert sizes[0] >= sizes[80] > sizes[1]

@@ -176,6 +176,37 @@ def test_a_job_killed_after_its_outputs_were_written_resumes_at_the_end(data: Pa
     assert (out / RESUME_DIR).exists()  # the caller's to remove
 
 
+def test_a_failed_save_at_the_last_step_is_made_good_at_the_end(data: Path, tmp_path: Path, monkeypatch) -> None:
+    """A timed sweep stops after a step whose periodic save failed (a full disk for a moment): the last step's
+    state is saved at the end all the same, so a job killed before its outputs are accepted resumes there."""
+    import pgolf.train.loop as loop
+    import pgolf.train.resume as resume
+
+    reads = {"n": 0}
+
+    def clock() -> float:  # one second per read: the 12 s budget ends after a few steps
+        reads["n"] += 1
+        return float(reads["n"])
+
+    real, tried = resume.save, set()
+
+    def save(resume_dir, state, state_id, step, lines):
+        if step >= 2 and step not in tried:  # each step's first save fails
+            tried.add(step)
+            raise OSError(28, "No space left on device")
+        return real(resume_dir, state, state_id, step, lines)
+
+    monkeypatch.setitem(loop.train_model.__kwdefaults__, "clock", clock)
+    monkeypatch.setattr(resume, "save", save)
+    timed = dataclasses.replace(BASE, resume_every_steps=1, iterations=1000, max_wallclock_seconds=12.0,
+                                reserve_seconds=0.0)
+    out = tmp_path / "timed"
+    summary = train(TINY_MODEL, OptimConfig(muon_momentum_warmup_steps=3), timed, 5, data, out, "cpu",
+                    keep_resume=True)
+    assert 2 <= summary["steps"] < timed.iterations
+    assert json.loads((out / RESUME_DIR / META_NAME).read_text())["step"] == summary["steps"]
+
+
 def test_a_second_training_of_the_same_folder_is_refused(data: Path, tmp_path: Path) -> None:
     """A training still running in a seed folder (orphaned by a killed Snakemake, say) holds its lock: a rerun into
     that folder is refused at once instead of mixing its files with the orphan's."""

@@ -127,11 +127,17 @@ def data_paths(cfg: RunConfig, data_dir: Optional[str | Path]) -> tuple[Path, Pa
     return data_dir, data_dir / "shards"
 
 
+# data.train_shards 0 asks for every train shard, a count preflight cannot know before the download: it reserves
+# at least what the official downloader fetches by default (shared/spec/data.md), as a lower bound
+ALL_TRAIN_SHARDS_AT_LEAST = 80
+
+
 def data_size_bytes(cfg: RunConfig) -> int:
     """Disk the data stage would need: uint16 train shards (+ validation and sidecar, about 0.3 GB)."""
     if cfg.data.source == "local":
         return 0
-    return cfg.data.train_shards * cfg.data.shard_tokens * 2 + 300_000_000
+    shards = cfg.data.train_shards or ALL_TRAIN_SHARDS_AT_LEAST
+    return shards * cfg.data.shard_tokens * 2 + 300_000_000
 
 
 def data_check(cfg: RunConfig, root: Path, shards: Path, verify_now: bool) -> Check:

@@ -86,9 +86,11 @@ class RecordCosts:
         """The prices below 0 (a plan priced with them would promise negative seconds)."""
         prices = {"step.a": self.step.a, "step.b": self.step.b, "step.score_only_factor": self.step.score_only_factor,
                   "step.graph_a": self.step.graph_a, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                                         if isinstance(getattr(self, f.name), float)}}
+                                                         if isinstance(getattr(self, f.name), float)},
+                  **{f"recompile.{key}": (self.recompile or {})[key] for key in ("k0", "k1", "warmup_seconds")
+                     if key in (self.recompile or {})}}
         return [f"{name} = {value}" for name, value in prices.items()
-                if value is not None and not (value >= 0 and math.isfinite(value))]
+                if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value))]
 
     @staticmethod
     def from_json(path: str | Path) -> "RecordCosts":
