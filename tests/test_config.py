@@ -95,6 +95,8 @@ def test_schema_rejects_what_the_dataclasses_reject() -> None:
          "tokenizer.source: 'hub' with data.source 'export'"),
         ({"run": "my run"}, "run: expected letters, digits, '_', '.', '-' (it names a folder), got 'my run'"),
         ({"optim": {"embed_lr": -1.0}}, "optim.embed_lr: expected a finite number >= 0, got -1.0"),
+        ({"quantize": {"attn_clip_sigmas": float("inf")}}, "quantize.attn_clip_sigmas: expected a finite number > 0"),
+        ({"quantize": {"gptq_damp": float("inf")}}, "quantize.gptq_damp: expected a finite number >= 0, got inf"),
         ({"model": {"mlp_mult": -1.0}}, "model.mlp_mult: expected a finite number with mlp_mult * model_dim >= 1"),
         ({"model": {"mlp_mult": float("inf")}}, "model.mlp_mult: expected a finite number"),
         ({"model": {"num_layers": 10**30}}, "model.num_layers: expected 1..1024"),

@@ -422,3 +422,17 @@ def test_dequant_embed_dtype_rounds_the_embedding_through_bf16():
     assert not torch.equal(head, head.bfloat16().float())
     plain = dequantize_state(dataclasses.replace(qm, quantize_config={}))  # an artifact without the key
     assert not torch.equal(plain["tok_emb.weight"], emb)
+
+
+def test_a_hessian_that_is_not_positive_definite_names_its_matrix_and_the_damping_tried() -> None:
+    """Every damping attempt fails: the error names the matrix and the largest extra damping really tried."""
+    cols = 8
+    H = torch.ones(cols, cols) - 0.99 * torch.eye(cols)  # diagonal 0.01 under off-diagonal ones: indefinite
+    state = {"blocks.0.attn.q.weight": torch.randn(4, cols)}
+    with pytest.raises(QuantizeError) as err:
+        quantize_state(state, {"blocks.0.attn.q.weight": "attn"}, {"blocks.0.attn.q.weight": H},
+                       QuantizeConfig(lqer_mode="off"))
+    # GPTQ's own damping makes the diagonal 0.0101; the extra attempts: 0, then 0.01 x 0.0101 growing tenfold up
+    # to 0.101, the last one tried (the message used to give the next one, 1.01, never tried)
+    assert str(err.value).startswith("blocks.0.attn.q.weight: GPTQ: Hessian [8, 8] is not positive definite even "
+                                     "with extra damping 0.101 ")

@@ -324,6 +324,8 @@ def test_budget_gate_refuses_record_runs_over_the_cap(clean_data_dir, data_dir, 
     timed = dataclasses.replace(TINY_TRAIN, max_wallclock_seconds=0.05, iterations=50)
     ckpt = train_checkpoint(clean_data_dir, tmp_path / "train", train_cfg=timed)
     record, sweep = tmp_path / "record", tmp_path / "sweep"
+    record.mkdir()
+    (record / "hessians.pt").write_bytes(b"an earlier run's Hessians of the same weights")  # quantize would take it
     assert _run(ckpt, data_dir, record, "record") == 3
     assert not (record / "hessians.pt").exists()
     report = json.loads((record / "report.json").read_text())

@@ -214,3 +214,17 @@ def test_save_refuses_colons_in_names(tmp_path: Path, quantized) -> None:
     with pytest.raises(QuantizedFileError, match="':'"):
         save_quantized(tmp_path / "bad.pt", bad, provenance)
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_report_totals_hold_no_infinity() -> None:
+    """A matrix whose reference error is 0 has an infinite relative error: the totals say null, as its own entry
+    does, so quantize_report.json stays strict JSON."""
+    import math
+
+    from pgolf.quantize.stage import quantize_totals
+
+    entry = {"name": "w", "method": "gptq", "numel": 4, "bits": 6, "rtn_error": 0.0, "gptq_error": 0.04,
+             "lqer_error": None, "lqer_applied": False, "gptq_rel_error": math.inf}
+    totals = quantize_totals([entry])
+    json.dumps(totals, allow_nan=False)  # raises on Infinity
+    assert totals["worst_gptq_rel_error"] == [{"name": "w", "gptq_rel_error": None}]

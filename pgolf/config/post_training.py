@@ -4,6 +4,7 @@ aggregation."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Literal, Optional
 
@@ -103,9 +104,11 @@ class QuantizeConfig:
             bits = getattr(self, name)
             check(2 <= bits <= 8, f"{name}: expected 2..8, got {bits}")
         for name in ("attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas"):
-            check(getattr(self, name) > 0, f"{name}: expected > 0")
+            value = getattr(self, name)
+            check(math.isfinite(value) and value > 0, f"{name}: expected a finite number > 0, got {value}")
         check(self.gptq_block_size >= 1, "gptq_block_size: expected >= 1")
-        check(self.gptq_damp >= 0, "gptq_damp: expected >= 0")
+        check(math.isfinite(self.gptq_damp) and self.gptq_damp >= 0,
+              f"gptq_damp: expected a finite number >= 0, got {self.gptq_damp}")
         check(self.lqer_top_k >= 0 and self.lqer_rank >= 1, "lqer_top_k/lqer_rank: expected top_k >= 0, rank >= 1")
         check(self.lqer_group_size >= 1, "lqer_group_size: expected >= 1")
         check(self.gate_min_elements >= 0, f"gate_min_elements: expected >= 0, got {self.gate_min_elements}")

@@ -159,8 +159,9 @@ def _inverse_hessian_upper_cholesky(H: torch.Tensor, damp: float) -> torch.Tenso
     if not mean_diag > 0:
         mean_diag = 1.0
     eye = torch.eye(cols, dtype=H.dtype, device=H.device)
-    extra = 0.0
+    extra = tried = 0.0
     for attempt in range(5):
+        tried = extra
         L, info = torch.linalg.cholesky_ex(H + extra * eye if extra else H)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
@@ -169,7 +170,7 @@ def _inverse_hessian_upper_cholesky(H: torch.Tensor, damp: float) -> torch.Tenso
                 return U
         extra = max(extra * 10.0, max(damp, 1e-6) * mean_diag)
     raise QuantizeError(
-        f"GPTQ: Hessian [{cols}, {cols}] is not positive definite even with extra damping {extra:.3g} "
+        f"GPTQ: Hessian [{cols}, {cols}] is not positive definite even with extra damping {tried:.3g} "
         "(check the calibration data: too few tokens or NaN activations?)"
     )
 

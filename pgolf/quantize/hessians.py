@@ -477,6 +477,8 @@ def run_hessian_stage(
                     "matrices": dict(sorted(hessians.items()))}, buffer)
         atomic_write_bytes(out, buffer.getvalue())
         report["hessians_sha256"] = sha256_file(out)
+    else:  # an earlier run's file there would feed quantize the Hessians this refusal says do not exist
+        Path(out).unlink(missing_ok=True)
     atomic_write_json(report_path, report)
     print(
         f"hessians: {len(hessians)} matrices from {report['calibration_tokens']:,} training tokens; {budget['message']}",

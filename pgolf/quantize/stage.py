@@ -210,6 +210,7 @@ def quantize_totals(report: list[dict]) -> dict[str, Any]:
         if r["lqer_applied"]:
             lqer_applied.append(r["name"])
     gptq = [r for r in report if r["method"] == "gptq"]
+    # an infinite relative error (a matrix whose reference error is 0) ranks first; JSON has no Inf: null
     worst = sorted(gptq, key=lambda r: (-(r["gptq_rel_error"] or 0.0), r["name"]))[:5]
     return {
         "tensors": len(report),
@@ -219,9 +220,10 @@ def quantize_totals(report: list[dict]) -> dict[str, Any]:
         "rtn_error_sum": rtn_sum,
         "gptq_error_sum": gptq_sum,
         "final_error_sum": final_sum,
-        "gptq_over_rtn": gptq_sum / rtn_sum if rtn_sum > 0 else None,
+        "gptq_over_rtn": _finite_or_none(gptq_sum / rtn_sum) if rtn_sum > 0 else None,
         "lqer_applied": lqer_applied,
-        "worst_gptq_rel_error": [{"name": r["name"], "gptq_rel_error": r["gptq_rel_error"]} for r in worst],
+        "worst_gptq_rel_error": [{"name": r["name"], "gptq_rel_error": _finite_or_none(r["gptq_rel_error"])}
+                                 for r in worst],
     }
 
 

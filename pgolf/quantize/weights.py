@@ -179,10 +179,13 @@ def quantize_state(
             H = hessians[name].to(W.device)
             if H.shape != (W.shape[1], W.shape[1]):
                 raise QuantizeError(f"{name}: Hessian shape {tuple(H.shape)}, expected [{W.shape[1]}, {W.shape[1]}]")
-            q, scale = gptq_quantize_weight(
-                W, H, bits, clip, block_size=cfg.gptq_block_size, damp=cfg.gptq_damp, act_order=cfg.act_order,
-                std_correction=1 if cfg.sdclip_std == "unbiased" else 0, dead_columns=cfg.gptq_dead_columns,
-            )
+            try:  # the matrix's name in the error: which Hessian of the file is not positive definite
+                q, scale = gptq_quantize_weight(
+                    W, H, bits, clip, block_size=cfg.gptq_block_size, damp=cfg.gptq_damp, act_order=cfg.act_order,
+                    std_correction=1 if cfg.sdclip_std == "unbiased" else 0, dead_columns=cfg.gptq_dead_columns,
+                )
+            except QuantizeError as exc:
+                raise QuantizeError(f"{name}: {exc}") from None
             W_hat = dequantize(q, scale)
             ref = layer_output_error(W, torch.zeros_like(W), H)
             rtn_err = layer_output_error(W, dequantize(rtn_quantize(W, scale, bits), scale), H)
