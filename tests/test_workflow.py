@@ -260,3 +260,33 @@ def test_the_bundles_description_is_a_declared_output(workdir: Path, dry_runs) -
         aside.rename(described)
     assert status == 0, out[-4000:]
     assert job_counts(out).get("bundle") == 1 and job_counts(out).get("aggregate") == 1
+
+
+def test_partial_leaves_out_a_seed_whose_gate_failed(workdir: Path, dry_runs) -> None:
+    """A seed evaluated but refused by its size gate has no gate report: `partial` reports without it (listing it
+    as missing) instead of running its gate again, which would fail again and stop the report."""
+    gate = workdir / "results" / "wf" / "seed1" / "gate" / "gate_report.json"
+    aside = gate.with_name("aside.json")
+    gate.rename(aside)
+    recipe = workdir / "recipe_partial.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(workdir / "Snakefile"), "--directory", str(workdir),
+             "--configfile", str(recipe), "--cores", "2", "--nolock", "-n", "partial"],
+            capture_output=True, text=True, timeout=240)
+    finally:
+        aside.rename(gate)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert job_counts(out) == {"partial": 1}
+
+
+def test_gpu_jobs_run_one_at_a_time_without_a_profile(workdir: Path, dry_runs) -> None:
+    """The Snakefile caps gpu_jobs at 1 by itself: seeds' GPU jobs never share the GPUs, even under a plain
+    `snakemake --cores N` (Snakemake leaves a resource that --resources does not name unlimited). A real run (the
+    last of this module: comply and the report again, seconds) states the resources it schedules with."""
+    status, out = finish(_snakemake(workdir, RECIPE, "gpu_jobs", "--forcerun", "comply"))
+    assert status == 0, out[-4000:]
+    provided = [line for line in out.splitlines() if line.startswith("Provided resources:")]
+    assert provided and "gpu_jobs" in provided[0], out[:3000]

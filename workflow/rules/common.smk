@@ -18,6 +18,10 @@ def section_json(section, omit=(), **overrides):
 
 
 VISIBLE_GPUS = visible_gpus()  # 0 on CPU: the GPU rules then run one process
+# One GPU job at a time on one machine, whatever the command line: the GPU stages (train, Hessians, evaluate) take
+# the visible GPUs by themselves, so two at once would share them and slow a timed run. `--resources gpu_jobs=N`
+# allows more (the slurm profile does: each job gets a node of its own).
+workflow.global_resources.setdefault("gpu_jobs", 1)
 
 
 def code_file():

@@ -24,7 +24,9 @@ def seed_files(seeds):
 
 
 def seeds_with_results():
-    return [seed for seed in CFG.seeds if os.path.exists(f"{RUN_DIR}/seed{seed}/eval/eval.json")]
+    """The seeds whose every stage file exists: a seed that was evaluated but failed its size gate is missing, not
+    a job `partial` would run again (and fail again)."""
+    return [seed for seed in CFG.seeds if all(os.path.exists(path) for path in seed_files([seed]))]
 
 
 AGGREGATE_OUTPUTS = ("submission.json", "report.html", "aggregate.json", "seeds.csv")
@@ -60,7 +62,7 @@ rule partial:
         code=code_file(),
         code_report=code_report_file(),
     output:
-        f"{RUN_DIR}/partial/aggregate.json",
+        *[f"{RUN_DIR}/partial/{name}" for name in AGGREGATE_OUTPUTS],
     params:
         aggregate=section_json("aggregate"),
         seeds=list(CFG.seeds),
