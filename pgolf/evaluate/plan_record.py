@@ -83,12 +83,13 @@ class RecordCosts:
     measured_with: dict = dataclasses.field(default_factory=dict)
 
     def negative_prices(self) -> list[str]:
-        """The prices below 0 (a plan priced with them would promise negative seconds)."""
-        prices = {"step.a": self.step.a, "step.b": self.step.b, "step.score_only_factor": self.step.score_only_factor,
-                  "step.graph_a": self.step.graph_a, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                                         if isinstance(getattr(self, f.name), float)},
-                  **{f"recompile.{key}": (self.recompile or {})[key] for key in ("k0", "k1", "warmup_seconds")
-                     if key in (self.recompile or {})}}
+        """The prices below 0 or not finite (a plan priced with them would promise negative seconds)."""
+        recompile = self.recompile or {}
+        prices = {
+            **{f"step.{f.name}": getattr(self.step, f.name) for f in dataclasses.fields(self.step)},
+            **{f.name: value for f in dataclasses.fields(self) if isinstance(value := getattr(self, f.name), float)},
+            **{f"recompile.{key}": recompile[key] for key in ("k0", "k1", "warmup_seconds") if key in recompile},
+        }
         return [f"{name} = {value}" for name, value in prices.items()
                 if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value))]
 
@@ -109,7 +110,7 @@ class RecordCosts:
     def _from_format_2(path, data: dict) -> "RecordCosts":
         try:
             s = data["step"]
-            costs = RecordCosts(
+            return RecordCosts(
                 step=StepPrices(float(s["a"]), float(s["b"]), float(s.get("score_only_factor", 0.35)),
                                 float(s["graph_a"]) if s.get("graph_a") is not None else None),
                 phase_tokens_per_s=float(data.get("phase_tokens_per_s", 0.0)),
@@ -125,7 +126,6 @@ class RecordCosts:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: a format-2 costs file needs step.a and step.b numbers ({exc})") from None
-        return costs
 
     @staticmethod
     def from_slot_prices(path, data: dict) -> "RecordCosts":

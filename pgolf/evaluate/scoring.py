@@ -219,9 +219,9 @@ def _finish_row(pieces: list[tuple[int, int, int]], val: ValidationSet, row_toke
                 pad: bool) -> PackedRow:
     """pieces: (doc start, input start, input end) stream positions; inputs [a, b) predict targets [a+1, b+1).
 
-    A piece that starts mid-document is preceded by the token before it, alone in a
-    one-token segment and never scored: SmearGate then mixes in the true previous token, exactly as when the whole
-    document sits in one row, so a score does not depend on where rows (or stream chunks, or processes) cut.
+    A piece that starts mid-document is preceded by the token before it, alone in a one-token segment and never
+    scored: SmearGate then mixes in the true previous token, exactly as when the whole document sits in one row,
+    so a score does not depend on where rows (or stream chunks, or processes) cut.
     """
     total = sum(b - a + _needs_predecessor(d, a) for d, a, b in pieces)
     length = row_tokens if pad else total

@@ -206,13 +206,11 @@ def _check_shard_set(data_dir: Path, val_paths: list[Path], byte_paths: list[Pat
             raise ValidationDataError(f"{data_dir}: {what} (expected one byte sidecar per val shard)")
 
 
-def _check_manifest_totals(data_dir: Path, tokens: np.ndarray) -> None:
+def _check_manifest_totals(data_dir: Path, manifest: dict, tokens: np.ndarray) -> None:
     """The documents and tokens the data stage's manifest says the validation split holds."""
-    manifest = _manifest(data_dir)
-    docs, count = (manifest.get(key, {}).get("val") if isinstance(manifest.get(key), dict) else None
-                   for key in ("docs", "tokens"))
     found = {"tokens": len(tokens), "docs": int(np.count_nonzero(tokens == BOS_ID))}
-    for key, stated in (("tokens", count), ("docs", docs)):
+    for key in ("tokens", "docs"):
+        stated = manifest[key].get("val") if isinstance(manifest.get(key), dict) else None
         if isinstance(stated, int) and stated != found[key]:
             raise ValidationDataError(f"{data_dir}: the val shards hold {found[key]:,} {key}, manifest.json says "
                                       f"{key}.val = {stated:,}")
@@ -269,9 +267,10 @@ def load_validation(
     accounting = planned_accounting(data_dir, byte_accounting, tokenizer_path, caseops=None)  # the manifest says
     val_paths, byte_paths = list_shards(data_dir, "val"), list_shards(data_dir, "val_bytes")
     _check_shard_set(data_dir, val_paths, byte_paths)
+    manifest = _manifest(data_dir)
 
     tokens = _concat(val_paths)
-    _check_manifest_totals(data_dir, tokens)
+    _check_manifest_totals(data_dir, manifest, tokens)
     if len(tokens) == 0 or tokens[0] != BOS_ID:
         first = int(tokens[0]) if len(tokens) else None
         raise ValidationDataError(f"{val_paths[0]}: the validation stream starts with id {first}, expected BOS ({BOS_ID})")
@@ -290,10 +289,10 @@ def load_validation(
                 )
         target_bytes = _concat(byte_paths).astype(np.int32)
     else:
-        stated = _manifest(data_dir).get("tokenizer")
-        stated = stated.get("sha256") if isinstance(stated, dict) else None
-        if isinstance(stated, str) and sha256_file(tokenizer_path) != stated:  # another tokenizer: other bytes
-            raise ValidationDataError(f"{tokenizer_path}: sha256 {sha256_file(tokenizer_path)[:16]}..., but "
+        stated = manifest["tokenizer"].get("sha256") if isinstance(manifest.get("tokenizer"), dict) else None
+        actual = sha256_file(tokenizer_path) if isinstance(stated, str) else None
+        if actual != stated:  # another tokenizer than the shards were made with: other bytes
+            raise ValidationDataError(f"{tokenizer_path}: sha256 {actual[:16]}..., but "
                                       f"{data_dir / 'manifest.json'} says the shards were made with tokenizer "
                                       f"{stated[:16]}...: its pieces give the lookup table's bytes, so pass that one")
         target_bytes = lut_target_bytes(tokens, tokenizer_path)

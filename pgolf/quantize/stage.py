@@ -255,7 +255,6 @@ def quantize_checkpoint(
     """Quantize a checkpoint with its Hessians; writes nothing. The staged pipeline saves the result
     (:func:`run_quantize_stage`); the bundled record run hands it to the pack stage in memory."""
     from pgolf.train.checkpoint import load_checkpoint, model_config_of
-    from pgolf.quantize.gptq import QuantizeError
     from pgolf.quantize.hessians import load_hessians
     from pgolf.model.gpt import build_meta
     from pgolf.io import set_cpu_threads
@@ -270,14 +269,10 @@ def quantize_checkpoint(
     model_cfg = model_config_of(meta, f"{checkpoint}/checkpoint.json")
     roles = build_meta(model_cfg).param_roles()
     hessians = load_hessians(hessians_path, meta["weights_sha256"])
-    for name, H in hessians.items():  # a file of another model: said with its path, before any work
-        if name in state and state[name].dim() == 2 and tuple(H.shape) != (state[name].shape[1],) * 2:
-            raise QuantizeError(f"{hessians_path}: {name}: Hessian shape {tuple(H.shape)}, the checkpoint's matrix "
-                                f"needs [{state[name].shape[1]}, {state[name].shape[1]}]")
 
     t0 = time.perf_counter()
     state_on_device = {name: t.to(device) for name, t in state.items()}
-    qm = quantize_state(state_on_device, roles, hessians, cfg)
+    qm = quantize_state(state_on_device, roles, hessians, cfg, hessians_source=str(hessians_path))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     quantize_seconds = time.perf_counter() - t0

@@ -114,6 +114,7 @@ def quantize_state(
     roles: dict[str, str],
     hessians: dict[str, torch.Tensor],
     cfg: QuantizeConfig,
+    hessians_source: str = "",
 ) -> QuantizedModel:
     """Quantize a whole state dict, routing each tensor BY ROLE (never by name):
 
@@ -133,8 +134,9 @@ def quantize_state(
     correction; with ``lqer_keep_if_better`` it is kept only if it lowers the output error, else always (the
     record's).
 
-    Every GPTQ tensor needs its Hessian ``[cols, cols]`` in ``hessians``. Computation runs on each weight's
-    device; the stored results are on the CPU.
+    Every GPTQ tensor needs its Hessian ``[cols, cols]`` in ``hessians``; an error about one starts with
+    ``hessians_source`` (the file it was read from) when given. Computation runs on each weight's device; the
+    stored results are on the CPU.
 
     ``report``: one dict per tensor (sorted by name) with ``name, role, shape, numel, method, bits, clip_sigmas,
     rtn_error, gptq_error, lqer_error, rtn_rel_error, gptq_rel_error, lqer_rel_error, weight_rel_error,
@@ -174,18 +176,20 @@ def quantize_state(
         }
         if method == "gptq":
             _require_2d(W, f"{name} (role {role!r})")
+            where = f"{hessians_source}: {name}" if hessians_source else name
             if name not in hessians:
-                raise QuantizeError(f"{name}: no Hessian given for this {role!r} matrix (GPTQ needs H [{W.shape[1]}, {W.shape[1]}])")
+                raise QuantizeError(f"{where}: no Hessian given for this {role!r} matrix "
+                                    f"(GPTQ needs H [{W.shape[1]}, {W.shape[1]}])")
             H = hessians[name].to(W.device)
             if H.shape != (W.shape[1], W.shape[1]):
-                raise QuantizeError(f"{name}: Hessian shape {tuple(H.shape)}, expected [{W.shape[1]}, {W.shape[1]}]")
+                raise QuantizeError(f"{where}: Hessian shape {tuple(H.shape)}, expected [{W.shape[1]}, {W.shape[1]}]")
             try:  # the matrix's name in the error: which Hessian of the file is not positive definite
                 q, scale = gptq_quantize_weight(
                     W, H, bits, clip, block_size=cfg.gptq_block_size, damp=cfg.gptq_damp, act_order=cfg.act_order,
                     std_correction=1 if cfg.sdclip_std == "unbiased" else 0, dead_columns=cfg.gptq_dead_columns,
                 )
             except QuantizeError as exc:
-                raise QuantizeError(f"{name}: {exc}") from None
+                raise QuantizeError(f"{where}: {exc}") from None
             W_hat = dequantize(q, scale)
             ref = layer_output_error(W, torch.zeros_like(W), H)
             rtn_err = layer_output_error(W, dequantize(rtn_quantize(W, scale, bits), scale), H)

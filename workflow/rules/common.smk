@@ -32,7 +32,9 @@ def code_file():
 def code_report_file():
     """The bundle's description of train_gpt.py (train_gpt.py.json: hashes, sizes, third-party modules, the error
     tags' texts), written beside it by the bundle rule; the reports read it."""
-    return f"{RUN_DIR}/code/train_gpt.py.json"
+    from pgolf.artifact.bundle import report_path
+
+    return str(report_path(code_file()))
 
 
 def checkpoint_dir(wildcards):
