@@ -239,6 +239,11 @@ def test_cli_projects_pgolf_on_the_records_lengths(capsys, tmp_path):
     assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(RECORD_COSTS),
                        "--lengths", str(bad)]) == 2
     assert "one document length per line" in capsys.readouterr().err
+    binary = tmp_path / "lengths.bin"
+    binary.write_bytes(b"12\n\xff\xfe\n")
+    assert pgolf_main(["eval-plan", "--config", str(ROOT / "config.yaml"), "--costs", str(RECORD_COSTS),
+                       "--lengths", str(binary)]) == 2
+    assert f"{binary}: expected UTF-8 text" in capsys.readouterr().err
 
 
 def test_negative_prices_are_refused(tmp_path, capsys):

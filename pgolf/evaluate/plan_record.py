@@ -41,7 +41,10 @@ def load_doc_lengths(path: str | Path) -> np.ndarray:
     """Document lengths (the record's ``doc_len``: own tokens + the next BOS) from one int per line, or JSON with
     ``doc_len``."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: expected UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         if path.suffix == ".json":
             values = json.loads(text)["doc_len"]
