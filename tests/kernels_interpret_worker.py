@@ -194,6 +194,75 @@ def case_mlp_fused_opcheck() -> None:
     torch.library.opcheck(torch.ops.pgolf.mlp_act_grad.default, (x.detach(), w_down.detach(), pre, 0.5), test_utils=utils)
 
 
+def _qk_inputs(T: int, H: int, D: int, half: int, dtype: torch.dtype, seed: int):
+    """x [T, H, D] (rows of different scales: the norm matters), cos/sin [T, 1, half] of row positions
+    (the model's tables), gain [H] (fp32, like the q_gain parameter), a gradient [T, H, D]."""
+    from pgolf.model.rope import rope_buffers
+
+    gen = torch.Generator().manual_seed(seed)
+    # (not near 0: the fp64 truth's norm takes float64's eps, the kernel and the model's path float32's)
+    x = (torch.randn(T, H, D, generator=gen) * (0.25 + 4 * torch.rand(T, H, 1, generator=gen))).to(dtype)
+    _, cos, sin = rope_buffers(2 * half, 10000.0, T)
+    gain = torch.rand(H, generator=gen) + 0.5
+    grad = torch.randn(T, H, D, generator=gen).to(dtype)
+    return x, cos[:, None, :], sin[:, None, :], gain, grad
+
+
+def _qk_case(dtype: torch.dtype, T: int, H: int, D: int, half: int, with_gain: bool) -> None:
+    x, cos, sin, gain, grad = _qk_inputs(T, H, D, half, dtype, seed=T + H)
+    xk = x.clone().requires_grad_(True)
+    gk = gain.clone().requires_grad_(True) if with_gain else None
+    out = kernels.qk_norm_rope(xk, cos, sin, gk)
+    grads = torch.autograd.grad(out, [xk] + ([gk] if with_gain else []), grad)
+    x64 = x.double().requires_grad_(True)
+    g64 = gain.double().requires_grad_(True) if with_gain else None
+    truth = kernels.qk_norm_rope_reference(x64, cos.double(), sin.double(), g64)
+    truths = torch.autograd.grad(truth, [x64] + ([g64] if with_gain else []), grad.double())
+    what = f"qk_norm_rope {dtype} T={T} H={H} D={D} half={half} gain={with_gain}"
+    if out.dtype != dtype or grads[0].dtype != dtype:
+        raise AssertionError(f"{what}: dtypes out {out.dtype}, dx {grads[0].dtype}; expected {dtype}")
+    if dtype == torch.float32:
+        _close(out.double(), truth, f"{what}: out")
+        for name, g, t in zip(("dx", "dgain"), grads, truths):
+            _close(g.double(), t, f"{what}: {name}", rtol=1e-5, atol=1e-5 * t.abs().max().item())
+        return
+    xr = x.clone().requires_grad_(True)  # the low-precision torch reference, the model's unfused path
+    gr = gain.clone().requires_grad_(True) if with_gain else None
+    ref = kernels.qk_norm_rope_reference(xr, cos, sin, gr)
+    refs = torch.autograd.grad(ref, [xr] + ([gr] if with_gain else []), grad)
+    _no_worse(out, ref, truth, f"{what}: out")
+    for name, g, r, t in zip(("dx", "dgain"), grads, refs, truths):
+        _no_worse(g, r, t, f"{what}: {name}")
+
+
+def case_qk_norm_rope_fp32() -> None:
+    """The record's shapes (8 q heads, 4 kv heads of 64 dims, 2 x 8 rotated) and a small odd token count: the
+    masked last program; with and without the gain (q and k)."""
+    for T, H, with_gain in ((37, 8, True), (37, 4, False), (5, 8, True)):
+        _qk_case(torch.float32, T, H, 64, 8, with_gain)
+    _qk_case(torch.float32, 19, 2, 16, 4, True)  # another head size and rotated width
+    _qk_case(torch.float32, 19, 1, 16, 8, True)  # every dim rotated, one head
+
+
+def case_qk_norm_rope_bf16() -> None:
+    for H, with_gain in ((8, True), (4, False)):
+        _qk_case(torch.bfloat16, 29, H, 64, 8, with_gain)
+
+
+def case_qk_norm_rope_opcheck() -> None:
+    """Schema, fake (shape) functions and autograd registration of the q/k op and its backward."""
+    x, cos, sin, gain, grad = _qk_inputs(21, 4, 16, 4, torch.float32, seed=4)
+    cos2, sin2 = cos.reshape(21, 4), sin.reshape(21, 4)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    eps = float(torch.finfo(torch.float32).eps)
+    for g in (gain.requires_grad_(True), None):
+        torch.library.opcheck(torch.ops.pgolf.qk_norm_rope.default, (x.requires_grad_(True), cos2, sin2, g, eps),
+                              test_utils=utils)
+        _, rstd = torch.ops.pgolf.qk_norm_rope(x.detach(), cos2, sin2, None if g is None else g.detach(), eps)
+        args = (grad, x.detach(), rstd, cos2, sin2, None if g is None else g.detach())
+        torch.library.opcheck(torch.ops.pgolf.qk_norm_rope_backward.default, args, test_utils=utils)
+
+
 def _ce_inputs(T: int, V: int, scale: float, dtype: torch.dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
     z = (scale * torch.randn(T, V, generator=gen)).to(dtype)
@@ -315,7 +384,7 @@ def case_model_fused_matches_reference() -> None:
     targets[7] = -100
     results = {}
     for fused in (False, True):
-        model.use_fused_kernels = fused
+        model.use_fused_kernels = model.fused_qk_norm_rope = fused
         model.zero_grad(set_to_none=True)
         loss = model(ids, targets)
         loss.backward()
@@ -340,14 +409,17 @@ def case_compile_fullgraph() -> None:
     targets[3] = -100
 
     w2 = torch.randn(16, 40, generator=gen) / 6
+    gain = torch.rand(4, generator=gen) + 0.5
+    _, cos, sin, _, _ = _qk_inputs(20, 4, 4, 1, torch.float32, seed=6)
 
-    def loss_fn(x, w1, w2, head, targets):
+    def loss_fn(x, w1, w2, head, gain, targets):
+        x = x + kernels.qk_norm_rope(x.view(20, 4, 4), cos, sin, gain).view(20, 16)  # [20, 4 heads, 4]
         x = x + kernels.mlp(x, w1, w2, 0.5)  # [20, 16]: the whole-MLP op
         h = kernels.mlp_up_activation(x, w1, 0.5)  # [20, 40]
         return kernels.softcapped_cross_entropy(h @ head.t(), targets, 30.0)
 
     def run(fn):
-        params = [t.clone().requires_grad_(True) for t in (x, w1, w2, head)]
+        params = [t.clone().requires_grad_(True) for t in (x, w1, w2, head, gain)]
         loss = fn(*params, targets)
         return loss.detach(), torch.autograd.grad(loss, params)
 
@@ -359,7 +431,7 @@ def case_compile_fullgraph() -> None:
     if sum(counters["graph_break"].values()) != breaks_before:
         raise AssertionError(f"graph breaks: {dict(counters['graph_break'])}")
     _close(compiled_loss, eager_loss, "compiled loss")
-    for name, c, e in zip(("x", "w1", "w2", "head"), compiled_grads, eager_grads):
+    for name, c, e in zip(("x", "w1", "w2", "head", "gain"), compiled_grads, eager_grads):
         _close(c, e, f"compiled grad {name}")
 
 

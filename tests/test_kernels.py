@@ -408,6 +408,7 @@ TRAIN_FIELDS = {
     "cuda",
     "fused_kernels",
     "fused_kernels_active",
+    "fused_qk_norm_rope",
     "attention_backend",
     "param_storage",
     "compile",
@@ -746,6 +747,9 @@ INTERPRET_CASES = [
     "ce_online_max_across_blocks",
     "ce_all_ignored",
     "ce_invalid_target_is_nan",
+    "qk_norm_rope_fp32",
+    "qk_norm_rope_bf16",
+    "qk_norm_rope_opcheck",
     "model_fused_matches_reference",
     "compile_fullgraph",
 ]
@@ -878,6 +882,38 @@ def test_gpu_fused_ce_bf16(cap):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("heads,with_gain", [(8, True), (4, False)])
+def test_gpu_qk_norm_rope_bf16(heads, with_gain):
+    """The record's q (8 heads, gain) and k (4 heads) shapes in bf16 on CUDA: the kernel's output and gradients
+    are no further from the fp64 truth than the model's unfused bf16 path."""
+    from pgolf.model.rope import rope_buffers
+
+    gen = torch.Generator(device="cuda").manual_seed(heads)
+    T, D, half = 4099, 64, 8
+    x = (torch.randn(T, heads, D, device="cuda", generator=gen) * 3).bfloat16()
+    grad = torch.randn(T, heads, D, device="cuda", generator=gen).bfloat16()
+    _, cos, sin = (t.cuda() for t in rope_buffers(2 * half, 10000.0, T))
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    gain = (torch.rand(heads, device="cuda", generator=gen) + 0.5) if with_gain else None
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype).requires_grad_(True)] + ([gain.to(torch.float64 if dtype == torch.float64 else
+                                                               torch.float32).requires_grad_(True)] if with_gain else [])
+        tables = (cos.double(), sin.double()) if dtype == torch.float64 else (cos, sin)
+        out = fn(leaves[0], *tables, leaves[1] if with_gain else None)
+        return out, torch.autograd.grad(out, leaves, grad.to(dtype))
+
+    out, grads = run(kernels.qk_norm_rope, torch.bfloat16)
+    ref, ref_grads = run(kernels.qk_norm_rope_reference, torch.bfloat16)
+    truth, truths = run(kernels.qk_norm_rope_reference, torch.float64)
+    assert out.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
+    _no_worse(out, ref, truth.detach(), "out", slack=2.0)
+    for name, a, b, t in zip(("dx", "dgain"), grads, ref_grads, truths):
+        _no_worse(a, b, t, name, slack=2.0)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_model_fused_compiled_matches_reference():
     """A record-width model: fused + torch.compile(fullgraph, inductor) vs the pure-PyTorch eager path."""
     from torch._dynamo.utils import counters
@@ -899,7 +935,7 @@ def test_gpu_model_fused_compiled_matches_reference():
     ids, targets = ids.cuda(), targets.cuda()
 
     def run(fused: bool, compiled: bool):
-        model.use_fused_kernels = fused
+        model.use_fused_kernels = model.fused_qk_norm_rope = fused
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -192,6 +192,7 @@ class Attention(nn.Module):
         self.gate_scale = cfg.attn_gate_scale
         self.gate_window = cfg.attn_gate_window if cfg.attn_gate == "sparse" else d
         self.gate = _linear(self.gate_window, h) if cfg.attn_gate != "none" else None  # W [H, window]
+        self.fused_qk_norm_rope = False  # runtime state, set through GPT.fused_qk_norm_rope
 
     def param_roles(self) -> dict[str, str]:
         roles = {f"{name}.weight": "attn" for name in ("q", "k", "v", "o")}
@@ -213,12 +214,16 @@ class Attention(nn.Module):
         q = self.q(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        if self.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        if rope is not None:
-            q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
-        if self.q_gain is not None:
-            q = q * self.q_gain.to(q.dtype)[None, :, None]
+        if self.fused_qk_norm_rope and self.qk_norm and rope is not None:  # one kernel each (kernels.qk_norm_rope)
+            gain = None if self.q_gain is None else self.q_gain.to(q.dtype)
+            q, k = kernels.qk_norm_rope(q, *rope, gain), kernels.qk_norm_rope(k, *rope, None)
+        else:
+            if self.qk_norm:
+                q, k = rms_norm(q), rms_norm(k)
+            if rope is not None:
+                q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
+            if self.q_gain is not None:
+                q = q * self.q_gain.to(q.dtype)[None, :, None]
         q, k = q.to(v.dtype), k.to(v.dtype)
         y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend)  # [T, H, D]
         if self.use_xsa:
@@ -379,6 +384,17 @@ class GPT(nn.Module):
         self._use_fused_kernels = bool(value)
         for block in self.blocks:
             block.mlp.use_fused_kernels = bool(value)
+
+    @property
+    def fused_qk_norm_rope(self) -> bool:
+        """The q/k norm + RoPE + q gain kernel on/off (``train.fused_qk_norm_rope``); the setter reaches every
+        attention. Runtime state, like ``use_fused_kernels``: the function computed is the same."""
+        return self.blocks[0].attn.fused_qk_norm_rope if len(self.blocks) else False
+
+    @fused_qk_norm_rope.setter
+    def fused_qk_norm_rope(self, value: bool) -> None:
+        for block in self.blocks:
+            block.attn.fused_qk_norm_rope = bool(value)
 
     def set_attention_backend(self, device) -> dict:
         """Resolve ``cfg.attention_backend`` on ``device`` (before compiling) and use it; returns the record."""

@@ -249,6 +249,7 @@ def bench_train(
     attention_backend: Optional[str] = None,
     max_fusion_io_buffers: Optional[int] = None,
     mix_order_reduction: Optional[bool] = None,
+    qk_kernel: Optional[bool] = None,
     data_dir: Optional[str] = None,
     trace_dir: Optional[str] = None,
 ) -> dict[str, Any]:
@@ -259,6 +260,7 @@ def bench_train(
     ``model.attention_backend``; the result records what it resolved to. ``max_fusion_io_buffers`` overrides
     ``train.compile_max_fusion_io_buffers`` (0: no cap) and ``mix_order_reduction``
     ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``).
+    ``qk_kernel`` overrides ``train.fused_qk_norm_rope`` (the result's ``fused_qk_norm_rope``).
     ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones.
     ``trace_dir``: the profiled steps' Chrome trace goes there (``trace_looping_<off|on>.json``) and the profile
     gains ``idle_gaps`` (where the GPU waited for the host)."""
@@ -297,6 +299,7 @@ def bench_train(
     torch.manual_seed(seed)
     model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len, bos_id=BOS_ID).to(device)
     model.use_fused_kernels = fused
+    model.fused_qk_norm_rope = train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
     # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
@@ -383,6 +386,7 @@ def bench_train(
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
         "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
+        "fused_qk_norm_rope": bool(model.fused_qk_norm_rope),
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),

@@ -115,6 +115,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         attention_backend=args.attention_backend,
         max_fusion_io_buffers=args.max_fusion_io_buffers,
         mix_order_reduction=None if args.mix_order_reduction is None else args.mix_order_reduction == "on",
+        qk_kernel=None if args.qk_kernel is None else args.qk_kernel == "on",
         data_dir=args.data,
         trace_dir=args.trace,
     )
@@ -142,6 +143,10 @@ def _register_bench_train(commands) -> None:
     p.add_argument(
         "--mix-order-reduction", choices=["on", "off"], default=None,
         help="inductor's mix-order reduction fusion (default: the recipe's train.compile_mix_order_reduction)",
+    )
+    p.add_argument(
+        "--qk-kernel", choices=["on", "off"], default=None,
+        help="the q/k norm + RoPE + q gain Triton kernel (default: the recipe's train.fused_qk_norm_rope)",
     )
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(

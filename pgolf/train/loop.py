@@ -238,6 +238,7 @@ def _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, in
         extra = {"init_checkpoint": str(init_checkpoint), "init_weights_sha256": init_meta.get("weights_sha256")}
     model = model.to(info.device)
     model.use_fused_kernels = train_cfg.fused_kernels and info.device.type == "cuda"
+    model.fused_qk_norm_rope = train_cfg.fused_qk_norm_rope and info.device.type == "cuda"
     model.set_attention_backend(info.device)  # before compiling: probes FlashAttention; recorded in the summary
     return train_model(
         model, param_groups(model), model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info,
