@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from pgolf.model import kernels
+from pgolf.model import kernels, qk_kernel
 from pgolf.model import triton_kernels as tk
 from pgolf.config import ModelConfig
 from pgolf.model.gpt import GPT
@@ -212,11 +212,11 @@ def _qk_case(dtype: torch.dtype, T: int, H: int, D: int, half: int, with_gain: b
     x, cos, sin, gain, grad = _qk_inputs(T, H, D, half, dtype, seed=T + H)
     xk = x.clone().requires_grad_(True)
     gk = gain.clone().requires_grad_(True) if with_gain else None
-    out = kernels.qk_norm_rope(xk, cos, sin, gk)
+    out = qk_kernel.qk_norm_rope(xk, cos, sin, gk)
     grads = torch.autograd.grad(out, [xk] + ([gk] if with_gain else []), grad)
     x64 = x.double().requires_grad_(True)
     g64 = gain.double().requires_grad_(True) if with_gain else None
-    truth = kernels.qk_norm_rope_reference(x64, cos.double(), sin.double(), g64)
+    truth = qk_kernel.qk_norm_rope_reference(x64, cos.double(), sin.double(), g64)
     truths = torch.autograd.grad(truth, [x64] + ([g64] if with_gain else []), grad.double())
     what = f"qk_norm_rope {dtype} T={T} H={H} D={D} half={half} gain={with_gain}"
     if out.dtype != dtype or grads[0].dtype != dtype:
@@ -228,7 +228,7 @@ def _qk_case(dtype: torch.dtype, T: int, H: int, D: int, half: int, with_gain: b
         return
     xr = x.clone().requires_grad_(True)  # the low-precision torch reference, the model's unfused path
     gr = gain.clone().requires_grad_(True) if with_gain else None
-    ref = kernels.qk_norm_rope_reference(xr, cos, sin, gr)
+    ref = qk_kernel.qk_norm_rope_reference(xr, cos, sin, gr)
     refs = torch.autograd.grad(ref, [xr] + ([gr] if with_gain else []), grad)
     _no_worse(out, ref, truth, f"{what}: out")
     for name, g, r, t in zip(("dx", "dgain"), grads, refs, truths):
@@ -384,7 +384,8 @@ def case_model_fused_matches_reference() -> None:
     targets[7] = -100
     results = {}
     for fused in (False, True):
-        model.use_fused_kernels = model.fused_qk_norm_rope = fused
+        model.use_fused_kernels = fused
+        qk_kernel.use_in_model(model, fused)
         model.zero_grad(set_to_none=True)
         loss = model(ids, targets)
         loss.backward()
@@ -413,7 +414,7 @@ def case_compile_fullgraph() -> None:
     _, cos, sin, _, _ = _qk_inputs(20, 4, 4, 1, torch.float32, seed=6)
 
     def loss_fn(x, w1, w2, head, gain, targets):
-        x = x + kernels.qk_norm_rope(x.view(20, 4, 4), cos, sin, gain).view(20, 16)  # [20, 4 heads, 4]
+        x = x + qk_kernel.qk_norm_rope(x.view(20, 4, 4), cos, sin, gain).view(20, 16)  # [20, 4 heads, 4]
         x = x + kernels.mlp(x, w1, w2, 0.5)  # [20, 16]: the whole-MLP op
         h = kernels.mlp_up_activation(x, w1, 0.5)  # [20, 40]
         return kernels.softcapped_cross_entropy(h @ head.t(), targets, 30.0)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgolf.model import kernels
+from pgolf.model import kernels, qk_kernel
 from pgolf.model import device as bench_device
 from pgolf.train import bench
 from pgolf.config import ModelConfig, load_run_config
@@ -903,9 +903,9 @@ def test_gpu_qk_norm_rope_bf16(heads, with_gain):
         out = fn(leaves[0], *tables, leaves[1] if with_gain else None)
         return out, torch.autograd.grad(out, leaves, grad.to(dtype))
 
-    out, grads = run(kernels.qk_norm_rope, torch.bfloat16)
-    ref, ref_grads = run(kernels.qk_norm_rope_reference, torch.bfloat16)
-    truth, truths = run(kernels.qk_norm_rope_reference, torch.float64)
+    out, grads = run(qk_kernel.qk_norm_rope, torch.bfloat16)
+    ref, ref_grads = run(qk_kernel.qk_norm_rope_reference, torch.bfloat16)
+    truth, truths = run(qk_kernel.qk_norm_rope_reference, torch.float64)
     assert out.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
     _no_worse(out, ref, truth.detach(), "out", slack=2.0)
     for name, a, b, t in zip(("dx", "dgain"), grads, ref_grads, truths):
@@ -935,7 +935,8 @@ def test_gpu_model_fused_compiled_matches_reference():
     ids, targets = ids.cuda(), targets.cuda()
 
     def run(fused: bool, compiled: bool):
-        model.use_fused_kernels = model.fused_qk_norm_rope = fused
+        model.use_fused_kernels = fused
+        qk_kernel.use_in_model(model, fused)
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
         with torch.autocast("cuda", dtype=torch.bfloat16):

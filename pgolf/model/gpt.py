@@ -51,7 +51,7 @@ Runtime state (plain attributes, never tensors, so torch.compile guards on them 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -192,7 +192,7 @@ class Attention(nn.Module):
         self.gate_scale = cfg.attn_gate_scale
         self.gate_window = cfg.attn_gate_window if cfg.attn_gate == "sparse" else d
         self.gate = _linear(self.gate_window, h) if cfg.attn_gate != "none" else None  # W [H, window]
-        self.fused_qk_norm_rope = False  # runtime state, set through GPT.fused_qk_norm_rope
+        self.qk_kernel: Optional[Callable] = None  # runtime state: set by pgolf.model.qk_kernel.use_in_model
 
     def param_roles(self) -> dict[str, str]:
         roles = {f"{name}.weight": "attn" for name in ("q", "k", "v", "o")}
@@ -214,9 +214,9 @@ class Attention(nn.Module):
         q = self.q(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        if self.fused_qk_norm_rope and self.qk_norm and rope is not None:  # one kernel each (kernels.qk_norm_rope)
+        if self.qk_kernel is not None and self.qk_norm and rope is not None:  # one kernel each for q and k
             gain = None if self.q_gain is None else self.q_gain.to(q.dtype)
-            q, k = kernels.qk_norm_rope(q, *rope, gain), kernels.qk_norm_rope(k, *rope, None)
+            q, k = self.qk_kernel(q, *rope, gain), self.qk_kernel(k, *rope, None)
         else:
             if self.qk_norm:
                 q, k = rms_norm(q), rms_norm(k)
@@ -384,17 +384,6 @@ class GPT(nn.Module):
         self._use_fused_kernels = bool(value)
         for block in self.blocks:
             block.mlp.use_fused_kernels = bool(value)
-
-    @property
-    def fused_qk_norm_rope(self) -> bool:
-        """The q/k norm + RoPE + q gain kernel on/off (``train.fused_qk_norm_rope``); the setter reaches every
-        attention. Runtime state, like ``use_fused_kernels``: the function computed is the same."""
-        return self.blocks[0].attn.fused_qk_norm_rope if len(self.blocks) else False
-
-    @fused_qk_norm_rope.setter
-    def fused_qk_norm_rope(self, value: bool) -> None:
-        for block in self.blocks:
-            block.attn.fused_qk_norm_rope = bool(value)
 
     def set_attention_backend(self, device) -> dict:
         """Resolve ``cfg.attention_backend`` on ``device`` (before compiling) and use it; returns the record."""

@@ -18,12 +18,6 @@
    log-sum-exp and keeps only ``lse`` [T]; backward recomputes the softmax from z:
    ``dz = g * (softmax(c) - onehot) * (1 - tanh^2(z / cap))``.
 
-3. ``qk_norm_rope(x, cos, sin, gain)`` = ``apply_partial_rope(rms_norm(x), cos, sin) * gain`` over the q or k
-   heads x [T, H, D] (``gain`` [H]: the q gain; None for k). Compiled, inductor makes three strided passes of it
-   (the norm's reduction, the 2 x 8 rotated dims, the 48 others) and as many backward; the kernel reads each row
-   once and writes it once, and its backward reads the gradient and the input once (the gain's gradient as
-   per-program partial sums, summed by torch: deterministic). Switched separately (``train.fused_qk_norm_rope``).
-
 Targets: ids in [0, V) or -100 (ignored, NLL 0). The fused CE cannot raise on a bad id without a host sync, so
 any other id gets NaN NLL (the training loop then stops on a non-finite loss); the reference raises instead.
 
@@ -104,15 +98,6 @@ def mlp_reference(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tens
     return F.linear(mlp_up_activation_reference(x, w_up, slope), w_down)
 
 
-def qk_norm_rope_reference(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
-    """``apply_partial_rope(rms_norm(x), cos, sin)``, times ``gain`` [H] per head when given: x [T, H, D], cos/sin
-    [T, 1, r/2] -> [T, H, D] in x's dtype (the model's own path, as ``Attention.forward`` writes it)."""
-    from pgolf.model.rope import apply_partial_rope  # (pgolf.model.rope imports nothing of this module)
-
-    y = apply_partial_rope(F.rms_norm(x, (x.shape[-1],)).to(x.dtype), cos, sin)
-    return y if gain is None else y * gain.to(y.dtype)[None, :, None]
-
-
 def mlp_activation_grad(pre: Tensor, grad_post: Tensor, slope: float) -> Tensor:
     """d/d pre of ``leaky_relu(pre, slope)^2`` times ``grad_post``, computed in (at least) fp32, returned in pre's dtype."""
     p = _at_least_fp32(pre)
@@ -125,7 +110,7 @@ def mlp_activation_grad(pre: Tensor, grad_post: Tensor, slope: float) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_device(t: Tensor, op: str) -> None:
+def check_triton_device(t: Tensor, op: str) -> None:
     if t.device.type != "cuda" and not _tk.is_interpreted():
         raise RuntimeError(
             f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton), got {t.device}"
@@ -138,7 +123,7 @@ if TRITON_AVAILABLE:
     @custom_op("pgolf::mlp_up_act", mutates_args=())
     def _mlp_up_act_op(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
         """(post, pre) for x [M, K], w [N, K] of one dtype: post = leaky_relu(pre, slope)^2, pre = x @ w^T."""
-        _check_device(x, "pgolf::mlp_up_act")
+        check_triton_device(x, "pgolf::mlp_up_act")
         M, N = x.shape[0], w.shape[0]
         pre = x.new_empty((M, N))
         post = x.new_empty((M, N))
@@ -174,7 +159,7 @@ if TRITON_AVAILABLE:
     def _mlp_fused_op(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
         """(out, pre, post) for x [M, d], w_up [4d, d], w_down [d, 4d] of one dtype; pre and post are outputs only
         so that autograd can keep them for the backward (callers use ``out``)."""
-        _check_device(x, "pgolf::mlp_fused")
+        check_triton_device(x, "pgolf::mlp_fused")
         M, N = x.shape[0], w_up.shape[0]
         pre = x.new_empty((M, N))
         post = x.new_empty((M, N))
@@ -189,7 +174,7 @@ if TRITON_AVAILABLE:
     @custom_op("pgolf::mlp_act_grad", mutates_args=())
     def _mlp_act_grad_op(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
         """d pre = (g @ w_down) * act'(pre): g [M, d], w_down [d, 4d], pre [M, 4d] -> [M, 4d] in pre's dtype."""
-        _check_device(g, "pgolf::mlp_act_grad")
+        check_triton_device(g, "pgolf::mlp_act_grad")
         pre = pre.contiguous()
         dpre = torch.empty_like(pre)
         _tk.launch_mlp_act_grad(g.to(pre.dtype).contiguous(), w_down.to(pre.dtype).contiguous(), pre, dpre, slope)
@@ -228,7 +213,7 @@ if TRITON_AVAILABLE:
     @custom_op("pgolf::softcap_ce", mutates_args=())
     def _softcap_ce_op(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
         """(nll [T] fp32, lse [T] fp32) for z [T, V] and int64 targets [T]."""
-        _check_device(z, "pgolf::softcap_ce")
+        check_triton_device(z, "pgolf::softcap_ce")
         T = z.shape[0]
         nll = torch.empty((T,), dtype=torch.float32, device=z.device)
         lse = torch.empty((T,), dtype=torch.float32, device=z.device)
@@ -243,7 +228,7 @@ if TRITON_AVAILABLE:
     @custom_op("pgolf::softcap_ce_backward", mutates_args=())
     def _softcap_ce_backward_op(grad_nll: Tensor, z: Tensor, targets: Tensor, lse: Tensor, cap: float) -> Tensor:
         """dz [T, V] in z's dtype from dLoss/dnll [T] (fp32)."""
-        _check_device(z, "pgolf::softcap_ce_backward")
+        check_triton_device(z, "pgolf::softcap_ce_backward")
         z = z.contiguous()
         dz = torch.empty_like(z)
         # the grad of a sum arrives as a stride-0 expand: the kernel reads one value per row
@@ -272,67 +257,12 @@ if TRITON_AVAILABLE:
     _softcap_ce_op.register_autograd(_softcap_ce_backward, setup_context=_softcap_ce_setup)
 
 
-if TRITON_AVAILABLE:
-
-    @custom_op("pgolf::qk_norm_rope", mutates_args=())
-    def _qk_norm_rope_op(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-        """(out [T, H, D] in x's dtype, rstd [T * H] fp32) for x [T, H, D], cos/sin [T, r/2], gain [H] or None."""
-        _check_device(x, "pgolf::qk_norm_rope")
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        rstd = torch.empty((x.shape[0] * x.shape[1],), dtype=torch.float32, device=x.device)
-        _tk.launch_qk_norm_rope_fwd(x.contiguous(), cos.contiguous(), sin.contiguous(), gain, out, rstd, eps)
-        return out, rstd
-
-    @_qk_norm_rope_op.register_fake
-    def _qk_norm_rope_fake(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                x.new_empty((x.shape[0] * x.shape[1],), dtype=torch.float32))
-
-    @custom_op("pgolf::qk_norm_rope_backward", mutates_args=())
-    def _qk_norm_rope_backward_op(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor,
-                                  gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """(dx [T, H, D] in x's dtype, d gain [H] in gain's dtype; [0] without a gain)."""
-        _check_device(x, "pgolf::qk_norm_rope_backward")
-        T, H, _ = x.shape
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        partial = None
-        if gain is not None:
-            partial = torch.empty((_tk.qk_norm_rope_programs(T * H, H, x.device), H), dtype=torch.float32,
-                                  device=x.device)
-        _tk.launch_qk_norm_rope_bwd(g.to(x.dtype).contiguous(), x.contiguous(), rstd, cos.contiguous(),
-                                    sin.contiguous(), gain, dx, partial)
-        dgain = x.new_empty((0,)) if partial is None else partial.sum(0).to(gain.dtype)
-        return dx, dgain
-
-    @_qk_norm_rope_backward_op.register_fake
-    def _qk_norm_rope_backward_fake(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor,
-                                    gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        dgain = x.new_empty((0,)) if gain is None else gain.new_empty(gain.shape)
-        return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
-
-    def _qk_norm_rope_setup(ctx, inputs, output) -> None:
-        x, cos, sin, gain, _ = inputs
-        ctx.save_for_backward(x, output[1], cos, sin, gain)
-        ctx.set_materialize_grads(False)
-
-    def _qk_norm_rope_backward(ctx, grad_out: Optional[Tensor], grad_rstd: Optional[Tensor]):
-        x, rstd, cos, sin, gain = ctx.saved_tensors
-        if grad_rstd is not None:
-            raise NotImplementedError("pgolf::qk_norm_rope: gradients through the rstd output are not supported")
-        if grad_out is None:
-            return None, None, None, None, None
-        dx, dgain = torch.ops.pgolf.qk_norm_rope_backward(grad_out, x, rstd, cos, sin, gain)
-        return dx, None, None, (dgain if gain is not None else None), None
-
-    _qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Public entry points (fused where possible, the reference elsewhere)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _use_triton(t: Tensor) -> bool:
+def use_triton(t: Tensor) -> bool:
     return TRITON_AVAILABLE and (t.device.type == "cuda" or _tk.is_interpreted())
 
 
@@ -352,7 +282,7 @@ def fused_mlp_up_activation(x: Tensor, w: Tensor, slope: float) -> Tensor:
 
 def mlp_up_activation(x: Tensor, w: Tensor, slope: float) -> Tensor:
     """``leaky_relu(x @ w^T, slope)^2``; x [..., K], w [N, K] -> [..., N]. Fused on CUDA, the reference elsewhere."""
-    if _use_triton(x):
+    if use_triton(x):
         return fused_mlp_up_activation(x, w, slope)
     return mlp_up_activation_reference(x, w, slope)
 
@@ -379,7 +309,7 @@ def fused_mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
 def mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
     """``leaky_relu(x @ w_up^T, slope)^2 @ w_down^T`` -> [..., d]. Fused (forward and backward) on CUDA, the
     reference elsewhere."""
-    if _use_triton(x):
+    if use_triton(x):
         return fused_mlp(x, w_up, w_down, slope)
     return mlp_reference(x, w_up, w_down, slope)
 
@@ -400,38 +330,14 @@ def fused_softcapped_token_nll(z: Tensor, targets: Tensor, cap: float) -> Tensor
 
 def softcapped_token_nll(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     """Per-token NLL (nats, fp32 [T]; 0 where target is -100) of ``softmax(cap * tanh(z / cap))``. z [T, V]."""
-    if _use_triton(z):
+    if use_triton(z):
         return fused_softcapped_token_nll(z, targets, cap)
     return softcapped_token_nll_reference(z, targets, cap)
 
 
 def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     """Mean NLL over targets != -100 (NaN when every target is ignored, as in F.cross_entropy). z [T, V]."""
-    if _use_triton(z):
+    if use_triton(z):
         nll = fused_softcapped_token_nll(z, targets, cap)
         return nll.sum() / (targets != IGNORE_INDEX).sum()
     return softcapped_cross_entropy_reference(z, targets, cap)
-
-
-def qk_norm_rope_fusable(x: Tensor, cos: Tensor) -> bool:
-    """The kernel's shape contract: power-of-two head dim and head count, rotated pairs inside the head, a
-    half-width that is a power of two, floating activations of at most 4 bytes."""
-    T, H, D = x.shape
-    half = cos.shape[-1]
-    def pow2(n: int) -> bool:
-        return n >= 1 and n & (n - 1) == 0
-    return (pow2(D) and pow2(H) and pow2(half) and 2 * half <= D and x.dtype in (torch.bfloat16, torch.float16,
-            torch.float32) and cos.shape[0] == T)
-
-
-def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
-    """:func:`qk_norm_rope_reference` (x [T, H, D], cos/sin [T, 1, r/2], gain [H] or None -> [T, H, D] in x's
-    dtype), as one Triton kernel forward and backward where it can run, the reference elsewhere. The tables and
-    the gain are cast to x's dtype first, as the reference does; the norm's eps is the reference's (float32's)."""
-    if not (_use_triton(x) and qk_norm_rope_fusable(x, cos)):
-        return qk_norm_rope_reference(x, cos, sin, gain)
-    T, half = x.shape[0], cos.shape[-1]
-    cos2, sin2 = cos.to(x.dtype).reshape(T, half), sin.to(x.dtype).reshape(T, half)
-    gain = None if gain is None else gain.to(x.dtype)
-    out, _ = torch.ops.pgolf.qk_norm_rope(x, cos2, sin2, gain, float(torch.finfo(torch.float32).eps))
-    return out

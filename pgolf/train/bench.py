@@ -266,7 +266,7 @@ def bench_train(
     gains ``idle_gaps`` (where the GPU waited for the host)."""
     import torch
 
-    from pgolf.model import kernels
+    from pgolf.model import kernels, qk_kernel as qk_kernel_module
     from pgolf.model.gpt import GPT, param_groups
     from pgolf.train.optim import build_optimizers
     from pgolf.train.storage import apply_param_storage
@@ -299,7 +299,7 @@ def bench_train(
     torch.manual_seed(seed)
     model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len, bos_id=BOS_ID).to(device)
     model.use_fused_kernels = fused
-    model.fused_qk_norm_rope = train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel
+    qk_kernel_module.use_in_model(model, train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel)
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
     # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
@@ -386,7 +386,7 @@ def bench_train(
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
         "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
-        "fused_qk_norm_rope": bool(model.fused_qk_norm_rope),
+        "fused_qk_norm_rope": qk_kernel_module.used_in_model(model),
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),

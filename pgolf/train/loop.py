@@ -225,7 +225,8 @@ def train_in_group(
                                keep_resume)
 
 
-def _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info, init_checkpoint, keep_resume):
+def _train_in_group(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: TrainConfig, seed, data_dir, out_dir,
+                    info, init_checkpoint, keep_resume):
     """:func:`train_in_group`'s work, under its lock."""
     data_info = check_data(Path(data_dir), model_cfg.vocab_size)
     torch.manual_seed(seed)
@@ -238,7 +239,10 @@ def _train_in_group(model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, in
         extra = {"init_checkpoint": str(init_checkpoint), "init_weights_sha256": init_meta.get("weights_sha256")}
     model = model.to(info.device)
     model.use_fused_kernels = train_cfg.fused_kernels and info.device.type == "cuda"
-    model.fused_qk_norm_rope = train_cfg.fused_qk_norm_rope and info.device.type == "cuda"
+    if train_cfg.fused_qk_norm_rope and info.device.type == "cuda":  # (a bundle of a recipe without it drops it)
+        from pgolf.model import qk_kernel
+
+        qk_kernel.use_in_model(model)
     model.set_attention_backend(info.device)  # before compiling: probes FlashAttention; recorded in the summary
     return train_model(
         model, param_groups(model), model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info,
