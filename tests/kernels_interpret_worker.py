@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from pgolf.model import kernels, qk_kernel
+from pgolf.model import attn_kernels, kernels
 from pgolf.model import triton_kernels as tk
 from pgolf.config import ModelConfig
 from pgolf.model.gpt import GPT
@@ -212,11 +212,11 @@ def _qk_case(dtype: torch.dtype, T: int, H: int, D: int, half: int, with_gain: b
     x, cos, sin, gain, grad = _qk_inputs(T, H, D, half, dtype, seed=T + H)
     xk = x.clone().requires_grad_(True)
     gk = gain.clone().requires_grad_(True) if with_gain else None
-    out = qk_kernel.qk_norm_rope(xk, cos, sin, gk)
+    out = attn_kernels.qk_norm_rope(xk, cos, sin, gk)
     grads = torch.autograd.grad(out, [xk] + ([gk] if with_gain else []), grad)
     x64 = x.double().requires_grad_(True)
     g64 = gain.double().requires_grad_(True) if with_gain else None
-    truth = qk_kernel.qk_norm_rope_reference(x64, cos.double(), sin.double(), g64)
+    truth = attn_kernels.qk_norm_rope_reference(x64, cos.double(), sin.double(), g64)
     truths = torch.autograd.grad(truth, [x64] + ([g64] if with_gain else []), grad.double())
     what = f"qk_norm_rope {dtype} T={T} H={H} D={D} half={half} gain={with_gain}"
     if out.dtype != dtype or grads[0].dtype != dtype:
@@ -228,7 +228,7 @@ def _qk_case(dtype: torch.dtype, T: int, H: int, D: int, half: int, with_gain: b
         return
     xr = x.clone().requires_grad_(True)  # the low-precision torch reference, the model's unfused path
     gr = gain.clone().requires_grad_(True) if with_gain else None
-    ref = qk_kernel.qk_norm_rope_reference(xr, cos, sin, gr)
+    ref = attn_kernels.qk_norm_rope_reference(xr, cos, sin, gr)
     refs = torch.autograd.grad(ref, [xr] + ([gr] if with_gain else []), grad)
     _no_worse(out, ref, truth, f"{what}: out")
     for name, g, r, t in zip(("dx", "dgain"), grads, refs, truths):
@@ -261,6 +261,81 @@ def case_qk_norm_rope_opcheck() -> None:
         _, rstd = torch.ops.pgolf.qk_norm_rope(x.detach(), cos2, sin2, None if g is None else g.detach(), eps)
         args = (grad, x.detach(), rstd, cos2, sin2, None if g is None else g.detach())
         torch.library.opcheck(torch.ops.pgolf.qk_norm_rope_backward.default, args, test_utils=utils)
+
+
+def _xsa_case(dtype: torch.dtype, T: int, H: int, Hkv: int, D: int, with_xsa: bool, with_gate: bool) -> None:
+    gen = torch.Generator().manual_seed(T * H + D)
+    y = torch.randn(T, H, D, generator=gen).to(dtype)
+    v = (torch.randn(T, Hkv, D, generator=gen) * (0.1 + 3 * torch.rand(T, Hkv, 1, generator=gen))).to(dtype)
+    z = (2 * torch.randn(T, H, generator=gen)).to(dtype)
+    grad = torch.randn(T, H, D, generator=gen).to(dtype)
+    names = ["y"] + (["v"] if with_xsa else []) + (["z"] if with_gate else [])
+
+    def run(fn, cast):
+        leaves = {"y": cast(y), "v": cast(v), "z": cast(z)}
+        leaves = {n: t.clone().requires_grad_(n in names) for n, t in leaves.items()}
+        out = fn(leaves["y"], leaves["v"] if with_xsa else None, leaves["z"] if with_gate else None, 0.5)
+        return out, torch.autograd.grad(out, [leaves[n] for n in names], cast(grad))
+
+    what = f"xsa_gate {dtype} T={T} H={H} Hkv={Hkv} D={D} xsa={with_xsa} gate={with_gate}"
+    out, grads = run(attn_kernels.xsa_gate, lambda t: t)
+    truth, truths = run(attn_kernels.xsa_gate_reference, lambda t: t.double())
+    if out.dtype != dtype or any(g.dtype != dtype for g in grads):
+        raise AssertionError(f"{what}: dtypes out {out.dtype}, grads {[g.dtype for g in grads]}; expected {dtype}")
+    if dtype == torch.float32:
+        _close(out.double(), truth.detach(), f"{what}: out")
+        for name, g, t in zip(names, grads, truths):
+            _close(g.double(), t, f"{what}: d{name}", rtol=1e-5, atol=1e-5 * t.abs().max().item())
+        return
+    ref, refs = run(attn_kernels.xsa_gate_reference, lambda t: t)
+    _no_worse(out, ref, truth.detach(), f"{what}: out")
+    for name, g, r, t in zip(names, grads, refs, truths):
+        _no_worse(g, r, t, f"{what}: d{name}")
+
+
+def case_xsa_gate_fp32() -> None:
+    """The record's shapes (8 query heads on 4 kv heads of 64 dims), an odd token count (the masked last
+    program), XSA and the gate each on its own, and a 4-heads-per-kv-head group."""
+    for xsa, gate in ((True, True), (True, False), (False, True)):
+        _xsa_case(torch.float32, 13, 8, 4, 64, xsa, gate)
+    _xsa_case(torch.float32, 6, 8, 2, 16, True, True)
+
+
+def case_xsa_gate_bf16() -> None:
+    _xsa_case(torch.bfloat16, 11, 8, 4, 64, True, True)
+
+
+def case_xsa_gate_tiny_value_vectors() -> None:
+    """Value vectors of norm below F.normalize's eps (1e-12): its clamp divides by eps instead, and the gradient
+    has no radial part; a zero vector gives a zero unit vector."""
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(4, 2, 8, generator=gen)
+    v = torch.randn(4, 1, 8, generator=gen)
+    v[1] = 0.0
+    v[2] *= 1e-14
+    leaves = [y.clone().requires_grad_(True), v.clone().requires_grad_(True)]
+    ref_leaves = [t.double().requires_grad_(True) for t in (y, v)]
+    out = attn_kernels.xsa_gate(*leaves, None, 1.0)
+    ref = attn_kernels.xsa_gate_reference(*ref_leaves, None, 1.0)
+    grad = torch.randn(4, 2, 8, generator=gen)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(ref, ref_leaves, grad.double())
+    _close(out.double(), ref.detach(), "tiny v: out")
+    for name, g, t in zip(("dy", "dv"), got, want):
+        _close(g.double(), t, f"tiny v: {name}", rtol=1e-5, atol=1e-5 * t.abs().max().item())
+
+
+def case_xsa_gate_opcheck() -> None:
+    gen = torch.Generator().manual_seed(8)
+    y, grad = torch.randn(5, 4, 16, generator=gen), torch.randn(5, 4, 16, generator=gen)
+    v, z = torch.randn(5, 2, 16, generator=gen), torch.randn(5, 4, generator=gen)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for vv, zz in ((v, z), (None, z), (v, None)):
+        args = (y.requires_grad_(True), vv if vv is None else vv.requires_grad_(True),
+                zz if zz is None else zz.requires_grad_(True), 0.5)
+        torch.library.opcheck(torch.ops.pgolf.xsa_gate.default, args, test_utils=utils)
+        bargs = (grad, y.detach(), None if vv is None else vv.detach(), None if zz is None else zz.detach(), 0.5)
+        torch.library.opcheck(torch.ops.pgolf.xsa_gate_backward.default, bargs, test_utils=utils)
 
 
 def _ce_inputs(T: int, V: int, scale: float, dtype: torch.dtype, seed: int):
@@ -385,7 +460,7 @@ def case_model_fused_matches_reference() -> None:
     results = {}
     for fused in (False, True):
         model.use_fused_kernels = fused
-        qk_kernel.use_in_model(model, fused)
+        attn_kernels.use_in_model(model, fused, fused)
         model.zero_grad(set_to_none=True)
         loss = model(ids, targets)
         loss.backward()
@@ -414,7 +489,7 @@ def case_compile_fullgraph() -> None:
     _, cos, sin, _, _ = _qk_inputs(20, 4, 4, 1, torch.float32, seed=6)
 
     def loss_fn(x, w1, w2, head, gain, targets):
-        x = x + qk_kernel.qk_norm_rope(x.view(20, 4, 4), cos, sin, gain).view(20, 16)  # [20, 4 heads, 4]
+        x = x + attn_kernels.qk_norm_rope(x.view(20, 4, 4), cos, sin, gain).view(20, 16)  # [20, 4 heads, 4]
         x = x + kernels.mlp(x, w1, w2, 0.5)  # [20, 16]: the whole-MLP op
         h = kernels.mlp_up_activation(x, w1, 0.5)  # [20, 40]
         return kernels.softcapped_cross_entropy(h @ head.t(), targets, 30.0)

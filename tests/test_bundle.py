@@ -184,27 +184,29 @@ def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     bundle = record_shipped_form
     # the shipped form also drops the modules that its folded switches no longer import (pgolf.artifact.shrink;
     # pgolf.train.resume: train.resume_every_steps is 0, tests/test_shrink.py; pgolf.model.idle_gaps: only the
-    # benchmark's profiler reads it; pgolf.model.qk_kernel and its Triton module: train.fused_qk_norm_rope is off)
+    # benchmark's profiler reads it; pgolf.model.attn_kernels and its Triton module: train.fused_qk_norm_rope and
+    # train.fused_xsa_gate are off)
     # and it embeds one generated pgolf.config module in place of the config package (pgolf.artifact.config_module)
     assert {m.name for m in bundle.modules} == set(pruned) - {"pgolf.evaluate.chunked_ttt", "pgolf.train.prequant_ttt",
                                                               "pgolf.train.resume", "pgolf.config.strict",
                                                               "pgolf.config.training", "pgolf.config.post_training",
-                                                              "pgolf.model.idle_gaps", "pgolf.model.qk_kernel",
-                                                              "pgolf.model.qk_triton"}
+                                                              "pgolf.model.idle_gaps", "pgolf.model.attn_kernels",
+                                                              "pgolf.model.attn_triton"}
     assert [m.is_package for m in bundle.modules if m.name == "pgolf.config"] == [False]
     assert set(bundle.left_out) >= set(left_out_modules(record)) | {"pgolf.evaluate.chunked_ttt"}
     assert "its recipe does not use it" in bundle.text
     assert count_code_bytes(bundle.text, "wrapper") < count_code_bytes(build_bundle(lut, minify=True).text, "wrapper")
 
 
-def test_the_qk_kernel_is_shipped_only_by_a_recipe_that_turns_it_on(record_shipped_form) -> None:
-    """train.fused_qk_norm_rope is folded: off, nothing imports pgolf.model.qk_kernel and the file has none of it."""
+def test_attention_kernels_are_shipped_only_by_a_recipe_that_turns_one_on(record_shipped_form) -> None:
+    """train.fused_qk_norm_rope / fused_xsa_gate are folded: both off, nothing imports pgolf.model.attn_kernels and
+    the file has none of it."""
     record = load_run_config(REPO_ROOT / "config.yaml")
-    assert record.train.fused_qk_norm_rope is False
-    assert "qk_norm_rope(" not in record_shipped_form.text and "qk_triton" not in record_shipped_form.text
-    on = dataclasses.replace(record, train=dataclasses.replace(record.train, fused_qk_norm_rope=True))
+    assert record.train.fused_qk_norm_rope is False and record.train.fused_xsa_gate is False
+    assert "attn_triton" not in record_shipped_form.text and "attn_kernels" not in record_shipped_form.text
+    on = dataclasses.replace(record, train=dataclasses.replace(record.train, fused_xsa_gate=True))
     shipped = {m.name for m in build_bundle(on, minify=True).modules}
-    assert {"pgolf.model.qk_kernel", "pgolf.model.qk_triton"} <= shipped
+    assert {"pgolf.model.attn_kernels", "pgolf.model.attn_triton"} <= shipped
 
 
 def test_flash_attention_4_ops_are_left_out_unless_the_recipe_may_use_them() -> None:

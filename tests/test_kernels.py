@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgolf.model import kernels, qk_kernel
+from pgolf.model import attn_kernels, kernels
 from pgolf.model import device as bench_device
 from pgolf.train import bench
 from pgolf.config import ModelConfig, load_run_config
@@ -408,7 +408,7 @@ TRAIN_FIELDS = {
     "cuda",
     "fused_kernels",
     "fused_kernels_active",
-    "fused_qk_norm_rope",
+    "attention_kernels",
     "attention_backend",
     "param_storage",
     "compile",
@@ -750,6 +750,10 @@ INTERPRET_CASES = [
     "qk_norm_rope_fp32",
     "qk_norm_rope_bf16",
     "qk_norm_rope_opcheck",
+    "xsa_gate_fp32",
+    "xsa_gate_bf16",
+    "xsa_gate_tiny_value_vectors",
+    "xsa_gate_opcheck",
     "model_fused_matches_reference",
     "compile_fullgraph",
 ]
@@ -903,13 +907,41 @@ def test_gpu_qk_norm_rope_bf16(heads, with_gain):
         out = fn(leaves[0], *tables, leaves[1] if with_gain else None)
         return out, torch.autograd.grad(out, leaves, grad.to(dtype))
 
-    out, grads = run(qk_kernel.qk_norm_rope, torch.bfloat16)
-    ref, ref_grads = run(qk_kernel.qk_norm_rope_reference, torch.bfloat16)
-    truth, truths = run(qk_kernel.qk_norm_rope_reference, torch.float64)
+    out, grads = run(attn_kernels.qk_norm_rope, torch.bfloat16)
+    ref, ref_grads = run(attn_kernels.qk_norm_rope_reference, torch.bfloat16)
+    truth, truths = run(attn_kernels.qk_norm_rope_reference, torch.float64)
     assert out.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
     _no_worse(out, ref, truth.detach(), "out", slack=2.0)
     for name, a, b, t in zip(("dx", "dgain"), grads, ref_grads, truths):
         _no_worse(a, b, t, name, slack=2.0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("with_xsa,with_gate", [(True, True), (False, True), (True, False)])
+def test_gpu_xsa_gate_bf16(with_xsa, with_gate):
+    """XSA + the output gate on the record's shapes in bf16 on CUDA: no further from the fp64 truth than the
+    model's unfused bf16 path, output and gradients."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    T, H, hkv, D = 4099, 8, 4, 64
+    y = torch.randn(T, H, D, device="cuda", generator=gen).bfloat16()
+    v = (torch.randn(T, hkv, D, device="cuda", generator=gen) * 2).bfloat16()
+    z = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
+    grad = torch.randn(T, H, D, device="cuda", generator=gen).bfloat16()
+    names = ["y"] + (["v"] if with_xsa else []) + (["z"] if with_gate else [])
+
+    def run(fn, dtype):
+        leaves = {n: t.to(dtype).requires_grad_(n in names) for n, t in (("y", y), ("v", v), ("z", z))}
+        out = fn(leaves["y"], leaves["v"] if with_xsa else None, leaves["z"] if with_gate else None, 0.5)
+        return out, torch.autograd.grad(out, [leaves[n] for n in names], grad.to(dtype))
+
+    out, grads = run(attn_kernels.xsa_gate, torch.bfloat16)
+    ref, refs = run(attn_kernels.xsa_gate_reference, torch.bfloat16)
+    truth, truths = run(attn_kernels.xsa_gate_reference, torch.float64)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    _no_worse(out, ref, truth.detach(), "out", slack=2.0)
+    for name, a, b, t in zip(names, grads, refs, truths):
+        _no_worse(a, b, t, f"d{name}", slack=2.0)
 
 
 @pytest.mark.gpu
@@ -936,7 +968,7 @@ def test_gpu_model_fused_compiled_matches_reference():
 
     def run(fused: bool, compiled: bool):
         model.use_fused_kernels = fused
-        qk_kernel.use_in_model(model, fused)
+        attn_kernels.use_in_model(model, fused, fused)
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -337,10 +337,12 @@ class TrainConfig:
     # the cap, it regroups the same sums, nothing else.
     compile_mix_order_reduction: bool = False
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
-    # The q/k RMSNorm + partial RoPE + q gain of every attention as one Triton kernel forward and one backward
-    # (kernels.qk_norm_rope) instead of inductor's strided passes. The same function (float32 inside, rounded once);
-    # off by default until a GPU has timed it against inductor's kernels (docs/benchmarks.md).
+    # Two elementwise stretches of every attention as one Triton kernel each, forward and backward
+    # (pgolf.model.attn_kernels): the q/k RMSNorm + partial RoPE + q gain, and XSA + the output gate. The same
+    # function (float32 inside, rounded once); off by default until a GPU has timed them against inductor's
+    # kernels (docs/benchmarks.md).
     fused_qk_norm_rope: bool = False
+    fused_xsa_gate: bool = False
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
     # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).

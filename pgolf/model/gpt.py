@@ -192,7 +192,9 @@ class Attention(nn.Module):
         self.gate_scale = cfg.attn_gate_scale
         self.gate_window = cfg.attn_gate_window if cfg.attn_gate == "sparse" else d
         self.gate = _linear(self.gate_window, h) if cfg.attn_gate != "none" else None  # W [H, window]
-        self.qk_kernel: Optional[Callable] = None  # runtime state: set by pgolf.model.qk_kernel.use_in_model
+        # runtime state, set by pgolf.model.attn_kernels.use_in_model: the fused q/k and XSA + gate kernels
+        self.qk_kernel: Optional[Callable] = None
+        self.xsa_gate_kernel: Optional[Callable] = None
 
     def param_roles(self) -> dict[str, str]:
         roles = {f"{name}.weight": "attn" for name in ("q", "k", "v", "o")}
@@ -226,6 +228,10 @@ class Attention(nn.Module):
                 q = q * self.q_gain.to(q.dtype)[None, :, None]
         q, k = q.to(v.dtype), k.to(v.dtype)
         y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend)  # [T, H, D]
+        if self.xsa_gate_kernel is not None:  # one kernel for both (z: the gate's pre-activation [T, H])
+            z = self.gate(x[:, : self.gate_window]) if self.gate is not None else None
+            y = self.xsa_gate_kernel(y, v if self.use_xsa else None, z, self.gate_scale)
+            return self.o(y.reshape(T, self.num_heads * self.head_dim))
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
         if self.gate is not None:

@@ -250,6 +250,7 @@ def bench_train(
     max_fusion_io_buffers: Optional[int] = None,
     mix_order_reduction: Optional[bool] = None,
     qk_kernel: Optional[bool] = None,
+    xsa_kernel: Optional[bool] = None,
     data_dir: Optional[str] = None,
     trace_dir: Optional[str] = None,
 ) -> dict[str, Any]:
@@ -260,13 +261,14 @@ def bench_train(
     ``model.attention_backend``; the result records what it resolved to. ``max_fusion_io_buffers`` overrides
     ``train.compile_max_fusion_io_buffers`` (0: no cap) and ``mix_order_reduction``
     ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``).
-    ``qk_kernel`` overrides ``train.fused_qk_norm_rope`` (the result's ``fused_qk_norm_rope``).
+    ``qk_kernel`` and ``xsa_kernel`` override ``train.fused_qk_norm_rope`` and ``train.fused_xsa_gate`` (the
+    result's ``attention_kernels``).
     ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones.
     ``trace_dir``: the profiled steps' Chrome trace goes there (``trace_looping_<off|on>.json``) and the profile
     gains ``idle_gaps`` (where the GPU waited for the host)."""
     import torch
 
-    from pgolf.model import kernels, qk_kernel as qk_kernel_module
+    from pgolf.model import attn_kernels, kernels
     from pgolf.model.gpt import GPT, param_groups
     from pgolf.train.optim import build_optimizers
     from pgolf.train.storage import apply_param_storage
@@ -299,7 +301,8 @@ def bench_train(
     torch.manual_seed(seed)
     model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len, bos_id=BOS_ID).to(device)
     model.use_fused_kernels = fused
-    qk_kernel_module.use_in_model(model, train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel)
+    attn_kernels.use_in_model(model, train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel,
+                              train_cfg.fused_xsa_gate if xsa_kernel is None else xsa_kernel)
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
     # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
@@ -386,7 +389,7 @@ def bench_train(
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
         "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
-        "fused_qk_norm_rope": qk_kernel_module.used_in_model(model),
+        "attention_kernels": attn_kernels.used_in_model(model),
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),

@@ -116,6 +116,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         max_fusion_io_buffers=args.max_fusion_io_buffers,
         mix_order_reduction=None if args.mix_order_reduction is None else args.mix_order_reduction == "on",
         qk_kernel=None if args.qk_kernel is None else args.qk_kernel == "on",
+        xsa_kernel=None if args.xsa_kernel is None else args.xsa_kernel == "on",
         data_dir=args.data,
         trace_dir=args.trace,
     )
@@ -147,6 +148,10 @@ def _register_bench_train(commands) -> None:
     p.add_argument(
         "--qk-kernel", choices=["on", "off"], default=None,
         help="the q/k norm + RoPE + q gain Triton kernel (default: the recipe's train.fused_qk_norm_rope)",
+    )
+    p.add_argument(
+        "--xsa-kernel", choices=["on", "off"], default=None,
+        help="the XSA + output gate Triton kernel (default: the recipe's train.fused_xsa_gate)",
     )
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(

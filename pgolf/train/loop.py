@@ -239,10 +239,10 @@ def _train_in_group(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: T
         extra = {"init_checkpoint": str(init_checkpoint), "init_weights_sha256": init_meta.get("weights_sha256")}
     model = model.to(info.device)
     model.use_fused_kernels = train_cfg.fused_kernels and info.device.type == "cuda"
-    if train_cfg.fused_qk_norm_rope and info.device.type == "cuda":  # (a bundle of a recipe without it drops it)
-        from pgolf.model import qk_kernel
+    if (train_cfg.fused_qk_norm_rope or train_cfg.fused_xsa_gate) and info.device.type == "cuda":
+        from pgolf.model import attn_kernels  # (a bundle of a recipe with both off folds this away: none shipped)
 
-        qk_kernel.use_in_model(model)
+        attn_kernels.use_in_model(model, train_cfg.fused_qk_norm_rope, train_cfg.fused_xsa_gate)
     model.set_attention_backend(info.device)  # before compiling: probes FlashAttention; recorded in the summary
     return train_model(
         model, param_groups(model), model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info,

@@ -1,0 +1,230 @@
+"""Two elementwise stretches of every attention as Triton kernels, forward and backward, beside their references.
+
+1. ``qk_norm_rope(x, cos, sin, gain)`` = ``apply_partial_rope(rms_norm(x), cos, sin) * gain`` over the q or k
+   heads x [T, H, D] (``gain`` [H]: the q gain; None for k). Compiled, inductor makes three strided passes of it
+   (the norm's reduction, the 2 x 8 rotated dims, the 48 others) and as many backward; the kernel reads each row
+   once and writes it once, and its backward reads the gradient and the input once (the gain's gradient as
+   per-program partial sums, summed by torch: deterministic). ``train.fused_qk_norm_rope``.
+2. ``xsa_gate(y, v, z, scale)`` = XSA (``exclusive_self_attention(y, v)``; skipped when v is None) then the output
+   gate ``* sigmoid(scale * z)`` (skipped when z is None) over the attention's output y [T, H, D]. Under
+   autocast the model's XSA runs in fp32 (its unit vectors are fp32) and writes an fp32 [T, H, D] tensor that the
+   output projection casts back to bf16; the kernel keeps fp32 inside and writes y's dtype once, the value the
+   projection would have cast. Inductor spends four kernels on it, forward and backward (about 40 ms a step on an
+   H100); the backward here reads the gradient, y, v and z once. ``train.fused_xsa_gate``.
+
+What the model computes does not change: the kernels take the unfused path's inputs, compute in fp32 and round
+once. :func:`use_in_model` makes every attention of a GPT use them; only callers that turn them on import this
+module, so a bundle whose recipe leaves both off ships none of it. As in ``pgolf.model.kernels``: the Triton
+paths are opaque ``torch.library.custom_op`` ops with fake (shape) functions and registered autograd, taken only
+for CUDA tensors (or under Triton's interpreter, which is how the tests check them on CPU); anywhere else each
+function is its reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pgolf.model.rope import apply_partial_rope
+
+from pgolf.model.kernels import check_triton_device, use_triton
+
+try:
+    from pgolf.model import attn_triton as _qt
+except Exception:  # ImportError without triton; a broken triton install raises other errors at import
+    _qt = None
+
+TRITON_AVAILABLE = _qt is not None
+
+
+def qk_norm_rope_reference(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
+    """``apply_partial_rope(rms_norm(x), cos, sin)``, times ``gain`` [H] per head when given: x [T, H, D], cos/sin
+    [T, 1, r/2] -> [T, H, D] in x's dtype (the model's own path, as ``Attention.forward`` writes it)."""
+    y = apply_partial_rope(F.rms_norm(x, (x.shape[-1],)).to(x.dtype), cos, sin)
+    return y if gain is None else y * gain.to(y.dtype)[None, :, None]
+
+
+if TRITON_AVAILABLE:
+    from torch.library import custom_op
+
+    @custom_op("pgolf::qk_norm_rope", mutates_args=())
+    def _qk_norm_rope_op(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+        """(out [T, H, D] in x's dtype, rstd [T * H] fp32) for x [T, H, D], cos/sin [T, r/2], gain [H] or None."""
+        check_triton_device(x, "pgolf::qk_norm_rope")
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        rstd = torch.empty((x.shape[0] * x.shape[1],), dtype=torch.float32, device=x.device)
+        _qt.launch_qk_norm_rope_fwd(x.contiguous(), cos.contiguous(), sin.contiguous(), gain, out, rstd, eps)
+        return out, rstd
+
+    @_qk_norm_rope_op.register_fake
+    def _qk_norm_rope_fake(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                x.new_empty((x.shape[0] * x.shape[1],), dtype=torch.float32))
+
+    @custom_op("pgolf::qk_norm_rope_backward", mutates_args=())
+    def _qk_norm_rope_backward_op(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor,
+                                  gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(dx [T, H, D] in x's dtype, d gain [H] in gain's dtype; [0] without a gain)."""
+        check_triton_device(x, "pgolf::qk_norm_rope_backward")
+        T, H, _ = x.shape
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        partial = None
+        if gain is not None:
+            partial = torch.empty((_qt.qk_norm_rope_programs(T * H, H, x.device), H), dtype=torch.float32,
+                                  device=x.device)
+        _qt.launch_qk_norm_rope_bwd(g.to(x.dtype).contiguous(), x.contiguous(), rstd, cos.contiguous(),
+                                    sin.contiguous(), gain, dx, partial)
+        dgain = x.new_empty((0,)) if partial is None else partial.sum(0).to(gain.dtype)
+        return dx, dgain
+
+    @_qk_norm_rope_backward_op.register_fake
+    def _qk_norm_rope_backward_fake(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor,
+                                    gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        dgain = x.new_empty((0,)) if gain is None else gain.new_empty(gain.shape)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
+
+    def _qk_norm_rope_setup(ctx, inputs, output) -> None:
+        x, cos, sin, gain, _ = inputs
+        ctx.save_for_backward(x, output[1], cos, sin, gain)
+        ctx.set_materialize_grads(False)
+
+    def _qk_norm_rope_backward(ctx, grad_out: Optional[Tensor], grad_rstd: Optional[Tensor]):
+        x, rstd, cos, sin, gain = ctx.saved_tensors
+        if grad_rstd is not None:
+            raise NotImplementedError("pgolf::qk_norm_rope: gradients through the rstd output are not supported")
+        if grad_out is None:
+            return None, None, None, None, None
+        dx, dgain = torch.ops.pgolf.qk_norm_rope_backward(grad_out, x, rstd, cos, sin, gain)
+        return dx, None, None, (dgain if gain is not None else None), None
+
+    _qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
+
+
+def qk_norm_rope_fusable(x: Tensor, cos: Tensor) -> bool:
+    """The kernel's shape contract: power-of-two head dim and head count, rotated pairs inside the head, a
+    half-width that is a power of two, floating activations of at most 4 bytes."""
+    T, H, D = x.shape
+    half = cos.shape[-1]
+    def pow2(n: int) -> bool:
+        return n >= 1 and n & (n - 1) == 0
+    return (pow2(D) and pow2(H) and pow2(half) and 2 * half <= D and x.dtype in (torch.bfloat16, torch.float16,
+            torch.float32) and cos.shape[0] == T)
+
+
+def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
+    """:func:`qk_norm_rope_reference` (x [T, H, D], cos/sin [T, 1, r/2], gain [H] or None -> [T, H, D] in x's
+    dtype), as one Triton kernel forward and backward where it can run, the reference elsewhere. The tables and
+    the gain are cast to x's dtype first, as the reference does; the norm's eps is the reference's (float32's)."""
+    if not (use_triton(x) and qk_norm_rope_fusable(x, cos)):
+        return qk_norm_rope_reference(x, cos, sin, gain)
+    T, half = x.shape[0], cos.shape[-1]
+    cos2, sin2 = cos.to(x.dtype).reshape(T, half), sin.to(x.dtype).reshape(T, half)
+    gain = None if gain is None else gain.to(x.dtype)
+    out, _ = torch.ops.pgolf.qk_norm_rope(x, cos2, sin2, gain, float(torch.finfo(torch.float32).eps))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- XSA + gate
+
+
+def xsa_gate_reference(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) -> Tensor:
+    """The model's unfused path (``Attention.forward``): y [T, H, D], v [T, Hkv, D] or None, z [T, H] or None."""
+    from pgolf.model.gpt import exclusive_self_attention  # (pgolf.model.gpt imports nothing of this module)
+
+    if v is not None:
+        y = exclusive_self_attention(y, v)
+    if z is not None:
+        y = y * torch.sigmoid(scale * z).to(y.dtype)[:, :, None]
+    return y
+
+
+XSA_EPS = 1e-12  # F.normalize's
+
+
+if TRITON_AVAILABLE:
+
+    @custom_op("pgolf::xsa_gate", mutates_args=())
+    def _xsa_gate_op(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) -> Tensor:
+        """out [T, H, D] in y's dtype."""
+        check_triton_device(y, "pgolf::xsa_gate")
+        out = torch.empty_like(y, memory_format=torch.contiguous_format)
+        _qt.launch_xsa_gate_fwd(y.contiguous(), None if v is None else v.contiguous(),
+                                None if z is None else z.contiguous(), out, scale, XSA_EPS)
+        return out
+
+    @_xsa_gate_op.register_fake
+    def _xsa_gate_fake(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) -> Tensor:
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    @custom_op("pgolf::xsa_gate_backward", mutates_args=())
+    def _xsa_gate_backward_op(go: Tensor, y: Tensor, v: Optional[Tensor], z: Optional[Tensor],
+                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(dy, dv, dz) in the dtypes of y, v, z ([0] for an input that is None)."""
+        check_triton_device(y, "pgolf::xsa_gate_backward")
+        dy = torch.empty_like(y, memory_format=torch.contiguous_format)
+        dv = y.new_empty((0,)) if v is None else torch.empty_like(v, memory_format=torch.contiguous_format)
+        dz = y.new_empty((0,)) if z is None else torch.empty_like(z, memory_format=torch.contiguous_format)
+        _qt.launch_xsa_gate_bwd(go.to(y.dtype).contiguous(), y.contiguous(), None if v is None else v.contiguous(),
+                                None if z is None else z.contiguous(), dy, None if v is None else dv,
+                                None if z is None else dz, scale, XSA_EPS)
+        return dy, dv, dz
+
+    @_xsa_gate_backward_op.register_fake
+    def _xsa_gate_backward_fake(go: Tensor, y: Tensor, v: Optional[Tensor], z: Optional[Tensor],
+                                scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        def like(t: Optional[Tensor]) -> Tensor:
+            return y.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+        return like(y), like(v), like(z)
+
+    def _xsa_gate_setup(ctx, inputs, output) -> None:
+        y, v, z, scale = inputs
+        ctx.save_for_backward(y, v, z)
+        ctx.scale = scale
+
+    def _xsa_gate_backward(ctx, grad_out: Tensor):
+        y, v, z = ctx.saved_tensors
+        dy, dv, dz = torch.ops.pgolf.xsa_gate_backward(grad_out, y, v, z, ctx.scale)
+        return dy, (None if v is None else dv), (None if z is None else dz), None
+
+    _xsa_gate_op.register_autograd(_xsa_gate_backward, setup_context=_xsa_gate_setup)
+
+
+def xsa_gate_fusable(y: Tensor, v: Optional[Tensor]) -> bool:
+    """The kernel's shape contract: power-of-two head dim and query heads per kv head, floating activations of
+    at most 4 bytes, y and v of one dtype."""
+    T, H, D = y.shape
+    group = H // v.shape[1] if v is not None else 1
+    def pow2(n: int) -> bool:
+        return n >= 1 and n & (n - 1) == 0
+    return (pow2(D) and pow2(group) and (v is None or (H % v.shape[1] == 0 and v.dtype == y.dtype))
+            and y.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def xsa_gate(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) -> Tensor:
+    """:func:`xsa_gate_reference` as one Triton kernel forward and backward where it can run (the result in y's
+    dtype), the reference elsewhere."""
+    if not (use_triton(y) and xsa_gate_fusable(y, v)):
+        return xsa_gate_reference(y, v, z, scale)
+    return torch.ops.pgolf.xsa_gate(y, v, None if z is None else z.to(y.dtype), float(scale))
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False) -> None:
+    """Make every attention of ``model`` (a GPT) compute its q/k norm, RoPE and q gain with :func:`qk_norm_rope`
+    and its XSA and output gate with :func:`xsa_gate` (each when on), or with its own unfused code again;
+    runtime state, like ``GPT.use_fused_kernels``."""
+    for block in model.blocks:
+        block.attn.qk_kernel = qk_norm_rope if qk_norm_rope_on else None
+        block.attn.xsa_gate_kernel = xsa_gate if xsa_gate_on else None
+
+
+def used_in_model(model) -> dict[str, bool]:
+    """Which of the two kernels ``model``'s attentions use: {"qk_norm_rope": .., "xsa_gate": ..}."""
+    attns = [block.attn for block in model.blocks]
+    return {"qk_norm_rope": any(a.qk_kernel is not None for a in attns),
+            "xsa_gate": any(a.xsa_gate_kernel is not None for a in attns)}

@@ -1,0 +1,233 @@
+"""The Triton kernels behind ``pgolf.model.attn_kernels`` (imported only when triton imports; no torch.library code).
+
+Two elementwise stretches of an attention, each in one pass forward and one backward (each section below says
+its arithmetic): the q/k RMSNorm + partial RoPE (+ the per-head q gain) between the projections and the
+attention kernel, and XSA + the output gate between the attention kernel and the output projection. Everything
+is computed in fp32 and rounded once, when stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------------------------------------------------
+# q/k RMSNorm + partial RoPE (+ the per-head q gain)
+# --------------------------------------------------------------------------------------------------------------
+# Rows are the heads of the tokens: x [R = T * H, D] (the q or k projection's output, viewed per head). Per row:
+#   n = x * rstd,  rstd = 1 / sqrt(mean(x^2) + eps)
+#   r_d = n_d c_j + n_{d+half} s_j (d < half),  n_d c_j - n_{d-half} s_j (half <= d < 2 half),  n_d (the rest)
+#   out = r * gain[head]
+# with j = d mod half and c, s the row's token's cos / sin. Each dim's rotation partner is loaded by a second
+# (gathered) load of the same row, so the row is read once from memory. Backward, with g = d loss / d out:
+#   d gain[h] = sum over the head's rows and dims of g * r            (per-program partial sums, no atomics)
+#   gn_d = gain * (g_d c_j - sign_d g_partner s_j),  sign = +1 below half, -1 in [half, 2 half), s = 0 beyond
+#   dx = rstd * (gn - n * mean(gn * n))
+
+
+@triton.jit
+def _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H: tl.constexpr, HALF: tl.constexpr):
+    """c, s [R, D] (1 and 0 beyond the rotated dims), the partner dim of each dim and the rotation's sign."""
+    rotated = d < 2 * HALF
+    j = tl.where(d < HALF, d, d - HALF)
+    t = rows // H
+    m = rmask[:, None] & rotated[None, :]
+    c = tl.load(cos_ptr + t[:, None] * HALF + j[None, :], mask=m, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + t[:, None] * HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
+    partner = tl.where(d < HALF, d + HALF, tl.where(rotated, d - HALF, d))
+    sign = tl.where(d < HALF, 1.0, -1.0)
+    return c, s, partner, sign
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps,
+                             H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+    rmask = rows < n_rows
+    d = tl.arange(0, D)  # [D]
+    c, s, partner, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H, HALF)
+    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)  # [R, D]
+    xp = tl.load(x_ptr + rows[:, None] * D + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [R]
+    r = (x * c + sign[None, :] * xp * s) * rstd[:, None]
+    if HAS_GAIN:
+        r = r * tl.load(gain_ptr + rows % H, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], r.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, n_rows,
+                             H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]; BLOCK_R is a multiple of H, so row i is head i % H
+    rmask = rows < n_rows
+    d = tl.arange(0, D)
+    c, s, partner, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H, HALF)
+    at = rows[:, None] * D + d[None, :]
+    at_partner = rows[:, None] * D + partner[None, :]
+    g = tl.load(g_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)  # [R, D]
+    gp = tl.load(g_ptr + at_partner, mask=rmask[:, None], other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)  # [R]
+    n = tl.load(x_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32) * rstd[:, None]
+    gn = g * c - sign[None, :] * gp * s
+    if HAS_GAIN:
+        np_ = tl.load(x_ptr + at_partner, mask=rmask[:, None], other=0.0).to(tl.float32) * rstd[:, None]
+        r = n * c + sign[None, :] * np_ * s
+        per_row = tl.sum(g * r, axis=1)  # [R]
+        tl.store(dgain_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(per_row, (BLOCK_R // H, H)), axis=0))
+        gn = gn * tl.load(gain_ptr + rows % H, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    dx = rstd[:, None] * (gn - n * (tl.sum(gn * n, axis=1) / D)[:, None])
+    tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def _qk_block_rows(num_heads: int, device: torch.device) -> int:
+    """Rows (token heads) per program: a multiple of the head count (the gain's partial sums assume it)."""
+    return max(64 if device.type == "cuda" else 16, num_heads)
+
+
+def qk_norm_rope_programs(num_rows: int, num_heads: int, device: torch.device) -> int:
+    """How many programs the launches use for ``num_rows`` rows: the partial-sum buffer's length."""
+    return triton.cdiv(num_rows, _qk_block_rows(num_heads, device))
+
+
+def launch_qk_norm_rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor | None,
+                            out: torch.Tensor, rstd: torch.Tensor, eps: float) -> None:
+    """x, out [T, H, D] contiguous; cos, sin [T, half] contiguous; gain [H] or None; rstd [T * H] fp32 (out)."""
+    T, H, D = x.shape
+    if T == 0:
+        return
+    block = _qk_block_rows(H, x.device)
+    _qk_norm_rope_fwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
+        x, cos, sin, gain if gain is not None else x, out, rstd, T * H, float(eps),
+        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, BLOCK_R=block, num_warps=4)
+
+
+def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, gain: torch.Tensor | None, dx: torch.Tensor,
+                            dgain_partial: torch.Tensor | None) -> None:
+    """g, x, dx [T, H, D] contiguous; dgain_partial [programs, H] fp32 (out; None without a gain)."""
+    T, H, D = x.shape
+    if T == 0:
+        return
+    block = _qk_block_rows(H, x.device)
+    _qk_norm_rope_bwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
+        g, x, rstd, cos, sin, gain if gain is not None else x, dx,
+        dgain_partial if dgain_partial is not None else rstd, T * H,
+        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, BLOCK_R=block, num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# XSA (the component of each head's output along its own token's unit value vector removed) and the output gate
+# --------------------------------------------------------------------------------------------------------------
+# Rows are the (token, kv head) pairs: y [R = T * Hkv, G, D] (the G query heads that share the kv head), v [R, D],
+# z [R, G] (the gate's pre-activation). Per row, in fp32:
+#   vh = v / max(|v|, eps),  p = y . vh  [G],  a = y - p vh  (XSA; a = y without it)
+#   g = sigmoid(scale * z)  [G],  out = a * g  (out = a without the gate)
+# Backward, with go = d loss / d out:
+#   dz = scale * g (1 - g) * (go . a),  da = go * g
+#   dy = da - (da . vh) vh,  dvh = -sum over G of ((da . vh) y + p da)
+#   dv = (dvh - vh (vh . dvh)) / |v| where |v| >= eps, else dvh / eps   (F.normalize's clamp)
+
+
+@triton.jit
+def _xsa_gate_load(y_ptr, v_ptr, z_ptr, rows, rmask, scale, eps, G: tl.constexpr, D: tl.constexpr,
+                   HAS_XSA: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y [R, G, D], v and vh [R, D], |v| [R], p [R, G], a [R, G, D], g [R, G] (fp32) of the rows."""
+    gi = tl.arange(0, G)
+    d = tl.arange(0, D)
+    m3 = rmask[:, None, None]
+    y = tl.load(y_ptr + (rows[:, None, None] * G + gi[None, :, None]) * D + d[None, None, :], mask=m3,
+                other=0.0).to(tl.float32)
+    a = y
+    v = tl.zeros((BLOCK_R, D), tl.float32)
+    vh = v
+    norm = tl.zeros((BLOCK_R,), tl.float32)
+    p = tl.zeros((BLOCK_R, G), tl.float32)
+    if HAS_XSA:
+        v = tl.load(v_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        norm = tl.sqrt(tl.sum(v * v, axis=1))
+        vh = v / tl.maximum(norm, eps)[:, None]
+        p = tl.sum(y * vh[:, None, :], axis=2)
+        a = y - p[:, :, None] * vh[:, None, :]
+    g = tl.full((BLOCK_R, G), 1.0, tl.float32)
+    if HAS_GATE:
+        z = tl.load(z_ptr + rows[:, None] * G + gi[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        g = tl.sigmoid(scale * z)
+    return y, vh, norm, p, a, g
+
+
+@triton.jit
+def _xsa_gate_fwd_kernel(y_ptr, v_ptr, z_ptr, out_ptr, n_rows, scale, eps, G: tl.constexpr, D: tl.constexpr,
+                         HAS_XSA: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    _, _, _, _, a, g = _xsa_gate_load(y_ptr, v_ptr, z_ptr, rows, rmask, scale, eps, G, D, HAS_XSA, HAS_GATE, BLOCK_R)
+    out = a * g[:, :, None]
+    at = (rows[:, None, None] * G + tl.arange(0, G)[None, :, None]) * D + tl.arange(0, D)[None, None, :]
+    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None, None])
+
+
+@triton.jit
+def _xsa_gate_bwd_kernel(go_ptr, y_ptr, v_ptr, z_ptr, dy_ptr, dv_ptr, dz_ptr, n_rows, scale, eps,
+                         G: tl.constexpr, D: tl.constexpr, HAS_XSA: tl.constexpr, HAS_GATE: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    y, vh, norm, p, a, g = _xsa_gate_load(y_ptr, v_ptr, z_ptr, rows, rmask, scale, eps, G, D, HAS_XSA, HAS_GATE, BLOCK_R)
+    gi = tl.arange(0, G)
+    d = tl.arange(0, D)
+    at = (rows[:, None, None] * G + gi[None, :, None]) * D + d[None, None, :]
+    go = tl.load(go_ptr + at, mask=rmask[:, None, None], other=0.0).to(tl.float32)  # [R, G, D]
+    da = go
+    if HAS_GATE:
+        dz = scale * g * (1.0 - g) * tl.sum(go * a, axis=2)  # [R, G]
+        tl.store(dz_ptr + rows[:, None] * G + gi[None, :], dz.to(dz_ptr.dtype.element_ty), mask=rmask[:, None])
+        da = go * g[:, :, None]
+    dy = da
+    if HAS_XSA:
+        q = tl.sum(da * vh[:, None, :], axis=2)  # [R, G]
+        dy = da - q[:, :, None] * vh[:, None, :]
+        dvh = -tl.sum(q[:, :, None] * y + p[:, :, None] * da, axis=1)  # [R, D]
+        n = tl.maximum(norm, eps)
+        radial = tl.where(norm >= eps, tl.sum(vh * dvh, axis=1), 0.0)
+        dv = (dvh - vh * radial[:, None]) / n[:, None]
+        tl.store(dv_ptr + rows[:, None] * D + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(dy_ptr + at, dy.to(dy_ptr.dtype.element_ty), mask=rmask[:, None, None])
+
+
+def xsa_gate_rows(num_kv_heads: int, group: int, device: torch.device) -> int:
+    """(token, kv head) rows per program: 16 (4 query heads of 64 dims each: 4,096 elements) on CUDA."""
+    return 16 if device.type == "cuda" else 4
+
+
+def launch_xsa_gate_fwd(y: torch.Tensor, v: torch.Tensor | None, z: torch.Tensor | None, out: torch.Tensor,
+                        scale: float, eps: float) -> None:
+    """y, out [T, H, D] contiguous; v [T, Hkv, D] contiguous or None (no XSA); z [T, H] contiguous or None."""
+    T, H, D = y.shape
+    hkv = v.shape[1] if v is not None else H
+    if T == 0:
+        return
+    block = xsa_gate_rows(hkv, H // hkv, y.device)
+    _xsa_gate_fwd_kernel[(triton.cdiv(T * hkv, block),)](
+        y, v if v is not None else y, z if z is not None else y, out, T * hkv, float(scale), float(eps),
+        G=H // hkv, D=D, HAS_XSA=v is not None, HAS_GATE=z is not None, BLOCK_R=block, num_warps=4)
+
+
+def launch_xsa_gate_bwd(go: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None, z: torch.Tensor | None,
+                        dy: torch.Tensor, dv: torch.Tensor | None, dz: torch.Tensor | None, scale: float,
+                        eps: float) -> None:
+    """go, y, dy [T, H, D]; v, dv [T, Hkv, D] or None; z, dz [T, H] or None; all contiguous."""
+    T, H, D = y.shape
+    hkv = v.shape[1] if v is not None else H
+    if T == 0:
+        return
+    block = xsa_gate_rows(hkv, H // hkv, y.device)
+    _xsa_gate_bwd_kernel[(triton.cdiv(T * hkv, block),)](
+        go, y, v if v is not None else y, z if z is not None else y, dy, dv if dv is not None else dy,
+        dz if dz is not None else dy, T * hkv, float(scale), float(eps),
+        G=H // hkv, D=D, HAS_XSA=v is not None, HAS_GATE=z is not None, BLOCK_R=block, num_warps=4)
