@@ -472,6 +472,30 @@ def case_model_fused_matches_reference() -> None:
         _close(results[True][1][name], g, f"grad {name}", rtol=1e-4, atol=1e-6)
 
 
+def case_model_attention_kernels_compile() -> None:
+    """The model with both attention kernels attached, under torch.compile(fullgraph=True): no graph break (the
+    kernels are module attributes the compiled forward calls), the eager loss."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = _tiny_model()
+    model.looping = True
+    attn_kernels.use_in_model(model, True, True)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, 300, (24,), generator=gen)
+    ids[0] = ids[13] = 1
+    targets = torch.randint(2, 300, (24,), generator=gen)
+    breaks_before = sum(counters["graph_break"].values())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, targets)
+    compiled.backward()
+    if sum(counters["graph_break"].values()) != breaks_before:
+        raise AssertionError(f"graph breaks: {dict(counters['graph_break'])}")
+    if attn_kernels.used_in_model(model) != {"qk_norm_rope": True, "xsa_gate": True}:
+        raise AssertionError(f"kernels in use: {attn_kernels.used_in_model(model)}")
+    _close(compiled.detach(), model(ids, targets).detach(), "compiled loss with the attention kernels")
+
+
 def case_compile_fullgraph() -> None:
     """The custom ops inside torch.compile(fullgraph=True): no graph break, same values and grads as eager."""
     import torch._dynamo

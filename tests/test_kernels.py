@@ -755,6 +755,7 @@ INTERPRET_CASES = [
     "xsa_gate_tiny_value_vectors",
     "xsa_gate_opcheck",
     "model_fused_matches_reference",
+    "model_attention_kernels_compile",
     "compile_fullgraph",
 ]
 
