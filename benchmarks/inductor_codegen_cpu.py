@@ -210,8 +210,8 @@ def use_gpu_ops_on_cpu() -> None:
     torch.library.register_kernel("pgolf_fa4::fwd", "cpu", fa4_fwd)
     torch.library.register_kernel("pgolf_fa4::bwd", "cpu", fa4_bwd)
     attention._FA4 = flash4.attend
-    kernels._check_device = lambda t, op: None
-    kernels._use_triton = lambda t: True
+    kernels.check_triton_device = lambda t, op: None
+    kernels.use_triton = lambda t: True
 
     def mlp_up(x, w, pre, post, slope):
         p = x @ w.t().to(x.dtype)
@@ -230,6 +230,17 @@ def use_gpu_ops_on_cpu() -> None:
         dz.zero_()
 
     tk.launch_mlp_up_act, tk.launch_mlp_act_grad = mlp_up, mlp_grad
+    # the attention kernels (pgolf.model.attn_kernels), opaque like the others: stand-ins that fill their outputs
+    from pgolf.model import attn_kernels, attn_triton
+
+    attn_kernels.check_triton_device = lambda t, op: None
+    attn_kernels.use_triton = lambda t: True
+    attn_triton.launch_qk_norm_rope_fwd = lambda x, cos, sin, gain, out, rstd, eps: (out.copy_(x), rstd.fill_(1.0))
+    attn_triton.launch_qk_norm_rope_bwd = lambda g, x, rstd, cos, sin, gain, dx, partial: (
+        dx.copy_(g), partial is not None and partial.zero_())
+    attn_triton.launch_xsa_gate_fwd = lambda y, v, z, out, scale, eps: out.copy_(y)
+    attn_triton.launch_xsa_gate_bwd = lambda go, y, v, z, dy, dv, dz, scale, eps: (
+        dy.copy_(go), dv is not None and dv.zero_(), dz is not None and dz.zero_())
     tk.launch_softcap_ce_fwd, tk.launch_softcap_ce_bwd = ce_fwd, ce_bwd
     for op in ("pgolf::mlp_up_act", "pgolf::mlp_fused"):
         try:
@@ -261,6 +272,10 @@ def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int
     run = load_run_config(config)
     model = GPT(run.model, train_seq_len=run.train.train_seq_len)
     model.use_fused_kernels = True
+    if run.train.fused_qk_norm_rope or run.train.fused_xsa_gate:  # as the training stage attaches them on CUDA
+        from pgolf.model import attn_kernels
+
+        attn_kernels.use_in_model(model, run.train.fused_qk_norm_rope, run.train.fused_xsa_gate)
     model.attn_backend = "fa4"
     model.looping = looping
     embedding = [name for name, _ in param_groups(model).get("embedding", ())]

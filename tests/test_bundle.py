@@ -184,14 +184,12 @@ def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     bundle = record_shipped_form
     # the shipped form also drops the modules that its folded switches no longer import (pgolf.artifact.shrink;
     # pgolf.train.resume: train.resume_every_steps is 0, tests/test_shrink.py; pgolf.model.idle_gaps: only the
-    # benchmark's profiler reads it; pgolf.model.attn_kernels and its Triton module: train.fused_qk_norm_rope and
-    # train.fused_xsa_gate are off)
+    # benchmark's profiler reads it)
     # and it embeds one generated pgolf.config module in place of the config package (pgolf.artifact.config_module)
     assert {m.name for m in bundle.modules} == set(pruned) - {"pgolf.evaluate.chunked_ttt", "pgolf.train.prequant_ttt",
                                                               "pgolf.train.resume", "pgolf.config.strict",
                                                               "pgolf.config.training", "pgolf.config.post_training",
-                                                              "pgolf.model.idle_gaps", "pgolf.model.attn_kernels",
-                                                              "pgolf.model.attn_triton"}
+                                                              "pgolf.model.idle_gaps"}
     assert [m.is_package for m in bundle.modules if m.name == "pgolf.config"] == [False]
     assert set(bundle.left_out) >= set(left_out_modules(record)) | {"pgolf.evaluate.chunked_ttt"}
     assert "its recipe does not use it" in bundle.text
@@ -199,14 +197,53 @@ def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
 
 
 def test_attention_kernels_are_shipped_only_by_a_recipe_that_turns_one_on(record_shipped_form) -> None:
-    """train.fused_qk_norm_rope / fused_xsa_gate are folded: both off, nothing imports pgolf.model.attn_kernels and
-    the file has none of it."""
+    """train.fused_qk_norm_rope / fused_xsa_gate are folded: the record recipe turns both on and ships them; with
+    both off nothing imports pgolf.model.attn_kernels and the file has none of it."""
     record = load_run_config(REPO_ROOT / "config.yaml")
-    assert record.train.fused_qk_norm_rope is False and record.train.fused_xsa_gate is False
-    assert "attn_triton" not in record_shipped_form.text and "attn_kernels" not in record_shipped_form.text
-    on = dataclasses.replace(record, train=dataclasses.replace(record.train, fused_xsa_gate=True))
-    shipped = {m.name for m in build_bundle(on, minify=True).modules}
-    assert {"pgolf.model.attn_kernels", "pgolf.model.attn_triton"} <= shipped
+    assert record.train.fused_qk_norm_rope and record.train.fused_xsa_gate
+    assert {"pgolf.model.attn_kernels", "pgolf.model.attn_triton"} <= {m.name for m in record_shipped_form.modules}
+    off = dataclasses.replace(record, train=dataclasses.replace(record.train, fused_qk_norm_rope=False,
+                                                                fused_xsa_gate=False))
+    text = build_bundle(off, minify=True).text
+    assert "attn_triton" not in text and "attn_kernels" not in text
+
+
+SHIPPED_KERNEL_CHECK = """
+import runpy, sys, torch
+runpy.run_path(sys.argv[1], run_name="shipped")  # installs the bundle's importer; pgolf is the bundled one now
+import pgolf
+import pgolf.model.attn_kernels as ak
+assert pgolf.__bundle__ and ak.use_triton(torch.zeros(1)), "not the shipped modules under the interpreter"
+gen = torch.Generator().manual_seed(0)
+x, g = torch.randn(13, 8, 64, generator=gen), torch.randn(13, 8, 64, generator=gen)
+angles = torch.arange(13.0)[:, None] * 10000.0 ** (-torch.arange(0, 16, 2) / 16.0)[None, :]  # [T, 8]
+cos, sin = angles.cos(), angles.sin()
+gain = torch.rand(8, generator=gen) + 0.5
+v, z = torch.randn(13, 4, 64, generator=gen), torch.randn(13, 8, generator=gen)
+cases = ((ak.qk_norm_rope, ak.qk_norm_rope_reference, lambda x, gain: (x, cos[:, None], sin[:, None], gain), (x, gain)),
+         (ak.xsa_gate, ak.xsa_gate_reference, lambda y, v, z: (y, v, z, 0.5), (x, v, z)))
+for fn, ref, arguments, inputs in cases:
+    outs = []
+    for f in (fn, ref):
+        leaves = [a.clone().requires_grad_(True) for a in inputs]
+        out = f(*arguments(*leaves))
+        outs.append([out] + list(torch.autograd.grad(out, leaves, g)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+print("shipped kernels ok")
+"""
+
+
+def test_shipped_attention_kernels_match_their_references_under_the_interpreter(record_shipped_form, tmp_path) -> None:
+    """The record bundle's own (shrunk, renamed) attention kernels run under Triton's interpreter and give their
+    references' outputs and gradients: the shipped form of the Triton code is the code that was tested."""
+    pytest.importorskip("triton")
+    script = tmp_path / "train_gpt.py"
+    script.write_text(record_shipped_form.text)
+    env = {**isolated_env(), "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", SHIPPED_KERNEL_CHECK, str(script)], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0 and "shipped kernels ok" in result.stdout, result.stderr[-3000:]
 
 
 def test_flash_attention_4_ops_are_left_out_unless_the_recipe_may_use_them() -> None:

@@ -339,10 +339,10 @@ class TrainConfig:
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
     # Two elementwise stretches of every attention as one Triton kernel each, forward and backward
     # (pgolf.model.attn_kernels): the q/k RMSNorm + partial RoPE + q gain, and XSA + the output gate. The same
-    # function (float32 inside, rounded once); off by default until a GPU has timed them against inductor's
-    # kernels (docs/benchmarks.md).
-    fused_qk_norm_rope: bool = False
-    fused_xsa_gate: bool = False
+    # function (float32 inside, rounded once). One H100, FA4, record recipe: 729.9 -> 692.6 ms/step looping off,
+    # 1,089.0 -> 1,033.7 on, 2-3 GiB less peak memory (docs/benchmarks.md); `pytest -m gpu` passed with them.
+    fused_qk_norm_rope: bool = True
+    fused_xsa_gate: bool = True
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
     # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).
