@@ -294,35 +294,59 @@ def _xsa_case(dtype: torch.dtype, T: int, H: int, Hkv: int, D: int, with_xsa: bo
 
 
 def case_xsa_gate_fp32() -> None:
-    """The record's shapes (8 query heads on 4 kv heads of 64 dims), an odd token count (the masked last
-    program), XSA and the gate each on its own, and a 4-heads-per-kv-head group."""
+    """The record's shapes (8 query heads on 4 kv heads of 64 dims), a row count that leaves the last program
+    partly masked (the interpreter's programs take 4 rows), XSA and the gate each on its own, and a 4-heads-per-kv-
+    head group."""
     for xsa, gate in ((True, True), (True, False), (False, True)):
-        _xsa_case(torch.float32, 13, 8, 4, 64, xsa, gate)
+        _xsa_case(torch.float32, 13, 8, 4, 64, xsa, gate)  # 52 (token, kv head) rows: whole programs of 4
+        _xsa_case(torch.float32, 7, 8, 2, 16, xsa, gate)  # 14 rows: a masked last program
     _xsa_case(torch.float32, 6, 8, 2, 16, True, True)
 
 
 def case_xsa_gate_bf16() -> None:
     _xsa_case(torch.bfloat16, 11, 8, 4, 64, True, True)
+    _xsa_case(torch.bfloat16, 11, 8, 1, 64, True, True)  # 11 rows: a masked last program
 
 
 def case_xsa_gate_tiny_value_vectors() -> None:
     """Value vectors of norm below F.normalize's eps (1e-12): its clamp divides by eps instead, and the gradient
     has no radial part; a zero vector gives a zero unit vector."""
     gen = torch.Generator().manual_seed(2)
-    y = torch.randn(4, 2, 8, generator=gen)
-    v = torch.randn(4, 1, 8, generator=gen)
+    y = torch.randn(5, 2, 8, generator=gen)  # 5 rows: a masked last program
+    v = torch.randn(5, 1, 8, generator=gen)
     v[1] = 0.0
     v[2] *= 1e-14
     leaves = [y.clone().requires_grad_(True), v.clone().requires_grad_(True)]
     ref_leaves = [t.double().requires_grad_(True) for t in (y, v)]
     out = attn_kernels.xsa_gate(*leaves, None, 1.0)
     ref = attn_kernels.xsa_gate_reference(*ref_leaves, None, 1.0)
-    grad = torch.randn(4, 2, 8, generator=gen)
+    grad = torch.randn(5, 2, 8, generator=gen)
     got = torch.autograd.grad(out, leaves, grad)
     want = torch.autograd.grad(ref, ref_leaves, grad.double())
     _close(out.double(), ref.detach(), "tiny v: out")
     for name, g, t in zip(("dy", "dv"), got, want):
         _close(g.double(), t, f"tiny v: {name}", rtol=1e-5, atol=1e-5 * t.abs().max().item())
+
+
+def case_attention_kernels_edges() -> None:
+    """Tables that need a gradient take the reference (the kernel gives them none), and a layer with neither XSA
+    nor a gate never calls the XSA + gate kernel."""
+    x, cos, sin, gain, grad = _qk_inputs(9, 4, 16, 4, torch.float32, seed=3)
+    cos = cos.clone().requires_grad_(True)
+    attn_kernels.qk_norm_rope(x, cos, sin, gain).backward(grad)
+    if cos.grad is None:
+        raise AssertionError("rope tables that require grad got none")
+    cfg = ModelConfig(vocab_size=300, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8,
+                      xsa_last_n=1, attn_gate="none", loop_start=1, loop_end=1, loop_count=2,
+                      parallel_residual_start=2)
+    model = GPT(cfg, train_seq_len=16)
+    attn_kernels.use_in_model(model, True, True)
+    calls = []
+    for block in model.blocks:
+        block.attn.xsa_gate_kernel = lambda *a, _f=block.attn.xsa_gate_kernel: calls.append(1) or _f(*a)
+    model(torch.randint(2, 300, (12,)), torch.randint(2, 300, (12,)))
+    if len(calls) != 1:
+        raise AssertionError(f"the XSA + gate kernel ran {len(calls)} times; one layer has XSA, none a gate")
 
 
 def case_xsa_gate_opcheck() -> None:

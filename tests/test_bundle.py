@@ -219,7 +219,7 @@ x, g = torch.randn(13, 8, 64, generator=gen), torch.randn(13, 8, 64, generator=g
 angles = torch.arange(13.0)[:, None] * 10000.0 ** (-torch.arange(0, 16, 2) / 16.0)[None, :]  # [T, 8]
 cos, sin = angles.cos(), angles.sin()
 gain = torch.rand(8, generator=gen) + 0.5
-v, z = torch.randn(13, 4, 64, generator=gen), torch.randn(13, 8, generator=gen)
+v, z = torch.randn(13, 2, 64, generator=gen), torch.randn(13, 8, generator=gen)  # 26 rows: a masked last program
 cases = ((ak.qk_norm_rope, ak.qk_norm_rope_reference, lambda x, gain: (x, cos[:, None], sin[:, None], gain), (x, gain)),
          (ak.xsa_gate, ak.xsa_gate_reference, lambda y, v, z: (y, v, z, 0.5), (x, v, z)))
 for fn, ref, arguments, inputs in cases:

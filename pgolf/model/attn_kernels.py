@@ -102,22 +102,23 @@ if TRITON_AVAILABLE:
     _qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
 
 
-def qk_norm_rope_fusable(x: Tensor, cos: Tensor) -> bool:
+def qk_norm_rope_fusable(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     """The kernel's shape contract: power-of-two head dim and head count, rotated pairs inside the head, a
-    half-width that is a power of two, floating activations of at most 4 bytes."""
+    half-width that is a power of two, floating activations of at most 4 bytes; and tables that need no gradient
+    (the kernel gives them none: the model's are buffers)."""
     T, H, D = x.shape
     half = cos.shape[-1]
     def pow2(n: int) -> bool:
         return n >= 1 and n & (n - 1) == 0
     return (pow2(D) and pow2(H) and pow2(half) and 2 * half <= D and x.dtype in (torch.bfloat16, torch.float16,
-            torch.float32) and cos.shape[0] == T)
+            torch.float32) and cos.shape[0] == T and not (cos.requires_grad or sin.requires_grad))
 
 
 def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
     """:func:`qk_norm_rope_reference` (x [T, H, D], cos/sin [T, 1, r/2], gain [H] or None -> [T, H, D] in x's
     dtype), as one Triton kernel forward and backward where it can run, the reference elsewhere. The tables and
     the gain are cast to x's dtype first, as the reference does; the norm's eps is the reference's (float32's)."""
-    if not (use_triton(x) and qk_norm_rope_fusable(x, cos)):
+    if not (use_triton(x) and qk_norm_rope_fusable(x, cos, sin)):
         return qk_norm_rope_reference(x, cos, sin, gain)
     T, half = x.shape[0], cos.shape[-1]
     cos2, sin2 = cos.to(x.dtype).reshape(T, half), sin.to(x.dtype).reshape(T, half)

@@ -228,8 +228,8 @@ class Attention(nn.Module):
                 q = q * self.q_gain.to(q.dtype)[None, :, None]
         q, k = q.to(v.dtype), k.to(v.dtype)
         y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend)  # [T, H, D]
-        if self.xsa_gate_kernel is not None:  # one kernel for both (z: the gate's pre-activation [T, H])
-            z = self.gate(x[:, : self.gate_window]) if self.gate is not None else None
+        if self.xsa_gate_kernel is not None and (self.use_xsa or self.gate is not None):  # one kernel for both
+            z = self.gate(x[:, : self.gate_window]) if self.gate is not None else None  # [T, H] pre-activation
             y = self.xsa_gate_kernel(y, v if self.use_xsa else None, z, self.gate_scale)
             return self.o(y.reshape(T, self.num_heads * self.head_dim))
         if self.use_xsa:

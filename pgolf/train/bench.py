@@ -389,7 +389,8 @@ def bench_train(
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
         "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
-        "attention_kernels": attn_kernels.used_in_model(model),
+        "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
+        "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
