@@ -200,34 +200,33 @@ def _xsa_gate_bwd_kernel(go_ptr, y_ptr, v_ptr, z_ptr, dy_ptr, dv_ptr, dz_ptr, n_
     tl.store(dy_ptr + at, dy.to(dy_ptr.dtype.element_ty), mask=rmask[:, None, None])
 
 
-def xsa_gate_rows(num_kv_heads: int, group: int, device: torch.device) -> int:
-    """(token, kv head) rows per program: 16 (4 query heads of 64 dims each: 4,096 elements) on CUDA."""
-    return 16 if device.type == "cuda" else 4
+def _xsa_gate_launch(y: torch.Tensor, v: torch.Tensor | None, z: torch.Tensor | None, device: torch.device):
+    """(grid, rows, compile-time arguments) of either XSA + gate kernel: rows are (token, kv head) pairs, 16 per
+    program on CUDA (4 query heads of 64 dims: 4,096 elements), 4 in the interpreter."""
+    T, H, D = y.shape
+    hkv = v.shape[1] if v is not None else H
+    block = 16 if device.type == "cuda" else 4
+    meta = dict(G=H // hkv, D=D, HAS_XSA=v is not None, HAS_GATE=z is not None, BLOCK_R=block, num_warps=4)
+    return (triton.cdiv(T * hkv, block),), T * hkv, meta
 
 
 def launch_xsa_gate_fwd(y: torch.Tensor, v: torch.Tensor | None, z: torch.Tensor | None, out: torch.Tensor,
                         scale: float, eps: float) -> None:
     """y, out [T, H, D] contiguous; v [T, Hkv, D] contiguous or None (no XSA); z [T, H] contiguous or None."""
-    T, H, D = y.shape
-    hkv = v.shape[1] if v is not None else H
-    if T == 0:
+    if y.shape[0] == 0:
         return
-    block = xsa_gate_rows(hkv, H // hkv, y.device)
-    _xsa_gate_fwd_kernel[(triton.cdiv(T * hkv, block),)](
-        y, v if v is not None else y, z if z is not None else y, out, T * hkv, float(scale), float(eps),
-        G=H // hkv, D=D, HAS_XSA=v is not None, HAS_GATE=z is not None, BLOCK_R=block, num_warps=4)
+    grid, rows, meta = _xsa_gate_launch(y, v, z, y.device)
+    _xsa_gate_fwd_kernel[grid](y, v if v is not None else y, z if z is not None else y, out, rows, float(scale),
+                               float(eps), **meta)
 
 
 def launch_xsa_gate_bwd(go: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None, z: torch.Tensor | None,
                         dy: torch.Tensor, dv: torch.Tensor | None, dz: torch.Tensor | None, scale: float,
                         eps: float) -> None:
     """go, y, dy [T, H, D]; v, dv [T, Hkv, D] or None; z, dz [T, H] or None; all contiguous."""
-    T, H, D = y.shape
-    hkv = v.shape[1] if v is not None else H
-    if T == 0:
+    if y.shape[0] == 0:
         return
-    block = xsa_gate_rows(hkv, H // hkv, y.device)
-    _xsa_gate_bwd_kernel[(triton.cdiv(T * hkv, block),)](
-        go, y, v if v is not None else y, z if z is not None else y, dy, dv if dv is not None else dy,
-        dz if dz is not None else dy, T * hkv, float(scale), float(eps),
-        G=H // hkv, D=D, HAS_XSA=v is not None, HAS_GATE=z is not None, BLOCK_R=block, num_warps=4)
+    grid, rows, meta = _xsa_gate_launch(y, v, z, y.device)
+    _xsa_gate_bwd_kernel[grid](go, y, v if v is not None else y, z if z is not None else y, dy,
+                               dv if dv is not None else dy, dz if dz is not None else dy, rows, float(scale),
+                               float(eps), **meta)
