@@ -340,7 +340,8 @@ class TrainConfig:
     # Two elementwise stretches of every attention as one Triton kernel each, forward and backward
     # (pgolf.model.attn_kernels): the q/k RMSNorm + partial RoPE + q gain, and XSA + the output gate. The same
     # function (float32 inside, rounded once). One H100, FA4, record recipe: 729.9 -> 692.6 ms/step looping off,
-    # 1,089.0 -> 1,033.7 on, 2-3 GiB less peak memory (docs/benchmarks.md); `pytest -m gpu` passed with them.
+    # 1,089.0 -> 1,033.7 on, 2.1 / 3.3 GiB less peak memory (docs/benchmarks.md); `pytest -m gpu` passed with them
+    # (at 8529587; the kernel bodies are unchanged since).
     fused_qk_norm_rope: bool = True
     fused_xsa_gate: bool = True
     log_every_steps: int = 10
