@@ -183,8 +183,8 @@ def _manifest(data_dir: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def _manifest_caseops(data_dir: Path) -> Optional[bool]:
-    value = _manifest(data_dir).get("caseops")
+def _manifest_caseops(manifest: dict) -> Optional[bool]:
+    value = manifest.get("caseops")
     return value if isinstance(value, bool) else None
 
 
@@ -239,10 +239,13 @@ def planned_accounting(data_dir: str | Path, requested: str, tokenizer_path, cas
     """:func:`resolve_accounting` for ``data_dir`` before any work: the accounting its evaluation will use, or the
     refusal it will make. ``caseops`` (the recipe's tokenizer.caseops) stands in for the manifest's when the shards
     come without one."""
-    data_dir = Path(data_dir)
+    return _planned_accounting(Path(data_dir), requested, tokenizer_path, caseops, _manifest(Path(data_dir)))
+
+
+def _planned_accounting(data_dir: Path, requested: str, tokenizer_path, caseops: Optional[bool], manifest: dict) -> str:
     if not list_shards(data_dir, "val"):
         raise FileNotFoundError(f"{data_dir}: no fineweb_val_*.bin shards")
-    stated = _manifest_caseops(data_dir)
+    stated = _manifest_caseops(manifest)
     has_sidecar = bool(list_shards(data_dir, "val_bytes"))
     return resolve_accounting(requested, has_sidecar, caseops if stated is None else stated, tokenizer_path)
 
@@ -264,10 +267,10 @@ def load_validation(
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: data directory not found")
-    accounting = planned_accounting(data_dir, byte_accounting, tokenizer_path, caseops=None)  # the manifest says
+    manifest = _manifest(data_dir)
+    accounting = _planned_accounting(data_dir, byte_accounting, tokenizer_path, None, manifest)  # the manifest says
     val_paths, byte_paths = list_shards(data_dir, "val"), list_shards(data_dir, "val_bytes")
     _check_shard_set(data_dir, val_paths, byte_paths)
-    manifest = _manifest(data_dir)
 
     tokens = _concat(val_paths)
     _check_manifest_totals(data_dir, manifest, tokens)

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pgolf.model.rope import apply_partial_rope
-
+from pgolf.model.gpt import exclusive_self_attention
 from pgolf.model.kernels import check_triton_device, use_triton
+from pgolf.model.rope import apply_partial_rope
 
 try:
     from pgolf.model import attn_triton as _qt
@@ -37,6 +37,10 @@ except Exception:  # ImportError without triton; a broken triton install raises 
     _qt = None
 
 TRITON_AVAILABLE = _qt is not None
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
 
 
 def qk_norm_rope_reference(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
@@ -108,9 +112,7 @@ def qk_norm_rope_fusable(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     (the kernel gives them none: the model's are buffers)."""
     T, H, D = x.shape
     half = cos.shape[-1]
-    def pow2(n: int) -> bool:
-        return n >= 1 and n & (n - 1) == 0
-    return (pow2(D) and pow2(H) and pow2(half) and 2 * half <= D and x.dtype in (torch.bfloat16, torch.float16,
+    return (_pow2(D) and _pow2(H) and _pow2(half) and 2 * half <= D and x.dtype in (torch.bfloat16, torch.float16,
             torch.float32) and cos.shape[0] == T and not (cos.requires_grad or sin.requires_grad))
 
 
@@ -132,8 +134,6 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) ->
 
 def xsa_gate_reference(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) -> Tensor:
     """The model's unfused path (``Attention.forward``): y [T, H, D], v [T, Hkv, D] or None, z [T, H] or None."""
-    from pgolf.model.gpt import exclusive_self_attention  # (pgolf.model.gpt imports nothing of this module)
-
     if v is not None:
         y = exclusive_self_attention(y, v)
     if z is not None:
@@ -198,9 +198,7 @@ def xsa_gate_fusable(y: Tensor, v: Optional[Tensor]) -> bool:
     at most 4 bytes, y and v of one dtype."""
     T, H, D = y.shape
     group = H // v.shape[1] if v is not None else 1
-    def pow2(n: int) -> bool:
-        return n >= 1 and n & (n - 1) == 0
-    return (pow2(D) and pow2(group) and (v is None or (H % v.shape[1] == 0 and v.dtype == y.dtype))
+    return (_pow2(D) and _pow2(group) and (v is None or (H % v.shape[1] == 0 and v.dtype == y.dtype))
             and y.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 

@@ -217,8 +217,7 @@ class Attention(nn.Module):
         k = self.k(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.qk_kernel is not None and self.qk_norm and rope is not None:  # one kernel each for q and k
-            gain = None if self.q_gain is None else self.q_gain.to(q.dtype)
-            q, k = self.qk_kernel(q, *rope, gain), self.qk_kernel(k, *rope, None)
+            q, k = self.qk_kernel(q, *rope, self.q_gain), self.qk_kernel(k, *rope, None)  # gain cast to q.dtype
         else:
             if self.qk_norm:
                 q, k = rms_norm(q), rms_norm(k)
@@ -231,12 +230,12 @@ class Attention(nn.Module):
         if self.xsa_gate_kernel is not None and (self.use_xsa or self.gate is not None):  # one kernel for both
             z = self.gate(x[:, : self.gate_window]) if self.gate is not None else None  # [T, H] pre-activation
             y = self.xsa_gate_kernel(y, v if self.use_xsa else None, z, self.gate_scale)
-            return self.o(y.reshape(T, self.num_heads * self.head_dim))
-        if self.use_xsa:
-            y = exclusive_self_attention(y, v)
-        if self.gate is not None:
-            g = torch.sigmoid(self.gate_scale * self.gate(x[:, : self.gate_window]))  # [T, H]
-            y = y * g.to(y.dtype)[:, :, None]
+        else:
+            if self.use_xsa:
+                y = exclusive_self_attention(y, v)
+            if self.gate is not None:
+                g = torch.sigmoid(self.gate_scale * self.gate(x[:, : self.gate_window]))  # [T, H]
+                y = y * g.to(y.dtype)[:, :, None]
         return self.o(y.reshape(T, self.num_heads * self.head_dim))
 
 
