@@ -256,9 +256,10 @@ def use_gpu_ops_on_cpu() -> None:
 
 
 def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int = 0,
-             mix_order_reduction: bool = True, mix_order_any_size: bool = False) -> tuple[list[str], int]:
+             mix_order_reduction: bool = True, mix_order_any_size: bool = False,
+             fold_scales: Optional[bool] = None) -> tuple[list[str], int]:
     """Forward and backward graph modules of one micro-batch of ``tokens`` tokens of ``config``'s training step,
-    and the model width."""
+    and the model width. ``fold_scales``: ``train.fold_output_scales`` unless given."""
     captured = drive_gpu_scheduling_on_cpu(max_fusion_io_buffers, mix_order_reduction, mix_order_any_size)
     use_gpu_ops_on_cpu()
     import torch
@@ -276,6 +277,7 @@ def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int
         from pgolf.model import attn_kernels
 
         attn_kernels.use_in_model(model, run.train.fused_qk_norm_rope, run.train.fused_xsa_gate)
+    model.fold_output_scales = run.train.fold_output_scales if fold_scales is None else fold_scales
     model.attn_backend = "fa4"
     model.looping = looping
     embedding = [name for name, _ in param_groups(model).get("embedding", ())]
@@ -362,6 +364,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="inductor's mix-order reduction fusion (default on, inductor's default)")
     p.add_argument("--mix-order-any-size", action="store_true",
                    help="fuse mix-order reductions at any size (inductor's non-strict mode): small batches for tests")
+    p.add_argument("--fold-scales", choices=["on", "off"], default=None,
+                   help="attn_scale / mlp_scale through the o / down weights (default: the recipe's "
+                   "train.fold_output_scales)")
     p.add_argument("--top", type=int, default=8, help="kernels listed per graph")
     p.add_argument("--out", required=True, help="folder for forward.py, backward.py and summary.json")
     args = p.parse_args(argv)
@@ -370,8 +375,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         modules, model_dim = generate_record(args.tokens, looping, args.max_fusion_io_buffers, args.record_hparams,
                                              mix_order, args.mix_order_any_size)
     else:
+        fold = None if args.fold_scales is None else args.fold_scales == "on"
         modules, model_dim = generate(args.config, args.tokens, looping, args.max_fusion_io_buffers, mix_order,
-                                      args.mix_order_any_size)
+                                      args.mix_order_any_size, fold)
     if len(modules) != 2:
         print(f"expected a forward and a backward graph module, captured {len(modules)}", file=sys.stderr)
         return 1
@@ -383,7 +389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         graphs[name] = kernel_stats(source, model_dim)
     summary = {"model": args.model, "config": args.config, "tokens": args.tokens, "looping": args.looping,
                "max_fusion_io_buffers": args.max_fusion_io_buffers, "mix_order_reduction": args.mix_order_reduction,
-               "mix_order_any_size": args.mix_order_any_size,
+               "mix_order_any_size": args.mix_order_any_size, "fold_scales": args.fold_scales,
                "graphs": {g: {**graph_summary(rows), "kernels_detail": rows} for g, rows in graphs.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(report_lines(graphs, args.top)))

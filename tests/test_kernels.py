@@ -410,6 +410,7 @@ TRAIN_FIELDS = {
     "fused_kernels_active",
     "attention_kernels",
     "attention_kernels_active",
+    "fold_output_scales",
     "attention_backend",
     "param_storage",
     "compile",
@@ -483,6 +484,8 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
             "512",
             "--device",
             "cpu",
+            "--fold-scales",
+            "off",
             "--out",
             str(out),
         ],
@@ -490,6 +493,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert rc == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert set(result) == TRAIN_FIELDS
+    assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
     assert json.loads(out.read_text()) == result
     cfg = load_run_config(SMOKE)
     assert result["device_type"] == "cpu" and result["fused_kernels_active"] is False

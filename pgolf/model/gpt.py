@@ -45,7 +45,9 @@ Runtime state (plain attributes, never tensors, so torch.compile guards on them 
   ``bos_id``, ``attn_backend`` (None = best for the device; ``set_attention_backend`` sets it from the recipe's
   ``attention_backend`` and keeps the record in ``attention_choice``), ``use_fused_kernels`` (the Triton kernels of
   ``pgolf.model.kernels`` for the MLP up-projection + activation and the loss; default on when CUDA and triton are
-  present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results).
+  present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results),
+  ``fold_output_scales`` (attn_scale / mlp_scale applied through the o / down weights: the same function, float
+  rounding aside; off after construction, ``train.fold_output_scales`` switches it on for training).
 """
 
 from __future__ import annotations
@@ -115,6 +117,18 @@ def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Ten
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=False)
+
+
+def plain_linear(m: nn.Module) -> bool:
+    """A bias-free nn.Linear with no forward hooks: code may then use its weight without calling it. A Hessian hook
+    or a LoRA wrapper must see every call, so either makes this False."""
+    return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def row_scaled(weight: Tensor, scale: Tensor) -> Tensor:
+    """``diag(scale) @ weight``: W [out, in], scale [out]. ``F.linear(x, row_scaled(W, s)) == s * F.linear(x, W)``:
+    the per-channel output scale of a sublayer folded into its last projection (``Block.fold_output_scales``)."""
+    return weight * scale.to(weight.dtype)[:, None]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -211,7 +225,10 @@ class Attention(nn.Module):
         cu_seqlens: Tensor,
         max_seqlen: int,
         backend: Optional[str],
+        out_scale: Optional[Tensor] = None,
     ) -> Tensor:
+        """[T, d] -> [T, d]; ``out_scale`` [d]: the output multiplied by it, folded into ``o``'s weight (the caller
+        checks that ``o`` is a :func:`plain_linear`)."""
         T = x.shape[0]
         q = self.q(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -236,7 +253,8 @@ class Attention(nn.Module):
             if self.gate is not None:
                 g = torch.sigmoid(self.gate_scale * self.gate(x[:, : self.gate_window]))  # [T, H]
                 y = y * g.to(y.dtype)[:, :, None]
-        return self.o(y.reshape(T, self.num_heads * self.head_dim))
+        y = y.reshape(T, self.num_heads * self.head_dim)
+        return self.o(y) if out_scale is None else F.linear(y, row_scaled(self.o.weight, out_scale))
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
@@ -275,16 +293,17 @@ class MLP(nn.Module):
         self.use_fused_kernels = False
 
     def _fusable(self) -> bool:
-        def plain(m: nn.Module) -> bool:
-            return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
+        return self.use_fused_kernels and plain_linear(self.up) and plain_linear(self.down)
 
-        return self.use_fused_kernels and plain(self.up) and plain(self.down)
-
-    def forward(self, x: Tensor) -> Tensor:  # [T, d] -> [T, d]
+    def forward(self, x: Tensor, out_scale: Optional[Tensor] = None) -> Tensor:  # [T, d] -> [T, d]
+        """``out_scale`` [d]: the output multiplied by it, folded into ``down``'s weight (the caller checks that
+        ``down`` is a :func:`plain_linear`)."""
+        down = self.down.weight if out_scale is None else row_scaled(self.down.weight, out_scale)
         if self._fusable():  # relu^2 is the slope-0 case of the fused kernels
             slope = self.slope if self.activation == "leaky_relu_sq" else 0.0
-            return kernels.mlp(x, self.up.weight, self.down.weight, slope)
-        return self.down(mlp_activation(self.up(x), self.activation, self.slope))
+            return kernels.mlp(x, self.up.weight, down, slope)
+        hidden = mlp_activation(self.up(x), self.activation, self.slope)
+        return self.down(hidden) if out_scale is None else F.linear(hidden, down)
 
 
 class Block(nn.Module):
@@ -298,6 +317,8 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.ones(2, d))  # [2, d]: rows weigh x and x0; reset_parameters sets [1, 0]
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
+        # runtime state (GPT.fold_output_scales): attn_scale / mlp_scale folded into the o / down weights
+        self.fold_output_scales = False
 
     def param_roles(self) -> dict[str, str]:
         roles = {f"attn.{k}": r for k, r in self.attn.param_roles().items()}
@@ -306,11 +327,17 @@ class Block(nn.Module):
         return roles
 
     def _attn(self, x_in: Tensor, ctx: tuple) -> Tensor:
-        out = self.attn(rms_norm(x_in) * self.ln_scale, *ctx)
+        h = rms_norm(x_in) * self.ln_scale
+        if self.fold_output_scales and plain_linear(self.attn.o):
+            return self.attn(h, *ctx, out_scale=self.attn_scale)
+        out = self.attn(h, *ctx)
         return self.attn_scale.to(out.dtype) * out
 
     def _mlp(self, x: Tensor) -> Tensor:
-        out = self.mlp(rms_norm(x) * self.ln_scale)
+        h = rms_norm(x) * self.ln_scale
+        if self.fold_output_scales and plain_linear(self.mlp.down):
+            return self.mlp(h, out_scale=self.mlp_scale)
+        out = self.mlp(h)
         return self.mlp_scale.to(out.dtype) * out
 
     def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
@@ -350,6 +377,7 @@ class GPT(nn.Module):
         self.attn_backend: Optional[str] = None
         self.attention_choice: Optional[dict] = None
         self._use_fused_kernels = False  # set through the property below, once the blocks exist
+        self._fold_output_scales = False  # likewise
 
         # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
         # device normal_ would import torch._dynamo (seconds) for nothing
@@ -389,6 +417,22 @@ class GPT(nn.Module):
         self._use_fused_kernels = bool(value)
         for block in self.blocks:
             block.mlp.use_fused_kernels = bool(value)
+
+    @property
+    def fold_output_scales(self) -> bool:
+        """Each block's ``attn_scale`` / ``mlp_scale`` multiplied into the rows of ``attn.o`` / ``mlp.down`` (a
+        [d, d_in] product per call) instead of into the [T, d] sublayer outputs (runtime state; the setter reaches
+        every block). The same function; why: the scales' gradients then come from the [d, d_in] weight gradients
+        instead of per-channel sums over T tokens of gradient x output, and the backward no longer writes the
+        scaled output gradient, one [T, d] pass each (``train.fold_output_scales``). A hooked or wrapped o / down
+        (Hessians, LoRA) is used unfolded."""
+        return self._fold_output_scales
+
+    @fold_output_scales.setter
+    def fold_output_scales(self, value: bool) -> None:
+        self._fold_output_scales = bool(value)
+        for block in self.blocks:
+            block.fold_output_scales = bool(value)
 
     def set_attention_backend(self, device) -> dict:
         """Resolve ``cfg.attention_backend`` on ``device`` (before compiling) and use it; returns the record."""

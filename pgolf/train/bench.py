@@ -251,6 +251,7 @@ def bench_train(
     mix_order_reduction: Optional[bool] = None,
     qk_kernel: Optional[bool] = None,
     xsa_kernel: Optional[bool] = None,
+    fold_scales: Optional[bool] = None,
     data_dir: Optional[str] = None,
     trace_dir: Optional[str] = None,
 ) -> dict[str, Any]:
@@ -262,7 +263,7 @@ def bench_train(
     ``train.compile_max_fusion_io_buffers`` (0: no cap) and ``mix_order_reduction``
     ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``).
     ``qk_kernel`` and ``xsa_kernel`` override ``train.fused_qk_norm_rope`` and ``train.fused_xsa_gate`` (the
-    result's ``attention_kernels``).
+    result's ``attention_kernels``); ``fold_scales`` overrides ``train.fold_output_scales`` (``fold_output_scales``).
     ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones.
     ``trace_dir``: the profiled steps' Chrome trace goes there (``trace_looping_<off|on>.json``) and the profile
     gains ``idle_gaps`` (where the GPU waited for the host)."""
@@ -303,6 +304,7 @@ def bench_train(
     model.use_fused_kernels = fused
     attn_kernels.use_in_model(model, train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel,
                               train_cfg.fused_xsa_gate if xsa_kernel is None else xsa_kernel)
+    model.fold_output_scales = train_cfg.fold_output_scales if fold_scales is None else fold_scales
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
     # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
@@ -391,6 +393,7 @@ def bench_train(
         "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
+        "fold_output_scales": model.fold_output_scales,
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),

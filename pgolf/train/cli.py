@@ -117,6 +117,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         mix_order_reduction=None if args.mix_order_reduction is None else args.mix_order_reduction == "on",
         qk_kernel=None if args.qk_kernel is None else args.qk_kernel == "on",
         xsa_kernel=None if args.xsa_kernel is None else args.xsa_kernel == "on",
+        fold_scales=None if args.fold_scales is None else args.fold_scales == "on",
         data_dir=args.data,
         trace_dir=args.trace,
     )
@@ -152,6 +153,10 @@ def _register_bench_train(commands) -> None:
     p.add_argument(
         "--xsa-kernel", choices=["on", "off"], default=None,
         help="the XSA + output gate Triton kernel (default: the recipe's train.fused_xsa_gate)",
+    )
+    p.add_argument(
+        "--fold-scales", choices=["on", "off"], default=None,
+        help="attn_scale / mlp_scale through the o / down weights (default: the recipe's train.fold_output_scales)",
     )
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(
