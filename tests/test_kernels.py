@@ -954,7 +954,8 @@ def test_gpu_xsa_gate_bf16(with_xsa, with_gate):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_model_fused_compiled_matches_reference():
-    """A record-width model: fused + torch.compile(fullgraph, inductor) vs the pure-PyTorch eager path."""
+    """A record-width model: fused kernels + folded output scales + torch.compile(fullgraph, inductor) vs the
+    pure-PyTorch eager path."""
     from torch._dynamo.utils import counters
 
     from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
@@ -967,6 +968,8 @@ def test_gpu_model_fused_compiled_matches_reference():
         for block in model.blocks:
             block.mlp.down.weight.normal_(0.0, 0.02)
             block.attn.o.weight.normal_(0.0, 0.02)
+            block.attn_scale.normal_(1.0, 0.3)  # (folded into o / down on the fused path)
+            block.mlp_scale.normal_(1.0, 0.3)
     model.looping = True
     ids, targets = _batch(8192, 8192, seed=4)
     cu, max_seqlen = build_cu_seqlens(ids, 1, 2048)
@@ -976,6 +979,7 @@ def test_gpu_model_fused_compiled_matches_reference():
     def run(fused: bool, compiled: bool):
         model.use_fused_kernels = fused
         attn_kernels.use_in_model(model, fused, fused)
+        model.fold_output_scales = fused  # the training stage's configuration (train.fold_output_scales)
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
         with torch.autocast("cuda", dtype=torch.bfloat16):
