@@ -347,9 +347,9 @@ class TrainConfig:
     # Each block's attn_scale / mlp_scale multiplied into the rows of its o / down weight ([d, d_in], once per call)
     # instead of into the [tokens, d] sublayer outputs (pgolf.model.gpt.GPT.fold_output_scales). The same function,
     # float rounding aside; the backward then takes the scales' gradients from the weight gradients instead of
-    # per-channel sums over the tokens, and never writes the scaled output gradient: 41 (looping off) / 75 (on)
-    # fewer [tokens, 512] passes per micro-batch in inductor's kernels (benchmarks/inductor_codegen_cpu.py). Every
-    # device (pure PyTorch); the Hessian and evaluation models are built without it.
+    # per-channel sums over the tokens, and never writes the scaled output gradient. One H100, FA4, record recipe:
+    # 683.1 -> 671.3 ms/step looping off, 1,019.8 -> 1,001.6 on (docs/benchmarks.md). Every device (pure PyTorch);
+    # the Hessian and evaluation models are built without it, and a hooked or wrapped o / down is used unfolded.
     fold_output_scales: bool = True
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
