@@ -99,3 +99,31 @@ def test_plain_linear_and_row_scaled():
     assert not plain_linear(wrapped)
     w, s, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     assert torch.allclose(nn.functional.linear(x, row_scaled(w, s)), s * nn.functional.linear(x, w))
+
+
+class _Wrapped(nn.Module):
+    """A stand-in for a LoRA wrapper: no ``weight`` of its own, and it adds to the wrapped projection's output."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.extra = nn.Linear(base.in_features, base.out_features, bias=False)
+        nn.init.normal_(self.extra.weight, std=0.1)
+
+    def forward(self, x):
+        return self.base(x) + self.extra(x)
+
+
+def test_wrapped_projections_are_called_unfolded():
+    """TTT's LoRA wraps up / down / o: with the fold on, the wrapped modules are called and the output scaled after."""
+    model = randomized(tiny(), seed=6)
+    ids, _ = _packed([10, 9])
+    for block in model.blocks:
+        block.mlp.up, block.mlp.down = _Wrapped(block.mlp.up), _Wrapped(block.mlp.down)
+        block.attn.o = _Wrapped(block.attn.o)
+    with torch.no_grad():
+        model.fold_output_scales = True
+        folded = model.forward_logits(ids)
+        model.fold_output_scales = False
+        plain = model.forward_logits(ids)
+    assert torch.equal(folded, plain)

@@ -298,12 +298,12 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, out_scale: Optional[Tensor] = None) -> Tensor:  # [T, d] -> [T, d]
         """``out_scale`` [d]: the output multiplied by it, folded into ``down``'s weight (the caller checks that
         ``down`` is a :func:`plain_linear`)."""
-        down = self.down.weight if out_scale is None else row_scaled(self.down.weight, out_scale)
         if self._fusable():  # relu^2 is the slope-0 case of the fused kernels
             slope = self.slope if self.activation == "leaky_relu_sq" else 0.0
+            down = self.down.weight if out_scale is None else row_scaled(self.down.weight, out_scale)
             return kernels.mlp(x, self.up.weight, down, slope)
-        hidden = mlp_activation(self.up(x), self.activation, self.slope)
-        return self.down(hidden) if out_scale is None else F.linear(hidden, down)
+        hidden = mlp_activation(self.up(x), self.activation, self.slope)  # (up/down may be wrappers: LoRA)
+        return self.down(hidden) if out_scale is None else F.linear(hidden, row_scaled(self.down.weight, out_scale))
 
 
 class Block(nn.Module):
