@@ -263,6 +263,72 @@ def case_qk_norm_rope_opcheck() -> None:
         torch.library.opcheck(torch.ops.pgolf.qk_norm_rope_backward.default, args, test_utils=utils)
 
 
+def _qkv_case(dtype: torch.dtype, T: int, H: int, Hkv: int, D: int, half: int, used: str = "qkv") -> None:
+    """The fused-projection op against the fp64 reference: q, k, v and the gradients of qkv and the gain. ``used``:
+    which outputs the loss reads (the others get no gradient: the op's backward stands in zeros)."""
+    gen = torch.Generator().manual_seed(T * H + D + len(used))
+    width = (H + 2 * Hkv) * D
+    qkv = (torch.randn(T, width, generator=gen) * (0.25 + 4 * torch.rand(T, 1, generator=gen))).to(dtype)
+    _, cos, sin, gain, _ = _qk_inputs(T, H, D, half, dtype, seed=T)
+    grads_out = [torch.randn(T, h, D, generator=gen).to(dtype) for h in (H, Hkv, Hkv)]
+
+    def run(fn, cast):
+        x, g = cast(qkv).clone().requires_grad_(True), cast(gain).clone().requires_grad_(True)
+        outs = fn(x, H, Hkv, cast(cos), cast(sin), g)
+        loss = sum((o * cast(w)).sum() for o, w, name in zip(outs, grads_out, "qkv") if name in used)
+        return outs, torch.autograd.grad(loss, [x, g], allow_unused=True)
+
+    what = f"qkv_norm_rope {dtype} T={T} H={H} Hkv={Hkv} D={D} half={half} used={used}"
+    outs, grads = run(attn_kernels.qkv_norm_rope, lambda t: t)
+    truths, truth_grads = run(attn_kernels.qkv_norm_rope_reference, lambda t: t.double())
+    if "q" not in used:  # no gradient reaches the gain: the reference gives None, the op zeros or None
+        grads, truth_grads = grads[:1], truth_grads[:1]
+    if [o.shape for o in outs] != [(T, H, D), (T, Hkv, D), (T, Hkv, D)] or outs[0].dtype != dtype:
+        raise AssertionError(f"{what}: outputs {[(o.shape, o.dtype) for o in outs]}")
+    if dtype == torch.float32:
+        for name, o, t in zip("qkv", outs, truths):
+            _close(o.double(), t.detach(), f"{what}: {name}")
+        for name, g, t in zip(("dqkv", "dgain"), grads, truth_grads):
+            _close(g.double(), t, f"{what}: {name}", rtol=1e-5, atol=1e-5 * t.abs().max().item())
+        return
+    refs, ref_grads = run(attn_kernels.qkv_norm_rope_reference, lambda t: t)
+    for name, o, r, t in zip("qkv", outs, refs, truths):
+        _no_worse(o, r, t.detach(), f"{what}: {name}")
+    for name, g, r, t in zip(("dqkv", "dgain"), grads, ref_grads, truth_grads):
+        _no_worse(g, r, t, f"{what}: {name}")
+
+
+def case_qkv_norm_rope_fp32() -> None:
+    """The record's shapes (8 q heads, 4 kv heads of 64 dims, 2 x 8 rotated) with a masked last program, smaller
+    heads, and losses that read only some of the outputs."""
+    _qkv_case(torch.float32, 37, 8, 4, 64, 8)
+    _qkv_case(torch.float32, 5, 2, 1, 16, 4)
+    _qkv_case(torch.float32, 9, 2, 1, 16, 4, used="qv")
+    _qkv_case(torch.float32, 9, 2, 1, 16, 4, used="k")
+
+
+def case_qkv_norm_rope_bf16() -> None:
+    _qkv_case(torch.bfloat16, 29, 8, 4, 64, 8)
+
+
+def case_qkv_norm_rope_opcheck() -> None:
+    """Schema, fake (shape) functions and autograd registration of the fused-projection op and its backward."""
+    T, H, Hkv, D, half = 13, 2, 1, 16, 4
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen)
+    _, cos, sin, gain, _ = _qk_inputs(T, H, D, half, torch.float32, seed=6)
+    cos2, sin2 = cos.reshape(T, half), sin.reshape(T, half)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    eps = float(torch.finfo(torch.float32).eps)
+    for g in (gain.clone().requires_grad_(True), None):
+        torch.library.opcheck(torch.ops.pgolf.qkv_norm_rope.default,
+                              (qkv.clone().requires_grad_(True), H, Hkv, cos2, sin2, g, eps), test_utils=utils)
+        q, k, v, rq, rk = torch.ops.pgolf.qkv_norm_rope(qkv, H, Hkv, cos2, sin2, None if g is None else g.detach(), eps)
+        args = (torch.randn_like(q), torch.randn_like(k), torch.randn_like(v), qkv, rq, rk, cos2, sin2,
+                None if g is None else g.detach())
+        torch.library.opcheck(torch.ops.pgolf.qkv_norm_rope_backward.default, args, test_utils=utils)
+
+
 def _xsa_case(dtype: torch.dtype, T: int, H: int, Hkv: int, D: int, with_xsa: bool, with_gate: bool) -> None:
     gen = torch.Generator().manual_seed(T * H + D)
     y = torch.randn(T, H, D, generator=gen).to(dtype)
@@ -484,7 +550,7 @@ def case_model_fused_matches_reference() -> None:
     results = {}
     for fused in (False, True):
         model.use_fused_kernels = fused
-        attn_kernels.use_in_model(model, fused, fused)
+        attn_kernels.use_in_model(model, fused, fused, fused)
         model.zero_grad(set_to_none=True)
         loss = model(ids, targets)
         loss.backward()
@@ -497,15 +563,15 @@ def case_model_fused_matches_reference() -> None:
 
 
 def case_model_attention_kernels_compile() -> None:
-    """The model with both attention kernels attached, under torch.compile(fullgraph=True): no graph break (the
-    kernels are module attributes the compiled forward calls), the eager loss."""
+    """The model with the attention kernels attached (q, k, v as one matmul too), under torch.compile(fullgraph=True):
+    no graph break (the kernels are module attributes the compiled forward calls), the eager loss."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     model = _tiny_model()
     model.looping = True
-    attn_kernels.use_in_model(model, True, True)
+    attn_kernels.use_in_model(model, True, True, True)
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(2, 300, (24,), generator=gen)
     ids[0] = ids[13] = 1
@@ -515,7 +581,7 @@ def case_model_attention_kernels_compile() -> None:
     compiled.backward()
     if sum(counters["graph_break"].values()) != breaks_before:
         raise AssertionError(f"graph breaks: {dict(counters['graph_break'])}")
-    if attn_kernels.used_in_model(model) != {"qk_norm_rope": True, "xsa_gate": True}:
+    if attn_kernels.used_in_model(model) != {"qk_norm_rope": True, "xsa_gate": True, "qkv_matmul": True}:
         raise AssertionError(f"kernels in use: {attn_kernels.used_in_model(model)}")
     _close(compiled.detach(), model(ids, targets).detach(), "compiled loss with the attention kernels")
 

@@ -755,6 +755,9 @@ INTERPRET_CASES = [
     "qk_norm_rope_fp32",
     "qk_norm_rope_bf16",
     "qk_norm_rope_opcheck",
+    "qkv_norm_rope_fp32",
+    "qkv_norm_rope_bf16",
+    "qkv_norm_rope_opcheck",
     "xsa_gate_fp32",
     "xsa_gate_bf16",
     "xsa_gate_tiny_value_vectors",
@@ -953,6 +956,38 @@ def test_gpu_xsa_gate_bf16(with_xsa, with_gate):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_qkv_norm_rope_bf16():
+    """The record's fused q, k, v projection output [T, (8 + 2 x 4) x 64] in bf16 on CUDA: q, k, v and the
+    gradients of qkv and the gain no further from the fp64 truth than the model's unfused bf16 path."""
+    from pgolf.model.rope import rope_buffers
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    T, H, Hkv, D, half = 4099, 8, 4, 64, 8
+    qkv = (torch.randn(T, (H + 2 * Hkv) * D, device="cuda", generator=gen) * 3).bfloat16()
+    grads_out = [torch.randn(T, h, D, device="cuda", generator=gen).bfloat16() for h in (H, Hkv, Hkv)]
+    _, cos, sin = (t.cuda() for t in rope_buffers(2 * half, 10000.0, T))
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    gain = torch.rand(H, device="cuda", generator=gen) + 0.5
+
+    def run(fn, dtype):
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        leaves = [qkv.to(dtype).requires_grad_(True), gain.to(wide).requires_grad_(True)]
+        tables = (cos.double(), sin.double()) if dtype == torch.float64 else (cos, sin)
+        outs = fn(leaves[0], H, Hkv, *tables, leaves[1])
+        return outs, torch.autograd.grad(outs, leaves, [g.to(dtype) for g in grads_out])
+
+    outs, grads = run(attn_kernels.qkv_norm_rope, torch.bfloat16)
+    refs, ref_grads = run(attn_kernels.qkv_norm_rope_reference, torch.bfloat16)
+    truths, truth_grads = run(attn_kernels.qkv_norm_rope_reference, torch.float64)
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 3 and grads[0].dtype == torch.bfloat16
+    for name, a, b, t in zip("qkv", outs, refs, truths):
+        _no_worse(a, b, t.detach(), name, slack=2.0)
+    for name, a, b, t in zip(("dqkv", "dgain"), grads, ref_grads, truth_grads):
+        _no_worse(a, b, t, name, slack=2.0)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_model_fused_compiled_matches_reference():
     """A record-width model: fused kernels + folded output scales + torch.compile(fullgraph, inductor) vs the
     pure-PyTorch eager path."""
@@ -978,7 +1013,7 @@ def test_gpu_model_fused_compiled_matches_reference():
 
     def run(fused: bool, compiled: bool):
         model.use_fused_kernels = fused
-        attn_kernels.use_in_model(model, fused, fused)
+        attn_kernels.use_in_model(model, fused, fused, fused)  # q, k, v as one matmul too
         model.fold_output_scales = fused  # the training stage's configuration (train.fold_output_scales)
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model

@@ -344,6 +344,12 @@ class TrainConfig:
     # (at 8529587; the kernel bodies are unchanged since).
     fused_qk_norm_rope: bool = True
     fused_xsa_gate: bool = True
+    # With fused_qk_norm_rope: each attention's q, k and v as ONE matmul with the stacked weights, the q/k kernels
+    # reading their heads out of its output and writing the gradients of q, k and v into one tensor for ONE
+    # backward matmul (pgolf.model.attn_kernels.qkv_norm_rope). The same dot products; three matmuls become one
+    # forward and two backward, and the backward's sum of three input gradients is gone. Hooked or wrapped
+    # projections (Hessians, LoRA) are used separately.
+    fused_qkv_matmul: bool = True
     # Each block's attn_scale / mlp_scale multiplied into the rows of its o / down weight ([d, d_in], once per call)
     # instead of into the [tokens, d] sublayer outputs (pgolf.model.gpt.GPT.fold_output_scales). The same function,
     # float rounding aside; the backward then takes the scales' gradients from the weight gradients instead of

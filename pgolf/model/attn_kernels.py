@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pgolf.model.gpt import exclusive_self_attention
+from pgolf.model.layers import exclusive_self_attention
 from pgolf.model.kernels import check_triton_device, use_triton
 from pgolf.model.rope import apply_partial_rope
 
@@ -110,9 +110,12 @@ def qk_norm_rope_fusable(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     """The kernel's shape contract: power-of-two head dim and head count, rotated pairs inside the head, a
     half-width that is a power of two, floating activations of at most 4 bytes; and tables that need no gradient
     (the kernel gives them none: the model's are buffers)."""
-    T, H, D = x.shape
+    return _qk_fusable(*x.shape, x.dtype, cos, sin)
+
+
+def _qk_fusable(T: int, H: int, D: int, dtype: torch.dtype, cos: Tensor, sin: Tensor) -> bool:
     half = cos.shape[-1]
-    return (_pow2(D) and _pow2(H) and _pow2(half) and 2 * half <= D and x.dtype in (torch.bfloat16, torch.float16,
+    return (_pow2(D) and _pow2(H) and _pow2(half) and 2 * half <= D and dtype in (torch.bfloat16, torch.float16,
             torch.float32) and cos.shape[0] == T and not (cos.requires_grad or sin.requires_grad))
 
 
@@ -127,6 +130,128 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) ->
     gain = None if gain is None else gain.to(x.dtype)
     out, _ = torch.ops.pgolf.qk_norm_rope(x, cos2, sin2, gain, float(torch.finfo(torch.float32).eps))
     return out
+
+
+# ------------------------------------------------------------------- the q, k, v projections as one matmul
+#
+# ``qkv_norm_rope(qkv, H, Hkv, cos, sin, gain)`` takes the output of ONE matmul of the attention's input with the
+# stacked q, k, v weights, qkv [T, (H + 2 Hkv) D], and returns (qk_norm_rope of its q heads with the gain, of its
+# k heads, its v heads) as [T, H, D], [T, Hkv, D], [T, Hkv, D]. Why one op: the q and k kernels read their heads
+# straight out of qkv (a column slice each), and the backward writes the gradients of q, k and v into one
+# [T, (H + 2 Hkv) D] tensor, the input of ONE backward matmul; split into three ops, autograd would concatenate
+# them in an extra pass, and the forward would copy q and k out of qkv before the kernels.
+
+
+def qkv_norm_rope_reference(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                            gain: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv [T, (H + 2 Hkv) D] -> (q [T, H, D], k [T, Hkv, D], v [T, Hkv, D]): q and k through
+    :func:`qk_norm_rope_reference` (the gain on q only), v as it is."""
+    T = qkv.shape[0]
+    D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=1)
+    q = qk_norm_rope_reference(q.reshape(T, num_heads, D), cos, sin, gain)
+    k = qk_norm_rope_reference(k.reshape(T, num_kv_heads, D), cos, sin, None)
+    return q, k, v.reshape(T, num_kv_heads, D)
+
+
+def _heads(qkv: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Views [T, H, D], [T, Hkv, D], [T, Hkv, D] of the columns of qkv [T, (H + 2 Hkv) D] (or of its gradient)."""
+    T = qkv.shape[0]
+    D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=1)
+    return q.view(T, num_heads, D), k.view(T, num_kv_heads, D), v.view(T, num_kv_heads, D)
+
+
+if TRITON_AVAILABLE:
+
+    @custom_op("pgolf::qkv_norm_rope", mutates_args=())
+    def _qkv_norm_rope_op(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                          gain: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(q, k, v, rstd_q [T * H] fp32, rstd_k [T * Hkv] fp32); qkv contiguous [T, (H + 2 Hkv) D]."""
+        check_triton_device(qkv, "pgolf::qkv_norm_rope")
+        qkv = qkv.contiguous()
+        xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
+        q, k = torch.empty_like(xq, memory_format=torch.contiguous_format), torch.empty_like(xk, memory_format=torch.contiguous_format)
+        rstd_q = torch.empty((xq.shape[0] * num_heads,), dtype=torch.float32, device=qkv.device)
+        rstd_k = torch.empty((xk.shape[0] * num_kv_heads,), dtype=torch.float32, device=qkv.device)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        _qt.launch_qk_norm_rope_fwd(xq, cos, sin, gain, q, rstd_q, eps)
+        _qt.launch_qk_norm_rope_fwd(xk, cos, sin, None, k, rstd_k, eps)
+        return q, k, xv.contiguous(), rstd_q, rstd_k
+
+    @_qkv_norm_rope_op.register_fake
+    def _qkv_norm_rope_fake(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                            gain: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
+        like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+        return (like(xq), like(xk), like(xv), qkv.new_empty((xq.shape[0] * num_heads,), dtype=torch.float32),
+                qkv.new_empty((xk.shape[0] * num_kv_heads,), dtype=torch.float32))
+
+    @custom_op("pgolf::qkv_norm_rope_backward", mutates_args=())
+    def _qkv_norm_rope_backward_op(gq: Tensor, gk: Tensor, gv: Tensor, qkv: Tensor, rstd_q: Tensor,
+                                   rstd_k: Tensor, cos: Tensor, sin: Tensor,
+                                   gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(d qkv [T, (H + 2 Hkv) D] in qkv's dtype, d gain [H] in gain's dtype; [0] without a gain)."""
+        check_triton_device(qkv, "pgolf::qkv_norm_rope_backward")
+        num_heads, num_kv_heads = gq.shape[1], gk.shape[1]
+        qkv = qkv.contiguous()
+        dqkv = torch.empty_like(qkv)
+        xq, xk, _ = _heads(qkv, num_heads, num_kv_heads)
+        dq, dk, dv = _heads(dqkv, num_heads, num_kv_heads)
+        partial = None
+        if gain is not None:
+            partial = torch.empty((_qt.qk_norm_rope_programs(xq.shape[0] * num_heads, num_heads, qkv.device),
+                                   num_heads), dtype=torch.float32, device=qkv.device)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        _qt.launch_qk_norm_rope_bwd(gq.to(qkv.dtype).contiguous(), xq, rstd_q, cos, sin, gain, dq, partial)
+        _qt.launch_qk_norm_rope_bwd(gk.to(qkv.dtype).contiguous(), xk, rstd_k, cos, sin, None, dk, None)
+        dv.copy_(gv)
+        dgain = qkv.new_empty((0,)) if partial is None else partial.sum(0).to(gain.dtype)
+        return dqkv, dgain
+
+    @_qkv_norm_rope_backward_op.register_fake
+    def _qkv_norm_rope_backward_fake(gq: Tensor, gk: Tensor, gv: Tensor, qkv: Tensor, rstd_q: Tensor,
+                                     rstd_k: Tensor, cos: Tensor, sin: Tensor,
+                                     gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        dgain = qkv.new_empty((0,)) if gain is None else gain.new_empty(gain.shape)
+        return torch.empty_like(qkv, memory_format=torch.contiguous_format), dgain
+
+    def _qkv_norm_rope_setup(ctx, inputs, output) -> None:
+        qkv, heads, kv_heads, cos, sin, gain, _ = inputs
+        ctx.save_for_backward(qkv, output[3], output[4], cos, sin, gain)
+        ctx.heads = (heads, kv_heads)
+        ctx.set_materialize_grads(False)
+
+    def _qkv_norm_rope_backward(ctx, gq, gk, gv, grad_rstd_q, grad_rstd_k):
+        qkv, rstd_q, rstd_k, cos, sin, gain = ctx.saved_tensors
+        if grad_rstd_q is not None or grad_rstd_k is not None:
+            raise NotImplementedError("pgolf::qkv_norm_rope: gradients through the rstd outputs are not supported")
+        if gq is None and gk is None and gv is None:
+            return None, None, None, None, None, None, None
+        heads, kv_heads = ctx.heads
+        zeros = lambda t: torch.zeros_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+        xq, xk, xv = _heads(qkv, heads, kv_heads)
+        gq, gk, gv = (zeros(x) if g is None else g for g, x in ((gq, xq), (gk, xk), (gv, xv)))
+        dqkv, dgain = torch.ops.pgolf.qkv_norm_rope_backward(gq, gk, gv, qkv, rstd_q, rstd_k, cos, sin, gain)
+        return dqkv, None, None, None, None, (dgain if gain is not None else None), None
+
+    _qkv_norm_rope_op.register_autograd(_qkv_norm_rope_backward, setup_context=_qkv_norm_rope_setup)
+
+
+def qkv_norm_rope(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                  gain: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`qkv_norm_rope_reference` with the q and k stretches as the Triton kernels of :func:`qk_norm_rope`
+    reading their heads out of qkv, and one backward writing d qkv, where they can run; the reference elsewhere."""
+    T = qkv.shape[0]
+    D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+    if not (use_triton(qkv) and _qk_fusable(T, num_heads, D, qkv.dtype, cos, sin) and _pow2(num_kv_heads)):
+        return qkv_norm_rope_reference(qkv, num_heads, num_kv_heads, cos, sin, gain)
+    half = cos.shape[-1]
+    cos2, sin2 = cos.to(qkv.dtype).reshape(T, half), sin.to(qkv.dtype).reshape(T, half)
+    gain = None if gain is None else gain.to(qkv.dtype)
+    q, k, v, _, _ = torch.ops.pgolf.qkv_norm_rope(qkv, num_heads, num_kv_heads, cos2, sin2, gain,
+                                                  float(torch.finfo(torch.float32).eps))
+    return q, k, v
 
 
 # ------------------------------------------------------------------------------------------------- XSA + gate
@@ -213,17 +338,21 @@ def xsa_gate(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) 
 # ------------------------------------------------------------------------------------------------- the model
 
 
-def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False) -> None:
+def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False, qkv_matmul_on: bool = False) -> None:
     """Make every attention of ``model`` (a GPT) compute its q/k norm, RoPE and q gain with :func:`qk_norm_rope`
     and its XSA and output gate with :func:`xsa_gate` (each when on), or with its own unfused code again;
-    runtime state, like ``GPT.use_fused_kernels``."""
+    ``qkv_matmul_on`` (with ``qk_norm_rope_on`` only): q, k and v from one matmul through :func:`qkv_norm_rope`
+    (the attention falls back to three when a projection is hooked or wrapped); runtime state, like
+    ``GPT.use_fused_kernels``."""
     for block in model.blocks:
         block.attn.qk_kernel = qk_norm_rope if qk_norm_rope_on else None
         block.attn.xsa_gate_kernel = xsa_gate if xsa_gate_on else None
+        block.attn.qkv_kernel = qkv_norm_rope if qk_norm_rope_on and qkv_matmul_on else None
 
 
 def used_in_model(model) -> dict[str, bool]:
-    """Which of the two kernels ``model``'s attentions use: {"qk_norm_rope": .., "xsa_gate": ..}."""
+    """Which kernels ``model``'s attentions use: {"qk_norm_rope": .., "xsa_gate": .., "qkv_matmul": ..}."""
     attns = [block.attn for block in model.blocks]
     return {"qk_norm_rope": any(a.qk_kernel is not None for a in attns),
-            "xsa_gate": any(a.xsa_gate_kernel is not None for a in attns)}
+            "xsa_gate": any(a.xsa_gate_kernel is not None for a in attns),
+            "qkv_matmul": any(a.qkv_kernel is not None for a in attns)}

@@ -25,6 +25,8 @@ import triton.language as tl
 #   d gain[h] = sum over the head's rows and dims of g * r            (per-program partial sums, no atomics)
 #   gn_d = gain * (g_d c_j - sign_d g_partner s_j),  sign = +1 below half, -1 in [half, 2 half), s = 0 beyond
 #   dx = rstd * (gn - n * mean(gn * n))
+# x and dx may be column slices of a wider [T, width] tensor (the fused q/k/v projection's output and its gradient):
+# XS / DXS are their token strides in elements (H * D when contiguous); out and g are contiguous.
 
 
 @triton.jit
@@ -42,15 +44,16 @@ def _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H: tl.constexpr, HALF: tl.
 
 
 @triton.jit
-def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps,
+def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps, XS,
                              H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
                              BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
     rmask = rows < n_rows
     d = tl.arange(0, D)  # [D]
     c, s, partner, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H, HALF)
-    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)  # [R, D]
-    xp = tl.load(x_ptr + rows[:, None] * D + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    x_row = (rows // H).to(tl.int64) * XS + (rows % H) * D  # [R]: where the row starts in x
+    x = tl.load(x_ptr + x_row[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)  # [R, D]
+    xp = tl.load(x_ptr + x_row[:, None] + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [R]
     r = (x * c + sign[None, :] * xp * s) * rstd[:, None]
     if HAS_GAIN:
@@ -60,7 +63,7 @@ def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_pt
 
 
 @triton.jit
-def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, n_rows,
+def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, n_rows, XS, DXS,
                              H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
                              BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
@@ -70,19 +73,22 @@ def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr,
     c, s, partner, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H, HALF)
     at = rows[:, None] * D + d[None, :]
     at_partner = rows[:, None] * D + partner[None, :]
+    t, h = (rows // H).to(tl.int64), rows % H
+    x_at = (t * XS + h * D)[:, None] + d[None, :]
     g = tl.load(g_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)  # [R, D]
     gp = tl.load(g_ptr + at_partner, mask=rmask[:, None], other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)  # [R]
-    n = tl.load(x_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32) * rstd[:, None]
+    n = tl.load(x_ptr + x_at, mask=rmask[:, None], other=0.0).to(tl.float32) * rstd[:, None]
     gn = g * c - sign[None, :] * gp * s
     if HAS_GAIN:
-        np_ = tl.load(x_ptr + at_partner, mask=rmask[:, None], other=0.0).to(tl.float32) * rstd[:, None]
+        np_ = tl.load(x_ptr + (t * XS + h * D)[:, None] + partner[None, :], mask=rmask[:, None],
+                      other=0.0).to(tl.float32) * rstd[:, None]
         r = n * c + sign[None, :] * np_ * s
         per_row = tl.sum(g * r, axis=1)  # [R]
         tl.store(dgain_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(per_row, (BLOCK_R // H, H)), axis=0))
         gn = gn * tl.load(gain_ptr + rows % H, mask=rmask, other=0.0).to(tl.float32)[:, None]
     dx = rstd[:, None] * (gn - n * (tl.sum(gn * n, axis=1) / D)[:, None])
-    tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(dx_ptr + (t * DXS + h * D)[:, None] + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 def _qk_block_rows(num_heads: int, device: torch.device) -> int:
@@ -95,29 +101,39 @@ def qk_norm_rope_programs(num_rows: int, num_heads: int, device: torch.device) -
     return triton.cdiv(num_rows, _qk_block_rows(num_heads, device))
 
 
+def _token_stride(x: torch.Tensor) -> int:
+    """The token stride (elements) of x [T, H, D] whose heads and dims are contiguous (a column slice may be)."""
+    T, H, D = x.shape
+    if x.stride(2) != 1 or (H > 1 and x.stride(1) != D):
+        raise ValueError(f"attn_triton: expected heads and dims contiguous, got strides {x.stride()}")
+    return x.stride(0)
+
+
 def launch_qk_norm_rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor | None,
                             out: torch.Tensor, rstd: torch.Tensor, eps: float) -> None:
-    """x, out [T, H, D] contiguous; cos, sin [T, half] contiguous; gain [H] or None; rstd [T * H] fp32 (out)."""
+    """x [T, H, D] (heads and dims contiguous: a column slice of a wider tensor is fine), out [T, H, D]
+    contiguous; cos, sin [T, half] contiguous; gain [H] or None; rstd [T * H] fp32 (out)."""
     T, H, D = x.shape
     if T == 0:
         return
     block = _qk_block_rows(H, x.device)
     _qk_norm_rope_fwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
-        x, cos, sin, gain if gain is not None else x, out, rstd, T * H, float(eps),
+        x, cos, sin, gain if gain is not None else x, out, rstd, T * H, float(eps), _token_stride(x),
         H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, BLOCK_R=block, num_warps=4)
 
 
 def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, gain: torch.Tensor | None, dx: torch.Tensor,
                             dgain_partial: torch.Tensor | None) -> None:
-    """g, x, dx [T, H, D] contiguous; dgain_partial [programs, H] fp32 (out; None without a gain)."""
+    """g [T, H, D] contiguous; x, dx [T, H, D] with heads and dims contiguous (column slices of wider tensors are
+    fine); dgain_partial [programs, H] fp32 (out; None without a gain)."""
     T, H, D = x.shape
     if T == 0:
         return
     block = _qk_block_rows(H, x.device)
     _qk_norm_rope_bwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
         g, x, rstd, cos, sin, gain if gain is not None else x, dx,
-        dgain_partial if dgain_partial is not None else rstd, T * H,
+        dgain_partial if dgain_partial is not None else rstd, T * H, _token_stride(x), _token_stride(dx),
         H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, BLOCK_R=block, num_warps=4)
 
 

@@ -118,6 +118,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         qk_kernel=None if args.qk_kernel is None else args.qk_kernel == "on",
         xsa_kernel=None if args.xsa_kernel is None else args.xsa_kernel == "on",
         fold_scales=None if args.fold_scales is None else args.fold_scales == "on",
+        qkv_matmul=None if args.qkv_matmul is None else args.qkv_matmul == "on",
         data_dir=args.data,
         trace_dir=args.trace,
     )
@@ -153,6 +154,10 @@ def _register_bench_train(commands) -> None:
     p.add_argument(
         "--xsa-kernel", choices=["on", "off"], default=None,
         help="the XSA + output gate Triton kernel (default: the recipe's train.fused_xsa_gate)",
+    )
+    p.add_argument(
+        "--qkv-matmul", choices=["on", "off"], default=None,
+        help="q, k, v as one matmul feeding the q/k kernel (default: the recipe's train.fused_qkv_matmul)",
     )
     p.add_argument(
         "--fold-scales", choices=["on", "off"], default=None,
