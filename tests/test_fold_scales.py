@@ -78,7 +78,8 @@ def test_hooked_projections_are_called_unfolded():
         return lambda module, args: seen.__setitem__(name, seen.get(name, 0) + 1)
 
     block = model.blocks[0]
-    handles = [block.attn.o.register_forward_pre_hook(hook("o")), block.mlp.down.register_forward_pre_hook(hook("down"))]
+    handles = [block.attn.o.register_forward_pre_hook(hook("o")),
+               block.mlp.down.register_forward_pre_hook(hook("down"))]
     assert not plain_linear(block.attn.o) and not plain_linear(block.mlp.down)
     with torch.no_grad():
         hooked = model.forward_logits(ids)
@@ -97,7 +98,7 @@ def test_plain_linear_and_row_scaled():
     assert not plain_linear(nn.Linear(4, 3))  # a bias would not scale with the rows' fold
     wrapped = nn.Sequential(nn.Linear(4, 3, bias=False))
     assert not plain_linear(wrapped)
-    w, s, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    w, s, x = (torch.randn(*shape, dtype=torch.float64) for shape in ((3, 4), (3,), (5, 4)))
     assert torch.allclose(nn.functional.linear(x, row_scaled(w, s)), s * nn.functional.linear(x, w))
 
 

@@ -171,7 +171,8 @@ if TRITON_AVAILABLE:
         check_triton_device(qkv, "pgolf::qkv_norm_rope")
         qkv = qkv.contiguous()
         xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
-        q, k = torch.empty_like(xq, memory_format=torch.contiguous_format), torch.empty_like(xk, memory_format=torch.contiguous_format)
+        q = torch.empty_like(xq, memory_format=torch.contiguous_format)  # [T, H, D]
+        k = torch.empty_like(xk, memory_format=torch.contiguous_format)  # [T, Hkv, D]
         rstd_q = torch.empty((xq.shape[0] * num_heads,), dtype=torch.float32, device=qkv.device)
         rstd_k = torch.empty((xk.shape[0] * num_kv_heads,), dtype=torch.float32, device=qkv.device)
         cos, sin = cos.contiguous(), sin.contiguous()

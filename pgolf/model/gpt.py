@@ -63,7 +63,8 @@ from torch import Tensor
 from pgolf.model import kernels
 from pgolf.model.attention import build_cu_seqlens, resolve_backend
 from pgolf.model.layers import MLP, Attention, _linear, rms_norm
-from pgolf.model.layers import exclusive_self_attention, mlp_activation, plain_linear, row_scaled  # noqa: F401 (re-exported)
+from pgolf.model.layers import exclusive_self_attention, mlp_activation, row_scaled  # noqa: F401 (re-exported)
+from pgolf.model.layers import plain_linear
 from pgolf.model.walk import walk_blocks
 from pgolf.model.rope import ROPE_BUFFERS, apply_partial_rope, rope_buffers, token_rope  # noqa: F401 (re-exported)
 from pgolf.model.rope import rope_cache, rope_inv_freq, rope_tables  # noqa: F401 (re-exported)
