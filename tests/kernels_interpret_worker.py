@@ -303,6 +303,7 @@ def case_qkv_norm_rope_fp32() -> None:
     heads, and losses that read only some of the outputs."""
     _qkv_case(torch.float32, 37, 8, 4, 64, 8)
     _qkv_case(torch.float32, 5, 2, 1, 16, 4)
+    _qkv_case(torch.float32, 1, 2, 1, 16, 4)  # one token: its v slice is contiguous, the output still a copy
     _qkv_case(torch.float32, 9, 2, 1, 16, 4, used="qv")
     _qkv_case(torch.float32, 9, 2, 1, 16, 4, used="k")
 

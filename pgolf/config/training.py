@@ -341,7 +341,7 @@ class TrainConfig:
     # (pgolf.model.attn_kernels): the q/k RMSNorm + partial RoPE + q gain, and XSA + the output gate. The same
     # function (float32 inside, rounded once). One H100, FA4, record recipe: 729.9 -> 692.6 ms/step looping off,
     # 1,089.0 -> 1,033.7 on, 2.1 / 3.3 GiB less peak memory (docs/benchmarks.md); `pytest -m gpu` passed with them
-    # (at 8529587; the kernel bodies are unchanged since).
+    # (at 510f0d9 with FA4; the q/k kernel's token strides, added since, passed its GPU tests at 5623981).
     fused_qk_norm_rope: bool = True
     fused_xsa_gate: bool = True
     # With fused_qk_norm_rope: each attention's q, k and v as ONE matmul with the stacked weights, the q/k kernels

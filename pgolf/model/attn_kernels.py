@@ -178,7 +178,8 @@ if TRITON_AVAILABLE:
         cos, sin = cos.contiguous(), sin.contiguous()
         _qt.launch_qk_norm_rope_fwd(xq, cos, sin, gain, q, rstd_q, eps)
         _qt.launch_qk_norm_rope_fwd(xk, cos, sin, None, k, rstd_k, eps)
-        return q, k, xv.contiguous(), rstd_q, rstd_k
+        # a copy even where the slice is already contiguous (one token): an op's output may not alias its input
+        return q, k, xv.clone(memory_format=torch.contiguous_format), rstd_q, rstd_k
 
     @_qkv_norm_rope_op.register_fake
     def _qkv_norm_rope_fake(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
