@@ -954,6 +954,17 @@ def test_gpu_xsa_gate_bf16(with_xsa, with_gate):
         _no_worse(a, b, t, f"d{name}", slack=2.0)
 
 
+def test_attention_kernels_refuse_tensors_past_32_bit_offsets():
+    """The kernels index with 32-bit offsets: a tensor of 2^31 elements or more takes the reference path (shapes
+    checked on the meta device: nothing is allocated)."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    for tokens, fusable in ((2**21, True), (2**22, False)):  # x [tokens, 8, 64]: 2^30 and 2^31 elements
+        cos = torch.empty(tokens, 1, 8, **meta)
+        assert attn_kernels.qk_norm_rope_fusable(torch.empty(tokens, 8, 64, **meta), cos, cos) is fusable
+    assert attn_kernels.xsa_gate_fusable(torch.empty(2**21, 8, 64, **meta), torch.empty(2**21, 4, 64, **meta))
+    assert not attn_kernels.xsa_gate_fusable(torch.empty(2**22, 8, 64, **meta), torch.empty(2**22, 4, 64, **meta))
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_qkv_norm_rope_bf16():

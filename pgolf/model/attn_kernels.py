@@ -43,6 +43,9 @@ def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
+MAX_KERNEL_ELEMENTS = 2**31  # the kernels index their contiguous tensors with 32-bit offsets
+
+
 def qk_norm_rope_reference(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
     """``apply_partial_rope(rms_norm(x), cos, sin)``, times ``gain`` [H] per head when given: x [T, H, D], cos/sin
     [T, 1, r/2] -> [T, H, D] in x's dtype (the model's own path, as ``Attention.forward`` writes it)."""
@@ -108,15 +111,16 @@ if TRITON_AVAILABLE:
 
 def qk_norm_rope_fusable(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     """The kernel's shape contract: power-of-two head dim and head count, rotated pairs inside the head, a
-    half-width that is a power of two, floating activations of at most 4 bytes; and tables that need no gradient
-    (the kernel gives them none: the model's are buffers)."""
+    half-width that is a power of two, floating activations of at most 4 bytes, fewer than 2^31 elements; and
+    tables that need no gradient (the kernel gives them none: the model's are buffers)."""
     return _qk_fusable(*x.shape, x.dtype, cos, sin)
 
 
 def _qk_fusable(T: int, H: int, D: int, dtype: torch.dtype, cos: Tensor, sin: Tensor) -> bool:
     half = cos.shape[-1]
     return (_pow2(D) and _pow2(H) and _pow2(half) and 2 * half <= D and dtype in (torch.bfloat16, torch.float16,
-            torch.float32) and cos.shape[0] == T and not (cos.requires_grad or sin.requires_grad))
+            torch.float32) and cos.shape[0] == T and not (cos.requires_grad or sin.requires_grad)
+            and T * H * D < MAX_KERNEL_ELEMENTS)
 
 
 def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
@@ -322,11 +326,11 @@ if TRITON_AVAILABLE:
 
 def xsa_gate_fusable(y: Tensor, v: Optional[Tensor]) -> bool:
     """The kernel's shape contract: power-of-two head dim and query heads per kv head, floating activations of
-    at most 4 bytes, y and v of one dtype."""
+    at most 4 bytes, y and v of one dtype, fewer than 2^31 elements."""
     T, H, D = y.shape
     group = H // v.shape[1] if v is not None else 1
     return (_pow2(D) and _pow2(group) and (v is None or (H % v.shape[1] == 0 and v.dtype == y.dtype))
-            and y.dtype in (torch.bfloat16, torch.float16, torch.float32))
+            and y.dtype in (torch.bfloat16, torch.float16, torch.float32) and T * H * D < MAX_KERNEL_ELEMENTS)
 
 
 def xsa_gate(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) -> Tensor:
