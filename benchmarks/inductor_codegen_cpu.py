@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -40,9 +41,11 @@ LAUNCH_RE = re.compile(r"^\s+(triton_\w+)\.run\(", re.M)
 _REGISTRATIONS: list = []  # torch.library registrations last as long as their Library object
 
 
-def kernel_stats(module_source: str, model_dim: int) -> list[dict[str, Any]]:
+def kernel_stats(module_source: str, model_dim: int, tokens: Optional[int] = None) -> list[dict[str, Any]]:
     """Per generated kernel of one graph module: launches, distinct full-size loads and stores (an index with a
-    ``model_dim`` stride: a [tokens, model_dim] tensor), accumulators of a mix-order reduction, pointer arguments."""
+    ``model_dim`` stride: a [tokens, model_dim] tensor), accumulators of a mix-order reduction, pointer arguments.
+    With ``tokens``: a kernel whose literal extent (xnumel x r0_numel) is below tokens x model_dim works on weights
+    (a [512, 512] weight gradient has the same stride) and has no full-size loads or stores."""
     launches = Counter(LAUNCH_RE.findall(module_source))
     full = re.compile(r"tl\.(load|store)\((\w+) \+ \(([^)]*\b" + str(model_dim) + r"\*[^)]*)\)")
     rows = []
@@ -50,6 +53,9 @@ def kernel_stats(module_source: str, model_dim: int) -> list[dict[str, Any]]:
         source = m.group("source")
         loads = {ptr for op, ptr, _ in full.findall(source) if op == "load"}
         stores = {ptr for op, ptr, _ in full.findall(source) if op == "store"}
+        extents = [int(n) for n in re.findall(r"^\s+(?:xnumel|r0_numel) = (\d+)$", source, re.M)]
+        if tokens is not None and extents and math.prod(extents) < tokens * model_dim:
+            loads, stores = set(), set()
         header = re.search(r"^def \w+\((.*?)\):", source, re.M)
         pointers = [a for a in header.group(1).split(", ") if "ptr" in a] if header else []
         rows.append({
@@ -387,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     graphs = {}
     for name, source in zip(("forward", "backward"), modules):
         (out / f"{name}.py").write_text(source)
-        graphs[name] = kernel_stats(source, model_dim)
+        graphs[name] = kernel_stats(source, model_dim, args.tokens)
     summary = {"model": args.model, "config": args.config, "tokens": args.tokens, "looping": args.looping,
                "max_fusion_io_buffers": args.max_fusion_io_buffers, "mix_order_reduction": args.mix_order_reduction,
                "mix_order_any_size": args.mix_order_any_size, "fold_scales": args.fold_scales,

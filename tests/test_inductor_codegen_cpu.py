@@ -38,15 +38,29 @@ def triton_poi_fused_add_4(in_ptr0, out_ptr0, xnumel, XBLOCK : tl.constexpr):
     tmp0 = tl.load(in_ptr0 + (x0), None)
 ''', device_str='cpu')
 
+triton_per_fused_mul_sum_5 = async_compile.triton('triton_per_fused_mul_sum_5', '''
+@triton.jit
+def triton_per_fused_mul_sum_5(in_ptr0, in_ptr1, out_ptr0, xnumel, r0_numel, XBLOCK : tl.constexpr):
+    xnumel = 64
+    r0_numel = 64
+    tmp0 = tl.load(in_ptr0 + (r0_1 + 64*x0), xmask)
+    tl.store(out_ptr0 + (r0_1 + 64*x0), tmp0, xmask)
+''', device_str='cpu')
+
 def call(args):
         triton_per_fused_rms_norm_sum_3.run(buf1, buf2, buf3, ws, 1024, 64, stream=raw_streamNone)
+        triton_per_fused_mul_sum_5.run(buf8, buf9, buf10, 64, 64, stream=raw_streamNone)
         triton_poi_fused_add_4.run(buf4, buf5, 64, stream=raw_streamNone)
         triton_poi_fused_add_4.run(buf6, buf7, 64, stream=raw_streamNone)
 """
 
 
 def test_kernel_statistics_of_a_graph_module():
-    rows = {r["name"]: r for r in codegen.kernel_stats(MODULE, model_dim=64)}
+    weights = {r["name"]: r for r in codegen.kernel_stats(MODULE, model_dim=64)}["triton_per_fused_mul_sum_5"]
+    assert (weights["full_loads"], weights["full_stores"]) == (1, 1)  # without the token count: the stride alone
+    rows = {r["name"]: r for r in codegen.kernel_stats(MODULE, model_dim=64, tokens=1024)}
+    weights = rows.pop("triton_per_fused_mul_sum_5")  # a [64, 64] weight-sized kernel: no full-size pass
+    assert (weights["launches"], weights["full_loads"], weights["full_stores"]) == (1, 0, 0)
     mix = rows["triton_per_fused_rms_norm_sum_3"]
     assert (mix["launches"], mix["full_loads"], mix["full_stores"], mix["accumulators"]) == (1, 2, 1, 2)
     assert mix["mix_order"] and mix["pointer_args"] == 4
