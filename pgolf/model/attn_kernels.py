@@ -75,22 +75,26 @@ if TRITON_AVAILABLE:
                                   gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """(dx [T, H, D] in x's dtype, d gain [H] in gain's dtype; [0] without a gain)."""
         check_triton_device(x, "pgolf::qk_norm_rope_backward")
-        T, H, _ = x.shape
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        partial = None
-        if gain is not None:
-            partial = torch.empty((_qt.qk_norm_rope_programs(T * H, H, x.device), H), dtype=torch.float32,
-                                  device=x.device)
-        _qt.launch_qk_norm_rope_bwd(g.to(x.dtype).contiguous(), x.contiguous(), rstd, cos.contiguous(),
-                                    sin.contiguous(), gain, dx, partial)
-        dgain = x.new_empty((0,)) if partial is None else partial.sum(0).to(gain.dtype)
-        return dx, dgain
+        return dx, _qk_backward(g, x.contiguous(), rstd, cos.contiguous(), sin.contiguous(), gain, dx)
 
     @_qk_norm_rope_backward_op.register_fake
     def _qk_norm_rope_backward_fake(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor,
                                     gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         dgain = x.new_empty((0,)) if gain is None else gain.new_empty(gain.shape)
         return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
+
+    def _qk_backward(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor],
+                     dx: Tensor) -> Tensor:
+        """Launch the q/k backward kernel (x, dx may be column slices); returns d gain ([0] without a gain), summed
+        from the programs' partial sums."""
+        T, H, _ = x.shape
+        partial = None
+        if gain is not None:
+            partial = torch.empty((_qt.qk_norm_rope_programs(T * H, H, x.device), H), dtype=torch.float32,
+                                  device=x.device)
+        _qt.launch_qk_norm_rope_bwd(g.to(x.dtype).contiguous(), x, rstd, cos, sin, gain, dx, partial)
+        return x.new_empty((0,)) if partial is None else partial.sum(0).to(gain.dtype)
 
     def _qk_norm_rope_setup(ctx, inputs, output) -> None:
         x, cos, sin, gain, _ = inputs
@@ -123,16 +127,24 @@ def _qk_fusable(T: int, H: int, D: int, dtype: torch.dtype, cos: Tensor, sin: Te
             and T * H * D < MAX_KERNEL_ELEMENTS)
 
 
+QK_EPS = float(torch.finfo(torch.float32).eps)  # the reference norm's (float32's)
+
+
+def _kernel_tables(cos: Tensor, sin: Tensor, gain: Optional[Tensor],
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """cos / sin [T, 1, r/2] -> [T, r/2] and the gain, in the activations' dtype, as the reference casts them."""
+    T, half = cos.shape[0], cos.shape[-1]
+    return (cos.to(dtype).reshape(T, half), sin.to(dtype).reshape(T, half),
+            None if gain is None else gain.to(dtype))
+
+
 def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
     """:func:`qk_norm_rope_reference` (x [T, H, D], cos/sin [T, 1, r/2], gain [H] or None -> [T, H, D] in x's
     dtype), as one Triton kernel forward and backward where it can run, the reference elsewhere. The tables and
     the gain are cast to x's dtype first, as the reference does; the norm's eps is the reference's (float32's)."""
     if not (use_triton(x) and qk_norm_rope_fusable(x, cos, sin)):
         return qk_norm_rope_reference(x, cos, sin, gain)
-    T, half = x.shape[0], cos.shape[-1]
-    cos2, sin2 = cos.to(x.dtype).reshape(T, half), sin.to(x.dtype).reshape(T, half)
-    gain = None if gain is None else gain.to(x.dtype)
-    out, _ = torch.ops.pgolf.qk_norm_rope(x, cos2, sin2, gain, float(torch.finfo(torch.float32).eps))
+    out, _ = torch.ops.pgolf.qk_norm_rope(x, *_kernel_tables(cos, sin, gain, x.dtype), QK_EPS)
     return out
 
 
@@ -150,20 +162,17 @@ def qkv_norm_rope_reference(qkv: Tensor, num_heads: int, num_kv_heads: int, cos:
                             gain: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """qkv [T, (H + 2 Hkv) D] -> (q [T, H, D], k [T, Hkv, D], v [T, Hkv, D]): q and k through
     :func:`qk_norm_rope_reference` (the gain on q only), v as it is."""
-    T = qkv.shape[0]
-    D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
-    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=1)
-    q = qk_norm_rope_reference(q.reshape(T, num_heads, D), cos, sin, gain)
-    k = qk_norm_rope_reference(k.reshape(T, num_kv_heads, D), cos, sin, None)
-    return q, k, v.reshape(T, num_kv_heads, D)
+    q, k, v = _heads(qkv, num_heads, num_kv_heads)
+    return qk_norm_rope_reference(q, cos, sin, gain), qk_norm_rope_reference(k, cos, sin, None), v
 
 
 def _heads(qkv: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Views [T, H, D], [T, Hkv, D], [T, Hkv, D] of the columns of qkv [T, (H + 2 Hkv) D] (or of its gradient)."""
+    """[T, H, D], [T, Hkv, D], [T, Hkv, D] of the columns of qkv [T, (H + 2 Hkv) D] (or of its gradient): views
+    when qkv is contiguous, as the op makes it."""
     T = qkv.shape[0]
     D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=1)
-    return q.view(T, num_heads, D), k.view(T, num_kv_heads, D), v.view(T, num_kv_heads, D)
+    return q.reshape(T, num_heads, D), k.reshape(T, num_kv_heads, D), v.reshape(T, num_kv_heads, D)
 
 
 if TRITON_AVAILABLE:
@@ -204,15 +213,10 @@ if TRITON_AVAILABLE:
         dqkv = torch.empty_like(qkv)
         xq, xk, _ = _heads(qkv, num_heads, num_kv_heads)
         dq, dk, dv = _heads(dqkv, num_heads, num_kv_heads)
-        partial = None
-        if gain is not None:
-            partial = torch.empty((_qt.qk_norm_rope_programs(xq.shape[0] * num_heads, num_heads, qkv.device),
-                                   num_heads), dtype=torch.float32, device=qkv.device)
         cos, sin = cos.contiguous(), sin.contiguous()
-        _qt.launch_qk_norm_rope_bwd(gq.to(qkv.dtype).contiguous(), xq, rstd_q, cos, sin, gain, dq, partial)
-        _qt.launch_qk_norm_rope_bwd(gk.to(qkv.dtype).contiguous(), xk, rstd_k, cos, sin, None, dk, None)
+        dgain = _qk_backward(gq, xq, rstd_q, cos, sin, gain, dq)
+        _qk_backward(gk, xk, rstd_k, cos, sin, None, dk)
         dv.copy_(gv)
-        dgain = qkv.new_empty((0,)) if partial is None else partial.sum(0).to(gain.dtype)
         return dqkv, dgain
 
     @_qkv_norm_rope_backward_op.register_fake
@@ -252,11 +256,8 @@ def qkv_norm_rope(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
     D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     if not (use_triton(qkv) and _qk_fusable(T, num_heads, D, qkv.dtype, cos, sin) and _pow2(num_kv_heads)):
         return qkv_norm_rope_reference(qkv, num_heads, num_kv_heads, cos, sin, gain)
-    half = cos.shape[-1]
-    cos2, sin2 = cos.to(qkv.dtype).reshape(T, half), sin.to(qkv.dtype).reshape(T, half)
-    gain = None if gain is None else gain.to(qkv.dtype)
-    q, k, v, _, _ = torch.ops.pgolf.qkv_norm_rope(qkv, num_heads, num_kv_heads, cos2, sin2, gain,
-                                                  float(torch.finfo(torch.float32).eps))
+    cos2, sin2, gain = _kernel_tables(cos, sin, gain, qkv.dtype)
+    q, k, v, _, _ = torch.ops.pgolf.qkv_norm_rope(qkv, num_heads, num_kv_heads, cos2, sin2, gain, QK_EPS)
     return q, k, v
 
 
