@@ -263,36 +263,39 @@ def case_qk_norm_rope_opcheck() -> None:
         torch.library.opcheck(torch.ops.pgolf.qk_norm_rope_backward.default, args, test_utils=utils)
 
 
-def _qkv_case(dtype: torch.dtype, T: int, H: int, Hkv: int, D: int, half: int, used: str = "qkv") -> None:
-    """The fused-projection op against the fp64 reference: q, k, v and the gradients of qkv and the gain. ``used``:
-    which outputs the loss reads (the others get no gradient: the op's backward stands in zeros)."""
-    gen = torch.Generator().manual_seed(T * H + D + len(used))
+def _qkv_case(dtype: torch.dtype, T: int, H: int, Hkv: int, D: int, half: int, used: str = "qkva",
+              rep: int = 1) -> None:
+    """The fused-projection op against the fp64 reference: q, k, v, the attention's v and the gradients of qkv and
+    the gain. ``used``: which outputs the loss reads (q, k, v, a: the attention's v; the others get no gradient:
+    the op's backward stands in zeros); ``rep``: copies of each k / v head (``train.repeat_kv_heads``)."""
+    gen = torch.Generator().manual_seed(T * H + D + len(used) + rep)
     width = (H + 2 * Hkv) * D
     qkv = (torch.randn(T, width, generator=gen) * (0.25 + 4 * torch.rand(T, 1, generator=gen))).to(dtype)
     _, cos, sin, gain, _ = _qk_inputs(T, H, D, half, dtype, seed=T)
-    grads_out = [torch.randn(T, h, D, generator=gen).to(dtype) for h in (H, Hkv, Hkv)]
+    shapes = [(T, H, D), (T, Hkv * rep, D), (T, Hkv, D), (T, Hkv * rep, D)]
+    grads_out = [torch.randn(*shape, generator=gen).to(dtype) for shape in shapes]
 
     def run(fn, cast):
         x, g = cast(qkv).clone().requires_grad_(True), cast(gain).clone().requires_grad_(True)
-        outs = fn(x, H, Hkv, cast(cos), cast(sin), g)
-        loss = sum((o * cast(w)).sum() for o, w, name in zip(outs, grads_out, "qkv") if name in used)
+        outs = fn(x, H, Hkv, cast(cos), cast(sin), g, rep)
+        loss = sum((o * cast(w)).sum() for o, w, name in zip(outs, grads_out, "qkva") if name in used)
         return outs, torch.autograd.grad(loss, [x, g], allow_unused=True)
 
-    what = f"qkv_norm_rope {dtype} T={T} H={H} Hkv={Hkv} D={D} half={half} used={used}"
+    what = f"qkv_norm_rope {dtype} T={T} H={H} Hkv={Hkv} D={D} half={half} used={used} rep={rep}"
     outs, grads = run(attn_kernels.qkv_norm_rope, lambda t: t)
     truths, truth_grads = run(attn_kernels.qkv_norm_rope_reference, lambda t: t.double())
     if "q" not in used:  # no gradient reaches the gain: the reference gives None, the op zeros or None
         grads, truth_grads = grads[:1], truth_grads[:1]
-    if [o.shape for o in outs] != [(T, H, D), (T, Hkv, D), (T, Hkv, D)] or outs[0].dtype != dtype:
+    if [tuple(o.shape) for o in outs] != shapes or outs[0].dtype != dtype:
         raise AssertionError(f"{what}: outputs {[(o.shape, o.dtype) for o in outs]}")
     if dtype == torch.float32:
-        for name, o, t in zip("qkv", outs, truths):
+        for name, o, t in zip("qkva", outs, truths):
             _close(o.double(), t.detach(), f"{what}: {name}")
         for name, g, t in zip(("dqkv", "dgain"), grads, truth_grads):
             _close(g.double(), t, f"{what}: {name}", rtol=1e-5, atol=1e-5 * t.abs().max().item())
         return
     refs, ref_grads = run(attn_kernels.qkv_norm_rope_reference, lambda t: t)
-    for name, o, r, t in zip("qkv", outs, refs, truths):
+    for name, o, r, t in zip("qkva", outs, refs, truths):
         _no_worse(o, r, t.detach(), f"{what}: {name}")
     for name, g, r, t in zip(("dqkv", "dgain"), grads, ref_grads, truth_grads):
         _no_worse(g, r, t, f"{what}: {name}")
@@ -308,12 +311,25 @@ def case_qkv_norm_rope_fp32() -> None:
     _qkv_case(torch.float32, 9, 2, 1, 16, 4, used="k")
 
 
+def case_qkv_norm_rope_repeat_fp32() -> None:
+    """k and v heads repeated for their query heads (``train.repeat_kv_heads``): the record's 8 / 4 heads, a group
+    of 4, one token, and losses that read only some outputs (k's copies alone; v alone; v's copies alone)."""
+    _qkv_case(torch.float32, 37, 8, 4, 64, 8, rep=2)
+    _qkv_case(torch.float32, 11, 4, 1, 16, 4, rep=4)
+    _qkv_case(torch.float32, 1, 2, 1, 16, 4, rep=2)
+    _qkv_case(torch.float32, 9, 2, 1, 16, 4, used="k", rep=2)
+    _qkv_case(torch.float32, 9, 2, 1, 16, 4, used="qv", rep=2)
+    _qkv_case(torch.float32, 9, 2, 1, 16, 4, used="a", rep=2)
+
+
 def case_qkv_norm_rope_bf16() -> None:
     _qkv_case(torch.bfloat16, 29, 8, 4, 64, 8)
+    _qkv_case(torch.bfloat16, 29, 8, 4, 64, 8, rep=2)
 
 
 def case_qkv_norm_rope_opcheck() -> None:
-    """Schema, fake (shape) functions and autograd registration of the fused-projection op and its backward."""
+    """Schema, fake (shape) functions and autograd registration of the fused-projection op and its backward, with
+    one copy and two of each k / v head."""
     T, H, Hkv, D, half = 13, 2, 1, 16, 4
     gen = torch.Generator().manual_seed(5)
     qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen)
@@ -321,13 +337,16 @@ def case_qkv_norm_rope_opcheck() -> None:
     cos2, sin2 = cos.reshape(T, half), sin.reshape(T, half)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     eps = float(torch.finfo(torch.float32).eps)
-    for g in (gain.clone().requires_grad_(True), None):
-        torch.library.opcheck(torch.ops.pgolf.qkv_norm_rope.default,
-                              (qkv.clone().requires_grad_(True), H, Hkv, cos2, sin2, g, eps), test_utils=utils)
-        q, k, v, rq, rk = torch.ops.pgolf.qkv_norm_rope(qkv, H, Hkv, cos2, sin2, None if g is None else g.detach(), eps)
-        args = (torch.randn_like(q), torch.randn_like(k), torch.randn_like(v), qkv, rq, rk, cos2, sin2,
-                None if g is None else g.detach())
-        torch.library.opcheck(torch.ops.pgolf.qkv_norm_rope_backward.default, args, test_utils=utils)
+    for rep in (1, 2):
+        for g in (gain.clone().requires_grad_(True), None):
+            torch.library.opcheck(torch.ops.pgolf.qkv_norm_rope.default,
+                                  (qkv.clone().requires_grad_(True), H, Hkv, cos2, sin2, g, eps, rep),
+                                  test_utils=utils)
+            q, k, v, vc, rq, rk = torch.ops.pgolf.qkv_norm_rope(qkv, H, Hkv, cos2, sin2,
+                                                                None if g is None else g.detach(), eps, rep)
+            args = (torch.randn_like(q), torch.randn_like(k), torch.randn_like(v), torch.randn_like(vc), qkv, rq, rk,
+                    cos2, sin2, None if g is None else g.detach())
+            torch.library.opcheck(torch.ops.pgolf.qkv_norm_rope_backward.default, args, test_utils=utils)
 
 
 def _xsa_case(dtype: torch.dtype, T: int, H: int, Hkv: int, D: int, with_xsa: bool, with_gate: bool) -> None:
@@ -549,18 +568,21 @@ def case_model_fused_matches_reference() -> None:
     targets = torch.randint(2, 300, (24,), generator=gen)
     targets[7] = -100
     results = {}
-    for fused in (False, True):
+    for fused, repeat_kv in ((False, False), (True, False), (True, True)):  # repeat: k / v heads per query head
         model.use_fused_kernels = fused
-        attn_kernels.use_in_model(model, fused, fused, fused)
+        attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv)
         model.zero_grad(set_to_none=True)
         loss = model(ids, targets)
         loss.backward()
-        results[fused] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    _close(results[True][0], results[False][0], "loss", rtol=1e-5, atol=1e-6)
-    if results[True][1].keys() != results[False][1].keys():
-        raise AssertionError("fused and reference paths give gradients to different parameters")
-    for name, g in results[False][1].items():
-        _close(results[True][1][name], g, f"grad {name}", rtol=1e-4, atol=1e-6)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[fused, repeat_kv] = (loss.detach(), grads)
+    reference_loss, reference_grads = results.pop((False, False))
+    for (_, repeat_kv), (loss, grads) in results.items():
+        _close(loss, reference_loss, f"loss (repeat_kv={repeat_kv})", rtol=1e-5, atol=1e-6)
+        if grads.keys() != reference_grads.keys():
+            raise AssertionError("fused and reference paths give gradients to different parameters")
+        for name, g in reference_grads.items():
+            _close(grads[name], g, f"grad {name} (repeat_kv={repeat_kv})", rtol=1e-4, atol=1e-6)
 
 
 def case_model_attention_kernels_compile() -> None:
@@ -572,19 +594,22 @@ def case_model_attention_kernels_compile() -> None:
     torch._dynamo.reset()
     model = _tiny_model()
     model.looping = True
-    attn_kernels.use_in_model(model, True, True, True)
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(2, 300, (24,), generator=gen)
     ids[0] = ids[13] = 1
     targets = torch.randint(2, 300, (24,), generator=gen)
-    breaks_before = sum(counters["graph_break"].values())
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, targets)
-    compiled.backward()
-    if sum(counters["graph_break"].values()) != breaks_before:
-        raise AssertionError(f"graph breaks: {dict(counters['graph_break'])}")
-    if attn_kernels.used_in_model(model) != {"qk_norm_rope": True, "xsa_gate": True, "qkv_matmul": True}:
-        raise AssertionError(f"kernels in use: {attn_kernels.used_in_model(model)}")
-    _close(compiled.detach(), model(ids, targets).detach(), "compiled loss with the attention kernels")
+    for repeat_kv in (False, True):
+        torch._dynamo.reset()
+        attn_kernels.use_in_model(model, True, True, True, repeat_kv)
+        breaks_before = sum(counters["graph_break"].values())
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, targets)
+        compiled.backward()
+        if sum(counters["graph_break"].values()) != breaks_before:
+            raise AssertionError(f"graph breaks: {dict(counters['graph_break'])}")
+        expected = {"qk_norm_rope": True, "xsa_gate": True, "qkv_matmul": True, "repeat_kv": repeat_kv}
+        if attn_kernels.used_in_model(model) != expected:
+            raise AssertionError(f"kernels in use: {attn_kernels.used_in_model(model)}")
+        _close(compiled.detach(), model(ids, targets).detach(), f"compiled loss, kernels on, repeat_kv={repeat_kv}")
 
 
 def case_compile_fullgraph() -> None:

@@ -756,6 +756,7 @@ INTERPRET_CASES = [
     "qk_norm_rope_bf16",
     "qk_norm_rope_opcheck",
     "qkv_norm_rope_fp32",
+    "qkv_norm_rope_repeat_fp32",
     "qkv_norm_rope_bf16",
     "qkv_norm_rope_opcheck",
     "xsa_gate_fp32",
@@ -967,15 +968,17 @@ def test_attention_kernels_refuse_tensors_past_32_bit_offsets():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_qkv_norm_rope_bf16():
-    """The record's fused q, k, v projection output [T, (8 + 2 x 4) x 64] in bf16 on CUDA: q, k, v and the
+@pytest.mark.parametrize("rep", [1, 2])
+def test_gpu_qkv_norm_rope_bf16(rep):
+    """The record's fused q, k, v projection output [T, (8 + 2 x 4) x 64] in bf16 on CUDA, with native GQA (rep 1)
+    and k / v repeated per query head (rep 2, ``train.repeat_kv_heads``): q, k, v, the attention's v and the
     gradients of qkv and the gain no further from the fp64 truth than the model's unfused bf16 path."""
     from pgolf.model.rope import rope_buffers
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     T, H, Hkv, D, half = 4099, 8, 4, 64, 8
     qkv = (torch.randn(T, (H + 2 * Hkv) * D, device="cuda", generator=gen) * 3).bfloat16()
-    grads_out = [torch.randn(T, h, D, device="cuda", generator=gen).bfloat16() for h in (H, Hkv, Hkv)]
+    grads_out = [torch.randn(T, h, D, device="cuda", generator=gen).bfloat16() for h in (H, Hkv * rep, Hkv, Hkv * rep)]
     _, cos, sin = (t.cuda() for t in rope_buffers(2 * half, 10000.0, T))
     cos, sin = cos[:, None, :], sin[:, None, :]
     gain = torch.rand(H, device="cuda", generator=gen) + 0.5
@@ -984,14 +987,15 @@ def test_gpu_qkv_norm_rope_bf16():
         wide = torch.float64 if dtype == torch.float64 else torch.float32
         leaves = [qkv.to(dtype).requires_grad_(True), gain.to(wide).requires_grad_(True)]
         tables = (cos.double(), sin.double()) if dtype == torch.float64 else (cos, sin)
-        outs = fn(leaves[0], H, Hkv, *tables, leaves[1])
-        return outs, torch.autograd.grad(outs, leaves, [g.to(dtype) for g in grads_out])
+        outs = fn(leaves[0], H, Hkv, *tables, leaves[1], rep)
+        loss = sum((o * g.to(dtype)).sum() for o, g in zip(outs, grads_out))
+        return outs, torch.autograd.grad(loss, leaves)
 
     outs, grads = run(attn_kernels.qkv_norm_rope, torch.bfloat16)
     refs, ref_grads = run(attn_kernels.qkv_norm_rope_reference, torch.bfloat16)
     truths, truth_grads = run(attn_kernels.qkv_norm_rope_reference, torch.float64)
-    assert [o.dtype for o in outs] == [torch.bfloat16] * 3 and grads[0].dtype == torch.bfloat16
-    for name, a, b, t in zip("qkv", outs, refs, truths):
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 4 and grads[0].dtype == torch.bfloat16
+    for name, a, b, t in zip("qkva", outs, refs, truths):
         _no_worse(a, b, t.detach(), name, slack=2.0)
     for name, a, b, t in zip(("dqkv", "dgain"), grads, ref_grads, truth_grads):
         _no_worse(a, b, t, name, slack=2.0)
@@ -999,9 +1003,10 @@ def test_gpu_qkv_norm_rope_bf16():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_model_fused_compiled_matches_reference():
+@pytest.mark.parametrize("repeat_kv", [False, True])
+def test_gpu_model_fused_compiled_matches_reference(repeat_kv):
     """A record-width model: fused kernels + folded output scales + torch.compile(fullgraph, inductor) vs the
-    pure-PyTorch eager path."""
+    pure-PyTorch eager path; with native GQA and with k / v repeated per query head (``train.repeat_kv_heads``)."""
     from torch._dynamo.utils import counters
 
     from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
@@ -1024,7 +1029,7 @@ def test_gpu_model_fused_compiled_matches_reference():
 
     def run(fused: bool, compiled: bool):
         model.use_fused_kernels = fused
-        attn_kernels.use_in_model(model, fused, fused, fused)  # q, k, v as one matmul too
+        attn_kernels.use_in_model(model, fused, fused, fused, fused and repeat_kv)  # q, k, v as one matmul too
         model.fold_output_scales = fused  # the training stage's configuration (train.fold_output_scales)
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model

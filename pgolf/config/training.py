@@ -351,6 +351,12 @@ class TrainConfig:
     # projections (Hessians, LoRA) are used separately. One H100, torch attention, looping off: 780.6 -> 773.4
     # ms/step (docs/benchmarks.md; not yet timed with FA4).
     fused_qkv_matmul: bool = True
+    # With fused_qkv_matmul: the q/k/v op writes each k and v head once per query head of its group, so the attention
+    # kernel sees as many k / v heads as q heads and runs without GQA (pgolf.model.attn_kernels.qkv_norm_rope,
+    # ``kv_repeat``). The same function (the copies' gradients are summed in fp32 and rounded once). Why:
+    # FlashAttention 4's GQA backward on Hopper accumulates dK and dV in zero-filled fp32 scratch with atomic adds
+    # and converts them in a postprocess pass; the copies cost less. Off by default: measured in docs/benchmarks.md.
+    repeat_kv_heads: bool = False
     # Each block's attn_scale / mlp_scale multiplied into the rows of its o / down weight ([d, d_in], once per call)
     # instead of into the [tokens, d] sublayer outputs (pgolf.model.gpt.GPT.fold_output_scales). The same function,
     # float rounding aside; the backward then takes the scales' gradients from the weight gradients instead of

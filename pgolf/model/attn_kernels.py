@@ -152,18 +152,31 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) ->
 #
 # ``qkv_norm_rope(qkv, H, Hkv, cos, sin, gain)`` takes the output of ONE matmul of the attention's input with the
 # stacked q, k, v weights, qkv [T, (H + 2 Hkv) D], and returns (qk_norm_rope of its q heads with the gain, of its
-# k heads, its v heads) as [T, H, D], [T, Hkv, D], [T, Hkv, D]. Why one op: the q and k kernels read their heads
-# straight out of qkv (a column slice each), and the backward writes the gradients of q, k and v into one
-# [T, (H + 2 Hkv) D] tensor, the input of ONE backward matmul; split into three ops, autograd would concatenate
-# them in an extra pass, and the forward would copy q and k out of qkv before the kernels.
+# k heads, its v heads, the v heads the attention reads) as [T, H, D], [T, Hkv, D], [T, Hkv, D], and the v heads
+# again. Why one op: the q and k kernels read their heads straight out of qkv (a column slice each), and the
+# backward writes the gradients of q, k and v into one [T, (H + 2 Hkv) D] tensor, the input of ONE backward
+# matmul; split into three ops, autograd would concatenate them in an extra pass, and the forward would copy q and
+# k out of qkv before the kernels.
+#
+# ``kv_repeat`` r > 1 (``train.repeat_kv_heads``): the k heads come out repeated for their query heads, [T, Hkv r,
+# D] (head h of the attention reads kv head h // r, the GQA convention), and the attention's v as a repeated copy
+# [T, Hkv r, D] beside the plain v heads (XSA reads those). The attention kernel then runs without GQA. Why:
+# FlashAttention 4's GQA backward on Hopper accumulates dK and dV in fp32 scratch (zero-filled, atomically added
+# to, converted by a postprocess pass), which costs more than the copies; the k kernel writes its copies in the
+# same pass, and the backward sums the copies' gradients in the passes that read them anyway.
 
 
 def qkv_norm_rope_reference(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
-                            gain: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """qkv [T, (H + 2 Hkv) D] -> (q [T, H, D], k [T, Hkv, D], v [T, Hkv, D]): q and k through
-    :func:`qk_norm_rope_reference` (the gain on q only), v as it is."""
+                            gain: Optional[Tensor], kv_repeat: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """qkv [T, (H + 2 Hkv) D] -> (q [T, H, D], k [T, Hkv r, D], v [T, Hkv, D], v for the attention [T, Hkv r,
+    D]): q and k through :func:`qk_norm_rope_reference` (the gain on q only), v as it is; r = ``kv_repeat`` copies
+    of each k and v head, next to each other."""
     q, k, v = _heads(qkv, num_heads, num_kv_heads)
-    return qk_norm_rope_reference(q, cos, sin, gain), qk_norm_rope_reference(k, cos, sin, None), v
+    k = qk_norm_rope_reference(k, cos, sin, None)
+    if kv_repeat > 1:
+        return (qk_norm_rope_reference(q, cos, sin, gain), k.repeat_interleave(kv_repeat, dim=1), v,
+                v.repeat_interleave(kv_repeat, dim=1))
+    return qk_norm_rope_reference(q, cos, sin, gain), k, v, v
 
 
 def _heads(qkv: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,36 +192,46 @@ if TRITON_AVAILABLE:
 
     @custom_op("pgolf::qkv_norm_rope", mutates_args=())
     def _qkv_norm_rope_op(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
-                          gain: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(q, k, v, rstd_q [T * H] fp32, rstd_k [T * Hkv] fp32); qkv contiguous [T, (H + 2 Hkv) D]."""
+                          gain: Optional[Tensor], eps: float,
+                          kv_repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(q [T, H, D], k [T, Hkv r, D], v [T, Hkv, D], v's copies [T, Hkv r, D] ([0] when r = 1), rstd_q
+        [T * H] fp32, rstd_k [T * Hkv] fp32); qkv contiguous [T, (H + 2 Hkv) D], r = kv_repeat."""
         check_triton_device(qkv, "pgolf::qkv_norm_rope")
         qkv = qkv.contiguous()
         xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
+        T, D = qkv.shape[0], xq.shape[2]
         q = torch.empty_like(xq, memory_format=torch.contiguous_format)  # [T, H, D]
-        k = torch.empty_like(xk, memory_format=torch.contiguous_format)  # [T, Hkv, D]
-        rstd_q = torch.empty((xq.shape[0] * num_heads,), dtype=torch.float32, device=qkv.device)
-        rstd_k = torch.empty((xk.shape[0] * num_kv_heads,), dtype=torch.float32, device=qkv.device)
+        k = qkv.new_empty((T, num_kv_heads * kv_repeat, D))  # [T, Hkv r, D]
+        rstd_q = torch.empty((T * num_heads,), dtype=torch.float32, device=qkv.device)
+        rstd_k = torch.empty((T * num_kv_heads,), dtype=torch.float32, device=qkv.device)
         cos, sin = cos.contiguous(), sin.contiguous()
         _qt.launch_qk_norm_rope_fwd(xq, cos, sin, gain, q, rstd_q, eps)
         _qt.launch_qk_norm_rope_fwd(xk, cos, sin, None, k, rstd_k, eps)
         # a copy even where the slice is already contiguous (one token): an op's output may not alias its input
-        return q, k, xv.clone(memory_format=torch.contiguous_format), rstd_q, rstd_k
+        v = xv.clone(memory_format=torch.contiguous_format)
+        v_copies = v.repeat_interleave(kv_repeat, dim=1) if kv_repeat > 1 else qkv.new_empty((0,))
+        return q, k, v, v_copies, rstd_q, rstd_k
 
     @_qkv_norm_rope_op.register_fake
     def _qkv_norm_rope_fake(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
-                            gain: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            gain: Optional[Tensor], eps: float,
+                            kv_repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
+        T, D = qkv.shape[0], xq.shape[2]
         like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
-        return (like(xq), like(xk), like(xv), qkv.new_empty((xq.shape[0] * num_heads,), dtype=torch.float32),
-                qkv.new_empty((xk.shape[0] * num_kv_heads,), dtype=torch.float32))
+        copies = qkv.new_empty((T, num_kv_heads * kv_repeat, D))
+        return (like(xq), copies, like(xv), copies.clone() if kv_repeat > 1 else qkv.new_empty((0,)),
+                qkv.new_empty((T * num_heads,), dtype=torch.float32),
+                qkv.new_empty((T * num_kv_heads,), dtype=torch.float32))
 
     @custom_op("pgolf::qkv_norm_rope_backward", mutates_args=())
-    def _qkv_norm_rope_backward_op(gq: Tensor, gk: Tensor, gv: Tensor, qkv: Tensor, rstd_q: Tensor,
-                                   rstd_k: Tensor, cos: Tensor, sin: Tensor,
+    def _qkv_norm_rope_backward_op(gq: Tensor, gk: Tensor, gv: Tensor, gv_copies: Tensor, qkv: Tensor,
+                                   rstd_q: Tensor, rstd_k: Tensor, cos: Tensor, sin: Tensor,
                                    gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """(d qkv [T, (H + 2 Hkv) D] in qkv's dtype, d gain [H] in gain's dtype; [0] without a gain)."""
+        """(d qkv [T, (H + 2 Hkv) D] in qkv's dtype, d gain [H] in gain's dtype; [0] without a gain). gk [T, Hkv r,
+        D]: the gradient of k's copies; gv_copies [T, Hkv r, D] that of v's copies ([0] when r = 1)."""
         check_triton_device(qkv, "pgolf::qkv_norm_rope_backward")
-        num_heads, num_kv_heads = gq.shape[1], gk.shape[1]
+        num_heads, num_kv_heads = gq.shape[1], gv.shape[1]
         qkv = qkv.contiguous()
         dqkv = torch.empty_like(qkv)
         xq, xk, _ = _heads(qkv, num_heads, num_kv_heads)
@@ -216,49 +239,66 @@ if TRITON_AVAILABLE:
         cos, sin = cos.contiguous(), sin.contiguous()
         dgain = _qk_backward(gq, xq, rstd_q, cos, sin, gain, dq)
         _qk_backward(gk, xk, rstd_k, cos, sin, None, dk)
-        dv.copy_(gv)
+        if gv_copies.numel() == 0:
+            dv.copy_(gv)
+        else:
+            _qt.launch_kv_repeat_sum(gv.to(qkv.dtype).contiguous(), gv_copies.to(qkv.dtype).contiguous(), dv)
         return dqkv, dgain
 
     @_qkv_norm_rope_backward_op.register_fake
-    def _qkv_norm_rope_backward_fake(gq: Tensor, gk: Tensor, gv: Tensor, qkv: Tensor, rstd_q: Tensor,
-                                     rstd_k: Tensor, cos: Tensor, sin: Tensor,
+    def _qkv_norm_rope_backward_fake(gq: Tensor, gk: Tensor, gv: Tensor, gv_copies: Tensor, qkv: Tensor,
+                                     rstd_q: Tensor, rstd_k: Tensor, cos: Tensor, sin: Tensor,
                                      gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         dgain = qkv.new_empty((0,)) if gain is None else gain.new_empty(gain.shape)
         return torch.empty_like(qkv, memory_format=torch.contiguous_format), dgain
 
     def _qkv_norm_rope_setup(ctx, inputs, output) -> None:
-        qkv, heads, kv_heads, cos, sin, gain, _ = inputs
-        ctx.save_for_backward(qkv, output[3], output[4], cos, sin, gain)
-        ctx.heads = (heads, kv_heads)
+        qkv, heads, kv_heads, cos, sin, gain, _, kv_repeat = inputs
+        ctx.save_for_backward(qkv, output[4], output[5], cos, sin, gain)
+        ctx.heads = (heads, kv_heads, kv_repeat)
         ctx.set_materialize_grads(False)
 
-    def _qkv_norm_rope_backward(ctx, gq, gk, gv, grad_rstd_q, grad_rstd_k):
+    def _qkv_norm_rope_backward(ctx, gq, gk, gv, gv_copies, grad_rstd_q, grad_rstd_k):
         qkv, rstd_q, rstd_k, cos, sin, gain = ctx.saved_tensors
         if grad_rstd_q is not None or grad_rstd_k is not None:
             raise NotImplementedError("pgolf::qkv_norm_rope: gradients through the rstd outputs are not supported")
-        if gq is None and gk is None and gv is None:
-            return None, None, None, None, None, None, None
-        heads, kv_heads = ctx.heads
-        zeros = lambda t: torch.zeros_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+        nothing = (None,) * 8
+        if gq is None and gk is None and gv is None and gv_copies is None:
+            return nothing
+        heads, kv_heads, kv_repeat = ctx.heads
         xq, xk, xv = _heads(qkv, heads, kv_heads)
-        gq, gk, gv = (zeros(x) if g is None else g for g, x in ((gq, xq), (gk, xk), (gv, xv)))
-        dqkv, dgain = torch.ops.pgolf.qkv_norm_rope_backward(gq, gk, gv, qkv, rstd_q, rstd_k, cos, sin, gain)
-        return dqkv, None, None, None, None, (dgain if gain is not None else None), None
+        T, D = qkv.shape[0], xq.shape[2]
+        zeros = lambda *shape: qkv.new_zeros(shape)  # noqa: E731
+        gq = zeros(T, heads, D) if gq is None else gq
+        gk = zeros(T, kv_heads * kv_repeat, D) if gk is None else gk
+        gv = zeros(T, kv_heads, D) if gv is None else gv
+        if kv_repeat == 1:
+            gv_copies = qkv.new_empty((0,))
+        elif gv_copies is None:
+            gv_copies = zeros(T, kv_heads * kv_repeat, D)
+        dqkv, dgain = torch.ops.pgolf.qkv_norm_rope_backward(gq, gk, gv, gv_copies, qkv, rstd_q, rstd_k, cos, sin,
+                                                             gain)
+        return dqkv, None, None, None, None, (dgain if gain is not None else None), None, None
 
     _qkv_norm_rope_op.register_autograd(_qkv_norm_rope_backward, setup_context=_qkv_norm_rope_setup)
 
 
 def qkv_norm_rope(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
-                  gain: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                  gain: Optional[Tensor], kv_repeat: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`qkv_norm_rope_reference` with the q and k stretches as the Triton kernels of :func:`qk_norm_rope`
-    reading their heads out of qkv, and one backward writing d qkv, where they can run; the reference elsewhere."""
+    reading their heads out of qkv, and one backward writing d qkv, where they can run; the reference elsewhere.
+    Returns (q, k, v, the attention's v): the last is v itself when ``kv_repeat`` is 1."""
     T = qkv.shape[0]
     D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
-    if not (use_triton(qkv) and _qk_fusable(T, num_heads, D, qkv.dtype, cos, sin) and _pow2(num_kv_heads)):
-        return qkv_norm_rope_reference(qkv, num_heads, num_kv_heads, cos, sin, gain)
+    if kv_repeat < 1:
+        raise ValueError(f"qkv_norm_rope: kv_repeat must be >= 1, got {kv_repeat}")
+    if not (use_triton(qkv) and _qk_fusable(T, num_heads, D, qkv.dtype, cos, sin) and _pow2(num_kv_heads)
+            and T * num_kv_heads * kv_repeat * D < MAX_KERNEL_ELEMENTS):
+        return qkv_norm_rope_reference(qkv, num_heads, num_kv_heads, cos, sin, gain, kv_repeat)
     cos2, sin2, gain = _kernel_tables(cos, sin, gain, qkv.dtype)
-    q, k, v, _, _ = torch.ops.pgolf.qkv_norm_rope(qkv, num_heads, num_kv_heads, cos2, sin2, gain, QK_EPS)
-    return q, k, v
+    q, k, v, v_copies, _, _ = torch.ops.pgolf.qkv_norm_rope(qkv, num_heads, num_kv_heads, cos2, sin2, gain, QK_EPS,
+                                                            kv_repeat)
+    return q, k, v, (v if kv_repeat == 1 else v_copies)
 
 
 # ------------------------------------------------------------------------------------------------- XSA + gate
@@ -345,21 +385,28 @@ def xsa_gate(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) 
 # ------------------------------------------------------------------------------------------------- the model
 
 
-def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False, qkv_matmul_on: bool = False) -> None:
+def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False, qkv_matmul_on: bool = False,
+                 repeat_kv_on: bool = False) -> None:
     """Make every attention of ``model`` (a GPT) compute its q/k norm, RoPE and q gain with :func:`qk_norm_rope`
     and its XSA and output gate with :func:`xsa_gate` (each when on), or with its own unfused code again;
     ``qkv_matmul_on`` (with ``qk_norm_rope_on`` only): q, k and v from one matmul through :func:`qkv_norm_rope`
-    (the attention falls back to three when a projection is hooked or wrapped); runtime state, like
+    (the attention falls back to three when a projection is hooked or wrapped), and with ``repeat_kv_on`` its k
+    and v heads repeated for their query heads, so the attention kernel runs without GQA; runtime state, like
     ``GPT.use_fused_kernels``."""
+    qkv_on = qk_norm_rope_on and qkv_matmul_on
     for block in model.blocks:
-        block.attn.qk_kernel = qk_norm_rope if qk_norm_rope_on else None
-        block.attn.xsa_gate_kernel = xsa_gate if xsa_gate_on else None
-        block.attn.qkv_kernel = qkv_norm_rope if qk_norm_rope_on and qkv_matmul_on else None
+        attn = block.attn
+        attn.qk_kernel = qk_norm_rope if qk_norm_rope_on else None
+        attn.xsa_gate_kernel = xsa_gate if xsa_gate_on else None
+        attn.qkv_kernel = qkv_norm_rope if qkv_on else None
+        attn.kv_repeat = attn.num_heads // attn.num_kv_heads if qkv_on and repeat_kv_on else 1
 
 
 def used_in_model(model) -> dict[str, bool]:
-    """Which kernels ``model``'s attentions use: {"qk_norm_rope": .., "xsa_gate": .., "qkv_matmul": ..}."""
+    """Which kernels ``model``'s attentions use: {"qk_norm_rope": .., "xsa_gate": .., "qkv_matmul": ..,
+    "repeat_kv": ..}."""
     attns = [block.attn for block in model.blocks]
     return {"qk_norm_rope": any(a.qk_kernel is not None for a in attns),
             "xsa_gate": any(a.xsa_gate_kernel is not None for a in attns),
-            "qkv_matmul": any(a.qkv_kernel is not None for a in attns)}
+            "qkv_matmul": any(a.qkv_kernel is not None for a in attns),
+            "repeat_kv": any(a.qkv_kernel is not None and a.kv_repeat > 1 for a in attns)}

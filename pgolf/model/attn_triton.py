@@ -26,7 +26,9 @@ import triton.language as tl
 #   gn_d = gain * (g_d c_j - sign_d g_partner s_j),  sign = +1 below half, -1 in [half, 2 half), s = 0 beyond
 #   dx = rstd * (gn - n * mean(gn * n))
 # x and dx may be column slices of a wider [T, width] tensor (the fused q/k/v projection's output and its gradient):
-# XS / DXS are their token strides in elements (H * D when contiguous); out and g are contiguous.
+# XS / DXS are their token strides in elements (H * D when contiguous); out and g are contiguous. With REP > 1 (the
+# k heads repeated for their query heads, ``train.repeat_kv_heads``) out holds each row REP times, rows
+# [row * REP, row * REP + REP) of [R * REP, D], and g likewise: the backward sums the REP copies' gradients first.
 
 
 @triton.jit
@@ -46,7 +48,7 @@ def _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H: tl.constexpr, HALF: tl.
 @triton.jit
 def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps, XS,
                              H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
-                             BLOCK_R: tl.constexpr):
+                             REP: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
     rmask = rows < n_rows
     d = tl.arange(0, D)  # [D]
@@ -58,25 +60,29 @@ def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_pt
     r = (x * c + sign[None, :] * xp * s) * rstd[:, None]
     if HAS_GAIN:
         r = r * tl.load(gain_ptr + rows % H, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + rows[:, None] * D + d[None, :], r.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    for i in tl.static_range(REP):  # the row's copies: rows row * REP + i of out
+        out_at = (rows.to(tl.int64) * REP + i)[:, None] * D + d[None, :]
+        tl.store(out_ptr + out_at, r.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, n_rows, XS, DXS,
                              H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
-                             BLOCK_R: tl.constexpr):
+                             REP: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]; BLOCK_R is a multiple of H, so row i is head i % H
     rmask = rows < n_rows
     d = tl.arange(0, D)
     c, s, partner, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H, HALF)
-    at = rows[:, None] * D + d[None, :]
-    at_partner = rows[:, None] * D + partner[None, :]
     t, h = (rows // H).to(tl.int64), rows % H
     x_at = (t * XS + h * D)[:, None] + d[None, :]
-    g = tl.load(g_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)  # [R, D]
-    gp = tl.load(g_ptr + at_partner, mask=rmask[:, None], other=0.0).to(tl.float32)
+    g = tl.zeros((BLOCK_R, D), tl.float32)  # [R, D]: the sum of the row's REP copies' gradients
+    gp = tl.zeros((BLOCK_R, D), tl.float32)  # the same at the partner dims
+    for i in tl.static_range(REP):
+        g_row = (rows.to(tl.int64) * REP + i)[:, None] * D
+        g += tl.load(g_ptr + g_row + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        gp += tl.load(g_ptr + g_row + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)  # [R]
     n = tl.load(x_ptr + x_at, mask=rmask[:, None], other=0.0).to(tl.float32) * rstd[:, None]
     gn = g * c - sign[None, :] * gp * s
@@ -111,22 +117,32 @@ def _token_stride(x: torch.Tensor) -> int:
 
 def launch_qk_norm_rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor | None,
                             out: torch.Tensor, rstd: torch.Tensor, eps: float) -> None:
-    """x [T, H, D] (heads and dims contiguous: a column slice of a wider tensor is fine), out [T, H, D]
-    contiguous; cos, sin [T, half] contiguous; gain [H] or None; rstd [T * H] fp32 (out)."""
+    """x [T, H, D] (heads and dims contiguous: a column slice of a wider tensor is fine), out [T, H * rep, D]
+    contiguous (rep >= 1: each head written rep times, head h to heads h * rep .. h * rep + rep - 1); cos, sin
+    [T, half] contiguous; gain [H] or None; rstd [T * H] fp32 (out)."""
     T, H, D = x.shape
     if T == 0:
         return
     block = _qk_block_rows(H, x.device)
     _qk_norm_rope_fwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
         x, cos, sin, gain if gain is not None else x, out, rstd, T * H, float(eps), _token_stride(x),
-        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, BLOCK_R=block, num_warps=4)
+        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=_repeats(x, out), BLOCK_R=block, num_warps=4)
+
+
+def _repeats(x: torch.Tensor, copies: torch.Tensor) -> int:
+    """How many times ``copies`` [T, H * rep, D] holds each head of x [T, H, D]."""
+    T, H, D = x.shape
+    if copies.dim() != 3 or copies.shape[0] != T or copies.shape[2] != D or copies.shape[1] % H:
+        raise ValueError(f"attn_triton: expected [{T}, a multiple of {H}, {D}], got {tuple(copies.shape)}")
+    return copies.shape[1] // H
 
 
 def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, gain: torch.Tensor | None, dx: torch.Tensor,
                             dgain_partial: torch.Tensor | None) -> None:
-    """g [T, H, D] contiguous; x, dx [T, H, D] with heads and dims contiguous (column slices of wider tensors are
-    fine); dgain_partial [programs, H] fp32 (out; None without a gain)."""
+    """g [T, H * rep, D] contiguous (the gradient of the forward's out, rep copies per head); x, dx [T, H, D] with
+    heads and dims contiguous (column slices of wider tensors are fine); dgain_partial [programs, H] fp32 (out; None
+    without a gain)."""
     T, H, D = x.shape
     if T == 0:
         return
@@ -134,7 +150,40 @@ def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor
     _qk_norm_rope_bwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
         g, x, rstd, cos, sin, gain if gain is not None else x, dx,
         dgain_partial if dgain_partial is not None else rstd, T * H, _token_stride(x), _token_stride(dx),
-        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, BLOCK_R=block, num_warps=4)
+        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=_repeats(x, g), BLOCK_R=block, num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The gradient of v when its heads were also repeated for the attention kernel (``train.repeat_kv_heads``)
+# --------------------------------------------------------------------------------------------------------------
+# Rows are the (token, kv head) pairs: dv [R = T * Hkv, D] = gv + sum over i < REP of grep[row * REP + i], in fp32,
+# rounded once; gv is the gradient of the v heads themselves (XSA's), grep of their REP copies (the attention's).
+# dv may be a column slice of a wider [T, width] tensor: DXS is its token stride.
+
+
+@triton.jit
+def _kv_repeat_sum_kernel(gv_ptr, grep_ptr, dv_ptr, n_rows, DXS, H: tl.constexpr, D: tl.constexpr, REP: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+    rmask = rows < n_rows
+    d = tl.arange(0, D)
+    acc = tl.load(gv_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    for i in tl.static_range(REP):
+        at = (rows.to(tl.int64) * REP + i)[:, None] * D + d[None, :]
+        acc += tl.load(grep_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+    t, h = (rows // H).to(tl.int64), rows % H
+    tl.store(dv_ptr + (t * DXS + h * D)[:, None] + d[None, :], acc.to(dv_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def launch_kv_repeat_sum(gv: torch.Tensor, grep: torch.Tensor, dv: torch.Tensor) -> None:
+    """dv = gv + the sum of each head's copies in grep: gv [T, H, D] and grep [T, H * rep, D] contiguous, dv
+    [T, H, D] with heads and dims contiguous (a column slice of a wider tensor is fine)."""
+    T, H, D = gv.shape
+    if T == 0:
+        return
+    block = _qk_block_rows(H, gv.device)
+    _kv_repeat_sum_kernel[(triton.cdiv(T * H, block),)](gv, grep, dv, T * H, _token_stride(dv), H=H, D=D,
+                                                         REP=_repeats(gv, grep), BLOCK_R=block, num_warps=4)
 
 
 # --------------------------------------------------------------------------------------------------------------

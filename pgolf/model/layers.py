@@ -74,11 +74,13 @@ class Attention(nn.Module):
         self.gate_scale = cfg.attn_gate_scale
         self.gate_window = cfg.attn_gate_window if cfg.attn_gate == "sparse" else d
         self.gate = _linear(self.gate_window, h) if cfg.attn_gate != "none" else None  # W [H, window]
-        # runtime state, set by pgolf.model.attn_kernels.use_in_model: the fused q/k and XSA + gate kernels, and the
-        # q/k kernels on the output of one q, k, v matmul
+        # runtime state, set by pgolf.model.attn_kernels.use_in_model: the fused q/k and XSA + gate kernels, the
+        # q/k kernels on the output of one q, k, v matmul, and how many copies of each k / v head that path hands
+        # the attention kernel (1: native GQA; H / Hkv: none, train.repeat_kv_heads)
         self.qk_kernel: Optional[Callable] = None
         self.xsa_gate_kernel: Optional[Callable] = None
         self.qkv_kernel: Optional[Callable] = None
+        self.kv_repeat = 1
 
     def param_roles(self) -> dict[str, str]:
         roles = {f"{name}.weight": "attn" for name in ("q", "k", "v", "o")}
@@ -104,8 +106,10 @@ class Attention(nn.Module):
                 and plain_linear(self.q) and plain_linear(self.k) and plain_linear(self.v)):
             # one matmul for q, k and v ([(H + 2 Hkv) D, d] stacked weights), the q/k kernels reading its output
             qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))  # [T, (H + 2 Hkv) D]
-            q, k, v = self.qkv_kernel(qkv, self.num_heads, self.num_kv_heads, *rope, self.q_gain)
-            return self._attend(x, q, k, v, cu_seqlens, max_seqlen, backend, out_scale)
+            # k, v_attn [T, Hkv r, D] (r = kv_repeat copies of each head), v [T, Hkv, D] for XSA
+            q, k, v, v_attn = self.qkv_kernel(qkv, self.num_heads, self.num_kv_heads, *rope, self.q_gain,
+                                              self.kv_repeat)
+            return self._attend(x, q, k, v, cu_seqlens, max_seqlen, backend, out_scale, v_attn)
         q = self.q(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -121,11 +125,13 @@ class Attention(nn.Module):
         return self._attend(x, q, k, v, cu_seqlens, max_seqlen, backend, out_scale)
 
     def _attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                backend: Optional[str], out_scale: Optional[Tensor]) -> Tensor:
-        """Attention over prepared q [T, H, D], k, v [T, Hkv, D], then XSA, the gate and the output projection."""
+                backend: Optional[str], out_scale: Optional[Tensor], v_attn: Optional[Tensor] = None) -> Tensor:
+        """Attention over prepared q [T, H, D], k [T, Hkv r, D] and ``v_attn`` (v when None) [T, Hkv r, D], then
+        XSA (with v [T, Hkv, D]), the gate and the output projection."""
         T = x.shape[0]
         q, k = q.to(v.dtype), k.to(v.dtype)
-        y = attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=backend)  # [T, H, D]
+        y = attention(q, k, v if v_attn is None else v_attn, cu_seqlens, max_seqlen, causal=True,
+                      backend=backend)  # [T, H, D]
         if self.xsa_gate_kernel is not None and (self.use_xsa or self.gate is not None):  # one kernel for both
             z = self.gate(x[:, : self.gate_window]) if self.gate is not None else None  # [T, H] pre-activation
             y = self.xsa_gate_kernel(y, v if self.use_xsa else None, z, self.gate_scale)

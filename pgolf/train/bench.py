@@ -253,6 +253,7 @@ def bench_train(
     xsa_kernel: Optional[bool] = None,
     fold_scales: Optional[bool] = None,
     qkv_matmul: Optional[bool] = None,
+    repeat_kv: Optional[bool] = None,
     data_dir: Optional[str] = None,
     trace_dir: Optional[str] = None,
 ) -> dict[str, Any]:
@@ -264,8 +265,9 @@ def bench_train(
     ``train.compile_max_fusion_io_buffers`` (0: no cap) and ``mix_order_reduction``
     ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``).
     ``qk_kernel`` and ``xsa_kernel`` override ``train.fused_qk_norm_rope`` and ``train.fused_xsa_gate`` (the
-    result's ``attention_kernels``), ``qkv_matmul`` ``train.fused_qkv_matmul`` (its ``qkv_matmul``); ``fold_scales``
-    overrides ``train.fold_output_scales`` (``fold_output_scales``).
+    result's ``attention_kernels``), ``qkv_matmul`` ``train.fused_qkv_matmul`` (its ``qkv_matmul``), ``repeat_kv``
+    ``train.repeat_kv_heads`` (its ``repeat_kv``); ``fold_scales`` overrides ``train.fold_output_scales``
+    (``fold_output_scales``).
     ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones.
     ``trace_dir``: the profiled steps' Chrome trace goes there (``trace_looping_<off|on>.json``) and the profile
     gains ``idle_gaps`` (where the GPU waited for the host)."""
@@ -306,7 +308,8 @@ def bench_train(
     model.use_fused_kernels = fused
     attn_kernels.use_in_model(model, train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel,
                               train_cfg.fused_xsa_gate if xsa_kernel is None else xsa_kernel,
-                              train_cfg.fused_qkv_matmul if qkv_matmul is None else qkv_matmul)
+                              train_cfg.fused_qkv_matmul if qkv_matmul is None else qkv_matmul,
+                              train_cfg.repeat_kv_heads if repeat_kv is None else repeat_kv)
     model.fold_output_scales = train_cfg.fold_output_scales if fold_scales is None else fold_scales
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)

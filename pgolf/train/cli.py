@@ -119,6 +119,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         xsa_kernel=None if args.xsa_kernel is None else args.xsa_kernel == "on",
         fold_scales=None if args.fold_scales is None else args.fold_scales == "on",
         qkv_matmul=None if args.qkv_matmul is None else args.qkv_matmul == "on",
+        repeat_kv=None if args.repeat_kv is None else args.repeat_kv == "on",
         data_dir=args.data,
         trace_dir=args.trace,
     )
@@ -158,6 +159,11 @@ def _register_bench_train(commands) -> None:
     p.add_argument(
         "--qkv-matmul", choices=["on", "off"], default=None,
         help="q, k, v as one matmul feeding the q/k kernel (default: the recipe's train.fused_qkv_matmul)",
+    )
+    p.add_argument(
+        "--repeat-kv", choices=["on", "off"], default=None,
+        help="k / v heads repeated per query head by the q, k, v op: attention without GQA (default: the recipe's "
+        "train.repeat_kv_heads)",
     )
     p.add_argument(
         "--fold-scales", choices=["on", "off"], default=None,
