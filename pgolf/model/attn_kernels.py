@@ -85,15 +85,18 @@ if TRITON_AVAILABLE:
         return torch.empty_like(x, memory_format=torch.contiguous_format), dgain
 
     def _qk_backward(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor],
-                     dx: Tensor) -> Tensor:
-        """Launch the q/k backward kernel (x, dx may be column slices); returns d gain ([0] without a gain), summed
-        from the programs' partial sums."""
+                     dx: Tensor, gv: Optional[Tensor] = None, gv_copies: Optional[Tensor] = None,
+                     dv: Optional[Tensor] = None) -> Tensor:
+        """Launch the q/k backward kernel (x, dx, dv may be column slices; with gv it also writes dv, see
+        :func:`pgolf.model.attn_triton.launch_qk_norm_rope_bwd`); returns d gain ([0] without a gain), summed from
+        the programs' partial sums."""
         T, H, _ = x.shape
         partial = None
         if gain is not None:
             partial = torch.empty((_qt.qk_norm_rope_programs(T * H, H, x.device), H), dtype=torch.float32,
                                   device=x.device)
-        _qt.launch_qk_norm_rope_bwd(g.to(x.dtype).contiguous(), x, rstd, cos, sin, gain, dx, partial)
+        as_x = lambda t: None if t is None else t.to(x.dtype).contiguous()  # noqa: E731
+        _qt.launch_qk_norm_rope_bwd(as_x(g), x, rstd, cos, sin, gain, dx, partial, as_x(gv), as_x(gv_copies), dv)
         return x.new_empty((0,)) if partial is None else partial.sum(0).to(gain.dtype)
 
     def _qk_norm_rope_setup(ctx, inputs, output) -> None:
@@ -205,11 +208,12 @@ if TRITON_AVAILABLE:
         rstd_q = torch.empty((T * num_heads,), dtype=torch.float32, device=qkv.device)
         rstd_k = torch.empty((T * num_kv_heads,), dtype=torch.float32, device=qkv.device)
         cos, sin = cos.contiguous(), sin.contiguous()
+        # v: a copy even where the slice is already contiguous (one token): an op's output may not alias its input
+        v = torch.empty_like(xv, memory_format=torch.contiguous_format)  # [T, Hkv, D]
+        v_copies = qkv.new_empty((T, num_kv_heads * kv_repeat, D) if kv_repeat > 1 else (0,))
         _qt.launch_qk_norm_rope_fwd(xq, cos, sin, gain, q, rstd_q, eps)
-        _qt.launch_qk_norm_rope_fwd(xk, cos, sin, None, k, rstd_k, eps)
-        # a copy even where the slice is already contiguous (one token): an op's output may not alias its input
-        v = xv.clone(memory_format=torch.contiguous_format)
-        v_copies = v.repeat_interleave(kv_repeat, dim=1) if kv_repeat > 1 else qkv.new_empty((0,))
+        # the k kernel copies v's rows (and their repeats) in the same pass
+        _qt.launch_qk_norm_rope_fwd(xk, cos, sin, None, k, rstd_k, eps, xv, v, v_copies if kv_repeat > 1 else None)
         return q, k, v, v_copies, rstd_q, rstd_k
 
     @_qkv_norm_rope_op.register_fake
@@ -238,11 +242,8 @@ if TRITON_AVAILABLE:
         dq, dk, dv = _heads(dqkv, num_heads, num_kv_heads)
         cos, sin = cos.contiguous(), sin.contiguous()
         dgain = _qk_backward(gq, xq, rstd_q, cos, sin, gain, dq)
-        _qk_backward(gk, xk, rstd_k, cos, sin, None, dk)
-        if gv_copies.numel() == 0:
-            dv.copy_(gv)
-        else:
-            _qt.launch_kv_repeat_sum(gv.to(qkv.dtype).contiguous(), gv_copies.to(qkv.dtype).contiguous(), dv)
+        # the k kernel writes dv (gv plus the sum of its copies' gradients) in the same pass
+        _qk_backward(gk, xk, rstd_k, cos, sin, None, dk, gv, gv_copies if gv_copies.numel() else None, dv)
         return dqkv, dgain
 
     @_qkv_norm_rope_backward_op.register_fake

@@ -29,6 +29,11 @@ import triton.language as tl
 # XS / DXS are their token strides in elements (H * D when contiguous); out and g are contiguous. With REP > 1 (the
 # k heads repeated for their query heads, ``train.repeat_kv_heads``) out holds each row REP times, rows
 # [row * REP, row * REP + REP) of [R * REP, D], and g likewise: the backward sums the REP copies' gradients first.
+# HAS_V (the k launch of the fused q/k/v op): the same rows of v, a slice of the same [T, width] tensor with the same
+# token stride, are copied along, to vout [R, D] and (REP > 1) REP times to vrep [R * REP, D]; backward, dv = gv +
+# the sum of gvrep's REP copies (fp32, rounded once) goes to its slice of dx's tensor (token stride DXS). Why here:
+# torch's copy of a strided slice ran at a fraction of the bandwidth (12 ms a step on an H100), and these rows are
+# being walked anyway.
 
 
 @triton.jit
@@ -46,9 +51,9 @@ def _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H: tl.constexpr, HALF: tl.
 
 
 @triton.jit
-def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps, XS,
-                             H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
-                             REP: tl.constexpr, BLOCK_R: tl.constexpr):
+def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, v_ptr, vout_ptr, vrep_ptr, n_rows,
+                             eps, XS, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
+                             REP: tl.constexpr, HAS_V: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
     rmask = rows < n_rows
     d = tl.arange(0, D)  # [D]
@@ -64,12 +69,19 @@ def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_pt
         out_at = (rows.to(tl.int64) * REP + i)[:, None] * D + d[None, :]
         tl.store(out_ptr + out_at, r.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    if HAS_V:  # the rows of v, copied as they are
+        v = tl.load(v_ptr + x_row[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
+        tl.store(vout_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], v, mask=rmask[:, None])
+        if REP > 1:
+            for i in tl.static_range(REP):
+                rep_at = (rows.to(tl.int64) * REP + i)[:, None] * D + d[None, :]
+                tl.store(vrep_ptr + rep_at, v, mask=rmask[:, None])
 
 
 @triton.jit
-def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, n_rows, XS, DXS,
-                             H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr,
-                             REP: tl.constexpr, BLOCK_R: tl.constexpr):
+def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, gv_ptr, gvrep_ptr,
+                             dv_ptr, n_rows, XS, DXS, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                             HAS_GAIN: tl.constexpr, REP: tl.constexpr, HAS_V: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]; BLOCK_R is a multiple of H, so row i is head i % H
     rmask = rows < n_rows
@@ -95,6 +107,13 @@ def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr,
         gn = gn * tl.load(gain_ptr + rows % H, mask=rmask, other=0.0).to(tl.float32)[:, None]
     dx = rstd[:, None] * (gn - n * (tl.sum(gn * n, axis=1) / D)[:, None])
     tl.store(dx_ptr + (t * DXS + h * D)[:, None] + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
+    if HAS_V:  # dv = gv + the sum of its copies' gradients
+        dv = tl.load(gv_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        if REP > 1:
+            for i in tl.static_range(REP):
+                rep_at = (rows.to(tl.int64) * REP + i)[:, None] * D + d[None, :]
+                dv += tl.load(gvrep_ptr + rep_at, mask=rmask[:, None], other=0.0).to(tl.float32)
+        tl.store(dv_ptr + (t * DXS + h * D)[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 def _qk_block_rows(num_heads: int, device: torch.device) -> int:
@@ -116,17 +135,24 @@ def _token_stride(x: torch.Tensor) -> int:
 
 
 def launch_qk_norm_rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor | None,
-                            out: torch.Tensor, rstd: torch.Tensor, eps: float) -> None:
+                            out: torch.Tensor, rstd: torch.Tensor, eps: float, v: torch.Tensor | None = None,
+                            v_out: torch.Tensor | None = None, v_copies: torch.Tensor | None = None) -> None:
     """x [T, H, D] (heads and dims contiguous: a column slice of a wider tensor is fine), out [T, H * rep, D]
     contiguous (rep >= 1: each head written rep times, head h to heads h * rep .. h * rep + rep - 1); cos, sin
-    [T, half] contiguous; gain [H] or None; rstd [T * H] fp32 (out)."""
+    [T, half] contiguous; gain [H] or None; rstd [T * H] fp32 (out). With ``v`` (shaped and strided like x): its
+    rows copied to ``v_out`` [T, H, D] and, when rep > 1, rep times to ``v_copies`` [T, H * rep, D] (both contiguous)."""
     T, H, D = x.shape
     if T == 0:
         return
+    rep = _repeats(x, out)
+    if v is not None and (v.shape != x.shape or v.stride() != x.stride() or v_out is None
+                          or (rep > 1) != (v_copies is not None)):
+        raise ValueError("attn_triton: v must be shaped and strided like x, with v_out, and v_copies when rep > 1")
     block = _qk_block_rows(H, x.device)
     _qk_norm_rope_fwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
-        x, cos, sin, gain if gain is not None else x, out, rstd, T * H, float(eps), _token_stride(x),
-        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=_repeats(x, out), BLOCK_R=block, num_warps=4)
+        x, cos, sin, gain if gain is not None else x, out, rstd, x if v is None else v, out if v_out is None else v_out,
+        out if v_copies is None else v_copies, T * H, float(eps), _token_stride(x), H=H, D=D, HALF=cos.shape[1],
+        HAS_GAIN=gain is not None, REP=rep, HAS_V=v is not None, BLOCK_R=block, num_warps=4)
 
 
 def _repeats(x: torch.Tensor, copies: torch.Tensor) -> int:
@@ -139,51 +165,26 @@ def _repeats(x: torch.Tensor, copies: torch.Tensor) -> int:
 
 def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, gain: torch.Tensor | None, dx: torch.Tensor,
-                            dgain_partial: torch.Tensor | None) -> None:
+                            dgain_partial: torch.Tensor | None, gv: torch.Tensor | None = None,
+                            gv_copies: torch.Tensor | None = None, dv: torch.Tensor | None = None) -> None:
     """g [T, H * rep, D] contiguous (the gradient of the forward's out, rep copies per head); x, dx [T, H, D] with
     heads and dims contiguous (column slices of wider tensors are fine); dgain_partial [programs, H] fp32 (out; None
-    without a gain)."""
+    without a gain). With ``gv`` [T, H, D] contiguous: ``dv`` (shaped and strided like dx) = gv + the sum of each
+    row's rep copies in ``gv_copies`` [T, H * rep, D] (contiguous; given exactly when rep > 1)."""
     T, H, D = x.shape
     if T == 0:
         return
+    rep = _repeats(x, g)
+    if gv is not None and (dv is None or dv.shape != dx.shape or dv.stride() != dx.stride()
+                           or (rep > 1) != (gv_copies is not None)):
+        raise ValueError("attn_triton: dv must be shaped and strided like dx, with gv_copies exactly when rep > 1")
     block = _qk_block_rows(H, x.device)
     _qk_norm_rope_bwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
         g, x, rstd, cos, sin, gain if gain is not None else x, dx,
-        dgain_partial if dgain_partial is not None else rstd, T * H, _token_stride(x), _token_stride(dx),
-        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=_repeats(x, g), BLOCK_R=block, num_warps=4)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The gradient of v when its heads were also repeated for the attention kernel (``train.repeat_kv_heads``)
-# --------------------------------------------------------------------------------------------------------------
-# Rows are the (token, kv head) pairs: dv [R = T * Hkv, D] = gv + sum over i < REP of grep[row * REP + i], in fp32,
-# rounded once; gv is the gradient of the v heads themselves (XSA's), grep of their REP copies (the attention's).
-# dv may be a column slice of a wider [T, width] tensor: DXS is its token stride.
-
-
-@triton.jit
-def _kv_repeat_sum_kernel(gv_ptr, grep_ptr, dv_ptr, n_rows, DXS, H: tl.constexpr, D: tl.constexpr, REP: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
-    rmask = rows < n_rows
-    d = tl.arange(0, D)
-    acc = tl.load(gv_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    for i in tl.static_range(REP):
-        at = (rows.to(tl.int64) * REP + i)[:, None] * D + d[None, :]
-        acc += tl.load(grep_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
-    t, h = (rows // H).to(tl.int64), rows % H
-    tl.store(dv_ptr + (t * DXS + h * D)[:, None] + d[None, :], acc.to(dv_ptr.dtype.element_ty), mask=rmask[:, None])
-
-
-def launch_kv_repeat_sum(gv: torch.Tensor, grep: torch.Tensor, dv: torch.Tensor) -> None:
-    """dv = gv + the sum of each head's copies in grep: gv [T, H, D] and grep [T, H * rep, D] contiguous, dv
-    [T, H, D] with heads and dims contiguous (a column slice of a wider tensor is fine)."""
-    T, H, D = gv.shape
-    if T == 0:
-        return
-    block = _qk_block_rows(H, gv.device)
-    _kv_repeat_sum_kernel[(triton.cdiv(T * H, block),)](gv, grep, dv, T * H, _token_stride(dv), H=H, D=D,
-                                                         REP=_repeats(gv, grep), BLOCK_R=block, num_warps=4)
+        dgain_partial if dgain_partial is not None else rstd, g if gv is None else gv,
+        g if gv_copies is None else gv_copies, dx if dv is None else dv, T * H, _token_stride(x), _token_stride(dx),
+        H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HAS_V=gv is not None, BLOCK_R=block,
+        num_warps=4)
 
 
 # --------------------------------------------------------------------------------------------------------------
