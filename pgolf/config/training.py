@@ -355,8 +355,9 @@ class TrainConfig:
     # kernel sees as many k / v heads as q heads and runs without GQA (pgolf.model.attn_kernels.qkv_norm_rope,
     # ``kv_repeat``). The same function (the copies' gradients are summed in fp32 and rounded once). Why:
     # FlashAttention 4's GQA backward on Hopper accumulates dK and dV in zero-filled fp32 scratch with atomic adds
-    # and converts them in a postprocess pass; the copies cost less. Off by default: measured in docs/benchmarks.md.
-    repeat_kv_heads: bool = False
+    # and converts them in a postprocess pass; the copies cost less. One H100, FA4, record recipe, same lease:
+    # 664.6 -> 656.1 ms/step looping off, 991.7 -> 978.9 on, +1.5 / +2.4 GiB peak memory (docs/benchmarks.md).
+    repeat_kv_heads: bool = True
     # Each block's attn_scale / mlp_scale multiplied into the rows of its o / down weight ([d, d_in], once per call)
     # instead of into the [tokens, d] sublayer outputs (pgolf.model.gpt.GPT.fold_output_scales). The same function,
     # float rounding aside; the backward then takes the scales' gradients from the weight gradients instead of
