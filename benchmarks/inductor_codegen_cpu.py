@@ -241,9 +241,28 @@ def use_gpu_ops_on_cpu() -> None:
 
     attn_kernels.check_triton_device = lambda t, op: None
     attn_kernels.use_triton = lambda t: True
-    attn_triton.launch_qk_norm_rope_fwd = lambda x, cos, sin, gain, out, rstd, eps: (out.copy_(x), rstd.fill_(1.0))
-    attn_triton.launch_qk_norm_rope_bwd = lambda g, x, rstd, cos, sin, gain, dx, partial: (
-        dx.copy_(g), partial is not None and partial.zero_())
+    def copies(t, rep):  # [T, H, D] -> [T, H * rep, D]
+        return t.repeat_interleave(rep, 1)
+
+    def summed(t, heads):  # [T, H * rep, D] -> [T, H, D]
+        return t.view(t.shape[0], heads, -1, t.shape[2]).sum(2)
+
+    def qk_fwd(x, cos, sin, gain, out, rstd, eps, v=None, v_out=None, v_copies=None):
+        out.copy_(copies(x, out.shape[1] // x.shape[1]))
+        rstd.fill_(1.0)
+        if v is not None:
+            v_out.copy_(v)
+            if v_copies is not None:
+                v_copies.copy_(copies(v, v_copies.shape[1] // v.shape[1]))
+
+    def qk_bwd(g, x, rstd, cos, sin, gain, dx, partial, gv=None, gv_copies=None, dv=None):
+        dx.copy_(summed(g, x.shape[1]))
+        if partial is not None:
+            partial.zero_()
+        if gv is not None:
+            dv.copy_(gv if gv_copies is None else gv + summed(gv_copies, gv.shape[1]))
+
+    attn_triton.launch_qk_norm_rope_fwd, attn_triton.launch_qk_norm_rope_bwd = qk_fwd, qk_bwd
     attn_triton.launch_xsa_gate_fwd = lambda y, v, z, out, scale, eps: out.copy_(y)
     attn_triton.launch_xsa_gate_bwd = lambda go, y, v, z, dy, dv, dz, scale, eps: (
         dy.copy_(go), dv is not None and dv.zero_(), dz is not None and dz.zero_())
