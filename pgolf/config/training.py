@@ -349,7 +349,8 @@ class TrainConfig:
     # backward matmul (pgolf.model.attn_kernels.qkv_norm_rope). The same dot products; three matmuls become one
     # forward and two backward, and the backward's sum of three input gradients is gone. Hooked or wrapped
     # projections (Hessians, LoRA) are used separately. One H100, torch attention, looping off: 780.6 -> 773.4
-    # ms/step (docs/benchmarks.md; not yet timed with FA4).
+    # ms/step (docs/benchmarks.md); with FA4 the record recipe's step went 0.935x -> 0.927x of the record's (two
+    # leases, not an on/off pair).
     fused_qkv_matmul: bool = True
     # With fused_qkv_matmul: the q/k/v op writes each k and v head once per query head of its group, so the attention
     # kernel sees as many k / v heads as q heads and runs without GQA (pgolf.model.attn_kernels.qkv_norm_rope,
@@ -357,6 +358,9 @@ class TrainConfig:
     # FlashAttention 4's GQA backward on Hopper accumulates dK and dV in zero-filled fp32 scratch with atomic adds
     # and converts them in a postprocess pass; the copies cost less. One H100, FA4, record recipe, same lease:
     # 664.6 -> 656.1 ms/step looping off, 991.7 -> 978.9 on, +1.5 / +2.4 GiB peak memory (docs/benchmarks.md).
+    # Timed with FA4 only; on for every backend (FA3's GQA backward also accumulates in fp32 scratch, and torch
+    # 2.11's varlen attention makes the copies itself). No effect without fused_qkv_matmul (and its q/k kernel), or
+    # where q, k, v are hooked or wrapped.
     repeat_kv_heads: bool = True
     # Each block's attn_scale / mlp_scale multiplied into the rows of its o / down weight ([d, d_in], once per call)
     # instead of into the [tokens, d] sublayer outputs (pgolf.model.gpt.GPT.fold_output_scales). The same function,

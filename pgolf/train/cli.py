@@ -162,8 +162,8 @@ def _register_bench_train(commands) -> None:
     )
     p.add_argument(
         "--repeat-kv", choices=["on", "off"], default=None,
-        help="k / v heads repeated per query head by the q, k, v op: attention without GQA (default: the recipe's "
-        "train.repeat_kv_heads)",
+        help="k / v heads repeated per query head by the q, k, v op: attention without GQA; needs the q, k, v matmul "
+        "and the q/k kernel on, else no effect (default: the recipe's train.repeat_kv_heads)",
     )
     p.add_argument(
         "--fold-scales", choices=["on", "off"], default=None,
