@@ -486,6 +486,8 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
             "cpu",
             "--fold-scales",
             "off",
+            "--repeat-kv",
+            "off",
             "--out",
             str(out),
         ],
@@ -494,6 +496,8 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
+    # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
+    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "qkv_matmul": True, "repeat_kv": False}
     assert json.loads(out.read_text()) == result
     cfg = load_run_config(SMOKE)
     assert result["device_type"] == "cpu" and result["fused_kernels_active"] is False
