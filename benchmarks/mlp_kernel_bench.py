@@ -13,7 +13,11 @@ Each variant's outputs are compared with pgolf's bit for bit (``max_abs_diff``).
 8 micro-batches x 11 (looping off) or 17 (on) block applications, forward and backward: the printed ms/step
 estimates multiply by those counts.
 
-    python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--out OUT.json]
+``--sweep-tiles`` then times the TMA kernel with each candidate tile of :data:`SWEEP_TILES` in each direction (the
+others at ``TMA_TILES``), fastest first, with each one's largest difference from the default tile's outputs (a
+different BLOCK_K sums in another order) and the ms/step it would save: how ``TMA_TILES`` is chosen on a new GPU.
+
+    python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--sweep-tiles] [--out OUT.json]
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ sys.path.insert(0, str(ROOT))
 from pgolf.model import triton_kernels as tk  # noqa: E402
 
 M, D, HIDDEN, SLOPE = 98_304, 512, 2_048, 0.5
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages): fp32 accumulators of at most 256 x 128 per 8 warps
+SWEEP_TILES = [
+    (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 4), (128, 128, 64, 4, 5), (256, 128, 128, 8, 2), (128, 256, 128, 8, 2), (128, 128, 128, 4, 3),
+    (64, 256, 64, 4, 4),
+]
 APPLICATIONS = {"off": 11, "on": 17}
 MICRO_BATCHES = 8
 
@@ -65,6 +75,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record-script", type=Path, help="PR #1855 train_gpt.py (its kernel is timed too)")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--sweep-tiles", action="store_true", help="time the TMA kernel with each tile of SWEEP_TILES")
     parser.add_argument("--out", type=Path, help="JSON of the figures")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -113,9 +124,51 @@ def main(argv=None) -> int:
                                      "max_abs_diff_vs_pgolf": diffs}
         print(f"{name:<14} forward {fwd_ms:.3f} ms  backward {bwd_ms:.3f} ms  per step: looping off "
               f"{per_step['off']:.1f} ms, on {per_step['on']:.1f} ms  max |diff| vs pgolf {diffs}", flush=True)
+    if args.sweep_tiles:
+        operands = {False: (x, w_up, False, pre, post), True: (g, w_down, True, pre, dpre)}
+        results["tile_sweep"] = {d: sweep_tiles(operands[d == "backward"], d == "backward", reference, args.iters)
+                                 for d in ("forward", "backward")}
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def sweep_tiles(operands: tuple, backward: bool, reference: dict, iters: int) -> list[dict]:
+    """Each tile of SWEEP_TILES for one direction: ms per call, the saving per step against the default tile
+    (looping off / on) and the largest difference from the default tile's output; fastest first. A tile that does
+    not compile or launch (shared memory, registers) is listed with its error."""
+    a, b, b_kn, pre, out = operands
+    name = "dpre" if backward else "post"
+    default = tk.TMA_TILES[backward]
+    rows = []
+    try:
+        for tile in SWEEP_TILES:
+            tk.TMA_TILES[backward] = tile
+            try:
+                ms = time_ms(lambda: tk._launch_mlp_tma(a, b, b_kn, pre, out, SLOPE, backward=backward), iters)
+                torch.cuda.synchronize()
+            except Exception as exc:  # out of resources, an unsupported layout: report and go on
+                rows.append({"tile": list(tile), "error": f"{type(exc).__name__}: {exc}"[:200]})
+                continue
+            diff = float((out.float() - reference[name].float()).abs().max())
+            rows.append({"tile": list(tile), "ms": ms, "max_abs_diff_vs_default": diff})
+    finally:
+        tk.TMA_TILES[backward] = default
+    base = next((r["ms"] for r in rows if r["tile"] == list(default) and "ms" in r), None)
+    for r in rows:
+        if "ms" in r and base is not None:
+            r["saving_ms_per_step"] = {loop: MICRO_BATCHES * n * (base - r["ms"]) for loop, n in APPLICATIONS.items()}
+    rows.sort(key=lambda r: r.get("ms", float("inf")))
+    direction = "backward" if backward else "forward"
+    for r in rows:
+        if "ms" in r:
+            saving = r.get("saving_ms_per_step", {})
+            print(f"{direction:<8} tile {r['tile']}  {r['ms']:.3f} ms  saves {saving.get('off', 0):.1f} / "
+                  f"{saving.get('on', 0):.1f} ms per step  max |diff| vs default {r['max_abs_diff_vs_default']:.3g}"
+                  + ("  (default)" if r["tile"] == list(default) else ""), flush=True)
+        else:
+            print(f"{direction:<8} tile {r['tile']}  {r['error']}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
