@@ -175,11 +175,10 @@ def qkv_norm_rope_reference(qkv: Tensor, num_heads: int, num_kv_heads: int, cos:
     D]): q and k through :func:`qk_norm_rope_reference` (the gain on q only), v as it is; r = ``kv_repeat`` copies
     of each k and v head, next to each other."""
     q, k, v = _heads(qkv, num_heads, num_kv_heads)
-    k = qk_norm_rope_reference(k, cos, sin, None)
-    if kv_repeat > 1:
-        return (qk_norm_rope_reference(q, cos, sin, gain), k.repeat_interleave(kv_repeat, dim=1), v,
-                v.repeat_interleave(kv_repeat, dim=1))
-    return qk_norm_rope_reference(q, cos, sin, gain), k, v, v
+    q, k = qk_norm_rope_reference(q, cos, sin, gain), qk_norm_rope_reference(k, cos, sin, None)
+    if kv_repeat == 1:
+        return q, k, v, v
+    return q, k.repeat_interleave(kv_repeat, dim=1), v, v.repeat_interleave(kv_repeat, dim=1)
 
 
 def _heads(qkv: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -267,8 +266,7 @@ if TRITON_AVAILABLE:
         if gq is None and gk is None and gv is None and gv_copies is None:
             return nothing
         heads, kv_heads, kv_repeat = ctx.heads
-        xq, xk, xv = _heads(qkv, heads, kv_heads)
-        T, D = qkv.shape[0], xq.shape[2]
+        T, D = qkv.shape[0], qkv.shape[1] // (heads + 2 * kv_heads)
         zeros = lambda *shape: qkv.new_zeros(shape)  # noqa: E731
         gq = zeros(T, heads, D) if gq is None else gq
         gk = zeros(T, kv_heads * kv_repeat, D) if gk is None else gk

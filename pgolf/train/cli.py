@@ -94,6 +94,11 @@ def add_bench_arguments(p: argparse.ArgumentParser, steps: int, warmup: int) -> 
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
 
 
+def _switch(value: Optional[str]) -> Optional[bool]:
+    """An ``on|off`` flag: None when not given (the recipe's value stands), else whether it is on."""
+    return None if value is None else value == "on"
+
+
 def _bench_train(args: argparse.Namespace) -> int:
     from pgolf.config import load_run_config
     from pgolf.train.bench import bench_train, train_summary_line
@@ -114,12 +119,12 @@ def _bench_train(args: argparse.Namespace) -> int:
         profile_steps=args.profile_steps,
         attention_backend=args.attention_backend,
         max_fusion_io_buffers=args.max_fusion_io_buffers,
-        mix_order_reduction=None if args.mix_order_reduction is None else args.mix_order_reduction == "on",
-        qk_kernel=None if args.qk_kernel is None else args.qk_kernel == "on",
-        xsa_kernel=None if args.xsa_kernel is None else args.xsa_kernel == "on",
-        fold_scales=None if args.fold_scales is None else args.fold_scales == "on",
-        qkv_matmul=None if args.qkv_matmul is None else args.qkv_matmul == "on",
-        repeat_kv=None if args.repeat_kv is None else args.repeat_kv == "on",
+        mix_order_reduction=_switch(args.mix_order_reduction),
+        qk_kernel=_switch(args.qk_kernel),
+        xsa_kernel=_switch(args.xsa_kernel),
+        fold_scales=_switch(args.fold_scales),
+        qkv_matmul=_switch(args.qkv_matmul),
+        repeat_kv=_switch(args.repeat_kv),
         data_dir=args.data,
         trace_dir=args.trace,
     )
