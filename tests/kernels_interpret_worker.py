@@ -349,6 +349,88 @@ def case_qkv_norm_rope_opcheck() -> None:
             torch.library.opcheck(torch.ops.pgolf.qkv_norm_rope_backward.default, args, test_utils=utils)
 
 
+def case_qkv_gemm_tiles() -> None:
+    """The q, k, v matmul with the q/k kernels as its epilogue (attn_triton._qkv_gemm_kernel, one program per tile:
+    the interpreter cannot run its persistent loop) against the fp64 product rounded to fp16 and then the fp64 q/k/v
+    reference: one and two heads per tile, one and two copies of each k / v head, with the gain and without, a
+    partial last row block; 2 x 4 of 16 dims rotated. fp16, as the interpreter's dot mishandles bf16."""
+    from pgolf.model import attn_triton
+
+    f16 = torch.float16
+    T, K, H, Hkv, D, half = 70, 64, 4, 2, 16, 4
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn(T, K, generator=gen) * (0.25 + 2 * torch.rand(T, 1, generator=gen))).to(f16)
+    w = (torch.randn((H + 2 * Hkv) * D, K, generator=gen) / 8).to(f16)
+    _, cos, sin, gain, _ = _qk_inputs(T, H, D, half, f16, seed=13)
+    cos, sin, gain = cos.to(f16), sin.to(f16), gain.to(f16)  # the tables and the gain in the activations' dtype
+    qkv = (x.double() @ w.double().T).to(f16)  # the product as an unfused matmul stores it
+    tol = dict(rtol=2e-3, atol=2e-3)  # one fp16 rounding of the product apart at most (summation order)
+    for per_tile, rep, g in ((1, 1, gain), (2, 2, None), (2, 1, gain), (1, 2, gain)):
+        what = f"qkv gemm: {per_tile} heads per tile, rep {rep}, gain {g is not None}"
+        q, k, v, v_copies, qk, rstd_q, rstd_k = attn_kernels._qkv_linear_outputs(x, w, H, Hkv, rep)
+        for t in (q, k, v, v_copies, qk, rstd_q, rstd_k):
+            t.fill_(float("nan"))  # every element must be written
+        attn_triton.launch_qkv_gemm_norm_rope(x, w, cos.reshape(T, half), sin.reshape(T, half), g,
+                                              attn_kernels.QK_EPS, qk, q, k, v, v_copies if rep > 1 else None,
+                                              rstd_q, rstd_k, tile=(32, per_tile, 32, 4, 2), persistent=False,
+                                              bitwise_round=True)
+        want = attn_kernels.qkv_norm_rope_reference(qkv.double(), H, Hkv, cos.double(), sin.double(),
+                                                    None if g is None else g.double(), rep)
+        for name, got, truth in zip(("q", "k", "v", "attention's v"), (q, k, v, v_copies if rep > 1 else v), want):
+            _close(got.double(), truth, f"{what}: {name}", **tol)
+        _close(qk.double(), qkv[:, : (H + Hkv) * D].double(), f"{what}: qk", **tol)
+        # the copies are the same stored values: bit for bit, and v is the product's v columns as rounded there
+        if rep > 1 and not (torch.equal(v_copies, v.repeat_interleave(rep, 1))
+                            and torch.equal(k, k[:, ::rep].repeat_interleave(rep, 1))):
+            raise AssertionError(f"{what}: the copies of k / v heads differ from each other")
+        heads = qkv.double()[:, : (H + Hkv) * D].reshape(T, H + Hkv, D)
+        rstd = 1 / torch.sqrt(heads.square().mean(-1) + attn_kernels.QK_EPS)  # [T, H + Hkv]
+        _close(rstd_q.double(), rstd[:, :H].reshape(-1), f"{what}: rstd_q", **tol)
+        _close(rstd_k.double(), rstd[:, H:].reshape(-1), f"{what}: rstd_k", **tol)
+
+
+def case_qkv_linear_op_fp32() -> None:
+    """pgolf::qkv_linear_norm_rope where the TMA kernel cannot run (the interpreter: the matmul, then the q/k
+    kernels): q, k, v, the attention's v and the gradients of x, w and the gain against F.linear and the fp64
+    reference, with one and two copies of each k / v head (its backward is the one the Hopper path uses); then
+    opcheck of its schema, fake functions and autograd registration."""
+    T, K, H, Hkv, D, half = 37, 24, 8, 4, 16, 4
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(T, K, generator=gen) * (0.25 + 2 * torch.rand(T, 1, generator=gen))
+    w = torch.randn((H + 2 * Hkv) * D, K, generator=gen) / 4
+    _, cos, sin, gain, _ = _qk_inputs(T, H, D, half, torch.float32, seed=15)
+    cos2, sin2 = cos.reshape(T, half), sin.reshape(T, half)
+    eps = attn_kernels.QK_EPS
+    for rep in (1, 2):
+        shapes = [(T, H, D), (T, Hkv * rep, D), (T, Hkv, D), (T, Hkv * rep, D)]
+        weights = [torch.randn(*shape, generator=gen) for shape in shapes]
+
+        def op(xx, ww, gg, *_):
+            q, k, v, vc, _, _, _ = torch.ops.pgolf.qkv_linear_norm_rope(xx, ww, H, Hkv, cos2, sin2, gg, eps, rep)
+            return q, k, v, (vc if rep > 1 else v)
+
+        def reference(xx, ww, gg, cast):
+            return attn_kernels.qkv_norm_rope_reference(xx @ ww.T, H, Hkv, cast(cos), cast(sin), gg, rep)
+
+        def run(fn, cast):
+            leaves = [cast(t).clone().requires_grad_(True) for t in (x, w, gain)]
+            outs = fn(*leaves, cast)
+            loss = sum((o * cast(g)).sum() for o, g in zip(outs, weights))
+            return outs, torch.autograd.grad(loss, leaves)
+
+        outs, grads = run(op, lambda t: t)
+        truths, truth_grads = run(reference, lambda t: t.double())
+        for name, o, t in zip("qkva", outs, truths):
+            _close(o.double(), t.detach(), f"qkv linear op rep {rep}: {name}", rtol=1e-4, atol=1e-5)
+        for name, g, t in zip(("dx", "dw", "dgain"), grads, truth_grads):
+            _close(g.double(), t, f"qkv linear op rep {rep}: {name}", rtol=1e-4, atol=1e-4 * t.abs().max().item())
+        utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+        for g in (gain.clone().requires_grad_(True), None):
+            torch.library.opcheck(torch.ops.pgolf.qkv_linear_norm_rope.default,
+                                  (x.clone().requires_grad_(True), w.clone().requires_grad_(True), H, Hkv, cos2,
+                                   sin2, g, eps, rep), test_utils=utils)
+
+
 def _xsa_case(dtype: torch.dtype, T: int, H: int, Hkv: int, D: int, with_xsa: bool, with_gate: bool) -> None:
     gen = torch.Generator().manual_seed(T * H + D)
     y = torch.randn(T, H, D, generator=gen).to(dtype)

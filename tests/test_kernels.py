@@ -763,6 +763,8 @@ INTERPRET_CASES = [
     "qkv_norm_rope_repeat_fp32",
     "qkv_norm_rope_bf16",
     "qkv_norm_rope_opcheck",
+    "qkv_gemm_tiles",
+    "qkv_linear_op_fp32",
     "xsa_gate_fp32",
     "xsa_gate_bf16",
     "xsa_gate_tiny_value_vectors",
@@ -1002,6 +1004,50 @@ def test_gpu_qkv_norm_rope_bf16(rep):
     for name, a, b, t in zip("qkva", outs, refs, truths):
         _no_worse(a, b, t.detach(), name, slack=2.0)
     for name, a, b, t in zip(("dqkv", "dgain"), grads, ref_grads, truth_grads):
+        _no_worse(a, b, t, name, slack=2.0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rep", [1, 2])
+def test_gpu_qkv_linear_norm_rope_bf16(rep):
+    """The q, k, v matmul with the q/k kernels as its epilogue (one Triton kernel on Hopper) at the record's shapes
+    in bf16: q, k, v, the attention's v and the gradients of x, w and the gain no further from the fp64 truth than
+    F.linear followed by the unfused path; on sm90 the TMA kernel is the path taken, and it writes every output."""
+    from pgolf.model import attn_triton
+    from pgolf.model.rope import rope_buffers
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    T, K, H, Hkv, D, half = 4099, 512, 8, 4, 64, 8
+    x = torch.randn(T, K, device="cuda", generator=gen) * (0.5 + torch.rand(T, 1, device="cuda", generator=gen))
+    w = torch.randn((H + 2 * Hkv) * D, K, device="cuda", generator=gen) / K**0.5
+    grads_out = [torch.randn(T, h, D, device="cuda", generator=gen).bfloat16() for h in (H, Hkv * rep, Hkv, Hkv * rep)]
+    _, cos, sin = (t.cuda() for t in rope_buffers(2 * half, 10000.0, T))
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    gain = torch.rand(H, device="cuda", generator=gen) + 0.5
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert attn_triton.qkv_gemm_usable(x.bfloat16(), w.bfloat16(), H, Hkv) == hopper
+
+    def unfused(xx, ww, *rest):
+        return attn_kernels.qkv_norm_rope_reference(F.linear(xx, ww), *rest)
+
+    def run(fn, dtype):
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        leaves = [x.to(dtype).requires_grad_(True), w.to(dtype).requires_grad_(True),
+                  gain.to(wide).requires_grad_(True)]
+        tables = (cos.double(), sin.double()) if dtype == torch.float64 else (cos, sin)
+        outs = fn(leaves[0], leaves[1], H, Hkv, *tables, leaves[2], rep)
+        loss = sum((o * g.to(dtype)).sum() for o, g in zip(outs, grads_out))
+        return outs, torch.autograd.grad(loss, leaves)
+
+    outs, grads = run(attn_kernels.qkv_linear_norm_rope, torch.bfloat16)
+    refs, ref_grads = run(unfused, torch.bfloat16)
+    truths, truth_grads = run(unfused, torch.float64)
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 4 and grads[0].dtype == torch.bfloat16
+    for name, a, b, t in zip("qkva", outs, refs, truths):
+        assert torch.isfinite(a).all(), name
+        _no_worse(a, b, t.detach(), name, slack=2.0)
+    for name, a, b, t in zip(("dx", "dw", "dgain"), grads, ref_grads, truth_grads):
         _no_worse(a, b, t, name, slack=2.0)
 
 

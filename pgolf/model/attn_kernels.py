@@ -190,6 +190,22 @@ def _heads(qkv: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tens
     return q.reshape(T, num_heads, D), k.reshape(T, num_kv_heads, D), v.reshape(T, num_kv_heads, D)
 
 
+def _qk_heads(qk: Tensor, num_heads: int, num_kv_heads: int, D: int) -> tuple[Tensor, Tensor]:
+    """[T, H, D], [T, Hkv, D] views of the first (H + Hkv) D columns of qk (a q, k, v product, or its q and k)."""
+    return (qk[:, : num_heads * D].unflatten(1, (num_heads, D)),
+            qk[:, num_heads * D : (num_heads + num_kv_heads) * D].unflatten(1, (num_kv_heads, D)))
+
+
+def _launch_qkv_kernels(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                        gain: Optional[Tensor], eps: float, q: Tensor, k: Tensor, v: Tensor, v_copies: Tensor,
+                        rstd_q: Tensor, rstd_k: Tensor) -> None:
+    """The q kernel and the k kernel (which also copies v's rows, and their repeats, in the same pass) over the heads
+    of a contiguous product qkv [T, (H + 2 Hkv) D], into the outputs of pgolf::qkv_norm_rope."""
+    xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
+    _qt.launch_qk_norm_rope_fwd(xq, cos, sin, gain, q, rstd_q, eps)
+    _qt.launch_qk_norm_rope_fwd(xk, cos, sin, None, k, rstd_k, eps, xv, v, v_copies if v_copies.numel() else None)
+
+
 if TRITON_AVAILABLE:
 
     @custom_op("pgolf::qkv_norm_rope", mutates_args=())
@@ -202,17 +218,15 @@ if TRITON_AVAILABLE:
         qkv = qkv.contiguous()
         xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
         T, D = qkv.shape[0], xq.shape[2]
+        cos, sin = cos.contiguous(), sin.contiguous()
         q = torch.empty_like(xq, memory_format=torch.contiguous_format)  # [T, H, D]
         k = qkv.new_empty((T, num_kv_heads * kv_repeat, D))  # [T, Hkv r, D]
         rstd_q = torch.empty((T * num_heads,), dtype=torch.float32, device=qkv.device)
         rstd_k = torch.empty((T * num_kv_heads,), dtype=torch.float32, device=qkv.device)
-        cos, sin = cos.contiguous(), sin.contiguous()
         # v: a copy even where the slice is already contiguous (one token): an op's output may not alias its input
         v = torch.empty_like(xv, memory_format=torch.contiguous_format)  # [T, Hkv, D]
         v_copies = qkv.new_empty((T, num_kv_heads * kv_repeat, D) if kv_repeat > 1 else (0,))
-        _qt.launch_qk_norm_rope_fwd(xq, cos, sin, gain, q, rstd_q, eps)
-        # the k kernel copies v's rows (and their repeats) in the same pass
-        _qt.launch_qk_norm_rope_fwd(xk, cos, sin, None, k, rstd_k, eps, xv, v, v_copies if kv_repeat > 1 else None)
+        _launch_qkv_kernels(qkv, num_heads, num_kv_heads, cos, sin, gain, eps, q, k, v, v_copies, rstd_q, rstd_k)
         return q, k, v, v_copies, rstd_q, rstd_k
 
     @_qkv_norm_rope_op.register_fake
@@ -232,12 +246,13 @@ if TRITON_AVAILABLE:
                                    rstd_q: Tensor, rstd_k: Tensor, cos: Tensor, sin: Tensor,
                                    gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """(d qkv [T, (H + 2 Hkv) D] in qkv's dtype, d gain [H] in gain's dtype; [0] without a gain). gk [T, Hkv r,
-        D]: the gradient of k's copies; gv_copies [T, Hkv r, D] that of v's copies ([0] when r = 1)."""
+        D]: the gradient of k's copies; gv_copies [T, Hkv r, D] that of v's copies ([0] when r = 1). qkv: the
+        forward's product, [T, (H + 2 Hkv) D] or its q and k columns alone, [T, (H + Hkv) D] (v's are not read)."""
         check_triton_device(qkv, "pgolf::qkv_norm_rope_backward")
-        num_heads, num_kv_heads = gq.shape[1], gv.shape[1]
+        (T, num_heads, D), num_kv_heads = gq.shape, gv.shape[1]
         qkv = qkv.contiguous()
-        dqkv = torch.empty_like(qkv)
-        xq, xk, _ = _heads(qkv, num_heads, num_kv_heads)
+        dqkv = qkv.new_empty((T, (num_heads + 2 * num_kv_heads) * D))
+        xq, xk = _qk_heads(qkv, num_heads, num_kv_heads, D)
         dq, dk, dv = _heads(dqkv, num_heads, num_kv_heads)
         cos, sin = cos.contiguous(), sin.contiguous()
         dgain = _qk_backward(gq, xq, rstd_q, cos, sin, gain, dq)
@@ -250,7 +265,8 @@ if TRITON_AVAILABLE:
                                      rstd_q: Tensor, rstd_k: Tensor, cos: Tensor, sin: Tensor,
                                      gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         dgain = qkv.new_empty((0,)) if gain is None else gain.new_empty(gain.shape)
-        return torch.empty_like(qkv, memory_format=torch.contiguous_format), dgain
+        (T, num_heads, D), num_kv_heads = gq.shape, gv.shape[1]
+        return qkv.new_empty((T, (num_heads + 2 * num_kv_heads) * D)), dgain
 
     def _qkv_norm_rope_setup(ctx, inputs, output) -> None:
         qkv, heads, kv_heads, cos, sin, gain, _, kv_repeat = inputs
@@ -298,6 +314,106 @@ def qkv_norm_rope(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
     q, k, v, v_copies, _, _ = torch.ops.pgolf.qkv_norm_rope(qkv, num_heads, num_kv_heads, cos2, sin2, gain, QK_EPS,
                                                             kv_repeat)
     return q, k, v, (v if kv_repeat == 1 else v_copies)
+
+
+# ------------------------------------------- the q, k, v matmul itself with the q/k kernels as its epilogue
+#
+# ``qkv_linear_norm_rope(x, w, ...)`` = ``qkv_norm_rope(F.linear(x, w), ...)``. On Hopper it is one Triton kernel
+# (attn_triton._qkv_gemm_kernel): the matmul whose epilogue norms, rotates and copies the heads, so the [T, (H + 2
+# Hkv) D] product is never written and read back; it keeps the product's q and k columns for the backward, which
+# is pgolf::qkv_norm_rope_backward and the two matmuls of a linear layer. Elsewhere (CPU, older GPUs, fp32, shapes
+# the kernel does not take) it is F.linear followed by :func:`qkv_norm_rope`. The same function: the kernel rounds
+# the product to the activations' dtype before the norm, as the matmul's output is; what differs is the order in
+# which the products are summed (Triton's tiles, not cuBLAS's).
+
+if TRITON_AVAILABLE:
+
+    @custom_op("pgolf::qkv_linear_norm_rope", mutates_args=())
+    def _qkv_linear_op(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                       gain: Optional[Tensor], eps: float,
+                       kv_repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(q, k, v, v's copies, rstd_q, rstd_k as pgolf::qkv_norm_rope returns them, and qk [T, (H + Hkv) D]: the
+        product's q and k columns) for x [T, K] and w [(H + 2 Hkv) D, K] of one 16-bit dtype."""
+        check_triton_device(x, "pgolf::qkv_linear_norm_rope")
+        q, k, v, v_copies, qk, rstd_q, rstd_k = _qkv_linear_outputs(x, w, num_heads, num_kv_heads, kv_repeat)
+        x, w, cos, sin = x.contiguous(), w.contiguous(), cos.contiguous(), sin.contiguous()
+        if _qt.qkv_gemm_usable(x, w, num_heads, num_kv_heads):
+            _qt.launch_qkv_gemm_norm_rope(x, w, cos, sin, gain, eps, qk, q, k, v,
+                                          v_copies if kv_repeat > 1 else None, rstd_q, rstd_k)
+        else:  # no TMA (an older GPU, unaligned rows, the interpreter): the matmul, then the q/k kernels
+            qkv = x @ w.t()  # [T, (H + 2 Hkv) D]
+            _launch_qkv_kernels(qkv, num_heads, num_kv_heads, cos, sin, gain, eps, q, k, v, v_copies, rstd_q, rstd_k)
+            qk.copy_(qkv[:, : qk.shape[1]])
+        return q, k, v, v_copies, rstd_q, rstd_k, qk
+
+    @_qkv_linear_op.register_fake
+    def _qkv_linear_fake(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                         gain: Optional[Tensor], eps: float,
+                         kv_repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        q, k, v, v_copies, qk, rstd_q, rstd_k = _qkv_linear_outputs(x, w, num_heads, num_kv_heads, kv_repeat)
+        return q, k, v, v_copies, rstd_q, rstd_k, qk
+
+    def _qkv_linear_setup(ctx, inputs, output) -> None:
+        x, w, heads, kv_heads, cos, sin, gain, _, kv_repeat = inputs
+        ctx.save_for_backward(x, w, output[6], output[4], output[5], cos, sin, gain)
+        ctx.heads = (heads, kv_heads, kv_repeat)
+        ctx.set_materialize_grads(False)
+
+    def _qkv_linear_backward(ctx, gq, gk, gv, gv_copies, grad_rstd_q, grad_rstd_k, grad_qk):
+        x, w, qk, rstd_q, rstd_k, cos, sin, gain = ctx.saved_tensors
+        if grad_rstd_q is not None or grad_rstd_k is not None or grad_qk is not None:
+            raise NotImplementedError("pgolf::qkv_linear_norm_rope: gradients through rstd or qk are not supported")
+        if gq is None and gk is None and gv is None and gv_copies is None:
+            return (None,) * 9
+        heads, kv_heads, kv_repeat = ctx.heads
+        T, D = x.shape[0], w.shape[0] // (heads + 2 * kv_heads)
+        zeros = lambda *shape: x.new_zeros(shape)  # noqa: E731
+        gq = zeros(T, heads, D) if gq is None else gq
+        gk = zeros(T, kv_heads * kv_repeat, D) if gk is None else gk
+        gv = zeros(T, kv_heads, D) if gv is None else gv
+        if kv_repeat == 1:
+            gv_copies = x.new_empty((0,))
+        elif gv_copies is None:
+            gv_copies = zeros(T, kv_heads * kv_repeat, D)
+        dqkv, dgain = torch.ops.pgolf.qkv_norm_rope_backward(gq, gk, gv, gv_copies, qk, rstd_q, rstd_k, cos, sin,
+                                                             gain)
+        # the linear layer's two matmuls: dx [T, K], dw [(H + 2 Hkv) D, K]
+        return (dqkv @ w, dqkv.t() @ x, None, None, None, None, (dgain if gain is not None else None), None,
+                None)
+
+    _qkv_linear_op.register_autograd(_qkv_linear_backward, setup_context=_qkv_linear_setup)
+
+
+def _qkv_linear_outputs(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int,
+                        kv_repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Empty q [T, H, D], k [T, Hkv r, D], v [T, Hkv, D], v's copies [T, Hkv r, D] ([0] when r = 1), qk [T, (H +
+    Hkv) D], rstd_q [T H] and rstd_k [T Hkv] (fp32) for x [T, K], w [(H + 2 Hkv) D, K]."""
+    T, D = x.shape[0], w.shape[0] // (num_heads + 2 * num_kv_heads)
+    copies = (T, num_kv_heads * kv_repeat, D)
+    rstd = lambda heads: x.new_empty((T * heads,), dtype=torch.float32)  # noqa: E731
+    return (x.new_empty((T, num_heads, D)), x.new_empty(copies), x.new_empty((T, num_kv_heads, D)),
+            x.new_empty(copies if kv_repeat > 1 else (0,)), x.new_empty((T, (num_heads + num_kv_heads) * D)),
+            rstd(num_heads), rstd(num_kv_heads))
+
+
+def qkv_linear_norm_rope(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                         gain: Optional[Tensor], kv_repeat: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`qkv_norm_rope` of ``F.linear(x, w)`` (x [T, K], w [(H + 2 Hkv) D, K]; under autocast both in its
+    dtype, as F.linear takes them): pgolf::qkv_linear_norm_rope for 16-bit activations where the Triton kernels
+    run (one kernel forward on Hopper, see above), else the matmul and then :func:`qkv_norm_rope`. Returns (q, k,
+    v, the attention's v)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    T, D = x.shape[0], w.shape[0] // (num_heads + 2 * num_kv_heads)
+    if (kv_repeat >= 1 and use_triton(x) and dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
+            and w.shape == ((num_heads + 2 * num_kv_heads) * D, x.shape[1]) and _pow2(num_kv_heads)
+            and _qk_fusable(T, num_heads, D, dtype, cos, sin) and T * num_kv_heads * kv_repeat * D < MAX_KERNEL_ELEMENTS):
+        cos2, sin2, gain = _kernel_tables(cos, sin, gain, dtype)
+        q, k, v, v_copies, _, _, _ = torch.ops.pgolf.qkv_linear_norm_rope(x.to(dtype), w.to(dtype), num_heads,
+                                                                         num_kv_heads, cos2, sin2, gain, QK_EPS,
+                                                                         kv_repeat)
+        return q, k, v, (v if kv_repeat == 1 else v_copies)
+    return qkv_norm_rope(F.linear(x, w), num_heads, num_kv_heads, cos, sin, gain, kv_repeat)
 
 
 # ------------------------------------------------------------------------------------------------- XSA + gate
@@ -388,7 +504,7 @@ def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False,
                  repeat_kv_on: bool = False) -> None:
     """Make every attention of ``model`` (a GPT) compute its q/k norm, RoPE and q gain with :func:`qk_norm_rope`
     and its XSA and output gate with :func:`xsa_gate` (each when on), or with its own unfused code again;
-    ``qkv_matmul_on`` (with ``qk_norm_rope_on`` only): q, k and v from one matmul through :func:`qkv_norm_rope`
+    ``qkv_matmul_on`` (with ``qk_norm_rope_on`` only): q, k and v from one matmul through :func:`qkv_linear_norm_rope`
     (the attention falls back to three when a projection is hooked or wrapped), and with ``repeat_kv_on`` its k
     and v heads repeated for their query heads, so the attention kernel runs without GQA; runtime state, like
     ``GPT.use_fused_kernels``."""
@@ -397,7 +513,7 @@ def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False,
         attn = block.attn
         attn.qk_kernel = qk_norm_rope if qk_norm_rope_on else None
         attn.xsa_gate_kernel = xsa_gate if xsa_gate_on else None
-        attn.qkv_kernel = qkv_norm_rope if qkv_on else None
+        attn.qkv_kernel = qkv_linear_norm_rope if qkv_on else None
         attn.kv_repeat = attn.num_heads // attn.num_kv_heads if qkv_on and repeat_kv_on else 1
 
 

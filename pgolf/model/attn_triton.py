@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pgolf.model.triton_kernels import _TensorDescriptor, _narrow, _tma_usable
+
 
 # --------------------------------------------------------------------------------------------------------------
 # q/k RMSNorm + partial RoPE (+ the per-head q gain)
@@ -185,6 +187,152 @@ def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor
         g if gv_copies is None else gv_copies, dx if dv is None else dv, T * H, _token_stride(x), _token_stride(dx),
         H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HAS_V=gv is not None, BLOCK_R=block,
         num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The q, k, v matmul with the q/k norm + RoPE (+ gain) and the k / v copies as its epilogue (Hopper, TMA)
+# --------------------------------------------------------------------------------------------------------------
+# x [T, K] @ w[(H + 2 Hkv) D, K]^T, one output tile = BLOCK_M tokens x HEADS_PER_TILE heads (a tile never mixes q,
+# k and v heads: H and Hkv are multiples of HEADS_PER_TILE). Each head's [BLOCK_M, D] product is rounded to the
+# activations' dtype first (the value an unfused matmul stores), then, per head:
+#   q heads: stored to qk [T, (H + Hkv) D] (the backward's input), normed, rotated, times the gain -> q, rstd_q
+#   k heads: the same without the gain -> REP copies in k [T, Hkv REP D], rstd_k
+#   v heads: -> v [T, Hkv D] and REP copies in vrep [T, Hkv REP D] (REP > 1)
+# The arithmetic is _qk_norm_rope_fwd_kernel's, in the same order; the rotation partners are found by reshaping
+# the head's registers: dim d = b 2 HALF + a HALF + j (a = 0, 1; only b = 0 rotates). The backward is
+# _qk_norm_rope_bwd_kernel over qk (token stride (H + Hkv) D). What it saves against the matmul + the q/k/v op: the
+# [T, (H + 2 Hkv) D] product is never written to memory and read back (2 x 2 KB a token at the record's width).
+
+
+@triton.jit
+def _qkv_gemm_kernel(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
+                     rstd_q_ptr, rstd_k_ptr, T, eps, K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
+                     D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr,
+                     HEADS_PER_TILE: tl.constexpr, PERSISTENT: tl.constexpr, BITWISE_ROUND: tl.constexpr,
+                     NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    tiles_n: tl.constexpr = (H + 2 * HKV) // HEADS_PER_TILE
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(T, BLOCK_M) * tiles_n, NUM_PROGRAMS, flatten=True):
+            _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
+                           rstd_q_ptr, rstd_k_ptr, T, eps, tile, K, H, HKV, D, HALF, HAS_GAIN, REP, HEADS_PER_TILE,
+                           BITWISE_ROUND, BLOCK_M, BLOCK_K)
+    else:  # one program per tile (the interpreter cannot loop from a program id)
+        _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
+                       rstd_q_ptr, rstd_k_ptr, T, eps, tl.program_id(0), K, H, HKV, D, HALF, HAS_GAIN, REP,
+                       HEADS_PER_TILE, BITWISE_ROUND, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
+                   rstd_q_ptr, rstd_k_ptr, T, eps, tile, K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
+                   D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr,
+                   HEADS_PER_TILE: tl.constexpr, BITWISE_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """One [BLOCK_M, HEADS_PER_TILE D] tile of :func:`_qkv_gemm_kernel`."""
+    tiles_n: tl.constexpr = (H + 2 * HKV) // HEADS_PER_TILE
+    row = (tile // tiles_n) * BLOCK_M  # consecutive tiles share a row block of x (w stays in L2)
+    head = (tile % tiles_n) * HEADS_PER_TILE  # the tile's first head, counted over q, k, v
+    acc = tl.zeros((BLOCK_M, HEADS_PER_TILE * D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(x_desc.load([row, k0]), w_desc.load([head * D, k0]).T, acc)  # [BM, BK] @ [BK, HPT D]
+    rows = row + tl.arange(0, BLOCK_M)  # [BM]
+    rmask = rows < T
+    if HEADS_PER_TILE == 1:
+        _qkv_head_epilogue(acc, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr,
+                           gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H, HKV, D, HALF, HAS_GAIN, REP, BITWISE_ROUND,
+                           BLOCK_M)
+    else:
+        pair = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, D)), (0, 2, 1)))  # 2 x [BM, D]
+        for i in tl.static_range(2):
+            _qkv_head_epilogue(pair[i], head + i, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc,
+                               cos_ptr, sin_ptr, gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H, HKV, D, HALF, HAS_GAIN,
+                               REP, BITWISE_ROUND, BLOCK_M)
+
+
+@triton.jit
+def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr,
+                       gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                       HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, BITWISE_ROUND: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """Head ``head`` (over q, k, v) of one row block: c [BM, D] fp32, the product before rounding."""
+    xb = _narrow(c, qk_desc.dtype, BITWISE_ROUND)  # [BM, D]
+    if head < H + HKV:
+        qk_desc.store([row, head * D], xb)
+        x = xb.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BM]
+        j = tl.arange(0, HALF)
+        cs_at = rows[:, None] * HALF + j[None, :]  # [BM, HALF]
+        cos = tl.load(cos_ptr + cs_at, mask=rmask[:, None], other=1.0).to(tl.float32)[:, None, :]  # [BM, 1, HALF]
+        sin = tl.load(sin_ptr + cs_at, mask=rmask[:, None], other=0.0).to(tl.float32)[:, None, :]
+        nb: tl.constexpr = D // (2 * HALF)
+        first = (tl.arange(0, nb) == 0)[None, :, None]  # [1, nb, 1]: only dims below 2 HALF rotate
+        cos, sin = tl.where(first, cos, 1.0), tl.where(first, sin, 0.0)  # [BM, nb, HALF]
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (BLOCK_M, nb, 2, HALF)), (0, 1, 3, 2)))  # [BM, nb, HALF] each
+        r_lo = (lo * cos + hi * sin) * rstd[:, None, None]
+        r_hi = (hi * cos - lo * sin) * rstd[:, None, None]
+        r = tl.reshape(tl.permute(tl.join(r_lo, r_hi), (0, 1, 3, 2)), (BLOCK_M, D))  # [BM, D]
+        if head < H:
+            if HAS_GAIN:
+                r = r * tl.load(gain_ptr + head).to(tl.float32)
+            q_desc.store([row, head * D], _narrow(r, q_desc.dtype, BITWISE_ROUND))
+            tl.store(rstd_q_ptr + rows * H + head, rstd, mask=rmask)
+        else:
+            rk = _narrow(r, k_desc.dtype, BITWISE_ROUND)
+            for i in tl.static_range(REP):
+                k_desc.store([row, ((head - H) * REP + i) * D], rk)
+            tl.store(rstd_k_ptr + rows * HKV + (head - H), rstd, mask=rmask)
+    else:
+        v_desc.store([row, (head - H - HKV) * D], xb)
+        if REP > 1:
+            for i in tl.static_range(REP):
+                vrep_desc.store([row, ((head - H - HKV) * REP + i) * D], xb)
+
+
+# (BLOCK_M, heads per tile, BLOCK_K, warps, pipeline stages) at the record's shapes (K = 512, D = 64)
+QKV_GEMM_TILE = (128, 2, 64, 8, 3)
+
+
+def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether :func:`launch_qkv_gemm_norm_rope` takes these operands: Hopper TMA (CUDA sm90+, one 16-bit dtype,
+    16-byte aligned rows), head dims of 16 bytes or more and at most 256, H and Hkv powers of two."""
+    D = w.shape[0] // (num_heads + 2 * num_kv_heads)
+    return (x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and _tma_usable(x, w)
+            and w.shape[0] == (num_heads + 2 * num_kv_heads) * D and D * x.element_size() >= 16 and D <= 256
+            and x.shape[1] * x.element_size() % 16 == 0)
+
+
+def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              gain: torch.Tensor | None, eps: float, qk: torch.Tensor, q: torch.Tensor,
+                              k: torch.Tensor, v: torch.Tensor, v_copies: torch.Tensor | None, rstd_q: torch.Tensor,
+                              rstd_k: torch.Tensor, tile: tuple | None = None, persistent: bool = True,
+                              bitwise_round: bool = False) -> None:
+    """x [T, K], w [(H + 2 Hkv) D, K] (contiguous, one 16-bit dtype); outputs contiguous: qk [T, (H + Hkv) D], q [T,
+    H, D], k [T, Hkv rep, D], v [T, Hkv, D], v_copies [T, Hkv rep, D] (exactly when rep > 1), rstd_q [T * H] and
+    rstd_k [T * Hkv] fp32; cos, sin [T, half] and gain [H] in x's dtype. ``persistent=False``: one program per tile
+    (the interpreter's form); ``bitwise_round``: the interpreter's rounding (see triton_kernels._narrow)."""
+    T, K = x.shape
+    _, H, D = q.shape
+    hkv = v.shape[1]
+    rep = _repeats(v, k)
+    if T == 0:
+        return
+    if (rep > 1) != (v_copies is not None):
+        raise ValueError("attn_triton: v_copies is given exactly when k holds more than one copy of each head")
+    bm, per_tile, bk, warps, stages = tile or QKV_GEMM_TILE
+    if per_tile not in (1, 2):
+        raise ValueError(f"attn_triton: a qkv tile holds 1 or 2 heads, got {per_tile}")
+    per_tile = per_tile if H % per_tile == 0 and hkv % per_tile == 0 else 1  # a tile never mixes q, k and v heads
+    tiles = triton.cdiv(T, bm) * ((H + 2 * hkv) // per_tile)
+    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles) if persistent else tiles
+    desc = _TensorDescriptor.from_tensor
+    k2 = k.view(T, -1)
+    _qkv_gemm_kernel[(programs,)](
+        desc(x, [bm, bk]), desc(w, [per_tile * D, bk]), desc(qk, [bm, D]), desc(q.view(T, -1), [bm, D]),
+        desc(k2, [bm, D]), desc(v.view(T, -1), [bm, D]), desc(k2 if v_copies is None else v_copies.view(T, -1), [bm, D]),
+        cos, sin, gain if gain is not None else x, rstd_q, rstd_k, T, float(eps), K=K, H=H, HKV=hkv, D=D,
+        HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HEADS_PER_TILE=per_tile, PERSISTENT=persistent,
+        BITWISE_ROUND=bitwise_round, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -104,10 +104,11 @@ class Attention(nn.Module):
         T = x.shape[0]
         if (self.qkv_kernel is not None and self.qk_norm and rope is not None
                 and plain_linear(self.q) and plain_linear(self.k) and plain_linear(self.v)):
-            # one matmul for q, k and v ([(H + 2 Hkv) D, d] stacked weights), the q/k kernels reading its output
-            qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))  # [T, (H + 2 Hkv) D]
-            # k, v_attn [T, Hkv r, D] (r = kv_repeat copies of each head), v [T, Hkv, D] for XSA
-            q, k, v, v_attn = self.qkv_kernel(qkv, self.num_heads, self.num_kv_heads, *rope, self.q_gain,
+            # one matmul for q, k and v ([(H + 2 Hkv) D, d] stacked weights) and the q/k kernels on its product
+            # (on Hopper one kernel: the q/k kernels as the matmul's epilogue); k, v_attn [T, Hkv r, D] (r =
+            # kv_repeat copies of each head), v [T, Hkv, D] for XSA
+            w_qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            q, k, v, v_attn = self.qkv_kernel(x, w_qkv, self.num_heads, self.num_kv_heads, *rope, self.q_gain,
                                               self.kv_repeat)
             return self._attend(x, q, k, v, cu_seqlens, max_seqlen, backend, out_scale, v_attn)
         q = self.q(x).view(T, self.num_heads, self.head_dim)  # [T, H, D]

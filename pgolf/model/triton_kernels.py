@@ -211,8 +211,9 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
             out_desc.store([row, col + i * HALF], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) per direction, for N = 4d and K = d at d = 512
-TMA_TILES = {False: (256, 128, 64, 8, 4), True: (256, 128, 64, 8, 3)}
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) per direction, for N = 4d and K = d at d = 512: the fastest of
+# benchmarks/mlp_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md); BLOCK_K fixes the summation order
+TMA_TILES = {False: (128, 256, 64, 8, 4), True: (128, 256, 64, 8, 3)}
 
 
 def _tma_usable(*tensors: torch.Tensor) -> bool:

@@ -1,0 +1,139 @@
+"""The attention's q, k, v projection and its q/k kernels alone on one GPU, at the record's shapes: the matmul
+with the kernels as its epilogue (one Triton kernel, ``pgolf::qkv_linear_norm_rope`` on Hopper) against the
+cuBLAS matmul followed by ``pgolf::qkv_norm_rope`` (what pgolf ran before, and still runs without TMA).
+
+x [98,304, 512] (one micro-batch) @ w [(8 + 2 x 4) x 64, 512]^T, bf16, 2 x 8 of 64 dims rotated, the q gain, k and
+v repeated twice per query head (``train.repeat_kv_heads``). Timed with CUDA events after warm-up:
+
+- ``forward``: the forward alone;
+- ``forward_backward``: forward and backward (the backward is the same kernels and matmuls on both paths, so the
+  difference is the forward's).
+
+Both paths' outputs are compared (``max_abs_diff``: the matmuls sum their products in different orders). The
+printed ms/step multiplies by 8 micro-batches x 11 (looping off) or 17 (on) block applications. ``--sweep-tiles``
+times the fused forward with each tile of :data:`SWEEP_TILES` (BLOCK_M, heads per tile, BLOCK_K, warps, stages):
+how ``attn_triton.QKV_GEMM_TILE`` is chosen.
+
+    python benchmarks/qkv_kernel_bench.py [--sweep-tiles] [--iters N] [--out OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pgolf.model import attn_kernels, attn_triton  # noqa: E402
+from pgolf.model.rope import rope_buffers  # noqa: E402
+
+T, K, H, HKV, D, HALF, REP = 98_304, 512, 8, 4, 64, 8, 2
+APPLICATIONS = {"off": 11, "on": 17}
+MICRO_BATCHES = 8
+SWEEP_TILES = [
+    (128, 2, 64, 8, 3), (128, 2, 64, 8, 4), (128, 1, 64, 4, 4), (128, 1, 64, 4, 3), (64, 2, 64, 4, 4),
+    (256, 1, 64, 8, 3), (128, 2, 128, 8, 2), (64, 1, 64, 4, 4), (256, 2, 64, 8, 3),
+]
+
+
+def time_ms(fn, iters: int) -> float:
+    """Mean milliseconds of ``fn()`` over ``iters`` calls, after 5 warm-up calls (which also compile)."""
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--sweep-tiles", action="store_true", help="time the fused forward with each SWEEP_TILES tile")
+    parser.add_argument("--out", type=Path, help="JSON of the figures")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("qkv_kernel_bench: needs a CUDA GPU")
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(T, K, device=dev, generator=gen).to(bf16)  # [T, K]
+    w = (torch.randn((H + 2 * HKV) * D, K, device=dev, generator=gen) / K**0.5).to(bf16)  # [(H + 2 Hkv) D, K]
+    _, cos, sin = (t.to(dev) for t in rope_buffers(2 * HALF, 10000.0, T))
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, half], as the model hands them
+    gain = torch.rand(H, device=dev, generator=gen) + 0.5
+    if not attn_triton.qkv_gemm_usable(x, w, H, HKV):
+        sys.exit("qkv_kernel_bench: the TMA kernel does not apply here (needs sm90+ and aligned bf16)")
+    grads = [torch.randn(T, h, D, device=dev, generator=gen).to(bf16) for h in (H, HKV * REP, HKV, HKV * REP)]
+
+    paths = {
+        "matmul_then_kernels": lambda xx, ww: attn_kernels.qkv_norm_rope(F.linear(xx, ww), H, HKV, cos, sin, gain, REP),
+        "fused_epilogue": lambda xx, ww: attn_kernels.qkv_linear_norm_rope(xx, ww, H, HKV, cos, sin, gain, REP),
+    }
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tile": attn_triton.QKV_GEMM_TILE,
+               "shape": {"T": T, "K": K, "H": H, "Hkv": HKV, "D": D, "rotated": 2 * HALF, "rep": REP}, "paths": {}}
+    outputs = {}
+    for name, fn in paths.items():
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+        def forward_backward():
+            outs = fn(xg, wg)
+            torch.autograd.backward(outs, grads)
+
+        with torch.no_grad():
+            fwd_ms = time_ms(lambda: fn(x, w), args.iters)
+        both_ms = time_ms(forward_backward, args.iters)
+        with torch.no_grad():
+            outputs[name] = [o.float() for o in fn(x, w)]
+        per_step = {loop: MICRO_BATCHES * n * both_ms for loop, n in APPLICATIONS.items()}
+        results["paths"][name] = {"forward_ms": fwd_ms, "forward_backward_ms": both_ms, "ms_per_step": per_step}
+        print(f"{name:<20} forward {fwd_ms:.3f} ms  forward+backward {both_ms:.3f} ms  per step: looping off "
+              f"{per_step['off']:.1f} ms, on {per_step['on']:.1f} ms", flush=True)
+    diffs = {n: float((a - b).abs().max()) for n, a, b in zip("qkva", *outputs.values())}
+    results["max_abs_diff"] = diffs
+    print(f"max |fused - matmul then kernels| per output: {diffs}", flush=True)
+    if args.sweep_tiles:
+        results["tile_sweep"] = sweep_tiles(x, w, cos, sin, gain, args.iters)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def sweep_tiles(x, w, cos, sin, gain, iters: int) -> list[dict]:
+    """The fused forward's kernel with each tile of SWEEP_TILES: ms per call and per step (forward only), fastest
+    first; a tile the GPU cannot hold is reported with its error."""
+    dtype = x.dtype
+    cos2, sin2, gain2 = attn_kernels._kernel_tables(cos, sin, gain, dtype)
+    outs = attn_kernels._qkv_linear_outputs(x, w, H, HKV, REP)
+    q, k, v, v_copies, qk, rstd_q, rstd_k = outs
+    rows = []
+    for tile in SWEEP_TILES:
+        def call():
+            attn_triton.launch_qkv_gemm_norm_rope(x, w, cos2, sin2, gain2, attn_kernels.QK_EPS, qk, q, k, v, v_copies,
+                                                  rstd_q, rstd_k, tile=tile)
+        try:
+            ms = time_ms(call, iters)
+        except Exception as error:  # noqa: BLE001 - a tile past the GPU's shared memory or registers
+            rows.append({"tile": list(tile), "error": f"{type(error).__name__}: {str(error)[:160]}"})
+            print(f"tile {list(tile)}  {rows[-1]['error']}", flush=True)
+            continue
+        rows.append({"tile": list(tile), "forward_ms": ms, "default": tile == attn_triton.QKV_GEMM_TILE,
+                     "forward_ms_per_step": {loop: MICRO_BATCHES * n * ms for loop, n in APPLICATIONS.items()}})
+    rows.sort(key=lambda r: r.get("forward_ms", float("inf")))
+    for r in rows:
+        if "forward_ms" in r:
+            print(f"tile {r['tile']}  {r['forward_ms']:.3f} ms{'  (default)' if r['default'] else ''}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
