@@ -212,7 +212,8 @@ def _qkv_gemm_kernel(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc,
                      NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     tiles_n: tl.constexpr = (H + 2 * HKV) // HEADS_PER_TILE
     if PERSISTENT:
-        for tile in tl.range(tl.program_id(0), tl.cdiv(T, BLOCK_M) * tiles_n, NUM_PROGRAMS, flatten=True):
+        # (not flatten=True as in the MLP kernel: Triton 3.6's loop fusion fails on this epilogue's branches)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(T, BLOCK_M) * tiles_n, NUM_PROGRAMS):
             _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
                            rstd_q_ptr, rstd_k_ptr, T, eps, tile, K, H, HKV, D, HALF, HAS_GAIN, REP, HEADS_PER_TILE,
                            BITWISE_ROUND, BLOCK_M, BLOCK_K)
