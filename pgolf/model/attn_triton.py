@@ -289,8 +289,9 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
                 vrep_desc.store([row, ((head - H - HKV) * REP + i) * D], xb)
 
 
-# (BLOCK_M, heads per tile, BLOCK_K, warps, pipeline stages) at the record's shapes (K = 512, D = 64)
-QKV_GEMM_TILE = (128, 2, 64, 8, 3)
+# (BLOCK_M, heads per tile, BLOCK_K, warps, pipeline stages) at the record's shapes (K = 512, D = 64): the fastest
+# of benchmarks/qkv_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md)
+QKV_GEMM_TILE = (256, 2, 64, 8, 3)
 
 
 def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
