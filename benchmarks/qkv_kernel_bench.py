@@ -37,9 +37,8 @@ T, K, H, HKV, D, HALF, REP = 98_304, 512, 8, 4, 64, 8, 2
 APPLICATIONS = {"off": 11, "on": 17}
 MICRO_BATCHES = 8
 SWEEP_TILES = [
-    (128, 2, 64, 8, 3), (128, 2, 64, 8, 4), (128, 1, 64, 4, 4), (128, 1, 64, 4, 3), (128, 1, 64, 8, 4),
-    (64, 2, 64, 4, 4), (256, 1, 64, 8, 3), (256, 1, 64, 8, 4), (128, 2, 128, 8, 2), (64, 1, 64, 4, 4),
-    (256, 2, 64, 8, 3),
+    (128, 2, 64, 8, 3), (128, 2, 64, 8, 4), (128, 1, 64, 4, 4), (128, 1, 64, 4, 3), (64, 2, 64, 4, 4),
+    (256, 1, 64, 8, 3), (128, 2, 128, 8, 2), (64, 1, 64, 4, 4), (256, 2, 64, 8, 3),
 ]
 
 
@@ -129,7 +128,7 @@ def sweep_tiles(x, w, cos, sin, gain, iters: int) -> list[dict]:
             continue
         rows.append({"tile": list(tile), "forward_ms": ms, "default": tile == attn_triton.QKV_GEMM_TILE,
                      "forward_ms_per_step": {loop: MICRO_BATCHES * n * ms for loop, n in APPLICATIONS.items()}})
-    rows.sort(key=lambda r: r.get("forward_ms", float("inf")))  # fastest first: rows[0] is the one to choose
+    rows.sort(key=lambda r: r.get("forward_ms", float("inf")))
     for r in rows:
         if "forward_ms" in r:
             print(f"tile {r['tile']}  {r['forward_ms']:.3f} ms{'  (default)' if r['default'] else ''}", flush=True)

@@ -198,17 +198,14 @@ def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor
 #   q heads: stored to qk [T, (H + Hkv) D] (the backward's input), normed, rotated, times the gain -> q, rstd_q
 #   k heads: the same without the gain -> REP copies in k [T, Hkv REP D], rstd_k
 #   v heads: -> v [T, Hkv D] and REP copies in vrep [T, Hkv REP D] (REP > 1)
-# The arithmetic is _qk_norm_rope_fwd_kernel's, in the same order. Each rotated dim needs its partner's value (d +
-# HALF, d - HALF): q / k tiles compute it as a second product, with wp (w's q and k rows permuted so that row d
-# holds row partner(d)), from the same x tiles, rather than moving values between registers (a first version
-# reshaped and permuted the head's registers; the shuffles cost more than the matmul). The same dot products in the
-# same order, so the partner values are the stored ones (the GPU test checks it bit for bit). The backward is
+# The arithmetic is _qk_norm_rope_fwd_kernel's, in the same order; the rotation partners are found by reshaping
+# the head's registers: dim d = b 2 HALF + a HALF + j (a = 0, 1; only b = 0 rotates). The backward is
 # _qk_norm_rope_bwd_kernel over qk (token stride (H + Hkv) D). What it saves against the matmul + the q/k/v op: the
 # [T, (H + 2 Hkv) D] product is never written to memory and read back (2 x 2 KB a token at the record's width).
 
 
 @triton.jit
-def _qkv_gemm_kernel(x_desc, w_desc, wp_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
+def _qkv_gemm_kernel(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
                      rstd_q_ptr, rstd_k_ptr, T, eps, K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
                      D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr,
                      HEADS_PER_TILE: tl.constexpr, PERSISTENT: tl.constexpr, BITWISE_ROUND: tl.constexpr,
@@ -217,25 +214,17 @@ def _qkv_gemm_kernel(x_desc, w_desc, wp_desc, qk_desc, q_desc, k_desc, v_desc, v
     if PERSISTENT:
         # (not flatten=True as in the MLP kernel: Triton 3.6's loop fusion fails on this epilogue's branches)
         for tile in tl.range(tl.program_id(0), tl.cdiv(T, BLOCK_M) * tiles_n, NUM_PROGRAMS):
-            _qkv_gemm_tile(x_desc, w_desc, wp_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr,
-                           gain_ptr, rstd_q_ptr, rstd_k_ptr, T, eps, tile, K, H, HKV, D, HALF, HAS_GAIN, REP,
-                           HEADS_PER_TILE, BITWISE_ROUND, BLOCK_M, BLOCK_K)
+            _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
+                           rstd_q_ptr, rstd_k_ptr, T, eps, tile, K, H, HKV, D, HALF, HAS_GAIN, REP, HEADS_PER_TILE,
+                           BITWISE_ROUND, BLOCK_M, BLOCK_K)
     else:  # one program per tile (the interpreter cannot loop from a program id)
-        _qkv_gemm_tile(x_desc, w_desc, wp_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr,
-                       gain_ptr, rstd_q_ptr, rstd_k_ptr, T, eps, tl.program_id(0), K, H, HKV, D, HALF, HAS_GAIN, REP,
+        _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
+                       rstd_q_ptr, rstd_k_ptr, T, eps, tl.program_id(0), K, H, HKV, D, HALF, HAS_GAIN, REP,
                        HEADS_PER_TILE, BITWISE_ROUND, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
-def _heads_of(acc, BLOCK_M: tl.constexpr, D: tl.constexpr, HEADS_PER_TILE: tl.constexpr):
-    """The [BM, D] heads of a [BM, HEADS_PER_TILE D] tile (1 or 2), as a tuple."""
-    if HEADS_PER_TILE == 1:
-        return (acc,)
-    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, D)), (0, 2, 1)))
-
-
-@triton.jit
-def _qkv_gemm_tile(x_desc, w_desc, wp_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
+def _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
                    rstd_q_ptr, rstd_k_ptr, T, eps, tile, K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
                    D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr,
                    HEADS_PER_TILE: tl.constexpr, BITWISE_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -244,63 +233,65 @@ def _qkv_gemm_tile(x_desc, w_desc, wp_desc, qk_desc, q_desc, k_desc, v_desc, vre
     tiles_n: tl.constexpr = (H + 2 * HKV) // HEADS_PER_TILE
     row = (tile // tiles_n) * BLOCK_M  # consecutive tiles share a row block of x (w stays in L2)
     head = (tile % tiles_n) * HEADS_PER_TILE  # the tile's first head, counted over q, k, v
+    acc = tl.zeros((BLOCK_M, HEADS_PER_TILE * D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(x_desc.load([row, k0]), w_desc.load([head * D, k0]).T, acc)  # [BM, BK] @ [BK, HPT D]
     rows = row + tl.arange(0, BLOCK_M)  # [BM]
     rmask = rows < T
-    acc = tl.zeros((BLOCK_M, HEADS_PER_TILE * D), dtype=tl.float32)
-    if head < H + HKV:
-        # q / k heads: the product, and the product with the partner-permuted rows of w (wp: each rotated dim's
-        # rotation partner in its place), from the same x tiles; the epilogue then needs no register shuffles
-        accp = tl.zeros((BLOCK_M, HEADS_PER_TILE * D), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = x_desc.load([row, k0])  # [BM, BK]
-            acc = tl.dot(a, w_desc.load([head * D, k0]).T, acc)  # [BK, HPT D]
-            accp = tl.dot(a, wp_desc.load([head * D, k0]).T, accp)
-        heads, partners = _heads_of(acc, BLOCK_M, D, HEADS_PER_TILE), _heads_of(accp, BLOCK_M, D, HEADS_PER_TILE)
-        d = tl.arange(0, D)
-        c, s, _, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, 1, HALF)  # [BM, D] each
-        for i in tl.static_range(HEADS_PER_TILE):
-            _qk_head_epilogue(heads[i], partners[i], head + i, row, rows, rmask, c, s, sign, qk_desc, q_desc, k_desc,
-                              gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H, HKV, D, HAS_GAIN, REP, BITWISE_ROUND)
-    else:  # v heads: stored as rounded, and copied
-        for k0 in range(0, K, BLOCK_K):
-            acc = tl.dot(x_desc.load([row, k0]), w_desc.load([head * D, k0]).T, acc)
-        heads = _heads_of(acc, BLOCK_M, D, HEADS_PER_TILE)
-        for i in tl.static_range(HEADS_PER_TILE):
-            xb = _narrow(heads[i], v_desc.dtype, BITWISE_ROUND)  # [BM, D]
-            vh = head + i - H - HKV
-            v_desc.store([row, vh * D], xb)
-            if REP > 1:
-                for j in tl.static_range(REP):
-                    vrep_desc.store([row, (vh * REP + j) * D], xb)
+    if HEADS_PER_TILE == 1:
+        _qkv_head_epilogue(acc, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr,
+                           gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H, HKV, D, HALF, HAS_GAIN, REP, BITWISE_ROUND,
+                           BLOCK_M)
+    else:
+        pair = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, D)), (0, 2, 1)))  # 2 x [BM, D]
+        for i in tl.static_range(2):
+            _qkv_head_epilogue(pair[i], head + i, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc,
+                               cos_ptr, sin_ptr, gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H, HKV, D, HALF, HAS_GAIN,
+                               REP, BITWISE_ROUND, BLOCK_M)
 
 
 @triton.jit
-def _qk_head_epilogue(acc, accp, head, row, rows, rmask, c, s, sign, qk_desc, q_desc, k_desc, gain_ptr, rstd_q_ptr,
-                      rstd_k_ptr, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_GAIN: tl.constexpr,
-                      REP: tl.constexpr, BITWISE_ROUND: tl.constexpr):
-    """A q or k head (``head`` over q, k, v) of one row block: acc, accp [BM, D] fp32, the product and its
-    rotation partners' before rounding. _qk_norm_rope_fwd_kernel's arithmetic, in the same order."""
-    xb = _narrow(acc, qk_desc.dtype, BITWISE_ROUND)  # [BM, D]: the value an unfused matmul stores
-    qk_desc.store([row, head * D], xb)
-    x = xb.to(tl.float32)
-    xp = _narrow(accp, qk_desc.dtype, BITWISE_ROUND).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BM]
-    r = (x * c + sign[None, :] * xp * s) * rstd[:, None]
-    if head < H:
-        if HAS_GAIN:
-            r = r * tl.load(gain_ptr + head).to(tl.float32)
-        q_desc.store([row, head * D], _narrow(r, q_desc.dtype, BITWISE_ROUND))
-        tl.store(rstd_q_ptr + rows * H + head, rstd, mask=rmask)
+def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr,
+                       gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                       HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, BITWISE_ROUND: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """Head ``head`` (over q, k, v) of one row block: c [BM, D] fp32, the product before rounding."""
+    xb = _narrow(c, qk_desc.dtype, BITWISE_ROUND)  # [BM, D]
+    if head < H + HKV:
+        qk_desc.store([row, head * D], xb)
+        x = xb.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BM]
+        j = tl.arange(0, HALF)
+        cs_at = rows[:, None] * HALF + j[None, :]  # [BM, HALF]
+        cos = tl.load(cos_ptr + cs_at, mask=rmask[:, None], other=1.0).to(tl.float32)[:, None, :]  # [BM, 1, HALF]
+        sin = tl.load(sin_ptr + cs_at, mask=rmask[:, None], other=0.0).to(tl.float32)[:, None, :]
+        nb: tl.constexpr = D // (2 * HALF)
+        first = (tl.arange(0, nb) == 0)[None, :, None]  # [1, nb, 1]: only dims below 2 HALF rotate
+        cos, sin = tl.where(first, cos, 1.0), tl.where(first, sin, 0.0)  # [BM, nb, HALF]
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (BLOCK_M, nb, 2, HALF)), (0, 1, 3, 2)))  # [BM, nb, HALF] each
+        r_lo = (lo * cos + hi * sin) * rstd[:, None, None]
+        r_hi = (hi * cos - lo * sin) * rstd[:, None, None]
+        r = tl.reshape(tl.permute(tl.join(r_lo, r_hi), (0, 1, 3, 2)), (BLOCK_M, D))  # [BM, D]
+        if head < H:
+            if HAS_GAIN:
+                r = r * tl.load(gain_ptr + head).to(tl.float32)
+            q_desc.store([row, head * D], _narrow(r, q_desc.dtype, BITWISE_ROUND))
+            tl.store(rstd_q_ptr + rows * H + head, rstd, mask=rmask)
+        else:
+            rk = _narrow(r, k_desc.dtype, BITWISE_ROUND)
+            for i in tl.static_range(REP):
+                k_desc.store([row, ((head - H) * REP + i) * D], rk)
+            tl.store(rstd_k_ptr + rows * HKV + (head - H), rstd, mask=rmask)
     else:
-        rk = _narrow(r, k_desc.dtype, BITWISE_ROUND)
-        for i in tl.static_range(REP):
-            k_desc.store([row, ((head - H) * REP + i) * D], rk)
-        tl.store(rstd_k_ptr + rows * HKV + (head - H), rstd, mask=rmask)
+        v_desc.store([row, (head - H - HKV) * D], xb)
+        if REP > 1:
+            for i in tl.static_range(REP):
+                vrep_desc.store([row, ((head - H - HKV) * REP + i) * D], xb)
 
 
 # (BLOCK_M, heads per tile, BLOCK_K, warps, pipeline stages) at the record's shapes (K = 512, D = 64): the fastest
 # of benchmarks/qkv_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md)
-QKV_GEMM_TILE = (128, 2, 64, 8, 3)
+QKV_GEMM_TILE = (256, 2, 64, 8, 3)
 
 
 def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
@@ -310,15 +301,6 @@ def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_hea
     return (x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and _tma_usable(x, w)
             and w.shape[0] == (num_heads + 2 * num_kv_heads) * D and D * x.element_size() >= 16 and D <= 256
             and x.shape[1] * x.element_size() % 16 == 0)
-
-
-def _partner_rows(heads: int, D: int, half: int, device: torch.device) -> torch.Tensor:
-    """[heads D] int64: for each row of ``heads`` stacked heads of D rows, the row of its dim's rotation partner
-    (d + half below half, d - half below 2 half, itself beyond)."""
-    index = torch.arange(heads * D, device=device)
-    d = index % D
-    partner = torch.where(d < half, d + half, torch.where(d < 2 * half, d - half, d))
-    return index - d + partner
 
 
 def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -346,10 +328,8 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
     programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles) if persistent else tiles
     desc = _TensorDescriptor.from_tensor
     k2 = k.view(T, -1)
-    wp = w[_partner_rows(H + hkv, D, cos.shape[1], w.device)]  # [(H + Hkv) D, K]: q and k rows, partner-permuted
     _qkv_gemm_kernel[(programs,)](
-        desc(x, [bm, bk]), desc(w, [per_tile * D, bk]), desc(wp, [per_tile * D, bk]), desc(qk, [bm, D]),
-        desc(q.view(T, -1), [bm, D]),
+        desc(x, [bm, bk]), desc(w, [per_tile * D, bk]), desc(qk, [bm, D]), desc(q.view(T, -1), [bm, D]),
         desc(k2, [bm, D]), desc(v.view(T, -1), [bm, D]), desc(k2 if v_copies is None else v_copies.view(T, -1), [bm, D]),
         cos, sin, gain if gain is not None else x, rstd_q, rstd_k, T, float(eps), K=K, H=H, HKV=hkv, D=D,
         HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HEADS_PER_TILE=per_tile, PERSISTENT=persistent,
