@@ -11,9 +11,8 @@ v repeated twice per query head (``train.repeat_kv_heads``). Timed with CUDA eve
 
 Both paths' outputs are compared (``max_abs_diff``: the matmuls sum their products in different orders). The
 printed ms/step multiplies by 8 micro-batches x 11 (looping off) or 17 (on) block applications. ``--sweep-tiles``
-times the fused forward with each tile of :data:`SWEEP_TILES` (BLOCK_M, heads per tile, BLOCK_K, warps, stages),
-each with both ways of finding the rotation partners: how ``attn_triton.QKV_GEMM_TILE`` and ``QKV_ROPE_BY_DOT``
-are chosen.
+times the fused forward with each tile of :data:`SWEEP_TILES` (BLOCK_M, heads per tile, BLOCK_K, warps, stages):
+how ``attn_triton.QKV_GEMM_TILE`` is chosen.
 
     python benchmarks/qkv_kernel_bench.py [--sweep-tiles] [--iters N] [--out OUT.json]
 """
@@ -81,7 +80,6 @@ def main(argv=None) -> int:
         "fused_epilogue": lambda xx, ww: attn_kernels.qkv_linear_norm_rope(xx, ww, H, HKV, cos, sin, gain, REP),
     }
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tile": attn_triton.QKV_GEMM_TILE,
-               "rope_by_dot": attn_triton.QKV_ROPE_BY_DOT,
                "shape": {"T": T, "K": K, "H": H, "Hkv": HKV, "D": D, "rotated": 2 * HALF, "rep": REP}, "paths": {}}
     outputs = {}
     for name, fn in paths.items():
@@ -111,33 +109,29 @@ def main(argv=None) -> int:
 
 
 def sweep_tiles(x, w, cos, sin, gain, iters: int) -> list[dict]:
-    """The fused forward's kernel with each tile of SWEEP_TILES and each way of finding the rotation partners
-    (register shuffles, a permutation product: ``rope_by_dot``): ms per call and per step (forward only), fastest
+    """The fused forward's kernel with each tile of SWEEP_TILES: ms per call and per step (forward only), fastest
     first; a tile the GPU cannot hold is reported with its error."""
     dtype = x.dtype
     cos2, sin2, gain2 = attn_kernels._kernel_tables(cos, sin, gain, dtype)
-    q, k, v, v_copies, qk, rstd_q, rstd_k = attn_kernels._qkv_linear_outputs(x, w, H, HKV, REP)
+    outs = attn_kernels._qkv_linear_outputs(x, w, H, HKV, REP)
+    q, k, v, v_copies, qk, rstd_q, rstd_k = outs
     rows = []
     for tile in SWEEP_TILES:
-        for by_dot in (False, True):
-            def call():
-                attn_triton.launch_qkv_gemm_norm_rope(x, w, cos2, sin2, gain2, attn_kernels.QK_EPS, qk, q, k, v,
-                                                      v_copies, rstd_q, rstd_k, tile=tile, rope_by_dot=by_dot)
-            row = {"tile": list(tile), "rope_by_dot": by_dot,
-                   "default": tile == attn_triton.QKV_GEMM_TILE and by_dot == attn_triton.QKV_ROPE_BY_DOT}
-            try:
-                ms = time_ms(call, iters)
-            except Exception as error:  # noqa: BLE001 - a tile past the GPU's shared memory or registers
-                rows.append({**row, "error": f"{type(error).__name__}: {str(error)[:160]}"})
-                print(f"tile {list(tile)} rope_by_dot {by_dot}  {rows[-1]['error'][:80]}", flush=True)
-                continue
-            rows.append({**row, "forward_ms": ms,
-                         "forward_ms_per_step": {loop: MICRO_BATCHES * n * ms for loop, n in APPLICATIONS.items()}})
-    rows.sort(key=lambda r: r.get("forward_ms", float("inf")))  # fastest first: rows[0] is the one to choose
+        def call():
+            attn_triton.launch_qkv_gemm_norm_rope(x, w, cos2, sin2, gain2, attn_kernels.QK_EPS, qk, q, k, v, v_copies,
+                                                  rstd_q, rstd_k, tile=tile)
+        try:
+            ms = time_ms(call, iters)
+        except Exception as error:  # noqa: BLE001 - a tile past the GPU's shared memory or registers
+            rows.append({"tile": list(tile), "error": f"{type(error).__name__}: {str(error)[:160]}"})
+            print(f"tile {list(tile)}  {rows[-1]['error']}", flush=True)
+            continue
+        rows.append({"tile": list(tile), "forward_ms": ms, "default": tile == attn_triton.QKV_GEMM_TILE,
+                     "forward_ms_per_step": {loop: MICRO_BATCHES * n * ms for loop, n in APPLICATIONS.items()}})
+    rows.sort(key=lambda r: r.get("forward_ms", float("inf")))
     for r in rows:
         if "forward_ms" in r:
-            print(f"tile {r['tile']} rope_by_dot {r['rope_by_dot']}  {r['forward_ms']:.3f} ms"
-                  f"{'  (default)' if r['default'] else ''}", flush=True)
+            print(f"tile {r['tile']}  {r['forward_ms']:.3f} ms{'  (default)' if r['default'] else ''}", flush=True)
     return rows
 
 

@@ -199,7 +199,9 @@ def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor
 #   k heads: the same without the gain -> REP copies in k [T, Hkv REP D], rstd_k
 #   v heads: -> v [T, Hkv D] and REP copies in vrep [T, Hkv REP D] (REP > 1)
 # The arithmetic is _qk_norm_rope_fwd_kernel's, in the same order; the rotation partners are found by reshaping
-# the head's registers: dim d = b 2 HALF + a HALF + j (a = 0, 1; only b = 0 rotates). The backward is
+# the head's registers: dim d = b 2 HALF + a HALF + j (a = 0, 1; only b = 0 rotates). (Measured on one H100 and
+# dropped: the partners as a second product with w's partner-permuted rows, 0.50 ms a call, and as a product with a
+# permutation matrix and one accumulator per head, 0.42; these shuffles, 0.35.) The backward is
 # _qk_norm_rope_bwd_kernel over qk (token stride (H + Hkv) D). What it saves against the matmul + the q/k/v op: the
 # [T, (H + 2 Hkv) D] product is never written to memory and read back (2 x 2 KB a token at the record's width).
 
@@ -209,19 +211,18 @@ def _qkv_gemm_kernel(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc,
                      rstd_q_ptr, rstd_k_ptr, T, eps, K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
                      D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr,
                      HEADS_PER_TILE: tl.constexpr, PERSISTENT: tl.constexpr, BITWISE_ROUND: tl.constexpr,
-                     NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ROPE_BY_DOT: tl.constexpr):
+                     NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     tiles_n: tl.constexpr = (H + 2 * HKV) // HEADS_PER_TILE
     if PERSISTENT:
         # (not flatten=True as in the MLP kernel: Triton 3.6's loop fusion fails on this epilogue's branches)
         for tile in tl.range(tl.program_id(0), tl.cdiv(T, BLOCK_M) * tiles_n, NUM_PROGRAMS):
             _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
                            rstd_q_ptr, rstd_k_ptr, T, eps, tile, K, H, HKV, D, HALF, HAS_GAIN, REP, HEADS_PER_TILE,
-                           BITWISE_ROUND, BLOCK_M, BLOCK_K, ROPE_BY_DOT)
+                           BITWISE_ROUND, BLOCK_M, BLOCK_K)
     else:  # one program per tile (the interpreter cannot loop from a program id)
         _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
                        rstd_q_ptr, rstd_k_ptr, T, eps, tl.program_id(0), K, H, HKV, D, HALF, HAS_GAIN, REP,
-                       HEADS_PER_TILE, BITWISE_ROUND, BLOCK_M, BLOCK_K, ROPE_BY_DOT)
+                       HEADS_PER_TILE, BITWISE_ROUND, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
@@ -229,66 +230,50 @@ def _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, c
                    rstd_q_ptr, rstd_k_ptr, T, eps, tile, K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
                    D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr,
                    HEADS_PER_TILE: tl.constexpr, BITWISE_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, ROPE_BY_DOT: tl.constexpr):
+                   BLOCK_K: tl.constexpr):
     """One [BLOCK_M, HEADS_PER_TILE D] tile of :func:`_qkv_gemm_kernel`."""
     tiles_n: tl.constexpr = (H + 2 * HKV) // HEADS_PER_TILE
     row = (tile // tiles_n) * BLOCK_M  # consecutive tiles share a row block of x (w stays in L2)
     head = (tile % tiles_n) * HEADS_PER_TILE  # the tile's first head, counted over q, k, v
+    acc = tl.zeros((BLOCK_M, HEADS_PER_TILE * D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(x_desc.load([row, k0]), w_desc.load([head * D, k0]).T, acc)  # [BM, BK] @ [BK, HPT D]
     rows = row + tl.arange(0, BLOCK_M)  # [BM]
     rmask = rows < T
-    if ROPE_BY_DOT:  # one accumulator per head (the tile's two heads need no split afterwards)
-        acc0 = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = x_desc.load([row, k0])  # [BM, BK]
-            acc0 = tl.dot(a, w_desc.load([head * D, k0]).T, acc0)  # [BK, D]
-            if HEADS_PER_TILE == 2:
-                acc1 = tl.dot(a, w_desc.load([(head + 1) * D, k0]).T, acc1)
-        heads = (acc0, acc1)
+    if HEADS_PER_TILE == 1:
+        _qkv_head_epilogue(acc, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr,
+                           gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H, HKV, D, HALF, HAS_GAIN, REP, BITWISE_ROUND,
+                           BLOCK_M)
     else:
-        acc = tl.zeros((BLOCK_M, HEADS_PER_TILE * D), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            acc = tl.dot(x_desc.load([row, k0]), w_desc.load([head * D, k0]).T, acc)  # [BM, BK] @ [BK, HPT D]
-        if HEADS_PER_TILE == 1:
-            heads = (acc, acc)
-        else:
-            heads = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, D)), (0, 2, 1)))  # 2 x [BM, D]
-    for i in tl.static_range(HEADS_PER_TILE):
-        _qkv_head_epilogue(heads[i], head + i, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc,
-                           cos_ptr, sin_ptr, gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H, HKV, D, HALF, HAS_GAIN,
-                           REP, BITWISE_ROUND, BLOCK_M, ROPE_BY_DOT)
+        pair = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, D)), (0, 2, 1)))  # 2 x [BM, D]
+        for i in tl.static_range(2):
+            _qkv_head_epilogue(pair[i], head + i, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc,
+                               cos_ptr, sin_ptr, gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H, HKV, D, HALF, HAS_GAIN,
+                               REP, BITWISE_ROUND, BLOCK_M)
 
 
 @triton.jit
 def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr,
                        gain_ptr, rstd_q_ptr, rstd_k_ptr, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                        HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, BITWISE_ROUND: tl.constexpr,
-                       BLOCK_M: tl.constexpr, ROPE_BY_DOT: tl.constexpr):
+                       BLOCK_M: tl.constexpr):
     """Head ``head`` (over q, k, v) of one row block: c [BM, D] fp32, the product before rounding."""
     xb = _narrow(c, qk_desc.dtype, BITWISE_ROUND)  # [BM, D]
     if head < H + HKV:
         qk_desc.store([row, head * D], xb)
         x = xb.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BM]
-        if ROPE_BY_DOT:
-            # each dim's rotation partner as a product with a permutation matrix: exact (one term, 1 x a stored
-            # value), and in the accumulator's register layout; then _qk_norm_rope_fwd_kernel's arithmetic
-            d = tl.arange(0, D)
-            cos, sin, partner, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, 1, HALF)  # [BM, D] each
-            xp = tl.dot(xb, (d[:, None] == partner[None, :]).to(xb.dtype))  # [BM, D]: xp[:, j] = x[:, partner(j)]
-            r = (x * cos + sign[None, :] * xp * sin) * rstd[:, None]
-        else:  # the partners by reshaping the registers: dim d = b 2 HALF + a HALF + j (only b = 0 rotates)
-            j = tl.arange(0, HALF)
-            cs_at = rows[:, None] * HALF + j[None, :]  # [BM, HALF]
-            cos = tl.load(cos_ptr + cs_at, mask=rmask[:, None], other=1.0).to(tl.float32)[:, None, :]  # [BM, 1, HALF]
-            sin = tl.load(sin_ptr + cs_at, mask=rmask[:, None], other=0.0).to(tl.float32)[:, None, :]
-            nb: tl.constexpr = D // (2 * HALF)
-            first = (tl.arange(0, nb) == 0)[None, :, None]  # [1, nb, 1]
-            cos, sin = tl.where(first, cos, 1.0), tl.where(first, sin, 0.0)  # [BM, nb, HALF]
-            lo, hi = tl.split(tl.permute(tl.reshape(x, (BLOCK_M, nb, 2, HALF)), (0, 1, 3, 2)))  # [BM, nb, HALF]
-            r_lo = (lo * cos + hi * sin) * rstd[:, None, None]
-            r_hi = (hi * cos - lo * sin) * rstd[:, None, None]
-            r = tl.reshape(tl.permute(tl.join(r_lo, r_hi), (0, 1, 3, 2)), (BLOCK_M, D))  # [BM, D]
+        j = tl.arange(0, HALF)
+        cs_at = rows[:, None] * HALF + j[None, :]  # [BM, HALF]
+        cos = tl.load(cos_ptr + cs_at, mask=rmask[:, None], other=1.0).to(tl.float32)[:, None, :]  # [BM, 1, HALF]
+        sin = tl.load(sin_ptr + cs_at, mask=rmask[:, None], other=0.0).to(tl.float32)[:, None, :]
+        nb: tl.constexpr = D // (2 * HALF)
+        first = (tl.arange(0, nb) == 0)[None, :, None]  # [1, nb, 1]: only dims below 2 HALF rotate
+        cos, sin = tl.where(first, cos, 1.0), tl.where(first, sin, 0.0)  # [BM, nb, HALF]
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (BLOCK_M, nb, 2, HALF)), (0, 1, 3, 2)))  # [BM, nb, HALF] each
+        r_lo = (lo * cos + hi * sin) * rstd[:, None, None]
+        r_hi = (hi * cos - lo * sin) * rstd[:, None, None]
+        r = tl.reshape(tl.permute(tl.join(r_lo, r_hi), (0, 1, 3, 2)), (BLOCK_M, D))  # [BM, D]
         if head < H:
             if HAS_GAIN:
                 r = r * tl.load(gain_ptr + head).to(tl.float32)
@@ -308,8 +293,7 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
 
 # (BLOCK_M, heads per tile, BLOCK_K, warps, pipeline stages) at the record's shapes (K = 512, D = 64): the fastest
 # of benchmarks/qkv_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md)
-QKV_GEMM_TILE = (256, 2, 64, 8, 3)
-QKV_ROPE_BY_DOT = True
+QKV_GEMM_TILE = (256, 2, 64, 8, 4)
 
 
 def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
@@ -325,7 +309,7 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
                               gain: torch.Tensor | None, eps: float, qk: torch.Tensor, q: torch.Tensor,
                               k: torch.Tensor, v: torch.Tensor, v_copies: torch.Tensor | None, rstd_q: torch.Tensor,
                               rstd_k: torch.Tensor, tile: tuple | None = None, persistent: bool = True,
-                              bitwise_round: bool = False, rope_by_dot: bool | None = None) -> None:
+                              bitwise_round: bool = False) -> None:
     """x [T, K], w [(H + 2 Hkv) D, K] (contiguous, one 16-bit dtype); outputs contiguous: qk [T, (H + Hkv) D], q [T,
     H, D], k [T, Hkv rep, D], v [T, Hkv, D], v_copies [T, Hkv rep, D] (exactly when rep > 1), rstd_q [T * H] and
     rstd_k [T * Hkv] fp32; cos, sin [T, half] and gain [H] in x's dtype. ``persistent=False``: one program per tile
@@ -339,7 +323,6 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
     if (rep > 1) != (v_copies is not None):
         raise ValueError("attn_triton: v_copies is given exactly when k holds more than one copy of each head")
     bm, per_tile, bk, warps, stages = tile or QKV_GEMM_TILE
-    rope_by_dot = QKV_ROPE_BY_DOT if rope_by_dot is None else rope_by_dot
     if per_tile not in (1, 2):
         raise ValueError(f"attn_triton: a qkv tile holds 1 or 2 heads, got {per_tile}")
     per_tile = per_tile if H % per_tile == 0 and hkv % per_tile == 0 else 1  # a tile never mixes q, k and v heads
@@ -348,12 +331,12 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
     desc = _TensorDescriptor.from_tensor
     k2 = k.view(T, -1)
     _qkv_gemm_kernel[(programs,)](
-        desc(x, [bm, bk]), desc(w, [D if rope_by_dot else per_tile * D, bk]), desc(qk, [bm, D]), desc(q.view(T, -1), [bm, D]),
+        desc(x, [bm, bk]), desc(w, [per_tile * D, bk]), desc(qk, [bm, D]), desc(q.view(T, -1), [bm, D]),
         desc(k2, [bm, D]), desc(v.view(T, -1), [bm, D]), desc(k2 if v_copies is None else v_copies.view(T, -1), [bm, D]),
         cos, sin, gain if gain is not None else x, rstd_q, rstd_k, T, float(eps), K=K, H=H, HKV=hkv, D=D,
         HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HEADS_PER_TILE=per_tile, PERSISTENT=persistent,
-        BITWISE_ROUND=bitwise_round, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_K=bk,
-        ROPE_BY_DOT=rope_by_dot, num_warps=warps, num_stages=stages)
+        BITWISE_ROUND=bitwise_round, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
 
 
 # --------------------------------------------------------------------------------------------------------------
