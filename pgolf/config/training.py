@@ -346,7 +346,8 @@ class TrainConfig:
     fused_xsa_gate: bool = True
     # With fused_qk_norm_rope: each attention's q, k and v as ONE matmul with the stacked weights, the q/k kernels
     # reading their heads out of its output and writing the gradients of q, k and v into one tensor for ONE
-    # backward matmul (pgolf.model.attn_kernels.qkv_norm_rope). The same dot products; three matmuls become one
+    # backward matmul (pgolf.model.attn_kernels.qkv_linear_norm_rope; on Hopper the matmul and the q/k kernels are
+    # one Triton kernel, the kernels as the matmul's epilogue). The same dot products; three matmuls become one
     # forward and two backward, and the backward's sum of three input gradients is gone. Hooked or wrapped
     # projections (Hessians, LoRA) are used separately. One H100, torch attention, looping off: 780.6 -> 773.4
     # ms/step (docs/benchmarks.md); with FA4 the record recipe's step went 0.935x -> 0.927x of the record's (two

@@ -2,8 +2,9 @@
 
 Two elementwise stretches of an attention, each in one pass forward and one backward (each section below says
 its arithmetic): the q/k RMSNorm + partial RoPE (+ the per-head q gain) between the projections and the
-attention kernel, and XSA + the output gate between the attention kernel and the output projection. Everything
-is computed in fp32 and rounded once, when stored.
+attention kernel, and XSA + the output gate between the attention kernel and the output projection; and, on
+Hopper, the q, k, v matmul with the first stretch as its epilogue. Everything is computed in fp32 and rounded once,
+when stored.
 """
 
 from __future__ import annotations
