@@ -13,7 +13,8 @@
    H100); the backward here reads the gradient, y, v and z once. ``train.fused_xsa_gate``.
 
 What the model computes does not change: the kernels take the unfused path's inputs, compute in fp32 and round
-once. :func:`use_in_model` makes every attention of a GPT use them; only callers that turn them on import this
+once. (Third, on Hopper: the q, k, v matmul with the first stretch as its epilogue, ``qkv_linear_norm_rope``
+below; it rounds the product first as the matmul does, but sums the products in Triton's order, not cuBLAS's.) :func:`use_in_model` makes every attention of a GPT use them; only callers that turn them on import this
 module, so a bundle whose recipe leaves both off ships none of it. As in ``pgolf.model.kernels``: the Triton
 paths are opaque ``torch.library.custom_op`` ops with fake (shape) functions and registered autograd, taken only
 for CUDA tensors (or under Triton's interpreter, which is how the tests check them on CPU); anywhere else each
@@ -403,9 +404,11 @@ def qkv_linear_norm_rope(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int
     run (one kernel forward on Hopper, see above), else the matmul and then :func:`qkv_norm_rope`. Returns (q, k,
     v, the attention's v)."""
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     T, D = x.shape[0], w.shape[0] // (num_heads + 2 * num_kv_heads)
     if (kv_repeat >= 1 and use_triton(x) and dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
+            and (autocast or w.dtype == x.dtype)  # without autocast, mixed dtypes are F.linear's error
             and w.shape == ((num_heads + 2 * num_kv_heads) * D, x.shape[1]) and _pow2(num_kv_heads)
             and _qk_fusable(T, num_heads, D, dtype, cos, sin) and T * num_kv_heads * kv_repeat * D < MAX_KERNEL_ELEMENTS):
         cos2, sin2, gain = _kernel_tables(cos, sin, gain, dtype)

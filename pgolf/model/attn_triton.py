@@ -4,7 +4,7 @@ Two elementwise stretches of an attention, each in one pass forward and one back
 its arithmetic): the q/k RMSNorm + partial RoPE (+ the per-head q gain) between the projections and the
 attention kernel, and XSA + the output gate between the attention kernel and the output projection; and, on
 Hopper, the q, k, v matmul with the first stretch as its epilogue. Everything is computed in fp32 and rounded once,
-when stored.
+when stored (the matmul's product is rounded first, as the unfused matmul stores it).
 """
 
 from __future__ import annotations
@@ -204,7 +204,8 @@ def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor
 # dropped: the partners as a second product with w's partner-permuted rows, 0.50 ms a call, and as a product with a
 # permutation matrix and one accumulator per head, 0.42; these shuffles, 0.35.) The backward is
 # _qk_norm_rope_bwd_kernel over qk (token stride (H + Hkv) D). What it saves against the matmul + the q/k/v op: the
-# [T, (H + 2 Hkv) D] product is never written to memory and read back (2 x 2 KB a token at the record's width).
+# [T, (H + 2 Hkv) D] product is not written and read back whole; only its q and k columns are written, for the
+# backward (2.5 KB a token less forward at the record's width).
 
 
 @triton.jit
@@ -299,10 +300,12 @@ QKV_GEMM_TILE = (256, 2, 64, 8, 4)
 
 def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
     """Whether :func:`launch_qkv_gemm_norm_rope` takes these operands: Hopper TMA (CUDA sm90+, one 16-bit dtype,
-    16-byte aligned rows), head dims of 16 bytes or more and at most 256, H and Hkv powers of two."""
+    16-byte aligned rows) and head dims of 16 bytes up to 64 dims. Wider heads take the matmul and the q/k kernels:
+    QKV_GEMM_TILE's pipeline would not fit in shared memory at 128 dims, nor the TMA box at 256, and no other tile
+    was measured."""
     D = w.shape[0] // (num_heads + 2 * num_kv_heads)
     return (x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and _tma_usable(x, w)
-            and w.shape[0] == (num_heads + 2 * num_kv_heads) * D and D * x.element_size() >= 16 and D <= 256
+            and w.shape[0] == (num_heads + 2 * num_kv_heads) * D and D * x.element_size() >= 16 and D <= 64
             and x.shape[1] * x.element_size() % 16 == 0)
 
 
