@@ -497,7 +497,8 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
     # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
-    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "qkv_matmul": True, "repeat_kv": False}
+    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "qkv_matmul": True,
+                                           "qkv_epilogue": False, "repeat_kv": False}  # (no Hopper GPU: CPU)
     assert json.loads(out.read_text()) == result
     cfg = load_run_config(SMOKE)
     assert result["device_type"] == "cpu" and result["fused_kernels_active"] is False
@@ -1097,6 +1098,8 @@ def test_gpu_model_fused_compiled_matches_reference(repeat_kv):
     ref_loss, ref_grads = run(fused=False, compiled=False)
     loss, grads = run(fused=True, compiled=True)
     assert sum(counters["graph_break"].values()) == breaks
+    # on Hopper the q, k, v matmul is the kernel with the q/k kernels as its epilogue
+    assert attn_kernels.used_in_model(model)["qkv_epilogue"] == (torch.cuda.get_device_capability()[0] >= 9)
     assert abs(loss - ref_loss) < 2e-3 * abs(ref_loss)
     assert grads.keys() == ref_grads.keys()
     flat = torch.cat([grads[n].flatten() for n in ref_grads])

@@ -341,7 +341,9 @@ if TRITON_AVAILABLE:
         if _qt.qkv_gemm_usable(x, w, num_heads, num_kv_heads):
             _qt.launch_qkv_gemm_norm_rope(x, w, cos, sin, gain, eps, qk, q, k, v,
                                           v_copies if kv_repeat > 1 else None, rstd_q, rstd_k)
-        else:  # no TMA (an older GPU, unaligned rows, the interpreter): the matmul, then the q/k kernels
+        else:  # no TMA (unaligned rows, the interpreter): the matmul, then the q/k kernels and a copy of the q and k
+            # columns (a strided copy: ~17 ms a step on an H100; use_in_model attaches this op only where the TMA
+            # kernel runs, and qkv_linear_then_norm_rope elsewhere)
             qkv = x @ w.t()  # [T, (H + 2 Hkv) D]
             _launch_qkv_kernels(qkv, num_heads, num_kv_heads, cos, sin, gain, eps, q, k, v, v_copies, rstd_q, rstd_k)
             qk.copy_(qkv[:, : qk.shape[1]])
@@ -416,7 +418,20 @@ def qkv_linear_norm_rope(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int
                                                                          num_kv_heads, cos2, sin2, gain, QK_EPS,
                                                                          kv_repeat)
         return q, k, v, (v if kv_repeat == 1 else v_copies)
+    return qkv_linear_then_norm_rope(x, w, num_heads, num_kv_heads, cos, sin, gain, kv_repeat)
+
+
+def qkv_linear_then_norm_rope(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
+                              gain: Optional[Tensor], kv_repeat: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`qkv_linear_norm_rope` as the matmul (F.linear, in the graph) and then :func:`qkv_norm_rope`: what an
+    attention runs where the TMA kernel cannot (no Hopper GPU, CPU)."""
     return qkv_norm_rope(F.linear(x, w), num_heads, num_kv_heads, cos, sin, gain, kv_repeat)
+
+
+def qkv_epilogue_available() -> bool:
+    """Whether :func:`qkv_linear_norm_rope`'s Hopper kernel can run in this process (decided once, when kernels are
+    attached, outside any compiled graph)."""
+    return TRITON_AVAILABLE and _qt.hopper_tma_available()
 
 
 # ------------------------------------------------------------------------------------------------- XSA + gate
@@ -508,23 +523,26 @@ def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False,
     """Make every attention of ``model`` (a GPT) compute its q/k norm, RoPE and q gain with :func:`qk_norm_rope`
     and its XSA and output gate with :func:`xsa_gate` (each when on), or with its own unfused code again;
     ``qkv_matmul_on`` (with ``qk_norm_rope_on`` only): q, k and v from one matmul through :func:`qkv_linear_norm_rope`
+    where its Hopper kernel runs, else :func:`qkv_linear_then_norm_rope`
     (the attention falls back to three when a projection is hooked or wrapped), and with ``repeat_kv_on`` its k
     and v heads repeated for their query heads, so the attention kernel runs without GQA; runtime state, like
     ``GPT.use_fused_kernels``."""
     qkv_on = qk_norm_rope_on and qkv_matmul_on
+    epilogue = qkv_epilogue_available()  # on Hopper the matmul with the q/k kernels as its epilogue
     for block in model.blocks:
         attn = block.attn
         attn.qk_kernel = qk_norm_rope if qk_norm_rope_on else None
         attn.xsa_gate_kernel = xsa_gate if xsa_gate_on else None
-        attn.qkv_kernel = qkv_linear_norm_rope if qkv_on else None
+        attn.qkv_kernel = (qkv_linear_norm_rope if epilogue else qkv_linear_then_norm_rope) if qkv_on else None
         attn.kv_repeat = attn.num_heads // attn.num_kv_heads if qkv_on and repeat_kv_on else 1
 
 
 def used_in_model(model) -> dict[str, bool]:
     """Which kernels ``model``'s attentions use: {"qk_norm_rope": .., "xsa_gate": .., "qkv_matmul": ..,
-    "repeat_kv": ..}."""
+    "qkv_epilogue": .. (the q, k, v matmul kernel with the q/k kernels as its epilogue), "repeat_kv": ..}."""
     attns = [block.attn for block in model.blocks]
     return {"qk_norm_rope": any(a.qk_kernel is not None for a in attns),
             "xsa_gate": any(a.xsa_gate_kernel is not None for a in attns),
             "qkv_matmul": any(a.qkv_kernel is not None for a in attns),
+            "qkv_epilogue": any(a.qkv_kernel is qkv_linear_norm_rope for a in attns),
             "repeat_kv": any(a.qkv_kernel is not None and a.kv_repeat > 1 for a in attns)}

@@ -298,6 +298,11 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
 QKV_GEMM_TILE = (256, 2, 64, 8, 4)
 
 
+def hopper_tma_available() -> bool:
+    """Whether this process's CUDA device can run the TMA kernels (sm90+, and a triton with tensor descriptors)."""
+    return _TensorDescriptor is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
     """Whether :func:`launch_qkv_gemm_norm_rope` takes these operands: Hopper TMA (CUDA sm90+, one 16-bit dtype,
     16-byte aligned rows) and head dims of 16 bytes up to 64 dims. Wider heads take the matmul and the q/k kernels:
