@@ -34,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cuda_timing import time_ms  # noqa: E402  (benchmarks/, the script's own folder)
+
 from pgolf.model import triton_kernels as tk  # noqa: E402
 
 M, D, HIDDEN, SLOPE = 98_304, 512, 2_048, 0.5
@@ -45,20 +47,6 @@ SWEEP_TILES = [
 ]
 APPLICATIONS = {"off": 11, "on": 17}
 MICRO_BATCHES = 8
-
-
-def time_ms(fn, iters: int) -> float:
-    """Mean milliseconds of ``fn()`` over ``iters`` calls, after 5 warm-up calls (which also compile)."""
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def load_record_kernel(script: Path):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cuda_timing import time_ms  # noqa: E402  (benchmarks/, the script's own folder)
+
 from pgolf.model import attn_kernels, attn_triton  # noqa: E402
 from pgolf.model.rope import rope_buffers  # noqa: E402
 
@@ -40,20 +42,6 @@ SWEEP_TILES = [
     (256, 2, 64, 8, 3), (256, 2, 64, 8, 4), (128, 2, 64, 8, 3), (128, 2, 64, 8, 4), (256, 1, 64, 8, 3),
     (128, 1, 64, 4, 4), (128, 2, 128, 8, 2), (64, 2, 64, 4, 4),
 ]
-
-
-def time_ms(fn, iters: int) -> float:
-    """Mean milliseconds of ``fn()`` over ``iters`` calls, after 5 warm-up calls (which also compile)."""
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main(argv=None) -> int:

@@ -207,6 +207,25 @@ def _launch_qkv_kernels(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Ten
     _qt.launch_qk_norm_rope_fwd(xk, cos, sin, None, k, rstd_k, eps, xv, v, v_copies if v_copies.numel() else None)
 
 
+def _qkv_backward(heads: tuple[int, int, int], D: int, grads: tuple, saved: Tensor, rstd_q: Tensor, rstd_k: Tensor,
+                  cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """pgolf::qkv_norm_rope_backward for the autograd of both q/k/v ops, with zeros for the outputs that got no
+    gradient. heads: (H, Hkv, r); grads: those of (q, k's copies, v, v's copies); saved: the forward's product (or
+    its q and k columns)."""
+    num_heads, num_kv_heads, kv_repeat = heads
+    gq, gk, gv, gv_copies = grads
+    T = saved.shape[0]
+    zeros = lambda *shape: saved.new_zeros(shape)  # noqa: E731
+    gq = zeros(T, num_heads, D) if gq is None else gq
+    gk = zeros(T, num_kv_heads * kv_repeat, D) if gk is None else gk
+    gv = zeros(T, num_kv_heads, D) if gv is None else gv
+    if kv_repeat == 1:
+        gv_copies = saved.new_empty((0,))
+    elif gv_copies is None:
+        gv_copies = zeros(T, num_kv_heads * kv_repeat, D)
+    return torch.ops.pgolf.qkv_norm_rope_backward(gq, gk, gv, gv_copies, saved, rstd_q, rstd_k, cos, sin, gain)
+
+
 if TRITON_AVAILABLE:
 
     @custom_op("pgolf::qkv_norm_rope", mutates_args=())
@@ -282,18 +301,9 @@ if TRITON_AVAILABLE:
         nothing = (None,) * 8
         if gq is None and gk is None and gv is None and gv_copies is None:
             return nothing
-        heads, kv_heads, kv_repeat = ctx.heads
-        T, D = qkv.shape[0], qkv.shape[1] // (heads + 2 * kv_heads)
-        zeros = lambda *shape: qkv.new_zeros(shape)  # noqa: E731
-        gq = zeros(T, heads, D) if gq is None else gq
-        gk = zeros(T, kv_heads * kv_repeat, D) if gk is None else gk
-        gv = zeros(T, kv_heads, D) if gv is None else gv
-        if kv_repeat == 1:
-            gv_copies = qkv.new_empty((0,))
-        elif gv_copies is None:
-            gv_copies = zeros(T, kv_heads * kv_repeat, D)
-        dqkv, dgain = torch.ops.pgolf.qkv_norm_rope_backward(gq, gk, gv, gv_copies, qkv, rstd_q, rstd_k, cos, sin,
-                                                             gain)
+        heads, kv_heads, _ = ctx.heads
+        D = qkv.shape[1] // (heads + 2 * kv_heads)
+        dqkv, dgain = _qkv_backward(ctx.heads, D, (gq, gk, gv, gv_copies), qkv, rstd_q, rstd_k, cos, sin, gain)
         return dqkv, None, None, None, None, (dgain if gain is not None else None), None, None
 
     _qkv_norm_rope_op.register_autograd(_qkv_norm_rope_backward, setup_context=_qkv_norm_rope_setup)
@@ -368,18 +378,9 @@ if TRITON_AVAILABLE:
             raise NotImplementedError("pgolf::qkv_linear_norm_rope: gradients through rstd or qk are not supported")
         if gq is None and gk is None and gv is None and gv_copies is None:
             return (None,) * 9
-        heads, kv_heads, kv_repeat = ctx.heads
-        T, D = x.shape[0], w.shape[0] // (heads + 2 * kv_heads)
-        zeros = lambda *shape: x.new_zeros(shape)  # noqa: E731
-        gq = zeros(T, heads, D) if gq is None else gq
-        gk = zeros(T, kv_heads * kv_repeat, D) if gk is None else gk
-        gv = zeros(T, kv_heads, D) if gv is None else gv
-        if kv_repeat == 1:
-            gv_copies = x.new_empty((0,))
-        elif gv_copies is None:
-            gv_copies = zeros(T, kv_heads * kv_repeat, D)
-        dqkv, dgain = torch.ops.pgolf.qkv_norm_rope_backward(gq, gk, gv, gv_copies, qk, rstd_q, rstd_k, cos, sin,
-                                                             gain)
+        heads, kv_heads, _ = ctx.heads
+        D = w.shape[0] // (heads + 2 * kv_heads)
+        dqkv, dgain = _qkv_backward(ctx.heads, D, (gq, gk, gv, gv_copies), qk, rstd_q, rstd_k, cos, sin, gain)
         # the linear layer's two matmuls: dx [T, K], dw [(H + 2 Hkv) D, K]
         return (dqkv @ w, dqkv.t() @ x, None, None, None, None, (dgain if gain is not None else None), None,
                 None)
