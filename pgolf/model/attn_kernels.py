@@ -14,7 +14,8 @@
 
 What the model computes does not change: the kernels take the unfused path's inputs, compute in fp32 and round
 once. (Third, on Hopper: the q, k, v matmul with the first stretch as its epilogue, ``qkv_linear_norm_rope``
-below; it rounds the product first as the matmul does, but sums the products in Triton's order, not cuBLAS's.) :func:`use_in_model` makes every attention of a GPT use them; only callers that turn them on import this
+below; it rounds the product first as the matmul does, but sums the products in Triton's order, not cuBLAS's.)
+:func:`use_in_model` makes every attention of a GPT use them; only callers that turn them on import this
 module, so a bundle whose recipe leaves both off ships none of it. As in ``pgolf.model.kernels``: the Triton
 paths are opaque ``torch.library.custom_op`` ops with fake (shape) functions and registered autograd, taken only
 for CUDA tensors (or under Triton's interpreter, which is how the tests check them on CPU); anywhere else each
@@ -331,11 +332,12 @@ def qkv_norm_rope(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
 #
 # ``qkv_linear_norm_rope(x, w, ...)`` = ``qkv_norm_rope(F.linear(x, w), ...)``. On Hopper it is one Triton kernel
 # (attn_triton._qkv_gemm_kernel): the matmul whose epilogue norms, rotates and copies the heads, so the [T, (H + 2
-# Hkv) D] product is never written and read back; it keeps the product's q and k columns for the backward, which
-# is pgolf::qkv_norm_rope_backward and the two matmuls of a linear layer. Elsewhere (CPU, older GPUs, fp32, shapes
-# the kernel does not take) it is F.linear followed by :func:`qkv_norm_rope`. The same function: the kernel rounds
-# the product to the activations' dtype before the norm, as the matmul's output is; what differs is the order in
-# which the products are summed (Triton's tiles, not cuBLAS's).
+# Hkv) D] product is not written and read back whole; only its q and k columns are written, for the backward, which
+# is pgolf::qkv_norm_rope_backward and the two matmuls of a linear layer. :func:`use_in_model` attaches it where
+# that kernel runs (:func:`qkv_epilogue_available`), and :func:`qkv_linear_then_norm_rope` (F.linear, then
+# :func:`qkv_norm_rope`) elsewhere; fp32 activations and shapes the kernels do not take go that way too. The same
+# function: the kernel rounds the product to the activations' dtype before the norm, as the matmul's output is;
+# what differs is the order in which the products are summed (Triton's tiles, not cuBLAS's).
 
 if TRITON_AVAILABLE:
 
@@ -413,7 +415,8 @@ def qkv_linear_norm_rope(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int
     if (kv_repeat >= 1 and use_triton(x) and dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
             and (autocast or w.dtype == x.dtype)  # without autocast, mixed dtypes are F.linear's error
             and w.shape == ((num_heads + 2 * num_kv_heads) * D, x.shape[1]) and _pow2(num_kv_heads)
-            and _qk_fusable(T, num_heads, D, dtype, cos, sin) and T * num_kv_heads * kv_repeat * D < MAX_KERNEL_ELEMENTS):
+            and _qk_fusable(T, num_heads, D, dtype, cos, sin)
+            and T * num_kv_heads * kv_repeat * D < MAX_KERNEL_ELEMENTS):
         cos2, sin2, gain = _kernel_tables(cos, sin, gain, dtype)
         q, k, v, v_copies, _, _, _ = torch.ops.pgolf.qkv_linear_norm_rope(x.to(dtype), w.to(dtype), num_heads,
                                                                          num_kv_heads, cos2, sin2, gain, QK_EPS,

@@ -341,7 +341,8 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
     k2 = k.view(T, -1)
     _qkv_gemm_kernel[(programs,)](
         desc(x, [bm, bk]), desc(w, [per_tile * D, bk]), desc(qk, [bm, D]), desc(q.view(T, -1), [bm, D]),
-        desc(k2, [bm, D]), desc(v.view(T, -1), [bm, D]), desc(k2 if v_copies is None else v_copies.view(T, -1), [bm, D]),
+        desc(k2, [bm, D]), desc(v.view(T, -1), [bm, D]),
+        desc(k2 if v_copies is None else v_copies.view(T, -1), [bm, D]),
         cos, sin, gain if gain is not None else x, rstd_q, rstd_k, T, float(eps), K=K, H=H, HKV=hkv, D=D,
         HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HEADS_PER_TILE=per_tile, PERSISTENT=persistent,
         BITWISE_ROUND=bitwise_round, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps,
