@@ -241,6 +241,7 @@ def use_gpu_ops_on_cpu() -> None:
 
     attn_kernels.check_triton_device = lambda t, op: None
     attn_kernels.use_triton = lambda t: True
+    attn_kernels.qkv_epilogue_available = lambda: True  # as on Hopper: the q, k, v matmul inside the opaque op
     def copies(t, rep):  # [T, H, D] -> [T, H * rep, D]
         return t.repeat_interleave(rep, 1)
 
