@@ -182,6 +182,30 @@ def case_mlp_tma_tiles() -> None:
     _close(dpre.double(), kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double(), "tma d pre", **tol)
 
 
+def case_mlp_post_experiment() -> None:
+    """benchmarks/mlp_post_bench.py's two kernels (an experiment for issue 16, not in the model): the down
+    projection and its weight gradient reading pre and applying the activation on load, against the fp64
+    products of post = fp16(act(pre)); a partial last row block, and three token ranges for the weight gradient of
+    which the last is short. fp16, as the interpreter's dot mishandles bf16."""
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mlp_post_bench as bench
+
+    gen = torch.Generator().manual_seed(11)
+    rows, N, H = 200, 64, 96
+    half = torch.float16
+    pre = torch.randn(rows, H, generator=gen).to(half)
+    w_down = (torch.randn(N, H, generator=gen) / 8).to(half)
+    g = torch.randn(rows, N, generator=gen).to(half)
+    post = (F.leaky_relu(pre.double(), bench.SLOPE) ** 2).to(half).double()
+    tol = dict(rtol=2e-3, atol=2e-3)  # one fp16 rounding apart (summation order, the interpreter's casts)
+    out = bench.down_act(pre, w_down, tile=(64, 32, 32, 4, 2), persistent=False)
+    _close(out.double(), (post @ w_down.double().T).to(half).double(), "down projection on pre", **tol)
+    dw = bench.down_wgrad_act(g, pre, splits=3, tile=(32, 32, 32, 4, 2))
+    _close(dw.double(), (g.double().T @ post).to(half).double(), "down weight gradient on pre", **tol)
+
+
 def case_mlp_fused_opcheck() -> None:
     """Schema, fake (shape) functions and autograd registration of the whole-MLP op and its backward kernel."""
     gen = torch.Generator().manual_seed(9)
