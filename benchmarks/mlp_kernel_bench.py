@@ -22,7 +22,6 @@ different BLOCK_K sums in another order) and the ms/step it would save: how ``TM
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cuda_timing import time_ms  # noqa: E402  (benchmarks/, the script's own folder)
+from cuda_timing import parse_bench_args, time_ms  # noqa: E402  (benchmarks/, the script's own folder)
 
 from pgolf.model import triton_kernels as tk  # noqa: E402
 
@@ -60,14 +59,11 @@ def load_record_kernel(script: Path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--record-script", type=Path, help="PR #1855 train_gpt.py (its kernel is timed too)")
-    parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--sweep-tiles", action="store_true", help="time the TMA kernel with each tile of SWEEP_TILES")
-    parser.add_argument("--out", type=Path, help="JSON of the figures")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("mlp_kernel_bench: needs a CUDA GPU")
+    def add_arguments(parser):
+        parser.add_argument("--record-script", type=Path, help="PR #1855 train_gpt.py (its kernel is timed too)")
+        parser.add_argument("--sweep-tiles", action="store_true", help="time the TMA kernel with each SWEEP_TILES tile")
+
+    args = parse_bench_args(__doc__, "mlp_kernel_bench", argv, add_arguments=add_arguments)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(M, D, device=dev, dtype=bf16, generator=gen)  # [M, d]

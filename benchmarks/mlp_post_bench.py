@@ -24,7 +24,6 @@ its device time was spent).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ import triton.language as tl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cuda_timing import time_ms  # noqa: E402  (benchmarks/, the script's own folder)
+from cuda_timing import parse_bench_args, time_ms  # noqa: E402  (benchmarks/, the script's own folder)
 from pgolf.model import triton_kernels as tk  # noqa: E402
 
 M, D, HIDDEN, SLOPE = 98_304, 512, 2_048, 0.5
@@ -122,13 +121,10 @@ def down_wgrad_act(g: torch.Tensor, pre: torch.Tensor, splits: int, tile=(128, 1
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--splits", type=int, default=8, help="token ranges of the weight gradient")
-    parser.add_argument("--out", type=Path, help="JSON of the figures")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("mlp_post_bench: needs a CUDA GPU")
+    def add_arguments(parser):
+        parser.add_argument("--splits", type=int, default=8, help="token ranges of the weight gradient")
+
+    args = parse_bench_args(__doc__, "mlp_post_bench", argv, iters=30, add_arguments=add_arguments)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(M, D, device=dev, generator=gen).to(bf16)  # [M, d]

@@ -19,7 +19,6 @@ how ``attn_triton.QKV_GEMM_TILE`` is chosen.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cuda_timing import time_ms  # noqa: E402  (benchmarks/, the script's own folder)
+from cuda_timing import parse_bench_args, time_ms  # noqa: E402  (benchmarks/, the script's own folder)
 
 from pgolf.model import attn_kernels, attn_triton  # noqa: E402
 from pgolf.model.rope import rope_buffers  # noqa: E402
@@ -45,13 +44,10 @@ SWEEP_TILES = [
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--sweep-tiles", action="store_true", help="time the fused forward with each SWEEP_TILES tile")
-    parser.add_argument("--out", type=Path, help="JSON of the figures")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("qkv_kernel_bench: needs a CUDA GPU")
+    def add_arguments(parser):
+        parser.add_argument("--sweep-tiles", action="store_true", help="time the fused forward with each SWEEP_TILES tile")
+
+    args = parse_bench_args(__doc__, "qkv_kernel_bench", argv, add_arguments=add_arguments)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(T, K, device=dev, generator=gen).to(bf16)  # [T, K]
