@@ -132,6 +132,13 @@ def _qk_fusable(T: int, H: int, D: int, dtype: torch.dtype, cos: Tensor, sin: Te
             and T * H * D < MAX_KERNEL_ELEMENTS)
 
 
+def _qkv_fusable(T: int, H: int, Hkv: int, D: int, dtype: torch.dtype, cos: Tensor, sin: Tensor,
+                 kv_repeat: int) -> bool:
+    """The q/k/v ops' shape contract: the q/k kernel's, a power-of-two kv head count, and k's copies under 2^31
+    elements."""
+    return _qk_fusable(T, H, D, dtype, cos, sin) and _pow2(Hkv) and T * Hkv * kv_repeat * D < MAX_KERNEL_ELEMENTS
+
+
 QK_EPS = float(torch.finfo(torch.float32).eps)  # the reference norm's (float32's)
 
 
@@ -198,6 +205,17 @@ def _qk_heads(qk: Tensor, num_heads: int, num_kv_heads: int, D: int) -> tuple[Te
             qk[:, num_heads * D : (num_heads + num_kv_heads) * D].unflatten(1, (num_kv_heads, D)))
 
 
+def _qkv_outputs(like: Tensor, num_heads: int, num_kv_heads: int, D: int,
+                 kv_repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Empty q [T, H, D], k [T, Hkv r, D], v [T, Hkv, D], v's copies [T, Hkv r, D] ([0] when r = 1), rstd_q [T H]
+    and rstd_k [T Hkv] (fp32): the outputs of both q/k/v ops (T = like's rows, like's dtype and device)."""
+    T = like.shape[0]
+    copies = (T, num_kv_heads * kv_repeat, D)
+    rstd = lambda heads: like.new_empty((T * heads,), dtype=torch.float32)  # noqa: E731
+    return (like.new_empty((T, num_heads, D)), like.new_empty(copies), like.new_empty((T, num_kv_heads, D)),
+            like.new_empty(copies if kv_repeat > 1 else (0,)), rstd(num_heads), rstd(num_kv_heads))
+
+
 def _launch_qkv_kernels(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
                         gain: Optional[Tensor], eps: float, q: Tensor, k: Tensor, v: Tensor, v_copies: Tensor,
                         rstd_q: Tensor, rstd_k: Tensor) -> None:
@@ -236,31 +254,18 @@ if TRITON_AVAILABLE:
         """(q [T, H, D], k [T, Hkv r, D], v [T, Hkv, D], v's copies [T, Hkv r, D] ([0] when r = 1), rstd_q
         [T * H] fp32, rstd_k [T * Hkv] fp32); qkv contiguous [T, (H + 2 Hkv) D], r = kv_repeat."""
         check_triton_device(qkv, "pgolf::qkv_norm_rope")
-        qkv = qkv.contiguous()
-        xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
-        T, D = qkv.shape[0], xq.shape[2]
-        cos, sin = cos.contiguous(), sin.contiguous()
-        q = torch.empty_like(xq, memory_format=torch.contiguous_format)  # [T, H, D]
-        k = qkv.new_empty((T, num_kv_heads * kv_repeat, D))  # [T, Hkv r, D]
-        rstd_q = torch.empty((T * num_heads,), dtype=torch.float32, device=qkv.device)
-        rstd_k = torch.empty((T * num_kv_heads,), dtype=torch.float32, device=qkv.device)
-        # v: a copy even where the slice is already contiguous (one token): an op's output may not alias its input
-        v = torch.empty_like(xv, memory_format=torch.contiguous_format)  # [T, Hkv, D]
-        v_copies = qkv.new_empty((T, num_kv_heads * kv_repeat, D) if kv_repeat > 1 else (0,))
-        _launch_qkv_kernels(qkv, num_heads, num_kv_heads, cos, sin, gain, eps, q, k, v, v_copies, rstd_q, rstd_k)
-        return q, k, v, v_copies, rstd_q, rstd_k
+        qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+        # v among them: a copy even where the slice is already contiguous (one token): an op's output may not alias
+        # its input
+        outs = _qkv_outputs(qkv, num_heads, num_kv_heads, qkv.shape[1] // (num_heads + 2 * num_kv_heads), kv_repeat)
+        _launch_qkv_kernels(qkv, num_heads, num_kv_heads, cos, sin, gain, eps, *outs)
+        return outs
 
     @_qkv_norm_rope_op.register_fake
     def _qkv_norm_rope_fake(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
                             gain: Optional[Tensor], eps: float,
                             kv_repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        xq, xk, xv = _heads(qkv, num_heads, num_kv_heads)
-        T, D = qkv.shape[0], xq.shape[2]
-        like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
-        copies = qkv.new_empty((T, num_kv_heads * kv_repeat, D))
-        return (like(xq), copies, like(xv), copies.clone() if kv_repeat > 1 else qkv.new_empty((0,)),
-                qkv.new_empty((T * num_heads,), dtype=torch.float32),
-                qkv.new_empty((T * num_kv_heads,), dtype=torch.float32))
+        return _qkv_outputs(qkv, num_heads, num_kv_heads, qkv.shape[1] // (num_heads + 2 * num_kv_heads), kv_repeat)
 
     @custom_op("pgolf::qkv_norm_rope_backward", mutates_args=())
     def _qkv_norm_rope_backward_op(gq: Tensor, gk: Tensor, gv: Tensor, gv_copies: Tensor, qkv: Tensor,
@@ -319,8 +324,7 @@ def qkv_norm_rope(qkv: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, s
     D = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     if kv_repeat < 1:
         raise ValueError(f"qkv_norm_rope: kv_repeat must be >= 1, got {kv_repeat}")
-    if not (use_triton(qkv) and _qk_fusable(T, num_heads, D, qkv.dtype, cos, sin) and _pow2(num_kv_heads)
-            and T * num_kv_heads * kv_repeat * D < MAX_KERNEL_ELEMENTS):
+    if not (use_triton(qkv) and _qkv_fusable(T, num_heads, num_kv_heads, D, qkv.dtype, cos, sin, kv_repeat)):
         return qkv_norm_rope_reference(qkv, num_heads, num_kv_heads, cos, sin, gain, kv_repeat)
     cos2, sin2, gain = _kernel_tables(cos, sin, gain, qkv.dtype)
     q, k, v, v_copies, _, _ = torch.ops.pgolf.qkv_norm_rope(qkv, num_heads, num_kv_heads, cos2, sin2, gain, QK_EPS,
@@ -392,14 +396,10 @@ if TRITON_AVAILABLE:
 
 def _qkv_linear_outputs(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int,
                         kv_repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Empty q [T, H, D], k [T, Hkv r, D], v [T, Hkv, D], v's copies [T, Hkv r, D] ([0] when r = 1), qk [T, (H +
-    Hkv) D], rstd_q [T H] and rstd_k [T Hkv] (fp32) for x [T, K], w [(H + 2 Hkv) D, K]."""
-    T, D = x.shape[0], w.shape[0] // (num_heads + 2 * num_kv_heads)
-    copies = (T, num_kv_heads * kv_repeat, D)
-    rstd = lambda heads: x.new_empty((T * heads,), dtype=torch.float32)  # noqa: E731
-    return (x.new_empty((T, num_heads, D)), x.new_empty(copies), x.new_empty((T, num_kv_heads, D)),
-            x.new_empty(copies if kv_repeat > 1 else (0,)), x.new_empty((T, (num_heads + num_kv_heads) * D)),
-            rstd(num_heads), rstd(num_kv_heads))
+    """:func:`_qkv_outputs` and qk [T, (H + Hkv) D] for x [T, K], w [(H + 2 Hkv) D, K], in the kernel's order."""
+    D = w.shape[0] // (num_heads + 2 * num_kv_heads)
+    q, k, v, v_copies, rstd_q, rstd_k = _qkv_outputs(x, num_heads, num_kv_heads, D, kv_repeat)
+    return q, k, v, v_copies, x.new_empty((x.shape[0], (num_heads + num_kv_heads) * D)), rstd_q, rstd_k
 
 
 def qkv_linear_norm_rope(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int, cos: Tensor, sin: Tensor,
@@ -414,9 +414,8 @@ def qkv_linear_norm_rope(x: Tensor, w: Tensor, num_heads: int, num_kv_heads: int
     T, D = x.shape[0], w.shape[0] // (num_heads + 2 * num_kv_heads)
     if (kv_repeat >= 1 and use_triton(x) and dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
             and (autocast or w.dtype == x.dtype)  # without autocast, mixed dtypes are F.linear's error
-            and w.shape == ((num_heads + 2 * num_kv_heads) * D, x.shape[1]) and _pow2(num_kv_heads)
-            and _qk_fusable(T, num_heads, D, dtype, cos, sin)
-            and T * num_kv_heads * kv_repeat * D < MAX_KERNEL_ELEMENTS):
+            and w.shape == ((num_heads + 2 * num_kv_heads) * D, x.shape[1])
+            and _qkv_fusable(T, num_heads, num_kv_heads, D, dtype, cos, sin, kv_repeat)):
         cos2, sin2, gain = _kernel_tables(cos, sin, gain, dtype)
         q, k, v, v_copies, _, _, _ = torch.ops.pgolf.qkv_linear_norm_rope(x.to(dtype), w.to(dtype), num_heads,
                                                                          num_kv_heads, cos2, sin2, gain, QK_EPS,

@@ -310,8 +310,7 @@ def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_hea
     was measured."""
     D = w.shape[0] // (num_heads + 2 * num_kv_heads)
     return (x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and _tma_usable(x, w)
-            and w.shape[0] == (num_heads + 2 * num_kv_heads) * D and D * x.element_size() >= 16 and D <= 64
-            and x.shape[1] * x.element_size() % 16 == 0)
+            and w.shape[0] == (num_heads + 2 * num_kv_heads) * D and D * x.element_size() >= 16 and D <= 64)
 
 
 def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
