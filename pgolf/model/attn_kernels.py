@@ -95,11 +95,11 @@ if TRITON_AVAILABLE:
         T, H, _ = x.shape
         partial = None
         if gain is not None:
-            partial = torch.empty((_qt.qk_norm_rope_programs(T * H, H, x.device), H), dtype=torch.float32,
+            partial = torch.empty((H, _qt.qk_norm_rope_programs(T * H, H, x.device)), dtype=torch.float32,
                                   device=x.device)
         as_x = lambda t: None if t is None else t.to(x.dtype).contiguous()  # noqa: E731
         _qt.launch_qk_norm_rope_bwd(as_x(g), x, rstd, cos, sin, gain, dx, partial, as_x(gv), as_x(gv_copies), dv)
-        return x.new_empty((0,)) if partial is None else partial.sum(0).to(gain.dtype)
+        return x.new_empty((0,)) if partial is None else partial.sum(1).to(gain.dtype)
 
     def _qk_norm_rope_setup(ctx, inputs, output) -> None:
         x, cos, sin, gain, _ = inputs

@@ -106,7 +106,9 @@ def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr,
                       other=0.0).to(tl.float32) * rstd[:, None]
         r = n * c + sign[None, :] * np_ * s
         per_row = tl.sum(g * r, axis=1)  # [R]
-        tl.store(dgain_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(per_row, (BLOCK_R // H, H)), axis=0))
+        # [H, programs]: the sum over programs then reads contiguous rows (a column sum of [programs, H] took 28 us)
+        tl.store(dgain_ptr + tl.arange(0, H) * tl.num_programs(0) + pid,
+                 tl.sum(tl.reshape(per_row, (BLOCK_R // H, H)), axis=0))
         gn = gn * tl.load(gain_ptr + rows % H, mask=rmask, other=0.0).to(tl.float32)[:, None]
     dx = rstd[:, None] * (gn - n * (tl.sum(gn * n, axis=1) / D)[:, None])
     tl.store(dx_ptr + (t * DXS + h * D)[:, None] + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -171,7 +173,7 @@ def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor
                             dgain_partial: torch.Tensor | None, gv: torch.Tensor | None = None,
                             gv_copies: torch.Tensor | None = None, dv: torch.Tensor | None = None) -> None:
     """g [T, H * rep, D] contiguous (the gradient of the forward's out, rep copies per head); x, dx [T, H, D] with
-    heads and dims contiguous (column slices of wider tensors are fine); dgain_partial [programs, H] fp32 (out; None
+    heads and dims contiguous (column slices of wider tensors are fine); dgain_partial [H, programs] fp32 (out; None
     without a gain). With ``gv`` [T, H, D] contiguous: ``dv`` (shaped and strided like dx) = gv + the sum of each
     row's rep copies in ``gv_copies`` [T, H * rep, D] (contiguous; given exactly when rep > 1)."""
     T, H, D = x.shape
