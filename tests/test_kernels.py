@@ -601,7 +601,10 @@ def test_bench_train_fusion_cap_override():
 
 def test_bench_train_mix_order_override_reaches_torch_compile(monkeypatch):
     """--mix-order-reduction off overrides the recipe's train.compile_mix_order_reduction: inductor is asked for
-    it (with the cap when both are set) and the result records the options it compiled with."""
+    it (with the cap when both are set) and the result records the options it compiled with, pgolf's graph pass
+    (train.compile_add_into_matmul false, the smoke recipe's default) by its name."""
+    from pgolf.model.device import recorded_options
+
     calls = []
 
     def spy(model, **kwargs):
@@ -609,21 +612,22 @@ def test_bench_train_mix_order_override_reaches_torch_compile(monkeypatch):
         return model  # eager: the spy only records how the bench compiles
 
     monkeypatch.setattr(torch, "compile", spy)
-    for cap, expected in ((0, {"triton.mix_order_reduction": False}),
-                          (12, {"max_fusion_unique_io_buffers": 12, "triton.mix_order_reduction": False})):
+    split = {"post_grad_custom_post_pass": "pgolf.SplitResidualAddmm"}
+    for cap, expected in ((0, {"triton.mix_order_reduction": False, **split}),
+                          (12, {"max_fusion_unique_io_buffers": 12, "triton.mix_order_reduction": False, **split})):
         result = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512,
                                    looping="off", device_kind="cpu", compile=True, compile_backend="inductor",
                                    max_fusion_io_buffers=cap, mix_order_reduction=False)
-        assert result["compile_options"] == expected
-        assert calls[-1] == {"fullgraph": True, "dynamic": False, "backend": "inductor", "options": expected}
+        assert result["compile_options"] == expected and recorded_options(calls[-1].pop("options")) == expected
+        assert calls[-1] == {"fullgraph": True, "dynamic": False, "backend": "inductor"}
     result = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512,
                                looping="off", device_kind="cpu", compile=True, compile_backend="inductor")
-    off = {"triton.mix_order_reduction": False}  # the recipe's value (pgolf's default): the fusion off
-    assert result["compile_options"] == off and calls[-1]["options"] == off
+    off = {"triton.mix_order_reduction": False, **split}  # the recipe's values (pgolf's defaults)
+    assert result["compile_options"] == off and recorded_options(calls[-1]["options"]) == off
     result = bench.bench_train(load_run_config(SMOKE), steps=1, warmup=0, grad_accum=1, micro_batch_tokens=512,
                                looping="off", device_kind="cpu", compile=True, compile_backend="inductor",
                                mix_order_reduction=True)
-    assert result["compile_options"] is None and calls[-1]["options"] is None  # on: inductor's own choice
+    assert result["compile_options"] == split and recorded_options(calls[-1]["options"]) == split
 
 
 def test_bench_train_profile_on_cpu():

@@ -410,17 +410,21 @@ def test_the_record_stream_says_when_it_starts_over(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ compile options (issue 16)
 
+SPLIT_ADDMM = {"post_grad_custom_post_pass": "pgolf.SplitResidualAddmm"}  # train.compile_add_into_matmul: false
+
 
 def test_fusion_options_reach_torch_compile_of_the_training_step(tmp_path: Path, monkeypatch) -> None:
     """train.compile_max_fusion_io_buffers and train.compile_mix_order_reduction are what the training stage passes
     to inductor (their names checked by the installed torch, which refuses unknown options when torch.compile is
-    called); the defaults (0, true) pass no options."""
-    from pgolf.model.device import compile_model, inductor_options
+    called), and train.compile_add_into_matmul false adds pgolf's graph pass; (0, true, true) pass no options."""
+    from pgolf.model.device import compile_model, inductor_options, recorded_options
 
     assert inductor_options("inductor", 0) is None and inductor_options("aot_eager", 16) is None
     assert inductor_options("inductor", 16) == {"max_fusion_unique_io_buffers": 16}
     assert inductor_options("inductor", 0, mix_order_reduction=False) == {"triton.mix_order_reduction": False}
     assert inductor_options("aot_eager", 0, mix_order_reduction=False) is None
+    split = inductor_options("inductor", 0, add_into_matmul=False)
+    assert list(split) == ["post_grad_custom_post_pass"] and recorded_options(split) == SPLIT_ADDMM
     compile_model(torch.nn.Linear(2, 2), True, "inductor", 16, False)  # an unknown option name would raise here
     calls = []
 
@@ -431,14 +435,17 @@ def test_fusion_options_reach_torch_compile_of_the_training_step(tmp_path: Path,
     monkeypatch.setattr(torch, "compile", spy)
     data = write_data(tmp_path / "data")
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    cases = ((16, True, {"max_fusion_unique_io_buffers": 16}), (0, True, None),
-             (0, False, {"triton.mix_order_reduction": False}))
-    for cap, mix_order, expected in cases:
+    cases = ((16, True, True, {"max_fusion_unique_io_buffers": 16}), (0, True, True, None),
+             (0, False, True, {"triton.mix_order_reduction": False}), (0, True, False, SPLIT_ADDMM))
+    for cap, mix_order, add_into_matmul, expected in cases:
         cfg = TrainConfig(**{**to_dict(TINY_TRAIN), "iterations": 1, "warmup_steps": 0, "compile": True,
-                             "compile_max_fusion_io_buffers": cap, "compile_mix_order_reduction": mix_order})
-        out = tmp_path / f"out{cap}{mix_order}"
+                             "compile_max_fusion_io_buffers": cap, "compile_mix_order_reduction": mix_order,
+                             "compile_add_into_matmul": add_into_matmul})
+        out = tmp_path / f"out{cap}{mix_order}{add_into_matmul}"
         train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, out, cpu)
-        assert calls[-1] == {"fullgraph": True, "dynamic": False, "backend": "inductor", "options": expected}
+        options = calls[-1].pop("options")
+        assert calls[-1] == {"fullgraph": True, "dynamic": False, "backend": "inductor"}
+        assert recorded_options(options) == expected
         _, meta = load_checkpoint(out / "checkpoint")
         assert meta["train_config"]["compile_max_fusion_io_buffers"] == cap  # recorded with the result
         assert meta["train_config"]["compile_mix_order_reduction"] is mix_order
@@ -478,3 +485,30 @@ def test_a_training_error_closes_the_prefetcher(tmp_path: Path, monkeypatch) -> 
         train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, tmp_path / "out", cpu)
     assert len(steps) == 3 and len(prefetchers) == 1
     assert prefetchers[0]._pool is None  # closed: read-ahead cancelled, worker joined
+
+
+def test_split_residual_addmm_pass_rewrites_only_full_size_adds() -> None:
+    """train.compile_add_into_matmul false: pgolf's post-grad pass turns addmm(x, a, b) with a 2-D x of the product's
+    shape into mm(a, b) + x (the same values), and leaves a bias addmm (1-D x: no copy in cuBLAS) alone."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pgolf.model.compile_passes import SplitResidualAddmm
+
+    aten = torch.ops.aten
+
+    def step(x, bias, a, b):
+        return aten.addmm.default(x, a, b), aten.addmm.default(bias, a, b)
+
+    inputs = (torch.randn(6, 5), torch.randn(5), torch.randn(6, 4), torch.randn(4, 5))
+    gm = make_fx(step, tracing_mode="fake")(*inputs)
+    SplitResidualAddmm()(gm.graph)
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(aten.addmm.default) == 1 and aten.mm.default in targets and aten.add.Tensor in targets
+    split = next(n for n in gm.graph.nodes if n.target is aten.add.Tensor)
+    assert split.meta["val"].shape == (6, 5)  # the rewritten nodes carry the shapes inductor lowers from
+    full, biased = gm(*inputs)
+    x, bias, a, b = inputs
+    torch.testing.assert_close(full, x + a @ b)
+    torch.testing.assert_close(biased, bias + a @ b)
+    assert SplitResidualAddmm().uuid() == "pgolf.SplitResidualAddmm.v1"  # inductor's cache key for the pass

@@ -336,6 +336,12 @@ class TrainConfig:
     # record recipe's step from 1,057 to 988 ms looping on and left looping off unchanged (docs/benchmarks.md). Like
     # the cap, it regroups the same sums, nothing else.
     compile_mix_order_reduction: bool = False
+    # Inductor's fusion of a residual add into the matmul that feeds it (``x + a @ b`` -> cuBLAS ``addmm``). True
+    # leaves inductor's choice; false (default) keeps the matmul plain and the add in the next generated kernel
+    # (pgolf.model.compile_passes). Why: for a [tokens, 512] ``x`` cuBLAS's addmm first copies x into its output:
+    # 4.3 ms a step looping off on one H100 (docs/benchmarks.md). The product is rounded to bf16 before the add, as
+    # in eager PyTorch, instead of once after it.
+    compile_add_into_matmul: bool = False
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
     # Two elementwise stretches of every attention as one Triton kernel each, forward and backward
     # (pgolf.model.attn_kernels): the q/k RMSNorm + partial RoPE + q gain, and XSA + the output gate. The same

@@ -121,12 +121,12 @@ class CompileCounter:
         return {"graphs_compiled": graphs - self.start[0], "graph_breaks": breaks - self.start[1]}
 
 
-def inductor_options(backend: str, max_fusion_io_buffers: int = 0,
-                     mix_order_reduction: bool = True) -> Optional[dict[str, Any]]:
-    """torch.compile ``options`` for ``train.compile_max_fusion_io_buffers`` (0: none) and
-    ``train.compile_mix_order_reduction`` (True: inductor's default, no option); None when neither asks for one.
-    Only inductor takes them: other backends (aot_eager on CPU) generate no kernels, so they have nothing to act
-    on there."""
+def inductor_options(backend: str, max_fusion_io_buffers: int = 0, mix_order_reduction: bool = True,
+                     add_into_matmul: bool = True) -> Optional[dict[str, Any]]:
+    """torch.compile ``options`` for ``train.compile_max_fusion_io_buffers`` (0: none),
+    ``train.compile_mix_order_reduction`` and ``train.compile_add_into_matmul`` (True: inductor's default, no
+    option); None when none asks for one. Only inductor takes them: other backends (aot_eager on CPU) generate no
+    kernels, so they have nothing to act on there."""
     if backend != "inductor":
         return None
     options: dict[str, Any] = {}
@@ -134,17 +134,29 @@ def inductor_options(backend: str, max_fusion_io_buffers: int = 0,
         options["max_fusion_unique_io_buffers"] = max_fusion_io_buffers
     if not mix_order_reduction:
         options["triton.mix_order_reduction"] = False
+    if not add_into_matmul:
+        from pgolf.model.compile_passes import SplitResidualAddmm
+
+        options["post_grad_custom_post_pass"] = SplitResidualAddmm()
     return options or None
 
 
-def compile_model(model, enabled: bool, backend: str, max_fusion_io_buffers: int = 0, mix_order_reduction: bool = True):
+def recorded_options(options: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """``options`` as results record them (JSON): a graph pass by its name."""
+    if options is None:
+        return None
+    return {key: value if isinstance(value, (bool, int, float, str)) else repr(value) for key, value in options.items()}
+
+
+def compile_model(model, enabled: bool, backend: str, max_fusion_io_buffers: int = 0, mix_order_reduction: bool = True,
+                  add_into_matmul: bool = True):
     """``torch.compile(fullgraph=True, dynamic=False)`` as training and the benchmarks compile (``enabled`` False:
     the model itself), with the fusion options of :func:`inductor_options`."""
     import torch
 
     if not enabled:
         return model
-    options = inductor_options(backend, max_fusion_io_buffers, mix_order_reduction)
+    options = inductor_options(backend, max_fusion_io_buffers, mix_order_reduction, add_into_matmul)
     return torch.compile(model, fullgraph=True, dynamic=False, backend=backend, options=options)
 
 

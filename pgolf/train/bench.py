@@ -36,6 +36,7 @@ from pgolf.model.device import (
     compile_model,
     device_name,
     inductor_options,
+    recorded_options,
     memory_gib,
     peak_tflops_for,
     profile_breakdown,
@@ -263,7 +264,8 @@ def bench_train(
     (:func:`profile_breakdown`). ``attention_backend`` (auto, fa3, fa4, torch) overrides the recipe's
     ``model.attention_backend``; the result records what it resolved to. ``max_fusion_io_buffers`` overrides
     ``train.compile_max_fusion_io_buffers`` (0: no cap) and ``mix_order_reduction``
-    ``train.compile_mix_order_reduction``; the result records the options used (``compile_options``).
+    ``train.compile_mix_order_reduction``; ``train.compile_add_into_matmul`` as the recipe says; the result records
+    the options used (``compile_options``).
     ``qk_kernel`` and ``xsa_kernel`` override ``train.fused_qk_norm_rope`` and ``train.fused_xsa_gate`` (the
     result's ``attention_kernels``), ``qkv_matmul`` ``train.fused_qkv_matmul`` (its ``qkv_matmul``), ``repeat_kv``
     ``train.repeat_kv_heads`` (its ``repeat_kv``); ``fold_scales`` overrides ``train.fold_output_scales``
@@ -327,7 +329,7 @@ def bench_train(
     extend_rope_cache(model, rows.tokens)  # as the training stage does
     bench = TrainBench(
         model=model,
-        step_model=compile_model(model, compile, compile_backend, fusion_cap, mix_order),
+        step_model=compile_model(model, compile, compile_backend, fusion_cap, mix_order, train_cfg.compile_add_into_matmul),
         optimizers=optimizers,
         params=list(model.parameters()),
         device=device,
@@ -405,7 +407,8 @@ def bench_train(
         "compile": bool(compile),
         "compile_backend": compile_backend if compile else None,
         # the inductor options the step was compiled with (None: none; only inductor takes them)
-        "compile_options": inductor_options(compile_backend, fusion_cap, mix_order) if compile else None,
+        "compile_options": (recorded_options(inductor_options(compile_backend, fusion_cap, mix_order,
+                                                              train_cfg.compile_add_into_matmul)) if compile else None),
         "params": sum(p.numel() for p in model.parameters()),
         "micro_batch_tokens": rows.tokens,
         "grad_accum_steps": accum,

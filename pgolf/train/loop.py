@@ -298,7 +298,7 @@ def train_model(
     params = [p for p in model.parameters()]  # the model's order: the clip norm sums in it
     extend_rope_cache(model, plan.micro_batch_tokens)  # rows of one micro-batch: sliced, not computed, RoPE tables
     step_model = compile_model(model, train_cfg.compile, "inductor", train_cfg.compile_max_fusion_io_buffers,
-                               train_cfg.compile_mix_order_reduction)
+                               train_cfg.compile_mix_order_reduction, train_cfg.compile_add_into_matmul)
     can_loop = model_cfg.loop_count > 1
 
     if info.is_main:
