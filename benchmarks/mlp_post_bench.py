@@ -16,8 +16,9 @@ activation to an operand; this script measures that before anything enters the m
   kernel without its post store, which does not exist yet.
 
 It prints the ms per call of each, their sum per step, and the largest differences of out and dw_down from
-today's (the products are summed in another order). Not run on a GPU yet (written in the fourteenth session, after
-its device time was spent).
+today's (the products are summed in another order). Its first GPU run (one H100, 2026-12-06, fifteenth session,
+docs/benchmarks.md) said no: the down projection 0.664 ms against cuBLAS's 0.279, its weight gradient 0.438 against
+0.270, so act-on-load costs 124.5 ms a step against today's 90.8 looping off. The MLP keeps storing post.
 
     python benchmarks/mlp_post_bench.py [--iters N] [--splits S] [--out OUT.json]
 """
