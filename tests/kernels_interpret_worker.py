@@ -182,28 +182,44 @@ def case_mlp_tma_tiles() -> None:
     _close(dpre.double(), kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double(), "tma d pre", **tol)
 
 
-def case_mlp_post_experiment() -> None:
-    """benchmarks/mlp_post_bench.py's two kernels (an experiment for issue 16, not in the model): the down
-    projection and its weight gradient reading pre and applying the activation on load, against the fp64
-    products of post = fp16(act(pre)); a partial last row block, and three token ranges for the weight gradient of
-    which the last is short. fp16, as the interpreter's dot mishandles bf16."""
+def case_mlp_signs_experiment() -> None:
+    """benchmarks/mlp_signs_bench.py's kernel (an experiment for issue 16, not in the model): the up projection
+    storing post and pre's packed signs instead of pre, and the backward taking act' from them. Against today's TMA
+    kernel on the same tiles: post bit for bit, the signs exactly pre's; d pre as its formula says, and near
+    today's (act' from sqrt(post) instead of pre). A zero row (sign 0, post 0, act' 0), a partial last row block, two column
+    tiles. fp16, as the interpreter's dot mishandles bf16."""
     import pathlib
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-    import mlp_post_bench as bench
+    import mlp_signs_bench as bench
 
-    gen = torch.Generator().manual_seed(11)
-    rows, N, H = 200, 64, 96
+    gen = torch.Generator().manual_seed(12)
+    M, K, N = 200, 64, 512
+    bm, bn, bk = 64, 256, 32  # 128-column halves: 16 bytes of signs, TMA's least box width
     half = torch.float16
-    pre = torch.randn(rows, H, generator=gen).to(half)
-    w_down = (torch.randn(N, H, generator=gen) / 8).to(half)
-    g = torch.randn(rows, N, generator=gen).to(half)
-    post = (F.leaky_relu(pre.double(), bench.SLOPE) ** 2).to(half).double()
-    tol = dict(rtol=2e-3, atol=2e-3)  # one fp16 rounding apart (summation order, the interpreter's casts)
-    out = bench.down_act(pre, w_down, tile=(64, 32, 32, 4, 2), persistent=False)
-    _close(out.double(), (post @ w_down.double().T).to(half).double(), "down projection on pre", **tol)
-    dw = bench.down_wgrad_act(g, pre, splits=3, tile=(32, 32, 32, 4, 2))
-    _close(dw.double(), (g.double().T @ post).to(half).double(), "down weight gradient on pre", **tol)
+    x, w_up = torch.randn(M, K, generator=gen).to(half), (torch.randn(N, K, generator=gen) / 8).to(half)
+    x[0] = 0.0
+    g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
+    pre, post, dpre, post_s, dpre_s = (torch.full((M, N), float("nan"), dtype=half) for _ in range(5))
+    signs = torch.full((M, N // 8), 0xAA, dtype=torch.uint8)
+    Desc = tk._TensorDescriptor
+    for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):  # today's
+        tk._mlp_tma_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+            Desc.from_tensor(a, [bm, bk]), Desc.from_tensor(b, [bk, bn] if b_kn else [bn, bk]),
+            Desc.from_tensor(pre, [bm, bn // 2]), Desc.from_tensor(out, [bm, bn // 2]), M, N, K, bench.SLOPE,
+            B_KN=b_kn, BACKWARD=backward, PERSISTENT=False, BITWISE_ROUND=True,
+            NUM_PROGRAMS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    launch = dict(tile=(bm, bn, bk, 4, 2), persistent=False, bitwise_round=True)
+    bench.up_signs(x, w_up, post_s, signs, **launch)
+    bench.act_grad_signs(g, w_down, post_s, signs, dpre_s, **launch)
+    assert torch.equal(post_s, post), "post differs from today's kernel"
+    assert torch.equal(signs, bench.signs_of(pre)), "signs are not pre's"
+    assert int(signs[0].sum()) == 0 and float(dpre_s[0].abs().max()) == 0.0, "a zero row: no sign, no gradient"
+    c = (g.double() @ w_down.double()).to(half).double()
+    grad = post.double().sqrt() * torch.where(pre > 0, 2.0, -2.0 * bench.SLOPE).double()
+    _close(dpre_s.double(), (c * grad).to(half).double(), "d pre from post and signs", rtol=2e-3, atol=1e-6)
+    # against today's act'(pre): fp16's post loses small pre (pre^2 below fp16's range); bf16's range does not
+    _close(dpre_s.double(), dpre.double(), "d pre, today's", rtol=2e-3, atol=1e-3)
 
 
 def case_mlp_fused_opcheck() -> None:

@@ -754,7 +754,7 @@ INTERPRET_CASES = [
     "mlp_fused_bf16",
     "mlp_act_grad_kernel",
     "mlp_tma_tiles",
-    "mlp_post_experiment",
+    "mlp_signs_experiment",
     "mlp_fused_opcheck",
     "ce_fp32_capped",
     "ce_fp32_uncapped",
