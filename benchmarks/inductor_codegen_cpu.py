@@ -267,8 +267,11 @@ def use_gpu_ops_on_cpu() -> None:
     attn_triton.launch_xsa_gate_fwd = lambda y, v, z, out, scale, eps: out.copy_(y)
     attn_triton.launch_xsa_gate_bwd = lambda go, y, v, z, dy, dv, dz, scale, eps: (
         dy.copy_(go), dv is not None and dv.zero_(), dz is not None and dz.zero_())
+    attn_triton.launch_gate_linear_fwd = lambda x, w, z: z.copy_(x.float() @ w.float().t())
+    attn_triton.launch_gate_linear_bwd = lambda g, x, w, dx, partial: (dx.copy_(g.float() @ w.float()),
+                                                                       partial.zero_())
     tk.launch_softcap_ce_fwd, tk.launch_softcap_ce_bwd = ce_fwd, ce_bwd
-    for op in ("pgolf::mlp_up_act", "pgolf::mlp_fused"):
+    for op in ("pgolf::mlp_up_act", "pgolf::mlp_fused", "pgolf::gate_linear"):
         try:
             torch.library.register_autocast(op, "cpu", torch.bfloat16)
         except RuntimeError:  # an op this pgolf does not define

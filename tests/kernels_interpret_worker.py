@@ -557,6 +557,32 @@ def case_attention_kernels_edges() -> None:
         raise AssertionError(f"the XSA + gate kernel ran {len(calls)} times; one layer has XSA, none a gate")
 
 
+def case_gate_linear() -> None:
+    """The output gate's projection against F.linear in fp64, values and both gradients: x a column slice of a
+    wider tensor (as the model passes it), token counts that fill the interpreter's programs of 8 and that leave
+    the last one partly masked, a head count that is not a power of two; and its op registration."""
+    gen = torch.Generator().manual_seed(13)
+    for T, N, K in ((16, 8, 12), (13, 6, 12), (5, 8, 3)):
+        wide = torch.randn(T, 32, generator=gen)
+        w = torch.randn(N, K, generator=gen)
+        grad = torch.randn(T, N, generator=gen)
+        x = wide[:, :K].clone().requires_grad_(True)
+        leaves = [wide.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+        out = attn_kernels.gate_linear(leaves[0][:, :K], leaves[1])
+        got = torch.autograd.grad(out, leaves, grad)
+        ref_leaves = [wide.double().requires_grad_(True), w.double().requires_grad_(True)]
+        ref = F.linear(ref_leaves[0][:, :K], ref_leaves[1])
+        want = torch.autograd.grad(ref, ref_leaves, grad.double())
+        what = f"gate_linear T={T} N={N} K={K}"
+        _close(out.double(), ref.detach(), f"{what}: z")
+        for name, g, t in zip(("dx", "dw"), got, want):
+            _close(g.double(), t, f"{what}: {name}", rtol=1e-5, atol=1e-5 * t.abs().max().item())
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.pgolf.gate_linear.default, (x, w.requires_grad_(True)), test_utils=utils)
+    torch.library.opcheck(torch.ops.pgolf.gate_linear_backward.default, (grad, x.detach(), w.detach()),
+                          test_utils=utils)
+
+
 def case_xsa_gate_opcheck() -> None:
     gen = torch.Generator().manual_seed(8)
     y, grad = torch.randn(5, 4, 16, generator=gen), torch.randn(5, 4, 16, generator=gen)
@@ -728,7 +754,7 @@ def case_model_attention_kernels_compile() -> None:
         compiled.backward()
         if sum(counters["graph_break"].values()) != breaks_before:
             raise AssertionError(f"graph breaks: {dict(counters['graph_break'])}")
-        expected = {"qk_norm_rope": True, "xsa_gate": True, "qkv_matmul": True, "qkv_epilogue": False,
+        expected = {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": True, "qkv_matmul": True, "qkv_epilogue": False,
                     "repeat_kv": repeat_kv}  # (no Hopper GPU here: the matmul, then the q/k/v op)
         if attn_kernels.used_in_model(model) != expected:
             raise AssertionError(f"kernels in use: {attn_kernels.used_in_model(model)}")

@@ -497,8 +497,9 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
     # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
-    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "qkv_matmul": True,
-                                           "qkv_epilogue": False, "repeat_kv": False}  # (no Hopper GPU: CPU)
+    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": True,
+                                           "qkv_matmul": True, "qkv_epilogue": False,
+                                           "repeat_kv": False}  # (no Hopper GPU: CPU)
     assert json.loads(out.read_text()) == result
     cfg = load_run_config(SMOKE)
     assert result["device_type"] == "cpu" and result["fused_kernels_active"] is False
@@ -775,6 +776,7 @@ INTERPRET_CASES = [
     "xsa_gate_bf16",
     "xsa_gate_tiny_value_vectors",
     "xsa_gate_opcheck",
+    "gate_linear",
     "attention_kernels_edges",
     "model_fused_matches_reference",
     "model_attention_kernels_compile",
@@ -965,6 +967,33 @@ def test_gpu_xsa_gate_bf16(with_xsa, with_gate):
     _no_worse(out, ref, truth.detach(), "out", slack=2.0)
     for name, a, b, t in zip(names, grads, refs, truths):
         _no_worse(a, b, t, f"d{name}", slack=2.0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_gate_linear_bf16():
+    """The output gate's projection as the model calls it on CUDA (bf16 autocast, a 12-column slice of the
+    attention's input, the fp32 gate weight): no further from the fp64 truth than F.linear's bf16 path, the
+    product and both gradients, in F.linear's dtypes."""
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    wide = torch.randn(4099, 512, device="cuda", generator=gen).bfloat16()
+    w = torch.randn(8, 12, device="cuda", generator=gen) / 4
+    grad = torch.randn(4099, 8, device="cuda", generator=gen).bfloat16()
+
+    def run(fn, dtype, autocast):
+        leaves = [wide.to(dtype).requires_grad_(True), w.to(torch.float64 if dtype == torch.float64 else
+                                                           torch.float32).requires_grad_(True)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(leaves[0][:, :12], leaves[1])
+        return out, torch.autograd.grad(out, leaves, grad.to(out.dtype))
+
+    out, grads = run(attn_kernels.gate_linear, torch.bfloat16, True)
+    ref, refs = run(F.linear, torch.bfloat16, True)
+    truth, truths = run(F.linear, torch.float64, False)
+    assert out.dtype == ref.dtype and [g.dtype for g in grads] == [g.dtype for g in refs]
+    _no_worse(out, ref, truth.detach(), "z", slack=2.0)
+    for name, a, b, t in zip(("dx", "dw"), grads, refs, truths):
+        _no_worse(a, b, t, name, slack=2.0)
 
 
 def test_attention_kernels_refuse_tensors_past_32_bit_offsets():

@@ -518,13 +518,69 @@ def xsa_gate(y: Tensor, v: Optional[Tensor], z: Optional[Tensor], scale: float) 
     return torch.ops.pgolf.xsa_gate(y, v, None if z is None else z.to(y.dtype), float(scale))
 
 
+# ----------------------------------------------------------------------------------- the output gate's projection
+
+
+if TRITON_AVAILABLE:
+
+    @custom_op("pgolf::gate_linear", mutates_args=())
+    def _gate_linear_op(x: Tensor, w: Tensor) -> Tensor:
+        """z [T, N] in x's dtype = x [T, K] (columns contiguous) @ w [N, K]^T, both of one dtype."""
+        check_triton_device(x, "pgolf::gate_linear")
+        if x.dtype != w.dtype:
+            raise ValueError(f"pgolf::gate_linear: x is {x.dtype}, w {w.dtype} (use autocast or cast them to one dtype)")
+        z = x.new_empty((x.shape[0], w.shape[0]))
+        _qt.launch_gate_linear_fwd(x, w.contiguous(), z)
+        return z
+
+    @_gate_linear_op.register_fake
+    def _gate_linear_fake(x: Tensor, w: Tensor) -> Tensor:
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    @custom_op("pgolf::gate_linear_backward", mutates_args=())
+    def _gate_linear_backward_op(g: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        """(dx [T, K] in x's dtype, dw [N, K] in w's dtype); dw summed from the programs' partial sums."""
+        check_triton_device(x, "pgolf::gate_linear_backward")
+        w = w.contiguous()
+        dx = x.new_empty(x.shape)
+        partial = torch.empty((w.numel(), _qt.gate_linear_programs(x, w)), dtype=torch.float32, device=x.device)
+        _qt.launch_gate_linear_bwd(g.to(x.dtype).contiguous(), x, w, dx, partial)
+        return dx, partial.sum(1).view(w.shape).to(w.dtype)
+
+    @_gate_linear_backward_op.register_fake
+    def _gate_linear_backward_fake(g: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        return x.new_empty(x.shape), w.new_empty(w.shape)
+
+    def _gate_linear_setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def _gate_linear_backward(ctx, grad_z: Tensor):
+        return torch.ops.pgolf.gate_linear_backward(grad_z, *ctx.saved_tensors)
+
+    _gate_linear_op.register_autograd(_gate_linear_backward, setup_context=_gate_linear_setup)
+    # like F.linear under autocast: both operands in bf16 (the fp32 gate weight included)
+    torch.library.register_autocast("pgolf::gate_linear", "cuda", torch.bfloat16)
+
+
+def gate_linear(x: Tensor, w: Tensor) -> Tensor:
+    """``F.linear(x, w)`` for the output gate's few inputs (x [T, K], a column slice of the attention's input; w
+    [N, K]) as Triton kernels where they run, F.linear elsewhere. Why: with K = 12, cuBLAS runs the product and its
+    two gradients as small wmma GEMMs (4.1 ms a step looping off on one H100); the kernels read x's 12 columns and
+    the [T, N] gradient once. The same function: fp32 products of the same operands, rounded once; dw in program
+    order."""
+    if not (use_triton(x) and x.ndim == 2 and w.ndim == 2 and x.stride(1) == 1 and x.shape[1] == w.shape[1]):
+        return F.linear(x, w)
+    return torch.ops.pgolf.gate_linear(x, w)
+
+
 # ------------------------------------------------------------------------------------------------- the model
 
 
 def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False, qkv_matmul_on: bool = False,
                  repeat_kv_on: bool = False) -> None:
     """Make every attention of ``model`` (a GPT) compute its q/k norm, RoPE and q gain with :func:`qk_norm_rope`
-    and its XSA and output gate with :func:`xsa_gate` (each when on), or with its own unfused code again;
+    and its XSA and output gate with :func:`xsa_gate`, the gate's projection with :func:`gate_linear` (each when
+    on), or with its own unfused code again;
     ``qkv_matmul_on`` (with ``qk_norm_rope_on`` only): q, k and v from one matmul through :func:`qkv_linear_norm_rope`
     where its Hopper kernel runs, else :func:`qkv_linear_then_norm_rope`
     (the attention falls back to three when a projection is hooked or wrapped), and with ``repeat_kv_on`` its k
@@ -536,16 +592,19 @@ def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False,
         attn = block.attn
         attn.qk_kernel = qk_norm_rope if qk_norm_rope_on else None
         attn.xsa_gate_kernel = xsa_gate if xsa_gate_on else None
+        attn.gate_kernel = gate_linear if xsa_gate_on and attn.gate is not None else None
         attn.qkv_kernel = (qkv_linear_norm_rope if epilogue else qkv_linear_then_norm_rope) if qkv_on else None
         attn.kv_repeat = attn.num_heads // attn.num_kv_heads if qkv_on and repeat_kv_on else 1
 
 
 def used_in_model(model) -> dict[str, bool]:
-    """Which kernels ``model``'s attentions use: {"qk_norm_rope": .., "xsa_gate": .., "qkv_matmul": ..,
+    """Which kernels ``model``'s attentions use: {"qk_norm_rope": .., "xsa_gate": .., "gate_linear": .. (the output
+    gate's projection, with the XSA + gate kernel), "qkv_matmul": ..,
     "qkv_epilogue": .. (the q, k, v matmul kernel with the q/k kernels as its epilogue), "repeat_kv": ..}."""
     attns = [block.attn for block in model.blocks]
     return {"qk_norm_rope": any(a.qk_kernel is not None for a in attns),
             "xsa_gate": any(a.xsa_gate_kernel is not None for a in attns),
+            "gate_linear": any(a.gate_kernel is not None for a in attns),
             "qkv_matmul": any(a.qkv_kernel is not None for a in attns),
             "qkv_epilogue": any(a.qkv_kernel is qkv_linear_norm_rope for a in attns),
             "repeat_kv": any(a.qkv_kernel is not None and a.kv_repeat > 1 for a in attns)}

@@ -459,3 +459,80 @@ def launch_xsa_gate_bwd(go: torch.Tensor, y: torch.Tensor, v: torch.Tensor | Non
     _xsa_gate_bwd_kernel[grid](go, y, v if v is not None else y, z if z is not None else y, dy,
                                dv if dv is not None else dy, dz if dz is not None else dy, rows, float(scale),
                                float(eps), **meta)
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The output gate's projection: a linear layer with a handful of inputs
+# --------------------------------------------------------------------------------------------------------------
+# z [T, N] = x [T, K] @ w [N, K]^T with K = the gate window (12) and N = the heads (8): as cuBLAS GEMMs (K = 12)
+# it and its two gradients ran as 32 x 32 wmma kernels, 4.1 ms a step looping off on one H100. Per token, in fp32:
+#   z = x . w^T;  backward, with g = d loss / d z:  dx = g w,  dw = sum over tokens of g^T x
+# dw as per-program partial sums [N * K, programs], summed by torch in program order: deterministic.
+
+
+@triton.jit
+def _gate_linear_tile(x_ptr, w_ptr, T, XS, N: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr,
+                      BLOCK_T: tl.constexpr):
+    """The program's tokens [BT], their x [BT, KP] and w [NP, KP] (fp32, zero-padded) and the masks."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n = tl.arange(0, NP)
+    k = tl.arange(0, KP)
+    tm = t < T
+    x = tl.load(x_ptr + t[:, None].to(tl.int64) * XS + k[None, :], mask=tm[:, None] & (k < K)[None, :],
+                other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :],
+                other=0.0).to(tl.float32)
+    return t, n, k, tm, x, w
+
+
+@triton.jit
+def _gate_linear_fwd_kernel(x_ptr, w_ptr, z_ptr, T, XS, N: tl.constexpr, K: tl.constexpr, NP: tl.constexpr,
+                            KP: tl.constexpr, BLOCK_T: tl.constexpr):
+    t, n, k, tm, x, w = _gate_linear_tile(x_ptr, w_ptr, T, XS, N, K, NP, KP, BLOCK_T)
+    z = tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BT, NP]
+    tl.store(z_ptr + t[:, None].to(tl.int64) * N + n[None, :], z.to(z_ptr.dtype.element_ty),
+             mask=tm[:, None] & (n < N)[None, :])
+
+
+@triton.jit
+def _gate_linear_bwd_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr, T, XS, N: tl.constexpr, K: tl.constexpr,
+                            NP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr):
+    t, n, k, tm, x, w = _gate_linear_tile(x_ptr, w_ptr, T, XS, N, K, NP, KP, BLOCK_T)
+    g = tl.load(g_ptr + t[:, None].to(tl.int64) * N + n[None, :], mask=tm[:, None] & (n < N)[None, :],
+                other=0.0).to(tl.float32)  # [BT, NP]
+    dx = tl.sum(g[:, :, None] * w[None, :, :], axis=1)  # [BT, KP]
+    tl.store(dx_ptr + t[:, None].to(tl.int64) * K + k[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=tm[:, None] & (k < K)[None, :])
+    dw = tl.sum(g[:, :, None] * x[:, None, :], axis=0)  # [NP, KP]
+    at = (n[:, None] * K + k[None, :]) * tl.num_programs(0) + tl.program_id(0)  # [N * K, programs]: rows summed
+    tl.store(dw_partial_ptr + at, dw, mask=(n < N)[:, None] & (k < K)[None, :])
+
+
+def _gate_linear_meta(x: torch.Tensor, w: torch.Tensor) -> dict:
+    N, K = w.shape
+    block = 64 if x.device.type == "cuda" else 8  # 64 x 8 x 16 fp32 products: 64 registers a thread, 4 warps
+    return dict(N=N, K=K, NP=triton.next_power_of_2(N), KP=triton.next_power_of_2(K), BLOCK_T=block, num_warps=4)
+
+
+def gate_linear_programs(x: torch.Tensor, w: torch.Tensor) -> int:
+    """How many programs the gate launches use for x [T, K]: the weight gradient's partial-sum count."""
+    return triton.cdiv(x.shape[0], _gate_linear_meta(x, w)["BLOCK_T"])
+
+
+def launch_gate_linear_fwd(x: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> None:
+    """z [T, N] (contiguous, out) = x [T, K] @ w [N, K]^T; x's columns contiguous (a column slice is fine), w
+    contiguous."""
+    if x.shape[0] == 0:
+        return
+    _gate_linear_fwd_kernel[(gate_linear_programs(x, w),)](x, w, z, x.shape[0], x.stride(0), **_gate_linear_meta(x, w))
+
+
+def launch_gate_linear_bwd(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dx: torch.Tensor,
+                           dw_partial: torch.Tensor) -> None:
+    """dx [T, K] (contiguous, out) = g [T, N] @ w; dw_partial [N * K, programs] fp32 (out): per program, its
+    tokens' g^T x."""
+    if x.shape[0] == 0:
+        return
+    _gate_linear_bwd_kernel[(gate_linear_programs(x, w),)](g, x, w, dx, dw_partial, x.shape[0], x.stride(0),
+                                                            **_gate_linear_meta(x, w))

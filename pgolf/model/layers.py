@@ -79,6 +79,7 @@ class Attention(nn.Module):
         # the attention kernel (1: native GQA; H / Hkv: none, train.repeat_kv_heads)
         self.qk_kernel: Optional[Callable] = None
         self.xsa_gate_kernel: Optional[Callable] = None
+        self.gate_kernel: Optional[Callable] = None  # the gate's projection (attn_kernels.gate_linear), with it
         self.qkv_kernel: Optional[Callable] = None
         self.kv_repeat = 1
 
@@ -125,6 +126,14 @@ class Attention(nn.Module):
                 q = q * self.q_gain.to(q.dtype)[None, :, None]
         return self._attend(x, q, k, v, cu_seqlens, max_seqlen, backend, out_scale)
 
+    def _gate_input(self, x: Tensor) -> Tensor:
+        """The output gate's pre-activation [T, H] from the first ``gate_window`` channels of x [T, d]; through the
+        module itself where a hook or wrapper must see the call."""
+        window = x[:, : self.gate_window]
+        if self.gate_kernel is not None and plain_linear(self.gate):
+            return self.gate_kernel(window, self.gate.weight)
+        return self.gate(window)
+
     def _attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 backend: Optional[str], out_scale: Optional[Tensor], v_attn: Optional[Tensor] = None) -> Tensor:
         """Attention over prepared q [T, H, D], k [T, Hkv r, D] and ``v_attn`` (v when None) [T, Hkv r, D], then
@@ -134,13 +143,13 @@ class Attention(nn.Module):
         y = attention(q, k, v if v_attn is None else v_attn, cu_seqlens, max_seqlen, causal=True,
                       backend=backend)  # [T, H, D]
         if self.xsa_gate_kernel is not None and (self.use_xsa or self.gate is not None):  # one kernel for both
-            z = self.gate(x[:, : self.gate_window]) if self.gate is not None else None  # [T, H] pre-activation
+            z = self._gate_input(x) if self.gate is not None else None  # [T, H] pre-activation
             y = self.xsa_gate_kernel(y, v if self.use_xsa else None, z, self.gate_scale)
         else:
             if self.use_xsa:
                 y = exclusive_self_attention(y, v)
             if self.gate is not None:
-                g = torch.sigmoid(self.gate_scale * self.gate(x[:, : self.gate_window]))  # [T, H]
+                g = torch.sigmoid(self.gate_scale * self._gate_input(x))  # [T, H]
                 y = y * g.to(y.dtype)[:, :, None]
         y = y.reshape(T, self.num_heads * self.head_dim)
         return self.o(y) if out_scale is None else F.linear(y, row_scaled(self.o.weight, out_scale))
