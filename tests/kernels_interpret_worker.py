@@ -102,8 +102,9 @@ def case_mlp_3d_input() -> None:
     )
 
 
-def _mlp_fused_case(dtype: torch.dtype, slope: float, tol: dict | None) -> None:
-    """The whole MLP as one op: forward and the three gradients (d pre from the backward epilogue)."""
+def _mlp_fused_case(dtype: torch.dtype, slope: float, tol: dict | None, keep_signs: bool = False) -> None:
+    """The whole MLP as one op: forward and the three gradients (d pre from the backward epilogue); with
+    ``keep_signs`` the op that keeps post and pre's signs for its backward (train.mlp_saved_activation)."""
     gen = torch.Generator().manual_seed(7)
     M, d, hidden = 70, 48, 96  # interpreter tiles 64 x 64 x 32: partial tiles on every axis, both directions
     x = (torch.randn(M, d, generator=gen) / math.sqrt(d)).to(dtype).requires_grad_(True)
@@ -111,7 +112,7 @@ def _mlp_fused_case(dtype: torch.dtype, slope: float, tol: dict | None) -> None:
     w_down = (torch.randn(d, hidden, generator=gen) / math.sqrt(hidden)).to(dtype).requires_grad_(True)
     grad = torch.randn(M, d, generator=gen).to(dtype)
     leaves = (x, w_up, w_down)
-    y = kernels.fused_mlp(x, w_up, w_down, slope)
+    y = kernels.fused_mlp(x, w_up, w_down, slope, keep_signs)
     got = torch.autograd.grad(y, leaves, grad)
     leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
     y64 = kernels.mlp_reference(*leaves64, slope)
@@ -142,6 +143,14 @@ def case_mlp_fused_bf16() -> None:
     _mlp_fused_case(torch.bfloat16, 0.5, None)
 
 
+def case_mlp_fused_signs() -> None:
+    """train.mlp_saved_activation post_signs through the op and its autograd: fp32 against fp64 (leaky and relu),
+    bf16 no further from the truth than the unfused bf16 path."""
+    _mlp_fused_case(torch.float32, 0.5, FP32, keep_signs=True)
+    _mlp_fused_case(torch.float32, 0.0, FP32, keep_signs=True)
+    _mlp_fused_case(torch.bfloat16, 0.5, None, keep_signs=True)
+
+
 def case_mlp_act_grad_kernel() -> None:
     """The backward epilogue alone: (g @ w_down) * act'(pre), with pre = 0 and tiny values in the mix."""
     gen = torch.Generator().manual_seed(8)
@@ -167,13 +176,9 @@ def case_mlp_tma_tiles() -> None:
     x, w_up = torch.randn(M, K, generator=gen).to(half), (torch.randn(N, K, generator=gen) / 8).to(half)
     g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
     pre, post, dpre = (torch.empty(M, N, dtype=half) for _ in range(3))
-    Desc = tk._TensorDescriptor
     for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):
-        tk._mlp_tma_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
-            Desc.from_tensor(a, [bm, bk]), Desc.from_tensor(b, [bk, bn] if b_kn else [bn, bk]),
-            Desc.from_tensor(pre, [bm, bn // 2]), Desc.from_tensor(out, [bm, bn // 2]), M, N, K, 0.5,
-            B_KN=b_kn, BACKWARD=backward, PERSISTENT=False, BITWISE_ROUND=True,
-            NUM_PROGRAMS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        tk._launch_mlp_tma(a, b, b_kn, pre, out, 0.5, backward, bitwise_round=True, tile=(bm, bn, bk, 4, 2),
+                           persistent=False)
     tol = dict(rtol=2e-3, atol=1e-3)  # one fp16 rounding apart at most (summation order of the fp32 products)
     want_pre = (x.double() @ w_up.double().T).to(half)
     _close(pre.double(), want_pre.double(), "tma pre", **tol)
@@ -182,48 +187,55 @@ def case_mlp_tma_tiles() -> None:
     _close(dpre.double(), kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double(), "tma d pre", **tol)
 
 
-def case_mlp_signs_experiment() -> None:
-    """benchmarks/mlp_signs_bench.py's kernel (an experiment for issue 16, not in the model): the up projection
-    storing post and pre's packed signs instead of pre, and the backward taking act' from them. Against today's TMA
-    kernel on the same tiles: post bit for bit, the signs exactly pre's; d pre as its formula says, and near
-    today's (act' from sqrt(post) instead of pre). A zero row (sign 0, post 0, act' 0), a partial last row block, two column
-    tiles. fp16, as the interpreter's dot mishandles bf16."""
-    import pathlib
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-    import mlp_signs_bench as bench
-
+def case_mlp_signs_tiles() -> None:
+    """train.mlp_saved_activation post_signs in the Hopper TMA kernel (one program per tile) and the fallback
+    kernel: the up projection storing post and pre's packed signs instead of pre, and the backward taking act' from
+    them. Against the kernels' pre path on the same tiles: post bit for bit, the signs exactly pre's; d pre as its
+    formula says, and near the pre path's (act' from sqrt(post) instead of pre). A zero row (no sign, post 0, act'
+    0), a partial last row block, two column tiles. fp16, as the interpreter's dot mishandles bf16."""
     gen = torch.Generator().manual_seed(12)
     M, K, N = 200, 64, 512
-    bm, bn, bk = 64, 256, 32  # 128-column halves: 16 bytes of signs, TMA's least box width
     half = torch.float16
     x, w_up = torch.randn(M, K, generator=gen).to(half), (torch.randn(N, K, generator=gen) / 8).to(half)
     x[0] = 0.0
     g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
-    pre, post, dpre, post_s, dpre_s = (torch.full((M, N), float("nan"), dtype=half) for _ in range(5))
-    signs = torch.full((M, N // 8), 0xAA, dtype=torch.uint8)
-    Desc = tk._TensorDescriptor
-    for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):  # today's
-        tk._mlp_tma_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
-            Desc.from_tensor(a, [bm, bk]), Desc.from_tensor(b, [bk, bn] if b_kn else [bn, bk]),
-            Desc.from_tensor(pre, [bm, bn // 2]), Desc.from_tensor(out, [bm, bn // 2]), M, N, K, bench.SLOPE,
-            B_KN=b_kn, BACKWARD=backward, PERSISTENT=False, BITWISE_ROUND=True,
-            NUM_PROGRAMS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    launch = dict(tile=(bm, bn, bk, 4, 2), persistent=False, bitwise_round=True)
-    bench.up_signs(x, w_up, post_s, signs, **launch)
-    bench.act_grad_signs(g, w_down, post_s, signs, dpre_s, **launch)
-    assert torch.equal(post_s, post), "post differs from today's kernel"
-    assert torch.equal(signs, bench.signs_of(pre)), "signs are not pre's"
-    assert int(signs[0].sum()) == 0 and float(dpre_s[0].abs().max()) == 0.0, "a zero row: no sign, no gradient"
-    c = (g.double() @ w_down.double()).to(half).double()
-    grad = post.double().sqrt() * torch.where(pre > 0, 2.0, -2.0 * bench.SLOPE).double()
-    _close(dpre_s.double(), (c * grad).to(half).double(), "d pre from post and signs", rtol=2e-3, atol=1e-6)
-    # against today's act'(pre): fp16's post loses small pre (pre^2 below fp16's range); bf16's range does not
-    _close(dpre_s.double(), dpre.double(), "d pre, today's", rtol=2e-3, atol=1e-3)
+    tma = dict(bitwise_round=True, tile=(64, 256, 32, 4, 2), persistent=False)  # 16 bytes of signs a half tile
+
+    def tma_up(pre, post, signs):
+        tk._launch_mlp_tma(x, w_up, False, pre, post, 0.5, False, signs=signs, **tma)
+
+    def tma_grad(pre, dpre, signs):
+        tk._launch_mlp_tma(g, w_down, True, pre, dpre, 0.5, True, signs=signs, **tma)
+
+    def fallback_up(pre, post, signs):
+        tk.launch_mlp_up_act(x, w_up, pre, post, 0.5, signs=signs)
+
+    def fallback_grad(pre, dpre, signs):
+        tk.launch_mlp_act_grad(g, w_down, pre, dpre, 0.5, signs=signs)
+
+    for name, up, grad_of in (("tma", tma_up, tma_grad), ("fallback", fallback_up, fallback_grad)):
+        pre, post, dpre, post_s, dpre_s = (torch.full((M, N), float("nan"), dtype=half) for _ in range(5))
+        signs = torch.full((M, N // 8), 0xAA, dtype=torch.uint8)
+        up(pre, post, None)
+        grad_of(pre, dpre, None)
+        up(None, post_s, signs)
+        grad_of(post_s, dpre_s, signs)
+        if not torch.equal(post_s, post):
+            raise AssertionError(f"{name}: post differs from the pre path's")
+        if not torch.equal(signs, kernels.pack_signs(pre)):
+            raise AssertionError(f"{name}: signs are not pre's")
+        if int(signs[0].sum()) != 0 or float(dpre_s[0].abs().max()) != 0.0:
+            raise AssertionError(f"{name}: a zero row has signs or a gradient")
+        c = (g.double() @ w_down.double()).to(half).double()
+        factor = post.double().sqrt() * torch.where(pre > 0, 2.0, -1.0).double()  # -2 s, s = 0.5
+        _close(dpre_s.double(), (c * factor).to(half).double(), f"{name}: d pre from post and signs", rtol=2e-3,
+               atol=1e-6)
+        # against act'(pre): fp16's post loses small pre (pre^2 below fp16's range); bf16's range does not
+        _close(dpre_s.double(), dpre.double(), f"{name}: d pre against the pre path", rtol=2e-3, atol=1e-3)
 
 
 def case_mlp_fused_opcheck() -> None:
-    """Schema, fake (shape) functions and autograd registration of the whole-MLP op and its backward kernel."""
+    """Schema, fake (shape) functions and autograd registration of the whole-MLP ops and their backward kernels."""
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(40, 16, generator=gen, requires_grad=True)
     w_up = torch.randn(64, 16, generator=gen, requires_grad=True)
@@ -232,6 +244,10 @@ def case_mlp_fused_opcheck() -> None:
     torch.library.opcheck(torch.ops.pgolf.mlp_fused.default, (x, w_up, w_down, 0.5), test_utils=utils)
     pre = torch.randn(40, 64, generator=gen)
     torch.library.opcheck(torch.ops.pgolf.mlp_act_grad.default, (x.detach(), w_down.detach(), pre, 0.5), test_utils=utils)
+    torch.library.opcheck(torch.ops.pgolf.mlp_fused_signs.default, (x, w_up, w_down, 0.5), test_utils=utils)
+    post = F.leaky_relu(pre, 0.5).square()
+    torch.library.opcheck(torch.ops.pgolf.mlp_act_grad_signs.default,
+                          (x.detach(), w_down.detach(), post, kernels.pack_signs(pre), 0.5), test_utils=utils)
 
 
 def _qk_inputs(T: int, H: int, D: int, half: int, dtype: torch.dtype, seed: int):

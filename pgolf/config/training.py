@@ -342,6 +342,12 @@ class TrainConfig:
     # 4.3 ms a step looping off on one H100 (docs/benchmarks.md). The product is rounded to bf16 before the add, as
     # in eager PyTorch, instead of once after it.
     compile_add_into_matmul: bool = False
+    # What the fused MLP keeps for its backward: "pre" (default; the record's choice: pre and post) or
+    # "post_signs": post and pre's signs, 8 a byte, act'(pre) then computed as sqrt(post) * (2 or -2 slope). Why:
+    # the up kernel's stores set its time (0.484 ms a call writing pre and post against 0.313 for a product writing
+    # pre alone, one H100); post_signs writes 425 MB a call instead of 800. act' then carries post's bf16 rounding
+    # (about 2^-9 relative) on top of pre's. Not yet timed in a step (benchmarks/mlp_signs_bench.py).
+    mlp_saved_activation: Literal["pre", "post_signs"] = "pre"
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
     # Two elementwise stretches of every attention as one Triton kernel each, forward and backward
     # (pgolf.model.attn_kernels): the q/k RMSNorm + partial RoPE + q gain, and XSA + the output gate. The same

@@ -308,6 +308,7 @@ def bench_train(
     torch.manual_seed(seed)
     model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len, bos_id=BOS_ID).to(device)
     model.use_fused_kernels = fused
+    model.mlp_keep_signs = train_cfg.mlp_saved_activation == "post_signs"
     attn_kernels.use_in_model(model, train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel,
                               train_cfg.fused_xsa_gate if xsa_kernel is None else xsa_kernel,
                               train_cfg.fused_qkv_matmul if qkv_matmul is None else qkv_matmul,
@@ -402,6 +403,7 @@ def bench_train(
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "fold_output_scales": model.fold_output_scales,
+        "mlp_saved_activation": train_cfg.mlp_saved_activation,
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
