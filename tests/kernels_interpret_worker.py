@@ -234,6 +234,32 @@ def case_mlp_signs_tiles() -> None:
         _close(dpre_s.double(), dpre.double(), f"{name}: d pre against the pre path", rtol=2e-3, atol=1e-3)
 
 
+def case_mlp_fused_every_output() -> None:
+    """Gradients reaching the whole-MLP ops' kept outputs (post, and pre for the pre op) as well as out: both ops'
+    backward against fp64 autograd of the unfused MLP (callers use out alone; the rest is for completeness)."""
+    gen = torch.Generator().manual_seed(14)
+    M, d, hidden = 37, 24, 64
+    x = torch.randn(M, d, generator=gen) / math.sqrt(d)
+    w_up, w_down = torch.randn(hidden, d, generator=gen), torch.randn(d, hidden, generator=gen) / math.sqrt(hidden)
+    g_out, g_pre, g_post = torch.randn(M, d, generator=gen), torch.randn(M, hidden, generator=gen), torch.randn(
+        M, hidden, generator=gen)
+    leaves64 = [t.double().requires_grad_(True) for t in (x, w_up, w_down)]
+    pre64 = leaves64[0] @ leaves64[1].T
+    post64 = F.leaky_relu(pre64, 0.5).square()
+    for op, uses_pre in ((torch.ops.pgolf.mlp_fused, True), (torch.ops.pgolf.mlp_fused_signs, False)):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
+        out, *kept = op(*leaves, 0.5)
+        post = kept[1] if uses_pre else kept[0]
+        loss = (out * g_out).sum() + (post * g_post).sum() + ((kept[0] * g_pre).sum() if uses_pre else 0.0)
+        got = torch.autograd.grad(loss, leaves)
+        loss64 = ((post64 @ leaves64[2].T) * g_out.double()).sum() + (post64 * g_post.double()).sum()
+        if uses_pre:
+            loss64 = loss64 + (pre64 * g_pre.double()).sum()
+        want = torch.autograd.grad(loss64, leaves64, retain_graph=True)
+        for name, g, t in zip(("dx", "dw_up", "dw_down"), got, want):
+            _close(g.double(), t, f"{op}: {name}", **FP32)
+
+
 def case_mlp_fused_opcheck() -> None:
     """Schema, fake (shape) functions and autograd registration of the whole-MLP ops and their backward kernels."""
     gen = torch.Generator().manual_seed(9)

@@ -788,6 +788,7 @@ INTERPRET_CASES = [
     "mlp_tma_tiles",
     "mlp_signs_tiles",
     "mlp_fused_signs",
+    "mlp_fused_every_output",
     "mlp_fused_opcheck",
     "ce_fp32_capped",
     "ce_fp32_uncapped",

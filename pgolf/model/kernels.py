@@ -200,30 +200,38 @@ if TRITON_AVAILABLE:
     def _mlp_act_grad_fake(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
         return torch.empty_like(pre, memory_format=torch.contiguous_format)
 
-    def _mlp_fused_setup(ctx, inputs, output) -> None:
+    def _mlp_setup(ctx, inputs, output) -> None:
+        """Both whole-MLP ops: x, the weights and the op's two kept outputs (pre, post / post, signs)."""
         x, w_up, w_down, slope = inputs
-        _, pre, post = output
-        ctx.save_for_backward(x, w_up, w_down, pre, post)
+        ctx.save_for_backward(x, w_up, w_down, *output[1:])
         ctx.slope = slope
         ctx.set_materialize_grads(False)
 
-    def _mlp_fused_backward(ctx, grad_out: Optional[Tensor], grad_pre: Optional[Tensor], grad_post: Optional[Tensor]):
-        x, w_up, w_down, pre, post = ctx.saved_tensors
+    def _mlp_grads(ctx, grad_out: Optional[Tensor], grad_post: Optional[Tensor], post: Tensor, kernel_dpre, torch_dpre,
+                   grad_pre: Optional[Tensor] = None):
+        """Both whole-MLP ops' backward: dw_down from post; d pre from the backward kernel (``kernel_dpre(g)``, one
+        pass, see the module doc), from a gradient reaching post (``torch_dpre``; callers never use post: handled
+        for completeness) and from one reaching pre; then dx [M, d], dw_up [4d, d], dw_down [d, 4d]."""
+        x, w_up = ctx.saved_tensors[:2]
         dpre, dw_down = None, None
         if grad_out is not None:
             grad_out = grad_out.contiguous()
             dw_down = grad_out.t() @ post  # [d, M] @ [M, 4d]
-            dpre = torch.ops.pgolf.mlp_act_grad(grad_out, w_down, pre, ctx.slope)  # one pass, see the module doc
-        if grad_post is not None:  # callers never use post; handled for completeness
-            extra = mlp_activation_grad(pre, grad_post, ctx.slope)
-            dpre = extra if dpre is None else dpre + extra
-        if grad_pre is not None:
-            dpre = grad_pre if dpre is None else dpre + grad_pre
+            dpre = kernel_dpre(grad_out)
+        for extra in (None if grad_post is None else torch_dpre(grad_post), grad_pre):
+            if extra is not None:
+                dpre = extra if dpre is None else dpre + extra
         if dpre is None:
             return None, None, None, None
-        return dpre @ w_up, dpre.t() @ x, dw_down, None  # dx [M, d], dw_up [4d, d], dw_down [d, 4d]
+        return dpre @ w_up, dpre.t() @ x, dw_down, None
 
-    _mlp_fused_op.register_autograd(_mlp_fused_backward, setup_context=_mlp_fused_setup)
+    def _mlp_fused_backward(ctx, grad_out: Optional[Tensor], grad_pre: Optional[Tensor], grad_post: Optional[Tensor]):
+        _, _, w_down, pre, post = ctx.saved_tensors
+        return _mlp_grads(ctx, grad_out, grad_post, post,
+                          lambda g: torch.ops.pgolf.mlp_act_grad(g, w_down, pre, ctx.slope),
+                          lambda gp: mlp_activation_grad(pre, gp, ctx.slope), grad_pre)
+
+    _mlp_fused_op.register_autograd(_mlp_fused_backward, setup_context=_mlp_setup)
     torch.library.register_autocast("pgolf::mlp_fused", "cuda", torch.bfloat16)
 
     # train.mlp_saved_activation post_signs: the same MLP keeping post and pre's signs (8 a byte) for its backward
@@ -258,29 +266,14 @@ if TRITON_AVAILABLE:
     def _mlp_act_grad_signs_fake(g: Tensor, w_down: Tensor, post: Tensor, signs: Tensor, slope: float) -> Tensor:
         return torch.empty_like(post, memory_format=torch.contiguous_format)
 
-    def _mlp_fused_signs_setup(ctx, inputs, output) -> None:
-        x, w_up, w_down, slope = inputs
-        _, post, signs = output
-        ctx.save_for_backward(x, w_up, w_down, post, signs)
-        ctx.slope = slope
-        ctx.set_materialize_grads(False)
-
     def _mlp_fused_signs_backward(ctx, grad_out: Optional[Tensor], grad_post: Optional[Tensor],
                                   grad_signs: Optional[Tensor]):
-        x, w_up, w_down, post, signs = ctx.saved_tensors
-        dpre, dw_down = None, None
-        if grad_out is not None:
-            grad_out = grad_out.contiguous()
-            dw_down = grad_out.t() @ post  # [d, M] @ [M, 4d]
-            dpre = torch.ops.pgolf.mlp_act_grad_signs(grad_out, w_down, post, signs, ctx.slope)
-        if grad_post is not None:  # callers never use post; handled for completeness
-            extra = mlp_activation_grad_from_post(post, signs, grad_post, ctx.slope)
-            dpre = extra if dpre is None else dpre + extra
-        if dpre is None:
-            return None, None, None, None
-        return dpre @ w_up, dpre.t() @ x, dw_down, None  # dx [M, d], dw_up [4d, d], dw_down [d, 4d]
+        _, _, w_down, post, signs = ctx.saved_tensors
+        return _mlp_grads(ctx, grad_out, grad_post, post,
+                          lambda g: torch.ops.pgolf.mlp_act_grad_signs(g, w_down, post, signs, ctx.slope),
+                          lambda gp: mlp_activation_grad_from_post(post, signs, gp, ctx.slope))
 
-    _mlp_fused_signs_op.register_autograd(_mlp_fused_signs_backward, setup_context=_mlp_fused_signs_setup)
+    _mlp_fused_signs_op.register_autograd(_mlp_fused_signs_backward, setup_context=_mlp_setup)
     torch.library.register_autocast("pgolf::mlp_fused_signs", "cuda", torch.bfloat16)
 
     @custom_op("pgolf::softcap_ce", mutates_args=())
