@@ -306,7 +306,7 @@ def generate(config: str, tokens: int, looping: bool, max_fusion_io_buffers: int
         from pgolf.model import attn_kernels
 
         attn_kernels.use_in_model(model, run.train.fused_qk_norm_rope, run.train.fused_xsa_gate,
-                                  run.train.fused_qkv_matmul, run.train.repeat_kv_heads)
+                                  run.train.fused_qkv_matmul, run.train.repeat_kv_heads, run.train.fused_gate_linear)
     model.fold_output_scales = run.train.fold_output_scales if fold_scales is None else fold_scales
     model.attn_backend = "fa4"
     model.looping = looping

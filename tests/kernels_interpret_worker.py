@@ -144,10 +144,11 @@ def case_mlp_fused_bf16() -> None:
 
 
 def case_mlp_fused_signs() -> None:
-    """train.mlp_saved_activation post_signs through the op and its autograd: fp32 against fp64 (leaky and relu),
-    bf16 no further from the truth than the unfused bf16 path."""
+    """train.mlp_saved_activation post_signs through the op and its autograd: fp32 against fp64 (leaky, relu and a
+    negative slope), bf16 no further from the truth than the unfused bf16 path."""
     _mlp_fused_case(torch.float32, 0.5, FP32, keep_signs=True)
     _mlp_fused_case(torch.float32, 0.0, FP32, keep_signs=True)
+    _mlp_fused_case(torch.float32, -0.5, FP32, keep_signs=True)
     _mlp_fused_case(torch.bfloat16, 0.5, None, keep_signs=True)
 
 
@@ -749,6 +750,28 @@ def _tiny_model() -> GPT:
     return model
 
 
+def _count_launches():
+    """Count the launches of the gate's projection kernel and of the MLP up kernel with and without signs (the
+    launchers wrapped for the life of the worker process)."""
+    import collections
+
+    from pgolf.model import attn_triton
+
+    counts = collections.Counter()
+    gate_fwd, mlp_up = attn_triton.launch_gate_linear_fwd, tk.launch_mlp_up_act
+
+    def gate(*args, **kwargs):
+        counts["gate_linear"] += 1
+        return gate_fwd(*args, **kwargs)
+
+    def up(*args, signs=None, **kwargs):
+        counts["mlp_pre" if signs is None else "mlp_signs"] += 1
+        return mlp_up(*args, signs=signs, **kwargs)
+
+    attn_triton.launch_gate_linear_fwd, tk.launch_mlp_up_act = gate, up
+    return counts
+
+
 def case_model_fused_matches_reference() -> None:
     model = _tiny_model()
     model.looping = True
@@ -758,12 +781,18 @@ def case_model_fused_matches_reference() -> None:
     targets = torch.randint(2, 300, (24,), generator=gen)
     targets[7] = -100
     results = {}
-    for fused, repeat_kv in ((False, False), (True, False), (True, True)):  # repeat: k / v heads per query head
+    launches = _count_launches()
+    # repeat: k / v heads per query head; extras: the gate's projection kernels and the MLP keeping post and signs
+    for fused, repeat_kv, extras in ((False, False, False), (True, False, False), (True, True, True)):
         model.use_fused_kernels = fused
-        attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv)
+        model.mlp_keep_signs = extras
+        attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv, extras)
         model.zero_grad(set_to_none=True)
+        launches.clear()
         loss = model(ids, targets)
         loss.backward()
+        if extras and not (launches["gate_linear"] and launches["mlp_signs"] and not launches["mlp_pre"]):
+            raise AssertionError(f"the gate kernels and the signs MLP did not run: {dict(launches)}")
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fused, repeat_kv] = (loss.detach(), grads)
     reference_loss, reference_grads = results.pop((False, False))
@@ -790,7 +819,7 @@ def case_model_attention_kernels_compile() -> None:
     targets = torch.randint(2, 300, (24,), generator=gen)
     for repeat_kv in (False, True):
         torch._dynamo.reset()
-        attn_kernels.use_in_model(model, True, True, True, repeat_kv)
+        attn_kernels.use_in_model(model, True, True, True, repeat_kv, True)
         breaks_before = sum(counters["graph_break"].values())
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, targets)
         compiled.backward()

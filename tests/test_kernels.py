@@ -528,7 +528,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
     # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
-    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": True,
+    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": False,
                                            "qkv_matmul": True, "qkv_epilogue": False,
                                            "repeat_kv": False}  # (no Hopper GPU: CPU)
     assert json.loads(out.read_text()) == result
@@ -1154,7 +1154,7 @@ def test_gpu_model_fused_compiled_matches_reference(repeat_kv):
 
     def run(fused: bool, compiled: bool):
         model.use_fused_kernels = fused
-        attn_kernels.use_in_model(model, fused, fused, fused, fused and repeat_kv)  # q, k, v as one matmul too
+        attn_kernels.use_in_model(model, fused, fused, fused, fused and repeat_kv, fused)  # q, k, v as one matmul too
         model.fold_output_scales = fused  # the training stage's configuration (train.fold_output_scales)
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model

@@ -489,7 +489,8 @@ def test_a_training_error_closes_the_prefetcher(tmp_path: Path, monkeypatch) -> 
 
 def test_split_residual_addmm_pass_rewrites_only_full_size_adds() -> None:
     """train.compile_add_into_matmul false: pgolf's post-grad pass turns addmm(x, a, b) with a 2-D x of the product's
-    shape into mm(a, b) + x (the same values), and leaves a bias addmm (1-D x: no copy in cuBLAS) alone."""
+    shape into mm(a, b) + x (the same values), and leaves a bias addmm (1-D x: no copy in cuBLAS) and a scaled one
+    (beta != 1) alone."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from pgolf.model.compile_passes import SplitResidualAddmm
@@ -497,18 +498,19 @@ def test_split_residual_addmm_pass_rewrites_only_full_size_adds() -> None:
     aten = torch.ops.aten
 
     def step(x, bias, a, b):
-        return aten.addmm.default(x, a, b), aten.addmm.default(bias, a, b)
+        return aten.addmm.default(x, a, b), aten.addmm.default(bias, a, b), aten.addmm.default(x, a, b, beta=2)
 
     inputs = (torch.randn(6, 5), torch.randn(5), torch.randn(6, 4), torch.randn(4, 5))
     gm = make_fx(step, tracing_mode="fake")(*inputs)
     SplitResidualAddmm()(gm.graph)
     gm.recompile()
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(aten.addmm.default) == 1 and aten.mm.default in targets and aten.add.Tensor in targets
+    assert targets.count(aten.addmm.default) == 2 and aten.mm.default in targets and aten.add.Tensor in targets
     split = next(n for n in gm.graph.nodes if n.target is aten.add.Tensor)
     assert split.meta["val"].shape == (6, 5)  # the rewritten nodes carry the shapes inductor lowers from
-    full, biased = gm(*inputs)
+    full, biased, scaled = gm(*inputs)
     x, bias, a, b = inputs
     torch.testing.assert_close(full, x + a @ b)
     torch.testing.assert_close(biased, bias + a @ b)
+    torch.testing.assert_close(scaled, 2 * x + a @ b)
     assert SplitResidualAddmm().uuid() == "pgolf.SplitResidualAddmm.v1"  # inductor's cache key for the pass

@@ -577,10 +577,10 @@ def gate_linear(x: Tensor, w: Tensor) -> Tensor:
 
 
 def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False, qkv_matmul_on: bool = False,
-                 repeat_kv_on: bool = False) -> None:
+                 repeat_kv_on: bool = False, gate_linear_on: bool = False) -> None:
     """Make every attention of ``model`` (a GPT) compute its q/k norm, RoPE and q gain with :func:`qk_norm_rope`
-    and its XSA and output gate with :func:`xsa_gate`, the gate's projection with :func:`gate_linear` (each when
-    on), or with its own unfused code again;
+    and its XSA and output gate with :func:`xsa_gate` (with ``gate_linear_on`` the gate's projection with
+    :func:`gate_linear` too) (each when on), or with its own unfused code again;
     ``qkv_matmul_on`` (with ``qk_norm_rope_on`` only): q, k and v from one matmul through :func:`qkv_linear_norm_rope`
     where its Hopper kernel runs, else :func:`qkv_linear_then_norm_rope`
     (the attention falls back to three when a projection is hooked or wrapped), and with ``repeat_kv_on`` its k
@@ -592,7 +592,7 @@ def use_in_model(model, qk_norm_rope_on: bool = True, xsa_gate_on: bool = False,
         attn = block.attn
         attn.qk_kernel = qk_norm_rope if qk_norm_rope_on else None
         attn.xsa_gate_kernel = xsa_gate if xsa_gate_on else None
-        attn.gate_kernel = gate_linear if xsa_gate_on and attn.gate is not None else None
+        attn.gate_kernel = gate_linear if xsa_gate_on and gate_linear_on and attn.gate is not None else None
         attn.qkv_kernel = (qkv_linear_norm_rope if epilogue else qkv_linear_then_norm_rope) if qkv_on else None
         attn.kv_repeat = attn.num_heads // attn.num_kv_heads if qkv_on and repeat_kv_on else 1
 

@@ -107,10 +107,10 @@ def pack_signs(pre: Tensor) -> Tensor:
 
 def mlp_activation_grad_from_post(post: Tensor, signs: Tensor, grad_post: Tensor, slope: float) -> Tensor:
     """:func:`mlp_activation_grad` from post = leaky_relu(pre, slope)^2 and pre's packed signs (:func:`pack_signs`):
-    act'(pre) = sqrt(post) * (2 if pre > 0 else -2 slope). In post's dtype."""
+    act'(pre) = sqrt(post) * (2 if pre > 0 else -2 |slope|). In post's dtype."""
     positive = ((signs.to(torch.int32)[..., None] >> torch.arange(8, device=signs.device)) & 1).view(post.shape) != 0
     p = _at_least_fp32(post)
-    factor = p.sqrt() * torch.where(positive, 2.0, -2.0 * slope).to(p.dtype)
+    factor = p.sqrt() * torch.where(positive, 2.0, -2.0 * abs(slope)).to(p.dtype)  # sqrt(post) = |slope| |pre|
     return (grad_post.to(p.dtype) * factor).to(post.dtype)
 
 

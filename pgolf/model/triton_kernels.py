@@ -44,7 +44,7 @@ def is_interpreted() -> bool:
 #   forward:  acc = x @ w_up^T;   pre = acc, post = leaky_relu(acc, s)^2
 #   backward: acc = g @ w_down;   dpre = acc * act'(pre), act'(p) = 2p (p > 0) else 2 s^2 p
 # SIGNS (``train.mlp_saved_activation: post_signs``): the forward stores post and pre's signs (8 a byte, [M, N / 8]
-# uint8) instead of pre, and the backward takes act'(pre) = sqrt(post) * (2 if pre > 0 else -2 s) from them: since
+# uint8) instead of pre, and the backward takes act'(pre) = sqrt(post) * (2 if pre > 0 else -2 |s|) from them: since
 # post is a square, it and the sign give pre's magnitude back. 425 MB written a call instead of 800 at the record's
 # shapes; act' then carries the rounding of post (about 2^-9 relative in bf16) on top of pre's.
 # In the backward the kernel's "w" [N, K] is w_down^T, read through w_down's swapped strides (no copy), so both
@@ -169,7 +169,7 @@ def _act_grad(c, p, slope):
 @triton.jit
 def _act_grad_from_post(post, positive, slope):
     """d/dp leaky_relu(p, slope)^2 from post = leaky_relu(p, slope)^2 (fp32 tile) and the mask p > 0."""
-    return tl.sqrt(post) * tl.where(positive, 2.0, -2.0 * slope)
+    return tl.sqrt(post) * tl.where(positive, 2.0, -2.0 * tl.abs(slope))  # sqrt(post) = |slope| |p| for p < 0
 
 
 @triton.jit
@@ -327,7 +327,7 @@ def _mlp_configs() -> list:
     ]
 
 
-_mlp_up_act_autotuned = triton.autotune(configs=_mlp_configs(), key=["N", "K", "BACKWARD"])(_mlp_up_act_kernel)
+_mlp_up_act_autotuned = triton.autotune(configs=_mlp_configs(), key=["N", "K", "BACKWARD", "SIGNS"])(_mlp_up_act_kernel)
 
 # interpreter tiles: small, and not multiples of the test shapes so the masks are exercised
 INTERPRET_MLP_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}

@@ -312,7 +312,8 @@ def bench_train(
     attn_kernels.use_in_model(model, train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel,
                               train_cfg.fused_xsa_gate if xsa_kernel is None else xsa_kernel,
                               train_cfg.fused_qkv_matmul if qkv_matmul is None else qkv_matmul,
-                              train_cfg.repeat_kv_heads if repeat_kv is None else repeat_kv)
+                              train_cfg.repeat_kv_heads if repeat_kv is None else repeat_kv,
+                              train_cfg.fused_gate_linear)
     model.fold_output_scales = train_cfg.fold_output_scales if fold_scales is None else fold_scales
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
@@ -403,7 +404,9 @@ def bench_train(
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "fold_output_scales": model.fold_output_scales,
-        "mlp_saved_activation": train_cfg.mlp_saved_activation,
+        # what the MLP kept for its backward in this run (post_signs only where the fused kernels ran)
+        "mlp_saved_activation": ("post_signs" if model.mlp_keep_signs and model.use_fused_kernels and device.type == "cuda"
+                                 and kernels.TRITON_AVAILABLE else "pre"),
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),

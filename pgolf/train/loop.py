@@ -245,7 +245,7 @@ def _train_in_group(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: T
         from pgolf.model import attn_kernels  # (a bundle of a recipe with both off folds this away: none shipped)
 
         attn_kernels.use_in_model(model, train_cfg.fused_qk_norm_rope, train_cfg.fused_xsa_gate,
-                                  train_cfg.fused_qkv_matmul, train_cfg.repeat_kv_heads)
+                                  train_cfg.fused_qkv_matmul, train_cfg.repeat_kv_heads, train_cfg.fused_gate_linear)
     model.set_attention_backend(info.device)  # before compiling: probes FlashAttention; recorded in the summary
     return train_model(
         model, param_groups(model), model_cfg, optim_cfg, train_cfg, seed, data_dir, out_dir, info,
