@@ -79,7 +79,7 @@ class Attention(nn.Module):
         # the attention kernel (1: native GQA; H / Hkv: none, train.repeat_kv_heads)
         self.qk_kernel: Optional[Callable] = None
         self.xsa_gate_kernel: Optional[Callable] = None
-        self.gate_kernel: Optional[Callable] = None  # the gate's projection (attn_kernels.gate_linear), with it
+        self.gate_kernel: Optional[Callable] = None  # the gate's projection: attn_kernels.gate_linear (train.fused_gate_linear)
         self.qkv_kernel: Optional[Callable] = None
         self.kv_repeat = 1
 
