@@ -266,6 +266,23 @@ def test_mlp_tma_kernel_compiles_for_h100():
             assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
 
 
+def test_gate_linear_kernels_compile_for_h100():
+    """The output gate's projection kernels (train.fused_gate_linear) at the record's shapes (8 heads, a 12-channel
+    window, 64 tokens a program) compile for sm_90."""
+    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
+        pytest.skip("needs triton without the interpreter")
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from pgolf.model import attn_triton
+
+    constexprs = {"N": 8, "K": 12, "NP": 8, "KP": 16, "BLOCK_T": 64}
+    for fn, pointers in ((attn_triton._gate_linear_fwd_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "z_ptr": "*bf16"}),
+                         (attn_triton._gate_linear_bwd_kernel, {"g_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16",
+                                                                "dx_ptr": "*bf16", "dw_partial_ptr": "*fp32"})):
+        sig = {**pointers, "T": "i32", "XS": "i32", **{name: "constexpr" for name in constexprs}}
+        compiled = _compile_sm90(fn, sig, constexprs, [], num_warps=4)
+        assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES
+
+
 def test_kernels_compile_for_h100():
     """Every autotune config of the matmul compiles for sm_90 with wgmma, a pipelined K loop and shared memory
     inside the H100's 227 KiB; both CE kernels compile with and without the cap."""
