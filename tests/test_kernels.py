@@ -1148,7 +1148,9 @@ def test_gpu_qkv_linear_norm_rope_bf16(rep):
 @pytest.mark.parametrize("repeat_kv", [False, True])
 def test_gpu_model_fused_compiled_matches_reference(repeat_kv):
     """A record-width model: fused kernels + folded output scales + torch.compile(fullgraph, inductor) vs the
-    pure-PyTorch eager path; with native GQA and with k / v repeated per query head (``train.repeat_kv_heads``)."""
+    pure-PyTorch eager path; with native GQA and with k / v repeated per query head (``train.repeat_kv_heads``),
+    the latter also with the gate's projection kernels and the MLP keeping post and signs (``train.
+    fused_gate_linear``, ``train.mlp_saved_activation: post_signs``)."""
     from torch._dynamo.utils import counters
 
     from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
@@ -1171,7 +1173,8 @@ def test_gpu_model_fused_compiled_matches_reference(repeat_kv):
 
     def run(fused: bool, compiled: bool):
         model.use_fused_kernels = fused
-        attn_kernels.use_in_model(model, fused, fused, fused, fused and repeat_kv, fused)  # q, k, v as one matmul too
+        attn_kernels.use_in_model(model, fused, fused, fused, fused and repeat_kv, fused and repeat_kv)
+        model.mlp_keep_signs = fused and repeat_kv
         model.fold_output_scales = fused  # the training stage's configuration (train.fold_output_scales)
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
