@@ -393,6 +393,7 @@ def bench_train(
                 "profile": profiled,
             }
         )
+    fused_active = bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE)
     return {
         "bench": "train",
         "run": run_cfg.run,
@@ -400,13 +401,12 @@ def bench_train(
         "device_type": device.type,
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
-        "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
+        "fused_kernels_active": fused_active,
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "fold_output_scales": model.fold_output_scales,
         # what the MLP kept for its backward in this run (post_signs only where the fused kernels ran)
-        "mlp_saved_activation": ("post_signs" if model.mlp_keep_signs and model.use_fused_kernels and device.type == "cuda"
-                                 and kernels.TRITON_AVAILABLE else "pre"),
+        "mlp_saved_activation": "post_signs" if fused_active and model.mlp_keep_signs else "pre",
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
