@@ -1,4 +1,4 @@
-"""What the kernel benchmarks share (``mlp_kernel_bench.py``, ``qkv_kernel_bench.py``, ``mlp_signs_bench.py``): the
+"""What the kernel benchmarks share (``mlp_kernel_bench.py``, ``qkv_kernel_bench.py``, ``fa4_config_bench.py``): the
 command line and CUDA-event timing."""
 
 from __future__ import annotations

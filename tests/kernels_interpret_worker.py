@@ -102,9 +102,8 @@ def case_mlp_3d_input() -> None:
     )
 
 
-def _mlp_fused_case(dtype: torch.dtype, slope: float, tol: dict | None, keep_signs: bool = False) -> None:
-    """The whole MLP as one op: forward and the three gradients (d pre from the backward epilogue); with
-    ``keep_signs`` the op that keeps post and pre's signs for its backward (train.mlp_saved_activation)."""
+def _mlp_fused_case(dtype: torch.dtype, slope: float, tol: dict | None) -> None:
+    """The whole MLP as one op: forward and the three gradients (d pre from the backward epilogue)."""
     gen = torch.Generator().manual_seed(7)
     M, d, hidden = 70, 48, 96  # interpreter tiles 64 x 64 x 32: partial tiles on every axis, both directions
     x = (torch.randn(M, d, generator=gen) / math.sqrt(d)).to(dtype).requires_grad_(True)
@@ -112,7 +111,7 @@ def _mlp_fused_case(dtype: torch.dtype, slope: float, tol: dict | None, keep_sig
     w_down = (torch.randn(d, hidden, generator=gen) / math.sqrt(hidden)).to(dtype).requires_grad_(True)
     grad = torch.randn(M, d, generator=gen).to(dtype)
     leaves = (x, w_up, w_down)
-    y = kernels.fused_mlp(x, w_up, w_down, slope, keep_signs)
+    y = kernels.fused_mlp(x, w_up, w_down, slope)
     got = torch.autograd.grad(y, leaves, grad)
     leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
     y64 = kernels.mlp_reference(*leaves64, slope)
@@ -141,15 +140,6 @@ def case_mlp_fused_fp32_relu() -> None:
 
 def case_mlp_fused_bf16() -> None:
     _mlp_fused_case(torch.bfloat16, 0.5, None)
-
-
-def case_mlp_fused_signs() -> None:
-    """train.mlp_saved_activation post_signs through the op and its autograd: fp32 against fp64 (leaky, relu and a
-    negative slope), bf16 no further from the truth than the unfused bf16 path."""
-    _mlp_fused_case(torch.float32, 0.5, FP32, keep_signs=True)
-    _mlp_fused_case(torch.float32, 0.0, FP32, keep_signs=True)
-    _mlp_fused_case(torch.float32, -0.5, FP32, keep_signs=True)
-    _mlp_fused_case(torch.bfloat16, 0.5, None, keep_signs=True)
 
 
 def case_mlp_act_grad_kernel() -> None:
@@ -188,56 +178,9 @@ def case_mlp_tma_tiles() -> None:
     _close(dpre.double(), kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double(), "tma d pre", **tol)
 
 
-def case_mlp_signs_tiles() -> None:
-    """train.mlp_saved_activation post_signs in the Hopper TMA kernel (one program per tile) and the fallback
-    kernel: the up projection storing post and pre's packed signs instead of pre, and the backward taking act' from
-    them. Against the kernels' pre path on the same tiles: post bit for bit, the signs exactly pre's; d pre as its
-    formula says, and near the pre path's (act' from sqrt(post) instead of pre). A zero row (no sign, post 0, act'
-    0), a partial last row block, two column tiles. fp16, as the interpreter's dot mishandles bf16."""
-    gen = torch.Generator().manual_seed(12)
-    M, K, N = 200, 64, 512
-    half = torch.float16
-    x, w_up = torch.randn(M, K, generator=gen).to(half), (torch.randn(N, K, generator=gen) / 8).to(half)
-    x[0] = 0.0
-    g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
-    tma = dict(bitwise_round=True, tile=(64, 256, 32, 4, 2), persistent=False)  # 16 bytes of signs a half tile
-
-    def tma_up(pre, post, signs):
-        tk._launch_mlp_tma(x, w_up, False, pre, post, 0.5, False, signs=signs, **tma)
-
-    def tma_grad(pre, dpre, signs):
-        tk._launch_mlp_tma(g, w_down, True, pre, dpre, 0.5, True, signs=signs, **tma)
-
-    def fallback_up(pre, post, signs):
-        tk.launch_mlp_up_act(x, w_up, pre, post, 0.5, signs=signs)
-
-    def fallback_grad(pre, dpre, signs):
-        tk.launch_mlp_act_grad(g, w_down, pre, dpre, 0.5, signs=signs)
-
-    for name, up, grad_of in (("tma", tma_up, tma_grad), ("fallback", fallback_up, fallback_grad)):
-        pre, post, dpre, post_s, dpre_s = (torch.full((M, N), float("nan"), dtype=half) for _ in range(5))
-        signs = torch.full((M, N // 8), 0xAA, dtype=torch.uint8)
-        up(pre, post, None)
-        grad_of(pre, dpre, None)
-        up(None, post_s, signs)
-        grad_of(post_s, dpre_s, signs)
-        if not torch.equal(post_s, post):
-            raise AssertionError(f"{name}: post differs from the pre path's")
-        if not torch.equal(signs, kernels.pack_signs(pre)):
-            raise AssertionError(f"{name}: signs are not pre's")
-        if int(signs[0].sum()) != 0 or float(dpre_s[0].abs().max()) != 0.0:
-            raise AssertionError(f"{name}: a zero row has signs or a gradient")
-        c = (g.double() @ w_down.double()).to(half).double()
-        factor = post.double().sqrt() * torch.where(pre > 0, 2.0, -1.0).double()  # -2 s, s = 0.5
-        _close(dpre_s.double(), (c * factor).to(half).double(), f"{name}: d pre from post and signs", rtol=2e-3,
-               atol=1e-6)
-        # against act'(pre): fp16's post loses small pre (pre^2 below fp16's range); bf16's range does not
-        _close(dpre_s.double(), dpre.double(), f"{name}: d pre against the pre path", rtol=2e-3, atol=1e-3)
-
-
 def case_mlp_fused_every_output() -> None:
-    """Gradients reaching the whole-MLP ops' kept outputs (post, and pre for the pre op) as well as out: both ops'
-    backward against fp64 autograd of the unfused MLP (callers use out alone; the rest is for completeness)."""
+    """Gradients reaching the whole-MLP op's kept outputs (pre and post) as well as out: its backward against fp64
+    autograd of the unfused MLP (callers use out alone; the rest is for completeness)."""
     gen = torch.Generator().manual_seed(14)
     M, d, hidden = 37, 24, 64
     x = torch.randn(M, d, generator=gen) / math.sqrt(d)
@@ -247,22 +190,18 @@ def case_mlp_fused_every_output() -> None:
     leaves64 = [t.double().requires_grad_(True) for t in (x, w_up, w_down)]
     pre64 = leaves64[0] @ leaves64[1].T
     post64 = F.leaky_relu(pre64, 0.5).square()
-    for op, uses_pre in ((torch.ops.pgolf.mlp_fused, True), (torch.ops.pgolf.mlp_fused_signs, False)):
-        leaves = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
-        out, *kept = op(*leaves, 0.5)
-        post = kept[1] if uses_pre else kept[0]
-        loss = (out * g_out).sum() + (post * g_post).sum() + ((kept[0] * g_pre).sum() if uses_pre else 0.0)
-        got = torch.autograd.grad(loss, leaves)
-        loss64 = ((post64 @ leaves64[2].T) * g_out.double()).sum() + (post64 * g_post.double()).sum()
-        if uses_pre:
-            loss64 = loss64 + (pre64 * g_pre.double()).sum()
-        want = torch.autograd.grad(loss64, leaves64, retain_graph=True)
-        for name, g, t in zip(("dx", "dw_up", "dw_down"), got, want):
-            _close(g.double(), t, f"{op}: {name}", **FP32)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
+    out, pre, post = torch.ops.pgolf.mlp_fused(*leaves, 0.5)
+    loss = (out * g_out).sum() + (post * g_post).sum() + (pre * g_pre).sum()
+    got = torch.autograd.grad(loss, leaves)
+    loss64 = ((post64 @ leaves64[2].T) * g_out.double()).sum() + (post64 * g_post.double()).sum()
+    want = torch.autograd.grad(loss64 + (pre64 * g_pre.double()).sum(), leaves64)
+    for name, g, t in zip(("dx", "dw_up", "dw_down"), got, want):
+        _close(g.double(), t, f"mlp_fused: {name}", **FP32)
 
 
 def case_mlp_fused_opcheck() -> None:
-    """Schema, fake (shape) functions and autograd registration of the whole-MLP ops and their backward kernels."""
+    """Schema, fake (shape) functions and autograd registration of the whole-MLP op and its backward kernel."""
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(40, 16, generator=gen, requires_grad=True)
     w_up = torch.randn(64, 16, generator=gen, requires_grad=True)
@@ -271,10 +210,6 @@ def case_mlp_fused_opcheck() -> None:
     torch.library.opcheck(torch.ops.pgolf.mlp_fused.default, (x, w_up, w_down, 0.5), test_utils=utils)
     pre = torch.randn(40, 64, generator=gen)
     torch.library.opcheck(torch.ops.pgolf.mlp_act_grad.default, (x.detach(), w_down.detach(), pre, 0.5), test_utils=utils)
-    torch.library.opcheck(torch.ops.pgolf.mlp_fused_signs.default, (x, w_up, w_down, 0.5), test_utils=utils)
-    post = F.leaky_relu(pre, 0.5).square()
-    torch.library.opcheck(torch.ops.pgolf.mlp_act_grad_signs.default,
-                          (x.detach(), w_down.detach(), post, kernels.pack_signs(pre), 0.5), test_utils=utils)
 
 
 def _qk_inputs(T: int, H: int, D: int, half: int, dtype: torch.dtype, seed: int):
@@ -751,8 +686,8 @@ def _tiny_model() -> GPT:
 
 
 def _count_launches():
-    """Count the launches of the gate's projection kernel and of the MLP up kernel with and without signs (the
-    launchers wrapped for the life of the worker process)."""
+    """Count the launches of the gate's projection kernel and of the MLP up kernel (the launchers wrapped for the
+    life of the worker process)."""
     import collections
 
     from pgolf.model import attn_triton
@@ -764,9 +699,9 @@ def _count_launches():
         counts["gate_linear"] += 1
         return gate_fwd(*args, **kwargs)
 
-    def up(*args, signs=None, **kwargs):
-        counts["mlp_pre" if signs is None else "mlp_signs"] += 1
-        return mlp_up(*args, signs=signs, **kwargs)
+    def up(*args, **kwargs):
+        counts["mlp_up"] += 1
+        return mlp_up(*args, **kwargs)
 
     attn_triton.launch_gate_linear_fwd, tk.launch_mlp_up_act = gate, up
     return counts
@@ -782,17 +717,16 @@ def case_model_fused_matches_reference() -> None:
     targets[7] = -100
     results = {}
     launches = _count_launches()
-    # repeat: k / v heads per query head; extras: the gate's projection kernels and the MLP keeping post and signs
-    for fused, repeat_kv, extras in ((False, False, False), (True, False, False), (True, True, True)):
+    # repeat: k / v heads per query head; gate: the gate's projection kernels (train.fused_gate_linear)
+    for fused, repeat_kv, gate in ((False, False, False), (True, False, False), (True, True, True)):
         model.use_fused_kernels = fused
-        model.mlp_keep_signs = extras
-        attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv, extras)
+        attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv, gate)
         model.zero_grad(set_to_none=True)
         launches.clear()
         loss = model(ids, targets)
         loss.backward()
-        if extras and not (launches["gate_linear"] and launches["mlp_signs"] and not launches["mlp_pre"]):
-            raise AssertionError(f"the gate kernels and the signs MLP did not run: {dict(launches)}")
+        if bool(launches["gate_linear"]) != gate or bool(launches["mlp_up"]) != fused:
+            raise AssertionError(f"gate kernels {gate}, fused MLP {fused}, but the launches were {dict(launches)}")
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fused, repeat_kv] = (loss.detach(), grads)
     reference_loss, reference_grads = results.pop((False, False))

@@ -242,28 +242,26 @@ H100_MAX_SHARED_BYTES = 227 * 1024
 
 
 def test_mlp_tma_kernel_compiles_for_h100():
-    """The Hopper TMA MLP kernel at its training tiles (TMA_TILES), both directions, with pre and with signs
-    (train.mlp_saved_activation post_signs): wgmma, and shared memory inside the H100's 227 KiB."""
+    """The Hopper TMA MLP kernel at its training tiles (TMA_TILES), both directions: wgmma, and shared memory inside
+    the H100's 227 KiB."""
     if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
         pytest.skip("needs triton without the interpreter")
     pytest.importorskip("triton.backends.nvidia.compiler")
     from pgolf.model import triton_kernels as tk
 
     for backward in (False, True):
-        for signs in (False, True):
-            bm, bn, bk, warps, stages = tk.TMA_TILES[backward]
-            half = f"tensordesc<bf16[{bm},{bn // 2}]>"
-            sig = {"a_desc": f"tensordesc<bf16[{bm},{bk}]>",
-                   "b_desc": f"tensordesc<bf16[{bk},{bn}]>" if backward else f"tensordesc<bf16[{bn},{bk}]>",
-                   "pre_desc": half, "out_desc": half, "sign_desc": f"tensordesc<u8[{bm},{bn // 16}]>" if signs else half,
-                   "M": "i32", "N": "i32", "slope": "fp32"}
-            constexprs = {"K": 512, "B_KN": backward, "BACKWARD": backward, "SIGNS": signs, "PERSISTENT": True,
-                          "BITWISE_ROUND": False, "NUM_PROGRAMS": 132, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-            sig.update({name: "constexpr" for name in constexprs})
-            compiled = _compile_sm90(tk._mlp_tma_kernel, sig, constexprs, [], num_warps=warps, num_stages=stages)
-            what = f"{'backward' if backward else 'forward'}{' signs' if signs else ''}"
-            assert "warp_group_dot" in compiled.asm["ttgir"], f"{what}: no wgmma"
-            assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
+        bm, bn, bk, warps, stages = tk.TMA_TILES[backward]
+        half = f"tensordesc<bf16[{bm},{bn // 2}]>"
+        sig = {"a_desc": f"tensordesc<bf16[{bm},{bk}]>",
+               "b_desc": f"tensordesc<bf16[{bk},{bn}]>" if backward else f"tensordesc<bf16[{bn},{bk}]>",
+               "pre_desc": half, "out_desc": half, "M": "i32", "N": "i32", "slope": "fp32"}
+        constexprs = {"K": 512, "B_KN": backward, "BACKWARD": backward, "PERSISTENT": True, "BITWISE_ROUND": False,
+                      "NUM_PROGRAMS": 132, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        sig.update({name: "constexpr" for name in constexprs})
+        compiled = _compile_sm90(tk._mlp_tma_kernel, sig, constexprs, [], num_warps=warps, num_stages=stages)
+        what = "backward" if backward else "forward"
+        assert "warp_group_dot" in compiled.asm["ttgir"], f"{what}: no wgmma"
+        assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
 
 
 def test_gate_linear_kernels_compile_for_h100():
@@ -296,7 +294,6 @@ def test_kernels_compile_for_h100():
         "w_ptr": "*bf16",
         "pre_ptr": "*bf16",
         "post_ptr": "*bf16",
-        "sign_ptr": "*u8",
         "M": "i32",
         "N": "i32",
         "K": "constexpr",
@@ -306,23 +303,20 @@ def test_kernels_compile_for_h100():
         "stride_wk": "constexpr",
         "stride_om": "i32",
         "stride_on": "constexpr",
-        "stride_sm": "i32",
         "slope": "fp32",
         "IEEE_FP32": "constexpr",
         "BACKWARD": "constexpr",
-        "SIGNS": "constexpr",
         "UPCAST": "constexpr",
         "BLOCK_M": "constexpr",
         "BLOCK_N": "constexpr",
         "BLOCK_K": "constexpr",
         "GROUP_M": "constexpr",
     }
-    for config, backward, signs in [(c, b, s) for c in tk._mlp_configs() for b in (False, True) for s in (False, True)]:
+    for config, backward in [(c, b) for c in tk._mlp_configs() for b in (False, True)]:
         # forward: w_up [N, K] row-major (k contiguous); backward: w_down^T through swapped strides (n contiguous)
         w_unit, w_other = ("stride_wn", "stride_wk") if backward else ("stride_wk", "stride_wn")
         sig = {**mlp_sig, w_unit: "constexpr", w_other: "i32"}
-        aligned = ["x_ptr", "w_ptr", "pre_ptr", "post_ptr", "sign_ptr", "M", "N", "stride_xm", w_other, "stride_om",
-                   "stride_sm"]
+        aligned = ["x_ptr", "w_ptr", "pre_ptr", "post_ptr", "M", "N", "stride_xm", w_other, "stride_om"]
         constexprs = {
             "K": 512,
             "stride_xk": 1,
@@ -330,7 +324,6 @@ def test_kernels_compile_for_h100():
             "stride_on": 1,
             "IEEE_FP32": False,
             "BACKWARD": backward,
-            "SIGNS": signs,
             "UPCAST": False,
             **config.kwargs,
         }
@@ -342,7 +335,7 @@ def test_kernels_compile_for_h100():
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
-        what = f"{config} {'backward' if backward else 'forward'}{' signs' if signs else ''}"
+        what = f"{config} {'backward' if backward else 'forward'}"
         ttgir = compiled.asm["ttgir"]
         assert "warp_group_dot" in ttgir, f"{what}: no wgmma"
         assert "async_copy_global_to_local" in ttgir, f"{what}: K loop not software-pipelined"
@@ -458,7 +451,6 @@ TRAIN_FIELDS = {
     "attention_kernels",
     "attention_kernels_active",
     "fold_output_scales",
-    "mlp_saved_activation",
     "attention_backend",
     "param_storage",
     "compile",
@@ -545,7 +537,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
     # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
-    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": False,
+    assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": True,
                                            "qkv_matmul": True, "qkv_epilogue": False,
                                            "repeat_kv": False}  # (no Hopper GPU: CPU)
     assert json.loads(out.read_text()) == result
@@ -803,8 +795,6 @@ INTERPRET_CASES = [
     "mlp_fused_bf16",
     "mlp_act_grad_kernel",
     "mlp_tma_tiles",
-    "mlp_signs_tiles",
-    "mlp_fused_signs",
     "mlp_fused_every_output",
     "mlp_fused_opcheck",
     "ce_fp32_capped",
@@ -910,10 +900,8 @@ def test_gpu_tma_kernel_agrees_with_the_pointer_kernel():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("keep_signs", [False, True])
-def test_gpu_fused_whole_mlp_bf16_autocast(keep_signs):
-    """The whole-MLP op (d pre in the backward matmul's epilogue) against the unfused PyTorch MLP, bf16 autocast;
-    ``keep_signs``: the op that keeps post and pre's signs (train.mlp_saved_activation post_signs)."""
+def test_gpu_fused_whole_mlp_bf16_autocast():
+    """The whole-MLP op (d pre in the backward matmul's epilogue) against the unfused PyTorch MLP, bf16 autocast."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     M, d, hidden = 4099, 512, 2048
     x = torch.randn(M, d, device="cuda", generator=gen).bfloat16().requires_grad_(True)
@@ -922,7 +910,7 @@ def test_gpu_fused_whole_mlp_bf16_autocast(keep_signs):
     grad = torch.randn(M, d, device="cuda", generator=gen).bfloat16()
     leaves = (x, w_up, w_down)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = kernels.mlp(x, w_up, w_down, 0.5, keep_signs)
+        y = kernels.mlp(x, w_up, w_down, 0.5)
         y_ref = kernels.mlp_reference(x, w_up, w_down, 0.5)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     got = torch.autograd.grad(y, leaves, grad)
@@ -1149,8 +1137,7 @@ def test_gpu_qkv_linear_norm_rope_bf16(rep):
 def test_gpu_model_fused_compiled_matches_reference(repeat_kv):
     """A record-width model: fused kernels + folded output scales + torch.compile(fullgraph, inductor) vs the
     pure-PyTorch eager path; with native GQA and with k / v repeated per query head (``train.repeat_kv_heads``),
-    the latter also with the gate's projection kernels and the MLP keeping post and signs (``train.
-    fused_gate_linear``, ``train.mlp_saved_activation: post_signs``)."""
+    the latter also with the gate's projection kernels (``train.fused_gate_linear``)."""
     from torch._dynamo.utils import counters
 
     from pgolf.model.attention import build_cu_seqlens, pad_cu_seqlens
@@ -1174,7 +1161,6 @@ def test_gpu_model_fused_compiled_matches_reference(repeat_kv):
     def run(fused: bool, compiled: bool):
         model.use_fused_kernels = fused
         attn_kernels.use_in_model(model, fused, fused, fused, fused and repeat_kv, fused and repeat_kv)
-        model.mlp_keep_signs = fused and repeat_kv
         model.fold_output_scales = fused  # the training stage's configuration (train.fold_output_scales)
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model

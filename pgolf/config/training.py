@@ -343,13 +343,6 @@ class TrainConfig:
     # (docs/benchmarks.md). The product is rounded to bf16 before the add, as in eager PyTorch, instead of once
     # after it.
     compile_add_into_matmul: bool = False
-    # What the fused MLP keeps for its backward: "pre" (default; the record's choice: pre and post) or
-    # "post_signs": post and pre's signs, 8 a byte, act'(pre) then computed as sqrt(post) * (2 or -2 |slope|). Why:
-    # the up kernel's stores set its time (0.484 ms a call writing pre and post against 0.313 for a product writing
-    # pre alone, one H100); post_signs writes 425 MB a call instead of 800. act' then carries post's bf16 rounding
-    # (about 2^-9 relative) on top of pre's; meant for bf16 (autocast): in fp16, post overflows above |pre| = 256
-    # and flushes small pre to 0. Not yet timed in a step (benchmarks/mlp_signs_bench.py).
-    mlp_saved_activation: Literal["pre", "post_signs"] = "pre"
     fused_kernels: bool = True  # Triton MLP + softcapped CE (pgolf/model/kernels.py; passed `pytest -m gpu` on an H100)
     # Two elementwise stretches of every attention as one Triton kernel each, forward and backward
     # (pgolf.model.attn_kernels): the q/k RMSNorm + partial RoPE + q gain, and XSA + the output gate. The same
@@ -360,9 +353,9 @@ class TrainConfig:
     fused_xsa_gate: bool = True
     # With fused_xsa_gate: the output gate's 12-input projection and its two gradients as two Triton kernels
     # (pgolf.model.attn_kernels.gate_linear) instead of cuBLAS, which runs them as K = 12 wmma GEMMs (4.1 ms a step
-    # looping off on one H100, docs/benchmarks.md). The same products, summed in another order. Off until a GPU
-    # has run and timed it.
-    fused_gate_linear: bool = False
+    # looping off on one H100, docs/benchmarks.md). The same products, summed in another order. One H100, FA4,
+    # same lease: 646.2 -> 642.8 ms/step looping off; its GPU tests passed (2026-12-06).
+    fused_gate_linear: bool = True
     # With fused_qk_norm_rope: each attention's q, k and v as ONE matmul with the stacked weights, the q/k kernels
     # reading their heads out of its output and writing the gradients of q, k and v into one tensor for ONE
     # backward matmul (pgolf.model.attn_kernels.qkv_linear_norm_rope; on Hopper the matmul and the q/k kernels are

@@ -269,17 +269,6 @@ class GPT(nn.Module):
             block.mlp.use_fused_kernels = bool(value)
 
     @property
-    def mlp_keep_signs(self) -> bool:
-        """The fused MLP's backward keeps post and pre's signs instead of pre (``train.mlp_saved_activation:
-        post_signs``; runtime state, the setter reaches every MLP). Off: pre, as before."""
-        return all(block.mlp.keep_signs for block in self.blocks)
-
-    @mlp_keep_signs.setter
-    def mlp_keep_signs(self, value: bool) -> None:
-        for block in self.blocks:
-            block.mlp.keep_signs = bool(value)
-
-    @property
     def fold_output_scales(self) -> bool:
         """Each block's ``attn_scale`` / ``mlp_scale`` multiplied into the rows of ``attn.o`` / ``mlp.down`` (a
         [d, d_in] product per call) instead of into the [T, d] sublayer outputs (runtime state; the setter reaches

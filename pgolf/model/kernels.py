@@ -98,22 +98,6 @@ def mlp_reference(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tens
     return F.linear(mlp_up_activation_reference(x, w_up, slope), w_down)
 
 
-def pack_signs(pre: Tensor) -> Tensor:
-    """pre's signs (pre > 0) as ``train.mlp_saved_activation: post_signs`` keeps them: pre [M, N] (N a multiple
-    of 8) -> [M, N / 8] uint8, bit b of byte j for column 8 j + b."""
-    bits = (pre > 0).to(torch.int32).view(pre.shape[0], -1, 8) << torch.arange(8, device=pre.device)
-    return bits.sum(-1).to(torch.uint8)
-
-
-def mlp_activation_grad_from_post(post: Tensor, signs: Tensor, grad_post: Tensor, slope: float) -> Tensor:
-    """:func:`mlp_activation_grad` from post = leaky_relu(pre, slope)^2 and pre's packed signs (:func:`pack_signs`):
-    act'(pre) = sqrt(post) * (2 if pre > 0 else -2 |slope|). In post's dtype."""
-    positive = ((signs.to(torch.int32)[..., None] >> torch.arange(8, device=signs.device)) & 1).view(post.shape) != 0
-    p = _at_least_fp32(post)
-    factor = p.sqrt() * torch.where(positive, 2.0, -2.0 * abs(slope)).to(p.dtype)  # sqrt(post) = |slope| |pre|
-    return (grad_post.to(p.dtype) * factor).to(post.dtype)
-
-
 def mlp_activation_grad(pre: Tensor, grad_post: Tensor, slope: float) -> Tensor:
     """d/d pre of ``leaky_relu(pre, slope)^2`` times ``grad_post``, computed in (at least) fp32, returned in pre's dtype."""
     p = _at_least_fp32(pre)
@@ -200,81 +184,31 @@ if TRITON_AVAILABLE:
     def _mlp_act_grad_fake(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
         return torch.empty_like(pre, memory_format=torch.contiguous_format)
 
-    def _mlp_setup(ctx, inputs, output) -> None:
-        """Both whole-MLP ops: x, the weights and the op's two kept outputs (pre, post / post, signs)."""
+    def _mlp_fused_setup(ctx, inputs, output) -> None:
         x, w_up, w_down, slope = inputs
-        ctx.save_for_backward(x, w_up, w_down, *output[1:])
+        _, pre, post = output
+        ctx.save_for_backward(x, w_up, w_down, pre, post)
         ctx.slope = slope
         ctx.set_materialize_grads(False)
 
-    def _mlp_grads(ctx, grad_out: Optional[Tensor], grad_post: Optional[Tensor], post: Tensor, kernel_dpre, torch_dpre,
-                   grad_pre: Optional[Tensor] = None):
-        """Both whole-MLP ops' backward: dw_down from post; d pre from the backward kernel (``kernel_dpre(g)``, one
-        pass, see the module doc), from a gradient reaching post (``torch_dpre``; callers never use post: handled
-        for completeness) and from one reaching pre; then dx [M, d], dw_up [4d, d], dw_down [d, 4d]."""
-        x, w_up = ctx.saved_tensors[:2]
+    def _mlp_fused_backward(ctx, grad_out: Optional[Tensor], grad_pre: Optional[Tensor], grad_post: Optional[Tensor]):
+        x, w_up, w_down, pre, post = ctx.saved_tensors
         dpre, dw_down = None, None
         if grad_out is not None:
             grad_out = grad_out.contiguous()
             dw_down = grad_out.t() @ post  # [d, M] @ [M, 4d]
-            dpre = kernel_dpre(grad_out)
-        for extra in (None if grad_post is None else torch_dpre(grad_post), grad_pre):
-            if extra is not None:
-                dpre = extra if dpre is None else dpre + extra
+            dpre = torch.ops.pgolf.mlp_act_grad(grad_out, w_down, pre, ctx.slope)  # one pass, see the module doc
+        if grad_post is not None:  # callers never use post; handled for completeness
+            extra = mlp_activation_grad(pre, grad_post, ctx.slope)
+            dpre = extra if dpre is None else dpre + extra
+        if grad_pre is not None:
+            dpre = grad_pre if dpre is None else dpre + grad_pre
         if dpre is None:
             return None, None, None, None
-        return dpre @ w_up, dpre.t() @ x, dw_down, None
+        return dpre @ w_up, dpre.t() @ x, dw_down, None  # dx [M, d], dw_up [4d, d], dw_down [d, 4d]
 
-    def _mlp_fused_backward(ctx, grad_out: Optional[Tensor], grad_pre: Optional[Tensor], grad_post: Optional[Tensor]):
-        _, _, w_down, pre, post = ctx.saved_tensors
-        return _mlp_grads(ctx, grad_out, grad_post, post,
-                          lambda g: torch.ops.pgolf.mlp_act_grad(g, w_down, pre, ctx.slope),
-                          lambda gp: mlp_activation_grad(pre, gp, ctx.slope), grad_pre)
-
-    _mlp_fused_op.register_autograd(_mlp_fused_backward, setup_context=_mlp_setup)
+    _mlp_fused_op.register_autograd(_mlp_fused_backward, setup_context=_mlp_fused_setup)
     torch.library.register_autocast("pgolf::mlp_fused", "cuda", torch.bfloat16)
-
-    # train.mlp_saved_activation post_signs: the same MLP keeping post and pre's signs (8 a byte) for its backward
-    @custom_op("pgolf::mlp_fused_signs", mutates_args=())
-    def _mlp_fused_signs_op(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
-        """(out, post, signs [M, 4d / 8] uint8) for :func:`mlp`'s operands (4d a multiple of 8); post and the signs
-        are outputs only so that autograd can keep them for the backward."""
-        check_triton_device(x, "pgolf::mlp_fused_signs")
-        M, N = x.shape[0], w_up.shape[0]
-        post = x.new_empty((M, N))
-        signs = torch.empty((M, N // 8), dtype=torch.uint8, device=x.device)
-        _tk.launch_mlp_up_act(x.contiguous(), w_up.contiguous(), None, post, slope, signs=signs)
-        return post @ w_down.t(), post, signs
-
-    @_mlp_fused_signs_op.register_fake
-    def _mlp_fused_signs_fake(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
-        M, N = x.shape[0], w_up.shape[0]
-        return (x.new_empty((M, w_down.shape[0])), x.new_empty((M, N)),
-                torch.empty((M, N // 8), dtype=torch.uint8, device=x.device))
-
-    @custom_op("pgolf::mlp_act_grad_signs", mutates_args=())
-    def _mlp_act_grad_signs_op(g: Tensor, w_down: Tensor, post: Tensor, signs: Tensor, slope: float) -> Tensor:
-        """d pre = (g @ w_down) * act' with act' from post and pre's signs -> [M, 4d] in post's dtype."""
-        check_triton_device(g, "pgolf::mlp_act_grad_signs")
-        post = post.contiguous()
-        dpre = torch.empty_like(post)
-        _tk.launch_mlp_act_grad(g.to(post.dtype).contiguous(), w_down.to(post.dtype).contiguous(), post, dpre, slope,
-                                signs=signs.contiguous())
-        return dpre
-
-    @_mlp_act_grad_signs_op.register_fake
-    def _mlp_act_grad_signs_fake(g: Tensor, w_down: Tensor, post: Tensor, signs: Tensor, slope: float) -> Tensor:
-        return torch.empty_like(post, memory_format=torch.contiguous_format)
-
-    def _mlp_fused_signs_backward(ctx, grad_out: Optional[Tensor], grad_post: Optional[Tensor],
-                                  grad_signs: Optional[Tensor]):
-        _, _, w_down, post, signs = ctx.saved_tensors
-        return _mlp_grads(ctx, grad_out, grad_post, post,
-                          lambda g: torch.ops.pgolf.mlp_act_grad_signs(g, w_down, post, signs, ctx.slope),
-                          lambda gp: mlp_activation_grad_from_post(post, signs, gp, ctx.slope))
-
-    _mlp_fused_signs_op.register_autograd(_mlp_fused_signs_backward, setup_context=_mlp_setup)
-    torch.library.register_autocast("pgolf::mlp_fused_signs", "cuda", torch.bfloat16)
 
     @custom_op("pgolf::softcap_ce", mutates_args=())
     def _softcap_ce_op(z: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
@@ -353,9 +287,8 @@ def mlp_up_activation(x: Tensor, w: Tensor, slope: float) -> Tensor:
     return mlp_up_activation_reference(x, w, slope)
 
 
-def fused_mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float, keep_signs: bool = False) -> Tensor:
-    """The Triton path of :func:`mlp` (raises where it cannot run). x [..., d], w_up [4d, d], w_down [d, 4d].
-    ``keep_signs``: the backward keeps post and pre's signs instead of pre (``train.mlp_saved_activation``)."""
+def fused_mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
+    """The Triton path of :func:`mlp` (raises where it cannot run). x [..., d], w_up [4d, d], w_down [d, 4d]."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("fused_mlp: triton is not installed")
     if w_up.ndim != 2 or w_down.ndim != 2 or x.shape[-1] != w_up.shape[1] or w_down.shape[1] != w_up.shape[0]:
@@ -369,18 +302,15 @@ def fused_mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float, keep_signs:
         raise ValueError(
             f"mlp: x is {x2.dtype}, w_up {w_up.dtype}, w_down {w_down.dtype} (use autocast or cast them to one dtype)"
         )
-    if keep_signs and w_up.shape[0] % 8 == 0:
-        out = torch.ops.pgolf.mlp_fused_signs(x2, w_up, w_down, float(slope))[0]
-    else:
-        out = torch.ops.pgolf.mlp_fused(x2, w_up, w_down, float(slope))[0]
+    out, _, _ = torch.ops.pgolf.mlp_fused(x2, w_up, w_down, float(slope))
     return out.view(*lead, w_down.shape[0])
 
 
-def mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float, keep_signs: bool = False) -> Tensor:
+def mlp(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
     """``leaky_relu(x @ w_up^T, slope)^2 @ w_down^T`` -> [..., d]. Fused (forward and backward) on CUDA, the
-    reference elsewhere; ``keep_signs``: see :func:`fused_mlp`."""
+    reference elsewhere."""
     if use_triton(x):
-        return fused_mlp(x, w_up, w_down, slope, keep_signs)
+        return fused_mlp(x, w_up, w_down, slope)
     return mlp_reference(x, w_up, w_down, slope)
 
 

@@ -189,7 +189,6 @@ class MLP(nn.Module):
         self.activation = cfg.mlp_activation
         self.slope = cfg.leaky_relu_slope
         self.use_fused_kernels = False
-        self.keep_signs = False  # the fused backward keeps post and pre's signs, not pre (GPT.mlp_keep_signs)
 
     def _fusable(self) -> bool:
         return self.use_fused_kernels and plain_linear(self.up) and plain_linear(self.down)
@@ -200,7 +199,7 @@ class MLP(nn.Module):
         if self._fusable():  # relu^2 is the slope-0 case of the fused kernels
             slope = self.slope if self.activation == "leaky_relu_sq" else 0.0
             down = self.down.weight if out_scale is None else row_scaled(self.down.weight, out_scale)
-            return kernels.mlp(x, self.up.weight, down, slope, self.keep_signs)
+            return kernels.mlp(x, self.up.weight, down, slope)
         hidden = mlp_activation(self.up(x), self.activation, self.slope)  # (up/down may be wrappers: LoRA)
         return self.down(hidden) if out_scale is None else F.linear(hidden, row_scaled(self.down.weight, out_scale))
 

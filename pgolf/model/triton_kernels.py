@@ -43,10 +43,6 @@ def is_interpreted() -> bool:
 # One matmul kernel, two epilogues (BACKWARD is a compile-time switch):
 #   forward:  acc = x @ w_up^T;   pre = acc, post = leaky_relu(acc, s)^2
 #   backward: acc = g @ w_down;   dpre = acc * act'(pre), act'(p) = 2p (p > 0) else 2 s^2 p
-# SIGNS (``train.mlp_saved_activation: post_signs``): the forward stores post and pre's signs (8 a byte, [M, N / 8]
-# uint8) instead of pre, and the backward takes act'(pre) = sqrt(post) * (2 if pre > 0 else -2 |s|) from them: since
-# post is a square, it and the sign give pre's magnitude back. 425 MB written a call instead of 800 at the record's
-# shapes; act' then carries the rounding of post (about 2^-9 relative in bf16) on top of pre's.
 # In the backward the kernel's "w" [N, K] is w_down^T, read through w_down's swapped strides (no copy), so both
 # directions have N = 4d and K = d. The backward never writes g @ w_down ([M, 4d]) to memory, nor reads it back.
 
@@ -57,7 +53,6 @@ def _mlp_up_act_kernel(
     w_ptr,  # [N, K] through its strides (nn.Linear layout: the kernel computes x @ w^T)
     pre_ptr,  # [M, N]: out, x @ w^T (kept for backward); BACKWARD: in, the forward's pre-activation
     post_ptr,  # [M, N] out: leaky_relu(pre, slope)^2; BACKWARD: d loss / d pre
-    sign_ptr,  # SIGNS: [M, N / 8] uint8, pre's signs (out; BACKWARD: in, and pre_ptr holds post)
     M,
     N,
     K: tl.constexpr,  # constexpr: loop bounds must be Python ints in triton <= 3.6's interpreter with numpy >= 2.4
@@ -67,11 +62,9 @@ def _mlp_up_act_kernel(
     stride_wk,
     stride_om,
     stride_on,
-    stride_sm,
     slope,
     IEEE_FP32: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
     BACKWARD: tl.constexpr,  # the backward epilogue (see above)
-    SIGNS: tl.constexpr,  # post and signs saved instead of pre (see above)
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16 operands (triton 3.6), so feed it fp32;
     # its casts truncate, so bf16 outputs are rounded on the bits (_narrow)
     BLOCK_M: tl.constexpr,
@@ -118,22 +111,12 @@ def _mlp_up_act_kernel(
     out_mask = rows_ok[:, None] & cols_ok[None, :]
     out_dtype = post_ptr.dtype.element_ty
     c = _narrow(acc, out_dtype, UPCAST)  # the product rounded to the output dtype first, as an unfused F.linear
-    byte_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    sign_offsets = rows[:, None].to(tl.int64) * stride_sm + byte_cols[None, :]
-    sign_mask = rows_ok[:, None] & (byte_cols < N // 8)[None, :]
     if BACKWARD:
         p = tl.load(pre_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-        if SIGNS:  # p is post
-            positive = _unpack_signs(tl.load(sign_ptr + sign_offsets, mask=sign_mask, other=0), BLOCK_M, BLOCK_N)
-            dpre = c.to(tl.float32) * _act_grad_from_post(p, positive, slope)
-        else:
-            dpre = _act_grad(c.to(tl.float32), p, slope)
+        dpre = _act_grad(c.to(tl.float32), p, slope)
         tl.store(post_ptr + out_offsets, _narrow(dpre, out_dtype, UPCAST), mask=out_mask)
     else:
-        if SIGNS:
-            tl.store(sign_ptr + sign_offsets, _pack_signs(c.to(tl.float32), BLOCK_M, BLOCK_N), mask=sign_mask)
-        else:
-            tl.store(pre_ptr + out_offsets, c, mask=out_mask)
+        tl.store(pre_ptr + out_offsets, c, mask=out_mask)
         tl.store(post_ptr + out_offsets, _narrow(_act(c.to(tl.float32), slope), out_dtype, UPCAST), mask=out_mask)
 
 
@@ -166,27 +149,6 @@ def _act_grad(c, p, slope):
     return c * tl.where(p > 0, 2.0 * p, (2.0 * slope * slope) * p)
 
 
-@triton.jit
-def _act_grad_from_post(post, positive, slope):
-    """d/dp leaky_relu(p, slope)^2 from post = leaky_relu(p, slope)^2 (fp32 tile) and the mask p > 0."""
-    return tl.sqrt(post) * tl.where(positive, 2.0, -2.0 * tl.abs(slope))  # sqrt(post) = |slope| |p| for p < 0
-
-
-@triton.jit
-def _pack_signs(c, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
-    """[BM, WIDTH // 8] uint8: bit b of byte j is (c[:, 8 j + b] > 0); c in fp32 (the interpreter compares bf16 on
-    its bits)."""
-    bits = tl.reshape((c > 0).to(tl.int32), (BLOCK_M, WIDTH // 8, 8)) << tl.arange(0, 8)[None, None, :]
-    return tl.sum(bits, axis=2).to(tl.uint8)
-
-
-@triton.jit
-def _unpack_signs(packed, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
-    """The [BM, WIDTH] mask of (pre > 0) from :func:`_pack_signs`'s bytes [BM, WIDTH // 8]."""
-    bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-    return tl.reshape(bits, (BLOCK_M, WIDTH)) != 0
-
-
 # The same two epilogues on Hopper's tensor-memory accelerator (TMA): a persistent kernel (one program per SM walks
 # the output tiles), operands and outputs moved by tensor descriptors, the epilogue stored in two column halves
 # (half the registers live at once). Used on CUDA for 16-bit operands whose rows are 16-byte aligned; the kernel
@@ -200,14 +162,12 @@ def _mlp_tma_kernel(
     b_desc,  # B_KN: [K, N] blocks [BK, BN]; else [N, K] blocks [BN, BK]
     pre_desc,  # [M, N] blocks [BM, BN // 2]: out (forward) / in (backward)
     out_desc,  # [M, N] blocks [BM, BN // 2]: post (forward) / dpre (backward)
-    sign_desc,  # SIGNS: [M, N / 8] uint8 blocks [BM, BN // 16]: pre's signs, out (forward) / in (backward)
     M,
     N,
     K: tl.constexpr,  # constexpr: see _mlp_up_act_kernel
     slope,
     B_KN: tl.constexpr,
     BACKWARD: tl.constexpr,
-    SIGNS: tl.constexpr,  # forward: post and signs, no pre; backward: pre_desc holds post
     PERSISTENT: tl.constexpr,  # False: one program per tile (the interpreter cannot loop from a program id)
     BITWISE_ROUND: tl.constexpr,  # interpreter only: see _narrow
     NUM_PROGRAMS: tl.constexpr,
@@ -218,17 +178,17 @@ def _mlp_tma_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tiles_n, NUM_PROGRAMS, flatten=True):
-            _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, sign_desc, tile, tiles_n, K, slope, B_KN, BACKWARD,
-                          SIGNS, BITWISE_ROUND, BLOCK_M, BLOCK_N, BLOCK_K)
+            _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K, slope, B_KN, BACKWARD,
+                          BITWISE_ROUND, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, sign_desc, tl.program_id(0), tiles_n, K, slope, B_KN,
-                      BACKWARD, SIGNS, BITWISE_ROUND, BLOCK_M, BLOCK_N, BLOCK_K)
+        _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tl.program_id(0), tiles_n, K, slope, B_KN, BACKWARD,
+                      BITWISE_ROUND, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, sign_desc, tile, tiles_n, K: tl.constexpr, slope,
-                  B_KN: tl.constexpr, BACKWARD: tl.constexpr, SIGNS: tl.constexpr, BITWISE_ROUND: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.constexpr, slope, B_KN: tl.constexpr,
+                  BACKWARD: tl.constexpr, BITWISE_ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """One [BM, BN] output tile of :func:`_mlp_tma_kernel`."""
     HALF: tl.constexpr = BLOCK_N // 2
     out_dtype = out_desc.dtype
@@ -247,17 +207,10 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, sign_desc, tile, tiles_n, 
         at = col + i * HALF
         if BACKWARD:
             p = pre_desc.load([row, at]).to(tl.float32)
-            if SIGNS:  # p is post
-                positive = _unpack_signs(sign_desc.load([row, at // 8]), BLOCK_M, HALF)
-                dpre = c.to(tl.float32) * _act_grad_from_post(p, positive, slope)
-            else:
-                dpre = _act_grad(c.to(tl.float32), p, slope)
+            dpre = _act_grad(c.to(tl.float32), p, slope)
             out_desc.store([row, at], _narrow(dpre, out_dtype, BITWISE_ROUND))
         else:
-            if SIGNS:
-                sign_desc.store([row, at // 8], _pack_signs(c.to(tl.float32), BLOCK_M, HALF))
-            else:
-                pre_desc.store([row, at], c)
+            pre_desc.store([row, at], c)
             out_desc.store([row, at], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
 
 
@@ -278,33 +231,24 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _signs_tma_usable(signs: Optional[torch.Tensor], backward: bool) -> bool:
-    """Whether the TMA kernel can move ``signs`` (None: no signs): 16-byte blocks and rows."""
-    bn = TMA_TILES[backward][1]
-    return signs is None or (bn // 16 >= 16 and signs.stride(0) % 16 == 0 and signs.data_ptr() % 16 == 0)
-
-
-def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: Optional[torch.Tensor], out: torch.Tensor,
-                    slope: float, backward: bool, bitwise_round: bool = False, signs: Optional[torch.Tensor] = None,
-                    tile: Optional[tuple] = None, persistent: bool = True) -> None:
+def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor,
+                    slope: float, backward: bool, bitwise_round: bool = False, tile: Optional[tuple] = None,
+                    persistent: bool = True) -> None:
     """``bitwise_round``: the interpreter's rounding on the GPU too (same values; benchmarks/mlp_kernel_bench.py);
-    ``signs``: the SIGNS epilogues (``pre`` is None forward, post backward); ``tile`` and ``persistent`` False:
-    the interpreter's tests."""
+    ``tile`` and ``persistent`` False: the interpreter's tests."""
     M, K = a.shape
     N = out.shape[1]
     bm, bn, bk, warps, stages = tile or TMA_TILES[backward]
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count, tiles) if persistent else tiles
     desc = _TensorDescriptor.from_tensor
-    out_desc = desc(out, [bm, bn // 2])
     _mlp_tma_kernel[(programs,)](
         desc(a, [bm, bk]),
         desc(b, [bk, bn] if b_kn else [bn, bk]),
-        out_desc if pre is None else desc(pre, [bm, bn // 2]),
-        out_desc,
-        out_desc if signs is None else desc(signs, [bm, bn // 16]),
+        desc(pre, [bm, bn // 2]),
+        desc(out, [bm, bn // 2]),
         M, N, K, float(slope),
-        B_KN=b_kn, BACKWARD=backward, SIGNS=signs is not None, PERSISTENT=persistent, BITWISE_ROUND=bitwise_round,
+        B_KN=b_kn, BACKWARD=backward, PERSISTENT=persistent, BITWISE_ROUND=bitwise_round,
         NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
     )
@@ -327,22 +271,21 @@ def _mlp_configs() -> list:
     ]
 
 
-_mlp_up_act_autotuned = triton.autotune(configs=_mlp_configs(), key=["N", "K", "BACKWARD", "SIGNS"])(_mlp_up_act_kernel)
+_mlp_up_act_autotuned = triton.autotune(configs=_mlp_configs(), key=["N", "K", "BACKWARD"])(_mlp_up_act_kernel)
 
 # interpreter tiles: small, and not multiples of the test shapes so the masks are exercised
 INTERPRET_MLP_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
 
 
-def _launch_mlp(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int], pre: Optional[torch.Tensor],
-                out: torch.Tensor, slope: float, backward: bool, signs: Optional[torch.Tensor] = None) -> None:
+def _launch_mlp(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int], pre: torch.Tensor,
+                out: torch.Tensor, slope: float, backward: bool) -> None:
     M, K = a.shape
     N = out.shape[1]
     args = dict(
         x_ptr=a,
         w_ptr=w,
-        pre_ptr=out if pre is None else pre,
+        pre_ptr=pre,
         post_ptr=out,
-        sign_ptr=out if signs is None else signs,
         M=M,
         N=N,
         K=K,
@@ -352,11 +295,9 @@ def _launch_mlp(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int], pr
         stride_wk=w_strides[1],
         stride_om=out.stride(0),
         stride_on=out.stride(1),
-        stride_sm=0 if signs is None else signs.stride(0),
         slope=float(slope),
         IEEE_FP32=a.dtype == torch.float32,
         BACKWARD=backward,
-        SIGNS=signs is not None,
     )
     if a.device.type == "cuda":
 
@@ -370,41 +311,28 @@ def _launch_mlp(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int], pr
         _mlp_up_act_kernel[grid](**args, **tile, UPCAST=True)
 
 
-def _check_signs(signs: Optional[torch.Tensor], like: torch.Tensor, what: str) -> None:
-    M, N = like.shape
-    if signs is not None and (signs.dtype != torch.uint8 or signs.shape != (M, N // 8) or N % 8 or signs.stride(1) != 1):
-        raise ValueError(f"{what}: signs must be uint8 [M, N / 8] = {(M, N // 8)} with N a multiple of 8, got "
-                         f"{signs.dtype} {tuple(signs.shape)} for N = {N}")
-
-
-def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: Optional[torch.Tensor], post: torch.Tensor, slope: float,
-                      signs: Optional[torch.Tensor] = None) -> None:
-    """pre = x @ w^T, post = leaky_relu(pre, slope)^2. x [M, K], w [N, K], pre/post [M, N] preallocated. With
-    ``signs`` ([M, N / 8] uint8) pre's signs are stored there instead of pre (pass pre None)."""
-    _check_signs(signs, post, "launch_mlp_up_act")
-    if (signs is None) == (pre is None) or (pre is not None and pre.stride() != post.stride()):
-        raise ValueError("launch_mlp_up_act: expected pre (sharing post's layout) or signs, not both")
-    if _tma_usable(x, w, post, *([pre] if signs is None else [])) and _signs_tma_usable(signs, False):
-        _launch_mlp_tma(x, w, False, pre, post, slope, backward=False, signs=signs)
+def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, slope: float) -> None:
+    """pre = x @ w^T, post = leaky_relu(pre, slope)^2. x [M, K], w [N, K], pre/post [M, N] preallocated."""
+    if pre.stride() != post.stride():
+        raise ValueError("launch_mlp_up_act: pre and post must share one layout")
+    if _tma_usable(x, w, pre, post):
+        _launch_mlp_tma(x, w, False, pre, post, slope, backward=False)
         return
-    _launch_mlp(x, w, (w.stride(0), w.stride(1)), pre, post, slope, backward=False, signs=signs)
+    _launch_mlp(x, w, (w.stride(0), w.stride(1)), pre, post, slope, backward=False)
 
 
 def launch_mlp_act_grad(
-    g: torch.Tensor, w_down: torch.Tensor, pre: torch.Tensor, dpre: torch.Tensor, slope: float,
-    signs: Optional[torch.Tensor] = None,
+    g: torch.Tensor, w_down: torch.Tensor, pre: torch.Tensor, dpre: torch.Tensor, slope: float
 ) -> None:
     """dpre = (g @ w_down) * act'(pre) in one pass. g [M, K], w_down [K, N] (nn.Linear layout of the down
-    projection: K = d outputs, N = 4d inputs), pre and dpre [M, N] of one layout. With ``signs`` (from
-    :func:`launch_mlp_up_act`), ``pre`` is post and act' comes from post and the signs."""
-    _check_signs(signs, dpre, "launch_mlp_act_grad")
+    projection: K = d outputs, N = 4d inputs), pre and dpre [M, N] of one layout."""
     if pre.stride() != dpre.stride():
         raise ValueError("launch_mlp_act_grad: pre and dpre must share one layout")
-    if _tma_usable(g, w_down, pre, dpre) and _signs_tma_usable(signs, True):
-        _launch_mlp_tma(g, w_down, True, pre, dpre, slope, backward=True, signs=signs)  # w_down read as [K, N]
+    if _tma_usable(g, w_down, pre, dpre):
+        _launch_mlp_tma(g, w_down, True, pre, dpre, slope, backward=True)  # w_down read as [K, N]
         return
     # the kernel reads w[n, k] = w_down[k, n]: w_down^T through swapped strides
-    _launch_mlp(g, w_down, (w_down.stride(1), w_down.stride(0)), pre, dpre, slope, backward=True, signs=signs)
+    _launch_mlp(g, w_down, (w_down.stride(1), w_down.stride(0)), pre, dpre, slope, backward=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -308,7 +308,6 @@ def bench_train(
     torch.manual_seed(seed)
     model = GPT(model_cfg, train_seq_len=train_cfg.train_seq_len, bos_id=BOS_ID).to(device)
     model.use_fused_kernels = fused
-    model.mlp_keep_signs = train_cfg.mlp_saved_activation == "post_signs"
     attn_kernels.use_in_model(model, train_cfg.fused_qk_norm_rope if qk_kernel is None else qk_kernel,
                               train_cfg.fused_xsa_gate if xsa_kernel is None else xsa_kernel,
                               train_cfg.fused_qkv_matmul if qkv_matmul is None else qkv_matmul,
@@ -393,7 +392,6 @@ def bench_train(
                 "profile": profiled,
             }
         )
-    fused_active = bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE)
     return {
         "bench": "train",
         "run": run_cfg.run,
@@ -401,12 +399,10 @@ def bench_train(
         "device_type": device.type,
         **versions(),
         "fused_kernels": bool(model.use_fused_kernels),
-        "fused_kernels_active": fused_active,
+        "fused_kernels_active": bool(model.use_fused_kernels and device.type == "cuda" and kernels.TRITON_AVAILABLE),
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "fold_output_scales": model.fold_output_scales,
-        # what the MLP kept for its backward in this run (post_signs only where the fused kernels ran)
-        "mlp_saved_activation": "post_signs" if fused_active and model.mlp_keep_signs else "pre",
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),

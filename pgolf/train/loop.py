@@ -239,7 +239,6 @@ def _train_in_group(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: T
         extra = {"init_checkpoint": str(init_checkpoint), "init_weights_sha256": init_meta.get("weights_sha256")}
     model = model.to(info.device)
     model.use_fused_kernels = train_cfg.fused_kernels and info.device.type == "cuda"
-    model.mlp_keep_signs = train_cfg.mlp_saved_activation == "post_signs"
     model.fold_output_scales = train_cfg.fold_output_scales  # pure PyTorch: every device
     if (train_cfg.fused_qk_norm_rope or train_cfg.fused_xsa_gate) and info.device.type == "cuda":
         from pgolf.model import attn_kernels  # (a bundle of a recipe with both off folds this away: none shipped)
