@@ -662,49 +662,6 @@ def case_ce_invalid_target_is_nan() -> None:
         raise AssertionError(f"expected [finite, nan, nan, 0], got {nll.tolist()}")
 
 
-def _head_ce_case(cap: float, scale: float, late_max: bool = False) -> None:
-    """``pgolf::head_ce`` (the tied head's product, then each row's loss and gradient in one kernel) against fp64
-    autograd of F.linear + the reference loss: per-token NLL, and dh, dw under a non-uniform upstream gradient (the
-    per-row scale applied on the [T, d] sides), ignored rows, the last column as a target, a vocabulary that is not
-    a power of two (the kernel's row block is padded and masked)."""
-    gen = torch.Generator().manual_seed(21)
-    T, d, V = 12, 16, 300
-    h = torch.randn(T, d, generator=gen)
-    w = scale * torch.randn(V, d, generator=gen) / math.sqrt(d)
-    if late_max:  # uncapped: exp of the raw logits would overflow fp32 without the row maximum
-        w[280] = 80.0 * h[0] / h[0].square().sum()
-    _, targets = _ce_inputs(T, V, 1.0, torch.float32, 5)
-    leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-    nll, dz = torch.ops.pgolf.head_ce(*leaves, targets, cap)
-    leaves64 = [t.double().requires_grad_(True) for t in (h, w)]
-    ref = kernels.softcapped_token_nll_reference(F.linear(*leaves64), targets, cap)
-    _close(nll.double(), ref.detach(), f"head_ce NLL (cap {cap})", **FP32)
-    if float(nll[1].detach()) != 0.0 or float(dz[1].detach().abs().sum()) != 0.0:
-        raise AssertionError("an ignored row must have NLL 0 and no gradient")
-    weights = torch.linspace(0.5, 2.0, T)
-    got = torch.autograd.grad((nll * weights).sum(), leaves)
-    want = torch.autograd.grad((ref * weights.double()).sum(), leaves64)
-    for name, g, t in zip(("dh", "dw"), got, want):
-        _close(g.double(), t, f"head_ce {name} (cap {cap})", **FP32)
-    mean = kernels.head_softcapped_cross_entropy(h, w, targets, cap)
-    _close(mean.double(), kernels.softcapped_cross_entropy_reference(F.linear(h, w).double(), targets, cap), "mean")
-
-
-def case_head_ce() -> None:
-    _head_ce_case(30.0, 20.0)
-    _head_ce_case(0.0, 3.0)
-    _head_ce_case(0.0, 1.0, late_max=True)
-
-
-def case_head_ce_opcheck() -> None:
-    """Schema, fake function and autograd registration of ``pgolf::head_ce``."""
-    gen = torch.Generator().manual_seed(22)
-    h, w = torch.randn(10, 8, generator=gen, requires_grad=True), torch.randn(40, 8, generator=gen, requires_grad=True)
-    targets = torch.tensor([3, -100, 39, 0, 5, 6, 7, 8, 9, 10])
-    torch.library.opcheck(torch.ops.pgolf.head_ce.default, (h, w, targets, 30.0),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
 def _tiny_model() -> GPT:
     cfg = ModelConfig(
         vocab_size=300,
@@ -763,7 +720,6 @@ def case_model_fused_matches_reference() -> None:
     # repeat: k / v heads per query head; gate: the gate's projection kernels (train.fused_gate_linear)
     for fused, repeat_kv, gate in ((False, False, False), (True, False, False), (True, True, True)):
         model.use_fused_kernels = fused
-        model.fused_head_ce = gate  # the head and loss as one op (train.fused_head_ce)
         attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv, gate)
         model.zero_grad(set_to_none=True)
         launches.clear()

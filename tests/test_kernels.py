@@ -374,12 +374,6 @@ def test_kernels_compile_for_h100():
                 fn, sig, {"V": 8192, "HAS_CAP": has_cap, "BLOCK_V": block_v}, aligned, num_warps=warps
             )
             assert "ld.global" in compiled.asm["ptx"] and compiled.metadata.shared <= H100_MAX_SHARED_BYTES
-    # the one-pass loss + gradient kernel of pgolf::head_ce: the whole 8192-wide row in registers, 8 warps
-    grad_sig = {n: t for n, t in fwd_sig.items() if n != "lse_ptr"}
-    for has_cap in (True, False):
-        compiled = _compile_sm90(tk._softcap_ce_fwd_grad_kernel, grad_sig, {"V": 8192, "HAS_CAP": has_cap,
-                                 "BLOCK_V": 8192}, ["z_ptr", "target_ptr", "nll_ptr", "stride_zt"], num_warps=8)
-        assert "st.global" in compiled.asm["ptx"] and compiled.metadata.shared <= H100_MAX_SHARED_BYTES
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -457,7 +451,6 @@ TRAIN_FIELDS = {
     "attention_kernels",
     "attention_kernels_active",
     "fold_output_scales",
-    "fused_head_ce",
     "attention_backend",
     "param_storage",
     "compile",
@@ -824,8 +817,6 @@ INTERPRET_CASES = [
     "xsa_gate_tiny_value_vectors",
     "xsa_gate_opcheck",
     "gate_linear",
-    "head_ce",
-    "head_ce_opcheck",
     "attention_kernels_edges",
     "model_fused_matches_reference",
     "model_attention_kernels_compile",
@@ -1042,35 +1033,6 @@ def test_gpu_gate_linear_bf16():
     assert out.dtype == ref.dtype and [g.dtype for g in grads] == [g.dtype for g in refs]
     _no_worse(out, ref, truth.detach(), "z", slack=2.0)
     for name, a, b, t in zip(("dx", "dw"), grads, refs, truths):
-        _no_worse(a, b, t, name, slack=2.0)
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_gpu_head_ce_bf16():
-    """The tied head and loss as one op (``pgolf::head_ce``, train.fused_head_ce) at the record's vocabulary under
-    bf16 autocast, as the model calls it: the mean loss and both gradients no further from the fp64 truth than
-    F.linear followed by the two-kernel loss (``pgolf::softcap_ce``), in its dtypes."""
-    gen = torch.Generator(device="cuda").manual_seed(9)
-    T, d, V = 4099, 512, 8192
-    h = torch.randn(T, d, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(V, d, device="cuda", generator=gen) * 0.5).bfloat16()  # the record's bf16 embedding
-    targets = torch.randint(0, V, (T,), device="cuda", generator=gen)
-    targets[::7] = -100
-
-    def run(fn, dtype, autocast):
-        leaves = [h.to(dtype).requires_grad_(True), w.to(dtype).requires_grad_(True)]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = fn(*leaves)
-        return loss, torch.autograd.grad(loss * 1000.0, leaves)
-
-    loss, grads = run(lambda a, b: kernels.head_softcapped_cross_entropy(a, b, targets, 30.0), torch.bfloat16, True)
-    ref, refs = run(lambda a, b: kernels.softcapped_cross_entropy(F.linear(a, b), targets, 30.0), torch.bfloat16, True)
-    truth, truths = run(lambda a, b: kernels.softcapped_cross_entropy_reference(F.linear(a, b), targets, 30.0),
-                        torch.float64, False)
-    assert [g.dtype for g in grads] == [g.dtype for g in refs]
-    assert abs(loss.item() - truth.item()) <= 2 * abs(ref.item() - truth.item()) + 1e-4
-    for name, a, b, t in zip(("dh", "dw"), grads, refs, truths):
         _no_worse(a, b, t, name, slack=2.0)
 
 

@@ -382,11 +382,6 @@ class TrainConfig:
     # 683.1 -> 671.3 ms/step looping off, 1,019.8 -> 1,001.6 on (docs/benchmarks.md). Every device (pure PyTorch);
     # the Hessian and evaluation models are built without it, and a hooked or wrapped o / down is used unfolded.
     fold_output_scales: bool = True
-    # With fused_kernels: the tied LM head and the softcapped loss of a training forward as one op
-    # (kernels.head_softcapped_cross_entropy): one kernel computes each row's loss and its gradient (the [T, V] logits
-    # read once, their softcap evaluated once, instead of a loss kernel then a gradient kernel that reads them again).
-    # The same function; the gradient is rounded before its per-row scale instead of after it.
-    fused_head_ce: bool = True
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
     # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).

@@ -47,10 +47,7 @@ Runtime state (plain attributes, never tensors, so torch.compile guards on them 
   ``pgolf.model.kernels`` for the MLP up-projection + activation and the loss; default on when CUDA and triton are
   present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results),
   ``fold_output_scales`` (attn_scale / mlp_scale applied through the o / down weights: the same function, float
-  rounding aside; off after construction, ``train.fold_output_scales`` switches it on for training),
-  ``fused_head_ce`` (with the fused kernels, a training forward's tied LM head and loss as one op that computes
-  each row's gradient with its loss: ``kernels.head_softcapped_cross_entropy``; off after construction,
-  ``train.fused_head_ce`` switches it on for training).
+  rounding aside; off after construction, ``train.fold_output_scales`` switches it on for training).
 """
 
 from __future__ import annotations
@@ -231,7 +228,6 @@ class GPT(nn.Module):
         self.attention_choice: Optional[dict] = None
         self._use_fused_kernels = False  # set through the property below, once the blocks exist
         self._fold_output_scales = False  # likewise
-        self.fused_head_ce = False
 
         # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
         # device normal_ would import torch._dynamo (seconds) for nothing
@@ -469,16 +465,9 @@ class GPT(nn.Module):
         if target_ids.shape != input_ids.shape:
             raise ValueError(f"GPT: target_ids shape {tuple(target_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         h = self.forward_hidden(input_ids, cu_seqlens, max_seqlen)
-        head = self.lm_head
-        if (self.use_fused_kernels and self.fused_head_ce and torch.is_grad_enabled() and type(head) is TiedHead
-                and not (head._forward_hooks or head._forward_pre_hooks)):  # a hook must see the head's call
-            weight = head.weight
-            if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
-                weight = weight.to(h.dtype)  # as TiedHead.forward
-            return kernels.head_softcapped_cross_entropy(h, weight, target_ids, self.cfg.logit_softcap)
         if self.use_fused_kernels:  # streams the [T, V] logits once; never materializes fp32 copies
-            return kernels.softcapped_cross_entropy(head(h), target_ids, self.cfg.logit_softcap)
-        return softcapped_cross_entropy(head(h), target_ids, self.cfg.logit_softcap)
+            return kernels.softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
+        return softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -256,41 +256,6 @@ if TRITON_AVAILABLE:
 
     _softcap_ce_op.register_autograd(_softcap_ce_backward, setup_context=_softcap_ce_setup)
 
-    # The tied LM head and the loss in training (GPT.fused_head_ce): the row's gradient is computed with its loss, so
-    # the [T, V] logits are read once instead of twice and their softcap evaluated once.
-    @custom_op("pgolf::head_ce", mutates_args=())
-    def _head_ce_op(h: Tensor, w: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-        """(nll [T] fp32, dz [T, V]) for z = h @ w^T, h [T, d], w [V, d]: dz = d nll_t / d z_t row by row (the
-        gradient for dLoss/dnll = 1), kept for the backward; computed in the buffer of z."""
-        check_triton_device(h, "pgolf::head_ce")
-        z = h @ w.t()  # [T, V]
-        nll = torch.empty((h.shape[0],), dtype=torch.float32, device=h.device)
-        _tk.launch_softcap_ce_fwd_grad(z, targets.contiguous(), nll, cap)
-        return nll, z
-
-    @_head_ce_op.register_fake
-    def _head_ce_fake(h: Tensor, w: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-        return h.new_empty((h.shape[0],), dtype=torch.float32), h.new_empty((h.shape[0], w.shape[0]))
-
-    def _head_ce_setup(ctx, inputs, output) -> None:
-        h, w, _, _ = inputs
-        ctx.save_for_backward(h, w, output[1])
-        ctx.set_materialize_grads(False)
-
-    def _head_ce_backward(ctx, grad_nll: Optional[Tensor], grad_dz: Optional[Tensor]):
-        """dh = diag(g) (dz @ w), dw = dz^T @ diag(g) h for g = dLoss/dnll [T]: the scaling on the [T, d] sides of
-        the two products, never on the [T, V] one."""
-        h, w, dz = ctx.saved_tensors
-        if grad_dz is not None:
-            raise NotImplementedError("pgolf::head_ce: gradients through the dz output are not supported")
-        if grad_nll is None:
-            return None, None, None, None
-        g = grad_nll.float()[:, None]  # [T, 1]
-        return ((dz @ w).float() * g).to(h.dtype), dz.t() @ (h.float() * g).to(h.dtype), None, None
-
-    _head_ce_op.register_autograd(_head_ce_backward, setup_context=_head_ce_setup)
-    torch.library.register_autocast("pgolf::head_ce", "cuda", torch.bfloat16)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Public entry points (fused where possible, the reference elsewhere)
@@ -368,16 +333,6 @@ def softcapped_token_nll(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     if use_triton(z):
         return fused_softcapped_token_nll(z, targets, cap)
     return softcapped_token_nll_reference(z, targets, cap)
-
-
-def head_softcapped_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, cap: float) -> Tensor:
-    """:func:`softcapped_cross_entropy` of z = h @ w^T (h [T, d], w [V, d]): on CUDA one kernel computes each row's
-    loss and gradient together (``pgolf::head_ce``), where the vocabulary fits its registers; else the logits, then
-    the loss."""
-    if use_triton(h) and w.shape[0] <= _tk.MAX_FWD_GRAD_VOCAB and h.ndim == 2 and targets.shape == h.shape[:1]:
-        nll, _ = torch.ops.pgolf.head_ce(h, w, targets.to(torch.int64), float(cap))
-        return nll.sum() / (targets != IGNORE_INDEX).sum()
-    return softcapped_cross_entropy(F.linear(h, w), targets, cap)
 
 
 def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:

@@ -424,61 +424,6 @@ def _softcap_ce_bwd_kernel(
         tl.store(dz_row + cols, (g * d).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _softcap_ce_fwd_grad_kernel(
-    z_ptr,  # [T, V] logits before the cap; overwritten with d nll / d z
-    target_ptr,  # [T] int64
-    nll_ptr,  # [T] fp32 out: -log softmax(c)[target], 0 where ignored
-    V: tl.constexpr,
-    stride_zt,
-    cap,
-    HAS_CAP: tl.constexpr,
-    BLOCK_V: tl.constexpr,  # >= V: the whole row stays in registers
-):
-    # The forward and the backward of one row in one pass (the LM head's training path, kernels.head_ce): the row's
-    # loss, then its gradient for dLoss/dnll = 1, (softmax(c) - onehot(target)) * dc/dz, written over z. The caller
-    # scales by the real dLoss/dnll outside the [T, V] product (rows of the head's two gradient products).
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * stride_zt
-    cols = tl.arange(0, BLOCK_V)
-    ok = cols < V
-    c, t = _softcap(tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), cap, HAS_CAP)
-    c = tl.where(ok, c, float("-inf"))
-    row_max = tl.max(c, axis=0)
-    e = tl.exp(c - row_max)  # [BLOCK_V], 0 past V
-    total = tl.sum(e, axis=0)
-    lse = row_max + tl.log(total)
-    target = tl.load(target_ptr + row)
-    in_range = (target >= 0) & (target < V)
-    c_target, _ = _softcap(tl.load(z_row + tl.where(in_range, target, 0)).to(tl.float32), cap, HAS_CAP)
-    nll = tl.where(in_range, lse - c_target, float("nan"))
-    tl.store(nll_ptr + row, tl.where(target == -100, 0.0, nll))
-    d = e * (1.0 / total) - tl.where(cols == target, 1.0, 0.0)
-    if HAS_CAP:
-        d = d * (1.0 - t * t)
-    d = tl.where(target == -100, 0.0, d)
-    tl.store(z_row + cols, d.to(z_ptr.dtype.element_ty), mask=ok)
-
-
-# rows the one-pass kernel keeps in registers: 8192 fp32 values over 8 warps (32 a thread); larger vocabularies take
-# the two-kernel path
-MAX_FWD_GRAD_VOCAB = 8192
-
-
-def launch_softcap_ce_fwd_grad(z: torch.Tensor, targets: torch.Tensor, nll: torch.Tensor, cap: float) -> None:
-    """nll [T] and, in place, z [T, V] (contiguous rows) -> d nll / d z, by :func:`_softcap_ce_fwd_grad_kernel`."""
-    T, V = z.shape
-    if V > MAX_FWD_GRAD_VOCAB or z.stride(1) != 1:
-        raise ValueError(f"launch_softcap_ce_fwd_grad: needs V <= {MAX_FWD_GRAD_VOCAB} and unit column stride, "
-                         f"got {tuple(z.shape)} with strides {z.stride()}")
-    if T == 0:
-        return
-    _softcap_ce_fwd_grad_kernel[(T,)](
-        z, targets, nll, V=V, stride_zt=z.stride(0), cap=float(cap), HAS_CAP=cap > 0,
-        BLOCK_V=triton.next_power_of_2(V), num_warps=8 if z.device.type == "cuda" else 1,
-    )
-
-
 def _ce_launch_params(V: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_V, num_warps): 4096-wide blocks (2 passes for V = 8192) on CUDA; small blocks in the interpreter."""
     if device.type == "cuda":

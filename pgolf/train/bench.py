@@ -314,7 +314,6 @@ def bench_train(
                               train_cfg.repeat_kv_heads if repeat_kv is None else repeat_kv,
                               train_cfg.fused_gate_linear)
     model.fold_output_scales = train_cfg.fold_output_scales if fold_scales is None else fold_scales
-    model.fused_head_ce = train_cfg.fused_head_ce
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
     # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
@@ -404,7 +403,6 @@ def bench_train(
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "fold_output_scales": model.fold_output_scales,
-        "fused_head_ce": model.fused_head_ce,
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
