@@ -121,11 +121,3 @@ def sum_ints(values: list[int], info: DistInfo) -> list[int]:
     t = torch.tensor(values, dtype=torch.int64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [int(v) for v in t.tolist()]
-
-
-def all_reduce_mean_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.AVG if tensor.is_cuda else dist.ReduceOp.SUM)
-        if not tensor.is_cuda:
-            tensor.div_(info.world_size)
-    return tensor
