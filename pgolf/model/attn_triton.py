@@ -461,7 +461,6 @@ def launch_xsa_gate_bwd(go: torch.Tensor, y: torch.Tensor, v: torch.Tensor | Non
                                float(eps), **meta)
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # The output gate's projection: a linear layer with a handful of inputs
 # --------------------------------------------------------------------------------------------------------------
