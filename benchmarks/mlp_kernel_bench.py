@@ -13,8 +13,8 @@ Each variant's outputs are compared with pgolf's bit for bit (``max_abs_diff``).
 8 micro-batches x 11 (looping off) or 17 (on) block applications, forward and backward: the printed ms/step
 estimates multiply by those counts.
 
-``--sweep-tiles`` then times the TMA kernel with each candidate tile of :data:`SWEEP_TILES` in each direction (the
-others at ``TMA_TILES``), fastest first, with each one's largest difference from the default tile's outputs (a
+``--sweep-tiles`` then times the TMA kernel with each candidate tile and grid of :data:`SWEEP_TILES` in each
+direction (the others at ``TMA_TILES``), fastest first, with each one's largest difference from the default tile's outputs (a
 different BLOCK_K sums in another order) and the ms/step it would save: how ``TMA_TILES`` is chosen on a new GPU.
 
     python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--sweep-tiles] [--out OUT.json]
@@ -38,11 +38,17 @@ from cuda_timing import parse_bench_args, time_ms  # noqa: E402  (benchmarks/, t
 from pgolf.model import triton_kernels as tk  # noqa: E402
 
 M, D, HIDDEN, SLOPE = 98_304, 512, 2_048, 0.5
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages): fp32 accumulators of at most 256 x 128 per 8 warps
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, programs per SM; 0: one program per tile). The 128 x 128 and
+# 64 x 256 tiles with at most 3 stages (2 in the backward, which also holds a pre block) fit twice in an H100's
+# shared memory, and the 128 x 128 x 32 ones three times: one program's epilogue stores can then overlap another's
+# products.
 SWEEP_TILES = [
-    (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
-    (128, 128, 64, 8, 4), (128, 128, 64, 4, 5), (256, 128, 128, 8, 2), (128, 256, 128, 8, 2), (128, 128, 128, 4, 3),
-    (64, 256, 64, 4, 4),
+    (128, 256, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1), (128, 128, 64, 4, 4, 1),
+    (128, 256, 64, 8, 4, 0), (128, 256, 64, 8, 3, 0),
+    (128, 128, 64, 8, 2, 2), (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 2, 2), (128, 128, 64, 4, 3, 2),
+    (64, 256, 64, 4, 2, 2), (128, 64, 64, 4, 4, 2), (128, 128, 32, 4, 4, 2), (128, 128, 32, 4, 3, 3),
+    (128, 128, 64, 8, 2, 0), (128, 128, 64, 4, 3, 0), (64, 256, 64, 4, 2, 0), (128, 128, 32, 4, 4, 0),
+    (128, 64, 64, 4, 4, 0),
 ]
 APPLICATIONS = {"off": 11, "on": 17}
 MICRO_BATCHES = 8
@@ -130,12 +136,15 @@ def sweep_tiles(operands: tuple, backward: bool, reference: dict, iters: int) ->
             tk.TMA_TILES[backward] = tile
             try:
                 ms = time_ms(lambda: tk._launch_mlp_tma(a, b, b_kn, pre, out, SLOPE, backward=backward), iters)
+                kernel = tk._launch_mlp_tma(a, b, b_kn, pre, out, SLOPE, backward=backward)
                 torch.cuda.synchronize()
             except Exception as exc:  # out of resources, an unsupported layout: report and go on
                 rows.append({"tile": list(tile), "error": f"{type(exc).__name__}: {exc}"[:200]})
                 continue
             diff = float((out.float() - reference[name].float()).abs().max())
-            rows.append({"tile": list(tile), "ms": ms, "max_abs_diff_vs_default": diff})
+            rows.append({"tile": list(tile), "ms": ms, "max_abs_diff_vs_default": diff,
+                         "registers": getattr(kernel, "n_regs", None),
+                         "shared_bytes": getattr(getattr(kernel, "metadata", None), "shared", None)})
     finally:
         tk.TMA_TILES[backward] = default
     base = next((r["ms"] for r in rows if r["tile"] == list(default) and "ms" in r), None)
@@ -149,6 +158,7 @@ def sweep_tiles(operands: tuple, backward: bool, reference: dict, iters: int) ->
             saving = r.get("saving_ms_per_step", {})
             print(f"{direction:<8} tile {r['tile']}  {r['ms']:.3f} ms  saves {saving.get('off', 0):.1f} / "
                   f"{saving.get('on', 0):.1f} ms per step  max |diff| vs default {r['max_abs_diff_vs_default']:.3g}"
+                  f"  {r['registers']} registers, {r['shared_bytes']} B shared"
                   + ("  (default)" if r["tile"] == list(default) else ""), flush=True)
         else:
             print(f"{direction:<8} tile {r['tile']}  {r['error']}", flush=True)

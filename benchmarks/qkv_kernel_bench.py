@@ -11,7 +11,8 @@ v repeated twice per query head (``train.repeat_kv_heads``). Timed with CUDA eve
 
 Both paths' outputs are compared (``max_abs_diff``: the matmuls sum their products in different orders). The
 printed ms/step multiplies by 8 micro-batches x 11 (looping off) or 17 (on) block applications. ``--sweep-tiles``
-times the fused forward with each tile of :data:`SWEEP_TILES` (BLOCK_M, heads per tile, BLOCK_K, warps, stages):
+times the fused forward with each tile of :data:`SWEEP_TILES` (BLOCK_M, heads per tile, BLOCK_K, warps, stages,
+programs per SM):
 how ``attn_triton.QKV_GEMM_TILE`` is chosen.
 
     python benchmarks/qkv_kernel_bench.py [--sweep-tiles] [--iters N] [--out OUT.json]
@@ -37,9 +38,11 @@ from pgolf.model.rope import rope_buffers  # noqa: E402
 T, K, H, HKV, D, HALF, REP = 98_304, 512, 8, 4, 64, 8, 2
 APPLICATIONS = {"off": 11, "on": 17}
 MICRO_BATCHES = 8
+# (BLOCK_M, heads per tile, BLOCK_K, warps, stages, programs per SM; 0: one program per tile)
 SWEEP_TILES = [
-    (256, 2, 64, 8, 3), (256, 2, 64, 8, 4), (128, 2, 64, 8, 3), (128, 2, 64, 8, 4), (256, 1, 64, 8, 3),
-    (128, 1, 64, 4, 4), (128, 2, 128, 8, 2), (64, 2, 64, 4, 4),
+    (256, 2, 64, 8, 4, 1), (256, 2, 64, 8, 3, 1), (128, 2, 64, 8, 4, 1), (256, 1, 64, 8, 3, 1), (256, 2, 64, 8, 4, 0),
+    (128, 2, 64, 8, 3, 2), (128, 2, 64, 4, 3, 2), (128, 2, 64, 8, 2, 2), (128, 1, 64, 4, 3, 2), (128, 2, 64, 8, 3, 0),
+    (128, 1, 64, 4, 3, 0),
 ]
 
 

@@ -168,8 +168,7 @@ def case_mlp_tma_tiles() -> None:
     g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
     pre, post, dpre = (torch.empty(M, N, dtype=half) for _ in range(3))
     for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):
-        tk._launch_mlp_tma(a, b, b_kn, pre, out, 0.5, backward, bitwise_round=True, tile=(bm, bn, bk, 4, 2),
-                           persistent=False)
+        tk._launch_mlp_tma(a, b, b_kn, pre, out, 0.5, backward, bitwise_round=True, tile=(bm, bn, bk, 4, 2, 0))
     tol = dict(rtol=2e-3, atol=1e-3)  # one fp16 rounding apart at most (summation order of the fp32 products)
     want_pre = (x.double() @ w_up.double().T).to(half)
     _close(pre.double(), want_pre.double(), "tma pre", **tol)
@@ -390,7 +389,7 @@ def case_qkv_gemm_tiles() -> None:
             t.fill_(float("nan"))  # every element must be written
         attn_triton.launch_qkv_gemm_norm_rope(x, w, cos.reshape(T, half), sin.reshape(T, half), g,
                                               attn_kernels.QK_EPS, qk, q, k, v, v_copies if rep > 1 else None,
-                                              rstd_q, rstd_k, tile=(32, per_tile, 32, 4, 2), persistent=False,
+                                              rstd_q, rstd_k, tile=(32, per_tile, 32, 4, 2, 0),
                                               bitwise_round=True)
         want = attn_kernels.qkv_norm_rope_reference(qkv.double(), H, Hkv, cos.double(), sin.double(),
                                                     None if g is None else g.double(), rep)

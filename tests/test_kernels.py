@@ -250,13 +250,13 @@ def test_mlp_tma_kernel_compiles_for_h100():
     from pgolf.model import triton_kernels as tk
 
     for backward in (False, True):
-        bm, bn, bk, warps, stages = tk.TMA_TILES[backward]
+        bm, bn, bk, warps, stages, per_sm = tk.TMA_TILES[backward]
         half = f"tensordesc<bf16[{bm},{bn // 2}]>"
         sig = {"a_desc": f"tensordesc<bf16[{bm},{bk}]>",
                "b_desc": f"tensordesc<bf16[{bk},{bn}]>" if backward else f"tensordesc<bf16[{bn},{bk}]>",
                "pre_desc": half, "out_desc": half, "M": "i32", "N": "i32", "slope": "fp32"}
-        constexprs = {"K": 512, "B_KN": backward, "BACKWARD": backward, "PERSISTENT": True, "BITWISE_ROUND": False,
-                      "NUM_PROGRAMS": 132, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        constexprs = {"K": 512, "B_KN": backward, "BACKWARD": backward, "PERSISTENT": per_sm > 0,
+                      "BITWISE_ROUND": False, "NUM_PROGRAMS": 132 * max(per_sm, 1), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
         sig.update({name: "constexpr" for name in constexprs})
         compiled = _compile_sm90(tk._mlp_tma_kernel, sig, constexprs, [], num_warps=warps, num_stages=stages)
         what = "backward" if backward else "forward"

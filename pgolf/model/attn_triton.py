@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pgolf.model.triton_kernels import _TensorDescriptor, _narrow, _tma_usable
+from pgolf.model.triton_kernels import _TensorDescriptor, _narrow, _tma_usable, persistent_programs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
 
 # (BLOCK_M, heads per tile, BLOCK_K, warps, pipeline stages) at the record's shapes (K = 512, D = 64): the fastest
 # of benchmarks/qkv_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md)
-QKV_GEMM_TILE = (256, 2, 64, 8, 4)
+QKV_GEMM_TILE = (256, 2, 64, 8, 4, 1)  # programs per SM last, as in triton_kernels.TMA_TILES
 
 
 def hopper_tma_available() -> bool:
@@ -318,12 +318,11 @@ def qkv_gemm_usable(x: torch.Tensor, w: torch.Tensor, num_heads: int, num_kv_hea
 def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                               gain: torch.Tensor | None, eps: float, qk: torch.Tensor, q: torch.Tensor,
                               k: torch.Tensor, v: torch.Tensor, v_copies: torch.Tensor | None, rstd_q: torch.Tensor,
-                              rstd_k: torch.Tensor, tile: tuple | None = None, persistent: bool = True,
-                              bitwise_round: bool = False) -> None:
+                              rstd_k: torch.Tensor, tile: tuple | None = None, bitwise_round: bool = False) -> None:
     """x [T, K], w [(H + 2 Hkv) D, K] (contiguous, one 16-bit dtype); outputs contiguous: qk [T, (H + Hkv) D], q [T,
     H, D], k [T, Hkv rep, D], v [T, Hkv, D], v_copies [T, Hkv rep, D] (exactly when rep > 1), rstd_q [T * H] and
-    rstd_k [T * Hkv] fp32; cos, sin [T, half] and gain [H] in x's dtype. ``persistent=False``: one program per tile
-    (the interpreter's form); ``bitwise_round``: the interpreter's rounding (see triton_kernels._narrow)."""
+    rstd_k [T * Hkv] fp32; cos, sin [T, half] and gain [H] in x's dtype. ``tile``: a QKV_GEMM_TILE (0 programs per SM: one
+    program per tile, the interpreter's form); ``bitwise_round``: the interpreter's rounding (see triton_kernels._narrow)."""
     T, K = x.shape
     _, H, D = q.shape
     hkv = v.shape[1]
@@ -332,12 +331,12 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
         return
     if (rep > 1) != (v_copies is not None):
         raise ValueError("attn_triton: v_copies is given exactly when k holds more than one copy of each head")
-    bm, per_tile, bk, warps, stages = tile or QKV_GEMM_TILE
+    bm, per_tile, bk, warps, stages, per_sm = tile or QKV_GEMM_TILE
     if per_tile not in (1, 2):
         raise ValueError(f"attn_triton: a qkv tile holds 1 or 2 heads, got {per_tile}")
     per_tile = per_tile if H % per_tile == 0 and hkv % per_tile == 0 else 1  # a tile never mixes q, k and v heads
     tiles = triton.cdiv(T, bm) * ((H + 2 * hkv) // per_tile)
-    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles) if persistent else tiles
+    programs = persistent_programs(per_sm, tiles, x.device)
     desc = _TensorDescriptor.from_tensor
     k2 = k.view(T, -1)
     _qkv_gemm_kernel[(programs,)](
@@ -345,7 +344,7 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
         desc(k2, [bm, D]), desc(v.view(T, -1), [bm, D]),
         desc(k2 if v_copies is None else v_copies.view(T, -1), [bm, D]),
         cos, sin, gain if gain is not None else x, rstd_q, rstd_k, T, float(eps), K=K, H=H, HKV=hkv, D=D,
-        HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HEADS_PER_TILE=per_tile, PERSISTENT=persistent,
+        HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HEADS_PER_TILE=per_tile, PERSISTENT=per_sm > 0,
         BITWISE_ROUND=bitwise_round, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps,
         num_stages=stages)
 

@@ -149,7 +149,7 @@ def _act_grad(c, p, slope):
     return c * tl.where(p > 0, 2.0 * p, (2.0 * slope * slope) * p)
 
 
-# The same two epilogues on Hopper's tensor-memory accelerator (TMA): a persistent kernel (one program per SM walks
+# The same two epilogues on Hopper's tensor-memory accelerator (TMA): a persistent kernel (TMA_TILES' programs per SM walk
 # the output tiles), operands and outputs moved by tensor descriptors, the epilogue stored in two column halves
 # (half the registers live at once). Used on CUDA for 16-bit operands whose rows are 16-byte aligned; the kernel
 # above is the fallback and the interpreter's. B is read as [N, K] (forward: w_up) or [K, N] (backward: w_down,
@@ -214,9 +214,18 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
             out_desc.store([row, at], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) per direction, for N = 4d and K = d at d = 512: the fastest of
-# benchmarks/mlp_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md); BLOCK_K fixes the summation order
-TMA_TILES = {False: (128, 256, 64, 8, 4), True: (128, 256, 64, 8, 3)}
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, programs per SM) per direction, for N = 4d and K = d at
+# d = 512: the fastest of benchmarks/mlp_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md); BLOCK_K
+# fixes the summation order. Programs per SM: the persistent grid's size (0: one program per tile, no loop). Two
+# resident programs let one's epilogue stores overlap the other's products, where registers and shared memory allow.
+TMA_TILES = {False: (128, 256, 64, 8, 4, 1), True: (128, 256, 64, 8, 3, 1)}
+
+
+def persistent_programs(programs_per_sm: int, tiles: int, device: torch.device) -> int:
+    """The grid of a persistent kernel: ``programs_per_sm`` per SM (never more than the tiles); 0: one per tile."""
+    if programs_per_sm == 0:
+        return tiles
+    return min(programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count, tiles)
 
 
 def _tma_usable(*tensors: torch.Tensor) -> bool:
@@ -232,17 +241,18 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
 
 
 def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor,
-                    slope: float, backward: bool, bitwise_round: bool = False, tile: Optional[tuple] = None,
-                    persistent: bool = True) -> None:
+                    slope: float, backward: bool, bitwise_round: bool = False, tile: Optional[tuple] = None):
     """``bitwise_round``: the interpreter's rounding on the GPU too (same values; benchmarks/mlp_kernel_bench.py);
-    ``tile`` and ``persistent`` False: the interpreter's tests."""
+    ``tile`` (a TMA_TILES entry; 0 programs per SM in the interpreter's tests, which cannot loop). Returns the
+    launched kernel (its registers and shared memory, for the benchmark)."""
     M, K = a.shape
     N = out.shape[1]
-    bm, bn, bk, warps, stages = tile or TMA_TILES[backward]
+    bm, bn, bk, warps, stages, per_sm = tile or TMA_TILES[backward]
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count, tiles) if persistent else tiles
+    programs = persistent_programs(per_sm, tiles, a.device)
+    persistent = per_sm > 0
     desc = _TensorDescriptor.from_tensor
-    _mlp_tma_kernel[(programs,)](
+    return _mlp_tma_kernel[(programs,)](
         desc(a, [bm, bk]),
         desc(b, [bk, bn] if b_kn else [bn, bk]),
         desc(pre, [bm, bn // 2]),
