@@ -298,7 +298,7 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
 # (BLOCK_M, heads per tile, BLOCK_K, warps, pipeline stages, programs per SM as in triton_kernels.TMA_TILES) at the
 # record's shapes (K = 512, D = 64): the fastest of benchmarks/qkv_kernel_bench.py --sweep-tiles on one H100
 # (docs/benchmarks.md)
-QKV_GEMM_TILE = (256, 2, 64, 8, 4, 1)
+QKV_GEMM_TILE = (128, 2, 64, 8, 3, 0)
 
 
 def hopper_tma_available() -> bool:

@@ -218,7 +218,7 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
 # d = 512: the fastest of benchmarks/mlp_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md); BLOCK_K
 # fixes the summation order. Programs per SM: the persistent grid's size (0: one program per tile, no loop). Two
 # resident programs let one's epilogue stores overlap the other's products, where registers and shared memory allow.
-TMA_TILES = {False: (128, 256, 64, 8, 4, 1), True: (128, 256, 64, 8, 3, 1)}
+TMA_TILES = {False: (128, 256, 64, 8, 4, 1), True: (128, 128, 32, 4, 4, 0)}
 
 
 def persistent_programs(programs_per_sm: int, tiles: int, device: torch.device) -> int:
