@@ -25,9 +25,11 @@ def test_checkpoint_bytes_depend_on_the_weights_only(tmp_path: Path) -> None:
     assert {name.split("/")[0] for name in zipfile.ZipFile(a).namelist()} == {"archive"}
 
 
-def test_cpu_stages_set_their_recipe_thread_count(tmp_path: Path) -> None:
-    """Hessians at a size where x.T @ x differs between 1 and 2 CPU threads: with hessians.cpu_threads the file is
-    the same whatever thread count the entry point left (Snakemake: the rule's threads; train_gpt.py: the cores)."""
+def test_cpu_stages_set_their_recipe_thread_count(tmp_path: Path, monkeypatch) -> None:
+    """With hessians.cpu_threads the Hessians are summed with the recipe's thread count whatever count the entry
+    point left (Snakemake: the rule's threads; train_gpt.py: the cores), so the file is the same. Checked on the
+    count the products run with, and on the bytes: where this machine's BLAS sums x.T @ x differently with 1 and 2
+    threads (many do; the MKL build of some machines does not), the knob must make 1 thread give the 2-thread file."""
     import dataclasses
     import sys
 
@@ -36,8 +38,17 @@ def test_cpu_stages_set_their_recipe_thread_count(tmp_path: Path) -> None:
 
     from pgolf.config import HessianConfig, TrainConfig, to_dict
     from pgolf.model.gpt import GPT
+    from pgolf.quantize import hessians
     from pgolf.quantize.hessians import run_hessian_stage
 
+    threads_in_products = []
+    collect = hessians.collect_hessians
+
+    def observed_collect(*args, **kwargs):
+        threads_in_products.append(torch.get_num_threads())
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(hessians, "collect_hessians", observed_collect)
     data = write_shards(tmp_path / "shards")
     model_cfg = dataclasses.replace(TINY_MODEL, model_dim=64)
     torch.manual_seed(0)
@@ -54,8 +65,8 @@ def test_cpu_stages_set_their_recipe_thread_count(tmp_path: Path) -> None:
             files[knob, threads] = sha256_file(out)
     finally:
         torch.set_num_threads(before)
-    assert files[0, 1] != files[0, 2]  # the sums do depend on the thread count at this size ...
-    assert files[2, 1] == files[0, 2]  # ... and the knob fixes it: 2 threads, though 1 was set
+    assert threads_in_products == [1, 2, 2]  # knob 0 keeps the caller's count; knob 2 sets 2 though 1 was set
+    assert files[2, 1] == files[0, 2]  # whether or not this machine's sums depend on the count
 
 
 def test_every_cpu_stage_sets_its_threads_itself() -> None:
