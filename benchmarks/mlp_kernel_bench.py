@@ -14,8 +14,9 @@ Each variant's outputs are compared with pgolf's bit for bit (``max_abs_diff``).
 estimates multiply by those counts.
 
 ``--sweep-tiles`` then times the TMA kernel with each candidate tile and grid of :data:`SWEEP_TILES` in each
-direction (the others at ``TMA_TILES``), fastest first, with each one's largest difference from the default tile's outputs (a
-different BLOCK_K sums in another order) and the ms/step it would save: how ``TMA_TILES`` is chosen on a new GPU.
+direction (the others at ``TMA_TILES``), fastest first, with each one's largest difference from the default tile's
+outputs (a different BLOCK_K sums in another order), its registers and shared memory, and the ms/step it would save:
+how ``TMA_TILES`` is chosen on a new GPU.
 
     python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--sweep-tiles] [--out OUT.json]
 """

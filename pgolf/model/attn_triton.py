@@ -322,8 +322,9 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
                               rstd_k: torch.Tensor, tile: tuple | None = None, bitwise_round: bool = False) -> None:
     """x [T, K], w [(H + 2 Hkv) D, K] (contiguous, one 16-bit dtype); outputs contiguous: qk [T, (H + Hkv) D], q [T,
     H, D], k [T, Hkv rep, D], v [T, Hkv, D], v_copies [T, Hkv rep, D] (exactly when rep > 1), rstd_q [T * H] and
-    rstd_k [T * Hkv] fp32; cos, sin [T, half] and gain [H] in x's dtype. ``tile``: a QKV_GEMM_TILE (0 programs per SM: one
-    program per tile, the interpreter's form); ``bitwise_round``: the interpreter's rounding (see triton_kernels._narrow)."""
+    rstd_k [T * Hkv] fp32; cos, sin [T, half] and gain [H] in x's dtype. ``tile``: a QKV_GEMM_TILE (0 programs per
+    SM: one program per tile, the interpreter's form); ``bitwise_round``: the interpreter's rounding (see
+    triton_kernels._narrow)."""
     T, K = x.shape
     _, H, D = q.shape
     hkv = v.shape[1]

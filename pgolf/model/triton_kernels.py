@@ -149,11 +149,11 @@ def _act_grad(c, p, slope):
     return c * tl.where(p > 0, 2.0 * p, (2.0 * slope * slope) * p)
 
 
-# The same two epilogues on Hopper's tensor-memory accelerator (TMA): a persistent kernel (TMA_TILES' programs per SM walk
-# the output tiles), operands and outputs moved by tensor descriptors, the epilogue stored in two column halves
-# (half the registers live at once). Used on CUDA for 16-bit operands whose rows are 16-byte aligned; the kernel
-# above is the fallback and the interpreter's. B is read as [N, K] (forward: w_up) or [K, N] (backward: w_down,
-# no transposed copy).
+# The same two epilogues on Hopper's tensor-memory accelerator (TMA): a persistent kernel (TMA_TILES' programs per
+# SM walk the output tiles) or one program per tile, operands and outputs moved by tensor descriptors, the epilogue
+# stored in two column halves (half the registers live at once). Used on CUDA for 16-bit operands whose rows are
+# 16-byte aligned; the kernel above is the fallback and the interpreter's. B is read as [N, K] (forward: w_up) or
+# [K, N] (backward: w_down, no transposed copy).
 
 
 @triton.jit
