@@ -16,7 +16,7 @@ estimates multiply by those counts.
 ``--sweep-tiles`` then times the TMA kernel with each candidate tile and grid of :data:`SWEEP_TILES` in each
 direction (the others at ``TMA_TILES``), fastest first, with each one's largest difference from the default tile's
 outputs (a different BLOCK_K sums in another order), its registers and shared memory, and the ms/step it would save:
-how ``TMA_TILES`` is chosen on a new GPU.
+how ``TMA_TILES`` is chosen on a new GPU (``with_sweep_tiles.py`` then times the step with the fastest tiles).
 
     python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--sweep-tiles] [--out OUT.json]
 """
