@@ -157,24 +157,26 @@ def case_mlp_act_grad_kernel() -> None:
 
 
 def case_mlp_tma_tiles() -> None:
-    """The Hopper TMA kernel's tiles (one program per tile: the interpreter cannot run its persistent loop), both
+    """The Hopper TMA kernels: the tiled one (one program per tile: the interpreter cannot run its persistent loop)
+    and the row-resident one (BLOCK_K 0; A from shared memory here, as the interpreter has no inline PTX), both
     epilogues, partial tiles on M and a B read as [N, K] (forward) and [K, N] (backward); fp16, as the
     interpreter's dot mishandles bf16. The epilogue acts on the product rounded to fp16, like an unfused F.linear."""
     gen = torch.Generator().manual_seed(10)
     M, K, N = 200, 64, 96
-    bm, bn, bk = 64, 32, 32
     half = torch.float16
     x, w_up = torch.randn(M, K, generator=gen).to(half), (torch.randn(N, K, generator=gen) / 8).to(half)
     g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
-    pre, post, dpre = (torch.empty(M, N, dtype=half) for _ in range(3))
-    for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):
-        tk._launch_mlp_tma(a, b, b_kn, pre, out, 0.5, backward, bitwise_round=True, tile=(bm, bn, bk, 4, 2, 0))
-    tol = dict(rtol=2e-3, atol=1e-3)  # one fp16 rounding apart at most (summation order of the fp32 products)
-    want_pre = (x.double() @ w_up.double().T).to(half)
-    _close(pre.double(), want_pre.double(), "tma pre", **tol)
-    _close(post.double(), (F.leaky_relu(pre.double(), 0.5) ** 2).to(half).double(), "tma post", **tol)
-    c = (g.double() @ w_down.double()).to(half).double()
-    _close(dpre.double(), kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double(), "tma d pre", **tol)
+    for tile in ((64, 32, 32, 4, 2, 0), (64, 32, 0, 4, 1, 0)):
+        pre, post, dpre = (torch.full((M, N), float("nan"), dtype=half) for _ in range(3))
+        for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):
+            tk._launch_mlp_tma(a, b, b_kn, pre, out, 0.5, backward, bitwise_round=True, tile=tile)
+        tol = dict(rtol=2e-3, atol=1e-3)  # one fp16 rounding apart at most (summation order of the fp32 products)
+        want_pre = (x.double() @ w_up.double().T).to(half)
+        _close(pre.double(), want_pre.double(), f"tma pre {tile}", **tol)
+        _close(post.double(), (F.leaky_relu(pre.double(), 0.5) ** 2).to(half).double(), f"tma post {tile}", **tol)
+        c = (g.double() @ w_down.double()).to(half).double()
+        want_dpre = kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double()
+        _close(dpre.double(), want_dpre, f"tma d pre {tile}", **tol)
 
 
 def case_mlp_fused_every_output() -> None:

@@ -251,6 +251,8 @@ def test_mlp_tma_kernel_compiles_for_h100():
 
     for backward in (False, True):
         bm, bn, bk, warps, stages, per_sm = tk.TMA_TILES[backward]
+        if bk == 0:  # the row-resident kernel: test_mlp_rows_kernel_compiles_for_h100
+            continue
         half = f"tensordesc<bf16[{bm},{bn // 2}]>"
         sig = {"a_desc": f"tensordesc<bf16[{bm},{bk}]>",
                "b_desc": f"tensordesc<bf16[{bk},{bn}]>" if backward else f"tensordesc<bf16[{bn},{bk}]>",
@@ -265,6 +267,38 @@ def test_mlp_tma_kernel_compiles_for_h100():
         resident = max(per_sm, 1)  # programs that must fit on one SM at once
         shared = compiled.metadata.shared
         assert shared * resident <= H100_MAX_SHARED_BYTES, f"{what}: {shared} B shared, {resident} programs an SM"
+
+
+def test_mlp_rows_kernel_compiles_for_h100():
+    """The row-resident MLP kernel (a TMA_TILES entry with BLOCK_K 0) at the record's K = 512, both directions, at
+    the training tiles where they are row-resident and at (128, 64, 0, 8, 2, 0): wgmma with A taken from registers
+    (the opaque identity works: A is not re-read from shared memory per column tile), shared memory inside the
+    H100's 227 KiB."""
+    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
+        pytest.skip("needs triton without the interpreter")
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from pgolf.model import triton_kernels as tk
+
+    K = 512
+    for backward in (False, True):
+        tiles = {(128, 64, 0, 8, 2, 0), tk.TMA_TILES[backward]}
+        for bm, bn, bk, warps, stages, _ in sorted(t for t in tiles if t[2] == 0):
+            half_k = K // 2
+            block = f"tensordesc<bf16[{bm},{bn}]>"
+            sig = {"a_desc": f"tensordesc<bf16[{bm},{half_k}]>",
+                   "b_desc": f"tensordesc<bf16[{half_k},{bn}]>" if backward else f"tensordesc<bf16[{bn},{half_k}]>",
+                   "pre_desc": block, "out_desc": block, "N": "i32", "slope": "fp32"}
+            constexprs = {"K": K, "B_KN": backward, "BACKWARD": backward, "A_IN_REGISTERS": True,
+                          "BITWISE_ROUND": False, "STAGES": stages, "BLOCK_M": bm, "BLOCK_N": bn}
+            sig.update({name: "constexpr" for name in constexprs})
+            compiled = _compile_sm90(tk._mlp_rows_kernel, sig, constexprs, [], num_warps=warps)
+            what = f"{'backward' if backward else 'forward'} {(bm, bn, stages)}"
+            dots = [line for line in compiled.asm["ttgir"].splitlines() if "ttng.warp_group_dot " in line]
+            assert len(dots) == 2, f"{what}: {len(dots)} wgmma ops"
+            assert all(f"tensor<{bm}x{half_k}xbf16, #ttg.dot_op<{{opIdx = 0" in line for line in dots), \
+                f"{what}: A is not a register operand"
+            shared = compiled.metadata.shared
+            assert shared <= H100_MAX_SHARED_BYTES, f"{what}: {shared} B shared"
 
 
 def test_gate_linear_kernels_compile_for_h100():
@@ -880,23 +914,27 @@ def test_gpu_fused_mlp_bf16_autocast():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_tma_kernel_agrees_with_the_pointer_kernel():
-    """Hopper runs the persistent TMA kernel; it computes the pointer kernel's tiles (product rounded to bf16, then
-    the activation or its gradient): equal but for the fp32 summation order, i.e. rare one-ulp differences."""
+@pytest.mark.parametrize("tile", ["default", (128, 64, 0, 8, 2, 0), (128, 256, 64, 8, 4, 1)])
+def test_gpu_tma_kernel_agrees_with_the_pointer_kernel(tile):
+    """Hopper runs a TMA kernel (the training tiles, a row-resident tile, a persistent tiled one); it computes the
+    pointer kernel's tiles (product rounded to bf16, then the activation or its gradient): equal but for the fp32
+    summation order, i.e. rare one-ulp differences. M = 4,099 leaves a partial row block."""
     from pgolf.model import triton_kernels as tk
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the TMA kernel needs Hopper (sm90) or newer")
+    tiles = {False: None, True: None} if tile == "default" else {False: tile, True: tile}
     gen = torch.Generator(device="cuda").manual_seed(4)
     M, K, N = 4099, 512, 2048
     x, g = (torch.randn(M, K, device="cuda", generator=gen).bfloat16() for _ in range(2))
     w_up = (torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)).bfloat16()
     w_down = (torch.randn(K, N, device="cuda", generator=gen) / math.sqrt(N)).bfloat16()
-    out = {name: torch.empty(M, N, device="cuda", dtype=torch.bfloat16) for name in ("pre", "post", "pre_p", "post_p", "d", "d_p")}
+    names = ("pre", "post", "pre_p", "post_p", "d", "d_p")
+    out = {name: torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16) for name in names}  # unwritten: NaN
     assert tk._tma_usable(x, w_up, out["pre"]) and tk._tma_usable(g, w_down, out["d"])
-    tk._launch_mlp_tma(x, w_up, False, out["pre"], out["post"], 0.5, backward=False)
+    tk._launch_mlp_tma(x, w_up, False, out["pre"], out["post"], 0.5, backward=False, tile=tiles[False])
     tk._launch_mlp(x, w_up, (w_up.stride(0), w_up.stride(1)), out["pre_p"], out["post_p"], 0.5, backward=False)
-    tk._launch_mlp_tma(g, w_down, True, out["pre"], out["d"], 0.5, backward=True)
+    tk._launch_mlp_tma(g, w_down, True, out["pre"], out["d"], 0.5, backward=True, tile=tiles[True])
     tk._launch_mlp(g, w_down, (w_down.stride(1), w_down.stride(0)), out["pre"], out["d_p"], 0.5, backward=True)
     for a, b in (("pre", "pre_p"), ("post", "post_p"), ("d", "d_p")):
         ta, tb = out[a].float(), out[b].float()
