@@ -370,7 +370,7 @@ def case_qkv_norm_rope_opcheck() -> None:
 
 def case_qkv_gemm_tiles() -> None:
     """The q, k, v matmul with the q/k kernels as its epilogue (attn_triton._qkv_gemm_kernel, one program per tile:
-    the interpreter cannot run its persistent loop) against the fp64 product rounded to fp16 and then the fp64 q/k/v
+    the interpreter cannot run its persistent loop; and _qkv_rows_kernel, a tile with BLOCK_K 0) against the fp64 product rounded to fp16 and then the fp64 q/k/v
     reference: one and two heads per tile, one and two copies of each k / v head, with the gain and without, a
     partial last row block; 2 x 4 of 16 dims rotated. fp16, as the interpreter's dot mishandles bf16."""
     from pgolf.model import attn_triton
@@ -384,14 +384,15 @@ def case_qkv_gemm_tiles() -> None:
     cos, sin, gain = cos.to(f16), sin.to(f16), gain.to(f16)  # the tables and the gain in the activations' dtype
     qkv = (x.double() @ w.double().T).to(f16)  # the product as an unfused matmul stores it
     tol = dict(rtol=2e-3, atol=2e-3)  # one fp16 rounding of the product apart at most (summation order)
-    for per_tile, rep, g in ((1, 1, gain), (2, 2, None), (2, 1, gain), (1, 2, gain)):
-        what = f"qkv gemm: {per_tile} heads per tile, rep {rep}, gain {g is not None}"
+    for per_tile, rep, g, bk in ((1, 1, gain, 32), (2, 2, None, 32), (2, 1, gain, 32), (1, 2, gain, 32),
+                                 (2, 2, gain, 0), (1, 1, None, 0)):  # BLOCK_K 0: the row-resident kernel
+        what = f"qkv gemm: {per_tile} heads per tile, rep {rep}, gain {g is not None}, BLOCK_K {bk}"
         q, k, v, v_copies, qk, rstd_q, rstd_k = attn_kernels._qkv_linear_outputs(x, w, H, Hkv, rep)
         for t in (q, k, v, v_copies, qk, rstd_q, rstd_k):
             t.fill_(float("nan"))  # every element must be written
         attn_triton.launch_qkv_gemm_norm_rope(x, w, cos.reshape(T, half), sin.reshape(T, half), g,
                                               attn_kernels.QK_EPS, qk, q, k, v, v_copies if rep > 1 else None,
-                                              rstd_q, rstd_k, tile=(32, per_tile, 32, 4, 2, 0),
+                                              rstd_q, rstd_k, tile=(32, per_tile, bk, 4, 2, 0),
                                               bitwise_round=True)
         want = attn_kernels.qkv_norm_rope_reference(qkv.double(), H, Hkv, cos.double(), sin.double(),
                                                     None if g is None else g.double(), rep)

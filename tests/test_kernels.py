@@ -301,6 +301,35 @@ def test_mlp_rows_kernel_compiles_for_h100():
             assert shared <= H100_MAX_SHARED_BYTES, f"{what}: {shared} B shared"
 
 
+def test_qkv_rows_kernel_compiles_for_h100():
+    """The row-resident q, k, v kernel (a QKV_GEMM_TILE with BLOCK_K 0) at the record's shapes (K = 512, 8 q heads,
+    4 k / v heads repeated twice, 64 dims, 2 x 8 rotated), one head per tile (two would hold 2 x 64 KB of w a
+    stage), 2 and 3 stages: wgmma with x taken from registers, shared memory inside the H100's 227 KiB."""
+    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
+        pytest.skip("needs triton without the interpreter")
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from pgolf.model import attn_triton
+
+    K, H, HKV, D, HALF, REP, bm = 512, 8, 4, 64, 8, 2, 128
+    for per_tile, stages in ((1, 2), (1, 3)):
+        block = f"tensordesc<bf16[{bm},{D}]>"
+        sig = {"x_desc": f"tensordesc<bf16[{bm},{K // 2}]>", "w_desc": f"tensordesc<bf16[{per_tile * D},{K // 2}]>",
+               **{name: block for name in ("qk_desc", "q_desc", "k_desc", "v_desc", "vrep_desc")},
+               "cos_ptr": "*bf16", "sin_ptr": "*bf16", "gain_ptr": "*bf16", "rstd_q_ptr": "*fp32",
+               "rstd_k_ptr": "*fp32", "T": "i32", "eps": "fp32"}
+        constexprs = {"K": K, "H": H, "HKV": HKV, "D": D, "HALF": HALF, "HAS_GAIN": True, "REP": REP,
+                      "HEADS_PER_TILE": per_tile, "A_IN_REGISTERS": True, "BITWISE_ROUND": False, "STAGES": stages,
+                      "BLOCK_M": bm}
+        sig.update({name: "constexpr" for name in constexprs})
+        compiled = _compile_sm90(attn_triton._qkv_rows_kernel, sig, constexprs, [], num_warps=8)
+        what = f"{per_tile} heads per tile, {stages} stages"
+        dots = [line for line in compiled.asm["ttgir"].splitlines() if "ttng.warp_group_dot " in line]
+        assert len(dots) == 2, f"{what}: {len(dots)} wgmma ops"
+        assert all(f"tensor<{bm}x{K // 2}xbf16, #ttg.dot_op<{{opIdx = 0" in line for line in dots), \
+            f"{what}: x is not a register operand"
+        assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
+
+
 def test_gate_linear_kernels_compile_for_h100():
     """The output gate's projection kernels (train.fused_gate_linear) at the record's shapes (8 heads, a 12-channel
     window, 64 tokens a program) compile for sm_90."""
@@ -1130,12 +1159,17 @@ def test_gpu_qkv_norm_rope_bf16(rep):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("rep", [1, 2])
-def test_gpu_qkv_linear_norm_rope_bf16(rep):
+@pytest.mark.parametrize("tile", ["default", (128, 1, 0, 8, 2, 0)])
+def test_gpu_qkv_linear_norm_rope_bf16(rep, tile, monkeypatch):
     """The q, k, v matmul with the q/k kernels as its epilogue (one Triton kernel on Hopper) at the record's shapes
     in bf16: q, k, v, the attention's v and the gradients of x, w and the gain no further from the fp64 truth than
-    F.linear followed by the unfused path; on sm90 the TMA kernel is the path taken, and it writes every output."""
+    F.linear followed by the unfused path; on sm90 the TMA kernel is the path taken (the training tile, and a
+    row-resident one), and it writes every output."""
     from pgolf.model import attn_triton
     from pgolf.model.rope import rope_buffers
+
+    if tile != "default":
+        monkeypatch.setattr(attn_triton, "QKV_GEMM_TILE", tile)
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     T, K, H, Hkv, D, half = 4099, 512, 8, 4, 64, 8
