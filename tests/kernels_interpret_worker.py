@@ -166,7 +166,7 @@ def case_mlp_tma_tiles() -> None:
     half = torch.float16
     x, w_up = torch.randn(M, K, generator=gen).to(half), (torch.randn(N, K, generator=gen) / 8).to(half)
     g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
-    for tile in ((64, 32, 32, 4, 2, 0), (64, 32, 0, 4, 1, 0)):
+    for tile in ((64, 32, 32, 4, 2, 0), (64, 32, 0, 4, 1, 0), (64, 64, 0, 4, 1, 0)):  # N = 96: a partial last tile
         pre, post, dpre = (torch.full((M, N), float("nan"), dtype=half) for _ in range(3))
         for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):
             tk._launch_mlp_tma(a, b, b_kn, pre, out, 0.5, backward, bitwise_round=True, tile=tile)

@@ -293,10 +293,16 @@ def test_mlp_rows_kernel_compiles_for_h100():
             sig.update({name: "constexpr" for name in constexprs})
             compiled = _compile_sm90(tk._mlp_rows_kernel, sig, constexprs, [], num_warps=warps)
             what = f"{'backward' if backward else 'forward'} {(bm, bn, stages)}"
-            dots = [line for line in compiled.asm["ttgir"].splitlines() if "ttng.warp_group_dot " in line]
-            assert len(dots) == 2, f"{what}: {len(dots)} wgmma ops"
+            ttgir = compiled.asm["ttgir"]
+            dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
+            assert len(dots) == 4, f"{what}: {len(dots)} wgmma ops (2 before the loop, 2 in it)"
             assert all(f"tensor<{bm}x{half_k}xbf16, #ttg.dot_op<{{opIdx = 0" in line for line in dots), \
                 f"{what}: A is not a register operand"
+            # the hand pipelining: inside the loop, a product is still in flight when the epilogue stores
+            loop = ttgir[ttgir.index("scf.for"):ttgir.index("scf.yield")]
+            last_dot, first_store = loop.rindex("ttng.warp_group_dot "), loop.index("async_tma_copy_local_to_global")
+            assert last_dot < first_store and "warp_group_dot_wait" not in loop[last_dot:first_store], \
+                f"{what}: the epilogue waits for the next tile's products"
             shared = compiled.metadata.shared
             assert shared <= H100_MAX_SHARED_BYTES, f"{what}: {shared} B shared"
 

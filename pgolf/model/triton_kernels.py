@@ -250,21 +250,39 @@ def _mlp_rows_kernel(
 ):
     HALF_K: tl.constexpr = K // 2
     row = tl.program_id(0) * BLOCK_M
-    out_dtype = out_desc.dtype
     a_lo = _registers(a_desc.load([row, 0]), A_IN_REGISTERS)  # [BM, K/2]
     a_hi = _registers(a_desc.load([row, HALF_K]), A_IN_REGISTERS)  # [BM, K/2]
-    for col in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-        if B_KN:  # [K/2, BN] blocks
-            acc = tl.dot(a_hi, b_desc.load([HALF_K, col]), tl.dot(a_lo, b_desc.load([0, col])))  # [BM, BN]
-        else:  # [BN, K/2] blocks, transposed
-            acc = tl.dot(a_hi, b_desc.load([col, HALF_K]).T, tl.dot(a_lo, b_desc.load([col, 0]).T))
-        c = _narrow(acc, out_dtype, BITWISE_ROUND)
-        if BACKWARD:
-            p = pre_desc.load([row, col]).to(tl.float32)
-            out_desc.store([row, col], _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype, BITWISE_ROUND))
-        else:
-            pre_desc.store([row, col], c)
-            out_desc.store([row, col], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
+    # software-pipelined by hand: the next column tile's products are issued before this one's epilogue, so the
+    # tensor cores work while the epilogue runs (Triton then waits for them at the next iteration)
+    acc = _rows_product(a_lo, a_hi, b_desc, 0, HALF_K, B_KN)  # [BM, BN] fp32
+    for col in tl.range(BLOCK_N, N, BLOCK_N, num_stages=STAGES):
+        following = _rows_product(a_lo, a_hi, b_desc, col, HALF_K, B_KN)
+        _mlp_rows_epilogue(acc, row, col - BLOCK_N, pre_desc, out_desc, slope, BACKWARD, BITWISE_ROUND)
+        acc = following
+    _mlp_rows_epilogue(acc, row, (tl.cdiv(N, BLOCK_N) - 1) * BLOCK_N, pre_desc, out_desc, slope, BACKWARD,
+                       BITWISE_ROUND)
+
+
+@triton.jit
+def _rows_product(a_lo, a_hi, b_desc, col, HALF_K: tl.constexpr, B_KN: tl.constexpr):
+    """A's resident row block times B's column tile at ``col``: [BM, K/2] x 2 @ [K/2, BN] x 2 -> [BM, BN] fp32."""
+    if B_KN:  # [K/2, BN] blocks
+        return tl.dot(a_hi, b_desc.load([HALF_K, col]), tl.dot(a_lo, b_desc.load([0, col])))
+    else:  # [BN, K/2] blocks, transposed
+        return tl.dot(a_hi, b_desc.load([col, HALF_K]).T, tl.dot(a_lo, b_desc.load([col, 0]).T))
+
+
+@triton.jit
+def _mlp_rows_epilogue(acc, row, col, pre_desc, out_desc, slope, BACKWARD: tl.constexpr, BITWISE_ROUND: tl.constexpr):
+    """:func:`_mlp_tma_tile`'s epilogue for the [BM, BN] tile at (row, col), from its fp32 product."""
+    out_dtype = out_desc.dtype
+    c = _narrow(acc, out_dtype, BITWISE_ROUND)
+    if BACKWARD:
+        p = pre_desc.load([row, col]).to(tl.float32)
+        out_desc.store([row, col], _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype, BITWISE_ROUND))
+    else:
+        pre_desc.store([row, col], c)
+        out_desc.store([row, col], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, programs per SM) per direction, for N = 4d and K = d at
