@@ -177,6 +177,12 @@ def case_mlp_tma_tiles() -> None:
         c = (g.double() @ w_down.double()).to(half).double()
         want_dpre = kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double()
         _close(dpre.double(), want_dpre, f"tma d pre {tile}", **tol)
+    # a row-resident tile where K does not fit that kernel (K/2 not a multiple of 16): the tiled kernel runs instead
+    x80, w80 = torch.randn(M, 80, generator=gen).to(half), (torch.randn(N, 80, generator=gen) / 8).to(half)
+    assert not tk.rows_kernel_fits(80)
+    pre, post = (torch.full((M, N), float("nan"), dtype=half) for _ in range(2))
+    tk._launch_mlp_tma(x80, w80, False, pre, post, 0.5, False, bitwise_round=True, tile=(64, 32, 0, 4, 1, 0))
+    _close(pre.double(), (x80.double() @ w80.double().T).to(half).double(), "tma pre, K = 80", rtol=2e-3, atol=1e-3)
 
 
 def case_mlp_fused_every_output() -> None:

@@ -340,8 +340,7 @@ def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Ten
             STAGES=stages, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=warps,
         )
-    if bk == 0:  # a row-resident tile where K does not fit it: the tiled kernel's default BLOCK_K
-        bk = 64
+    bk = bk or 64  # a row-resident tile where K does not fit it: the tiled kernel
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = persistent_programs(per_sm, tiles, a.device)
     persistent = per_sm > 0
