@@ -34,3 +34,16 @@ def test_module_marginals_rank_what_each_module_adds():
     by_name = {r["module"]: r for r in rows}
     assert by_name["c"]["marginal_brotli_bytes"] < by_name["c"]["alone_brotli_bytes"]  # shares its text with "a"
     assert all(r["raw_bytes"] == len(sources[r["module"]]) for r in rows)
+
+
+def test_record_parts_name_the_top_level_definitions_without_docstrings(tmp_path, capsys):
+    tool = _tool()
+    script = tmp_path / "train_gpt.py"
+    script.write_text('"""module doc"""\nimport os\nX = 1\n\ndef f():\n    """doc of f"""\n    return X\n\n'
+                      'class C:\n    """doc of C"""\n    def m(self):\n        """doc of m"""\n        pass\n')
+    parts = tool.record_parts(script)
+    assert list(parts) == ["import@0", "assign@1", "f", "C"]  # the module docstring is gone before numbering
+    assert "doc" not in "".join(parts.values()) and parts["f"] == "def f():\n    return X"
+    assert tool.main(["--record-script", str(script)]) == 0
+    out = capsys.readouterr().out
+    assert "4 top-level parts" in out and out.count(" marginal ") == 4
