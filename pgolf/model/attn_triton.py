@@ -261,8 +261,7 @@ def _qkv_rows_kernel(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc,
     row = tl.program_id(0) * BLOCK_M
     x_lo = _registers(x_desc.load([row, 0]), A_IN_REGISTERS)  # [BM, K/2]
     x_hi = _registers(x_desc.load([row, HALF_K]), A_IN_REGISTERS)  # [BM, K/2]
-    # (not software-pipelined by hand as _mlp_rows_kernel is: with two products live this epilogue spills, 255
-    # registers, on sm_90)
+    # (not software-pipelined by hand, as _mlp_rows_kernel says why)
     for head in tl.range(0, H + 2 * HKV, HEADS_PER_TILE, num_stages=STAGES):
         acc = _rows_product(x_lo, x_hi, w_desc, head * D, HALF_K, False)  # [BM, HEADS_PER_TILE D] fp32
         _qkv_tile_epilogue(acc, head, row, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,

@@ -252,15 +252,11 @@ def _mlp_rows_kernel(
     row = tl.program_id(0) * BLOCK_M
     a_lo = _registers(a_desc.load([row, 0]), A_IN_REGISTERS)  # [BM, K/2]
     a_hi = _registers(a_desc.load([row, HALF_K]), A_IN_REGISTERS)  # [BM, K/2]
-    # software-pipelined by hand: the next column tile's products are issued before this one's epilogue, so the
-    # tensor cores work while the epilogue runs (Triton then waits for them at the next iteration)
-    acc = _rows_product(a_lo, a_hi, b_desc, 0, HALF_K, B_KN)  # [BM, BN] fp32
-    for col in tl.range(BLOCK_N, N, BLOCK_N, num_stages=STAGES):
-        following = _rows_product(a_lo, a_hi, b_desc, col, HALF_K, B_KN)
-        _mlp_rows_epilogue(acc, row, col - BLOCK_N, pre_desc, out_desc, slope, BACKWARD, BITWISE_ROUND)
-        acc = following
-    _mlp_rows_epilogue(acc, row, (tl.cdiv(N, BLOCK_N) - 1) * BLOCK_N, pre_desc, out_desc, slope, BACKWARD,
-                       BITWISE_ROUND)
+    # (not software-pipelined by hand: with the next tile's products in flight through this tile's epilogue, ptxas
+    # serializes the wgmma instructions, its warning C7514)
+    for col in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+        acc = _rows_product(a_lo, a_hi, b_desc, col, HALF_K, B_KN)  # [BM, BN] fp32
+        _mlp_rows_epilogue(acc, row, col, pre_desc, out_desc, slope, BACKWARD, BITWISE_ROUND)
 
 
 @triton.jit
