@@ -242,8 +242,8 @@ H100_MAX_SHARED_BYTES = 227 * 1024
 
 
 def test_mlp_tma_kernel_compiles_for_h100():
-    """The Hopper TMA MLP kernel at its training tiles (TMA_TILES), both directions: wgmma, and shared memory inside
-    the H100's 227 KiB for as many programs as the tile puts on one SM."""
+    """The Hopper TMA MLP kernel at its training tiles (TMA_TILES), both directions: wgmma kept asynchronous by
+    ptxas, no spills, and shared memory inside the H100's 227 KiB for as many programs as the tile puts on one SM."""
     if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
         pytest.skip("needs triton without the interpreter")
     pytest.importorskip("triton.backends.nvidia.compiler")
@@ -265,6 +265,7 @@ def test_mlp_tma_kernel_compiles_for_h100():
         compiled = _compile_sm90(tk._mlp_tma_kernel, sig, constexprs, [], num_warps=warps, num_stages=stages)
         what = "backward" if backward else "forward"
         assert "warp_group_dot" in compiled.asm["ttgir"], f"{what}: no wgmma"
+        _assert_ptxas_keeps_wgmma_async(compiled, what)
         resident = max(per_sm, 1)  # programs that must fit on one SM at once
         shared = compiled.metadata.shared
         assert shared * resident <= H100_MAX_SHARED_BYTES, f"{what}: {shared} B shared, {resident} programs an SM"
