@@ -287,6 +287,17 @@ def _assert_ptxas_keeps_wgmma_async(compiled, what: str) -> None:
     assert " 0 bytes spill stores" in info, f"{what}: spills ({info})"
 
 
+def _assert_row_kernel(compiled, block_m: int, half_k: int, what: str) -> None:
+    """A compiled row-resident kernel: its two products (K in two halves) take the resident rows as a register
+    operand, ptxas keeps them asynchronous without spills, and shared memory fits an H100."""
+    dots = [line for line in compiled.asm["ttgir"].splitlines() if "ttng.warp_group_dot " in line]
+    assert len(dots) == 2, f"{what}: {len(dots)} wgmma ops"
+    assert all(f"tensor<{block_m}x{half_k}xbf16, #ttg.dot_op<{{opIdx = 0" in line for line in dots), \
+        f"{what}: the resident rows are not a register operand"
+    _assert_ptxas_keeps_wgmma_async(compiled, what)
+    assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
+
+
 def test_mlp_rows_kernel_compiles_for_h100():
     """The row-resident MLP kernel (a TMA_TILES entry with BLOCK_K 0) at the record's K = 512, both directions, at
     the training tiles where they are row-resident and at (128, 64, 0, 8, 2, 0): wgmma with A taken from registers
@@ -310,20 +321,14 @@ def test_mlp_rows_kernel_compiles_for_h100():
                           "BITWISE_ROUND": False, "STAGES": stages, "BLOCK_M": bm, "BLOCK_N": bn}
             sig.update({name: "constexpr" for name in constexprs})
             compiled = _compile_sm90(tk._mlp_rows_kernel, sig, constexprs, [], num_warps=warps)
-            what = f"{'backward' if backward else 'forward'} {(bm, bn, stages)}"
-            dots = [line for line in compiled.asm["ttgir"].splitlines() if "ttng.warp_group_dot " in line]
-            assert len(dots) == 2, f"{what}: {len(dots)} wgmma ops"
-            assert all(f"tensor<{bm}x{half_k}xbf16, #ttg.dot_op<{{opIdx = 0" in line for line in dots), \
-                f"{what}: A is not a register operand"
-            _assert_ptxas_keeps_wgmma_async(compiled, what)
-            shared = compiled.metadata.shared
-            assert shared <= H100_MAX_SHARED_BYTES, f"{what}: {shared} B shared"
+            _assert_row_kernel(compiled, bm, half_k, f"{'backward' if backward else 'forward'} {(bm, bn, stages)}")
 
 
 def test_qkv_rows_kernel_compiles_for_h100():
     """The row-resident q, k, v kernel (a QKV_GEMM_TILE with BLOCK_K 0) at the record's shapes (K = 512, 8 q heads,
     4 k / v heads repeated twice, 64 dims, 2 x 8 rotated), one head per tile (two would hold 2 x 64 KB of w a
-    stage), 2 and 3 stages: wgmma with x taken from registers, shared memory inside the H100's 227 KiB."""
+    stage), 2 and 3 stages: wgmma with x taken from registers and kept asynchronous by ptxas, no spills, shared
+    memory inside the H100's 227 KiB."""
     if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
         pytest.skip("needs triton without the interpreter")
     pytest.importorskip("triton.backends.nvidia.compiler")
@@ -341,13 +346,7 @@ def test_qkv_rows_kernel_compiles_for_h100():
                       "BLOCK_M": bm}
         sig.update({name: "constexpr" for name in constexprs})
         compiled = _compile_sm90(attn_triton._qkv_rows_kernel, sig, constexprs, [], num_warps=8)
-        what = f"{per_tile} heads per tile, {stages} stages"
-        dots = [line for line in compiled.asm["ttgir"].splitlines() if "ttng.warp_group_dot " in line]
-        assert len(dots) == 2, f"{what}: {len(dots)} wgmma ops"
-        assert all(f"tensor<{bm}x{K // 2}xbf16, #ttg.dot_op<{{opIdx = 0" in line for line in dots), \
-            f"{what}: x is not a register operand"
-        _assert_ptxas_keeps_wgmma_async(compiled, what)
-        assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
+        _assert_row_kernel(compiled, bm, K // 2, f"{per_tile} heads per tile, {stages} stages")
 
 
 def test_gate_linear_kernels_compile_for_h100():
