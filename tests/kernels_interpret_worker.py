@@ -376,9 +376,10 @@ def case_qkv_norm_rope_opcheck() -> None:
 
 def case_qkv_gemm_tiles() -> None:
     """The q, k, v matmul with the q/k kernels as its epilogue (attn_triton._qkv_gemm_kernel, one program per tile:
-    the interpreter cannot run its persistent loop; and _qkv_rows_kernel, a tile with BLOCK_K 0) against the fp64 product rounded to fp16 and then the fp64 q/k/v
-    reference: one and two heads per tile, one and two copies of each k / v head, with the gain and without, a
-    partial last row block; 2 x 4 of 16 dims rotated. fp16, as the interpreter's dot mishandles bf16."""
+    the interpreter cannot run its persistent loop; and _qkv_rows_kernel, a tile with BLOCK_K 0) against the fp64
+    product rounded to fp16 and then the fp64 q/k/v reference: one and two heads per tile, one and two copies of
+    each k / v head, with the gain and without, a partial last row block; 2 x 4 of 16 dims rotated. fp16, as the
+    interpreter's dot mishandles bf16."""
     from pgolf.model import attn_triton
 
     f16 = torch.float16

@@ -978,7 +978,8 @@ def test_gpu_tma_kernel_agrees_with_the_pointer_kernel(tile):
     w_up = (torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)).bfloat16()
     w_down = (torch.randn(K, N, device="cuda", generator=gen) / math.sqrt(N)).bfloat16()
     names = ("pre", "post", "pre_p", "post_p", "d", "d_p")
-    out = {name: torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16) for name in names}  # unwritten: NaN
+    # every output starts as NaN: an element a kernel does not write fails the comparison
+    out = {name: torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16) for name in names}
     assert tk._tma_usable(x, w_up, out["pre"]) and tk._tma_usable(g, w_down, out["d"])
     tk._launch_mlp_tma(x, w_up, False, out["pre"], out["post"], 0.5, backward=False, tile=tiles[False])
     tk._launch_mlp(x, w_up, (w_up.stride(0), w_up.stride(1)), out["pre_p"], out["post_p"], 0.5, backward=False)
