@@ -191,7 +191,6 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
                   BLOCK_K: tl.constexpr):
     """One [BM, BN] output tile of :func:`_mlp_tma_kernel`."""
     HALF: tl.constexpr = BLOCK_N // 2
-    out_dtype = out_desc.dtype
     row = (tile // tiles_n) * BLOCK_M  # consecutive tiles share a row block of A (B stays in L2)
     col = (tile % tiles_n) * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -203,15 +202,21 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
             acc = tl.dot(a, b_desc.load([col, k0]).T, acc)  # [BN, BK] -> [BK, BN]
     halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # 2 x [BM, HALF]
     for i in tl.static_range(2):
-        c = _narrow(halves[i], out_dtype, BITWISE_ROUND)
-        at = col + i * HALF
-        if BACKWARD:
-            p = pre_desc.load([row, at]).to(tl.float32)
-            dpre = _act_grad(c.to(tl.float32), p, slope)
-            out_desc.store([row, at], _narrow(dpre, out_dtype, BITWISE_ROUND))
-        else:
-            pre_desc.store([row, at], c)
-            out_desc.store([row, at], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
+        _mlp_tma_epilogue(halves[i], row, col + i * HALF, pre_desc, out_desc, slope, BACKWARD, BITWISE_ROUND)
+
+
+@triton.jit
+def _mlp_tma_epilogue(acc, row, col, pre_desc, out_desc, slope, BACKWARD: tl.constexpr, BITWISE_ROUND: tl.constexpr):
+    """The TMA kernels' epilogue for one output block at (row, col) from its fp32 product: the product rounded to the
+    output dtype first (as an unfused F.linear stores it); forward pre and post, backward dpre from the loaded pre."""
+    out_dtype = out_desc.dtype
+    c = _narrow(acc, out_dtype, BITWISE_ROUND)
+    if BACKWARD:
+        p = pre_desc.load([row, col]).to(tl.float32)
+        out_desc.store([row, col], _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype, BITWISE_ROUND))
+    else:
+        pre_desc.store([row, col], c)
+        out_desc.store([row, col], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
 
 
 # The same two epilogues with A's whole row block resident: each program loads its [BM, K] rows of A once (two
@@ -256,7 +261,7 @@ def _mlp_rows_kernel(
     # serializes the wgmma instructions, its warning C7514)
     for col in tl.range(0, N, BLOCK_N, num_stages=STAGES):
         acc = _rows_product(a_lo, a_hi, b_desc, col, HALF_K, B_KN)  # [BM, BN] fp32
-        _mlp_rows_epilogue(acc, row, col, pre_desc, out_desc, slope, BACKWARD, BITWISE_ROUND)
+        _mlp_tma_epilogue(acc, row, col, pre_desc, out_desc, slope, BACKWARD, BITWISE_ROUND)
 
 
 @triton.jit
@@ -266,19 +271,6 @@ def _rows_product(a_lo, a_hi, b_desc, col, HALF_K: tl.constexpr, B_KN: tl.conste
         return tl.dot(a_hi, b_desc.load([HALF_K, col]), tl.dot(a_lo, b_desc.load([0, col])))
     else:  # [BN, K/2] blocks, transposed
         return tl.dot(a_hi, b_desc.load([col, HALF_K]).T, tl.dot(a_lo, b_desc.load([col, 0]).T))
-
-
-@triton.jit
-def _mlp_rows_epilogue(acc, row, col, pre_desc, out_desc, slope, BACKWARD: tl.constexpr, BITWISE_ROUND: tl.constexpr):
-    """:func:`_mlp_tma_tile`'s epilogue for the [BM, BN] tile at (row, col), from its fp32 product."""
-    out_dtype = out_desc.dtype
-    c = _narrow(acc, out_dtype, BITWISE_ROUND)
-    if BACKWARD:
-        p = pre_desc.load([row, col]).to(tl.float32)
-        out_desc.store([row, col], _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype, BITWISE_ROUND))
-    else:
-        pre_desc.store([row, col], c)
-        out_desc.store([row, col], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, programs per SM) per direction, for N = 4d and K = d at
