@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -274,8 +275,6 @@ def test_mlp_tma_kernel_compiles_for_h100():
 def _assert_ptxas_keeps_wgmma_async(compiled, what: str) -> None:
     """ptxas (the one triton ships) on the kernel's PTX: no spills, and no C7514, its warning that it serializes
     the wgmma instructions (it does when other instructions read a product's registers while it may run)."""
-    import tempfile
-
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:
