@@ -48,9 +48,6 @@ SWEEP_TILES = [
     (128, 128, 64, 8, 2, 2), (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 2, 2), (64, 256, 64, 4, 2, 2),
     (128, 128, 32, 4, 4, 2), (128, 128, 32, 4, 3, 3), (128, 128, 64, 8, 2, 0), (64, 256, 64, 4, 2, 0),
     (128, 128, 32, 4, 4, 0),
-    # the row-resident kernel (BLOCK_K 0): A's [128, 512] rows in registers, B's [BN, 512] tiles in STAGES buffers
-    # (compiled for sm_90: BN = 64 fits 3 stages forward, 2 backward; BN = 128 and 4 warps spill)
-    (128, 64, 0, 8, 2, 0), (128, 64, 0, 8, 3, 0), (128, 32, 0, 8, 3, 0), (128, 32, 0, 8, 4, 0), (128, 32, 0, 8, 5, 0),
 ]
 APPLICATIONS = {"off": 11, "on": 17}
 MICRO_BATCHES = 8

@@ -42,9 +42,6 @@ MICRO_BATCHES = 8
 SWEEP_TILES = [
     (256, 2, 64, 8, 4, 1), (256, 2, 64, 8, 4, 0), (128, 2, 64, 8, 3, 2), (128, 2, 64, 4, 3, 2), (128, 2, 64, 8, 2, 2),
     (128, 2, 64, 8, 3, 0),
-    # the row-resident kernel (BLOCK_K 0): x's [128, 512] rows in registers, w's [64, 512] head tiles streamed (two
-    # heads a tile would not fit two stages in shared memory)
-    (128, 1, 0, 8, 2, 0), (128, 1, 0, 8, 3, 0),
 ]
 
 

@@ -157,32 +157,24 @@ def case_mlp_act_grad_kernel() -> None:
 
 
 def case_mlp_tma_tiles() -> None:
-    """The Hopper TMA kernels: the tiled one (one program per tile: the interpreter cannot run its persistent loop)
-    and the row-resident one (BLOCK_K 0; A from shared memory here, as the interpreter has no inline PTX), both
+    """The Hopper TMA kernel's tiles (one program per tile: the interpreter cannot run its persistent loop), both
     epilogues, partial tiles on M and a B read as [N, K] (forward) and [K, N] (backward); fp16, as the
     interpreter's dot mishandles bf16. The epilogue acts on the product rounded to fp16, like an unfused F.linear."""
     gen = torch.Generator().manual_seed(10)
     M, K, N = 200, 64, 96
+    bm, bn, bk = 64, 32, 32
     half = torch.float16
     x, w_up = torch.randn(M, K, generator=gen).to(half), (torch.randn(N, K, generator=gen) / 8).to(half)
     g, w_down = torch.randn(M, K, generator=gen).to(half), (torch.randn(K, N, generator=gen) / 8).to(half)
-    for tile in ((64, 32, 32, 4, 2, 0), (64, 32, 0, 4, 1, 0), (64, 64, 0, 4, 1, 0)):  # N = 96: a partial last tile
-        pre, post, dpre = (torch.full((M, N), float("nan"), dtype=half) for _ in range(3))
-        for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):
-            tk._launch_mlp_tma(a, b, b_kn, pre, out, 0.5, backward, bitwise_round=True, tile=tile)
-        tol = dict(rtol=2e-3, atol=1e-3)  # one fp16 rounding apart at most (summation order of the fp32 products)
-        want_pre = (x.double() @ w_up.double().T).to(half)
-        _close(pre.double(), want_pre.double(), f"tma pre {tile}", **tol)
-        _close(post.double(), (F.leaky_relu(pre.double(), 0.5) ** 2).to(half).double(), f"tma post {tile}", **tol)
-        c = (g.double() @ w_down.double()).to(half).double()
-        want_dpre = kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double()
-        _close(dpre.double(), want_dpre, f"tma d pre {tile}", **tol)
-    # a row-resident tile where K does not fit that kernel (K/2 not a multiple of 16): the tiled kernel runs instead
-    x80, w80 = torch.randn(M, 80, generator=gen).to(half), (torch.randn(N, 80, generator=gen) / 8).to(half)
-    assert not tk.rows_kernel_fits(80)
-    pre, post = (torch.full((M, N), float("nan"), dtype=half) for _ in range(2))
-    tk._launch_mlp_tma(x80, w80, False, pre, post, 0.5, False, bitwise_round=True, tile=(64, 32, 0, 4, 1, 0))
-    _close(pre.double(), (x80.double() @ w80.double().T).to(half).double(), "tma pre, K = 80", rtol=2e-3, atol=1e-3)
+    pre, post, dpre = (torch.full((M, N), float("nan"), dtype=half) for _ in range(3))  # every element written
+    for b, b_kn, a, out, backward in ((w_up, False, x, post, False), (w_down, True, g, dpre, True)):
+        tk._launch_mlp_tma(a, b, b_kn, pre, out, 0.5, backward, bitwise_round=True, tile=(bm, bn, bk, 4, 2, 0))
+    tol = dict(rtol=2e-3, atol=1e-3)  # one fp16 rounding apart at most (summation order of the fp32 products)
+    want_pre = (x.double() @ w_up.double().T).to(half)
+    _close(pre.double(), want_pre.double(), "tma pre", **tol)
+    _close(post.double(), (F.leaky_relu(pre.double(), 0.5) ** 2).to(half).double(), "tma post", **tol)
+    c = (g.double() @ w_down.double()).to(half).double()
+    _close(dpre.double(), kernels.mlp_activation_grad(pre.double(), c, 0.5).to(half).double(), "tma d pre", **tol)
 
 
 def case_mlp_fused_every_output() -> None:
@@ -376,10 +368,9 @@ def case_qkv_norm_rope_opcheck() -> None:
 
 def case_qkv_gemm_tiles() -> None:
     """The q, k, v matmul with the q/k kernels as its epilogue (attn_triton._qkv_gemm_kernel, one program per tile:
-    the interpreter cannot run its persistent loop; and _qkv_rows_kernel, a tile with BLOCK_K 0) against the fp64
-    product rounded to fp16 and then the fp64 q/k/v reference: one and two heads per tile, one and two copies of
-    each k / v head, with the gain and without, a partial last row block; 2 x 4 of 16 dims rotated. fp16, as the
-    interpreter's dot mishandles bf16."""
+    the interpreter cannot run its persistent loop) against the fp64 product rounded to fp16 and then the fp64 q/k/v
+    reference: one and two heads per tile, one and two copies of each k / v head, with the gain and without, a
+    partial last row block; 2 x 4 of 16 dims rotated. fp16, as the interpreter's dot mishandles bf16."""
     from pgolf.model import attn_triton
 
     f16 = torch.float16
@@ -391,15 +382,14 @@ def case_qkv_gemm_tiles() -> None:
     cos, sin, gain = cos.to(f16), sin.to(f16), gain.to(f16)  # the tables and the gain in the activations' dtype
     qkv = (x.double() @ w.double().T).to(f16)  # the product as an unfused matmul stores it
     tol = dict(rtol=2e-3, atol=2e-3)  # one fp16 rounding of the product apart at most (summation order)
-    for per_tile, rep, g, bk in ((1, 1, gain, 32), (2, 2, None, 32), (2, 1, gain, 32), (1, 2, gain, 32),
-                                 (2, 2, gain, 0), (1, 1, None, 0)):  # BLOCK_K 0: the row-resident kernel
-        what = f"qkv gemm: {per_tile} heads per tile, rep {rep}, gain {g is not None}, BLOCK_K {bk}"
+    for per_tile, rep, g in ((1, 1, gain), (2, 2, None), (2, 1, gain), (1, 2, gain)):
+        what = f"qkv gemm: {per_tile} heads per tile, rep {rep}, gain {g is not None}"
         q, k, v, v_copies, qk, rstd_q, rstd_k = attn_kernels._qkv_linear_outputs(x, w, H, Hkv, rep)
         for t in (q, k, v, v_copies, qk, rstd_q, rstd_k):
             t.fill_(float("nan"))  # every element must be written
         attn_triton.launch_qkv_gemm_norm_rope(x, w, cos.reshape(T, half), sin.reshape(T, half), g,
                                               attn_kernels.QK_EPS, qk, q, k, v, v_copies if rep > 1 else None,
-                                              rstd_q, rstd_k, tile=(32, per_tile, bk, 4, 2, 0),
+                                              rstd_q, rstd_k, tile=(32, per_tile, 32, 4, 2, 0),
                                               bitwise_round=True)
         want = attn_kernels.qkv_norm_rope_reference(qkv.double(), H, Hkv, cos.double(), sin.double(),
                                                     None if g is None else g.double(), rep)

@@ -252,9 +252,6 @@ def test_mlp_tma_kernel_compiles_for_h100():
 
     for backward in (False, True):
         bm, bn, bk, warps, stages, per_sm = tk.TMA_TILES[backward]
-        # a row-resident training tile (BLOCK_K 0) is test_mlp_rows_kernel_compiles_for_h100's; where K does not fit
-        # it, _launch_mlp_tma runs the tiled kernel at the same tile with BLOCK_K 64: compiled here
-        bk = bk or 64
         half = f"tensordesc<bf16[{bm},{bn // 2}]>"
         sig = {"a_desc": f"tensordesc<bf16[{bm},{bk}]>",
                "b_desc": f"tensordesc<bf16[{bk},{bn}]>" if backward else f"tensordesc<bf16[{bn},{bk}]>",
@@ -284,68 +281,6 @@ def _assert_ptxas_keeps_wgmma_async(compiled, what: str) -> None:
                               capture_output=True, text=True, check=True).stderr
     assert "C7514" not in info, f"{what}: ptxas serializes the wgmma instructions"
     assert " 0 bytes spill stores" in info, f"{what}: spills ({info})"
-
-
-def _assert_row_kernel(compiled, block_m: int, half_k: int, what: str) -> None:
-    """A compiled row-resident kernel: its two products (K in two halves) take the resident rows as a register
-    operand, ptxas keeps them asynchronous without spills, and shared memory fits an H100."""
-    dots = [line for line in compiled.asm["ttgir"].splitlines() if "ttng.warp_group_dot " in line]
-    assert len(dots) == 2, f"{what}: {len(dots)} wgmma ops"
-    assert all(f"tensor<{block_m}x{half_k}xbf16, #ttg.dot_op<{{opIdx = 0" in line for line in dots), \
-        f"{what}: the resident rows are not a register operand"
-    _assert_ptxas_keeps_wgmma_async(compiled, what)
-    assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
-
-
-def test_mlp_rows_kernel_compiles_for_h100():
-    """The row-resident MLP kernel (a TMA_TILES entry with BLOCK_K 0) at the record's K = 512, both directions, at
-    the training tiles where they are row-resident and at (128, 64, 0, 8, 2, 0): wgmma with A taken from registers
-    (the opaque identity works: A is not re-read from shared memory per column tile), kept asynchronous by ptxas,
-    no spills, shared memory inside the H100's 227 KiB."""
-    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
-        pytest.skip("needs triton without the interpreter")
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    from pgolf.model import triton_kernels as tk
-
-    K = 512
-    for backward in (False, True):
-        tiles = {(128, 64, 0, 8, 2, 0), tk.TMA_TILES[backward]}
-        for bm, bn, bk, warps, stages, _ in sorted(t for t in tiles if t[2] == 0):
-            half_k = K // 2
-            block = f"tensordesc<bf16[{bm},{bn}]>"
-            sig = {"a_desc": f"tensordesc<bf16[{bm},{half_k}]>",
-                   "b_desc": f"tensordesc<bf16[{half_k},{bn}]>" if backward else f"tensordesc<bf16[{bn},{half_k}]>",
-                   "pre_desc": block, "out_desc": block, "N": "i32", "slope": "fp32"}
-            constexprs = {"K": K, "B_KN": backward, "BACKWARD": backward, "A_IN_REGISTERS": True,
-                          "BITWISE_ROUND": False, "STAGES": stages, "BLOCK_M": bm, "BLOCK_N": bn}
-            sig.update({name: "constexpr" for name in constexprs})
-            compiled = _compile_sm90(tk._mlp_rows_kernel, sig, constexprs, [], num_warps=warps)
-            _assert_row_kernel(compiled, bm, half_k, f"{'backward' if backward else 'forward'} {(bm, bn, stages)}")
-
-
-def test_qkv_rows_kernel_compiles_for_h100():
-    """The row-resident q, k, v kernel (a QKV_GEMM_TILE with BLOCK_K 0) at the record's shapes (K = 512, 8 q heads,
-    4 k / v heads repeated twice, 64 dims, 2 x 8 rotated), one head per tile (two would hold 2 x 64 KB of w a
-    stage), 2 and 3 stages: wgmma with x taken from registers and kept asynchronous by ptxas, no spills, shared
-    memory inside the H100's 227 KiB."""
-    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
-        pytest.skip("needs triton without the interpreter")
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    from pgolf.model import attn_triton
-
-    K, H, HKV, D, HALF, REP, bm = 512, 8, 4, 64, 8, 2, 128
-    for per_tile, stages in ((1, 2), (1, 3)):
-        block = f"tensordesc<bf16[{bm},{D}]>"
-        sig = {"x_desc": f"tensordesc<bf16[{bm},{K // 2}]>", "w_desc": f"tensordesc<bf16[{per_tile * D},{K // 2}]>",
-               **{name: block for name in ("qk_desc", "q_desc", "k_desc", "v_desc", "vrep_desc")},
-               "cos_ptr": "*bf16", "sin_ptr": "*bf16", "gain_ptr": "*bf16", "rstd_q_ptr": "*fp32",
-               "rstd_k_ptr": "*fp32", "T": "i32", "eps": "fp32"}
-        constexprs = {"K": K, "H": H, "HKV": HKV, "D": D, "HALF": HALF, "HAS_GAIN": True, "REP": REP,
-                      "HEADS_PER_TILE": per_tile, "A_IN_REGISTERS": True, "BITWISE_ROUND": False, "STAGES": stages,
-                      "BLOCK_M": bm}
-        sig.update({name: "constexpr" for name in constexprs})
-        compiled = _compile_sm90(attn_triton._qkv_rows_kernel, sig, constexprs, [], num_warps=8)
-        _assert_row_kernel(compiled, bm, K // 2, f"{per_tile} heads per tile, {stages} stages")
 
 
 def test_gate_linear_kernels_compile_for_h100():
@@ -961,11 +896,11 @@ def test_gpu_fused_mlp_bf16_autocast():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("tile", ["default", (128, 64, 0, 8, 2, 0), (128, 256, 64, 8, 4, 1)])
+@pytest.mark.parametrize("tile", ["default", (128, 256, 64, 8, 3, 1)])
 def test_gpu_tma_kernel_agrees_with_the_pointer_kernel(tile):
-    """Hopper runs a TMA kernel (the training tiles, a row-resident tile, a persistent tiled one); it computes the
-    pointer kernel's tiles (product rounded to bf16, then the activation or its gradient): equal but for the fp32
-    summation order, i.e. rare one-ulp differences. M = 4,099 leaves a partial row block."""
+    """Hopper runs the TMA kernel (the training tiles, and a persistent tile that fits both directions); it
+    computes the pointer kernel's tiles (product rounded to bf16, then the activation or its gradient): equal but
+    for the fp32 summation order, i.e. rare one-ulp differences. M = 4,099 leaves a partial row block."""
     from pgolf.model import triton_kernels as tk
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -1178,17 +1113,12 @@ def test_gpu_qkv_norm_rope_bf16(rep):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("rep", [1, 2])
-@pytest.mark.parametrize("tile", ["default", (128, 1, 0, 8, 2, 0)])
-def test_gpu_qkv_linear_norm_rope_bf16(rep, tile, monkeypatch):
+def test_gpu_qkv_linear_norm_rope_bf16(rep):
     """The q, k, v matmul with the q/k kernels as its epilogue (one Triton kernel on Hopper) at the record's shapes
     in bf16: q, k, v, the attention's v and the gradients of x, w and the gain no further from the fp64 truth than
-    F.linear followed by the unfused path; on sm90 the TMA kernel is the path taken (the training tile, and a
-    row-resident one), and it writes every output."""
+    F.linear followed by the unfused path; on sm90 the TMA kernel is the path taken, and it writes every output."""
     from pgolf.model import attn_triton
     from pgolf.model.rope import rope_buffers
-
-    if tile != "default":
-        monkeypatch.setattr(attn_triton, "QKV_GEMM_TILE", tile)
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     T, K, H, Hkv, D, half = 4099, 512, 8, 4, 64, 8

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pgolf.model.triton_kernels import (_TensorDescriptor, _narrow, _registers, _rows_product, _tma_usable,
-                                        is_interpreted, persistent_programs, rows_kernel_fits)
+from pgolf.model.triton_kernels import _TensorDescriptor, _narrow, _tma_usable, persistent_programs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,38 +242,6 @@ def _qkv_gemm_tile(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, c
     acc = tl.zeros((BLOCK_M, HEADS_PER_TILE * D), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         acc = tl.dot(x_desc.load([row, k0]), w_desc.load([head * D, k0]).T, acc)  # [BM, BK] @ [BK, HPT D]
-    _qkv_tile_epilogue(acc, head, row, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
-                       rstd_q_ptr, rstd_k_ptr, T, eps, H, HKV, D, HALF, HAS_GAIN, REP, HEADS_PER_TILE, BITWISE_ROUND,
-                       BLOCK_M)
-
-
-@triton.jit
-def _qkv_rows_kernel(x_desc, w_desc, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
-                     rstd_q_ptr, rstd_k_ptr, T, eps, K: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr,
-                     D: tl.constexpr, HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr,
-                     HEADS_PER_TILE: tl.constexpr, A_IN_REGISTERS: tl.constexpr, BITWISE_ROUND: tl.constexpr,
-                     STAGES: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The same tiles with x's row block resident (triton_kernels._mlp_rows_kernel says why): one program per
-    BLOCK_M tokens loads their [BM, K] inputs once (two boxes of K/2, in registers on the GPU) and walks every head
-    tile; x [T, K] blocks [BM, K // 2], w [(H + 2 Hkv) D, K] blocks [HEADS_PER_TILE D, K // 2]."""
-    HALF_K: tl.constexpr = K // 2
-    row = tl.program_id(0) * BLOCK_M
-    x_lo = _registers(x_desc.load([row, 0]), A_IN_REGISTERS)  # [BM, K/2]
-    x_hi = _registers(x_desc.load([row, HALF_K]), A_IN_REGISTERS)  # [BM, K/2]
-    # (not software-pipelined by hand, as _mlp_rows_kernel says why)
-    for head in tl.range(0, H + 2 * HKV, HEADS_PER_TILE, num_stages=STAGES):
-        acc = _rows_product(x_lo, x_hi, w_desc, head * D, HALF_K, False)  # [BM, HEADS_PER_TILE D] fp32
-        _qkv_tile_epilogue(acc, head, row, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
-                           rstd_q_ptr, rstd_k_ptr, T, eps, H, HKV, D, HALF, HAS_GAIN, REP, HEADS_PER_TILE,
-                           BITWISE_ROUND, BLOCK_M)
-
-
-@triton.jit
-def _qkv_tile_epilogue(acc, head, row, qk_desc, q_desc, k_desc, v_desc, vrep_desc, cos_ptr, sin_ptr, gain_ptr,
-                       rstd_q_ptr, rstd_k_ptr, T, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                       HALF: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, HEADS_PER_TILE: tl.constexpr,
-                       BITWISE_ROUND: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The epilogue of one [BLOCK_M, HEADS_PER_TILE D] product (fp32), heads ``head`` onwards."""
     rows = row + tl.arange(0, BLOCK_M)  # [BM]
     rmask = rows < T
     if HEADS_PER_TILE == 1:
@@ -330,7 +297,7 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
 
 # (BLOCK_M, heads per tile, BLOCK_K, warps, pipeline stages, programs per SM as in triton_kernels.TMA_TILES) at the
 # record's shapes (K = 512, D = 64): the fastest of benchmarks/qkv_kernel_bench.py --sweep-tiles on one H100
-# (docs/benchmarks.md). BLOCK_K 0: the row-resident kernel (_qkv_rows_kernel), where K allows.
+# (docs/benchmarks.md)
 QKV_GEMM_TILE = (128, 2, 64, 8, 3, 0)
 
 
@@ -370,24 +337,18 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
     if per_tile not in (1, 2):
         raise ValueError(f"attn_triton: a qkv tile holds 1 or 2 heads, got {per_tile}")
     per_tile = per_tile if H % per_tile == 0 and hkv % per_tile == 0 else 1  # a tile never mixes q, k and v heads
-    desc = _TensorDescriptor.from_tensor
-    k2 = k.view(T, -1)
-    outputs = (desc(qk, [bm, D]), desc(q.view(T, -1), [bm, D]), desc(k2, [bm, D]), desc(v.view(T, -1), [bm, D]),
-               desc(k2 if v_copies is None else v_copies.view(T, -1), [bm, D]),
-               cos, sin, gain if gain is not None else x, rstd_q, rstd_k, T, float(eps))
-    shapes = dict(K=K, H=H, HKV=hkv, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep,
-                  HEADS_PER_TILE=per_tile, BITWISE_ROUND=bitwise_round, BLOCK_M=bm)
-    if bk == 0 and rows_kernel_fits(K):
-        _qkv_rows_kernel[(triton.cdiv(T, bm),)](
-            desc(x, [bm, K // 2]), desc(w, [per_tile * D, K // 2]), *outputs, **shapes,
-            A_IN_REGISTERS=not is_interpreted(), STAGES=stages, num_warps=warps)
-        return
-    bk = bk or 64  # a row-resident tile where K does not fit it: the tiled kernel
     tiles = triton.cdiv(T, bm) * ((H + 2 * hkv) // per_tile)
     programs = persistent_programs(per_sm, tiles, x.device)
+    desc = _TensorDescriptor.from_tensor
+    k2 = k.view(T, -1)
     _qkv_gemm_kernel[(programs,)](
-        desc(x, [bm, bk]), desc(w, [per_tile * D, bk]), *outputs, **shapes, PERSISTENT=per_sm > 0,
-        NUM_PROGRAMS=programs, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        desc(x, [bm, bk]), desc(w, [per_tile * D, bk]), desc(qk, [bm, D]), desc(q.view(T, -1), [bm, D]),
+        desc(k2, [bm, D]), desc(v.view(T, -1), [bm, D]),
+        desc(k2 if v_copies is None else v_copies.view(T, -1), [bm, D]),
+        cos, sin, gain if gain is not None else x, rstd_q, rstd_k, T, float(eps), K=K, H=H, HKV=hkv, D=D,
+        HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HEADS_PER_TILE=per_tile, PERSISTENT=per_sm > 0,
+        BITWISE_ROUND=bitwise_round, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
 
 
 # --------------------------------------------------------------------------------------------------------------

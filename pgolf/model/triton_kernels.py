@@ -191,6 +191,7 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
                   BLOCK_K: tl.constexpr):
     """One [BM, BN] output tile of :func:`_mlp_tma_kernel`."""
     HALF: tl.constexpr = BLOCK_N // 2
+    out_dtype = out_desc.dtype
     row = (tile // tiles_n) * BLOCK_M  # consecutive tiles share a row block of A (B stays in L2)
     col = (tile % tiles_n) * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -202,82 +203,21 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
             acc = tl.dot(a, b_desc.load([col, k0]).T, acc)  # [BN, BK] -> [BK, BN]
     halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # 2 x [BM, HALF]
     for i in tl.static_range(2):
-        _mlp_tma_epilogue(halves[i], row, col + i * HALF, pre_desc, out_desc, slope, BACKWARD, BITWISE_ROUND)
-
-
-@triton.jit
-def _mlp_tma_epilogue(acc, row, col, pre_desc, out_desc, slope, BACKWARD: tl.constexpr, BITWISE_ROUND: tl.constexpr):
-    """The TMA kernels' epilogue for one output block at (row, col) from its fp32 product: the product rounded to the
-    output dtype first (as an unfused F.linear stores it); forward pre and post, backward dpre from the loaded pre."""
-    out_dtype = out_desc.dtype
-    c = _narrow(acc, out_dtype, BITWISE_ROUND)
-    if BACKWARD:
-        p = pre_desc.load([row, col]).to(tl.float32)
-        out_desc.store([row, col], _narrow(_act_grad(c.to(tl.float32), p, slope), out_dtype, BITWISE_ROUND))
-    else:
-        pre_desc.store([row, col], c)
-        out_desc.store([row, col], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
-
-
-# The same two epilogues with A's whole row block resident: each program loads its [BM, K] rows of A once (two
-# TMA boxes of K/2 columns: a box side holds at most 256 elements) and walks every [BM, BN] column tile of the
-# output, streaming B's [BN, K] tiles. Why: the tiled kernel above re-reads each A row block once per column tile
-# (N / BN times) through L2, and its epilogue's TMA stores of a tile wait for one another; here A crosses L2 once,
-# and the stores of one column tile drain while the next tile's products run. On the GPU A is held in registers
-# (an opaque identity makes the dot take its A operand from registers), so shared memory holds only B's stages and
-# the epilogue. Chosen by a tile whose BLOCK_K is 0 (see TMA_TILES); needs K <= 512 (A's registers).
-
-
-@triton.jit
-def _registers(a, ON: tl.constexpr):
-    """``a`` itself; with ``ON`` through an identity the compiler cannot see through (GPU only: inline PTX)."""
-    if ON:
-        a = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [a], dtype=a.dtype, is_pure=True, pack=2)
-    return a
-
-
-@triton.jit
-def _mlp_rows_kernel(
-    a_desc,  # [M, K] blocks [BM, K // 2]
-    b_desc,  # B_KN: [K, N] blocks [K // 2, BN]; else [N, K] blocks [BN, K // 2]
-    pre_desc,  # [M, N] blocks [BM, BN]: out (forward) / in (backward)
-    out_desc,  # [M, N] blocks [BM, BN]: post (forward) / dpre (backward)
-    N,
-    K: tl.constexpr,
-    slope,
-    B_KN: tl.constexpr,
-    BACKWARD: tl.constexpr,
-    A_IN_REGISTERS: tl.constexpr,  # False in the interpreter (no inline PTX): the same values
-    BITWISE_ROUND: tl.constexpr,  # interpreter only: see _narrow
-    STAGES: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    HALF_K: tl.constexpr = K // 2
-    row = tl.program_id(0) * BLOCK_M
-    a_lo = _registers(a_desc.load([row, 0]), A_IN_REGISTERS)  # [BM, K/2]
-    a_hi = _registers(a_desc.load([row, HALF_K]), A_IN_REGISTERS)  # [BM, K/2]
-    # (not software-pipelined by hand: with the next tile's products in flight through this tile's epilogue, ptxas
-    # serializes the wgmma instructions, its warning C7514)
-    for col in tl.range(0, N, BLOCK_N, num_stages=STAGES):
-        acc = _rows_product(a_lo, a_hi, b_desc, col, HALF_K, B_KN)  # [BM, BN] fp32
-        _mlp_tma_epilogue(acc, row, col, pre_desc, out_desc, slope, BACKWARD, BITWISE_ROUND)
-
-
-@triton.jit
-def _rows_product(a_lo, a_hi, b_desc, col, HALF_K: tl.constexpr, B_KN: tl.constexpr):
-    """A's resident row block times B's column tile at ``col``: [BM, K/2] x 2 @ [K/2, BN] x 2 -> [BM, BN] fp32."""
-    if B_KN:  # [K/2, BN] blocks
-        return tl.dot(a_hi, b_desc.load([HALF_K, col]), tl.dot(a_lo, b_desc.load([0, col])))
-    else:  # [BN, K/2] blocks, transposed
-        return tl.dot(a_hi, b_desc.load([col, HALF_K]).T, tl.dot(a_lo, b_desc.load([col, 0]).T))
+        c = _narrow(halves[i], out_dtype, BITWISE_ROUND)
+        at = col + i * HALF
+        if BACKWARD:
+            p = pre_desc.load([row, at]).to(tl.float32)
+            dpre = _act_grad(c.to(tl.float32), p, slope)
+            out_desc.store([row, at], _narrow(dpre, out_dtype, BITWISE_ROUND))
+        else:
+            pre_desc.store([row, at], c)
+            out_desc.store([row, at], _narrow(_act(c.to(tl.float32), slope), out_dtype, BITWISE_ROUND))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, programs per SM) per direction, for N = 4d and K = d at
 # d = 512: the fastest of benchmarks/mlp_kernel_bench.py --sweep-tiles on one H100 (docs/benchmarks.md); BLOCK_K
 # fixes the summation order. Programs per SM: the persistent grid's size (0: one program per tile, no loop). Two
 # resident programs let one's epilogue stores overlap the other's products, where registers and shared memory allow.
-# BLOCK_K 0: the row-resident kernel (_mlp_rows_kernel; programs per SM unused), where K allows (rows_kernel_fits).
 TMA_TILES = {False: (128, 256, 64, 8, 4, 1), True: (128, 128, 32, 4, 4, 0)}
 
 
@@ -300,38 +240,18 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
     )
 
 
-def rows_kernel_fits(K: int) -> bool:
-    """Whether the row-resident kernel takes this K: two TMA boxes of K/2 <= 256 columns, each a whole number of
-    the tensor cores' 16-deep steps."""
-    return K % 32 == 0 and K // 2 <= 256
-
-
 def _launch_mlp_tma(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor,
                     slope: float, backward: bool, bitwise_round: bool = False, tile: Optional[tuple] = None):
     """``bitwise_round``: the interpreter's rounding on the GPU too (same values; benchmarks/mlp_kernel_bench.py);
-    ``tile`` (a TMA_TILES entry; 0 programs per SM in the interpreter's tests, which cannot loop; BLOCK_K 0: the
-    row-resident kernel, else the tiled one where K does not fit it). Returns the launched kernel (its registers
-    and shared memory, for the benchmark)."""
+    ``tile`` (a TMA_TILES entry; 0 programs per SM in the interpreter's tests, which cannot loop). Returns the
+    launched kernel (its registers and shared memory, for the benchmark)."""
     M, K = a.shape
     N = out.shape[1]
     bm, bn, bk, warps, stages, per_sm = tile or TMA_TILES[backward]
-    desc = _TensorDescriptor.from_tensor
-    if bk == 0 and rows_kernel_fits(K):
-        half_k = K // 2
-        return _mlp_rows_kernel[(triton.cdiv(M, bm),)](
-            desc(a, [bm, half_k]),
-            desc(b, [half_k, bn] if b_kn else [bn, half_k]),
-            desc(pre, [bm, bn]),
-            desc(out, [bm, bn]),
-            N, K, float(slope),
-            B_KN=b_kn, BACKWARD=backward, A_IN_REGISTERS=not is_interpreted(), BITWISE_ROUND=bitwise_round,
-            STAGES=stages, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=warps,
-        )
-    bk = bk or 64  # a row-resident tile where K does not fit it: the tiled kernel
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = persistent_programs(per_sm, tiles, a.device)
     persistent = per_sm > 0
+    desc = _TensorDescriptor.from_tensor
     return _mlp_tma_kernel[(programs,)](
         desc(a, [bm, bk]),
         desc(b, [bk, bn] if b_kn else [bn, bk]),
