@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -324,6 +325,20 @@ def test_code_identity_is_the_bundles_code_hash(record_shipped_form) -> None:
     three_seeds = dataclasses.replace(record, seeds=(record.seeds[0], 7, 9), data=dataclasses.replace(record.data, workers=5))
     assert run_identity(three_seeds) == code_identity(shipped_recipe(three_seeds)) == code_identity(shipped_recipe(record))
     assert code_identity(tiny_config(), minify=False) == build_bundle(tiny_config()).code_hash
+
+
+def test_shipped_file_is_byte_identical_under_any_string_hash_seed(tmp_path: Path) -> None:
+    """The record recipe's shipped train_gpt.py (its shrunk modules rename names and drop code through sets and
+    dicts of strings) is the same file when built by processes with different string-hash seeds, as two machines
+    or two Snakemake jobs are: one file, one code hash, one counted figure for every seed of a record."""
+    files = []
+    for seed in ("0", "1"):
+        out = tmp_path / f"seed{seed}" / "train_gpt.py"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO_ROOT)}
+        subprocess.run([sys.executable, "-m", "pgolf", "bundle", "--config", str(REPO_ROOT / "config.yaml"),
+                        "--minify-modules", "--no-verify", "--out", str(out)], env=env, check=True, capture_output=True)
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
 
 
 def test_render_refuses_a_bundle_without_the_entry(plain_bundle) -> None:
