@@ -1,5 +1,6 @@
 """Identical inputs give identical bytes (issue 19): two preparations of the same documents (from two folders,
-with 1 and 2 workers), then training, Hessians, quantization and packing in two separate trees, give byte-identical
+with 1 and 2 workers; the second in a process of another string-hash seed, as another Snakemake job or machine
+would be), then training, Hessians, quantization and packing in two separate trees, give byte-identical
 shards, manifests, checkpoints, Hessians, quantized models and artifacts; every report is equal apart from the
 fields pgolf.io.TIMING_FIELDS names (and the folder it was written in); two aggregations of the same seed files
 give the same submission.json apart from those fields. Every file follows the umask (0644 under 022).
@@ -13,6 +14,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,33 +43,43 @@ CONTENT = {  # outputs whose bytes must be identical (everything else is a repor
 }
 
 
-@pytest.fixture(scope="module")
-def trees(tmp_path_factory) -> tuple[Path, Path]:
-    """The same inputs through prepare -> train -> Hessians -> quantize -> pack, twice, in two folders."""
+def build_tree(root: Path, workers: int) -> None:
+    """The same inputs through prepare -> train -> Hessians -> quantize -> pack, under ``root``."""
     old_umask = os.umask(0o022)
     try:
-        roots = []
-        for name, workers in (("a", 1), ("b", 2)):
-            root = tmp_path_factory.mktemp(name)
-            docs = root / "input" / "docs.jsonl"  # the same documents, read from another folder each time
-            docs.parent.mkdir()
-            shutil.copy(SAMPLE_DOCS, docs)
-            prepare_shards(docs, PUBLISHED_TOKENIZER, root / "data", val_docs=40, shard_tokens=20_000,
-                           workers=workers, max_docs=400, progress=io.StringIO())
-            train(MODEL, OptimConfig(), TRAIN, 7, root / "data", root / "train", "cpu")
-            ckpt = root / "train" / "checkpoint"
-            hess = HessianConfig(batches=2, batch_rows=2, seq_len=48)
-            run_hessian_stage(ckpt, root / "data", hess, 7, root / "hessians" / "hessians.pt",
-                              root / "hessians" / "hessian_report.json", "sweep", "cpu")
-            quant = QuantizeConfig(passthrough_max_elements=1024, lqer_top_k=1, lqer_rank=2, lqer_group_size=16)
-            run_quantize_stage(ckpt, root / "hessians" / "hessians.pt", quant, root / "quantize" / "quantized.pt",
-                               root / "quantize" / "quantize_report.json")
-            run_pack_stage(root / "quantize" / "quantized.pt", ckpt, PackConfig(brotli_quality=5), None,
-                           root / "pack" / "artifact.pgolf", root / "pack" / "pack_report.json")
-            roots.append(root)
+        docs = root / "input" / "docs.jsonl"  # the same documents, read from another folder each time
+        docs.parent.mkdir()
+        shutil.copy(SAMPLE_DOCS, docs)
+        prepare_shards(docs, PUBLISHED_TOKENIZER, root / "data", val_docs=40, shard_tokens=20_000,
+                       workers=workers, max_docs=400, progress=io.StringIO())
+        train(MODEL, OptimConfig(), TRAIN, 7, root / "data", root / "train", "cpu")
+        ckpt = root / "train" / "checkpoint"
+        hess = HessianConfig(batches=2, batch_rows=2, seq_len=48)
+        run_hessian_stage(ckpt, root / "data", hess, 7, root / "hessians" / "hessians.pt",
+                          root / "hessians" / "hessian_report.json", "sweep", "cpu")
+        quant = QuantizeConfig(passthrough_max_elements=1024, lqer_top_k=1, lqer_rank=2, lqer_group_size=16)
+        run_quantize_stage(ckpt, root / "hessians" / "hessians.pt", quant, root / "quantize" / "quantized.pt",
+                           root / "quantize" / "quantize_report.json")
+        run_pack_stage(root / "quantize" / "quantized.pt", ckpt, PackConfig(brotli_quality=5), None,
+                       root / "pack" / "artifact.pgolf", root / "pack" / "pack_report.json")
     finally:
         os.umask(old_umask)
-    return roots[0], roots[1]
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory) -> tuple[Path, Path]:
+    """Two trees: one built here, one by a child process whose string-hash seed differs from this one's (a fixed
+    seed; this process's is random unless PYTHONHASHSEED fixes it, and then the child takes another)."""
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    build_tree(a, workers=1)
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    tests_dir = Path(__file__).resolve().parent
+    code = f"import sys; sys.path.insert(0, {str(tests_dir)!r}); from test_determinism import build_tree; " \
+           f"from pathlib import Path; build_tree(Path({str(b)!r}), workers=2)"
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"the second tree's process failed:\n{done.stderr[-3000:]}"
+    return a, b
 
 
 def _files(root: Path) -> dict[str, Path]:
