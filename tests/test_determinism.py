@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from datafiles import PUBLISHED_TOKENIZER, SAMPLE_DOCS
 from report_fixtures import make_cpu_run
 from stage_fixtures import TINY_MODEL, TINY_TRAIN
@@ -36,7 +37,9 @@ from pgolf.train.loop import train
 pytestmark = pytest.mark.slow  # ~20 s of CPU: two small pipelines
 
 MODEL = dataclasses.replace(TINY_MODEL, vocab_size=8192)  # the published tokenizer's vocabulary
-TRAIN = dataclasses.replace(TINY_TRAIN, iterations=3, warmup_steps=1)
+# one CPU thread for every stage that sums floats, as a recipe pins them (cpu_threads): the child process starts
+# with torch's default thread count, and tests earlier in this process may have left another
+TRAIN = dataclasses.replace(TINY_TRAIN, iterations=3, warmup_steps=1, cpu_threads=1)
 CONTENT = {  # outputs whose bytes must be identical (everything else is a report, compared below)
     "data/manifest.json", "train/checkpoint/model.pt", "train/checkpoint/checkpoint.json", "hessians/hessians.pt",
     "quantize/quantized.pt", "pack/artifact.pgolf",
@@ -45,7 +48,7 @@ CONTENT = {  # outputs whose bytes must be identical (everything else is a repor
 
 def build_tree(root: Path, workers: int) -> None:
     """The same inputs through prepare -> train -> Hessians -> quantize -> pack, under ``root``."""
-    old_umask = os.umask(0o022)
+    old_umask, old_threads = os.umask(0o022), torch.get_num_threads()
     try:
         docs = root / "input" / "docs.jsonl"  # the same documents, read from another folder each time
         docs.parent.mkdir()
@@ -54,16 +57,18 @@ def build_tree(root: Path, workers: int) -> None:
                        workers=workers, max_docs=400, progress=io.StringIO())
         train(MODEL, OptimConfig(), TRAIN, 7, root / "data", root / "train", "cpu")
         ckpt = root / "train" / "checkpoint"
-        hess = HessianConfig(batches=2, batch_rows=2, seq_len=48)
+        hess = HessianConfig(batches=2, batch_rows=2, seq_len=48, cpu_threads=1)
         run_hessian_stage(ckpt, root / "data", hess, 7, root / "hessians" / "hessians.pt",
                           root / "hessians" / "hessian_report.json", "sweep", "cpu")
-        quant = QuantizeConfig(passthrough_max_elements=1024, lqer_top_k=1, lqer_rank=2, lqer_group_size=16)
+        quant = QuantizeConfig(passthrough_max_elements=1024, lqer_top_k=1, lqer_rank=2, lqer_group_size=16,
+                               cpu_threads=1)
         run_quantize_stage(ckpt, root / "hessians" / "hessians.pt", quant, root / "quantize" / "quantized.pt",
                            root / "quantize" / "quantize_report.json")
         run_pack_stage(root / "quantize" / "quantized.pt", ckpt, PackConfig(brotli_quality=5), None,
                        root / "pack" / "artifact.pgolf", root / "pack" / "pack_report.json")
     finally:
         os.umask(old_umask)
+        torch.set_num_threads(old_threads)
 
 
 @pytest.fixture(scope="module")
