@@ -118,7 +118,7 @@ def make_loader(data_dir: Path, plan: BatchPlan, rank: int, cfg: TrainConfig):
 
 
 def _compiled_graph_count() -> int:
-    """Distinct graphs torch.compile produced in this process (recompiles show up here)."""
+    """Distinct graphs torch.compile has produced in this process so far (recompiles show up here)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"].get("unique_graphs", 0))
@@ -279,6 +279,7 @@ def train_model(
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = info.device
+    graphs_before = _compiled_graph_count()  # graphs an earlier run of this process compiled are not this run's
     plan = BatchPlan(train_cfg.train_batch_tokens, train_cfg.micro_batch_tokens, info.world_size)
     accum = plan.grad_accum_steps
     if data_info is None:
@@ -559,7 +560,7 @@ def train_model(
         "cu_seqlens_shapes": sorted(seen_cu_shapes),
         "resumed_from_step": resumed_from,  # None: this attempt trained from step 0
         "earlier_attempts": earlier_attempts,  # interrupted attempts before this one (0: one uninterrupted run)
-        "compiled_graphs": _compiled_graph_count(),
+        "compiled_graphs": _compiled_graph_count() - graphs_before,
         # how this run read the budget and which of the record's loop choices it made (`pgolf comply` reads these)
         "budget_reading": train_cfg.budget_reading,
         "reserve_seconds": train_cfg.reserve_seconds,
