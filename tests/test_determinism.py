@@ -1,6 +1,6 @@
 """Identical inputs give identical bytes (issue 19): two preparations of the same documents (from two folders,
-with 1 and 2 workers; the second in a process of another string-hash seed, as another Snakemake job or machine
-would be), then training, Hessians, quantization and packing in two separate trees, give byte-identical
+with 1 and 2 workers; the second in a fresh process of another string-hash seed, as another Snakemake job or
+machine would be), then training, Hessians, quantization and packing in two separate trees, give byte-identical
 shards, manifests, checkpoints, Hessians, quantized models and artifacts; every report is equal apart from the
 fields pgolf.io.TIMING_FIELDS names (and the folder it was written in); two aggregations of the same seed files
 give the same submission.json apart from those fields. Every file follows the umask (0644 under 022).
