@@ -1,8 +1,9 @@
 """Identical inputs give identical bytes (issue 19): two preparations of the same documents (from two folders,
 with 1 and 2 workers; the second in a fresh process of another string-hash seed, as another Snakemake job or
-machine would be), then training, Hessians, quantization and packing in two separate trees, give byte-identical
-shards, manifests, checkpoints, Hessians, quantized models and artifacts; every report is equal apart from the
-fields pgolf.io.TIMING_FIELDS names (and the folder it was written in); two aggregations of the same seed files
+machine would be), then training, Hessians, quantization, packing and evaluation (LoRA TTT) in two separate trees,
+give byte-identical shards, manifests, checkpoints, Hessians, quantized models and artifacts; every report (the
+evaluation's scores among them) is equal apart from the fields pgolf.io.TIMING_FIELDS names (and the folder it was
+written in); two aggregations of the same seed files
 give the same submission.json apart from those fields. Every file follows the umask (0644 under 022).
 """
 
@@ -25,8 +26,10 @@ from report_fixtures import make_cpu_run
 from stage_fixtures import TINY_MODEL, TINY_TRAIN
 
 from pgolf.artifact.pack import run_pack_stage
-from pgolf.config import AggregateConfig, HessianConfig, OptimConfig, PackConfig, QuantizeConfig, from_mapping
+from pgolf.config import (AggregateConfig, EvaluateConfig, HessianConfig, OptimConfig, PackConfig, QuantizeConfig,
+                          TTTConfig, from_mapping)
 from pgolf.data.prepare import prepare_shards
+from pgolf.evaluate.stage import run_evaluation
 from pgolf.io import TIMING_FIELDS, mask_timings
 from pgolf.report.folder import seed_log_name
 from pgolf.quantize.hessians import run_hessian_stage
@@ -34,12 +37,15 @@ from pgolf.quantize.stage import run_quantize_stage
 from pgolf.report.aggregate import run_report
 from pgolf.train.loop import train
 
-pytestmark = pytest.mark.slow  # ~20 s of CPU: two small pipelines
+pytestmark = pytest.mark.slow  # ~25 s of CPU: two small pipelines with evaluation
 
 MODEL = dataclasses.replace(TINY_MODEL, vocab_size=8192)  # the published tokenizer's vocabulary
 # one CPU thread for every stage that sums floats, as a recipe pins them (cpu_threads): the child process starts
 # with torch's default thread count, and tests earlier in this process may have left another
 TRAIN = dataclasses.replace(TINY_TRAIN, iterations=3, warmup_steps=1, cpu_threads=1)
+EVAL = EvaluateConfig(eval_seq_len=24, eval_batch_tokens=96, compile=False, progress_every_seconds=1e9, cpu_threads=1,
+                      ttt=TTTConfig(mode="lora", lora_rank=4, lora_alpha=8.0, chunk_tokens=8, docs_per_batch=3,
+                                    context_tokens=24))  # LoRA TTT on the 40 validation documents: ~8 s of CPU
 CONTENT = {  # outputs whose bytes must be identical (everything else is a report, compared below)
     "data/manifest.json", "train/checkpoint/model.pt", "train/checkpoint/checkpoint.json", "hessians/hessians.pt",
     "quantize/quantized.pt", "pack/artifact.pgolf",
@@ -66,6 +72,10 @@ def build_tree(root: Path, workers: int) -> None:
                            root / "quantize" / "quantize_report.json")
         run_pack_stage(root / "quantize" / "quantized.pt", ckpt, PackConfig(brotli_quality=5), None,
                        root / "pack" / "artifact.pgolf", root / "pack" / "pack_report.json")
+        _, code = run_evaluation(root / "pack" / "artifact.pgolf", EVAL, 7, root / "data", root / "eval" / "eval.json",
+                                 checkpoint=ckpt, mode="sweep", device_kind="cpu",
+                                 pack_report=root / "pack" / "pack_report.json")
+        assert code == 0, f"{root}: the evaluation exited {code}"
     finally:
         os.umask(old_umask)
         torch.set_num_threads(old_threads)
