@@ -47,7 +47,7 @@ from pgolf.data.record_stream import RecordStreamLoader
 from pgolf.data.shards import list_shards, read_header, read_shard
 from pgolf.io import (TRAIN_SUMMARY_MEASURED_FIELDS, MetricsLog, atomic_write_json, progress, rate_text,
                       read_json_object, sha256_file)
-from pgolf.model.device import compile_model
+from pgolf.model.device import CompileCounter, compile_model
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.rope import extend_rope_cache
 from pgolf.train.checkpoint import load_initial_weights, save_checkpoint
@@ -115,13 +115,6 @@ def make_loader(data_dir: Path, plan: BatchPlan, rank: int, cfg: TrainConfig):
     if cfg.data_stream == "record":
         return RecordStreamLoader(data_dir, plan, rank)
     return PackedBatchLoader(data_dir, plan, rank, order=cfg.micro_batch_order)
-
-
-def _compiled_graph_count() -> int:
-    """Distinct graphs torch.compile has produced in this process so far (recompiles show up here)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"].get("unique_graphs", 0))
 
 
 def _memory_gib(device: torch.device) -> float:
@@ -279,7 +272,7 @@ def train_model(
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = info.device
-    graphs_before = _compiled_graph_count()  # graphs an earlier run of this process compiled are not this run's
+    run_graphs = CompileCounter()  # graphs an earlier run of this process compiled are not this run's
     plan = BatchPlan(train_cfg.train_batch_tokens, train_cfg.micro_batch_tokens, info.world_size)
     accum = plan.grad_accum_steps
     if data_info is None:
@@ -347,7 +340,7 @@ def train_model(
 
     def measured(fn: Callable, kind: str) -> Callable:
         def call(*args):
-            t, graphs = time.perf_counter(), _compiled_graph_count()
+            t, graphs = time.perf_counter(), CompileCounter()
             out = fn(*args)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -355,7 +348,7 @@ def train_model(
                 "steps": 0, "compile_passes": 0, "seconds": 0.0, "graphs_compiled": 0})
             entry[kind] += 1
             entry["seconds"] += time.perf_counter() - t
-            entry["graphs_compiled"] += _compiled_graph_count() - graphs
+            entry["graphs_compiled"] += graphs.delta()["graphs_compiled"]
             return out
 
         return call
@@ -560,7 +553,7 @@ def train_model(
         "cu_seqlens_shapes": sorted(seen_cu_shapes),
         "resumed_from_step": resumed_from,  # None: this attempt trained from step 0
         "earlier_attempts": earlier_attempts,  # interrupted attempts before this one (0: one uninterrupted run)
-        "compiled_graphs": _compiled_graph_count() - graphs_before,
+        "compiled_graphs": run_graphs.delta()["graphs_compiled"],
         # how this run read the budget and which of the record's loop choices it made (`pgolf comply` reads these)
         "budget_reading": train_cfg.budget_reading,
         "reserve_seconds": train_cfg.reserve_seconds,
