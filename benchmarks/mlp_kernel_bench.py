@@ -6,6 +6,8 @@ tokens (one micro-batch), d = 512, hidden 2,048, bf16. Variants timed (CUDA even
 - ``pgolf``: ``launch_mlp_up_act`` / ``launch_mlp_act_grad`` as training calls them (the persistent TMA kernel);
 - ``pgolf_bitwise``: the same kernel with the interpreter's bit-level bf16 rounding (what the GPU ran up to
   commit 09bc25f; the values are the same, the epilogue does ~10 more integer ops per element);
+- ``pgolf_ws``: the warp-specialized Gluon kernel (``pgolf.model.gluon_mlp``, two consumer warpgroups taking
+  turns) at its ``WS_TILES``, where it applies (Gluon, sm_90);
 - ``record``: the record script's ``linear_leaky_relu_square`` (forward, then backward with ``w_down.T.contiguous()``
   as its autograd function does), when ``--record-script`` imports.
 
@@ -17,8 +19,9 @@ estimates multiply by those counts.
 direction (the others at ``TMA_TILES``), fastest first, with each one's largest difference from the default tile's
 outputs (a different BLOCK_K sums in another order), its registers and shared memory, and the ms/step it would save:
 how ``TMA_TILES`` is chosen on a new GPU (``with_sweep_tiles.py`` then times the step with the fastest tiles).
+``--sweep-ws`` times the Gluon kernel at each tile of :data:`WS_SWEEP_TILES` (``ws_tile_sweep`` in the JSON).
 
-    python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--sweep-tiles] [--out OUT.json]
+    python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--sweep-tiles] [--sweep-ws] [--out OUT.json]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from cuda_timing import parse_bench_args, time_ms  # noqa: E402  (benchmarks/, the script's own folder)
 
+from pgolf.model import gluon_mlp  # noqa: E402
 from pgolf.model import triton_kernels as tk  # noqa: E402
 
 M, D, HIDDEN, SLOPE = 98_304, 512, 2_048, 0.5
@@ -49,6 +53,10 @@ SWEEP_TILES = [
     (128, 128, 32, 4, 4, 2), (128, 128, 32, 4, 3, 3), (128, 128, 64, 8, 2, 0), (64, 256, 64, 4, 2, 0),
     (128, 128, 32, 4, 4, 0),
 ]
+# The Gluon kernel's (BLOCK_M, BLOCK_N, BLOCK_K, ring stages, store buffer sets); those past 227 KB of shared
+# memory fail to launch and are listed with their error.
+WS_SWEEP_TILES = [(128, 128, 64, 5, 1), (128, 128, 64, 4, 1), (128, 128, 64, 3, 2), (128, 128, 64, 3, 1),
+                  (128, 128, 32, 8, 1), (128, 128, 32, 6, 2)]
 APPLICATIONS = {"off": 11, "on": 17}
 MICRO_BATCHES = 8
 
@@ -67,6 +75,7 @@ def main(argv=None) -> int:
     def add_arguments(parser):
         parser.add_argument("--record-script", type=Path, help="PR #1855 train_gpt.py (its kernel is timed too)")
         parser.add_argument("--sweep-tiles", action="store_true", help="time the TMA kernel with each SWEEP_TILES tile")
+        parser.add_argument("--sweep-ws", action="store_true", help="time the Gluon kernel with each WS_SWEEP_TILES tile")
 
     args = parse_bench_args(__doc__, "mlp_kernel_bench", argv, add_arguments=add_arguments)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
@@ -86,6 +95,9 @@ def main(argv=None) -> int:
         "pgolf_bitwise": (lambda: tk._launch_mlp_tma(x, w_up, False, pre, post, SLOPE, backward=False, bitwise_round=True),
                           lambda: tk._launch_mlp_tma(g, w_down, True, pre, dpre, SLOPE, backward=True, bitwise_round=True)),
     }
+    if gluon_mlp.ws_usable(x, post, backward=False):
+        variants["pgolf_ws"] = (lambda: gluon_mlp.launch_mlp_ws(x, w_up, False, pre, post, SLOPE, backward=False),
+                                lambda: gluon_mlp.launch_mlp_ws(g, w_down, True, pre, dpre, SLOPE, backward=True))
     if args.record_script:
         record_kernel = load_record_kernel(args.record_script)
         box = {}
@@ -113,10 +125,13 @@ def main(argv=None) -> int:
                                      "max_abs_diff_vs_pgolf": diffs}
         print(f"{name:<14} forward {fwd_ms:.3f} ms  backward {bwd_ms:.3f} ms  per step: looping off "
               f"{per_step['off']:.1f} ms, on {per_step['on']:.1f} ms  max |diff| vs pgolf {diffs}", flush=True)
+    operands = {False: (x, w_up, False, pre, post), True: (g, w_down, True, pre, dpre)}
     if args.sweep_tiles:
-        operands = {False: (x, w_up, False, pre, post), True: (g, w_down, True, pre, dpre)}
         results["tile_sweep"] = {d: sweep_tiles(operands[d == "backward"], d == "backward", reference, args.iters)
                                  for d in ("forward", "backward")}
+    if args.sweep_ws and "pgolf_ws" in variants:
+        results["ws_tile_sweep"] = {d: sweep_ws_tiles(operands[d == "backward"], d == "backward", reference,
+                                                      args.iters) for d in ("forward", "backward")}
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
@@ -166,3 +181,27 @@ def sweep_tiles(operands: tuple, backward: bool, reference: dict, iters: int) ->
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def sweep_ws_tiles(operands: tuple, backward: bool, reference: dict, iters: int) -> list[dict]:
+    """The Gluon kernel at each WS_SWEEP_TILES tile for one direction: ms per call and the largest difference from
+    the TMA kernel's output (0: the same bits); fastest first; a tile that does not launch is listed with its error."""
+    a, b, b_kn, pre, out = operands
+    name = "dpre" if backward else "post"
+    rows = []
+    for tile in WS_SWEEP_TILES:
+        try:
+            ms = time_ms(lambda: gluon_mlp.launch_mlp_ws(a, b, b_kn, pre, out, SLOPE, backward, tile=tile), iters)
+            gluon_mlp.launch_mlp_ws(a, b, b_kn, pre, out, SLOPE, backward, tile=tile)
+            torch.cuda.synchronize()
+        except Exception as exc:  # shared memory past the limit: report and go on
+            rows.append({"tile": list(tile), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        diff = float((out.float() - reference[name].float()).abs().max())
+        rows.append({"tile": list(tile), "ms": ms, "max_abs_diff_vs_tma": diff})
+    rows.sort(key=lambda r: r.get("ms", float("inf")))
+    for r in rows:
+        print(f"{'backward' if backward else 'forward':<8} ws tile {r['tile']}  "
+              + (f"{r['ms']:.3f} ms  max |diff| vs TMA {r['max_abs_diff_vs_tma']:.3g}" if "ms" in r else r["error"]),
+              flush=True)
+    return rows

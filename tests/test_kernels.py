@@ -269,6 +269,47 @@ def test_mlp_tma_kernel_compiles_for_h100():
         assert shared * resident <= H100_MAX_SHARED_BYTES, f"{what}: {shared} B shared, {resident} programs an SM"
 
 
+def test_warp_specialized_mlp_kernel_compiles_for_h100():
+    """The Gluon MLP kernel (pgolf.model.gluon_mlp) at its tiles, both directions: warp-specialized (registers
+    handed from the producer warp to the two consumer warpgroups), wgmma kept asynchronous, no spills, and its ring,
+    store buffers and pre tiles inside the H100's shared memory."""
+    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
+        pytest.skip("needs triton without the interpreter")
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from pgolf.model import gluon_mlp
+
+    if gluon_mlp.gluon is None:
+        pytest.skip("this triton has no Gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = gluon_mlp._mlp_ws_kernel
+    for backward in (False, True):
+        bm, bn, bk, stages, epi_bufs = gluon_mlp.WS_TILES[backward]
+
+        def desc(block):
+            return f"tensordesc<bf16[{block[0]},{block[1]}],{gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)!r}>"
+
+        sig = {"a_desc": desc([bm, bk]), "b_desc": desc([bk, bn] if backward else [bn, bk]),
+               "pre_desc": desc([bm, bn // 2]), "out_desc": desc([bm, bn // 2]), "M": "i32", "N": "i32",
+               "slope": "fp32"}
+        constexprs = {"K": 512, "B_KN": backward, "BACKWARD": backward, "NUM_PROGRAMS": 132, "BLOCK_M": bm,
+                      "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "EPI_BUFS": epi_bufs,
+                      "CONSUMER_REGS": gluon_mlp._CONSUMER_REGS, "PRODUCER_REGS": gluon_mlp._PRODUCER_REGS}
+        sig.update({name: "constexpr" for name in constexprs})
+        src = GluonASTSource(fn=fn, signature=sig,
+                             constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        what = "backward" if backward else "forward"
+        ptx = compiled.asm["ptx"]
+        assert f"setmaxnreg.inc.sync.aligned.u32 \t{gluon_mlp._CONSUMER_REGS}" in ptx, f"{what}: not warp-specialized"
+        assert "wgmma.mma_async" in ptx, f"{what}: no wgmma"
+        _assert_ptxas_keeps_wgmma_async(compiled, what)
+        assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
+
+
 def _assert_ptxas_keeps_wgmma_async(compiled, what: str) -> None:
     """ptxas (the one triton ships) on the kernel's PTX: no spills, and no C7514, its warning that it serializes
     the wgmma instructions (it does when other instructions read a product's registers while it may run)."""
@@ -924,6 +965,36 @@ def test_gpu_tma_kernel_agrees_with_the_pointer_kernel(tile):
         rel = ((ta - tb).abs() / tb.abs().clamp_min(1e-30)).max().item()
         unequal = (ta != tb).float().mean().item()
         assert rel <= 2.0**-7 and unequal < 0.01, (a, rel, unequal)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tile", ["default", (128, 128, 64, 3, 2)])
+def test_gpu_warp_specialized_kernel_writes_the_tma_kernels_bits(tile):
+    """The Gluon kernel (two consumer warpgroups taking turns) sums the same products in the same order as the TMA
+    kernel and rounds the same way: its outputs are the TMA kernel's bit for bit, both directions, with a partial
+    row block (M = 4,099), every tile of an odd-sized grid, and every output written (they start as NaN)."""
+    from pgolf.model import gluon_mlp
+    from pgolf.model import triton_kernels as tk
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    M, K, N = 4099, 512, 2048
+    x, g = (torch.randn(M, K, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    w_up = (torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)).bfloat16()
+    w_down = (torch.randn(K, N, device="cuda", generator=gen) / math.sqrt(N)).bfloat16()
+    out = {name: torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+           for name in ("pre", "post", "pre_t", "post_t", "d", "d_t")}
+    if not gluon_mlp.ws_usable(x, out["pre"], backward=False):
+        pytest.skip("the warp-specialized kernel needs Gluon and an sm_90 GPU")
+    tile = None if tile == "default" else tile
+    gluon_mlp.launch_mlp_ws(x, w_up, False, out["pre"], out["post"], 0.5, backward=False, tile=tile)
+    tk._launch_mlp_tma(x, w_up, False, out["pre_t"], out["post_t"], 0.5, backward=False)
+    gluon_mlp.launch_mlp_ws(g, w_down, True, out["pre_t"], out["d"], 0.5, backward=True, tile=tile)
+    tk._launch_mlp_tma(g, w_down, True, out["pre_t"], out["d_t"], 0.5, backward=True)
+    for a, b in (("pre", "pre_t"), ("post", "post_t"), ("d", "d_t")):
+        ta, tb = out[a].float(), out[b].float()
+        unequal = (ta != tb).float().mean().item()  # NaN != anything: an unwritten element counts
+        assert unequal == 0, (a, unequal, (ta - tb).abs().nan_to_num(float("inf")).max().item())
 
 
 @pytest.mark.gpu

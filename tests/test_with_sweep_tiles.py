@@ -40,3 +40,13 @@ def test_apply_sweeps_sets_each_direction_and_the_qkv_tile(tmp_path: Path, monke
     tiles.apply_sweeps({"MLP_SWEEP": str(tmp_path / "mlp.json"), "QKV_SWEEP": str(tmp_path / "qkv.json")})
     assert tk.TMA_TILES == {False: (64, 256, 64, 4, 2, 2), True: backward}
     assert attn_triton.QKV_GEMM_TILE == (256, 2, 64, 8, 4, 1)
+
+
+def test_mlp_ws_turns_on_the_warp_specialized_kernel_per_direction(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(tk, "MLP_WARP_SPECIALIZED", {False: False, True: False})
+    tiles.apply_sweeps({"MLP_WS": "backward"})
+    assert tk.MLP_WARP_SPECIALIZED == {False: False, True: True}
+    tiles.apply_sweeps({"MLP_WS": "forward,backward"})
+    assert tk.MLP_WARP_SPECIALIZED == {False: True, True: True}
+    with pytest.raises(SystemExit, match="MLP_WS"):
+        tiles.apply_sweeps({"MLP_WS": "fwd"})

@@ -26,6 +26,8 @@ try:  # host-side tensor descriptors (TMA), triton >= 3.4
 except Exception:  # pragma: no cover - depends on the triton build
     _TensorDescriptor = None
 
+from pgolf.model import gluon_mlp
+
 try:  # the interpreter's function class (absent from some triton builds)
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 except Exception:  # pragma: no cover - depends on the triton build
@@ -221,6 +223,11 @@ def _mlp_tma_tile(a_desc, b_desc, pre_desc, out_desc, tile, tiles_n, K: tl.const
 TMA_TILES = {False: (128, 256, 64, 8, 4, 1), True: (128, 128, 32, 4, 4, 0)}
 
 
+# Per direction (backward: True): the warp-specialized Gluon kernel (pgolf.model.gluon_mlp) where it applies (an
+# sm_90 GPU), instead of the TMA kernel. Same bits (GPU test); the choice is speed only (docs/benchmarks.md).
+MLP_WARP_SPECIALIZED = {False: False, True: False}
+
+
 def persistent_programs(programs_per_sm: int, tiles: int, device: torch.device) -> int:
     """The grid of a persistent kernel: ``programs_per_sm`` per SM (never more than the tiles); 0: one per tile."""
     if programs_per_sm == 0:
@@ -326,7 +333,10 @@ def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post:
     if pre.stride() != post.stride():
         raise ValueError("launch_mlp_up_act: pre and post must share one layout")
     if _tma_usable(x, w, pre, post):
-        _launch_mlp_tma(x, w, False, pre, post, slope, backward=False)
+        if MLP_WARP_SPECIALIZED[False] and gluon_mlp.ws_usable(x, post, backward=False):
+            gluon_mlp.launch_mlp_ws(x, w, False, pre, post, slope, backward=False)
+        else:
+            _launch_mlp_tma(x, w, False, pre, post, slope, backward=False)
         return
     _launch_mlp(x, w, (w.stride(0), w.stride(1)), pre, post, slope, backward=False)
 
@@ -338,8 +348,11 @@ def launch_mlp_act_grad(
     projection: K = d outputs, N = 4d inputs), pre and dpre [M, N] of one layout."""
     if pre.stride() != dpre.stride():
         raise ValueError("launch_mlp_act_grad: pre and dpre must share one layout")
-    if _tma_usable(g, w_down, pre, dpre):
-        _launch_mlp_tma(g, w_down, True, pre, dpre, slope, backward=True)  # w_down read as [K, N]
+    if _tma_usable(g, w_down, pre, dpre):  # both kernels read w_down as [K, N]
+        if MLP_WARP_SPECIALIZED[True] and gluon_mlp.ws_usable(g, dpre, backward=True):
+            gluon_mlp.launch_mlp_ws(g, w_down, True, pre, dpre, slope, backward=True)
+        else:
+            _launch_mlp_tma(g, w_down, True, pre, dpre, slope, backward=True)
         return
     # the kernel reads w[n, k] = w_down[k, n]: w_down^T through swapped strides
     _launch_mlp(g, w_down, (w_down.stride(1), w_down.stride(0)), pre, dpre, slope, backward=True)
