@@ -179,9 +179,6 @@ def sweep_tiles(operands: tuple, backward: bool, reference: dict, iters: int) ->
     return rows
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def sweep_ws_tiles(operands: tuple, backward: bool, reference: dict, iters: int) -> list[dict]:
     """The Gluon kernel at each WS_SWEEP_TILES tile for one direction: ms per call and the largest difference from
@@ -205,3 +202,8 @@ def sweep_ws_tiles(operands: tuple, backward: bool, reference: dict, iters: int)
               + (f"{r['ms']:.3f} ms  max |diff| vs TMA {r['max_abs_diff_vs_tma']:.3g}" if "ms" in r else r["error"]),
               flush=True)
     return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

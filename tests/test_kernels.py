@@ -646,6 +646,7 @@ def test_kernel_categories_of_profile_names():
     assert bench_device.kernel_category("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
     assert bench_device.kernel_category("_mlp_up_act_kernel") == "fused_triton_kernels"
     assert bench_device.kernel_category("_mlp_tma_kernel") == "fused_triton_kernels"
+    assert bench_device.kernel_category("_mlp_ws_kernel") == "fused_triton_kernels"
     assert bench_device.kernel_category("_softcap_ce_bwd_kernel") == "fused_triton_kernels"
     assert bench_device.kernel_category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor_triton"
     assert bench_device.kernel_category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"

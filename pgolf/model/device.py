@@ -191,7 +191,7 @@ def time_steps(fn, count: int, device) -> tuple[float, list[float]]:
 KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "_mm_", "cublas")),
-    ("fused_triton_kernels", ("_mlp_up_act", "_mlp_tma", "_softcap_ce")),  # pgolf/model/triton_kernels.py
+    ("fused_triton_kernels", ("_mlp_up_act", "_mlp_tma", "_mlp_ws", "_softcap_ce")),  # triton_kernels, gluon_mlp
     ("communication", ("nccl",)),
     ("memory_copy", ("memcpy", "memset")),
     ("inductor_triton", ("triton",)),

@@ -225,7 +225,7 @@ TMA_TILES = {False: (128, 256, 64, 8, 4, 1), True: (128, 128, 32, 4, 4, 0)}
 
 # Per direction (backward: True): the warp-specialized Gluon kernel (pgolf.model.gluon_mlp) where it applies (an
 # sm_90 GPU), instead of the TMA kernel. Same bits (GPU test); the choice is speed only (docs/benchmarks.md).
-MLP_WARP_SPECIALIZED = {False: False, True: False}
+MLP_WARP_SPECIALIZED = {False: True, True: True}
 
 
 def persistent_programs(programs_per_sm: int, tiles: int, device: torch.device) -> int:
