@@ -310,6 +310,30 @@ def test_warp_specialized_mlp_kernel_compiles_for_h100():
         assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
 
 
+def test_warp_specialized_kernel_declines_once_when_gluon_cannot_build_it(monkeypatch):
+    """A triton whose Gluon cannot compile the kernel (its API moves between releases): one warning naming the
+    version and the error, False for the caller (which then runs the TMA kernel), and no further tries."""
+    from pgolf.model import gluon_mlp
+
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("needs triton")
+    import triton
+
+    calls = []
+
+    def fails(*args, **kwargs):
+        calls.append(args)
+        raise triton.CompilationError("gluon_mlp.py", None, "warp_specialize() got an unexpected keyword")
+
+    monkeypatch.setattr(gluon_mlp, "launch_mlp_ws", fails)
+    monkeypatch.setattr(gluon_mlp, "unsupported", None)
+    with pytest.warns(UserWarning, match=f"triton {triton.__version__}.*the TMA kernel runs instead"):
+        assert gluon_mlp.launch_or_decline("x", backward=False) is False
+    assert calls and "CompilationError" in gluon_mlp.unsupported
+    x = torch.zeros(4, 512)
+    assert not gluon_mlp.ws_usable(x, torch.zeros(4, 2048), backward=False)  # never tried again
+
+
 def _assert_ptxas_keeps_wgmma_async(compiled, what: str) -> None:
     """ptxas (the one triton ships) on the kernel's PTX: no spills, and no C7514, its warning that it serializes
     the wgmma instructions (it does when other instructions read a product's registers while it may run)."""

@@ -223,7 +223,7 @@ def kernel_times(events, device_type) -> dict[str, float]:
 STEP_MARK = "pgolf_profiled_step_"  # record_function name prefix of each profiled step
 
 
-def profile_breakdown(fn, steps: int, device, top: int = 25, trace_path: Optional[str] = None) -> dict[str, Any]:
+def profile_breakdown(fn, steps: int, device, top: int = 60, trace_path: Optional[str] = None) -> dict[str, Any]:
     """Run ``fn(i)`` ``steps`` times under torch.profiler; where the GPU time goes, per step.
 
     Returns wall ms/step, GPU-busy ms/step (sum of kernel times; the rest is the GPU waiting for the host), ms per

@@ -14,6 +14,8 @@ w_down [K, N], read without a transposed copy); the producer also loads the tile
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 
@@ -36,6 +38,9 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 WS_TILES = {False: (128, 128, 64, 5, 1), True: (128, 128, 64, 4, 1)}
 _CONSUMER_REGS = 232
 _PRODUCER_REGS = 40
+# Why this process's triton could not build the kernel (Gluon is experimental: its names and signatures move
+# between releases); set once, then the TMA kernel runs. None: not tried, or it built.
+unsupported: str | None = None
 
 if gluon is not None:
 
@@ -191,7 +196,9 @@ if gluon is not None:
 def ws_usable(a: torch.Tensor, out: torch.Tensor, backward: bool) -> bool:
     """Whether the warp-specialized kernel can take these operands (the TMA kernel's conditions hold): Gluon
     present, an sm_90 GPU (wgmma and the register hand-off are Hopper's), bf16, K and N whole tiles."""
-    if gluon is None or a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) != (9, 0):
+    if gluon is None or unsupported is not None or a.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
         return False
     _, bn, bk, _, _ = WS_TILES[backward]
     return a.dtype == torch.bfloat16 and a.shape[1] % bk == 0 and out.shape[1] % bn == 0
@@ -215,3 +222,17 @@ def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tenso
         M, N, float(slope), K=K, B_KN=b_kn, BACKWARD=backward, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, STAGES=stages, EPI_BUFS=epi_bufs, CONSUMER_REGS=_CONSUMER_REGS, PRODUCER_REGS=_PRODUCER_REGS, num_warps=4,
     )
+
+
+def launch_or_decline(*args, **kwargs) -> bool:
+    """:func:`launch_mlp_ws`, or False (with one warning) when this triton's Gluon cannot compile the kernel; the
+    caller then runs the TMA kernel. Compilation fails before anything is launched, so nothing was written."""
+    global unsupported
+    try:
+        launch_mlp_ws(*args, **kwargs)
+        return True
+    except (triton.CompilationError, TypeError, AttributeError, NotImplementedError) as exc:
+        unsupported = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
+        warnings.warn(f"pgolf: the warp-specialized MLP kernel does not build with triton {triton.__version__} "
+                      f"({unsupported}); the TMA kernel runs instead", stacklevel=2)
+        return False

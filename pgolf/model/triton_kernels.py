@@ -224,7 +224,8 @@ TMA_TILES = {False: (128, 256, 64, 8, 4, 1), True: (128, 128, 32, 4, 4, 0)}
 
 
 # Per direction (backward: True): the warp-specialized Gluon kernel (pgolf.model.gluon_mlp) where it applies (an
-# sm_90 GPU), instead of the TMA kernel. Same bits (GPU test); the choice is speed only (docs/benchmarks.md).
+# sm_90 GPU and a triton whose Gluon builds it), instead of the TMA kernel. Same bits (GPU test); the choice is
+# speed only: 0.36 against 0.43 ms a call each way on an H200 (docs/benchmarks.md).
 MLP_WARP_SPECIALIZED = {False: True, True: True}
 
 
@@ -333,9 +334,8 @@ def launch_mlp_up_act(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, post:
     if pre.stride() != post.stride():
         raise ValueError("launch_mlp_up_act: pre and post must share one layout")
     if _tma_usable(x, w, pre, post):
-        if MLP_WARP_SPECIALIZED[False] and gluon_mlp.ws_usable(x, post, backward=False):
-            gluon_mlp.launch_mlp_ws(x, w, False, pre, post, slope, backward=False)
-        else:
+        if not (MLP_WARP_SPECIALIZED[False] and gluon_mlp.ws_usable(x, post, backward=False)
+                and gluon_mlp.launch_or_decline(x, w, False, pre, post, slope, backward=False)):
             _launch_mlp_tma(x, w, False, pre, post, slope, backward=False)
         return
     _launch_mlp(x, w, (w.stride(0), w.stride(1)), pre, post, slope, backward=False)
@@ -349,9 +349,8 @@ def launch_mlp_act_grad(
     if pre.stride() != dpre.stride():
         raise ValueError("launch_mlp_act_grad: pre and dpre must share one layout")
     if _tma_usable(g, w_down, pre, dpre):  # both kernels read w_down as [K, N]
-        if MLP_WARP_SPECIALIZED[True] and gluon_mlp.ws_usable(g, dpre, backward=True):
-            gluon_mlp.launch_mlp_ws(g, w_down, True, pre, dpre, slope, backward=True)
-        else:
+        if not (MLP_WARP_SPECIALIZED[True] and gluon_mlp.ws_usable(g, dpre, backward=True)
+                and gluon_mlp.launch_or_decline(g, w_down, True, pre, dpre, slope, backward=True)):
             _launch_mlp_tma(g, w_down, True, pre, dpre, slope, backward=True)
         return
     # the kernel reads w[n, k] = w_down[k, n]: w_down^T through swapped strides
