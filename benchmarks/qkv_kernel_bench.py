@@ -13,9 +13,11 @@ Both paths' outputs are compared (``max_abs_diff``: the matmuls sum their produc
 printed ms/step multiplies by 8 micro-batches x 11 (looping off) or 17 (on) block applications. ``--sweep-tiles``
 times the fused forward with each tile of :data:`SWEEP_TILES` (BLOCK_M, heads per tile, BLOCK_K, warps, stages,
 programs per SM):
-how ``attn_triton.QKV_GEMM_TILE`` is chosen.
+how ``attn_triton.QKV_GEMM_TILE`` is chosen. ``--ws`` times the warp-specialized Gluon kernel
+(``pgolf.model.gluon_qkv``) at each tile of :data:`WS_SWEEP_TILES` against the Triton kernel at ``QKV_GEMM_TILE``,
+forward kernel alone, and counts the outputs that differ from the Triton kernel's (``ws``).
 
-    python benchmarks/qkv_kernel_bench.py [--sweep-tiles] [--iters N] [--out OUT.json]
+    python benchmarks/qkv_kernel_bench.py [--sweep-tiles] [--ws] [--iters N] [--out OUT.json]
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ SWEEP_TILES = [
     (256, 2, 64, 8, 4, 1), (256, 2, 64, 8, 4, 0), (128, 2, 64, 8, 3, 2), (128, 2, 64, 4, 3, 2), (128, 2, 64, 8, 2, 2),
     (128, 2, 64, 8, 3, 0),
 ]
+# the Gluon kernel's (BLOCK_M, BLOCK_K, ring stages, store buffer sets)
+WS_SWEEP_TILES = [(128, 64, 5, 1), (128, 64, 4, 1), (128, 64, 3, 2), (128, 32, 8, 1)]
 
 
 def main(argv=None) -> int:
     def add_arguments(parser):
         parser.add_argument("--sweep-tiles", action="store_true", help="time the fused forward with each SWEEP_TILES tile")
+        parser.add_argument("--ws", action="store_true", help="time the Gluon kernel at each WS_SWEEP_TILES tile")
 
     args = parse_bench_args(__doc__, "qkv_kernel_bench", argv, add_arguments=add_arguments)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
@@ -89,6 +94,8 @@ def main(argv=None) -> int:
     print(f"max |fused - matmul then kernels| per output: {diffs}", flush=True)
     if args.sweep_tiles:
         results["tile_sweep"] = sweep_tiles(x, w, cos, sin, gain, args.iters)
+    if args.ws:
+        results["ws"] = compare_ws(x, w, cos, sin, gain, args.iters)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
@@ -119,6 +126,51 @@ def sweep_tiles(x, w, cos, sin, gain, iters: int) -> list[dict]:
         if "forward_ms" in r:
             print(f"tile {r['tile']}  {r['forward_ms']:.3f} ms{'  (default)' if r['default'] else ''}", flush=True)
     return rows
+
+
+
+def compare_ws(x, w, cos, sin, gain, iters: int) -> dict:
+    """The Triton kernel (QKV_GEMM_TILE) and the Gluon kernel at each WS_SWEEP_TILES tile, forward kernel alone: ms
+    a call, and per output the fraction of elements that differ from the Triton kernel's and the largest
+    difference (outputs start as NaN, so an element a kernel does not write counts)."""
+    from pgolf.model import gluon_qkv
+
+    cos2, sin2, gain2 = attn_kernels._kernel_tables(cos, sin, gain, x.dtype)
+    names = ("q", "k", "v", "v_copies", "qk", "rstd_q", "rstd_k")
+
+    def fresh():  # (q, k, v, v_copies, qk, rstd_q, rstd_k), NaN
+        outs = attn_kernels._qkv_linear_outputs(x, w, H, HKV, REP)
+        for o in outs:
+            o.fill_(float("nan"))
+        return outs
+
+    ref = fresh()
+    rq, rk, rv, rvc, rqk, rsq, rsk = ref
+    triton_call = lambda: attn_triton.launch_qkv_gemm_norm_rope(  # noqa: E731
+        x, w, cos2, sin2, gain2, attn_kernels.QK_EPS, rqk, rq, rk, rv, rvc, rsq, rsk, tile=attn_triton.QKV_GEMM_TILE)
+    result = {"triton_ms": time_ms(triton_call, iters), "tiles": []}
+    print(f"ws: Triton kernel {attn_triton.QKV_GEMM_TILE}  {result['triton_ms']:.3f} ms", flush=True)
+    for tile in WS_SWEEP_TILES:
+        outs = fresh()
+        q, k, v, v_copies, qk, rstd_q, rstd_k = outs
+        call = lambda: gluon_qkv.launch_qkv_ws(  # noqa: E731
+            x, w, cos2, sin2, gain2, attn_kernels.QK_EPS, qk, q, k, v, v_copies, rstd_q, rstd_k, REP, tile=tile)
+        try:
+            ms = time_ms(call, iters)
+            torch.cuda.synchronize()
+        except Exception as error:  # noqa: BLE001 - a tile past the shared memory
+            result["tiles"].append({"tile": list(tile), "error": f"{type(error).__name__}: {str(error)[:160]}"})
+            print(f"ws tile {list(tile)}  {result['tiles'][-1]['error']}", flush=True)
+            continue
+        diffs = {}
+        for name, a, b in zip(names, outs, ref):
+            a, b = a.float(), b.float()
+            diffs[name] = {"unequal": float((a != b).float().mean()),
+                           "max_abs_diff": float((a - b).abs().nan_to_num(float("inf")).max())}
+        result["tiles"].append({"tile": list(tile), "ms": ms, "vs_triton": diffs})
+        print(f"ws tile {list(tile)}  {ms:.3f} ms  unequal fraction per output "
+              f"{ {n: round(d['unequal'], 6) for n, d in diffs.items()} }", flush=True)
+    return result
 
 
 if __name__ == "__main__":

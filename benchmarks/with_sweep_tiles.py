@@ -9,7 +9,9 @@ than 1 %. Why a script: a kernel sweep times one kernel alone; whether its faste
 (L2 and SM sharing with the kernels around it) is an A/B of the whole step, which this runs without editing
 ``triton_kernels.TMA_TILES`` or ``attn_triton.QKV_GEMM_TILE``. A sweep JSON that lists one tile forces it (the
 old defaults, for the B side of an A/B). ``MLP_WS=forward,backward`` (either or both) turns on the warp-specialized
-Gluon MLP kernel in those directions (``triton_kernels.MLP_WARP_SPECIALIZED``). The chosen tiles are printed first.
+Gluon MLP kernel in those directions (``triton_kernels.MLP_WARP_SPECIALIZED``; ``none`` turns it off in both);
+``QKV_WS=1`` / ``0`` the Gluon q, k, v kernel (``attn_triton.QKV_WARP_SPECIALIZED``). The chosen tiles are printed
+first.
 """
 
 from __future__ import annotations
@@ -46,18 +48,24 @@ def apply_sweeps(environ=os.environ) -> None:
     if environ.get("QKV_SWEEP"):
         sweep = json.loads(Path(environ["QKV_SWEEP"]).read_text())["tile_sweep"]
         attn_triton.QKV_GEMM_TILE = fastest_tile(sweep, "forward_ms", attn_triton.QKV_GEMM_TILE)
-    for direction in filter(None, environ.get("MLP_WS", "").split(",")):
-        if direction not in ("forward", "backward"):
-            sys.exit(f"with_sweep_tiles.py: MLP_WS lists forward and/or backward, not {direction!r}")
-        tk.MLP_WARP_SPECIALIZED[direction == "backward"] = True
+    if environ.get("MLP_WS"):
+        directions = [] if environ["MLP_WS"] == "none" else environ["MLP_WS"].split(",")
+        if not set(directions) <= {"forward", "backward"}:
+            sys.exit(f"with_sweep_tiles.py: MLP_WS is none or lists forward and/or backward, not {environ['MLP_WS']!r}")
+        for backward in (False, True):
+            tk.MLP_WARP_SPECIALIZED[backward] = ("backward" if backward else "forward") in directions
+    if environ.get("QKV_WS"):
+        if environ["QKV_WS"] not in ("0", "1"):
+            sys.exit(f"with_sweep_tiles.py: QKV_WS is 0 or 1, not {environ['QKV_WS']!r}")
+        attn_triton.QKV_WARP_SPECIALIZED = environ["QKV_WS"] == "1"
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("train", "pytest"):
         sys.exit("usage: with_sweep_tiles.py train|pytest ARGS (MLP_SWEEP / QKV_SWEEP name the sweeps' JSON)")
     apply_sweeps()
-    print(f"tiles: mlp {tk.TMA_TILES} qkv {attn_triton.QKV_GEMM_TILE} mlp warp-specialized "
-          f"{tk.MLP_WARP_SPECIALIZED}", flush=True)
+    print(f"tiles: mlp {tk.TMA_TILES} qkv {attn_triton.QKV_GEMM_TILE} warp-specialized: mlp "
+          f"{tk.MLP_WARP_SPECIALIZED} qkv {attn_triton.QKV_WARP_SPECIALIZED}", flush=True)
     if argv[0] == "pytest":
         import pytest
 

@@ -269,10 +269,34 @@ def test_mlp_tma_kernel_compiles_for_h100():
         assert shared * resident <= H100_MAX_SHARED_BYTES, f"{what}: {shared} B shared, {resident} programs an SM"
 
 
-def test_warp_specialized_mlp_kernel_compiles_for_h100():
-    """The Gluon MLP kernel (pgolf.model.gluon_mlp) at its tiles, both directions: warp-specialized (registers
-    handed from the producer warp to the two consumer warpgroups), wgmma kept asynchronous, no spills, and its ring,
-    store buffers and pre tiles inside the H100's shared memory."""
+def _compile_gluon_sm90(fn, blocks: dict, scalars: dict, constexprs: dict, what: str):
+    """Compile a warp-specialized Gluon kernel for an H100 (sm_90) on this machine (bf16 tensor descriptors of the
+    given ``blocks``) and check it: registers handed to the consumer warpgroups, wgmma kept asynchronous by ptxas,
+    no spills, shared memory inside the H100's."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from pgolf.model import gluon_mlp
+
+    def desc(block):
+        return f"tensordesc<bf16[{block[0]},{block[1]}],{gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)!r}>"
+
+    constexprs = {**constexprs, "CONSUMER_REGS": gluon_mlp._CONSUMER_REGS, "PRODUCER_REGS": gluon_mlp._PRODUCER_REGS}
+    sig = {**{name: desc(block) for name, block in blocks.items()}, **scalars,
+           **{name: "constexpr" for name in constexprs}}
+    src = GluonASTSource(fn=fn, signature=sig,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{gluon_mlp._CONSUMER_REGS}" in ptx, f"{what}: not warp-specialized"
+    assert "wgmma.mma_async" in ptx, f"{what}: no wgmma"
+    _assert_ptxas_keeps_wgmma_async(compiled, what)
+    assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
+
+
+def _needs_gluon_compiler():
     if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
         pytest.skip("needs triton without the interpreter")
     pytest.importorskip("triton.backends.nvidia.compiler")
@@ -280,34 +304,40 @@ def test_warp_specialized_mlp_kernel_compiles_for_h100():
 
     if gluon_mlp.gluon is None:
         pytest.skip("this triton has no Gluon")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = gluon_mlp._mlp_ws_kernel
+
+def test_warp_specialized_mlp_kernel_compiles_for_h100():
+    """The Gluon MLP kernel (pgolf.model.gluon_mlp) at its tiles, both directions: warp-specialized (registers
+    handed from the producer warp to the two consumer warpgroups), wgmma kept asynchronous, no spills, and its ring,
+    store buffers and pre tiles inside the H100's shared memory."""
+    _needs_gluon_compiler()
+    from pgolf.model import gluon_mlp
+
     for backward in (False, True):
         bm, bn, bk, stages, epi_bufs = gluon_mlp.WS_TILES[backward]
-
-        def desc(block):
-            return f"tensordesc<bf16[{block[0]},{block[1]}],{gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)!r}>"
-
-        sig = {"a_desc": desc([bm, bk]), "b_desc": desc([bk, bn] if backward else [bn, bk]),
-               "pre_desc": desc([bm, bn // 2]), "out_desc": desc([bm, bn // 2]), "M": "i32", "N": "i32",
-               "slope": "fp32"}
+        blocks = {"a_desc": [bm, bk], "b_desc": [bk, bn] if backward else [bn, bk], "pre_desc": [bm, bn // 2],
+                  "out_desc": [bm, bn // 2]}
         constexprs = {"K": 512, "B_KN": backward, "BACKWARD": backward, "NUM_PROGRAMS": 132, "BLOCK_M": bm,
-                      "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "EPI_BUFS": epi_bufs,
-                      "CONSUMER_REGS": gluon_mlp._CONSUMER_REGS, "PRODUCER_REGS": gluon_mlp._PRODUCER_REGS}
-        sig.update({name: "constexpr" for name in constexprs})
-        src = GluonASTSource(fn=fn, signature=sig,
-                             constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        what = "backward" if backward else "forward"
-        ptx = compiled.asm["ptx"]
-        assert f"setmaxnreg.inc.sync.aligned.u32 \t{gluon_mlp._CONSUMER_REGS}" in ptx, f"{what}: not warp-specialized"
-        assert "wgmma.mma_async" in ptx, f"{what}: no wgmma"
-        _assert_ptxas_keeps_wgmma_async(compiled, what)
-        assert compiled.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {compiled.metadata.shared} B shared"
+                      "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "EPI_BUFS": epi_bufs}
+        _compile_gluon_sm90(gluon_mlp._mlp_ws_kernel, blocks, {"M": "i32", "N": "i32", "slope": "fp32"}, constexprs,
+                            "backward" if backward else "forward")
+
+
+@pytest.mark.parametrize("rep", [1, 2])
+def test_warp_specialized_qkv_kernel_compiles_for_h100(rep):
+    """The Gluon q, k, v kernel (pgolf.model.gluon_qkv) at its tile and the record's shapes (8 q and 4 kv heads of
+    64 dims, 16 rotated, the gain; k / v copied ``rep`` times): warp-specialized, wgmma asynchronous, no spills."""
+    _needs_gluon_compiler()
+    from pgolf.model import gluon_qkv
+
+    bm, bk, stages, epi_bufs = gluon_qkv.WS_QKV_TILE
+    blocks = {"x_desc": [bm, bk], "w_desc": [128, bk],
+              **{name: [bm, 64] for name in ("qk_desc", "q_desc", "k_desc", "v_desc", "vrep_desc")}}
+    scalars = {"cos_ptr": "*bf16", "sin_ptr": "*bf16", "gain_ptr": "*bf16", "rstd_q_ptr": "*fp32",
+               "rstd_k_ptr": "*fp32", "T": "i32", "eps": "fp32"}
+    constexprs = {"K": 512, "H": 8, "HKV": 4, "D": 64, "HALF": 8, "HAS_GAIN": True, "REP": rep, "NUM_PROGRAMS": 132,
+                  "BLOCK_M": bm, "BLOCK_K": bk, "STAGES": stages, "EPI_BUFS": epi_bufs}
+    _compile_gluon_sm90(gluon_qkv._qkv_ws_kernel, blocks, scalars, constexprs, f"q, k, v, rep {rep}")
 
 
 def test_warp_specialized_kernel_declines_once_when_gluon_cannot_build_it(monkeypatch):
@@ -327,7 +357,7 @@ def test_warp_specialized_kernel_declines_once_when_gluon_cannot_build_it(monkey
 
     monkeypatch.setattr(gluon_mlp, "launch_mlp_ws", fails)
     monkeypatch.setattr(gluon_mlp, "unsupported", None)
-    with pytest.warns(UserWarning, match=f"triton {triton.__version__}.*the TMA kernel runs instead"):
+    with pytest.warns(UserWarning, match=f"MLP kernel does not build with triton {triton.__version__}.*Triton kernel runs"):
         assert gluon_mlp.launch_or_decline("x", backward=False) is False
     assert calls and "CompilationError" in gluon_mlp.unsupported
     x = torch.zeros(4, 512)
@@ -1020,6 +1050,50 @@ def test_gpu_warp_specialized_kernel_writes_the_tma_kernels_bits(tile):
         ta, tb = out[a].float(), out[b].float()
         unequal = (ta != tb).float().mean().item()  # NaN != anything: an unwritten element counts
         assert unequal == 0, (a, unequal, (ta - tb).abs().nan_to_num(float("inf")).max().item())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rep", [1, 2])
+def test_gpu_warp_specialized_qkv_kernel_matches_the_triton_kernel(rep):
+    """The Gluon q, k, v kernel against the Triton TMA kernel (QKV_GEMM_TILE) at the record's head shapes with the
+    gain, T = 4,099 (a partial row block), outputs NaN-filled first: the products (qk, v and its copies) are the
+    same bits; the normed, rotated q, k and the rstd rows the same function (a one-ulp difference in rare elements
+    at most, from the row sums' order)."""
+    from pgolf.model import attn_triton, gluon_qkv
+    from pgolf.model.rope import rope_buffers
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    T, K, H, Hkv, D, half = 4099, 512, 8, 4, 64, 8
+    x = (torch.randn(T, K, device="cuda", generator=gen) * (0.5 + torch.rand(T, 1, device="cuda", generator=gen))).bfloat16()
+    w = (torch.randn((H + 2 * Hkv) * D, K, device="cuda", generator=gen) / K**0.5).bfloat16()
+    _, cos, sin = (t.cuda().bfloat16() for t in rope_buffers(2 * half, 10000.0, T))
+    gain = (torch.rand(H, device="cuda", generator=gen) + 0.5).bfloat16()
+    if not gluon_qkv.ws_usable(x, H, Hkv, D):
+        pytest.skip("the warp-specialized kernel needs Gluon and an sm_90 GPU")
+
+    def outputs():  # (qk, q, k, v, v_copies, rstd_q, rstd_k), NaN
+        nan = float("nan")
+        return (torch.full((T, (H + Hkv) * D), nan, device="cuda", dtype=torch.bfloat16),
+                torch.full((T, H, D), nan, device="cuda", dtype=torch.bfloat16),
+                torch.full((T, Hkv * rep, D), nan, device="cuda", dtype=torch.bfloat16),
+                torch.full((T, Hkv, D), nan, device="cuda", dtype=torch.bfloat16),
+                torch.full((T, Hkv * rep, D), nan, device="cuda", dtype=torch.bfloat16) if rep > 1 else None,
+                torch.full((T * H,), nan, device="cuda"), torch.full((T * Hkv,), nan, device="cuda"))
+
+    ws, ref = outputs(), outputs()
+    gluon_qkv.launch_qkv_ws(x, w, cos, sin, gain, 1e-6, *ws, rep)
+    attn_triton.launch_qkv_gemm_norm_rope(x, w, cos, sin, gain, 1e-6, *ref, tile=attn_triton.QKV_GEMM_TILE)
+    for name, a, b in zip(("qk", "q", "k", "v", "v_copies", "rstd_q", "rstd_k"), ws, ref):
+        if a is None:
+            continue
+        a, b = a.float(), b.float()
+        unequal = (a != b).float().mean().item()  # NaN != anything: an unwritten element counts
+        if name in ("qk", "v", "v_copies"):
+            assert unequal == 0, (name, unequal)
+        else:
+            rel = ((a - b).abs() / b.abs().clamp_min(1e-30)).nan_to_num(float("inf")).max().item()
+            assert rel <= 2.0**-7 and unequal < 0.01, (name, rel, unequal)
 
 
 @pytest.mark.gpu

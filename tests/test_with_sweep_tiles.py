@@ -48,5 +48,17 @@ def test_mlp_ws_turns_on_the_warp_specialized_kernel_per_direction(monkeypatch: 
     assert tk.MLP_WARP_SPECIALIZED == {False: False, True: True}
     tiles.apply_sweeps({"MLP_WS": "forward,backward"})
     assert tk.MLP_WARP_SPECIALIZED == {False: True, True: True}
+    tiles.apply_sweeps({"MLP_WS": "none"})
+    assert tk.MLP_WARP_SPECIALIZED == {False: False, True: False}
     with pytest.raises(SystemExit, match="MLP_WS"):
         tiles.apply_sweeps({"MLP_WS": "fwd"})
+
+
+def test_qkv_ws_switches_the_gluon_qkv_kernel(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(attn_triton, "QKV_WARP_SPECIALIZED", False)
+    tiles.apply_sweeps({"QKV_WS": "1"})
+    assert attn_triton.QKV_WARP_SPECIALIZED is True
+    tiles.apply_sweeps({"QKV_WS": "0"})
+    assert attn_triton.QKV_WARP_SPECIALIZED is False
+    with pytest.raises(SystemExit, match="QKV_WS"):
+        tiles.apply_sweeps({"QKV_WS": "yes"})

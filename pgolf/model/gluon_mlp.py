@@ -80,14 +80,43 @@ if gluon is not None:
             local += 1
 
     @gluon.jit
+    def _tile_products(a_ring, b_ring, ready, empty, turns, local, turn, CONSUMER: gl.constexpr, B_KN: gl.constexpr,
+                       KT: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """A consumer's products of its ``turn``-th tile (the program's ``local``-th): wait for the turn, sum the KT
+        k-steps from the ring (one wgmma in flight; each stage freed once read), hand the turn over. [BM, BN] fp32.
+        Consumer 0 waits for consumer 1's products of the tile before (none before its first tile), consumer 1
+        for consumer 0's."""
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        if CONSUMER == 0:
+            mbarrier.wait(turns.index(0), (turn & 1) ^ 1, pred=turn > 0)
+        else:
+            mbarrier.wait(turns.index(1), turn & 1)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+        for kk in gl.static_range(KT):
+            g = local * KT + kk
+            s = g % STAGES
+            mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+            if B_KN:
+                b = b_ring.index(s)  # [BK, BN]
+            else:
+                b = b_ring.index(s).permute((1, 0))  # [BN, BK] -> [BK, BN]
+            acc = warpgroup_mma(a_ring.index(s), b, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+            if kk > 0:
+                mbarrier.arrive(empty.index((g - 1) % STAGES))  # the step before has been read
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        mbarrier.arrive(empty.index((local * KT + KT - 1) % STAGES))
+        mbarrier.arrive(turns.index(1 - CONSUMER))
+        return acc
+
+    @gluon.jit
     def _consumer(a_ring, b_ring, pre_bufs, out_bufs, ready, empty, pre_ready, pre_free, turns, pre_desc, out_desc,
                   M, N, slope, CONSUMER: gl.constexpr, K: gl.constexpr, B_KN: gl.constexpr, BACKWARD: gl.constexpr,
                   NUM_PROGRAMS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, EPI_BUFS: gl.constexpr):
         """One warpgroup: this program's tiles CONSUMER, CONSUMER + 2, ... (local order): wait for its turn, run
         the tile's products, hand the tensor cores to the other consumer, then the epilogue."""
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK_N, 16])
         tiles_n = gl.cdiv(N, BLOCK_N)
         tiles = gl.cdiv(M, BLOCK_M) * tiles_n
         KT: gl.constexpr = K // BLOCK_K
@@ -97,28 +126,8 @@ if gluon is not None:
             local = 2 * turn + CONSUMER
             row = (tile // tiles_n) * BLOCK_M
             col = (tile % tiles_n) * BLOCK_N
-            # consumer 0 waits for consumer 1's previous products (none before its first tile); consumer 1 for
-            # consumer 0's products of the tile before this one
-            if CONSUMER == 0:
-                mbarrier.wait(turns.index(0), (turn & 1) ^ 1, pred=turn > 0)
-            else:
-                mbarrier.wait(turns.index(1), turn & 1)
-            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
-            for kk in gl.static_range(KT):
-                g = local * KT + kk
-                s = g % STAGES
-                mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-                if B_KN:
-                    b = b_ring.index(s)  # [BK, BN]
-                else:
-                    b = b_ring.index(s).permute((1, 0))  # [BN, BK] -> [BK, BN]
-                acc = warpgroup_mma(a_ring.index(s), b, acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-                if kk > 0:
-                    mbarrier.arrive(empty.index((g - 1) % STAGES))  # the step before has been read
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-            mbarrier.arrive(empty.index((local * KT + KT - 1) % STAGES))
-            mbarrier.arrive(turns.index(1 - CONSUMER))
+            acc = _tile_products(a_ring, b_ring, ready, empty, turns, local, turn, CONSUMER, B_KN, KT, STAGES,
+                                 BLOCK_M, BLOCK_N)
             # epilogue, in two column halves (half the registers live at once); EPI_BUFS sets of half buffers a
             # consumer: with two, neither half waits for a store of this tile
             halves = gl.split(gl.permute(gl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # 2 x [BM, HALF]
@@ -224,15 +233,22 @@ def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tenso
     )
 
 
-def launch_or_decline(*args, **kwargs) -> bool:
-    """:func:`launch_mlp_ws`, or False (with one warning) when this triton's Gluon cannot compile the kernel; the
-    caller then runs the TMA kernel. Compilation fails before anything is launched, so nothing was written."""
-    global unsupported
+def try_launch(launch, what: str, args: tuple, kwargs: dict) -> tuple[bool, str | None]:
+    """``launch(*args, **kwargs)``: (True, None), or (False, why) with one warning when this triton's Gluon cannot
+    compile the kernel; the caller then runs the Triton kernel. Compilation fails before anything is launched, so
+    nothing was written."""
     try:
-        launch_mlp_ws(*args, **kwargs)
-        return True
+        launch(*args, **kwargs)
+        return True, None
     except (triton.CompilationError, TypeError, AttributeError, NotImplementedError) as exc:
-        unsupported = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
-        warnings.warn(f"pgolf: the warp-specialized MLP kernel does not build with triton {triton.__version__} "
-                      f"({unsupported}); the TMA kernel runs instead", stacklevel=2)
-        return False
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
+        warnings.warn(f"pgolf: the warp-specialized {what} kernel does not build with triton {triton.__version__} "
+                      f"({why}); the Triton kernel runs instead", stacklevel=3)
+        return False, why
+
+
+def launch_or_decline(*args, **kwargs) -> bool:
+    """:func:`launch_mlp_ws`, or False where this triton's Gluon cannot build it (then never tried again)."""
+    global unsupported
+    ok, unsupported = try_launch(launch_mlp_ws, "MLP", args, kwargs)
+    return ok
