@@ -80,6 +80,20 @@ if gluon is not None:
             local += 1
 
     @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr):
+        """The ring's ``ready`` (loaded) and ``empty`` (read) mbarriers, a pair a stage, and the consumers'
+        ``turns`` pair, all initialized for one arrival a phase."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        for c in gl.static_range(2):
+            mbarrier.init(turns.index(c), count=1)
+        return ready, empty, turns
+
+    @gluon.jit
     def _tile_products(a_ring, b_ring, ready, empty, turns, local, turn, CONSUMER: gl.constexpr, B_KN: gl.constexpr,
                        KT: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """A consumer's products of its ``turn``-th tile (the program's ``local``-th): wait for the turn, sum the KT
@@ -178,18 +192,12 @@ if gluon is not None:
             pre_bufs = gl.allocate_shared_memory(gl.bfloat16, [4, BLOCK_M, HALF], pre_desc.layout)
         else:
             pre_bufs = out_bufs  # unused
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ready, empty, turns = _ring_barriers(STAGES)
         pre_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         pre_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
         for c in gl.static_range(2):
             mbarrier.init(pre_ready.index(c), count=1)
             mbarrier.init(pre_free.index(c), count=1)
-            mbarrier.init(turns.index(c), count=1)
         gl.warp_specialize([
             (_consumer, (a_ring, b_ring, pre_bufs, out_bufs, ready, empty, pre_ready, pre_free, turns, pre_desc,
                          out_desc, M, N, slope, 0, K, B_KN, BACKWARD, NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES,

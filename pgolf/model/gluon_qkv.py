@@ -119,14 +119,7 @@ if _ws.gluon is not None:
         a_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         b_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * D, BLOCK_K], w_desc.layout)
         bufs = gl.allocate_shared_memory(gl.bfloat16, [4 * EPI_BUFS, BLOCK_M, D], qk_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
-        for c in gl.static_range(2):
-            mbarrier.init(turns.index(c), count=1)
+        ready, empty, turns = _ws._ring_barriers(STAGES)
         N = (H + 2 * HKV) * D
         gl.warp_specialize([
             (_qkv_consumer, (a_ring, b_ring, bufs, ready, empty, turns, qk_desc, q_desc, k_desc, v_desc, vrep_desc,
