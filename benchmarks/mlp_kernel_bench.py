@@ -21,7 +21,8 @@ outputs (a different BLOCK_K sums in another order), its registers and shared me
 how ``TMA_TILES`` is chosen on a new GPU (``with_sweep_tiles.py`` then times the step with the fastest tiles).
 ``--sweep-ws`` times the Gluon kernel at each tile of :data:`WS_SWEEP_TILES` (``ws_tile_sweep`` in the JSON).
 
-    python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--sweep-tiles] [--sweep-ws] [--out OUT.json]
+    python benchmarks/mlp_kernel_bench.py [--record-script .ref/pr1855/train_gpt.py] [--sweep-tiles] [--sweep-ws]
+        [--out OUT.json]
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     def add_arguments(parser):
         parser.add_argument("--record-script", type=Path, help="PR #1855 train_gpt.py (its kernel is timed too)")
         parser.add_argument("--sweep-tiles", action="store_true", help="time the TMA kernel with each SWEEP_TILES tile")
-        parser.add_argument("--sweep-ws", action="store_true", help="time the Gluon kernel with each WS_SWEEP_TILES tile")
+        parser.add_argument("--sweep-ws", action="store_true",
+                            help="time the Gluon kernel with each WS_SWEEP_TILES tile")
 
     args = parse_bench_args(__doc__, "mlp_kernel_bench", argv, add_arguments=add_arguments)
     dev, bf16 = torch.device("cuda"), torch.bfloat16

@@ -128,7 +128,6 @@ def sweep_tiles(x, w, cos, sin, gain, iters: int) -> list[dict]:
     return rows
 
 
-
 def compare_ws(x, w, cos, sin, gain, iters: int) -> dict:
     """The Triton kernel (QKV_GEMM_TILE) and the Gluon kernel at each WS_SWEEP_TILES tile, forward kernel alone: ms
     a call, and per output the fraction of elements that differ from the Triton kernel's and the largest

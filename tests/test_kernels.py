@@ -357,7 +357,8 @@ def test_warp_specialized_kernel_declines_once_when_gluon_cannot_build_it(monkey
 
     monkeypatch.setattr(gluon_mlp, "launch_mlp_ws", fails)
     monkeypatch.setattr(gluon_mlp, "unsupported", None)
-    with pytest.warns(UserWarning, match=f"MLP kernel does not build with triton {triton.__version__}.*Triton kernel runs"):
+    expected = f"MLP kernel does not build with triton {triton.__version__}.*Triton kernel runs"
+    with pytest.warns(UserWarning, match=expected):
         assert gluon_mlp.launch_or_decline("x", backward=False) is False
     assert calls and "CompilationError" in gluon_mlp.unsupported
     x = torch.zeros(4, 512)
@@ -1065,7 +1066,8 @@ def test_gpu_warp_specialized_qkv_kernel_matches_the_triton_kernel(rep):
 
     gen = torch.Generator(device="cuda").manual_seed(6)
     T, K, H, Hkv, D, half = 4099, 512, 8, 4, 64, 8
-    x = (torch.randn(T, K, device="cuda", generator=gen) * (0.5 + torch.rand(T, 1, device="cuda", generator=gen))).bfloat16()
+    scale = 0.5 + torch.rand(T, 1, device="cuda", generator=gen)
+    x = (torch.randn(T, K, device="cuda", generator=gen) * scale).bfloat16()
     w = (torch.randn((H + 2 * Hkv) * D, K, device="cuda", generator=gen) / K**0.5).bfloat16()
     _, cos, sin = (t.cuda().bfloat16() for t in rope_buffers(2 * half, 10000.0, T))
     gain = (torch.rand(H, device="cuda", generator=gen) + 0.5).bfloat16()

@@ -75,8 +75,7 @@ if gluon is not None:
                 mbarrier.wait(pre_free.index(c), (turn & 1) ^ 1)
                 mbarrier.expect(pre_ready.index(c), BLOCK_M * BLOCK_N * 2)
                 _tma_load(pre_desc, [row, col], pre_ready.index(c), pre_bufs.index(2 * c))
-                _tma_load(pre_desc, [row, col + HALF], pre_ready.index(c),
-                                                pre_bufs.index(2 * c + 1))
+                _tma_load(pre_desc, [row, col + HALF], pre_ready.index(c), pre_bufs.index(2 * c + 1))
             local += 1
 
     @gluon.jit
@@ -150,6 +149,7 @@ if gluon is not None:
                 mbarrier.wait(pre_ready.index(CONSUMER), turn & 1)
                 p0 = pre_bufs.index(2 * CONSUMER).load(halves[0].type.layout).to(gl.float32)
                 p1 = pre_bufs.index(2 * CONSUMER + 1).load(halves[1].type.layout).to(gl.float32)
+                fence_async_shared()  # these reads before the producer's next TMA write into the buffers
                 mbarrier.arrive(pre_free.index(CONSUMER))
             for i in gl.static_range(2):
                 buf = (CONSUMER * EPI_BUFS + i % EPI_BUFS) * OUTS
@@ -159,7 +159,8 @@ if gluon is not None:
                 if BACKWARD:
                     p = p0 if i == 0 else p1
                     x = c.to(gl.float32)
-                    out_bufs.index(buf).store((x * gl.where(p > 0, 2.0 * p, (2.0 * slope * slope) * p)).to(gl.bfloat16))
+                    dpre = x * gl.where(p > 0, 2.0 * p, (2.0 * slope * slope) * p)
+                    out_bufs.index(buf).store(dpre.to(gl.bfloat16))
                 else:
                     x = c.to(gl.float32)
                     y = gl.where(x > 0, x, x * slope)
@@ -237,7 +238,8 @@ def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tenso
     return _mlp_ws_kernel[(programs,)](
         desc(a, [bm, bk]), desc(b, [bk, bn] if b_kn else [bn, bk]), desc(pre, [bm, bn // 2]), desc(out, [bm, bn // 2]),
         M, N, float(slope), K=K, B_KN=b_kn, BACKWARD=backward, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, STAGES=stages, EPI_BUFS=epi_bufs, CONSUMER_REGS=_CONSUMER_REGS, PRODUCER_REGS=_PRODUCER_REGS, num_warps=4,
+        BLOCK_K=bk, STAGES=stages, EPI_BUFS=epi_bufs, CONSUMER_REGS=_CONSUMER_REGS, PRODUCER_REGS=_PRODUCER_REGS,
+        num_warps=4,
     )
 
 
