@@ -168,15 +168,16 @@ def record_shipped_form():
 
 def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
+    off_kernels = {"pgolf.model.gluon_qkv"}  # attn_triton.QKV_WARP_SPECIALIZED is False (test below)
     assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash",
-                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
+                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"} | off_kernels
     lut = dataclasses.replace(record, evaluate=dataclasses.replace(record.evaluate, byte_accounting="lut"),
                               tokenizer=dataclasses.replace(record.tokenizer, caseops=False))
     bigram = dataclasses.replace(record, evaluate=dataclasses.replace(
         record.evaluate, ttt=dataclasses.replace(record.evaluate.ttt, mode="chunked", bigram_hash_buckets=64)))
     record_ttt = {"pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
-    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"} | record_ttt
-    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops"} | {
+    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"} | record_ttt | off_kernels
+    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops"} | off_kernels | {
         f"pgolf.evaluate.{m}" for m in ("ttt_record", "ttt_plan", "ttt_adapters", "ttt_forward", "ttt_phase",
                                         "ttt_graphs")}
     full = reachable_modules()
@@ -245,6 +246,23 @@ def test_shipped_attention_kernels_match_their_references_under_the_interpreter(
     result = subprocess.run([sys.executable, "-c", SHIPPED_KERNEL_CHECK, str(script)], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0 and "shipped kernels ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_kernel_switched_off_in_its_module_is_left_out(tmp_path: Path) -> None:
+    """The Gluon q, k, v kernel ships only while attn_triton.QKV_WARP_SPECIALIZED is True; the switch is read from
+    the module's text (a copy with it on reads True; one without a literal is refused)."""
+    from pgolf.artifact.bundle import module_switch
+
+    name, path = "QKV_WARP_SPECIALIZED", "model/attn_triton.py"
+    source = (REPO_ROOT / "pgolf" / path).read_text()
+    assert f"{name} = False\n" in source and not module_switch(path, name)
+    (tmp_path / "model").mkdir()
+    (tmp_path / path).write_text(source.replace(f"{name} = False", f"{name} = True"))
+    assert module_switch(path, name, tmp_path)
+    (tmp_path / path).write_text(source.replace(f"{name} = False", f"{name} = 1"))
+    with pytest.raises(ValueError, match=f"{name} = True or False"):
+        module_switch(path, name, tmp_path)
+    assert "pgolf.model.gluon_qkv" in reachable_modules()  # imported lazily by attn_triton: left out, not unreachable
 
 
 def test_flash_attention_4_ops_are_left_out_unless_the_recipe_may_use_them() -> None:

@@ -223,6 +223,9 @@ def left_out_modules(cfg: RunConfig) -> dict[str, str]:
         out["pgolf.evaluate.bigram_hash"] = "evaluate.ttt.bigram_hash_buckets is 0"
     if cfg.model.attention_backend in ("fa3", "torch"):
         out["pgolf.model.flash4"] = f"model.attention_backend is {cfg.model.attention_backend!r}: never FlashAttention 4"
+    if not module_switch("model/attn_triton.py", "QKV_WARP_SPECIALIZED"):
+        out["pgolf.model.gluon_qkv"] = ("pgolf.model.attn_triton.QKV_WARP_SPECIALIZED is False: never the Gluon "
+                                        "q, k, v kernel")
     ttt = cfg.evaluate.ttt
     if ttt.mode == "lora" and ttt.variant == "record":
         out["pgolf.evaluate.lora"] = "evaluate.ttt.variant is record: the legacy variant's adapters are never built"
@@ -232,6 +235,18 @@ def left_out_modules(cfg: RunConfig) -> dict[str, str]:
         for name in RECORD_TTT_MODULES:
             out[name] = "evaluate.ttt is not the record variant of LoRA TTT"
     return out
+
+
+def module_switch(path: str, name: str, package_dir: Path = PACKAGE_DIR) -> bool:
+    """The literal True / False of a module-level ``name = ...`` in the pgolf source ``path`` (relative to the
+    package), read from the text: the bundler imports no torch, and the kernels' switches live in modules that do."""
+    tree = ast.parse((package_dir / path).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            value = ast.literal_eval(node.value)
+            if isinstance(value, bool):
+                return value
+    raise ValueError(f"pgolf/{path}: expected a module-level {name} = True or False")
 
 
 # the record variant of LoRA TTT, imported only when it runs (pgolf.evaluate.ttt.run_ttt)

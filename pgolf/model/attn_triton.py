@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pgolf.model import gluon_qkv
 from pgolf.model.triton_kernels import _TensorDescriptor, _narrow, _tma_usable, persistent_programs
 
 
@@ -301,7 +300,8 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
 # (docs/benchmarks.md)
 QKV_GEMM_TILE = (128, 2, 64, 8, 3, 0)
 # The warp-specialized Gluon form of the kernel (pgolf.model.gluon_qkv) where it applies (an sm_90 GPU, 64-dim heads,
-# a triton whose Gluon builds it; never with an explicit ``tile``, which names a Triton tile).
+# a triton whose Gluon builds it; never with an explicit ``tile``, which names a Triton tile). Read as source by the
+# bundler (pgolf.artifact.bundle.left_out_modules): a literal True or False.
 QKV_WARP_SPECIALIZED = False
 
 
@@ -337,9 +337,12 @@ def launch_qkv_gemm_norm_rope(x: torch.Tensor, w: torch.Tensor, cos: torch.Tenso
         return
     if (rep > 1) != (v_copies is not None):
         raise ValueError("attn_triton: v_copies is given exactly when k holds more than one copy of each head")
-    if (tile is None and not bitwise_round and QKV_WARP_SPECIALIZED and gluon_qkv.ws_usable(x, H, hkv, D)
-            and gluon_qkv.launch_or_decline(x, w, cos, sin, gain, eps, qk, q, k, v, v_copies, rstd_q, rstd_k, rep)):
-        return
+    if tile is None and not bitwise_round and QKV_WARP_SPECIALIZED:
+        from pgolf.model import gluon_qkv  # imported only here: a bundle leaves it out while the switch is off
+
+        if gluon_qkv.ws_usable(x, H, hkv, D) and gluon_qkv.launch_or_decline(x, w, cos, sin, gain, eps, qk, q, k, v,
+                                                                             v_copies, rstd_q, rstd_k, rep):
+            return
     bm, per_tile, bk, warps, stages, per_sm = tile or QKV_GEMM_TILE
     if per_tile not in (1, 2):
         raise ValueError(f"attn_triton: a qkv tile holds 1 or 2 heads, got {per_tile}")
