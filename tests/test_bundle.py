@@ -251,17 +251,17 @@ def test_shipped_attention_kernels_match_their_references_under_the_interpreter(
 def test_a_kernel_switched_off_in_its_module_is_left_out(tmp_path: Path) -> None:
     """The Gluon q, k, v kernel ships only while attn_triton.QKV_WARP_SPECIALIZED is True; the switch is read from
     the module's text (a copy with it on reads True; one without a literal is refused)."""
-    from pgolf.artifact.bundle import module_switch
+    from pgolf.artifact.fold import module_switch
 
-    name, path = "QKV_WARP_SPECIALIZED", "model/attn_triton.py"
-    source = (REPO_ROOT / "pgolf" / path).read_text()
+    name, path = "QKV_WARP_SPECIALIZED", REPO_ROOT / "pgolf" / "model" / "attn_triton.py"
+    source = path.read_text()
     assert f"{name} = False\n" in source and not module_switch(path, name)
-    (tmp_path / "model").mkdir()
-    (tmp_path / path).write_text(source.replace(f"{name} = False", f"{name} = True"))
-    assert module_switch(path, name, tmp_path)
-    (tmp_path / path).write_text(source.replace(f"{name} = False", f"{name} = 1"))
+    copy = tmp_path / "attn_triton.py"
+    copy.write_text(source.replace(f"{name} = False", f"{name} = True"))
+    assert module_switch(copy, name)
+    copy.write_text(source.replace(f"{name} = False", f"{name} = 1"))
     with pytest.raises(ValueError, match=f"{name} = True or False"):
-        module_switch(path, name, tmp_path)
+        module_switch(copy, name)
     assert "pgolf.model.gluon_qkv" in reachable_modules()  # imported lazily by attn_triton: left out, not unreachable
 
 

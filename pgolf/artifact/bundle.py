@@ -8,7 +8,7 @@ not installed. The bundle is that file. It holds, in this order:
    other. The set is found statically: walk the ``import`` statements (function-local ones included) of
    :mod:`pgolf.artifact.record_run`, then of each pgolf module found, plus the packages that contain them. CLI-only,
    Snakemake-only and Hub-download code is left out unless the record run can reach it, and so are the modules
-   of features the recipe switches off (:func:`left_out_modules`);
+   of features the recipe or a kernel switch turns off (:func:`left_out_modules`);
 3. a small importer (a ``sys.meta_path`` finder/loader) that serves ``pgolf.*`` from ``MODULES`` only, with a
    ``get_source`` so tracebacks, ``inspect`` and Triton's ``@jit`` see the real lines;
 4. ``CONFIG_JSON``: the resolved recipe (every knob, so the file alone says what it runs; in the shipped form only
@@ -47,6 +47,7 @@ import pgolf
 from pgolf.config import RunConfig, parse_run_config, to_dict
 from pgolf.io import atomic_write_bytes, atomic_write_json
 from pgolf.artifact.config_module import shipped_config_changes
+from pgolf.artifact.fold import left_out_modules  # noqa: F401  (part of this module's interface)
 from pgolf.artifact.minify import counted_code, counter_versions, make_wrapper
 
 PACKAGE = "pgolf"
@@ -203,55 +204,6 @@ def third_party_imports(sources: dict[str, tuple[bool, str]], entry: str = ENTRY
                 continue
             (required if name in always and not guarded else optional).add(top)
     return {"required": sorted(required), "optional": sorted(optional - required)}
-
-
-def left_out_modules(cfg: RunConfig) -> dict[str, str]:
-    """Modules the recipe can never run, each with the setting that says so: left out of its bundle.
-
-    Why: every embedded byte is counted against the 16,000,000-byte cap. Only modules that the record path
-    imports lazily, inside the feature that needs them, can be left out; importing one from such a bundle fails
-    with ModuleNotFoundError naming the module (the bundle report lists them with these reasons).
-    """
-    out: dict[str, str] = {}
-    accounting = cfg.evaluate.byte_accounting
-    if accounting == "sidecar" or (accounting == "auto" and cfg.tokenizer.caseops):
-        reason = (f"evaluate.byte_accounting is {accounting!r} with tokenizer.caseops {cfg.tokenizer.caseops}: bytes "
-                  "come from the sidecar, never from the tokenizer's lookup table")
-        out["pgolf.data.tokenizer"] = reason
-        out["pgolf.data.caseops"] = reason
-    if cfg.evaluate.ttt.bigram_hash_buckets == 0:
-        out["pgolf.evaluate.bigram_hash"] = "evaluate.ttt.bigram_hash_buckets is 0"
-    if cfg.model.attention_backend in ("fa3", "torch"):
-        out["pgolf.model.flash4"] = f"model.attention_backend is {cfg.model.attention_backend!r}: never FlashAttention 4"
-    if not module_switch("model/attn_triton.py", "QKV_WARP_SPECIALIZED"):
-        out["pgolf.model.gluon_qkv"] = ("pgolf.model.attn_triton.QKV_WARP_SPECIALIZED is False: never the Gluon "
-                                        "q, k, v kernel")
-    ttt = cfg.evaluate.ttt
-    if ttt.mode == "lora" and ttt.variant == "record":
-        out["pgolf.evaluate.lora"] = "evaluate.ttt.variant is record: the legacy variant's adapters are never built"
-        if not ttt.cuda_graphs:
-            out["pgolf.evaluate.ttt_graphs"] = "evaluate.ttt.cuda_graphs is false"
-    else:
-        for name in RECORD_TTT_MODULES:
-            out[name] = "evaluate.ttt is not the record variant of LoRA TTT"
-    return out
-
-
-def module_switch(path: str, name: str, package_dir: Path = PACKAGE_DIR) -> bool:
-    """The literal True / False of a module-level ``name = ...`` in the pgolf source ``path`` (relative to the
-    package), read from the text: the bundler imports no torch, and the kernels' switches live in modules that do."""
-    tree = ast.parse((package_dir / path).read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            value = ast.literal_eval(node.value)
-            if isinstance(value, bool):
-                return value
-    raise ValueError(f"pgolf/{path}: expected a module-level {name} = True or False")
-
-
-# the record variant of LoRA TTT, imported only when it runs (pgolf.evaluate.ttt.run_ttt)
-RECORD_TTT_MODULES = tuple(f"pgolf.evaluate.{m}" for m in ("ttt_record", "ttt_plan", "ttt_adapters", "ttt_forward",
-                                                              "ttt_phase", "ttt_graphs"))
 
 
 def collect_modules(

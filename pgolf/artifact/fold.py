@@ -5,13 +5,18 @@ expressions that depend only on it are decided at bundle time, and what they lea
 known when it is read from a parameter annotated with a config section class (never rebound in its function), or
 from a local bound once from such a read (``mode = cfg.ttt.mode``); ``and``/``or`` are simplified only past
 operands without effects. tests/test_reproduce.py runs a folded bundle against the staged pipeline.
+
+Whole modules go too: :func:`left_out_modules` names those the recipe can never run, and those behind a kernel
+switch that is off in its module's source (:func:`module_switch`).
 """
 
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from pgolf.artifact.reach import walk as _walk
+from pgolf.config import RunConfig
 
 
 # Parameters annotated with one of these classes hold the recipe's own section in every bundled call (checked by
@@ -34,6 +39,17 @@ _COMPARE = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt:
             ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
             ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b, ast.Is: lambda a, b: a is b,
             ast.IsNot: lambda a, b: a is not b}
+
+
+def module_switch(path, name: str) -> bool:
+    """The literal True / False of a module-level ``name = ...`` in the pgolf source file ``path``, read from the
+    text: the bundler imports no torch, and the kernels' switches live in modules that do."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            value = ast.literal_eval(node.value)
+            if isinstance(value, bool):
+                return value
+    raise ValueError(f"{path}: expected a module-level {name} = True or False")
 
 
 def _switch_value(value):
@@ -219,3 +235,41 @@ def fold_switches(tree: ast.Module, cfg) -> int:
     drop_unreachable(tree)
     ast.fix_missing_locations(tree)
     return folder.folded
+
+
+def left_out_modules(cfg: RunConfig) -> dict[str, str]:
+    """Modules the recipe (or a kernel switch off in its module) can never run, each with the setting that says so:
+    left out of its bundle.
+
+    Why: every embedded byte is counted against the 16,000,000-byte cap. Only modules that the record path
+    imports lazily, inside the feature that needs them, can be left out; importing one from such a bundle fails
+    with ModuleNotFoundError naming the module (the bundle report lists them with these reasons).
+    """
+    out: dict[str, str] = {}
+    accounting = cfg.evaluate.byte_accounting
+    if accounting == "sidecar" or (accounting == "auto" and cfg.tokenizer.caseops):
+        reason = (f"evaluate.byte_accounting is {accounting!r} with tokenizer.caseops {cfg.tokenizer.caseops}: bytes "
+                  "come from the sidecar, never from the tokenizer's lookup table")
+        out["pgolf.data.tokenizer"] = reason
+        out["pgolf.data.caseops"] = reason
+    if cfg.evaluate.ttt.bigram_hash_buckets == 0:
+        out["pgolf.evaluate.bigram_hash"] = "evaluate.ttt.bigram_hash_buckets is 0"
+    if cfg.model.attention_backend in ("fa3", "torch"):
+        out["pgolf.model.flash4"] = f"model.attention_backend is {cfg.model.attention_backend!r}: never FlashAttention 4"
+    if not module_switch(Path(__file__).resolve().parents[1] / "model" / "attn_triton.py", "QKV_WARP_SPECIALIZED"):
+        out["pgolf.model.gluon_qkv"] = ("pgolf.model.attn_triton.QKV_WARP_SPECIALIZED is False: never the Gluon "
+                                        "q, k, v kernel")
+    ttt = cfg.evaluate.ttt
+    if ttt.mode == "lora" and ttt.variant == "record":
+        out["pgolf.evaluate.lora"] = "evaluate.ttt.variant is record: the legacy variant's adapters are never built"
+        if not ttt.cuda_graphs:
+            out["pgolf.evaluate.ttt_graphs"] = "evaluate.ttt.cuda_graphs is false"
+    else:
+        for name in RECORD_TTT_MODULES:
+            out[name] = "evaluate.ttt is not the record variant of LoRA TTT"
+    return out
+
+
+# the record variant of LoRA TTT, imported only when it runs (pgolf.evaluate.ttt.run_ttt)
+RECORD_TTT_MODULES = tuple(f"pgolf.evaluate.{m}" for m in ("ttt_record", "ttt_plan", "ttt_adapters", "ttt_forward",
+                                                              "ttt_phase", "ttt_graphs"))
