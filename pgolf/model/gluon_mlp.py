@@ -211,12 +211,26 @@ if gluon is not None:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+def on_gluon_sm90(x: torch.Tensor) -> bool:
+    """Whether ``x`` lives where the Gluon kernels can run: a triton with Gluon, an sm_90 GPU (wgmma and the
+    register hand-off are Hopper's)."""
+    return gluon is not None and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) == (9, 0)
+
+
+def tma_desc(t: torch.Tensor, block: list) -> "TensorDescriptor":
+    """A bf16 tensor descriptor of ``t`` with ``block`` boxes in the default (widest-swizzle) shared layout."""
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+
+def one_program_an_sm(device: torch.device, tiles: int) -> int:
+    """The persistent grid of the Gluon kernels: one program an SM, never more than the tiles."""
+    return min(torch.cuda.get_device_properties(device).multi_processor_count, tiles)
+
+
 def ws_usable(a: torch.Tensor, out: torch.Tensor, backward: bool) -> bool:
-    """Whether the warp-specialized kernel can take these operands (the TMA kernel's conditions hold): Gluon
-    present, an sm_90 GPU (wgmma and the register hand-off are Hopper's), bf16, K and N whole tiles."""
-    if gluon is None or unsupported is not None or a.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(a.device) != (9, 0):
+    """Whether the warp-specialized kernel can take these operands (the TMA kernel's conditions hold):
+    :func:`on_gluon_sm90`, a kernel this triton builds, bf16, K and N whole tiles."""
+    if unsupported is not None or not on_gluon_sm90(a):
         return False
     _, bn, bk, _, _ = WS_TILES[backward]
     return a.dtype == torch.bfloat16 and a.shape[1] % bk == 0 and out.shape[1] % bn == 0
@@ -229,12 +243,8 @@ def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tenso
     M, K = a.shape
     N = out.shape[1]
     bm, bn, bk, stages, epi_bufs = tile or WS_TILES[backward]
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    programs = min(torch.cuda.get_device_properties(a.device).multi_processor_count, tiles)
-
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-
+    programs = one_program_an_sm(a.device, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    desc = tma_desc
     return _mlp_ws_kernel[(programs,)](
         desc(a, [bm, bk]), desc(b, [bk, bn] if b_kn else [bn, bk]), desc(pre, [bm, bn // 2]), desc(out, [bm, bn // 2]),
         M, N, float(slope), K=K, B_KN=b_kn, BACKWARD=backward, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn,

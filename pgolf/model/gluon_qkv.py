@@ -21,7 +21,6 @@ if _ws.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     _tma_store = _ws._tma_store
 
@@ -137,9 +136,7 @@ if _ws.gluon is not None:
 def ws_usable(x: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether the warp-specialized kernel takes these operands (attn_triton.qkv_gemm_usable holds): Gluon that
     builds it, an sm_90 GPU, bf16, 64-dim heads two to a tile (even head counts), K whole 64-wide steps."""
-    if _ws.gluon is None or unsupported is not None or x.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(x.device) != (9, 0):
+    if unsupported is not None or not _ws.on_gluon_sm90(x):
         return False
     return (x.dtype == torch.bfloat16 and head_dim == 64 and num_heads % 2 == 0 and num_kv_heads % 2 == 0
             and x.shape[1] % WS_QKV_TILE[1] == 0)
@@ -152,12 +149,8 @@ def launch_qkv_ws(x, w, cos, sin, gain, eps, qk, q, k, v, v_copies, rstd_q, rstd
     _, H, D = q.shape
     hkv = v.shape[1]
     bm, bk, stages, epi_bufs = tile or WS_QKV_TILE
-    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count,
-                   triton.cdiv(T, bm) * (H + 2 * hkv) // 2)
-
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
-
+    programs = _ws.one_program_an_sm(x.device, triton.cdiv(T, bm) * (H + 2 * hkv) // 2)
+    desc = _ws.tma_desc
     k2 = k.view(T, -1)
     return _qkv_ws_kernel[(programs,)](
         desc(x, [bm, bk]), desc(w, [2 * D, bk]), desc(qk, [bm, D]), desc(q.view(T, -1), [bm, D]), desc(k2, [bm, D]),
