@@ -159,7 +159,7 @@ def _changed(section: str, **knobs) -> dict:
 
 @pytest.fixture(scope="module")
 def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
-    """Jobs each edited recipe would run, from concurrent dry runs (each pays Snakemake's and torch's start-up)."""
+    """Jobs each edited recipe would run, from dry runs (each pays Snakemake's start-up)."""
     recipes = {
         "unchanged": RECIPE,
         "clip_sigma": _changed("quantize", mlp_clip_sigmas=9.0),
@@ -175,10 +175,14 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
         # where a docs or export source would download from, on a local source: only the shipped recipe holds it
         "data_unused": _changed("data", hub_repo="someone/elsewhere"),
     }
-    procs = {name: _snakemake(workdir, recipe, name, "-n") for name, recipe in recipes.items()}
-    results = {}
-    for name, proc in procs.items():
-        status, out = finish(proc)
+    # as many at once as there are cores: all nine at once took 26 s on 2 cores, two at a time 8
+    pending, running, results = list(recipes.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < (os.cpu_count() or 1):
+            name, recipe = pending.pop(0)
+            running[name] = _snakemake(workdir, recipe, name, "-n")
+        name = next(iter(running))
+        status, out = finish(running.pop(name))
         assert status == 0, out[-4000:]
         results[name] = job_counts(out)
     return results
