@@ -23,8 +23,8 @@ from pgolf.model.triton_kernels import _TensorDescriptor, _narrow, _tma_usable, 
 #   n = x * rstd,  rstd = 1 / sqrt(mean(x^2) + eps)
 #   r_d = n_d c_j + n_{d+half} s_j (d < half),  n_d c_j - n_{d-half} s_j (half <= d < 2 half),  n_d (the rest)
 #   out = r * gain[head]
-# with j = d mod half and c, s the row's token's cos / sin. Each dim's rotation partner is loaded by a second
-# (gathered) load of the same row, so the row is read once from memory. Backward, with g = d loss / d out:
+# with j = d mod half and c, s the row's token's cos / sin (the partners by reshaping registers: _rope_rotate).
+# Backward, with g = d loss / d out:
 #   d gain[h] = sum over the head's rows and dims of g * r            (per-program partial sums, no atomics)
 #   gn_d = gain * (g_d c_j - sign_d g_partner s_j),  sign = +1 below half, -1 in [half, 2 half), s = 0 beyond
 #   dx = rstd * (gn - n * mean(gn * n))
@@ -40,17 +40,25 @@ from pgolf.model.triton_kernels import _TensorDescriptor, _narrow, _tma_usable, 
 
 
 @triton.jit
-def _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H: tl.constexpr, HALF: tl.constexpr):
-    """c, s [R, D] (1 and 0 beyond the rotated dims), the partner dim of each dim and the rotation's sign."""
-    rotated = d < 2 * HALF
-    j = tl.where(d < HALF, d, d - HALF)
-    t = rows // H
-    m = rmask[:, None] & rotated[None, :]
-    c = tl.load(cos_ptr + t[:, None] * HALF + j[None, :], mask=m, other=1.0).to(tl.float32)
-    s = tl.load(sin_ptr + t[:, None] * HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
-    partner = tl.where(d < HALF, d + HALF, tl.where(rotated, d - HALF, d))
-    sign = tl.where(d < HALF, 1.0, -1.0)
-    return c, s, partner, sign
+def _rope_rotate(x, cos, sin, R: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    """x [R, D] fp32 with dims d and d + HALF (d < HALF) rotated as a pair by cos, sin [R, HALF]: (lo, hi) ->
+    (lo cos + hi sin, hi cos - lo sin); dims from 2 HALF on pass through. The partners are found by reshaping the
+    registers (d = b 2 HALF + a HALF + j; only b = 0 rotates), so each row is loaded once, with contiguous loads."""
+    nb: tl.constexpr = D // (2 * HALF)
+    first = (tl.arange(0, nb) == 0)[None, :, None]  # [1, nb, 1]
+    c = tl.where(first, cos[:, None, :], 1.0)  # [R, nb, HALF]
+    s = tl.where(first, sin[:, None, :], 0.0)
+    lo, hi = tl.split(tl.permute(tl.reshape(x, (R, nb, 2, HALF)), (0, 1, 3, 2)))  # [R, nb, HALF] each
+    return tl.reshape(tl.permute(tl.join(lo * c + hi * s, hi * c - lo * s), (0, 1, 3, 2)), (R, D))
+
+
+@triton.jit
+def _qk_rope_tables(tokens, cos_ptr, sin_ptr, rmask, HALF: tl.constexpr):
+    """cos, sin [R, HALF] fp32 of each row's token."""
+    at = tokens[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    c = tl.load(cos_ptr + at, mask=rmask[:, None], other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+    return c, s
 
 
 @triton.jit
@@ -60,12 +68,11 @@ def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_pt
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
     rmask = rows < n_rows
     d = tl.arange(0, D)  # [D]
-    c, s, partner, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H, HALF)
+    c, s = _qk_rope_tables(rows // H, cos_ptr, sin_ptr, rmask, HALF)  # [R, HALF]
     x_row = (rows // H).to(tl.int64) * XS + (rows % H) * D  # [R]: where the row starts in x
     x = tl.load(x_ptr + x_row[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)  # [R, D]
-    xp = tl.load(x_ptr + x_row[:, None] + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [R]
-    r = (x * c + sign[None, :] * xp * s) * rstd[:, None]
+    r = _rope_rotate(x, c, s, BLOCK_R, D, HALF) * rstd[:, None]
     if HAS_GAIN:
         r = r * tl.load(gain_ptr + rows % H, mask=rmask, other=0.0).to(tl.float32)[:, None]
     for i in tl.static_range(REP):  # the row's copies: rows row * REP + i of out
@@ -89,27 +96,22 @@ def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr,
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]; BLOCK_R is a multiple of H, so row i is head i % H
     rmask = rows < n_rows
     d = tl.arange(0, D)
-    c, s, partner, sign = _qk_rope_tables(rows, d, cos_ptr, sin_ptr, rmask, H, HALF)
     t, h = (rows // H).to(tl.int64), rows % H
-    x_at = (t * XS + h * D)[:, None] + d[None, :]
+    c, s = _qk_rope_tables(t, cos_ptr, sin_ptr, rmask, HALF)  # [R, HALF]
     g = tl.zeros((BLOCK_R, D), tl.float32)  # [R, D]: the sum of the row's REP copies' gradients
-    gp = tl.zeros((BLOCK_R, D), tl.float32)  # the same at the partner dims
     for i in tl.static_range(REP):
-        g_row = (rows.to(tl.int64) * REP + i)[:, None] * D
-        g += tl.load(g_ptr + g_row + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        gp += tl.load(g_ptr + g_row + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        g += tl.load(g_ptr + (rows.to(tl.int64) * REP + i)[:, None] * D + d[None, :], mask=rmask[:, None],
+                     other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)  # [R]
-    n = tl.load(x_ptr + x_at, mask=rmask[:, None], other=0.0).to(tl.float32) * rstd[:, None]
-    gn = g * c - sign[None, :] * gp * s
+    n = tl.load(x_ptr + (t * XS + h * D)[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    n = n * rstd[:, None]
+    gn = _rope_rotate(g, c, -s, BLOCK_R, D, HALF)  # the rotation's transpose
     if HAS_GAIN:
-        np_ = tl.load(x_ptr + (t * XS + h * D)[:, None] + partner[None, :], mask=rmask[:, None],
-                      other=0.0).to(tl.float32) * rstd[:, None]
-        r = n * c + sign[None, :] * np_ * s
-        per_row = tl.sum(g * r, axis=1)  # [R]
+        per_row = tl.sum(g * _rope_rotate(n, c, s, BLOCK_R, D, HALF), axis=1)  # [R]
         # [H, programs]: the sum over programs then reads contiguous rows (a column sum of [programs, H] took 28 us)
         tl.store(dgain_ptr + tl.arange(0, H) * tl.num_programs(0) + pid,
                  tl.sum(tl.reshape(per_row, (BLOCK_R // H, H)), axis=0))
-        gn = gn * tl.load(gain_ptr + rows % H, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        gn = gn * tl.load(gain_ptr + h, mask=rmask, other=0.0).to(tl.float32)[:, None]
     dx = rstd[:, None] * (gn - n * (tl.sum(gn * n, axis=1) / D)[:, None])
     tl.store(dx_ptr + (t * DXS + h * D)[:, None] + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
     if HAS_V:  # dv = gv + the sum of its copies' gradients
@@ -121,9 +123,13 @@ def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr,
         tl.store(dv_ptr + (t * DXS + h * D)[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+# (rows a program, warps) of the q/k kernels on a GPU
+QK_BLOCK = (64, 4)
+
+
 def _qk_block_rows(num_heads: int, device: torch.device) -> int:
     """Rows (token heads) per program: a multiple of the head count (the gain's partial sums assume it)."""
-    return max(64 if device.type == "cuda" else 16, num_heads)
+    return max(QK_BLOCK[0] if device.type == "cuda" else 16, num_heads)
 
 
 def qk_norm_rope_programs(num_rows: int, num_heads: int, device: torch.device) -> int:
@@ -157,7 +163,7 @@ def launch_qk_norm_rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     _qk_norm_rope_fwd_kernel[(qk_norm_rope_programs(T * H, H, x.device),)](
         x, cos, sin, gain if gain is not None else x, out, rstd, x if v is None else v, out if v_out is None else v_out,
         out if v_copies is None else v_copies, T * H, float(eps), _token_stride(x), H=H, D=D, HALF=cos.shape[1],
-        HAS_GAIN=gain is not None, REP=rep, HAS_V=v is not None, BLOCK_R=block, num_warps=4)
+        HAS_GAIN=gain is not None, REP=rep, HAS_V=v is not None, BLOCK_R=block, num_warps=QK_BLOCK[1])
 
 
 def _repeats(x: torch.Tensor, copies: torch.Tensor) -> int:
@@ -189,7 +195,7 @@ def launch_qk_norm_rope_bwd(g: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor
         dgain_partial if dgain_partial is not None else rstd, g if gv is None else gv,
         g if gv_copies is None else gv_copies, dx if dv is None else dv, T * H, _token_stride(x), _token_stride(dx),
         H=H, D=D, HALF=cos.shape[1], HAS_GAIN=gain is not None, REP=rep, HAS_V=gv is not None, BLOCK_R=block,
-        num_warps=4)
+        num_warps=QK_BLOCK[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,17 +273,8 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
         qk_desc.store([row, head * D], xb)
         x = xb.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BM]
-        j = tl.arange(0, HALF)
-        cs_at = rows[:, None] * HALF + j[None, :]  # [BM, HALF]
-        cos = tl.load(cos_ptr + cs_at, mask=rmask[:, None], other=1.0).to(tl.float32)[:, None, :]  # [BM, 1, HALF]
-        sin = tl.load(sin_ptr + cs_at, mask=rmask[:, None], other=0.0).to(tl.float32)[:, None, :]
-        nb: tl.constexpr = D // (2 * HALF)
-        first = (tl.arange(0, nb) == 0)[None, :, None]  # [1, nb, 1]: only dims below 2 HALF rotate
-        cos, sin = tl.where(first, cos, 1.0), tl.where(first, sin, 0.0)  # [BM, nb, HALF]
-        lo, hi = tl.split(tl.permute(tl.reshape(x, (BLOCK_M, nb, 2, HALF)), (0, 1, 3, 2)))  # [BM, nb, HALF] each
-        r_lo = (lo * cos + hi * sin) * rstd[:, None, None]
-        r_hi = (hi * cos - lo * sin) * rstd[:, None, None]
-        r = tl.reshape(tl.permute(tl.join(r_lo, r_hi), (0, 1, 3, 2)), (BLOCK_M, D))  # [BM, D]
+        cos, sin = _qk_rope_tables(rows, cos_ptr, sin_ptr, rmask, HALF)  # [BM, HALF]
+        r = _rope_rotate(x, cos, sin, BLOCK_M, D, HALF) * rstd[:, None]  # [BM, D]
         if head < H:
             if HAS_GAIN:
                 r = r * tl.load(gain_ptr + head).to(tl.float32)
