@@ -168,7 +168,7 @@ def record_shipped_form():
 
 def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
-    off_kernels = {"pgolf.model.gluon_qkv"}  # attn_triton.QKV_WARP_SPECIALIZED is False (test below)
+    off_kernels = {"pgolf.model.gluon_qkv", "pgolf.model.gluon_resident"}  # their switches are off (tests below)
     assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash",
                                              "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"} | off_kernels
     lut = dataclasses.replace(record, evaluate=dataclasses.replace(record.evaluate, byte_accounting="lut"),
@@ -263,6 +263,25 @@ def test_a_kernel_switched_off_in_its_module_is_left_out(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=f"{name} = True or False"):
         module_switch(copy, name)
     assert "pgolf.model.gluon_qkv" in reachable_modules()  # imported lazily by attn_triton: left out, not unreachable
+
+
+def test_the_resident_mlp_kernel_ships_only_while_a_direction_turns_it_on(tmp_path: Path) -> None:
+    """gluon_mlp.RESIDENT is a per-direction dict of literals: the module ships while either direction is on."""
+    from pgolf.artifact.fold import module_switch
+
+    path = REPO_ROOT / "pgolf" / "model" / "gluon_mlp.py"
+    source = path.read_text()
+    off = "RESIDENT = {False: False, True: False}\n"
+    assert off in source and not module_switch(path, "RESIDENT")
+    assert "pgolf.model.gluon_resident" in left_out_modules(load_run_config(REPO_ROOT / "config.yaml"))
+    copy = tmp_path / "gluon_mlp.py"
+    for on in ("{False: True, True: False}", "{False: False, True: True}"):
+        copy.write_text(source.replace(off, f"RESIDENT = {on}\n"))
+        assert module_switch(copy, "RESIDENT"), on
+    copy.write_text(source.replace(off, "RESIDENT = {False: 0, True: 1}\n"))
+    with pytest.raises(ValueError, match="RESIDENT = True or False"):
+        module_switch(copy, "RESIDENT")
+    assert "pgolf.model.gluon_resident" in reachable_modules()  # imported lazily by gluon_mlp
 
 
 def test_flash_attention_4_ops_are_left_out_unless_the_recipe_may_use_them() -> None:

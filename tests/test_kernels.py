@@ -9,6 +9,7 @@ Three tiers:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -321,6 +322,37 @@ def test_warp_specialized_mlp_kernel_compiles_for_h100():
                       "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "EPI_BUFS": epi_bufs}
         _compile_gluon_sm90(gluon_mlp._mlp_ws_kernel, blocks, {"M": "i32", "N": "i32", "slope": "fp32"}, constexprs,
                             "backward" if backward else "forward")
+
+
+def test_resident_kernel_fits_the_record_shape_and_nothing_larger():
+    """The resident kernel's shared memory (a [128, K] panel, the ring, the epilogue's buffers) fits at K = 512 and
+    not at K = 768, both directions; its consumers take alternate column tiles, so N must be an even number of
+    them."""
+    from pgolf.model import gluon_resident
+
+    def fits(K, N, backward):
+        return gluon_resident.fits(torch.empty(4, K), torch.empty(4, N), backward)
+
+    for backward in (False, True):
+        assert fits(512, 2048, backward) and fits(256, 256, backward)
+        assert not fits(768, 2048, backward) and not fits(512, 384, backward) and not fits(520, 2048, backward)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_resident_mlp_kernel_compiles_for_h100(backward):
+    """The Gluon MLP kernel with a's row panel resident (``gluon_resident.TILES``, K = 512; backward with its
+    second producer warp for the pre quarters): warp-specialized, wgmma asynchronous, no spills, and the 128 KB
+    panel, the ring and the epilogue's buffers inside the H100's shared memory."""
+    _needs_gluon_compiler()
+    from pgolf.model import gluon_resident
+
+    bm, bn, bk, stages = gluon_resident.TILES[backward]
+    blocks = {"a_desc": [bm, bk], "b_desc": [bk, bn] if backward else [bn, bk], "pre_desc": [bm, bn // 4],
+              "out_desc": [bm, bn // 4]}
+    constexprs = {"K": 512, "B_KN": backward, "BACKWARD": backward, "NUM_PROGRAMS": 132, "BLOCK_M": bm,
+                  "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages}
+    _compile_gluon_sm90(gluon_resident._mlp_resident_kernel, blocks, {"M": "i32", "N": "i32", "slope": "fp32"},
+                        constexprs, "resident backward" if backward else "resident forward")
 
 
 @pytest.mark.parametrize("rep", [1, 2])
@@ -1025,12 +1057,13 @@ def test_gpu_tma_kernel_agrees_with_the_pointer_kernel(tile):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("tile", ["default", (128, 128, 64, 3, 2)])
+@pytest.mark.parametrize("tile", ["default", (128, 128, 64, 3, 2), "resident"])
 def test_gpu_warp_specialized_kernel_writes_the_tma_kernels_bits(tile):
     """The Gluon kernel (two consumer warpgroups taking turns) sums the same products in the same order as the TMA
     kernel and rounds the same way: its outputs are the TMA kernel's bit for bit, both directions, with a partial
-    row block (M = 4,099), every tile of an odd-sized grid, and every output written (they start as NaN)."""
-    from pgolf.model import gluon_mlp
+    row block (M = 4,099), every tile of an odd-sized grid, and every output written (they start as NaN).
+    ``resident``: the kernel with a's row panel resident (gluon_resident.TILES)."""
+    from pgolf.model import gluon_mlp, gluon_resident
     from pgolf.model import triton_kernels as tk
 
     gen = torch.Generator(device="cuda").manual_seed(5)
@@ -1042,10 +1075,14 @@ def test_gpu_warp_specialized_kernel_writes_the_tma_kernels_bits(tile):
            for name in ("pre", "post", "pre_t", "post_t", "d", "d_t")}
     if not gluon_mlp.ws_usable(x, out["pre"], backward=False):
         pytest.skip("the warp-specialized kernel needs Gluon and an sm_90 GPU")
-    tile = None if tile == "default" else tile
-    gluon_mlp.launch_mlp_ws(x, w_up, False, out["pre"], out["post"], 0.5, backward=False, tile=tile)
+    if tile == "resident":
+        assert gluon_resident.fits(x, out["pre"], False) and gluon_resident.fits(g, out["d"], True)
+        launch = gluon_resident.launch
+    else:
+        launch = functools.partial(gluon_mlp.launch_mlp_ws, tile=None if tile == "default" else tile)
+    launch(x, w_up, False, out["pre"], out["post"], 0.5, backward=False)
     tk._launch_mlp_tma(x, w_up, False, out["pre_t"], out["post_t"], 0.5, backward=False)
-    gluon_mlp.launch_mlp_ws(g, w_down, True, out["pre_t"], out["d"], 0.5, backward=True, tile=tile)
+    launch(g, w_down, True, out["pre_t"], out["d"], 0.5, backward=True)
     tk._launch_mlp_tma(g, w_down, True, out["pre_t"], out["d_t"], 0.5, backward=True)
     for a, b in (("pre", "pre_t"), ("post", "post_t"), ("d", "d_t")):
         ta, tb = out[a].float(), out[b].float()

@@ -62,3 +62,17 @@ def test_qkv_ws_switches_the_gluon_qkv_kernel(monkeypatch: pytest.MonkeyPatch):
     assert attn_triton.QKV_WARP_SPECIALIZED is False
     with pytest.raises(SystemExit, match="QKV_WS"):
         tiles.apply_sweeps({"QKV_WS": "yes"})
+
+
+def test_mlp_resident_switches_the_resident_kernel_per_direction(monkeypatch: pytest.MonkeyPatch):
+    from pgolf.model import gluon_mlp
+
+    monkeypatch.setattr(gluon_mlp, "RESIDENT", {False: False, True: False})
+    tiles.apply_sweeps({"MLP_RESIDENT": "forward"})
+    assert gluon_mlp.RESIDENT == {False: True, True: False}
+    tiles.apply_sweeps({"MLP_RESIDENT": "forward,backward"})
+    assert gluon_mlp.RESIDENT == {False: True, True: True}
+    tiles.apply_sweeps({"MLP_RESIDENT": "none"})
+    assert gluon_mlp.RESIDENT == {False: False, True: False}
+    with pytest.raises(SystemExit, match="MLP_RESIDENT"):
+        tiles.apply_sweeps({"MLP_RESIDENT": "1"})

@@ -36,6 +36,9 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 # [128, 128] fp32 accumulator is 128 registers a thread of a warpgroup; 227 KB of shared memory hold the ring, the
 # store buffers and, backward, the two consumers' pre tiles.
 WS_TILES = {False: (128, 128, 64, 5, 1), True: (128, 128, 64, 4, 1)}
+# Per direction: the kernel with a's row panel resident (pgolf.model.gluon_resident) where it fits. Not yet run on a
+# GPU: off. Read as source by the bundler (pgolf.artifact.fold.left_out_modules): literal True / False values.
+RESIDENT = {False: False, True: False}
 _CONSUMER_REGS = 232
 _PRODUCER_REGS = 40
 # Why this process's triton could not build the kernel (Gluon is experimental: its names and signatures move
@@ -239,7 +242,13 @@ def ws_usable(a: torch.Tensor, out: torch.Tensor, backward: bool) -> bool:
 def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor, slope: float,
                   backward: bool, tile: tuple | None = None):
     """Forward (``backward`` False): pre = a @ b^T, out = post. Backward: out = dpre from a = g, b = w_down read as
-    [K, N], and pre. ``tile``: a WS_TILES entry (benchmarks). Returns the launched kernel."""
+    [K, N], and pre. ``tile``: a WS_TILES entry (benchmarks). Returns the launched kernel. The forward runs the
+    resident kernel where ``RESIDENT`` is on for the direction and it fits (never with an explicit ``tile``)."""
+    if tile is None and RESIDENT[backward]:
+        from pgolf.model import gluon_resident  # imported only here: a bundle leaves it out while RESIDENT is off
+
+        if gluon_resident.fits(a, out, backward):
+            return gluon_resident.launch(a, b, b_kn, pre, out, slope, backward)
     M, K = a.shape
     N = out.shape[1]
     bm, bn, bk, stages, epi_bufs = tile or WS_TILES[backward]
