@@ -49,19 +49,14 @@ def apply_sweeps(environ=os.environ) -> None:
     if environ.get("QKV_SWEEP"):
         sweep = json.loads(Path(environ["QKV_SWEEP"]).read_text())["tile_sweep"]
         attn_triton.QKV_GEMM_TILE = fastest_tile(sweep, "forward_ms", attn_triton.QKV_GEMM_TILE)
-    if environ.get("MLP_WS"):
-        directions = [] if environ["MLP_WS"] == "none" else environ["MLP_WS"].split(",")
-        if not set(directions) <= {"forward", "backward"}:
-            sys.exit(f"with_sweep_tiles.py: MLP_WS is none or lists forward and/or backward, not {environ['MLP_WS']!r}")
-        for backward in (False, True):
-            tk.MLP_WARP_SPECIALIZED[backward] = ("backward" if backward else "forward") in directions
-    if environ.get("MLP_RESIDENT"):
-        directions = [] if environ["MLP_RESIDENT"] == "none" else environ["MLP_RESIDENT"].split(",")
-        if not set(directions) <= {"forward", "backward"}:
-            sys.exit(f"with_sweep_tiles.py: MLP_RESIDENT is none or lists forward and/or backward, "
-                     f"not {environ['MLP_RESIDENT']!r}")
-        for backward in (False, True):
-            gluon_mlp.RESIDENT[backward] = ("backward" if backward else "forward") in directions
+    for variable, switch in (("MLP_WS", tk.MLP_WARP_SPECIALIZED), ("MLP_RESIDENT", gluon_mlp.RESIDENT)):
+        if environ.get(variable):
+            directions = [] if environ[variable] == "none" else environ[variable].split(",")
+            if not set(directions) <= {"forward", "backward"}:
+                sys.exit(f"with_sweep_tiles.py: {variable} is none or lists forward and/or backward, "
+                         f"not {environ[variable]!r}")
+            for backward in (False, True):
+                switch[backward] = ("backward" if backward else "forward") in directions
     if environ.get("QKV_WS"):
         if environ["QKV_WS"] not in ("0", "1"):
             sys.exit(f"with_sweep_tiles.py: QKV_WS is 0 or 1, not {environ['QKV_WS']!r}")

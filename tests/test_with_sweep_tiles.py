@@ -42,16 +42,22 @@ def test_apply_sweeps_sets_each_direction_and_the_qkv_tile(tmp_path: Path, monke
     assert attn_triton.QKV_GEMM_TILE == (256, 2, 64, 8, 4, 1)
 
 
-def test_mlp_ws_turns_on_the_warp_specialized_kernel_per_direction(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(tk, "MLP_WARP_SPECIALIZED", {False: False, True: False})
-    tiles.apply_sweeps({"MLP_WS": "backward"})
-    assert tk.MLP_WARP_SPECIALIZED == {False: False, True: True}
-    tiles.apply_sweeps({"MLP_WS": "forward,backward"})
-    assert tk.MLP_WARP_SPECIALIZED == {False: True, True: True}
-    tiles.apply_sweeps({"MLP_WS": "none"})
-    assert tk.MLP_WARP_SPECIALIZED == {False: False, True: False}
-    with pytest.raises(SystemExit, match="MLP_WS"):
-        tiles.apply_sweeps({"MLP_WS": "fwd"})
+@pytest.mark.parametrize("variable", ["MLP_WS", "MLP_RESIDENT"])
+def test_an_mlp_kernel_switch_turns_on_per_direction(variable: str, monkeypatch: pytest.MonkeyPatch):
+    """MLP_WS: the warp-specialized Gluon kernel (triton_kernels.MLP_WARP_SPECIALIZED); MLP_RESIDENT: its form
+    with the row panel resident (gluon_mlp.RESIDENT)."""
+    from pgolf.model import gluon_mlp
+
+    module, name = (tk, "MLP_WARP_SPECIALIZED") if variable == "MLP_WS" else (gluon_mlp, "RESIDENT")
+    monkeypatch.setattr(module, name, {False: False, True: False})
+    tiles.apply_sweeps({variable: "backward"})
+    assert getattr(module, name) == {False: False, True: True}
+    tiles.apply_sweeps({variable: "forward,backward"})
+    assert getattr(module, name) == {False: True, True: True}
+    tiles.apply_sweeps({variable: "none"})
+    assert getattr(module, name) == {False: False, True: False}
+    with pytest.raises(SystemExit, match=variable):
+        tiles.apply_sweeps({variable: "fwd"})
 
 
 def test_qkv_ws_switches_the_gluon_qkv_kernel(monkeypatch: pytest.MonkeyPatch):
@@ -63,16 +69,3 @@ def test_qkv_ws_switches_the_gluon_qkv_kernel(monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(SystemExit, match="QKV_WS"):
         tiles.apply_sweeps({"QKV_WS": "yes"})
 
-
-def test_mlp_resident_switches_the_resident_kernel_per_direction(monkeypatch: pytest.MonkeyPatch):
-    from pgolf.model import gluon_mlp
-
-    monkeypatch.setattr(gluon_mlp, "RESIDENT", {False: False, True: False})
-    tiles.apply_sweeps({"MLP_RESIDENT": "forward"})
-    assert gluon_mlp.RESIDENT == {False: True, True: False}
-    tiles.apply_sweeps({"MLP_RESIDENT": "forward,backward"})
-    assert gluon_mlp.RESIDENT == {False: True, True: True}
-    tiles.apply_sweeps({"MLP_RESIDENT": "none"})
-    assert gluon_mlp.RESIDENT == {False: False, True: False}
-    with pytest.raises(SystemExit, match="MLP_RESIDENT"):
-        tiles.apply_sweeps({"MLP_RESIDENT": "1"})

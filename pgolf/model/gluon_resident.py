@@ -61,24 +61,25 @@ if gluon is not None:
             panel += 1
 
     @gluon.jit
-    def _pre_producer(pre_desc, pre_bufs, pre_ready, pre_free, M, N, NUM_PROGRAMS: gl.constexpr,
-                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-        """One warp (backward): each tile's pre in four [BM, BN / 4] quarters, in tile order, into the two-slot
-        ring of the tile's consumer (slot c * 2 + n % 2 for its n-th quarter)."""
-        tiles_n = N // BLOCK_N
-        Q: gl.constexpr = BLOCK_N // 4
-        turn = 0  # tiles per consumer so far (both consumers' n-th tiles come in one pass of the loop below)
-        for block in range(gl.program_id(0), gl.cdiv(M, BLOCK_M), NUM_PROGRAMS):
-            for j in range(0, tiles_n, 2):
-                for c in gl.static_range(2):
-                    for i in gl.static_range(4):
-                        n = turn * 4 + i
-                        slot = c * 2 + n % 2
-                        mbarrier.wait(pre_free.index(slot), ((n // 2) & 1) ^ 1)
-                        mbarrier.expect(pre_ready.index(slot), BLOCK_M * Q * 2)
-                        _tma_load(pre_desc, [block * BLOCK_M, (j + c) * BLOCK_N + i * Q], pre_ready.index(slot),
-                                  pre_bufs.index(slot))
-                turn += 1
+    def _pre_producer(pre_desc, pre_bufs, pre_ready, pre_free, M, N, BACKWARD: gl.constexpr,
+                      NUM_PROGRAMS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """One warp (backward; forward, it has nothing to do): each tile's pre in four [BM, BN / 4] quarters, in
+        tile order, into the two-slot ring of the tile's consumer (slot c * 2 + n % 2 for its n-th quarter)."""
+        if BACKWARD:
+            tiles_n = N // BLOCK_N
+            Q: gl.constexpr = BLOCK_N // 4
+            turn = 0  # tiles per consumer so far (both consumers' n-th tiles come in one pass of the loop below)
+            for block in range(gl.program_id(0), gl.cdiv(M, BLOCK_M), NUM_PROGRAMS):
+                for j in range(0, tiles_n, 2):
+                    for c in gl.static_range(2):
+                        for i in gl.static_range(4):
+                            n = turn * 4 + i
+                            slot = c * 2 + n % 2
+                            mbarrier.wait(pre_free.index(slot), ((n // 2) & 1) ^ 1)
+                            mbarrier.expect(pre_ready.index(slot), BLOCK_M * Q * 2)
+                            _tma_load(pre_desc, [block * BLOCK_M, (j + c) * BLOCK_N + i * Q],
+                                      pre_ready.index(slot), pre_bufs.index(slot))
+                    turn += 1
 
     @gluon.jit
     def _consumer(a_panel, b_ring, out_bufs, pre_bufs, a_ready, a_free, ready, empty, turns, pre_ready,
@@ -186,30 +187,18 @@ if gluon is not None:
         for slot in gl.static_range(4):
             mbarrier.init(pre_ready.index(slot), count=1)
             mbarrier.init(pre_free.index(slot), count=1)
-        if BACKWARD:
-            gl.warp_specialize([
-                (_consumer, (a_panel, b_ring, out_bufs, pre_bufs, a_ready, a_free, ready, empty, turns,
-                                      pre_ready, pre_free, pre_desc, out_desc, M, N, slope, 0, K, B_KN, BACKWARD,
-                                      NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-                (_consumer, (a_panel, b_ring, out_bufs, pre_bufs, a_ready, a_free, ready, empty, turns,
-                                      pre_ready, pre_free, pre_desc, out_desc, M, N, slope, 1, K, B_KN, BACKWARD,
-                                      NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-                (_producer, (a_desc, b_desc, a_panel, b_ring, a_ready, a_free, ready, empty, M, N, K, B_KN,
-                                      NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-                (_pre_producer, (pre_desc, pre_bufs, pre_ready, pre_free, M, N, NUM_PROGRAMS, BLOCK_M,
-                                          BLOCK_N)),
-            ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([
-                (_consumer, (a_panel, b_ring, out_bufs, pre_bufs, a_ready, a_free, ready, empty, turns,
-                                      pre_ready, pre_free, pre_desc, out_desc, M, N, slope, 0, K, B_KN, BACKWARD,
-                                      NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-                (_consumer, (a_panel, b_ring, out_bufs, pre_bufs, a_ready, a_free, ready, empty, turns,
-                                      pre_ready, pre_free, pre_desc, out_desc, M, N, slope, 1, K, B_KN, BACKWARD,
-                                      NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-                (_producer, (a_desc, b_desc, a_panel, b_ring, a_ready, a_free, ready, empty, M, N, K, B_KN,
-                                      NUM_PROGRAMS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        gl.warp_specialize([
+            (_consumer, (a_panel, b_ring, out_bufs, pre_bufs, a_ready, a_free, ready, empty, turns, pre_ready,
+                         pre_free, pre_desc, out_desc, M, N, slope, 0, K, B_KN, BACKWARD, NUM_PROGRAMS, BLOCK_M,
+                         BLOCK_N, BLOCK_K, STAGES)),
+            (_consumer, (a_panel, b_ring, out_bufs, pre_bufs, a_ready, a_free, ready, empty, turns, pre_ready,
+                         pre_free, pre_desc, out_desc, M, N, slope, 1, K, B_KN, BACKWARD, NUM_PROGRAMS, BLOCK_M,
+                         BLOCK_N, BLOCK_K, STAGES)),
+            (_producer, (a_desc, b_desc, a_panel, b_ring, a_ready, a_free, ready, empty, M, N, K, B_KN, NUM_PROGRAMS,
+                         BLOCK_M, BLOCK_N, BLOCK_K, STAGES)),
+            (_pre_producer, (pre_desc, pre_bufs, pre_ready, pre_free, M, N, BACKWARD, NUM_PROGRAMS, BLOCK_M,
+                             BLOCK_N)),
+        ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 def fits(a: torch.Tensor, out: torch.Tensor, backward: bool, tile: tuple | None = None) -> bool:
     """Whether the resident kernel takes these operands: the [BM, K] panel, the ring and the epilogue's buffers
