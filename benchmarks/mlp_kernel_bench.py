@@ -8,9 +8,9 @@ tokens (one micro-batch), d = 512, hidden 2,048, bf16. Variants timed (CUDA even
 - ``pgolf_tma``: the persistent TMA kernel at ``TMA_TILES`` (the default before the Gluon kernel);
 - ``pgolf_bitwise``: the same kernel with the interpreter's bit-level bf16 rounding (what the GPU ran up to
   commit 09bc25f; the values are the same, the epilogue does ~10 more integer ops per element);
-- ``pgolf_ws_resident``: the same with a's row panel resident (``pgolf.model.gluon_resident``);
 - ``pgolf_ws``: the warp-specialized Gluon kernel (``pgolf.model.gluon_mlp``, two consumer warpgroups taking
   turns) at its ``WS_TILES``, where it applies (Gluon, sm_90);
+- ``pgolf_ws_resident``: that kernel with a's row panel resident (``pgolf.model.gluon_resident``), where it fits;
 - ``record``: the record script's ``linear_leaky_relu_square`` (forward, then backward with ``w_down.T.contiguous()``
   as its autograd function does), when ``--record-script`` imports.
 

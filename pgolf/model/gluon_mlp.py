@@ -242,8 +242,8 @@ def ws_usable(a: torch.Tensor, out: torch.Tensor, backward: bool) -> bool:
 def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor, slope: float,
                   backward: bool, tile: tuple | None = None):
     """Forward (``backward`` False): pre = a @ b^T, out = post. Backward: out = dpre from a = g, b = w_down read as
-    [K, N], and pre. ``tile``: a WS_TILES entry (benchmarks). Returns the launched kernel. The forward runs the
-    resident kernel where ``RESIDENT`` is on for the direction and it fits (never with an explicit ``tile``)."""
+    [K, N], and pre. ``tile``: a WS_TILES entry (benchmarks). Returns the launched kernel. The resident kernel runs
+    instead where ``RESIDENT`` is on for the direction and it fits (never with an explicit ``tile``)."""
     if tile is None and RESIDENT[backward]:
         from pgolf.model import gluon_resident  # imported only here: a bundle leaves it out while RESIDENT is off
 
