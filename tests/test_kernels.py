@@ -397,6 +397,29 @@ def test_warp_specialized_kernel_declines_once_when_gluon_cannot_build_it(monkey
     assert not gluon_mlp.ws_usable(x, torch.zeros(4, 2048), backward=False)  # never tried again
 
 
+def test_resident_kernel_declines_once_and_leaves_the_gluon_kernel_on(monkeypatch):
+    """A triton that cannot build the resident kernel: one warning naming the Gluon kernel that runs instead, False,
+    and the resident kernel never tried again, while gluon_mlp's own kernel stays usable."""
+    from pgolf.model import gluon_mlp, gluon_resident
+
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("needs triton")
+    import triton
+
+    def fails(*args, **kwargs):
+        raise triton.CompilationError("gluon_resident.py", None, "allocate_shared_memory() got an unexpected keyword")
+
+    monkeypatch.setattr(gluon_resident, "launch", fails)
+    monkeypatch.setattr(gluon_resident, "unsupported", None)
+    monkeypatch.setattr(gluon_mlp, "unsupported", None)
+    x, out = torch.zeros(4, 512), torch.zeros(4, 2048)
+    assert gluon_resident.usable(x, out, backward=False)
+    with pytest.warns(UserWarning, match="resident MLP kernel does not build.*the Gluon MLP kernel without it runs"):
+        assert gluon_resident.launch_or_decline(x, "w", False, "pre", out, 0.5, False) is False
+    assert "CompilationError" in gluon_resident.unsupported
+    assert not gluon_resident.usable(x, out, backward=False) and gluon_mlp.unsupported is None
+
+
 def _assert_ptxas_keeps_wgmma_async(compiled, what: str) -> None:
     """ptxas (the one triton ships) on the kernel's PTX: no spills, and no C7514, its warning that it serializes
     the wgmma instructions (it does when other instructions read a product's registers while it may run)."""

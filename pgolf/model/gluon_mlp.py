@@ -242,13 +242,15 @@ def ws_usable(a: torch.Tensor, out: torch.Tensor, backward: bool) -> bool:
 def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor, slope: float,
                   backward: bool, tile: tuple | None = None):
     """Forward (``backward`` False): pre = a @ b^T, out = post. Backward: out = dpre from a = g, b = w_down read as
-    [K, N], and pre. ``tile``: a WS_TILES entry (benchmarks). Returns the launched kernel. The resident kernel runs
-    instead where ``RESIDENT`` is on for the direction and it fits (never with an explicit ``tile``)."""
+    [K, N], and pre. ``tile``: a WS_TILES entry (benchmarks). Returns the launched kernel (None: the resident one).
+    The resident kernel runs instead where ``RESIDENT`` is on for the direction, it fits and this triton builds it
+    (never with an explicit ``tile``)."""
     if tile is None and RESIDENT[backward]:
         from pgolf.model import gluon_resident  # imported only here: a bundle leaves it out while RESIDENT is off
 
-        if gluon_resident.fits(a, out, backward):
-            return gluon_resident.launch(a, b, b_kn, pre, out, slope, backward)
+        if gluon_resident.usable(a, out, backward) and gluon_resident.launch_or_decline(a, b, b_kn, pre, out, slope,
+                                                                                        backward):
+            return None
     M, K = a.shape
     N = out.shape[1]
     bm, bn, bk, stages, epi_bufs = tile or WS_TILES[backward]
@@ -262,17 +264,18 @@ def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tenso
     )
 
 
-def try_launch(launch, what: str, args: tuple, kwargs: dict) -> tuple[bool, str | None]:
+def try_launch(launch, what: str, args: tuple, kwargs: dict,
+               instead: str = "the Triton kernel") -> tuple[bool, str | None]:
     """``launch(*args, **kwargs)``: (True, None), or (False, why) with one warning when this triton's Gluon cannot
-    compile the kernel; the caller then runs the Triton kernel. Compilation fails before anything is launched, so
-    nothing was written."""
+    compile the kernel; the caller then runs ``instead``. Compilation fails before anything is launched, so nothing
+    was written."""
     try:
         launch(*args, **kwargs)
         return True, None
     except (triton.CompilationError, TypeError, AttributeError, NotImplementedError) as exc:
         why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
         warnings.warn(f"pgolf: the warp-specialized {what} kernel does not build with triton {triton.__version__} "
-                      f"({why}); the Triton kernel runs instead", stacklevel=3)
+                      f"({why}); {instead} runs instead", stacklevel=3)
         return False, why
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from pgolf.model.gluon_mlp import _CONSUMER_REGS, _PRODUCER_REGS, gluon, one_program_an_sm, tma_desc
+from pgolf.model.gluon_mlp import (_CONSUMER_REGS, _PRODUCER_REGS, gluon, one_program_an_sm, tma_desc,
+                                   try_launch)
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -29,6 +30,9 @@ if gluon is not None:
 # store quarters 16 (forward: pre and post) or 8 and the pre quarters' slots 16 (backward); the ring the rest
 TILES = {False: (128, 128, 64, 4), True: (128, 128, 64, 3)}
 _SHARED_BYTES = 227 * 1024  # an sm_90 block's shared memory
+# Why this process's triton could not build the kernel; set once, then gluon_mlp's kernel runs. None: not tried, or
+# it built.
+unsupported: str | None = None
 
 if gluon is not None:
 
@@ -200,6 +204,7 @@ if gluon is not None:
                              BLOCK_N)),
         ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
+
 def fits(a: torch.Tensor, out: torch.Tensor, backward: bool, tile: tuple | None = None) -> bool:
     """Whether the resident kernel takes these operands: the [BM, K] panel, the ring and the epilogue's buffers
     (store quarters; backward, the pre quarters' slots too) within shared memory, and an even number of column
@@ -211,10 +216,10 @@ def fits(a: torch.Tensor, out: torch.Tensor, backward: bool, tile: tuple | None 
     return K % bk == 0 and N % (2 * bn) == 0 and shared <= _SHARED_BYTES
 
 
-def launch(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor,
-                           slope: float, backward: bool, tile: tuple | None = None):
-    """:func:`pgolf.model.gluon_mlp.launch_mlp_ws`'s operands and results, with a's row panel resident. ``tile``: a TILES-like
-    tuple (benchmarks)."""
+def launch(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor, slope: float,
+           backward: bool, tile: tuple | None = None):
+    """:func:`pgolf.model.gluon_mlp.launch_mlp_ws`'s operands and results, with a's row panel resident. ``tile``: a
+    TILES-like tuple (benchmarks)."""
     M, K = a.shape
     N = out.shape[1]
     bm, bn, bk, stages = tile or TILES[backward]
@@ -225,3 +230,16 @@ def launch(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out:
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, CONSUMER_REGS=_CONSUMER_REGS,
         PRODUCER_REGS=_PRODUCER_REGS, num_warps=4,
     )
+
+
+def usable(a: torch.Tensor, out: torch.Tensor, backward: bool) -> bool:
+    """:func:`fits`, and this process has not found that its triton cannot build the kernel."""
+    return unsupported is None and fits(a, out, backward)
+
+
+def launch_or_decline(*args) -> bool:
+    """:func:`launch`, or False (one warning) where this triton's Gluon cannot build it (then never tried again;
+    gluon_mlp's kernel runs)."""
+    global unsupported
+    ok, unsupported = try_launch(launch, "resident MLP", args, {}, instead="the Gluon MLP kernel without it")
+    return ok
