@@ -26,8 +26,9 @@ if gluon is not None:
 
     from pgolf.model.gluon_mlp import _ring_barriers, _tma_load, _tma_store
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, ring stages) per direction (backward: True): the panel [128, 512] takes 128 KB, the
-# store quarters 16 (forward: pre and post) or 8 and the pre quarters' slots 16 (backward); the ring the rest
+# (BLOCK_M, BLOCK_N, BLOCK_K, ring stages) per direction (backward: True), of the 227 KB: the panel [128, 512] 128 KB,
+# the [128, 32] store quarters 32 KB (forward: pre and post, a consumer) or 16 and the pre quarters' slots 32
+# (backward), the ring's [128, 64] stages 16 KB each
 TILES = {False: (128, 128, 64, 4), True: (128, 128, 64, 3)}
 _SHARED_BYTES = 227 * 1024  # an sm_90 block's shared memory
 # Why this process's triton could not build the kernel; set once, then gluon_mlp's kernel runs. None: not tried, or
@@ -38,8 +39,8 @@ if gluon is not None:
 
     @gluon.jit
     def _producer(a_desc, b_desc, a_panel, b_ring, a_ready, a_free, ready, empty, M, N, K: gl.constexpr,
-                           B_KN: gl.constexpr, NUM_PROGRAMS: gl.constexpr, BLOCK_M: gl.constexpr,
-                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+                  B_KN: gl.constexpr, NUM_PROGRAMS: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """One warp: per row block, its a panel (once the block before has been read: ``a_free``), chunk kk just
         before b's k-step kk of the first column tile; b's k-steps of every column tile through the ring."""
         tiles_n = N // BLOCK_N
@@ -87,13 +88,13 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(a_panel, b_ring, out_bufs, pre_bufs, a_ready, a_free, ready, empty, turns, pre_ready,
-                           pre_free, pre_desc, out_desc, M, N, slope, CONSUMER: gl.constexpr, K: gl.constexpr,
-                           B_KN: gl.constexpr, BACKWARD: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                           STAGES: gl.constexpr):
+                  pre_free, pre_desc, out_desc, M, N, slope, CONSUMER: gl.constexpr, K: gl.constexpr,
+                  B_KN: gl.constexpr, BACKWARD: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  STAGES: gl.constexpr):
         """One warpgroup: column tiles CONSUMER, CONSUMER + 2, ... of this program's row blocks, the tensor cores
-        taken in turns as in gluon_mlp's consumers; the epilogue in quarters. The consumer of a block's last tile frees
-        the panel."""
+        taken in turns as in gluon_mlp's consumers; the epilogue in quarters. The consumer of a block's last tile
+        frees the panel."""
         tiles_n = N // BLOCK_N
         KT: gl.constexpr = K // BLOCK_K
         Q: gl.constexpr = BLOCK_N // 4
@@ -164,9 +165,9 @@ if gluon is not None:
 
     @gluon.jit
     def _mlp_resident_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, slope, K: gl.constexpr,
-                                B_KN: gl.constexpr, BACKWARD: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
-                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                                STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                             B_KN: gl.constexpr, BACKWARD: gl.constexpr, NUM_PROGRAMS: gl.constexpr,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                             STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         KT: gl.constexpr = K // BLOCK_K
         Q: gl.constexpr = BLOCK_N // 4
         a_panel = gl.allocate_shared_memory(gl.bfloat16, [KT, BLOCK_M, BLOCK_K], a_desc.layout)
