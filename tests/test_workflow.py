@@ -175,7 +175,7 @@ def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
         # where a docs or export source would download from, on a local source: only the shipped recipe holds it
         "data_unused": _changed("data", hub_repo="someone/elsewhere"),
     }
-    # as many at once as there are cores: all nine at once took 26 s on 2 cores, two at a time 8
+    # as many at once as there are cores: all nine at once took 26 s on 2 cores, two at a time 7
     pending, running, results = list(recipes.items()), {}, {}
     while pending or running:
         while pending and len(running) < (os.cpu_count() or 1):
