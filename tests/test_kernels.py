@@ -1085,12 +1085,15 @@ def test_gpu_warp_specialized_kernel_writes_the_tma_kernels_bits(tile):
     """The Gluon kernel (two consumer warpgroups taking turns) sums the same products in the same order as the TMA
     kernel and rounds the same way: its outputs are the TMA kernel's bit for bit, both directions, with a partial
     row block (M = 4,099), every tile of an odd-sized grid, and every output written (they start as NaN).
-    ``resident``: the kernel with a's row panel resident (gluon_resident.TILES)."""
+    ``resident``: the kernel with a's row panel resident (gluon_resident.TILES), over more than two row blocks a
+    program."""
     from pgolf.model import gluon_mlp, gluon_resident
     from pgolf.model import triton_kernels as tk
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     M, K, N = 4099, 512, 2048
+    if tile == "resident":  # more row blocks than programs: each program's later panels, and a partial last block
+        M = 2 * 128 * torch.cuda.get_device_properties(0).multi_processor_count + 3
     x, g = (torch.randn(M, K, device="cuda", generator=gen).bfloat16() for _ in range(2))
     w_up = (torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)).bfloat16()
     w_down = (torch.randn(K, N, device="cuda", generator=gen) / math.sqrt(N)).bfloat16()
