@@ -1085,7 +1085,7 @@ def test_gpu_warp_specialized_kernel_writes_the_tma_kernels_bits(tile):
     """The Gluon kernel (two consumer warpgroups taking turns) sums the same products in the same order as the TMA
     kernel and rounds the same way: its outputs are the TMA kernel's bit for bit, both directions, with a partial
     row block (M = 4,099), every tile of an odd-sized grid, and every output written (they start as NaN).
-    ``resident``: the kernel with a's row panel resident (gluon_resident.TILES), over more than two row blocks a
+    ``resident``: the kernel with a's row panel resident (gluon_resident.TILES), two or three row blocks a
     program."""
     from pgolf.model import gluon_mlp, gluon_resident
     from pgolf.model import triton_kernels as tk
