@@ -47,7 +47,10 @@ Runtime state (plain attributes, never tensors, so torch.compile guards on them 
   ``pgolf.model.kernels`` for the MLP up-projection + activation and the loss; default on when CUDA and triton are
   present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results),
   ``fold_output_scales`` (attn_scale / mlp_scale applied through the o / down weights: the same function, float
-  rounding aside; off after construction, ``train.fold_output_scales`` switches it on for training).
+  rounding aside; off after construction, ``train.fold_output_scales`` switches it on for training),
+  ``fused_head_loss`` (with ``use_fused_kernels``: the head's matmul and the loss as one op whose forward also
+  writes the logits' gradient, ``kernels.head_softcapped_cross_entropy``; off after construction,
+  ``train.fused_head_loss``).
 """
 
 from __future__ import annotations
@@ -105,6 +108,11 @@ def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Ten
 # --------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------
+
+
+def plain_head(m: nn.Module) -> bool:
+    """An LM head that is just ``h @ weight^T``: tied or a bias-free linear, no hooks (Hessians) and not wrapped (LoRA)."""
+    return (type(m) is TiedHead and not (m._forward_hooks or m._forward_pre_hooks)) or plain_linear(m)
 
 
 class TiedHead(nn.Module):
@@ -228,6 +236,7 @@ class GPT(nn.Module):
         self.attention_choice: Optional[dict] = None
         self._use_fused_kernels = False  # set through the property below, once the blocks exist
         self._fold_output_scales = False  # likewise
+        self.fused_head_loss = False
 
         # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
         # device normal_ would import torch._dynamo (seconds) for nothing
@@ -466,6 +475,8 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: target_ids shape {tuple(target_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         h = self.forward_hidden(input_ids, cu_seqlens, max_seqlen)
         if self.use_fused_kernels:  # streams the [T, V] logits once; never materializes fp32 copies
+            if self.fused_head_loss and plain_head(self.lm_head):
+                return kernels.head_softcapped_cross_entropy(h, self.lm_head.weight, target_ids, self.cfg.logit_softcap)
             return kernels.softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
         return softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
 
