@@ -550,6 +550,27 @@ def test_kernels_compile_for_h100():
             assert ptx.count("div.full.f32") <= per_thread + 2, f"{fn.__name__}: {ptx.count('div.full.f32')} divisions"
 
 
+def test_fused_loss_kernel_compiles_for_h100():
+    """The head + loss op's kernel (train.fused_head_loss) at the record's vocabulary, the whole 8,192-wide row in
+    registers at FUSED_CE_WARPS: no spills (ptxas), and one division a logit (the sigmoid's) plus the row's one."""
+    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
+        pytest.skip("needs triton without the interpreter")
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from pgolf.model import triton_kernels as tk
+
+    sig = {"z_ptr": "*bf16", "target_ptr": "*i64", "scale_ptr": "*fp32", "nll_ptr": "*fp32", "dz_ptr": "*bf16",
+           "V": "constexpr", "stride_zt": "i32", "stride_dzt": "i32", "cap": "fp32", "HAS_CAP": "constexpr",
+           "BLOCK_V": "constexpr"}
+    aligned = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")]
+    per_thread = 8192 // (32 * tk.FUSED_CE_WARPS)
+    for has_cap in (True, False):
+        compiled = _compile_sm90(tk._softcap_ce_fused_kernel, sig, {"V": 8192, "HAS_CAP": has_cap, "BLOCK_V": 8192},
+                                 aligned, num_warps=tk.FUSED_CE_WARPS)
+        _assert_ptxas_keeps_wgmma_async(compiled, f"fused loss kernel (cap {has_cap})")
+        divisions = compiled.asm["ptx"].count("div.full.f32") + compiled.asm["ptx"].count("rcp.")
+        assert divisions <= per_thread + 2, f"cap {has_cap}: {divisions} divisions"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # FLOPs arithmetic and synthetic data of the benchmark
 # --------------------------------------------------------------------------------------------------------------
