@@ -646,6 +646,7 @@ TRAIN_FIELDS = {
     "attention_kernels",
     "attention_kernels_active",
     "fold_output_scales",
+    "fused_head_loss",
     "attention_backend",
     "param_storage",
     "compile",
@@ -723,6 +724,8 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
             "off",
             "--repeat-kv",
             "off",
+            "--head-loss",
+            "on",
             "--out",
             str(out),
         ],
@@ -731,6 +734,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
+    assert result["fused_head_loss"] is True  # and train.fused_head_loss (false)
     # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
     assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": True,
                                            "qkv_matmul": True, "qkv_epilogue": False,

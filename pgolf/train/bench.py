@@ -405,7 +405,7 @@ def bench_train(
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "fold_output_scales": model.fold_output_scales,
-        "fused_head_loss": model.fused_head_loss and model.use_fused_kernels,
+        "fused_head_loss": model.fused_head_loss,
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
