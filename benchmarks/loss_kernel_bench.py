@@ -5,7 +5,7 @@ Paths timed forward + backward (CUDA events, after warm-up), each with the head'
 
 - ``separate``: ``h @ w^T`` then ``kernels.softcapped_cross_entropy`` (the forward kernel reads the logits for the loss,
   the backward kernel reads them again and writes their gradient): ``train.fused_head_loss: false``;
-- ``fused``: ``kernels.head_softcapped_cross_entropy`` (one kernel reads the logits once and writes the loss and
+- ``fused``: ``head_loss.head_softcapped_cross_entropy`` (one kernel reads the logits once and writes the loss and
   their gradient; the backward is the two matmuls): ``train.fused_head_loss: true``, at each ``--warps`` count.
 
 Each path's loss and dh are compared with the separate path's (max |diff|). Per training step: x 8 micro-batches.
@@ -26,8 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from cuda_timing import parse_bench_args, time_ms  # noqa: E402  (benchmarks/, the script's own folder)
 
-from pgolf.model import kernels  # noqa: E402
-from pgolf.model import triton_kernels as tk  # noqa: E402
+from pgolf.model import head_loss, kernels  # noqa: E402
 
 T, D, V, CAP = 98_304, 512, 8192, 30.0
 MICRO_BATCHES = 8
@@ -35,7 +34,7 @@ MICRO_BATCHES = 8
 
 def main(argv=None) -> int:
     def add_arguments(parser):
-        parser.add_argument("--warps", type=int, nargs="+", default=[tk.FUSED_CE_WARPS],
+        parser.add_argument("--warps", type=int, nargs="+", default=[head_loss.FUSED_CE_WARPS],
                             help="the fused kernel's warp counts to time (default: FUSED_CE_WARPS)")
 
     args = parse_bench_args(__doc__, "loss_kernel_bench", argv, add_arguments=add_arguments)
@@ -55,14 +54,14 @@ def main(argv=None) -> int:
         return call
 
     separate = step(lambda: kernels.softcapped_cross_entropy(h @ w.t(), targets, CAP))
-    fused = step(lambda: kernels.head_softcapped_cross_entropy(h, w, targets, CAP))
+    fused = step(lambda: head_loss.head_softcapped_cross_entropy(h, w, targets, CAP))
     base_loss = separate().item()
     base_dh = h.grad.float().clone()
     results = {"shape": {"T": T, "d": D, "V": V}, "paths": {}}
     paths = [("separate", separate, None)] + [(f"fused_w{n}", fused, n) for n in args.warps]
     for name, call, warps in paths:
         if warps is not None:
-            tk.FUSED_CE_WARPS = warps
+            head_loss.FUSED_CE_WARPS = warps
         loss = call().item()
         diff = {"loss": abs(loss - base_loss), "dh": float((h.grad.float() - base_dh).abs().max())}
         ms = time_ms(call, args.iters)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from pgolf.model import attn_kernels, kernels
+from pgolf.model import attn_kernels, head_loss, kernels
 from pgolf.model import triton_kernels as tk
 from pgolf.config import ModelConfig
 from pgolf.model.gpt import GPT
@@ -673,13 +673,13 @@ def _head_ce_inputs(T: int, d: int, V: int, seed: int):
 
 def _fused_ce_launches() -> list:
     """Count launches of the fused loss kernel for the life of the worker process (one list entry a launch)."""
-    launched, launch = [], tk.launch_softcap_ce_fused
+    launched, launch = [], head_loss.launch_softcap_ce_fused
 
     def counted(*args, **kwargs):
         launched.append(1)
         return launch(*args, **kwargs)
 
-    tk.launch_softcap_ce_fused = counted
+    head_loss.launch_softcap_ce_fused = counted
     return launched
 
 
@@ -695,7 +695,7 @@ def case_ce_head_fused() -> None:
             ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
             hr, wr = h.double().requires_grad_(True), w.double().requires_grad_(True)
             hs, ws = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            loss = kernels.head_softcapped_cross_entropy(ha, wa, targets, cap)
+            loss = head_loss.head_softcapped_cross_entropy(ha, wa, targets, cap)
             ref = kernels.softcapped_cross_entropy_reference(hr @ wr.t(), targets, cap)
             separate = kernels.softcapped_cross_entropy(hs @ ws.t(), targets, cap)
             if len(launched) != before + 1 or loss.dtype != torch.float32 or loss.shape != ():
@@ -715,23 +715,23 @@ def case_ce_head_fused_edges() -> None:
     kernel's block takes the separate kernels; a bf16 weight with an fp32 h (no autocast) is cast as TiedHead does."""
     h, w, _ = _head_ce_inputs(5, 16, 40, 8)
     ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    loss = kernels.head_softcapped_cross_entropy(ha, wa, torch.full((5,), -100), 30.0)
+    loss = head_loss.head_softcapped_cross_entropy(ha, wa, torch.full((5,), -100), 30.0)
     loss.backward()
     if not math.isnan(float(loss.detach())) or bool(ha.grad.abs().sum() != 0) or bool(wa.grad.abs().sum() != 0):
         raise AssertionError(f"all ignored: loss {float(loss)} (NaN expected) and zero gradients expected")
-    if not math.isnan(float(kernels.head_softcapped_cross_entropy(h, w, torch.tensor([3, 40, -7, -100, 1]), 30.0))):
+    if not math.isnan(float(head_loss.head_softcapped_cross_entropy(h, w, torch.tensor([3, 40, -7, -100, 1]), 30.0))):
         raise AssertionError("a target outside [0, V) other than -100 must make the loss NaN")
     launched = _fused_ce_launches()
-    limit, tk.FUSED_CE_MAX_V = tk.FUSED_CE_MAX_V, 32
+    limit, head_loss.FUSED_CE_MAX_V = head_loss.FUSED_CE_MAX_V, 32
     try:
         targets = torch.tensor([3, 39, 0, -100, 1])
-        wide = kernels.head_softcapped_cross_entropy(h, w, targets, 30.0)
+        wide = head_loss.head_softcapped_cross_entropy(h, w, targets, 30.0)
     finally:
-        tk.FUSED_CE_MAX_V = limit
+        head_loss.FUSED_CE_MAX_V = limit
     if launched:
         raise AssertionError("V over FUSED_CE_MAX_V must take the separate kernels")
-    _close(wide, kernels.head_softcapped_cross_entropy(h, w, targets, 30.0), "loss of the two paths")
-    mixed = kernels.head_softcapped_cross_entropy(h, w.bfloat16(), targets, 30.0)
+    _close(wide, head_loss.head_softcapped_cross_entropy(h, w, targets, 30.0), "loss of the two paths")
+    mixed = head_loss.head_softcapped_cross_entropy(h, w.bfloat16(), targets, 30.0)
     _close(mixed, kernels.softcapped_cross_entropy_reference(h @ w.bfloat16().float().t(), targets, 30.0),
            "fp32 h, bf16 w")
 
@@ -786,13 +786,13 @@ def _count_launches():
         counts["mlp_up"] += 1
         return mlp_up(*args, **kwargs)
 
-    ce_fused = tk.launch_softcap_ce_fused
+    ce_fused = head_loss.launch_softcap_ce_fused
 
     def ce(*args, **kwargs):
         counts["ce_fused"] += 1
         return ce_fused(*args, **kwargs)
 
-    attn_triton.launch_gate_linear_fwd, tk.launch_mlp_up_act, tk.launch_softcap_ce_fused = gate, up, ce
+    attn_triton.launch_gate_linear_fwd, tk.launch_mlp_up_act, head_loss.launch_softcap_ce_fused = gate, up, ce
     return counts
 
 
@@ -810,7 +810,8 @@ def case_model_fused_matches_reference() -> None:
     # head + loss op (train.fused_head_loss)
     for fused, repeat_kv, gate in ((False, False, False), (True, False, False), (True, True, True)):
         model.use_fused_kernels = fused
-        model.fused_head_loss = head = repeat_kv
+        head = repeat_kv
+        model.head_loss = head_loss.head_softcapped_cross_entropy if head else None
         attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv, gate)
         model.zero_grad(set_to_none=True)
         launches.clear()
@@ -881,7 +882,7 @@ def case_compile_fullgraph() -> None:
         h = kernels.mlp_up_activation(x, w1, 0.5)  # [20, 40]
         # the separate loss kernels and the head + loss op (its own matmul; dz from its forward)
         return (kernels.softcapped_cross_entropy(h @ head.t(), targets, 30.0)
-                + kernels.head_softcapped_cross_entropy(h, head, targets, 30.0))
+                + head_loss.head_softcapped_cross_entropy(h, head, targets, 30.0))
 
     def run(fn):
         params = [t.clone().requires_grad_(True) for t in (x, w1, w2, head, gain)]

@@ -556,16 +556,16 @@ def test_fused_loss_kernel_compiles_for_h100():
     if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
         pytest.skip("needs triton without the interpreter")
     pytest.importorskip("triton.backends.nvidia.compiler")
-    from pgolf.model import triton_kernels as tk
+    from pgolf.model import head_loss
 
     sig = {"z_ptr": "*bf16", "target_ptr": "*i64", "scale_ptr": "*fp32", "nll_ptr": "*fp32", "dz_ptr": "*bf16",
            "V": "constexpr", "stride_zt": "i32", "stride_dzt": "i32", "cap": "fp32", "HAS_CAP": "constexpr",
            "BLOCK_V": "constexpr"}
     aligned = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")]
-    per_thread = 8192 // (32 * tk.FUSED_CE_WARPS)
+    per_thread = 8192 // (32 * head_loss.FUSED_CE_WARPS)
     for has_cap in (True, False):
-        compiled = _compile_sm90(tk._softcap_ce_fused_kernel, sig, {"V": 8192, "HAS_CAP": has_cap, "BLOCK_V": 8192},
-                                 aligned, num_warps=tk.FUSED_CE_WARPS)
+        compiled = _compile_sm90(head_loss._softcap_ce_fused_kernel, sig, {"V": 8192, "HAS_CAP": has_cap, "BLOCK_V": 8192},
+                                 aligned, num_warps=head_loss.FUSED_CE_WARPS)
         _assert_ptxas_keeps_wgmma_async(compiled, f"fused loss kernel (cap {has_cap})")
         divisions = compiled.asm["ptx"].count("div.full.f32") + compiled.asm["ptx"].count("rcp.")
         assert divisions <= per_thread + 2, f"cap {has_cap}: {divisions} divisions"
@@ -1246,6 +1246,8 @@ def test_gpu_fused_ce_bf16(cap):
 def test_gpu_fused_head_loss_bf16(cap):
     """pgolf::head_softcap_ce at the record's widths (d 512, V 8,192) under autocast, with the 1/8 upstream gradient of
     8 micro-batches: the loss, dh and dw no further from the fp64 truth than the separate kernels' path."""
+    from pgolf.model import head_loss
+
     gen = torch.Generator(device="cuda").manual_seed(2)
     T, d, V = 4099, 512, 8192
     h = torch.randn(T, d, device="cuda", generator=gen).bfloat16()
@@ -1260,7 +1262,7 @@ def test_gpu_fused_head_loss_bf16(cap):
         (loss / 8).backward()
         return loss.item(), hh.grad, ww.grad
 
-    loss, dh, dw = run(lambda hh, ww: kernels.head_softcapped_cross_entropy(hh, ww, targets, cap))
+    loss, dh, dw = run(lambda hh, ww: head_loss.head_softcapped_cross_entropy(hh, ww, targets, cap))
     loss_sep, dh_sep, dw_sep = run(lambda hh, ww: kernels.softcapped_cross_entropy(hh @ ww.t(), targets, cap))
     h64, w64 = h.double().requires_grad_(True), w.bfloat16().double().requires_grad_(True)
     loss64 = kernels.softcapped_cross_entropy_reference(h64 @ w64.t(), targets, cap)

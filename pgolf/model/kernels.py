@@ -256,41 +256,6 @@ if TRITON_AVAILABLE:
 
     _softcap_ce_op.register_autograd(_softcap_ce_backward, setup_context=_softcap_ce_setup)
 
-    @custom_op("pgolf::head_softcap_ce", mutates_args=())
-    def _head_ce_op(h: Tensor, w: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-        """(loss [] fp32, dz [T, V]) for h [T, d], w [V, d] of one dtype and int64 targets [T]: the logits z = h @ w^T,
-        loss = the mean NLL of softmax(cap * tanh(z / cap)) over targets != -100, and dz = d loss / d z (an output only
-        so that the backward can keep it: it is not differentiable)."""
-        check_triton_device(h, "pgolf::head_softcap_ce")
-        z = h @ w.t()  # [T, V]; freed when the op returns: the backward needs only dz
-        count = (targets != IGNORE_INDEX).sum()
-        nll = torch.empty((z.shape[0],), dtype=torch.float32, device=z.device)
-        dz = torch.empty_like(z)
-        _tk.launch_softcap_ce_fused(z, targets.contiguous(), 1.0 / count.float(), nll, dz, cap)
-        return nll.sum() / count, dz
-
-    @_head_ce_op.register_fake
-    def _head_ce_fake(h: Tensor, w: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-        return h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0], w.shape[0]))
-
-    def _head_ce_setup(ctx, inputs, output) -> None:
-        h, w, _, _ = inputs
-        ctx.save_for_backward(h, w, output[1])
-        ctx.set_materialize_grads(False)
-
-    def _head_ce_backward(ctx, grad_loss: Optional[Tensor], grad_dz: Optional[Tensor]):
-        """The upstream gradient multiplies the two products, not dz: [T, d] and [V, d] instead of [T, V]. Exact
-        when it is a power of two (1 / accumulation steps for 8 micro-batches): then it commutes with every rounding."""
-        if grad_dz is not None:
-            raise NotImplementedError("pgolf::head_softcap_ce: its dz output is not differentiable")
-        if grad_loss is None:
-            return None, None, None, None
-        h, w, dz = ctx.saved_tensors
-        return (dz @ w) * grad_loss, (dz.t() @ h) * grad_loss, None, None  # dh [T, d], dw [V, d]
-
-    _head_ce_op.register_autograd(_head_ce_backward, setup_context=_head_ce_setup)
-    torch.library.register_autocast("pgolf::head_softcap_ce", "cuda", torch.bfloat16)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Public entry points (fused where possible, the reference elsewhere)
@@ -368,21 +333,6 @@ def softcapped_token_nll(z: Tensor, targets: Tensor, cap: float) -> Tensor:
     if use_triton(z):
         return fused_softcapped_token_nll(z, targets, cap)
     return softcapped_token_nll_reference(z, targets, cap)
-
-
-def head_softcapped_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, cap: float) -> Tensor:
-    """:func:`softcapped_cross_entropy` of the logits h @ w^T (h [T, d], w [V, d]), its backward's dz computed in the
-    forward's pass over the logits (``pgolf::head_softcap_ce``) where Triton runs and V fits one block; elsewhere
-    the separate matmul and loss kernels."""
-    if use_triton(h) and w.shape[0] <= _tk.FUSED_CE_MAX_V:
-        if h.ndim != 2 or w.ndim != 2 or h.shape[1] != w.shape[1] or targets.shape != h.shape[:1]:
-            raise ValueError(f"head cross-entropy: expected h [T, d], w [V, d] and targets [T], got {tuple(h.shape)}, "
-                             f"{tuple(w.shape)} and {tuple(targets.shape)}")
-        if not torch.is_autocast_enabled(h.device.type) and h.dtype != w.dtype:
-            w = w.to(h.dtype)  # as TiedHead: a bf16-stored embedding on an fp32 stream
-        loss, _ = torch.ops.pgolf.head_softcap_ce(h.contiguous(), w, targets.to(torch.int64), float(cap))
-        return loss
-    return softcapped_cross_entropy(F.linear(h, w), targets, cap)
 
 
 def softcapped_cross_entropy(z: Tensor, targets: Tensor, cap: float) -> Tensor:

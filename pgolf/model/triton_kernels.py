@@ -448,47 +448,6 @@ def _softcap_ce_bwd_kernel(
         tl.store(dz_row + cols, (g * d).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _softcap_ce_fused_kernel(
-    z_ptr,  # [T, V] logits before the cap
-    target_ptr,  # [T] int64
-    scale_ptr,  # [] fp32: dLoss/dnll of every counted row (1 / the count of targets != -100 for a mean)
-    nll_ptr,  # [T] fp32 out, as _softcap_ce_fwd_kernel's
-    dz_ptr,  # [T, V] out, z's dtype: scale * (softmax(c) - onehot(target)) * dc/dz, 0 on ignored rows
-    V: tl.constexpr,
-    stride_zt,
-    stride_dzt,
-    cap,
-    HAS_CAP: tl.constexpr,
-    BLOCK_V: tl.constexpr,  # >= V: the whole row in registers
-):
-    # The forward and the backward of the loss in one pass: the row is read once, each element's tanh and exp are
-    # computed once (the two kernels above compute both twice), and p = e / sum(e) reuses the sum's exponentials.
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * stride_zt
-    cols = tl.arange(0, BLOCK_V)
-    ok = cols < V
-    z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
-    c, t = _softcap(z, cap, HAS_CAP)
-    c = tl.where(ok, c, float("-inf"))
-    row_max = tl.max(c, axis=0)
-    e = tl.exp(c - row_max)  # 0 on the padding
-    row_sum = tl.sum(e, axis=0)
-    lse = row_max + tl.log(row_sum)
-
-    target = tl.load(target_ptr + row)
-    in_range = (target >= 0) & (target < V)
-    c_target = tl.sum(tl.where(cols == target, c, 0.0), axis=0)
-    nll = tl.where(in_range, lse - c_target, float("nan"))
-    tl.store(nll_ptr + row, tl.where(target == -100, 0.0, nll))
-
-    g = tl.where(target != -100, tl.load(scale_ptr), 0.0)
-    d = e * (1.0 / row_sum) - tl.where(cols == target, 1.0, 0.0)
-    if HAS_CAP:
-        d = d * (1.0 - t * t)
-    tl.store(dz_ptr + row * stride_dzt + cols, (g * d).to(dz_ptr.dtype.element_ty), mask=ok)
-
-
 def _ce_launch_params(V: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_V, num_warps): 4096-wide blocks (2 passes for V = 8192) on CUDA; small blocks in the interpreter."""
     if device.type == "cuda":
@@ -539,24 +498,3 @@ def launch_softcap_ce_bwd(
         num_warps=warps,
     )
 
-
-# The fused kernel's whole-row block: up to this many columns (V = 8,192 at the record's vocabulary: 32 fp32 values a
-# thread with 8 warps); wider vocabularies take the two kernels above.
-FUSED_CE_MAX_V = 16384
-FUSED_CE_WARPS = 8
-
-
-def launch_softcap_ce_fused(
-    z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, nll: torch.Tensor, dz: torch.Tensor, cap: float
-) -> None:
-    """nll [T] fp32 and dz [T, V] (z's dtype, row stride free) from z [T, V] contiguous, int64 targets [T] and the
-    fp32 scalar ``scale`` (each counted row's dLoss/dnll)."""
-    T, V = z.shape
-    if V > FUSED_CE_MAX_V:
-        raise ValueError(f"launch_softcap_ce_fused: V = {V} is over FUSED_CE_MAX_V = {FUSED_CE_MAX_V}")
-    if T == 0:
-        return
-    _softcap_ce_fused_kernel[(T,)](
-        z, targets, scale, nll, dz, V=V, stride_zt=z.stride(0), stride_dzt=dz.stride(0), cap=float(cap),
-        HAS_CAP=cap > 0, BLOCK_V=triton.next_power_of_2(V), num_warps=FUSED_CE_WARPS if z.device.type == "cuda" else 1,
-    )

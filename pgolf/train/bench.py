@@ -315,7 +315,10 @@ def bench_train(
                               train_cfg.repeat_kv_heads if repeat_kv is None else repeat_kv,
                               train_cfg.fused_gate_linear)
     model.fold_output_scales = train_cfg.fold_output_scales if fold_scales is None else fold_scales
-    model.fused_head_loss = train_cfg.fused_head_loss if head_loss is None else head_loss
+    if (train_cfg.fused_head_loss if head_loss is None else head_loss):
+        from pgolf.model.head_loss import head_softcapped_cross_entropy
+
+        model.head_loss = head_softcapped_cross_entropy
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
     # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
@@ -405,7 +408,7 @@ def bench_train(
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "fold_output_scales": model.fold_output_scales,
-        "fused_head_loss": model.fused_head_loss,
+        "fused_head_loss": model.head_loss is not None,
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
