@@ -497,4 +497,3 @@ def launch_softcap_ce_bwd(
         BLOCK_V=block_v,
         num_warps=warps,
     )
-
