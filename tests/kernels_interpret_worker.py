@@ -711,29 +711,37 @@ def case_ce_head_fused() -> None:
 
 
 def case_ce_head_fused_edges() -> None:
-    """Every target ignored: NaN loss, zero gradients; an id outside [0, V): NaN; a vocabulary over the fused
-    kernel's block takes the separate kernels; a bf16 weight with an fp32 h (no autocast) is cast as TiedHead does."""
+    """Every target ignored: NaN loss, zero gradients; an id outside [0, V): NaN; the separate kernels where the
+    vocabulary is over the fused kernel's block and where no gradient is wanted (no_grad); a bf16 weight with an fp32
+    h (no autocast) is cast as TiedHead does."""
     h, w, _ = _head_ce_inputs(5, 16, 40, 8)
     ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    launched = _fused_ce_launches()
     loss = head_loss.head_softcapped_cross_entropy(ha, wa, torch.full((5,), -100), 30.0)
     loss.backward()
     if not math.isnan(float(loss.detach())) or bool(ha.grad.abs().sum() != 0) or bool(wa.grad.abs().sum() != 0):
-        raise AssertionError(f"all ignored: loss {float(loss)} (NaN expected) and zero gradients expected")
-    if not math.isnan(float(head_loss.head_softcapped_cross_entropy(h, w, torch.tensor([3, 40, -7, -100, 1]), 30.0))):
-        raise AssertionError("a target outside [0, V) other than -100 must make the loss NaN")
-    launched = _fused_ce_launches()
+        raise AssertionError(f"all ignored: loss {float(loss.detach())} (NaN expected) and zero gradients expected")
+    bad = head_loss.head_softcapped_cross_entropy(ha, wa, torch.tensor([3, 40, -7, -100, 1]), 30.0)
+    if not math.isnan(float(bad.detach())) or len(launched) != 2:
+        raise AssertionError(f"a target outside [0, V) other than -100 must make the fused loss NaN ({len(launched)})")
+    targets = torch.tensor([3, 39, 0, -100, 1])
     limit, head_loss.FUSED_CE_MAX_V = head_loss.FUSED_CE_MAX_V, 32
     try:
-        targets = torch.tensor([3, 39, 0, -100, 1])
-        wide = head_loss.head_softcapped_cross_entropy(h, w, targets, 30.0)
+        wide = head_loss.head_softcapped_cross_entropy(ha, wa, targets, 30.0)
     finally:
         head_loss.FUSED_CE_MAX_V = limit
-    if launched:
-        raise AssertionError("V over FUSED_CE_MAX_V must take the separate kernels")
-    _close(wide, head_loss.head_softcapped_cross_entropy(h, w, targets, 30.0), "loss of the two paths")
-    mixed = head_loss.head_softcapped_cross_entropy(h, w.bfloat16(), targets, 30.0)
-    _close(mixed, kernels.softcapped_cross_entropy_reference(h @ w.bfloat16().float().t(), targets, 30.0),
+    with torch.no_grad():
+        no_grad = head_loss.head_softcapped_cross_entropy(ha, wa, targets, 30.0)
+    if len(launched) != 2:
+        raise AssertionError("V over FUSED_CE_MAX_V and no_grad must take the separate kernels")
+    fused = head_loss.head_softcapped_cross_entropy(ha, wa, targets, 30.0)
+    _close(wide, fused.detach(), "loss: separate kernels (V over the block) and fused")
+    _close(no_grad, fused.detach(), "loss: separate kernels (no_grad) and fused")
+    mixed = head_loss.head_softcapped_cross_entropy(ha, wa.detach().bfloat16(), targets, 30.0)
+    _close(mixed.detach(), kernels.softcapped_cross_entropy_reference(h @ w.bfloat16().float().t(), targets, 30.0),
            "fp32 h, bf16 w")
+    if len(launched) != 4:
+        raise AssertionError(f"the fused kernel ran {len(launched)} times, expected 4")
 
 
 def case_ce_head_fused_opcheck() -> None:

@@ -133,8 +133,10 @@ torch.library.register_autocast("pgolf::head_softcap_ce", "cuda", torch.bfloat16
 def head_softcapped_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, cap: float) -> Tensor:
     """:func:`softcapped_cross_entropy` of the logits h @ w^T (h [T, d], w [V, d]), its backward's dz computed in the
     forward's pass over the logits (``pgolf::head_softcap_ce``) where Triton runs and V fits one block; elsewhere
-    the separate matmul and loss kernels."""
-    if use_triton(h) and w.shape[0] <= FUSED_CE_MAX_V:
+    the separate matmul and loss kernels, and where no gradient is wanted (a validation loss under no_grad: dz would
+    be written for nothing)."""
+    wants_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    if wants_grad and use_triton(h) and w.shape[0] <= FUSED_CE_MAX_V:
         if h.ndim != 2 or w.ndim != 2 or h.shape[1] != w.shape[1] or targets.shape != h.shape[:1]:
             raise ValueError(f"head cross-entropy: expected h [T, d], w [V, d] and targets [T], got {tuple(h.shape)}, "
                              f"{tuple(w.shape)} and {tuple(targets.shape)}")
