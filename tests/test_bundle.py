@@ -166,6 +166,14 @@ def record_shipped_form():
     return build_bundle(load_run_config(REPO_ROOT / "config.yaml"), minify=True)
 
 
+def test_the_head_loss_module_ships_only_with_its_switch_on(record_shipped_form) -> None:
+    """train.fused_head_loss: false (config.yaml) folds its import away, and the module with it; true ships it."""
+    assert "pgolf.model.head_loss" not in {m.name for m in record_shipped_form.modules}
+    record = load_run_config(REPO_ROOT / "config.yaml")
+    on = dataclasses.replace(record, train=dataclasses.replace(record.train, fused_head_loss=True))
+    assert "pgolf.model.head_loss" in {m.name for m in build_bundle(on, minify=True).modules}
+
+
 def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
     off_kernels = {"pgolf.model.gluon_qkv", "pgolf.model.gluon_resident"}  # their switches are off (tests below)
@@ -186,12 +194,12 @@ def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     bundle = record_shipped_form
     # the shipped form also drops the modules that its folded switches no longer import (pgolf.artifact.shrink;
     # pgolf.train.resume: train.resume_every_steps is 0, tests/test_shrink.py; pgolf.model.idle_gaps: only the
-    # benchmark's profiler reads it)
+    # benchmark's profiler reads it; pgolf.model.head_loss: train.fused_head_loss is false, test below)
     # and it embeds one generated pgolf.config module in place of the config package (pgolf.artifact.config_module)
     assert {m.name for m in bundle.modules} == set(pruned) - {"pgolf.evaluate.chunked_ttt", "pgolf.train.prequant_ttt",
                                                               "pgolf.train.resume", "pgolf.config.strict",
                                                               "pgolf.config.training", "pgolf.config.post_training",
-                                                              "pgolf.model.idle_gaps"}
+                                                              "pgolf.model.idle_gaps", "pgolf.model.head_loss"}
     assert [m.is_package for m in bundle.modules if m.name == "pgolf.config"] == [False]
     assert set(bundle.left_out) >= set(left_out_modules(record)) | {"pgolf.evaluate.chunked_ttt"}
     assert "its recipe does not use it" in bundle.text
