@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from pgolf.model.kernels import IGNORE_INDEX, check_triton_device, softcapped_cross_entropy, use_triton
-from pgolf.model.triton_kernels import _softcap
+from pgolf.model.triton_kernels import _ce_grad, _ce_nll, _softcap
 
 
 @triton.jit
@@ -56,15 +56,11 @@ def _softcap_ce_fused_kernel(
     lse = row_max + tl.log(row_sum)
 
     target = tl.load(target_ptr + row)
-    in_range = (target >= 0) & (target < V)
     c_target = tl.sum(tl.where(cols == target, c, 0.0), axis=0)
-    nll = tl.where(in_range, lse - c_target, float("nan"))
-    tl.store(nll_ptr + row, tl.where(target == -100, 0.0, nll))
+    tl.store(nll_ptr + row, _ce_nll(lse, c_target, target, V))
 
     g = tl.where(target != -100, tl.load(scale_ptr), 0.0)
-    d = e * (1.0 / row_sum) - tl.where(cols == target, 1.0, 0.0)
-    if HAS_CAP:
-        d = d * (1.0 - t * t)
+    d = _ce_grad(e * (1.0 / row_sum), t, cols, target, HAS_CAP)
     tl.store(dz_ptr + row * stride_dzt + cols, (g * d).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
