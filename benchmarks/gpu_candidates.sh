@@ -11,10 +11,10 @@
 # Stages, most needed first, each capped so the call stays inside BUDGET_S (benchmarks/stage.sh):
 #   1. bits      pytest -m gpu on the kernels' GPU tests with the candidates on (the resident kernel's bits against the
 #                TMA kernel's, the q, k, v kernel against the Triton one, the head + loss op against fp64)
-#   2. mlp_bench, loss_bench, qk_bench   the kernels alone (benchmarks/mlp_kernel_bench.py, loss_kernel_bench.py
-#                --warps 4 8 16, qk_kernel_bench.py --sweep-blocks [--against $QK_AGAINST])
-#   3. ab_base, ab_resident, ab_head, ab_qkv, ab_base2   the step (torch attention, looping off, pgolf's synthetic
+#   2. ab_base, ab_resident, ab_head, ab_qkv, ab_base2   the step (torch attention, looping off, pgolf's synthetic
 #                rows), then benchmarks/candidates_summary.py: which candidates beat the base by more than the noise
+#   3. mlp_bench, loss_bench, qk_bench   the kernels alone, with what the budget leaves (benchmarks/mlp_kernel_bench.py,
+#                loss_kernel_bench.py --warps 4 8 16, qk_kernel_bench.py --sweep-blocks [--against $QK_AGAINST])
 # Knobs: BUDGET_S (540), QK_AGAINST (another attn_triton.py for qk_bench, e.g. an older commit's), STEPS (5).
 set -u
 cd "$(dirname "$0")/.."
@@ -32,10 +32,6 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 CANDIDATES_ON=(env MLP_RESIDENT=forward,backward QKV_WS=1)
 STAGE_TAIL_LINES=6 stage bits 110 "${CANDIDATES_ON[@]}" python benchmarks/with_sweep_tiles.py pytest -q -rs \
   -p no:cacheprovider -m gpu tests/test_kernels.py -k "warp_specialized or qkv or qk_norm_rope or head_loss or fused_ce"
-stage mlp_bench 70 python benchmarks/mlp_kernel_bench.py --out "$OUT/mlp_bench.json"
-stage loss_bench 40 python benchmarks/loss_kernel_bench.py --warps 4 8 16 --out "$OUT/loss_bench.json"
-stage qk_bench 60 python benchmarks/qk_kernel_bench.py --sweep-blocks ${QK_AGAINST:+--against "$QK_AGAINST"} \
-  --out "$OUT/qk_bench.json"
 
 ab() {  # ab NAME [env assignments] [-- bench arguments]: one step A/B run, its JSON at $OUT/ab_NAME.json
   local name=$1
@@ -53,4 +49,8 @@ ab head MLP_RESIDENT=none QKV_WS=0 -- --head-loss on
 ab qkv MLP_RESIDENT=none QKV_WS=1
 ab base2 MLP_RESIDENT=none QKV_WS=0
 python benchmarks/candidates_summary.py "$OUT" || echo "candidates_summary: no base run (budget spent?)"
+stage mlp_bench 70 python benchmarks/mlp_kernel_bench.py --out "$OUT/mlp_bench.json"
+stage loss_bench 40 python benchmarks/loss_kernel_bench.py --warps 4 8 16 --out "$OUT/loss_bench.json"
+stage qk_bench 60 python benchmarks/qk_kernel_bench.py --sweep-blocks ${QK_AGAINST:+--against "$QK_AGAINST"} \
+  --out "$OUT/qk_bench.json"
 echo "== done after $(($(date +%s) - START))s"
