@@ -10,7 +10,6 @@ tokens (one micro-batch), d = 512, hidden 2,048, bf16. Variants timed (CUDA even
   commit 09bc25f; the values are the same, the epilogue does ~10 more integer ops per element);
 - ``pgolf_ws``: the warp-specialized Gluon kernel (``pgolf.model.gluon_mlp``, two consumer warpgroups taking
   turns) at its ``WS_TILES``, where it applies (Gluon, sm_90);
-- ``pgolf_ws_resident``: that kernel with a's row panel resident (``pgolf.model.gluon_resident``), where it fits;
 - ``record``: the record script's ``linear_leaky_relu_square`` (forward, then backward with ``w_down.T.contiguous()``
   as its autograd function does), when ``--record-script`` imports.
 
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from cuda_timing import parse_bench_args, time_ms  # noqa: E402  (benchmarks/, the script's own folder)
 
-from pgolf.model import gluon_mlp, gluon_resident  # noqa: E402
+from pgolf.model import gluon_mlp  # noqa: E402
 from pgolf.model import triton_kernels as tk  # noqa: E402
 
 M, D, HIDDEN, SLOPE = 98_304, 512, 2_048, 0.5
@@ -106,10 +105,6 @@ def main(argv=None) -> int:
     if gluon_mlp.ws_usable(x, post, backward=False):
         variants["pgolf_ws"] = (lambda: gluon_mlp.launch_mlp_ws(x, w_up, False, pre, post, SLOPE, backward=False),
                                 lambda: gluon_mlp.launch_mlp_ws(g, w_down, True, pre, dpre, SLOPE, backward=True))
-        if gluon_resident.fits(x, post, False) and gluon_resident.fits(g, dpre, True):
-            variants["pgolf_ws_resident"] = (
-                lambda: gluon_resident.launch(x, w_up, False, pre, post, SLOPE, backward=False),
-                lambda: gluon_resident.launch(g, w_down, True, pre, dpre, SLOPE, backward=True))
     if args.record_script:
         record_kernel = load_record_kernel(args.record_script)
         box = {}

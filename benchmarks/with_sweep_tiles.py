@@ -10,7 +10,6 @@ than 1 %. Why a script: a kernel sweep times one kernel alone; whether its faste
 ``triton_kernels.TMA_TILES`` or ``attn_triton.QKV_GEMM_TILE``. A sweep JSON that lists one tile forces it (the
 old defaults, for the B side of an A/B). ``MLP_WS=forward,backward`` (either or both) turns on the warp-specialized
 Gluon MLP kernel in those directions (``triton_kernels.MLP_WARP_SPECIALIZED``; ``none`` turns it off in both);
-``MLP_RESIDENT=forward,backward|none`` the Gluon MLP kernel with a's row panel resident (``gluon_mlp.RESIDENT``),
 ``QKV_WS=1`` / ``0`` the Gluon q, k, v kernel (``attn_triton.QKV_WARP_SPECIALIZED``). The chosen tiles are printed
 first.
 """
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgolf.model import attn_triton, gluon_mlp  # noqa: E402
+from pgolf.model import attn_triton  # noqa: E402
 from pgolf.model import triton_kernels as tk  # noqa: E402
 
 BETTER_BY = 0.99  # a tile must be 1 % faster than the default to replace it
@@ -49,14 +48,12 @@ def apply_sweeps(environ=os.environ) -> None:
     if environ.get("QKV_SWEEP"):
         sweep = json.loads(Path(environ["QKV_SWEEP"]).read_text())["tile_sweep"]
         attn_triton.QKV_GEMM_TILE = fastest_tile(sweep, "forward_ms", attn_triton.QKV_GEMM_TILE)
-    for variable, switch in (("MLP_WS", tk.MLP_WARP_SPECIALIZED), ("MLP_RESIDENT", gluon_mlp.RESIDENT)):
-        if environ.get(variable):
-            directions = [] if environ[variable] == "none" else environ[variable].split(",")
-            if not set(directions) <= {"forward", "backward"}:
-                sys.exit(f"with_sweep_tiles.py: {variable} is none or lists forward and/or backward, "
-                         f"not {environ[variable]!r}")
-            for backward in (False, True):
-                switch[backward] = ("backward" if backward else "forward") in directions
+    if environ.get("MLP_WS"):
+        directions = [] if environ["MLP_WS"] == "none" else environ["MLP_WS"].split(",")
+        if not set(directions) <= {"forward", "backward"}:
+            sys.exit(f"with_sweep_tiles.py: MLP_WS is none or lists forward and/or backward, not {environ['MLP_WS']!r}")
+        for backward in (False, True):
+            tk.MLP_WARP_SPECIALIZED[backward] = ("backward" if backward else "forward") in directions
     if environ.get("QKV_WS"):
         if environ["QKV_WS"] not in ("0", "1"):
             sys.exit(f"with_sweep_tiles.py: QKV_WS is 0 or 1, not {environ['QKV_WS']!r}")
@@ -68,7 +65,7 @@ def main(argv: list[str]) -> int:
         sys.exit("usage: with_sweep_tiles.py train|pytest ARGS (MLP_SWEEP / QKV_SWEEP name the sweeps' JSON)")
     apply_sweeps()
     print(f"tiles: mlp {tk.TMA_TILES} qkv {attn_triton.QKV_GEMM_TILE} warp-specialized: mlp "
-          f"{tk.MLP_WARP_SPECIALIZED} (resident {gluon_mlp.RESIDENT}) qkv {attn_triton.QKV_WARP_SPECIALIZED}", flush=True)
+          f"{tk.MLP_WARP_SPECIALIZED} qkv {attn_triton.QKV_WARP_SPECIALIZED}", flush=True)
     if argv[0] == "pytest":
         import pytest
 

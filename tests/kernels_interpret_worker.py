@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from pgolf.model import attn_kernels, head_loss, kernels
+from pgolf.model import attn_kernels, kernels
 from pgolf.model import triton_kernels as tk
 from pgolf.config import ModelConfig
 from pgolf.model.gpt import GPT
@@ -661,98 +661,6 @@ def case_ce_invalid_target_is_nan() -> None:
         raise AssertionError(f"expected [finite, nan, nan, 0], got {nll.tolist()}")
 
 
-def _head_ce_inputs(T: int, d: int, V: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(T, d, generator=gen)
-    w = 2.0 * torch.randn(V, d, generator=gen)  # logits of about 8 (the cap's scale) for d = 16
-    targets = torch.randint(0, V, (T,), generator=gen)
-    targets[1] = -100
-    targets[0] = V - 1  # the last column: the row's block is padded past it
-    return h, w, targets
-
-
-def _fused_ce_launches() -> list:
-    """Count launches of the fused loss kernel for the life of the worker process (one list entry a launch)."""
-    launched, launch = [], head_loss.launch_softcap_ce_fused
-
-    def counted(*args, **kwargs):
-        launched.append(1)
-        return launch(*args, **kwargs)
-
-    head_loss.launch_softcap_ce_fused = counted
-    return launched
-
-
-def case_ce_head_fused() -> None:
-    """pgolf::head_softcap_ce against the float64 reference (matmul, then softcapped CE), capped and uncapped, with an
-    upstream gradient of 1/8 (a power of two: 8 micro-batches) and 1/3; and against the separate kernels."""
-    T, d, V = 12, 16, 300
-    launched = _fused_ce_launches()
-    for cap in (30.0, 0.0):
-        h, w, targets = _head_ce_inputs(T, d, V, 7)
-        for g in (0.125, 1.0 / 3.0):
-            before = len(launched)
-            ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            hr, wr = h.double().requires_grad_(True), w.double().requires_grad_(True)
-            hs, ws = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            loss = head_loss.head_softcapped_cross_entropy(ha, wa, targets, cap)
-            ref = kernels.softcapped_cross_entropy_reference(hr @ wr.t(), targets, cap)
-            separate = kernels.softcapped_cross_entropy(hs @ ws.t(), targets, cap)
-            if len(launched) != before + 1 or loss.dtype != torch.float32 or loss.shape != ():
-                raise AssertionError(f"fused loss kernel launched {len(launched) - before} times, loss {loss.dtype} "
-                                     f"{tuple(loss.shape)}")
-            for value in (loss, ref, separate):
-                (value * g).backward()
-            _close(loss.double(), ref.detach(), f"loss (cap {cap})")
-            _close(ha.grad.double(), hr.grad, f"dh (cap {cap}, g {g:.3f})")
-            _close(wa.grad.double(), wr.grad, f"dw (cap {cap}, g {g:.3f})")
-            _close(loss, separate.detach(), f"loss against the separate kernels (cap {cap})")
-            _close(ha.grad, hs.grad, f"dh against the separate kernels (cap {cap}, g {g:.3f})")
-
-
-def case_ce_head_fused_edges() -> None:
-    """Every target ignored: NaN loss, zero gradients; an id outside [0, V): NaN; the separate kernels where the
-    vocabulary is over the fused kernel's block and where no gradient is wanted (no_grad); a bf16 weight with an fp32
-    h (no autocast) is cast as TiedHead does."""
-    h, w, _ = _head_ce_inputs(5, 16, 40, 8)
-    ha, wa = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    launched = _fused_ce_launches()
-    loss = head_loss.head_softcapped_cross_entropy(ha, wa, torch.full((5,), -100), 30.0)
-    loss.backward()
-    if not math.isnan(float(loss.detach())) or bool(ha.grad.abs().sum() != 0) or bool(wa.grad.abs().sum() != 0):
-        raise AssertionError(f"all ignored: loss {float(loss.detach())} (NaN expected) and zero gradients expected")
-    bad = head_loss.head_softcapped_cross_entropy(ha, wa, torch.tensor([3, 40, -7, -100, 1]), 30.0)
-    if not math.isnan(float(bad.detach())) or len(launched) != 2:
-        raise AssertionError(f"a target outside [0, V) other than -100 must make the fused loss NaN ({len(launched)})")
-    targets = torch.tensor([3, 39, 0, -100, 1])
-    limit, head_loss.FUSED_CE_MAX_V = head_loss.FUSED_CE_MAX_V, 32
-    try:
-        wide = head_loss.head_softcapped_cross_entropy(ha, wa, targets, 30.0)
-    finally:
-        head_loss.FUSED_CE_MAX_V = limit
-    with torch.no_grad():
-        no_grad = head_loss.head_softcapped_cross_entropy(ha, wa, targets, 30.0)
-    if len(launched) != 2:
-        raise AssertionError("V over FUSED_CE_MAX_V and no_grad must take the separate kernels")
-    fused = head_loss.head_softcapped_cross_entropy(ha, wa, targets, 30.0)
-    _close(wide, fused.detach(), "loss: separate kernels (V over the block) and fused")
-    _close(no_grad, fused.detach(), "loss: separate kernels (no_grad) and fused")
-    mixed = head_loss.head_softcapped_cross_entropy(ha, wa.detach().bfloat16(), targets, 30.0)
-    _close(mixed.detach(), kernels.softcapped_cross_entropy_reference(h @ w.bfloat16().float().t(), targets, 30.0),
-           "fp32 h, bf16 w")
-    if len(launched) != 4:
-        raise AssertionError(f"the fused kernel ran {len(launched)} times, expected 4")
-
-
-def case_ce_head_fused_opcheck() -> None:
-    """Schema, fake (shape) function and autograd registration of pgolf::head_softcap_ce."""
-    h, w, targets = _head_ce_inputs(12, 16, 40, 9)
-    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.pgolf.head_softcap_ce.default,
-                          (h.requires_grad_(True), w.requires_grad_(True), targets.remainder(40), 30.0),
-                          test_utils=utils)
-
-
 def _tiny_model() -> GPT:
     cfg = ModelConfig(
         vocab_size=300,
@@ -777,8 +685,8 @@ def _tiny_model() -> GPT:
 
 
 def _count_launches():
-    """Count the launches of the gate's projection kernel, the MLP up kernel and the fused loss kernel (the launchers
-    wrapped for the life of the worker process)."""
+    """Count the launches of the gate's projection kernel and of the MLP up kernel (the launchers wrapped for the
+    life of the worker process)."""
     import collections
 
     from pgolf.model import attn_triton
@@ -794,13 +702,7 @@ def _count_launches():
         counts["mlp_up"] += 1
         return mlp_up(*args, **kwargs)
 
-    ce_fused = head_loss.launch_softcap_ce_fused
-
-    def ce(*args, **kwargs):
-        counts["ce_fused"] += 1
-        return ce_fused(*args, **kwargs)
-
-    attn_triton.launch_gate_linear_fwd, tk.launch_mlp_up_act, head_loss.launch_softcap_ce_fused = gate, up, ce
+    attn_triton.launch_gate_linear_fwd, tk.launch_mlp_up_act = gate, up
     return counts
 
 
@@ -814,21 +716,16 @@ def case_model_fused_matches_reference() -> None:
     targets[7] = -100
     results = {}
     launches = _count_launches()
-    # repeat: k / v heads per query head; gate: the gate's projection kernels (train.fused_gate_linear); head: the
-    # head + loss op (train.fused_head_loss)
+    # repeat: k / v heads per query head; gate: the gate's projection kernels (train.fused_gate_linear)
     for fused, repeat_kv, gate in ((False, False, False), (True, False, False), (True, True, True)):
         model.use_fused_kernels = fused
-        head = repeat_kv
-        model.head_loss = head_loss.head_softcapped_cross_entropy if head else None
         attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv, gate)
         model.zero_grad(set_to_none=True)
         launches.clear()
         loss = model(ids, targets)
         loss.backward()
-        if (bool(launches["gate_linear"]) != gate or bool(launches["mlp_up"]) != fused
-                or bool(launches["ce_fused"]) != head):
-            raise AssertionError(f"gate kernels {gate}, fused MLP {fused}, head loss {head}, but the launches were "
-                                 f"{dict(launches)}")
+        if bool(launches["gate_linear"]) != gate or bool(launches["mlp_up"]) != fused:
+            raise AssertionError(f"gate kernels {gate}, fused MLP {fused}, but the launches were {dict(launches)}")
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fused, repeat_kv] = (loss.detach(), grads)
     reference_loss, reference_grads = results.pop((False, False))
@@ -888,9 +785,7 @@ def case_compile_fullgraph() -> None:
         x = x + attn_kernels.qk_norm_rope(x.view(20, 4, 4), cos, sin, gain).view(20, 16)  # [20, 4 heads, 4]
         x = x + kernels.mlp(x, w1, w2, 0.5)  # [20, 16]: the whole-MLP op
         h = kernels.mlp_up_activation(x, w1, 0.5)  # [20, 40]
-        # the separate loss kernels and the head + loss op (its own matmul; dz from its forward)
-        return (kernels.softcapped_cross_entropy(h @ head.t(), targets, 30.0)
-                + head_loss.head_softcapped_cross_entropy(h, head, targets, 30.0))
+        return kernels.softcapped_cross_entropy(h @ head.t(), targets, 30.0)
 
     def run(fn):
         params = [t.clone().requires_grad_(True) for t in (x, w1, w2, head, gain)]

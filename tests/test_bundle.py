@@ -166,26 +166,17 @@ def record_shipped_form():
     return build_bundle(load_run_config(REPO_ROOT / "config.yaml"), minify=True)
 
 
-def test_the_head_loss_module_ships_only_with_its_switch_on(record_shipped_form) -> None:
-    """train.fused_head_loss: false (config.yaml) folds its import away, and the module with it; true ships it."""
-    assert "pgolf.model.head_loss" not in {m.name for m in record_shipped_form.modules}
-    record = load_run_config(REPO_ROOT / "config.yaml")
-    on = dataclasses.replace(record, train=dataclasses.replace(record.train, fused_head_loss=True))
-    assert "pgolf.model.head_loss" in {m.name for m in build_bundle(on, minify=True).modules}
-
-
 def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
-    off_kernels = {"pgolf.model.gluon_qkv", "pgolf.model.gluon_resident"}  # their switches are off (tests below)
     assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash",
-                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"} | off_kernels
+                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
     lut = dataclasses.replace(record, evaluate=dataclasses.replace(record.evaluate, byte_accounting="lut"),
                               tokenizer=dataclasses.replace(record.tokenizer, caseops=False))
     bigram = dataclasses.replace(record, evaluate=dataclasses.replace(
         record.evaluate, ttt=dataclasses.replace(record.evaluate.ttt, mode="chunked", bigram_hash_buckets=64)))
     record_ttt = {"pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
-    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"} | record_ttt | off_kernels
-    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops"} | off_kernels | {
+    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"} | record_ttt
+    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops"} | {
         f"pgolf.evaluate.{m}" for m in ("ttt_record", "ttt_plan", "ttt_adapters", "ttt_forward", "ttt_phase",
                                         "ttt_graphs")}
     full = reachable_modules()
@@ -194,12 +185,12 @@ def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     bundle = record_shipped_form
     # the shipped form also drops the modules that its folded switches no longer import (pgolf.artifact.shrink;
     # pgolf.train.resume: train.resume_every_steps is 0, tests/test_shrink.py; pgolf.model.idle_gaps: only the
-    # benchmark's profiler reads it; pgolf.model.head_loss: train.fused_head_loss is false, test below)
+    # benchmark's profiler reads it)
     # and it embeds one generated pgolf.config module in place of the config package (pgolf.artifact.config_module)
     assert {m.name for m in bundle.modules} == set(pruned) - {"pgolf.evaluate.chunked_ttt", "pgolf.train.prequant_ttt",
                                                               "pgolf.train.resume", "pgolf.config.strict",
                                                               "pgolf.config.training", "pgolf.config.post_training",
-                                                              "pgolf.model.idle_gaps", "pgolf.model.head_loss"}
+                                                              "pgolf.model.idle_gaps"}
     assert [m.is_package for m in bundle.modules if m.name == "pgolf.config"] == [False]
     assert set(bundle.left_out) >= set(left_out_modules(record)) | {"pgolf.evaluate.chunked_ttt"}
     assert "its recipe does not use it" in bundle.text
@@ -257,39 +248,22 @@ def test_shipped_attention_kernels_match_their_references_under_the_interpreter(
 
 
 def test_a_kernel_switched_off_in_its_module_is_left_out(tmp_path: Path) -> None:
-    """The Gluon q, k, v kernel ships only while attn_triton.QKV_WARP_SPECIALIZED is True; the switch is read from
-    the module's text (a copy with it on reads True; one without a literal is refused)."""
+    """The Gluon q, k, v kernel ships while attn_triton.QKV_WARP_SPECIALIZED is True (as committed); the switch is
+    read from the module's text (a copy with it off reads False and leaves the module out; one without a literal is
+    refused)."""
     from pgolf.artifact.fold import module_switch
 
     name, path = "QKV_WARP_SPECIALIZED", REPO_ROOT / "pgolf" / "model" / "attn_triton.py"
     source = path.read_text()
-    assert f"{name} = False\n" in source and not module_switch(path, name)
+    assert f"{name} = True\n" in source and module_switch(path, name)
+    assert "pgolf.model.gluon_qkv" not in left_out_modules(load_run_config(REPO_ROOT / "config.yaml"))
     copy = tmp_path / "attn_triton.py"
-    copy.write_text(source.replace(f"{name} = False", f"{name} = True"))
-    assert module_switch(copy, name)
-    copy.write_text(source.replace(f"{name} = False", f"{name} = 1"))
+    copy.write_text(source.replace(f"{name} = True", f"{name} = False"))
+    assert not module_switch(copy, name)
+    copy.write_text(source.replace(f"{name} = True", f"{name} = 1"))
     with pytest.raises(ValueError, match=f"{name} = True or False"):
         module_switch(copy, name)
-    assert "pgolf.model.gluon_qkv" in reachable_modules()  # imported lazily by attn_triton: left out, not unreachable
-
-
-def test_the_resident_mlp_kernel_ships_only_while_a_direction_turns_it_on(tmp_path: Path) -> None:
-    """gluon_mlp.RESIDENT is a per-direction dict of literals: the module ships while either direction is on."""
-    from pgolf.artifact.fold import module_switch
-
-    path = REPO_ROOT / "pgolf" / "model" / "gluon_mlp.py"
-    source = path.read_text()
-    off = "RESIDENT = {False: False, True: False}\n"
-    assert off in source and not module_switch(path, "RESIDENT")
-    assert "pgolf.model.gluon_resident" in left_out_modules(load_run_config(REPO_ROOT / "config.yaml"))
-    copy = tmp_path / "gluon_mlp.py"
-    for on in ("{False: True, True: False}", "{False: False, True: True}"):
-        copy.write_text(source.replace(off, f"RESIDENT = {on}\n"))
-        assert module_switch(copy, "RESIDENT"), on
-    copy.write_text(source.replace(off, "RESIDENT = {False: 0, True: 1}\n"))
-    with pytest.raises(ValueError, match="RESIDENT = True or False"):
-        module_switch(copy, "RESIDENT")
-    assert "pgolf.model.gluon_resident" in reachable_modules()  # imported lazily by gluon_mlp
+    assert "pgolf.model.gluon_qkv" in reachable_modules()  # imported lazily by attn_triton
 
 
 def test_flash_attention_4_ops_are_left_out_unless_the_recipe_may_use_them() -> None:

@@ -9,7 +9,6 @@ Three tiers:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -324,37 +323,6 @@ def test_warp_specialized_mlp_kernel_compiles_for_h100():
                             "backward" if backward else "forward")
 
 
-def test_resident_kernel_fits_the_record_shape_and_nothing_larger():
-    """The resident kernel's shared memory (a [128, K] panel, the ring, the epilogue's buffers) fits at K = 512 and
-    not at K = 768, both directions; its consumers take alternate column tiles, so N must be an even number of
-    them."""
-    from pgolf.model import gluon_resident
-
-    def fits(K, N, backward):
-        return gluon_resident.fits(torch.empty(4, K), torch.empty(4, N), backward)
-
-    for backward in (False, True):
-        assert fits(512, 2048, backward) and fits(256, 256, backward)
-        assert not fits(768, 2048, backward) and not fits(512, 384, backward) and not fits(520, 2048, backward)
-
-
-@pytest.mark.parametrize("backward", [False, True])
-def test_resident_mlp_kernel_compiles_for_h100(backward):
-    """The Gluon MLP kernel with a's row panel resident (``gluon_resident.TILES``, K = 512; backward with its
-    second producer warp for the pre quarters): warp-specialized, wgmma asynchronous, no spills, and the 128 KB
-    panel, the ring and the epilogue's buffers inside the H100's shared memory."""
-    _needs_gluon_compiler()
-    from pgolf.model import gluon_resident
-
-    bm, bn, bk, stages = gluon_resident.TILES[backward]
-    blocks = {"a_desc": [bm, bk], "b_desc": [bk, bn] if backward else [bn, bk], "pre_desc": [bm, bn // 4],
-              "out_desc": [bm, bn // 4]}
-    constexprs = {"K": 512, "B_KN": backward, "BACKWARD": backward, "NUM_PROGRAMS": 132, "BLOCK_M": bm,
-                  "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages}
-    _compile_gluon_sm90(gluon_resident._mlp_resident_kernel, blocks, {"M": "i32", "N": "i32", "slope": "fp32"},
-                        constexprs, "resident backward" if backward else "resident forward")
-
-
 @pytest.mark.parametrize("rep", [1, 2])
 def test_warp_specialized_qkv_kernel_compiles_for_h100(rep):
     """The Gluon q, k, v kernel (pgolf.model.gluon_qkv) at its tile and the record's shapes (8 q and 4 kv heads of
@@ -395,29 +363,6 @@ def test_warp_specialized_kernel_declines_once_when_gluon_cannot_build_it(monkey
     assert calls and "CompilationError" in gluon_mlp.unsupported
     x = torch.zeros(4, 512)
     assert not gluon_mlp.ws_usable(x, torch.zeros(4, 2048), backward=False)  # never tried again
-
-
-def test_resident_kernel_declines_once_and_leaves_the_gluon_kernel_on(monkeypatch):
-    """A triton that cannot build the resident kernel: one warning naming the Gluon kernel that runs instead, False,
-    and the resident kernel never tried again, while gluon_mlp's own kernel stays usable."""
-    from pgolf.model import gluon_mlp, gluon_resident
-
-    if not kernels.TRITON_AVAILABLE:
-        pytest.skip("needs triton")
-    import triton
-
-    def fails(*args, **kwargs):
-        raise triton.CompilationError("gluon_resident.py", None, "allocate_shared_memory() got an unexpected keyword")
-
-    monkeypatch.setattr(gluon_resident, "launch", fails)
-    monkeypatch.setattr(gluon_resident, "unsupported", None)
-    monkeypatch.setattr(gluon_mlp, "unsupported", None)
-    x, out = torch.zeros(4, 512), torch.zeros(4, 2048)
-    assert gluon_resident.usable(x, out, backward=False)
-    with pytest.warns(UserWarning, match="resident MLP kernel does not build.*the Gluon MLP kernel without it runs"):
-        assert gluon_resident.launch_or_decline(x, "w", False, "pre", out, 0.5, False) is False
-    assert "CompilationError" in gluon_resident.unsupported
-    assert not gluon_resident.usable(x, out, backward=False) and gluon_mlp.unsupported is None
 
 
 def _assert_ptxas_keeps_wgmma_async(compiled, what: str) -> None:
@@ -550,27 +495,6 @@ def test_kernels_compile_for_h100():
             assert ptx.count("div.full.f32") <= per_thread + 2, f"{fn.__name__}: {ptx.count('div.full.f32')} divisions"
 
 
-def test_fused_loss_kernel_compiles_for_h100():
-    """The head + loss op's kernel (train.fused_head_loss) at the record's vocabulary, the whole 8,192-wide row in
-    registers at FUSED_CE_WARPS: no spills (ptxas), and one division a logit (the sigmoid's) plus the row's one."""
-    if not kernels.TRITON_AVAILABLE or kernels.interpreter_active():
-        pytest.skip("needs triton without the interpreter")
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    from pgolf.model import head_loss
-
-    sig = {"z_ptr": "*bf16", "target_ptr": "*i64", "scale_ptr": "*fp32", "nll_ptr": "*fp32", "dz_ptr": "*bf16",
-           "V": "constexpr", "stride_zt": "i32", "stride_dzt": "i32", "cap": "fp32", "HAS_CAP": "constexpr",
-           "BLOCK_V": "constexpr"}
-    aligned = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")]
-    per_thread = 8192 // (32 * head_loss.FUSED_CE_WARPS)
-    for has_cap in (True, False):
-        compiled = _compile_sm90(head_loss._softcap_ce_fused_kernel, sig, {"V": 8192, "HAS_CAP": has_cap, "BLOCK_V": 8192},
-                                 aligned, num_warps=head_loss.FUSED_CE_WARPS)
-        _assert_ptxas_keeps_wgmma_async(compiled, f"fused loss kernel (cap {has_cap})")
-        divisions = compiled.asm["ptx"].count("div.full.f32") + compiled.asm["ptx"].count("rcp.")
-        assert divisions <= per_thread + 2, f"cap {has_cap}: {divisions} divisions"
-
-
 # --------------------------------------------------------------------------------------------------------------
 # FLOPs arithmetic and synthetic data of the benchmark
 # --------------------------------------------------------------------------------------------------------------
@@ -646,7 +570,6 @@ TRAIN_FIELDS = {
     "attention_kernels",
     "attention_kernels_active",
     "fold_output_scales",
-    "fused_head_loss",
     "attention_backend",
     "param_storage",
     "compile",
@@ -724,8 +647,6 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
             "off",
             "--repeat-kv",
             "off",
-            "--head-loss",
-            "on",
             "--out",
             str(out),
         ],
@@ -734,7 +655,6 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
-    assert result["fused_head_loss"] is True  # and train.fused_head_loss (false)
     # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
     assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": True,
                                            "qkv_matmul": True, "qkv_epilogue": False,
@@ -1003,9 +923,6 @@ INTERPRET_CASES = [
     "ce_online_max_across_blocks",
     "ce_all_ignored",
     "ce_invalid_target_is_nan",
-    "ce_head_fused",
-    "ce_head_fused_edges",
-    "ce_head_fused_opcheck",
     "qk_norm_rope_fp32",
     "qk_norm_rope_bf16",
     "qk_norm_rope_opcheck",
@@ -1108,20 +1025,16 @@ def test_gpu_tma_kernel_agrees_with_the_pointer_kernel(tile):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("tile", ["default", (128, 128, 64, 3, 2), "resident"])
+@pytest.mark.parametrize("tile", ["default", (128, 128, 64, 3, 2)])
 def test_gpu_warp_specialized_kernel_writes_the_tma_kernels_bits(tile):
     """The Gluon kernel (two consumer warpgroups taking turns) sums the same products in the same order as the TMA
     kernel and rounds the same way: its outputs are the TMA kernel's bit for bit, both directions, with a partial
-    row block (M = 4,099), every tile of an odd-sized grid, and every output written (they start as NaN).
-    ``resident``: the kernel with a's row panel resident (gluon_resident.TILES), two or three row blocks a
-    program."""
-    from pgolf.model import gluon_mlp, gluon_resident
+    row block (M = 4,099), every tile of an odd-sized grid, and every output written (they start as NaN)."""
+    from pgolf.model import gluon_mlp
     from pgolf.model import triton_kernels as tk
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     M, K, N = 4099, 512, 2048
-    if tile == "resident":  # more row blocks than programs: each program's later panels, and a partial last block
-        M = 2 * 128 * torch.cuda.get_device_properties(0).multi_processor_count + 3
     x, g = (torch.randn(M, K, device="cuda", generator=gen).bfloat16() for _ in range(2))
     w_up = (torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K)).bfloat16()
     w_down = (torch.randn(K, N, device="cuda", generator=gen) / math.sqrt(N)).bfloat16()
@@ -1129,14 +1042,10 @@ def test_gpu_warp_specialized_kernel_writes_the_tma_kernels_bits(tile):
            for name in ("pre", "post", "pre_t", "post_t", "d", "d_t")}
     if not gluon_mlp.ws_usable(x, out["pre"], backward=False):
         pytest.skip("the warp-specialized kernel needs Gluon and an sm_90 GPU")
-    if tile == "resident":
-        assert gluon_resident.fits(x, out["pre"], False) and gluon_resident.fits(g, out["d"], True)
-        launch = gluon_resident.launch
-    else:
-        launch = functools.partial(gluon_mlp.launch_mlp_ws, tile=None if tile == "default" else tile)
-    launch(x, w_up, False, out["pre"], out["post"], 0.5, backward=False)
+    tile = None if tile == "default" else tile
+    gluon_mlp.launch_mlp_ws(x, w_up, False, out["pre"], out["post"], 0.5, backward=False, tile=tile)
     tk._launch_mlp_tma(x, w_up, False, out["pre_t"], out["post_t"], 0.5, backward=False)
-    launch(g, w_down, True, out["pre_t"], out["d"], 0.5, backward=True)
+    gluon_mlp.launch_mlp_ws(g, w_down, True, out["pre_t"], out["d"], 0.5, backward=True, tile=tile)
     tk._launch_mlp_tma(g, w_down, True, out["pre_t"], out["d_t"], 0.5, backward=True)
     for a, b in (("pre", "pre_t"), ("post", "post_t"), ("d", "d_t")):
         ta, tb = out[a].float(), out[b].float()
@@ -1238,39 +1147,6 @@ def test_gpu_fused_ce_bf16(cap):
     torch.testing.assert_close(
         nll.double(), kernels.softcapped_token_nll_reference(z.double(), targets, cap), rtol=1e-5, atol=1e-5
     )
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("cap", [30.0, 0.0])
-def test_gpu_fused_head_loss_bf16(cap):
-    """pgolf::head_softcap_ce at the record's widths (d 512, V 8,192) under autocast, with the 1/8 upstream gradient of
-    8 micro-batches: the loss, dh and dw no further from the fp64 truth than the separate kernels' path."""
-    from pgolf.model import head_loss
-
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    T, d, V = 4099, 512, 8192
-    h = torch.randn(T, d, device="cuda", generator=gen).bfloat16()
-    w = torch.randn(V, d, device="cuda", generator=gen) * 0.4  # fp32 master weights: logits of about 8
-    targets = torch.randint(0, V, (T,), device="cuda", generator=gen)
-    targets[::97] = -100
-
-    def run(loss_fn):
-        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = loss_fn(hh, ww)
-        (loss / 8).backward()
-        return loss.item(), hh.grad, ww.grad
-
-    loss, dh, dw = run(lambda hh, ww: head_loss.head_softcapped_cross_entropy(hh, ww, targets, cap))
-    loss_sep, dh_sep, dw_sep = run(lambda hh, ww: kernels.softcapped_cross_entropy(hh @ ww.t(), targets, cap))
-    h64, w64 = h.double().requires_grad_(True), w.bfloat16().double().requires_grad_(True)
-    loss64 = kernels.softcapped_cross_entropy_reference(h64 @ w64.t(), targets, cap)
-    dh64, dw64 = torch.autograd.grad(loss64 / 8, [h64, w64])
-    assert abs(loss - loss64.item()) < 1e-5 * max(1.0, abs(loss64.item()))
-    assert abs(loss - loss_sep) < 1e-5 * max(1.0, abs(loss_sep))
-    _no_worse(dh, dh_sep, dh64, "dh", slack=2.0)
-    _no_worse(dw, dw_sep, dw64, "dw", slack=2.0)
 
 
 @pytest.mark.gpu

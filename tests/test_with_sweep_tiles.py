@@ -42,22 +42,16 @@ def test_apply_sweeps_sets_each_direction_and_the_qkv_tile(tmp_path: Path, monke
     assert attn_triton.QKV_GEMM_TILE == (256, 2, 64, 8, 4, 1)
 
 
-@pytest.mark.parametrize("variable", ["MLP_WS", "MLP_RESIDENT"])
-def test_an_mlp_kernel_switch_turns_on_per_direction(variable: str, monkeypatch: pytest.MonkeyPatch):
-    """MLP_WS: the warp-specialized Gluon kernel (triton_kernels.MLP_WARP_SPECIALIZED); MLP_RESIDENT: its form
-    with the row panel resident (gluon_mlp.RESIDENT)."""
-    from pgolf.model import gluon_mlp
-
-    module, name = (tk, "MLP_WARP_SPECIALIZED") if variable == "MLP_WS" else (gluon_mlp, "RESIDENT")
-    monkeypatch.setattr(module, name, {False: False, True: False})
-    tiles.apply_sweeps({variable: "backward"})
-    assert getattr(module, name) == {False: False, True: True}
-    tiles.apply_sweeps({variable: "forward,backward"})
-    assert getattr(module, name) == {False: True, True: True}
-    tiles.apply_sweeps({variable: "none"})
-    assert getattr(module, name) == {False: False, True: False}
-    with pytest.raises(SystemExit, match=variable):
-        tiles.apply_sweeps({variable: "fwd"})
+def test_mlp_ws_turns_on_the_warp_specialized_kernel_per_direction(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(tk, "MLP_WARP_SPECIALIZED", {False: False, True: False})
+    tiles.apply_sweeps({"MLP_WS": "backward"})
+    assert tk.MLP_WARP_SPECIALIZED == {False: False, True: True}
+    tiles.apply_sweeps({"MLP_WS": "forward,backward"})
+    assert tk.MLP_WARP_SPECIALIZED == {False: True, True: True}
+    tiles.apply_sweeps({"MLP_WS": "none"})
+    assert tk.MLP_WARP_SPECIALIZED == {False: False, True: False}
+    with pytest.raises(SystemExit, match="MLP_WS"):
+        tiles.apply_sweeps({"MLP_WS": "fwd"})
 
 
 def test_qkv_ws_switches_the_gluon_qkv_kernel(monkeypatch: pytest.MonkeyPatch):
@@ -68,4 +62,3 @@ def test_qkv_ws_switches_the_gluon_qkv_kernel(monkeypatch: pytest.MonkeyPatch):
     assert attn_triton.QKV_WARP_SPECIALIZED is False
     with pytest.raises(SystemExit, match="QKV_WS"):
         tiles.apply_sweeps({"QKV_WS": "yes"})
-

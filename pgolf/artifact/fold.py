@@ -42,17 +42,14 @@ _COMPARE = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt:
 
 
 def module_switch(path, name: str) -> bool:
-    """The literal True / False of a module-level ``name = ...`` in the pgolf source file ``path`` (a literal dict of
-    them, one per direction: whether any is True), read from the text: the bundler imports no torch, and the
-    kernels' switches live in modules that do."""
+    """The literal True / False of a module-level ``name = ...`` in the pgolf source file ``path``, read from the
+    text: the bundler imports no torch, and the kernels' switches live in modules that do."""
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             value = ast.literal_eval(node.value)
-            if isinstance(value, dict) and value and all(isinstance(v, bool) for v in value.values()):
-                return any(value.values())
             if isinstance(value, bool):
                 return value
-    raise ValueError(f"{path}: expected a module-level {name} = True or False (or a dict of them)")
+    raise ValueError(f"{path}: expected a module-level {name} = True or False")
 
 
 def _switch_value(value):
@@ -259,12 +256,9 @@ def left_out_modules(cfg: RunConfig) -> dict[str, str]:
         out["pgolf.evaluate.bigram_hash"] = "evaluate.ttt.bigram_hash_buckets is 0"
     if cfg.model.attention_backend in ("fa3", "torch"):
         out["pgolf.model.flash4"] = f"model.attention_backend is {cfg.model.attention_backend!r}: never FlashAttention 4"
-    model = Path(__file__).resolve().parents[1] / "model"
-    if not module_switch(model / "attn_triton.py", "QKV_WARP_SPECIALIZED"):
+    if not module_switch(Path(__file__).resolve().parents[1] / "model" / "attn_triton.py", "QKV_WARP_SPECIALIZED"):
         out["pgolf.model.gluon_qkv"] = ("pgolf.model.attn_triton.QKV_WARP_SPECIALIZED is False: never the Gluon "
                                         "q, k, v kernel")
-    if not module_switch(model / "gluon_mlp.py", "RESIDENT"):
-        out["pgolf.model.gluon_resident"] = "pgolf.model.gluon_mlp.RESIDENT is off: never the resident MLP kernel"
     ttt = cfg.evaluate.ttt
     if ttt.mode == "lora" and ttt.variant == "record":
         out["pgolf.evaluate.lora"] = "evaluate.ttt.variant is record: the legacy variant's adapters are never built"

@@ -356,13 +356,6 @@ class TrainConfig:
     # looping off on one H100, docs/benchmarks.md). The same products, summed in another order. One H100, FA4,
     # same lease: 646.2 -> 642.8 ms/step looping off; its GPU tests passed (2026-12-06).
     fused_gate_linear: bool = True
-    # With fused_kernels: the LM head's matmul and the softcapped loss as one op (pgolf::head_softcap_ce) whose forward
-    # pass over the [tokens, vocab] logits also writes their gradient: the logits are read once instead of twice, each
-    # element's tanh and exp computed once instead of twice, and the backward is the head's two matmuls, scaled by the
-    # upstream gradient afterwards (exact for a power of two: 1 / 8 micro-batches). The same function; the softmax
-    # is summed in one block (e / sum e) instead of two online blocks, so the loss and gradients move in the last
-    # float bits. Vocabularies over 16,384 take the separate kernels.
-    fused_head_loss: bool = False
     # With fused_qk_norm_rope: each attention's q, k and v as ONE matmul with the stacked weights, the q/k kernels
     # reading their heads out of its output and writing the gradients of q, k and v into one tensor for ONE
     # backward matmul (pgolf.model.attn_kernels.qkv_linear_norm_rope; on Hopper the matmul and the q/k kernels are

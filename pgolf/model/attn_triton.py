@@ -297,9 +297,10 @@ def _qkv_head_epilogue(c, head, row, rows, rmask, qk_desc, q_desc, k_desc, v_des
 # (docs/benchmarks.md)
 QKV_GEMM_TILE = (128, 2, 64, 8, 3, 0)
 # The warp-specialized Gluon form of the kernel (pgolf.model.gluon_qkv) where it applies (an sm_90 GPU, 64-dim heads,
-# a triton whose Gluon builds it; never with an explicit ``tile``, which names a Triton tile). Read as source by the
-# bundler (pgolf.artifact.fold.left_out_modules): a literal True or False.
-QKV_WARP_SPECIALIZED = False
+# a triton whose Gluon builds it; never with an explicit ``tile``, which names a Triton tile). One H200, torch
+# attention, looping off: 694.5 -> 685.8 ms/step (docs/benchmarks.md, 2026-12-07). Read as source by the bundler
+# (pgolf.artifact.fold.left_out_modules): a literal True or False.
+QKV_WARP_SPECIALIZED = True
 
 
 def hopper_tma_available() -> bool:

@@ -36,9 +36,6 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 # [128, 128] fp32 accumulator is 128 registers a thread of a warpgroup; 227 KB of shared memory hold the ring, the
 # store buffers and, backward, the two consumers' pre tiles.
 WS_TILES = {False: (128, 128, 64, 5, 1), True: (128, 128, 64, 4, 1)}
-# Per direction: the kernel with a's row panel resident (pgolf.model.gluon_resident) where it fits. Not yet run on a
-# GPU: off. Read as source by the bundler (pgolf.artifact.fold.left_out_modules): literal True / False values.
-RESIDENT = {False: False, True: False}
 _CONSUMER_REGS = 232
 _PRODUCER_REGS = 40
 # Why this process's triton could not build the kernel (Gluon is experimental: its names and signatures move
@@ -242,15 +239,7 @@ def ws_usable(a: torch.Tensor, out: torch.Tensor, backward: bool) -> bool:
 def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tensor, out: torch.Tensor, slope: float,
                   backward: bool, tile: tuple | None = None):
     """Forward (``backward`` False): pre = a @ b^T, out = post. Backward: out = dpre from a = g, b = w_down read as
-    [K, N], and pre. ``tile``: a WS_TILES entry (benchmarks). Returns the launched kernel (None: the resident one).
-    The resident kernel runs instead where ``RESIDENT`` is on for the direction, it fits and this triton builds it
-    (never with an explicit ``tile``)."""
-    if tile is None and RESIDENT[backward]:
-        from pgolf.model import gluon_resident  # imported only here: a bundle leaves it out while RESIDENT is off
-
-        if gluon_resident.usable(a, out, backward) and gluon_resident.launch_or_decline(a, b, b_kn, pre, out, slope,
-                                                                                        backward):
-            return None
+    [K, N], and pre. ``tile``: a WS_TILES entry (benchmarks). Returns the launched kernel."""
     M, K = a.shape
     N = out.shape[1]
     bm, bn, bk, stages, epi_bufs = tile or WS_TILES[backward]
@@ -264,18 +253,17 @@ def launch_mlp_ws(a: torch.Tensor, b: torch.Tensor, b_kn: bool, pre: torch.Tenso
     )
 
 
-def try_launch(launch, what: str, args: tuple, kwargs: dict,
-               instead: str = "the Triton kernel") -> tuple[bool, str | None]:
+def try_launch(launch, what: str, args: tuple, kwargs: dict) -> tuple[bool, str | None]:
     """``launch(*args, **kwargs)``: (True, None), or (False, why) with one warning when this triton's Gluon cannot
-    compile the kernel; the caller then runs ``instead``. Compilation fails before anything is launched, so nothing
-    was written."""
+    compile the kernel; the caller then runs the Triton kernel. Compilation fails before anything is launched, so
+    nothing was written."""
     try:
         launch(*args, **kwargs)
         return True, None
     except (triton.CompilationError, TypeError, AttributeError, NotImplementedError) as exc:
         why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
         warnings.warn(f"pgolf: the warp-specialized {what} kernel does not build with triton {triton.__version__} "
-                      f"({why}); {instead} runs instead", stacklevel=3)
+                      f"({why}); the Triton kernel runs instead", stacklevel=3)
         return False, why
 
 

@@ -47,16 +47,13 @@ Runtime state (plain attributes, never tensors, so torch.compile guards on them 
   ``pgolf.model.kernels`` for the MLP up-projection + activation and the loss; default on when CUDA and triton are
   present; they fall back to the PyTorch code for CPU tensors, so the switch changes speed, not results),
   ``fold_output_scales`` (attn_scale / mlp_scale applied through the o / down weights: the same function, float
-  rounding aside; off after construction, ``train.fold_output_scales`` switches it on for training),
-  ``head_loss`` (with ``use_fused_kernels``: the function of the head's matmul and the loss as one op whose forward
-  also writes the logits' gradient, ``head_loss.head_softcapped_cross_entropy``; None after construction,
-  ``train.fused_head_loss`` sets it for training).
+  rounding aside; off after construction, ``train.fold_output_scales`` switches it on for training).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -108,11 +105,6 @@ def softcapped_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Ten
 # --------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------
-
-
-def plain_head(m: nn.Module) -> bool:
-    """An LM head that is just ``h @ weight^T``: tied or a bias-free linear, no hooks (Hessians) and not wrapped (LoRA)."""
-    return (type(m) is TiedHead and not (m._forward_hooks or m._forward_pre_hooks)) or plain_linear(m)
 
 
 class TiedHead(nn.Module):
@@ -236,7 +228,6 @@ class GPT(nn.Module):
         self.attention_choice: Optional[dict] = None
         self._use_fused_kernels = False  # set through the property below, once the blocks exist
         self._fold_output_scales = False  # likewise
-        self.head_loss: Optional[Callable[..., Tensor]] = None
 
         # _weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets the record's, and on the meta
         # device normal_ would import torch._dynamo (seconds) for nothing
@@ -475,8 +466,6 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: target_ids shape {tuple(target_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         h = self.forward_hidden(input_ids, cu_seqlens, max_seqlen)
         if self.use_fused_kernels:  # streams the [T, V] logits once; never materializes fp32 copies
-            if self.head_loss is not None and plain_head(self.lm_head):
-                return self.head_loss(h, self.lm_head.weight, target_ids, self.cfg.logit_softcap)
             return kernels.softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
         return softcapped_cross_entropy(self.lm_head(h), target_ids, self.cfg.logit_softcap)
 

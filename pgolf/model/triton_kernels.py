@@ -375,22 +375,6 @@ def _softcap(z, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _ce_nll(lse, c_target, target, V: tl.constexpr):
-    """-log softmax(c)[target] of a row; 0 for ignore_index -100, NaN for any other id outside [0, V)."""
-    nll = tl.where((target >= 0) & (target < V), lse - c_target, float("nan"))
-    return tl.where(target == -100, 0.0, nll)
-
-
-@triton.jit
-def _ce_grad(p, t, cols, target, HAS_CAP: tl.constexpr):
-    """d nll / d z of a row's columns ``cols``: (p - onehot(target)) * dc/dz, dc/dz = 1 - tanh^2 (1 without the cap)."""
-    d = p - tl.where(cols == target, 1.0, 0.0)
-    if HAS_CAP:
-        d = d * (1.0 - t * t)
-    return d
-
-
-@triton.jit
 def _softcap_ce_fwd_kernel(
     z_ptr,  # [T, V] logits before the cap (bf16/fp16/fp32)
     target_ptr,  # [T] int64
@@ -425,7 +409,8 @@ def _softcap_ce_fwd_kernel(
     safe_target = tl.where(in_range, target, 0)
     z_target = tl.load(z_row + safe_target).to(tl.float32)
     c_target, _ = _softcap(z_target, cap, HAS_CAP)
-    tl.store(nll_ptr + row, _ce_nll(lse, c_target, target, V))
+    nll = tl.where(in_range, lse - c_target, float("nan"))
+    tl.store(nll_ptr + row, tl.where(target == -100, 0.0, nll))
     tl.store(lse_ptr + row, lse)
 
 
@@ -457,7 +442,9 @@ def _softcap_ce_bwd_kernel(
         ok = cols < V
         z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
         c, t = _softcap(z, cap, HAS_CAP)
-        d = _ce_grad(tl.exp(c - lse), t, cols, target, HAS_CAP)
+        d = tl.exp(c - lse) - tl.where(cols == target, 1.0, 0.0)
+        if HAS_CAP:
+            d = d * (1.0 - t * t)
         tl.store(dz_row + cols, (g * d).to(dz_ptr.dtype.element_ty), mask=ok)
 
 

@@ -255,7 +255,6 @@ def bench_train(
     fold_scales: Optional[bool] = None,
     qkv_matmul: Optional[bool] = None,
     repeat_kv: Optional[bool] = None,
-    head_loss: Optional[bool] = None,
     data_dir: Optional[str] = None,
     trace_dir: Optional[str] = None,
 ) -> dict[str, Any]:
@@ -270,7 +269,7 @@ def bench_train(
     ``qk_kernel`` and ``xsa_kernel`` override ``train.fused_qk_norm_rope`` and ``train.fused_xsa_gate`` (the
     result's ``attention_kernels``), ``qkv_matmul`` ``train.fused_qkv_matmul`` (its ``qkv_matmul``), ``repeat_kv``
     ``train.repeat_kv_heads`` (its ``repeat_kv``); ``fold_scales`` overrides ``train.fold_output_scales``
-    (``fold_output_scales``), ``head_loss`` ``train.fused_head_loss`` (``fused_head_loss``).
+    (``fold_output_scales``).
     ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones.
     ``trace_dir``: the profiled steps' Chrome trace goes there (``trace_looping_<off|on>.json``) and the profile
     gains ``idle_gaps`` (where the GPU waited for the host)."""
@@ -315,10 +314,6 @@ def bench_train(
                               train_cfg.repeat_kv_heads if repeat_kv is None else repeat_kv,
                               train_cfg.fused_gate_linear)
     model.fold_output_scales = train_cfg.fold_output_scales if fold_scales is None else fold_scales
-    if (train_cfg.fused_head_loss if head_loss is None else head_loss):
-        from pgolf.model.head_loss import head_softcapped_cross_entropy
-
-        model.head_loss = head_softcapped_cross_entropy
     attention = model.set_attention_backend(device)  # before compiling: probes FlashAttention
     groups = param_groups(model)
     # as the training stage stores them: under `record` a bf16 embedding, hence a bf16 residual stream
@@ -408,7 +403,6 @@ def bench_train(
         "attention_kernels": attn_kernels.used_in_model(model),  # attached; they run on CUDA only
         "attention_kernels_active": device.type == "cuda" and attn_kernels.TRITON_AVAILABLE,
         "fold_output_scales": model.fold_output_scales,
-        "fused_head_loss": model.head_loss is not None,
         "attention_backend": attention,
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),

@@ -125,7 +125,6 @@ def _bench_train(args: argparse.Namespace) -> int:
         fold_scales=_switch(args.fold_scales),
         qkv_matmul=_switch(args.qkv_matmul),
         repeat_kv=_switch(args.repeat_kv),
-        head_loss=_switch(args.head_loss),
         data_dir=args.data,
         trace_dir=args.trace,
     )
@@ -174,11 +173,6 @@ def _register_bench_train(commands) -> None:
     p.add_argument(
         "--fold-scales", choices=["on", "off"], default=None,
         help="attn_scale / mlp_scale through the o / down weights (default: the recipe's train.fold_output_scales)",
-    )
-    p.add_argument(
-        "--head-loss", choices=["on", "off"], default=None,
-        help="the head's matmul and the loss as one op that writes the logits' gradient in its forward pass (with the "
-        "fused kernels; default: the recipe's train.fused_head_loss)",
     )
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(

@@ -233,10 +233,6 @@ def _train_in_group(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: T
     model = model.to(info.device)
     model.use_fused_kernels = train_cfg.fused_kernels and info.device.type == "cuda"
     model.fold_output_scales = train_cfg.fold_output_scales  # pure PyTorch: every device
-    if train_cfg.fused_head_loss:  # (with use_fused_kernels; a bundle of a recipe with it off ships no such op)
-        from pgolf.model.head_loss import head_softcapped_cross_entropy
-
-        model.head_loss = head_softcapped_cross_entropy
     if (train_cfg.fused_qk_norm_rope or train_cfg.fused_xsa_gate) and info.device.type == "cuda":
         from pgolf.model import attn_kernels  # (a bundle of a recipe with both off folds this away: none shipped)
 
