@@ -169,14 +169,14 @@ def record_shipped_form():
 def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
     assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash",
-                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
+                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs", "pgolf.train.graphs"}
     lut = dataclasses.replace(record, evaluate=dataclasses.replace(record.evaluate, byte_accounting="lut"),
                               tokenizer=dataclasses.replace(record.tokenizer, caseops=False))
     bigram = dataclasses.replace(record, evaluate=dataclasses.replace(
         record.evaluate, ttt=dataclasses.replace(record.evaluate.ttt, mode="chunked", bigram_hash_buckets=64)))
     record_ttt = {"pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
-    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"} | record_ttt
-    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", *(
+    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash", "pgolf.train.graphs"} | record_ttt
+    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.train.graphs", *(
         f"pgolf.evaluate.{m}" for m in ("ttt_record", "ttt_plan", "ttt_adapters", "ttt_forward", "ttt_phase",
                                         "ttt_graphs"))}
     full = reachable_modules()

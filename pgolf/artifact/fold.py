@@ -259,6 +259,8 @@ def left_out_modules(cfg: RunConfig) -> dict[str, str]:
     if not module_switch(Path(__file__).resolve().parents[1] / "model" / "attn_triton.py", "QKV_WARP_SPECIALIZED"):
         out["pgolf.model.gluon_qkv"] = ("pgolf.model.attn_triton.QKV_WARP_SPECIALIZED is False: never the Gluon "
                                         "q, k, v kernel")
+    if not cfg.train.cuda_graphs:
+        out["pgolf.train.graphs"] = "train.cuda_graphs is false"
     ttt = cfg.evaluate.ttt
     if ttt.mode == "lora" and ttt.variant == "record":
         out["pgolf.evaluate.lora"] = "evaluate.ttt.variant is record: the legacy variant's adapters are never built"

@@ -382,6 +382,12 @@ class TrainConfig:
     # 683.1 -> 671.3 ms/step looping off, 1,019.8 -> 1,001.6 on (docs/benchmarks.md). Every device (pure PyTorch);
     # the Hessian and evaluation models are built without it, and a hooked or wrapped o / down is used unfolded.
     fold_output_scales: bool = True
+    # Each micro-batch's compiled forward and backward captured as a CUDA graph (once per shape and loop state) and
+    # replayed (pgolf.train.graphs). The same kernels on the same tensors: what the model computes does not change.
+    # Why: with FlashAttention 4 on one H200 the GPU waited ~46 ms of a 586 ms step for the host's launches
+    # (docs/benchmarks.md). The activations then live in the graphs' memory pool (train_summary's cuda_graphs says
+    # how big). CUDA only; a capture that fails is reported and the run goes on eagerly.
+    cuda_graphs: bool = False
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
     # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).

@@ -202,6 +202,7 @@ class TrainBench:
     grad_clip_norm: float
     rows: PackedRows
     compiled: bool  # step_model is torch.compile'd: cu_seqlens lengths are marked dynamic
+    graphs: Any = None  # pgolf.train.graphs.MicroBatchGraphs under --cuda-graphs on CUDA, else None
 
 
 def trace_file(trace_dir: Optional[str], loop_on: bool) -> Optional[str]:
@@ -224,6 +225,9 @@ def train_step(bench: TrainBench, step: int):
     for accum_index in range(bench.grad_accum_steps):
         r = (step * bench.grad_accum_steps + accum_index) % len(bench.rows.inputs)
         rows = bench.rows
+        if bench.graphs is not None:
+            loss_sum += bench.graphs(rows.inputs[r], rows.targets[r], rows.cu_seqlens[r], rows.max_seqlen)
+            continue
         loss_sum += forward_backward(
             bench.step_model, rows.inputs[r], rows.targets[r], rows.cu_seqlens[r], rows.max_seqlen,
             bench.grad_accum_steps, bench.device, bench.compiled,
@@ -257,6 +261,7 @@ def bench_train(
     repeat_kv: Optional[bool] = None,
     data_dir: Optional[str] = None,
     trace_dir: Optional[str] = None,
+    cuda_graphs: Optional[bool] = None,
 ) -> dict[str, Any]:
     """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
 
@@ -272,11 +277,15 @@ def bench_train(
     (``fold_output_scales``).
     ``data_dir``: micro-batch rows from that folder's training shards (one step's worth), not synthetic ones.
     ``trace_dir``: the profiled steps' Chrome trace goes there (``trace_looping_<off|on>.json``) and the profile
-    gains ``idle_gaps`` (where the GPU waited for the host)."""
+    gains ``idle_gaps`` (where the GPU waited for the host).
+    ``cuda_graphs`` overrides ``train.cuda_graphs`` (CUDA only): micro-batches replay CUDA graphs
+    (pgolf.train.graphs); a phase then also reports the graphs' pool, where the activations live
+    (``graph_pool_gib``; ``peak_memory_allocated_gib`` of a replayed step leaves it out)."""
     import torch
 
     from pgolf.model import attn_kernels, kernels
     from pgolf.model.gpt import GPT, param_groups
+    from pgolf.train.graphs import MicroBatchGraphs
     from pgolf.train.optim import build_optimizers
     from pgolf.train.storage import apply_param_storage
 
@@ -328,9 +337,11 @@ def bench_train(
         rows = dataclasses.replace(rows, **{field: [t.pin_memory() for t in getattr(rows, field)]
                                             for field in ("inputs", "targets", "cu_seqlens")})
     extend_rope_cache(model, rows.tokens)  # as the training stage does
+    step_model = compile_model(model, compile, compile_backend, fusion_cap, mix_order, train_cfg.compile_add_into_matmul)
+    use_graphs = (train_cfg.cuda_graphs if cuda_graphs is None else cuda_graphs) and device.type == "cuda"
     bench = TrainBench(
         model=model,
-        step_model=compile_model(model, compile, compile_backend, fusion_cap, mix_order, train_cfg.compile_add_into_matmul),
+        step_model=step_model,
         optimizers=optimizers,
         params=list(model.parameters()),
         device=device,
@@ -338,6 +349,7 @@ def bench_train(
         grad_clip_norm=train_cfg.grad_clip_norm,
         rows=rows,
         compiled=bool(compile),
+        graphs=MicroBatchGraphs(step_model, model, device, accum, bool(compile)) if use_graphs else None,
     )
     tokens_per_step = accum * rows.tokens
     peak = peak_tflops if peak_tflops is not None else peak_tflops_for(device_name(device))
@@ -389,6 +401,7 @@ def bench_train(
                 "recompiles_in_timed_steps": timed_counts["graphs_compiled"],
                 "loss": loss,
                 "loss_finite": math.isfinite(loss),
+                "graph_pool_gib": None if bench.graphs is None else bench.graphs.pool_bytes() / 2**30,
                 "profile": profiled,
             }
         )
@@ -407,6 +420,7 @@ def bench_train(
         "param_storage": train_cfg.param_storage,
         "compile": bool(compile),
         "compile_backend": compile_backend if compile else None,
+        "cuda_graphs": None if bench.graphs is None else bench.graphs.summary(),
         # the inductor options the step was compiled with (None: none; only inductor takes them)
         "compile_options": (recorded_options(inductor_options(compile_backend, fusion_cap, mix_order,
                                                               train_cfg.compile_add_into_matmul)) if compile else None),
@@ -446,5 +460,6 @@ def train_summary_line(result: dict[str, Any]) -> str:
             f"loop {'on' if p['looping'] else 'off'}: {p['ms_per_step']:.1f} ms/step, {p['tokens_per_s'] / 1e3:,.0f}K tok/s, "
             f"MFU {_fmt(mfu_pct, '.1f')}%, peak {_fmt(p['peak_memory_allocated_gib'], '.1f')} GiB, "
             f"warm-up {p['warmup_seconds']:.1f}s, recompiles {p['recompiles_in_timed_steps']}"
+            + ("" if p.get("graph_pool_gib") is None else f", graph pool {p['graph_pool_gib']:.1f} GiB")
         )
     return " | ".join([head, *parts])

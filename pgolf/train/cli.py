@@ -127,6 +127,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         repeat_kv=_switch(args.repeat_kv),
         data_dir=args.data,
         trace_dir=args.trace,
+        cuda_graphs=_switch(args.cuda_graphs),
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
@@ -173,6 +174,11 @@ def _register_bench_train(commands) -> None:
     p.add_argument(
         "--fold-scales", choices=["on", "off"], default=None,
         help="attn_scale / mlp_scale through the o / down weights (default: the recipe's train.fold_output_scales)",
+    )
+    p.add_argument(
+        "--cuda-graphs", choices=["on", "off"], default=None,
+        help="replay each micro-batch's forward and backward from a CUDA graph (CUDA only; default: the recipe's "
+        "train.cuda_graphs)",
     )
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(

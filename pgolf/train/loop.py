@@ -294,6 +294,12 @@ def train_model(
     step_model = compile_model(model, train_cfg.compile, "inductor", train_cfg.compile_max_fusion_io_buffers,
                                train_cfg.compile_mix_order_reduction, train_cfg.compile_add_into_matmul)
     can_loop = model_cfg.loop_count > 1
+    # train.cuda_graphs: micro-batches replayed from CUDA graphs (pgolf.train.graphs); without CUDA they run eagerly
+    graphs = None
+    if train_cfg.cuda_graphs and device.type == "cuda":
+        from pgolf.train.graphs import MicroBatchGraphs  # a bundle leaves the module out when the recipe never uses it
+
+        graphs = MicroBatchGraphs(step_model, model, device, accum, train_cfg.compile)
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,10 +328,11 @@ def train_model(
         for call in range(first_call, first_call + accum):
             batch = prefetcher.get(call)
             seen_cu_shapes.add(batch.cu_seqlens.numel())
-            loss_sum += forward_backward(
-                step_model, batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen, accum, device,
-                train_cfg.compile,
-            )
+            if graphs is not None:
+                loss_sum += graphs(batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen)
+            else:
+                loss_sum += forward_backward(step_model, batch.inputs, batch.targets, batch.cu_seqlens,
+                                             batch.max_seqlen, accum, device, train_cfg.compile)
         optimizer_step(params, optimizers, train_cfg.grad_clip_norm, info, train_cfg.clip_scope)
         return loss_sum / accum
 
@@ -550,6 +557,8 @@ def train_model(
         "ms_per_step_after_loop": _mean(step_times_ms["after_loop"]),
         "tokens_per_s": step * plan.train_batch_tokens / max(train_seconds, 1e-9),
         "peak_memory_gib": _memory_gib(device),
+        # under train.cuda_graphs a replayed step allocates nothing: its activations live in the graphs' pool
+        "cuda_graphs": None if graphs is None else graphs.summary(),
         "cu_seqlens_shapes": sorted(seen_cu_shapes),
         "resumed_from_step": resumed_from,  # None: this attempt trained from step 0
         "earlier_attempts": earlier_attempts,  # interrupted attempts before this one (0: one uninterrupted run)

@@ -1,0 +1,173 @@
+"""train.cuda_graphs (pgolf.train.graphs): micro-batches through captured graphs train exactly as eager ones.
+
+On CPU the graph is a stand-in that keeps a real capture's contract: capturing runs nothing, a replay re-runs the
+captured function on the static inputs, and every gradient it accumulates into must be the very tensor bound as
+``p.grad`` at capture (a CUDA graph writes to fixed addresses). The GPU test captures real CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from eval_fixtures import TINY
+from pgolf.model.gpt import GPT
+from pgolf.train.graphs import MicroBatchGraphs
+from pgolf.train.step import forward_backward, optimizer_step
+
+ACCUM = 3
+
+
+class RerunGraph:
+    """A CUDA graph's contract on CPU (module docstring)."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params, self.fn, self.loss, self.bound = params, None, None, None
+
+    def capture(self, fn):
+        self.fn, self.loss = fn, torch.full((), float("nan"))
+        self.bound = [p.grad for p in self.params]  # where the captured AccumulateGrad nodes write
+        return self.loss
+
+    def replay(self) -> None:
+        for p, grad in zip(self.params, self.bound):
+            assert grad is None or p.grad is grad, "a replay would add into a gradient that is no longer p.grad"
+        self.loss.copy_(self.fn())
+        for p, grad in zip(self.params, self.bound):
+            assert grad is None or p.grad is grad, "the accumulation replaced the captured gradient tensor"
+
+    def pool(self):
+        return ("cpu", 0)
+
+
+class FailingGraph(RerunGraph):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+class PartlyUsed(nn.Module):
+    """A loss that never reads ``unused``: its grad stays None, so AdamW must skip it (no weight decay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.out = nn.Linear(8, 50)
+        self.unused = nn.Parameter(torch.ones(4))
+        self.looping = False
+
+    def forward(self, inputs, targets, cu_seqlens, max_seqlen):
+        h = self.emb(inputs) * (2.0 if self.looping else 1.0) + cu_seqlens.float().mean() * 1e-3
+        return nn.functional.cross_entropy(self.out(h), targets)
+
+
+def micro_batches(seed: int, vocab: int):
+    """Six micro-batches of 24 tokens with two cu_seqlens lengths (two graph keys per loop state)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(6):
+        tokens = torch.randint(2, vocab, (25,), generator=g)
+        cu = torch.tensor([0, 10, 24], dtype=torch.int32) if i % 2 else torch.tensor([0, 5, 12, 24, 24], dtype=torch.int32)
+        out.append((tokens[:-1].clone(), tokens[1:].clone(), cu))
+    return out
+
+
+def train(model: nn.Module, graphs: bool, make_graph=None, steps: int = 5, loop_from: int = 3):
+    """``steps`` AdamW steps of ACCUM micro-batches, looping on from step ``loop_from``; returns (losses, runner)."""
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    device = torch.device("cpu")
+    runner = MicroBatchGraphs(model, model, device, ACCUM, compiled=False,
+                              make_graph=make_graph or (lambda pool: RerunGraph(params))) if graphs else None
+    batches = micro_batches(0, 50 if isinstance(model, PartlyUsed) else TINY.vocab_size)
+    losses = []
+    for step in range(steps):
+        model.looping = step >= loop_from
+        for k in range(ACCUM):
+            inputs, targets, cu = batches[(step * ACCUM + k) % len(batches)]
+            if runner is None:
+                loss = forward_backward(model, inputs, targets, cu, 16, ACCUM, device, False)
+            else:
+                loss = runner(inputs, targets, cu, 16)
+            losses.append(loss.clone())
+        optimizer_step(params, [opt], 1.0, None)
+    return torch.stack(losses), runner
+
+
+def tiny_gpt() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    with torch.no_grad():  # the record init zeroes the output projections: random weights move every gradient
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("build", [tiny_gpt, lambda: PartlyUsed()], ids=["gpt", "partly_used"])
+def test_replayed_micro_batches_train_as_eager_ones(build):
+    torch.manual_seed(1)
+    eager_model = build()
+    graph_model = copy.deepcopy(eager_model)
+    eager_losses, _ = train(eager_model, graphs=False)
+    graph_losses, runner = train(graph_model, graphs=True)
+    assert torch.equal(eager_losses, graph_losses)
+    for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
+        assert torch.equal(a, b), name
+    summary = runner.summary()
+    # two cu_seqlens lengths x two loop states: each runs eagerly once, is captured once, then replays
+    assert summary["cuda_graphs_captured"] == 4 and summary["eager_micro_batches"] == 4
+    assert summary["cuda_graph_replays"] == 5 * ACCUM - 4 and summary["cuda_graph_failure"] is None
+
+
+def test_parameters_no_graph_touches_keep_no_gradient():
+    model = PartlyUsed()
+    before = model.unused.detach().clone()
+    _, runner = train(model, graphs=True)
+    index = [id(p) for p in runner.params].index(id(model.unused))
+    assert all(index not in touched for touched in runner.touched.values())
+    assert model.unused.grad is None and torch.equal(model.unused, before)  # AdamW skipped it: no weight decay
+
+
+def test_a_failed_capture_leaves_training_eager(capsys):
+    eager_model = PartlyUsed()
+    graph_model = copy.deepcopy(eager_model)
+    eager_losses, _ = train(eager_model, graphs=False)
+    params = list(graph_model.parameters())
+    graph_losses, runner = train(graph_model, graphs=True, make_graph=lambda pool: FailingGraph(params))
+    assert torch.equal(eager_losses, graph_losses)
+    assert runner.summary()["cuda_graph_replays"] == 0 and runner.eager_calls == 5 * ACCUM
+    assert "operation not permitted" in runner.failure
+    assert "CUDA graph capture of a training micro-batch failed" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_train_as_eager_on_the_gpu():
+    device = torch.device("cuda")
+    torch.manual_seed(1)
+    eager_model = tiny_gpt().to(device)
+    graph_model = copy.deepcopy(eager_model)
+    results = []
+    for model, graphs in ((eager_model, False), (graph_model, True)):
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        runner = MicroBatchGraphs(model, model, device, ACCUM, compiled=False) if graphs else None
+        losses = []
+        for step in range(5):
+            model.looping = step >= 3
+            for k in range(ACCUM):
+                inputs, targets, cu = micro_batches(0, TINY.vocab_size)[(step * ACCUM + k) % 6]
+                if runner is None:
+                    losses.append(forward_backward(model, inputs, targets, cu, 16, ACCUM, device, False))
+                else:
+                    losses.append(runner(inputs, targets, cu, 16))
+            optimizer_step(params, [opt], 1.0, None)
+        results.append(torch.stack(losses).cpu())
+        if runner is not None:
+            assert runner.summary()["cuda_graphs_captured"] == 4 and runner.failure is None
+            assert runner.summary()["graph_pool_gib"] > 0
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
