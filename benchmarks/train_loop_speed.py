@@ -36,7 +36,7 @@ from pgolf_warmup import run_arguments, run_training  # noqa: E402
 
 SUMMARY_FIELDS = ("ms_per_step_before_loop", "ms_per_step_after_loop", "steps", "loop_enabled_step",
                   "train_seconds", "peak_memory_gib", "compile_warmup_seconds", "attention_backend",
-                  "data_stream", "micro_batch_order", "param_storage")
+                  "data_stream", "micro_batch_order", "param_storage", "cuda_graphs")
 LOOP_STATES = {"before_loop": False, "after_loop": True}
 
 

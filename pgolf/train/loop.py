@@ -469,7 +469,8 @@ def train_model(
                 if info.is_main:
                     progress(f"step {step} reads the training stream of {data_dir} ({train_tokens:,} tokens) a second "
                              "time: the stream starts over (a second epoch)", final=True)
-            if device.type == "cuda" and (step % train_cfg.log_every_steps == 0):
+            # replayed graphs leave the host steps ahead of the GPU: the stop rule's clock must see this step done
+            if device.type == "cuda" and (graphs is not None or step % train_cfg.log_every_steps == 0):
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
             end_s = clock() - train_start
