@@ -575,6 +575,7 @@ TRAIN_FIELDS = {
     "compile",
     "compile_options",
     "compile_backend",
+    "cuda_graphs",
     "params",
     "micro_batch_tokens",
     "grad_accum_steps",
@@ -609,6 +610,7 @@ PHASE_FIELDS = {
     "recompiles_in_timed_steps",
     "loss",
     "loss_finite",
+    "graph_pool_gib",
 }
 
 
@@ -647,6 +649,8 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
             "off",
             "--repeat-kv",
             "off",
+            "--cuda-graphs",
+            "on",
             "--out",
             str(out),
         ],
@@ -655,6 +659,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
+    assert result["cuda_graphs"] is None  # asked for, but CPU: micro-batches run eagerly
     # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
     assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": True,
                                            "qkv_matmul": True, "qkv_epilogue": False,
@@ -675,6 +680,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
         assert phase["tokens_per_s"] == pytest.approx(2 * result["tokens_per_step"] / (2 * phase["ms_per_step"] / 1000))
         assert phase["train_flops_per_token"] == pytest.approx(3 * phase["forward_flops_per_token"])
         assert phase["mfu"] is None and phase["peak_memory_allocated_gib"] is None  # CPU: no peak, no CUDA memory
+        assert phase["graph_pool_gib"] is None  # CPU: no CUDA graphs, whatever the recipe says
         assert phase["recompiles_in_timed_steps"] == 0
         assert phase["profile"] is None  # only with --profile-steps
     # looping adds block applications, hence FLOPs per token
