@@ -169,16 +169,18 @@ def record_shipped_form():
 def test_recipe_switches_decide_what_is_left_out(record_shipped_form) -> None:
     record = load_run_config(REPO_ROOT / "config.yaml")
     assert set(left_out_modules(record)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.evaluate.bigram_hash",
-                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs", "pgolf.train.graphs"}
+                                             "pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
     lut = dataclasses.replace(record, evaluate=dataclasses.replace(record.evaluate, byte_accounting="lut"),
                               tokenizer=dataclasses.replace(record.tokenizer, caseops=False))
     bigram = dataclasses.replace(record, evaluate=dataclasses.replace(
         record.evaluate, ttt=dataclasses.replace(record.evaluate.ttt, mode="chunked", bigram_hash_buckets=64)))
     record_ttt = {"pgolf.evaluate.lora", "pgolf.evaluate.ttt_graphs"}
-    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash", "pgolf.train.graphs"} | record_ttt
-    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", "pgolf.train.graphs", *(
+    assert set(left_out_modules(lut)) == {"pgolf.evaluate.bigram_hash"} | record_ttt
+    assert set(left_out_modules(bigram)) == {"pgolf.data.tokenizer", "pgolf.data.caseops", *(
         f"pgolf.evaluate.{m}" for m in ("ttt_record", "ttt_plan", "ttt_adapters", "ttt_forward", "ttt_phase",
                                         "ttt_graphs"))}
+    no_graphs = dataclasses.replace(record, train=dataclasses.replace(record.train, cuda_graphs=False))
+    assert set(left_out_modules(no_graphs)) - set(left_out_modules(record)) == {"pgolf.train.graphs"}
     full = reachable_modules()
     pruned = reachable_modules(left_out=frozenset(left_out_modules(record)))
     assert set(full) - set(pruned) == set(left_out_modules(record))  # nothing else hung on them
