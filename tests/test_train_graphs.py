@@ -2,7 +2,8 @@
 
 On CPU the graph is a stand-in that keeps a real capture's contract: capturing runs nothing, a replay re-runs the
 captured function on the static inputs, and every gradient it accumulates into must be the very tensor bound as
-``p.grad`` at capture (a CUDA graph writes to fixed addresses). The GPU test captures real CUDA graphs.
+``p.grad`` at capture, and the weights it reads must still live where they lived (a CUDA graph reads and writes
+fixed addresses). The training loop is checked with the stand-in too; the GPU test captures real CUDA graphs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ ACCUM = 3
 
 
 class RerunGraph:
-    """A CUDA graph's contract on CPU (module docstring)."""
+    """A CUDA graph's contract on CPU (module docstring), the weights read in place included."""
 
     def __init__(self, params: list[nn.Parameter]):
         self.params, self.fn, self.loss, self.bound = params, None, None, None
@@ -30,9 +31,11 @@ class RerunGraph:
     def capture(self, fn):
         self.fn, self.loss = fn, torch.full((), float("nan"))
         self.bound = [p.grad for p in self.params]  # where the captured AccumulateGrad nodes write
+        self.addresses = [p.data_ptr() for p in self.params]  # where the captured kernels read the weights
         return self.loss
 
     def replay(self) -> None:
+        assert [p.data_ptr() for p in self.params] == self.addresses, "a replay would read weights no longer there"
         for p, grad in zip(self.params, self.bound):
             assert grad is None or p.grad is grad, "a replay would add into a gradient that is no longer p.grad"
         self.loss.copy_(self.fn())
@@ -171,3 +174,44 @@ def test_cuda_graphs_train_as_eager_on_the_gpu():
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_the_training_loop_with_replays_saves_the_weights_it_saves_without(tmp_path, monkeypatch):
+    """pgolf.train.loop with train.cuda_graphs on: the warm-up (its captures, then the restore), the looping switch,
+    the optimizers' set_to_none and the EMA around replayed micro-batches give the very checkpoint of a run
+    without graphs. On CPU the loop is handed the stand-in graph (the loop itself builds graphs on CUDA only)."""
+    import dataclasses
+
+    from test_train import TINY_MODEL, TINY_TRAIN, write_data
+
+    from pgolf.config import OptimConfig
+    from pgolf.train import loop
+    from pgolf.train.checkpoint import load_checkpoint
+    from pgolf.train.distributed import DistInfo
+
+    runners = []
+
+    def stand_in(train_cfg, step_model, model, device, accum):
+        if not train_cfg.cuda_graphs:
+            return None
+        params = [p for p in model.parameters() if p.requires_grad]
+        runners.append(MicroBatchGraphs(step_model, model, device, accum, train_cfg.compile,
+                                        make_graph=lambda pool: RerunGraph(params)))
+        return runners[-1]
+
+    monkeypatch.setattr(loop, "micro_batch_graphs", stand_in)
+    data = write_data(tmp_path / "data")
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    weights, summaries = [], []
+    for graphs in (False, True):
+        cfg = dataclasses.replace(TINY_TRAIN, iterations=6, warmup_steps=2, cuda_graphs=graphs)
+        summaries.append(loop.train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, tmp_path / f"out{graphs}", cpu))
+        weights.append(load_checkpoint(tmp_path / f"out{graphs}" / "checkpoint")[0])
+    assert summaries[0]["cuda_graphs"] is None and summaries[0]["loop_enabled_step"] == 3
+    replayed = summaries[1]["cuda_graphs"]
+    assert replayed["cuda_graphs_captured"] >= 2 and replayed["cuda_graph_replays"] > 0  # both loop states
+    assert replayed["cuda_graph_failure"] is None and len(runners) == 1
+    assert {key[3] for key in runners[0].captured} == {False, True}
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name

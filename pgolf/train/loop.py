@@ -245,6 +245,16 @@ def _train_in_group(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: T
     )
 
 
+def micro_batch_graphs(train_cfg: TrainConfig, step_model, model, device: torch.device, accum: int):
+    """train.cuda_graphs: the runner that replays micro-batches from CUDA graphs (pgolf.train.graphs), or None
+    (the option off, or no CUDA: micro-batches then run eagerly)."""
+    if not (train_cfg.cuda_graphs and device.type == "cuda"):
+        return None
+    from pgolf.train.graphs import MicroBatchGraphs  # a bundle leaves the module out when the recipe never uses it
+
+    return MicroBatchGraphs(step_model, model, device, accum, train_cfg.compile)
+
+
 def train_model(
     model: torch.nn.Module,
     groups: Mapping[str, NamedParams],
@@ -294,12 +304,7 @@ def train_model(
     step_model = compile_model(model, train_cfg.compile, "inductor", train_cfg.compile_max_fusion_io_buffers,
                                train_cfg.compile_mix_order_reduction, train_cfg.compile_add_into_matmul)
     can_loop = model_cfg.loop_count > 1
-    # train.cuda_graphs: micro-batches replayed from CUDA graphs (pgolf.train.graphs); without CUDA they run eagerly
-    graphs = None
-    if train_cfg.cuda_graphs and device.type == "cuda":
-        from pgolf.train.graphs import MicroBatchGraphs  # a bundle leaves the module out when the recipe never uses it
-
-        graphs = MicroBatchGraphs(step_model, model, device, accum, train_cfg.compile)
+    graphs = micro_batch_graphs(train_cfg, step_model, model, device, accum)
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
