@@ -4,7 +4,7 @@ micro-batch captured once per shape and replayed for every later micro-batch of 
 Why: with FlashAttention 4 on one H200 the GPU sat idle about 46 ms of a 586 ms step (docs/benchmarks.md): the
 host, launching some thousand kernels per micro-batch (inductor's wrappers, FlashAttention 4's per-call Python
 configuration, the custom ops), fell behind the kernels. A replay launches a whole micro-batch in one call (one
-H100, where the kernels already set the pace: 4-7 ms a step).
+H100, where the kernels already set the pace: 4-8 ms a step).
 
 What a replay computes is what the eager call computes: the same compiled graph's kernels, in the same order, on
 the same parameters (graphs read them in place; nothing here rebinds ``p.data``). One difference in form: the first
