@@ -386,8 +386,9 @@ class TrainConfig:
     # replayed (pgolf.train.graphs). The same kernels on the same tensors: what the model computes does not change.
     # Why: with FlashAttention 4 on one H200 the GPU waited ~46 ms of a 586 ms step for the host's launches
     # (docs/benchmarks.md). The activations then live in the graphs' memory pool (train_summary's cuda_graphs says
-    # how big). CUDA only; a capture that fails is reported and the run goes on eagerly.
-    cuda_graphs: bool = False
+    # how big). CUDA only; a capture that fails is reported and the run goes on eagerly. One H100, FA4, same lease:
+    # 622.8 -> 618.9 ms/step looping off, 928.8 -> 921.3 on (docs/benchmarks.md).
+    cuda_graphs: bool = True
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
     # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).
