@@ -77,13 +77,15 @@ def micro_batches(seed: int, vocab: int):
     return out
 
 
-def train(model: nn.Module, graphs: bool, make_graph=None, steps: int = 5, loop_from: int = 3):
-    """``steps`` AdamW steps of ACCUM micro-batches, looping on from step ``loop_from``; returns (losses, runner)."""
+def train(model: nn.Module, graphs: bool, make_graph=None, steps: int = 5, loop_from: int = 3,
+          device: torch.device = torch.device("cpu")):
+    """``steps`` AdamW steps of ACCUM micro-batches, looping on from step ``loop_from``; returns (losses, runner).
+    On CPU the graphs are ``make_graph``'s (default: the stand-in), on CUDA real ones."""
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    device = torch.device("cpu")
-    runner = MicroBatchGraphs(model, model, device, ACCUM, compiled=False,
-                              make_graph=make_graph or (lambda pool: RerunGraph(params))) if graphs else None
+    if device.type == "cpu" and make_graph is None:
+        make_graph = lambda pool: RerunGraph(params)  # noqa: E731
+    runner = MicroBatchGraphs(model, model, device, ACCUM, compiled=False, make_graph=make_graph) if graphs else None
     batches = micro_batches(0, 50 if isinstance(model, PartlyUsed) else TINY.vocab_size)
     losses = []
     for step in range(steps):
@@ -152,26 +154,11 @@ def test_cuda_graphs_train_as_eager_on_the_gpu():
     torch.manual_seed(1)
     eager_model = tiny_gpt().to(device)
     graph_model = copy.deepcopy(eager_model)
-    results = []
-    for model, graphs in ((eager_model, False), (graph_model, True)):
-        params = list(model.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-        runner = MicroBatchGraphs(model, model, device, ACCUM, compiled=False) if graphs else None
-        losses = []
-        for step in range(5):
-            model.looping = step >= 3
-            for k in range(ACCUM):
-                inputs, targets, cu = micro_batches(0, TINY.vocab_size)[(step * ACCUM + k) % 6]
-                if runner is None:
-                    losses.append(forward_backward(model, inputs, targets, cu, 16, ACCUM, device, False))
-                else:
-                    losses.append(runner(inputs, targets, cu, 16))
-            optimizer_step(params, [opt], 1.0, None)
-        results.append(torch.stack(losses).cpu())
-        if runner is not None:
-            assert runner.summary()["cuda_graphs_captured"] == 4 and runner.failure is None
-            assert runner.summary()["graph_pool_gib"] > 0
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    eager_losses, _ = train(eager_model, graphs=False, device=device)
+    graph_losses, runner = train(graph_model, graphs=True, device=device)
+    assert runner.summary()["cuda_graphs_captured"] == 4 and runner.failure is None
+    assert runner.summary()["graph_pool_gib"] > 0
+    torch.testing.assert_close(eager_losses.cpu(), graph_losses.cpu(), rtol=0, atol=0)
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

@@ -137,17 +137,13 @@ class MicroBatchGraphs:
             buffer = self.grad_buffers.get(i)
             if buffer is None:
                 buffer = self.grad_buffers[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
-                if p.grad is None:
-                    to_zero.append(buffer)
-                else:
-                    buffer.copy_(p.grad)
-                p.grad = buffer
-            elif p.grad is None:
+            if p.grad is buffer:
+                continue
+            if p.grad is None:
                 to_zero.append(buffer)
-                p.grad = buffer
-            elif p.grad is not buffer:
+            else:
                 buffer.copy_(p.grad)
-                p.grad = buffer
+            p.grad = buffer
         if to_zero:
             torch._foreach_zero_(to_zero)
 
