@@ -121,9 +121,11 @@ def test_replayed_micro_batches_train_as_eager_ones(build):
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
         assert torch.equal(a, b), name
     summary = runner.summary()
-    # two cu_seqlens lengths x two loop states: each runs eagerly once, is captured once, then replays
-    assert summary["cuda_graphs_captured"] == 4 and summary["eager_micro_batches"] == 4
-    assert summary["cuda_graph_replays"] == 5 * ACCUM - 4 and summary["cuda_graph_failure"] is None
+    # two cu_seqlens lengths x two loop states, each captured once; per loop state the first micro-batch runs
+    # eagerly and the other cu_seqlens length is captured from its sibling's eager run
+    assert summary["cuda_graphs_captured"] == 4 and summary["eager_micro_batches"] == 2
+    assert summary["cuda_graph_replays"] == 5 * ACCUM - 2 and summary["cuda_graph_failure"] is None
+    assert summary["eager_micro_batches_beside_pool"] == 1  # looping on's first micro-batch, after looping off's captures
 
 
 def test_parameters_no_graph_touches_keep_no_gradient():
@@ -163,10 +165,14 @@ def test_cuda_graphs_train_as_eager_on_the_gpu():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_the_training_loop_with_replays_saves_the_weights_it_saves_without(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cu_passes", [0, 1])
+def test_the_training_loop_with_replays_saves_the_weights_it_saves_without(tmp_path, monkeypatch, cu_passes):
     """pgolf.train.loop with train.cuda_graphs on: the warm-up (its captures, then the restore), the looping switch,
     the optimizers' set_to_none and the EMA around replayed micro-batches give the very checkpoint of a run
-    without graphs. On CPU the loop is handed the stand-in graph (the loop itself builds graphs on CUDA only)."""
+    without graphs. On CPU the loop is handed the stand-in graph (the loop itself builds graphs on CUDA only).
+
+    With compile passes (the record recipe's warm-up) every eager micro-batch runs before the first capture: none
+    holds its activations beside the graphs' pool."""
     import dataclasses
 
     from test_train import TINY_MODEL, TINY_TRAIN, write_data
@@ -191,7 +197,8 @@ def test_the_training_loop_with_replays_saves_the_weights_it_saves_without(tmp_p
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     weights, summaries = [], []
     for graphs in (False, True):
-        cfg = dataclasses.replace(TINY_TRAIN, iterations=6, warmup_steps=2, cuda_graphs=graphs)
+        cfg = dataclasses.replace(TINY_TRAIN, iterations=6, warmup_steps=2, cuda_graphs=graphs,
+                                  warmup_cu_passes=cu_passes)
         summaries.append(loop.train_in_group(TINY_MODEL, OptimConfig(), cfg, 7, data, tmp_path / f"out{graphs}", cpu))
         weights.append(load_checkpoint(tmp_path / f"out{graphs}" / "checkpoint")[0])
     assert summaries[0]["cuda_graphs"] is None and summaries[0]["loop_enabled_step"] == 3
@@ -199,6 +206,10 @@ def test_the_training_loop_with_replays_saves_the_weights_it_saves_without(tmp_p
     assert replayed["cuda_graphs_captured"] >= 2 and replayed["cuda_graph_replays"] > 0  # both loop states
     assert replayed["cuda_graph_failure"] is None and len(runners) == 1
     assert {key[3] for key in runners[0].captured} == {False, True}
+    if cu_passes:  # 4 cu_seqlens lengths x 2 loop states, all before any capture; the steps only replay
+        assert replayed["eager_micro_batches"] == 8 and replayed["eager_micro_batches_beside_pool"] == 0
+    else:  # each loop state's first micro-batch; looping on's after looping off's captures
+        assert replayed["eager_micro_batches"] == 2 and replayed["eager_micro_batches_beside_pool"] == 1
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name

@@ -15,9 +15,15 @@ How (per key = tokens, cu_seqlens length, max_seqlen, ``model.looping``, ``model
 compiled forward branches on must not change while graphs are held):
 
 - the first micro-batch of a key runs eagerly: it compiles, autotunes and JIT-compiles FlashAttention 4, and tells
-  which parameters get a gradient (their ``.grad`` appears or its version moves);
-- the second is captured on a side stream into one memory pool shared by every key (replays never overlap), then
-  replayed; every later one is copied into the key's static input buffers and replayed;
+  which parameters get a gradient (their ``.grad`` appears or its version moves). The training loop's compile passes
+  go through :meth:`MicroBatchGraphs.eager`, so with ``train.warmup_cu_passes > 0`` every key of both loop states has
+  run eagerly before the first capture;
+- a key whose sibling (the same key but for the cu_seqlens length, which the compiled graph takes as a dynamic size)
+  has run eagerly needs no eager run of its own: the sibling's graph is compiled and touches the same parameters;
+- the next micro-batch of a key is captured on a side stream into one memory pool shared by every key (replays never
+  overlap), then replayed; every later one is copied into the key's static input buffers and replayed;
+- memory: an eager micro-batch allocates its activations outside the pool, so one that runs after a capture holds
+  both (``eager_beside_pool`` in the summary counts them; the record recipe's warm-up has none);
 - gradients: a captured AccumulateGrad adds into the ``.grad`` tensor present at capture, so each parameter a graph
   touches keeps one persistent gradient buffer, bound as ``p.grad`` before every replay (zeroed when ``p.grad`` is
   None after ``zero_grad(set_to_none=True)``, given ``p.grad``'s value when an eager call left another tensor
@@ -100,6 +106,7 @@ class MicroBatchGraphs:
         self.touched: dict[tuple, tuple[int, ...]] = {}  # key -> params its eager call accumulated into
         self.captured: dict[tuple, _Captured] = {}
         self.eager_calls = 0
+        self.eager_beside_pool = 0  # eager micro-batches run while the pool held the captured graphs' memory
         self.replays = 0
         self.failure: Optional[str] = None
 
@@ -110,17 +117,29 @@ class MicroBatchGraphs:
     def __call__(self, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         key = self.key(inputs, cu_seqlens, max_seqlen)
         entry = self.captured.get(key)
-        if entry is None and self.failure is None and key in self.touched:
-            entry = self._capture(key, inputs, targets, cu_seqlens, max_seqlen)
+        if entry is None and self.failure is None:
+            touched = self._known_touched(key)
+            if touched is not None:
+                entry = self._capture(key, touched, inputs, targets, cu_seqlens, max_seqlen)
         if entry is None:
-            return self._eager(key, inputs, targets, cu_seqlens, max_seqlen)
+            return self.eager(inputs, targets, cu_seqlens, max_seqlen)
         self._bind(entry.touched)
         self._load(entry, inputs, targets, cu_seqlens)
         entry.graph.replay()
         self.replays += 1
         return entry.loss.clone()  # the next replay rewrites entry.loss
 
-    def _eager(self, key: tuple, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def _known_touched(self, key: tuple) -> Optional[tuple[int, ...]]:
+        """The parameters key's graph accumulates into, if an eager run of key or of a sibling told."""
+        if key in self.touched:
+            return self.touched[key]
+        sibling = next((k for k in self.touched if k[:1] + k[2:] == key[:1] + key[2:]), None)
+        return None if sibling is None else self.touched[sibling]
+
+    def eager(self, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """:func:`forward_backward` without graphs; learns which parameters the micro-batch's key touches."""
+        key = self.key(inputs, cu_seqlens, max_seqlen)
+        self.eager_beside_pool += self.pool is not None
         before = [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
         loss = forward_backward(self.step_model, inputs, targets, cu_seqlens, max_seqlen, self.grad_accum_steps,
                                 self.device, self.compiled)
@@ -153,10 +172,9 @@ class MicroBatchGraphs:
                 value = value.pin_memory()  # the copy below is then asynchronous
             static.copy_(value, non_blocking=True)
 
-    def _capture(self, key: tuple, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor,
+    def _capture(self, key: tuple, touched: tuple[int, ...], inputs: Tensor, targets: Tensor, cu_seqlens: Tensor,
                  max_seqlen: int) -> Optional[_Captured]:
         static = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in (inputs, targets, cu_seqlens)]
-        touched = self.touched[key]
         self._bind(touched)  # the captured AccumulateGrad nodes add into these very tensors
         graph = self.make_graph(self.pool)
         if self.compiled:
@@ -193,5 +211,6 @@ class MicroBatchGraphs:
 
     def summary(self) -> dict[str, Any]:
         return {"cuda_graphs_captured": len(self.captured), "cuda_graph_replays": self.replays,
-                "eager_micro_batches": self.eager_calls, "cuda_graph_failure": self.failure,
+                "eager_micro_batches": self.eager_calls, "eager_micro_batches_beside_pool": self.eager_beside_pool,
+                "cuda_graph_failure": self.failure,
                 "graph_pool_gib": self.pool_bytes() / 2**30}

@@ -343,8 +343,11 @@ def train_model(
 
     def compile_pass(cu_seqlens: torch.Tensor) -> None:
         inputs, targets = loader.micro_batch(0, 0)  # stream call 0
-        forward_backward(step_model, inputs, targets, cu_seqlens, train_cfg.train_seq_len, accum, device,
-                         train_cfg.compile)
+        if graphs is not None:  # the graphs learn the key here: the warm-up steps capture it without an eager run
+            graphs.eager(inputs, targets, cu_seqlens, train_cfg.train_seq_len)
+        else:
+            forward_backward(step_model, inputs, targets, cu_seqlens, train_cfg.train_seq_len, accum, device,
+                             train_cfg.compile)
 
     # measurement only (the procedure is pgolf.train.warmup's): seconds, steps, compile passes and graphs compiled
     # per loop state, from wrappers around the warm-up's two callbacks
