@@ -35,7 +35,8 @@ from compile_cache import compile_cache_env  # noqa: E402
 from pgolf_warmup import run_arguments, run_training  # noqa: E402
 
 SUMMARY_FIELDS = ("ms_per_step_before_loop", "ms_per_step_after_loop", "steps", "loop_enabled_step",
-                  "train_seconds", "peak_memory_gib", "compile_warmup_seconds", "attention_backend",
+                  "train_seconds", "peak_memory_gib", "peak_memory_reserved_gib", "warmup_peak_memory_reserved_gib",
+                  "compile_warmup_seconds", "compile_warmup_by_loop_state", "attention_backend",
                   "data_stream", "micro_batch_order", "param_storage", "cuda_graphs")
 LOOP_STATES = {"before_loop": False, "after_loop": True}
 
@@ -102,7 +103,8 @@ def summary_line(result: dict[str, Any]) -> str:
     text = (f"train_loop_speed: {result['steps']} steps in {result['train_seconds']:.0f} s, "
             f"{_fmt(result['ms_per_step_before_loop'])} / {_fmt(result['ms_per_step_after_loop'])} ms/step before / "
             f"after looping (windows {_fmt(medians['before_loop'])} / {_fmt(medians['after_loop'])}), "
-            f"peak {_fmt(result['peak_memory_gib'])} GiB, attention {attention}")
+            f"peak {_fmt(result['peak_memory_gib'])} GiB allocated, {_fmt(result['peak_memory_reserved_gib'])} reserved "
+            f"(warm-up {_fmt(result['warmup_peak_memory_reserved_gib'])}), attention {attention}")
     if "record" in result:
         record, ratio = result["record"], result["pgolf_over_record"]
         text += (f"; record {_fmt(record['before_loop'])} / {_fmt(record['after_loop'])} ms/step, pgolf / record "

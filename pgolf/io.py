@@ -221,7 +221,7 @@ def read_json_object(path: str | Path, what: str = "file") -> dict:
 TRAIN_SUMMARY_MEASURED_FIELDS: tuple[str, ...] = (
     "train_seconds", "compile_warmup_seconds", "compile_warmup_by_loop_state", "startup_seconds",
     "ms_per_step", "ms_per_step_before_loop", "ms_per_step_after_loop", "tokens_per_s", "peak_memory_gib",
-    "environment", "attention_backend", "resumed_from_step", "earlier_attempts", "cuda_graphs",
+    "peak_memory_reserved_gib", "warmup_peak_memory_reserved_gib", "environment", "attention_backend", "resumed_from_step", "earlier_attempts", "cuda_graphs",
 )
 TIMING_FIELDS: dict[str, tuple[str, ...]] = {
     "prepare_report.json": ("*",),
@@ -230,8 +230,8 @@ TIMING_FIELDS: dict[str, tuple[str, ...]] = {
     "metrics.jsonl": (
         "step_ms", "tokens_per_s", "elapsed_s", "peak_memory_gib", "train_seconds", "compile_warmup_seconds",
         "compile_warmup_by_loop_state", "startup_seconds", "ms_per_step", "ms_per_step_before_loop",
-        "ms_per_step_after_loop", "environment", "attention_backend", "resumed_from_step", "earlier_attempts",
-        "cuda_graphs",
+        "ms_per_step_after_loop", "peak_memory_reserved_gib", "warmup_peak_memory_reserved_gib", "environment",
+        "attention_backend", "resumed_from_step", "earlier_attempts", "cuda_graphs",
     ),
     "hessian_report.json": (
         "train_seconds", "hessian_seconds", "train_plus_hessian_seconds", "data_read_seconds", "forward_seconds",

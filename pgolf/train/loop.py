@@ -117,9 +117,10 @@ def make_loader(data_dir: Path, plan: BatchPlan, rank: int, cfg: TrainConfig):
     return PackedBatchLoader(data_dir, plan, rank, order=cfg.micro_batch_order)
 
 
-def _memory_gib(device: torch.device) -> float:
+def _memory_gib(device: torch.device, reserved: bool = False) -> float:
+    """Peak GiB allocated (or reserved: the allocator's cache and the CUDA graphs' pool too) since the last reset."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return (torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated)(device) / 2**30
     return 0.0
 
 
@@ -391,6 +392,7 @@ def train_model(
             torch.cuda.synchronize(device)
         warmup_seconds = time.perf_counter() - warmup_start
         startup_seconds = time.perf_counter() - (warmup_start if build_start is None else build_start)
+        warmup_reserved_gib = _memory_gib(device, reserved=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -566,7 +568,10 @@ def train_model(
         "ms_per_step_after_loop": _mean(step_times_ms["after_loop"]),
         "tokens_per_s": step * plan.train_batch_tokens / max(train_seconds, 1e-9),
         "peak_memory_gib": _memory_gib(device),
-        # under train.cuda_graphs a replayed step allocates nothing: its activations live in the graphs' pool
+        # under train.cuda_graphs a replayed step allocates nothing: its activations live in the graphs' pool, which
+        # the reserved peaks hold (the warm-up's from the process start: compile passes, captures, eager micro-batches)
+        "peak_memory_reserved_gib": _memory_gib(device, reserved=True),
+        "warmup_peak_memory_reserved_gib": warmup_reserved_gib,
         "cuda_graphs": None if graphs is None else graphs.summary(),
         "cu_seqlens_shapes": sorted(seen_cu_shapes),
         "resumed_from_step": resumed_from,  # None: this attempt trained from step 0
