@@ -23,7 +23,8 @@ from pgolf.model.triton_kernels import _TensorDescriptor, _narrow, _tma_usable, 
 #   n = x * rstd,  rstd = 1 / sqrt(mean(x^2) + eps)
 #   r_d = n_d c_j + n_{d+half} s_j (d < half),  n_d c_j - n_{d-half} s_j (half <= d < 2 half),  n_d (the rest)
 #   out = r * gain[head]
-# with j = d mod half and c, s the row's token's cos / sin (the partners by reshaping registers: _rope_rotate).
+# with j = d mod half and c, s the row's token's cos / sin (forward: the partners by reshaping registers,
+# _rope_rotate; backward: the partners loaded, _rope_partners).
 # Backward, with g = d loss / d out:
 #   d gain[h] = sum over the head's rows and dims of g * r            (per-program partial sums, no atomics)
 #   gn_d = gain * (g_d c_j - sign_d g_partner s_j),  sign = +1 below half, -1 in [half, 2 half), s = 0 beyond
@@ -89,25 +90,48 @@ def _qk_norm_rope_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_pt
 
 
 @triton.jit
+def _rope_partners(tokens, rmask, cos_ptr, sin_ptr, D: tl.constexpr, HALF: tl.constexpr):
+    """The rotation as elementwise factors over whole rows, for kernels that load each dim's partner themselves:
+    rotate(x)_d = x_d c_d + x_partner(d) s_d. Returns c, s [R, D] fp32 (c = cos_j, s = +sin_j below half, -sin_j in
+    [half, 2 half); c = 1, s = 0 beyond), partner [D] and rot [D] (the dims a partner is read for: d < 2 half)."""
+    d = tl.arange(0, D)
+    rot = d < 2 * HALF
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    mask = rmask[:, None] & rot[None, :]
+    at = tokens[:, None] * HALF + (d % HALF)[None, :]
+    c = tl.load(cos_ptr + at, mask=mask, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    return c, tl.where((d < HALF)[None, :], s, -s), partner, rot
+
+
+@triton.jit
 def _qk_norm_rope_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_ptr, gv_ptr, gvrep_ptr,
                              dv_ptr, n_rows, XS, DXS, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                              HAS_GAIN: tl.constexpr, REP: tl.constexpr, HAS_V: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The rotation's partners are loaded (only for the 2 half rotated dims of a row: the same cache lines as the
+    row's own load), not found by reshaping registers as in the forward: the reshapes' layout conversions through
+    shared memory cost the backward more than these loads (docs/benchmarks.md)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]; BLOCK_R is a multiple of H, so row i is head i % H
     rmask = rows < n_rows
     d = tl.arange(0, D)
     t, h = (rows // H).to(tl.int64), rows % H
-    c, s = _qk_rope_tables(t, cos_ptr, sin_ptr, rmask, HALF)  # [R, HALF]
+    c, s, partner, rot = _rope_partners(t, rmask, cos_ptr, sin_ptr, D, HALF)  # [R, D], [R, D], [D], [D]
+    pmask = rmask[:, None] & rot[None, :]
     g = tl.zeros((BLOCK_R, D), tl.float32)  # [R, D]: the sum of the row's REP copies' gradients
+    gp = tl.zeros((BLOCK_R, D), tl.float32)  # the same at each rotated dim's partner (0 beyond 2 half)
     for i in tl.static_range(REP):
-        g += tl.load(g_ptr + (rows.to(tl.int64) * REP + i)[:, None] * D + d[None, :], mask=rmask[:, None],
-                     other=0.0).to(tl.float32)
+        g_row = (rows.to(tl.int64) * REP + i)[:, None] * D
+        g += tl.load(g_ptr + g_row + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        gp += tl.load(g_ptr + g_row + partner[None, :], mask=pmask, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)  # [R]
-    n = tl.load(x_ptr + (t * XS + h * D)[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    x_row = (t * XS + h * D)[:, None]
+    n = tl.load(x_ptr + x_row + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     n = n * rstd[:, None]
-    gn = _rope_rotate(g, c, -s, BLOCK_R, D, HALF)  # the rotation's transpose
+    gn = g * c - gp * s  # the rotation's transpose
     if HAS_GAIN:
-        per_row = tl.sum(g * _rope_rotate(n, c, s, BLOCK_R, D, HALF), axis=1)  # [R]
+        n_partner = tl.load(x_ptr + x_row + partner[None, :], mask=pmask, other=0.0).to(tl.float32) * rstd[:, None]
+        per_row = tl.sum(g * (n * c + n_partner * s), axis=1)  # [R]
         # [H, programs]: the sum over programs then reads contiguous rows (a column sum of [programs, H] took 28 us)
         tl.store(dgain_ptr + tl.arange(0, H) * tl.num_programs(0) + pid,
                  tl.sum(tl.reshape(per_row, (BLOCK_R // H, H)), axis=0))
