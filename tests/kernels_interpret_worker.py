@@ -661,13 +661,13 @@ def case_ce_invalid_target_is_nan() -> None:
         raise AssertionError(f"expected [finite, nan, nan, 0], got {nll.tolist()}")
 
 
-def _tiny_model() -> GPT:
+def _tiny_model(num_heads: int = 2, num_kv_heads: int = 1) -> GPT:
     cfg = ModelConfig(
         vocab_size=300,
         num_layers=3,
         model_dim=32,
-        num_heads=2,
-        num_kv_heads=1,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         rope_dims=8,
         xsa_last_n=3,
         loop_start=1,
@@ -706,8 +706,21 @@ def _count_launches():
     return counts
 
 
+def _fa4_reference_on_cpu() -> None:
+    """pgolf's "fa4" backend on CPU: its ops with the attention tests' reference kernels, whose forward reads
+    forward_kv (the heads once) as FA4's does."""
+    import pgolf.model.attention as attn_mod
+    from pgolf.model import flash4
+    from test_attention_backends import _ref_bwd, _ref_fwd
+
+    torch.library.register_kernel("pgolf_fa4::fwd", "cpu", _ref_fwd)
+    torch.library.register_kernel("pgolf_fa4::bwd", "cpu", _ref_bwd)
+    attn_mod._FA4 = flash4.attend
+
+
 def case_model_fused_matches_reference() -> None:
-    model = _tiny_model()
+    _fa4_reference_on_cpu()
+    model = _tiny_model(num_heads=4, num_kv_heads=2)  # two kv heads: a view of the wrong copies would show
     model.looping = True
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(2, 300, (24,), generator=gen)
@@ -716,9 +729,12 @@ def case_model_fused_matches_reference() -> None:
     targets[7] = -100
     results = {}
     launches = _count_launches()
-    # repeat: k / v heads per query head; gate: the gate's projection kernels (train.fused_gate_linear)
-    for fused, repeat_kv, gate in ((False, False, False), (True, False, False), (True, True, True)):
+    # repeat: k / v heads per query head; gate: the gate's projection kernels (train.fused_gate_linear); the fa4
+    # backend with repeated heads: its forward reads the heads once (a view of the copies: wrong heads would show)
+    for fused, repeat_kv, gate, backend in ((False, False, False, "sdpa"), (True, False, False, "sdpa"),
+                                           (True, True, True, "sdpa"), (True, True, True, "fa4")):
         model.use_fused_kernels = fused
+        model.attn_backend = backend
         attn_kernels.use_in_model(model, fused, fused, fused, repeat_kv, gate)
         model.zero_grad(set_to_none=True)
         launches.clear()
@@ -727,9 +743,9 @@ def case_model_fused_matches_reference() -> None:
         if bool(launches["gate_linear"]) != gate or bool(launches["mlp_up"]) != fused:
             raise AssertionError(f"gate kernels {gate}, fused MLP {fused}, but the launches were {dict(launches)}")
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[fused, repeat_kv] = (loss.detach(), grads)
-    reference_loss, reference_grads = results.pop((False, False))
-    for (_, repeat_kv), (loss, grads) in results.items():
+        results[fused, repeat_kv, backend] = (loss.detach(), grads)
+    reference_loss, reference_grads = results.pop((False, False, "sdpa"))
+    for (_, repeat_kv, _), (loss, grads) in results.items():
         _close(loss, reference_loss, f"loss (repeat_kv={repeat_kv})", rtol=1e-5, atol=1e-6)
         if grads.keys() != reference_grads.keys():
             raise AssertionError("fused and reference paths give gradients to different parameters")

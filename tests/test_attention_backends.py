@@ -64,7 +64,9 @@ def _segment_probs(q, k, s, e, causal):
     return scores.softmax(-1), scores.logsumexp(-1)
 
 
-def _ref_fwd(q, k, v, cu_seqlens, max_seqlen, causal):
+def _ref_fwd(q, k, v, cu_seqlens, max_seqlen, causal, k_fwd=None, v_fwd=None):
+    if k_fwd is not None:  # what FA4's forward reads: the heads once (native GQA)
+        k, v = k_fwd, v_fwd
     wide = torch.promote_types(q.dtype, torch.float32)
     qw, kw, vw = (t.to(wide) for t in (q, k, v))
     out = torch.zeros(q.shape, dtype=wide)
@@ -136,6 +138,52 @@ def test_fa4_ops_give_the_reference_outputs_and_gradients(fa4_on_cpu, causal):
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
+def repeated_heads(T: int, r: int, seed: int, dtype=torch.float64, device="cpu"):
+    """q [T, H, D]; k, v [T, HKV, D]; their heads repeated r times in a row, as train.repeat_kv_heads hands them to
+    the attention (leaves); forward_kv: k's heads once as a strided view of the copies, and v."""
+    q, k, v = qkv(T, dtype, device, seed=seed, heads=(H, HKV, HKV))
+    k_rep, v_rep = (x.detach().repeat_interleave(r, dim=1).requires_grad_(True) for x in (k, v))
+    return q, k, v, k_rep, v_rep, (k_rep.view(T, HKV, r, D)[:, :, 0], v.detach())
+
+
+def test_fa4_forward_reads_the_heads_once_and_the_backward_the_copies(fa4_on_cpu):
+    """forward_kv: the forward kernel gets the heads once (GQA), the backward the copies; the result and the
+    gradients are the attention over the copies, and forward_kv gets none. A forward_kv with other values shows
+    that the forward really reads it."""
+    T, r = 64, H // HKV
+    cu = segments(T, seed=6, max_len=24, pad_to=8)
+    q, k, v, k_rep, v_rep, once = repeated_heads(T, r, seed=6)
+    out = attention(q, k_rep, v_rep, cu, 24, backend="fa4", forward_kv=once)
+    ref = attention(q, k_rep, v_rep, cu, 24, backend="sdpa")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k_rep, v_rep), g), torch.autograd.grad(ref, (q, k_rep, v_rep), g)):
+        torch.testing.assert_close(a, b)
+    other = (once[0] * 2.0, once[1])  # scaled keys (a constant added to every key leaves a softmax unchanged)
+    assert not torch.allclose(attention(q, k_rep, v_rep, cu, 24, backend="fa4", forward_kv=other), ref)
+    with pytest.raises(ValueError, match="forward_kv shapes"):
+        attention(q, k_rep, v_rep, cu, 24, backend="fa4", forward_kv=(once[0][1:], once[1][1:]))
+
+
+def test_fa4_forward_kv_compiles_fullgraph(fa4_on_cpu):
+    """The heads-once view of the copies passed beside them into the op (inputs that alias) under
+    torch.compile(fullgraph=True): no break, the eager values and gradients."""
+    T, r = 64, H // HKV
+    cu = segments(T, seed=9, max_len=24, pad_to=8)
+    q, _, v, k_rep, v_rep, _ = repeated_heads(T, r, seed=9)
+
+    def layer(q, k_rep, v_rep, v, cu):
+        once = (k_rep.view(T, HKV, r, D)[:, :, 0], v)
+        return (attention(q, k_rep, v_rep, cu, 24, backend="fa4", forward_kv=once) * torch.sigmoid(q)).sum()
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    args = (q, k_rep, v_rep, v.detach(), cu)
+    loss_c, loss_e = compiled(*args), layer(*args)
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(torch.autograd.grad(loss_c, (q, k_rep, v_rep)), torch.autograd.grad(loss_e, (q, k_rep, v_rep))):
         torch.testing.assert_close(a, b)
 
 
@@ -315,6 +363,41 @@ def test_gpu_backend_matches_torch_varlen(backend, compiled):
         err, err_fallback = ((x.float() - t).norm() / t.norm() for x in (a, b))
         assert err <= 1.5 * err_fallback + 2e-3, f"{backend} {name}: relative error {err:.2e} vs {err_fallback:.2e}"
         assert (a.float() - b.float()).abs().max() < (0.05 if name == "out" else 0.25), name
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_fa4_forward_on_the_heads_once_matches_the_copies(compiled):
+    """train.repeat_kv_heads with FA4: the forward on the heads once (GQA, a strided view of the copies) against the
+    forward on the copies (record shapes, bf16): the same attention, so the outputs agree to rounding and the
+    backward, which reads the copies in both, gets the same gradients within that rounding's reach."""
+    try:
+        resolve_backend("fa4", "cuda")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    T, heads, kv_heads, dim = 8192, 8, 4, 64
+    r = heads // kv_heads
+    cu = segments(T, seed=8, max_len=2048, pad_to=32).cuda()
+    q, k, v = qkv(T, torch.bfloat16, "cuda", seed=8, heads=(heads, kv_heads, kv_heads), dim=dim)
+    k_rep, v_rep = (x.detach().repeat_interleave(r, dim=1).requires_grad_(True) for x in (k, v))
+    once = (k_rep.view(T, kv_heads, r, dim)[:, :, 0], v.detach())
+    grad = torch.randn_like(q)
+
+    def run(forward_kv):
+        def fn(q, k, v, cu):
+            return attention(q, k, v, cu, 2048, backend="fa4", forward_kv=forward_kv)
+
+        if compiled:
+            torch._dynamo.mark_dynamic(cu, 0)
+            fn = torch.compile(fn, fullgraph=True, dynamic=False)
+        out = fn(q, k_rep, v_rep, cu)
+        return (out, *torch.autograd.grad(out, (q, k_rep, v_rep), grad))
+
+    for name, a, b in zip(("out", "dq", "dk", "dv"), run(once), run(None)):
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape and torch.isfinite(a).all(), name
+        err = (a.float() - b.float()).norm() / b.float().norm()
+        assert err < 5e-3, f"{name}: relative difference {err:.2e}"
 
 
 @pytest.mark.gpu

@@ -287,12 +287,13 @@ def _fa3(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, c
     return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the log-sum-exp
 
 
-def _fa4(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
+def _fa4(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
+         forward_kv: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     if _FA4 is None and not torch.compiler.is_compiling():
         probe_fa4()
     if _FA4 is None:  # (inside a compiled region nothing is probed: resolve_backend comes first)
         raise RuntimeError(f"attention backend 'fa4' requested but unusable: {_FA4_WHY}")
-    return _FA4(q, k, v, cu_seqlens, max_seqlen, causal)
+    return _FA4(q, k, v, cu_seqlens, max_seqlen, causal, forward_kv)
 
 
 def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool) -> Tensor:
@@ -375,11 +376,14 @@ def attention(
     *,
     causal: bool = True,
     backend: Optional[str] = None,
+    forward_kv: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Within-segment attention over packed tokens; softmax scale 1/sqrt(D).
 
     q [T, H, D], k/v [T, Hkv, D], cu_seqlens int32 [n_segments + 1] -> [T, H, D].
-    ``backend`` None picks ``select_backend(q.device)``. Segment values are validated on CPU in eager mode only
+    ``backend`` None picks ``select_backend(q.device)``. ``forward_kv`` (k, v [T, Hkv / r, D]) when k and v are
+    heads repeated r times in a row (``train.repeat_kv_heads``): the same heads once, which FlashAttention 4's
+    forward reads as native GQA (its faster forward; pgolf.model.flash4); the other backends ignore it. Segment values are validated on CPU in eager mode only
     (free there; on GPU it would cost a host sync per layer, and inside torch.compile a graph break).
     """
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
@@ -396,4 +400,10 @@ def attention(
         raise ValueError(f"attention: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    if backend == "fa4" and forward_kv is not None:
+        k_once, v_once = forward_kv
+        if k_once.shape != v_once.shape or k_once.shape[0] != k.shape[0] or k.shape[1] % k_once.shape[1]:
+            raise ValueError(f"attention: forward_kv shapes {tuple(k_once.shape)}, {tuple(v_once.shape)} are not k "
+                             f"{tuple(k.shape)}'s heads once")
+        return _fa4(q, k, v, cu_seqlens, max_seqlen, causal, forward_kv)
     return _BACKEND_FNS[backend](q, k, v, cu_seqlens, max_seqlen, causal)

@@ -140,8 +140,11 @@ class Attention(nn.Module):
         XSA (with v [T, Hkv, D]), the gate and the output projection."""
         T = x.shape[0]
         q, k = q.to(v.dtype), k.to(v.dtype)
+        forward_kv = None
+        if v_attn is not None and self.kv_repeat > 1:  # each k / v head once too: FA4's forward reads them as GQA
+            forward_kv = (k.view(T, self.num_kv_heads, self.kv_repeat, self.head_dim)[:, :, 0], v)
         y = attention(q, k, v if v_attn is None else v_attn, cu_seqlens, max_seqlen, causal=True,
-                      backend=backend)  # [T, H, D]
+                      backend=backend, forward_kv=forward_kv)  # [T, H, D]
         if self.xsa_gate_kernel is not None and (self.use_xsa or self.gate is not None):  # one kernel for both
             z = self._gate_input(x) if self.gate is not None else None  # [T, H] pre-activation
             y = self.xsa_gate_kernel(y, v if self.use_xsa else None, z, self.gate_scale)
