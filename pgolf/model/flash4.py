@@ -10,8 +10,9 @@ Autograd is registered on ``fwd``: it saves q, k, v, out, lse and cu_seqlens; it
 gets no gradient. ``k_fwd``, ``v_fwd`` [T, Hkv, D] (``train.repeat_kv_heads``: k and v are then their heads
 repeated, each ``H / Hkv`` times in a row, and these the heads once; strided views are fine): the forward kernel
 reads them instead, as native GQA, and the backward k and v. Why: on one H100 FA4's GQA forward (query heads
-packed per kv head) took 49.3 ms a step where the same attention over repeated heads took 54.8, while the repeated
-heads' backward is the faster one (docs/benchmarks.md). Same attention: they get no gradient. The fake (shape) functions return what FA4 allocates (contiguous out like q, lse [H, T], dq/dk/dv
+packed per kv head) took 53.3 ms a step where the same attention over repeated heads took 57.4 (an A/B of pgolf's
+step), while the repeated heads' backward is the faster one (docs/benchmarks.md). Same attention: they get no
+gradient. The fake (shape) functions return what FA4 allocates (contiguous out like q, lse [H, T], dq/dk/dv
 like q/k/v); no shape depends on the length of cu_seqlens, so a dynamic cu_seqlens length keeps one graph.
 The real kernels are registered for CUDA only (tests register a CPU kernel computing the same function, to check
 the plumbing without a GPU). Importing this module registers the ops; FA4 itself is imported by :func:`load`.
