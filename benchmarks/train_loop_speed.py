@@ -103,8 +103,9 @@ def summary_line(result: dict[str, Any]) -> str:
     text = (f"train_loop_speed: {result['steps']} steps in {result['train_seconds']:.0f} s, "
             f"{_fmt(result['ms_per_step_before_loop'])} / {_fmt(result['ms_per_step_after_loop'])} ms/step before / "
             f"after looping (windows {_fmt(medians['before_loop'])} / {_fmt(medians['after_loop'])}), "
-            f"peak {_fmt(result['peak_memory_gib'])} GiB allocated, {_fmt(result['peak_memory_reserved_gib'])} reserved "
-            f"(warm-up {_fmt(result['warmup_peak_memory_reserved_gib'])}), attention {attention}")
+            f"peak {_fmt(result['peak_memory_gib'])} GiB allocated, "
+            f"{_fmt(result['peak_memory_reserved_gib'])} reserved (warm-up "
+            f"{_fmt(result['warmup_peak_memory_reserved_gib'])}), attention {attention}")
     if "record" in result:
         record, ratio = result["record"], result["pgolf_over_record"]
         text += (f"; record {_fmt(record['before_loop'])} / {_fmt(record['after_loop'])} ms/step, pgolf / record "

@@ -221,7 +221,8 @@ def read_json_object(path: str | Path, what: str = "file") -> dict:
 TRAIN_SUMMARY_MEASURED_FIELDS: tuple[str, ...] = (
     "train_seconds", "compile_warmup_seconds", "compile_warmup_by_loop_state", "startup_seconds",
     "ms_per_step", "ms_per_step_before_loop", "ms_per_step_after_loop", "tokens_per_s", "peak_memory_gib",
-    "peak_memory_reserved_gib", "warmup_peak_memory_reserved_gib", "environment", "attention_backend", "resumed_from_step", "earlier_attempts", "cuda_graphs",
+    "peak_memory_reserved_gib", "warmup_peak_memory_reserved_gib", "environment", "attention_backend",
+    "resumed_from_step", "earlier_attempts", "cuda_graphs",
 )
 TIMING_FIELDS: dict[str, tuple[str, ...]] = {
     "prepare_report.json": ("*",),

@@ -383,8 +383,9 @@ def attention(
     q [T, H, D], k/v [T, Hkv, D], cu_seqlens int32 [n_segments + 1] -> [T, H, D].
     ``backend`` None picks ``select_backend(q.device)``. ``forward_kv`` (k, v [T, Hkv / r, D]) when k and v are
     heads repeated r times in a row (``train.repeat_kv_heads``): the same heads once, which FlashAttention 4's
-    forward reads as native GQA (its faster forward; pgolf.model.flash4); the other backends ignore it. Segment values are validated on CPU in eager mode only
-    (free there; on GPU it would cost a host sync per layer, and inside torch.compile a graph break).
+    forward reads as native GQA (its faster forward; pgolf.model.flash4); the other backends ignore it. Segment
+    values are validated on CPU in eager mode only (free there; on GPU it would cost a host sync per layer, and
+    inside torch.compile a graph break).
     """
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError(

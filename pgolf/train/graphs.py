@@ -23,7 +23,7 @@ compiled forward branches on must not change while graphs are held):
 - the next micro-batch of a key is captured on a side stream into one memory pool shared by every key (replays never
   overlap), then replayed; every later one is copied into the key's static input buffers and replayed;
 - memory: an eager micro-batch allocates its activations outside the pool, so one that runs after a capture holds
-  both (``eager_beside_pool`` in the summary counts them; the record recipe's warm-up has none);
+  both (``eager_micro_batches_beside_pool`` in the summary counts them; the record recipe's warm-up has none);
 - gradients: a captured AccumulateGrad adds into the ``.grad`` tensor present at capture, so each parameter a graph
   touches keeps one persistent gradient buffer, bound as ``p.grad`` before every replay (zeroed when ``p.grad`` is
   None after ``zero_grad(set_to_none=True)``, given ``p.grad``'s value when an eager call left another tensor
