@@ -203,7 +203,7 @@ def use_gpu_ops_on_cpu() -> None:
     from pgolf.model import attention, flash4, gpt, kernels
     from pgolf.model import triton_kernels as tk
 
-    def fa4_fwd(q, k, v, cu, max_seqlen, causal):  # q [T, H, hd], k/v [T, Hkv, hd]
+    def fa4_fwd(q, k, v, cu, max_seqlen, causal, k_fwd=None, v_fwd=None):  # q [T, H, hd], k/v [T, Hkv, hd]
         groups = q.shape[1] // k.shape[1]
         return (q * v.repeat_interleave(groups, 1)).contiguous(), torch.zeros(q.shape[1], q.shape[0])
 

@@ -126,6 +126,8 @@ def test_fa4_ops_opcheck(fa4_on_cpu):
     assert out.shape == q.shape and lse.shape == (H, T) and lse.dtype == torch.float32
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, 25, True)
     torch.library.opcheck(torch.ops.pgolf_fa4.bwd.default, args)
+    q, _, v, k_rep, v_rep, once = repeated_heads(T, H // HKV, seed=1, dtype=torch.float32)  # k_fwd, v_fwd given
+    torch.library.opcheck(torch.ops.pgolf_fa4.fwd.default, (q, k_rep, v_rep, cu, 25, True, *once))
 
 
 @pytest.mark.parametrize("causal", [True, False])
