@@ -285,7 +285,7 @@ def bench_train(
 
     from pgolf.model import attn_kernels, kernels
     from pgolf.model.gpt import GPT, param_groups
-    from pgolf.train.graphs import MicroBatchGraphs
+    from pgolf.train.loop import micro_batch_graphs
     from pgolf.train.optim import build_optimizers
     from pgolf.train.storage import apply_param_storage
 
@@ -338,7 +338,8 @@ def bench_train(
                                             for field in ("inputs", "targets", "cu_seqlens")})
     extend_rope_cache(model, rows.tokens)  # as the training stage does
     step_model = compile_model(model, compile, compile_backend, fusion_cap, mix_order, train_cfg.compile_add_into_matmul)
-    use_graphs = (train_cfg.cuda_graphs if cuda_graphs is None else cuda_graphs) and device.type == "cuda"
+    graphs_cfg = dataclasses.replace(train_cfg, compile=bool(compile),
+                                     cuda_graphs=train_cfg.cuda_graphs if cuda_graphs is None else cuda_graphs)
     bench = TrainBench(
         model=model,
         step_model=step_model,
@@ -349,7 +350,7 @@ def bench_train(
         grad_clip_norm=train_cfg.grad_clip_norm,
         rows=rows,
         compiled=bool(compile),
-        graphs=MicroBatchGraphs(step_model, model, device, accum, bool(compile)) if use_graphs else None,
+        graphs=micro_batch_graphs(graphs_cfg, step_model, model, device, accum),
     )
     tokens_per_step = accum * rows.tokens
     peak = peak_tflops if peak_tflops is not None else peak_tflops_for(device_name(device))

@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from pgolf.train.step import autocast_for, forward_backward
+from pgolf.train.step import forward_backward
 
 
 class CudaGraph:
@@ -177,14 +177,10 @@ class MicroBatchGraphs:
         static = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in (inputs, targets, cu_seqlens)]
         self._bind(touched)  # the captured AccumulateGrad nodes add into these very tensors
         graph = self.make_graph(self.pool)
-        if self.compiled:
-            torch._dynamo.mark_dynamic(static[2], 0)
 
-        def step() -> Tensor:
-            with autocast_for(self.device):
-                loss = self.step_model(static[0], static[1], cu_seqlens=static[2], max_seqlen=max_seqlen)
-            (loss / self.grad_accum_steps).backward()
-            return loss.detach()
+        def step() -> Tensor:  # the eager call's function on the static inputs (already on the device: no copies)
+            return forward_backward(self.step_model, *static, max_seqlen, self.grad_accum_steps, self.device,
+                                    self.compiled)
 
         try:
             loss = graph.capture(step)

@@ -248,7 +248,8 @@ def _train_in_group(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: T
 
 def micro_batch_graphs(train_cfg: TrainConfig, step_model, model, device: torch.device, accum: int):
     """train.cuda_graphs: the runner that replays micro-batches from CUDA graphs (pgolf.train.graphs), or None
-    (the option off, or no CUDA: micro-batches then run eagerly)."""
+    (the option off, or no CUDA: micro-batches then run eagerly). ``train_cfg.compile``: whether ``step_model`` is
+    compiled. The training loop's and the bench's."""
     if not (train_cfg.cuda_graphs and device.type == "cuda"):
         return None
     from pgolf.train.graphs import MicroBatchGraphs  # a bundle leaves the module out when the recipe never uses it
