@@ -143,12 +143,13 @@ def test_fa4_ops_give_the_reference_outputs_and_gradients(fa4_on_cpu, causal):
         torch.testing.assert_close(a, b)
 
 
-def repeated_heads(T: int, r: int, seed: int, dtype=torch.float64, device="cpu"):
-    """q [T, H, D]; k, v [T, HKV, D]; their heads repeated r times in a row, as train.repeat_kv_heads hands them to
-    the attention (leaves); forward_kv: k's heads once as a strided view of the copies, and v."""
-    q, k, v = qkv(T, dtype, device, seed=seed, heads=(H, HKV, HKV))
+def repeated_heads(T: int, r: int, seed: int, dtype=torch.float64, device="cpu", heads: int = H, kv_heads: int = HKV,
+                   dim: int = D):
+    """q [T, heads, dim]; k, v [T, kv_heads, dim]; their heads repeated r times in a row, as train.repeat_kv_heads
+    hands them to the attention (leaves); forward_kv: k's heads once as a strided view of the copies, and v."""
+    q, k, v = qkv(T, dtype, device, seed=seed, heads=(heads, kv_heads, kv_heads), dim=dim)
     k_rep, v_rep = (x.detach().repeat_interleave(r, dim=1).requires_grad_(True) for x in (k, v))
-    return q, k, v, k_rep, v_rep, (k_rep.view(T, HKV, r, D)[:, :, 0], v.detach())
+    return q, k, v, k_rep, v_rep, (k_rep.view(T, kv_heads, r, dim)[:, :, 0], v.detach())
 
 
 def test_fa4_forward_reads_the_heads_once_and_the_backward_the_copies(fa4_on_cpu):
@@ -381,9 +382,8 @@ def test_gpu_fa4_forward_on_the_heads_once_matches_the_copies(compiled):
     T, heads, kv_heads, dim = 8192, 8, 4, 64
     r = heads // kv_heads
     cu = segments(T, seed=8, max_len=2048, pad_to=32).cuda()
-    q, k, v = qkv(T, torch.bfloat16, "cuda", seed=8, heads=(heads, kv_heads, kv_heads), dim=dim)
-    k_rep, v_rep = (x.detach().repeat_interleave(r, dim=1).requires_grad_(True) for x in (k, v))
-    once = (k_rep.view(T, kv_heads, r, dim)[:, :, 0], v.detach())
+    q, _, _, k_rep, v_rep, once = repeated_heads(T, r, seed=8, dtype=torch.bfloat16, device="cuda", heads=heads,
+                                                 kv_heads=kv_heads, dim=dim)
     grad = torch.randn_like(q)
 
     def run(forward_kv):
