@@ -389,6 +389,11 @@ class TrainConfig:
     # how big). CUDA only; a capture that fails is reported and the run goes on eagerly. One H100, FA4, same lease:
     # 622.8 -> 618.9 ms/step looping off, 928.8 -> 921.3 on (docs/benchmarks.md).
     cuda_graphs: bool = True
+    # Each micro-batch's parameter gradients added into the persistent .grad buffers inside the compiled backward
+    # (fused with the kernel that produces them) instead of by autograd's AccumulateGrad, one add kernel per
+    # parameter, after it (pgolf.train.grad_fusion). The same sums in the same dtype: what the model computes does not
+    # change. Why: those adds took 2.6 ms a step on one H100 (record recipe, looping off; docs/benchmarks.md).
+    fused_grad_accumulation: bool = False
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
     # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).

@@ -262,6 +262,7 @@ def bench_train(
     data_dir: Optional[str] = None,
     trace_dir: Optional[str] = None,
     cuda_graphs: Optional[bool] = None,
+    fused_grad_accumulation: Optional[bool] = None,
 ) -> dict[str, Any]:
     """Time the training step of ``run_cfg`` (a RunConfig); returns the JSON-ready result (see module docstring).
 
@@ -280,12 +281,14 @@ def bench_train(
     gains ``idle_gaps`` (where the GPU waited for the host).
     ``cuda_graphs`` overrides ``train.cuda_graphs`` (CUDA only): micro-batches replay CUDA graphs
     (pgolf.train.graphs); a phase then also reports the graphs' pool, where the activations live
-    (``graph_pool_gib``; ``peak_memory_allocated_gib`` of a replayed step leaves it out)."""
+    (``graph_pool_gib``; ``peak_memory_allocated_gib`` of a replayed step leaves it out).
+    ``fused_grad_accumulation`` overrides ``train.fused_grad_accumulation`` (pgolf.train.grad_fusion; the result's
+    ``fused_grad_accumulation``)."""
     import torch
 
     from pgolf.model import attn_kernels, kernels
     from pgolf.model.gpt import GPT, param_groups
-    from pgolf.train.loop import micro_batch_graphs
+    from pgolf.train.loop import build_step_model, micro_batch_graphs
     from pgolf.train.optim import build_optimizers
     from pgolf.train.storage import apply_param_storage
 
@@ -337,7 +340,9 @@ def bench_train(
         rows = dataclasses.replace(rows, **{field: [t.pin_memory() for t in getattr(rows, field)]
                                             for field in ("inputs", "targets", "cu_seqlens")})
     extend_rope_cache(model, rows.tokens)  # as the training stage does
-    step_model = compile_model(model, compile, compile_backend, fusion_cap, mix_order, train_cfg.compile_add_into_matmul)
+    fused_accumulation = train_cfg.fused_grad_accumulation if fused_grad_accumulation is None else fused_grad_accumulation
+    step_model = build_step_model(model, fused_accumulation, lambda module: compile_model(
+        module, compile, compile_backend, fusion_cap, mix_order, train_cfg.compile_add_into_matmul))
     graphs_cfg = dataclasses.replace(train_cfg, compile=bool(compile),
                                      cuda_graphs=train_cfg.cuda_graphs if cuda_graphs is None else cuda_graphs)
     bench = TrainBench(
@@ -422,6 +427,7 @@ def bench_train(
         "compile": bool(compile),
         "compile_backend": compile_backend if compile else None,
         "cuda_graphs": None if bench.graphs is None else bench.graphs.summary(),
+        "fused_grad_accumulation": fused_accumulation,
         # the inductor options the step was compiled with (None: none; only inductor takes them)
         "compile_options": (recorded_options(inductor_options(compile_backend, fusion_cap, mix_order,
                                                               train_cfg.compile_add_into_matmul)) if compile else None),

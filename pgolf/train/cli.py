@@ -128,6 +128,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         data_dir=args.data,
         trace_dir=args.trace,
         cuda_graphs=_switch(args.cuda_graphs),
+        fused_grad_accumulation=_switch(args.fused_grad_accumulation),
     )
     emit_bench_result(result, train_summary_line(result), args.out)
     return 0
@@ -179,6 +180,11 @@ def _register_bench_train(commands) -> None:
         "--cuda-graphs", choices=["on", "off"], default=None,
         help="replay each micro-batch's forward and backward from a CUDA graph (CUDA only; default: the recipe's "
         "train.cuda_graphs)",
+    )
+    p.add_argument(
+        "--fused-grad-accumulation", choices=["on", "off"], default=None,
+        help="add each micro-batch's gradients into .grad inside the compiled backward (default: the recipe's "
+        "train.fused_grad_accumulation)",
     )
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="dense bf16 peak for MFU (default: by device name)")
     p.add_argument(

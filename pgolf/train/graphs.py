@@ -27,7 +27,9 @@ compiled forward branches on must not change while graphs are held):
 - gradients: a captured AccumulateGrad adds into the ``.grad`` tensor present at capture, so each parameter a graph
   touches keeps one persistent gradient buffer, bound as ``p.grad`` before every replay (zeroed when ``p.grad`` is
   None after ``zero_grad(set_to_none=True)``, given ``p.grad``'s value when an eager call left another tensor
-  there). Parameters no graph touches keep ``None``, so optimizers skip them as they would without graphs;
+  there). Parameters no graph touches keep ``None``, so optimizers skip them as they would without graphs. Under
+  ``train.fused_grad_accumulation`` (pgolf.train.grad_fusion) the captured backward adds into the step model's own
+  buffers instead, and the step model's probe says which parameters a key touches;
 - a capture that fails (a host sync inside the model, an op CUDA graphs refuse) is reported once; from then on
   nothing more is captured: keys captured before keep replaying, every other micro-batch runs eagerly, never
   wrongly.
@@ -45,6 +47,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from pgolf.train.grad_fusion import FusedGradAccumulation, bind_grad_buffers
 from pgolf.train.step import forward_backward
 
 
@@ -103,6 +106,11 @@ class MicroBatchGraphs:
         self.make_graph = make_graph
         self.pool: Any = None
         self.grad_buffers: dict[int, Tensor] = {}  # param index -> its persistent gradient
+        # under train.fused_grad_accumulation the compiled backward adds into the step model's own buffers, and
+        # the step model knows which parameters a key touches (no AccumulateGrad moves a .grad's version)
+        self.fused = step_model if isinstance(step_model, FusedGradAccumulation) else None
+        if self.fused is not None:
+            self.grad_buffers = dict(enumerate(self.fused.buffers))
         self.touched: dict[tuple, tuple[int, ...]] = {}  # key -> params its eager call accumulated into
         self.captured: dict[tuple, _Captured] = {}
         self.eager_calls = 0
@@ -144,27 +152,14 @@ class MicroBatchGraphs:
         loss = forward_backward(self.step_model, inputs, targets, cu_seqlens, max_seqlen, self.grad_accum_steps,
                                 self.device, self.compiled)
         after = [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
-        self.touched.setdefault(key, tuple(i for i, (b, a) in enumerate(zip(before, after)) if a is not None and a != b))
+        touched = tuple(i for i, (b, a) in enumerate(zip(before, after)) if a is not None and a != b)
+        self.touched.setdefault(key, touched if self.fused is None else self.fused.touched[self.fused.state()])
         self.eager_calls += 1
         return loss
 
     def _bind(self, touched: tuple[int, ...]) -> None:
         """Make each touched parameter's ``.grad`` its persistent buffer, holding the gradient accumulated so far."""
-        to_zero = []
-        for i in touched:
-            p = self.params[i]
-            buffer = self.grad_buffers.get(i)
-            if buffer is None:
-                buffer = self.grad_buffers[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            if p.grad is buffer:
-                continue
-            if p.grad is None:
-                to_zero.append(buffer)
-            else:
-                buffer.copy_(p.grad)
-            p.grad = buffer
-        if to_zero:
-            torch._foreach_zero_(to_zero)
+        bind_grad_buffers(self.params, self.grad_buffers, touched)
 
     def _load(self, entry: _Captured, inputs: Tensor, targets: Tensor, cu_seqlens: Tensor) -> None:
         for static, value in ((entry.inputs, inputs), (entry.targets, targets), (entry.cu_seqlens, cu_seqlens)):

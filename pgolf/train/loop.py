@@ -246,6 +246,17 @@ def _train_in_group(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: T
     )
 
 
+def build_step_model(model: torch.nn.Module, fused_grad_accumulation: bool, compile_fn: Callable) -> Callable:
+    """What each micro-batch calls: ``compile_fn(model)``, or under ``train.fused_grad_accumulation`` the model
+    reparametrized so that the compiled backward adds the gradients into ``.grad`` (pgolf.train.grad_fusion).
+    Build it after the parameters' storage is final. The training loop's and the bench's."""
+    if not fused_grad_accumulation:
+        return compile_fn(model)
+    from pgolf.train.grad_fusion import FusedGradAccumulation
+
+    return FusedGradAccumulation(model, compile_fn)
+
+
 def micro_batch_graphs(train_cfg: TrainConfig, step_model, model, device: torch.device, accum: int):
     """train.cuda_graphs: the runner that replays micro-batches from CUDA graphs (pgolf.train.graphs), or None
     (the option off, or no CUDA: micro-batches then run eagerly). ``train_cfg.compile``: whether ``step_model`` is
@@ -303,8 +314,9 @@ def train_model(
     optimizers = build_optimizers(groups, optim_cfg, muon_average_grads=muon_averages_grads(train_cfg.clip_scope))
     params = [p for p in model.parameters()]  # the model's order: the clip norm sums in it
     extend_rope_cache(model, plan.micro_batch_tokens)  # rows of one micro-batch: sliced, not computed, RoPE tables
-    step_model = compile_model(model, train_cfg.compile, "inductor", train_cfg.compile_max_fusion_io_buffers,
-                               train_cfg.compile_mix_order_reduction, train_cfg.compile_add_into_matmul)
+    step_model = build_step_model(model, train_cfg.fused_grad_accumulation, lambda module: compile_model(
+        module, train_cfg.compile, "inductor", train_cfg.compile_max_fusion_io_buffers,
+        train_cfg.compile_mix_order_reduction, train_cfg.compile_add_into_matmul))
     can_loop = model_cfg.loop_count > 1
     graphs = micro_batch_graphs(train_cfg, step_model, model, device, accum)
 
