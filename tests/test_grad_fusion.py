@@ -16,34 +16,17 @@ from pgolf.train.grad_fusion import FusedGradAccumulation
 from pgolf.train.graphs import MicroBatchGraphs
 from pgolf.train.loop import build_step_model
 from pgolf.train.step import forward_backward, optimizer_step
-from test_train_graphs import ACCUM, PartlyUsed, RerunGraph, micro_batches, tiny_gpt
+from test_train_graphs import PartlyUsed, RerunGraph, micro_batches, tiny_gpt
+from test_train_graphs import train as train_steps
 from eval_fixtures import TINY
 
 
-def train(model, fused: bool, graphs: bool, compile_fn=lambda m: m, steps: int = 4, loop_from: int = 2,
-          device: torch.device = torch.device("cpu")):
-    """AdamW steps of ACCUM micro-batches (looping on from ``loop_from``); returns (losses [steps * ACCUM], step model)."""
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    step_model = build_step_model(model, fused, compile_fn)
-    runner = None
-    if graphs:
-        make_graph = (lambda pool: RerunGraph(params)) if device.type == "cpu" else None  # noqa: E731
-        runner = MicroBatchGraphs(step_model, model, device, ACCUM, compiled=False, make_graph=make_graph)
-    vocab = 50 if isinstance(model, PartlyUsed) else TINY.vocab_size
-    batches = micro_batches(0, vocab)
-    losses = []
-    for step in range(steps):
-        model.looping = step >= loop_from
-        for k in range(ACCUM):
-            inputs, targets, cu = batches[(step * ACCUM + k) % len(batches)]
-            if runner is None:
-                loss = forward_backward(step_model, inputs, targets, cu, 16, ACCUM, device, False)
-            else:
-                loss = runner(inputs, targets, cu, 16)
-            losses.append(loss.clone())
-        optimizer_step(params, [opt], 1.0, None)
-    return torch.stack(losses), step_model
+def train(model, fused: bool, graphs: bool, steps: int = 4):
+    """test_train_graphs' AdamW steps (looping on from step 2) through ``build_step_model``; returns (losses, step
+    model)."""
+    step_model = build_step_model(model, fused, lambda m: m)
+    losses, _ = train_steps(model, graphs, steps=steps, loop_from=2, step_model=step_model)
+    return losses, step_model
 
 
 def assert_same_training(reference, other, ref_losses, other_losses):

@@ -78,14 +78,16 @@ def micro_batches(seed: int, vocab: int):
 
 
 def train(model: nn.Module, graphs: bool, make_graph=None, steps: int = 5, loop_from: int = 3,
-          device: torch.device = torch.device("cpu")):
+          device: torch.device = torch.device("cpu"), step_model=None):
     """``steps`` AdamW steps of ACCUM micro-batches, looping on from step ``loop_from``; returns (losses, runner).
-    On CPU the graphs are ``make_graph``'s (default: the stand-in), on CUDA real ones."""
+    On CPU the graphs are ``make_graph``'s (default: the stand-in), on CUDA real ones. ``step_model``: what a
+    micro-batch calls (default: the model itself)."""
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     if device.type == "cpu" and make_graph is None:
         make_graph = lambda pool: RerunGraph(params)  # noqa: E731
-    runner = MicroBatchGraphs(model, model, device, ACCUM, compiled=False, make_graph=make_graph) if graphs else None
+    step_model = model if step_model is None else step_model
+    runner = MicroBatchGraphs(step_model, model, device, ACCUM, compiled=False, make_graph=make_graph) if graphs else None
     batches = micro_batches(0, 50 if isinstance(model, PartlyUsed) else TINY.vocab_size)
     losses = []
     for step in range(steps):
@@ -93,7 +95,7 @@ def train(model: nn.Module, graphs: bool, make_graph=None, steps: int = 5, loop_
         for k in range(ACCUM):
             inputs, targets, cu = batches[(step * ACCUM + k) % len(batches)]
             if runner is None:
-                loss = forward_backward(model, inputs, targets, cu, 16, ACCUM, device, False)
+                loss = forward_backward(step_model, inputs, targets, cu, 16, ACCUM, device, False)
             else:
                 loss = runner(inputs, targets, cu, 16)
             losses.append(loss.clone())
