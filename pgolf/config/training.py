@@ -391,8 +391,9 @@ class TrainConfig:
     cuda_graphs: bool = True
     # Each micro-batch's parameter gradients added into the persistent .grad buffers inside the compiled backward
     # (fused with the kernel that produces them) instead of by autograd's AccumulateGrad, one add kernel per
-    # parameter, after it (pgolf.train.grad_fusion). The same sums in the same dtype: what the model computes does not
-    # change. Why: those adds took 2.6 ms a step on one H100 (record recipe, looping off; docs/benchmarks.md).
+    # parameter, after it (pgolf.train.grad_fusion). The same sums in the same dtype; compiled, a reduction inductor
+    # fuses with the add may round differently in the last bits (eagerly: bit for bit). Why: those adds took 2.6 ms a
+    # step on one H100 (record recipe, looping off); on, the same lease: 910.0 -> 905.7 ms looping on (docs/benchmarks.md).
     fused_grad_accumulation: bool = False
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so

@@ -13,7 +13,9 @@ gives the parameter no gradient, so AccumulateGrad never runs.
 
 What it computes: ``buffer + g`` with the same ``g`` in the same dtype as AccumulateGrad's ``p.grad += g``; the first
 micro-batch of a step adds into a zeroed buffer (``0 + g == g``; only the sign of a zero can differ), as the CUDA
-graphs runner already does.
+graphs runner already does. Eagerly that is AccumulateGrad's result to the bit. Compiled, inductor may fuse the add
+with the reduction that produces ``g`` (a gate or skip weight's gradient, a sum over the tokens) and order that sum
+differently: the same sum, rounded differently in the last bits (tests/test_grad_fusion.py).
 
 Which parameters get a gradient: AccumulateGrad leaves ``.grad`` None for a parameter the forward never uses, and the
 optimizers then skip it (no weight decay, no momentum step). No autograd event says so here, so the first micro-batch
@@ -87,7 +89,7 @@ class _Reparametrized(nn.Module):
 
 
 class FusedGradAccumulation:
-    """The step model under ``train.fused_grad_accumulation``: ``step(inputs, targets, cu_seqlens=, max_seqlen=)``
+    """The step model under ``train.fused_grad_accumulation``: a call ``(inputs, targets, cu_seqlens=, max_seqlen=)``
     binds the gradient buffers of the parameters this model state uses, then runs the (compiled) reparametrized model.
 
     ``compile_fn``: how the step compiles a module (``pgolf.model.device.compile_model`` with the recipe's options; the
@@ -100,6 +102,7 @@ class FusedGradAccumulation:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]  # the graphs runner's order: model.parameters() that require grad
         self.buffers = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
+        self.buffer_by_index = dict(enumerate(self.buffers))  # what bind_grad_buffers (and the graphs runner) take
         self.compiled = compile_fn(_Reparametrized(model, [name for name, _ in named], self.params, self.buffers))
         self.touched: dict[tuple[bool, bool], tuple[int, ...]] = {}  # (looping, training) -> parameter indices
 
@@ -109,7 +112,7 @@ class FusedGradAccumulation:
     def __call__(self, inputs: Tensor, targets: Tensor, cu_seqlens: Optional[Tensor] = None,
                  max_seqlen: Optional[int] = None) -> Tensor:
         touched = self.touched_for(inputs, max_seqlen)
-        bind_grad_buffers(self.params, dict(enumerate(self.buffers)), touched)
+        bind_grad_buffers(self.params, self.buffer_by_index, touched)
         return self.compiled(inputs, targets, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def touched_for(self, inputs: Tensor, max_seqlen: Optional[int]) -> tuple[int, ...]:

@@ -110,7 +110,7 @@ class MicroBatchGraphs:
         # the step model knows which parameters a key touches (no AccumulateGrad moves a .grad's version)
         self.fused = step_model if isinstance(step_model, FusedGradAccumulation) else None
         if self.fused is not None:
-            self.grad_buffers = dict(enumerate(self.fused.buffers))
+            self.grad_buffers = self.fused.buffer_by_index
         self.touched: dict[tuple, tuple[int, ...]] = {}  # key -> params its eager call accumulated into
         self.captured: dict[tuple, _Captured] = {}
         self.eager_calls = 0
