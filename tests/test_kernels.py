@@ -576,6 +576,7 @@ TRAIN_FIELDS = {
     "compile_options",
     "compile_backend",
     "cuda_graphs",
+    "fused_grad_accumulation",
     "params",
     "micro_batch_tokens",
     "grad_accum_steps",
@@ -660,6 +661,7 @@ def test_bench_train_cli_on_cpu(capsys, tmp_path):
     assert set(result) == TRAIN_FIELDS
     assert result["fold_output_scales"] is False  # the flag overrides the recipe's train.fold_output_scales (true)
     assert result["cuda_graphs"] is None  # asked for, but CPU: micro-batches run eagerly
+    assert result["fused_grad_accumulation"] is True  # the recipe's train.fused_grad_accumulation
     # attached (on CUDA they run); --repeat-kv overrides the recipe's train.repeat_kv_heads (true)
     assert result["attention_kernels"] == {"qk_norm_rope": True, "xsa_gate": True, "gate_linear": True,
                                            "qkv_matmul": True, "qkv_epilogue": False,

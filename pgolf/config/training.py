@@ -394,7 +394,7 @@ class TrainConfig:
     # parameter, after it (pgolf.train.grad_fusion). The same sums in the same dtype; compiled, a reduction inductor
     # fuses with the add may round differently in the last bits (eagerly: bit for bit). Why: those adds took 2.6 ms a
     # step on one H100 (record recipe, looping off); on, the same lease: 910.0 -> 905.7 ms looping on (docs/benchmarks.md).
-    fused_grad_accumulation: bool = False
+    fused_grad_accumulation: bool = True
     log_every_steps: int = 10
     # Sweeps: save the whole training state every N steps under <train dir>/resume/ (no rule declares it, so
     # Snakemake never deletes it) and resume an interrupted job from there, bit for bit (pgolf.train.resume).
