@@ -28,6 +28,7 @@ from pgolf.config import ModelConfig, OptimConfig, TrainConfig
 from pgolf.train import loop
 from pgolf.train.checkpoint import load_checkpoint
 from pgolf.train.distributed import DistInfo
+from pgolf.train.grad_fusion import FusedGradAccumulation
 from pgolf.train.optim import Muon
 
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
@@ -45,6 +46,7 @@ class RecordModel(nn.Module):
         super().__init__()
         self.rec = record_gpt
         self.losses: list[float] = []
+        self.log_losses = True  # off during train.fused_grad_accumulation's probe: that forward is no micro-batch
 
     @property
     def looping(self) -> bool:
@@ -56,7 +58,8 @@ class RecordModel(nn.Module):
 
     def forward(self, inputs, targets, cu_seqlens=None, max_seqlen=None):
         loss = self.rec(inputs[None], targets[None], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        self.losses.append(float(loss.detach()))
+        if self.log_losses:
+            self.losses.append(float(loss.detach()))
         return loss
 
     def groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -189,12 +192,23 @@ def run_pgolf(mod, h, init: dict, data_dir: Path, out_dir: Path, info: DistInfo,
         real_optimizer_step(params, optimizers, grad_clip_norm, info_, clip_scope)
         out["live"] = {k.removeprefix("rec."): v.detach().clone() for k, v in model.state_dict().items()}
 
+    real_probe = FusedGradAccumulation._probe
+
+    def quiet_probe(self, *args):  # the probe's eager forward (once per loop state) is not one of the micro-batches
+        model.log_losses = False
+        try:
+            return real_probe(self, *args)
+        finally:
+            model.log_losses = True
+
     loop.optimizer_step, torch.nn.utils.clip_grad_norm_ = step_spy, clip_spy
+    FusedGradAccumulation._probe = quiet_probe
     try:
         summary = loop.train_model(model, model.groups(), model_cfg, optim_cfg, train_cfg, 0, data_dir, out_dir,
                                    info, clock=ot.FakeClock(DT_SECONDS))
     finally:
         loop.optimizer_step, torch.nn.utils.clip_grad_norm_ = real_optimizer_step, real_clip
+        FusedGradAccumulation._probe = real_probe
     out["losses"] = model.losses
     out["summary"] = summary
     if info.is_main:
