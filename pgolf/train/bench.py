@@ -203,6 +203,7 @@ class TrainBench:
     rows: PackedRows
     compiled: bool  # step_model is torch.compile'd: cu_seqlens lengths are marked dynamic
     graphs: Any = None  # pgolf.train.graphs.MicroBatchGraphs under --cuda-graphs on CUDA, else None
+    micro_batches: Any = None  # what runs a micro-batch: ``graphs``, else pgolf.train.step.EagerMicroBatches
 
 
 def trace_file(trace_dir: Optional[str], loop_on: bool) -> Optional[str]:
@@ -219,19 +220,13 @@ def train_step(bench: TrainBench, step: int):
     """One optimizer step through the training stage's own functions (one process, so no all-reduce)."""
     import torch
 
-    from pgolf.train.loop import forward_backward, optimizer_step
+    from pgolf.train.loop import optimizer_step
 
     loss_sum = torch.zeros((), device=bench.device)
     for accum_index in range(bench.grad_accum_steps):
         r = (step * bench.grad_accum_steps + accum_index) % len(bench.rows.inputs)
         rows = bench.rows
-        if bench.graphs is not None:
-            loss_sum += bench.graphs(rows.inputs[r], rows.targets[r], rows.cu_seqlens[r], rows.max_seqlen)
-            continue
-        loss_sum += forward_backward(
-            bench.step_model, rows.inputs[r], rows.targets[r], rows.cu_seqlens[r], rows.max_seqlen,
-            bench.grad_accum_steps, bench.device, bench.compiled,
-        )
+        loss_sum += bench.micro_batches(rows.inputs[r], rows.targets[r], rows.cu_seqlens[r], rows.max_seqlen)
     optimizer_step(bench.params, bench.optimizers, bench.grad_clip_norm, None)
     return loss_sum / bench.grad_accum_steps
 
@@ -290,6 +285,7 @@ def bench_train(
     from pgolf.model.gpt import GPT, param_groups
     from pgolf.train.loop import build_step_model, micro_batch_graphs
     from pgolf.train.optim import build_optimizers
+    from pgolf.train.step import EagerMicroBatches
     from pgolf.train.storage import apply_param_storage
 
     if steps < 1 or warmup < 0:
@@ -357,6 +353,8 @@ def bench_train(
         compiled=bool(compile),
         graphs=micro_batch_graphs(graphs_cfg, step_model, model, device, accum),
     )
+    bench.micro_batches = (bench.graphs if bench.graphs is not None
+                           else EagerMicroBatches(step_model, device, accum, bool(compile)))
     tokens_per_step = accum * rows.tokens
     peak = peak_tflops if peak_tflops is not None else peak_tflops_for(device_name(device))
     can_loop = model_cfg.loop_count > 1

@@ -57,6 +57,7 @@ from pgolf.train.prefetch import MicroBatch, MicroBatchPrefetcher
 from pgolf.train.prequant_ttt import prequant_ttt
 from pgolf.train.schedule import lr_multiplier, training_budget_seconds, training_fraction
 from pgolf.train.step import (
+    EagerMicroBatches,
     autocast_for,
     cu_seqlens_bucket,
     forward_backward,
@@ -319,6 +320,7 @@ def train_model(
         train_cfg.compile_mix_order_reduction, train_cfg.compile_add_into_matmul))
     can_loop = model_cfg.loop_count > 1
     graphs = micro_batch_graphs(train_cfg, step_model, model, device, accum)
+    run_micro_batch = graphs if graphs is not None else EagerMicroBatches(step_model, device, accum, train_cfg.compile)
 
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -347,21 +349,14 @@ def train_model(
         for call in range(first_call, first_call + accum):
             batch = prefetcher.get(call)
             seen_cu_shapes.add(batch.cu_seqlens.numel())
-            if graphs is not None:
-                loss_sum += graphs(batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen)
-            else:
-                loss_sum += forward_backward(step_model, batch.inputs, batch.targets, batch.cu_seqlens,
-                                             batch.max_seqlen, accum, device, train_cfg.compile)
+            loss_sum += run_micro_batch(batch.inputs, batch.targets, batch.cu_seqlens, batch.max_seqlen)
         optimizer_step(params, optimizers, train_cfg.grad_clip_norm, info, train_cfg.clip_scope)
         return loss_sum / accum
 
     def compile_pass(cu_seqlens: torch.Tensor) -> None:
         inputs, targets = loader.micro_batch(0, 0)  # stream call 0
-        if graphs is not None:  # the graphs learn the key here: the warm-up steps capture it without an eager run
-            graphs.eager(inputs, targets, cu_seqlens, train_cfg.train_seq_len)
-        else:
-            forward_backward(step_model, inputs, targets, cu_seqlens, train_cfg.train_seq_len, accum, device,
-                             train_cfg.compile)
+        # under graphs the runner learns the key here: the warm-up steps capture it without an eager run
+        run_micro_batch.eager(inputs, targets, cu_seqlens, train_cfg.train_seq_len)
 
     # measurement only (the procedure is pgolf.train.warmup's): seconds, steps, compile passes and graphs compiled
     # per loop state, from wrappers around the warm-up's two callbacks

@@ -82,6 +82,23 @@ def forward_backward(
     return loss.detach()
 
 
+class EagerMicroBatches:
+    """:func:`forward_backward` behind the CUDA graphs runner's interface (``runner(inputs, targets, cu_seqlens,
+    max_seqlen) -> loss`` and ``runner.eager(...)``), for ``train.cuda_graphs`` off or no CUDA: the training loop and
+    the bench then call one runner, whichever it is."""
+
+    def __init__(self, step_model, device: torch.device, grad_accum_steps: int, compiled: bool):
+        self.step_model, self.device = step_model, device
+        self.grad_accum_steps, self.compiled = grad_accum_steps, compiled
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor,
+                 max_seqlen: int) -> torch.Tensor:
+        return forward_backward(self.step_model, inputs, targets, cu_seqlens, max_seqlen, self.grad_accum_steps,
+                                self.device, self.compiled)
+
+    eager = __call__  # without graphs every micro-batch runs eagerly
+
+
 def _replicated_params(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.nn.Parameter]:
     """Parameters of every optimizer but Muon (AdamW's): their gradients are averaged by the loop."""
     return [p for opt in optimizers if not isinstance(opt, Muon) for g in opt.param_groups for p in g["params"]]
