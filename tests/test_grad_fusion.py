@@ -1,7 +1,9 @@
 """train.fused_grad_accumulation (pgolf.train.grad_fusion): gradients added into ``.grad`` by the backward itself
-train exactly as autograd's AccumulateGrad does: same losses, same weights, bit for bit; eagerly, through the CUDA
-graphs runner (its CPU stand-in from test_train_graphs), compiled by inductor on CPU, and on the GPU with real graphs.
-A parameter the forward never uses keeps ``.grad`` None, so AdamW skips it as it would without the option.
+train as autograd's AccumulateGrad does. Eagerly (also through the CUDA graphs runner's CPU stand-in from
+test_train_graphs, and through the training loop): the same losses and weights, bit for bit. Compiled by inductor
+(CPU; the GPU test with real CUDA graphs): the matmul weights' gradients bit for bit, every other gradient to float32
+rounding (a reduction inductor fuses with the add may be ordered differently). A parameter the forward never uses
+keeps ``.grad`` None, so AdamW skips it as it would without the option.
 """
 
 from __future__ import annotations
