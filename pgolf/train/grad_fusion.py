@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from pgolf.data.shards import BOS_ID
 from pgolf.model.attention import build_cu_seqlens
+from pgolf.train.step import autocast_for
 
 PROBE_TOKENS = 256  # the probe's row: enough for a few segments, cheap in eager mode
 
@@ -124,8 +125,6 @@ class FusedGradAccumulation:
 
     def _probe(self, inputs: Tensor, max_seqlen: Optional[int]) -> tuple[int, ...]:
         """An eager forward of the model itself on the row's first tokens, and which parameters autograd reaches."""
-        from pgolf.train.step import autocast_for
-
         device = self.params[0].device
         ids = inputs[:PROBE_TOKENS].to(device)  # [n]
         bound = max_seqlen if max_seqlen is not None else ids.numel()
