@@ -75,7 +75,8 @@ def test_the_gradient_lands_in_the_bound_buffer_and_autograd_gives_the_parameter
 
 def compare_compiled_accumulation(device: torch.device, graphs: bool) -> None:
     """Two micro-batches' gradients, looping off and on, of the compiled model with and without fused accumulation:
-    the large matmul weights (Linear, Embedding) bit for bit, every gradient to float32 rounding (see the callers)."""
+    the large matmul weights (Linear; Embedding on CPU) bit for bit, every gradient to float32 rounding (see the
+    callers)."""
     compile_fn = lambda m: torch.compile(m, fullgraph=True, dynamic=False, backend="inductor")  # noqa: E731
     torch.manual_seed(2)
     reference = tiny_gpt().to(device)
@@ -94,7 +95,10 @@ def compare_compiled_accumulation(device: torch.device, graphs: bool) -> None:
                         forward_backward(step_model, inputs, targets, cu, 16, 2, device, True)
                     else:
                         runner(inputs, targets, cu, 16)
-        matmul_weights = {id(m.weight) for m in reference.modules() if isinstance(m, (nn.Linear, nn.Embedding))
+        # bit for bit: the matmul weights' gradients. On CUDA not the embedding's: inductor lowers its backward to
+        # atomic scatter-adds there, whose order (and so the rounding of the sum) varies from run to run
+        exact_kinds = (nn.Linear, nn.Embedding) if device.type == "cpu" else (nn.Linear,)
+        matmul_weights = {id(m.weight) for m in reference.modules() if isinstance(m, exact_kinds)
                           and min(m.weight.shape) >= 32}
         for (name, a), b, buffer in zip(reference.named_parameters(), fused.parameters(), step_models[1].buffers):
             assert b.grad is buffer, name
