@@ -148,14 +148,20 @@ class MicroBatchGraphs:
         """:func:`forward_backward` without graphs; learns which parameters the micro-batch's key touches."""
         key = self.key(inputs, cu_seqlens, max_seqlen)
         self.eager_beside_pool += self.pool is not None
-        before = [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
+        before = self._grad_versions() if self.fused is None else None
         loss = forward_backward(self.step_model, inputs, targets, cu_seqlens, max_seqlen, self.grad_accum_steps,
                                 self.device, self.compiled)
-        after = [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
-        touched = tuple(i for i, (b, a) in enumerate(zip(before, after)) if a is not None and a != b)
-        self.touched.setdefault(key, touched if self.fused is None else self.fused.touched[self.fused.state()])
+        if self.fused is not None:  # its probe told which parameters this state uses
+            touched = self.fused.touched[self.fused.state()]
+        else:  # the parameters whose .grad AccumulateGrad created or added into
+            touched = tuple(i for i, (b, a) in enumerate(zip(before, self._grad_versions())) if a is not None and a != b)
+        self.touched.setdefault(key, touched)
         self.eager_calls += 1
         return loss
+
+    def _grad_versions(self) -> list[Optional[tuple[int, int]]]:
+        """(identity, version) of each parameter's .grad, None where there is none."""
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
 
     def _bind(self, touched: tuple[int, ...]) -> None:
         """Make each touched parameter's ``.grad`` its persistent buffer, holding the gradient accumulated so far."""
