@@ -16,12 +16,15 @@ import json
 import math
 import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import code_identities
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pgolf.compliance.comply import FAIL, check_run
 from pgolf.config import RunConfig, load_run_config, parse_run_config, to_dict
@@ -204,6 +207,38 @@ def code_file(tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The recipes' code identities, computed beside the runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _runs(cfg: RunConfig) -> bool:
+    return not (cfg.pack.compressor == "lrzip" and shutil.which("lrzip") is None)
+
+
+@pytest.fixture(scope="module")
+def code_identity_procs(request, tmp_path_factory) -> dict[str, subprocess.Popen]:
+    """{recipe: the process computing its code identity}. run_record records the recipe's code identity: seconds
+    of shrinking per recipe, three quarters of this module's time when each run computed its own. Two processes
+    (tests/code_identities.py) compute the selected recipes' identities, in the runs' order, while this process
+    trains and evaluates on one thread (~46 s -> ~27 s for the module on CI's two cores)."""
+    recipes = [item.callspec.params["recipe"] for item in request.session.items
+               if getattr(item, "originalname", None) == "test_recipe_runs_end_to_end"]
+    recipes = [r for r in dict.fromkeys(recipes) if _runs(shrink(load_run_config(ROOT / r)))]
+    folder = tmp_path_factory.mktemp("code_identities")
+    files = {}
+    for i, recipe in enumerate(recipes):
+        files[recipe] = folder / f"recipe{i}.yaml"
+        files[recipe].write_text(yaml.safe_dump(to_dict(shrink(load_run_config(ROOT / recipe)))), encoding="utf-8")
+    procs = {}
+    for i, half in enumerate((recipes[0::2], recipes[1::2])):
+        proc = code_identities.start([files[r] for r in half], folder / f"log{i}.txt")
+        procs.update(dict.fromkeys(half, proc))
+    yield procs
+    for proc in set(procs.values()):
+        code_identities.stop(proc)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The runs
 # --------------------------------------------------------------------------------------------------------------
 
@@ -220,11 +255,12 @@ def test_shrink_keeps_every_feature_switch() -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_runs_end_to_end(recipe: str, corpora, code_file: Path, tmp_path: Path) -> None:
+def test_recipe_runs_end_to_end(recipe: str, corpora, code_file: Path, code_identity_procs, tmp_path: Path) -> None:
     cfg = shrink(load_run_config(ROOT / recipe))
-    if cfg.pack.compressor == "lrzip" and shutil.which("lrzip") is None:
+    if not _runs(cfg):
         pytest.skip(f"{recipe}: compressor lrzip, but the lrzip binary is not installed")
     data_dir, tokenizer_path = corpora(cfg.tokenizer.caseops)
+    code_identities.wait_for(cfg, code_identity_procs.get(recipe))  # it reads what the process computed
     out = tmp_path / "run" / f"seed{SEED}"
     summary = run_record(cfg, SEED, data_dir, out, tokenizer_path=tokenizer_path, code_file=code_file,
                          device_kind="cpu")
