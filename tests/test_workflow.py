@@ -16,11 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import code_identities
 import pytest
 import yaml
 from stage_fixtures import TINY_MODEL, TINY_TRAIN, train_checkpoint, write_shards
 
-from pgolf.config import ModelConfig, to_dict
+from pgolf.artifact.bundle import shipped_recipe
+from pgolf.config import ModelConfig, load_run_config, to_dict
 from pgolf.data.tokenizer import train_tokenizer
 
 pytest.importorskip("snakemake")
@@ -118,8 +120,53 @@ def seed_synthetic_data(work: Path) -> Path:
     return data
 
 
+def _changed(section: str, **knobs) -> dict:
+    recipe = copy.deepcopy(RECIPE)
+    recipe[section].update(knobs)
+    return recipe
+
+
+def dry_run_recipes() -> dict[str, dict]:
+    """The edited recipes of the dry runs (``dry_runs``), by name."""
+    return {
+        "unchanged": RECIPE,
+        "clip_sigma": _changed("quantize", mlp_clip_sigmas=9.0),
+        "compressor": _changed("pack", compressor="lzma"),
+        # how the code bytes are counted: the gate's business, not the model compression's
+        "code_convention": _changed("pack", code_bytes_convention="file"),
+        "ttt": _changed("evaluate", ttt={**RECIPE["evaluate"]["ttt"], "lr": 0.003}),
+        # a switch the shipped form folds: train_gpt.py's code (and CODE_HASH) changes, the artifact must not
+        "eval_switch": _changed("evaluate", diagnostics=True),
+        "seed_added": {**copy.deepcopy(RECIPE), "seeds": [1, 2]},
+        # the data stage's process count: no byte of the data, of the shipped recipe or of preflight's params
+        "data_workers": _changed("data", workers=2),
+        # where a docs or export source would download from, on a local source: only the shipped recipe holds it
+        "data_unused": _changed("data", hub_repo="someone/elsewhere"),
+    }
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def dry_run_identities(tmp_path_factory):
+    """(recipe files, the process computing their code identities). Six of the dry runs' recipes change the
+    shipped train_gpt.py, and each plan computed its code identity (seconds of shrinking, most of a dry run):
+    tests/code_identities.py computes them while the base run's chain of jobs leaves a core idle, and each dry
+    run waits for its own (~62 s -> ~45 s for workdir and dry_runs on CI's two cores). The recipes whose shipped
+    form is the base run's are left to that run (its plan computes that table)."""
+    folder = tmp_path_factory.mktemp("wf_recipes")
+    files = {}
+    for name, recipe in dry_run_recipes().items():
+        files[name] = folder / f"recipe_{name}.yaml"
+        files[name].write_text(yaml.safe_dump(recipe))
+    base = to_dict(shipped_recipe(load_run_config(files["unchanged"])))
+    ahead = [path for path in files.values() if to_dict(shipped_recipe(load_run_config(path))) != base]
+    proc = code_identities.start(ahead, folder / "code_identities.txt")
+    yield files, proc
+    code_identities.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, dry_run_identities) -> Path:
+    """The base run (its post-training rules, for real). ``dry_run_identities`` starts first, beside it."""
     work = tmp_path_factory.mktemp("wf")
     data = seed_synthetic_data(work)
     (data / "verified.json").write_text("{}\n")
@@ -151,35 +198,16 @@ def workdir(tmp_path_factory) -> Path:
     return work
 
 
-def _changed(section: str, **knobs) -> dict:
-    recipe = copy.deepcopy(RECIPE)
-    recipe[section].update(knobs)
-    return recipe
-
-
 @pytest.fixture(scope="module")
-def dry_runs(workdir: Path) -> dict[str, dict[str, int]]:
+def dry_runs(workdir: Path, dry_run_identities) -> dict[str, dict[str, int]]:
     """Jobs each edited recipe would run, from dry runs (each pays Snakemake's start-up)."""
-    recipes = {
-        "unchanged": RECIPE,
-        "clip_sigma": _changed("quantize", mlp_clip_sigmas=9.0),
-        "compressor": _changed("pack", compressor="lzma"),
-        # how the code bytes are counted: the gate's business, not the model compression's
-        "code_convention": _changed("pack", code_bytes_convention="file"),
-        "ttt": _changed("evaluate", ttt={**RECIPE["evaluate"]["ttt"], "lr": 0.003}),
-        # a switch the shipped form folds: train_gpt.py's code (and CODE_HASH) changes, the artifact must not
-        "eval_switch": _changed("evaluate", diagnostics=True),
-        "seed_added": {**copy.deepcopy(RECIPE), "seeds": [1, 2]},
-        # the data stage's process count: no byte of the data, of the shipped recipe or of preflight's params
-        "data_workers": _changed("data", workers=2),
-        # where a docs or export source would download from, on a local source: only the shipped recipe holds it
-        "data_unused": _changed("data", hub_repo="someone/elsewhere"),
-    }
+    files, identities = dry_run_identities
     # as many at once as there are cores: all nine at once took 26 s on 2 cores, two at a time 7
-    pending, running, results = list(recipes.items()), {}, {}
+    pending, running, results = list(dry_run_recipes().items()), {}, {}
     while pending or running:
         while pending and len(running) < (os.cpu_count() or 1):
             name, recipe = pending.pop(0)
+            code_identities.wait_for(files[name], identities)  # the plan reads it instead of computing it again
             running[name] = _snakemake(workdir, recipe, name, "-n")
         name = next(iter(running))
         status, out = finish(running.pop(name))
