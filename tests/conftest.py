@@ -28,6 +28,26 @@ def one_thread():
 
 
 
+@pytest.fixture(scope="session")
+def shipped_form():
+    """``shipped_form(cfg)``: ``build_bundle(cfg, minify=True)``, built once per recipe in a session and shared by
+    the tests that read a recipe's shipped form (its modules, text or report): seconds of shrinking each time,
+    for the same bundle (build_bundle is deterministic: tests/test_bundle.py). Read it, never change it."""
+    from pgolf.artifact.bundle import build_bundle
+    from pgolf.config import to_dict
+    from pgolf.io import canonical_json
+
+    built = {}
+
+    def get(cfg):
+        key = canonical_json(to_dict(cfg))
+        if key not in built:
+            built[key] = build_bundle(cfg, minify=True)
+        return built[key]
+
+    return get
+
+
 @pytest.fixture(scope="session", autouse=True)
 def bundle_table_cache(tmp_path_factory):
     """The bundle's module-table cache (pgolf.artifact.table_cache) in a folder of this session, for the tests and

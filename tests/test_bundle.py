@@ -323,8 +323,8 @@ def test_bundle_is_deterministic_and_self_describing(plain_bundle) -> None:
     assert other != first.text and "'other'" in other  # the config changes the file, not the code hash
 
 
-def test_minified_modules_count_fewer_bytes_and_still_compile(plain_bundle) -> None:
-    small = build_bundle(tiny_config(), minify=True)
+def test_minified_modules_count_fewer_bytes_and_still_compile(plain_bundle, shipped_form) -> None:
+    small = shipped_form(tiny_config())  # build_bundle(tiny_config(), minify=True), shared with the run below
     assert small.code_hash != plain_bundle.code_hash
     assert count_code_bytes(small.text, "wrapper") < count_code_bytes(plain_bundle.text, "wrapper")
     # the shipped form's generated pgolf.config imports no YAML reader: requirements.txt does not ask for one
@@ -622,14 +622,17 @@ def test_main_reports_bad_arguments_without_a_traceback(tmp_path: Path, capsys) 
         main([], run_config=bundled, code_file=__file__)
 
 
-def test_minified_bundle_runs_every_stage(tmp_path: Path) -> None:
+def test_minified_bundle_runs_every_stage(shipped_form, tmp_path: Path) -> None:
     """`--minify-modules` strips docstrings, comments and asserts from every embedded module: the record run must
-    still go through train -> hessians -> quantize -> pack -> evaluate with pgolf hidden."""
+    still go through train -> hessians -> quantize -> pack -> evaluate with pgolf hidden. The shipped form is the
+    session's (tests/conftest.py), written as write_bundle writes it (its text; the CLI test and the staged
+    pipeline's bundle rule go through write_bundle itself)."""
     data = write_data(tmp_path / "data")
     folder = tmp_path / "records" / "2026-01-01_TinyMin"
     folder.mkdir(parents=True)
-    report = write_bundle(tiny_config(), folder / "train_gpt.py", minify=True, verify=False)
-    assert report["minify_modules"] is True
+    small = shipped_form(tiny_config())
+    assert bundle_report(small, minify=True)["minify_modules"] is True
+    (folder / "train_gpt.py").write_bytes(small.text.encode("utf-8"))
     proc = run_hidden(folder / "train_gpt.py", ["--device", "cpu", "--data-dir", str(data), "--out-dir", "out"], folder)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((folder / "out" / "record_run.json").read_text())

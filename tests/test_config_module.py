@@ -12,7 +12,7 @@ from typing import Optional
 
 import pytest
 
-from pgolf.artifact.bundle import BundleError, BundledModule, build_bundle, check_bundle, shipped_recipe
+from pgolf.artifact.bundle import BundleError, BundledModule, check_bundle, shipped_recipe
 from pgolf.artifact.config_module import _kind, generated_config_source, shipped_config_changes
 from pgolf.config import ModelConfig, load_run_config, to_dict
 
@@ -102,9 +102,9 @@ def test_a_validator_that_does_more_than_check_is_refused_at_generation() -> Non
     assert _methods(Normalizing, keep_post_init=True)  # RunConfig's case: kept as written
 
 
-def test_a_bundle_whose_config_does_not_give_back_its_recipe_is_refused() -> None:
+def test_a_bundle_whose_config_does_not_give_back_its_recipe_is_refused(shipped_form) -> None:
     cfg = shipped_recipe(load_run_config(REPO / "recipes" / "smoke.yaml"))
-    bundle = build_bundle(cfg, minify=True)
+    bundle = shipped_form(cfg)  # build_bundle(cfg, minify=True), shared with tests/test_code_bytes_tool.py
     config = next(m for m in bundle.modules if m.name == "pgolf.config")
     assert f"={cfg.model.num_layers}\n" in config.source
     tampered = [dataclasses.replace(m, source=m.source.replace(f"num_layers:int={cfg.model.num_layers}\n",
