@@ -333,26 +333,12 @@ def test_minified_modules_count_fewer_bytes_and_still_compile(plain_bundle, ship
         compile(m.source, m.name, "exec")
 
 
-def test_code_identity_is_the_bundles_code_hash(record_shipped_form) -> None:
-    """What the staged pipeline's pack rule records is the CODE_HASH of the recipe's train_gpt.py."""
-    from pgolf.artifact.bundle import code_identity
-
-    record = load_run_config(REPO_ROOT / "config.yaml")
-    assert code_identity(record) == record_shipped_form.code_hash
-    # the record run's own identity, unbundled: the CODE_HASH of the file the bundle rule writes (shipped recipe)
-    from pgolf.artifact.bundle import shipped_recipe
-    from pgolf.artifact.record_run import code_identity as run_identity
-
-    three_seeds = dataclasses.replace(record, seeds=(record.seeds[0], 7, 9), data=dataclasses.replace(record.data, workers=5))
-    assert run_identity(three_seeds) == code_identity(shipped_recipe(three_seeds)) == code_identity(shipped_recipe(record))
-    assert code_identity(tiny_config(), minify=False) == build_bundle(tiny_config()).code_hash
-
-
 def test_shipped_file_is_byte_identical_under_any_string_hash_seed(tmp_path: Path) -> None:
     """The record recipe's shipped train_gpt.py (its shrunk modules rename names and drop code through sets and
     dicts of strings) is the same file when built by processes with different string-hash seeds, as two machines
     or two Snakemake jobs are: one file, one code hash, one counted figure for every seed of a record. The two
-    processes run at once (seconds of shrinking each, on one core each)."""
+    processes run at once (seconds of shrinking each, on one core each); the table they store in the session's
+    cache is what the code identity test below reads for the shipped recipe instead of shrinking it again."""
     procs = {}
     for seed in ("0", "1"):
         out = tmp_path / f"seed{seed}" / "train_gpt.py"
@@ -366,6 +352,21 @@ def test_shipped_file_is_byte_identical_under_any_string_hash_seed(tmp_path: Pat
         assert proc.returncode == 0, stderr[-3000:]
         files.append(out.read_bytes())
     assert files[0] == files[1]
+
+
+def test_code_identity_is_the_bundles_code_hash(record_shipped_form) -> None:
+    """What the staged pipeline's pack rule records is the CODE_HASH of the recipe's train_gpt.py."""
+    from pgolf.artifact.bundle import code_identity
+
+    record = load_run_config(REPO_ROOT / "config.yaml")
+    assert code_identity(record) == record_shipped_form.code_hash
+    # the record run's own identity, unbundled: the CODE_HASH of the file the bundle rule writes (shipped recipe)
+    from pgolf.artifact.bundle import shipped_recipe
+    from pgolf.artifact.record_run import code_identity as run_identity
+
+    three_seeds = dataclasses.replace(record, seeds=(record.seeds[0], 7, 9), data=dataclasses.replace(record.data, workers=5))
+    assert run_identity(three_seeds) == code_identity(shipped_recipe(three_seeds)) == code_identity(shipped_recipe(record))
+    assert code_identity(tiny_config(), minify=False) == build_bundle(tiny_config()).code_hash
 
 
 def test_render_refuses_a_bundle_without_the_entry(plain_bundle) -> None:
