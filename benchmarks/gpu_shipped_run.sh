@@ -42,7 +42,7 @@ python3 -c "import sys; from pgolf.artifact.bundle import LAUNCHER; open(sys.arg
 cd "$W/folder" || exit 1
 rm -rf "$W/out"
 START=$(date +%s)
-timeout "$RUN_TIMEOUT" torchrun --standalone --nproc_per_node 1 launch_without_pgolf.py train_gpt.py --seed 42 --data-dir "$W/syn" \
+timeout "$RUN_TIMEOUT" python3 -m torch.distributed.run --standalone --nproc_per_node 1 launch_without_pgolf.py train_gpt.py --seed 42 --data-dir "$W/syn" \
   --out-dir "$W/out" --quantize-device "$QUANT_DEVICE" > "$OUT/console.txt" 2>&1
 RC=$?
 echo "train_gpt.py exit status $RC after $(( $(date +%s) - START )) s"
