@@ -19,9 +19,9 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-30}
 VAL_TOKENS=${VAL_TOKENS:-1000000}
 RUN_TIMEOUT=${RUN_TIMEOUT:-540}
 QUANT_DEVICE=${QUANT_DEVICE:-cuda}  # cpu: checks this script on a CPU machine with a small recipe
-OUT=${OUT:-shipped_run_out}
-W=${WORK:-/tmp/pgolf_shipped}
-mkdir -p "$W/folder" "$OUT"
+mkdir -p "${OUT:=shipped_run_out}" "${WORK:=/tmp/pgolf_shipped}/folder"
+OUT=$(cd "$OUT" && pwd)  # absolute: the run itself starts in another folder
+W=$(cd "$WORK" && pwd)
 export PYTHONUNBUFFERED=1
 
 python3 - "$RECIPE" "$TRAIN_SECONDS" "$W/recipe.yaml" <<'PY' || exit 1
