@@ -60,3 +60,26 @@ def bundle_table_cache(tmp_path_factory):
         os.environ.pop("PGOLF_CACHE_DIR", None)
     else:
         os.environ["PGOLF_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_runs_started(request, bundle_table_cache, tmp_path_factory):
+    """Start now the long serial runs that a selected test reads later (tests/early_runs.py): the reproduce test's
+    staged pipeline (~45 s on CI's two cores, one of which the tests before it mostly leave idle). After the table
+    cache is set up, so the run shares the session's cache like the test's own run would."""
+    import importlib.util
+
+    import early_runs
+
+    def selected(module: str, fixture: str) -> bool:
+        return any(Path(str(item.fspath)).name == module and fixture in getattr(item, "fixturenames", ())
+                   for item in request.session.items)
+
+    if (selected("test_reproduce.py", "pipeline") and not os.environ.get("PGOLF_REPRO_WORKDIR")
+            and importlib.util.find_spec("snakemake") is not None):  # without it the test skips
+        import test_reproduce
+
+        early_runs.start(test_reproduce.EARLY_RUN,
+                         lambda: test_reproduce.start_pipeline(tmp_path_factory.mktemp("repro")))
+    yield
+    early_runs.stop_all()

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import early_runs
 from pgolf.artifact.bundle import run_isolated
 
 pytest.importorskip("snakemake")
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.slow  # ~100 CPU-seconds: one pipeline run (~12 stage p
 
 REPO = Path(__file__).resolve().parents[1]
 RUN, SEED, THREADS = "repro", 1, 2
+EARLY_RUN = "reproduce pipeline"  # the name tests/conftest.py starts start_pipeline under
 
 
 def recipe() -> dict:
@@ -75,21 +77,33 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def start_pipeline(work: Path) -> tuple[Path, subprocess.Popen]:
+    """The staged pipeline of :func:`recipe` in ``work`` (a copy of the workflow), started; its console goes to
+    ``work/console.txt``. tests/conftest.py starts it when the session starts (tests/early_runs.py)."""
+    shutil.copy(REPO / "Snakefile", work / "Snakefile")
+    shutil.copytree(REPO / "workflow", work / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe()))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(work / "console.txt", "w") as console:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(work / "Snakefile"), "--directory", str(work),
+             "--configfile", str(work / "recipe.yaml"), "--cores", "2", "--nolock"],
+            stdout=console, stderr=subprocess.STDOUT, env=env)
+    return work, proc
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
     reuse = os.environ.get("PGOLF_REPRO_WORKDIR")
     if reuse:
         return Path(reuse)
-    work = tmp_path_factory.mktemp("repro")
-    shutil.copy(REPO / "Snakefile", work / "Snakefile")
-    shutil.copytree(REPO / "workflow", work / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
-    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe()))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(work / "Snakefile"), "--directory", str(work),
-         "--configfile", str(work / "recipe.yaml"), "--cores", "2", "--nolock"],
-        capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    work, proc = early_runs.take(EARLY_RUN) or start_pipeline(tmp_path_factory.mktemp("repro"))
+    try:
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (work / "console.txt").read_text()[-8000:]
     return work
 
 

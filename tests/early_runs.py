@@ -1,0 +1,35 @@
+"""Long serial runs started when the session starts, for tests that read their results much later.
+
+Most of the suite keeps one of CI's two cores busy; a Snakemake pipeline of a dozen stage processes run one after
+the other keeps one core busy too. Started at the session's start (tests/conftest.py: ``early_runs``) it runs
+beside the tests that come first, and the test that reads it finds it finished or nearly so, instead of running it
+then with a core idle. The run is the same command the test would start itself; it is started only when a test
+that needs it is selected, and stopped at the session's end if that test never took it (deselected by ``-x``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Callable, Optional
+
+# name -> (result of the starter: e.g. (work folder, process)); filled by conftest, emptied by the tests
+_started: dict[str, tuple] = {}
+
+
+def start(name: str, starter: Callable[[], tuple]) -> None:
+    _started[name] = starter()
+
+
+def take(name: str) -> Optional[tuple]:
+    """The run started early under ``name``, once; None when none was (the test then starts its own)."""
+    return _started.pop(name, None)
+
+
+def stop_all() -> None:
+    """Kill the runs no test took (their process is the last item of each tuple)."""
+    for started in _started.values():
+        proc = started[-1]
+        if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _started.clear()
