@@ -65,8 +65,9 @@ def bundle_table_cache(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def early_runs_started(request, bundle_table_cache, tmp_path_factory):
     """Start now the long serial runs that a selected test reads later (tests/early_runs.py): the reproduce test's
-    staged pipeline (~45 s on CI's two cores, one of which the tests before it mostly leave idle). After the table
-    cache is set up, so the run shares the session's cache like the test's own run would."""
+    staged pipeline (~45 s on CI's two cores) and the workflow test's base run with its code identities (~40 s),
+    beside the tests before them, which mostly leave one core idle. After the table cache is set up, so the runs
+    share the session's cache like the tests' own runs would."""
     import importlib.util
 
     import early_runs
@@ -75,11 +76,16 @@ def early_runs_started(request, bundle_table_cache, tmp_path_factory):
         return any(Path(str(item.fspath)).name == module and fixture in getattr(item, "fixturenames", ())
                    for item in request.session.items)
 
-    if (selected("test_reproduce.py", "pipeline") and not os.environ.get("PGOLF_REPRO_WORKDIR")
-            and importlib.util.find_spec("snakemake") is not None):  # without it the test skips
-        import test_reproduce
+    if importlib.util.find_spec("snakemake") is not None:  # without it those tests skip
+        if selected("test_reproduce.py", "pipeline") and not os.environ.get("PGOLF_REPRO_WORKDIR"):
+            import test_reproduce
 
-        early_runs.start(test_reproduce.EARLY_RUN,
-                         lambda: test_reproduce.start_pipeline(tmp_path_factory.mktemp("repro")))
+            early_runs.start(test_reproduce.EARLY_RUN,
+                             lambda: test_reproduce.start_pipeline(tmp_path_factory.mktemp("repro")))
+        if selected("test_workflow.py", "base_run"):
+            import test_workflow
+
+            early_runs.start(test_workflow.EARLY_RUN,
+                             lambda: test_workflow.start_base_run(tmp_path_factory.mktemp("wf_root")))
     yield
     early_runs.stop_all()

@@ -1,7 +1,7 @@
 """Long serial runs started when the session starts, for tests that read their results much later.
 
-Most of the suite keeps one of CI's two cores busy; a Snakemake pipeline of a dozen stage processes run one after
-the other keeps one core busy too. Started at the session's start (tests/conftest.py: ``early_runs``) it runs
+Most of the suite keeps one of CI's two cores busy (about 1.45 cores on average); a Snakemake pipeline whose
+stage processes run one after the other keeps one core busy too. Started at the session's start (tests/conftest.py: ``early_runs``) it runs
 beside the tests that come first, and the test that reads it finds it finished or nearly so, instead of running it
 then with a core idle. The run is the same command the test would start itself; it is started only when a test
 that needs it is selected, and stopped at the session's end if that test never took it (deselected by ``-x``).
@@ -26,10 +26,10 @@ def take(name: str) -> Optional[tuple]:
 
 
 def stop_all() -> None:
-    """Kill the runs no test took (their process is the last item of each tuple)."""
+    """Kill the processes of the runs no test took (every process in each run's tuple)."""
     for started in _started.values():
-        proc = started[-1]
-        if isinstance(proc, subprocess.Popen) and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for proc in started:
+            if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+                proc.kill()
+                proc.wait()
     _started.clear()
