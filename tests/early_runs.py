@@ -1,14 +1,17 @@
 """Long serial runs started when the session starts, for tests that read their results much later.
 
 Most of the suite keeps one of CI's two cores busy (about 1.45 cores on average); a Snakemake pipeline whose
-stage processes run one after the other keeps one core busy too. Started at the session's start (tests/conftest.py: ``early_runs``) it runs
-beside the tests that come first, and the test that reads it finds it finished or nearly so, instead of running it
-then with a core idle. The run is the same command the test would start itself; it is started only when a test
-that needs it is selected, and stopped at the session's end if that test never took it (deselected by ``-x``).
+stage processes run one after the other keeps one core busy too. Started when the session starts
+(tests/conftest.py: ``early_runs_started``), it runs beside the tests that come first, and the test that reads it
+finds it finished or nearly so, instead of running it then with a core idle. The run is the same command the test
+would start itself; it is started only when a test that needs it is selected, and killed at the session's end if
+that test never took it (a session stopped early by ``-x``). ``PGOLF_TEST_EARLY_RUNS=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from typing import Callable, Optional
 
@@ -25,11 +28,20 @@ def take(name: str) -> Optional[tuple]:
     return _started.pop(name, None)
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a run started with ``start_new_session=True`` and every process it started (Snakemake's jobs)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def stop_all() -> None:
     """Kill the processes of the runs no test took (every process in each run's tuple)."""
     for started in _started.values():
         for proc in started:
-            if isinstance(proc, subprocess.Popen) and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            if isinstance(proc, subprocess.Popen):
+                kill_group(proc)
     _started.clear()

@@ -88,7 +88,7 @@ def start_pipeline(work: Path) -> tuple[Path, subprocess.Popen]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "snakemake", "--snakefile", str(work / "Snakefile"), "--directory", str(work),
              "--configfile", str(work / "recipe.yaml"), "--cores", "2", "--nolock"],
-            stdout=console, stderr=subprocess.STDOUT, env=env)
+            stdout=console, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return work, proc
 
 
@@ -101,8 +101,7 @@ def pipeline(tmp_path_factory) -> Path:
     try:
         proc.wait(timeout=900)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        early_runs.kill_group(proc)  # after a timeout: Snakemake and its jobs
     assert proc.returncode == 0, (work / "console.txt").read_text()[-8000:]
     return work
 

@@ -15,10 +15,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import code_identities
-import early_runs
 import pytest
 import yaml
 from stage_fixtures import TINY_MODEL, TINY_TRAIN, train_checkpoint, write_shards
@@ -56,7 +54,6 @@ RECIPE = {
     "aggregate": {"submission_name": "wf"},
 }
 ARTIFACT = "results/wf/seed1/pack/artifact.pgolf"
-EARLY_RUN = "workflow base run"  # the name tests/conftest.py starts start_base_run under
 TARGET = "results/wf/submission.json"
 
 
@@ -72,9 +69,7 @@ def _set_mtime(path: Path, when: float) -> None:
         os.utime(p, (when, when))
 
 
-def _snakemake(workdir: Path, recipe: dict, name: str, *extra: str, console: Optional[Path] = None) -> subprocess.Popen:
-    """Snakemake on ``recipe`` in ``workdir``; its output to a pipe (read by :func:`finish`), or to the file
-    ``console`` for a run nobody reads while it runs (:func:`finish_console`)."""
+def _snakemake(workdir: Path, recipe: dict, name: str, *extra: str) -> subprocess.Popen:
     recipe_path = workdir / f"recipe_{name}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -94,24 +89,12 @@ def _snakemake(workdir: Path, recipe: dict, name: str, *extra: str, console: Opt
         *extra,
         TARGET,
     ]
-    if console is None:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    with open(console, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=240)
     return proc.returncode, out
-
-
-def finish_console(proc: subprocess.Popen, console: Path) -> tuple[int, str]:
-    try:
-        proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, console.read_text()
 
 
 def job_counts(text: str) -> dict[str, int]:
@@ -162,27 +145,29 @@ def dry_run_recipes() -> dict[str, dict]:
     }
 
 
-def start_base_run(root: Path) -> tuple[dict[str, Path], Optional[subprocess.Popen], Path, subprocess.Popen]:
-    """``(dry runs' recipe files, the process computing their code identities, the workflow copy, the base run)``,
-    both processes started (tests/conftest.py starts this when the session starts: tests/early_runs.py).
-
-    Six of the dry runs' recipes change the shipped train_gpt.py, and each plan computed its code identity
-    (seconds of shrinking, most of a dry run): tests/code_identities.py computes them while the base run's chain
-    of jobs leaves a core idle, and each dry run waits for its own. The recipes whose shipped form is the base
-    run's are left to that run (its plan computes that table). The base run: the data and the training checkpoint
-    made here, older than the code, then its post-training rules for real."""
-    folder = root / "wf_recipes"
-    folder.mkdir(parents=True)
+@pytest.fixture(scope="module")
+def dry_run_identities(tmp_path_factory):
+    """(recipe files, the process computing their code identities). Six of the dry runs' recipes change the
+    shipped train_gpt.py, and each plan computed its code identity (seconds of shrinking, most of a dry run):
+    tests/code_identities.py computes them while the base run's chain of jobs leaves a core idle, and each dry
+    run waits for its own (~62 s -> ~45 s for workdir and dry_runs on CI's two cores). The recipes whose shipped
+    form is the base run's are left to that run (its plan computes that table)."""
+    folder = tmp_path_factory.mktemp("wf_recipes")
     files = {}
     for name, recipe in dry_run_recipes().items():
         files[name] = folder / f"recipe_{name}.yaml"
         files[name].write_text(yaml.safe_dump(recipe))
     base = to_dict(shipped_recipe(load_run_config(files["unchanged"])))
     ahead = [path for path in files.values() if to_dict(shipped_recipe(load_run_config(path))) != base]
-    identities = code_identities.start(ahead, folder / "code_identities.txt")
+    proc = code_identities.start(ahead, folder / "code_identities.txt")
+    yield files, proc
+    code_identities.stop(proc)
 
-    work = root / "wf"
-    work.mkdir()
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, dry_run_identities) -> Path:
+    """The base run (its post-training rules, for real). ``dry_run_identities`` starts first, beside it."""
+    work = tmp_path_factory.mktemp("wf")
     data = seed_synthetic_data(work)
     (data / "verified.json").write_text("{}\n")
     train_checkpoint(data / "shards", work / "results" / "wf" / "seed1" / "train", model=MODEL, seed=1)
@@ -199,29 +184,7 @@ def start_base_run(root: Path) -> tuple[dict[str, Path], Optional[subprocess.Pop
         ]
     ):
         _set_mtime(path, t0 + 10 * i)
-    return files, identities, work, _snakemake(work, RECIPE, "base", console=work / "console_base.txt")
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """The base run and the code identities' process: the ones started with the session, else started now."""
-    started = early_runs.take(EARLY_RUN) or start_base_run(tmp_path_factory.mktemp("wf_root"))
-    yield started
-    code_identities.stop(started[1])
-
-
-@pytest.fixture(scope="module")
-def dry_run_identities(base_run):
-    """(recipe files, the process computing their code identities): see :func:`start_base_run`."""
-    files, identities, _, _ = base_run
-    return files, identities
-
-
-@pytest.fixture(scope="module")
-def workdir(base_run) -> Path:
-    """The base run (its post-training rules, for real), finished."""
-    _, _, work, proc = base_run
-    status, out = finish_console(proc, work / "console_base.txt")
+    status, out = finish(_snakemake(work, RECIPE, "base"))
     assert status == 0, out[-4000:]
     # nothing upstream was rerun; the report takes the compliance verdict
     assert job_counts(out) == {
