@@ -29,12 +29,13 @@ def take(name: str) -> Optional[tuple]:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """Kill a run started with ``start_new_session=True`` and every process it started (Snakemake's jobs)."""
+    """Kill a run and, when it was started with ``start_new_session=True``, every process it started (Snakemake's
+    jobs); a process that leads no group of its own is killed alone (its children then end on their own)."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        except ProcessLookupError:  # no group of that id: not started in a session of its own
+            proc.kill()
         proc.wait()
 
 
